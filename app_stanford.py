@@ -1,0 +1,589 @@
+"""Visual product search demo: a query photo in, the nearest catalogue photos out (Gradio).
+
+    python app_stanford.py                                       # newest checkpoints/*/best.pth
+    python app_stanford.py --checkpoint checkpoints/<run>/best.pth [--data_root DIR] [--split test]
+    python app_stanford.py ... --host 0.0.0.0 --port 7860       # reachable from the network (opt-in)
+    python app_stanford.py ... --build_index                     # build / refresh the index, then exit
+
+The checkpoint is self-describing (models.load_model, weights_only=True): backbone, embedding
+size and image size come from it, and the data root defaults to the one it was trained on.
+The gallery (every image of ``--split``, 60,502 for the SOP test split) is embedded once into
+a `retrieval.GalleryIndex` saved next to the checkpoint (``gallery_<split>.npz``); it is
+rebuilt, with a progress bar, when the checkpoint's sha256 or the image list changed.
+
+API: the search is the Gradio endpoint ``/search`` (inputs: image, k, category="All"):
+
+    from gradio_client import Client, handle_file
+    gallery, ranked, timing = Client("http://127.0.0.1:7860/").predict(
+        handle_file("query.jpg"), 10, "All", api_name="/search")
+
+``gallery``: list of ``{"image": <file>, "caption": "0.912 · chair · #12345"}`` (similarity,
+category, product id);
+``ranked``: the JSON of `SearchEngine.search_image` (``results`` ranked best first, each with
+rank, index, path (relative to the data root), product_id, category, score; ``timing_ms``);
+``timing``: the same timings as a Markdown line. A refused image (not an image, empty,
+truncated, too many pixels, ...) raises ``gradio_client.exceptions.AppError`` with a message
+saying why; the server keeps serving.
+
+Security: binds 127.0.0.1 unless ``--host`` / ``--share`` say otherwise; uploads are capped by
+size (``--max_upload_mb``) and by declared pixel count (``--max_megapixels``) before any
+decoding; Gradio's file route serves the gallery's image folders (``<category>_final/``) and
+its own upload cache, nothing else (not the checkpoints, not the Ebay lists, not /etc).
+"""
+import argparse
+import base64
+import binascii
+import hashlib
+import logging
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import datasets
+import models
+import retrieval
+
+logger = logging.getLogger("app_stanford")
+
+CATEGORY_ALL = "All"
+CATEGORIES = [CATEGORY_ALL] + list(datasets.SOP_CATEGORIES)
+DEFAULT_K = 10
+MAX_K = 50
+# Formats a query may have. Decoding others (EPS runs Ghostscript, ...) is refused up front.
+QUERY_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+TRAIN_HINT = ("python train.py --dataset synthetic --backbone resnet18 --weights none "
+              "--image_size 64 --epochs 3   (offline, a few minutes on CPU), or on real SOP: "
+              "python train.py --dataset stanford --backbone efficientnet_b0")
+
+
+class QueryError(ValueError):
+    """A query the demo refuses; the message is meant for the user and is shown as is."""
+
+
+# ============ query decoding ============
+
+def load_query_image(path, max_pixels=40_000_000, draft_size=None):
+    """Decode an uploaded file into an upright RGB PIL image, or raise QueryError saying why.
+
+    Checks, in order, before any pixel data is decoded: the file exists and is not empty;
+    Pillow recognises it as one of QUERY_FORMATS; width × height <= ``max_pixels`` (a PNG
+    can declare 50,000 × 50,000 in a 100-byte file). Decoding is `datasets.load_image` — the
+    gallery's own loader, so a gallery photo uploaded as a query embeds exactly as in the
+    index: JPEG draft mode at ``draft_size``, EXIF orientation applied, palette / alpha /
+    LA / CMYK / 16-bit grey converted to RGB (transparency onto white).
+    """
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise QueryError("The uploaded file could not be found on the server; upload it again.") from None
+    if size == 0:
+        raise QueryError("The uploaded file is empty (0 bytes). Upload a JPEG, PNG or WebP photo.")
+    try:
+        with Image.open(path) as im:  # reads the header only
+            fmt, (w, h) = im.format, im.size
+    except Image.DecompressionBombError:
+        raise QueryError(f"The image declares too many pixels (more than {max_pixels / 1e6:.0f} "
+                         "megapixels); upload a smaller photo.") from None
+    except Exception:  # UnidentifiedImageError, SyntaxError, struct errors of broken headers
+        raise QueryError("This file is not an image Pillow can read. Upload a JPEG, PNG or WebP "
+                         "photo.") from None
+    if fmt not in QUERY_FORMATS:
+        raise QueryError(f"{fmt} files are not accepted; upload a JPEG, PNG, WebP, GIF, BMP or "
+                         "TIFF photo.")
+    if w < 1 or h < 1:
+        raise QueryError(f"The image has no pixels ({w}×{h}).")
+    if w * h > max_pixels:
+        raise QueryError(f"The image is {w}×{h} pixels ({w * h / 1e6:.0f} megapixels); the limit "
+                         f"is {max_pixels / 1e6:.0f} megapixels. Upload a smaller photo.")
+    try:
+        return datasets.load_image(path, size=draft_size)
+    except datasets.IMAGE_ERRORS as e:
+        truncated = "truncated" in str(e).lower() or isinstance(e, (EOFError, SyntaxError))
+        raise QueryError("The image file is truncated or corrupt: it could not be decoded completely. "
+                         "Upload the photo again or use another one." if truncated else
+                         f"The image could not be decoded ({type(e).__name__}). Upload another "
+                         "photo.") from None
+
+
+def category_to_super_id(category):
+    """"All" / None → None (whole gallery); a SOP category name → its super_class_id (1..12)."""
+    if category in (None, "", CATEGORY_ALL):
+        return None
+    if category not in datasets.SOP_CATEGORIES:
+        raise QueryError(f"Unknown category {category!r}; choose one of: {', '.join(CATEGORIES)}.")
+    return datasets.SOP_CATEGORIES.index(category) + 1
+
+
+def clamp_k(k):
+    """K as an int in 1..MAX_K (the slider's range); non-numbers are refused."""
+    try:
+        k = float(k)
+    except (TypeError, ValueError):
+        raise QueryError(f"K must be a number between 1 and {MAX_K}, got {k!r}.") from None
+    if not math.isfinite(k):
+        raise QueryError(f"K must be a number between 1 and {MAX_K}, got {k!r}.")
+    return int(min(max(round(k), 1), MAX_K))
+
+
+# ============ search engine ============
+
+class SearchEngine:
+    """The per-query path: decoded image → model input → embedding → exact top-k.
+
+    ``search_image(pil_image, k, category)`` is the pure search (no Gradio): it returns
+    ``{"results": [{"rank", "index", "path", "product_id", "category", "score"}, ...],
+    "timing_ms": {...}, "k", "category", "gallery_size"}``, results ranked by cosine
+    similarity (ties by lower gallery index, as `retrieval.GalleryIndex.search`).
+
+    Lean by construction: the eval transform (square resize to round(s·256/224), centre crop
+    s, ImageNet normalisation) is computed as one PIL resize, a uint8 slice and one fused
+    multiply-add written into a preallocated input tensor; the forward runs under
+    ``torch.inference_mode``; the model's output is already unit-norm and goes to the index
+    as a numpy view. A lock serialises the shared input buffer (Gradio runs handlers in threads).
+    """
+
+    def __init__(self, model, index, data_root, max_pixels=40_000_000):
+        self.model = model.eval()
+        self.index = index
+        self.data_root = Path(data_root)
+        self.max_pixels = int(max_pixels)
+        self.image_size = int(model.model_args["image_size"])
+        self.resize = datasets.resize_size(self.image_size)
+        self.crop = int(round((self.resize - self.image_size) / 2.0))  # as T.CenterCrop
+        self.device = next(model.parameters()).device
+        mean = torch.tensor(datasets.IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(datasets.IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+        # (u8 / 255 - mean) / std  ==  u8 * scale + shift
+        self._scale = (1.0 / (255.0 * std)).to(self.device)
+        self._shift = (-mean / std).to(self.device)
+        self._input = torch.empty(1, 3, self.image_size, self.image_size, device=self.device)
+        self._lock = threading.Lock()
+        self.abs_paths = [str(self.data_root / p) for p in index.paths]
+
+    # ---- model input
+    def prepare(self, image):
+        """Write the eval transform of ``image`` (RGB PIL) into the input buffer; returns it.
+        Same numbers as ``datasets.build_transform(image_size, train=False)`` (the resize is
+        the same PIL call torchvision makes; the crop offset follows CenterCrop's rounding)."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        r, s, c = self.resize, self.image_size, self.crop
+        arr = np.asarray(image.resize((r, r), Image.BILINEAR))[c:c + s, c:c + s]
+        x = torch.from_numpy(np.ascontiguousarray(arr)).to(self.device).permute(2, 0, 1)
+        torch.addcmul(self._shift, x, self._scale, out=self._input[0])
+        return self._input
+
+    def embed(self, image):
+        """Unit embedding (float32 [D], numpy) of an RGB PIL image."""
+        with self._lock, torch.inference_mode():
+            return self.model(self.prepare(image))[0].cpu().numpy()
+
+    # ---- search
+    def _ranked(self, vector, k, super_id, exclude=None):
+        scores, idx = self.index.search(vector, k + (exclude is not None), super_id=super_id)
+        results = []
+        for score, i in zip(scores[0].tolist(), idx[0].tolist()):
+            if i < 0 or i == exclude or len(results) == k:
+                continue
+            results.append({
+                "rank": len(results) + 1,
+                "index": i,
+                "path": self.index.paths[i],
+                "product_id": int(self.index.class_ids[i]),
+                "category": datasets.SOP_CATEGORIES[int(self.index.super_ids[i]) - 1],
+                "score": round(float(score), 6),
+            })
+        return results
+
+    def _response(self, results, k, category, timing):
+        return {"k": k, "category": category or CATEGORY_ALL, "gallery_size": len(self.index),
+                "results": results, "timing_ms": {n: round(v, 2) for n, v in timing.items()}}
+
+    def search_image(self, image, k=DEFAULT_K, category=CATEGORY_ALL):
+        """Top-``k`` gallery images for a decoded RGB PIL image (see the class docstring)."""
+        t0 = time.perf_counter()
+        k, super_id = clamp_k(k), category_to_super_id(category)
+        vector = self.embed(image)
+        t1 = time.perf_counter()
+        results = self._ranked(vector, k, super_id)
+        t2 = time.perf_counter()
+        return self._response(results, k, category, {
+            "embed": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3})
+
+    def search_file(self, path, k=DEFAULT_K, category=CATEGORY_ALL):
+        """`search_image` of an uploaded file; QueryError (a user-facing reason) when the file
+        is refused. ``timing_ms["decode"]`` is the decoding, ``total`` includes it."""
+        t0 = time.perf_counter()
+        k, super_id = clamp_k(k), category_to_super_id(category)  # cheap checks first
+        image = load_query_image(path, self.max_pixels, draft_size=self.resize)
+        t1 = time.perf_counter()
+        out = self.search_image(image, k, category)
+        out["timing_ms"]["decode"] = round((t1 - t0) * 1e3, 2)
+        out["timing_ms"]["total"] = round((time.perf_counter() - t0) * 1e3, 2)
+        out["query_size"] = list(image.size)
+        return out
+
+    def search_gallery_item(self, i, k=DEFAULT_K, category=CATEGORY_ALL):
+        """Search with gallery image ``i``'s stored embedding (no forward pass); the image
+        itself is left out of its results (excluded by index)."""
+        t0 = time.perf_counter()
+        k, super_id = clamp_k(k), category_to_super_id(category)
+        if not 0 <= int(i) < len(self.index):
+            raise QueryError(f"Gallery image {i} does not exist (the gallery has {len(self.index)}).")
+        results = self._ranked(self.index.embeddings[int(i)], k, super_id, exclude=int(i))
+        t1 = time.perf_counter()
+        return self._response(results, k, category, {"embed": 0.0, "search": (t1 - t0) * 1e3,
+                                                     "total": (t1 - t0) * 1e3})
+
+    def warm_up(self):
+        """One forward pass and one search, so that the first user does not pay for lazy
+        initialisation (allocator, BLAS threads, oneDNN kernels)."""
+        vector = self.embed(Image.new("RGB", (self.resize, self.resize), (255, 255, 255)))
+        self._ranked(vector, DEFAULT_K, None)
+
+    def example_indices(self, n=12):
+        """One gallery image from each category (the first product of each), up to ``n``."""
+        picks = []
+        for sid in range(1, len(datasets.SOP_CATEGORIES) + 1):
+            rows = np.flatnonzero(self.index.super_ids == sid)
+            if len(rows):
+                picks.append(int(rows[0]))
+        return picks[:n]
+
+
+# ============ gallery index ============
+
+def default_index_path(checkpoint, split):
+    """``gallery_<split>.npz`` beside the checkpoint: an index belongs to one set of weights."""
+    return Path(checkpoint).parent / f"gallery_{split}.npz"
+
+
+def load_or_build_index(model, checkpoint, data_root, split="test", index_path=None,
+                        batch_size=64, workers=None, progress=True, force=False):
+    """The gallery index of ``split`` under ``data_root`` for ``checkpoint``: loaded from
+    ``index_path`` when it was built from this checkpoint (sha256) and this image list,
+    otherwise (or with ``force``) built with a progress bar and saved atomically.
+
+    Returns ``(index, built: bool)``. A failed save raises OSError naming the path (the
+    previous file is left intact by `retrieval.GalleryIndex.save`).
+    """
+    index_path = Path(index_path) if index_path else default_index_path(checkpoint, split)
+    image_size = int(model.model_args["image_size"])
+    dataset = datasets.SOPDataset(data_root, split,
+                                  transform=datasets.build_transform(image_size, train=False))
+    ckpt_hash = models.checkpoint_hash(checkpoint)
+    if index_path.exists() and not force:
+        try:
+            index = retrieval.GalleryIndex.load(index_path)
+        except ValueError as e:
+            logger.warning("%s; rebuilding it", e)
+        else:
+            reason = index.stale_reason(ckpt_hash, dataset.rel_paths)
+            if reason is None:
+                logger.info("Loaded gallery index %s (%d images)", index_path, len(index))
+                return index, False
+            logger.info("Gallery index %s is stale (%s); rebuilding it", index_path, reason)
+    logger.info("Embedding %d gallery images of %s (split %s) with %s ...",
+                len(dataset), dataset.root, split, Path(checkpoint))
+    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    index = retrieval.build_gallery_index(
+        model, dataset, batch_size=batch_size, workers=workers, checkpoint_hash=ckpt_hash,
+        meta={"split": split, "data_root": str(dataset.root), "model_args": dict(model.model_args),
+              "checkpoint": str(checkpoint)}, progress=progress)
+    index.save(index_path)
+    logger.info("Saved gallery index %s", index_path)
+    return index, True
+
+
+def find_checkpoint(checkpoint_dir="checkpoints"):
+    """The newest ``<checkpoint_dir>/*/best.pth`` (by modification time), or None."""
+    found = sorted(Path(checkpoint_dir).glob("*/best.pth"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def default_data_root(model):
+    """The data root the checkpoint was trained on (its saved ``args``)."""
+    args = (getattr(model, "checkpoint_info", None) or {}).get("args") or {}
+    if args.get("data_root"):
+        return args["data_root"]
+    import train  # only for its dataset → folder table
+    return train.DATASET_ROOTS.get(args.get("dataset", "stanford"), train.DATASET_ROOTS["stanford"])
+
+
+def gallery_folders(index, data_root):
+    """The folders holding the gallery's images (``<category>_final/`` on SOP): the only
+    paths the demo lets Gradio serve."""
+    tops = sorted({Path(p).parts[0] for p in index.paths if len(Path(p).parts) > 1})
+    root = Path(data_root).resolve()
+    return [str(root / t) for t in tops] or [str(root)]
+
+
+# ============ Gradio app ============
+
+def _query_image_class():
+    import gradio as gr
+
+    class QueryImage(gr.Image):
+        """gr.Image whose preprocessing hands the uploaded file's path over *undecoded*.
+
+        gr.Image would open the upload itself (type="filepath" still calls PIL.Image.open),
+        so a non-image or a decompression bomb would fail inside Gradio with a blank error.
+        Here every byte is decoded by `load_query_image`, which refuses with a reason.
+        ``is_template``: the browser renders it with gr.Image's own frontend.
+        """
+
+        is_template = True
+
+        def preprocess(self, payload):
+            if payload is None:
+                return None
+            if payload.url and payload.url.startswith("data:"):  # base64 through the API
+                return self._save_data_url(payload.url)
+            if payload.path is None:
+                raise gr.Error("The upload carries no file; upload the photo again.")
+            return str(payload.path)
+
+        def _save_data_url(self, url):
+            max_bytes = getattr(self, "max_data_url_bytes", 10 << 20)
+            header, _, data = url.partition(",")
+            if len(data) > max_bytes * 4 // 3 + 4:
+                raise gr.Error(f"The image is larger than {max_bytes >> 20} MB.")
+            try:
+                raw = base64.b64decode(data, validate=True) if header.endswith(";base64") else b""
+            except (binascii.Error, ValueError):
+                raise gr.Error("The data URL is not valid base64.") from None
+            folder = Path(self.GRADIO_CACHE) / hashlib.sha256(raw).hexdigest()[:32]
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / "query"
+            path.write_bytes(raw)
+            return str(path)
+
+    return QueryImage
+
+
+def _caption(r):
+    return f"{r['score']:.3f} · {r['category']} · #{r['product_id']}"
+
+
+def _timing_text(out):
+    t = out["timing_ms"]
+    parts = []
+    if "decode" in t:
+        parts.append(f"decode {t['decode']:.1f} ms")
+    parts.append("embedding: stored vector" if out.get("stored_vector") else f"embedding {t['embed']:.1f} ms")
+    parts.append(f"search {t['search']:.1f} ms over {out['gallery_size']:,} images")
+    parts.append(f"total {t['total']:.1f} ms")
+    return " · ".join(parts)
+
+
+def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_upload_mb=10,
+              concurrency_limit=1, max_examples=12):
+    """The demo as a `gr.Blocks` (not launched: see `launch_app`).
+
+    Events: the Search button (the public API endpoint ``/search``: image, k, category →
+    gallery, ranked-results JSON, timing text), a new upload / paste / webcam shot, a click
+    on an example, and a click on a result (searches with that gallery image's stored
+    embedding). All share one concurrency slot: on CPU, one forward pass at a time is fastest.
+    """
+    import gradio as gr
+
+    engine = SearchEngine(model, index, data_root, max_pixels=max_pixels)
+    engine.warm_up()
+    QueryImage = _query_image_class()
+    margs = model.model_args
+    title = title or "Visual product search"
+
+    def outputs_of(out):
+        gallery = [(engine.abs_paths[r["index"]], _caption(r)) for r in out["results"]]
+        return gallery, out, _timing_text(out)
+
+    def guarded(fn, *args):
+        """Run a search; QueryError → its message in the page, anything else → a generic
+        message (the traceback goes to the server log only, never to the user)."""
+        try:
+            return fn(*args)
+        except QueryError as e:
+            raise gr.Error(str(e), title="Cannot search with this image", print_exception=False) from None
+        except gr.Error:
+            raise
+        except Exception:
+            logger.error("search failed:\n%s", traceback.format_exc())
+            raise gr.Error("The search failed on the server (details are in the server log). "
+                           "Try another photo.", print_exception=False) from None
+
+    def search(image, k=DEFAULT_K, category=CATEGORY_ALL):
+        """Search the catalogue with a photo: the k most similar gallery images, optionally
+        within one category."""
+        if not image:
+            raise gr.Error("Upload, paste or take a photo first.", title="No query image",
+                           print_exception=False)
+        return outputs_of(guarded(engine.search_file, image, k, category))
+
+    def search_result(evt: gr.SelectData, ranked, k, category):
+        try:
+            i = int(ranked["results"][evt.index]["index"])
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise gr.Error("Run a search first, then click one of its results.",
+                           print_exception=False) from None
+        out = guarded(engine.search_gallery_item, i, k, category)
+        out["stored_vector"] = True
+        return (engine.abs_paths[i], *outputs_of(out))
+
+    examples = [[engine.abs_paths[i]] for i in engine.example_indices(max_examples)]
+    info = (f"{margs['backbone']}, {margs['embedding_size']}-d embeddings at {margs['image_size']} px · "
+            f"gallery: {len(index):,} images" + (f" ({index.meta['split']} split)"
+                                                   if index.meta.get("split") else ""))
+
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(f"# {title}\nUpload, paste or take a photo of a product; the nearest catalogue "
+                    f"photos appear ranked by cosine similarity. Click a result to search with it.  \n"
+                    f"<small>{info}</small>")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=280):
+                query = QueryImage(label="Query photo", type="filepath", image_mode=None,
+                                   sources=["upload", "clipboard", "webcam"], height=300,
+                                   elem_id="query")
+                query.max_data_url_bytes = int(max_upload_mb * (1 << 20))
+                k = gr.Slider(1, MAX_K, value=DEFAULT_K, step=1, label="Results (K)", elem_id="k")
+                category = gr.Dropdown(CATEGORIES, value=CATEGORY_ALL, label="Category filter",
+                                       elem_id="category")
+                button = gr.Button("Search", variant="primary", elem_id="search")
+                timing = gr.Markdown(elem_id="timing")
+            with gr.Column(scale=2):
+                results = gr.Gallery(label="Nearest products (click one to search with it)",
+                                     columns=4, height=600, object_fit="contain",
+                                     allow_preview=False, elem_id="results")
+                with gr.Accordion("Ranked results (JSON)", open=False):
+                    ranked = gr.JSON(elem_id="ranked")
+        if examples:
+            ex = gr.Examples(examples=examples, inputs=[query], label="Example queries from the gallery",
+                             examples_per_page=max_examples)
+        outs = [results, ranked, timing]
+        common = dict(concurrency_limit=concurrency_limit, concurrency_id="search")
+        button.click(search, [query, k, category], outs, api_name="search", **common)
+        query.upload(search, [query, k, category], outs, api_visibility="private", **common)
+        results.select(search_result, [ranked, k, category], [query, *outs],
+                       api_visibility="private", **common)
+        if examples:
+            ex.load_input_event.then(search, [query, k, category], outs,
+                                     api_visibility="private", **common)
+    demo.engine = engine  # for tests and benchmarks
+    return demo
+
+
+def launch_app(demo, index, data_root, host="127.0.0.1", port=7860, share=False,
+               max_upload_mb=10, max_queue=64, prevent_thread_lock=False, quiet=False):
+    """Launch ``demo`` with the demo's safety settings: loopback unless told otherwise, the
+    upload size cap, a bounded queue, and a file route limited to the gallery's image folders."""
+    demo.queue(max_size=max_queue)
+    return demo.launch(
+        server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
+        allowed_paths=gallery_folders(index, data_root), max_file_size=int(max_upload_mb * (1 << 20)),
+        show_error=False, ssr_mode=False, quiet=quiet, footer_links=["api"],
+    )
+
+
+# ============ command line ============
+
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser(
+        "app_stanford.py", add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Gradio demo: search the product gallery with a photo.")
+    group = parser.add_argument_group("model and gallery")
+    group.add_argument("--checkpoint", default=None,
+                       help="a checkpoint of train.py (e.g. checkpoints/<run>/best.pth); default: the "
+                            "newest <checkpoint_dir>/*/best.pth")
+    group.add_argument("--checkpoint_dir", default="checkpoints",
+                       help="where to look for best.pth when --checkpoint is not given")
+    group.add_argument("--data_root", default=None,
+                       help="dataset folder with Ebay_test.txt; default: the one the checkpoint was "
+                            "trained on (its saved args)")
+    group.add_argument("--split", default="test", choices=["test", "val", "train", "trainval"],
+                       help="which images form the gallery (SOP test: 60,502)")
+    group.add_argument("--index", default=None,
+                       help="gallery index file; default: gallery_<split>.npz beside the checkpoint")
+    group.add_argument("--rebuild_index", action="store_true",
+                       help="rebuild the gallery index even when it is up to date")
+    group.add_argument("--build_index", action="store_true",
+                       help="build / refresh the gallery index, then exit without serving")
+    group.add_argument("--batch_size", default=64, type=int, help="batch size for embedding the gallery")
+    group.add_argument("--workers", default=min(2, os.cpu_count() or 1), type=int,
+                       help="DataLoader workers for embedding the gallery")
+    group.add_argument("--threads", default=None, type=int,
+                       help="torch CPU threads (default: torch's choice, one per core)")
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1",
+                       help="interface to bind; 0.0.0.0 makes the demo reachable from the network")
+    group.add_argument("--port", default=7860, type=int, help="port to listen on")
+    group.add_argument("--share", action="store_true",
+                       help="also open a public *.gradio.live link (needs internet; opt-in)")
+    group.add_argument("--max_upload_mb", default=10.0, type=float, help="largest upload accepted, in MB")
+    group.add_argument("--max_megapixels", default=40.0, type=float,
+                       help="largest query accepted, in declared megapixels (decompression bombs)")
+    group.add_argument("--max_queue", default=64, type=int,
+                       help="requests that may wait in the queue; more are refused ('queue full')")
+    return parser
+
+
+def check_args(parser, args):
+    for name, low in (("port", 0), ("max_upload_mb", 0), ("max_megapixels", 0), ("max_queue", 0),
+                      ("batch_size", 0)):
+        if getattr(args, name) <= low:
+            parser.error(f"--{name} must be > {low}, got {getattr(args, name)}")
+    if args.port > 65535:
+        parser.error(f"--port must be in 1..65535, got {args.port}")
+
+
+def main(args):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    # ============ checkpoint ============
+    checkpoint = Path(args.checkpoint) if args.checkpoint else find_checkpoint(args.checkpoint_dir)
+    if checkpoint is None:
+        sys.exit(f"No checkpoint given and none found under {Path(args.checkpoint_dir) / '*' / 'best.pth'}. "
+                 f"Train one first, e.g.:\n  {TRAIN_HINT}\nthen run: python app_stanford.py "
+                 "--checkpoint checkpoints/<run>/best.pth")
+    try:
+        model = models.load_model(checkpoint)
+    except (OSError, models.CheckpointError, ValueError) as e:
+        sys.exit(f"Cannot load checkpoint {checkpoint}: {e}")
+    logger.info("Loaded %s (%s)", checkpoint, model.model_args)
+
+    # ============ gallery index ============
+    data_root = args.data_root or default_data_root(model)
+    try:
+        data_root = datasets.resolve_sop_root(data_root)
+        index, _ = load_or_build_index(model, checkpoint, data_root, args.split, args.index,
+                                       batch_size=args.batch_size, workers=args.workers,
+                                       force=args.rebuild_index)
+    except (FileNotFoundError, datasets.DatasetError) as e:
+        sys.exit(f"Cannot build the gallery from {data_root}: {e}\nPass --data_root DIR "
+                 f"(a folder with Ebay_{'test' if args.split == 'test' else 'train'}.txt).")
+    except OSError as e:  # the index could not be written (full disk, permissions)
+        sys.exit(f"Gallery index not saved: {e}\nPass --index PATH to write it somewhere else.")
+    if args.build_index:
+        return index
+
+    # ============ serving ============
+    demo = build_app(model, index, data_root, max_pixels=int(args.max_megapixels * 1e6),
+                     max_upload_mb=args.max_upload_mb)
+    launch_app(demo, index, data_root, host=args.host, port=args.port, share=args.share,
+               max_upload_mb=args.max_upload_mb, max_queue=args.max_queue)
+    return demo
+
+
+if __name__ == "__main__":
+    parser = get_args_parser()
+    args = parser.parse_args()
+    check_args(parser, args)
+    main(args)

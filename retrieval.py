@@ -1,0 +1,808 @@
+"""Embedding extraction, exact k-nearest-neighbour search, the gallery index and every
+retrieval metric of the project.
+
+Pure functions shared by ``train.py`` (validation), ``evaluate.py`` and ``app_stanford.py``.
+
+Scores are cosine similarities of L2-normalised float32 embeddings (inner products).
+Ranking rule everywhere: higher score first; equal scores break by the lower gallery index;
+a query is never in its own result list (excluded by index, never by dropping a column).
+
+Metric definitions (SPEC.md, "Metrics"):
+
+Product protocol (Song et al. 2016; Musgrave et al. 2020). Queries: every image. Gallery:
+every other image. Relevant: same ``class_id``. R = number of relevant items of the query.
+
+* ``recall@K`` (K = 1, 10, 100, 1000): share of queries with a relevant item in the top K.
+* ``map@r``: mean over queries of AP@R = (1/R) * sum_{i<=R} P(i) * rel(i).
+* ``r_precision``: relevant items in the top R, divided by R.
+
+Queries without any relevant item (a product with a single image) are left out of the
+product-protocol averages, as pytorch-metric-learning does; SOP has none.
+
+Category protocol (the seeds'). Queries: every image. Gallery: images of *other products*
+(every image of the query's own product is excluded). Relevant: same ``super_class_id``.
+
+* ``recall@K`` (K = 1, 5, 10, 20): share of queries with a relevant item in the top K.
+* ``precision@K``: relevant items in the top K, divided by K.
+* ``map@10``: mean over queries of sum_{i<=10} P(i) * rel(i) / (relevant items in the top 10),
+  0 for a query with none.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PRODUCT_RECALL_KS = (1, 10, 100, 1000)
+CATEGORY_KS = (1, 5, 10, 20)
+CATEGORY_MAP_AT = 10
+GALLERY_FORMAT_VERSION = 1
+
+# A sort key packs (score, index) into one uint64 whose ascending order is the ranking
+# order: high 32 bits = score bits flipped so that larger scores come first, low 32 bits =
+# gallery index so that equal scores break by the lower index. Keys are unique per row, so
+# np.partition / np.sort on them give exact top-k with the tie rule, no lexsort needed.
+_KEY_NONE = np.iinfo(np.uint64).max
+_LOW32 = np.uint64(0xFFFFFFFF)
+
+
+def _score_key(scores: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """uint64 keys ordered by (score descending, index ascending)."""
+    s = np.asarray(scores, dtype=np.float32) + np.float32(0.0)  # -0.0 -> +0.0: they tie
+    bits = s.view(np.uint32)
+    ascending = np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000))
+    return ((~ascending).astype(np.uint64) << np.uint64(32)) | np.asarray(index).astype(np.uint64)
+
+
+def _key_score(keys: np.ndarray) -> np.ndarray:
+    """Inverse of the score half of `_score_key`."""
+    ascending = ~((keys >> np.uint64(32)).astype(np.uint32))
+    bits = np.where(ascending >> 31, ascending & np.uint32(0x7FFFFFFF), ~ascending)
+    return bits.view(np.float32)
+
+
+def _key_index(keys: np.ndarray) -> np.ndarray:
+    return (keys & _LOW32).astype(np.int64)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows divided by their L2 norm, as C-contiguous float32 (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D array [N, D], got shape {x.shape}")
+    if not np.isfinite(x).all():
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        raise ValueError(
+            f"embeddings hold NaN/inf in {len(bad)} rows (first: {bad[:5].tolist()}); "
+            "the model diverged or the input is corrupt: re-extract the embeddings"
+        )
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, np.float32(1e-12)), dtype=np.float32)
+
+
+def _num_threads(num_threads: int | None) -> int:
+    if num_threads:
+        return max(1, int(num_threads))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class _SingleThreadBLAS:
+    """Pin BLAS to one thread while our own worker threads each run a matrix product:
+    two single-threaded products on two cores run as fast as one two-threaded product,
+    and the filtering work beside them then runs in parallel too."""
+
+    def __init__(self, active: bool):
+        self.active = active
+        self._ctx = None
+
+    def __enter__(self):
+        if self.active:
+            try:
+                from threadpoolctl import threadpool_limits
+            except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+                self.active = False
+            else:
+                self._ctx = threadpool_limits(limits=1, user_api="blas")
+        return self
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.restore_original_limits()
+        return False
+
+
+# ============ embedding extraction ============
+
+
+def extract_embeddings(model, loader, device="cpu", amp=None, progress=True, desc="embedding"):
+    """Embed every batch of ``loader`` (yielding ``(images, class_ids)``) with ``model``.
+
+    Returns ``(embeddings float32 [N, D] unit rows, labels int64 [N])`` as numpy arrays, in
+    loader order. Runs under ``torch.inference_mode``; AMP (float16 autocast) is on by
+    default on CUDA only, where it roughly doubles throughput; inputs go channels_last,
+    which convolutions prefer on both CPU and GPU. The model's train/eval mode is restored.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    if amp is None:
+        amp = device.type == "cuda"
+    was_training = model.training
+    model.eval()
+    embeddings, labels = [], []
+    try:
+        with torch.inference_mode(), torch.autocast(
+            device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
+            enabled=bool(amp),
+        ):
+            for images, targets in tqdm(loader, desc=desc, disable=not progress, unit="batch",
+                                        dynamic_ncols=True, leave=False):
+                images = images.to(device, non_blocking=True)
+                if images.dim() == 4:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                out = model(images)
+                # re-normalise in float32: half-precision outputs drift off the unit sphere
+                out = torch.nn.functional.normalize(out.float(), dim=1)
+                embeddings.append(out.cpu())
+                labels.append(torch.as_tensor(targets).reshape(-1).cpu())
+    finally:
+        model.train(was_training)
+    if not embeddings:
+        raise ValueError(f"{desc}: the loader yielded no batches (empty dataset?)")
+    return (torch.cat(embeddings).numpy().astype(np.float32, copy=False),
+            torch.cat(labels).numpy().astype(np.int64, copy=False))
+
+
+# ============ exact k-nearest neighbours ============
+
+
+def _topk_dense(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of each row of a dense score block, ties by lower column.
+
+    Entries equal to -inf count as excluded. Rows with fewer than k admissible columns are
+    padded with score -inf and index -1.
+    """
+    rows, n = scores.shape
+    out_s = np.full((rows, k), -np.inf, dtype=np.float32)
+    out_i = np.full((rows, k), -1, dtype=np.int64)
+    if rows == 0 or n == 0 or k == 0:
+        return out_s, out_i
+    if k < n:
+        # value of the k-th largest: everything >= it is a candidate (ties included), the
+        # exact order among the few candidates then comes from the (score, index) keys
+        kth = np.partition(scores, n - k, axis=1)[:, n - k]
+        flat = np.flatnonzero(scores >= kth[:, None])
+    else:
+        flat = np.arange(rows * n)
+    s = scores.reshape(-1)[flat]
+    keep = s > -np.inf
+    flat, s = flat[keep], s[keep]
+    r, c = np.divmod(flat, n)
+    order = np.lexsort((_score_key(s, c), r))
+    r, c, s = r[order], c[order], s[order]
+    rank = np.arange(len(r)) - np.searchsorted(r, r, side="left")
+    sel = rank < k
+    out_s[r[sel], rank[sel]] = s[sel]
+    out_i[r[sel], rank[sel]] = c[sel]
+    return out_s, out_i
+
+
+def knn(queries, gallery, k, exclude_self=False, query_groups=None, gallery_groups=None,
+        chunk_size=1024, normalize=True):
+    """Exact k nearest neighbours by inner product, in chunks of ``chunk_size`` queries.
+
+    Memory is bounded by ``chunk_size x len(gallery)`` scores: the full similarity matrix
+    is never built. Ties break by the lower gallery index.
+
+    exclude_self: queries are the gallery itself (same order); query i never returns i.
+    query_groups / gallery_groups: integer ids; gallery items sharing the query's group are
+        excluded (the category protocol drops the query's whole product this way).
+    Returns ``(scores float32 [Nq, k], indices int64 [Nq, k])``, padded with -inf / -1 when
+    fewer than k gallery items are admissible.
+    """
+    q = l2_normalize(queries) if normalize else np.ascontiguousarray(queries, dtype=np.float32)
+    g = l2_normalize(gallery) if normalize else np.ascontiguousarray(gallery, dtype=np.float32)
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"queries have dimension {q.shape[1]} but the gallery has {g.shape[1]}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if exclude_self and len(q) != len(g):
+        raise ValueError("exclude_self=True needs the queries to be the gallery itself "
+                         f"(got {len(q)} queries and {len(g)} gallery items)")
+    if (query_groups is None) != (gallery_groups is None):
+        raise ValueError("pass both query_groups and gallery_groups, or neither")
+    if query_groups is not None:
+        query_groups = np.asarray(query_groups)
+        gallery_groups = np.asarray(gallery_groups)
+        # same-group pairs are few (a product holds <= 12 images): list them once as
+        # (query, gallery) index pairs instead of comparing every pair of ids
+        pairs_q, pairs_g = _same_group_pairs(query_groups, gallery_groups)
+    scores = np.empty((len(q), k), dtype=np.float32)
+    indices = np.empty((len(q), k), dtype=np.int64)
+    chunk_size = max(1, int(chunk_size))
+    for start in range(0, len(q), chunk_size):
+        stop = min(len(q), start + chunk_size)
+        block = q[start:stop] @ g.T
+        if exclude_self:
+            block[np.arange(stop - start), np.arange(start, stop)] = -np.inf
+        if query_groups is not None:
+            lo, hi = np.searchsorted(pairs_q, [start, stop])
+            block[pairs_q[lo:hi] - start, pairs_g[lo:hi]] = -np.inf
+        scores[start:stop], indices[start:stop] = _topk_dense(block, k)
+    return scores, indices
+
+
+def _same_group_pairs(query_groups, gallery_groups):
+    """All (query, gallery) index pairs with equal group ids, sorted by query index."""
+    order = np.argsort(gallery_groups, kind="stable")
+    sorted_groups = gallery_groups[order]
+    lo = np.searchsorted(sorted_groups, query_groups, side="left")
+    hi = np.searchsorted(sorted_groups, query_groups, side="right")
+    counts = hi - lo
+    pairs_q = np.repeat(np.arange(len(query_groups)), counts)
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    pairs_g = order[np.repeat(lo, counts) + offsets]
+    return pairs_q, pairs_g
+
+
+# ============ metrics: one symmetric pass over the similarity matrix ============
+
+
+class _ClassStructure:
+    """Who is relevant to whom under the product protocol.
+
+    ``rel_idx[q, :R[q]]`` are the other images of q's product in index order (padded with
+    -1); ``pair_*`` list every ordered same-product pair (q, m), self pairs included, which
+    are the only cells the category protocol masks out.
+    """
+
+    def __init__(self, class_ids: np.ndarray):
+        n = len(class_ids)
+        _, codes = np.unique(class_ids, return_inverse=True)
+        codes = codes.reshape(-1)
+        order = np.argsort(codes, kind="stable")
+        counts = np.bincount(codes)
+        starts = np.cumsum(counts) - counts
+        size = counts[codes]
+        position = np.empty(n, dtype=np.int64)
+        position[order] = np.arange(n)
+        position -= starts[codes]  # position of each item within its class (index order)
+        self.R = size - 1
+        self.max_r = int(self.R.max()) if n else 0
+        q = np.repeat(np.arange(n), size)
+        offs = np.arange(len(q)) - np.repeat(np.cumsum(size) - size, size)
+        m = order[np.repeat(starts[codes], size) + offs]
+        is_self = offs == position[q]
+        slot = offs - (offs > position[q])
+        self.pair_q, self.pair_m, self.pair_self = q, m, is_self
+        self.pair_slot = np.where(is_self, -1, slot)
+        self.rel_idx = np.full((n, max(self.max_r, 1)), -1, dtype=np.int64)
+        self.rel_idx[q[~is_self], slot[~is_self]] = m[~is_self]
+
+
+class _TopKBuffer:
+    """Running exact top-K per query, as sort keys, with a score threshold per query.
+
+    Candidates go into a fixed-width buffer row; a full row is compacted to its K best keys
+    (np.partition on keys), which raises that query's threshold. The threshold only ever
+    rises and is always <= the final K-th best score, so filtering tiles with
+    ``score >= threshold`` never drops a true top-K item, even when a worker thread reads a
+    stale value.
+    """
+
+    def __init__(self, n: int, k: int, width: int):
+        self.k, self.width = k, max(width, 2 * k)
+        self.keys = np.full((n, self.width), _KEY_NONE, dtype=np.uint64)
+        self.fill = np.zeros(n, dtype=np.int64)
+        self.kth = np.full(n, _KEY_NONE, dtype=np.uint64)  # K-th best key so far
+        self.threshold = np.full(n, -np.inf, dtype=np.float32)
+
+    def add(self, q: np.ndarray, keys: np.ndarray) -> None:
+        ok = keys < self.kth[q]
+        q, keys = q[ok], keys[ok]
+        while len(q):
+            order = np.argsort(q, kind="stable")
+            q, keys = q[order], keys[order]
+            first = np.searchsorted(q, q, side="left")
+            rank = np.arange(len(q)) - first
+            pos = self.fill[q] + rank
+            fits = pos < self.width
+            self.keys[q[fits], pos[fits]] = keys[fits]
+            heads = np.flatnonzero(rank == 0)
+            uq = q[heads]
+            self.fill[uq] = np.minimum(self.fill[uq] + np.diff(np.append(heads, len(q))), self.width)
+            full = uq[self.fill[uq] >= self.width]
+            if len(full):
+                self.compact(full)
+            q, keys = q[~fits], keys[~fits]
+            if len(q):
+                ok = keys < self.kth[q]
+                q, keys = q[ok], keys[ok]
+
+    def compact(self, rows: np.ndarray) -> None:
+        block = self.keys[rows]
+        block.partition(self.k - 1, axis=1)
+        block[:, self.k:] = _KEY_NONE
+        self.keys[rows] = block
+        self.fill[rows] = self.k
+        kth = block[:, self.k - 1]
+        self.kth[rows] = kth
+        real = kth != _KEY_NONE
+        self.threshold[rows[real]] = _key_score(kth[real])
+
+    def result(self) -> np.ndarray:
+        """[N, K] keys, best first (padded with _KEY_NONE)."""
+        return np.sort(self.keys, axis=1)[:, : self.k]
+
+
+def _symmetric_pass(x, structure, k, chunk_size, num_threads):
+    """One pass over the upper triangle of the similarity matrix, tile by tile.
+
+    Each tile ``x[a] @ x[b].T`` serves the rows of block a (as is) and the rows of block b
+    (transposed), so the matrix products cost half of a full pass. Per tile: read the
+    same-product scores (product protocol), mask every same-product cell (category
+    protocol gallery), then keep the cells at or above each query's running threshold.
+
+    Returns (top-K keys over other products [N, K], relevant-item scores [N, max_r]).
+    """
+    n = len(x)
+    cs = max(1, min(int(chunk_size), n))
+    nb = (n + cs - 1) // cs
+    buf = _TopKBuffer(n, k, width=3 * k)
+    rel_scores = np.full(structure.rel_idx.shape, -np.inf, dtype=np.float32)
+    rel_flat = rel_scores.reshape(-1)
+    width_rel = rel_scores.shape[1]
+
+    # ---- same-product cells of every tile (lo block <= hi block), grouped by tile
+    pq, pm = structure.pair_q, structure.pair_m
+    bq, bm = pq // cs, pm // cs
+    swap = bq > bm  # the cell lives in tile (bm, bq), transposed
+    lo, hi = np.minimum(bq, bm), np.maximum(bq, bm)
+    row = np.where(swap, pm, pq) - lo * cs
+    col = np.where(swap, pq, pm) - hi * cs
+    tile_width = np.minimum(cs, n - hi * cs)
+    cell = row * tile_width + col
+    rel_target = np.where(structure.pair_self, -1, pq * width_rel + structure.pair_slot)
+    tile_id = lo * nb + hi
+    order = np.argsort(tile_id, kind="stable")
+    tile_id, cell, rel_target = tile_id[order], cell[order], rel_target[order]
+    bounds = np.searchsorted(tile_id, np.arange(nb * nb + 1))
+
+    def run_tile(a, b, scratch):
+        a0, a1, b0, b1 = a * cs, min(n, (a + 1) * cs), b * cs, min(n, (b + 1) * cs)
+        h, w = a1 - a0, b1 - b0
+        t = scratch[0][: h * w].reshape(h, w)
+        mask = scratch[1][: h * w].reshape(h, w)
+        np.matmul(x[a0:a1], x[b0:b1].T, out=t)
+        flat_t = t.reshape(-1)
+        lo_, hi_ = bounds[a * nb + b], bounds[a * nb + b + 1]
+        if hi_ > lo_:
+            cells, targets = cell[lo_:hi_], rel_target[lo_:hi_]
+            is_rel = targets >= 0
+            # each relevant (query, slot) has exactly one cell in one tile: no write races
+            rel_flat[targets[is_rel]] = flat_t[cells[is_rel]]
+            flat_t[cells] = -np.inf
+        out = []
+        thr = buf.threshold[a0:a1].copy()
+        if a == b and h > k:
+            # first visit of these rows: start the threshold at the K-th best of this tile
+            thr = np.maximum(thr, np.partition(t, w - k, axis=1)[:, w - k])
+            np.maximum(buf.threshold[a0:a1], thr, out=buf.threshold[a0:a1])
+        np.greater_equal(t, thr[:, None], out=mask)
+        f = np.flatnonzero(mask)
+        if len(f):
+            r, c = np.divmod(f, w)
+            out.append((r + a0, c + b0, flat_t[f]))
+        if a != b:
+            thr = buf.threshold[b0:b1].copy()
+            np.greater_equal(t, thr[None, :], out=mask)
+            f = np.flatnonzero(mask)
+            if len(f):
+                r, c = np.divmod(f, w)
+                out.append((c + b0, r + a0, flat_t[f]))
+        return out
+
+    def merge(results):
+        for q, g, s in results:
+            keep = s > -np.inf
+            if not keep.all():
+                q, g, s = q[keep], g[keep], s[keep]
+            buf.add(q, _score_key(s, g))
+
+    threads = _num_threads(num_threads)
+    diagonal = [(a, a) for a in range(nb)]
+    # off-diagonal tiles ordered by distance from the diagonal: SOP-style files list
+    # products by category, so near tiles hold the strongest competitors and raise the
+    # thresholds early
+    off = sorted(((a, b) for a in range(nb) for b in range(a + 1, nb)), key=lambda t: (t[1] - t[0], t[0]))
+    scratch_size = cs * cs
+    if threads == 1:
+        scratch = (np.empty(scratch_size, np.float32), np.empty(scratch_size, bool))
+        for a, b in diagonal + off:
+            merge(run_tile(a, b, scratch))
+    else:
+        import threading
+
+        local = threading.local()
+
+        def task(ab):
+            if not hasattr(local, "scratch"):
+                local.scratch = (np.empty(scratch_size, np.float32), np.empty(scratch_size, bool))
+            return run_tile(ab[0], ab[1], local.scratch)
+
+        with _SingleThreadBLAS(True), concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            # the diagonal first, all of it: it gives every row a threshold before any
+            # off-diagonal tile is filtered
+            for results in pool.map(task, diagonal):
+                merge(results)
+            window = 2 * threads  # bounded look-ahead keeps thresholds fresh
+            pending = []
+            for ab in off:
+                pending.append(pool.submit(task, ab))
+                if len(pending) >= window:
+                    merge(pending.pop(0).result())
+            for fut in pending:
+                merge(fut.result())
+    return buf.result(), rel_scores
+
+
+def _rank_of_best_relevant(x, structure, rows, chunk_size, num_threads):
+    """1-based rank, in the product-protocol ranking, of the best relevant item of each row
+    in ``rows``: 1 + (other-product items scoring higher) + (equal-scoring ones with a lower
+    index). Used for the few queries whose best relevant item lies beyond the top-K list."""
+    n = len(x)
+    out = np.empty(len(rows), dtype=np.int64)
+    if not len(rows):
+        return out
+    h = max(1, min(len(rows), (64 << 20) // (4 * n)))  # <= 64 MB of scores per block
+
+    def task(start):
+        rr = rows[start:start + h]
+        t = x[rr] @ x.T
+        ridx = structure.rel_idx[rr]
+        valid = ridx >= 0
+        ar = np.broadcast_to(np.arange(len(rr))[:, None], ridx.shape)
+        # relevant scores from this very block, so the comparison is self-consistent
+        keys = np.where(valid, _score_key(t[ar, np.maximum(ridx, 0)], np.maximum(ridx, 0)), _KEY_NONE)
+        best = keys.min(axis=1)
+        s1, b1 = _key_score(best), _key_index(best)
+        t[ar[valid], ridx[valid]] = -np.inf
+        t[np.arange(len(rr)), rr] = -np.inf
+        above = np.count_nonzero(t > s1[:, None], axis=1)
+        tie_r, tie_c = np.divmod(np.flatnonzero(t == s1[:, None]), n)
+        ties = np.bincount(tie_r[tie_c < b1[tie_r]], minlength=len(rr))
+        out[start:start + len(rr)] = 1 + above + ties
+
+    starts = range(0, len(rows), h)
+    threads = min(_num_threads(num_threads), len(starts))
+    if threads == 1:
+        for s in starts:
+            task(s)
+    else:
+        with _SingleThreadBLAS(True), concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            list(pool.map(task, starts))
+    return out
+
+
+def retrieval_details(embeddings, class_ids, super_ids, chunk_size=1024, num_threads=None):
+    """Per-query quantities behind `evaluate_embeddings` (arrays of length N):
+
+    ``top_other`` [N, K] indices of the K best images of other products (K >= 20, -1 pad),
+    ``top_other_scores``, ``best_relevant_rank`` (1-based, product protocol; 0 when the
+    query has no relevant item), ``ap_at_r``, ``r_precision``, ``num_relevant`` (R), and
+    ``category_relevant`` [N, 20] booleans.
+    """
+    x = l2_normalize(embeddings)
+    n = len(x)
+    class_ids = np.asarray(class_ids).reshape(-1)
+    super_ids = np.asarray(super_ids).reshape(-1)
+    if len(class_ids) != n or len(super_ids) != n:
+        raise ValueError(f"got {n} embeddings but {len(class_ids)} class ids and {len(super_ids)} super ids")
+    if n < 2:
+        raise ValueError(f"need at least 2 embeddings to evaluate retrieval, got {n}")
+    if n >= 2 ** 32:
+        raise ValueError("more than 2**32 embeddings: the sort keys hold 32-bit indices")
+    structure = _ClassStructure(class_ids)
+    max_r = structure.max_r
+    # K >= max R: a relevant item j sits at rank j + (other-product items before it); it is in
+    # the top R only if fewer than R <= K of them come first, which the top-K list answers
+    k = max(max(CATEGORY_KS), max_r)
+    top_keys, rel_scores = _symmetric_pass(x, structure, k, chunk_size, num_threads)
+    top_valid = top_keys != _KEY_NONE
+    top_idx = np.where(top_valid, _key_index(top_keys), -1)
+
+    # ---- product protocol
+    R = structure.R
+    rel_valid = structure.rel_idx >= 0
+    rel_keys = np.where(rel_valid, _score_key(rel_scores, np.maximum(structure.rel_idx, 0)), _KEY_NONE)
+    rel_keys.sort(axis=1)  # j-th column = j-th relevant item in ranking order
+    before = np.zeros(rel_keys.shape, dtype=np.int64)  # other-product items ranked before it
+    for j in range(rel_keys.shape[1]):  # loop over <= max R columns, not over queries
+        before[:, j] = np.count_nonzero(top_keys < rel_keys[:, j:j + 1], axis=1)
+    position = np.arange(1, rel_keys.shape[1] + 1)[None, :] + before
+    in_top_r = rel_valid & (position <= R[:, None])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ap = np.where(R > 0, (in_top_r * (np.arange(1, rel_keys.shape[1] + 1) / position)).sum(1) / R, np.nan)
+        rp = np.where(R > 0, in_top_r.sum(1) / R, np.nan)
+    best_rank = np.where(R > 0, position[:, 0], 0)
+    # the top-K list is complete when it holds fewer than K items; otherwise a best relevant
+    # item behind all K of them has an unknown rank > K: count it exactly
+    saturated = (R > 0) & (before[:, 0] >= k) & top_valid[:, -1]
+    hard = np.flatnonzero(saturated)
+    best_rank[hard] = _rank_of_best_relevant(x, structure, hard, chunk_size, num_threads)
+
+    # ---- category protocol
+    n_cat = max(CATEGORY_KS)
+    first = top_idx[:, :n_cat]
+    cat_rel = (first >= 0) & (super_ids[np.maximum(first, 0)] == super_ids[:, None])
+    return {
+        "top_other": top_idx,
+        "top_other_scores": np.where(top_valid, _key_score(top_keys), -np.inf).astype(np.float32),
+        "best_relevant_rank": best_rank,
+        "num_relevant": R,
+        "ap_at_r": ap,
+        "r_precision": rp,
+        "category_relevant": cat_rel,
+    }
+
+
+def metrics_from_details(details, mask=None):
+    """The SPEC.md metrics dict from `retrieval_details`, over the queries in ``mask``."""
+    R = details["num_relevant"]
+    mask = np.ones(len(R), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    has_rel = mask & (R > 0)
+    rank = details["best_relevant_rank"][has_rel]
+
+    def mean(v):
+        return float(np.mean(v)) if len(v) else float("nan")
+
+    product = {f"recall@{kk}": mean(rank <= kk) for kk in PRODUCT_RECALL_KS}
+    product["map@r"] = mean(details["ap_at_r"][has_rel])
+    product["r_precision"] = mean(details["r_precision"][has_rel])
+    rel = details["category_relevant"][mask]
+    category = {f"recall@{kk}": mean(rel[:, :kk].any(1)) for kk in CATEGORY_KS}
+    category.update({f"precision@{kk}": mean(rel[:, :kk].sum(1) / kk) for kk in CATEGORY_KS})
+    top = rel[:, :CATEGORY_MAP_AT]
+    hits = top.sum(1)
+    precision_at_i = np.cumsum(top, axis=1) / np.arange(1, CATEGORY_MAP_AT + 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ap10 = np.where(hits > 0, (precision_at_i * top).sum(1) / hits, 0.0)
+    category["map@10"] = mean(ap10)
+    return {"product": product, "category": category, "num_queries": int(mask.sum())}
+
+
+def evaluate_embeddings(embeddings, class_ids, super_ids, chunk_size=1024, num_threads=None):
+    """Both retrieval protocols of SPEC.md over ``embeddings`` (every image is a query).
+
+    Returns ``{"product": {recall@1/10/100/1000, map@r, r_precision}, "category": {recall@1/5/
+    10/20, precision@1/5/10/20, map@10}, "num_queries": N}`` with fractions in [0, 1].
+
+    Exact: the ranking of every query over the whole gallery is honoured (ties by lower
+    index), but no N x N matrix exists: tiles of ``chunk_size`` x ``chunk_size`` scores of the
+    upper triangle are filtered against a running per-query top-K threshold, and each
+    query's recall@K for K up to 1000 comes from the rank of its best relevant item.
+    ``num_threads`` defaults to the CPUs this process may use.
+    """
+    details = retrieval_details(embeddings, class_ids, super_ids, chunk_size=chunk_size,
+                                num_threads=num_threads)
+    return metrics_from_details(details)
+
+
+# ============ gallery index (demo) ============
+
+
+def hash_paths(paths) -> str:
+    """sha256 of the image list (relative paths, in order), to tell stale indexes apart."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(str(p).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def atomic_write(path, write_fn) -> Path:
+    """Call ``write_fn(file)`` on a temporary file beside ``path``, fsync, then os.replace.
+
+    On any failure the temporary file is removed, the previous ``path`` is left intact and
+    an OSError naming ``path`` is raised.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, f"could not write {path}: {exc.strerror or exc}; "
+                          "the previous file (if any) is intact. Free disk space or fix "
+                          "permissions, then retry") from exc
+        raise
+    return path
+
+
+@dataclasses.dataclass(eq=False)
+class GalleryIndex:
+    """Embeddings of a catalogue of images plus what is needed to show and trust them.
+
+    ``paths`` are relative to the data root; ``checkpoint_hash`` is the sha256 of the
+    checkpoint that produced the embeddings and ``image_list_hash`` that of ``paths``: a
+    demo compares both before reusing an index. ``meta`` holds any JSON-serialisable extras
+    (model_args, split, data_root, ...).
+    """
+
+    embeddings: np.ndarray
+    paths: list
+    class_ids: np.ndarray
+    super_ids: np.ndarray
+    checkpoint_hash: str = ""
+    image_list_hash: str = ""
+    meta: dict = dataclasses.field(default_factory=dict)
+    backend: str = "auto"
+
+    def __post_init__(self):
+        self.embeddings = np.ascontiguousarray(self.embeddings, dtype=np.float32)
+        self.paths = [str(p) for p in self.paths]
+        self.class_ids = np.asarray(self.class_ids, dtype=np.int64).reshape(-1)
+        self.super_ids = np.asarray(self.super_ids, dtype=np.int64).reshape(-1)
+        n = len(self.embeddings)
+        if self.embeddings.ndim != 2 or not (len(self.paths) == len(self.class_ids) == len(self.super_ids) == n):
+            raise ValueError(
+                f"gallery index parts disagree: embeddings {self.embeddings.shape}, {len(self.paths)} paths, "
+                f"{len(self.class_ids)} class ids, {len(self.super_ids)} super ids"
+            )
+        if not self.image_list_hash:
+            self.image_list_hash = hash_paths(self.paths)
+        if self.backend not in ("auto", "numpy", "faiss"):
+            raise ValueError(f"backend must be 'auto', 'numpy' or 'faiss', got {self.backend!r}")
+        self._subsets = {}
+
+    def __len__(self):
+        return len(self.embeddings)
+
+    # ---- persistence
+    def save(self, path) -> Path:
+        """Write the index to one ``.npz`` file atomically (see `atomic_write`)."""
+        meta = dict(self.meta)
+        meta.update(format_version=GALLERY_FORMAT_VERSION, checkpoint_hash=self.checkpoint_hash,
+                    image_list_hash=self.image_list_hash)
+        arrays = {
+            "embeddings": self.embeddings,
+            "class_ids": self.class_ids,
+            "super_ids": self.super_ids,
+            "paths": np.array(self.paths, dtype=np.str_),
+            "meta": np.array(json.dumps(meta, sort_keys=True)),
+        }
+        return atomic_write(path, lambda f: np.savez(f, **arrays))
+
+    @classmethod
+    def load(cls, path, backend="auto") -> "GalleryIndex":
+        """Read an index written by `save`; a missing, truncated or foreign file raises a
+        ValueError (FileNotFoundError when absent) that names it and says how to rebuild."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"gallery index {path} does not exist: build it with "
+                                    "`python app_stanford.py --build_index` or evaluate.py --embeddings_cache")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                parts = {name: data[name] for name in ("embeddings", "class_ids", "super_ids", "paths")}
+        except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"gallery index {path} is corrupt or not a gallery index ({type(exc).__name__}: "
+                             f"{exc}); delete it and rebuild it") from exc
+        version = meta.pop("format_version", None)
+        if version != GALLERY_FORMAT_VERSION:
+            raise ValueError(f"gallery index {path} has format version {version}, this code reads "
+                             f"{GALLERY_FORMAT_VERSION}: rebuild it")
+        index = cls(
+            embeddings=parts["embeddings"], paths=parts["paths"].tolist(), class_ids=parts["class_ids"],
+            super_ids=parts["super_ids"], checkpoint_hash=meta.pop("checkpoint_hash", ""),
+            image_list_hash=meta.pop("image_list_hash", ""), meta=meta, backend=backend,
+        )
+        if index.image_list_hash != hash_paths(index.paths):
+            raise ValueError(f"gallery index {path} is corrupt: its image list does not match its hash; rebuild it")
+        return index
+
+    def stale_reason(self, checkpoint_hash=None, paths=None):
+        """Why this index cannot serve the given checkpoint / image list (None if it can)."""
+        if checkpoint_hash is not None and checkpoint_hash != self.checkpoint_hash:
+            return (f"built from checkpoint {self.checkpoint_hash[:12] or '?'}, "
+                    f"not {checkpoint_hash[:12]}")
+        if paths is not None and hash_paths(paths) != self.image_list_hash:
+            return "built from a different image list"
+        return None
+
+    # ---- search
+    def _subset(self, super_id):
+        """(row indices, embeddings[, faiss index]) of one category, cached."""
+        if super_id not in self._subsets:
+            if super_id is None:
+                rows = np.arange(len(self))
+                emb = self.embeddings
+            else:
+                rows = np.flatnonzero(self.super_ids == int(super_id))
+                emb = np.ascontiguousarray(self.embeddings[rows])
+            self._subsets[super_id] = [rows, emb, None]
+        return self._subsets[super_id]
+
+    def _use_faiss(self):
+        if self.backend == "numpy":
+            return False
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            if self.backend == "faiss":
+                raise ImportError("backend='faiss' needs faiss-cpu: pip install faiss-cpu") from None
+            return False
+        return self.backend == "faiss"
+
+    def search(self, queries, k=10, super_id=None):
+        """Top-k gallery images for each query vector (exact inner product).
+
+        ``queries``: [D] or [Q, D] (normalised here). ``super_id``: search one category only.
+        Returns ``(scores float32 [Q, k], indices int64 [Q, k])`` into this index (padded with
+        -inf / -1 when the gallery holds fewer than k images). The numpy backend breaks ties
+        by the lower index, like the metrics; the faiss backend returns faiss's order.
+        """
+        q = l2_normalize(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
+        if q.shape[1] != self.embeddings.shape[1]:
+            raise ValueError(f"query dimension {q.shape[1]} != gallery dimension {self.embeddings.shape[1]}")
+        entry = self._subset(super_id)
+        rows, emb = entry[0], entry[1]
+        if self._use_faiss():
+            import faiss
+
+            if entry[2] is None:
+                entry[2] = faiss.IndexFlatIP(emb.shape[1])
+                entry[2].add(emb)
+            scores, idx = entry[2].search(q, min(k, len(rows)))
+            scores = scores.astype(np.float32)
+        else:
+            scores, idx = _topk_dense(q @ emb.T, min(k, len(rows)))
+        out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+        out_i = np.full((len(q), k), -1, dtype=np.int64)
+        found = idx >= 0
+        out_s[:, : idx.shape[1]] = np.where(found, scores, -np.inf)
+        out_i[:, : idx.shape[1]] = np.where(found, rows[np.maximum(idx, 0)], -1)
+        return out_s, out_i
+
+
+def build_gallery_index(model, dataset, batch_size=64, workers=0, device="cpu", amp=None,
+                        checkpoint_hash="", meta=None, progress=True) -> GalleryIndex:
+    """Embed every image of ``dataset`` (an SOPDataset with an eval transform) into a
+    `GalleryIndex`; paths are stored relative to the data root (``dataset.rel_paths``)."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+        pin_memory=torch.device(device).type == "cuda", persistent_workers=False,
+    )
+    t0 = time.perf_counter()
+    embeddings, labels = extract_embeddings(model, loader, device=device, amp=amp, progress=progress,
+                                            desc="gallery")
+    class_ids = np.asarray(dataset.class_ids, dtype=np.int64)
+    if not np.array_equal(labels, class_ids):
+        raise RuntimeError("the loader's labels do not match dataset.class_ids: the dataset "
+                           "must return (image, class_id) in index order")
+    info = {"num_images": len(embeddings), "extract_s": round(time.perf_counter() - t0, 3)}
+    info.update(meta or {})
+    return GalleryIndex(embeddings=embeddings, paths=list(dataset.rel_paths), class_ids=class_ids,
+                        super_ids=np.asarray(dataset.super_ids, dtype=np.int64),
+                        checkpoint_hash=checkpoint_hash, meta=info)

