@@ -1305,7 +1305,7 @@ def make_synthetic_sop(root, num_products=1200, image_size=96, seed=0, workers=N
             (tmp / f"{cat}_final").mkdir()
         jobs = [(str(tmp), cid, cat, n, seed, (lo, hi)) for cid, cat, n, _ in plan]
         bar = dict(total=len(jobs), desc="synthetic SOP", unit="product", disable=not progress)
-        if workers > 1 and len(jobs) >= 100:
+        if workers > 1 and len(jobs) > 4 * workers:
             with _mp_context().Pool(workers) as pool:
                 rels = list(tqdm(pool.imap(_write_product, jobs, chunksize=8), **bar))
         else:

@@ -507,12 +507,16 @@ def _plain(obj: Any) -> Any:
     return str(obj)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while True:  # DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The EmbeddingNet inside DistributedDataParallel (.module) / torch.compile (._orig_mod)."""
+    while True:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
             return model
         model = inner
+
+
+_unwrap = unwrap_model  # train.py calls the private name
 
 
 def _state(obj: Any) -> Any:
@@ -526,7 +530,7 @@ def make_checkpoint(model: nn.Module, *, args: Any = None, epoch: int | None = N
     their state dicts; args may be an argparse.Namespace; numpy values and paths are converted so
     that the result loads with weights_only=True; ``extra`` fields are stored after the same
     conversion."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     return {
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "model": model.state_dict(),

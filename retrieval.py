@@ -40,12 +40,17 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
+
+# torch is imported where it is used (extraction, gallery building): the metrics and the
+# index need only numpy, and importing torch costs ~650 MB of resident memory
 
 PRODUCT_RECALL_KS = (1, 10, 100, 1000)
 CATEGORY_KS = (1, 5, 10, 20)
 CATEGORY_MAP_AT = 10
 GALLERY_FORMAT_VERSION = 1
+# candidate buffer per query, in units of K: a full buffer is compacted to its K best,
+# which raises the query's threshold (wider = fewer compactions, staler thresholds)
+_BUFFER_WIDTH = 3
 
 # A sort key packs (score, index) into one uint64 whose ascending order is the ranking
 # order: high 32 bits = score bits flipped so that larger scores come first, low 32 bits =
@@ -134,6 +139,7 @@ def extract_embeddings(model, loader, device="cpu", amp=None, progress=True, des
     default on CUDA only, where it roughly doubles throughput; inputs go channels_last,
     which convolutions prefer on both CPU and GPU. The model's train/eval mode is restored.
     """
+    import torch
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -199,14 +205,16 @@ def _topk_dense(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return out_s, out_i
 
 
-def knn(queries, gallery, k, exclude_self=False, query_groups=None, gallery_groups=None,
-        chunk_size=1024, normalize=True):
+def knn(queries, gallery, k, exclude_self=False, self_indices=None, query_groups=None,
+        gallery_groups=None, chunk_size=1024, normalize=True):
     """Exact k nearest neighbours by inner product, in chunks of ``chunk_size`` queries.
 
     Memory is bounded by ``chunk_size x len(gallery)`` scores: the full similarity matrix
     is never built. Ties break by the lower gallery index.
 
     exclude_self: queries are the gallery itself (same order); query i never returns i.
+    self_indices: gallery index of each query (queries taken from the gallery), excluded
+        from that query's results; ``exclude_self=True`` is ``self_indices=arange(N)``.
     query_groups / gallery_groups: integer ids; gallery items sharing the query's group are
         excluded (the category protocol drops the query's whole product this way).
     Returns ``(scores float32 [Nq, k], indices int64 [Nq, k])``, padded with -inf / -1 when
@@ -221,6 +229,12 @@ def knn(queries, gallery, k, exclude_self=False, query_groups=None, gallery_grou
     if exclude_self and len(q) != len(g):
         raise ValueError("exclude_self=True needs the queries to be the gallery itself "
                          f"(got {len(q)} queries and {len(g)} gallery items)")
+    if exclude_self:
+        self_indices = np.arange(len(q))
+    if self_indices is not None:
+        self_indices = np.asarray(self_indices, dtype=np.int64).reshape(-1)
+        if len(self_indices) != len(q):
+            raise ValueError(f"self_indices has {len(self_indices)} entries for {len(q)} queries")
     if (query_groups is None) != (gallery_groups is None):
         raise ValueError("pass both query_groups and gallery_groups, or neither")
     if query_groups is not None:
@@ -235,8 +249,10 @@ def knn(queries, gallery, k, exclude_self=False, query_groups=None, gallery_grou
     for start in range(0, len(q), chunk_size):
         stop = min(len(q), start + chunk_size)
         block = q[start:stop] @ g.T
-        if exclude_self:
-            block[np.arange(stop - start), np.arange(start, stop)] = -np.inf
+        if self_indices is not None:
+            own = self_indices[start:stop]
+            ok = (own >= 0) & (own < len(g))
+            block[np.flatnonzero(ok), own[ok]] = -np.inf
         if query_groups is not None:
             lo, hi = np.searchsorted(pairs_q, [start, stop])
             block[pairs_q[lo:hi] - start, pairs_g[lo:hi]] = -np.inf
@@ -344,7 +360,9 @@ class _TopKBuffer:
 
     def result(self) -> np.ndarray:
         """[N, K] keys, best first (padded with _KEY_NONE)."""
-        return np.sort(self.keys, axis=1)[:, : self.k]
+        best = np.partition(self.keys, self.k - 1, axis=1)[:, : self.k]
+        best.sort(axis=1)
+        return best
 
 
 def _symmetric_pass(x, structure, k, chunk_size, num_threads):
@@ -360,7 +378,7 @@ def _symmetric_pass(x, structure, k, chunk_size, num_threads):
     n = len(x)
     cs = max(1, min(int(chunk_size), n))
     nb = (n + cs - 1) // cs
-    buf = _TopKBuffer(n, k, width=3 * k)
+    buf = _TopKBuffer(n, k, width=_BUFFER_WIDTH * k)
     rel_scores = np.full(structure.rel_idx.shape, -np.inf, dtype=np.float32)
     rel_flat = rel_scores.reshape(-1)
     width_rel = rel_scores.shape[1]
@@ -461,29 +479,44 @@ def _symmetric_pass(x, structure, k, chunk_size, num_threads):
 def _rank_of_best_relevant(x, structure, rows, chunk_size, num_threads):
     """1-based rank, in the product-protocol ranking, of the best relevant item of each row
     in ``rows``: 1 + (other-product items scoring higher) + (equal-scoring ones with a lower
-    index). Used for the few queries whose best relevant item lies beyond the top-K list."""
+    index). Used for the few queries whose best relevant item lies beyond the top-K list.
+    Blocks of rows x columns small enough to stay in cache between the product and the
+    two comparisons."""
     n = len(x)
     out = np.empty(len(rows), dtype=np.int64)
     if not len(rows):
         return out
-    h = max(1, min(len(rows), (64 << 20) // (4 * n)))  # <= 64 MB of scores per block
+    h = 512
+    w = max(256, min(n, int(chunk_size) * 2))
 
     def task(start):
         rr = rows[start:start + h]
-        t = x[rr] @ x.T
+        xr = x[rr]
         ridx = structure.rel_idx[rr]
         valid = ridx >= 0
-        ar = np.broadcast_to(np.arange(len(rr))[:, None], ridx.shape)
-        # relevant scores from this very block, so the comparison is self-consistent
-        keys = np.where(valid, _score_key(t[ar, np.maximum(ridx, 0)], np.maximum(ridx, 0)), _KEY_NONE)
-        best = keys.min(axis=1)
-        s1, b1 = _key_score(best), _key_index(best)
-        t[ar[valid], ridx[valid]] = -np.inf
-        t[np.arange(len(rr)), rr] = -np.inf
-        above = np.count_nonzero(t > s1[:, None], axis=1)
-        tie_r, tie_c = np.divmod(np.flatnonzero(t == s1[:, None]), n)
-        ties = np.bincount(tie_r[tie_c < b1[tie_r]], minlength=len(rr))
-        out[start:start + len(rr)] = 1 + above + ties
+        safe = np.maximum(ridx, 0)
+        rel = np.einsum("hd,hrd->hr", xr, x[safe])
+        best = np.where(valid, _score_key(rel, safe), _KEY_NONE).min(axis=1)
+        s1, b1 = _key_score(best)[:, None], _key_index(best)
+        below = np.nextafter(s1[:, 0], np.float32(-np.inf))
+        count = np.zeros(len(rr), dtype=np.int64)
+        for c0 in range(0, n, w):
+            c1 = min(n, c0 + w)
+            t = xr @ x[c0:c1].T
+            # the query's own product (itself included) is not competition
+            own_r, own_c = np.nonzero(valid & (ridx >= c0) & (ridx < c1))
+            t[own_r, ridx[own_r, own_c] - c0] = -np.inf
+            own = np.flatnonzero((rr >= c0) & (rr < c1))
+            t[own, rr[own] - c0] = -np.inf
+            # an equal score ranks first only from a lower index: strictly above s1 for
+            # columns after b1, at or above it (> the next float down) for columns before
+            thr = np.where(b1 >= c1, below, s1[:, 0])
+            count += np.count_nonzero(t > thr[:, None], axis=1)
+            inside = np.flatnonzero((b1 >= c0) & (b1 < c1))
+            if len(inside):
+                tie_r, tie_c = np.nonzero(t[inside] == s1[inside])
+                count += np.bincount(inside[tie_r[tie_c + c0 < b1[inside[tie_r]]]], minlength=len(rr))
+        out[start:start + len(rr)] = 1 + count
 
     starts = range(0, len(rows), h)
     threads = min(_num_threads(num_threads), len(starts))
@@ -790,6 +823,8 @@ def build_gallery_index(model, dataset, batch_size=64, workers=0, device="cpu", 
                         checkpoint_hash="", meta=None, progress=True) -> GalleryIndex:
     """Embed every image of ``dataset`` (an SOPDataset with an eval transform) into a
     `GalleryIndex`; paths are stored relative to the data root (``dataset.rel_paths``)."""
+    import torch
+
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
         pin_memory=torch.device(device).type == "cuda", persistent_workers=False,

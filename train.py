@@ -313,6 +313,7 @@ def _log(rank: int, msg: str) -> None:
 
 
 # ============ training and validation ============
+
 def _accumulate(sums: dict, loss_value: float, stats: dict) -> None:
     """Add one batch to running sums; ``mean_*`` stats (per-triplet means) are weighted by the
     batch's valid_triplets so that their average is over triplets, not batches."""
@@ -339,7 +340,6 @@ def _averages(sums: dict, batches: float) -> dict:
         else:
             out[key] = total / batches if batches > 0 else float("nan")
     return out
-
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoader,
@@ -425,8 +425,9 @@ def validate(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoa
     - ``loss`` / ``valid_triplets`` / ``active_triplets``...: the training criterion on fixed
       P x K batches (``loss_batches``, the same every epoch) of the validation embeddings; the
       embeddings come from one pass without augmentation, so no extra forward pass is needed.
+    ``model`` is the bare network (not the DistributedDataParallel wrapper: validation runs on
+    rank 0 alone, and a wrapped forward would wait for the other ranks).
     Returns the dict (and the embeddings when ``return_embeddings``)."""
-    model = models._unwrap(model)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -653,10 +654,15 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
             _log(rank, f"generating the synthetic SOP in {root} (once; a minute or two)")
             datasets.ensure_synthetic_sop(root)
         _barrier(world)
-    train_set = datasets.SOPDataset(root, args.train_split,
-                                    transform=datasets.build_transform(image_size, train=True))
-    val_set = datasets.SOPDataset(root, args.val_split,
-                                  transform=datasets.build_transform(image_size, train=False))
+    try:
+        train_set = datasets.SOPDataset(root, args.train_split,
+                                        transform=datasets.build_transform(image_size, train=True))
+        val_set = datasets.SOPDataset(root, args.val_split,
+                                      transform=datasets.build_transform(image_size, train=False))
+    except FileNotFoundError as e:
+        hint = (" To try the pipeline offline, train on the synthetic stand-in: --dataset synthetic"
+                if args.dataset == "stanford" else "")
+        raise TrainingStopped(f"{e}{hint}") from e
     try:  # K against the products' image counts, P against the number of products
         train_sampler = datasets.build_batch_sampler(
             args.sampler, train_set.class_ids, batch_size=args.batch_size,
@@ -734,8 +740,9 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter  # imported here: slow, rank 0 only
         log_dir.mkdir(parents=True, exist_ok=True)
-        # purge_step hides events a killed run logged after its last checkpoint.
-        writer = SummaryWriter(str(log_dir), purge_step=start_epoch if start_epoch > 0 else None)
+        # purge_step hides events logged after the checkpoint we start from: those of a killed
+        # run's lost epoch, or of an older run this one --overwrite-s (start_epoch 0).
+        writer = SummaryWriter(str(log_dir), purge_step=start_epoch)
         info = {**vars(args), "run_name": run_name, "resolved_device": str(device),
                 "world_size": world, "amp_used": use_amp, "resumed_from":
                 str(resume_path) if resume_path else None, "git_commit": models.git_commit(),

@@ -177,7 +177,8 @@ def assert_same_ranking(results, ref_idx, ref_scores):
 
 # ============ fixtures ============
 
-@pytest.fixture(scope="module")
+# Session scope: tests/test_app_browser.py imports these two and shares the same demo.
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("app")
     data_root, checkpoint = make_tiny_demo(folder)
@@ -191,7 +192,7 @@ def tiny(tmp_path_factory):
             "engine": app_stanford.SearchEngine(model, index, data_root)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(tiny):
     from gradio_client import Client
 
@@ -400,6 +401,22 @@ def test_file_route_serves_only_gallery_images(server, tiny):
                 assert b"root:" not in body and b"not for the web" not in body
     finally:
         link.unlink()
+
+
+def test_api_refuses_server_paths_that_were_not_uploaded(server, tiny):
+    """A caller naming a file on the server instead of uploading one gets an error: Gradio
+    accepts only paths in its upload folder as inputs, so the app never opens them."""
+    import httpx
+
+    for target in ["/etc/passwd", tiny["gallery"].paths[0], str(tiny["checkpoint"])]:
+        data = [{"path": target, "meta": {"_type": "gradio.FileData"}}, 3, "All"]
+        r = httpx.post(server["url"] + "gradio_api/call/search", json={"data": data}, timeout=30)
+        r.raise_for_status()
+        stream = httpx.get(server["url"] + f"gradio_api/call/search/{r.json()['event_id']}", timeout=30)
+        assert "event: error" in stream.text and "event: complete" not in stream.text, target
+        assert "root:" not in stream.text
+    gallery, _, _ = search(server["client"], tiny["gallery"].paths[0], 3)
+    assert len(gallery) == 3
 
 
 def test_binds_loopback_by_default(server):

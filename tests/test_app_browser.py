@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_app import make_tiny_demo, running_demo, write_query_files  # noqa: E402
+from test_app import server, tiny  # noqa: E402,F401  (the same demo as test_app.py)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -55,29 +55,28 @@ def wait_for(driver, condition, what):
 
 
 def rendered_results(driver):
-    """The result thumbnails that have actually loaded (naturalWidth > 0)."""
+    """``src`` of the result thumbnails that have actually loaded (naturalWidth > 0), read in
+    one script call so that a re-render in between cannot leave stale element handles."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('#results img'))"
+        ".filter(im => im.complete && im.naturalWidth > 0).map(im => im.src);")
+
+
+def click_result(driver, i):
     from selenium.webdriver.common.by import By
 
-    images = driver.find_elements(By.CSS_SELECTOR, "#results img")
-    return [im for im in images
-            if driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", im)]
+    driver.find_elements(By.CSS_SELECTOR, "#results img")[i].click()
 
 
 @pytest.fixture(scope="module")
-def browser_demo(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("browser")
-    data_root, checkpoint = make_tiny_demo(folder)
-    import datasets
-
-    gallery = datasets.SOPDataset(data_root, "test")
-    queries = write_query_files(folder / "queries", gallery.paths[0])
-    with running_demo(data_root, checkpoint) as (demo, url):
-        driver, profile = start_chromium()
-        try:
-            yield {"driver": driver, "url": url, "gallery": gallery, "queries": queries}
-        finally:
-            driver.quit()
-            shutil.rmtree(profile, ignore_errors=True)
+def browser_demo(tiny, server):
+    driver, profile = start_chromium()
+    try:
+        yield {"driver": driver, "url": server["url"], "gallery": tiny["gallery"],
+               "queries": tiny["queries"]}
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
 
 
 def upload(driver, path):
@@ -103,7 +102,7 @@ def test_upload_search_results_render(browser_demo):
     upload(driver, browser_demo["gallery"].paths[50])
     results = wait_for(driver, lambda d: len(rendered_results(d)) == 10 and rendered_results(d),
                        "10 rendered result images")
-    assert all("/gradio_api/file=" in im.get_attribute("src") for im in results)
+    assert all("/gradio_api/file=" in src for src in results)
     assert "search" in timing_text(driver) and "ms" in timing_text(driver)
     captions = driver.find_element(By.ID, "results").text
     assert "#" in captions and "·" in captions
@@ -146,11 +145,11 @@ def test_clicking_a_result_searches_with_it(browser_demo):
     wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#query input[type=file]"), "the page")
     upload(driver, browser_demo["gallery"].paths[10])
     results = wait_for(driver, lambda d: len(rendered_results(d)) == 10 and rendered_results(d), "results")
-    clicked = results[2].get_attribute("src").rsplit("/", 1)[-1]
-    results[2].click()
+    clicked = results[2].rsplit("/", 1)[-1]
+    click_result(driver, 2)
     wait_for(driver, lambda d: "stored vector" in timing_text(d), "the search with the clicked result")
     query_src = driver.find_element(By.CSS_SELECTOR, "#query img").get_attribute("src")
     assert query_src.rsplit("/", 1)[-1] == clicked  # the clicked photo became the query
     wait_for(driver, lambda d: len(rendered_results(d)) == 10, "the new results")
-    shown = [im.get_attribute("src").rsplit("/", 1)[-1] for im in rendered_results(driver)]
+    shown = [src.rsplit("/", 1)[-1] for src in rendered_results(driver)]
     assert clicked not in shown  # a gallery query is never in its own results

@@ -36,18 +36,31 @@ def assert_same_state(a_path, b_path):
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
 
 
-def test_resume_in_process_matches_uninterrupted(tiny_sop, tmp_path):
-    full = tmp_path / "full"
-    train.main(parse(tiny_argv(tiny_sop, full, *EXACT, "--epochs", "3")))
-    part = tmp_path / "part"
-    train.main(parse(tiny_argv(tiny_sop, part, *EXACT, "--epochs", "1")))
-    final = train.main(parse(tiny_argv(tiny_sop, part, *EXACT, "--epochs", "3", "--resume", "auto")))
+CONFIG = (*EXACT, "--epochs", "3", "--max_steps_per_epoch", "3", "--workers", "1")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sop, tmp_path_factory):
+    """An uninterrupted run (in-process, one thread like the subprocesses below)."""
+    out = tmp_path_factory.mktemp("reference")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(parse(tiny_argv(tiny_sop, out, *CONFIG)))
+    finally:
+        torch.set_num_threads(previous)
+    return out
+
+
+def test_resume_in_process_matches_uninterrupted(tiny_sop, reference, tmp_path):
+    train.main(parse(tiny_argv(tiny_sop, tmp_path, *CONFIG, "--epochs", "1")))
+    final = train.main(parse(tiny_argv(tiny_sop, tmp_path, *CONFIG, "--resume", "auto")))
     assert final["epoch"] == 3
-    assert_same_state(full / "checkpoints/t/last.pth", part / "checkpoints/t/last.pth")
-    assert model_rows(full / "runs/t/metrics.csv") == model_rows(part / "runs/t/metrics.csv")
+    assert_same_state(reference / "checkpoints/t/last.pth", tmp_path / "checkpoints/t/last.pth")
+    assert model_rows(reference / "runs/t/metrics.csv") == model_rows(tmp_path / "runs/t/metrics.csv")
     # an explicit path (a run folder) resumes too; a finished run just reports its last row
-    again = train.main(parse(tiny_argv(tiny_sop, part, *EXACT, "--epochs", "3", "--resume",
-                                       str(part / "checkpoints/t"))))
+    again = train.main(parse(tiny_argv(tiny_sop, tmp_path, *CONFIG, "--resume",
+                                       str(tmp_path / "checkpoints/t"))))
     assert again["epoch"] == 3 and again["val_recall@1"] == final["val_recall@1"]
 
 
@@ -108,60 +121,47 @@ def _all_checkpoints_load(ckpt_dir):
         assert_checkpoint_loads(path)
 
 
-def test_sigkill_mid_epoch_and_during_checkpoint_write_then_resume(tiny_sop, tmp_path):
+def test_sigkill_mid_epoch_and_during_checkpoint_write_then_resume(tiny_sop, reference, tmp_path):
+    """Three SIGKILLs at seeded random points, resuming after each, then a final resume."""
     seed = int(os.environ.get("TEST_RESUME_SEED", "0"))
     rng = random.Random(seed)
-    argv = lambda out: tiny_argv(tiny_sop, out, *EXACT, "--epochs", "4", "--max_steps_per_epoch",  # noqa: E731
-                                 "3", "--workers", "1", "--resume", "auto")
-    reference = _Run(argv(tmp_path / "ref"), tmp_path)
-    reference.finish()
-
-    out = tmp_path / "killed"
-    ckpt_dir = out / "checkpoints" / "t"
+    argv = tiny_argv(tiny_sop, tmp_path, *CONFIG, "--resume", "auto")
+    ckpt_dir = tmp_path / "checkpoints" / "t"
     kills = []
 
-    # 1. mid-epoch 2: shortly after epoch 1 was checkpointed and logged
-    run = _Run(argv(out), tmp_path)
-    run.wait_for_line("epoch 1/4 |")
+    # 1. mid-epoch 2: a random moment after epoch 1 was checkpointed and logged
+    run = _Run(argv, tmp_path)
+    run.wait_for_line("epoch 1/3 |")
     delay = rng.uniform(0.0, 0.5)
     time.sleep(delay)
     run.kill()
-    kills.append(f"after 'epoch 1/4' + {delay:.2f}s")
+    kills.append(f"after 'epoch 1/3' + {delay:.2f}s")
     _all_checkpoints_load(ckpt_dir)
 
     # 2. during the first checkpoint write of the resumed run (epoch 2's last.pth)
-    run = _Run(argv(out), tmp_path)
+    run = _Run(argv, tmp_path)
     run.wait_for_line("run t:")  # printed after leftovers of earlier kills were cleaned up
     run.wait_for_file(ckpt_dir, ".last.pth.*.tmp")
     run.kill()
-    kills.append("while writing last.pth")
-    assert "resuming from" in run.output()
+    kills.append("while writing epoch 2's last.pth")
+    assert "resuming from" in run.output() and "(finished epoch 1)" in run.output(), run.output()
     _all_checkpoints_load(ckpt_dir)
 
-    # 3. mid-epoch again, one epoch later
-    run = _Run(argv(out), tmp_path)
-    run.wait_for_line("epoch 2/4 |")
-    delay = rng.uniform(0.0, 0.5)
+    # 3. mid-epoch 3 (or in its validation / checkpoint write: the delay is random)
+    run = _Run(argv, tmp_path)
+    run.wait_for_line("epoch 2/3 |")
+    delay = rng.uniform(0.0, 1.0)
     time.sleep(delay)
     run.kill()
-    kills.append(f"after 'epoch 2/4' + {delay:.2f}s")
+    kills.append(f"after 'epoch 2/3' + {delay:.2f}s")
     _all_checkpoints_load(ckpt_dir)
 
-    # 4. during a later write: the next checkpoint after epoch 3 is logged (epoch 4's)
-    run = _Run(argv(out), tmp_path)
-    run.wait_for_line("epoch 3/4 |")
-    run.wait_for_file(ckpt_dir, ".last.pth.*.tmp")
-    run.kill()
-    kills.append("while writing epoch 4's last.pth")
-    _all_checkpoints_load(ckpt_dir)
-
-    run = _Run(argv(out), tmp_path)
+    run = _Run(argv, tmp_path)
     run.finish()
     context = f"seed {seed}, kills: {kills}"
-    assert len(kills) >= 3, context
-    assert_same_state(tmp_path / "ref/checkpoints/t/last.pth", ckpt_dir / "last.pth")
-    assert_same_state(tmp_path / "ref/checkpoints/t/best.pth", ckpt_dir / "best.pth")
-    ref_rows = model_rows(tmp_path / "ref/runs/t/metrics.csv")
-    assert [r["epoch"] for r in ref_rows] == ["0", "1", "2", "3", "4"]
-    assert model_rows(out / "runs/t/metrics.csv") == ref_rows, context
+    assert_same_state(reference / "checkpoints/t/last.pth", ckpt_dir / "last.pth")
+    assert_same_state(reference / "checkpoints/t/best.pth", ckpt_dir / "best.pth")
+    ref_rows = model_rows(reference / "runs/t/metrics.csv")
+    assert [r["epoch"] for r in ref_rows] == ["0", "1", "2", "3"]
+    assert model_rows(tmp_path / "runs/t/metrics.csv") == ref_rows, context
     assert not list(ckpt_dir.glob(".*tmp")), "leftovers of the killed writes were not cleaned up"

@@ -1,0 +1,129 @@
+"""Latency of the demo's per-query path on CPU, one query at a time; prints JSON.
+
+    python bench/bench_search.py                                   # EfficientNet-B0, 224 px, 60,502 vectors
+    python bench/bench_search.py --backbone resnet18 --iters 200 --query my_photo.jpg
+
+Measured in one process, interleaved (each round times all three, so that a busy neighbour
+slows them alike):
+  * forward      : the bare model forward of one preprocessed 224 px image (inference_mode);
+  * search       : retrieval.GalleryIndex.search of one query vector, top-k over the gallery
+                   (60,502 random unit vectors, the size of the SOP test split);
+  * end_to_end   : app_stanford.SearchEngine.search_file: the uploaded JPEG on disk → checks →
+                   decode (draft mode) → resize / crop / normalise → forward → search →
+                   ranked result dicts; what the demo does per request, minus HTTP.
+``end_to_end_vs_forward`` = end_to_end_p50 / forward_p50 (target ≤ 1.3); search_p50 target
+≤ 5 ms. Untrained weights (--weights none) time the same as trained ones.
+The query defaults to a synthetic SOP-like JPEG with sides in 480..640 px.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import app_stanford  # noqa: E402
+import datasets  # noqa: E402
+import models  # noqa: E402
+import retrieval  # noqa: E402
+
+SOP_TEST_SIZE = 60_502
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("bench_search.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="efficientnet_b0", choices=sorted(models.BACKBONES))
+    parser.add_argument("--image_size", default=224, type=int)
+    parser.add_argument("--embedding_size", default=128, type=int)
+    parser.add_argument("--gallery_size", default=SOP_TEST_SIZE, type=int)
+    parser.add_argument("--k", default=10, type=int, help="results per query (the demo's default)")
+    parser.add_argument("--iters", default=100, type=int, help="timed rounds")
+    parser.add_argument("--warmup", default=10, type=int, help="untimed rounds first")
+    parser.add_argument("--threads", default=None, type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--query", default=None, help="query image file (default: a synthetic JPEG)")
+    return parser
+
+
+def percentiles(times_s):
+    ms = np.asarray(times_s) * 1e3
+    return round(float(np.percentile(ms, 50)), 3), round(float(np.percentile(ms, 95)), 3)
+
+
+def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_search_"))
+    if args.query is None:
+        root = datasets.make_synthetic_sop(tmp / "sop", num_products=2, image_size="480-640")
+        query = datasets.SOPDataset(root, "test").paths[0]
+    else:
+        query = args.query
+
+    # ============ model, gallery, engine ============
+    model = models.build_model(args.backbone, embedding_size=args.embedding_size, weights="none",
+                               image_size=args.image_size).eval()
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((args.gallery_size, args.embedding_size), dtype=np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    index = retrieval.GalleryIndex(
+        embeddings=emb, paths=[f"bicycle_final/{i}.JPG" for i in range(args.gallery_size)],
+        class_ids=np.arange(args.gallery_size) // 5,
+        super_ids=rng.integers(1, len(datasets.SOP_CATEGORIES) + 1, args.gallery_size),
+        checkpoint_hash="bench")
+    engine = app_stanford.SearchEngine(model, index, tmp)
+    engine.warm_up()
+    x = engine.prepare(datasets.load_image(query, engine.resize)).clone()
+    q = engine.embed(datasets.load_image(query, engine.resize))
+
+    def forward():
+        with torch.inference_mode():
+            model(x)
+
+    def search():
+        index.search(q, args.k)
+
+    def end_to_end():
+        out = engine.search_file(query, args.k)
+        assert len(out["results"]) == args.k
+
+    # ============ timing ============
+    tasks = {"forward": forward, "search": search, "end_to_end": end_to_end}
+    times = {name: [] for name in tasks}
+    load_before = os.getloadavg()
+    for it in range(args.warmup + args.iters):
+        names = list(tasks)
+        names = names[it % 3:] + names[:it % 3]  # rotate the order: no task always goes first
+        for name in names:
+            t0 = time.perf_counter()
+            tasks[name]()
+            if it >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    result = {}
+    for name in ("search", "end_to_end", "forward"):
+        result[f"{name}_p50_ms"], result[f"{name}_p95_ms"] = percentiles(times[name])
+    result["end_to_end_vs_forward"] = round(result["end_to_end_p50_ms"] / result["forward_p50_ms"], 3)
+    probe = engine.search_file(query, args.k)
+    with Image.open(query) as im:
+        query_size = list(im.size)
+    result.update({
+        "backbone": args.backbone, "image_size": args.image_size, "gallery_size": args.gallery_size,
+        "embedding_size": args.embedding_size, "k": args.k, "iters": args.iters,
+        "torch_threads": torch.get_num_threads(), "query_size": query_size,
+        "query_bytes": os.path.getsize(query), "last_breakdown_ms": probe["timing_ms"],
+        "loadavg_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "targets": {"search_p50_ms": 5.0, "end_to_end_vs_forward": 1.3},
+    })
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,97 @@
+"""evaluate.py end to end on a tiny synthetic SOP: the checkpoint alone drives it, the outputs
+have the SPEC.md shape, and the embeddings cache is reused only while it is valid."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import datasets
+import evaluate
+import models
+import retrieval
+
+SPEC_PRODUCT = ["recall@1", "recall@10", "recall@100", "recall@1000", "map@r", "r_precision"]
+SPEC_CATEGORY = ["recall@1", "recall@5", "recall@10", "recall@20", "precision@1", "precision@5",
+                 "precision@10", "precision@20", "map@10"]
+
+
+def save_checkpoint(path, data_root, seed=0):
+    torch.manual_seed(seed)
+    model = models.build_model("resnet18", embedding_size=32, weights="none", image_size=48)
+    ckpt = models.make_checkpoint(model, args={"dataset": "synthetic", "data_root": str(data_root)},
+                                  epoch=3, metrics={"recall@1": 0.5})
+    models.atomic_save(ckpt, path)
+    return path
+
+
+def run(argv):
+    return evaluate.main(evaluate.get_args_parser().parse_args(argv))
+
+
+def test_evaluate_end_to_end_with_cache(synthetic_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default output: runs/<run>/eval relative to the working dir
+    ckpt = save_checkpoint(tmp_path / "checkpoints" / "tiny_run" / "best.pth", synthetic_root)
+    cache = tmp_path / "cache" / "emb.npz"
+    argv = ["--checkpoint", str(ckpt), "--workers", "0", "--device", "cpu", "--no_progress",
+            "--embeddings_cache", str(cache), "--num_examples", "3", "--batch_size", "32"]
+    results = run(argv)
+
+    out = tmp_path / "runs" / "tiny_run" / "eval"
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["product"]) == SPEC_PRODUCT and list(saved["category"]) == SPEC_CATEGORY
+    assert all(0 <= v <= 1 for p in ("product", "category") for v in saved[p].values())
+    test_set = datasets.SOPDataset(synthetic_root, "test")
+    assert saved["num_queries"] == len(test_set)
+    assert saved["model"]["backbone"] == "resnet18" and saved["model"]["embedding_size"] == 32
+    assert saved["model"]["parameters"] > 1e6 and saved["model"]["checkpoint_size_mb"] > 1
+    assert set(saved["embedding_stats"]) == {"mean", "std", "norm_mean"}
+    assert saved["embedding_stats"]["norm_mean"] == pytest.approx(1, abs=1e-5)
+    assert saved["timing"]["extract_s"] > 0 and saved["timing"]["cached"] is False
+    cats = {datasets.SOP_CATEGORIES[s - 1] for s in np.unique(test_set.super_ids)}
+    assert set(saved["per_category"]) == cats
+    assert sum(c["num_queries"] for c in saved["per_category"].values()) == len(test_set)
+
+    # the metrics are those of retrieval.evaluate_embeddings on the cached embeddings
+    index = retrieval.GalleryIndex.load(cache)
+    assert index.paths == test_set.rel_paths and index.checkpoint_hash == models.checkpoint_hash(ckpt)
+    direct = retrieval.evaluate_embeddings(index.embeddings, test_set.class_ids, test_set.super_ids)
+    assert {k: saved[k] for k in direct} == direct
+
+    md = (out / "results.md").read_text()
+    for header in ("| Model | Recall@1 | Recall@5 | Recall@10 | Recall@20 | mAP@10 | Parameters |",
+                   "| Model | P@1 | P@5 | P@10 | P@20 |",
+                   "| Model | Recall@1 | Recall@10 | Recall@100 | Recall@1000 | MAP@R | R-Precision |",
+                   "| Category | Queries |"):
+        assert header in md
+    assert (out / "retrieval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert results["output_dir"] == str(evaluate.Path("runs") / "tiny_run" / "eval")
+
+    # second run: embeddings from the cache, same numbers
+    again = run(argv + ["--num_examples", "0", "--output", str(tmp_path / "second")])
+    assert again["timing"]["cached"] is True and again["timing"]["extract_s"] == 0
+    assert {k: again[k] for k in direct} == direct
+    assert not (tmp_path / "second" / "retrieval.png").exists()
+
+    # another checkpoint at the same path: the cache is stale, embeddings are extracted again
+    save_checkpoint(ckpt, synthetic_root, seed=1)
+    third = evaluate.evaluate_checkpoint(ckpt, split="test", output=tmp_path / "third", workers=0,
+                                         device="cpu", embeddings_cache=cache, num_examples=0,
+                                         progress=False)
+    assert third["timing"]["cached"] is False
+    assert retrieval.GalleryIndex.load(cache).checkpoint_hash == models.checkpoint_hash(ckpt)
+    assert json.loads((tmp_path / "third" / "results.json").read_text())["model"]["epoch"] == 3
+
+
+def test_evaluate_reports_a_missing_checkpoint(tmp_path):
+    missing = tmp_path / "checkpoints" / "nope" / "best.pth"
+    with pytest.raises(SystemExit) as err:
+        run(["--checkpoint", str(missing), "--device", "cpu"])
+    assert str(missing) in str(err.value.code)
+
+
+def test_evaluate_reports_a_missing_dataset(tmp_path):
+    ckpt = save_checkpoint(tmp_path / "run" / "best.pth", tmp_path / "no_data_here")
+    with pytest.raises(SystemExit) as err:
+        run(["--checkpoint", str(ckpt), "--device", "cpu", "--output", str(tmp_path / "out")])
+    assert "no_data_here" in str(err.value.code)

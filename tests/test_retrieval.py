@@ -1,0 +1,414 @@
+"""retrieval.py: every metric on hand-built cases, against a brute-force reference, against
+pytorch-metric-learning and faiss; kNN; the gallery index file; embedding extraction."""
+import errno
+import os
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+import retrieval
+
+# ============ helpers ============
+
+# Unit vectors with entries +-1/2 in 4-d: inner products are exact multiples of 1/4, so every
+# computation path (BLAS tiles, einsum, brute force) gives the same floats and ties are real.
+CHAIN = np.array([[1, 1, 1, 1], [1, 1, 1, -1], [1, 1, -1, -1], [1, -1, -1, -1], [-1, -1, -1, -1]],
+                 dtype=np.float32) / 2  # CHAIN[i] . CHAIN[j] = 1 - |i - j| / 2
+
+
+def exact_embeddings(n, dim=64, seed=0):
+    """Random +-1/8 vectors in 64-d: exactly unit, inner products exact, many ties."""
+    rng = np.random.default_rng(seed)
+    return rng.choice(np.array([-1, 1], dtype=np.float32), size=(n, dim)) / np.float32(np.sqrt(dim))
+
+
+def sop_like_labels(n, num_categories=5, seed=0, shuffle=True):
+    """Products of 2-12 images (SOP's range) spread over categories."""
+    rng = np.random.default_rng(seed)
+    sizes = []
+    while sum(sizes) < n:
+        sizes.append(int(rng.integers(2, 13)))
+    sizes[-1] -= sum(sizes) - n
+    if sizes[-1] < 2:
+        last = sizes.pop()
+        sizes[-1] += last
+    class_ids = np.repeat(np.arange(len(sizes)), sizes)
+    super_ids = rng.integers(1, num_categories + 1, size=len(sizes))[class_ids]
+    class_ids = class_ids * 7 + 3  # ids need not be 0..C-1
+    if shuffle:
+        perm = rng.permutation(n)
+        class_ids, super_ids = class_ids[perm], super_ids[perm]
+    return class_ids, super_ids
+
+
+def brute_force(embeddings, class_ids, super_ids):
+    """The SPEC.md definitions over the full similarity matrix, stable sort for the tie rule."""
+    x = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    s = (x @ x.T).astype(np.float32)
+    n = len(x)
+    same = class_ids[:, None] == class_ids[None, :]
+    # product protocol: everything but the query itself
+    sp = s.copy()
+    np.fill_diagonal(sp, -np.inf)
+    order = np.argsort(-sp, axis=1, kind="stable")[:, : n - 1]  # equal scores keep index order
+    rel = np.take_along_axis(same, order, axis=1)
+    R = same.sum(1) - 1
+    has = R > 0
+    first = np.argmax(rel, axis=1) + 1
+    prod = {f"recall@{k}": float(np.mean(first[has] <= k)) for k in (1, 10, 100, 1000)}
+    cols = np.arange(1, n)
+    in_r = rel & (cols[None, :] <= R[:, None])
+    prec = np.cumsum(rel, axis=1) / cols
+    prod["map@r"] = float(np.mean(((prec * in_r).sum(1) / np.maximum(R, 1))[has]))
+    prod["r_precision"] = float(np.mean((in_r.sum(1) / np.maximum(R, 1))[has]))
+    # category protocol: the query's own product is not in the gallery
+    sc = np.where(same, -np.inf, s)
+    order = np.argsort(-sc, axis=1, kind="stable")[:, :20]
+    valid = np.take_along_axis(~same, order, axis=1)
+    relc = valid & (super_ids[order] == super_ids[:, None])
+    relc = np.pad(relc, ((0, 0), (0, 20 - relc.shape[1])))  # galleries under 20 images
+    cat = {f"recall@{k}": float(relc[:, :k].any(1).mean()) for k in (1, 5, 10, 20)}
+    cat.update({f"precision@{k}": float((relc[:, :k].sum(1) / k).mean()) for k in (1, 5, 10, 20)})
+    top = relc[:, :10]
+    hits = top.sum(1)
+    p = np.cumsum(top, axis=1) / np.arange(1, 11)
+    cat["map@10"] = float(np.mean(np.where(hits > 0, (p * top).sum(1) / np.maximum(hits, 1), 0.0)))
+    return {"product": prod, "category": cat, "num_queries": n}
+
+
+def assert_metrics_equal(got, want, atol=1e-12):
+    assert set(got) == {"product", "category", "num_queries"}
+    assert got["num_queries"] == want["num_queries"]
+    for protocol in ("product", "category"):
+        assert set(got[protocol]) == set(want[protocol])
+        for name, value in want[protocol].items():
+            assert got[protocol][name] == pytest.approx(value, abs=atol), (protocol, name)
+
+
+# ============ hand-built cases ============
+
+
+def test_spec_shape_and_keys():
+    x = CHAIN[[0, 1, 1, 2, 3, 4]]
+    m = retrieval.evaluate_embeddings(x, [0, 0, 1, 0, 1, 0], [1, 1, 1, 1, 2, 1])
+    assert list(m) == ["product", "category", "num_queries"]
+    assert list(m["product"]) == ["recall@1", "recall@10", "recall@100", "recall@1000", "map@r", "r_precision"]
+    assert list(m["category"]) == ["recall@1", "recall@5", "recall@10", "recall@20", "precision@1",
+                                   "precision@5", "precision@10", "precision@20", "map@10"]
+    assert all(isinstance(v, float) and 0 <= v <= 1 for p in ("product", "category") for v in m[p].values())
+
+
+def test_hand_built_product_and_category_protocols():
+    # items: chain position (score = 1 - |i - j|/2), product, category
+    #   0: c0 A 1 | 1: c1 A 1 | 2: c1 B 1 | 3: c2 A 1 | 4: c3 B 2 | 5: c4 A 1
+    x = CHAIN[[0, 1, 1, 2, 3, 4]]
+    class_ids = np.array([0, 0, 1, 0, 1, 0])
+    super_ids = np.array([1, 1, 1, 1, 2, 1])
+    d = retrieval.retrieval_details(x, class_ids, super_ids)
+    # product protocol, by hand (ranking: score desc, then lower index):
+    # q0: 1(.5,rel) 2(.5) 3(0,rel) 4 5(rel)  R=3 -> AP = (1/1 + 2/3)/3 = 5/9, RP 2/3, first 1
+    # q1: 2(1) 0(.5,rel) 3(.5,rel) 4 5(rel)   -> AP = (1/2 + 2/3)/3 = 7/18, RP 2/3, first 2
+    # q2: 1 0 3 4(rel) 5             R=1      -> AP 0, RP 0, first 4
+    # q3: 1(.5,rel) 2(.5) 4(.5) 0(0,rel) 5(rel) -> AP = 1/3, RP 1/3, first 1
+    # q4: 3 5 1 2(rel) 0             R=1      -> first 4
+    # q5: 4 3(rel) 1(rel) 2 0(rel)            -> AP = (1/2 + 2/3)/3 = 7/18, RP 2/3, first 2
+    np.testing.assert_allclose(d["ap_at_r"], [5 / 9, 7 / 18, 0, 1 / 3, 0, 7 / 18])
+    np.testing.assert_allclose(d["r_precision"], [2 / 3, 2 / 3, 0, 1 / 3, 0, 2 / 3])
+    np.testing.assert_array_equal(d["best_relevant_rank"], [1, 2, 4, 1, 4, 2])
+    np.testing.assert_array_equal(d["num_relevant"], [3, 3, 1, 3, 1, 3])
+    # category protocol (gallery = other products): q0: 2(rel) 4 | q1: 2(rel) 4 | q2: 1 0 3 5 (all rel)
+    # q3: 2(.5, rel) and 4(.5) tie -> 2 first | q4: no relevant | q5: 4 then 2(rel)
+    np.testing.assert_array_equal(d["top_other"][:, :4], [[2, 4, -1, -1], [2, 4, -1, -1], [1, 0, 3, 5],
+                                                           [2, 4, -1, -1], [3, 5, 1, 0], [4, 2, -1, -1]])
+    m = retrieval.evaluate_embeddings(x, class_ids, super_ids)
+    assert m["num_queries"] == 6
+    want_product = {"recall@1": 2 / 6, "recall@10": 1, "recall@100": 1, "recall@1000": 1,
+                    "map@r": 5 / 18, "r_precision": 7 / 18}
+    want_category = {"recall@1": 4 / 6, "recall@5": 5 / 6, "recall@10": 5 / 6, "recall@20": 5 / 6,
+                     "precision@1": 4 / 6, "precision@5": 4 / 15, "precision@10": 2 / 15,
+                     "precision@20": 1 / 15, "map@10": 0.75}  # q5: P(2) * 1 / 1 relevant = 1/2
+    assert m["product"] == pytest.approx(want_product)
+    assert m["category"] == pytest.approx(want_category)
+    assert_metrics_equal(m, brute_force(x, class_ids, super_ids))
+
+
+def test_ties_break_by_lower_index_and_self_is_excluded_by_index():
+    # four images, products of 2; images 0, 1, 2 identical: every query ties with itself and others.
+    # Dropping "the first column" instead of the query's own index would drop the wrong item.
+    x = CHAIN[[0, 0, 0, 1]]
+    class_ids = np.array([0, 1, 0, 1])
+    d = retrieval.retrieval_details(x, class_ids, np.ones(4, int))
+    # q0: 1(1) 2(1, rel) 3 -> rank 2 | q1: 0 2 3(rel) -> 3 | q2: 0(1, rel) 1 3 -> 1 | q3: 0 1(rel) 2 -> 2
+    np.testing.assert_array_equal(d["best_relevant_rank"], [2, 3, 1, 2])
+    m = retrieval.evaluate_embeddings(x, class_ids, np.ones(4, int))
+    assert m["product"] == pytest.approx({"recall@1": 0.25, "recall@10": 1.0, "recall@100": 1.0,
+                                          "recall@1000": 1.0, "map@r": 0.25, "r_precision": 0.25})
+    # every other-product image is relevant (one category), but only 2 exist per query:
+    # precision@K still divides by K
+    assert m["category"] == pytest.approx({"recall@1": 1, "recall@5": 1, "recall@10": 1, "recall@20": 1,
+                                           "precision@1": 1, "precision@5": 0.4, "precision@10": 0.2,
+                                           "precision@20": 0.1, "map@10": 1})
+
+
+def test_recall_at_large_k_uses_the_exact_rank():
+    # query 0's partner is the 150th best of 300 images: beyond the top-K list, counted exactly
+    n = 300
+    q = np.zeros(16, np.float32)
+    q[0] = 1
+    angles = np.linspace(0.01, 1.5, n - 1)  # distinct scores cos(angle), decreasing
+    others = np.zeros((n - 1, 16), np.float32)
+    others[:, 0] = np.cos(angles)
+    others[:, 1] = np.sin(angles)
+    x = np.vstack([q, others])
+    class_ids = np.arange(n) + 1000
+    class_ids[150] = class_ids[0]  # rank of image 150 for query 0 = 150 (149 images score higher)
+    d = retrieval.retrieval_details(x, class_ids, np.ones(n, int))
+    assert d["best_relevant_rank"][0] == 150
+    m = retrieval.metrics_from_details(d, mask=np.arange(n) == 0)
+    assert (m["product"]["recall@100"], m["product"]["recall@1000"]) == (0.0, 1.0)
+
+
+def test_singleton_products_are_left_out_of_the_product_protocol():
+    x = CHAIN[[0, 1, 2, 4]]
+    class_ids = np.array([5, 5, 6, 7])  # products 6 and 7 have a single image
+    m = retrieval.evaluate_embeddings(x, class_ids, np.array([1, 1, 1, 2]))
+    assert m["num_queries"] == 4
+    assert m["product"]["recall@1"] == 1.0 and m["product"]["map@r"] == 1.0  # queries 0 and 1 only
+    assert m["category"]["recall@1"] == pytest.approx(0.75)  # q3's category has no other image
+
+
+def test_map_at_10_denominator_is_relevant_items_in_top_10():
+    # query 0 (product A) against 12 images of other products; relevant (category 1) at ranks 2, 5
+    n_other = 12
+    angles = np.linspace(0.1, 1.2, n_other)
+    x = np.zeros((n_other + 2, 8), np.float32)
+    x[0, 0] = x[1, 0] = 1  # query and its product partner (excluded from the category gallery)
+    x[2:, 0] = np.cos(angles)
+    x[2:, 1] = np.sin(angles)
+    class_ids = np.array([0, 0] + list(range(1, n_other + 1)))
+    super_ids = np.full(n_other + 2, 2)
+    super_ids[[0, 1, 3, 6]] = 1  # gallery ranks: image 2 -> 1, image 3 -> 2, ..., image 6 -> 5
+    d = retrieval.retrieval_details(x, class_ids, super_ids)
+    m = retrieval.metrics_from_details(d, mask=np.arange(len(x)) == 0)["category"]
+    assert m["map@10"] == pytest.approx((1 / 2 + 2 / 5) / 2)  # (P(2) + P(5)) / 2 relevant found
+    assert (m["recall@1"], m["recall@5"], m["precision@5"], m["precision@10"]) == (0, 1, 0.4, 0.2)
+
+
+# ============ brute force, pytorch-metric-learning, faiss ============
+
+
+@pytest.mark.parametrize("chunk_size,threads,shuffle", [(256, 2, True), (300, 1, True), (1024, 2, False)])
+def test_equals_brute_force_with_exact_ties(chunk_size, threads, shuffle):
+    n = 2500
+    x = exact_embeddings(n, seed=chunk_size)
+    class_ids, super_ids = sop_like_labels(n, seed=threads, shuffle=shuffle)
+    got = retrieval.evaluate_embeddings(x, class_ids, super_ids, chunk_size=chunk_size, num_threads=threads)
+    assert_metrics_equal(got, brute_force(x, class_ids, super_ids))
+
+
+def test_equals_brute_force_on_clustered_float_embeddings():
+    # products clustered in embedding space, so most best-relevant ranks are small and a few
+    # need the exact count; generic floats: equal up to float rounding of near-ties
+    rng = np.random.default_rng(7)
+    n = 3000
+    class_ids, super_ids = sop_like_labels(n, seed=7)
+    centres = rng.standard_normal((class_ids.max() + 1, 32)).astype(np.float32)
+    x = centres[class_ids] + 1.2 * rng.standard_normal((n, 32)).astype(np.float32)
+    got = retrieval.evaluate_embeddings(x, class_ids, super_ids, chunk_size=512)
+    want = brute_force(x, class_ids, super_ids)
+    assert 0.2 < want["product"]["recall@1"] < 0.95  # non-trivial
+    assert_metrics_equal(got, want, atol=2 / n)
+
+
+def test_equals_pytorch_metric_learning():
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    rng = np.random.default_rng(11)
+    n = 1500
+    class_ids, super_ids = sop_like_labels(n, seed=11)
+    centres = rng.standard_normal((class_ids.max() + 1, 24)).astype(np.float32)
+    x = centres[class_ids] + 1.5 * rng.standard_normal((n, 24)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    calc = AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
+                              k="max_bin_count", device=torch.device("cpu"),
+                              knn_func=CustomKNN(CosineSimilarity()))
+    # query = reference: pml then drops each query's own index from its neighbours
+    ref = calc.get_accuracy(torch.from_numpy(x), torch.from_numpy(class_ids))
+    ours = retrieval.evaluate_embeddings(x, class_ids, super_ids)["product"]
+    assert 0.1 < ref["precision_at_1"] < 0.9
+    assert ours["recall@1"] == pytest.approx(ref["precision_at_1"], abs=1 / n)
+    assert ours["r_precision"] == pytest.approx(ref["r_precision"], abs=1 / n)
+    assert ours["map@r"] == pytest.approx(ref["mean_average_precision_at_r"], abs=1 / n)
+
+
+def test_knn_matches_faiss_and_brute_force():
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(5)
+    g = rng.standard_normal((3000, 48)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    q = rng.standard_normal((200, 48)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    scores, idx = retrieval.knn(q, g, 10, chunk_size=64)
+    index = faiss.IndexFlatIP(48)
+    index.add(g)
+    f_scores, f_idx = index.search(q, 11)
+    # compare rows whose neighbours are separated by more than float rounding
+    gaps = np.diff(-f_scores, axis=1).min(1) > 1e-5
+    assert gaps.sum() > 150
+    np.testing.assert_array_equal(idx[gaps], f_idx[gaps, :10])
+    np.testing.assert_allclose(scores, f_scores[:, :10], atol=1e-5)
+    # exclusions: self by index, and whole groups
+    s_self, i_self = retrieval.knn(g[:50], g[:50], 5, exclude_self=True)
+    assert not (i_self == np.arange(50)[:, None]).any()
+    groups = np.arange(3000) // 3
+    _, i_grp = retrieval.knn(g, g, 5, query_groups=groups, gallery_groups=groups, chunk_size=700)
+    assert not (groups[i_grp] == groups[:, None]).any()
+
+
+def test_knn_ties_and_padding():
+    x = CHAIN[[0, 0, 1, 0]]
+    s, i = retrieval.knn(x[:1], x, 6, self_indices=[0])
+    np.testing.assert_array_equal(i, [[1, 3, 2, -1, -1, -1]])  # ties (1, 3) by lower index
+    np.testing.assert_array_equal(s[0, :3], [1, 1, 0.5])
+    assert np.isneginf(s[0, 3:]).all()
+    with pytest.raises(ValueError, match="exclude_self"):
+        retrieval.knn(x[:2], x, 2, exclude_self=True)
+
+
+def test_bounded_memory_and_input_checks():
+    n = 8000  # a full similarity matrix would take 256 MB
+    x = exact_embeddings(n, dim=32, seed=1)
+    class_ids, super_ids = sop_like_labels(n, seed=1)
+    tracemalloc.start()
+    retrieval.evaluate_embeddings(x, class_ids, super_ids, chunk_size=512)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 64 * 2 ** 20, f"peak {peak / 2 ** 20:.0f} MB"
+    bad = x[:10].copy()
+    bad[3, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        retrieval.evaluate_embeddings(bad, np.arange(10) // 2, np.ones(10))
+    with pytest.raises(ValueError, match="class ids"):
+        retrieval.evaluate_embeddings(x[:10], np.arange(9), np.ones(10))
+
+
+# ============ gallery index ============
+
+
+def make_index(n=500, dim=16, seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((n, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return retrieval.GalleryIndex(embeddings=emb, paths=[f"mug_final/{i}_0.JPG" for i in range(n)],
+                                  class_ids=np.arange(n) // 4, super_ids=rng.integers(1, 13, n),
+                                  checkpoint_hash="ab" * 32, meta={"split": "test"}, **kw)
+
+
+def test_gallery_index_round_trip_and_search(tmp_path):
+    index = make_index()
+    path = index.save(tmp_path / "sub" / "gallery.npz")
+    loaded = retrieval.GalleryIndex.load(path)
+    np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
+    assert loaded.paths == index.paths and loaded.meta == {"split": "test"}
+    np.testing.assert_array_equal(loaded.class_ids, index.class_ids)
+    np.testing.assert_array_equal(loaded.super_ids, index.super_ids)
+    assert loaded.checkpoint_hash == index.checkpoint_hash
+    assert loaded.image_list_hash == retrieval.hash_paths(index.paths)
+    assert loaded.stale_reason("ab" * 32, index.paths) is None
+    assert "checkpoint" in loaded.stale_reason("cd" * 32, index.paths)
+    assert "image list" in loaded.stale_reason("ab" * 32, index.paths[::-1])
+
+    q = index.embeddings[7] + 0.1
+    scores, idx = loaded.search(q, k=10)
+    ref = np.argsort(-(index.embeddings @ (q / np.linalg.norm(q))), kind="stable")[:10]
+    np.testing.assert_array_equal(idx[0], ref)
+    _, idx_cat = loaded.search(q, k=5, super_id=3)
+    members = np.flatnonzero(index.super_ids == 3)
+    ref_cat = members[np.argsort(-(index.embeddings[members] @ (q / np.linalg.norm(q))), kind="stable")[:5]]
+    np.testing.assert_array_equal(idx_cat[0], ref_cat)
+    s_all, i_all = loaded.search(np.stack([q, q]), k=len(index) + 3)  # more than the gallery
+    assert (i_all[:, -3:] == -1).all() and np.isneginf(s_all[:, -3:]).all()
+    if pytest.importorskip("faiss"):
+        faiss_index = retrieval.GalleryIndex.load(path, backend="faiss")
+        np.testing.assert_array_equal(faiss_index.search(q, 10)[1], idx)
+        np.testing.assert_array_equal(faiss_index.search(q, 5, super_id=3)[1], idx_cat)
+
+
+def test_gallery_index_failed_write_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "gallery.npz"
+    make_index(seed=1).save(path)
+    before = path.read_bytes()
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(retrieval.os, "fsync", full_disk)
+    with pytest.raises(OSError) as err:
+        make_index(seed=2).save(path)
+    assert err.value.errno == errno.ENOSPC
+    assert str(path) in str(err.value)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gallery.npz"]  # no temporary file left
+    monkeypatch.undo()
+    retrieval.GalleryIndex.load(path)
+
+
+def test_gallery_index_corrupt_files_are_refused(tmp_path):
+    path = tmp_path / "gallery.npz"
+    make_index().save(path)
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not an index at all")
+    flipped = tmp_path / "flipped.npz"
+    flipped.write_bytes(data[:2000] + bytes([data[2000] ^ 0xFF]) + data[2001:])  # CRC mismatch
+    for bad in (truncated, garbage, flipped):
+        with pytest.raises(ValueError, match="corrupt") as err:
+            retrieval.GalleryIndex.load(bad)
+        assert str(bad) in str(err.value)
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        retrieval.GalleryIndex.load(tmp_path / "missing.npz")
+    np.savez(tmp_path / "other.npz", embeddings=np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="other.npz"):
+        retrieval.GalleryIndex.load(tmp_path / "other.npz")
+
+
+def test_gallery_index_rejects_inconsistent_parts():
+    with pytest.raises(ValueError, match="disagree"):
+        retrieval.GalleryIndex(np.zeros((3, 4)), ["a", "b"], [1, 2, 3], [1, 1, 1])
+    with pytest.raises(ValueError, match="backend"):
+        make_index(backend="annoy")
+
+
+# ============ embedding extraction ============
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(self.conv(x).mean((2, 3)))  # not normalised: extraction normalises
+
+
+def test_extract_embeddings():
+    torch.manual_seed(0)
+    model = _Toy().train()
+    images = torch.randn(10, 3, 12, 12)
+    labels = torch.arange(10) // 2
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
+    emb, lab = retrieval.extract_embeddings(model, loader, progress=False)
+    assert emb.dtype == np.float32 and emb.shape == (10, 8) and lab.dtype == np.int64
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-6)
+    np.testing.assert_array_equal(lab, labels.numpy())
+    assert model.training  # mode restored
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(model.eval()(images), dim=1).numpy()  # dropout off
+    np.testing.assert_allclose(emb, ref, atol=1e-5)

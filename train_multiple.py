@@ -1,0 +1,819 @@
+"""Train and evaluate several backbones (and optionally losses / samplers) in turn, then compare.
+
+    python train_multiple.py                       # the seeds' comparison: efficientnet_b0,
+                                                   # resnet18, resnet50 with train.py's defaults
+    python train_multiple.py --quick               # the whole grid on synthetic data, CPU, minutes
+    python train_multiple.py --backbones resnet18 resnet50 --samplers random pk \\
+        --losses triplet multi_similarity --epochs 20 --prefix sweep
+    python train_multiple.py --report_only         # rebuild tables and plots from the run folders
+
+Every train.py flag passes through unchanged (the parser extends ``train.get_args_parser()``);
+``--backbone`` / ``--loss`` / ``--sampler`` give a one-value grid, ``--backbones`` / ``--losses``
+/ ``--samplers`` a wider one. A grid point is the run ``<prefix>_<backbone>_<loss>_<sampler>``:
+trained by train.py (``checkpoints/<run>/``, ``runs/<run>/``), then its ``best.pth`` is
+evaluated on the test split by evaluate.py (``runs/<run>/eval/results.json``).
+
+Resumable: rerun the same command after an interruption. A run whose last.pth has reached
+``--epochs`` and whose results.json belongs to its best.pth is skipped; an interrupted run
+continues from its last.pth (train.py ``--resume auto``); a trained but unevaluated run is only
+evaluated. A run that fails is reported (status and error in the table) and the others still
+run; the exit code is then 1. A run folder made with other settings (image size, lr, ...) is
+not reused: it is reported as a conflict; pick another ``--prefix`` or pass ``--overwrite``.
+
+Outputs under ``--output`` (default ``<log_dir>/comparison``, ``<log_dir>/comparison_quick``
+with ``--quick``):
+    comparison.md / comparison.csv   both protocols' metrics, parameters, checkpoint size,
+                                     training and evaluation time, best epoch: every value read
+                                     from the runs' results.json, metrics.csv and checkpoints
+    recall_at_1.png                  Recall@1 per run, product and category protocol
+    training_curves.png              train / val loss, val Recall@1, lr, triplets per batch
+    logs/<run>.{train,eval}.log      each subprocess's output
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import losses
+import models
+import train
+
+REPO = Path(__file__).resolve().parent
+SEED_BACKBONES = ("efficientnet_b0", "resnet18", "resnet50")
+RESULTS_NAME = "results.json"
+EVAL_SUBDIR = "eval"
+
+# --quick: defaults for a CPU-only pass over the synthetic SOP (flags given explicitly still
+# win). Random weights need a larger lr than fine-tuning; 64 px and a capped epoch keep ResNet50
+# to a few minutes on 2 cores.
+QUICK_DEFAULTS = {
+    "dataset": "synthetic", "weights": "none", "image_size": 64, "epochs": 3,
+    "max_steps_per_epoch": 12, "lr": 1e-3, "workers": 1, "projector_samples": 100,
+    "progress": False, "prefix": "quick",
+}
+
+# Comparison columns: (csv column, where it comes from). Product / category metric keys are
+# those of retrieval.evaluate_embeddings (results.json).
+PRODUCT_KEYS = ("recall@1", "recall@10", "recall@100", "recall@1000", "map@r", "r_precision")
+CATEGORY_KEYS = ("recall@1", "recall@5", "recall@10", "recall@20", "precision@1", "precision@5",
+                 "precision@10", "precision@20", "map@10")
+ID_COLUMNS = ("run", "backbone", "loss", "sampler", "status", "error")
+METRIC_COLUMNS = tuple(f"product_{k}" for k in PRODUCT_KEYS) + tuple(
+    f"category_{k}" for k in CATEGORY_KEYS)
+INFO_COLUMNS = ("num_queries", "parameters", "checkpoint_bytes", "train_time_s", "eval_time_s",
+                "best_epoch", "epochs", "best_val_recall@1", "checkpoint")
+CSV_COLUMNS = ID_COLUMNS + METRIC_COLUMNS + INFO_COLUMNS
+
+# Training curves: (metrics.csv column, panel title).
+CURVES = (("train_loss", "train loss"), ("val_loss", "validation loss"),
+          ("val_recall@1", "validation Recall@1 (product)"), ("lr", "learning rate"),
+          ("train_valid_triplets", "valid triplets per batch (train)"),
+          ("train_active_triplets", "active triplets per batch (train)"))
+
+
+# ============ arguments ============
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "train_multiple.py", add_help=add_help, parents=[train.get_args_parser(add_help=False)],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train and evaluate a grid of backbones x losses x samplers with train.py and "
+                    "evaluate.py, then write comparison tables and plots. Every train.py flag "
+                    "applies to every run.")
+    # None = "not given": then the plural grid flag (or the seeds' three backbones) decides.
+    parser.set_defaults(backbone=None, loss=None, sampler=None)
+
+    group = parser.add_argument_group("comparison grid")
+    group.add_argument(*train._flags("backbones"), nargs="+", default=None,
+                       choices=sorted(models.BACKBONES),
+                       help="backbones to compare; default: --backbone if given, else the seeds' "
+                            f"{' '.join(SEED_BACKBONES)}")
+    group.add_argument(*train._flags("losses"), nargs="+", default=None, choices=sorted(losses.LOSSES),
+                       help="losses to compare (e.g. triplet multi_similarity); default: --loss "
+                            "(triplet)")
+    group.add_argument(*train._flags("samplers"), nargs="+", default=None,
+                       choices=list(datasets.BATCH_SAMPLERS),
+                       help="batch samplers to compare (random = the seeds' batches, pk = P x K); "
+                            "default: --sampler (pk)")
+    group.add_argument(*train._flags("prefix"), default="cmp",
+                       help="run names are <prefix>_<backbone>_<loss>_<sampler> (default cmp; "
+                            "quick with --quick)")
+    group.add_argument(*train._flags("output"), default=None,
+                       help="folder of comparison.md/.csv, plots and logs; default "
+                            "<log_dir>/comparison (<log_dir>/comparison_quick with --quick)")
+
+    group = parser.add_argument_group("evaluation and execution")
+    group.add_argument(*train._flags("eval_checkpoint"), default="best", choices=["best", "last"],
+                       help="checkpoint of each run to evaluate on the test split: best (best "
+                            "validation Recall@1, recommended) or last")
+    group.add_argument(*train._flags("eval_batch_size"), default=None, type=int,
+                       help="batch size of the test-split embedding pass; default --val_batch_size")
+    group.add_argument(*train._flags("launcher"), default="subprocess",
+                       choices=["subprocess", "inprocess"],
+                       help="subprocess: each training / evaluation in its own python process "
+                            "(a crash or leak cannot take the others down; recommended for long "
+                            "runs); inprocess: call train.main / evaluate in this process")
+    group.add_argument("--quick", action="store_true",
+                       help="the whole grid on the synthetic SOP on CPU in minutes: "
+                            + ", ".join(f"--{k} {v}" for k, v in QUICK_DEFAULTS.items()
+                                        if not isinstance(v, bool))
+                            + ", --no-progress; explicit flags override these")
+    group.add_argument(*train._flags("report_only"), action="store_true",
+                       help="train nothing: rebuild comparison.md/.csv and the plots from the "
+                            "run folders as they are")
+    group.add_argument(*train._flags("dry_run"), action="store_true",
+                       help="print each run's state and the commands that would run, then stop")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; with ``--quick`` the QUICK_DEFAULTS replace the parser's defaults, so
+    flags given explicitly still win. Out-of-range train.py flags are argparse errors (exit 2)."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK_DEFAULTS)
+        args = parser.parse_args(argv)
+    errors = check_args(args)
+    if not errors:
+        # train.py's own range checks, per grid point: a mistake shared by every run stops here
+        # (exit 2); one that only some runs have (e.g. a batch size P x K cannot split) is
+        # reported as those runs' failure while the others run.
+        per_point = [set(train.check_args(train_namespace(args, p))) for p in build_grid(args)]
+        errors = sorted(set.intersection(*per_point)) if per_point else []
+    if errors:
+        parser.error("\n  ".join(errors))
+    return args
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Messages for arguments that make no sense for a grid (empty: all fine)."""
+    errors = []
+    for single, plural in (("backbone", "backbones"), ("loss", "losses"), ("sampler", "samplers")):
+        if getattr(args, single) is not None and getattr(args, plural) is not None:
+            errors.append(f"pass either --{single} or --{plural}, not both")
+    if args.run_name is not None:
+        errors.append(f"--run_name {args.run_name}: run names come from the grid "
+                      f"(<prefix>_<backbone>_<loss>_<sampler>); use --prefix instead")
+    if args.resume not in (None, "auto"):
+        errors.append(f"--resume {args.resume}: runs resume from their own last.pth "
+                      "automatically; rerun the same command (no --resume needed)")
+    if args.eval_batch_size is not None and args.eval_batch_size < 1:
+        errors.append(f"--eval_batch_size must be >= 1 (got {args.eval_batch_size})")
+    if not args.prefix or any(c in args.prefix for c in "/\\ "):
+        errors.append(f"--prefix {args.prefix!r} must be a non-empty name without slashes or "
+                      "spaces")
+    return errors
+
+
+# ============ the grid ============
+
+@dataclass(frozen=True)
+class GridPoint:
+    backbone: str
+    loss: str
+    sampler: str
+
+    def run_name(self, prefix: str) -> str:
+        return f"{prefix}_{self.backbone}_{self.loss}_{self.sampler}"
+
+
+def build_grid(args: argparse.Namespace) -> list[GridPoint]:
+    """Every (backbone, loss, sampler) combination, backbones outermost, in the order given."""
+    train_defaults = train.get_args_parser(add_help=False)
+    backbones = args.backbones or ([args.backbone] if args.backbone else list(SEED_BACKBONES))
+    loss_names = args.losses or [args.loss or train_defaults.get_default("loss")]
+    samplers = args.samplers or [args.sampler or train_defaults.get_default("sampler")]
+    grid = []
+    for b in dict.fromkeys(backbones):  # dict: drop repeats, keep order
+        for loss in dict.fromkeys(loss_names):
+            for s in dict.fromkeys(samplers):
+                grid.append(GridPoint(b, loss, s))
+    return grid
+
+
+def train_namespace(args: argparse.Namespace, point: GridPoint) -> argparse.Namespace:
+    """train.py's arguments for one grid point: every train.py flag as given, the grid point's
+    backbone / loss / sampler, its run name, and --resume auto (unless --overwrite)."""
+    dests = {a.dest for a in train.get_args_parser(add_help=False)._actions if a.dest != "help"}
+    ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k in dests})
+    ns.backbone, ns.loss, ns.sampler = point.backbone, point.loss, point.sampler
+    ns.run_name = point.run_name(args.prefix)
+    ns.resume = None if args.overwrite else "auto"
+    return ns
+
+
+def namespace_to_argv(parser: argparse.ArgumentParser, ns: argparse.Namespace,
+                      always: tuple[str, ...] = ()) -> list[str]:
+    """Command-line flags that make ``parser`` parse back to ``ns``; flags left at their default
+    are omitted unless named in ``always``. Raises ValueError for an argument it cannot spell."""
+    argv = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help" or not hasattr(ns, action.dest):
+            continue
+        value = getattr(ns, action.dest)
+        if value == action.default and action.dest not in always:
+            continue
+        long_flags = [o for o in action.option_strings if o.startswith("--")]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(next(o for o in long_flags if o.startswith("--no-") == (not value)))
+        elif isinstance(action, argparse._StoreTrueAction):
+            argv.append(long_flags[0])  # value is True here: the default is False
+        elif isinstance(action, argparse._StoreAction) and action.nargs is None and value is not None:
+            argv += [long_flags[0], str(value)]  # str(float) round-trips exactly
+        else:
+            raise ValueError(f"cannot pass --{action.dest}={value!r} on a command line "
+                             f"({type(action).__name__}); extend namespace_to_argv")
+    return argv
+
+
+# ============ state of a run on disk ============
+
+@dataclass
+class RunPaths:
+    name: str
+    checkpoint_dir: Path
+    log_dir: Path
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoint_dir / "last.pth"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoint_dir / "best.pth"
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.log_dir / "metrics.csv"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.log_dir / EVAL_SUBDIR
+
+    @property
+    def results(self) -> Path:
+        return self.eval_dir / RESULTS_NAME
+
+    def checkpoint(self, which: str) -> Path:
+        return self.best if which == "best" else self.last
+
+
+def run_paths(ns: argparse.Namespace) -> RunPaths:
+    return RunPaths(ns.run_name, Path(ns.checkpoint_dir) / ns.run_name, Path(ns.log_dir) / ns.run_name)
+
+
+def settings_conflicts(old: dict, new: argparse.Namespace) -> dict:
+    """Arguments (other than --epochs and those train.py lets a resumed run change) whose value
+    in an existing checkpoint differs from this invocation's: {name: (old, new)}."""
+    free = set(train.RESUME_FREE_ARGS) | {"epochs", "overwrite", "resume"}
+    return {k: (old[k], v) for k, v in sorted(vars(new).items())
+            if k in old and k not in free and old[k] != v}
+
+
+def results_checkpoint_matches(results: dict, checkpoint: Path) -> bool:
+    """Whether results.json was computed from ``checkpoint`` as it is now: by the sha256 that
+    evaluate.py records (model.checkpoint_sha256), else by modification time."""
+    recorded = (results.get("model") or {}).get("checkpoint_sha256")
+    if isinstance(recorded, str) and recorded:
+        return recorded == models.checkpoint_hash(checkpoint)
+    try:
+        return Path(checkpoint).stat().st_mtime <= Path(results["_path"]).stat().st_mtime
+    except (KeyError, OSError):
+        return False
+
+
+def run_state(paths: RunPaths, ns: argparse.Namespace, eval_checkpoint: str = "best") -> tuple[str, str]:
+    """(state, detail) of a run on disk:
+
+    new        no last.pth: train from scratch
+    resume     last.pth at epoch < --epochs: continue it
+    evaluate   trained to --epochs, but results.json is missing or stale: evaluate only
+    done       trained to --epochs and evaluated (results.json matches the checkpoint)
+    conflict   last.pth is from other settings (or more epochs): not reused
+    """
+    if getattr(ns, "overwrite", False) or not paths.last.exists():
+        return "new", ""
+    ckpt = models.load_checkpoint(paths.last)  # CheckpointError for a damaged file: reported
+    epoch = int(ckpt.get("epoch") or 0)
+    conflicts = settings_conflicts(ckpt.get("args") or {}, ns)
+    if conflicts:
+        diff = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in conflicts.items())
+        return "conflict", (f"{paths.last} was trained with other settings ({diff}); use another "
+                            "--prefix, the original flags, or --overwrite")
+    if epoch > ns.epochs:
+        return "conflict", (f"{paths.last} is at epoch {epoch} > --epochs {ns.epochs}; pass "
+                            f"--epochs {epoch}, another --prefix, or --overwrite")
+    if epoch < ns.epochs:
+        return "resume", f"at epoch {epoch}/{ns.epochs}"
+    checkpoint = paths.checkpoint(eval_checkpoint)
+    if not paths.results.is_file() or not checkpoint.is_file():
+        return "evaluate", "trained, not evaluated"
+    try:
+        results = json.loads(paths.results.read_text())
+    except (OSError, ValueError):
+        return "evaluate", f"{paths.results} unreadable"
+    if not results_checkpoint_matches({**results, "_path": str(paths.results)}, checkpoint):
+        return "evaluate", f"{paths.results} is not from the current {checkpoint.name}"
+    return "done", f"epoch {epoch}/{ns.epochs}, evaluated"
+
+
+# ============ running train.py / evaluate.py ============
+
+def _tee(src, sinks: list, tail: list, limit: int = 20000) -> None:
+    """Copy a child's pipe to ``sinks`` chunk by chunk (progress bars redraw with \\r, so no
+    line buffering) and keep its last ``limit`` characters in ``tail``."""
+    for chunk in iter(lambda: src.read1(65536), b""):
+        text = chunk.decode("utf-8", errors="replace")
+        for sink in sinks:
+            sink.write(text)
+            sink.flush()
+        tail.append(text)
+        if sum(map(len, tail)) > 2 * limit:
+            tail[:] = ["".join(tail)[-limit:]]
+
+
+def run_command(cmd: list[str], log_path: Path, echo: bool = True) -> tuple[int, str]:
+    """Run ``cmd``; its stdout and stderr go to ``log_path`` (and to ours when ``echo``).
+    Returns (exit code, last part of its stderr)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        out_tail: list[str] = []
+        err_tail: list[str] = []
+        threads = [threading.Thread(target=_tee, args=(proc.stdout, [log] + ([sys.stdout] if echo else []), out_tail)),
+                   threading.Thread(target=_tee, args=(proc.stderr, [log] + ([sys.stderr] if echo else []), err_tail))]
+        for t in threads:
+            t.start()
+        try:
+            code = proc.wait()
+        except BaseException:  # Ctrl-C: the child got it too; do not leave it behind
+            proc.terminate()
+            proc.wait()
+            raise
+        finally:
+            for t in threads:
+                t.join()
+    return code, "".join(err_tail) or "".join(out_tail)
+
+
+def error_summary(text: str, limit: int = 400) -> str:
+    """The informative line of a failed child's output: the last line mentioning an error
+    (train.py prints 'error: ...', Python a traceback's last line), else the last line."""
+    lines = [seg.strip() for line in text.splitlines() for seg in line.split("\r")]
+    lines = [line for line in lines if line]
+    if not lines:
+        return "no output"
+    errorish = [i for i, line in enumerate(lines)
+                if re.search(r"error|exception|^\w+\.py: ", line, re.IGNORECASE)]
+    pick = lines[errorish[-1]] if errorish else lines[-1]
+    return pick if len(pick) <= limit else pick[: limit - 3] + "..."
+
+
+def eval_options(args: argparse.Namespace, ns: argparse.Namespace, paths: RunPaths) -> dict:
+    """Keyword arguments of evaluate.evaluate_checkpoint for one run."""
+    return {
+        "checkpoint": str(paths.checkpoint(args.eval_checkpoint)),
+        "data_root": str(ns.data_root or train.DATASET_ROOTS[ns.dataset]),
+        "split": "test",
+        "output": str(paths.eval_dir),
+        "batch_size": args.eval_batch_size or ns.val_batch_size,
+        "workers": ns.workers,
+        "device": None if ns.device == "auto" else ns.device,  # evaluate.py: None = auto
+        "progress": ns.progress,
+    }
+
+
+def evaluate_command(options: dict) -> list[str]:
+    """The evaluate.py command line of ``eval_options``."""
+    cmd = [sys.executable, str(REPO / "evaluate.py"), "--checkpoint", options["checkpoint"],
+           "--data_root", options["data_root"], "--split", options["split"],
+           "--output", options["output"], "--batch_size", str(options["batch_size"]),
+           "--workers", str(options["workers"])]
+    if options["device"] is not None:
+        cmd += ["--device", str(options["device"])]
+    if not options["progress"]:
+        cmd.append("--no_progress")
+    return cmd
+
+
+def train_command(ns: argparse.Namespace) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"),
+            *namespace_to_argv(train.get_args_parser(add_help=False), ns,
+                               always=("backbone", "loss", "sampler", "epochs"))]
+
+
+def run_training(ns: argparse.Namespace, launcher: str, log_path: Path) -> str | None:
+    """Train one run; returns None on success, else the error message."""
+    if launcher == "subprocess":
+        code, tail = run_command(train_command(ns), log_path)
+        return None if code == 0 else f"train.py exited with {code}: {error_summary(tail)}"
+    try:
+        train.main(ns)
+    except Exception as e:  # reported in the table; the other runs go on
+        traceback.print_exc()
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def run_evaluation(options: dict, launcher: str, log_path: Path) -> str | None:
+    """Evaluate one run's checkpoint on the test split; None on success, else the error."""
+    if launcher == "subprocess":
+        code, tail = run_command(evaluate_command(options), log_path)
+        return None if code == 0 else f"evaluate.py exited with {code}: {error_summary(tail)}"
+    try:
+        import evaluate  # imported late: train-only uses of this script do not need it
+        evaluate.evaluate_checkpoint(**options)
+    except Exception as e:
+        traceback.print_exc()
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+# ============ reading a run's files into a table row ============
+
+def training_time(history: list[dict]) -> float | None:
+    """Seconds of training as metrics.csv records it: every epoch's epoch_time (its training
+    steps and validation) plus epoch 0's validation (val_time)."""
+    if not history:
+        return None
+    total = 0.0
+    for row in history:
+        key = "val_time" if int(row.get("epoch") or 0) == 0 else "epoch_time"
+        if row.get(key) is not None:
+            total += float(row[key])
+    return total
+
+
+def best_epoch(history: list[dict]) -> int | None:
+    """Epoch of the best validation Recall@1; the first of equals, as train.py keeps best.pth."""
+    rows = [r for r in history if r.get("val_recall@1") is not None]
+    if not rows:
+        return None
+    return int(max(rows, key=lambda r: (r["val_recall@1"], -r["epoch"]))["epoch"])
+
+
+def collect_row(point: GridPoint, paths: RunPaths, status: str = "", error: str = "",
+                eval_checkpoint: str = "best") -> dict:
+    """One comparison row, every value read from the run's files: results.json (metrics,
+    evaluation time, parameters), metrics.csv (training time, best epoch, epochs) and the
+    evaluated checkpoint (size, and parameters when results.json lacks them). Missing files
+    leave their columns empty (None)."""
+    row = empty_row(point, paths.name, status, error)
+    if paths.results.is_file():
+        results = json.loads(paths.results.read_text())
+        for k in PRODUCT_KEYS:
+            row[f"product_{k}"] = results.get("product", {}).get(k)
+        for k in CATEGORY_KEYS:
+            row[f"category_{k}"] = results.get("category", {}).get(k)
+        row["num_queries"] = results.get("num_queries")
+        row["parameters"] = (results.get("model") or {}).get("parameters")
+        row["eval_time_s"] = eval_time(results)
+    if paths.metrics_csv.is_file():
+        history = train.read_metrics_csv(paths.metrics_csv)
+        row["train_time_s"] = training_time(history)
+        row["best_epoch"] = best_epoch(history)
+        epochs = [int(r["epoch"]) for r in history if r.get("epoch") is not None]
+        row["epochs"] = max(epochs) if epochs else None
+        recalls = [r["val_recall@1"] for r in history if r.get("val_recall@1") is not None]
+        row["best_val_recall@1"] = max(recalls) if recalls else None
+    checkpoint = paths.checkpoint(eval_checkpoint)
+    if checkpoint.is_file():
+        row["checkpoint"] = str(checkpoint)
+        row["checkpoint_bytes"] = checkpoint.stat().st_size
+        if row["parameters"] is None:
+            row["parameters"] = models.count_parameters(models.load_model(checkpoint))
+    return row
+
+
+def empty_row(point: GridPoint, name: str, status: str = "", error: str = "") -> dict:
+    row = {c: None for c in CSV_COLUMNS}
+    row.update(run=name, backbone=point.backbone, loss=point.loss, sampler=point.sampler,
+               status=status, error=error or "")
+    return row
+
+
+def eval_time(results: dict) -> float | None:
+    """Seconds evaluate.py spent on the split: embedding extraction plus the exact metrics of
+    both protocols (the ``*_s`` entries of results.json's ``timing``)."""
+    timing = results.get("timing") or {}
+    parts = [float(v) for k, v in timing.items()
+             if k.endswith("_s") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return sum(parts) if parts else None
+
+
+# ============ tables ============
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """comparison.csv: one row per run, metrics as fractions in full precision (repr)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        writer.writerow(["" if row.get(c) is None else repr(row[c]) if isinstance(row[c], float)
+                         else row[c] for c in CSV_COLUMNS])
+    _atomic_write_text(path, buf.getvalue())
+
+
+def read_csv(path: Path) -> list[dict]:
+    """comparison.csv back: numbers as float/int, empty cells as None."""
+    out = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            parsed = {}
+            for k, v in row.items():
+                if k in ID_COLUMNS or k == "checkpoint":
+                    parsed[k] = v
+                elif v == "":
+                    parsed[k] = None
+                else:
+                    parsed[k] = int(v) if v.lstrip("-").isdigit() else float(v)
+            out.append(parsed)
+    return out
+
+
+def _pct(v) -> str:
+    return "" if v is None else f"{100 * v:.2f}"
+
+
+def _num(v, fmt: str) -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def format_markdown(rows: list[dict], title: str = "Comparison", notes: str = "") -> str:
+    """comparison.md: a summary table, one table per protocol, and the failures. Metrics in %
+    (two decimals), parameters in millions, checkpoint size in MB (10^6 bytes), times in
+    minutes (training) and seconds (evaluation)."""
+    parts = [f"# {title}", ""]
+    if notes:
+        parts += [notes, ""]
+    parts += ["## Summary (test split; metrics in %)", "", _md_table(
+        ["run", "backbone", "loss", "sampler", "status", "product R@1", "MAP@R", "category R@1",
+         "mAP@10", "params (M)", "checkpoint (MB)", "training (min)", "evaluation (s)",
+         "best epoch"],
+        [[r["run"], r["backbone"], r["loss"], r["sampler"], r["status"] or "",
+          _pct(r["product_recall@1"]), _pct(r["product_map@r"]), _pct(r["category_recall@1"]),
+          _pct(r["category_map@10"]),
+          "" if r["parameters"] is None else f"{r['parameters'] / 1e6:.2f}",
+          "" if r["checkpoint_bytes"] is None else f"{r['checkpoint_bytes'] / 1e6:.1f}",
+          "" if r["train_time_s"] is None else f"{r['train_time_s'] / 60:.1f}",
+          _num(r["eval_time_s"], ".1f"),
+          "" if r["best_epoch"] is None else f"{r['best_epoch']}/{r['epochs']}"]
+         for r in rows]), ""]
+    parts += ["## Product protocol (queries: every test image; relevant: same product)", "",
+              _md_table(["run", "R@1", "R@10", "R@100", "R@1000", "MAP@R", "R-precision"],
+                        [[r["run"]] + [_pct(r[f"product_{k}"]) for k in PRODUCT_KEYS]
+                         for r in rows]), ""]
+    parts += ["## Category protocol (the seeds': gallery = other products; relevant: same "
+              "category)", "",
+              _md_table(["run", "R@1", "R@5", "R@10", "R@20", "P@1", "P@5", "P@10", "P@20",
+                         "mAP@10"],
+                        [[r["run"]] + [_pct(r[f"category_{k}"]) for k in CATEGORY_KEYS]
+                         for r in rows]), ""]
+    failed = [r for r in rows if r.get("error")]
+    if failed:
+        parts += ["## Failures", ""]
+        parts += [f"- `{r['run']}` ({r['status']}): {r['error']}" for r in failed]
+        parts.append("")
+    return "\n".join(parts)
+
+
+# ============ plots ============
+
+def _labels(rows: list[dict]) -> list[str]:
+    """Shortest unambiguous label per run: the fields that vary across the grid."""
+    fields = [f for f in ("backbone", "loss", "sampler") if len({r[f] for r in rows}) > 1]
+    fields = fields or ["backbone"]
+    return ["\n".join(str(r[f]) for f in fields) for r in rows]
+
+
+def plot_recall_bars(rows: list[dict], path: Path) -> None:
+    """Grouped bars: test Recall@1 (%) per run, product and category protocol."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = _labels(rows)
+    x = list(range(len(rows)))
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(rows) + 2), 4.2))
+    for offset, key, name in ((-width / 2, "product_recall@1", "product protocol"),
+                              (width / 2, "category_recall@1", "category protocol (seeds')")):
+        values = [100 * r[key] if r.get(key) is not None else 0.0 for r in rows]
+        bars = ax.bar([i + offset for i in x], values, width, label=name)
+        for bar, r in zip(bars, rows):
+            text = f"{100 * r[key]:.1f}" if r.get(key) is not None else "n/a"
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8, xytext=(0, 2),
+                        textcoords="offset points")
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("test Recall@1 (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("Recall@1 per run")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    _atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_training_curves(histories: dict[str, list[dict]], path: Path) -> None:
+    """One panel per CURVES column, one line per run (label -> metrics.csv rows). Columns a run
+    does not have (e.g. triplet counts of a loss without triplets) are left out of its panel."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    cols = 3
+    nrows = math.ceil(len(CURVES) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.4 * nrows), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, CURVES):
+        drawn = False
+        for label, history in histories.items():
+            points = [(r["epoch"], r[key]) for r in history
+                      if r.get(key) is not None and math.isfinite(r[key])]
+            if not points:
+                continue
+            xs, ys = zip(*points)
+            if key == "val_recall@1":
+                ys = [100 * y for y in ys]
+            ax.plot(xs, ys, marker="o", markersize=3, label=label.replace("\n", " "))
+            drawn = True
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if key == "lr" and drawn:
+            ax.set_yscale("log")
+        if not drawn:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(CURVES):]:
+        ax.axis("off")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    if not handles:  # the first panel may be empty (epoch 0 has no training loss only)
+        for ax in axes.flat:
+            handles, names = ax.get_legend_handles_labels()
+            if handles:
+                break
+    if handles:
+        fig.legend(handles, names, loc="lower center", ncol=min(len(names), 4), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
+    _atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def _atomic_savefig(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    train._atomic_write_text(path, text)
+
+
+def write_report(rows: list[dict], histories: dict[str, list[dict]], output: Path,
+                 title: str = "Comparison", notes: str = "") -> dict[str, Path]:
+    """comparison.md, comparison.csv, recall_at_1.png and training_curves.png under ``output``."""
+    output.mkdir(parents=True, exist_ok=True)
+    files = {"md": output / "comparison.md", "csv": output / "comparison.csv",
+             "recall_plot": output / "recall_at_1.png", "curves_plot": output / "training_curves.png"}
+    write_csv(rows, files["csv"])
+    _atomic_write_text(files["md"], format_markdown(rows, title, notes))
+    plot_recall_bars(rows, files["recall_plot"])
+    plot_training_curves(histories, files["curves_plot"])
+    return files
+
+
+# ============ main ============
+
+def _banner(msg: str) -> None:
+    print(f"\n============ {msg} ============", flush=True)
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    """Run the grid (or only report, with --report_only); returns the comparison rows."""
+    errors = check_args(args)
+    if errors:
+        raise ValueError("\n  ".join(errors))
+    grid = build_grid(args)
+    output = Path(args.output or Path(args.log_dir) / ("comparison_quick" if args.quick else "comparison"))
+    logs = output / "logs"
+    start = time.perf_counter()
+    statuses: dict[str, tuple[str, str]] = {}
+    plan = [(point, train_namespace(args, point)) for point in grid]
+
+    for i, (point, ns) in enumerate(plan, start=1):
+        paths = run_paths(ns)
+        try:
+            state, detail = run_state(paths, ns, args.eval_checkpoint)
+        except Exception as e:  # e.g. a truncated last.pth: say so, go on with the others
+            state, detail = "failed", f"{paths.last}: {type(e).__name__}: {e}"
+        if state in ("new", "resume"):
+            bad = train.check_args(ns)
+            if bad:
+                state, detail = "failed", "bad arguments for this run: " + "; ".join(bad)
+        header = f"[{i}/{len(plan)}] {paths.name}: {state}" + (f" ({detail})" if detail else "")
+        if args.dry_run or args.report_only:
+            print(header, flush=True)
+            if args.dry_run and state in ("new", "resume"):
+                print("  $ " + " ".join(train_command(ns)), flush=True)
+            if args.dry_run and state in ("new", "resume", "evaluate"):
+                print("  $ " + " ".join(evaluate_command(eval_options(args, ns, paths))), flush=True)
+            statuses[paths.name] = ({"done": "done", "new": "not run", "resume": "incomplete",
+                                     "evaluate": "not evaluated"}.get(state, state),
+                                    detail if state in ("conflict", "failed") else "")
+            continue
+        _banner(header)
+        if state in ("conflict", "failed"):
+            print(f"skipped: {detail}", flush=True)
+            statuses[paths.name] = (state, detail)
+            continue
+        if state == "done":
+            statuses[paths.name] = ("skipped (done)", "")
+            continue
+        status = {"new": "trained", "resume": "resumed", "evaluate": "evaluated"}[state]
+        if state in ("new", "resume"):
+            err = run_training(ns, args.launcher, logs / f"{paths.name}.train.log")
+            if err is not None:
+                print(f"run {paths.name} failed: {err}", file=sys.stderr, flush=True)
+                statuses[paths.name] = ("failed (train)", err)
+                continue
+        options = eval_options(args, ns, paths)
+        err = run_evaluation(options, args.launcher, logs / f"{paths.name}.eval.log")
+        if err is not None:
+            print(f"evaluation of {paths.name} failed: {err}", file=sys.stderr, flush=True)
+            statuses[paths.name] = ("failed (evaluate)", err)
+            continue
+        statuses[paths.name] = (status, "")
+
+    if args.dry_run:
+        return []
+    # ============ comparison tables and plots ============
+    rows, histories = [], {}
+    labels = dict(zip([p.run_name(args.prefix) for p in grid], _labels(
+        [{"backbone": p.backbone, "loss": p.loss, "sampler": p.sampler} for p in grid])))
+    for point, ns in plan:
+        paths = run_paths(ns)
+        status, error = statuses[paths.name]
+        try:
+            row = collect_row(point, paths, status, error, args.eval_checkpoint)
+        except Exception as e:  # a damaged file in one run must not hide the others
+            row = empty_row(point, paths.name, "failed (report)", f"{type(e).__name__}: {e}")
+        rows.append(row)
+        if paths.metrics_csv.is_file():
+            histories[labels[paths.name]] = train.read_metrics_csv(paths.metrics_csv)
+    elapsed = time.perf_counter() - start
+    notes = (f"Command: `python train_multiple.py {' '.join(sys.argv[1:]) if getattr(args, 'from_cli', False) else '(API)'}`"
+             f"  \nDataset: {args.dataset} ({args.data_root or train.DATASET_ROOTS[args.dataset]}), "
+             f"image size {args.image_size}, epochs {args.epochs}, weights {args.weights}; "
+             f"evaluated checkpoint: {args.eval_checkpoint}.pth. This invocation took "
+             f"{elapsed / 60:.1f} min.")
+    files = write_report(rows, histories, output,
+                         title="Backbone comparison" + (" (--quick, synthetic data)" if args.quick else ""),
+                         notes=notes)
+    print("\n" + format_markdown(rows).split("## Product protocol")[0].strip(), flush=True)
+    print(f"\nwrote {', '.join(str(p) for p in files.values())} ({elapsed / 60:.1f} min)", flush=True)
+    return rows
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.from_cli = True
+    rows = main(args)
+    failed = [r["run"] for r in rows if r.get("error")]
+    if failed:
+        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)} (see the Failures "
+              "section of comparison.md and the logs folder)", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
