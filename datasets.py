@@ -53,7 +53,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Written last into a generated / extracted / resized dataset, after every other file:
 # a folder without it was interrupted and never passes for complete.
 COMPLETE_MARKER = ".complete"
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2
 DOWNLOAD_HINT = ("python datasets.py download --root data/  (real SOP, about 2.9 GB), or "
                  "python datasets.py synthetic --root data/synthetic_sop  (offline stand-in)")
 # Errors that mean "this file is not a readable image" (PIL raises all of these in practice).
@@ -406,9 +406,10 @@ class SOPDataset(torch.utils.data.Dataset):
         self._bad = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
         self._siblings = None
         if check_images:
+            position = {p: i for i, p in enumerate(self.paths)}
             for path, reason in scan_bad_images(self.paths, progress=False):
                 logger.warning("Unreadable image %s (%s)", path, reason)
-                self._bad[self.paths.index(path)] = 1
+                self._bad[position[path]] = 1
             self._check_bad_fraction()
 
     def __len__(self):
@@ -1138,14 +1139,16 @@ def _render_product(category, rng, size):
 
 def _background(rng, w, h):
     """A random scene for one photo (independent of the product)."""
-    kind = rng.choice(["plain", "plain", "gradient", "texture", "room", "clutter"])
+    # Product photos are mostly shot on light, plain backgrounds; the rest are scenes.
+    kind = rng.choice(["plain", "gradient", "texture", "room", "clutter"], p=[.45, .15, .1, .18, .12])
+
     def colour(light=False):
         if light:
             g = rng.uniform(200, 255)
             return np.clip(g + rng.uniform(-12, 12, 3), 0, 255)
         return rng.uniform(0, 255, 3)
     if kind in ("plain", "clutter"):
-        arr = np.broadcast_to(colour(rng.random() < .6), (h, w, 3)).astype(np.float32)
+        arr = np.broadcast_to(colour(rng.random() < .7), (h, w, 3)).astype(np.float32)
         arr = arr * (1 + rng.uniform(-.08, .08) * np.linspace(-1, 1, h, dtype=np.float32)[:, None, None])
     elif kind == "gradient":
         a, b = colour(), colour()
@@ -1157,7 +1160,7 @@ def _background(rng, w, h):
         cells = int(rng.integers(2, 9))
         low = (rng.random((cells, cells, 3)) * 255).astype(np.uint8)
         arr = np.asarray(Image.fromarray(low, "RGB").resize((w, h), Image.BICUBIC), np.float32)
-        arr = arr * rng.uniform(.4, 1) + colour() * rng.uniform(0, .5)
+        arr = arr * rng.uniform(.3, .7) + colour() * rng.uniform(.3, .6)
     else:  # room: wall above, floor (maybe planks) below
         horizon = int(h * rng.uniform(.45, .8))
         arr = np.empty((h, w, 3), np.float32)
@@ -1183,7 +1186,7 @@ def _render_view(sprite, rng, w, h):
     """One photo of the product: returns JPEG bytes."""
     img = _background(rng, w, h)
     base = min(w, h)
-    scale = rng.uniform(.55, .95) * base
+    scale = rng.uniform(.6, .98) * base
     aspect = math.exp(rng.uniform(-.15, .15))           # viewpoint: wider or narrower
     ow, oh = max(2, int(round(scale * aspect))), max(2, int(round(scale / aspect)))
     obj = sprite.resize((ow, oh), Image.BILINEAR)
@@ -1203,9 +1206,9 @@ def _render_view(sprite, rng, w, h):
         shadow = shadow.filter(ImageFilter.GaussianBlur(base * .03))
         img.paste(Image.new("RGB", (w, h), (0, 0, 0)), (0, 0), shadow)
     img.paste(obj, (left, top), obj)
-    if rng.random() < .35:  # occluder: something in front of the product
+    if rng.random() < .3:  # occluder: something in front of the product
         draw = ImageDraw.Draw(img)
-        ow2, oh2 = rng.uniform(.15, .4) * base, rng.uniform(.15, .4) * base
+        ow2, oh2 = rng.uniform(.12, .32) * base, rng.uniform(.12, .32) * base
         ox = cx + rng.uniform(-.5, .5) * obj.width
         oy = cy + rng.uniform(-.5, .5) * obj.height
         fill = tuple(int(c) for c in rng.uniform(0, 255, 3))
@@ -1213,11 +1216,11 @@ def _render_view(sprite, rng, w, h):
             [ox - ow2 / 2, oy - oh2 / 2, ox + ow2 / 2, oy + oh2 / 2], fill=fill)
     # lighting: exposure, white balance, gamma, light falling off across the scene
     arr = np.asarray(img, np.float32) / 255.0
-    arr = arr * rng.uniform(.7, 1.25) * rng.uniform(.85, 1.15, 3).astype(np.float32)
+    arr = arr * rng.uniform(.75, 1.2) * rng.uniform(.9, 1.1, 3).astype(np.float32)
     t = rng.uniform(0, 2 * np.pi)
     ramp_x = np.linspace(-.5, .5, w, dtype=np.float32)[None, :] * np.cos(t)
     ramp_y = np.linspace(-.5, .5, h, dtype=np.float32)[:, None] * np.sin(t)
-    arr = arr * (1 + rng.uniform(0, .5) * (ramp_x + ramp_y))[..., None]
+    arr = arr * (1 + rng.uniform(0, .4) * (ramp_x + ramp_y))[..., None]
     arr = np.clip(arr, 0, 1) ** rng.uniform(.75, 1.3)
     noise = rng.uniform(0, 5) / 255.0
     arr = arr + rng.normal(0, 1, arr.shape).astype(np.float32) * noise
@@ -1433,6 +1436,7 @@ def _extract_zip(zip_path, dest_parent, progress=True):
     (tmp_folder, folder holding the Ebay files)."""
     try:
         with zipfile.ZipFile(zip_path) as zf:
+            logger.info("Testing %s (reads the whole archive once)", zip_path)
             bad = zf.testzip()
             if bad is not None:
                 raise DownloadError(f"{zip_path} is damaged (CRC error in {bad}); delete it and "
@@ -1472,9 +1476,16 @@ def download_sop(root="data", url=SOP_URL, timeout=10.0, expected=SOP_EXPECTED, 
     if is_complete(target):
         logger.info("%s is already complete", target)
         return target
+    if (target / "Ebay_train.txt").is_file():   # extracted by hand: check it, then accept it
+        problems = check_sop_counts(target, expected)
+        if problems:
+            raise DatasetError(f"{target} exists but is incomplete: " + "; ".join(problems)
+                               + f". Move it away and rerun to extract {root / SOP_ZIPNAME} again.")
+        _write_marker(target, {"source": "download", "url": url, "checked": "existing folder"})
+        return target
     if target.exists() and any(target.iterdir()):
-        raise DatasetError(f"{target} exists but was not finished by datasets.py; move it away "
-                           f"(or delete it) and rerun")
+        raise DatasetError(f"{target} exists but holds no Ebay_train.txt; move it away (or "
+                           f"delete it) and rerun")
     zip_path = root / SOP_ZIPNAME
     if zip_path.is_file():
         logger.info("Using the archive already at %s", zip_path)
@@ -1564,7 +1575,7 @@ def dataset_stats(root, val_fraction=0.1, split_seed=0):
     rows = {}
     for name, parts in (("train", ["train"]), ("val", ["val"]), ("test", ["test"]),
                         ("total", ["train", "val", "test"])):
-        cls = np.concatenate([sets[p].class_ids + (10 ** 9 if p == "test" else 0) for p in parts])
+        cls = np.concatenate([sets[p].class_ids for p in parts])   # SOP ids are unique across splits
         sup = np.concatenate([sets[p].super_ids for p in parts])
         n_products = len(np.unique(cls))
         rows[name] = {"images": int(len(cls)), "products": n_products,
@@ -1597,11 +1608,13 @@ def plot_stats(sets, output):
         counts = np.bincount(ds.super_ids - 1, minlength=len(SOP_CATEGORIES))
         ax1.bar(x + (j - 1) * 0.27, counts, width=0.27, label=name)
         _, per_product = np.unique(ds.class_ids, return_counts=True)
-        ax2.hist(per_product, bins=np.arange(1, per_product.max() + 2) - 0.5, alpha=0.6, label=name)
+        hist = np.bincount(per_product, minlength=13)
+        ax2.bar(np.arange(len(hist)) + (j - 1) * 0.27, hist, width=0.27, label=name)
     ax1.set_xticks(x, SOP_CATEGORIES, rotation=40, ha="right")
     ax1.set_ylabel("images")
     ax1.set_title("Images per category")
     ax1.legend()
+    ax2.set_xticks(range(1, 13))
     ax2.set_xlabel("images per product")
     ax2.set_ylabel("products")
     ax2.set_title("Images per product")

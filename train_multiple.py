@@ -73,8 +73,8 @@ CATEGORY_KEYS = ("recall@1", "recall@5", "recall@10", "recall@20", "precision@1"
 ID_COLUMNS = ("run", "backbone", "loss", "sampler", "status", "error")
 METRIC_COLUMNS = tuple(f"product_{k}" for k in PRODUCT_KEYS) + tuple(
     f"category_{k}" for k in CATEGORY_KEYS)
-INFO_COLUMNS = ("num_queries", "parameters", "checkpoint_bytes", "train_time_s", "eval_time_s",
-                "best_epoch", "epochs", "best_val_recall@1", "checkpoint")
+INFO_COLUMNS = ("num_queries", "parameters", "weights_bytes", "checkpoint_bytes", "train_time_s", "eval_time_s",
+                "best_epoch", "epochs", "best_val_recall@1", "checkpoint_epoch", "checkpoint")
 CSV_COLUMNS = ID_COLUMNS + METRIC_COLUMNS + INFO_COLUMNS
 
 # Training curves: (metrics.csv column, panel title).
@@ -121,6 +121,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             "validation Recall@1, recommended) or last")
     group.add_argument(*train._flags("eval_batch_size"), default=None, type=int,
                        help="batch size of the test-split embedding pass; default --val_batch_size")
+    group.add_argument(*train._flags("eval_examples"), default=6, type=int,
+                       help="queries shown in each run's eval/retrieval.png (evaluate.py "
+                            "--num_examples); 0 = no figure")
     group.add_argument(*train._flags("launcher"), default="subprocess",
                        choices=["subprocess", "inprocess"],
                        help="subprocess: each training / evaluation in its own python process "
@@ -171,6 +174,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if args.resume not in (None, "auto"):
         errors.append(f"--resume {args.resume}: runs resume from their own last.pth "
                       "automatically; rerun the same command (no --resume needed)")
+    if args.eval_examples < 0:
+        errors.append(f"--eval_examples must be >= 0 (got {args.eval_examples})")
     if args.eval_batch_size is not None and args.eval_batch_size < 1:
         errors.append(f"--eval_batch_size must be >= 1 (got {args.eval_batch_size})")
     if not args.prefix or any(c in args.prefix for c in "/\\ "):
@@ -397,6 +402,7 @@ def eval_options(args: argparse.Namespace, ns: argparse.Namespace, paths: RunPat
         "workers": ns.workers,
         "device": None if ns.device == "auto" else ns.device,  # evaluate.py: None = auto
         "progress": ns.progress,
+        "num_examples": args.eval_examples,
     }
 
 
@@ -406,6 +412,8 @@ def evaluate_command(options: dict) -> list[str]:
            "--data_root", options["data_root"], "--split", options["split"],
            "--output", options["output"], "--batch_size", str(options["batch_size"]),
            "--workers", str(options["workers"])]
+    if options["num_examples"] != 6:  # evaluate.py's default
+        cmd += ["--num_examples", str(options["num_examples"])]
     if options["device"] is not None:
         cmd += ["--device", str(options["device"])]
     if not options["progress"]:
@@ -497,9 +505,18 @@ def collect_row(point: GridPoint, paths: RunPaths, status: str = "", error: str 
     if checkpoint.is_file():
         row["checkpoint"] = str(checkpoint)
         row["checkpoint_bytes"] = checkpoint.stat().st_size
+        state = models.load_checkpoint(checkpoint)
+        row["checkpoint_epoch"] = state.get("epoch")
+        row["weights_bytes"] = weights_bytes(state["model"])
         if row["parameters"] is None:
             row["parameters"] = models.count_parameters(models.load_model(checkpoint))
     return row
+
+
+def weights_bytes(state_dict: dict) -> int:
+    """Bytes of the network's tensors (parameters and buffers): what serving the model needs.
+    The checkpoint file is larger once it holds Adam's two moments (every epoch after 0)."""
+    return int(sum(t.numel() * t.element_size() for t in state_dict.values() if hasattr(t, "numel")))
 
 
 def empty_row(point: GridPoint, name: str, status: str = "", error: str = "") -> dict:
@@ -564,19 +581,22 @@ def _md_table(header: list[str], body: list[list[str]]) -> str:
 
 def format_markdown(rows: list[dict], title: str = "Comparison", notes: str = "") -> str:
     """comparison.md: a summary table, one table per protocol, and the failures. Metrics in %
-    (two decimals), parameters in millions, checkpoint size in MB (10^6 bytes), times in
-    minutes (training) and seconds (evaluation)."""
+    (two decimals), parameters in millions, sizes in MB (10^6 bytes: weights = the network's
+    tensors, checkpoint = the evaluated .pth file with optimizer state), times in minutes
+    (training) and seconds (evaluation)."""
     parts = [f"# {title}", ""]
     if notes:
         parts += [notes, ""]
     parts += ["## Summary (test split; metrics in %)", "", _md_table(
         ["run", "backbone", "loss", "sampler", "status", "product R@1", "MAP@R", "category R@1",
-         "mAP@10", "params (M)", "checkpoint (MB)", "training (min)", "evaluation (s)",
+         "mAP@10", "params (M)", "weights (MB)", "checkpoint (MB)", "training (min)",
+         "evaluation (s)",
          "best epoch"],
         [[r["run"], r["backbone"], r["loss"], r["sampler"], r["status"] or "",
           _pct(r["product_recall@1"]), _pct(r["product_map@r"]), _pct(r["category_recall@1"]),
           _pct(r["category_map@10"]),
           "" if r["parameters"] is None else f"{r['parameters'] / 1e6:.2f}",
+          "" if r["weights_bytes"] is None else f"{r['weights_bytes'] / 1e6:.1f}",
           "" if r["checkpoint_bytes"] is None else f"{r['checkpoint_bytes'] / 1e6:.1f}",
           "" if r["train_time_s"] is None else f"{r['train_time_s'] / 60:.1f}",
           _num(r["eval_time_s"], ".1f"),
@@ -765,6 +785,10 @@ def main(args: argparse.Namespace) -> list[dict]:
                 print(f"run {paths.name} failed: {err}", file=sys.stderr, flush=True)
                 statuses[paths.name] = ("failed (train)", err)
                 continue
+        if state != "evaluate" and run_state(paths, ns, args.eval_checkpoint)[0] == "done":
+            # resumed, but the evaluated checkpoint did not change (results.json matches it)
+            statuses[paths.name] = (status, "")
+            continue
         options = eval_options(args, ns, paths)
         err = run_evaluation(options, args.launcher, logs / f"{paths.name}.eval.log")
         if err is not None:

@@ -92,6 +92,16 @@ def make_sop_like(num_images, num_products, num_categories, dim, noise, seed, sh
     return np.ascontiguousarray(x, dtype=np.float32), class_ids.astype(np.int64), super_ids.astype(np.int64)
 
 
+def cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run_ours(npz, chunk_size, threads, repeats):
     sys.path.insert(0, str(REPO))
     import retrieval
@@ -125,7 +135,7 @@ def main(args):
         "num_images": len(x), "num_products": int(len(np.unique(class_ids))),
         "num_categories": int(len(np.unique(super_ids))), "dim": x.shape[1],
         "order": "shuffled" if args.shuffle else "by category and product (as Ebay_test.txt)",
-        "cpu": platform.processor() or platform.machine(), "cpus_available": len(os.sched_getaffinity(0)),
+        "cpu": cpu_name(), "cpus_available": len(os.sched_getaffinity(0)),
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "load_average_at_start": os.getloadavg()[0],
     }

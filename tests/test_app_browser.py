@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_app import server, tiny  # noqa: E402,F401  (the same demo as test_app.py)
+from test_app import one_torch_thread, server, tiny  # noqa: E402,F401  (the same demo as test_app.py)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -153,3 +153,45 @@ def test_clicking_a_result_searches_with_it(browser_demo):
     wait_for(driver, lambda d: len(rendered_results(d)) == 10, "the new results")
     shown = [src.rsplit("/", 1)[-1] for src in rendered_results(driver)]
     assert clicked not in shown  # a gallery query is never in its own results
+
+
+# ============ screenshot for the README ============
+
+def screenshot(url, query, output, k=10, category="All"):
+    """Open a running demo at ``url``, search with ``query`` and save a screenshot to ``output``."""
+    from selenium.webdriver.common.by import By
+
+    driver, profile = start_chromium()
+    try:
+        driver.get(url)
+        wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#query input[type=file]"), "the page")
+        if category != "All":
+            box = driver.find_element(By.CSS_SELECTOR, "#category input")
+            box.click()
+            box.send_keys(category + "\n")
+        if k != 10:
+            box = driver.find_element(By.CSS_SELECTOR, "#k input[type=number]")
+            box.clear()
+            box.send_keys(f"{k}\n")
+        upload(driver, query)
+        wait_for(driver, lambda d: len(rendered_results(d)) == k, f"{k} rendered results")
+        time.sleep(1.5)  # thumbnails fade in
+        driver.save_screenshot(str(output))
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Screenshot of a running demo's search results "
+                                                 "(docs/demo.png).")
+    parser.add_argument("--url", default="http://127.0.0.1:7860/")
+    parser.add_argument("--query", required=True, help="image file to search with")
+    parser.add_argument("--output", default="docs/demo.png")
+    parser.add_argument("--k", default=10, type=int)
+    parser.add_argument("--category", default="All")
+    a = parser.parse_args()
+    screenshot(a.url, a.query, a.output, a.k, a.category)
+    print(f"wrote {a.output}")

@@ -412,3 +412,23 @@ def test_extract_embeddings():
     with torch.no_grad():
         ref = torch.nn.functional.normalize(model.eval()(images), dim=1).numpy()  # dropout off
     np.testing.assert_allclose(emb, ref, atol=1e-5)
+
+
+def test_single_thread_blas_blocks_nest_and_restore():
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():  # numpy's own BLAS (scipy, torch and faiss may bring others)
+        return [i["num_threads"] for i in threadpool_info()
+                if i["user_api"] == "blas" and "numpy" in i["filepath"]]
+
+    before = blas_threads()
+    if not before:
+        pytest.skip("numpy's BLAS is not visible to threadpoolctl here")
+    outer = retrieval._SingleThreadBLAS()
+    inner = retrieval._SingleThreadBLAS()
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)  # overlapping, not nested: the limit holds until the last exit
+    assert all(n == 1 for n in blas_threads())
+    inner.__exit__(None, None, None)
+    assert blas_threads() == before
