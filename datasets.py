@@ -510,12 +510,14 @@ class PKSampler(torch.utils.data.Sampler):
             raise ValueError(f"p and k must be >= 1, got p={p}, k={k}")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
-        order = np.argsort(self.class_ids, kind="stable")
-        bounds = np.flatnonzero(np.diff(self.class_ids[order])) + 1
-        self._groups = np.split(order, bounds) if len(order) else []
-        if len(self._groups) < p:
+        # product index 0..C-1 of every image, images per product, first slot of each product
+        # in the product-sorted order
+        _, self._product, self._counts = np.unique(self.class_ids, return_inverse=True,
+                                                   return_counts=True)
+        self._starts = np.cumsum(self._counts) - self._counts
+        if len(self._counts) < p:
             raise ValueError(f"P×K batches need at least p={p} products, the data has "
-                             f"{len(self._groups)}; lower the batch size or images per class")
+                             f"{len(self._counts)}; lower the batch size or images per class")
         self.p, self.k, self.seed = p, k, seed
         self.num_replicas, self.rank = num_replicas, rank
         self.num_batches = max(1, len(self.class_ids) // (p * k) // num_replicas)
@@ -528,36 +530,46 @@ class PKSampler(torch.utils.data.Sampler):
         return max(0, self.num_batches - self.start_batch)
 
     def _chunks(self, rng):
-        chunks = []
-        for cls, group in enumerate(self._groups):
-            perm = group[rng.permutation(len(group))]
-            if len(perm) < self.k:
-                extra = rng.choice(group, self.k - len(perm), replace=True)
-                chunks.append((cls, np.concatenate([perm, extra])))
-            else:
-                chunks.extend((cls, perm[j * self.k:(j + 1) * self.k])
-                              for j in range(len(perm) // self.k))
-        return [chunks[i] for i in rng.permutation(len(chunks))]
+        """One round: (product of each chunk, chunks as rows of k indices), shuffled."""
+        k = self.k
+        # images sorted by product, in random order within each product
+        order = np.lexsort((rng.random(len(self._product)), self._product))
+        product = self._product[order]
+        rank = np.arange(len(order)) - self._starts[product]
+        keep = rank < self._counts[product] // k * k        # whole chunks of k only
+        big_rows = order[keep].reshape(-1, k)
+        big_products = product[keep][::k]
+        # products with fewer than k images: all of them, then draws with replacement
+        small = np.flatnonzero(self._counts < k)
+        cnt = self._counts[small][:, None]
+        slot = np.where(np.arange(k)[None, :] < cnt, np.arange(k)[None, :],
+                        rng.integers(0, cnt, size=(len(small), k)))
+        small_rows = order[self._starts[small][:, None] + slot]
+        rows = np.concatenate([big_rows, small_rows])
+        products = np.concatenate([big_products, small])
+        perm = rng.permutation(len(rows))
+        return products[perm].tolist(), rows[perm]
 
     def batches(self, epoch=None):
         """This rank's batches for ``epoch`` (default: the current one), as index lists."""
         epoch = self.epoch if epoch is None else epoch
         rng = np.random.default_rng([self.seed, epoch])
         total = self.num_batches * self.num_replicas
-        pool, used, first_free, out = [], [], 0, []
+        products, rows, used, first_free, out = [], [], [], 0, []
         while len(out) < total:
-            batch, classes, i = [], set(), first_free
+            batch, taken, i = [], set(), first_free
             while len(batch) < self.p:
-                if i == len(pool):   # out of chunks: cut a new round
-                    new = self._chunks(rng)
-                    pool.extend(new)
-                    used.extend([False] * len(new))
-                if not used[i] and pool[i][0] not in classes:
-                    classes.add(pool[i][0])
-                    batch.append(pool[i][1])
+                if i == len(products):   # out of chunks: cut a new round
+                    new_products, new_rows = self._chunks(rng)
+                    products += new_products
+                    rows += list(new_rows)
+                    used += [False] * len(new_products)
+                if not used[i] and products[i] not in taken:
+                    taken.add(products[i])
+                    batch.append(rows[i])
                     used[i] = True
                 i += 1
-            while first_free < len(pool) and used[first_free]:
+            while first_free < len(products) and used[first_free]:
                 first_free += 1
             out.append(np.concatenate(batch).tolist())
         return out[self.rank::self.num_replicas]

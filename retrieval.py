@@ -353,19 +353,18 @@ class _TopKBuffer:
         ok = keys < self.kth[q]
         q, keys = q[ok], keys[ok]
         while len(q):
-            order = np.argsort(q, kind="stable")
+            order = np.argsort(q)  # grouping only: the order within a query does not matter
             q, keys = q[order], keys[order]
-            first = np.searchsorted(q, q, side="left")
-            rank = np.arange(len(q)) - first
-            pos = self.fill[q] + rank
+            heads = np.flatnonzero(np.concatenate(([True], q[1:] != q[:-1])))
+            counts = np.diff(np.append(heads, len(q)))
+            uq = q[heads]
+            pos = np.repeat(self.fill[uq] - heads, counts) + np.arange(len(q))
             fits = pos < self.width
             self.keys[q[fits], pos[fits]] = keys[fits]
-            heads = np.flatnonzero(rank == 0)
-            uq = q[heads]
-            self.fill[uq] = np.minimum(self.fill[uq] + np.diff(np.append(heads, len(q))), self.width)
+            self.fill[uq] = np.minimum(self.fill[uq] + counts, self.width)
             full = uq[self.fill[uq] >= self.width]
             if len(full):
-                self.compact(full)
+                self.compact(full)  # then place what did not fit, against the new K-th key
             q, keys = q[~fits], keys[~fits]
             if len(q):
                 ok = keys < self.kth[q]
@@ -457,12 +456,19 @@ def _symmetric_pass(x, structure, k, chunk_size, num_threads):
                 out.append((c + b0, r + a0, flat_t[f]))
         return out
 
-    def merge(results):
-        for q, g, s in results:
-            keep = s > -np.inf
-            if not keep.all():
-                q, g, s = q[keep], g[keep], s[keep]
-            buf.add(q, _score_key(s, g))
+    staged = []
+
+    def merge(results, flush=False):
+        # candidates of a few tiles go in together: a merge costs ~20 numpy calls, whatever
+        # its size, and thresholds a few tiles staler let through only a few more candidates
+        staged.extend(results)
+        if staged and (flush or len(staged) >= 8):
+            q = np.concatenate([r[0] for r in staged])
+            g = np.concatenate([r[1] for r in staged])
+            s = np.concatenate([r[2] for r in staged])
+            staged.clear()
+            keep = s > -np.inf  # masked same-product cells that met a -inf threshold
+            buf.add(q[keep], _score_key(s[keep], g[keep]))
 
     threads = _num_threads(num_threads)
     diagonal = [(a, a) for a in range(nb)]
@@ -475,6 +481,7 @@ def _symmetric_pass(x, structure, k, chunk_size, num_threads):
         scratch = (np.empty(scratch_size, np.float32), np.empty(scratch_size, bool))
         for a, b in diagonal + off:
             merge(run_tile(a, b, scratch))
+        merge([], flush=True)
     else:
         local = threading.local()
 
@@ -488,6 +495,7 @@ def _symmetric_pass(x, structure, k, chunk_size, num_threads):
             # off-diagonal tile is filtered
             for results in pool.map(task, diagonal):
                 merge(results)
+            merge([], flush=True)
             window = 2 * threads  # bounded look-ahead keeps thresholds fresh
             pending = []
             for ab in off:
@@ -496,6 +504,7 @@ def _symmetric_pass(x, structure, k, chunk_size, num_threads):
                     merge(pending.pop(0).result())
             for fut in pending:
                 merge(fut.result())
+            merge([], flush=True)
     return buf.result(), rel_scores
 
 

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -56,13 +57,14 @@ SEED_BACKBONES = ("efficientnet_b0", "resnet18", "resnet50")
 RESULTS_NAME = "results.json"
 EVAL_SUBDIR = "eval"
 
-# --quick: defaults for a CPU-only pass over the synthetic SOP (flags given explicitly still
-# win). Random weights need a larger lr than fine-tuning; 64 px and a capped epoch keep ResNet50
-# to a few minutes on 2 cores.
+# --quick: defaults for a CPU-only pass over a small synthetic SOP (flags given explicitly still
+# win). Random weights need a larger lr than fine-tuning; 48 px crops, 8 x 4 batches and capped
+# epochs keep ResNet50 to a few minutes on 2 cores.
+QUICK_DATASET = {"root": "data/synthetic_quick", "num_products": 360, "image_size": 64}
 QUICK_DEFAULTS = {
-    "dataset": "synthetic", "weights": "none", "image_size": 64, "epochs": 3,
-    "max_steps_per_epoch": 12, "lr": 1e-3, "workers": 1, "projector_samples": 100,
-    "progress": False, "prefix": "quick",
+    "dataset": "synthetic", "data_root": QUICK_DATASET["root"], "weights": "none",
+    "image_size": 48, "batch_size": 32, "epochs": 4, "max_steps_per_epoch": 15, "lr": 1e-3,
+    "workers": 1, "projector_samples": 100, "progress": False, "prefix": "quick",
 }
 
 # Comparison columns: (csv column, where it comes from). Product / category metric keys are
@@ -109,8 +111,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="batch samplers to compare (random = the seeds' batches, pk = P x K); "
                             "default: --sampler (pk)")
     group.add_argument(*train._flags("prefix"), default="cmp",
-                       help="run names are <prefix>_<backbone>_<loss>_<sampler> (default cmp; "
-                            "quick with --quick)")
+                       help="run names are <prefix>_<backbone>_<loss>_<sampler> ('quick' with "
+                            "--quick)")
     group.add_argument(*train._flags("output"), default=None,
                        help="folder of comparison.md/.csv, plots and logs; default "
                             "<log_dir>/comparison (<log_dir>/comparison_quick with --quick)")
@@ -130,7 +132,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             "(a crash or leak cannot take the others down; recommended for long "
                             "runs); inprocess: call train.main / evaluate in this process")
     group.add_argument("--quick", action="store_true",
-                       help="the whole grid on the synthetic SOP on CPU in minutes: "
+                       help="the whole grid on a small synthetic SOP (generated once: "
+                            f"{QUICK_DATASET['num_products']} products at "
+                            f"{QUICK_DATASET['image_size']} px) on CPU in minutes: "
                             + ", ".join(f"--{k} {v}" for k, v in QUICK_DEFAULTS.items()
                                         if not isinstance(v, bool))
                             + ", --no-progress; explicit flags override these")
@@ -737,6 +741,13 @@ def _banner(msg: str) -> None:
     print(f"\n============ {msg} ============", flush=True)
 
 
+def _state_or_none(paths: RunPaths, ns: argparse.Namespace, eval_checkpoint: str) -> str | None:
+    try:
+        return run_state(paths, ns, eval_checkpoint)[0]
+    except Exception:  # unreadable now: evaluate.py will say what is wrong
+        return None
+
+
 def main(args: argparse.Namespace) -> list[dict]:
     """Run the grid (or only report, with --report_only); returns the comparison rows."""
     errors = check_args(args)
@@ -748,6 +759,12 @@ def main(args: argparse.Namespace) -> list[dict]:
     start = time.perf_counter()
     statuses: dict[str, tuple[str, str]] = {}
     plan = [(point, train_namespace(args, point)) for point in grid]
+    if (args.quick and args.dataset == "synthetic" and not (args.dry_run or args.report_only)
+            and Path(args.data_root or "") == Path(QUICK_DATASET["root"])):
+        # train.py would generate its default (larger) synthetic SOP here; the quick one is ours
+        _banner(f"synthetic SOP for --quick: {args.data_root}")
+        datasets.ensure_synthetic_sop(args.data_root, num_products=QUICK_DATASET["num_products"],
+                                      image_size=QUICK_DATASET["image_size"])
 
     for i, (point, ns) in enumerate(plan, start=1):
         paths = run_paths(ns)
@@ -785,7 +802,7 @@ def main(args: argparse.Namespace) -> list[dict]:
                 print(f"run {paths.name} failed: {err}", file=sys.stderr, flush=True)
                 statuses[paths.name] = ("failed (train)", err)
                 continue
-        if state != "evaluate" and run_state(paths, ns, args.eval_checkpoint)[0] == "done":
+        if state != "evaluate" and _state_or_none(paths, ns, args.eval_checkpoint) == "done":
             # resumed, but the evaluated checkpoint did not change (results.json matches it)
             statuses[paths.name] = (status, "")
             continue
@@ -814,7 +831,8 @@ def main(args: argparse.Namespace) -> list[dict]:
         if paths.metrics_csv.is_file():
             histories[labels[paths.name]] = train.read_metrics_csv(paths.metrics_csv)
     elapsed = time.perf_counter() - start
-    notes = (f"Command: `python train_multiple.py {' '.join(sys.argv[1:]) if getattr(args, 'from_cli', False) else '(API)'}`"
+    command = getattr(args, "command_line", None)
+    notes = (f"Command: `python train_multiple.py {shlex.join(command) if command is not None else '(API call)'}`"
              f"  \nDataset: {args.dataset} ({args.data_root or train.DATASET_ROOTS[args.dataset]}), "
              f"image size {args.image_size}, epochs {args.epochs}, weights {args.weights}; "
              f"evaluated checkpoint: {args.eval_checkpoint}.pth. This invocation took "
@@ -829,8 +847,12 @@ def main(args: argparse.Namespace) -> list[dict]:
 
 def cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.from_cli = True
-    rows = main(args)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)  # quoted in comparison.md
+    try:
+        rows = main(args)
+    except (OSError, datasets.DatasetError) as e:  # e.g. the --quick data folder is taken
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     failed = [r["run"] for r in rows if r.get("error")]
     if failed:
         print(f"error: {len(failed)} run(s) failed: {', '.join(failed)} (see the Failures "

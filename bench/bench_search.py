@@ -3,9 +3,12 @@
     python bench/bench_search.py                                   # EfficientNet-B0, 224 px, 60,502 vectors
     python bench/bench_search.py --backbone resnet18 --iters 200 --query my_photo.jpg
 
-Measured in one process, interleaved (each round times all three, so that a busy neighbour
-slows them alike):
-  * forward      : the bare model forward of one preprocessed 224 px image (inference_mode);
+Measured in one process, interleaved (each round times every task, in a rotating order, so
+that a busy neighbour slows them alike):
+  * forward      : the bare model forward of one preprocessed 224 px image (inference_mode),
+                   the same model object and input layout (channels_last) the app uses;
+  * forward_nchw : the same weights in PyTorch's default layout (NCHW), for reference: the
+                   app's channels_last forward is faster than this;
   * search       : retrieval.GalleryIndex.search of one query vector, top-k over the gallery
                    (60,502 random unit vectors, the size of the SOP test split);
   * end_to_end   : app_stanford.SearchEngine.search_file: the uploaded JPEG on disk → checks →
@@ -78,14 +81,24 @@ def main(args):
         class_ids=np.arange(args.gallery_size) // 5,
         super_ids=rng.integers(1, len(datasets.SOP_CATEGORIES) + 1, args.gallery_size),
         checkpoint_hash="bench")
-    engine = app_stanford.SearchEngine(model, index, tmp)
+    # the default-layout twin of the model, for the reference forward time (SPEC.md's 26.5 ms)
+    model_nchw = models.build_model(args.backbone, embedding_size=args.embedding_size,
+                                    weights="none", image_size=args.image_size).eval()
+    model_nchw.load_state_dict(model.state_dict())
+    engine = app_stanford.SearchEngine(model, index, tmp)  # converts `model` to channels_last
     engine.warm_up()
-    x = engine.prepare(datasets.load_image(query, engine.resize)).clone()
+    x = engine.prepare(datasets.load_image(query, engine.resize)).clone(
+        memory_format=torch.channels_last)
+    x_nchw = x.contiguous()
     q = engine.embed(datasets.load_image(query, engine.resize))
 
-    def forward():
+    def forward():  # exactly the app's forward: same model object, same input layout
         with torch.inference_mode():
             model(x)
+
+    def forward_nchw():
+        with torch.inference_mode():
+            model_nchw(x_nchw)
 
     def search():
         index.search(q, args.k)
@@ -95,21 +108,24 @@ def main(args):
         assert len(out["results"]) == args.k
 
     # ============ timing ============
-    tasks = {"forward": forward, "search": search, "end_to_end": end_to_end}
+    tasks = {"forward": forward, "search": search, "end_to_end": end_to_end,
+             "forward_nchw": forward_nchw}
     times = {name: [] for name in tasks}
     load_before = os.getloadavg()
     for it in range(args.warmup + args.iters):
         names = list(tasks)
-        names = names[it % 3:] + names[:it % 3]  # rotate the order: no task always goes first
+        names = names[it % len(names):] + names[:it % len(names)]  # no task always goes first
         for name in names:
             t0 = time.perf_counter()
             tasks[name]()
             if it >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
     result = {}
-    for name in ("search", "end_to_end", "forward"):
+    for name in ("search", "end_to_end", "forward", "forward_nchw"):
         result[f"{name}_p50_ms"], result[f"{name}_p95_ms"] = percentiles(times[name])
     result["end_to_end_vs_forward"] = round(result["end_to_end_p50_ms"] / result["forward_p50_ms"], 3)
+    result["end_to_end_vs_forward_nchw"] = round(
+        result["end_to_end_p50_ms"] / result["forward_nchw_p50_ms"], 3)
     probe = engine.search_file(query, args.k)
     with Image.open(query) as im:
         query_size = list(im.size)

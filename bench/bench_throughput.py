@@ -115,8 +115,15 @@ class TimedLoader:
         return len(self.loader)
 
     def __iter__(self):
-        self.stamps, self.sizes = [time.perf_counter()], []
-        for images, labels in self.loader:
+        self.stamps, self.sizes, self.waits = [time.perf_counter()], [], []
+        it = iter(self.loader)
+        while True:
+            try:
+                images, labels = next(it)
+            except StopIteration:
+                break
+            # time the consumer sat waiting for this batch (decoding it, with 0 workers)
+            self.waits.append(time.perf_counter() - self.stamps[-1])
             self.sizes.append(int(images.shape[0]))
             yield images, labels
             self.stamps.append(time.perf_counter())
@@ -128,6 +135,7 @@ class TimedLoader:
         seconds = self.stamps[len(self.sizes)] - self.stamps[warmup]
         images = sum(self.sizes[warmup:])
         return {"images_per_s": images / seconds, "timed_images": images, "timed_s": seconds,
+                "data_wait_frac": sum(self.waits[warmup:]) / seconds,
                 "first_batch_s": self.stamps[1] - self.stamps[0],
                 "wall_s": self.stamps[len(self.sizes)] - self.stamps[0]}
 
@@ -423,6 +431,7 @@ def main(args) -> dict:
     for p in ("extract", "train_loader"):
         if p in results:
             out[f"{p}_first_batch_s"] = round(statistics.median(r["first_batch_s"] for r in results[p]), 3)
+            out[f"{p}_data_wait_frac"] = round(statistics.median(r["data_wait_frac"] for r in results[p]), 4)
     out["targets"] = dict(TARGETS)
     if device.type != "cuda":
         out["cuda"] = ("not measured: no CUDA device here (targets there: >= 3000 images/s "

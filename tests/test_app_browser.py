@@ -155,6 +155,19 @@ def test_clicking_a_result_searches_with_it(browser_demo):
     assert clicked not in shown  # a gallery query is never in its own results
 
 
+def test_clicking_an_example_searches_with_it(browser_demo):
+    from selenium.webdriver.common.by import By
+
+    driver = browser_demo["driver"]
+    driver.get(browser_demo["url"])
+    examples = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#examples .gallery-item"),
+                        "the example queries")
+    assert len(examples) == 12  # one per category
+    examples[3].click()
+    wait_for(driver, lambda d: len(rendered_results(d)) == 10, "results of the example query")
+    assert "decode" in timing_text(driver)
+
+
 # ============ screenshot for the README ============
 
 def screenshot(url, query, output, k=10, category="All"):

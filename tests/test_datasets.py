@@ -473,31 +473,54 @@ def test_download_extracts_hand_placed_archive_and_checks_counts(tiny_synthetic_
     assert datasets.download_sop(tmp_path, expected=expected, progress=False) == target   # no-op
 
 
-def test_download_resumes_part_file_with_range(tiny_synthetic_root, tmp_path, monkeypatch):
+def _expected_counts(root):
+    tv = datasets.read_ebay_file(root / "Ebay_train.txt")
+    te = datasets.read_ebay_file(root / "Ebay_test.txt")
+    return {"images": len(tv.rel_paths) + len(te.rel_paths), "train_rows": len(tv.rel_paths),
+            "test_rows": len(te.rel_paths)}
+
+
+def test_download_broken_off_then_resumed_with_range(tiny_synthetic_root, tmp_path, monkeypatch):
     payload = _fake_sop_zip(tiny_synthetic_root, tmp_path / "src.zip").read_bytes()
     root = tmp_path / "data"
-    root.mkdir()
-    (root / "Stanford_Online_Products.zip.part").write_bytes(payload[:1000])
     requests = []
 
     class Response(io.BytesIO):
-        def __init__(self, body, status):
+        def __init__(self, body, status, break_after=None):
             super().__init__(body)
             self.status, self.headers = status, {"Content-Length": str(len(body))}
+            self.break_after = break_after
+
+        def read(self, n=-1):
+            if self.break_after is not None and self.tell() >= self.break_after:
+                raise ConnectionResetError("connection reset by peer")
+            return super().read(min(n, 1000))
 
     def fake_urlopen(request, timeout=None):
         requests.append(request.get_header("Range"))
         start = int(request.get_header("Range")[6:-1]) if request.get_header("Range") else 0
-        return Response(payload[start:], 206 if start else 200)
+        return Response(payload[start:], 206 if start else 200, 3000 if not start else None)
 
     monkeypatch.setattr(datasets.urllib.request, "urlopen", fake_urlopen)
-    tv = datasets.read_ebay_file(tiny_synthetic_root / "Ebay_train.txt")
-    te = datasets.read_ebay_file(tiny_synthetic_root / "Ebay_test.txt")
-    expected = {"images": len(tv.rel_paths) + len(te.rel_paths), "train_rows": len(tv.rel_paths),
-                "test_rows": len(te.rel_paths)}
+    expected = _expected_counts(tiny_synthetic_root)
+    with pytest.raises(datasets.DownloadError, match="rerun the same command to resume"):
+        datasets.download_sop(root, expected=expected, progress=False)
+    assert (root / "Stanford_Online_Products.zip.part").stat().st_size == 3000
+    assert not (root / "Stanford_Online_Products.zip").exists()
+    assert not (root / "Stanford_Online_Products").exists()
     datasets.download_sop(root, expected=expected, progress=False)
-    assert requests == ["bytes=1000-"]
+    assert requests == [None, "bytes=3000-"]
     assert (root / "Stanford_Online_Products.zip").read_bytes() == payload
+    assert datasets.is_complete(root / "Stanford_Online_Products")
+
+
+def test_download_accepts_folder_extracted_by_hand(tiny_synthetic_root, tmp_path):
+    shutil.copytree(tiny_synthetic_root, tmp_path / "Stanford_Online_Products")
+    (tmp_path / "Stanford_Online_Products" / ".complete").unlink()
+    with pytest.raises(datasets.DatasetError, match="exists but is incomplete.*expected 60,502"):
+        datasets.download_sop(tmp_path, progress=False)
+    target = datasets.download_sop(tmp_path, expected=_expected_counts(tiny_synthetic_root), progress=False)
+    assert datasets.is_complete(target)
 
 
 def test_download_rejects_damaged_archive(tmp_path):

@@ -201,7 +201,7 @@ def test_map_at_10_denominator_is_relevant_items_in_top_10():
 
 @pytest.mark.parametrize("chunk_size,threads,shuffle", [(256, 2, True), (300, 1, True), (1024, 2, False)])
 def test_equals_brute_force_with_exact_ties(chunk_size, threads, shuffle):
-    n = 2500
+    n = 2000
     x = exact_embeddings(n, seed=chunk_size)
     class_ids, super_ids = sop_like_labels(n, seed=threads, shuffle=shuffle)
     got = retrieval.evaluate_embeddings(x, class_ids, super_ids, chunk_size=chunk_size, num_threads=threads)
@@ -212,7 +212,7 @@ def test_equals_brute_force_on_clustered_float_embeddings():
     # products clustered in embedding space, so most best-relevant ranks are small and a few
     # need the exact count; generic floats: equal up to float rounding of near-ties
     rng = np.random.default_rng(7)
-    n = 3000
+    n = 2500
     class_ids, super_ids = sop_like_labels(n, seed=7)
     centres = rng.standard_normal((class_ids.max() + 1, 32)).astype(np.float32)
     x = centres[class_ids] + 1.2 * rng.standard_normal((n, 32)).astype(np.float32)
@@ -228,7 +228,7 @@ def test_equals_pytorch_metric_learning():
     from pytorch_metric_learning.utils.inference import CustomKNN
 
     rng = np.random.default_rng(11)
-    n = 1500
+    n = 1200
     class_ids, super_ids = sop_like_labels(n, seed=11)
     centres = rng.standard_normal((class_ids.max() + 1, 24)).astype(np.float32)
     x = centres[class_ids] + 1.5 * rng.standard_normal((n, 24)).astype(np.float32)

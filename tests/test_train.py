@@ -2,7 +2,7 @@
 allowed range), an end-to-end run and its outputs, exit code 1 on a non-finite loss and on a
 failed checkpoint write (previous checkpoint intact), corrupt images counted in metrics.csv.
 
-Tiny on purpose: 40 synthetic products at 48 px, ResNet18 from random weights at 32 px,
+Tiny on purpose: 60 synthetic products at 48 px, ResNet18 from random weights at 32 px,
 2 steps per epoch, one thread (2 shared cores: more threads only add contention).
 """
 import csv
@@ -27,10 +27,10 @@ CHECKPOINT_KEYS = {"model", "model_args", "args", "epoch", "metrics", "optimizer
 # ============ helpers shared with test_resume.py and test_ddp.py ============
 
 @pytest.fixture(scope="session")
-def tiny_sop(tmp_path_factory):
-    """40 products at 48 px: 96 train / 8 val / 127 test images."""
-    return datasets.make_synthetic_sop(tmp_path_factory.mktemp("sop") / "sop", num_products=40,
-                                       image_size=48)
+def tiny_sop(synthetic_root):
+    """conftest's 60 products at 48 px: train 152 images / 27 products (2-12 images each),
+    val 16 / 3, test 154 / 30."""
+    return synthetic_root
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +109,7 @@ def test_hyphenated_spellings_and_amp_switch():
     (["--epochs", "-1"], "--epochs must be >= 0"),
     # checked once the data is loaded: the tiny training split's products have 2..12 images
     (["--images_per_class", "13", "--batch_size", "26"], "outside the allowed range 2..12"),
-    (["--batch_size", "400"], "products per batch but the split has 18"),
+    (["--batch_size", "400"], "products per batch but the split has 27"),
 ])
 def test_bad_arguments_are_argparse_errors(tiny_sop, tmp_path, capsys, extra, expected):
     with pytest.raises(SystemExit) as exc:
@@ -218,7 +218,7 @@ def test_failed_checkpoint_write_exits_1_previous_intact(tiny_sop, tmp_path, mon
 def test_corrupt_images_are_counted(tiny_sop, tmp_path):
     root = tmp_path / "sop"
     shutil.copytree(tiny_sop, root)
-    test_set = datasets.SOPDataset(root, "test")  # 127 images: one bad one is < 1%
+    test_set = datasets.SOPDataset(root, "test")  # 154 images: one bad one is < 1%
     Path(test_set.paths[5]).write_bytes(b"")
     train.main(parse(tiny_argv(root, tmp_path, "--val_split", "test", "--epochs", "1",
                                "--projector_samples", "0")))
