@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -224,7 +223,7 @@ def retrieval_figure(path, dataset, embeddings, num_examples=6, top=5, seed=0, t
     queries = np.asarray(queries)
     scores, idx = retrieval.knn(embeddings[queries], embeddings, top, self_indices=queries)
 
-    fig, axes = plt.subplots(len(queries), top + 1, figsize=(1.9 * (top + 1), 2.1 * len(queries)),
+    fig, axes = plt.subplots(len(queries), top + 1, figsize=(1.9 * (top + 1), 2.35 * len(queries)),
                              squeeze=False)
 
     def show(ax, i, colour, title):

@@ -6,6 +6,7 @@ import io
 import logging
 import re
 import shutil
+import socket
 import time
 import urllib.error
 import zipfile
@@ -442,20 +443,43 @@ def _fake_sop_zip(src, path):
     return path
 
 
-def test_download_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
-    def offline(request, timeout=None):
-        assert timeout == 10.0
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+def _check_offline_error(err, root):
+    msg = str(err.value)
+    assert str(root / "Stanford_Online_Products.zip") in msg and "by hand" in msg and "rerun" in msg
+    assert not (root / "Stanford_Online_Products").exists()
 
-    monkeypatch.setattr(datasets.urllib.request, "urlopen", offline)
+
+def test_download_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
+    def no_dns(host, port, *a, **k):
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(datasets.socket, "getaddrinfo", no_dns)
     t0 = time.perf_counter()
     with pytest.raises(datasets.DownloadError) as err:
         datasets.download_sop(tmp_path, progress=False)
     assert time.perf_counter() - t0 < 5
-    msg = str(err.value)
-    assert str(tmp_path / "Stanford_Online_Products.zip") in msg and "by hand" in msg and "rerun" in msg
-    assert not (tmp_path / "Stanford_Online_Products").exists()
+    _check_offline_error(err, tmp_path)
     assert run_cli("download", "--root", tmp_path) == 1
+
+
+def test_download_unreachable_server(tmp_path, monkeypatch):
+    def refused(request, timeout=None):
+        assert timeout == 10.0                 # the short default
+        raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+
+    monkeypatch.setattr(datasets.socket, "getaddrinfo", lambda *a, **k: [("addr",)])
+    monkeypatch.setattr(datasets.urllib.request, "urlopen", refused)
+    with pytest.raises(datasets.DownloadError) as err:
+        datasets.download_sop(tmp_path, progress=False)
+    _check_offline_error(err, tmp_path)
+
+
+def test_download_hanging_dns_times_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.socket, "getaddrinfo", lambda *a, **k: time.sleep(3))
+    t0 = time.perf_counter()
+    with pytest.raises(datasets.DownloadError, match="no answer .* within 0.3 s"):
+        datasets.download_sop(tmp_path, timeout=0.3, progress=False)
+    assert time.perf_counter() - t0 < 2
 
 
 def test_download_extracts_hand_placed_archive_and_checks_counts(tiny_synthetic_root, tmp_path):
@@ -501,6 +525,7 @@ def test_download_broken_off_then_resumed_with_range(tiny_synthetic_root, tmp_pa
         start = int(request.get_header("Range")[6:-1]) if request.get_header("Range") else 0
         return Response(payload[start:], 206 if start else 200, 3000 if not start else None)
 
+    monkeypatch.setattr(datasets, "_resolve_host", lambda url, timeout: None)
     monkeypatch.setattr(datasets.urllib.request, "urlopen", fake_urlopen)
     expected = _expected_counts(tiny_synthetic_root)
     with pytest.raises(datasets.DownloadError, match="rerun the same command to resume"):

@@ -1,7 +1,6 @@
 """retrieval.py: every metric on hand-built cases, against a brute-force reference, against
 pytorch-metric-learning and faiss; kNN; the gallery index file; embedding extraction."""
 import errno
-import os
 import tracemalloc
 
 import numpy as np
