@@ -37,6 +37,7 @@ import json
 import os
 import threading
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -512,42 +513,32 @@ def _rank_of_best_relevant(x, structure, rows, chunk_size, num_threads):
     """1-based rank, in the product-protocol ranking, of the best relevant item of each row
     in ``rows``: 1 + (other-product items scoring higher) + (equal-scoring ones with a lower
     index). Used for the few queries whose best relevant item lies beyond the top-K list.
-    Blocks of rows x columns small enough to stay in cache between the product and the
-    two comparisons."""
+
+    Every score of a row, its relevant items' included, comes from one matrix product, so the
+    comparison is self-consistent (two BLAS calls may round the same dot product differently,
+    which matters when embeddings collapse and scores tie)."""
     n = len(x)
     out = np.empty(len(rows), dtype=np.int64)
     if not len(rows):
         return out
-    h = 512
-    w = max(256, min(n, int(chunk_size) * 2))
+    h = max(1, min(len(rows), (16 << 20) // (4 * n)))  # rows per block: <= 16 MB of scores
 
     def task(start):
         rr = rows[start:start + h]
-        xr = x[rr]
+        t = x[rr] @ x.T
         ridx = structure.rel_idx[rr]
         valid = ridx >= 0
         safe = np.maximum(ridx, 0)
-        rel = np.einsum("hd,hrd->hr", xr, x[safe])
-        best = np.where(valid, _score_key(rel, safe), _KEY_NONE).min(axis=1)
-        s1, b1 = _key_score(best)[:, None], _key_index(best)
-        below = np.nextafter(s1[:, 0], np.float32(-np.inf))
-        count = np.zeros(len(rr), dtype=np.int64)
-        for c0 in range(0, n, w):
-            c1 = min(n, c0 + w)
-            t = xr @ x[c0:c1].T
-            # the query's own product (itself included) is not competition
-            own_r, own_c = np.nonzero(valid & (ridx >= c0) & (ridx < c1))
-            t[own_r, ridx[own_r, own_c] - c0] = -np.inf
-            own = np.flatnonzero((rr >= c0) & (rr < c1))
-            t[own, rr[own] - c0] = -np.inf
-            # an equal score ranks first only from a lower index: strictly above s1 for
-            # columns after b1, at or above it (> the next float down) for columns before
-            thr = np.where(b1 >= c1, below, s1[:, 0])
-            count += np.count_nonzero(t > thr[:, None], axis=1)
-            inside = np.flatnonzero((b1 >= c0) & (b1 < c1))
-            if len(inside):
-                tie_r, tie_c = np.nonzero(t[inside] == s1[inside])
-                count += np.bincount(inside[tie_r[tie_c + c0 < b1[inside[tie_r]]]], minlength=len(rr))
+        best = np.where(valid, _score_key(np.take_along_axis(t, safe, axis=1), safe), _KEY_NONE).min(axis=1)
+        s1, b1 = _key_score(best), _key_index(best)
+        # the query's own product (itself included) is not competition
+        own_r, own_c = np.nonzero(valid)
+        t[own_r, ridx[own_r, own_c]] = -np.inf
+        t[np.arange(len(rr)), rr] = -np.inf
+        count = np.count_nonzero(t > s1[:, None], axis=1)
+        # an equal score ranks first only from a lower index
+        tie_r, tie_c = np.divmod(np.flatnonzero(t == s1[:, None]), n)
+        count += np.bincount(tie_r[tie_c < b1[tie_r]], minlength=len(rr))
         out[start:start + len(rr)] = 1 + count
 
     starts = range(0, len(rows), h)
@@ -579,6 +570,12 @@ def retrieval_details(embeddings, class_ids, super_ids, chunk_size=1024, num_thr
         raise ValueError(f"need at least 2 embeddings to evaluate retrieval, got {n}")
     if n >= 2 ** 32:
         raise ValueError("more than 2**32 embeddings: the sort keys hold 32-bit indices")
+    spread = float(np.max(x.max(axis=0) - x.min(axis=0)))
+    if spread < 1e-4:
+        warnings.warn(
+            f"the {n} embeddings have collapsed (every coordinate varies by < {spread:.1e} across "
+            "images): scores differ only by float rounding, so the ranking is decided by ties and "
+            "rounding and the metrics say nothing about the model", RuntimeWarning, stacklevel=2)
     structure = _ClassStructure(class_ids)
     max_r = structure.max_r
     # K >= max R: a relevant item j sits at rank j + (other-product items before it); it is in

@@ -403,6 +403,8 @@ def main(args) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "cpus_available": available_cpus(),
         "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+        # read by libgomp when torch loads: how idle OpenMP threads wait (see the README)
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "workers": settings["num_workers"], "pin_memory": settings["pin_memory"],
         "persistent_workers": settings.get("persistent_workers", False),
         "prefetch_factor": settings.get("prefetch_factor"),

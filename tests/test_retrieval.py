@@ -207,6 +207,21 @@ def test_equals_brute_force_with_exact_ties(chunk_size, threads, shuffle):
     assert_metrics_equal(got, brute_force(x, class_ids, super_ids))
 
 
+def test_collapsed_embeddings_rank_by_index_alone():
+    # every embedding identical (exactly, so every path computes the same 1.0): the tie rule
+    # alone orders the gallery and nearly every query needs the exact-rank pass
+    n = 400
+    x = np.repeat(exact_embeddings(1, seed=3), n, axis=0)
+    class_ids, super_ids = sop_like_labels(n, seed=4, shuffle=True)
+    with pytest.warns(RuntimeWarning, match="collapsed"):
+        got = retrieval.evaluate_embeddings(x, class_ids, super_ids, chunk_size=128)
+    assert_metrics_equal(got, brute_force(x, class_ids, super_ids))
+    with pytest.warns(RuntimeWarning, match="collapsed"):
+        d = retrieval.retrieval_details(x[:6], [0, 1, 1, 0, 2, 2], np.ones(6))
+    # by index alone: q0 sees 1 2 3(rel); q1: 0 2(rel); q2: 0 1(rel); q3: 0(rel); q4: 0 1 2 3 5(rel)
+    np.testing.assert_array_equal(d["best_relevant_rank"], [3, 2, 2, 1, 5, 5])
+
+
 def test_equals_brute_force_on_clustered_float_embeddings():
     # products clustered in embedding space, so most best-relevant ranks are small and a few
     # need the exact count; generic floats: equal up to float rounding of near-ties
