@@ -483,14 +483,24 @@ def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_up
 
 
 def launch_app(demo, index, data_root, host="127.0.0.1", port=7860, share=False,
-               max_upload_mb=10, max_queue=64, prevent_thread_lock=False, quiet=False):
+               max_upload_mb=10, max_queue=64, max_sessions=256, prevent_thread_lock=False,
+               quiet=False):
     """Launch ``demo`` with the demo's safety settings: loopback unless told otherwise, the
-    upload size cap, a bounded queue, and a file route limited to the gallery's image folders."""
+    upload size cap, a bounded queue, a file route limited to the gallery's image folders,
+    and at most ``max_sessions`` sessions' state kept in memory.
+
+    Why the session cap: Gradio keeps a per-session copy of the app's config (about 50 KB)
+    for its 10,000 most recent sessions, and every API call without a session hash is a
+    new session, so a busy API would grow the server by ~0.5 GB before plateauing. This app
+    keeps nothing per session (no gr.State; a result click reads the ranked JSON from the
+    page), so evicting old sessions loses nothing.
+    """
     demo.queue(max_size=max_queue)
     return demo.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
         allowed_paths=gallery_folders(index, data_root), max_file_size=int(max_upload_mb * (1 << 20)),
         show_error=False, ssr_mode=False, quiet=quiet, footer_links=["api"],
+        state_session_capacity=max_sessions,
     )
 
 

@@ -161,15 +161,19 @@ def main(args):
         # ============ load ============
         records, lock = [], threading.Lock()
         deadline = time.monotonic() + args.duration
-        peak = [rss_start]
+        peak, timeline = [rss_start], []
         stop_sampling = threading.Event()
 
         def sample_rss():
+            t0 = time.monotonic()
             while not stop_sampling.wait(1.0):
                 try:
-                    peak[0] = max(peak[0], rss_mb(proc.pid))
+                    now = rss_mb(proc.pid)
                 except (OSError, RuntimeError):
                     return
+                peak[0] = max(peak[0], now)
+                if not timeline or time.monotonic() - t0 >= 10 * len(timeline):
+                    timeline.append(round(now, 1))
 
         def run_client(cid):
             rng = random.Random(args.seed * 1000 + cid)
@@ -236,6 +240,7 @@ def main(args):
         "server_rss_mb_before_warmup": round(rss_before_warmup, 1),
         "server_rss_mb_start": round(rss_start, 1), "server_rss_mb_end": round(rss_end, 1),
         "server_rss_mb_peak": round(peak[0], 1),
+        "server_rss_mb_every_10s": timeline,
         "rss_growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2),
         "server_alive_at_end": alive, "query_after_load_ok": final_ok,
         "server_startup_s": round(startup_s, 1),

@@ -85,7 +85,8 @@ def test_bad_arguments_are_argparse_errors(argv, message, capsys):
 
 def test_quick_defaults_yield_to_explicit_flags():
     args = tm.parse_args(["--quick"])
-    assert (args.dataset, args.weights, args.image_size, args.prefix) == ("synthetic", "none", 64, "quick")
+    assert (args.dataset, args.weights, args.prefix) == ("synthetic", "none", "quick")
+    assert args.image_size == tm.QUICK_DEFAULTS["image_size"] and args.data_root == tm.QUICK_DATASET["root"]
     args = tm.parse_args(["--quick", "--image_size", "48", "--prefix", "mine", "--weights", "imagenet"])
     assert (args.image_size, args.prefix, args.weights, args.dataset) == (48, "mine", "imagenet", "synthetic")
 
@@ -257,3 +258,18 @@ def test_grid_runs_reports_failures_skips_finished_runs_and_resumes(tiny_sop, tm
     history = train.read_metrics_csv(tmp_path / "runs" / "t_resnet18_triplet_pk" / "metrics.csv")
     assert [int(r["epoch"]) for r in history] == [0, 1, 2]
     assert "resuming from" in (out / "logs" / "t_resnet18_triplet_pk.train.log").read_text()
+
+
+def test_dry_run_prints_commands_and_report_only_trains_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--backbones", "resnet18", "resnet50", "--samplers", "random", "--epochs", "2"]
+    assert tm.cli(argv + ["--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "[1/2] cmp_resnet18_triplet_random: new" in out
+    assert "train.py --backbone resnet18 --loss triplet --sampler random --epochs 2" in out
+    assert "evaluate.py --checkpoint checkpoints/cmp_resnet18_triplet_random/best.pth" in out
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "checkpoints").exists()
+    assert tm.cli(argv + ["--report_only"]) == 0
+    rows = tm.read_csv(tmp_path / "runs" / "comparison" / "comparison.csv")
+    assert [r["status"] for r in rows] == ["not run", "not run"]
+    assert not (tmp_path / "checkpoints").exists()
