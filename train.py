@@ -125,7 +125,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("loss and batches")
     group.add_argument(*_flags("loss"), default="triplet", choices=sorted(losses.LOSSES),
-                       help="metric-learning loss; triplet as in the seeds")
+                       help="metric-learning loss: triplet as in the seeds; multi_similarity learned "
+                            "faster from random weights on the synthetic data")
     group.add_argument(*_flags("margin"), default=0.5, type=float,
                        help="loss margin (> 0); 0.5 on squared distances of unit vectors")
     group.add_argument(*_flags("mining"), default="semihard", choices=list(losses.MINING_MODES),

@@ -63,7 +63,7 @@ EVAL_SUBDIR = "eval"
 QUICK_DATASET = {"root": "data/synthetic_quick", "num_products": 360, "image_size": 64}
 QUICK_DEFAULTS = {
     "dataset": "synthetic", "data_root": QUICK_DATASET["root"], "weights": "none",
-    "image_size": 48, "batch_size": 32, "epochs": 4, "max_steps_per_epoch": 15, "lr": 1e-3,
+    "image_size": 48, "batch_size": 32, "epochs": 3, "max_steps_per_epoch": 12, "lr": 1e-3,
     "workers": 1, "projector_samples": 100, "progress": False, "prefix": "quick",
 }
 

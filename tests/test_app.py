@@ -87,7 +87,9 @@ def write_query_files(folder, source):
 
     put("plain.jpg", True, lambda p: base.save(p, quality=95))
     rgba = base.convert("RGBA")
-    rgba.putalpha(Image.linear_gradient("L").resize(base.size))
+    alpha = np.full((base.height, base.width), 255, np.uint8)
+    alpha[: base.height // 2] = 0  # top half transparent, bottom half opaque
+    rgba.putalpha(Image.fromarray(alpha))
     put("rgba.png", True, rgba.save)
     pal = base.convert("P", palette=Image.ADAPTIVE, colors=64)
     pal.info["transparency"] = 0
@@ -289,6 +291,7 @@ def test_odd_modes_decode_to_sensible_rgb(tiny):
     assert abs(got.mean() - grey.mean()) < 2, "16-bit grey must be rescaled, not clipped to white"
     rgba = app_stanford.load_query_image(queries["rgba.png"][0])
     assert rgba.mode == "RGB" and rgba.getpixel((0, 0)) == (255, 255, 255)  # transparent → white
+    assert rgba.getpixel((0, base.height - 1)) == base.getpixel((0, base.height - 1))  # opaque kept
     for name in ("palette.png", "la.png", "cmyk.jpg", "one_pixel.png", "photo.webp"):
         im = app_stanford.load_query_image(queries[name][0])
         assert im.mode == "RGB" and im.width >= 1
