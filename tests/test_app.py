@@ -180,14 +180,25 @@ def assert_same_ranking(results, ref_idx, ref_scores):
 # ============ fixtures ============
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
+def cpu_settings():
     """One intra-op thread while these tests run: on a shared or oversubscribed CI machine
     two spinning OpenMP threads can turn a 5 ms forward pass into a second (what is tested
-    here does not depend on the thread count)."""
+    here does not depend on the thread count).
+
+    Afterwards, release threadpoolctl's OpenBLAS "controlling thread": searches here run on
+    the demo's worker thread, and retrieval's one-BLAS-thread limit (threadpoolctl's
+    limit()/restore_original_limits() outside a ``with`` block) leaves that thread as the
+    only one whose limits take effect, which would make later tests' limits silent no-ops.
+    """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+    try:
+        from threadpoolctl import OpenBLASController
+    except ImportError:
+        return
+    OpenBLASController.clear_controlling_thread(force=True)
 
 
 # Session scope, and built once per process: tests/test_app_browser.py imports these two
@@ -376,8 +387,9 @@ def test_every_bad_upload_is_answered_and_the_server_keeps_serving(server, tiny)
 def test_upload_size_cap(server, tiny):
     big = tiny["folder"] / "big.png"
     big.write_bytes(os.urandom(int(1.5 * (1 << 20))))  # server started with max_upload_mb=1
-    with pytest.raises(Exception):
+    with pytest.raises(Exception) as err:  # refused by the upload route (HTTP 413)
         search(server["client"], big, 3)
+    assert "413" in str(err.value) or "size" in str(err.value).lower(), err.value
     gallery, _, _ = search(server["client"], tiny["gallery"].paths[0], 3)
     assert len(gallery) == 3
 

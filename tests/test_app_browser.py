@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_app import one_torch_thread, server, tiny  # noqa: E402,F401  (the same demo as test_app.py)
+from test_app import cpu_settings, server, tiny  # noqa: E402,F401  (the same demo as test_app.py)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
