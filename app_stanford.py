@@ -31,6 +31,7 @@ decoding; Gradio's file route serves the gallery's image folders (``<category>_f
 its own upload cache, nothing else (not the checkpoints, not the Ebay lists, not /etc).
 """
 import argparse
+import atexit
 import base64
 import binascii
 import concurrent.futures
@@ -38,7 +39,9 @@ import hashlib
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -361,6 +364,25 @@ def gallery_folders(index, data_root):
 
 # ============ Gradio app ============
 
+def use_private_gradio_temp_dir():
+    """Give this process its own Gradio upload / cache folder (``GRADIO_TEMP_DIR``, unless
+    already set); removed at exit. Call before `build_app`.
+
+    Why: Gradio stores uploads content-addressed (``<dir>/<sha256>/<name>``) in one folder
+    shared by every Gradio process of the machine (``/tmp/gradio``), serves that folder
+    through its file route, and deletes the files it created when it shuts down. Shared, one
+    demo's shutdown deletes an identical upload another demo was just handed (seen under
+    load: "file not found" for a good query), and each demo's file route serves the others'
+    uploads.
+    """
+    if os.environ.get("GRADIO_TEMP_DIR"):
+        return Path(os.environ["GRADIO_TEMP_DIR"])
+    path = tempfile.mkdtemp(prefix="app_stanford-gradio-")
+    os.environ["GRADIO_TEMP_DIR"] = path
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return Path(path)
+
+
 def _query_image_class():
     import gradio as gr
 
@@ -618,6 +640,7 @@ def main(args):
         return index
 
     # ============ serving ============
+    use_private_gradio_temp_dir()
     demo = build_app(model, index, data_root, max_pixels=int(args.max_megapixels * 1e6),
                      max_upload_mb=args.max_upload_mb)
     launch_app(demo, index, data_root, host=args.host, port=args.port, share=args.share,

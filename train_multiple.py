@@ -2,7 +2,8 @@
 
     python train_multiple.py                       # the seeds' comparison: efficientnet_b0,
                                                    # resnet18, resnet50 with train.py's defaults
-    python train_multiple.py --quick               # the whole grid on synthetic data, CPU, minutes
+    python train_multiple.py --quick               # the same grid on a small synthetic SOP
+                                                   # (data/synthetic_quick), CPU, ~4 min
     python train_multiple.py --backbones resnet18 resnet50 --samplers random pk \\
         --losses triplet multi_similarity --epochs 20 --prefix sweep
     python train_multiple.py --report_only         # rebuild tables and plots from the run folders
@@ -342,14 +343,16 @@ def run_state(paths: RunPaths, ns: argparse.Namespace, eval_checkpoint: str = "b
 
 # ============ running train.py / evaluate.py ============
 
-def _tee(src, sinks: list, tail: list, limit: int = 20000) -> None:
+def _tee(src, sinks: list, tail: list, lock: threading.Lock, limit: int = 20000) -> None:
     """Copy a child's pipe to ``sinks`` chunk by chunk (progress bars redraw with \\r, so no
-    line buffering) and keep its last ``limit`` characters in ``tail``."""
+    line buffering) and keep its last ``limit`` characters in ``tail``. ``lock``: stdout's and
+    stderr's threads share the log file."""
     for chunk in iter(lambda: src.read1(65536), b""):
         text = chunk.decode("utf-8", errors="replace")
-        for sink in sinks:
-            sink.write(text)
-            sink.flush()
+        with lock:
+            for sink in sinks:
+                sink.write(text)
+                sink.flush()
         tail.append(text)
         if sum(map(len, tail)) > 2 * limit:
             tail[:] = ["".join(tail)[-limit:]]
@@ -366,8 +369,11 @@ def run_command(cmd: list[str], log_path: Path, echo: bool = True) -> tuple[int,
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         out_tail: list[str] = []
         err_tail: list[str] = []
-        threads = [threading.Thread(target=_tee, args=(proc.stdout, [log] + ([sys.stdout] if echo else []), out_tail)),
-                   threading.Thread(target=_tee, args=(proc.stderr, [log] + ([sys.stderr] if echo else []), err_tail))]
+        lock = threading.Lock()
+        threads = [threading.Thread(target=_tee, args=(proc.stdout, [log] + ([sys.stdout] if echo else []),
+                                                       out_tail, lock)),
+                   threading.Thread(target=_tee, args=(proc.stderr, [log] + ([sys.stderr] if echo else []),
+                                                       err_tail, lock))]
         for t in threads:
             t.start()
         try:

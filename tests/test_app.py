@@ -13,6 +13,8 @@ import shutil
 import socket
 import struct
 import sys
+import tempfile
+import uuid
 import zlib
 from pathlib import Path
 
@@ -133,6 +135,7 @@ def running_demo(data_root, checkpoint, max_upload_mb=10, port=None, **build_kw)
     ``(demo, url)`` and closes the server afterwards."""
     model = models.load_model(checkpoint)
     index, _ = app_stanford.load_or_build_index(model, checkpoint, data_root, "test", progress=False)
+    app_stanford.use_private_gradio_temp_dir()
     demo = app_stanford.build_app(model, index, data_root, max_upload_mb=max_upload_mb, **build_kw)
     port = port or free_port()
     app_stanford.launch_app(demo, index, data_root, port=port, max_upload_mb=max_upload_mb,
@@ -426,6 +429,10 @@ def test_file_route_serves_only_gallery_images(server, tiny):
     link.symlink_to("/etc/passwd")
     secret = folder / "secret.txt"
     secret.write_text("not for the web\n")
+    # another Gradio app's upload in the machine-wide default folder: this demo has its own
+    other_app = Path(tempfile.gettempdir()) / "gradio" / f"other-app-{uuid.uuid4().hex}"
+    other_app.mkdir(parents=True)
+    (other_app / "upload.txt").write_text("not for the web\n")
     try:
         refused = [
             "/etc/passwd", "/etc/hostname", str(secret),
@@ -434,6 +441,7 @@ def test_file_route_serves_only_gallery_images(server, tiny):
             str(link),                                            # symlink out of the image folder
             f"{image.parent}/../../secret.txt", f"{image.parent}/../../../../../etc/passwd",
             f"{image.parent}/%2e%2e/%2e%2e/secret.txt", str(REPO / "app_stanford.py"),
+            str(other_app / "upload.txt"),
         ]
         for target in refused:
             for route in ("/gradio_api/file=", "/gradio_api/file/", "/file="):
@@ -442,6 +450,7 @@ def test_file_route_serves_only_gallery_images(server, tiny):
                 assert b"root:" not in body and b"not for the web" not in body
     finally:
         link.unlink()
+        shutil.rmtree(other_app, ignore_errors=True)
 
 
 def test_api_refuses_server_paths_that_were_not_uploaded(server, tiny):
