@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -641,6 +642,10 @@ def main(args):
 
     # ============ serving ============
     use_private_gradio_temp_dir()
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (kill, docker stop, systemd) becomes a normal exit: Gradio shuts down and
+        # the private upload folder is removed, as on Ctrl-C
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     demo = build_app(model, index, data_root, max_pixels=int(args.max_megapixels * 1e6),
                      max_upload_mb=args.max_upload_mb)
     launch_app(demo, index, data_root, host=args.host, port=args.port, share=args.share,

@@ -4,7 +4,7 @@
     python bench/bench_search.py --backbone resnet18 --iters 200 --query my_photo.jpg
 
 Measured in one process, interleaved (each round times every task, in a rotating order, so
-that a busy neighbour slows them alike):
+that a busy neighbour slows them alike), all on the engine's worker thread as in the app:
   * forward      : the bare model forward of one preprocessed 224 px image (inference_mode),
                    the same model object and input layout (channels_last) the app uses;
   * forward_nchw : the same weights in PyTorch's default layout (NCHW), for reference: the
@@ -108,8 +108,13 @@ def main(args):
         assert len(out["results"]) == args.k
 
     # ============ timing ============
-    tasks = {"forward": forward, "search": search, "end_to_end": end_to_end,
-             "forward_nchw": forward_nchw}
+    # Every task runs on the engine's worker thread, where the app runs all its searches:
+    # torch's OpenMP team and threadpoolctl's BLAS limit belong to the calling thread, so
+    # timing the baselines from the main thread would pit two spinning OpenMP teams
+    # against each other and leave the search's one-BLAS-thread limit a no-op.
+    tasks = {name: (lambda fn=fn: engine._on_worker(fn)) for name, fn in
+             {"forward": forward, "search": search, "forward_nchw": forward_nchw}.items()}
+    tasks["end_to_end"] = end_to_end  # search_file hands itself to the worker
     times = {name: [] for name in tasks}
     load_before = os.getloadavg()
     for it in range(args.warmup + args.iters):

@@ -30,7 +30,6 @@ if str(REPO) not in sys.path:
 import app_stanford  # noqa: E402
 import datasets  # noqa: E402
 import models  # noqa: E402
-import retrieval  # noqa: E402
 
 IMAGE_SIZE = 48
 TOL = 1e-5  # score tolerance between the app's embedding and the reference computation
