@@ -58,7 +58,10 @@ def get_args_parser():
     p.add_argument("--chunk_size", type=int, default=1024,
                    help="tile side of the exact similarity pass (memory ~ 5 bytes x tile^2 per thread)")
     p.add_argument("--seed", type=int, default=0, help="picks the figure's queries")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    # --progress/--no-progress as in train.py; --no_progress (the first spelling) still works.
+    p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction,
+                   help="tqdm progress bars")
+    p.add_argument("--no_progress", dest="progress", action="store_false", help=argparse.SUPPRESS)
     return p
 
 
@@ -93,9 +96,22 @@ def _pct(v) -> str:
 
 
 def embedding_stats(embeddings: np.ndarray) -> dict:
-    """Mean and std over all coordinates and the mean L2 norm (1.0 for unit vectors)."""
+    """Summary of the N x D embeddings:
+
+    mean, std      over all N*D coordinates;
+    norm_mean      mean L2 norm (1.0 for unit vectors);
+    dim_std_mean   std of each coordinate across the N images, averaged over the D coordinates:
+                   0 when the embeddings have collapsed to one point (``std`` cannot show that:
+                   one repeated unit vector still has spread-out coordinates);
+    mean_cosine    mean cosine over all N^2 ordered pairs, self-pairs included, = ||mean of the
+                   unit vectors||^2: 1 when collapsed, near 0 when spread over the sphere.
+    """
     e = embeddings.astype(np.float64)
-    return {"mean": float(e.mean()), "std": float(e.std()), "norm_mean": float(np.linalg.norm(e, axis=1).mean())}
+    unit = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    return {"mean": float(e.mean()), "std": float(e.std()),
+            "norm_mean": float(np.linalg.norm(e, axis=1).mean()),
+            "dim_std_mean": float(e.std(axis=0).mean()),
+            "mean_cosine": float(np.square(unit.mean(axis=0)).sum())}
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -195,7 +211,9 @@ def results_markdown(results: dict) -> str:
         "",
         "## Embeddings and timing",
         "",
-        f"- Embedding mean {st['mean']:.4f}, std {st['std']:.4f}, mean L2 norm {st['norm_mean']:.4f}.",
+        f"- Embedding mean {st['mean']:.4f}, std {st['std']:.4f}, mean L2 norm {st['norm_mean']:.4f}; "
+        f"per-coordinate std across images {st['dim_std_mean']:.4f} and mean pairwise cosine "
+        f"{st['mean_cosine']:.4f} (0 and 1 when the embeddings have collapsed).",
         f"- Extraction {tm['extract_s']:.1f} s" + (" (from the embeddings cache)" if tm.get("cached") else "")
         + f" on {tm['device']}; exact metrics of both protocols {tm['eval_s']:.1f} s.",
         "",
@@ -331,7 +349,7 @@ def main(args):
             args.checkpoint, data_root=args.data_root, split=args.split, output=args.output,
             batch_size=args.batch_size, workers=args.workers, device=args.device,
             embeddings_cache=args.embeddings_cache, num_examples=args.num_examples,
-            chunk_size=args.chunk_size, seed=args.seed, progress=not args.no_progress)
+            chunk_size=args.chunk_size, seed=args.seed, progress=args.progress)
     except (FileNotFoundError, IsADirectoryError, models.CheckpointError, datasets.DatasetError) as e:
         raise SystemExit(f"evaluate.py: {e}") from None
     p, c = results["product"], results["category"]

@@ -105,6 +105,18 @@ def _num_threads(num_threads: int | None) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _release_openblas_control() -> None:
+    """Let any thread set OpenBLAS's thread count next (threadpoolctl >= 3.6 tracks one
+    controlling thread for pthreads OpenBLAS; older versions have no such state)."""
+    try:
+        from threadpoolctl import OpenBLASController
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        return
+    clear = getattr(OpenBLASController, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
+
+
 class _SingleThreadBLAS:
     """Pin BLAS to one thread for the duration of a block.
 
@@ -114,6 +126,11 @@ class _SingleThreadBLAS:
     one thread but 10-30 ms when OpenBLAS's spinning threads compete with other processes.
     The limit is process-wide, so overlapping blocks (concurrent demo requests) are counted:
     the first one in sets it, the last one out restores the original.
+
+    With a pthreads OpenBLAS, threadpoolctl lets only one "controlling thread" change limits and
+    silently ignores the others; the first and the last block may run on different threads
+    (demo workers), so each change here takes control first and hands it back afterwards, or
+    the restore (and every later limit in the process) would be a silent no-op.
     """
 
     _lock = threading.Lock()
@@ -137,7 +154,9 @@ class _SingleThreadBLAS:
                 else:
                     cls._controller.append(ThreadpoolController())
             if cls._depth == 0 and cls._controller[0] is not None:
+                _release_openblas_control()
                 cls._limiter = cls._controller[0].limit(limits=1, user_api="blas")
+                _release_openblas_control()
             cls._depth += 1
         return self
 
@@ -147,7 +166,9 @@ class _SingleThreadBLAS:
             with cls._lock:
                 cls._depth -= 1
                 if cls._depth == 0 and cls._limiter is not None:
+                    _release_openblas_control()
                     cls._limiter.restore_original_limits()
+                    _release_openblas_control()
                     cls._limiter = None
         return False
 
@@ -807,15 +828,15 @@ class GalleryIndex:
         return self._subsets[super_id]
 
     def _use_faiss(self):
-        if self.backend == "numpy":
+        # "auto" means numpy (see search); importing faiss for it would only load a second
+        # OpenBLAS into the process.
+        if self.backend != "faiss":
             return False
         try:
             import faiss  # noqa: F401
         except ImportError:
-            if self.backend == "faiss":
-                raise ImportError("backend='faiss' needs faiss-cpu: pip install faiss-cpu") from None
-            return False
-        return self.backend == "faiss"
+            raise ImportError("backend='faiss' needs faiss-cpu: pip install faiss-cpu") from None
+        return True
 
     def search(self, queries, k=10, super_id=None):
         """Top-k gallery images for each query vector (exact inner product).

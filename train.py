@@ -649,8 +649,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
     # ============ preparing data ============
     root = Path(args.data_root or DATASET_ROOTS[args.dataset])
     if args.dataset == "synthetic":
-        # Generate only when absent: ensure_synthetic_sop would also regenerate a complete
-        # dataset made with other settings, i.e. replace one the user pointed us at.
+        # Generate only when absent: any complete dataset there (e.g. one made with other
+        # settings by `datasets.py synthetic`) is the user's choice and is used as it is.
         if rank == 0 and not (root / "Ebay_train.txt").is_file():
             _log(rank, f"generating the synthetic SOP in {root} (once; a minute or two)")
             datasets.ensure_synthetic_sop(root)
@@ -728,6 +728,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
         if ckpt.get("rng"):
             models.restore_rng_state(ckpt["rng"])
         history = [dict(row) for row in ckpt.get("history", [])]
+        for dset, key in ((train_set, "train"), (val_set, "val")):
+            dset.mark_bad((ckpt.get("bad_paths") or {}).get(key, []))
         best_recall = float(ckpt.get("best_recall", -math.inf))
         start_epoch = int(ckpt["epoch"]) + 1
         del ckpt  # the optimizer state is now in place: free the copy
@@ -771,7 +773,9 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
             model, args=args, epoch=row["epoch"], metrics=row, optimizer=optimizer,
             scheduler=scheduler, scaler=scaler, rng=models.capture_rng_state(),
             history=[dict(r) for r in history], best_recall=float(best_recall),
-            criterion=criterion.state_dict() if list(criterion.parameters()) else None)
+            criterion=criterion.state_dict() if list(criterion.parameters()) else None,
+            # so that a resumed run keeps counting them (the flags live in this process only)
+            bad_paths={"train": train_set.bad_paths, "val": val_set.bad_paths})
         save_checkpoint(state, last_path)
         if is_best:
             link_best(last_path, best_path)

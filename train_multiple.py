@@ -427,7 +427,7 @@ def evaluate_command(options: dict) -> list[str]:
     if options["device"] is not None:
         cmd += ["--device", str(options["device"])]
     if not options["progress"]:
-        cmd.append("--no_progress")
+        cmd.append("--no-progress")
     return cmd
 
 
@@ -770,7 +770,8 @@ def main(args: argparse.Namespace) -> list[dict]:
         # train.py would generate its default (larger) synthetic SOP here; the quick one is ours
         _banner(f"synthetic SOP for --quick: {args.data_root}")
         datasets.ensure_synthetic_sop(args.data_root, num_products=QUICK_DATASET["num_products"],
-                                      image_size=QUICK_DATASET["image_size"])
+                                      image_size=QUICK_DATASET["image_size"],
+                                      replace=True)  # --quick's own folder
 
     for i, (point, ns) in enumerate(plan, start=1):
         paths = run_paths(ns)

@@ -38,7 +38,8 @@ def get_args_parser():
     parser = argparse.ArgumentParser("synthetic_baselines", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="data/synthetic_sop",
-                        help="synthetic SOP; generated (ensure_synthetic_sop) if missing or different")
+                        help="synthetic SOP; generated (ensure_synthetic_sop) if missing; one made with "
+                             "other settings is refused")
     parser.add_argument("--num_products", type=int, default=1200)
     parser.add_argument("--image_size", default="96")
     parser.add_argument("--seed", type=int, default=0)

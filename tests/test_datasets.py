@@ -423,6 +423,13 @@ def test_ensure_synthetic_reuses_and_refuses_foreign_data(tmp_path, monkeypatch)
     monkeypatch.setattr(datasets, "make_synthetic_sop", lambda *a, **k: pytest.fail("regenerated"))
     assert datasets.ensure_synthetic_sop(root, num_products=12, image_size=32) == root
     monkeypatch.undo()
+    # made with other settings: refused (named), the dataset stays; replace=True regenerates
+    before = (root / "Ebay_train.txt").read_text()
+    with pytest.raises(FileExistsError, match=r"other settings: num_products 12 \(wanted 10\)"):
+        datasets.ensure_synthetic_sop(root, num_products=10, image_size=32, workers=0)
+    assert (root / "Ebay_train.txt").read_text() == before and datasets.is_complete(root)
+    datasets.ensure_synthetic_sop(root, num_products=10, image_size=32, workers=0, replace=True)
+    assert datasets.read_marker(root)["num_products"] == 10
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")

@@ -45,7 +45,7 @@ def test_evaluate_end_to_end_with_cache(synthetic_root, tmp_path, monkeypatch):
     assert saved["num_queries"] == len(test_set)
     assert saved["model"]["backbone"] == "resnet18" and saved["model"]["embedding_size"] == 32
     assert saved["model"]["parameters"] > 1e6 and saved["model"]["checkpoint_size_mb"] > 1
-    assert set(saved["embedding_stats"]) == {"mean", "std", "norm_mean"}
+    assert set(saved["embedding_stats"]) == {"mean", "std", "norm_mean", "dim_std_mean", "mean_cosine"}
     assert saved["embedding_stats"]["norm_mean"] == pytest.approx(1, abs=1e-5)
     assert saved["timing"]["extract_s"] > 0 and saved["timing"]["cached"] is False
     cats = {datasets.SOP_CATEGORIES[s - 1] for s in np.unique(test_set.super_ids)}
@@ -95,3 +95,25 @@ def test_evaluate_reports_a_missing_dataset(tmp_path):
     with pytest.raises(SystemExit) as err:
         run(["--checkpoint", str(ckpt), "--device", "cpu", "--output", str(tmp_path / "out")])
     assert "no_data_here" in str(err.value.code)
+
+
+@pytest.mark.parametrize("flags, expected", [([], True), (["--no-progress"], False),
+                                             (["--no_progress"], False), (["--progress"], True)])
+def test_progress_flag_spellings(flags, expected):
+    """train.py's --progress/--no-progress, and the earlier --no_progress."""
+    args = evaluate.get_args_parser().parse_args(["--checkpoint", "c.pth", *flags])
+    assert args.progress is expected
+
+
+def test_embedding_stats_show_collapse():
+    rng = np.random.default_rng(0)
+    spread = rng.normal(size=(500, 16))
+    spread /= np.linalg.norm(spread, axis=1, keepdims=True)
+    collapsed = np.repeat(spread[:1], 500, axis=0)
+    a, b = evaluate.embedding_stats(spread), evaluate.embedding_stats(collapsed)
+    # the overall std cannot tell them apart; the two collapse measures can
+    assert b["std"] > 0.1 and b["dim_std_mean"] == pytest.approx(0, abs=1e-12)
+    assert b["mean_cosine"] == pytest.approx(1) and a["mean_cosine"] < 0.05
+    assert a["dim_std_mean"] > 0.2
+    # mean_cosine is the mean over all ordered pairs of the cosine
+    assert a["mean_cosine"] == pytest.approx(float((spread @ spread.T).mean()))

@@ -446,3 +446,43 @@ def test_single_thread_blas_blocks_nest_and_restore():
     assert all(n == 1 for n in blas_threads())
     inner.__exit__(None, None, None)
     assert blas_threads() == before
+
+
+def test_single_thread_blas_restores_across_threads():
+    """Concurrent demo searches: the block that sets the limit and the one that restores it
+    run on different threads; the original count must come back, and a later limit set from
+    yet another thread must still take effect (threadpoolctl's controlling thread released)."""
+    import threading
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info()
+                if i["user_api"] == "blas" and "numpy" in i["filepath"]]
+
+    before = blas_threads()
+    if not before or max(before) < 2:
+        pytest.skip("numpy's BLAS is not visible to threadpoolctl here, or runs one thread")
+    first, second = retrieval._SingleThreadBLAS(), retrieval._SingleThreadBLAS()
+
+    def in_thread(fn):
+        t = threading.Thread(target=fn)
+        t.start()
+        t.join()
+
+    in_thread(first.__enter__)           # a worker thread sets the limit...
+    second.__enter__()
+    in_thread(lambda: first.__exit__(None, None, None))
+    assert all(n == 1 for n in blas_threads())
+    second.__exit__(None, None, None)    # ...and the main thread, last out, restores it
+    assert blas_threads() == before
+
+    seen = []
+
+    def limit_and_read():
+        with threadpool_limits(limits=1, user_api="blas"):
+            seen.append(blas_threads())
+
+    in_thread(limit_and_read)
+    assert seen and all(n == 1 for n in seen[0])
+    assert blas_threads() == before

@@ -219,8 +219,16 @@ def test_corrupt_images_are_counted(tiny_sop, tmp_path):
     root = tmp_path / "sop"
     shutil.copytree(tiny_sop, root)
     test_set = datasets.SOPDataset(root, "test")  # 154 images: one bad one is < 1%
+    good = Path(test_set.paths[5]).read_bytes()
     Path(test_set.paths[5]).write_bytes(b"")
     train.main(parse(tiny_argv(root, tmp_path, "--val_split", "test", "--epochs", "1",
                                "--projector_samples", "0")))
     rows = read_rows(tmp_path / "runs" / "t" / "metrics.csv")
     assert [float(r["bad_images"]) for r in rows] == [1.0, 1.0]
+    # The count is the run's, not the process's: a resumed run starts from the checkpoint's
+    # list (here the file was repaired meanwhile, so only that list can report it).
+    Path(test_set.paths[5]).write_bytes(good)
+    train.main(parse(tiny_argv(root, tmp_path, "--val_split", "test", "--epochs", "2",
+                               "--projector_samples", "0", "--resume", "auto")))
+    rows = read_rows(tmp_path / "runs" / "t" / "metrics.csv")
+    assert [float(r["bad_images"]) for r in rows] == [1.0, 1.0, 1.0]
