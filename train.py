@@ -2,7 +2,8 @@
 
     python train.py --dataset stanford --backbone efficientnet_b0 --batch_size 64 --epochs 10 \
         --lr 0.0001 --margin 0.5 --embedding_size 128            # the seeds' command, verbatim
-    python train.py --dataset synthetic --backbone resnet18 --weights none --image_size 64 --epochs 3
+    python train.py --dataset synthetic --backbone resnet18 --weights none --image_size 64 --epochs 3 \
+        --loss multi_similarity --lr 1e-3 --batch_size 32 --dropout 0  # quick CPU run (~2 min)
     torchrun --nproc_per_node=2 train.py ...                        # DistributedDataParallel
     python train.py ... --resume auto                               # continue checkpoints/<run>/last.pth
 
