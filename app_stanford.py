@@ -329,7 +329,6 @@ def load_or_build_index(model, checkpoint, data_root, split="test", index_path=N
             logger.info("Gallery index %s is stale (%s); rebuilding it", index_path, reason)
     logger.info("Embedding %d gallery images of %s (split %s) with %s ...",
                 len(dataset), dataset.root, split, Path(checkpoint))
-    workers = min(2, os.cpu_count() or 1) if workers is None else workers
     index = retrieval.build_gallery_index(
         model, dataset, batch_size=batch_size, workers=workers, checkpoint_hash=ckpt_hash,
         meta={"split": split, "data_root": str(dataset.root), "model_args": dict(model.model_args),
@@ -581,8 +580,9 @@ def get_args_parser(add_help=True):
     group.add_argument("--build_index", action="store_true",
                        help="build / refresh the gallery index, then exit without serving")
     group.add_argument("--batch_size", default=64, type=int, help="batch size for embedding the gallery")
-    group.add_argument("--workers", default=min(2, os.cpu_count() or 1), type=int,
-                       help="DataLoader workers for embedding the gallery")
+    group.add_argument("--workers", default=None, type=int,
+                       help="DataLoader workers for embedding the gallery; default "
+                            "datasets.loader_settings for the device and CPU count")
     group.add_argument("--threads", default=None, type=int,
                        help="torch CPU threads (default: torch's choice, one per core)")
     group = parser.add_argument_group("server")

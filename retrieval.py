@@ -873,16 +873,19 @@ class GalleryIndex:
         return out_s, out_i
 
 
-def build_gallery_index(model, dataset, batch_size=64, workers=0, device="cpu", amp=None,
+def build_gallery_index(model, dataset, batch_size=64, workers=None, device="cpu", amp=None,
                         checkpoint_hash="", meta=None, progress=True) -> GalleryIndex:
     """Embed every image of ``dataset`` (an SOPDataset with an eval transform) into a
-    `GalleryIndex`; paths are stored relative to the data root (``dataset.rel_paths``)."""
+    `GalleryIndex`; paths are stored relative to the data root (``dataset.rel_paths``).
+    ``workers=None``: datasets.loader_settings for the device and this machine's CPUs."""
     import torch
 
+    import datasets  # here, not at import time: the demo's search path needs no torchvision
+
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-        pin_memory=torch.device(device).type == "cuda", persistent_workers=False,
-    )
+        dataset, batch_size=batch_size, shuffle=False,
+        # one pass: persistent workers would only outlive it
+        **datasets.loader_settings(device, workers=workers, persistent_workers=False))
     t0 = time.perf_counter()
     embeddings, labels = extract_embeddings(model, loader, device=device, amp=amp, progress=progress,
                                             desc="gallery")

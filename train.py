@@ -109,8 +109,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument(*_flags("image_size"), default=224, type=int,
                        help="crop size (>= 32); images are first resized to image_size*256/224. "
                             "224 for real runs, 48-64 for CPU runs on synthetic data")
-    group.add_argument(*_flags("workers"), default=min(8, os.cpu_count() or 1), type=int,
-                       help="DataLoader worker processes per rank (0 = load in the main process)")
+    group.add_argument(*_flags("workers"), default=None, type=int,
+                       help="DataLoader worker processes per rank (0 = load in the main process); "
+                            "default: datasets.loader_settings, measured in bench/: a quarter of "
+                            "the CPUs (at least 1) on CPU, every CPU up to 16 on CUDA, divided "
+                            "among the ranks")
 
     group = parser.add_argument_group("model")
     group.add_argument(*_flags("backbone"), default="efficientnet_b0", choices=sorted(models.BACKBONES),
@@ -234,7 +237,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
              f"({args.images_per_class}) holding at least 2 products, e.g. "
              f"{16 * args.images_per_class} = 16 products x {args.images_per_class} images")
     need(args.val_batch_size >= 1, f"--val_batch_size must be >= 1 (got {args.val_batch_size})")
-    need(args.workers >= 0, f"--workers must be >= 0 (got {args.workers})")
+    need(args.workers is None or args.workers >= 0, f"--workers must be >= 0 (got {args.workers})")
     need(args.projector_samples >= 0,
          f"--projector_samples must be >= 0 (got {args.projector_samples})")
     need(args.max_steps_per_epoch is None or args.max_steps_per_epoch >= 1,
@@ -676,11 +679,12 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
     # reseeded from (seed, epoch) at every epoch start. No persistent workers: they would keep
     # the first epoch's seeds.
     loader_gen = torch.Generator()
-    pin = device.type == "cuda"
-    train_loader = DataLoader(train_set, batch_sampler=train_sampler, num_workers=args.workers,
-                              pin_memory=pin, worker_init_fn=_seed_worker, generator=loader_gen)
+    cpus = max(1, datasets.available_cpus() // world)  # the ranks share the machine's CPUs
+    train_loader = DataLoader(train_set, batch_sampler=train_sampler, worker_init_fn=_seed_worker,
+                              generator=loader_gen, **datasets.loader_settings(
+                                  device, cpus, workers=args.workers, persistent_workers=False))
     val_loader = DataLoader(val_set, batch_size=args.val_batch_size, shuffle=False,
-                            num_workers=args.workers, pin_memory=pin)
+                            **datasets.loader_settings(device, cpus, workers=args.workers))
     steps = len(train_sampler)
     if args.max_steps_per_epoch:
         steps = min(steps, args.max_steps_per_epoch)

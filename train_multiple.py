@@ -420,8 +420,9 @@ def evaluate_command(options: dict) -> list[str]:
     """The evaluate.py command line of ``eval_options``."""
     cmd = [sys.executable, str(REPO / "evaluate.py"), "--checkpoint", options["checkpoint"],
            "--data_root", options["data_root"], "--split", options["split"],
-           "--output", options["output"], "--batch_size", str(options["batch_size"]),
-           "--workers", str(options["workers"])]
+           "--output", options["output"], "--batch_size", str(options["batch_size"])]
+    if options["workers"] is not None:  # None: evaluate.py's own default (loader_settings)
+        cmd += ["--workers", str(options["workers"])]
     if options["num_examples"] != 6:  # evaluate.py's default
         cmd += ["--num_examples", str(options["num_examples"])]
     if options["device"] is not None:

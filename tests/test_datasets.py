@@ -606,3 +606,16 @@ def test_synthetic_cli_and_help(tmp_path, capsys):
     with pytest.raises(SystemExit):
         datasets.get_args_parser().parse_args(["synthetic", "--help"])
     assert "--num_products" in capsys.readouterr().out
+
+
+def test_loader_settings_follow_device_and_cpus():
+    """The defaults train.py, evaluate.py and the demo use (measured in bench/bench_throughput)."""
+    assert datasets.loader_settings("cpu", cpus=2) == {
+        "num_workers": 1, "pin_memory": False, "persistent_workers": False, "prefetch_factor": 2}
+    assert datasets.loader_settings("cpu", cpus=16)["num_workers"] == 4
+    gpu = datasets.loader_settings("cuda", cpus=64)
+    assert gpu == {"num_workers": 16, "pin_memory": True, "persistent_workers": True, "prefetch_factor": 4}
+    # explicit values win; no worker options without workers (DataLoader rejects them)
+    assert datasets.loader_settings("cuda", cpus=8, workers=0) == {"num_workers": 0, "pin_memory": True}
+    assert datasets.loader_settings("cuda", cpus=8, persistent_workers=False)["persistent_workers"] is False
+    assert datasets.loader_settings("cpu", cpus=8, pin_memory=True)["pin_memory"] is False  # CPU: no pinning

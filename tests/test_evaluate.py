@@ -117,3 +117,28 @@ def test_embedding_stats_show_collapse():
     assert a["dim_std_mean"] > 0.2
     # mean_cosine is the mean over all ordered pairs of the cosine
     assert a["mean_cosine"] == pytest.approx(float((spread @ spread.T).mean()))
+
+
+def test_compile_flag_extracts_with_the_compiled_model(synthetic_root, tmp_path, monkeypatch):
+    """--compile hands torch.compile's module to the extraction and gives the same metrics.
+    (torch.compile is replaced by a wrapper here: inductor needs a C++ toolchain CI may lack.)"""
+    ckpt = save_checkpoint(tmp_path / "checkpoints" / "c" / "best.pth", synthetic_root)
+    seen = []
+
+    class Compiled(torch.nn.Module):  # what torch.compile returns: a module wrapping the model
+        def __init__(self, model):
+            super().__init__()
+            self._orig_mod = model
+
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return self._orig_mod(x)
+
+    monkeypatch.setattr(evaluate.torch, "compile", Compiled)
+    base = ["--checkpoint", str(ckpt), "--workers", "0", "--device", "cpu", "--no-progress",
+            "--num_examples", "0"]
+    plain = run(base + ["--output", str(tmp_path / "plain")])
+    assert not seen
+    compiled = run(base + ["--output", str(tmp_path / "compiled"), "--compile"])
+    assert sum(seen) == compiled["num_queries"]  # every image went through the compiled module
+    assert compiled["product"] == pytest.approx(plain["product"])
