@@ -317,16 +317,12 @@ def load_or_build_index(model, checkpoint, data_root, split="test", index_path=N
                                   transform=datasets.build_transform(image_size, train=False))
     ckpt_hash = models.checkpoint_hash(checkpoint)
     if index_path.exists() and not force:
-        try:
-            index = retrieval.GalleryIndex.load(index_path, backend=INDEX_BACKEND)
-        except ValueError as e:
-            logger.warning("%s; rebuilding it", e)
-        else:
-            reason = index.stale_reason(ckpt_hash, dataset.rel_paths)
-            if reason is None:
-                logger.info("Loaded gallery index %s (%d images)", index_path, len(index))
-                return index, False
-            logger.info("Gallery index %s is stale (%s); rebuilding it", index_path, reason)
+        index, why = retrieval.load_fresh_index(index_path, ckpt_hash, dataset.rel_paths,
+                                                backend=INDEX_BACKEND)
+        if index is not None:
+            logger.info("Loaded gallery index %s (%d images)", index_path, len(index))
+            return index, False
+        logger.info("Gallery index %s: %s; rebuilding it", index_path, why)
     logger.info("Embedding %d gallery images of %s (split %s) with %s ...",
                 len(dataset), dataset.root, split, Path(checkpoint))
     index = retrieval.build_gallery_index(

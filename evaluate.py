@@ -128,16 +128,11 @@ def get_embeddings(model, dataset, checkpoint_hash, batch_size=64, workers=None,
                    cache=None, progress=True, meta=None):
     """(GalleryIndex of the dataset, seconds spent extracting, whether the cache served it)."""
     if cache is not None and Path(cache).exists():
-        try:
-            index = retrieval.GalleryIndex.load(cache)
-        except ValueError as e:
-            logger.warning("%s; extracting again", e)
-        else:
-            reason = index.stale_reason(checkpoint_hash, dataset.rel_paths)
-            if reason is None:
-                logger.info("embeddings from cache %s (%d images)", cache, len(index))
-                return index, 0.0, True
-            logger.info("embeddings cache %s is stale (%s); extracting again", cache, reason)
+        index, why = retrieval.load_fresh_index(cache, checkpoint_hash, dataset.rel_paths)
+        if index is not None:
+            logger.info("embeddings from cache %s (%d images)", cache, len(index))
+            return index, 0.0, True
+        logger.info("embeddings cache %s: %s; extracting again", cache, why)
     t0 = time.perf_counter()
     index = retrieval.build_gallery_index(model, dataset, batch_size=batch_size, workers=workers,
                                           device=device, checkpoint_hash=checkpoint_hash,

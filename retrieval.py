@@ -873,6 +873,21 @@ class GalleryIndex:
         return out_s, out_i
 
 
+def load_fresh_index(path, checkpoint_hash, paths, backend="auto"):
+    """``(index, None)`` when ``path`` holds a GalleryIndex that loads and was built from
+    ``checkpoint_hash`` over exactly ``paths``; else ``(None, why)``, ``why`` a phrase for the
+    log ("missing", the load error, or "stale (...)")."""
+    path = Path(path)
+    if not path.exists():
+        return None, "missing"
+    try:
+        index = GalleryIndex.load(path, backend=backend)
+    except ValueError as e:  # damaged / other format: the caller rebuilds it
+        return None, str(e)
+    reason = index.stale_reason(checkpoint_hash, paths)
+    return (index, None) if reason is None else (None, f"stale ({reason})")
+
+
 def build_gallery_index(model, dataset, batch_size=64, workers=None, device="cpu", amp=None,
                         checkpoint_hash="", meta=None, progress=True) -> GalleryIndex:
     """Embed every image of ``dataset`` (an SOPDataset with an eval transform) into a

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # Make the flat repo's modules (datasets, models, ...) importable however pytest is started.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -34,3 +35,13 @@ def synthetic_copy(synthetic_root, tmp_path):
     dst = tmp_path / "sop_copy"
     shutil.copytree(synthetic_root, dst)
     return dst
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test (2 shared cores: more threads only add contention);
+    use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

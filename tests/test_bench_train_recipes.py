@@ -5,7 +5,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "train_recipes.py"
 
@@ -21,15 +20,10 @@ def recipes():
 @pytest.mark.parametrize("extra", [["--loss", "multi_similarity"],
                                    ["--model", "small_cnn", "--schedule", "onecycle"],
                                    ["--loss", "proxy_anchor", "--optimizer", "sgd"]])
-def test_recipe_runs_and_reports(recipes, synthetic_root, extra, capsys):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = recipes.main(recipes.get_args_parser().parse_args(
-            ["--data_root", str(synthetic_root), "--image_size", "32", "--batch_size", "16",
-             "--epochs", "2", "--workers", "0", "--lr", "1e-3", *extra]))
-    finally:
-        torch.set_num_threads(previous)
+def test_recipe_runs_and_reports(recipes, synthetic_root, extra, capsys, one_torch_thread):
+    out = recipes.main(recipes.get_args_parser().parse_args(
+        ["--data_root", str(synthetic_root), "--image_size", "32", "--batch_size", "16",
+         "--epochs", "2", "--workers", "0", "--lr", "1e-3", *extra]))
     assert len(out["val_recall@1"]) == 3 and all(0 <= r <= 100 for r in out["val_recall@1"])
     assert len(out["train_loss"]) == 2 and all(math.isfinite(v) for v in out["train_loss"])
     assert '"val_recall@1"' in capsys.readouterr().out  # the JSON line

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 import train
-from test_train import assert_checkpoint_loads, model_rows, one_thread, parse, tiny_argv, tiny_sop  # noqa: F401
+from test_train import assert_checkpoint_loads, model_rows, parse, tiny_argv, tiny_sop  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TRAIN = Path(train.__file__).resolve()
 # --lr_patience 0: the plateau schedule halves the LR on every epoch without a new best, so the

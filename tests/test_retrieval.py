@@ -486,3 +486,17 @@ def test_single_thread_blas_restores_across_threads():
     in_thread(limit_and_read)
     assert seen and all(n == 1 for n in seen[0])
     assert blas_threads() == before
+
+
+def test_load_fresh_index_says_why_not(tmp_path):
+    index = make_index(n=8)
+    path = tmp_path / "index.npz"
+    assert retrieval.load_fresh_index(path, "ab" * 32, index.paths) == (None, "missing")
+    index.save(path)
+    fresh, why = retrieval.load_fresh_index(path, "ab" * 32, index.paths)
+    assert why is None and fresh.paths == index.paths
+    assert retrieval.load_fresh_index(path, "cd" * 32, index.paths)[1].startswith("stale (built from checkpoint")
+    assert "image list" in retrieval.load_fresh_index(path, "ab" * 32, index.paths[::-1])[1]
+    path.write_bytes(b"not an index")
+    fresh, why = retrieval.load_fresh_index(path, "ab" * 32, index.paths)
+    assert fresh is None and why != "missing" and not why.startswith("stale")

@@ -26,12 +26,7 @@ def tiny_sop(tmp_path_factory):
                                        image_size=48)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_argv(root, out, *extra):
