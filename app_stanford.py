@@ -64,12 +64,9 @@ DEFAULT_K = 10
 MAX_K = 50
 # Formats a query may have. Decoding others (EPS runs Ghostscript, ...) is refused up front.
 QUERY_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-# Exact numpy search (ties by the lower index, as the metrics): as fast as faiss for one query
-# over 60k vectors, and "numpy" never imports faiss, whose second OpenBLAS copy would make
-# retrieval's one-BLAS-thread limit miss numpy's own BLAS.
-INDEX_BACKEND = "numpy"
 TRAIN_HINT = ("python train.py --dataset synthetic --backbone resnet18 --weights none "
-              "--image_size 64 --epochs 3   (offline, on CPU; generates data/synthetic_sop)\n"
+              "--image_size 64 --epochs 3 --loss multi_similarity --lr 1e-3 --batch_size 32 "
+              "--dropout 0   (offline, ~2 min on CPU; generates data/synthetic_sop)\n"
               "  or on real SOP: python train.py --dataset stanford --backbone efficientnet_b0")
 
 
@@ -317,8 +314,7 @@ def load_or_build_index(model, checkpoint, data_root, split="test", index_path=N
                                   transform=datasets.build_transform(image_size, train=False))
     ckpt_hash = models.checkpoint_hash(checkpoint)
     if index_path.exists() and not force:
-        index, why = retrieval.load_fresh_index(index_path, ckpt_hash, dataset.rel_paths,
-                                                backend=INDEX_BACKEND)
+        index, why = retrieval.load_fresh_index(index_path, ckpt_hash, dataset.rel_paths)
         if index is not None:
             logger.info("Loaded gallery index %s (%d images)", index_path, len(index))
             return index, False
@@ -329,7 +325,6 @@ def load_or_build_index(model, checkpoint, data_root, split="test", index_path=N
         model, dataset, batch_size=batch_size, workers=workers, checkpoint_hash=ckpt_hash,
         meta={"split": split, "data_root": str(dataset.root), "model_args": dict(model.model_args),
               "checkpoint": str(checkpoint)}, progress=progress)
-    index.backend = INDEX_BACKEND
     index.save(index_path)
     logger.info("Saved gallery index %s", index_path)
     return index, True

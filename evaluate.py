@@ -110,9 +110,9 @@ def embedding_stats(embeddings: np.ndarray) -> dict:
                    unit vectors||^2: 1 when collapsed, near 0 when spread over the sphere.
     """
     e = embeddings.astype(np.float64)
-    unit = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-    return {"mean": float(e.mean()), "std": float(e.std()),
-            "norm_mean": float(np.linalg.norm(e, axis=1).mean()),
+    norms = np.linalg.norm(e, axis=1, keepdims=True)
+    unit = e / np.maximum(norms, 1e-12)
+    return {"mean": float(e.mean()), "std": float(e.std()), "norm_mean": float(norms.mean()),
             "dim_std_mean": float(e.std(axis=0).mean()),
             "mean_cosine": float(np.square(unit.mean(axis=0)).sum())}
 
@@ -295,8 +295,8 @@ def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, b
 
     # ============ embeddings ============
     index, extract_s, cached = get_embeddings(
-        torch.compile(model) if compile else model, dataset, ckpt_hash, batch_size=batch_size, workers=workers, device=device,
-        cache=embeddings_cache, progress=progress,
+        torch.compile(model) if compile else model, dataset, ckpt_hash, batch_size=batch_size,
+        workers=workers, device=device, cache=embeddings_cache, progress=progress,
         meta={"split": split, "data_root": str(dataset.root), "model_args": model_args,
               "checkpoint": str(checkpoint)})
     embeddings = index.embeddings

@@ -28,7 +28,7 @@ px) is generated once into ``--cache_dir`` and reused.
     python bench/bench_throughput.py --resized_root data/sop_256    # a `datasets.py resize` copy
     python bench/bench_throughput.py --compile --repeats 3
 
-Loader settings default to ``loader_settings()`` (``--workers auto``): what this benchmark
+Loader settings default to ``datasets.loader_settings()`` (``--workers auto``): what this benchmark
 measured best for the device and CPU count (see the README's throughput section).
 On CUDA: AMP (float16), pinned memory and ``non_blocking`` copies, cuDNN benchmark mode.
 """
@@ -57,13 +57,6 @@ import train  # noqa: E402
 
 PARTS = ("forward", "extract", "train_step", "train_loader")
 TARGETS = {"extract_vs_ceiling": 0.8, "train_vs_ceiling": 0.8, "cuda_extract_images_per_s_b0": 3000}
-
-
-# ============ loader settings ============
-
-# Shared with train.py, evaluate.py and the demo (measured here, see the README).
-available_cpus = datasets.available_cpus
-loader_settings = datasets.loader_settings
 
 
 # ============ timing ============
@@ -247,7 +240,7 @@ def get_args_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default mode)")
     # loader
     p.add_argument("--workers", default="auto",
-                   help="DataLoader workers; 'auto' = loader_settings() for the device and CPU count")
+                   help="DataLoader workers; 'auto' = datasets.loader_settings() for the device and CPU count")
     p.add_argument("--pin_memory", default=None, action=argparse.BooleanOptionalAction,
                    help="default: on CUDA only (no effect without an accelerator)")
     p.add_argument("--persistent_workers", default=None, action=argparse.BooleanOptionalAction)
@@ -293,7 +286,7 @@ def main(args) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size
     torch.manual_seed(args.seed)
-    settings = loader_settings(device, workers=None if args.workers == "auto" else int(args.workers),
+    settings = datasets.loader_settings(device, workers=None if args.workers == "auto" else int(args.workers),
                                pin_memory=args.pin_memory, persistent_workers=args.persistent_workers,
                                prefetch_factor=args.prefetch_factor)
     load_avg_before = os.getloadavg()
@@ -371,7 +364,7 @@ def main(args) -> dict:
         "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "cpus_available": available_cpus(),
+        "cpu_count": os.cpu_count(), "cpus_available": datasets.available_cpus(),
         "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
         # read by libgomp when torch loads: how idle OpenMP threads wait (see the README)
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),

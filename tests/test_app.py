@@ -186,21 +186,11 @@ def cpu_settings():
     """One intra-op thread while these tests run: on a shared or oversubscribed CI machine
     two spinning OpenMP threads can turn a 5 ms forward pass into a second (what is tested
     here does not depend on the thread count).
-
-    Afterwards, release threadpoolctl's OpenBLAS "controlling thread": searches here run on
-    the demo's worker thread, and retrieval's one-BLAS-thread limit (threadpoolctl's
-    limit()/restore_original_limits() outside a ``with`` block) leaves that thread as the
-    only one whose limits take effect, which would make later tests' limits silent no-ops.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-    try:
-        from threadpoolctl import OpenBLASController
-    except ImportError:
-        return
-    OpenBLASController.clear_controlling_thread(force=True)
 
 
 # Session scope, and built once per process: tests/test_app_browser.py imports these two

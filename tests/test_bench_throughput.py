@@ -78,16 +78,6 @@ def test_cli_prints_json_no_draft_resized_copy(tmp_path, tiny_root):
     assert "train_vs_ceiling" not in out
 
 
-def test_loader_settings(bench):
-    cpu = bench.loader_settings("cpu", cpus=2)
-    assert cpu["num_workers"] >= 0 and cpu["pin_memory"] is False
-    gpu = bench.loader_settings("cuda", cpus=16)
-    assert gpu == {"num_workers": 16, "pin_memory": True, "persistent_workers": True, "prefetch_factor": 4}
-    assert bench.loader_settings("cpu", cpus=2, workers=0) == {"num_workers": 0, "pin_memory": False}
-    # pinning needs an accelerator: never asked for on the CPU
-    assert bench.loader_settings("cpu", cpus=2, pin_memory=True)["pin_memory"] is False
-
-
 def test_bad_arguments(bench, tiny_root):
     with pytest.raises(ValueError, match="--parts"):
         bench.main(_args(bench, tiny_root, "--parts", "forward,nope"))

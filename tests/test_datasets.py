@@ -619,3 +619,7 @@ def test_loader_settings_follow_device_and_cpus():
     assert datasets.loader_settings("cuda", cpus=8, workers=0) == {"num_workers": 0, "pin_memory": True}
     assert datasets.loader_settings("cuda", cpus=8, persistent_workers=False)["persistent_workers"] is False
     assert datasets.loader_settings("cpu", cpus=8, pin_memory=True)["pin_memory"] is False  # CPU: no pinning
+    # (moved from tests/test_bench_throughput.py, where these settings used to live)
+    assert datasets.loader_settings("cuda", cpus=16) == {
+        "num_workers": 16, "pin_memory": True, "persistent_workers": True, "prefetch_factor": 4}
+    assert datasets.loader_settings("cpu", cpus=2, workers=0) == {"num_workers": 0, "pin_memory": False}
