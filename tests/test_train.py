@@ -78,8 +78,15 @@ def test_seed_command_parses_verbatim():
     assert (args.lr, args.margin, args.embedding_size) == (1e-4, 0.5, 128)
     # the seeds' other defaults
     assert (args.weight_decay, args.lr_factor, args.lr_patience, args.weights) == (1e-5, 0.5, 3, "imagenet")
-    assert (args.sampler, args.images_per_class, args.loss, args.mining) == ("pk", 4, "triplet", "semihard")
+    assert (args.images_per_class, args.mining) == (4, "semihard")
     assert args.amp is True and args.image_size == 224
+    # ImageNet weights: the recommended recipe; --recipe original: the original project's own
+    resolved = train.resolve_recipe(args)
+    assert (resolved.recipe, resolved.loss, resolved.sampler) == (
+        "pretrained", train.RECIPES["pretrained"]["loss"], train.RECIPES["pretrained"]["sampler"])
+    original = train.resolve_recipe(parse(SEED_COMMAND + ["--recipe", "original"]))
+    assert (original.loss, original.sampler, original.head, original.select_metric) == (
+        "triplet", "random", "mlp", "recall@1")
 
 
 def test_hyphenated_spellings_and_amp_switch():
@@ -137,9 +144,9 @@ def test_end_to_end_outputs(tiny_sop, tmp_path):
     best = assert_checkpoint_loads(ckpt_dir / "best.pth")
     assert last["epoch"] == 2 and last["format_version"] == models.CHECKPOINT_FORMAT_VERSION
     assert last["model_args"] == {"backbone": "resnet18", "embedding_size": 128, "dropout": 0.2,
-                                  "image_size": 32}
-    recalls = [float(r["val_recall@1"]) for r in rows]
-    assert best["epoch"] == recalls.index(max(recalls))  # first epoch reaching the best
+                                  "image_size": 32, "head": "mlp"}
+    maps = [float(r["val_map@r"]) for r in rows]  # --weights none: the scratch recipe's metric
+    assert best["epoch"] == maps.index(max(maps))  # first epoch reaching the best
     assert isinstance(last["rng"]["torch"], torch.Tensor) and last["args"]["lr"] == 1e-3
     assert [h["epoch"] for h in last["history"]] == [0, 1, 2]
     model = models.load_model(ckpt_dir / "best.pth")
