@@ -1,5 +1,7 @@
 """evaluate.py end to end on a tiny synthetic SOP: the checkpoint alone drives it, the outputs
-have the SPEC.md shape, and the embeddings cache is reused only while it is valid."""
+have the SPEC.md shape, the embeddings cache is reused only while it is valid; --zero_shot
+evaluates a pretrained backbone alone, and a checkpoint trained from ImageNet weights reports
+its backbone's zero-shot row beside its own."""
 import json
 
 import numpy as np
@@ -59,8 +61,7 @@ def test_evaluate_end_to_end_with_cache(synthetic_root, tmp_path, monkeypatch):
     assert {k: saved[k] for k in direct} == direct
 
     md = (out / "results.md").read_text()
-    for header in ("| Model | Recall@1 | Recall@5 | Recall@10 | Recall@20 | mAP@10 | Parameters |",
-                   "| Model | P@1 | P@5 | P@10 | P@20 |",
+    for header in ("| Model | Recall@1 | Recall@5 | Recall@10 | Recall@20 | P@1 | P@5 | P@10 | P@20 | mAP@10 |",
                    "| Model | Recall@1 | Recall@10 | Recall@100 | Recall@1000 | MAP@R | R-Precision |",
                    "| Category | Queries |"):
         assert header in md
@@ -142,3 +143,63 @@ def test_compile_flag_extracts_with_the_compiled_model(synthetic_root, tmp_path,
     compiled = run(base + ["--output", str(tmp_path / "compiled"), "--compile"])
     assert sum(seen) == compiled["num_queries"]  # every image went through the compiled module
     assert compiled["product"] == pytest.approx(plain["product"])
+
+
+# ============ zero-shot ============
+
+def direct_zero_shot(root, size=32):
+    """The backbone's L2-normalised pooled features, by hand: the reference for --zero_shot."""
+    net = models.build_model("efficientnet_lite0", weights="imagenet").backbone.eval()
+    test_set = datasets.SOPDataset(root, "test", transform=datasets.build_transform(size, train=False))
+    with torch.no_grad():
+        feats = torch.cat([net(torch.stack([test_set[i][0] for i in range(j, min(j + 64, len(test_set)))]))
+                           for j in range(0, len(test_set), 64)])
+    emb = torch.nn.functional.normalize(feats, dim=1).numpy()
+    return retrieval.evaluate_embeddings(emb, test_set.class_ids, test_set.super_ids)
+
+
+def test_zero_shot_cli_equals_the_backbone_features_by_hand(synthetic_root, tmp_path):
+    out = tmp_path / "zs"
+    results = run(["--zero_shot", "--backbone", "efficientnet_lite0", "--data_root", str(synthetic_root),
+                   "--image_size", "32", "--workers", "0", "--device", "cpu", "--no-progress",
+                   "--num_examples", "0", "--output", str(out)])
+    expected = direct_zero_shot(synthetic_root)
+    assert results["product"] == pytest.approx(expected["product"], abs=1e-6)
+    assert results["category"] == pytest.approx(expected["category"], abs=1e-6)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["model"]["zero_shot"] is True and saved["model"]["embedding_size"] == 1280
+    assert saved["model"]["checkpoint"] is None and saved["model"]["head"] == "none"
+    assert "Zero-shot evaluation of `efficientnet_lite0`" in (out / "results.md").read_text()
+
+
+def test_checkpoint_from_imagenet_weights_reports_its_zero_shot_row(synthetic_root, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = models.build_model("efficientnet_lite0", embedding_size=16, weights="imagenet",
+                               image_size=32)
+    ckpt = tmp_path / "checkpoints" / "lite" / "best.pth"
+    models.atomic_save(models.make_checkpoint(model, args={"dataset": "synthetic", "weights": "imagenet",
+                                                           "data_root": str(synthetic_root)}), ckpt)
+    base = ["--checkpoint", str(ckpt), "--workers", "0", "--device", "cpu", "--no-progress",
+            "--num_examples", "0", "--output", str(tmp_path / "out")]
+    results = run(base)
+    expected = direct_zero_shot(synthetic_root)
+    assert results["zero_shot"]["product"] == pytest.approx(expected["product"], abs=1e-6)
+    assert results["product"] != results["zero_shot"]["product"]  # the 16-d head differs
+    printed = capsys.readouterr().out
+    assert "zero-shot backbone" in printed and "lite" in printed
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| zero-shot efficientnet_lite0 (ImageNet features, no training) |" in md
+    assert "zero_shot" not in run(base + ["--no-zero_shot_row"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "either --checkpoint"),
+    (["--checkpoint", "a.pth", "--zero_shot", "--backbone", "resnet18", "--data_root", "d"], "either --checkpoint"),
+    (["--zero_shot", "--data_root", "d"], "--zero_shot needs --backbone"),
+    (["--zero_shot", "--backbone", "resnet18", "--data_root", "d", "--image_size", "8"], "--image_size must be >= 32"),
+])
+def test_bad_argument_combinations_exit_2(argv, message, capsys):
+    parser = evaluate.get_args_parser()
+    with pytest.raises(SystemExit) as exc:
+        evaluate.check_args(parser, parser.parse_args(argv))
+    assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -56,8 +56,8 @@ def test_every_train_flag_passes_through_and_none_is_defined_twice():
 def test_default_grid_is_the_seeds_three_backbones_and_grid_flags_widen_it():
     args = tm.parse_args([])
     names = [p.run_name(args.prefix) for p in tm.build_grid(args)]
-    assert names == ["cmp_efficientnet_b0_triplet_pk", "cmp_resnet18_triplet_pk",
-                     "cmp_resnet50_triplet_pk"]
+    loss, sampler = (train.RECIPES["pretrained"][k] for k in ("loss", "sampler"))  # ImageNet weights
+    assert names == [f"cmp_{b}_{loss}_{sampler}" for b in ("efficientnet_b0", "resnet18", "resnet50")]
     args = tm.parse_args(["--backbones", "resnet18", "resnet50", "--samplers", "random", "pk",
                           "--losses", "triplet", "multi_similarity", "--prefix", "sw"])
     grid = tm.build_grid(args)
@@ -260,11 +260,39 @@ def test_dry_run_prints_commands_and_report_only_trains_nothing(tmp_path, monkey
     argv = ["--backbones", "resnet18", "resnet50", "--samplers", "random", "--epochs", "2"]
     assert tm.cli(argv + ["--dry_run"]) == 0
     out = capsys.readouterr().out
-    assert "[1/2] cmp_resnet18_triplet_random: new" in out
-    assert "train.py --backbone resnet18 --loss triplet --sampler random --epochs 2" in out
-    assert "evaluate.py --checkpoint checkpoints/cmp_resnet18_triplet_random/best.pth" in out
+    loss = train.RECIPES["pretrained"]["loss"]  # the recipe of the default --weights imagenet
+    assert f"[1/2] cmp_resnet18_{loss}_random: new" in out
+    # the recipe resolved: its every value on the command line
+    assert "train.py --backbone resnet18 " in out and "--recipe pretrained" in out
+    assert f"--loss {loss} --sampler random --epochs 2" in out
+    assert f"evaluate.py --checkpoint checkpoints/cmp_resnet18_{loss}_random/best.pth" in out
+    # one zero-shot evaluation per backbone
+    assert "cmp_resnet50_zero_shot: new" in out
+    assert "evaluate.py --zero_shot --backbone resnet50 --data_root data/Stanford_Online_Products" in out
     assert not (tmp_path / "runs").exists() and not (tmp_path / "checkpoints").exists()
     assert tm.cli(argv + ["--report_only"]) == 0
     rows = tm.read_csv(tmp_path / "runs" / "comparison" / "comparison.csv")
-    assert [r["status"] for r in rows] == ["not run", "not run"]
+    assert [(r["backbone"], r["loss"], r["status"]) for r in rows] == [
+        ("resnet18", "zero-shot", "not run"), ("resnet18", loss, "not run"),
+        ("resnet50", "zero-shot", "not run"), ("resnet50", loss, "not run")]
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_zero_shot_row_per_backbone_from_imagenet_weights(tiny_sop, tmp_path, monkeypatch):
+    """--weights imagenet: each backbone gets a zero-shot row (evaluate.py --zero_shot on the
+    test split at the grid's image size) before its trained rows; reruns reuse it."""
+    monkeypatch.chdir(tmp_path)
+    argv = tiny_argv(tiny_sop, tmp_path, "--backbones", "efficientnet_lite0", "--weights",
+                     "imagenet", "--launcher", "inprocess", "--embedding_size", "16")
+    rows = tm.main(tm.parse_args(argv))
+    assert [(r["loss"], r["status"]) for r in rows] == [
+        ("zero-shot", "evaluated"), (train.RECIPES["pretrained"]["loss"], "trained")]
+    import evaluate
+    direct = evaluate.evaluate_zero_shot("efficientnet_lite0", str(tiny_sop), image_size=32,
+                                         write=False, workers=0, num_examples=0, progress=False)
+    assert rows[0]["product_map@r"] == direct["product"]["map@r"]
+    assert rows[0]["run"] == "t_efficientnet_lite0_zero_shot"
+    md = (tmp_path / "runs" / "comparison" / "comparison.md").read_text()
+    assert "| t_efficientnet_lite0_zero_shot | efficientnet_lite0 | zero-shot |" in md
+    again = tm.main(tm.parse_args(argv))
+    assert [r["status"] for r in again] == ["skipped (done)", "skipped (done)"]
