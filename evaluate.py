@@ -8,7 +8,7 @@ trained on, so nothing else is needed. Every image of the split is a query:
 
 * product protocol (standard SOP): gallery = every other image, relevant = same product;
   Recall@1/10/100/1000, MAP@R, R-Precision;
-* category protocol (the seeds'): gallery = images of other products, relevant = same
+* category protocol (the original project's): gallery = images of other products, relevant = same
   category; Recall@1/5/10/20, Precision@1/5/10/20, mAP@10.
 
 Writes ``results.json``, ``results.md`` and ``retrieval.png`` to ``runs/<run>/eval/`` (``<run>``
@@ -306,7 +306,7 @@ def evaluate_model(model, dataset, *, model_info: dict, output=None, model_hash=
                    workers=None, device="cpu", embeddings_cache=None, num_examples=6,
                    chunk_size=1024, seed=0, progress=True, compile=False, write=True) -> dict:
     """Both protocols' metrics of ``model`` (an EmbeddingNet) on ``dataset``; the results dict
-    (SPEC.md shape plus ``model`` = ``model_info`` and parameters, ``embedding_stats``,
+    (retrieval.evaluate_embeddings shape plus ``model`` = ``model_info`` and parameters, ``embedding_stats``,
     ``timing``, ``per_category``, ``data``). ``write``: results.json / results.md /
     retrieval.png to ``output``. ``model_hash`` keys the embeddings cache."""
     model_args = dict(model.model_args)

@@ -51,7 +51,7 @@ def mine_triplets(dist: torch.Tensor, labels: torch.Tensor, margin: float,
                   mining: str = "semihard") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Indices (a, p, n) of the triplets a mining mode uses, from the distance matrix ``dist``.
 
-    semihard           one triplet per anchor that has a positive and a negative (the seeds'
+    semihard           one triplet per anchor that has a positive and a negative (the original project's
                        rule): p = hardest positive (largest d_ap); n = the semi-hard negative of
                        (a, p) with the smallest d_an, or, when there is none, the hardest
                        negative overall (smallest d_an).
@@ -91,7 +91,7 @@ class TripletLoss(nn.Module):
     """Triplet loss on squared Euclidean distances with in-batch mining (see mine_triplets).
 
     Reduction: "semihard" and "batch_hard" average over their triplets (one per valid anchor,
-    zero-loss ones included, as the seeds did); "batch_all" and "batch_all_semihard" average over
+    zero-loss ones included, as the original project did); "batch_all" and "batch_all_semihard" average over
     the triplets with non-zero loss (pytorch-metric-learning's AvgNonZeroReducer), since most of
     the B^3 triplets are easy and would dilute the gradient.
     A batch without any triplet gives a zero loss that still backpropagates (to zero gradients).

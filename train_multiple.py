@@ -1,6 +1,6 @@
 """Train and evaluate several backbones (and optionally losses / samplers) in turn, then compare.
 
-    python train_multiple.py                       # the seeds' comparison: efficientnet_b0,
+    python train_multiple.py                       # the original project's comparison: efficientnet_b0,
                                                    # resnet18, resnet50 with train.py's defaults
     python train_multiple.py --quick               # the same grid on a small synthetic SOP
                                                    # (data/synthetic_quick), CPU, ~4 min
@@ -96,20 +96,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         description="Train and evaluate a grid of backbones x losses x samplers with train.py and "
                     "evaluate.py, then write comparison tables and plots. Every train.py flag "
                     "applies to every run.")
-    # None = "not given": then the plural grid flag (or the seeds' three backbones) decides.
+    # None = "not given": then the plural grid flag (or the original project's three backbones) decides.
     parser.set_defaults(backbone=None, loss=None, sampler=None)
 
     group = parser.add_argument_group("comparison grid")
     group.add_argument(*train._flags("backbones"), nargs="+", default=None,
                        choices=sorted(models.BACKBONES),
-                       help="backbones to compare; default: --backbone if given, else the seeds' "
+                       help="backbones to compare; default: --backbone if given, else the original project's "
                             f"{' '.join(SEED_BACKBONES)}")
     group.add_argument(*train._flags("losses"), nargs="+", default=None, choices=sorted(losses.LOSSES),
                        help="losses to compare (e.g. triplet multi_similarity); default: --loss "
                             "(triplet)")
     group.add_argument(*train._flags("samplers"), nargs="+", default=None,
                        choices=list(datasets.BATCH_SAMPLERS),
-                       help="batch samplers to compare (random = the seeds' batches, pk = P x K); "
+                       help="batch samplers to compare (random = the original project's batches, pk = P x K); "
                             "default: --sampler (pk)")
     group.add_argument(*train._flags("prefix"), default="cmp",
                        help="run names are <prefix>_<backbone>_<loss>_<sampler> ('quick' with "
@@ -684,7 +684,7 @@ def format_markdown(rows: list[dict], title: str = "Comparison", notes: str = ""
               _md_table(["run", "R@1", "R@10", "R@100", "R@1000", "MAP@R", "R-precision"],
                         [[r["run"]] + [_pct(r[f"product_{k}"]) for k in PRODUCT_KEYS]
                          for r in rows]), ""]
-    parts += ["## Category protocol (the seeds': gallery = other products; relevant: same "
+    parts += ["## Category protocol (the original project's: gallery = other products; relevant: same "
               "category)", "",
               _md_table(["run", "R@1", "R@5", "R@10", "R@20", "P@1", "P@5", "P@10", "P@20",
                          "mAP@10"],

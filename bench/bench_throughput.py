@@ -50,6 +50,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import datasets  # noqa: E402
+import prepare_data  # noqa: E402
+import synthetic_sop  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 import retrieval  # noqa: E402
@@ -179,7 +181,7 @@ def synthetic_root(cache_dir, num_images, size_range, workers=None):
     """A cached synthetic SOP whose test split and train split each hold >= num_images photos
     (about 2.75 test and 2.5 train images per product; rounded up to 100 products so one cache
     serves nearby --num_images)."""
-    lo, hi = datasets._parse_image_size(size_range)
+    lo, hi = synthetic_sop._parse_image_size(size_range)
     num_products = max(100, int(math.ceil(num_images / 2.2 / 100.0)) * 100)
     root = Path(cache_dir) / f"sop_{lo}-{hi}_p{num_products}"
     if not datasets.is_complete(root):
@@ -200,7 +202,7 @@ def resized_copy(src_root, dst_root, image_size):
         raise ValueError(f"--resized_root {dst_root} is a resized copy at {marker.get('size')} px, "
                          f"but --image_size {image_size} needs {size}: pass another folder")
     print(f"bench_throughput: writing a {size}px copy of {src_root} to {dst_root} (once)", file=sys.stderr)
-    return datasets.resize_dataset(src_root, dst_root, size=size, progress=False)
+    return prepare_data.resize_dataset(src_root, dst_root, size=size, progress=False)
 
 
 def _warm_page_cache(paths):

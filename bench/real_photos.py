@@ -108,7 +108,8 @@ def train_and_evaluate(args, work: Path, variant: str, seed: int) -> dict:
               "--checkpoint_dir", str(ck), "--log_dir", str(logs), "--resume", "auto",
               "--projector_samples", "0", "--no-progress", *flags], work / "logs" / f"{name}.train.log")
         _run([sys.executable, "evaluate.py", "--checkpoint", str(ck / name / "best.pth"),
-              "--output", str(out), "--num_examples", "0", "--no-zero_shot_row", "--no-progress"],
+              "--data_root", args.data_root, "--output", str(out), "--num_examples", "0",
+              "--no-zero_shot_row", "--no-progress"],
              work / "logs" / f"{name}.eval.log")
         (out / "wall_s.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
     history = train.read_metrics_csv(logs / name / "metrics.csv")

@@ -19,12 +19,14 @@ import torchvision.transforms as T
 from PIL import Image
 
 import datasets
+import prepare_data
+import synthetic_sop
 
 HEADER = "image_id class_id super_class_id path\n"
 
 
 def run_cli(*argv):
-    return datasets.main(datasets.get_args_parser().parse_args([str(a) for a in argv]))
+    return prepare_data.main(prepare_data.get_args_parser().parse_args([str(a) for a in argv]))
 
 
 def tree_digest(root):
@@ -126,7 +128,7 @@ def test_split_validation_fraction_on_sop_sized_ids():
     rng = np.random.default_rng(0)
     class_ids = np.repeat(np.arange(1, 11319), rng.integers(2, 10, 11318))
     is_val = datasets.split_validation(class_ids, 0.1, seed=0)
-    assert len(np.unique(class_ids[is_val])) == 1132                     # the seeds' 1,132
+    assert len(np.unique(class_ids[is_val])) == 1132                     # the original project's 1,132
     assert not set(class_ids[is_val]) & set(class_ids[~is_val])
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         datasets.split_validation(class_ids, 1.5)
@@ -395,7 +397,7 @@ def test_synthetic_views_differ_and_sizes_range(tmp_path):
 
 def test_interrupted_generation_never_passes_for_complete(tmp_path, monkeypatch):
     calls = []
-    real = datasets._write_product
+    real = synthetic_sop._write_product
 
     def dying(job):
         calls.append(job)
@@ -403,13 +405,13 @@ def test_interrupted_generation_never_passes_for_complete(tmp_path, monkeypatch)
             raise KeyboardInterrupt   # as if the user pressed Ctrl-C mid-generation
         return real(job)
 
-    monkeypatch.setattr(datasets, "_write_product", dying)
+    monkeypatch.setattr(synthetic_sop, "_write_product", dying)
     root = tmp_path / "syn"
     with pytest.raises(KeyboardInterrupt):
         datasets.make_synthetic_sop(root, num_products=12, image_size=32, workers=0)
     assert not root.exists() and list(tmp_path.iterdir()) == []          # temp folder removed
     # a SIGKILL leaves the temporary folder behind: it is not at root and not complete
-    monkeypatch.setattr(datasets, "_publish_dir", lambda tmp, final: None)
+    monkeypatch.setattr(synthetic_sop, "_publish_dir", lambda tmp, final: None)
     datasets.make_synthetic_sop(root, num_products=12, image_size=32, workers=0)
     leftovers = list(tmp_path.iterdir())
     assert not root.exists() and len(leftovers) == 1 and leftovers[0].name.startswith(".syn.tmp-")
@@ -420,7 +422,7 @@ def test_interrupted_generation_never_passes_for_complete(tmp_path, monkeypatch)
 
 def test_ensure_synthetic_reuses_and_refuses_foreign_data(tmp_path, monkeypatch):
     root = datasets.ensure_synthetic_sop(tmp_path / "s", num_products=12, image_size=32, workers=0)
-    monkeypatch.setattr(datasets, "make_synthetic_sop", lambda *a, **k: pytest.fail("regenerated"))
+    monkeypatch.setattr(synthetic_sop, "make_synthetic_sop", lambda *a, **k: pytest.fail("regenerated"))
     assert datasets.ensure_synthetic_sop(root, num_products=12, image_size=32) == root
     monkeypatch.undo()
     # made with other settings: refused (named), the dataset stays; replace=True regenerates
@@ -461,10 +463,10 @@ def test_download_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
     def no_dns(host, port, *a, **k):
         raise socket.gaierror(-3, "Temporary failure in name resolution")
 
-    monkeypatch.setattr(datasets.socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(prepare_data.socket, "getaddrinfo", no_dns)
     t0 = time.perf_counter()
-    with pytest.raises(datasets.DownloadError) as err:
-        datasets.download_sop(tmp_path, progress=False)
+    with pytest.raises(prepare_data.DownloadError) as err:
+        prepare_data.download_sop(tmp_path, progress=False)
     assert time.perf_counter() - t0 < 5
     _check_offline_error(err, tmp_path)
     assert run_cli("download", "--root", tmp_path) == 1
@@ -475,34 +477,34 @@ def test_download_unreachable_server(tmp_path, monkeypatch):
         assert timeout == 10.0                 # the short default
         raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
 
-    monkeypatch.setattr(datasets.socket, "getaddrinfo", lambda *a, **k: [("addr",)])
-    monkeypatch.setattr(datasets.urllib.request, "urlopen", refused)
-    with pytest.raises(datasets.DownloadError) as err:
-        datasets.download_sop(tmp_path, progress=False)
+    monkeypatch.setattr(prepare_data.socket, "getaddrinfo", lambda *a, **k: [("addr",)])
+    monkeypatch.setattr(prepare_data.urllib.request, "urlopen", refused)
+    with pytest.raises(prepare_data.DownloadError) as err:
+        prepare_data.download_sop(tmp_path, progress=False)
     _check_offline_error(err, tmp_path)
 
 
 def test_download_hanging_dns_times_out(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets.socket, "getaddrinfo", lambda *a, **k: time.sleep(3))
+    monkeypatch.setattr(prepare_data.socket, "getaddrinfo", lambda *a, **k: time.sleep(3))
     t0 = time.perf_counter()
-    with pytest.raises(datasets.DownloadError, match="no answer .* within 0.3 s"):
-        datasets.download_sop(tmp_path, timeout=0.3, progress=False)
+    with pytest.raises(prepare_data.DownloadError, match="no answer .* within 0.3 s"):
+        prepare_data.download_sop(tmp_path, timeout=0.3, progress=False)
     assert time.perf_counter() - t0 < 2
 
 
 def test_download_extracts_hand_placed_archive_and_checks_counts(tiny_synthetic_root, tmp_path):
     _fake_sop_zip(tiny_synthetic_root, tmp_path / "Stanford_Online_Products.zip")
     with pytest.raises(datasets.DatasetError, match=r"Ebay_train\.txt has \d+ rows, expected 59,551"):
-        datasets.download_sop(tmp_path, progress=False)
+        prepare_data.download_sop(tmp_path, progress=False)
     assert not (tmp_path / "Stanford_Online_Products").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["Stanford_Online_Products.zip"]
     tv = datasets.SOPDataset(tiny_synthetic_root, "trainval", check_files=False)
     te = datasets.SOPDataset(tiny_synthetic_root, "test", check_files=False)
     expected = {"images": len(tv) + len(te), "train_rows": len(tv), "test_rows": len(te)}
-    target = datasets.download_sop(tmp_path, expected=expected, progress=False)
+    target = prepare_data.download_sop(tmp_path, expected=expected, progress=False)
     assert target == tmp_path / "Stanford_Online_Products" and datasets.is_complete(target)
     assert len(datasets.SOPDataset(tmp_path, "test")) == len(te)
-    assert datasets.download_sop(tmp_path, expected=expected, progress=False) == target   # no-op
+    assert prepare_data.download_sop(tmp_path, expected=expected, progress=False) == target   # no-op
 
 
 def _expected_counts(root):
@@ -533,15 +535,15 @@ def test_download_broken_off_then_resumed_with_range(tiny_synthetic_root, tmp_pa
         start = int(request.get_header("Range")[6:-1]) if request.get_header("Range") else 0
         return Response(payload[start:], 206 if start else 200, 3000 if not start else None)
 
-    monkeypatch.setattr(datasets, "_resolve_host", lambda url, timeout: None)
-    monkeypatch.setattr(datasets.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(prepare_data, "_resolve_host", lambda url, timeout: None)
+    monkeypatch.setattr(prepare_data.urllib.request, "urlopen", fake_urlopen)
     expected = _expected_counts(tiny_synthetic_root)
-    with pytest.raises(datasets.DownloadError, match="rerun the same command to resume"):
-        datasets.download_sop(root, expected=expected, progress=False)
+    with pytest.raises(prepare_data.DownloadError, match="rerun the same command to resume"):
+        prepare_data.download_sop(root, expected=expected, progress=False)
     assert (root / "Stanford_Online_Products.zip.part").stat().st_size == 3000
     assert not (root / "Stanford_Online_Products.zip").exists()
     assert not (root / "Stanford_Online_Products").exists()
-    datasets.download_sop(root, expected=expected, progress=False)
+    prepare_data.download_sop(root, expected=expected, progress=False)
     assert requests == [None, "bytes=3000-"]
     assert (root / "Stanford_Online_Products.zip").read_bytes() == payload
     assert datasets.is_complete(root / "Stanford_Online_Products")
@@ -551,15 +553,15 @@ def test_download_accepts_folder_extracted_by_hand(tiny_synthetic_root, tmp_path
     shutil.copytree(tiny_synthetic_root, tmp_path / "Stanford_Online_Products")
     (tmp_path / "Stanford_Online_Products" / ".complete").unlink()
     with pytest.raises(datasets.DatasetError, match="exists but is incomplete.*expected 60,502"):
-        datasets.download_sop(tmp_path, progress=False)
-    target = datasets.download_sop(tmp_path, expected=_expected_counts(tiny_synthetic_root), progress=False)
+        prepare_data.download_sop(tmp_path, progress=False)
+    target = prepare_data.download_sop(tmp_path, expected=_expected_counts(tiny_synthetic_root), progress=False)
     assert datasets.is_complete(target)
 
 
 def test_download_rejects_damaged_archive(tmp_path):
     (tmp_path / "Stanford_Online_Products.zip").write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(datasets.DownloadError, match="not a valid zip.*download it again"):
-        datasets.download_sop(tmp_path, progress=False)
+    with pytest.raises(prepare_data.DownloadError, match="not a valid zip.*download it again"):
+        prepare_data.download_sop(tmp_path, progress=False)
 
 
 # ============ command line: stats, verify, resize, synthetic ============
@@ -569,7 +571,7 @@ def test_stats_cli_prints_table_and_saves_figure(synthetic_root, tmp_path, capsy
     assert run_cli("stats", "--root", synthetic_root, "--output", fig) == 0
     out = capsys.readouterr().out
     assert "| Split | Images | Products | Categories | Avg. Images/Product |" in out
-    rows, _ = datasets.dataset_stats(synthetic_root)
+    rows, _ = prepare_data.dataset_stats(synthetic_root)
     assert rows["train"]["products"] == 27 and rows["val"]["products"] == 3
     assert rows["total"]["products"] == 60 and rows["total"]["categories"] == 12
     assert rows["total"]["images"] == rows["train"]["images"] + rows["val"]["images"] + rows["test"]["images"]
@@ -596,7 +598,7 @@ def test_resize_copy(tiny_synthetic_root, tmp_path):
     ds = datasets.SOPDataset(dst, "test")
     assert {Image.open(p).size for p in ds.paths} == {(40, 40)}
     with pytest.raises(FileExistsError):
-        datasets.resize_dataset(tiny_synthetic_root, tiny_synthetic_root.parent, size=40)
+        prepare_data.resize_dataset(tiny_synthetic_root, tiny_synthetic_root.parent, size=40)
 
 
 def test_synthetic_cli_and_help(tmp_path, capsys):
@@ -604,7 +606,7 @@ def test_synthetic_cli_and_help(tmp_path, capsys):
                    "--workers", 0) == 0
     assert "train +" in capsys.readouterr().out and datasets.is_complete(tmp_path / "s")
     with pytest.raises(SystemExit):
-        datasets.get_args_parser().parse_args(["synthetic", "--help"])
+        prepare_data.get_args_parser().parse_args(["synthetic", "--help"])
     assert "--num_products" in capsys.readouterr().out
 
 

@@ -115,7 +115,7 @@ def test_pca_head_init_refuses_what_it_cannot_do():
 
 
 def test_parameter_counts():
-    # The seeds' 4,729,084 for EfficientNet-B0 at 128-d: 4,007,548 backbone + 721,536 head.
+    # the original project's 4,729,084 for EfficientNet-B0 at 128-d: 4,007,548 backbone + 721,536 head.
     expected = {"efficientnet_b0": (1280, 4_007_548, 4_729_084),
                 "efficientnet_lite0": (1280, 3_371_008, 4_092_544),
                 "efficientnet_lite1": (1280, 4_135_680, 4_857_216),

@@ -1,4 +1,4 @@
-"""train.py: flags (the seeds' command verbatim, hyphenated spellings, argparse errors with the
+"""train.py: flags (the original project's command verbatim, hyphenated spellings, argparse errors with the
 allowed range), an end-to-end run and its outputs, exit code 1 on a non-finite loss and on a
 failed checkpoint write (previous checkpoint intact), corrupt images counted in metrics.csv.
 
@@ -76,7 +76,7 @@ def test_seed_command_parses_verbatim():
     args = parse(SEED_COMMAND)
     assert (args.dataset, args.backbone, args.batch_size, args.epochs) == ("stanford", "efficientnet_b0", 64, 10)
     assert (args.lr, args.margin, args.embedding_size) == (1e-4, 0.5, 128)
-    # the seeds' other defaults
+    # the original project's other defaults
     assert (args.weight_decay, args.lr_factor, args.lr_patience, args.weights) == (1e-5, 0.5, 3, "imagenet")
     assert (args.images_per_class, args.mining) == (4, "semihard")
     assert args.amp is True and args.image_size == 224

@@ -53,7 +53,7 @@ def test_every_train_flag_passes_through_and_none_is_defined_twice():
     assert (args.batch_size, args.epochs, args.lr, args.margin) == (64, 10, 1e-4, 0.5)
 
 
-def test_default_grid_is_the_seeds_three_backbones_and_grid_flags_widen_it():
+def test_default_grid_is_the_original_three_backbones_and_grid_flags_widen_it():
     args = tm.parse_args([])
     names = [p.run_name(args.prefix) for p in tm.build_grid(args)]
     loss, sampler = (train.RECIPES["pretrained"][k] for k in ("loss", "sampler"))  # ImageNet weights

@@ -1,0 +1,446 @@
+"""Preparing a dataset on disk: download the real SOP, verify every image, write a pre-resized
+copy, print the statistics table (and a figure); the command line of all of these and of the
+synthetic generator.
+
+    python datasets.py synthetic --root data/synthetic_sop          # offline stand-in for SOP
+    python datasets.py download  --root data/                       # real SOP, about 2.9 GB
+    python datasets.py verify    --root data/Stanford_Online_Products
+    python datasets.py stats     --root data/synthetic_sop --output runs/dataset_stats.png
+    python datasets.py resize    --root data/Stanford_Online_Products --output data/sop_256 --size 256
+
+(``python prepare_data.py ...`` is the same command line.)
+"""
+import argparse
+import io
+import logging
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from datasets import (IMAGE_ERRORS, SOP_CATEGORIES, SOP_DIRNAME, SOP_EXPECTED,
+                      SOP_URL, SOP_ZIPNAME, SPLITS, DatasetError, SOPDataset, _default_workers,
+                      _format_paths, _make_tmp_dir, _mp_context, _publish_dir, _write_marker,
+                      ensure_synthetic_sop, is_complete, load_image, make_synthetic_sop,
+                      read_ebay_file, read_marker, resolve_sop_root, scan_bad_images)
+
+logger = logging.getLogger("prepare_data")
+
+
+class DownloadError(DatasetError):
+    """The SOP archive could not be fetched or is damaged; the message says how to fix it."""
+
+
+# ============ download ============
+
+def _offline_message(url, zip_path, root, reason):
+    return (f"Could not download {url} ({reason}). This machine seems to be offline or the "
+            f"server is unreachable. Download the archive by hand (about 2.9 GB) and put it at "
+            f"{zip_path}, then rerun `python datasets.py download --root {root}`: it skips the "
+            f"download and extracts. Without SOP, use the synthetic stand-in: "
+            f"`python datasets.py synthetic --root data/synthetic_sop`.")
+
+
+def _resolve_host(url, timeout):
+    """Name lookup bounded by ``timeout``: urlopen's timeout covers the socket, not DNS, and
+    a machine without a network can hang in getaddrinfo for half a minute."""
+    parts = urllib.parse.urlsplit(url)
+    result = {}
+
+    def lookup():
+        try:
+            result["addr"] = socket.getaddrinfo(parts.hostname, parts.port or 80)
+        except OSError as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=lookup, daemon=True)   # daemon: never blocks exit
+    thread.start()
+    thread.join(timeout)
+    if "error" in result:
+        raise result["error"]
+    if "addr" not in result:
+        raise TimeoutError(f"no answer for {parts.hostname} within {timeout:g} s")
+
+
+def _http_download(url, dest, timeout=10.0, progress=True, chunk_size=1 << 20):
+    """Fetch ``url`` into ``dest`` through ``dest.part``; a rerun resumes the ``.part`` with
+    an HTTP Range request. Raises DownloadError (with the manual-download hint) on failure."""
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    start = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "datasets.py"}
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    root = dest.parent
+    try:
+        _resolve_host(url, timeout)
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and start:   # the .part already holds the whole file
+            os.replace(part, dest)
+            return dest
+        raise DownloadError(_offline_message(url, dest, root, f"HTTP {e.code} {e.reason}")) from e
+    except OSError as e:   # URLError, timeouts, DNS and connection errors
+        raise DownloadError(_offline_message(url, dest, root, getattr(e, "reason", e))) from e
+    with response:
+        if start and getattr(response, "status", 200) != 206:
+            start = 0   # the server ignored the Range header: start over
+        length = response.headers.get("Content-Length")
+        total = start + int(length) if length is not None else None
+        with open(part, "ab" if start else "wb") as f, \
+                tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
+                     desc=dest.name, disable=not progress) as bar:
+            while True:
+                try:
+                    buf = response.read(chunk_size)
+                except OSError as e:
+                    raise DownloadError(f"Download of {url} broke off after {f.tell()} bytes ({e}); "
+                                        f"rerun the same command to resume from {part}") from e
+                if not buf:
+                    break
+                f.write(buf)
+                bar.update(len(buf))
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise DownloadError(f"Download of {url} stopped at {size} of {total} bytes; rerun the same "
+                            f"command to resume from {part}")
+    os.replace(part, dest)
+    return dest
+
+
+def check_sop_counts(root, expected=SOP_EXPECTED):
+    """Problems found comparing the dataset at ``root`` with ``expected`` counts
+    (``images`` on disk under ``*_final/``, ``train_rows``, ``test_rows``) and with its own
+    listings (listed but missing images); an empty list when all is in place."""
+    root = Path(root)
+    problems = []
+    listed = []
+    for key, name in (("train_rows", "Ebay_train.txt"), ("test_rows", "Ebay_test.txt")):
+        try:
+            table = read_ebay_file(root / name)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(str(e))
+            continue
+        listed += table.rel_paths
+        if expected and len(table.rel_paths) != expected[key]:
+            problems.append(f"{name} has {len(table.rel_paths):,} rows, expected {expected[key]:,}")
+    missing = [p for p in listed if not (root / p).is_file()]
+    if missing:
+        problems.append(f"{len(missing):,} listed images are missing: {_format_paths(missing)}")
+    on_disk = sum(1 for d in root.glob("*_final") for f in d.iterdir() if f.is_file())
+    if expected and on_disk != expected["images"]:
+        problems.append(f"{on_disk:,} images on disk under *_final/, expected {expected['images']:,}")
+    return problems
+
+
+def _extract_zip(zip_path, dest_parent, progress=True):
+    """Test and extract the archive into a temporary folder next to the final one; returns
+    (tmp_folder, folder holding the Ebay files)."""
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            logger.info("Testing %s (reads the whole archive once)", zip_path)
+            bad = zf.testzip()
+            if bad is not None:
+                raise DownloadError(f"{zip_path} is damaged (CRC error in {bad}); delete it and "
+                                    f"download it again")
+            tmp = _make_tmp_dir(Path(dest_parent) / SOP_DIRNAME)
+            try:
+                for member in tqdm(zf.infolist(), desc="extract", unit="file", disable=not progress):
+                    zf.extract(member, tmp)   # extract() strips absolute paths and '..'
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except zipfile.BadZipFile as e:
+        raise DownloadError(f"{zip_path} is not a valid zip archive ({e}); it is probably "
+                            f"incomplete: delete it and download it again") from e
+    for candidate in (tmp / SOP_DIRNAME, tmp):
+        if (candidate / "Ebay_train.txt").is_file():
+            return tmp, candidate
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise DownloadError(f"{zip_path} holds no Ebay_train.txt (neither at the top nor under "
+                        f"{SOP_DIRNAME}/); is it the SOP archive?")
+
+
+def download_sop(root="data", url=SOP_URL, timeout=10.0, expected=SOP_EXPECTED, progress=True,
+                 keep_zip=True):
+    """Fetch, test and extract SOP into ``root/Stanford_Online_Products`` and return that path.
+
+    Steps: skip everything if the folder is already complete; download
+    ``root/Stanford_Online_Products.zip`` (resumable ``.part``) unless it is already there
+    (e.g. copied in by hand); ``zipfile.testzip``; extract into a temporary folder; check
+    ``expected`` counts (DatasetError listing what is missing, nothing published); mark
+    complete and rename into place. Offline, fails after ``timeout`` seconds with a
+    DownloadError telling where to put a hand-downloaded archive.
+    """
+    root = Path(root).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / SOP_DIRNAME
+    if is_complete(target):
+        logger.info("%s is already complete", target)
+        return target
+    if (target / "Ebay_train.txt").is_file():   # extracted by hand: check it, then accept it
+        problems = check_sop_counts(target, expected)
+        if problems:
+            raise DatasetError(f"{target} exists but is incomplete: " + "; ".join(problems)
+                               + f". Move it away and rerun to extract {root / SOP_ZIPNAME} again.")
+        _write_marker(target, {"source": "download", "url": url, "checked": "existing folder"})
+        return target
+    if target.exists() and any(target.iterdir()):
+        raise DatasetError(f"{target} exists but holds no Ebay_train.txt; move it away (or "
+                           f"delete it) and rerun")
+    zip_path = root / SOP_ZIPNAME
+    if zip_path.is_file():
+        logger.info("Using the archive already at %s", zip_path)
+    else:
+        _http_download(url, zip_path, timeout=timeout, progress=progress)
+    tmp, extracted = _extract_zip(zip_path, root, progress)
+    try:
+        problems = check_sop_counts(extracted, expected)
+        if problems:
+            raise DatasetError(f"The archive {zip_path} does not hold the full SOP dataset: "
+                               + "; ".join(problems) + ". Delete the archive and download it again.")
+        table_rows = {k: len(read_ebay_file(extracted / n).rel_paths)
+                      for k, n in (("train_rows", "Ebay_train.txt"), ("test_rows", "Ebay_test.txt"))}
+        _write_marker(extracted, {"source": "download", "url": url, **table_rows})
+        _publish_dir(extracted, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not keep_zip:
+        zip_path.unlink()
+    return target
+
+
+# ============ resize ============
+
+def _resize_one(job):
+    src, dst, size, quality = job
+    try:
+        img = load_image(src, size).resize((size, size), Image.BILINEAR)
+    except IMAGE_ERRORS:
+        # keep a bad file bad: the copy must fail in the same places as the original
+        shutil.copyfile(src, dst)
+        return src
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    with open(dst, "wb") as f:
+        f.write(buf.getvalue())
+    return None
+
+
+def resize_dataset(src, dst, size=256, quality=95, workers=None, progress=True):
+    """Pre-resized copy of a dataset: same Ebay files and layout, every image stored as a
+    ``size``×``size`` JPEG — the square ``Resize((size, size))`` that ``build_transform``
+    does first (size = round(image_size * 256 / 224): 256 for 224 px), so repeated epochs
+    skip decoding full-size JPEGs. Unreadable originals are copied unchanged. Atomic
+    (temporary folder, ``.complete``, rename). Returns ``dst``."""
+    src, dst = resolve_sop_root(src), Path(dst).expanduser()
+    if dst.exists() and any(dst.iterdir()) and (read_marker(dst) or {}).get("source") != "resize":
+        raise FileExistsError(f"{dst} exists and is not a resized copy made by datasets.py; "
+                              f"choose another --output or remove it")
+    rel = []
+    names = [n for n in ("Ebay_train.txt", "Ebay_test.txt", "Ebay_info.txt") if (src / n).is_file()]
+    for name in names:
+        rel += read_ebay_file(src / name).rel_paths
+    rel = list(dict.fromkeys(rel))
+    tmp = _make_tmp_dir(dst)
+    try:
+        for name in names:
+            shutil.copyfile(src / name, tmp / name)
+        for folder in sorted({os.path.dirname(p) for p in rel}):
+            (tmp / folder).mkdir(parents=True, exist_ok=True)
+        jobs = [(str(src / p), str(tmp / p), int(size), int(quality)) for p in rel]
+        workers = _default_workers() if workers is None else workers
+        bar = dict(total=len(jobs), desc=f"resize to {size}", unit="img", disable=not progress)
+        if workers > 1 and len(jobs) >= 256:
+            with _mp_context().Pool(workers) as pool:
+                bad = [b for b in tqdm(pool.imap(_resize_one, jobs, chunksize=32), **bar) if b]
+        else:
+            bad = [b for b in tqdm(map(_resize_one, jobs), **bar) if b]
+        for path in bad:
+            logger.warning("Unreadable image copied unchanged: %s", path)
+        _write_marker(tmp, {"source": "resize", "from": str(src), "size": int(size),
+                            "quality": int(quality), "images": len(rel), "unreadable": len(bad)})
+        _publish_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+# ============ statistics ============
+
+def dataset_stats(root, val_fraction=0.1, split_seed=0):
+    """Rows of the original project's dataset table: ``{split: {images, products, categories,
+    images_per_product}}`` for train, val, test and total (total = trainval + test)."""
+    sets = {s: SOPDataset(root, s, val_fraction=val_fraction, split_seed=split_seed, check_files=False)
+            for s in ("train", "val", "test")}
+    rows = {}
+    for name, parts in (("train", ["train"]), ("val", ["val"]), ("test", ["test"]),
+                        ("total", ["train", "val", "test"])):
+        cls = np.concatenate([sets[p].class_ids for p in parts])   # SOP ids are unique across splits
+        sup = np.concatenate([sets[p].super_ids for p in parts])
+        n_products = len(np.unique(cls))
+        rows[name] = {"images": int(len(cls)), "products": n_products,
+                      "categories": int(len(np.unique(sup))),
+                      "images_per_product": float(len(cls) / n_products)}
+    return rows, sets
+
+
+def format_stats_table(rows):
+    lines = ["| Split | Images | Products | Categories | Avg. Images/Product |",
+             "|-------|--------|----------|------------|---------------------|"]
+    for name, label in (("train", "Train"), ("val", "Validation"), ("test", "Test"), ("total", "**Total**")):
+        r = rows[name]
+        lines.append(f"| {label} | {r['images']:,} | {r['products']:,} | {r['categories']} | "
+                     f"{r['images_per_product']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_stats(sets, output):
+    """Figure: images per category for each split, and the images-per-product histogram."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 4.5))
+    x = np.arange(len(SOP_CATEGORIES))
+    for j, (name, ds) in enumerate(sets.items()):
+        counts = np.bincount(ds.super_ids - 1, minlength=len(SOP_CATEGORIES))
+        ax1.bar(x + (j - 1) * 0.27, counts, width=0.27, label=name)
+        _, per_product = np.unique(ds.class_ids, return_counts=True)
+        hist = np.bincount(per_product, minlength=13)
+        ax2.bar(np.arange(len(hist)) + (j - 1) * 0.27, hist, width=0.27, label=name)
+    ax1.set_xticks(x, SOP_CATEGORIES, rotation=40, ha="right")
+    ax1.set_ylabel("images")
+    ax1.set_title("Images per category")
+    ax1.legend()
+    ax2.set_xticks(range(1, 13))
+    ax2.set_xlabel("images per product")
+    ax2.set_ylabel("products")
+    ax2.set_title("Images per product")
+    ax2.legend()
+    fig.tight_layout()
+    tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, output)
+    return output
+
+
+# ============ command line ============
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        "datasets.py", description="Stanford Online Products: synthetic stand-in, download, "
+        "verification, statistics and a pre-resized copy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("synthetic", formatter_class=fmt,
+                       help="generate a synthetic SOP (offline stand-in, deterministic)",
+                       description="Generate a synthetic SOP with the real layout; skipped when "
+                       "--root already holds one made with the same arguments.")
+    p.add_argument("--root", default="data/synthetic_sop", help="output folder")
+    p.add_argument("--num_products", type=int, default=1200,
+                   help="products (half train, half test); 1200 gives about 6.6k images")
+    p.add_argument("--image_size", default="96",
+                   help="side in pixels, or MIN-MAX for SOP-like photo sizes (e.g. 300-600 "
+                   "for the throughput benchmark)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, max 8)")
+    p.add_argument("--force", action="store_true",
+                   help="regenerate even if complete; also needed to replace a synthetic SOP "
+                        "made with other settings (refused without it)")
+
+    p = sub.add_parser("download", formatter_class=fmt,
+                       help="download and extract the real SOP (about 2.9 GB)",
+                       description="Download Stanford_Online_Products.zip into --root (resumable), "
+                       "test it, extract to --root/Stanford_Online_Products and check the counts. "
+                       "If the archive is already at --root/Stanford_Online_Products.zip it is used.")
+    p.add_argument("--root", default="data", help="parent folder for the archive and the dataset")
+    p.add_argument("--url", default=SOP_URL)
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds before giving up on the server")
+    p.add_argument("--delete_zip", action="store_true", help="delete the archive after extraction")
+
+    p = sub.add_parser("verify", formatter_class=fmt, help="decode every image and list bad files",
+                       description="Decode every listed image; exit code 1 if any is missing, "
+                       "empty, truncated or not an image.")
+    p.add_argument("--root", required=True, help="dataset folder (with Ebay_train.txt)")
+    p.add_argument("--split", default="all", choices=["all", *SPLITS])
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, max 8)")
+
+    p = sub.add_parser("stats", formatter_class=fmt, help="print the dataset table and save a figure",
+                       description="Print images / products / categories / images per product for "
+                       "train, val, test and total, and save a distribution figure.")
+    p.add_argument("--root", required=True, help="dataset folder (with Ebay_train.txt)")
+    p.add_argument("--output", default="runs/dataset_stats.png", help="figure path ('' for none)")
+    p.add_argument("--val_fraction", type=float, default=0.1)
+    p.add_argument("--split_seed", type=int, default=0)
+
+    p = sub.add_parser("resize", formatter_class=fmt, help="write a pre-resized copy of a dataset",
+                       description="Copy a dataset with every image resized to SIZE×SIZE (the "
+                       "first step of the transforms: use round(image_size*256/224), 256 for 224 px).")
+    p.add_argument("--root", required=True, help="source dataset folder")
+    p.add_argument("--output", required=True, help="destination folder")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of the copies")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, max 8)")
+    return parser
+
+
+def main(args):
+    """Run one command; returns the exit code (0 ok, 1 bad data found or an error)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "synthetic":
+            t0 = time.perf_counter()
+            make = make_synthetic_sop if args.force else ensure_synthetic_sop
+            root = make(args.root, args.num_products, args.image_size, args.seed, args.workers, progress=True)
+            marker = read_marker(root)
+            print(f"{root}: {marker['train_images']} train + {marker['test_images']} test images, "
+                  f"{args.num_products} products ({time.perf_counter() - t0:.1f} s)")
+        elif args.command == "download":
+            target = download_sop(args.root, args.url, args.timeout, keep_zip=not args.delete_zip)
+            print(f"SOP ready at {target}")
+        elif args.command == "verify":
+            root = resolve_sop_root(args.root)
+            splits = ["trainval", "test"] if args.split == "all" else [args.split]
+            paths = []
+            for s in splits:
+                paths += SOPDataset(root, s, check_files=False).paths
+            bad = scan_bad_images(paths, workers=args.workers, progress=True)
+            for path, reason in bad:
+                print(f"BAD {path}: {reason}")
+            print(f"{len(paths) - len(bad)} of {len(paths)} images OK, {len(bad)} bad")
+            return 1 if bad else 0
+        elif args.command == "stats":
+            rows, sets = dataset_stats(args.root, args.val_fraction, args.split_seed)
+            print(format_stats_table(rows))
+            if args.output:
+                print(f"figure: {plot_stats(sets, args.output)}")
+        elif args.command == "resize":
+            print(f"resized copy at {resize_dataset(args.root, args.output, args.size, args.quality, args.workers)}")
+        else:
+            raise ValueError(f"unknown command {args.command!r}")
+    except (DatasetError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
