@@ -35,7 +35,9 @@ import numpy as np
 import torch
 
 import datasets
+import fileio
 import models
+import reporting
 import retrieval
 
 logger = logging.getLogger("evaluate")
@@ -116,15 +118,6 @@ def zero_shot_run_name(backbone: str, image_size: int, weights: str = "imagenet"
     return f"zero_shot_{backbone}_{image_size}px{tag}"
 
 
-def category_name(super_id: int) -> str:
-    sid = int(super_id)
-    return datasets.SOP_CATEGORIES[sid - 1] if 1 <= sid <= len(datasets.SOP_CATEGORIES) else str(sid)
-
-
-def _pct(v) -> str:
-    return "n/a" if v is None or not np.isfinite(v) else f"{100 * v:.2f}%"
-
-
 def embedding_stats(embeddings: np.ndarray) -> dict:
     """Summary of the N x D embeddings:
 
@@ -142,10 +135,6 @@ def embedding_stats(embeddings: np.ndarray) -> dict:
     return {"mean": float(e.mean()), "std": float(e.std()), "norm_mean": float(norms.mean()),
             "dim_std_mean": float(e.std(axis=0).mean()),
             "mean_cosine": float(np.square(unit.mean(axis=0)).sum())}
-
-
-def _write_text(path: Path, text: str) -> None:
-    retrieval.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # ============ embeddings (with cache) ============
@@ -179,124 +168,8 @@ def per_category(details, super_ids) -> dict:
     out = {}
     for sid in np.unique(super_ids):
         m = retrieval.metrics_from_details(details, mask=super_ids == sid)
-        out[category_name(sid)] = {"super_id": int(sid), **m}
+        out[reporting.category_name(sid)] = {"super_id": int(sid), **m}
     return out
-
-
-def results_markdown(results: dict) -> str:
-    name, model = results["model"]["run"], results["model"]
-    params = f"{model['parameters'] / 1e6:.1f}M"
-    rows = [(name, results)]
-    if results.get("zero_shot"):
-        rows.append((f"zero-shot {model['backbone']} (ImageNet features, no training)",
-                     results["zero_shot"]))
-    if model.get("checkpoint"):
-        title = f"# Evaluation of `{model['checkpoint']}`"
-        what = (f"checkpoint {model['checkpoint_size_mb']:.1f} MB (epoch {model.get('epoch')}).")
-    else:
-        title = f"# Zero-shot evaluation of `{model['backbone']}` ({model.get('weights')} weights)"
-        what = "pooled backbone features, L2-normalised, no head, nothing trained."
-    lines = [
-        title,
-        "",
-        f"Split `{results['data']['split']}` of `{results['data']['root']}`: "
-        f"{results['num_queries']:,} queries (every image), {results['data']['num_products']:,} products, "
-        f"{results['data']['num_categories']} categories. Backbone `{model['backbone']}`, "
-        f"{model['embedding_size']}-d embeddings, {model['image_size']} px, {params} parameters, "
-        + what,
-        "",
-        "## Product protocol (standard SOP: Song et al. 2016, Musgrave et al. 2020)",
-        "",
-        "Gallery: every other image; relevant: the other images of the same product.",
-        "",
-        "| Model | Recall@1 | Recall@10 | Recall@100 | Recall@1000 | MAP@R | R-Precision |",
-        "|---|---|---|---|---|---|---|",
-        *[f"| {n} | {_pct(r['product']['recall@1'])} | {_pct(r['product']['recall@10'])} | "
-          f"{_pct(r['product']['recall@100'])} | {_pct(r['product']['recall@1000'])} | "
-          f"{_pct(r['product']['map@r'])} | {_pct(r['product']['r_precision'])} |" for n, r in rows],
-        "",
-        "## Category protocol (the original project's protocol)",
-        "",
-        "Gallery: images of *other* products; relevant: same category. "
-        "mAP@10 divides by the relevant items found in the top 10 (0 when none).",
-        "",
-        "| Model | Recall@1 | Recall@5 | Recall@10 | Recall@20 | P@1 | P@5 | P@10 | P@20 | mAP@10 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *[f"| {n} | " + " | ".join(_pct(r["category"][k]) for k in (
-            "recall@1", "recall@5", "recall@10", "recall@20", "precision@1", "precision@5",
-            "precision@10", "precision@20", "map@10")) + " |" for n, r in rows],
-        "",
-        "## Per category",
-        "",
-        "| Category | Queries | Product R@1 | Product MAP@R | Category R@1 | Category P@10 | Category mAP@10 |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for cname, m in results["per_category"].items():
-        lines.append(f"| {cname} | {m['num_queries']:,} | {_pct(m['product']['recall@1'])} | "
-                     f"{_pct(m['product']['map@r'])} | {_pct(m['category']['recall@1'])} | "
-                     f"{_pct(m['category']['precision@10'])} | {_pct(m['category']['map@10'])} |")
-    st, tm = results["embedding_stats"], results["timing"]
-    lines += [
-        "",
-        "## Embeddings and timing",
-        "",
-        f"- Embedding mean {st['mean']:.4f}, std {st['std']:.4f}, mean L2 norm {st['norm_mean']:.4f}; "
-        f"per-coordinate std across images {st['dim_std_mean']:.4f} and mean pairwise cosine "
-        f"{st['mean_cosine']:.4f} (0 and 1 when the embeddings have collapsed).",
-        f"- Extraction {tm['extract_s']:.1f} s" + (" (from the embeddings cache)" if tm.get("cached") else "")
-        + f" on {tm['device']}; exact metrics of both protocols {tm['eval_s']:.1f} s.",
-        "",
-    ]
-    if results.get("figure"):
-        lines += [f"![retrieval examples]({results['figure']})", "",
-                  "Query (blue) and its top 5 among all other images: green = same product, red = another.", ""]
-    return "\n".join(lines)
-
-
-def retrieval_figure(path, dataset, embeddings, num_examples=6, top=5, seed=0, thumb=128):
-    """Queries (one per category first, seeded) with their top ``top`` over every other image;
-    green borders for the same product, red for another. Returns the query indices."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rng = np.random.default_rng(seed)
-    super_ids, class_ids = np.asarray(dataset.super_ids), np.asarray(dataset.class_ids)
-    cats = rng.permutation(np.unique(super_ids))
-    queries = [int(rng.choice(np.flatnonzero(super_ids == c))) for c in cats[:num_examples]]
-    while len(queries) < min(num_examples, len(dataset)):
-        queries.append(int(rng.integers(len(dataset))))
-    queries = np.asarray(queries)
-    scores, idx = retrieval.knn(embeddings[queries], embeddings, top, self_indices=queries)
-
-    fig, axes = plt.subplots(len(queries), top + 1, figsize=(1.9 * (top + 1), 2.35 * len(queries)),
-                             squeeze=False)
-
-    def show(ax, i, colour, title):
-        ax.imshow(datasets.load_image(dataset.paths[i], size=thumb).resize((thumb, thumb)))
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for side in ax.spines.values():
-            side.set_edgecolor(colour)
-            side.set_linewidth(4)
-        ax.set_title(title, fontsize=7)
-
-    for row, q in enumerate(queries):
-        show(axes[row, 0], q, "tab:blue", f"query\n{category_name(super_ids[q])} #{class_ids[q]}")
-        for col in range(top):
-            g = int(idx[row, col])
-            if g < 0:
-                axes[row, col + 1].axis("off")
-                continue
-            same = class_ids[g] == class_ids[q]
-            show(axes[row, col + 1], g, "tab:green" if same else "tab:red",
-                 f"{col + 1}. {scores[row, col]:.3f}\n{category_name(super_ids[g])} #{class_ids[g]}")
-    fig.suptitle("Top 5 over all other images (green: same product, red: another product)", fontsize=9)
-    fig.tight_layout()
-    retrieval.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
-    plt.close(fig)
-    return queries
 
 
 # ============ evaluation ============
@@ -341,7 +214,7 @@ def evaluate_model(model, dataset, *, model_info: dict, output=None, model_hash=
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
         if num_examples > 0:
-            retrieval_figure(output / "retrieval.png", dataset, embeddings,
+            reporting.retrieval_figure(output / "retrieval.png", dataset, embeddings,
                              num_examples=num_examples, seed=seed)
             results["figure"] = "retrieval.png"
         results["output_dir"] = str(output)
@@ -351,8 +224,8 @@ def evaluate_model(model, dataset, *, model_info: dict, output=None, model_hash=
 def write_results(results: dict, output) -> None:
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    _write_text(output / "results.json", json.dumps(results, indent=2) + "\n")
-    _write_text(output / "results.md", results_markdown(results))
+    fileio.atomic_write_text(output / "results.json", json.dumps(results, indent=2) + "\n")
+    fileio.atomic_write_text(output / "results.md", reporting.results_markdown(results))
 
 
 def _eval_dataset(root, split, image_size):
@@ -429,12 +302,12 @@ def print_results(results: dict) -> None:
         rows.append(("zero-shot backbone", results["zero_shot"]))
     for name, r in rows:
         p, c = r["product"], r["category"]
-        print(f"{name}\n  product  R@1 {_pct(p['recall@1'])}  R@10 {_pct(p['recall@10'])}  "
-              f"R@100 {_pct(p['recall@100'])}  R@1000 {_pct(p['recall@1000'])}  "
-              f"MAP@R {_pct(p['map@r'])}  RP {_pct(p['r_precision'])}\n"
-              f"  category R@1 {_pct(c['recall@1'])}  R@5 {_pct(c['recall@5'])}  "
-              f"R@10 {_pct(c['recall@10'])}  R@20 {_pct(c['recall@20'])}  "
-              f"P@10 {_pct(c['precision@10'])}  mAP@10 {_pct(c['map@10'])}")
+        print(f"{name}\n  product  R@1 {reporting.pct(p['recall@1'])}  R@10 {reporting.pct(p['recall@10'])}  "
+              f"R@100 {reporting.pct(p['recall@100'])}  R@1000 {reporting.pct(p['recall@1000'])}  "
+              f"MAP@R {reporting.pct(p['map@r'])}  RP {reporting.pct(p['r_precision'])}\n"
+              f"  category R@1 {reporting.pct(c['recall@1'])}  R@5 {reporting.pct(c['recall@5'])}  "
+              f"R@10 {reporting.pct(c['recall@10'])}  R@20 {reporting.pct(c['recall@20'])}  "
+              f"P@10 {reporting.pct(c['precision@10'])}  mAP@10 {reporting.pct(c['map@10'])}")
     print(f"extract {results['timing']['extract_s']:.1f} s, metrics {results['timing']['eval_s']:.1f} s; "
           f"wrote {results['output_dir']}/results.json, results.md"
           + (", retrieval.png" if results.get("figure") else ""))

@@ -37,11 +37,9 @@ import random
 import re
 import socket
 import subprocess
-import uuid
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
@@ -51,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import fileio
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -661,52 +660,12 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not supported everywhere (e.g. Windows), hence best effort.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save ``obj`` to ``path`` atomically: write a temporary file in the same folder, flush
-    and fsync it, then os.replace it over ``path``. Readers see the old file or the new one, never
-    half a file. On failure the temporary file is removed, the previous ``path`` is untouched, and
-    OSError (disk, permissions; errno kept) or RuntimeError (anything else) names ``path``."""
-    path = Path(path)
-    folder = path.parent
-    tmp = folder / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    created = False
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as f:  # "x": never clobber; default permissions follow the umask
-            created = True
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        created = False
-    except BaseException as e:
-        if created:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        if not isinstance(e, Exception):
-            raise  # KeyboardInterrupt / SystemExit: cleaned up, keep their meaning
-        what = (f"could not write {path}: {type(e).__name__}: {e}. The previous file, if any, is "
-                "unchanged; check free disk space and write permission for that folder")
-        if isinstance(e, OSError):
-            raise OSError(e.errno, what) if e.errno is not None else OSError(what) from e
-        raise RuntimeError(what) from e
-    _fsync_dir(folder)
+    """torch.save ``obj`` to ``path`` atomically (fileio.atomic_write: temporary file, fsync,
+    os.replace). Readers see the old file or the new one, never half a file. On failure the
+    temporary file is removed, the previous ``path`` is untouched, and OSError (disk,
+    permissions; errno kept) or RuntimeError (anything else) names ``path``."""
+    fileio.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def checkpoint_hash(path: str | os.PathLike) -> str:

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+import fileio
 from datasets import (IMAGE_ERRORS, SOP_CATEGORIES, SOP_DIRNAME, SOP_EXPECTED,
                       SOP_URL, SOP_ZIPNAME, SPLITS, DatasetError, SOPDataset, _default_workers,
                       _format_paths, _make_tmp_dir, _mp_context, _publish_dir, _write_marker,
@@ -333,10 +334,8 @@ def plot_stats(sets, output):
     ax2.set_title("Images per product")
     ax2.legend()
     fig.tight_layout()
-    tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")
-    fig.savefig(tmp, dpi=120)
+    fileio.atomic_write(output, lambda f: fig.savefig(f, dpi=120, format=output.suffix.lstrip(".") or "png"))
     plt.close(fig)
-    os.replace(tmp, output)
     return output
 
 

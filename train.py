@@ -69,6 +69,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import datasets
+import fileio
 import losses
 import models
 import retrieval
@@ -144,6 +145,31 @@ class ArgumentCheckError(ValueError):
 
 # ============ arguments ============
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help that lists each flag once: ``--batch_size N``, ``--[no-]amp``. The hyphenated
+    spellings (``--batch-size``) and ``--no-`` forms work on the command line but are not
+    repeated in the listing, which keeps --help within two screens."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or not action.option_strings[0].startswith("--"):
+            return super()._format_action_invocation(action)  # -h, --help
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return "--[no-]" + flag[2:]
+        if action.nargs == 0:
+            return flag
+        return f"{flag} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        return "N" if action.type in (int, float) else "X"
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # "(default: None)" says nothing: those flags' help tells what not giving them means
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _flags(name: str) -> tuple[str, ...]:
     """``--batch_size`` and its hyphenated spelling ``--batch-size`` (same dest)."""
     return (f"--{name}", f"--{name.replace('_', '-')}") if "_" in name else (f"--{name}",)
@@ -151,8 +177,9 @@ def _flags(name: str) -> tuple[str, ...]:
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        "train.py", add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Metric learning (triplet loss, P x K batches) on Stanford Online Products.")
+        "train.py", add_help=add_help, formatter_class=HelpFormatter, usage="%(prog)s [options]",
+        description="Metric learning on Stanford Online Products (or any folder in its layout). "
+                    "Every --snake_case flag also accepts --kebab-case.")
 
     group = parser.add_argument_group("data")
     group.add_argument(*_flags("dataset"), default="stanford", choices=sorted(DATASET_ROOTS),
@@ -166,10 +193,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="train: Ebay_train.txt minus the validation products (recommended); "
                             "trainval: all of Ebay_train.txt (then validation overlaps training)")
     group.add_argument(*_flags("val_fraction"), default=0.1, type=float,
-                       help="share of the training products held out as the validation split, "
-                            "in (0, 1); 0.1 as in the original project (SOP: about 1,130 "
-                            "products); raise it for small catalogues so that validation has "
-                            "enough products to rank epochs")
+                       help="share of the training products held out for validation, in (0, 1); "
+                            "0.2 for catalogues of a few hundred products")
     group.add_argument(*_flags("val_split"), default="val", choices=["val", "test"],
                        help="split that drives the LR schedule and best.pth; keep 'val' so the "
                             "test split stays unseen")
@@ -177,10 +202,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="crop size (>= 32); images are first resized to image_size*256/224. "
                             "224 for real runs, 48-64 for CPU runs on synthetic data")
     group.add_argument(*_flags("workers"), default=None, type=int,
-                       help="DataLoader worker processes per rank (0 = load in the main process); "
-                            "default: datasets.loader_settings, measured in bench/: a quarter of "
-                            "the CPUs (at least 1) on CPU, every CPU up to 16 on CUDA, divided "
-                            "among the ranks")
+                       help="DataLoader processes per rank (0 = main process); default: "
+                            "datasets.loader_settings (a quarter of the CPUs on CPU, up to 16 on CUDA)")
 
     group = parser.add_argument_group("model")
     group.add_argument(*_flags("backbone"), default="efficientnet_b0", choices=sorted(models.BACKBONES),
@@ -190,33 +213,28 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="dimension of the unit-norm embedding (128 as in the original project)")
     group.add_argument(*_flags("head"), default=None, choices=list(models.HEADS),
                        help="embedding head: mlp (the original project's Linear-ReLU-Dropout-"
-                            "Linear) or linear; default: the --recipe's")
+                            "Linear) or linear (recipe)")
     group.add_argument(*_flags("head_init"), default=None, choices=list(models.HEAD_INITS),
-                       help="head initialisation: random, pca (the head starts as the PCA "
-                            "projection of the backbone's features of training images, so epoch "
-                            "0 keeps the backbone's geometry) or pca_whiten; default: the "
-                            "--recipe's")
+                       help="random, or pca / pca_whiten of the backbone's features of training "
+                            "images, so that epoch 0 keeps the backbone's geometry (recipe)")
     group.add_argument(*_flags("pca_images"), default=4096, type=int,
                        help="training images (a seeded sample) whose features fit the PCA of "
                             "--head_init pca; >= embedding_size")
     group.add_argument(*_flags("dropout"), default=None, type=float,
-                       help="dropout in the embedding head, in [0, 1); default: the --recipe's")
+                       help="dropout in the embedding head, in [0, 1) (recipe)")
     group.add_argument(*_flags("weights"), default="imagenet",
                        help="initial weights: imagenet (recommended), none (random; tests and "
                             "synthetic runs) or a PATH to a checkpoint / state dict")
     group.add_argument(*_flags("recipe"), default="auto", choices=["auto", *RECIPES],
-                       help="defaults of the recipe flags (loss, sampler, lr, head, head_init, "
-                            "dropout, warmup_epochs, freeze_bn, head_lr_mult, select_metric; "
-                            "flags given explicitly win): pretrained = the recipe measured best "
-                            "from ImageNet weights on real photos; original = the original "
-                            "project's exact recipe; scratch = for random weights; auto = "
-                            "pretrained with --weights imagenet, else scratch")
+                       help="defaults of the flags marked 'recipe' (explicit flags win): "
+                            "pretrained (measured best from ImageNet weights), original (the "
+                            "original project's), scratch (random weights); auto = pretrained "
+                            "with --weights imagenet, else scratch")
 
     group = parser.add_argument_group("loss and batches")
     group.add_argument(*_flags("loss"), default=None, choices=sorted(losses.LOSSES),
-                       help="metric-learning loss: triplet as in the original project; "
-                            "multi_similarity learned faster from random weights on the synthetic "
-                            "data; proxy_anchor (Kim et al. 2020); default: the --recipe's")
+                       help="triplet (the original project's), multi_similarity (faster from "
+                            "random weights), proxy_anchor (Kim et al. 2020) (recipe)")
     group.add_argument(*_flags("margin"), default=None, type=float,
                        help="loss margin (> 0); default the loss's own: triplet 0.5 (on squared "
                             "distances of unit vectors), proxy_anchor 0.1 (on cosines)")
@@ -229,8 +247,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             "batch_all_semihard (triplet loss only)")
     group.add_argument(*_flags("sampler"), default=None, choices=["pk", "random"],
                        help="pk: batch_size/images_per_class products x images_per_class images "
-                            "(recommended); random: the original project's random batches; "
-                            "default: the --recipe's")
+                            "(recommended); random: the original project's random batches "
+                            "(recipe)")
     group.add_argument(*_flags("images_per_class"), default=4, type=int,
                        help="K images of each product in a P x K batch (>= 2; SOP products have "
                             "2-12 images, 4 is the usual choice)")
@@ -242,22 +260,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument(*_flags("epochs"), default=10, type=int,
                        help="training epochs after the epoch-0 validation")
     group.add_argument(*_flags("lr"), default=None, type=float,
-                       help="Adam learning rate of the backbone (> 0); 1e-4 for fine-tuning "
-                            "ImageNet weights, up to 1e-3 from random weights; default: the "
-                            "--recipe's")
+                       help="Adam learning rate of the backbone (> 0): 1e-4 to fine-tune, up to "
+                            "1e-3 from random weights (recipe)")
     group.add_argument(*_flags("head_lr_mult"), default=None, type=float,
-                       help="learning rate of the head as a multiple of --lr (> 0); default: the "
-                            "--recipe's")
+                       help="learning rate of the head as a multiple of --lr (> 0) (recipe)")
     group.add_argument(*_flags("warmup_epochs"), default=None, type=float,
-                       help="train only the head (backbone frozen, its BatchNorm statistics "
-                            "too) for this many epochs first (>= 0; fractions allowed: 0.5 = "
-                            "half an epoch's steps); the LR plateau schedule starts counting "
-                            "after it; default: the --recipe's")
+                       help="epochs (>= 0, fractions allowed) of head-only training first, "
+                            "backbone frozen; the LR plateau counts epochs after it (recipe)")
     group.add_argument("--freeze_bn", default=None, action=argparse.BooleanOptionalAction,
-                       help="keep the backbone's BatchNorm running statistics at their "
-                            "pretrained values throughout (small P x K batches are a poor "
-                            "estimate of them; affine weights still train); default: the "
-                            "--recipe's")
+                       help="keep the backbone's BatchNorm statistics at their pretrained values "
+                            "(P x K batches estimate them poorly) (recipe)")
     group.add_argument(*_flags("weight_decay"), default=1e-5, type=float,
                        help="Adam weight decay (>= 0)")
     group.add_argument(*_flags("lr_factor"), default=0.5, type=float,
@@ -280,10 +292,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument(*_flags("val_batch_size"), default=128, type=int,
                        help="batch size for embedding the validation split")
     group.add_argument(*_flags("select_metric"), default=None, choices=list(SELECT_METRICS),
-                       help="validation metric (product protocol) that picks best.pth and drives "
-                            "the LR plateau schedule; a later epoch replaces best.pth only when "
-                            "strictly better. map@r does not saturate on small validation splits "
-                            "as recall@1 does; default: the --recipe's")
+                       help="validation metric that picks best.pth (strictly better only) and "
+                            "drives the LR plateau; map@r does not saturate as recall@1 does on "
+                            "small data (recipe)")
     group.add_argument(*_flags("projector_samples"), default=500, type=int,
                        help="validation images in the final TensorBoard embedding projector "
                             "(0 = none)")
@@ -641,18 +652,11 @@ def _columns(history: list[dict]) -> list[str]:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """fileio.atomic_write_text; a failure stops the run (CheckpointWriteError, exit code 1)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(f"could not write {path}: {e}. The previous file is unchanged; "
-                                   "check free disk space and write permission") from e
+        fileio.atomic_write_text(path, text)
+    except (OSError, RuntimeError) as e:
+        raise CheckpointWriteError(str(e)) from e
 
 
 def write_metrics_csv(path: Path, history: list[dict]) -> None:

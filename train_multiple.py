@@ -33,10 +33,7 @@ with ``--quick``):
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
-import math
 import os
 import re
 import shlex
@@ -52,6 +49,8 @@ import datasets
 import losses
 import models
 import train
+from reporting import (CATEGORY_KEYS, CSV_COLUMNS, ID_COLUMNS, PRODUCT_KEYS, run_labels,  # noqa: F401 (API)
+                       format_markdown, read_csv, write_csv, write_report)
 
 REPO = Path(__file__).resolve().parent
 SEED_BACKBONES = ("efficientnet_b0", "resnet18", "resnet50")
@@ -68,31 +67,12 @@ QUICK_DEFAULTS = {
     "workers": 1, "projector_samples": 100, "progress": False, "prefix": "quick",
 }
 
-# Comparison columns: (csv column, where it comes from). Product / category metric keys are
-# those of retrieval.evaluate_embeddings (results.json).
-PRODUCT_KEYS = ("recall@1", "recall@10", "recall@100", "recall@1000", "map@r", "r_precision")
-CATEGORY_KEYS = ("recall@1", "recall@5", "recall@10", "recall@20", "precision@1", "precision@5",
-                 "precision@10", "precision@20", "map@10")
-ID_COLUMNS = ("run", "backbone", "loss", "sampler", "status", "error")
-METRIC_COLUMNS = tuple(f"product_{k}" for k in PRODUCT_KEYS) + tuple(
-    f"category_{k}" for k in CATEGORY_KEYS)
-INFO_COLUMNS = ("num_queries", "parameters", "weights_bytes", "checkpoint_bytes", "train_time_s", "eval_time_s",
-                "best_epoch", "epochs", "best_val_recall@1", "checkpoint_epoch", "checkpoint")
-CSV_COLUMNS = ID_COLUMNS + METRIC_COLUMNS + INFO_COLUMNS
-
-# Training curves: (metrics.csv column, panel title).
-CURVES = (("train_loss", "train loss"), ("val_loss", "validation loss"),
-          ("val_recall@1", "validation Recall@1 (product)"), ("lr", "learning rate"),
-          ("train_valid_triplets", "valid triplets per batch (train)"),
-          ("train_active_triplets", "active triplets per batch (train)"))
-
-
 # ============ arguments ============
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "train_multiple.py", add_help=add_help, parents=[train.get_args_parser(add_help=False)],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=train.HelpFormatter, usage="%(prog)s [options]",
         description="Train and evaluate a grid of backbones x losses x samplers with train.py and "
                     "evaluate.py, then write comparison tables and plots. Every train.py flag "
                     "applies to every run.")
@@ -613,203 +593,6 @@ def eval_time(results: dict) -> float | None:
     return sum(parts) if parts else None
 
 
-# ============ tables ============
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    """comparison.csv: one row per run, metrics as fractions in full precision (repr)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(CSV_COLUMNS)
-    for row in rows:
-        writer.writerow(["" if row.get(c) is None else repr(row[c]) if isinstance(row[c], float)
-                         else row[c] for c in CSV_COLUMNS])
-    _atomic_write_text(path, buf.getvalue())
-
-
-def read_csv(path: Path) -> list[dict]:
-    """comparison.csv back: numbers as float/int, empty cells as None."""
-    out = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            parsed = {}
-            for k, v in row.items():
-                if k in ID_COLUMNS or k == "checkpoint":
-                    parsed[k] = v
-                elif v == "":
-                    parsed[k] = None
-                else:
-                    parsed[k] = int(v) if v.lstrip("-").isdigit() else float(v)
-            out.append(parsed)
-    return out
-
-
-def _pct(v) -> str:
-    return "" if v is None else f"{100 * v:.2f}"
-
-
-def _num(v, fmt: str) -> str:
-    return "" if v is None else format(v, fmt)
-
-
-def _md_table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    return "\n".join(lines)
-
-
-def format_markdown(rows: list[dict], title: str = "Comparison", notes: str = "") -> str:
-    """comparison.md: a summary table, one table per protocol, and the failures. Metrics in %
-    (two decimals), parameters in millions, sizes in MB (10^6 bytes: weights = the network's
-    tensors, checkpoint = the evaluated .pth file with optimizer state), times in minutes
-    (training) and seconds (evaluation)."""
-    parts = [f"# {title}", ""]
-    if notes:
-        parts += [notes, ""]
-    parts += ["## Summary (test split; metrics in %)", "", _md_table(
-        ["run", "backbone", "loss", "sampler", "status", "product R@1", "MAP@R", "category R@1",
-         "mAP@10", "params (M)", "weights (MB)", "checkpoint (MB)", "training (min)",
-         "evaluation (s)",
-         "best epoch"],
-        [[r["run"], r["backbone"], r["loss"], r["sampler"], r["status"] or "",
-          _pct(r["product_recall@1"]), _pct(r["product_map@r"]), _pct(r["category_recall@1"]),
-          _pct(r["category_map@10"]),
-          "" if r["parameters"] is None else f"{r['parameters'] / 1e6:.2f}",
-          "" if r["weights_bytes"] is None else f"{r['weights_bytes'] / 1e6:.1f}",
-          "" if r["checkpoint_bytes"] is None else f"{r['checkpoint_bytes'] / 1e6:.1f}",
-          "" if r["train_time_s"] is None else f"{r['train_time_s'] / 60:.1f}",
-          _num(r["eval_time_s"], ".1f"),
-          "" if r["best_epoch"] is None else f"{r['best_epoch']}/{r['epochs']}"]
-         for r in rows]), ""]
-    parts += ["## Product protocol (queries: every test image; relevant: same product)", "",
-              _md_table(["run", "R@1", "R@10", "R@100", "R@1000", "MAP@R", "R-precision"],
-                        [[r["run"]] + [_pct(r[f"product_{k}"]) for k in PRODUCT_KEYS]
-                         for r in rows]), ""]
-    parts += ["## Category protocol (the original project's: gallery = other products; relevant: same "
-              "category)", "",
-              _md_table(["run", "R@1", "R@5", "R@10", "R@20", "P@1", "P@5", "P@10", "P@20",
-                         "mAP@10"],
-                        [[r["run"]] + [_pct(r[f"category_{k}"]) for k in CATEGORY_KEYS]
-                         for r in rows]), ""]
-    failed = [r for r in rows if r.get("error")]
-    if failed:
-        parts += ["## Failures", ""]
-        parts += [f"- `{r['run']}` ({r['status']}): {r['error']}" for r in failed]
-        parts.append("")
-    return "\n".join(parts)
-
-
-# ============ plots ============
-
-def _labels(rows: list[dict]) -> list[str]:
-    """Shortest unambiguous label per run: the fields that vary across the grid."""
-    fields = [f for f in ("backbone", "loss", "sampler") if len({r[f] for r in rows}) > 1]
-    fields = fields or ["backbone"]
-    return ["\n".join(str(r[f]) for f in fields) for r in rows]
-
-
-def plot_recall_bars(rows: list[dict], path: Path) -> None:
-    """Grouped bars per run: test product Recall@1, product MAP@R and category Recall@1 (%)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    labels = _labels(rows)
-    x = list(range(len(rows)))
-    width = 0.27
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(rows) + 2), 4.2))
-    for offset, key, name in ((-width, "product_recall@1", "product Recall@1"),
-                              (0.0, "product_map@r", "product MAP@R"),
-                              (width, "category_recall@1", "category Recall@1 (original project's)")):
-        values = [100 * r[key] if r.get(key) is not None else 0.0 for r in rows]
-        bars = ax.bar([i + offset for i in x], values, width, label=name)
-        for bar, r in zip(bars, rows):
-            text = f"{100 * r[key]:.1f}" if r.get(key) is not None else "n/a"
-            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=8, xytext=(0, 2),
-                        textcoords="offset points")
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels, fontsize=8)
-    ax.set_ylabel("test split (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title("Recall@1 and MAP@R per run")
-    ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    _atomic_savefig(fig, path)
-    plt.close(fig)
-
-
-def plot_training_curves(histories: dict[str, list[dict]], path: Path) -> None:
-    """One panel per CURVES column, one line per run (label -> metrics.csv rows). Columns a run
-    does not have (e.g. triplet counts of a loss without triplets) are left out of its panel."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-    cols = 3
-    nrows = math.ceil(len(CURVES) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.4 * nrows), squeeze=False)
-    for ax, (key, title) in zip(axes.flat, CURVES):
-        drawn = False
-        for label, history in histories.items():
-            points = [(r["epoch"], r[key]) for r in history
-                      if r.get(key) is not None and math.isfinite(r[key])]
-            if not points:
-                continue
-            xs, ys = zip(*points)
-            if key == "val_recall@1":
-                ys = [100 * y for y in ys]
-            ax.plot(xs, ys, marker="o", markersize=3, label=label.replace("\n", " "))
-            drawn = True
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if key == "lr" and drawn:
-            ax.set_yscale("log")
-        if not drawn:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(CURVES):]:
-        ax.axis("off")
-    handles, names = axes.flat[0].get_legend_handles_labels()
-    if not handles:  # the first panel may be empty (epoch 0 has no training loss only)
-        for ax in axes.flat:
-            handles, names = ax.get_legend_handles_labels()
-            if handles:
-                break
-    if handles:
-        fig.legend(handles, names, loc="lower center", ncol=min(len(names), 4), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
-    _atomic_savefig(fig, path)
-    plt.close(fig)
-
-
-def _atomic_savefig(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    train._atomic_write_text(path, text)
-
-
-def write_report(rows: list[dict], histories: dict[str, list[dict]], output: Path,
-                 title: str = "Comparison", notes: str = "") -> dict[str, Path]:
-    """comparison.md, comparison.csv, recall_at_1.png and training_curves.png under ``output``."""
-    output.mkdir(parents=True, exist_ok=True)
-    files = {"md": output / "comparison.md", "csv": output / "comparison.csv",
-             "recall_plot": output / "recall_at_1.png", "curves_plot": output / "training_curves.png"}
-    write_csv(rows, files["csv"])
-    _atomic_write_text(files["md"], format_markdown(rows, title, notes))
-    plot_recall_bars(rows, files["recall_plot"])
-    plot_training_curves(histories, files["curves_plot"])
-    return files
-
-
 # ============ main ============
 
 def _banner(msg: str) -> None:
@@ -921,7 +704,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         except Exception as e:
             rows.append(empty_row(point, zero_shot_paths(args, backbone).name, "failed (report)",
                                   f"{type(e).__name__}: {e}"))
-    labels = dict(zip([p.run_name(args.prefix) for p in grid], _labels(
+    labels = dict(zip([p.run_name(args.prefix) for p in grid], run_labels(
         [{"backbone": p.backbone, "loss": p.loss, "sampler": p.sampler} for p in grid])))
     for point, ns in plan:
         paths = run_paths(ns)

@@ -50,6 +50,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import datasets  # noqa: E402
+import fileio  # noqa: E402
 import prepare_data  # noqa: E402
 import synthetic_sop  # noqa: E402
 import losses  # noqa: E402
@@ -413,11 +414,7 @@ def main(args) -> dict:
     text = json.dumps(out, indent=1)
     print(text)
     if args.output:
-        path = Path(args.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, path)
+        fileio.atomic_write_text(args.output, text + "\n")
     return out
 
 

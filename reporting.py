@@ -1,0 +1,353 @@
+"""Reporting: percent formatting, evaluate.py's results.md and retrieval figure, and the
+comparison tables (Markdown, CSV) and plots of train_multiple.py. Pure functions of results
+dicts and metrics.csv rows; every file goes through fileio.atomic_write.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+
+import datasets
+import fileio
+import retrieval
+
+
+def pct(v, missing: str = "") -> str:
+    """A fraction in [0, 1] as a percentage with two decimals ("12.34"); ``missing`` for None
+    or a non-finite value. The one percent formatter: tables say "%" in their headings."""
+    return missing if v is None or not np.isfinite(v) else f"{100 * v:.2f}"
+
+
+def category_name(super_id: int) -> str:
+    sid = int(super_id)
+    return datasets.SOP_CATEGORIES[sid - 1] if 1 <= sid <= len(datasets.SOP_CATEGORIES) else str(sid)
+
+
+
+# ============ evaluate.py: results.md and retrieval.png ============
+
+def results_markdown(results: dict) -> str:
+    name, model = results["model"]["run"], results["model"]
+    params = f"{model['parameters'] / 1e6:.1f}M"
+    rows = [(name, results)]
+    if results.get("zero_shot"):
+        rows.append((f"zero-shot {model['backbone']} (ImageNet features, no training)",
+                     results["zero_shot"]))
+    if model.get("checkpoint"):
+        title = f"# Evaluation of `{model['checkpoint']}`"
+        what = (f"checkpoint {model['checkpoint_size_mb']:.1f} MB (epoch {model.get('epoch')}).")
+    else:
+        title = f"# Zero-shot evaluation of `{model['backbone']}` ({model.get('weights')} weights)"
+        what = "pooled backbone features, L2-normalised, no head, nothing trained."
+    lines = [
+        title,
+        "",
+        f"Split `{results['data']['split']}` of `{results['data']['root']}`: "
+        f"{results['num_queries']:,} queries (every image), {results['data']['num_products']:,} products, "
+        f"{results['data']['num_categories']} categories. Backbone `{model['backbone']}`, "
+        f"{model['embedding_size']}-d embeddings, {model['image_size']} px, {params} parameters, "
+        + what,
+        "",
+        "## Product protocol (standard SOP: Song et al. 2016, Musgrave et al. 2020), in %",
+        "",
+        "Gallery: every other image; relevant: the other images of the same product.",
+        "",
+        "| Model | Recall@1 | Recall@10 | Recall@100 | Recall@1000 | MAP@R | R-Precision |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {n} | {pct(r['product']['recall@1'])} | {pct(r['product']['recall@10'])} | "
+          f"{pct(r['product']['recall@100'])} | {pct(r['product']['recall@1000'])} | "
+          f"{pct(r['product']['map@r'])} | {pct(r['product']['r_precision'])} |" for n, r in rows],
+        "",
+        "## Category protocol (the original project's protocol), in %",
+        "",
+        "Gallery: images of *other* products; relevant: same category. "
+        "mAP@10 divides by the relevant items found in the top 10 (0 when none).",
+        "",
+        "| Model | Recall@1 | Recall@5 | Recall@10 | Recall@20 | P@1 | P@5 | P@10 | P@20 | mAP@10 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *[f"| {n} | " + " | ".join(pct(r["category"][k]) for k in (
+            "recall@1", "recall@5", "recall@10", "recall@20", "precision@1", "precision@5",
+            "precision@10", "precision@20", "map@10")) + " |" for n, r in rows],
+        "",
+        "## Per category, in %",
+        "",
+        "| Category | Queries | Product R@1 | Product MAP@R | Category R@1 | Category P@10 | Category mAP@10 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cname, m in results["per_category"].items():
+        lines.append(f"| {cname} | {m['num_queries']:,} | {pct(m['product']['recall@1'])} | "
+                     f"{pct(m['product']['map@r'])} | {pct(m['category']['recall@1'])} | "
+                     f"{pct(m['category']['precision@10'])} | {pct(m['category']['map@10'])} |")
+    st, tm = results["embedding_stats"], results["timing"]
+    lines += [
+        "",
+        "## Embeddings and timing",
+        "",
+        f"- Embedding mean {st['mean']:.4f}, std {st['std']:.4f}, mean L2 norm {st['norm_mean']:.4f}; "
+        f"per-coordinate std across images {st['dim_std_mean']:.4f} and mean pairwise cosine "
+        f"{st['mean_cosine']:.4f} (0 and 1 when the embeddings have collapsed).",
+        f"- Extraction {tm['extract_s']:.1f} s" + (" (from the embeddings cache)" if tm.get("cached") else "")
+        + f" on {tm['device']}; exact metrics of both protocols {tm['eval_s']:.1f} s.",
+        "",
+    ]
+    if results.get("figure"):
+        lines += [f"![retrieval examples]({results['figure']})", "",
+                  "Query (blue) and its top 5 among all other images: green = same product, red = another.", ""]
+    return "\n".join(lines)
+
+
+def retrieval_figure(path, dataset, embeddings, num_examples=6, top=5, seed=0, thumb=128):
+    """Queries (one per category first, seeded) with their top ``top`` over every other image;
+    green borders for the same product, red for another. Returns the query indices."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(seed)
+    super_ids, class_ids = np.asarray(dataset.super_ids), np.asarray(dataset.class_ids)
+    cats = rng.permutation(np.unique(super_ids))
+    queries = [int(rng.choice(np.flatnonzero(super_ids == c))) for c in cats[:num_examples]]
+    while len(queries) < min(num_examples, len(dataset)):
+        queries.append(int(rng.integers(len(dataset))))
+    queries = np.asarray(queries)
+    scores, idx = retrieval.knn(embeddings[queries], embeddings, top, self_indices=queries)
+
+    fig, axes = plt.subplots(len(queries), top + 1, figsize=(1.9 * (top + 1), 2.35 * len(queries)),
+                             squeeze=False)
+
+    def show(ax, i, colour, title):
+        ax.imshow(datasets.load_image(dataset.paths[i], size=thumb).resize((thumb, thumb)))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_edgecolor(colour)
+            side.set_linewidth(4)
+        ax.set_title(title, fontsize=7)
+
+    for row, q in enumerate(queries):
+        show(axes[row, 0], q, "tab:blue", f"query\n{category_name(super_ids[q])} #{class_ids[q]}")
+        for col in range(top):
+            g = int(idx[row, col])
+            if g < 0:
+                axes[row, col + 1].axis("off")
+                continue
+            same = class_ids[g] == class_ids[q]
+            show(axes[row, col + 1], g, "tab:green" if same else "tab:red",
+                 f"{col + 1}. {scores[row, col]:.3f}\n{category_name(super_ids[g])} #{class_ids[g]}")
+    fig.suptitle("Top 5 over all other images (green: same product, red: another product)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=90)
+    plt.close(fig)
+    return queries
+
+
+
+# ============ train_multiple.py: comparison tables and plots ============
+
+# Comparison columns: (csv column, where it comes from). Product / category metric keys are
+# those of retrieval.evaluate_embeddings (results.json).
+PRODUCT_KEYS = ("recall@1", "recall@10", "recall@100", "recall@1000", "map@r", "r_precision")
+CATEGORY_KEYS = ("recall@1", "recall@5", "recall@10", "recall@20", "precision@1", "precision@5",
+                 "precision@10", "precision@20", "map@10")
+ID_COLUMNS = ("run", "backbone", "loss", "sampler", "status", "error")
+METRIC_COLUMNS = tuple(f"product_{k}" for k in PRODUCT_KEYS) + tuple(
+    f"category_{k}" for k in CATEGORY_KEYS)
+INFO_COLUMNS = ("num_queries", "parameters", "weights_bytes", "checkpoint_bytes", "train_time_s", "eval_time_s",
+                "best_epoch", "epochs", "best_val_recall@1", "checkpoint_epoch", "checkpoint")
+CSV_COLUMNS = ID_COLUMNS + METRIC_COLUMNS + INFO_COLUMNS
+
+# Training curves: (metrics.csv column, panel title).
+CURVES = (("train_loss", "train loss"), ("val_loss", "validation loss"),
+          ("val_recall@1", "validation Recall@1 (product)"), ("lr", "learning rate"),
+          ("train_valid_triplets", "valid triplets per batch (train)"),
+          ("train_active_triplets", "active triplets per batch (train)"))
+
+
+# ============ tables ============
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """comparison.csv: one row per run, metrics as fractions in full precision (repr)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        writer.writerow(["" if row.get(c) is None else repr(row[c]) if isinstance(row[c], float)
+                         else row[c] for c in CSV_COLUMNS])
+    fileio.atomic_write_text(path, buf.getvalue())
+
+
+def read_csv(path: Path) -> list[dict]:
+    """comparison.csv back: numbers as float/int, empty cells as None."""
+    out = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            parsed = {}
+            for k, v in row.items():
+                if k in ID_COLUMNS or k == "checkpoint":
+                    parsed[k] = v
+                elif v == "":
+                    parsed[k] = None
+                else:
+                    parsed[k] = int(v) if v.lstrip("-").isdigit() else float(v)
+            out.append(parsed)
+    return out
+
+
+def _num(v, fmt: str) -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def format_markdown(rows: list[dict], title: str = "Comparison", notes: str = "") -> str:
+    """comparison.md: a summary table, one table per protocol, and the failures. Metrics in %
+    (two decimals), parameters in millions, sizes in MB (10^6 bytes: weights = the network's
+    tensors, checkpoint = the evaluated .pth file with optimizer state), times in minutes
+    (training) and seconds (evaluation)."""
+    parts = [f"# {title}", ""]
+    if notes:
+        parts += [notes, ""]
+    parts += ["## Summary (test split; metrics in %)", "", _md_table(
+        ["run", "backbone", "loss", "sampler", "status", "product R@1", "MAP@R", "category R@1",
+         "mAP@10", "params (M)", "weights (MB)", "checkpoint (MB)", "training (min)",
+         "evaluation (s)",
+         "best epoch"],
+        [[r["run"], r["backbone"], r["loss"], r["sampler"], r["status"] or "",
+          pct(r["product_recall@1"]), pct(r["product_map@r"]), pct(r["category_recall@1"]),
+          pct(r["category_map@10"]),
+          "" if r["parameters"] is None else f"{r['parameters'] / 1e6:.2f}",
+          "" if r["weights_bytes"] is None else f"{r['weights_bytes'] / 1e6:.1f}",
+          "" if r["checkpoint_bytes"] is None else f"{r['checkpoint_bytes'] / 1e6:.1f}",
+          "" if r["train_time_s"] is None else f"{r['train_time_s'] / 60:.1f}",
+          _num(r["eval_time_s"], ".1f"),
+          "" if r["best_epoch"] is None else f"{r['best_epoch']}/{r['epochs']}"]
+         for r in rows]), ""]
+    parts += ["## Product protocol (queries: every test image; relevant: same product)", "",
+              _md_table(["run", "R@1", "R@10", "R@100", "R@1000", "MAP@R", "R-precision"],
+                        [[r["run"]] + [pct(r[f"product_{k}"]) for k in PRODUCT_KEYS]
+                         for r in rows]), ""]
+    parts += ["## Category protocol (the original project's: gallery = other products; relevant: same "
+              "category)", "",
+              _md_table(["run", "R@1", "R@5", "R@10", "R@20", "P@1", "P@5", "P@10", "P@20",
+                         "mAP@10"],
+                        [[r["run"]] + [pct(r[f"category_{k}"]) for k in CATEGORY_KEYS]
+                         for r in rows]), ""]
+    failed = [r for r in rows if r.get("error")]
+    if failed:
+        parts += ["## Failures", ""]
+        parts += [f"- `{r['run']}` ({r['status']}): {r['error']}" for r in failed]
+        parts.append("")
+    return "\n".join(parts)
+
+
+# ============ plots ============
+
+def run_labels(rows: list[dict]) -> list[str]:
+    """Shortest unambiguous label per run: the fields that vary across the grid."""
+    fields = [f for f in ("backbone", "loss", "sampler") if len({r[f] for r in rows}) > 1]
+    fields = fields or ["backbone"]
+    return ["\n".join(str(r[f]) for f in fields) for r in rows]
+
+
+def plot_recall_bars(rows: list[dict], path: Path) -> None:
+    """Grouped bars per run: test product Recall@1, product MAP@R and category Recall@1 (%)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = run_labels(rows)
+    x = list(range(len(rows)))
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(rows) + 2), 4.2))
+    for offset, key, name in ((-width, "product_recall@1", "product Recall@1"),
+                              (0.0, "product_map@r", "product MAP@R"),
+                              (width, "category_recall@1", "category Recall@1 (original project's)")):
+        values = [100 * r[key] if r.get(key) is not None else 0.0 for r in rows]
+        bars = ax.bar([i + offset for i in x], values, width, label=name)
+        for bar, r in zip(bars, rows):
+            text = f"{100 * r[key]:.1f}" if r.get(key) is not None else "n/a"
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8, xytext=(0, 2),
+                        textcoords="offset points")
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("test split (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("Recall@1 and MAP@R per run")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_training_curves(histories: dict[str, list[dict]], path: Path) -> None:
+    """One panel per CURVES column, one line per run (label -> metrics.csv rows). Columns a run
+    does not have (e.g. triplet counts of a loss without triplets) are left out of its panel."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    cols = 3
+    nrows = math.ceil(len(CURVES) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.4 * nrows), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, CURVES):
+        drawn = False
+        for label, history in histories.items():
+            points = [(r["epoch"], r[key]) for r in history
+                      if r.get(key) is not None and math.isfinite(r[key])]
+            if not points:
+                continue
+            xs, ys = zip(*points)
+            if key == "val_recall@1":
+                ys = [100 * y for y in ys]
+            ax.plot(xs, ys, marker="o", markersize=3, label=label.replace("\n", " "))
+            drawn = True
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if key == "lr" and drawn:
+            ax.set_yscale("log")
+        if not drawn:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(CURVES):]:
+        ax.axis("off")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    if not handles:  # the first panel may be empty (epoch 0 has no training loss only)
+        for ax in axes.flat:
+            handles, names = ax.get_legend_handles_labels()
+            if handles:
+                break
+    if handles:
+        fig.legend(handles, names, loc="lower center", ncol=min(len(names), 4), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Save a matplotlib figure atomically, in the format its suffix names (png default)."""
+    fileio.atomic_write(path, lambda f: fig.savefig(f, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png"))
+
+
+def write_report(rows: list[dict], histories: dict[str, list[dict]], output: Path,
+                 title: str = "Comparison", notes: str = "") -> dict[str, Path]:
+    """comparison.md, comparison.csv, recall_at_1.png and training_curves.png under ``output``."""
+    output.mkdir(parents=True, exist_ok=True)
+    files = {"md": output / "comparison.md", "csv": output / "comparison.csv",
+             "recall_plot": output / "recall_at_1.png", "curves_plot": output / "training_curves.png"}
+    write_csv(rows, files["csv"])
+    fileio.atomic_write_text(files["md"], format_markdown(rows, title, notes))
+    plot_recall_bars(rows, files["recall_plot"])
+    plot_training_curves(histories, files["curves_plot"])
+    return files
+
+
