@@ -300,10 +300,12 @@ def default_index_path(checkpoint, split):
 
 
 def load_or_build_index(model, checkpoint, data_root, split="test", index_path=None,
-                        batch_size=64, workers=None, progress=True, force=False):
+                        batch_size=64, workers=None, progress=True, force=False, index_type="exact"):
     """The gallery index of ``split`` under ``data_root`` for ``checkpoint``: loaded from
     ``index_path`` when it was built from this checkpoint (sha256) and this image list,
     otherwise (or with ``force``) built with a progress bar and saved atomically.
+    ``index_type``: "exact", "ivf" or "hnsw" (retrieval.GalleryIndex); an index of another
+    type is rebuilt.
 
     Returns ``(index, built: bool)``. A failed save raises OSError naming the path (the
     previous file is left intact by `retrieval.GalleryIndex.save`).
@@ -314,7 +316,8 @@ def load_or_build_index(model, checkpoint, data_root, split="test", index_path=N
                                   transform=datasets.build_transform(image_size, train=False))
     ckpt_hash = models.checkpoint_hash(checkpoint)
     if index_path.exists() and not force:
-        index, why = retrieval.load_fresh_index(index_path, ckpt_hash, dataset.rel_paths)
+        index, why = retrieval.load_fresh_index(index_path, ckpt_hash, dataset.rel_paths,
+                                                index_type=index_type)
         if index is not None:
             logger.info("Loaded gallery index %s (%d images)", index_path, len(index))
             return index, False
@@ -324,7 +327,7 @@ def load_or_build_index(model, checkpoint, data_root, split="test", index_path=N
     index = retrieval.build_gallery_index(
         model, dataset, batch_size=batch_size, workers=workers, checkpoint_hash=ckpt_hash,
         meta={"split": split, "data_root": str(dataset.root), "model_args": dict(model.model_args),
-              "checkpoint": str(checkpoint)}, progress=progress)
+              "checkpoint": str(checkpoint)}, progress=progress, index_type=index_type)
     index.save(index_path)
     logger.info("Saved gallery index %s", index_path)
     return index, True
@@ -566,6 +569,9 @@ def get_args_parser(add_help=True):
                        help="which images form the gallery (SOP test: 60,502)")
     group.add_argument("--index", default=None,
                        help="gallery index file; default: gallery_<split>.npz beside the checkpoint")
+    group.add_argument("--index_type", default="exact", choices=["exact", "ivf", "hnsw"],
+                       help="gallery search: exact (SOP-sized galleries), or approximate faiss ivf / "
+                            "hnsw for millions of images (needs pip install faiss-cpu; see bench/README.md)")
     group.add_argument("--rebuild_index", action="store_true",
                        help="rebuild the gallery index even when it is up to date")
     group.add_argument("--build_index", action="store_true",
@@ -622,10 +628,12 @@ def main(args):
         data_root = datasets.resolve_sop_root(data_root)
         index, _ = load_or_build_index(model, checkpoint, data_root, args.split, args.index,
                                        batch_size=args.batch_size, workers=args.workers,
-                                       force=args.rebuild_index)
+                                       force=args.rebuild_index, index_type=args.index_type)
     except (FileNotFoundError, datasets.DatasetError) as e:
         sys.exit(f"Cannot build the gallery from {data_root}: {e}\nPass --data_root DIR "
                  f"(a folder with Ebay_{'test' if args.split == 'test' else 'train'}.txt).")
+    except ImportError as e:  # --index_type ivf / hnsw without faiss
+        sys.exit(f"Cannot build or load the {args.index_type} gallery index: {e}")
     except OSError as e:  # the index could not be written (full disk, permissions)
         sys.exit(f"Gallery index not saved: {e}\nPass --index PATH to write it somewhere else.")
     if args.build_index:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+import fileio
+
 logger = logging.getLogger(__name__)
 
 # float32 score gap beyond which the float16 scores keep the float32 order (module docstring)
@@ -135,8 +137,6 @@ def _cpu_flags() -> str:
 
 def _compile() -> Path:
     """The kernel's shared library, compiled into the cache folder on first use."""
-    import retrieval  # atomic_write; imported here because retrieval imports this module
-
     flags = ["-O3", "-march=native", "-shared", "-fPIC"]
     key = hashlib.sha256("\0".join([_SOURCE, *flags, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"fastscan-{key}.so"
@@ -151,7 +151,7 @@ def _compile() -> Path:
         subprocess.run([compiler, *flags, str(src), "-o", str(out)], check=True, capture_output=True,
                        timeout=120)
         # atomic: concurrent first uses (demo workers, torchrun ranks) never load a half-written file
-        retrieval.atomic_write(target, lambda f: f.write(out.read_bytes()))
+        fileio.atomic_write(target, lambda f: f.write(out.read_bytes()))
     return target
 
 

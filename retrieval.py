@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fileio import atomic_write
+
 import ann
 import fastscan
 
@@ -700,34 +702,6 @@ def hash_paths(paths) -> str:
         h.update(str(p).encode("utf-8"))
         h.update(b"\n")
     return h.hexdigest()
-
-
-def atomic_write(path, write_fn) -> Path:
-    """Call ``write_fn(file)`` on a temporary file beside ``path``, fsync, then os.replace.
-
-    On any failure the temporary file is removed, the previous ``path`` is left intact and
-    an OSError naming ``path`` is raised.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise OSError(exc.errno, f"could not write {path}: {exc.strerror or exc}; "
-                          "the previous file (if any) is intact. Free disk space or fix "
-                          "permissions, then retry") from exc
-        raise
-    return path
 
 
 def embeddings_fingerprint(embeddings: np.ndarray) -> str:

@@ -822,19 +822,46 @@ def init_head_from_features(model: models.EmbeddingNet, train_set: datasets.SOPD
 
 # ============ building a run: paths, resume, data, model and optimizer, logs ============
 
+# evaluate.py writes a checkpoint's evaluation to <log_dir>/<run>/eval/results.json by default.
+EVAL_SUBDIR = "eval"
+RESULTS_NAME = "results.json"
+
+
 @dataclass
 class RunPaths:
+    """Where a run's files live: checkpoints/<run>/{last,best}.pth and runs/<run>/ (metrics.csv,
+    eval/results.json)."""
     name: str
-    ckpt_dir: Path
+    checkpoint_dir: Path
     log_dir: Path
+
+    @classmethod
+    def of(cls, args: argparse.Namespace, name: str | None = None) -> "RunPaths":
+        name = name or args.run_name or default_run_name(args)
+        return cls(name, Path(args.checkpoint_dir) / name, Path(args.log_dir) / name)
 
     @property
     def last(self) -> Path:
-        return self.ckpt_dir / "last.pth"
+        return self.checkpoint_dir / "last.pth"
 
     @property
     def best(self) -> Path:
-        return self.ckpt_dir / "best.pth"
+        return self.checkpoint_dir / "best.pth"
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.log_dir / "metrics.csv"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.log_dir / EVAL_SUBDIR
+
+    @property
+    def results(self) -> Path:
+        return self.eval_dir / RESULTS_NAME
+
+    def checkpoint(self, which: str) -> Path:
+        return self.best if which == "best" else self.last
 
 
 @dataclass
@@ -877,7 +904,7 @@ def configure_determinism(args: argparse.Namespace, device: torch.device) -> Non
 def read_resume(args: argparse.Namespace, paths: RunPaths, rank: int) -> tuple[dict | None, Path | None]:
     """(checkpoint, its path) to resume from, or (None, None) for a new run; refuses to start
     over an existing run without --resume auto or --overwrite."""
-    resume_path = resolve_resume(args, paths.ckpt_dir)
+    resume_path = resolve_resume(args, paths.checkpoint_dir)
     if resume_path is None:
         if args.resume == "auto":
             _log(rank, f"--resume auto: no {paths.last} yet, starting a new run")
@@ -1014,10 +1041,10 @@ def open_logs(args: argparse.Namespace, paths: RunPaths, info: dict, start_epoch
     text = json.dumps(info, indent=2, default=str)
     _atomic_write_text(paths.log_dir / "args.json", text + "\n")
     writer.add_text("args", "```\n" + text + "\n```", start_epoch)
-    paths.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     # A killed run can leave the temporary file of an unfinished atomic write (never a
     # half-written last.pth / best.pth): remove those leftovers, they can be large.
-    for stale in paths.ckpt_dir.glob(".*.pth.*.tmp"):
+    for stale in paths.checkpoint_dir.glob(".*.pth.*.tmp"):
         print(f"removing {stale} (an interrupted checkpoint write)", flush=True)
         stale.unlink(missing_ok=True)
     return writer
@@ -1082,7 +1109,7 @@ def finish_epoch(state: TrainState, row: dict, args: argparse.Namespace, paths: 
     save_checkpoint(ckpt, paths.last)
     if is_best:
         link_best(paths.last, paths.best)
-    write_metrics_csv(paths.log_dir / "metrics.csv", state.history)
+    write_metrics_csv(paths.metrics_csv, state.history)
     log_tensorboard(writer, row)
     print(epoch_line(row, args, state.best_score, is_best), flush=True)
 
@@ -1113,8 +1140,8 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
     progress = bool(args.progress) and rank == 0
     configure_determinism(args, device)
     seed_everything(args.seed)  # initial head weights (for --weights imagenet/none)
-    name = args.run_name or default_run_name(args)
-    paths = RunPaths(name, Path(args.checkpoint_dir) / name, Path(args.log_dir) / name)
+    paths = RunPaths.of(args)
+    name = paths.name
 
     # ============ resume: read the checkpoint first (it fixes the model's shape) ============
     ckpt, resume_path = read_resume(args, paths, rank)
@@ -1144,7 +1171,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
             "amp_used": use_amp, "resumed_from": str(resume_path) if resume_path else None,
             "git_commit": models.git_commit(), "model_args": model_args}, state.start_epoch)
         _log(rank, f"run {name}: {models.count_parameters(state.model) / 1e6:.2f}M parameters, "
-                   f"device {device}, amp {use_amp}; checkpoints {paths.ckpt_dir}, logs {paths.log_dir}")
+                   f"device {device}, amp {use_amp}; checkpoints {paths.checkpoint_dir}, logs {paths.log_dir}")
 
     # ============ epoch 0: the untrained network, and its backbone alone ============
     val_embeddings = None
@@ -1199,7 +1226,7 @@ def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> di
                           int(final.get("epoch", 0)))
         writer.close()
         _log(rank, f"done: best val {args.select_metric} {100 * state.best_score:.2f}%; "
-                   f"{paths.best}, {paths.log_dir / 'metrics.csv'}")
+                   f"{paths.best}, {paths.metrics_csv}")
     _barrier(world)
     return final
 

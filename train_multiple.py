@@ -49,13 +49,12 @@ import datasets
 import losses
 import models
 import train
+from train import RESULTS_NAME, RunPaths
 from reporting import (CATEGORY_KEYS, CSV_COLUMNS, ID_COLUMNS, PRODUCT_KEYS, run_labels,  # noqa: F401 (API)
                        format_markdown, read_csv, write_csv, write_report)
 
 REPO = Path(__file__).resolve().parent
 SEED_BACKBONES = ("efficientnet_b0", "resnet18", "resnet50")
-RESULTS_NAME = "results.json"
-EVAL_SUBDIR = "eval"
 
 # --quick: defaults for a CPU-only pass over a small synthetic SOP (flags given explicitly still
 # win). Random weights need a larger lr than fine-tuning; 48 px crops, 8 x 4 batches and capped
@@ -234,38 +233,8 @@ def namespace_to_argv(parser: argparse.ArgumentParser, ns: argparse.Namespace,
 
 # ============ state of a run on disk ============
 
-@dataclass
-class RunPaths:
-    name: str
-    checkpoint_dir: Path
-    log_dir: Path
-
-    @property
-    def last(self) -> Path:
-        return self.checkpoint_dir / "last.pth"
-
-    @property
-    def best(self) -> Path:
-        return self.checkpoint_dir / "best.pth"
-
-    @property
-    def metrics_csv(self) -> Path:
-        return self.log_dir / "metrics.csv"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.log_dir / EVAL_SUBDIR
-
-    @property
-    def results(self) -> Path:
-        return self.eval_dir / RESULTS_NAME
-
-    def checkpoint(self, which: str) -> Path:
-        return self.best if which == "best" else self.last
-
-
 def run_paths(ns: argparse.Namespace) -> RunPaths:
-    return RunPaths(ns.run_name, Path(ns.checkpoint_dir) / ns.run_name, Path(ns.log_dir) / ns.run_name)
+    return RunPaths.of(ns)
 
 
 def settings_conflicts(old: dict, new: argparse.Namespace) -> dict:
@@ -398,20 +367,25 @@ def eval_options(args: argparse.Namespace, ns: argparse.Namespace, paths: RunPat
     }
 
 
+def _evaluate_argv(options: dict) -> list[str]:
+    """evaluate.py flags shared by both kinds of evaluation (data, output, loader, device)."""
+    argv = ["--data_root", options["data_root"], "--split", options["split"],
+            "--output", options["output"], "--batch_size", str(options["batch_size"])]
+    if options["workers"] is not None:  # None: evaluate.py's own default (loader_settings)
+        argv += ["--workers", str(options["workers"])]
+    if options["num_examples"] != 6:  # evaluate.py's default
+        argv += ["--num_examples", str(options["num_examples"])]
+    if options["device"] is not None:
+        argv += ["--device", str(options["device"])]
+    if not options["progress"]:
+        argv.append("--no-progress")
+    return argv
+
+
 def evaluate_command(options: dict) -> list[str]:
     """The evaluate.py command line of ``eval_options``."""
-    cmd = [sys.executable, str(REPO / "evaluate.py"), "--checkpoint", options["checkpoint"],
-           "--data_root", options["data_root"], "--split", options["split"],
-           "--output", options["output"], "--batch_size", str(options["batch_size"])]
-    if options["workers"] is not None:  # None: evaluate.py's own default (loader_settings)
-        cmd += ["--workers", str(options["workers"])]
-    if options["num_examples"] != 6:  # evaluate.py's default
-        cmd += ["--num_examples", str(options["num_examples"])]
-    if options["device"] is not None:
-        cmd += ["--device", str(options["device"])]
-    if not options["progress"]:
-        cmd.append("--no-progress")
-    return cmd
+    return [sys.executable, str(REPO / "evaluate.py"), "--checkpoint", options["checkpoint"],
+            *_evaluate_argv(options)]
 
 
 def train_command(ns: argparse.Namespace) -> list[str]:
@@ -420,31 +394,31 @@ def train_command(ns: argparse.Namespace) -> list[str]:
                                always=("backbone", "loss", "sampler", "epochs"))]
 
 
-def run_training(ns: argparse.Namespace, launcher: str, log_path: Path) -> str | None:
-    """Train one run; returns None on success, else the error message."""
+def launch(launcher: str, cmd: list[str], call, log_path: Path) -> str | None:
+    """One step of the grid: ``cmd`` in its own process (output to ``log_path``), or ``call()``
+    in this one (--launcher inprocess). None on success, else the error for the table; a
+    failure never stops the other runs."""
     if launcher == "subprocess":
-        code, tail = run_command(train_command(ns), log_path)
-        return None if code == 0 else f"train.py exited with {code}: {error_summary(tail)}"
+        code, tail = run_command(cmd, log_path)
+        return None if code == 0 else f"{Path(cmd[1]).name} exited with {code}: {error_summary(tail)}"
     try:
-        train.main(ns)
+        call()
     except Exception as e:  # reported in the table; the other runs go on
         traceback.print_exc()
         return f"{type(e).__name__}: {e}"
     return None
 
 
+def run_training(ns: argparse.Namespace, launcher: str, log_path: Path) -> str | None:
+    """Train one run; returns None on success, else the error message."""
+    return launch(launcher, train_command(ns), lambda: train.main(ns), log_path)
+
+
 def run_evaluation(options: dict, launcher: str, log_path: Path) -> str | None:
     """Evaluate one run's checkpoint on the test split; None on success, else the error."""
-    if launcher == "subprocess":
-        code, tail = run_command(evaluate_command(options), log_path)
-        return None if code == 0 else f"evaluate.py exited with {code}: {error_summary(tail)}"
-    try:
-        import evaluate  # imported late: train-only uses of this script do not need it
-        evaluate.evaluate_checkpoint(**options)
-    except Exception as e:
-        traceback.print_exc()
-        return f"{type(e).__name__}: {e}"
-    return None
+    import evaluate  # imported late: train-only uses of this script do not need it
+    return launch(launcher, evaluate_command(options), lambda: evaluate.evaluate_checkpoint(**options),
+                  log_path)
 
 
 # ============ zero-shot rows: the pretrained backbone before any training ============
@@ -453,8 +427,7 @@ ZERO_SHOT = "zero-shot"  # the loss column of a zero-shot row
 
 
 def zero_shot_paths(args: argparse.Namespace, backbone: str) -> RunPaths:
-    name = f"{args.prefix}_{backbone}_zero_shot"
-    return RunPaths(name, Path(args.checkpoint_dir) / name, Path(args.log_dir) / name)
+    return RunPaths.of(args, f"{args.prefix}_{backbone}_zero_shot")
 
 
 def zero_shot_options(args: argparse.Namespace, backbone: str) -> dict:
@@ -469,17 +442,8 @@ def zero_shot_options(args: argparse.Namespace, backbone: str) -> dict:
 
 
 def zero_shot_command(options: dict) -> list[str]:
-    cmd = [sys.executable, str(REPO / "evaluate.py"), "--zero_shot", "--backbone",
-           options["backbone"], "--data_root", options["data_root"], "--image_size",
-           str(options["image_size"]), "--split", options["split"], "--output", options["output"],
-           "--batch_size", str(options["batch_size"]), "--num_examples", "0"]
-    if options["workers"] is not None:
-        cmd += ["--workers", str(options["workers"])]
-    if options["device"] is not None:
-        cmd += ["--device", str(options["device"])]
-    if not options["progress"]:
-        cmd.append("--no-progress")
-    return cmd
+    return [sys.executable, str(REPO / "evaluate.py"), "--zero_shot", "--backbone",
+            options["backbone"], "--image_size", str(options["image_size"]), *_evaluate_argv(options)]
 
 
 def zero_shot_done(options: dict) -> bool:
@@ -500,16 +464,9 @@ def zero_shot_done(options: dict) -> bool:
 
 def run_zero_shot(options: dict, launcher: str, log_path: Path) -> str | None:
     """Evaluate one backbone zero-shot; None on success, else the error message."""
-    if launcher == "subprocess":
-        code, tail = run_command(zero_shot_command(options), log_path)
-        return None if code == 0 else f"evaluate.py --zero_shot exited with {code}: {error_summary(tail)}"
-    try:
-        import evaluate
-        evaluate.evaluate_zero_shot(**options)
-    except Exception as e:
-        traceback.print_exc()
-        return f"{type(e).__name__}: {e}"
-    return None
+    import evaluate
+    return launch(launcher, zero_shot_command(options), lambda: evaluate.evaluate_zero_shot(**options),
+                  log_path)
 
 
 # ============ reading a run's files into a table row ============

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torchvision
 
+import fileio
 import models
 from models import (BACKBONES, CHECKPOINT_FORMAT_VERSION, CheckpointError, WeightsUnavailableError,
                     atomic_save, build_imagenet_classifier, build_model, checkpoint_hash,
@@ -505,7 +506,7 @@ def test_unwritable_folder_is_reported(tmp_path, monkeypatch):
             raise PermissionError(errno.EACCES, "Permission denied", str(file))
         return open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(models, "open", denied, raising=False)
+    monkeypatch.setattr(fileio, "open", denied, raising=False)
     with pytest.raises(OSError, match="best.pth.*permission") as err:
         atomic_save({"epoch": 2}, path)
     assert err.value.errno == errno.EACCES

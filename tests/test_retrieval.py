@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import fileio
 import retrieval
 
 # ============ helpers ============
@@ -360,7 +361,7 @@ def test_gallery_index_failed_write_keeps_previous_file(tmp_path, monkeypatch):
     def full_disk(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(retrieval.os, "fsync", full_disk)
+    monkeypatch.setattr(fileio.os, "fsync", full_disk)
     with pytest.raises(OSError) as err:
         make_index(seed=2).save(path)
     assert err.value.errno == errno.ENOSPC

@@ -268,7 +268,7 @@ def test_dry_run_prints_commands_and_report_only_trains_nothing(tmp_path, monkey
     assert f"evaluate.py --checkpoint checkpoints/cmp_resnet18_{loss}_random/best.pth" in out
     # one zero-shot evaluation per backbone
     assert "cmp_resnet50_zero_shot: new" in out
-    assert "evaluate.py --zero_shot --backbone resnet50 --data_root data/Stanford_Online_Products" in out
+    assert "evaluate.py --zero_shot --backbone resnet50 --image_size 224 --data_root data/Stanford_Online_Products" in out
     assert not (tmp_path / "runs").exists() and not (tmp_path / "checkpoints").exists()
     assert tm.cli(argv + ["--report_only"]) == 0
     rows = tm.read_csv(tmp_path / "runs" / "comparison" / "comparison.csv")
