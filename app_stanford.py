@@ -299,6 +299,11 @@ def default_index_path(checkpoint, split):
     return Path(checkpoint).parent / f"gallery_{split}.npz"
 
 
+def resolve_device(name="auto") -> torch.device:
+    """auto: the first CUDA device when there is one, else the CPU."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
 def load_or_build_index(model, checkpoint, data_root, split="test", index_path=None,
                         batch_size=64, workers=None, progress=True, force=False, index_type="exact"):
     """The gallery index of ``split`` under ``data_root`` for ``checkpoint``: loaded from
@@ -326,6 +331,7 @@ def load_or_build_index(model, checkpoint, data_root, split="test", index_path=N
                 len(dataset), dataset.root, split, Path(checkpoint))
     index = retrieval.build_gallery_index(
         model, dataset, batch_size=batch_size, workers=workers, checkpoint_hash=ckpt_hash,
+        device=next(model.parameters()).device,
         meta={"split": split, "data_root": str(dataset.root), "model_args": dict(model.model_args),
               "checkpoint": str(checkpoint)}, progress=progress, index_type=index_type)
     index.save(index_path)
@@ -582,6 +588,9 @@ def get_args_parser(add_help=True):
                             "datasets.loader_settings for the device and CPU count")
     group.add_argument("--threads", default=None, type=int,
                        help="torch CPU threads (default: torch's choice, one per core)")
+    group.add_argument("--device", default="auto",
+                       help="where the model embeds the gallery and the queries: auto (cuda when "
+                            "available, with float16 autocast for the gallery), cpu, cuda, cuda:N")
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1",
                        help="interface to bind; 0.0.0.0 makes the demo reachable from the network")
@@ -603,6 +612,11 @@ def check_args(parser, args):
             parser.error(f"--{name} must be > {low}, got {getattr(args, name)}")
     if args.port > 65535:
         parser.error(f"--port must be in 1..65535, got {args.port}")
+    device = str(args.device)
+    if device not in ("auto", "cpu") and not (device == "cuda" or device.startswith("cuda:")):
+        parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {device}: CUDA is not available on this machine; use cpu or auto")
 
 
 def main(args):
@@ -617,7 +631,7 @@ def main(args):
                  f"Train one first, e.g.:\n  {TRAIN_HINT}\nthen run: python app_stanford.py "
                  "--checkpoint checkpoints/<run>/best.pth")
     try:
-        model = models.load_model(checkpoint)
+        model = models.load_model(checkpoint, device=resolve_device(args.device))
     except (OSError, models.CheckpointError, ValueError) as e:
         sys.exit(f"Cannot load checkpoint {checkpoint}: {e}")
     logger.info("Loaded %s (%s)", checkpoint, model.model_args)
