@@ -145,7 +145,7 @@ class SearchEngine:
     """The per-query path: decoded image → model input → embedding → exact top-k.
 
     ``search_image(pil_image, k, category)`` is the pure search (no Gradio): it returns
-    ``{"results": [{"rank", "index", "path", "product_id", "category", "score"}, ...],
+    ``{"results": [{"rank", "index", "catalogue_path", "product_id", "category", "score"}, ...],
     "timing_ms": {...}, "k", "category", "gallery_size"}``, results ranked by cosine
     similarity (ties by lower gallery index, as `retrieval.GalleryIndex.search`).
 
@@ -221,7 +221,8 @@ class SearchEngine:
             results.append({
                 "rank": len(results) + 1,
                 "index": i,
-                "path": self.index.paths[i],
+                # not "path": gradio_client takes any dict with a "path" for a file to download
+                "catalogue_path": self.index.paths[i],
                 "product_id": int(self.index.class_ids[i]),
                 "category": datasets.SOP_CATEGORIES[int(self.index.super_ids[i]) - 1],
                 "score": round(float(score), 6),

@@ -798,7 +798,7 @@ def step_search_query(step: Step) -> None:
         "gallery_index_build_s": round(index_s, 2), "first_query_ms": round(first_ms, 2),
         "warm_query_ms_median": round(statistics.median(ms for _, ms in warm), 2),
         "warm_queries": len(warm), "timing_ms_breakdown": last["timing_ms"],
-        "top1_is_the_query_image": bool(last["results"] and last["results"][0]["path"] == index.paths[0]),
+        "top1_is_the_query_image": bool(last["results"] and last["results"][0]["catalogue_path"] == index.paths[0]),
         "top1_score": float(scores[0]) if len(scores) else None})
     if ctx.cuda:
         del engine, model, index

@@ -224,7 +224,8 @@ def server(tiny):
         stack = contextlib.ExitStack()
         demo, url = stack.enter_context(
             running_demo(tiny["data_root"], tiny["checkpoint"], max_upload_mb=1))
-        client = Client(url, verbose=False, download_files=False)
+        # the client's defaults, as the README calls it: result images are downloaded
+        client = Client(url, verbose=False)
         _SHARED["server"] = {"demo": demo, "url": url, "client": client, "stack": stack}
     yield _SHARED["server"]
     stack = _SHARED["server"].pop("stack", None)  # the first finalizer closes it
@@ -249,7 +250,7 @@ def test_engine_matches_brute_force(tiny, category):
         ref_idx, ref_scores = brute_force(index, reference_embedding(model, path), 7, super_id)
         assert_same_ranking(out["results"], ref_idx, ref_scores)
         for r in out["results"]:
-            assert r["path"] == index.paths[r["index"]]
+            assert r["catalogue_path"] == index.paths[r["index"]]
             assert r["product_id"] == index.class_ids[r["index"]]
             assert r["category"] == datasets.SOP_CATEGORIES[index.super_ids[r["index"]] - 1]
             if category != "All":
@@ -344,7 +345,9 @@ def test_api_returns_k_ranked_results(server, tiny):
         assert_same_ranking(ranked["results"], ref_idx, ref_scores)
         for item, r in zip(gallery, ranked["results"]):
             assert item["caption"] == f"{r['score']:.3f} · {r['category']} · #{r['product_id']}"
-            assert Path(item["image"]["path"]).name == Path(r["path"]).name
+            # downloaded through the file route: a local copy of that gallery image
+            assert Path(item["image"]).name == Path(r["catalogue_path"]).name
+            assert Path(item["image"]).read_bytes() == (tiny["data_root"] / r["catalogue_path"]).read_bytes()
         assert ranked["gallery_size"] == len(index)
         assert {"decode", "embed", "search", "total"} <= set(ranked["timing_ms"])
         assert "search" in timing and "ms" in timing
