@@ -484,12 +484,14 @@ def training_time(history: list[dict]) -> float | None:
     return total
 
 
-def best_epoch(history: list[dict]) -> int | None:
-    """Epoch of the best validation Recall@1; the first of equals, as train.py keeps best.pth."""
-    rows = [r for r in history if r.get("val_recall@1") is not None]
+def best_epoch(history: list[dict], metric: str = "recall@1") -> int | None:
+    """Epoch of the best validation ``metric`` (the run's --select_metric); the first of
+    equals, as train.py keeps best.pth."""
+    key = f"val_{metric}"
+    rows = [r for r in history if r.get(key) is not None]
     if not rows:
         return None
-    return int(max(rows, key=lambda r: (r["val_recall@1"], -r["epoch"]))["epoch"])
+    return int(max(rows, key=lambda r: (r[key], -r["epoch"]))["epoch"])
 
 
 def collect_row(point: GridPoint, paths: RunPaths, status: str = "", error: str = "",
@@ -499,6 +501,10 @@ def collect_row(point: GridPoint, paths: RunPaths, status: str = "", error: str 
     evaluated checkpoint (size, and parameters when results.json lacks them). Missing files
     leave their columns empty (None)."""
     row = empty_row(point, paths.name, status, error)
+    checkpoint = paths.checkpoint(eval_checkpoint)
+    state = models.load_checkpoint(checkpoint) if checkpoint.is_file() else None
+    # checkpoints from before --select_metric chose best.pth on Recall@1
+    metric = (state or {}).get("select_metric") or "recall@1"
     if paths.results.is_file():
         results = json.loads(paths.results.read_text())
         for k in PRODUCT_KEYS:
@@ -511,16 +517,14 @@ def collect_row(point: GridPoint, paths: RunPaths, status: str = "", error: str 
     if paths.metrics_csv.is_file():
         history = train.read_metrics_csv(paths.metrics_csv)
         row["train_time_s"] = training_time(history)
-        row["best_epoch"] = best_epoch(history)
+        row["best_epoch"] = best_epoch(history, metric)
         epochs = [int(r["epoch"]) for r in history if r.get("epoch") is not None]
         row["epochs"] = max(epochs) if epochs else None
         recalls = [r["val_recall@1"] for r in history if r.get("val_recall@1") is not None]
         row["best_val_recall@1"] = max(recalls) if recalls else None
-    checkpoint = paths.checkpoint(eval_checkpoint)
-    if checkpoint.is_file():
+    if state is not None:
         row["checkpoint"] = str(checkpoint)
         row["checkpoint_bytes"] = checkpoint.stat().st_size
-        state = models.load_checkpoint(checkpoint)
         row["checkpoint_epoch"] = state.get("epoch")
         row["weights_bytes"] = weights_bytes(state["model"])
         if row["parameters"] is None:
