@@ -296,7 +296,8 @@ def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, b
 
 
 def print_results(results: dict) -> None:
-    print(f"{results['num_queries']:,} queries ({results['data']['split']} split of {results['data']['root']})")
+    print(f"{results['num_queries']:,} queries ({results['data']['split']} split of {results['data']['root']}), "
+          "metrics in %")
     rows = [(results["model"]["run"], results)]
     if results.get("zero_shot"):
         rows.append(("zero-shot backbone", results["zero_shot"]))
