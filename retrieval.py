@@ -7,7 +7,7 @@ Scores are cosine similarities of L2-normalised float32 embeddings (inner produc
 Ranking rule everywhere: higher score first; equal scores break by the lower gallery index;
 a query is never in its own result list (excluded by index, never by dropping a column).
 
-Metric definitions (SPEC.md, "Metrics"):
+Metric definitions (also in docs/reference.md, "Metrics"):
 
 Product protocol (Song et al. 2016; Musgrave et al. 2020). Queries: every image. Gallery:
 every other image. Relevant: same ``class_id``. R = number of relevant items of the query.
@@ -651,7 +651,7 @@ def retrieval_details(embeddings, class_ids, super_ids, chunk_size=1024, num_thr
 
 
 def metrics_from_details(details, mask=None):
-    """The SPEC.md metrics dict from `retrieval_details`, over the queries in ``mask``."""
+    """The metrics dict (evaluate_embeddings shape) from `retrieval_details`, over the queries in ``mask``."""
     R = details["num_relevant"]
     mask = np.ones(len(R), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     has_rel = mask & (R > 0)
@@ -676,7 +676,7 @@ def metrics_from_details(details, mask=None):
 
 
 def evaluate_embeddings(embeddings, class_ids, super_ids, chunk_size=1024, num_threads=None):
-    """Both retrieval protocols of SPEC.md over ``embeddings`` (every image is a query).
+    """Both retrieval protocols (module docstring) over ``embeddings`` (every image is a query).
 
     Returns ``{"product": {recall@1/10/100/1000, map@r, r_precision}, "category": {recall@1/5/
     10/20, precision@1/5/10/20, map@10}, "num_queries": N}`` with fractions in [0, 1].

@@ -81,7 +81,7 @@ def main(args):
         class_ids=np.arange(args.gallery_size) // 5,
         super_ids=rng.integers(1, len(datasets.SOP_CATEGORIES) + 1, args.gallery_size),
         checkpoint_hash="bench")
-    # the default-layout twin of the model, for the reference forward time (SPEC.md's 26.5 ms)
+    # the default-layout twin of the model, for the reference forward time (26.5 ms on an idle machine of this kind)
     model_nchw = models.build_model(args.backbone, embedding_size=args.embedding_size,
                                     weights="none", image_size=args.image_size).eval()
     model_nchw.load_state_dict(model.state_dict())

@@ -560,7 +560,7 @@ def _run_figures(step: Step, prefix: str, rows: list[dict]) -> None:
 def _check_training(step: Step, run: str, epochs: int, world: int = 1) -> tuple[list[dict], dict]:
     """Checks common to every train.py run: metrics.csv rows 0..epochs with finite losses,
     last.pth of the last epoch, args.json's device / AMP / world size. Returns (rows, ckpt)."""
-    w, args = step.ctx.workdir, step.ctx.args
+    w = step.ctx.workdir
     run_dir, ckpt_path = w / "runs" / run, w / "checkpoints" / run / "last.pth"
     csv_path = run_dir / "metrics.csv"
     if not csv_path.is_file():
@@ -730,7 +730,7 @@ def step_bench_throughput(step: Step) -> None:
 
 def _search_checkpoint(ctx: Context) -> tuple[Path, str]:
     """The trained run's best.pth, or (when that step did not run) an untrained checkpoint in
-    the SPEC format, written as tests/test_app.py's make_tiny_demo does."""
+    the checkpoint format of models.py, written as tests/test_app.py's make_tiny_demo does."""
     trained = ctx.workdir / "checkpoints" / "gpu_amp" / "best.pth"
     if trained.is_file():
         return trained, "gpu_amp/best.pth (train_amp_resume_eval)"

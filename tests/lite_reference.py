@@ -6,7 +6,6 @@ repeats not scaled. models.EfficientNetLite (timm) must give the same logits wit
 """
 import math
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -39,7 +39,7 @@ TOL = 1e-5  # score tolerance between the app's embedding and the reference comp
 
 def make_tiny_demo(folder, num_products=40, image_size=IMAGE_SIZE, backbone="resnet18", seed=0,
                    run="tiny"):
-    """A tiny synthetic SOP under ``folder/sop`` and an untrained checkpoint (SPEC format,
+    """A tiny synthetic SOP under ``folder/sop`` and an untrained checkpoint (models.py checkpoint format,
     written with models.atomic_save) at ``folder/checkpoints/<run>/best.pth``."""
     folder = Path(folder)
     root = datasets.ensure_synthetic_sop(folder / "sop", num_products=num_products,

@@ -1,5 +1,5 @@
 """evaluate.py end to end on a tiny synthetic SOP: the checkpoint alone drives it, the outputs
-have the SPEC.md shape, the embeddings cache is reused only while it is valid; --zero_shot
+have the retrieval.evaluate_embeddings shape, the embeddings cache is reused only while it is valid; --zero_shot
 evaluates a pretrained backbone alone, and a checkpoint trained from ImageNet weights reports
 its backbone's zero-shot row beside its own."""
 import json

@@ -306,7 +306,7 @@ def test_checkpoint_round_trip(tmp_path, backbone):
     model = trained_like(backbone)
     path = tmp_path / "run" / "best.pth"
     save_checkpoint(model, path)
-    raw = torch.load(path, weights_only=True)  # the SPEC's promise, without our loader
+    raw = torch.load(path, weights_only=True)  # the checkpoint format's promise, without our loader
     assert set(models.CHECKPOINT_KEYS) <= set(raw)
     assert raw["format_version"] == CHECKPOINT_FORMAT_VERSION
     assert raw["args"]["data"] == "/data/sop" and raw["metrics"]["recall@1"] == 0.5

@@ -44,7 +44,7 @@ def sop_like_labels(n, num_categories=5, seed=0, shuffle=True):
 
 
 def brute_force(embeddings, class_ids, super_ids):
-    """The SPEC.md definitions over the full similarity matrix, stable sort for the tie rule."""
+    """The metric definitions (retrieval.py docstring) over the full similarity matrix, stable sort for the tie rule."""
     x = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
     s = (x @ x.T).astype(np.float32)
     n = len(x)

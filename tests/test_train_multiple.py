@@ -6,7 +6,6 @@ run, a rerun that skips finished runs, and a resume to more epochs.
 Tiny on purpose: 40 synthetic products at 48 px, random weights at 32 px, 1 step per epoch.
 """
 import argparse
-import csv
 import json
 import os
 
