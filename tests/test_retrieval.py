@@ -43,39 +43,9 @@ def sop_like_labels(n, num_categories=5, seed=0, shuffle=True):
     return class_ids, super_ids
 
 
-def brute_force(embeddings, class_ids, super_ids):
-    """The metric definitions (retrieval.py docstring) over the full similarity matrix, stable sort for the tie rule."""
-    x = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-    s = (x @ x.T).astype(np.float32)
-    n = len(x)
-    same = class_ids[:, None] == class_ids[None, :]
-    # product protocol: everything but the query itself
-    sp = s.copy()
-    np.fill_diagonal(sp, -np.inf)
-    order = np.argsort(-sp, axis=1, kind="stable")[:, : n - 1]  # equal scores keep index order
-    rel = np.take_along_axis(same, order, axis=1)
-    R = same.sum(1) - 1
-    has = R > 0
-    first = np.argmax(rel, axis=1) + 1
-    prod = {f"recall@{k}": float(np.mean(first[has] <= k)) for k in (1, 10, 100, 1000)}
-    cols = np.arange(1, n)
-    in_r = rel & (cols[None, :] <= R[:, None])
-    prec = np.cumsum(rel, axis=1) / cols
-    prod["map@r"] = float(np.mean(((prec * in_r).sum(1) / np.maximum(R, 1))[has]))
-    prod["r_precision"] = float(np.mean((in_r.sum(1) / np.maximum(R, 1))[has]))
-    # category protocol: the query's own product is not in the gallery
-    sc = np.where(same, -np.inf, s)
-    order = np.argsort(-sc, axis=1, kind="stable")[:, :20]
-    valid = np.take_along_axis(~same, order, axis=1)
-    relc = valid & (super_ids[order] == super_ids[:, None])
-    relc = np.pad(relc, ((0, 0), (0, 20 - relc.shape[1])))  # galleries under 20 images
-    cat = {f"recall@{k}": float(relc[:, :k].any(1).mean()) for k in (1, 5, 10, 20)}
-    cat.update({f"precision@{k}": float((relc[:, :k].sum(1) / k).mean()) for k in (1, 5, 10, 20)})
-    top = relc[:, :10]
-    hits = top.sum(1)
-    p = np.cumsum(top, axis=1) / np.arange(1, 11)
-    cat["map@10"] = float(np.mean(np.where(hits > 0, (p * top).sum(1) / np.maximum(hits, 1), 0.0)))
-    return {"product": prod, "category": cat, "num_queries": n}
+# The dense definition-by-definition reference lives at the top of retrieval.py; the tests hold
+# the tiled engine (evaluate_embeddings, retrieval_details) against it.
+brute_force = retrieval.reference_metrics
 
 
 def assert_metrics_equal(got, want, atol=1e-12):
