@@ -11,11 +11,11 @@ other (noisy: one validation query = 0.31 points) numbers than train.py.
     python bench/train_recipes.py --loss multi_similarity --lr 1e-3 --batch_size 32 --dropout 0
     python bench/train_recipes.py --loss triplet --lr 1e-3 --image_size 96
     python bench/train_recipes.py --model small_cnn --loss multi_similarity --lr 2e-3 --schedule onecycle
-    python bench/train_recipes.py --loss proxy_anchor --lr 1e-3      # needs pytorch-metric-learning
+    python bench/train_recipes.py --loss proxy_anchor --lr 1e-3
 
 ``--model small_cnn`` is bench/synthetic_baselines.py's 6-layer probe (no stride-4 stem), for
-scale. ``--loss proxy_anchor`` uses pytorch-metric-learning's ProxyAnchorLoss (margin 0.1,
-alpha 32; proxies at ``--proxy_lr_mult`` x lr).
+scale. ``--loss proxy_anchor`` is losses.ProxyAnchorLoss (margin 0.1, alpha 32; proxies at
+``--proxy_lr_mult`` x lr).
 """
 import argparse
 import json
@@ -79,15 +79,10 @@ def build_network(args):
 
 def build_criterion(args, class_ids):
     """(callable(embeddings, labels) -> loss, its parameters)."""
-    if args.loss != "proxy_anchor":
-        crit = losses.build_loss(args.loss, margin=0.5, mining=args.mining)
-        return (lambda e, y: crit(e, y)[0]), []
-    from pytorch_metric_learning.losses import ProxyAnchorLoss
-    classes = np.unique(class_ids)
-    lookup = torch.full((int(classes.max()) + 1,), -1, dtype=torch.long)
-    lookup[torch.from_numpy(classes)] = torch.arange(len(classes))
-    crit = ProxyAnchorLoss(len(classes), 128, margin=0.1, alpha=32)
-    return (lambda e, y: crit(e, lookup[y])), list(crit.parameters())
+    # losses.build_loss passes margin/mining/classes only to the losses that take them
+    crit = losses.build_loss(args.loss, margin=0.5 if args.loss == "triplet" else None,
+                             mining=args.mining, classes=np.unique(class_ids), embedding_size=128)
+    return (lambda e, y: crit(e, y)[0]), list(crit.parameters())
 
 
 def main(args):
