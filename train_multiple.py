@@ -68,28 +68,35 @@ QUICK_DEFAULTS = {
 
 # ============ arguments ============
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+def get_args_parser(add_help: bool = True, train_help: bool = False) -> argparse.ArgumentParser:
+    """train.py's parser plus the grid flags. ``train_help``: list train.py's flags in --help
+    too (by default they are accepted but not repeated: `python train.py --help` has them)."""
+    parent = train.get_args_parser(add_help=False)
+    if not train_help:
+        for action in parent._actions:
+            action.help = argparse.SUPPRESS
     parser = argparse.ArgumentParser(
-        "train_multiple.py", add_help=add_help, parents=[train.get_args_parser(add_help=False)],
-        formatter_class=train.HelpFormatter, usage="%(prog)s [options]",
+        "train_multiple.py", add_help=add_help, parents=[parent],
+        formatter_class=train.HelpFormatter, usage="%(prog)s [options] [any train.py option]",
         description="Train and evaluate a grid of backbones x losses x samplers with train.py and "
                     "evaluate.py, then write comparison tables and plots. Every train.py flag "
-                    "applies to every run.")
+                    "(python train.py --help) applies to every run; the grid flags are below.")
     # None = "not given": then the plural grid flag (or the original project's three backbones) decides.
     parser.set_defaults(backbone=None, loss=None, sampler=None)
 
     group = parser.add_argument_group("comparison grid")
-    group.add_argument(*train._flags("backbones"), nargs="+", default=None,
+    group.add_argument(*train._flags("backbones"), nargs="+", default=None, metavar="NAME",
                        choices=sorted(models.BACKBONES),
-                       help="backbones to compare; default: --backbone if given, else the original project's "
-                            f"{' '.join(SEED_BACKBONES)}")
-    group.add_argument(*train._flags("losses"), nargs="+", default=None, choices=sorted(losses.LOSSES),
-                       help="losses to compare (e.g. triplet multi_similarity); default: --loss "
-                            "(triplet)")
-    group.add_argument(*train._flags("samplers"), nargs="+", default=None,
+                       help=f"backbones to compare ({', '.join(sorted(models.BACKBONES))}); default: "
+                            f"--backbone if given, else the original project's {' '.join(SEED_BACKBONES)}")
+    group.add_argument(*train._flags("losses"), nargs="+", default=None, metavar="NAME",
+                       choices=sorted(losses.LOSSES),
+                       help=f"losses to compare ({', '.join(sorted(losses.LOSSES))}); default: --loss, "
+                            "else the recipe's")
+    group.add_argument(*train._flags("samplers"), nargs="+", default=None, metavar="NAME",
                        choices=list(datasets.BATCH_SAMPLERS),
-                       help="batch samplers to compare (random = the original project's batches, pk = P x K); "
-                            "default: --sampler (pk)")
+                       help="batch samplers to compare (random = the original project's batches, pk = "
+                            "P x K); default: --sampler, else the recipe's")
     group.add_argument(*train._flags("prefix"), default="cmp",
                        help="run names are <prefix>_<backbone>_<loss>_<sampler> ('quick' with "
                             "--quick)")
