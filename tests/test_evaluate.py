@@ -203,3 +203,20 @@ def test_bad_argument_combinations_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         evaluate.check_args(parser, parser.parse_args(argv))
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_zero_shot_row_is_skipped_when_the_imagenet_weights_are_unavailable(synthetic_root, tmp_path,
+                                                                            monkeypatch):
+    """Offline and without cached weights, the checkpoint is still evaluated; only the zero-shot
+    row is left out (with a warning)."""
+    ckpt = save_checkpoint(tmp_path / "checkpoints" / "r" / "best.pth", synthetic_root)
+    state = torch.load(ckpt, weights_only=True)
+    state["args"]["weights"] = "imagenet"
+    models.atomic_save(state, ckpt)
+
+    def unavailable(*a, **k):
+        raise models.WeightsUnavailableError("offline")
+    monkeypatch.setattr(evaluate, "zero_shot_model", unavailable)
+    results = run(["--checkpoint", str(ckpt), "--workers", "0", "--device", "cpu", "--no-progress",
+                   "--num_examples", "0", "--output", str(tmp_path / "out")])
+    assert "zero_shot" not in results and 0 <= results["product"]["recall@1"] <= 1
