@@ -783,7 +783,10 @@ def _num_candidates(k: int, n: int) -> int:
 class GalleryIndex:
     """Embeddings of a catalogue of images plus what is needed to show and trust them.
 
-    ``paths`` are relative to the data root; ``checkpoint_hash`` is the sha256 of the
+    ``paths`` are relative to the data root; ``categories`` names the categories
+    (``super_ids`` k is ``categories[k - 1]``; default SOP's 12); ``product_ids`` the product of
+    each image as a string users can join on (default ``str(class_id)``; None entries are
+    written as "" for an unlabelled gallery). ``checkpoint_hash`` is the sha256 of the
     checkpoint that produced the embeddings and ``image_list_hash`` that of ``paths``: a
     demo compares both before reusing an index. ``meta`` holds any JSON-serialisable extras
     (model_args, split, data_root, ...).
@@ -802,6 +805,8 @@ class GalleryIndex:
     super_ids: np.ndarray
     checkpoint_hash: str = ""
     image_list_hash: str = ""
+    categories: list | None = None
+    product_ids: list | None = None
     meta: dict = dataclasses.field(default_factory=dict)
     backend: str = "auto"
     index_type: str = "exact"
@@ -820,6 +825,18 @@ class GalleryIndex:
             )
         if not self.image_list_hash:
             self.image_list_hash = hash_paths(self.paths)
+        if self.categories is None:
+            import datasets  # SOP's names, for indexes built before categories were stored
+            self.categories = list(datasets.SOP_CATEGORIES)
+        self.categories = [str(c) for c in self.categories]
+        if n and (self.super_ids.min() < 1 or self.super_ids.max() > len(self.categories)):
+            raise ValueError(f"gallery index super ids span {self.super_ids.min()}..{self.super_ids.max()}, "
+                             f"outside 1..{len(self.categories)} (its {len(self.categories)} categories)")
+        if self.product_ids is None:
+            self.product_ids = [str(c) for c in self.class_ids.tolist()]
+        self.product_ids = ["" if p is None else str(p) for p in self.product_ids]
+        if len(self.product_ids) != n:
+            raise ValueError(f"gallery index has {len(self.product_ids)} product ids for {n} images")
         if self.backend not in ("auto", "numpy", "faiss"):
             raise ValueError(f"backend must be 'auto', 'numpy' or 'faiss', got {self.backend!r}")
         ann.check_index_type(self.index_type)
@@ -869,6 +886,8 @@ class GalleryIndex:
             "class_ids": self.class_ids,
             "super_ids": self.super_ids,
             "paths": np.array(self.paths, dtype=np.str_),
+            "categories": np.array(self.categories, dtype=np.str_),
+            "product_ids": np.array(self.product_ids, dtype=np.str_),
         }
         if self.index_type != "exact":
             self.build_ann()
@@ -890,6 +909,9 @@ class GalleryIndex:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 parts = {name: data[name] for name in ("embeddings", "class_ids", "super_ids", "paths")}
+                # absent from files written before free category names: SOP's defaults
+                extra = {name: data[name].tolist() for name in ("categories", "product_ids")
+                         if name in data.files}
                 blob = data["ann"] if "ann" in data.files else None
         except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"gallery index {path} is corrupt or not a gallery index ({type(exc).__name__}: "
@@ -907,7 +929,7 @@ class GalleryIndex:
             embeddings=parts["embeddings"], paths=parts["paths"].tolist(), class_ids=parts["class_ids"],
             super_ids=parts["super_ids"], checkpoint_hash=meta.pop("checkpoint_hash", ""),
             image_list_hash=meta.pop("image_list_hash", ""), meta=meta, backend=backend,
-            index_type=index_type, ann_params=(record or {}).get("params"),
+            index_type=index_type, ann_params=(record or {}).get("params"), **extra,
         )
         if index.image_list_hash != hash_paths(index.paths):
             raise ValueError(f"gallery index {path} is corrupt: its image list does not match its hash; rebuild it")
@@ -1068,6 +1090,7 @@ def build_gallery_index(model, dataset, batch_size=64, workers=None, device="cpu
     info.update(meta or {})
     index = GalleryIndex(embeddings=embeddings, paths=list(dataset.rel_paths), class_ids=class_ids,
                          super_ids=np.asarray(dataset.super_ids, dtype=np.int64),
+                         categories=dataset.categories, product_ids=dataset.product_ids,
                          checkpoint_hash=checkpoint_hash, meta=info, index_type=index_type,
                          ann_params=ann_params)
     index.build_ann(progress=progress)
