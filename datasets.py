@@ -26,7 +26,6 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,16 +33,30 @@ import torchvision.transforms as T
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+# the layouts' parsing lives in catalogue.py; these names are re-exported (the stable API)
+from catalogue import (  # noqa: F401
+    DEFAULT_TEST_FRACTION,
+    DOWNLOAD_HINT,
+    EBAY_HEADER,
+    SOP_CATEGORIES,
+    SOP_DIRNAME,
+    EbayTable,
+    detect_layout,
+    format_paths,
+    log_skipped,
+    read_catalogue,
+    read_ebay_file,
+    resolve_sop_root,
+    set_verbose,
+    split_validation,
+)
+
 logger = logging.getLogger("datasets")
 
 # ============ constants ============
 
-SOP_CATEGORIES = ["bicycle", "cabinet", "chair", "coffee_maker", "fan", "kettle",
-                  "lamp", "mug", "sofa", "stapler", "table", "toaster"]
-EBAY_HEADER = ["image_id", "class_id", "super_class_id", "path"]
 SPLITS = ("train", "val", "test", "trainval")
 SOP_URL = "http://ftp.cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip"
-SOP_DIRNAME = "Stanford_Online_Products"
 SOP_ZIPNAME = SOP_DIRNAME + ".zip"
 # Official counts; `check_sop_counts` compares a download against them.
 SOP_EXPECTED = {"images": 120_053, "train_rows": 59_551, "test_rows": 60_502}
@@ -53,8 +66,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # a folder without it was interrupted and never passes for complete.
 COMPLETE_MARKER = ".complete"
 SYNTHETIC_VERSION = 2
-DOWNLOAD_HINT = ("python datasets.py download --root data/  (real SOP, about 2.9 GB), or "
-                 "python datasets.py synthetic --root data/synthetic_sop  (offline stand-in)")
 # Errors that mean "this file is not a readable image" (PIL raises all of these in practice).
 IMAGE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -69,12 +80,6 @@ class CorruptImagesError(DatasetError):
     def __init__(self, message, bad_paths=()):
         super().__init__(message)
         self.bad_paths = list(bad_paths)
-
-
-def _format_paths(paths, limit=5):
-    paths = [str(p) for p in paths]
-    more = f" ... and {len(paths) - limit} more" if len(paths) > limit else ""
-    return ", ".join(paths[:limit]) + more
 
 
 def _write_marker(folder, info):
@@ -128,98 +133,6 @@ def _publish_dir(tmp, final):
     os.rename(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-# ============ parsing SOP ============
-
-class EbayTable(NamedTuple):
-    """One parsed ``Ebay_*.txt`` file, row order kept."""
-    image_ids: np.ndarray   # int64
-    class_ids: np.ndarray   # int64, SOP product ids
-    super_ids: np.ndarray   # int64, 1..12 (index into SOP_CATEGORIES + 1)
-    rel_paths: list         # as written in the file, relative to the dataset root
-
-
-def read_ebay_file(path):
-    """Parse an ``Ebay_train.txt`` / ``Ebay_test.txt`` / ``Ebay_info.txt`` file.
-
-    Raises FileNotFoundError when it does not exist and ValueError naming the file and the
-    line number for a wrong header, a line without 4 fields, a non-integer id, a
-    super_class_id outside 1..12 or a path listed twice. Blank lines are skipped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found. Get SOP with: {DOWNLOAD_HINT}")
-    image_ids, class_ids, super_ids, rel_paths = [], [], [], []
-    with open(path, encoding="utf-8") as f:
-        header = f.readline()
-        if header.split() != EBAY_HEADER:
-            raise ValueError(f"{path}:1: expected the header '{' '.join(EBAY_HEADER)}', "
-                             f"got {header.strip()!r}")
-        for lineno, line in enumerate(f, start=2):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 4:
-                raise ValueError(f"{path}:{lineno}: expected 4 fields "
-                                 f"'image_id class_id super_class_id path', got {line.strip()!r}")
-            try:
-                image_id, class_id, super_id = (int(x) for x in fields[:3])
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: image_id, class_id and super_class_id must "
-                                 f"be integers, got {line.strip()!r}") from None
-            if not 1 <= super_id <= len(SOP_CATEGORIES):
-                raise ValueError(f"{path}:{lineno}: super_class_id {super_id} is outside "
-                                 f"1..{len(SOP_CATEGORIES)}")
-            image_ids.append(image_id)
-            class_ids.append(class_id)
-            super_ids.append(super_id)
-            rel_paths.append(fields[3])
-    if len(set(rel_paths)) != len(rel_paths):
-        seen, dup = set(), None
-        for p in rel_paths:
-            if p in seen:
-                dup = p
-                break
-            seen.add(p)
-        raise ValueError(f"{path}: image {dup} is listed more than once")
-    return EbayTable(np.asarray(image_ids, np.int64), np.asarray(class_ids, np.int64),
-                     np.asarray(super_ids, np.int64), rel_paths)
-
-
-def resolve_sop_root(root):
-    """The folder holding the Ebay files: ``root`` itself, or ``root/Stanford_Online_Products``
-    (so ``--root data/`` after ``python datasets.py download --root data/`` works too)."""
-    root = Path(root).expanduser()
-    if (root / "Ebay_train.txt").is_file() or (root / "Ebay_test.txt").is_file():
-        return root.resolve()
-    nested = root / SOP_DIRNAME
-    if (nested / "Ebay_train.txt").is_file():
-        return nested.resolve()
-    if not root.exists():
-        raise FileNotFoundError(f"Dataset root {root} does not exist. Get SOP with: {DOWNLOAD_HINT}")
-    raise FileNotFoundError(f"{root} holds no SOP dataset ({root / 'Ebay_train.txt'} not found). "
-                            f"Get it with: {DOWNLOAD_HINT}")
-
-
-def split_validation(class_ids, val_fraction=0.1, seed=0):
-    """Boolean mask over ``class_ids``: True for the validation products.
-
-    The validation set is ``round(val_fraction * n_products)`` products drawn by a
-    permutation seeded with ``seed`` (at least one when val_fraction > 0): every image of a
-    chosen product goes to validation, so train and validation share no product.
-    On SOP: 1,132 of 11,318 products, about 6.0k of 59.6k images.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    class_ids = np.asarray(class_ids)
-    products = np.unique(class_ids)
-    n_val = int(round(len(products) * val_fraction))
-    if val_fraction > 0:
-        n_val = min(max(n_val, 1), len(products) - 1)
-    rng = np.random.default_rng(seed)
-    val_products = products[rng.permutation(len(products))[:n_val]]
-    return np.isin(class_ids, val_products)
 
 
 # ============ image loading and transforms ============
@@ -336,16 +249,23 @@ def scan_bad_images(paths, workers=None, progress=True, desc="verify"):
 # ============ SOPDataset ============
 
 class SOPDataset(torch.utils.data.Dataset):
-    """Stanford Online Products (or the synthetic stand-in) for one split.
+    """One split of a catalogue in any layout of catalogue.py: SOP's Ebay files (or the
+    synthetic stand-in), a ``catalogue.csv`` or a ``<category>/<product>/<image>`` tree.
 
-    Splits: ``trainval`` = every line of Ebay_train.txt; ``val`` = the products picked by
-    ``split_validation(val_fraction, split_seed)``; ``train`` = trainval minus val;
-    ``test`` = Ebay_test.txt. ``root`` may be the folder with the Ebay files or its parent
-    holding ``Stanford_Online_Products/``.
+    Splits: ``trainval`` = the training images (Ebay_train.txt, or the CSV's / the drawn
+    train split); ``val`` = the products picked by ``split_validation(val_fraction,
+    split_seed)``; ``train`` = trainval minus val; ``test`` = Ebay_test.txt (or the test
+    split: the CSV's ``split`` column, else ``test_fraction`` of the products, seeded, see
+    catalogue.py). ``root`` may be the catalogue folder or the parent of
+    ``Stanford_Online_Products/``.
 
-    Attributes: ``root`` (Path), ``split``, ``paths`` (absolute str), ``rel_paths``,
-    ``image_ids``, ``class_ids`` (int64 SOP product ids), ``super_ids`` (int64, 1..12).
-    ``dataset[i]`` is ``(transform(image) or the PIL image, class_id: int)``.
+    Attributes: ``root`` (Path), ``layout`` ("sop", "csv", "folder"), ``split``, ``paths``
+    (absolute str), ``rel_paths``, ``image_ids``, ``class_ids`` (int64 product numbers),
+    ``super_ids`` (int64, 1..len(categories)), ``product_ids`` (the data's product strings),
+    ``categories`` (the catalogue's category names: ``categories[super_id - 1]``),
+    ``num_single_image_products`` (products with one image here: kept in the gallery, never
+    a query of the product metrics). ``dataset[i]`` is ``(transform(image) or the PIL
+    image, class_id: int)``.
 
     Unreadable images (zero-byte, truncated, not an image): a warning names the file, the
     index is flagged in a shared-memory tensor, and the next readable image of the same
@@ -363,39 +283,49 @@ class SOPDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root, split, transform=None, val_fraction=0.1, split_seed=0,
-                 check_files=True, check_images=False, max_bad_fraction=0.01, load_size=None):
+                 check_files=True, check_images=False, max_bad_fraction=0.01, load_size=None,
+                 test_fraction=DEFAULT_TEST_FRACTION):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-        self.root = resolve_sop_root(root)
+        self.root, self.layout = detect_layout(root)
         self.split = split
         self.transform = transform
         self.val_fraction = val_fraction
         self.split_seed = split_seed
+        self.test_fraction = test_fraction
         self.max_bad_fraction = max_bad_fraction
         self.load_size = load_size if load_size is not None else (
             draft_size(transform) if transform is not None else None)
 
-        table = read_ebay_file(self.root / ("Ebay_test.txt" if split == "test" else "Ebay_train.txt"))
-        keep = np.ones(len(table.class_ids), dtype=bool)
+        table = read_catalogue(self.root, test_fraction,
+                               sop_parts=("test",) if split == "test" else ("train",))
+        log_skipped(table, self.root)
+        table = table.take(table.is_test if split == "test" else ~table.is_test)
         if split in ("train", "val"):
             is_val = split_validation(table.class_ids, val_fraction, split_seed)
-            keep = is_val if split == "val" else ~is_val
-        idx = np.flatnonzero(keep)
-        self.image_ids = table.image_ids[idx]
-        self.class_ids = table.class_ids[idx]
-        self.super_ids = table.super_ids[idx]
-        self.rel_paths = [table.rel_paths[i] for i in idx]
+            table = table.take(is_val if split == "val" else ~is_val)
+        self.categories = list(table.categories)
+        self.image_ids, self.class_ids, self.super_ids = table.image_ids, table.class_ids, table.super_ids
+        self.product_ids = table.product_ids
+        self.rel_paths = table.rel_paths
         self.paths = [str(self.root / p) for p in self.rel_paths]
         if not self.paths:
             raise DatasetError(f"split {split!r} of {self.root} is empty "
                                f"(val_fraction={val_fraction})")
+        counts = np.unique(self.class_ids, return_counts=True)[1]
+        self.num_single_image_products = int((counts == 1).sum())
+        if self.num_single_image_products:
+            logger.warning("%s split %s: %d products have a single image; they stay in the gallery "
+                           "but are never queries of the product metrics", self.root, split,
+                           self.num_single_image_products)
         if check_files:
             missing = [p for p in self.paths if not os.path.isfile(p)]
             if missing:
                 raise FileNotFoundError(
                     f"{len(missing)} of {len(self.paths)} images listed for split {split!r} are "
-                    f"missing under {self.root}: {_format_paths(missing)}. The dataset is "
-                    f"incomplete: extract or generate it again ({DOWNLOAD_HINT}).")
+                    f"missing under {self.root}: {format_paths(missing)}. The dataset is "
+                    f"incomplete: restore the files, remove their rows, extract or generate it "
+                    f"again ({DOWNLOAD_HINT}).")
         # uint8 flags in shared memory: DataLoader workers (fork or spawn) write into the
         # same buffer, so the main process can count bad images after an epoch.
         self._bad = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
@@ -436,7 +366,7 @@ class SOPDataset(torch.utils.data.Dataset):
             bad = self.bad_paths
             raise CorruptImagesError(
                 f"{n_bad} of {len(self)} images of split {self.split!r} in {self.root} are "
-                f"unreadable (more than {self.max_bad_fraction:.0%}): {_format_paths(bad, 20)}. "
+                f"unreadable (more than {self.max_bad_fraction:.0%}): {format_paths(bad, 20)}. "
                 f"Run `python datasets.py verify --root {self.root}` for the full list, then "
                 f"replace them or download the dataset again.", bad)
 
@@ -471,7 +401,7 @@ class SOPDataset(torch.utils.data.Dataset):
                 self._check_bad_fraction()
         raise CorruptImagesError(
             f"every image of product {self.class_ids[index]} in {self.root} is unreadable "
-            f"(first: {path}); remove its lines from the Ebay file or restore the images "
+            f"(first: {path}); remove its rows from the catalogue (Ebay file, CSV) or restore the images "
             f"(`python datasets.py verify --root {self.root}` lists them)", self.bad_paths)
 
     def __getitem__(self, index):
@@ -481,8 +411,18 @@ class SOPDataset(torch.utils.data.Dataset):
         return image, int(self.class_ids[index])
 
     def __repr__(self):
-        return (f"SOPDataset(root={str(self.root)!r}, split={self.split!r}, images={len(self)}, "
+        return (f"SOPDataset(root={str(self.root)!r}, layout={self.layout!r}, split={self.split!r}, images={len(self)}, "
                 f"products={len(np.unique(self.class_ids))})")
+
+
+def split_options(train_args: dict | None, test_fraction=None) -> dict:
+    """SOPDataset's split settings of a run (its saved training args; older runs' defaults):
+    evaluating or serving a checkpoint on its own data then sees the same splits.
+    ``test_fraction`` given (not None) overrides the run's."""
+    train_args = train_args or {}
+    return {"val_fraction": float(train_args.get("val_fraction") or 0.1),
+            "test_fraction": float(test_fraction if test_fraction is not None
+                                   else train_args.get("test_fraction") or DEFAULT_TEST_FRACTION)}
 
 
 # ============ batch samplers ============

@@ -64,7 +64,12 @@ def get_args_parser():
                    help="with --checkpoint trained from ImageNet weights: also evaluate its "
                         "backbone zero-shot at the same image size and report both")
     p.add_argument("--data_root", default=None,
-                   help="SOP folder (with Ebay_test.txt); default: the one the checkpoint was trained on")
+                   help="dataset folder (SOP's Ebay files, a catalogue.csv or a <category>/<product>/"
+                        "<image> tree); default: the one the checkpoint was trained on")
+    p.add_argument("--test_fraction", type=float, default=None,
+                   help="a catalogue without a split: share of the products in the test split; "
+                        "default the checkpoint's training value (0.5 for --zero_shot)")
+    p.add_argument("--verbose", action="store_true", help="list every skipped non-image file")
     p.add_argument("--split", default="test", choices=["test", "val", "train", "trainval"],
                    help="split to evaluate; 'test' (60,502 images on SOP) is the reported one")
     p.add_argument("--output", default=None, help="output folder; default runs/<run>/eval")
@@ -163,12 +168,13 @@ def get_embeddings(model, dataset, checkpoint_hash, batch_size=64, workers=None,
 # ============ report ============
 
 
-def per_category(details, super_ids) -> dict:
-    """Both protocols' metrics over the queries of each category."""
+def per_category(details, super_ids, categories=None) -> dict:
+    """Both protocols' metrics over the queries of each category, keyed by its name among
+    ``categories`` (the dataset's; default SOP's)."""
     out = {}
     for sid in np.unique(super_ids):
         m = retrieval.metrics_from_details(details, mask=super_ids == sid)
-        out[reporting.category_name(sid)] = {"super_id": int(sid), **m}
+        out[reporting.category_name(sid, categories)] = {"super_id": int(sid), **m}
     return out
 
 
@@ -203,11 +209,12 @@ def evaluate_model(model, dataset, *, model_info: dict, output=None, model_hash=
                   "parameters": int(models.count_parameters(model))},
         "data": {"root": str(dataset.root), "split": dataset.split, "num_images": len(dataset),
                  "num_products": int(len(np.unique(class_ids))),
-                 "num_categories": int(len(np.unique(super_ids)))},
+                 "num_categories": int(len(np.unique(super_ids))), "layout": dataset.layout,
+                 "single_image_products": dataset.num_single_image_products},
         "embedding_stats": embedding_stats(embeddings),
         "timing": {"extract_s": round(extract_s, 3), "eval_s": round(eval_s, 3), "cached": cached,
                    "device": str(device)},
-        "per_category": per_category(details, super_ids),
+        "per_category": per_category(details, super_ids, dataset.categories),
     }
     if write:
         output = Path(output)
@@ -227,9 +234,11 @@ def write_results(results: dict, output) -> None:
     fileio.atomic_write_text(output / "results.md", reporting.results_markdown(results))
 
 
-def _eval_dataset(root, split, image_size):
-    return datasets.SOPDataset(root, split, transform=datasets.build_transform(int(image_size),
-                                                                               train=False))
+def _eval_dataset(root, split, image_size, train_args=None, test_fraction=None):
+    """``split`` of ``root`` with the eval transform and the splits of the run that trained
+    on it (datasets.split_options)."""
+    return datasets.SOPDataset(root, split, transform=datasets.build_transform(int(image_size), train=False),
+                               **datasets.split_options(train_args, test_fraction))
 
 
 def zero_shot_model(backbone: str, weights: str = "imagenet", image_size: int = 224,
@@ -240,7 +249,7 @@ def zero_shot_model(backbone: str, weights: str = "imagenet", image_size: int = 
 
 
 def evaluate_zero_shot(backbone, data_root, weights="imagenet", image_size=224, split="test",
-                       output=None, device=None, write=True, **kwargs) -> dict:
+                       output=None, device=None, write=True, test_fraction=None, **kwargs) -> dict:
     """evaluate_model of zero_shot_model(backbone, weights, image_size); output default
     runs/zero_shot_<backbone>_<size>px/eval. ``kwargs`` as for evaluate_model."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -249,7 +258,8 @@ def evaluate_zero_shot(backbone, data_root, weights="imagenet", image_size=224, 
     output = Path(output) if output else Path("runs") / name / "eval"
     info = {"run": name, "checkpoint": None, "zero_shot": True, "weights": str(weights),
             "checkpoint_size_mb": None, "epoch": None}
-    results = evaluate_model(model, _eval_dataset(data_root, split, image_size), model_info=info,
+    results = evaluate_model(model, _eval_dataset(data_root, split, image_size, test_fraction=test_fraction),
+                             model_info=info,
                              output=output, model_hash=f"zero_shot:{backbone}:{weights}",
                              device=device, write=write, **kwargs)
     if write:
@@ -259,7 +269,7 @@ def evaluate_zero_shot(backbone, data_root, weights="imagenet", image_size=224, 
 
 def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, batch_size=64, workers=None,
                         device=None, embeddings_cache=None, num_examples=6, chunk_size=1024, seed=0,
-                        progress=True, compile=False, zero_shot_row=True) -> dict:
+                        progress=True, compile=False, zero_shot_row=True, test_fraction=None) -> dict:
     """Evaluate ``checkpoint`` on ``split``; write results.json / results.md / retrieval.png to
     ``output`` (default runs/<run>/eval) and return the results dict (evaluate_model).
     ``zero_shot_row`` and a checkpoint trained from ImageNet weights: ``results["zero_shot"]``
@@ -274,7 +284,7 @@ def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, b
     model_args = dict(model.model_args)
     root = data_root or default_data_root(train_args)
     output = Path(output) if output else default_output(checkpoint, train_args)
-    dataset = _eval_dataset(root, split, model_args["image_size"])
+    dataset = _eval_dataset(root, split, model_args["image_size"], train_args, test_fraction)
     common = dict(batch_size=batch_size, workers=workers, device=device, chunk_size=chunk_size,
                   progress=progress)
     ckpt_hash = models.checkpoint_hash(checkpoint)  # once: it reads the whole file
@@ -325,6 +335,8 @@ def check_args(parser, args) -> None:
         parser.error("pass either --checkpoint CK, or --zero_shot --backbone NAME --data_root DIR")
     if args.zero_shot and (args.backbone is None or args.data_root is None):
         parser.error("--zero_shot needs --backbone NAME and --data_root DIR")
+    if args.test_fraction is not None and not 0 < args.test_fraction < 1:
+        parser.error(f"--test_fraction must be in (0, 1) (got {args.test_fraction})")
     if args.image_size < 32:
         parser.error(f"--image_size must be >= 32 (got {args.image_size})")
 
@@ -334,7 +346,8 @@ def main(args):
     common = dict(split=args.split, output=args.output, batch_size=args.batch_size,
                   workers=args.workers, device=args.device, embeddings_cache=args.embeddings_cache,
                   num_examples=args.num_examples, chunk_size=args.chunk_size, seed=args.seed,
-                  progress=args.progress, compile=args.compile)
+                  progress=args.progress, compile=args.compile, test_fraction=args.test_fraction)
+    datasets.set_verbose(args.verbose)
     try:
         if args.zero_shot:
             results = evaluate_zero_shot(args.backbone, args.data_root, weights=args.weights,
@@ -342,8 +355,9 @@ def main(args):
         else:
             results = evaluate_checkpoint(args.checkpoint, data_root=args.data_root,
                                           zero_shot_row=args.zero_shot_row, **common)
-    except (FileNotFoundError, IsADirectoryError, models.CheckpointError, datasets.DatasetError,
-            models.WeightsUnavailableError) as e:
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, models.CheckpointError,
+            datasets.DatasetError, models.WeightsUnavailableError,
+            ValueError) as e:  # ValueError: a malformed catalogue (file:line)
         raise SystemExit(f"evaluate.py: {e}") from None
     print_results(results)
     return results

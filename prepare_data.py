@@ -32,7 +32,7 @@ from tqdm import tqdm
 import fileio
 from datasets import (IMAGE_ERRORS, SOP_CATEGORIES, SOP_DIRNAME, SOP_EXPECTED,
                       SOP_URL, SOP_ZIPNAME, SPLITS, DatasetError, SOPDataset, _default_workers,
-                      _format_paths, _make_tmp_dir, _mp_context, _publish_dir, _write_marker,
+                      format_paths, _make_tmp_dir, _mp_context, _publish_dir, _write_marker,
                       ensure_synthetic_sop, is_complete, load_image, make_synthetic_sop,
                       read_ebay_file, read_marker, resolve_sop_root, scan_bad_images)
 
@@ -138,7 +138,7 @@ def check_sop_counts(root, expected=SOP_EXPECTED):
             problems.append(f"{name} has {len(table.rel_paths):,} rows, expected {expected[key]:,}")
     missing = [p for p in listed if not (root / p).is_file()]
     if missing:
-        problems.append(f"{len(missing):,} listed images are missing: {_format_paths(missing)}")
+        problems.append(f"{len(missing):,} listed images are missing: {format_paths(missing)}")
     on_disk = sum(1 for d in root.glob("*_final") for f in d.iterdir() if f.is_file())
     if expected and on_disk != expected["images"]:
         problems.append(f"{on_disk:,} images on disk under *_final/, expected {expected['images']:,}")

@@ -22,9 +22,12 @@ def pct(v, missing: str = "") -> str:
     return missing if v is None or not np.isfinite(v) else f"{100 * v:.2f}"
 
 
-def category_name(super_id: int) -> str:
+def category_name(super_id: int, categories=None) -> str:
+    """The name of category ``super_id`` (1-based) among ``categories`` (the dataset's
+    names; default SOP's 12); the number itself when out of range."""
+    names = datasets.SOP_CATEGORIES if categories is None else categories
     sid = int(super_id)
-    return datasets.SOP_CATEGORIES[sid - 1] if 1 <= sid <= len(datasets.SOP_CATEGORIES) else str(sid)
+    return names[sid - 1] if 1 <= sid <= len(names) else str(sid)
 
 
 
@@ -110,6 +113,7 @@ def retrieval_figure(path, dataset, embeddings, num_examples=6, top=5, seed=0, t
 
     rng = np.random.default_rng(seed)
     super_ids, class_ids = np.asarray(dataset.super_ids), np.asarray(dataset.class_ids)
+    products, names = dataset.product_ids, dataset.categories
     cats = rng.permutation(np.unique(super_ids))
     queries = [int(rng.choice(np.flatnonzero(super_ids == c))) for c in cats[:num_examples]]
     while len(queries) < min(num_examples, len(dataset)):
@@ -130,7 +134,7 @@ def retrieval_figure(path, dataset, embeddings, num_examples=6, top=5, seed=0, t
         ax.set_title(title, fontsize=7)
 
     for row, q in enumerate(queries):
-        show(axes[row, 0], q, "tab:blue", f"query\n{category_name(super_ids[q])} #{class_ids[q]}")
+        show(axes[row, 0], q, "tab:blue", f"query\n{category_name(super_ids[q], names)} #{products[q]}")
         for col in range(top):
             g = int(idx[row, col])
             if g < 0:
@@ -138,7 +142,7 @@ def retrieval_figure(path, dataset, embeddings, num_examples=6, top=5, seed=0, t
                 continue
             same = class_ids[g] == class_ids[q]
             show(axes[row, col + 1], g, "tab:green" if same else "tab:red",
-                 f"{col + 1}. {scores[row, col]:.3f}\n{category_name(super_ids[g])} #{class_ids[g]}")
+                 f"{col + 1}. {scores[row, col]:.3f}\n{category_name(super_ids[g], names)} #{products[g]}")
     fig.suptitle("Top 5 over all other images (green: same product, red: another product)", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=90)

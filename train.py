@@ -183,8 +183,15 @@ def _args_data(group) -> None:
                             "generated SOP look-alike, created under data/synthetic_sop if absent "
                             "(offline quick start, tests)")
     group.add_argument(*_flags("data_root"), default=None,
-                       help="dataset folder holding Ebay_train.txt / Ebay_test.txt; default "
+                       help="dataset folder: SOP's Ebay_train.txt / Ebay_test.txt, a catalogue.csv "
+                            "(path,product_id,category[,split]) or a <category>/<product>/<image> "
+                            f"tree (README, Bring your own photos); default "
                             f"{DATASET_ROOTS['stanford']} or {DATASET_ROOTS['synthetic']}")
+    group.add_argument(*_flags("test_fraction"), default=datasets.DEFAULT_TEST_FRACTION, type=float,
+                       help="a catalogue without a split (a folder tree, a CSV without the split "
+                            "column): share of its products drawn, seeded, into the unseen test split")
+    group.add_argument(*_flags("verbose"), action="store_true",
+                       help="list every file of a folder tree skipped as not an image")
     group.add_argument(*_flags("train_split"), default="train", choices=["train", "trainval"],
                        help="train: Ebay_train.txt minus the validation products (recommended); "
                             "trainval: all of Ebay_train.txt (then validation overlaps training)")
@@ -383,6 +390,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
     need(args.lr_patience >= 0, f"--lr_patience must be >= 0 (got {args.lr_patience})")
     need(0 < args.val_fraction < 1, f"--val_fraction must be in (0, 1) (got {args.val_fraction}); "
          "recommended 0.1, 0.2 for a catalogue of a few hundred products")
+    need(0 < args.test_fraction < 1, f"--test_fraction must be in (0, 1) (got {args.test_fraction})")
     need(args.epochs >= 0, f"--epochs must be >= 0 (got {args.epochs}); 0 only validates")
     need(args.embedding_size >= 1, f"--embedding_size must be >= 1 (got {args.embedding_size}); "
          "recommended 128")
@@ -738,7 +746,7 @@ def link_best(last: Path, best: Path) -> None:
 def add_projector(writer, dataset: datasets.SOPDataset, embeddings: np.ndarray, samples: int,
                   seed: int, epoch: int, thumb: int = 32) -> None:
     """TensorBoard embedding projector of a seeded sample of validation images: metadata
-    (class_id, category) and ``thumb``-pixel thumbnails."""
+    (the data's product id and category name) and ``thumb``-pixel thumbnails."""
     n = len(dataset)
     if samples <= 0 or n == 0:
         return
@@ -751,12 +759,11 @@ def add_projector(writer, dataset: datasets.SOPDataset, embeddings: np.ndarray, 
         except Exception:  # a bad image gets a grey tile; it was already counted in training
             arr = torch.full((3, thumb, thumb), 128, dtype=torch.uint8)
         thumbs.append(arr.float() / 255)
-    categories = list(datasets.SOP_CATEGORIES)
-    metadata = [[str(int(dataset.class_ids[i])), categories[int(dataset.super_ids[i]) - 1]]
+    metadata = [[dataset.product_ids[i], dataset.categories[int(dataset.super_ids[i]) - 1]]
                 for i in idx]
     writer.add_embedding(torch.from_numpy(np.asarray(embeddings)[idx]), metadata=metadata,
                          label_img=torch.stack(thumbs), global_step=epoch, tag="val_embeddings",
-                         metadata_header=["class_id", "category"])
+                         metadata_header=["product_id", "category"])
     writer.flush()
 
 
@@ -801,7 +808,7 @@ def init_head_from_features(model: models.EmbeddingNet, train_set: datasets.SOPD
     idx = np.sort(np.random.default_rng(args.seed).choice(n, size=min(args.pca_images, n),
                                                           replace=False))
     view = datasets.SOPDataset(train_set.root, train_set.split, check_files=False,
-                               val_fraction=train_set.val_fraction,
+                               val_fraction=train_set.val_fraction, test_fraction=train_set.test_fraction,
                                transform=datasets.build_transform(int(model.model_args["image_size"]),
                                                                   train=False))
     loader = DataLoader(torch.utils.data.Subset(view, idx.tolist()), batch_size=args.val_batch_size,
@@ -928,6 +935,7 @@ def read_resume(args: argparse.Namespace, paths: RunPaths, rank: int) -> tuple[d
 def build_data(args: argparse.Namespace, image_size: int, device: torch.device, rank: int,
                world: int) -> Data:
     root = Path(args.data_root or DATASET_ROOTS[args.dataset])
+    datasets.set_verbose(args.verbose)
     if args.dataset == "synthetic":
         # Generate only when absent: any complete dataset there (e.g. one made with other
         # settings by `datasets.py synthetic`) is the user's choice and is used as it is.
@@ -936,11 +944,12 @@ def build_data(args: argparse.Namespace, image_size: int, device: torch.device, 
             datasets.ensure_synthetic_sop(root)
         _barrier(world)
     try:
-        train_set = datasets.SOPDataset(root, args.train_split, val_fraction=args.val_fraction,
+        splits = datasets.split_options(vars(args))
+        train_set = datasets.SOPDataset(root, args.train_split, **splits,
                                         transform=datasets.build_transform(image_size, train=True))
-        val_set = datasets.SOPDataset(root, args.val_split, val_fraction=args.val_fraction,
+        val_set = datasets.SOPDataset(root, args.val_split, **splits,
                                       transform=datasets.build_transform(image_size, train=False))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError, datasets.DatasetError) as e:
         hint = (" To try the pipeline offline, train on the synthetic stand-in: --dataset synthetic"
                 if args.dataset == "stanford" else "")
         raise TrainingStopped(f"{e}{hint}") from e
@@ -1034,7 +1043,9 @@ def restore_state(state: TrainState, ckpt: dict, data: Data, resume_path: Path) 
 def open_logs(args: argparse.Namespace, paths: RunPaths, info: dict, start_epoch: int):
     """rank 0: the TensorBoard writer (events after ``start_epoch`` purged), args.json, and
     the run folders, freed of temporary files a killed write left behind."""
-    from torch.utils.tensorboard import SummaryWriter  # imported here: slow, rank 0 only
+    from torch.utils.tensorboard import (
+        SummaryWriter,  # imported here: slow, rank 0 only
+    )
     paths.log_dir.mkdir(parents=True, exist_ok=True)
     # purge_step hides events logged after the checkpoint we start from: those of a killed
     # run's lost epoch, or of an older run this one --overwrite-s (start_epoch 0).

@@ -79,7 +79,9 @@ def test_missing_root_names_path_and_command(tmp_path):
 
 
 def test_missing_ebay_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"Ebay_train\.txt not found.*datasets\.py download"):
+    # an empty folder is no catalogue of any layout: the error says which layouts it could be
+    with pytest.raises(ValueError, match=r"holds no catalogue: nothing.*<category>/<product>/<image>"
+                                         r".*catalogue\.csv.*datasets\.py download"):
         datasets.SOPDataset(tmp_path, "train")
     (tmp_path / "Ebay_train.txt").write_text(HEADER)
     with pytest.raises(FileNotFoundError, match=r"Ebay_test\.txt not found.*datasets\.py download"):
