@@ -59,7 +59,6 @@ import retrieval
 logger = logging.getLogger("app_stanford")
 
 CATEGORY_ALL = "All"
-CATEGORIES = [CATEGORY_ALL] + list(datasets.SOP_CATEGORIES)
 DEFAULT_K = 10
 MAX_K = 50
 # Formats a query may have. Decoding others (EPS runs Ghostscript, ...) is refused up front.
@@ -119,13 +118,22 @@ def load_query_image(path, max_pixels=40_000_000, draft_size=None):
                          "photo.") from None
 
 
-def category_to_super_id(category):
-    """"All" / None → None (whole gallery); a SOP category name → its super_class_id (1..12)."""
+def category_choices(index):
+    """The category filter's choices: "All", then the gallery's category names (the data's:
+    SOP's 12, a catalogue's own, or a --gallery folder's first level) that hold an image."""
+    present = set(np.unique(index.super_ids).tolist())
+    return [CATEGORY_ALL] + [c for i, c in enumerate(index.categories, start=1) if i in present]
+
+
+def category_to_super_id(category, categories):
+    """"All" / None → None (whole gallery); a name among ``categories`` (the index's) → its
+    1-based super id; anything else is a QueryError listing the choices."""
     if category in (None, "", CATEGORY_ALL):
         return None
-    if category not in datasets.SOP_CATEGORIES:
-        raise QueryError(f"Unknown category {category!r}; choose one of: {', '.join(CATEGORIES)}.")
-    return datasets.SOP_CATEGORIES.index(category) + 1
+    if category not in categories:
+        shown = ", ".join([CATEGORY_ALL, *categories[:30]]) + (" ..." if len(categories) > 30 else "")
+        raise QueryError(f"Unknown category {category!r}; choose one of: {shown}.")
+    return categories.index(category) + 1
 
 
 def clamp_k(k):
@@ -223,8 +231,9 @@ class SearchEngine:
                 "index": i,
                 # not "path": gradio_client takes any dict with a "path" for a file to download
                 "catalogue_path": self.index.paths[i],
-                "product_id": int(self.index.class_ids[i]),
-                "category": datasets.SOP_CATEGORIES[int(self.index.super_ids[i]) - 1],
+                # the data's product id (a string); None in an unlabelled --gallery folder
+                "product_id": self.index.product_ids[i] or None,
+                "category": self.index.categories[int(self.index.super_ids[i]) - 1],
                 "score": round(float(score), 6),
             })
         return results
@@ -239,7 +248,7 @@ class SearchEngine:
 
     def _search_image(self, image, k, category):
         t0 = time.perf_counter()
-        k, super_id = clamp_k(k), category_to_super_id(category)
+        k, super_id = clamp_k(k), category_to_super_id(category, self.index.categories)
         vector = self._embed(image)
         t1 = time.perf_counter()
         results = self._ranked(vector, k, super_id)
@@ -254,7 +263,7 @@ class SearchEngine:
 
     def _search_file(self, path, k, category):
         t0 = time.perf_counter()
-        k, super_id = clamp_k(k), category_to_super_id(category)  # cheap checks first
+        k, super_id = clamp_k(k), category_to_super_id(category, self.index.categories)  # cheap checks first
         image = load_query_image(path, self.max_pixels, draft_size=self.resize)
         t1 = time.perf_counter()
         out = self._search_image(image, k, category)
@@ -270,7 +279,7 @@ class SearchEngine:
 
     def _search_gallery_item(self, i, k, category):
         t0 = time.perf_counter()
-        k, super_id = clamp_k(k), category_to_super_id(category)
+        k, super_id = clamp_k(k), category_to_super_id(category, self.index.categories)
         if not 0 <= int(i) < len(self.index):
             raise QueryError(f"Gallery image {i} does not exist (the gallery has {len(self.index)}).")
         results = self._ranked(self.index.embeddings[int(i)], k, super_id, exclude=int(i))
@@ -286,7 +295,7 @@ class SearchEngine:
     def example_indices(self, n=12):
         """One gallery image from each category (the first product of each), up to ``n``."""
         picks = []
-        for sid in range(1, len(datasets.SOP_CATEGORIES) + 1):
+        for sid in range(1, len(self.index.categories) + 1):
             rows = np.flatnonzero(self.index.super_ids == sid)
             if len(rows):
                 picks.append(int(rows[0]))
@@ -426,7 +435,8 @@ def _query_image_class():
 
 
 def _caption(r):
-    return f"{r['score']:.3f} · {r['category']} · #{r['product_id']}"
+    product = f" · #{r['product_id']}" if r["product_id"] else ""
+    return f"{r['score']:.3f} · {r['category']}{product}"
 
 
 def _timing_text(out):
@@ -509,7 +519,7 @@ def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_up
                                    elem_id="query")
                 query.max_data_url_bytes = int(max_upload_mb * (1 << 20))
                 k = gr.Slider(1, MAX_K, value=DEFAULT_K, step=1, label="Results (K)", elem_id="k")
-                category = gr.Dropdown(CATEGORIES, value=CATEGORY_ALL, label="Category filter",
+                category = gr.Dropdown(category_choices(index), value=CATEGORY_ALL, label="Category filter",
                                        elem_id="category")
                 button = gr.Button("Search", variant="primary", elem_id="search")
                 timing = gr.Markdown(elem_id="timing")

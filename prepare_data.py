@@ -7,6 +7,7 @@ synthetic generator.
     python datasets.py verify    --root data/Stanford_Online_Products
     python datasets.py stats     --root data/synthetic_sop --output runs/dataset_stats.png
     python datasets.py resize    --root data/Stanford_Online_Products --output data/sop_256 --size 256
+    python datasets.py convert   --root my_photos --to csv --output my_photos   # write catalogue.csv
 
 (``python prepare_data.py ...`` is the same command line.)
 """
@@ -29,12 +30,33 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+import catalogue
 import fileio
-from datasets import (IMAGE_ERRORS, SOP_CATEGORIES, SOP_DIRNAME, SOP_EXPECTED,
-                      SOP_URL, SOP_ZIPNAME, SPLITS, DatasetError, SOPDataset, _default_workers,
-                      format_paths, _make_tmp_dir, _mp_context, _publish_dir, _write_marker,
-                      ensure_synthetic_sop, is_complete, load_image, make_synthetic_sop,
-                      read_ebay_file, read_marker, resolve_sop_root, scan_bad_images)
+from datasets import (
+    DEFAULT_TEST_FRACTION,
+    IMAGE_ERRORS,
+    SOP_DIRNAME,
+    SOP_EXPECTED,
+    SOP_URL,
+    SOP_ZIPNAME,
+    SPLITS,
+    DatasetError,
+    SOPDataset,
+    _default_workers,
+    _make_tmp_dir,
+    _mp_context,
+    _publish_dir,
+    _write_marker,
+    ensure_synthetic_sop,
+    format_paths,
+    is_complete,
+    load_image,
+    make_synthetic_sop,
+    read_ebay_file,
+    read_marker,
+    resolve_sop_root,
+    scan_bad_images,
+)
 
 logger = logging.getLogger("prepare_data")
 
@@ -279,17 +301,99 @@ def resize_dataset(src, dst, size=256, quality=95, workers=None, progress=True):
     return dst
 
 
+# ============ converting between layouts ============
+
+def _safe_name(text):
+    """``text`` as one folder name: path separators and characters that are unsafe in file
+    names become ``_`` (``chair/sku 1`` → ``chair_sku 1``)."""
+    out = "".join("_" if c in '/\\:*?"<>|' or ord(c) < 32 else c for c in str(text)).strip(" .")
+    return out or "_"
+
+
+def tree_paths(table):
+    """Where each image of ``table`` goes in a ``<category>/<product>/<image>`` tree (no
+    category level when the catalogue has only `catalogue.NO_CATEGORY`); a file name taken
+    twice in one product folder gets its row number in front."""
+    flat = table.categories == [catalogue.NO_CATEGORY]
+    out, taken = [], set()
+    for i, (rel, product, sid) in enumerate(zip(table.rel_paths, table.product_ids, table.super_ids.tolist())):
+        folder = _safe_name(product) if flat else f"{_safe_name(table.categories[sid - 1])}/{_safe_name(product)}"
+        name = f"{folder}/{Path(rel).name}"
+        if name in taken:
+            name = f"{folder}/{i}_{Path(rel).name}"
+        taken.add(name)
+        out.append(name)
+    return out
+
+
+def convert_catalogue(root, output, to, from_layout=None, test_fraction=DEFAULT_TEST_FRACTION,
+                      write_split=True, progress=True):
+    """Write the catalogue under ``root`` (any layout) in layout ``to``:
+
+    * ``csv``: a ``catalogue.csv`` (with the split column unless ``write_split`` is False).
+      With ``output`` = the catalogue's own folder only the CSV is written (atomically),
+      next to the images; otherwise the images are linked (hard links, copies across
+      filesystems) into ``output`` under their own relative paths.
+    * ``folder``: the images linked into ``output/<category>/<product>/<image>``. A tree has no
+      split column: its test split is drawn again from ``test_fraction`` (a warning says so).
+
+    ``from_layout`` given: the catalogue must be of that layout. A new ``output`` folder is
+    written in a temporary sibling and renamed when complete; an existing, non-empty one is
+    refused. Returns the path written (the CSV or the folder)."""
+    src, layout = catalogue.detect_layout(root)
+    if from_layout and layout != from_layout:
+        raise ValueError(f"{src} holds a {layout} catalogue, not {from_layout} (--from)")
+    if to not in ("csv", "folder"):
+        raise ValueError(f"cannot convert to {to!r}: choose csv or folder")
+    table = catalogue.read_catalogue(src, test_fraction)
+    output = Path(output).expanduser()
+    if to == "csv" and output.resolve() == src:
+        if layout == "csv":
+            raise ValueError(f"{src} already holds {catalogue.CSV_NAME}; convert to another --output")
+        return catalogue.write_csv_catalogue(table, src / catalogue.CSV_NAME, write_split)
+    if output.exists() and any(output.iterdir()):
+        raise FileExistsError(f"{output} exists and is not empty; choose another --output or remove it")
+    if to == "folder" and layout != "folder":
+        logger.warning("a folder tree has no split column: its test split is drawn again "
+                       "(--test_fraction %s); convert to csv to keep the split", test_fraction)
+    dest = tree_paths(table) if to == "folder" else list(table.rel_paths)
+    tmp = _make_tmp_dir(output)
+    try:
+        for rel, new in tqdm(list(zip(table.rel_paths, dest)), desc=f"convert to {to}", unit="img",
+                             disable=not progress):
+            source, target = src / rel, tmp / new
+            if not source.is_file():
+                raise FileNotFoundError(f"{source} is listed in {src} but missing; restore it or "
+                                        "remove its row first")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, target)
+            except OSError:  # another filesystem, or links not supported
+                shutil.copy2(source, target)
+        if to == "csv":
+            catalogue.write_csv_catalogue(table, tmp / catalogue.CSV_NAME, write_split)
+        _write_marker(tmp, {"source": "convert", "from": str(src), "from_layout": layout, "to": to,
+                            "images": len(dest)})
+        _publish_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
 # ============ statistics ============
 
-def dataset_stats(root, val_fraction=0.1, split_seed=0):
+def dataset_stats(root, val_fraction=0.1, split_seed=0, test_fraction=DEFAULT_TEST_FRACTION):
     """Rows of the original project's dataset table: ``{split: {images, products, categories,
-    images_per_product}}`` for train, val, test and total (total = trainval + test)."""
-    sets = {s: SOPDataset(root, s, val_fraction=val_fraction, split_seed=split_seed, check_files=False)
+    images_per_product}}`` for train, val, test and total (total = trainval + test), on a
+    catalogue of any layout."""
+    sets = {s: SOPDataset(root, s, val_fraction=val_fraction, split_seed=split_seed, check_files=False,
+                          test_fraction=test_fraction)
             for s in ("train", "val", "test")}
     rows = {}
     for name, parts in (("train", ["train"]), ("val", ["val"]), ("test", ["test"]),
                         ("total", ["train", "val", "test"])):
-        cls = np.concatenate([sets[p].class_ids for p in parts])   # SOP ids are unique across splits
+        cls = np.concatenate([sets[p].class_ids for p in parts])   # product ids are unique across splits
         sup = np.concatenate([sets[p].super_ids for p in parts])
         n_products = len(np.unique(cls))
         rows[name] = {"images": int(len(cls)), "products": n_products,
@@ -316,15 +420,16 @@ def plot_stats(sets, output):
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 4.5))
-    x = np.arange(len(SOP_CATEGORIES))
+    names = next(iter(sets.values())).categories  # the catalogue's, the same in every split
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, min(40, 0.6 * len(names) + 7)), 4.5))
+    x = np.arange(len(names))
     for j, (name, ds) in enumerate(sets.items()):
-        counts = np.bincount(ds.super_ids - 1, minlength=len(SOP_CATEGORIES))
+        counts = np.bincount(ds.super_ids - 1, minlength=len(names))
         ax1.bar(x + (j - 1) * 0.27, counts, width=0.27, label=name)
         _, per_product = np.unique(ds.class_ids, return_counts=True)
         hist = np.bincount(per_product, minlength=13)
         ax2.bar(np.arange(len(hist)) + (j - 1) * 0.27, hist, width=0.27, label=name)
-    ax1.set_xticks(x, SOP_CATEGORIES, rotation=40, ha="right")
+    ax1.set_xticks(x, names, rotation=40, ha="right")
     ax1.set_ylabel("images")
     ax1.set_title("Images per category")
     ax1.legend()
@@ -378,17 +483,40 @@ def get_args_parser():
     p = sub.add_parser("verify", formatter_class=fmt, help="decode every image and list bad files",
                        description="Decode every listed image; exit code 1 if any is missing, "
                        "empty, truncated or not an image.")
-    p.add_argument("--root", required=True, help="dataset folder (with Ebay_train.txt)")
+    p.add_argument("--root", required=True, help="dataset folder (any layout: Ebay files, catalogue.csv, tree)")
     p.add_argument("--split", default="all", choices=["all", *SPLITS])
+    p.add_argument("--test_fraction", type=float, default=DEFAULT_TEST_FRACTION,
+                   help="a catalogue without a split: share of the products in test")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, max 8)")
 
     p = sub.add_parser("stats", formatter_class=fmt, help="print the dataset table and save a figure",
                        description="Print images / products / categories / images per product for "
                        "train, val, test and total, and save a distribution figure.")
-    p.add_argument("--root", required=True, help="dataset folder (with Ebay_train.txt)")
+    p.add_argument("--root", required=True, help="dataset folder (any layout: Ebay files, catalogue.csv, tree)")
     p.add_argument("--output", default="runs/dataset_stats.png", help="figure path ('' for none)")
     p.add_argument("--val_fraction", type=float, default=0.1)
     p.add_argument("--split_seed", type=int, default=0)
+    p.add_argument("--test_fraction", type=float, default=DEFAULT_TEST_FRACTION,
+                   help="a catalogue without a split: share of the products in test")
+    p.add_argument("--verbose", action="store_true", help="list every skipped non-image file")
+
+    p = sub.add_parser("convert", formatter_class=fmt, help="write a catalogue in another layout",
+                       description="Write the catalogue under --root (SOP's Ebay files, a catalogue.csv "
+                       "or a <category>/<product>/<image> tree) as a catalogue.csv (--to csv; with "
+                       "--output = --root only the CSV is written, beside the images) or as a tree "
+                       "(--to folder). Images are hard-linked (copied across filesystems) into a new "
+                       "--output, which must not exist or be empty.")
+    p.add_argument("--root", required=True, help="the catalogue to read")
+    p.add_argument("--from", dest="from_layout", default=None, choices=list(catalogue.LAYOUTS),
+                   help="the layout --root must hold (default: detected)")
+    p.add_argument("--to", required=True, choices=["csv", "folder"], help="layout to write")
+    p.add_argument("--output", required=True, help="destination folder (or --root itself for --to csv)")
+    p.add_argument("--test_fraction", type=float, default=DEFAULT_TEST_FRACTION,
+                   help="a catalogue without a split: share of the products drawn into test")
+    p.add_argument("--split", default=True, action=argparse.BooleanOptionalAction,
+                   help="--to csv: write the split column (--no-split: leave the split to "
+                        "--test_fraction when the CSV is read)")
+    p.add_argument("--verbose", action="store_true", help="list every skipped non-image file")
 
     p = sub.add_parser("resize", formatter_class=fmt, help="write a pre-resized copy of a dataset",
                        description="Copy a dataset with every image resized to SIZE×SIZE (the "
@@ -416,26 +544,32 @@ def main(args):
             target = download_sop(args.root, args.url, args.timeout, keep_zip=not args.delete_zip)
             print(f"SOP ready at {target}")
         elif args.command == "verify":
-            root = resolve_sop_root(args.root)
+            root = catalogue.detect_layout(args.root)[0]
             splits = ["trainval", "test"] if args.split == "all" else [args.split]
             paths = []
             for s in splits:
-                paths += SOPDataset(root, s, check_files=False).paths
+                paths += SOPDataset(root, s, check_files=False, test_fraction=args.test_fraction).paths
             bad = scan_bad_images(paths, workers=args.workers, progress=True)
             for path, reason in bad:
                 print(f"BAD {path}: {reason}")
             print(f"{len(paths) - len(bad)} of {len(paths)} images OK, {len(bad)} bad")
             return 1 if bad else 0
         elif args.command == "stats":
-            rows, sets = dataset_stats(args.root, args.val_fraction, args.split_seed)
+            catalogue.set_verbose(args.verbose)
+            rows, sets = dataset_stats(args.root, args.val_fraction, args.split_seed, args.test_fraction)
             print(format_stats_table(rows))
             if args.output:
                 print(f"figure: {plot_stats(sets, args.output)}")
+        elif args.command == "convert":
+            catalogue.set_verbose(args.verbose)
+            out = convert_catalogue(args.root, args.output, args.to, args.from_layout,
+                                    args.test_fraction, write_split=args.split)
+            print(f"wrote {out}")
         elif args.command == "resize":
             print(f"resized copy at {resize_dataset(args.root, args.output, args.size, args.quality, args.workers)}")
         else:
             raise ValueError(f"unknown command {args.command!r}")
-    except (DatasetError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (DatasetError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
