@@ -789,7 +789,9 @@ class GalleryIndex:
     written as "" for an unlabelled gallery). ``checkpoint_hash`` is the sha256 of the
     checkpoint that produced the embeddings and ``image_list_hash`` that of ``paths``: a
     demo compares both before reusing an index. ``meta`` holds any JSON-serialisable extras
-    (model_args, split, data_root, ...).
+    (model_args, split, data_root, ...). ``file_stats``: optional int64 [N, 2], the (size in
+    bytes, mtime in ns) of each image file when it was embedded, so that an index of a folder
+    can be updated incrementally (``gallery.py``); None for catalogues that do not need it.
 
     ``index_type``: "exact" (default; right for SOP's 60,502 images and up to ~1M), or an
     approximate faiss index, "ivf" or "hnsw" (module ``ann``: what they are, their
@@ -811,6 +813,7 @@ class GalleryIndex:
     backend: str = "auto"
     index_type: str = "exact"
     ann_params: dict | None = None
+    file_stats: np.ndarray | None = None
 
     def __post_init__(self):
         self.embeddings = np.ascontiguousarray(self.embeddings, dtype=np.float32)
@@ -837,6 +840,11 @@ class GalleryIndex:
         self.product_ids = ["" if p is None else str(p) for p in self.product_ids]
         if len(self.product_ids) != n:
             raise ValueError(f"gallery index has {len(self.product_ids)} product ids for {n} images")
+        if self.file_stats is not None:
+            self.file_stats = np.asarray(self.file_stats, dtype=np.int64)
+            if self.file_stats.shape != (n, 2):
+                raise ValueError(f"gallery index file_stats must be [{n}, 2] (size, mtime_ns), "
+                                 f"got shape {self.file_stats.shape}")
         if self.backend not in ("auto", "numpy", "faiss"):
             raise ValueError(f"backend must be 'auto', 'numpy' or 'faiss', got {self.backend!r}")
         ann.check_index_type(self.index_type)
@@ -889,6 +897,8 @@ class GalleryIndex:
             "categories": np.array(self.categories, dtype=np.str_),
             "product_ids": np.array(self.product_ids, dtype=np.str_),
         }
+        if self.file_stats is not None:
+            arrays["file_stats"] = self.file_stats
         if self.index_type != "exact":
             self.build_ann()
             meta["ann"] = self._ann_record
@@ -912,6 +922,8 @@ class GalleryIndex:
                 # absent from files written before free category names: SOP's defaults
                 extra = {name: data[name].tolist() for name in ("categories", "product_ids")
                          if name in data.files}
+                if "file_stats" in data.files:
+                    extra["file_stats"] = data["file_stats"]
                 blob = data["ann"] if "ann" in data.files else None
         except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"gallery index {path} is corrupt or not a gallery index ({type(exc).__name__}: "

@@ -1,0 +1,387 @@
+"""Search any folder: index every image under a directory, no labels needed, and keep the
+index up to date incrementally.
+
+A folder gallery is a `retrieval.GalleryIndex` whose rows are the folder's images in sorted
+order of their relative (posix) paths:
+
+* ``paths``: relative to the folder; ``categories``: the sorted first-level folder names
+  (an image directly in the folder: ``TOP_LEVEL``); ``super_ids``: 1-based into them;
+* ``product_ids``: "" for every image (unlabelled: the path is the identifier);
+  ``class_ids``: ``arange(n)`` (each image its own item: no metric is computed on it);
+* ``checkpoint_hash``: the model key (the checkpoint's sha256, or e.g.
+  ``"zero_shot:<backbone>:<weights>:<size>px"``); ``file_stats``: each file's (size, mtime_ns)
+  when embedded; ``meta["gallery"]``: the folder, the model key and the unreadable files.
+
+`update_gallery_index` reuses the embedding of every file whose (path, size, mtime_ns) is
+unchanged and embeds only the rest, so the same folder gives the same index (same rows, same
+vectors) whether it was built in one go or updated many times.
+
+What is indexed (`scan_gallery`): regular files named like an image (`catalogue.is_image_name`:
+an image extension, not hidden). Hidden folders (``.git``, ``.thumbnails``) are not entered;
+symlinked folders are not followed (no loops, no second copy of a folder); a symlinked file
+is indexed only when it resolves inside the folder: nothing outside the gallery gets served.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import logging
+import os
+import stat
+import time
+from pathlib import Path
+
+import numpy as np
+
+import ann
+import catalogue
+import retrieval
+
+logger = logging.getLogger("gallery")
+
+TOP_LEVEL = "(top level)"  # category of an image directly in the gallery folder
+GALLERY_META_KEY = "gallery"  # meta entry that makes an index a folder gallery's
+
+
+# ============ scanning the folder ============
+
+@dataclasses.dataclass
+class GalleryScan:
+    """What `scan_gallery` found: ``root`` (resolved), ``files`` = sorted
+    ``[(rel posix path, size in bytes, mtime_ns)]`` of the images to index, ``skipped`` = rel
+    paths left out (non-image and hidden files; hidden and symlinked folders, as "name/";
+    symlinks resolving outside root; broken links, devices, fifos)."""
+
+    root: Path
+    files: list
+    skipped: list
+
+    @property
+    def paths(self) -> list:
+        return [f[0] for f in self.files]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def scan_gallery(root, exclude=()) -> GalleryScan:
+    """Every image file under ``root`` (recursive), see the module docstring for the rule.
+
+    ``exclude``: paths never listed, not even as skipped (the index file when it lies in the
+    folder). Raises FileNotFoundError / NotADirectoryError naming ``root`` when it is missing /
+    not a folder, and ValueError when it holds no image (saying what it holds instead).
+    """
+    given = Path(root).expanduser()
+    if not given.exists():
+        raise FileNotFoundError(errno.ENOENT, f"gallery folder {given} does not exist: pass --gallery "
+                                "a folder of images", str(given))
+    if not given.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"gallery {given} is not a folder: pass --gallery "
+                                 "the folder that holds the images", str(given))
+    root = given.resolve()
+    excluded = {Path(p).expanduser().resolve() for p in exclude}
+    files, skipped, seen = [], [], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        folder = Path(dirpath)
+        for name in list(dirnames):
+            # os.walk lists symlinked folders as folders; descending into them could loop or
+            # index a folder twice (or one outside root), and a hidden folder holds no photos
+            if name.startswith(".") or (folder / name).is_symlink():
+                dirnames.remove(name)
+                skipped.append((folder / name).relative_to(root).as_posix() + "/")
+        for name in filenames:
+            full = folder / name
+            if full in excluded:
+                continue
+            seen += 1
+            rel = full.relative_to(root).as_posix()
+            entry = _image_entry(full, rel, root)
+            (files if entry else skipped).append(entry or rel)
+    files.sort()
+    skipped.sort()
+    if not files:
+        raise ValueError(_no_image_message(root, seen, skipped))
+    return GalleryScan(root=root, files=files, skipped=skipped)
+
+
+def _image_entry(full: Path, rel: str, root: Path):
+    """``(rel, size, mtime_ns)`` when ``full`` is an image file to index, else None."""
+    if not catalogue.is_image_name(rel):
+        return None
+    if full.is_symlink() and not _inside(full.resolve(), root):
+        return None  # served by its path under root, it would expose a file outside it
+    try:
+        st = full.stat()  # follows a link: the target's content is what gets embedded
+    except OSError:  # broken link, vanished, no permission
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return rel, int(st.st_size), int(st.st_mtime_ns)
+
+
+def _no_image_message(root: Path, seen: int, skipped: list) -> str:
+    extensions = ", ".join(catalogue.IMAGE_EXTENSIONS)
+    if not seen and not skipped:
+        return f"gallery folder {root}: the folder is empty; put images ({extensions}) in it"
+    folders = sum(s.endswith("/") for s in skipped)
+    also = f" (and {folders} hidden or symlinked folders, not entered)" if folders else ""
+    return (f"gallery folder {root}: no image to index: {seen} files{also}, none an image "
+            f"({extensions}; hidden files and symlinks leading outside the folder do not count), "
+            f"e.g. {', '.join(skipped[:3])}")
+
+
+# ============ the index contents ============
+
+def zero_shot_model_key(backbone: str, weights: str, image_size: int) -> str:
+    """Model key of pretrained features (a checkpoint's key is `models.checkpoint_hash`):
+    ``"zero_shot:<backbone>:<weights>:<size>px"``."""
+    return f"zero_shot:{backbone}:{weights}:{int(image_size)}px"
+
+
+
+def category_of(rel_path: str) -> str:
+    """The first folder of a relative path; `TOP_LEVEL` for a file directly in the root."""
+    head, sep, _ = rel_path.partition("/")
+    return head if sep else TOP_LEVEL
+
+
+def categories_and_ids(paths) -> tuple[list, np.ndarray]:
+    """(sorted unique categories of ``paths``, 1-based super id of each path)."""
+    names = [category_of(p) for p in paths]
+    categories = sorted(set(names))
+    position = {c: i + 1 for i, c in enumerate(categories)}
+    return categories, np.array([position[c] for c in names], dtype=np.int64)
+
+
+def make_gallery_index(embeddings, files, model_key, meta=None, index_type="exact") -> retrieval.GalleryIndex:
+    """The GalleryIndex of a folder (module docstring) from embeddings in ``files`` order;
+    ``files``: ``[(rel path, size, mtime_ns)]`` sorted by path."""
+    paths = [f[0] for f in files]
+    categories, super_ids = categories_and_ids(paths)
+    return retrieval.GalleryIndex(
+        embeddings=embeddings, paths=paths, class_ids=np.arange(len(paths), dtype=np.int64),
+        super_ids=super_ids, categories=categories, product_ids=[""] * len(paths),
+        checkpoint_hash=model_key, meta=dict(meta or {}), index_type=index_type,
+        file_stats=np.array([f[1:] for f in files], dtype=np.int64).reshape(-1, 2))
+
+
+# ============ what changed since the last index ============
+
+def load_previous(index_path, root: Path, model_key: str):
+    """``(index, None)`` when ``index_path`` holds a folder gallery built from ``root`` with
+    ``model_key``; else ``(None, why)``, ``why`` a phrase for the log."""
+    index_path = Path(index_path)
+    if not index_path.exists():
+        return None, "no index yet"
+    try:
+        index = retrieval.GalleryIndex.load(index_path)
+    except (ValueError, ImportError) as e:  # damaged, other format, ann index without faiss
+        return None, f"the index could not be read ({e})"
+    info = index.meta.get(GALLERY_META_KEY)
+    if not isinstance(info, dict) or index.file_stats is None:
+        return None, "it is not a folder-gallery index (no file sizes / times)"
+    if info.get("root") != str(root):
+        return None, f"it was built for folder {info.get('root')}, not {root}"
+    if index.checkpoint_hash != model_key:
+        return None, f"it was built with model {index.checkpoint_hash[:40] or '?'}, not {model_key[:40]}"
+    return index, None
+
+
+@dataclasses.dataclass
+class UpdatePlan:
+    """How each scanned file is handled: ``reuse`` maps rel path -> row of the previous index;
+    ``embed`` lists the files to embed, ``known_bad`` the unchanged files that were unreadable
+    last time (not retried); counts as in `update_gallery_index`'s report."""
+
+    reuse: dict
+    embed: list
+    known_bad: list
+    added: int
+    changed: int
+    removed: int
+
+
+def plan_update(files, previous=None) -> UpdatePlan:
+    """Compare the scanned ``files`` with the ``previous`` index (None: embed everything).
+
+    A file is unchanged when its (rel path, size, mtime_ns) equals the recorded one. changed =
+    indexed before with other stats; added = not indexed before (new, or unreadable last time
+    and modified since); removed = indexed before, no longer among ``files``.
+    """
+    rows, bad = {}, {}
+    if previous is not None:
+        rows = {p: (i, tuple(s)) for i, (p, s) in enumerate(zip(previous.paths, previous.file_stats.tolist()))}
+        bad = {p: (size, mtime) for p, size, mtime in previous.meta[GALLERY_META_KEY].get("unreadable", [])}
+    reuse, embed, known_bad = {}, [], []
+    added = changed = 0
+    for rel, size, mtime in files:
+        if rel in rows and rows[rel][1] == (size, mtime):
+            reuse[rel] = rows[rel][0]
+        elif bad.get(rel) == (size, mtime):
+            known_bad.append((rel, size, mtime))
+        else:
+            embed.append((rel, size, mtime))
+            changed += rel in rows
+            added += rel not in rows
+    present = {f[0] for f in files}
+    return UpdatePlan(reuse=reuse, embed=embed, known_bad=known_bad, added=added, changed=changed,
+                      removed=sum(p not in present for p in rows))
+
+
+# ============ embedding ============
+
+class GalleryImages:
+    """Map-style dataset over image files: ``(transformed image, i)``, or ``(zeros, -1)`` for
+    a file that does not decode, so one bad photo does not stop the loader (its row is
+    dropped afterwards)."""
+
+    def __init__(self, paths, transform, image_size):
+        import datasets  # here: scanning and planning need no torchvision
+
+        self.paths = [str(p) for p in paths]
+        self.transform = transform
+        self.load_size = datasets.draft_size(transform)
+        self.shape = (3, int(image_size), int(image_size))
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        import torch
+
+        import datasets
+
+        try:
+            return self.transform(datasets.load_image(self.paths[i], self.load_size)), i
+        except datasets.IMAGE_ERRORS:
+            return torch.zeros(self.shape), -1
+
+
+def embed_files(model, paths, batch_size=64, workers=None, device="cpu", progress=True):
+    """Embed image files with ``model`` (an EmbeddingNet; eval transform at its image size).
+
+    Returns ``(embeddings float32 [M, D] of the readable files in order, indices of the
+    unreadable ones)``.
+    """
+    import torch
+
+    import datasets
+
+    size = int(model.model_args["image_size"])
+    images = GalleryImages(paths, datasets.build_transform(size, train=False), size)
+    loader = torch.utils.data.DataLoader(
+        images, batch_size=batch_size, shuffle=False,
+        # one pass: persistent workers would only outlive it
+        **datasets.loader_settings(device, workers=workers, persistent_workers=False))
+    embeddings, ids = retrieval.extract_embeddings(model, loader, device=device, progress=progress,
+                                                   desc="gallery")
+    good = ids >= 0
+    return np.ascontiguousarray(embeddings[good]), np.flatnonzero(~good)
+
+
+def _assemble(files, plan: UpdatePlan, previous, new_rows: dict):
+    """Embedding matrix in ``files`` order from reused rows and ``new_rows`` (rel -> vector);
+    files in neither (unreadable) are left out. Returns (embeddings, kept files)."""
+    kept, vectors = [], []
+    for f in files:
+        rel = f[0]
+        if rel in plan.reuse:
+            vectors.append(previous.embeddings[plan.reuse[rel]])
+        elif rel in new_rows:
+            vectors.append(new_rows[rel])
+        else:
+            continue
+        kept.append(f)
+    return np.stack(vectors).astype(np.float32, copy=False), kept
+
+
+def _same_content(previous, kept, meta, index_type) -> bool:
+    """True when the new index would equal ``previous`` (then the file is not rewritten)."""
+    return (previous is not None and previous.index_type == index_type
+            and previous.paths == [f[0] for f in kept]
+            and previous.file_stats.tolist() == [list(f[1:]) for f in kept]
+            and previous.meta == json.loads(json.dumps(meta)))
+
+
+def update_gallery_index(model, root, index_path, model_key, batch_size=64, workers=None,
+                         device="cpu", progress=True, index_type="exact", force=False,
+                         meta=None) -> tuple[retrieval.GalleryIndex, dict]:
+    """Index every image under ``root`` into ``index_path``, reusing what is still valid.
+
+    The previous index is reused when it loads, was built for the same resolved ``root`` and
+    ``model_key`` (else a full rebuild, with the reason logged); then only added or changed
+    files are embedded and removed ones dropped (see `plan_update`); ``force``: embed all.
+    Unreadable images are skipped with a warning naming them and remembered with their size
+    and mtime, so an unchanged bad file is not retried next time. The index is saved
+    atomically (a crash or Ctrl-C leaves the previous file intact), and not rewritten when
+    nothing changed. ``meta``: extra JSON entries stored in ``index.meta``.
+
+    Returns ``(index, report)``. Report counts (ints): ``added``, ``changed``, ``removed``,
+    ``unchanged`` (rows reused), ``skipped_non_images``, ``unreadable`` (all unreadable image
+    files now, remembered ones included), ``embedded`` (images embedded by this call);
+    ``seconds`` (the whole call), ``embed_seconds``, ``images_per_s`` = embedded / seconds
+    (0.0 when nothing was embedded), ``rebuild`` (why everything was embedded, or None),
+    ``written`` (bool), and the lists ``skipped`` / ``unreadable_paths``.
+    Raises ValueError, writing nothing, when no image of the folder is readable.
+    """
+    t0 = time.perf_counter()
+    ann.check_index_type(index_type)
+    if index_type != "exact":
+        ann.require_faiss(f"index type {index_type!r}")  # before minutes of embedding
+    index_path = Path(index_path)
+    scan = scan_gallery(root, exclude=[index_path])
+    previous, why = (None, "force=True") if force else load_previous(index_path, scan.root, model_key)
+    if previous is None and why != "no index yet":
+        logger.info("Rebuilding the gallery index %s from scratch: %s", index_path, why)
+    plan = plan_update(scan.files, previous)
+
+    t_embed = time.perf_counter()
+    new_rows, bad = {}, list(plan.known_bad)
+    if plan.embed:
+        vectors, failed = embed_files(model, [scan.root / f[0] for f in plan.embed], batch_size=batch_size,
+                                      workers=workers, device=device, progress=progress)
+        failed = set(failed.tolist())
+        good = [f for i, f in enumerate(plan.embed) if i not in failed]
+        new_rows = {f[0]: v for f, v in zip(good, vectors)}
+        bad += [plan.embed[i] for i in sorted(failed)]
+        _warn_unreadable(scan.root, [plan.embed[i][0] for i in sorted(failed)])
+    embed_seconds = time.perf_counter() - t_embed
+    bad.sort()
+    if not plan.reuse and not new_rows:
+        raise ValueError(f"gallery folder {scan.root}: none of its {len(scan.files)} images could be "
+                         f"read (e.g. {', '.join(b[0] for b in bad[:3])}); nothing was written to "
+                         f"{index_path}. Check that they are real, complete image files")
+
+    embeddings, kept = _assemble(scan.files, plan, previous, new_rows)
+    info = {**(meta or {}), "model_args": dict(model.model_args),
+            GALLERY_META_KEY: {"root": str(scan.root), "model_key": model_key, "num_images": len(kept),
+                               "unreadable": [list(b) for b in bad]}}
+    written = not _same_content(previous, kept, info, index_type)
+    if written:
+        index = make_gallery_index(embeddings, kept, model_key, info, index_type)
+        index.build_ann(progress=progress)
+        index.save(index_path)
+    else:
+        index = previous
+    seconds = time.perf_counter() - t0
+    report = {"added": plan.added, "changed": plan.changed, "removed": plan.removed,
+              "unchanged": len(plan.reuse), "skipped_non_images": len(scan.skipped), "unreadable": len(bad),
+              "embedded": len(new_rows), "seconds": round(seconds, 3), "embed_seconds": round(embed_seconds, 3),
+              "images_per_s": round(len(new_rows) / seconds, 2) if new_rows else 0.0,
+              "rebuild": None if previous is not None else why, "written": written,
+              "skipped": list(scan.skipped), "unreadable_paths": [b[0] for b in bad]}
+    return index, report
+
+
+def _warn_unreadable(root: Path, rels) -> None:
+    """One warning naming the unreadable files and why (re-decoded here: they are few)."""
+    if not rels:
+        return
+    import datasets
+
+    reasons = [f"{rel} ({datasets.check_image(root / rel) or 'unreadable'})" for rel in rels[:10]]
+    more = f" ... and {len(rels) - 10} more" if len(rels) > 10 else ""
+    logger.warning("Skipped %d unreadable image(s) in %s: %s%s; they are not retried until they "
+                   "change", len(rels), root, "; ".join(reasons), more)
