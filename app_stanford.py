@@ -2,14 +2,19 @@
 
     python app_stanford.py                                       # newest checkpoints/*/best.pth
     python app_stanford.py --checkpoint checkpoints/<run>/best.pth [--data_root DIR] [--split test]
+    python app_stanford.py --checkpoint CK --gallery my_photos/    # any folder, no labels needed
+    python app_stanford.py --zero_shot --backbone efficientnet_lite0 --gallery my_photos/
     python app_stanford.py ... --host 0.0.0.0 --port 7860       # reachable from the network (opt-in)
     python app_stanford.py ... --build_index                     # build / refresh the index, then exit
 
 The checkpoint is self-describing (models.load_model, weights_only=True): backbone, embedding
 size and image size come from it, and the data root defaults to the one it was trained on.
-The gallery (every image of ``--split``, 60,502 for the SOP test split) is embedded once into
-a `retrieval.GalleryIndex` saved next to the checkpoint (``gallery_<split>.npz``); it is
-rebuilt, with a progress bar, when the checkpoint's sha256 or the image list changed.
+The gallery (every image of ``--split`` of a dataset in any layout, 60,502 for the SOP test
+split) is embedded once into a `retrieval.GalleryIndex` saved next to the checkpoint
+(``gallery_<split>.npz``); it is rebuilt, with a progress bar, when the checkpoint's sha256
+or the image list changed. ``--gallery DIR`` indexes every image under DIR instead (module
+``gallery``): a rerun embeds only the files added or changed (path, size, mtime) and drops
+the removed ones.
 
 API: the search is the Gradio endpoint ``/search`` (inputs: image, k, category="All"):
 
@@ -20,14 +25,16 @@ API: the search is the Gradio endpoint ``/search`` (inputs: image, k, category="
 ``gallery``: list of ``{"image": <file>, "caption": "0.912 · chair · #12345"}`` (similarity,
 category, product id);
 ``ranked``: the JSON of `SearchEngine.search_image` (``results`` ranked best first, each with
-rank, index, path (relative to the data root), product_id, category, score; ``timing_ms``);
+rank, index, catalogue_path (relative to the data root or gallery folder), product_id (the
+data's, a string; null in a --gallery folder), category, score; ``timing_ms``);
 ``timing``: the same timings as a Markdown line. A refused image (not an image, empty,
 truncated, too many pixels, ...) raises ``gradio_client.exceptions.AppError`` with a message
 saying why; the server keeps serving.
 
 Security: binds 127.0.0.1 unless ``--host`` / ``--share`` say otherwise; uploads are capped by
 size (``--max_upload_mb``) and by declared pixel count (``--max_megapixels``) before any
-decoding; Gradio's file route serves the gallery's image folders (``<category>_final/``) and
+decoding; Gradio's file route serves the gallery's image folders (``<category>_final/``, a
+gallery's first level) minus every non-image, hidden or foreign-symlinked file in them, and
 its own upload cache, nothing else (not the checkpoints, not the Ebay lists, not /etc).
 """
 import argparse
@@ -52,7 +59,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+import catalogue
 import datasets
+import gallery
 import models
 import retrieval
 
@@ -263,7 +272,7 @@ class SearchEngine:
 
     def _search_file(self, path, k, category):
         t0 = time.perf_counter()
-        k, super_id = clamp_k(k), category_to_super_id(category, self.index.categories)  # cheap checks first
+        clamp_k(k), category_to_super_id(category, self.index.categories)  # cheap checks first: they raise
         image = load_query_image(path, self.max_pixels, draft_size=self.resize)
         t1 = time.perf_counter()
         out = self._search_image(image, k, category)
@@ -309,27 +318,39 @@ def default_index_path(checkpoint, split):
     return Path(checkpoint).parent / f"gallery_{split}.npz"
 
 
+def default_gallery_index_path(gallery_dir, checkpoint=None, model_name=None):
+    """Where the index of a ``--gallery`` folder goes: ``gallery_<folder name>_<8 hex of its
+    absolute path>.npz`` beside the checkpoint, or under ``runs/<model_name>/`` for a
+    zero-shot model; never inside the gallery folder itself."""
+    folder = Path(gallery_dir).expanduser().resolve()
+    tag = hashlib.sha256(str(folder).encode()).hexdigest()[:8]
+    name = f"gallery_{folder.name or 'root'}_{tag}.npz"
+    return (Path(checkpoint).parent if checkpoint else Path("runs") / model_name) / name
+
+
 def resolve_device(name="auto") -> torch.device:
     """auto: the first CUDA device when there is one, else the CPU."""
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def load_or_build_index(model, checkpoint, data_root, split="test", index_path=None,
-                        batch_size=64, workers=None, progress=True, force=False, index_type="exact"):
-    """The gallery index of ``split`` under ``data_root`` for ``checkpoint``: loaded from
-    ``index_path`` when it was built from this checkpoint (sha256) and this image list,
+                        batch_size=64, workers=None, progress=True, force=False, index_type="exact",
+                        model_key=None, splits=None):
+    """The gallery index of ``split`` under ``data_root`` (any layout) for ``checkpoint``:
+    loaded from ``index_path`` when it was built from this checkpoint (sha256, or
+    ``model_key`` when given: a zero-shot model has no checkpoint) and this image list,
     otherwise (or with ``force``) built with a progress bar and saved atomically.
     ``index_type``: "exact", "ivf" or "hnsw" (retrieval.GalleryIndex); an index of another
-    type is rebuilt.
+    type is rebuilt. ``splits``: SOPDataset's split settings (datasets.split_options).
 
     Returns ``(index, built: bool)``. A failed save raises OSError naming the path (the
     previous file is left intact by `retrieval.GalleryIndex.save`).
     """
     index_path = Path(index_path) if index_path else default_index_path(checkpoint, split)
     image_size = int(model.model_args["image_size"])
-    dataset = datasets.SOPDataset(data_root, split,
+    dataset = datasets.SOPDataset(data_root, split, **(splits or {}),
                                   transform=datasets.build_transform(image_size, train=False))
-    ckpt_hash = models.checkpoint_hash(checkpoint)
+    ckpt_hash = model_key or models.checkpoint_hash(checkpoint)
     if index_path.exists() and not force:
         index, why = retrieval.load_fresh_index(index_path, ckpt_hash, dataset.rel_paths,
                                                 index_type=index_type)
@@ -338,12 +359,13 @@ def load_or_build_index(model, checkpoint, data_root, split="test", index_path=N
             return index, False
         logger.info("Gallery index %s: %s; rebuilding it", index_path, why)
     logger.info("Embedding %d gallery images of %s (split %s) with %s ...",
-                len(dataset), dataset.root, split, Path(checkpoint))
+                len(dataset), dataset.root, split, checkpoint or model_key)
     index = retrieval.build_gallery_index(
         model, dataset, batch_size=batch_size, workers=workers, checkpoint_hash=ckpt_hash,
         device=next(model.parameters()).device,
         meta={"split": split, "data_root": str(dataset.root), "model_args": dict(model.model_args),
-              "checkpoint": str(checkpoint)}, progress=progress, index_type=index_type)
+              "checkpoint": str(checkpoint) if checkpoint else None}, progress=progress,
+        index_type=index_type)
     index.save(index_path)
     logger.info("Saved gallery index %s", index_path)
     return index, True
@@ -364,12 +386,29 @@ def default_data_root(model):
     return train.DATASET_ROOTS.get(args.get("dataset", "stanford"), train.DATASET_ROOTS["stanford"])
 
 
-def gallery_folders(index, data_root):
-    """The folders holding the gallery's images (``<category>_final/`` on SOP): the only
-    paths the demo lets Gradio serve."""
-    tops = sorted({Path(p).parts[0] for p in index.paths if len(Path(p).parts) > 1})
+def served_paths(index, data_root):
+    """``(allowed, blocked)`` for Gradio's file route: the folders holding the gallery's images
+    (``<category>_final/`` on SOP, a tree's first level) and its images lying directly in
+    ``data_root`` are allowed; blocked, because Gradio checks them first, is every file under
+    those folders that cannot be a gallery photo: not an image name (lists, notes, the index
+    itself), hidden (hidden folders included), or a symbolic link the index does not hold."""
     root = Path(data_root).resolve()
-    return [str(root / t) for t in tops] or [str(root)]
+    parts = [Path(p).parts for p in index.paths]
+    tops = sorted({p[0] for p in parts if len(p) > 1})
+    indexed = set(index.paths)
+    allowed = [str(root / t) for t in tops] + sorted(str(root / p[0]) for p in parts if len(p) == 1)
+    blocked = []
+    for top in tops:
+        for dirpath, dirnames, filenames in os.walk(root / top):
+            rel_dir = Path(dirpath).relative_to(root)
+            for d in [d for d in dirnames if d.startswith(".")]:
+                blocked.append(str(Path(dirpath) / d))
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                full, rel = Path(dirpath) / name, (rel_dir / name).as_posix()
+                if not catalogue.is_image_name(name) or (full.is_symlink() and rel not in indexed):
+                    blocked.append(str(full))
+    return allowed, blocked
 
 
 # ============ Gradio app ============
@@ -559,9 +598,10 @@ def launch_app(demo, index, data_root, host="127.0.0.1", port=7860, share=False,
     page), so evicting old sessions loses nothing.
     """
     demo.queue(max_size=max_queue)
+    allowed, blocked = served_paths(index, data_root)
     return demo.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
-        allowed_paths=gallery_folders(index, data_root), max_file_size=int(max_upload_mb * (1 << 20)),
+        allowed_paths=allowed, blocked_paths=blocked, max_file_size=int(max_upload_mb * (1 << 20)),
         show_error=False, ssr_mode=False, quiet=quiet, footer_links=["api"],
         state_session_capacity=max_sessions,
     )
@@ -579,13 +619,30 @@ def get_args_parser(add_help=True):
                             "newest <checkpoint_dir>/*/best.pth")
     group.add_argument("--checkpoint_dir", default="checkpoints",
                        help="where to look for best.pth when --checkpoint is not given")
+    group.add_argument("--zero_shot", action="store_true",
+                       help="search with --backbone's pretrained features instead of a checkpoint "
+                            "(before any training); needs --gallery or --data_root")
+    group.add_argument("--backbone", default=None, choices=sorted(models.BACKBONES),
+                       help="backbone for --zero_shot")
+    group.add_argument("--weights", default="imagenet",
+                       help="--zero_shot weights: imagenet or a PATH to the classifier's state dict")
+    group.add_argument("--image_size", default=224, type=int, help="--zero_shot input size")
+    group.add_argument("--gallery", default=None, metavar="DIR",
+                       help="search every image under DIR (recursive, no labels; category = first "
+                            "folder level); a rerun embeds only added or changed files")
     group.add_argument("--data_root", default=None,
-                       help="dataset folder with Ebay_test.txt; default: the one the checkpoint was "
-                            "trained on (its saved args)")
+                       help="labelled dataset (SOP's Ebay files, a catalogue.csv or a <category>/"
+                            "<product>/<image> tree) whose --split is the gallery; default: the one "
+                            "the checkpoint was trained on (its saved args)")
     group.add_argument("--split", default="test", choices=["test", "val", "train", "trainval"],
-                       help="which images form the gallery (SOP test: 60,502)")
+                       help="which images of --data_root form the gallery (SOP test: 60,502)")
+    group.add_argument("--test_fraction", type=float, default=None,
+                       help="--data_root without a split: share of its products in test; default "
+                            "the checkpoint's training value, else 0.5")
     group.add_argument("--index", default=None,
-                       help="gallery index file; default: gallery_<split>.npz beside the checkpoint")
+                       help="gallery index file; default beside the checkpoint (runs/<zero-shot "
+                            "model>/ with --zero_shot): gallery_<split>.npz, or "
+                            "gallery_<folder>_<hash>.npz for --gallery")
     group.add_argument("--index_type", default="exact", choices=["exact", "ivf", "hnsw"],
                        help="gallery search: exact (SOP-sized galleries), or approximate faiss ivf / "
                             "hnsw for millions of images (needs pip install faiss-cpu; see bench/README.md)")
@@ -599,6 +656,8 @@ def get_args_parser(add_help=True):
                             "datasets.loader_settings for the device and CPU count")
     group.add_argument("--threads", default=None, type=int,
                        help="torch CPU threads (default: torch's choice, one per core)")
+    group.add_argument("--verbose", action="store_true",
+                       help="list every skipped file (not an image, unreadable)")
     group.add_argument("--device", default="auto",
                        help="where the model embeds the gallery and the queries: auto (cuda when "
                             "available, with float16 autocast for the gallery), cpu, cuda, cuda:N")
@@ -617,6 +676,17 @@ def get_args_parser(add_help=True):
 
 
 def check_args(parser, args):
+    if args.zero_shot and (args.backbone is None or args.checkpoint):
+        parser.error("--zero_shot needs --backbone NAME and no --checkpoint")
+    if args.zero_shot and not (args.gallery or args.data_root):
+        parser.error("--zero_shot needs --gallery DIR or --data_root DIR (nothing to search otherwise)")
+    if args.gallery and args.data_root:
+        parser.error("pass --gallery DIR (any folder of photos) or --data_root DIR (a labelled "
+                     "dataset's split), not both")
+    if args.test_fraction is not None and not 0 < args.test_fraction < 1:
+        parser.error(f"--test_fraction must be in (0, 1), got {args.test_fraction}")
+    if args.image_size < 32:
+        parser.error(f"--image_size must be >= 32, got {args.image_size}")
     for name, low in (("port", 0), ("max_upload_mb", 0), ("max_megapixels", 0), ("max_queue", 0),
                       ("batch_size", 0)):
         if getattr(args, name) <= low:
@@ -630,33 +700,96 @@ def check_args(parser, args):
         parser.error(f"--device {device}: CUDA is not available on this machine; use cpu or auto")
 
 
-def main(args):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    # ============ checkpoint ============
+def load_search_model(args):
+    """``(model, checkpoint or None, model_key, model_name)``: the checkpoint (``--checkpoint``,
+    else the newest best.pth) keyed by its sha256, or with ``--zero_shot`` the pretrained
+    backbone alone keyed by backbone, weights and size. Exits with a message when neither loads."""
+    device = resolve_device(args.device)
+    if args.zero_shot:
+        import evaluate  # the zero-shot model's one definition
+        try:
+            model = evaluate.zero_shot_model(args.backbone, args.weights, args.image_size, device)
+        except (models.WeightsUnavailableError, OSError, ValueError) as e:
+            sys.exit(f"Cannot load {args.backbone} with weights {args.weights!r}: {e}")
+        name = evaluate.zero_shot_run_name(args.backbone, args.image_size, str(args.weights))
+        logger.info("Zero-shot %s (%s weights, %d px)", args.backbone, args.weights, args.image_size)
+        return model, None, gallery.zero_shot_model_key(args.backbone, str(args.weights), args.image_size), name
     checkpoint = Path(args.checkpoint) if args.checkpoint else find_checkpoint(args.checkpoint_dir)
     if checkpoint is None:
         sys.exit(f"No checkpoint given and none found under {Path(args.checkpoint_dir) / '*' / 'best.pth'}. "
                  f"Train one first, e.g.:\n  {TRAIN_HINT}\nthen run: python app_stanford.py "
-                 "--checkpoint checkpoints/<run>/best.pth")
+                 "--checkpoint checkpoints/<run>/best.pth, or search with pretrained features: "
+                 "python app_stanford.py --zero_shot --backbone efficientnet_lite0 --gallery DIR")
     try:
-        model = models.load_model(checkpoint, device=resolve_device(args.device))
+        model = models.load_model(checkpoint, device=device)
     except (OSError, models.CheckpointError, ValueError) as e:
         sys.exit(f"Cannot load checkpoint {checkpoint}: {e}")
     logger.info("Loaded %s (%s)", checkpoint, model.model_args)
+    return model, checkpoint, models.checkpoint_hash(checkpoint), checkpoint.parent.name
+
+
+def gallery_index(model, checkpoint, model_key, model_name, args):
+    """``--gallery DIR``: (the folder's index, updated incrementally, DIR). Exits with a message
+    for a missing folder or one without a readable image."""
+    index_path = Path(args.index) if args.index else default_gallery_index_path(args.gallery, checkpoint, model_name)
+    try:
+        index, report = gallery.update_gallery_index(
+            model, args.gallery, index_path, model_key, batch_size=args.batch_size,
+            workers=args.workers, device=next(model.parameters()).device, force=args.rebuild_index,
+            index_type=args.index_type,
+            meta={"model_args": dict(model.model_args), "checkpoint": str(checkpoint) if checkpoint else None})
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        sys.exit(f"Cannot index the gallery {args.gallery}: {e}")
+    logger.info("Gallery %s: %d images (%d added, %d changed, %d removed, %d unchanged; %d files "
+                "skipped as not images, %d unreadable) in %.1f s; index %s", args.gallery, len(index),
+                report["added"], report["changed"], report["removed"], report["unchanged"],
+                report["skipped_non_images"], report["unreadable"], report["seconds"], index_path)
+    for rel in report["skipped"]:
+        logger.debug("skipped (not an image) %s", rel)
+    for rel in report["unreadable_paths"]:
+        logger.debug("skipped (unreadable) %s", rel)
+    return index, Path(args.gallery).expanduser().resolve()
+
+
+def dataset_index(model, checkpoint, model_key, model_name, args):
+    """``--data_root`` (default: the checkpoint's): (the index of its ``--split``, the
+    dataset folder). Exits with a message when the dataset cannot be read."""
+    info = getattr(model, "checkpoint_info", None) or {}
+    data_root = args.data_root
+    try:
+        data_root = datasets.detect_layout(data_root or default_data_root(model))[0]
+        tag = hashlib.sha256(str(data_root).encode()).hexdigest()[:8]
+        index_path = args.index or (default_index_path(checkpoint, args.split) if checkpoint
+                                    else Path("runs") / model_name / f"gallery_{args.split}_{tag}.npz")
+        index, _ = load_or_build_index(model, checkpoint, data_root, args.split, index_path,
+                                       batch_size=args.batch_size, workers=args.workers,
+                                       force=args.rebuild_index, index_type=args.index_type,
+                                       model_key=model_key,
+                                       splits=datasets.split_options(info.get("args"), args.test_fraction))
+    except (FileNotFoundError, NotADirectoryError, ValueError, datasets.DatasetError) as e:
+        sys.exit(f"Cannot build the gallery from {data_root}: {e}\nPass --data_root DIR (a dataset: "
+                 "Ebay files, a catalogue.csv or a <category>/<product>/<image> tree), or "
+                 "--gallery DIR to search any folder of photos.")
+    return index, data_root
+
+
+def main(args):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    datasets.set_verbose(args.verbose)
+    if args.verbose:
+        logger.setLevel(logging.DEBUG)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    # ============ model ============
+    model, checkpoint, model_key, model_name = load_search_model(args)
 
     # ============ gallery index ============
-    data_root = args.data_root or default_data_root(model)
     try:
-        data_root = datasets.resolve_sop_root(data_root)
-        index, _ = load_or_build_index(model, checkpoint, data_root, args.split, args.index,
-                                       batch_size=args.batch_size, workers=args.workers,
-                                       force=args.rebuild_index, index_type=args.index_type)
-    except (FileNotFoundError, datasets.DatasetError) as e:
-        sys.exit(f"Cannot build the gallery from {data_root}: {e}\nPass --data_root DIR "
-                 f"(a folder with Ebay_{'test' if args.split == 'test' else 'train'}.txt).")
+        if args.gallery:
+            index, data_root = gallery_index(model, checkpoint, model_key, model_name, args)
+        else:
+            index, data_root = dataset_index(model, checkpoint, model_key, model_name, args)
     except ImportError as e:  # --index_type ivf / hnsw without faiss
         sys.exit(f"Cannot build or load the {args.index_type} gallery index: {e}")
     except OSError as e:  # the index could not be written (full disk, permissions)

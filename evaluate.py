@@ -210,11 +210,15 @@ def evaluate_model(model, dataset, *, model_info: dict, output=None, model_hash=
         "data": {"root": str(dataset.root), "split": dataset.split, "num_images": len(dataset),
                  "num_products": int(len(np.unique(class_ids))),
                  "num_categories": int(len(np.unique(super_ids))), "layout": dataset.layout,
+                 # the drawn test split's share (a catalogue without a split), else None
+                 "test_fraction": None if dataset.layout == "sop" else dataset.test_fraction,
                  "single_image_products": dataset.num_single_image_products},
         "embedding_stats": embedding_stats(embeddings),
         "timing": {"extract_s": round(extract_s, 3), "eval_s": round(eval_s, 3), "cached": cached,
                    "device": str(device)},
         "per_category": per_category(details, super_ids, dataset.categories),
+        # the product protocol's queries: images with another image of their product
+        "num_product_queries": int((details["num_relevant"] > 0).sum()),
     }
     if write:
         output = Path(output)

@@ -46,11 +46,14 @@ def results_markdown(results: dict) -> str:
     else:
         title = f"# Zero-shot evaluation of `{model['backbone']}` ({model.get('weights')} weights)"
         what = "pooled backbone features, L2-normalised, no head, nothing trained."
+    single = results["data"].get("single_image_products") or 0
+    lonely = (f" ({single:,} products with a single image: in the gallery, not queries of the "
+              "product protocol)") if single else ""
     lines = [
         title,
         "",
         f"Split `{results['data']['split']}` of `{results['data']['root']}`: "
-        f"{results['num_queries']:,} queries (every image), {results['data']['num_products']:,} products, "
+        f"{results['num_queries']:,} queries (every image), {results['data']['num_products']:,} products{lonely}, "
         f"{results['data']['num_categories']} categories. Backbone `{model['backbone']}`, "
         f"{model['embedding_size']}-d embeddings, {model['image_size']} px, {params} parameters, "
         + what,

@@ -937,9 +937,9 @@ def build_data(args: argparse.Namespace, image_size: int, device: torch.device, 
     root = Path(args.data_root or DATASET_ROOTS[args.dataset])
     datasets.set_verbose(args.verbose)
     if args.dataset == "synthetic":
-        # Generate only when absent: any complete dataset there (e.g. one made with other
-        # settings by `datasets.py synthetic`) is the user's choice and is used as it is.
-        if rank == 0 and not (root / "Ebay_train.txt").is_file():
+        # Generate only when absent or empty: anything there (a synthetic SOP made with other
+        # settings, a catalogue of another layout) is the user's choice and is read as it is.
+        if rank == 0 and not (root.is_dir() and any(root.iterdir())):
             _log(rank, f"generating the synthetic SOP in {root} (once; a minute or two)")
             datasets.ensure_synthetic_sop(root)
         _barrier(world)

@@ -384,6 +384,8 @@ def _evaluate_argv(options: dict) -> list[str]:
         argv += ["--num_examples", str(options["num_examples"])]
     if options["device"] is not None:
         argv += ["--device", str(options["device"])]
+    if options.get("test_fraction") is not None:  # zero-shot: the grid's; a checkpoint has its own
+        argv += ["--test_fraction", str(options["test_fraction"])]
     if not options["progress"]:
         argv.append("--no-progress")
     return argv
@@ -441,7 +443,7 @@ def zero_shot_options(args: argparse.Namespace, backbone: str) -> dict:
     """Keyword arguments of evaluate.evaluate_zero_shot: the backbone's ImageNet features on the
     test split at the grid's image size, written to runs/<prefix>_<backbone>_zero_shot/eval."""
     return {"backbone": backbone, "data_root": str(args.data_root or train.DATASET_ROOTS[args.dataset]),
-            "image_size": int(args.image_size), "split": "test",
+            "image_size": int(args.image_size), "split": "test", "test_fraction": args.test_fraction,
             "output": str(zero_shot_paths(args, backbone).eval_dir),
             "batch_size": args.eval_batch_size or args.val_batch_size, "workers": args.workers,
             "device": None if args.device == "auto" else args.device, "progress": args.progress,
@@ -465,8 +467,9 @@ def zero_shot_done(options: dict) -> bool:
     model, data = results.get("model") or {}, results.get("data") or {}
     return (model.get("backbone") == options["backbone"]
             and model.get("image_size") == options["image_size"]
-            and Path(data.get("root", "")).resolve() == datasets.resolve_sop_root(options["data_root"]).resolve()
-            and data.get("split") == options["split"])
+            and Path(data.get("root", "")).resolve() == datasets.detect_layout(options["data_root"])[0]
+            and data.get("split") == options["split"]
+            and data.get("test_fraction") in (None, options.get("test_fraction")))
 
 
 def run_zero_shot(options: dict, launcher: str, log_path: Path) -> str | None:

@@ -1,0 +1,291 @@
+"""The three catalogue layouts of catalogue.py (SOP's Ebay files, catalogue.csv, a folder tree):
+detection, parsing, the seeded split, every bad input the README promises a clear error (or a
+counted skip) for, `datasets.py convert`, and the same images giving identical metrics in
+every layout."""
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import catalogue
+import datasets
+import evaluate
+import models
+import prepare_data
+
+
+def jpeg(path, seed=0, size=(40, 30)):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=90)
+    return path
+
+
+def write_csv(folder, text):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "catalogue.csv").write_text(text)
+    return folder / "catalogue.csv"
+
+
+def tree(folder, spec, seed=0):
+    """spec: {"category/product": n_images} (or "product": n) → JPEGs under folder."""
+    for j, (product, n) in enumerate(spec.items()):
+        for i in range(n):
+            jpeg(folder / product / f"{i}.jpg", seed=seed + 100 * j + i)
+    return folder
+
+
+# ============ detection and parsing ============
+
+def test_detect_layout(tmp_path, tiny_synthetic_root):
+    assert catalogue.detect_layout(tiny_synthetic_root) == (Path(tiny_synthetic_root).resolve(), "sop")
+    write_csv(tmp_path / "c", "path,product_id,category\n")
+    assert catalogue.detect_layout(tmp_path / "c")[1] == "csv"
+    tree(tmp_path / "t", {"mugs/a": 2})
+    assert catalogue.detect_layout(tmp_path / "t")[1] == "folder"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        catalogue.detect_layout(tmp_path / "nowhere")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a folder"):
+        catalogue.detect_layout(tmp_path / "file.txt")
+
+
+def test_csv_free_names_and_explicit_split(tmp_path):
+    root = tmp_path / "shop"
+    for i in range(6):
+        jpeg(root / "img" / f"{i}.jpg", seed=i)
+    write_csv(root, "path,product_id,category,split,price\n"
+                    "img/0.jpg,SKU-1,Kitchen & Dining,train,3\n"
+                    "img/1.jpg,SKU-1,Kitchen & Dining,train,3\n"
+                    "img/2.jpg,Bürostuhl 7,Office,train,9\n"
+                    "img/3.jpg,Bürostuhl 7,Office,train,9\n"
+                    "img/4.jpg,SKU-9,Office,test,1\n"
+                    "img/5.jpg,SKU-9,Office,test,1\n")
+    test = datasets.SOPDataset(root, "test")
+    trainval = datasets.SOPDataset(root, "trainval")
+    assert test.layout == "csv" and test.categories == ["Kitchen & Dining", "Office"]
+    assert test.rel_paths == ["img/4.jpg", "img/5.jpg"] and test.product_ids == ["SKU-9", "SKU-9"]
+    assert [test.categories[s - 1] for s in test.super_ids] == ["Office", "Office"]
+    assert set(trainval.product_ids) == {"SKU-1", "Bürostuhl 7"}
+    # class ids number the products of the whole catalogue, the same in every split
+    assert len(set(trainval.class_ids.tolist()) | set(test.class_ids.tolist())) == 3
+
+
+def test_folder_tree_with_and_without_categories(tmp_path):
+    with_cats = tree(tmp_path / "a", {"Lamps/l1": 2, "Lamps/l2": 3, "Sofas/s1": 2, "Sofas/s2": 2})
+    table = catalogue.scan_folder_tree(with_cats)
+    assert table.categories == ["Lamps", "Sofas"]
+    assert sorted(set(table.product_ids)) == ["Lamps/l1", "Lamps/l2", "Sofas/s1", "Sofas/s2"]
+    flat = tree(tmp_path / "b", {"p1": 2, "p2": 2, "p3": 2})
+    table = catalogue.scan_folder_tree(flat)
+    assert table.categories == [catalogue.NO_CATEGORY] and set(table.super_ids.tolist()) == {1}
+
+
+def test_seeded_split_is_product_disjoint_and_order_free(tmp_path):
+    root = tree(tmp_path / "t", {f"c{j % 3}/p{j:02d}": 2 + j % 3 for j in range(20)})
+    a = catalogue.scan_folder_tree(root, test_fraction=0.3)
+    assert len(set(np.asarray(a.product_ids)[a.is_test])) == 6  # round(0.3 * 20)
+    assert not set(np.asarray(a.product_ids)[a.is_test]) & set(np.asarray(a.product_ids)[~a.is_test])
+    # the same products listed in another order draw the same test products
+    rows = np.random.default_rng(0).permutation(len(a.rel_paths))
+    b = catalogue.table_from_labels([a.rel_paths[i] for i in rows], [a.product_ids[i] for i in rows],
+                                    [a.categories[a.super_ids[i] - 1] for i in rows], None, 0.3, "csv")
+    assert {p for p, t in zip(b.product_ids, b.is_test) if t} == {p for p, t in zip(a.product_ids, a.is_test) if t}
+    c = catalogue.scan_folder_tree(root, test_fraction=0.5)
+    assert c.is_test.sum() != a.is_test.sum()  # the flag is used
+
+
+def test_sop_split_validation_unchanged(synthetic_root):
+    # the move to catalogue.py keeps SOP's validation split as it was (same products drawn)
+    trainval = datasets.SOPDataset(synthetic_root, "trainval")
+    val = datasets.SOPDataset(synthetic_root, "val")
+    products = np.unique(trainval.class_ids)
+    expected = products[np.random.default_rng(0).permutation(len(products))[:round(len(products) * 0.1)]]
+    assert set(np.unique(val.class_ids).tolist()) == set(expected.tolist())
+
+
+# ============ bad input: a clear error naming file and line, or a counted skip ============
+
+@pytest.mark.parametrize("text, match", [
+    ("path,category\na.jpg,x\n", r"catalogue\.csv:1: missing column\(s\) product_id"),
+    ("path,product_id,category\na.jpg,,mugs\n", r"catalogue\.csv:2: empty product_id"),
+    ("path,product_id,category\na.jpg,p,mugs\nb.jpg,p,\n", r"catalogue\.csv:3: empty category"),
+    ("path,product_id,category\n../outside.jpg,p,mugs\n", r"catalogue\.csv:2: path '\.\./outside\.jpg' leaves"),
+    ("path,product_id,category\n/etc/passwd,p,mugs\n", r"catalogue\.csv:2: path '/etc/passwd' leaves"),
+    ("path,product_id,category\nimg/../../x.jpg,p,mugs\n", r"catalogue\.csv:2: path .* leaves"),
+    ("path,product_id,category\na.jpg,p,mugs\nb.jpg,p,mugs\na.jpg,q,mugs\n",
+     r"catalogue\.csv:4: image a\.jpg is listed again \(first on line 2\)"),
+    ("path,product_id,category\na.jpg,p,mugs\nb.jpg,p,lamps\n",
+     r"catalogue\.csv:3: product 'p' has category 'lamps' here but 'mugs' on line 2"),
+    ("path,product_id,category,split\na.jpg,p,mugs,train\nb.jpg,p,mugs,test\n",
+     r"catalogue\.csv:3: product 'p' has split 'test'"),
+    ("path,product_id,category,split\na.jpg,p,mugs,validation\n", r"catalogue\.csv:2: split 'validation'"),
+    ("path,product_id,category\n", r"no images listed"),
+])
+def test_malformed_csv_names_file_and_line(tmp_path, text, match):
+    write_csv(tmp_path, text)
+    with pytest.raises(ValueError, match=match):
+        datasets.SOPDataset(tmp_path, "test", check_files=False)
+
+
+def test_csv_listed_images_missing_are_counted(tmp_path):
+    lines = ["path,product_id,category"] + [f"img/{i}.jpg,p{i // 2},mugs" for i in range(8)]
+    write_csv(tmp_path, "\n".join(lines) + "\n")
+    for i in range(8):
+        jpeg(tmp_path / "img" / f"{i}.jpg", seed=i)
+    ds = datasets.SOPDataset(tmp_path, "trainval")
+    (tmp_path / ds.rel_paths[0]).unlink()
+    (tmp_path / ds.rel_paths[1]).unlink()
+    with pytest.raises(FileNotFoundError, match=r"2 of 4 images listed for split 'trainval' are missing"
+                                                 r".*img/"):
+        datasets.SOPDataset(tmp_path, "trainval")
+
+
+def test_tree_skips_non_images_counted_and_listed_with_verbose(tmp_path, caplog):
+    root = tree(tmp_path / "t", {"mugs/m1": 2, "mugs/m2": 2, "lamps/l1": 2, "lamps/l2": 2})
+    (root / "mugs" / "m1" / "notes.txt").write_text("not a photo")
+    (root / "mugs" / ".DS_Store").write_bytes(b"\0")
+    jpeg(root / "stray.jpg")  # an image outside any product folder
+    (root / ".hidden").mkdir()
+    jpeg(root / ".hidden" / "x" / "y.jpg")  # hidden folders are not entered
+    table = catalogue.scan_folder_tree(root)
+    assert sorted(table.skipped) == ["mugs/.DS_Store", "mugs/m1/notes.txt", "stray.jpg"]
+    assert len(table.rel_paths) == 8
+    catalogue.set_verbose(False)
+    with caplog.at_level(logging.INFO, logger="catalogue"):
+        datasets.SOPDataset(root, "trainval")
+    assert "skipped 3 files" in caplog.text and "stray.jpg" not in caplog.text.split("(--verbose")[1]
+    caplog.clear()
+    catalogue.set_verbose(True)
+    try:
+        datasets.SOPDataset(root, "trainval")
+    finally:
+        catalogue.set_verbose(False)
+    assert all(f"skipped {rel}" in caplog.text for rel in table.skipped)
+
+
+def test_tree_mixed_depths_and_empty(tmp_path):
+    root = tree(tmp_path / "t", {"mugs/m1": 2, "p2": 2})
+    with pytest.raises(ValueError, match=r"images lie at different depths \(2 levels: p2/0\.jpg; "
+                                         r"3 levels: mugs/m1/0\.jpg\)"):
+        datasets.SOPDataset(root, "test")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no catalogue: nothing"):
+        datasets.SOPDataset(tmp_path / "empty", "test")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"holds no catalogue: 1 files, none an image"):
+        datasets.SOPDataset(tmp_path / "docs", "test")
+
+
+def test_single_image_product_kept_never_a_query(tmp_path):
+    lines = ["path,product_id,category,split"]
+    lines += [f"img/{i}.jpg,p{i // 2},mugs,test" for i in range(6)] + ["img/6.jpg,lonely,mugs,test"]
+    lines += [f"img/t{i}.jpg,t{i // 2},mugs,train" for i in range(4)]
+    write_csv(tmp_path, "\n".join(lines) + "\n")
+    for name in [f"{i}" for i in range(7)] + [f"t{i}" for i in range(4)]:
+        jpeg(tmp_path / "img" / f"{name}.jpg", seed=hash(name) % 1000)
+    ds = datasets.SOPDataset(tmp_path, "test", transform=datasets.build_transform(32, train=False))
+    assert len(ds) == 7 and ds.num_single_image_products == 1
+    torch.manual_seed(0)
+    model = models.build_model("resnet18", embedding_size=16, weights="none", image_size=32)
+    results = evaluate.evaluate_model(model, ds, model_info={"run": "t"}, write=True, workers=0,
+                                      progress=False, num_examples=0, output=tmp_path / "eval")
+    evaluate.write_results(results, tmp_path / "eval")
+    assert "1 products with a single image" in (tmp_path / "eval" / "results.md").read_text()
+    assert results["data"]["single_image_products"] == 1
+    assert results["data"]["num_images"] == 7
+    assert results["num_queries"] == 7  # the category protocol queries with every image
+    assert results["num_product_queries"] == 6  # the lonely image is in the gallery only
+
+
+# ============ convert ============
+
+def test_convert_sop_to_csv_and_folder(tmp_path, tiny_synthetic_root):
+    csv_root = prepare_data.convert_catalogue(tiny_synthetic_root, tmp_path / "csv", "csv", from_layout="sop",
+                                              progress=False)
+    assert catalogue.detect_layout(csv_root)[1] == "csv"
+    a, b = (datasets.SOPDataset(r, "test") for r in (tiny_synthetic_root, csv_root))
+    assert a.rel_paths == b.rel_paths and a.product_ids == b.product_ids
+    assert [a.categories[s - 1] for s in a.super_ids] == [b.categories[s - 1] for s in b.super_ids]
+    folder = prepare_data.convert_catalogue(csv_root, tmp_path / "tree", "folder", progress=False)
+    table = catalogue.scan_folder_tree(folder)
+    assert len(table.rel_paths) == len(catalogue.read_catalogue(tiny_synthetic_root).rel_paths)
+    assert set(table.categories) == set(datasets.SOP_CATEGORIES)
+    with pytest.raises(ValueError, match=r"holds a folder catalogue, not sop \(--from\)"):
+        prepare_data.convert_catalogue(folder, tmp_path / "x", "csv", from_layout="sop")
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        prepare_data.convert_catalogue(tiny_synthetic_root, tmp_path / "csv", "csv")
+
+
+def test_convert_in_place_writes_only_the_csv(tmp_path):
+    root = tree(tmp_path / "t", {"mugs/m1": 2, "mugs/m2": 2, "lamps/l1": 2, "lamps/l2": 2})
+    before = catalogue.scan_folder_tree(root)
+    rc = prepare_data.main(prepare_data.get_args_parser().parse_args(
+        ["convert", "--root", str(root), "--to", "csv", "--output", str(root), "--no-split"]))
+    assert rc == 0 and (root / "catalogue.csv").read_text().startswith("path,product_id,category\n")
+    after = datasets.SOPDataset(root, "test")  # now read as a CSV, the same split drawn
+    assert after.layout == "csv"
+    assert after.rel_paths == [p for p, t in zip(before.rel_paths, before.is_test) if t]
+
+
+def test_convert_failure_leaves_nothing(tmp_path):
+    root = tree(tmp_path / "t", {"mugs/m1": 2, "mugs/m2": 2})
+    write_csv(root, "path,product_id,category\nmugs/m1/0.jpg,a,mugs\nmugs/m2/9.jpg,b,mugs\n")
+    with pytest.raises(FileNotFoundError, match=r"m2/9\.jpg is listed .* but missing"):
+        prepare_data.convert_catalogue(root, tmp_path / "out", "folder", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_stats_on_free_categories(tmp_path):
+    root = tree(tmp_path / "t", {f"{c}/p{j}": 2 + j % 2 for c in ("Gartenmöbel", "Kitchen & Dining")
+                                 for j in range(4)})
+    rows, sets = prepare_data.dataset_stats(root, val_fraction=0.25)
+    assert rows["total"]["images"] == 20 and rows["total"]["categories"] == 2
+    out = prepare_data.plot_stats(sets, tmp_path / "stats.png")
+    assert out.stat().st_size > 1000
+
+
+# ============ the same images in each layout give identical metrics ============
+
+def _metrics(ckpt, root, tmp_path, name):
+    r = evaluate.evaluate_checkpoint(ckpt, data_root=root, output=tmp_path / name, workers=0,
+                                     device="cpu", progress=False, num_examples=0)
+    return {k: r[k] for k in ("product", "category", "num_queries", "per_category")}, r
+
+
+def test_identical_metrics_in_every_layout(tmp_path, synthetic_root):
+    torch.manual_seed(0)
+    model = models.build_model("resnet18", embedding_size=32, weights="none", image_size=48)
+    ckpt = tmp_path / "ck" / "best.pth"
+    models.atomic_save(models.make_checkpoint(model, args={"data_root": str(synthetic_root)}, epoch=1,
+                                              metrics={}), ckpt)
+    csv_root = prepare_data.convert_catalogue(synthetic_root, tmp_path / "as_csv", "csv", progress=False)
+    sop, _ = _metrics(ckpt, synthetic_root, tmp_path, "sop")
+    from_csv, r = _metrics(ckpt, csv_root, tmp_path, "csv")
+    assert r["data"]["layout"] == "csv"
+    assert from_csv == sop
+    # a tree and a CSV without a split draw the same test products from the same product ids
+    folder = prepare_data.convert_catalogue(csv_root, tmp_path / "as_tree", "folder", progress=False)
+    csv_nosplit = prepare_data.convert_catalogue(folder, tmp_path / "tree_csv", "csv", write_split=False,
+                                                 progress=False)
+    from_tree, r1 = _metrics(ckpt, folder, tmp_path, "tree")
+    from_csv2, r2 = _metrics(ckpt, csv_nosplit, tmp_path, "csv2")
+    assert r1["data"]["layout"] == "folder" and r2["data"]["layout"] == "csv"
+    assert from_tree == from_csv2
+    assert set(from_tree["per_category"]) <= set(datasets.SOP_CATEGORIES)
+    json.dumps(from_tree)  # results stay JSON
+
+
+def test_sop_files_still_reject_categories_outside_sop(tmp_path):
+    (tmp_path / "Ebay_train.txt").write_text("image_id class_id super_class_id path\n1 1 13 x/a.JPG\n")
+    with pytest.raises(ValueError, match="outside 1..12 .*catalogue.csv or a folder tree"):
+        datasets.SOPDataset(tmp_path, "train", check_files=False)
+    shutil.rmtree(tmp_path)
