@@ -61,6 +61,7 @@ from PIL import Image
 
 import catalogue
 import datasets
+import evaluate
 import gallery
 import models
 import retrieval
@@ -619,14 +620,8 @@ def get_args_parser(add_help=True):
                             "newest <checkpoint_dir>/*/best.pth")
     group.add_argument("--checkpoint_dir", default="checkpoints",
                        help="where to look for best.pth when --checkpoint is not given")
-    group.add_argument("--zero_shot", action="store_true",
-                       help="search with --backbone's pretrained features instead of a checkpoint "
-                            "(before any training); needs --gallery or --data_root")
-    group.add_argument("--backbone", default=None, choices=sorted(models.BACKBONES),
-                       help="backbone for --zero_shot")
-    group.add_argument("--weights", default="imagenet",
-                       help="--zero_shot weights: imagenet or a PATH to the classifier's state dict")
-    group.add_argument("--image_size", default=224, type=int, help="--zero_shot input size")
+    evaluate.add_zero_shot_args(group, "search with --backbone's pretrained features instead of a "
+                                       "checkpoint (before any training); needs --gallery or --data_root")
     group.add_argument("--gallery", default=None, metavar="DIR",
                        help="search every image under DIR (recursive, no labels; category = first "
                             "folder level); a rerun embeds only added or changed files")
@@ -706,7 +701,6 @@ def load_search_model(args):
     backbone alone keyed by backbone, weights and size. Exits with a message when neither loads."""
     device = resolve_device(args.device)
     if args.zero_shot:
-        import evaluate  # the zero-shot model's one definition
         try:
             model = evaluate.zero_shot_model(args.backbone, args.weights, args.image_size, device)
         except (models.WeightsUnavailableError, OSError, ValueError) as e:

@@ -43,6 +43,19 @@ import retrieval
 logger = logging.getLogger("evaluate")
 
 
+def add_zero_shot_args(group, what: str) -> None:
+    """--zero_shot (help ``what``), --backbone, --weights, --image_size: the pretrained backbone
+    alone, as evaluate.py and the demo take it (`zero_shot_model`)."""
+    group.add_argument("--zero_shot", action="store_true", help=what)
+    group.add_argument("--backbone", default=None, choices=sorted(models.BACKBONES),
+                       help="backbone for --zero_shot")
+    group.add_argument("--weights", default="imagenet",
+                       help="backbone weights for --zero_shot: imagenet, none, or a PATH to a plain "
+                            "state dict of the ImageNet classifier")
+    group.add_argument("--image_size", type=int, default=224,
+                       help="crop size for --zero_shot (images resized to 256/224 of it first)")
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,16 +63,8 @@ def get_args_parser():
                    help="checkpoints/<run>/best.pth (or last.pth); it holds model_args and the "
                         "training args, so no other model flag is needed")
     z = p.add_argument_group("zero-shot (a pretrained backbone, no checkpoint)")
-    z.add_argument("--zero_shot", action="store_true",
-                   help="evaluate --backbone's pooled, L2-normalised features instead of a "
-                        "checkpoint (needs --data_root)")
-    z.add_argument("--backbone", default=None, choices=sorted(models.BACKBONES),
-                   help="backbone for --zero_shot")
-    z.add_argument("--weights", default="imagenet",
-                   help="backbone weights for --zero_shot: imagenet, none, or a PATH to a plain "
-                        "state dict of the ImageNet classifier")
-    z.add_argument("--image_size", type=int, default=224,
-                   help="crop size for --zero_shot (images resized to 256/224 of it first)")
+    add_zero_shot_args(z, "evaluate --backbone's pooled, L2-normalised features instead of a "
+                          "checkpoint (needs --data_root)")
     z.add_argument("--zero_shot_row", default=True, action=argparse.BooleanOptionalAction,
                    help="with --checkpoint trained from ImageNet weights: also evaluate its "
                         "backbone zero-shot at the same image size and report both")

@@ -167,7 +167,8 @@ def main(args):
         model = models.load_model(args.checkpoint, device=device)
         data_root = args.data_root or model.checkpoint_info["args"]["data_root"]
         dataset = datasets.SOPDataset(data_root, args.split, transform=datasets.build_transform(
-            int(model.model_args["image_size"]), train=False))
+            int(model.model_args["image_size"]), train=False),
+            **datasets.split_options(model.checkpoint_info.get("args")))
         ckpt_hash = models.checkpoint_hash(args.checkpoint)
         done = embed_shards(model, dataset, args.out, args.shard_size, args.batch_size, device, rank, world,
                             ckpt_hash, workers=args.workers, progress=rank == 0)
@@ -180,7 +181,8 @@ def main(args):
             if args.gallery_index:
                 index = retrieval.GalleryIndex(
                     embeddings=emb, paths=list(dataset.rel_paths), class_ids=dataset.class_ids,
-                    super_ids=dataset.super_ids, checkpoint_hash=ckpt_hash, index_type=args.index_type,
+                    super_ids=dataset.super_ids, categories=dataset.categories,
+                    product_ids=dataset.product_ids, checkpoint_hash=ckpt_hash, index_type=args.index_type,
                     meta={"split": args.split, "data_root": str(dataset.root),
                           "model_args": dict(model.model_args), "checkpoint": str(args.checkpoint)})
                 index.save(args.gallery_index)

@@ -3,20 +3,21 @@ category names through train.py → evaluate.py → the demo's category filter o
 `app_stanford.py --gallery DIR` (checkpoint or --zero_shot) indexing any folder incrementally
 and serving it to gradio_client with its default settings, nothing else of the folder served."""
 import contextlib
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_app import _raw_get, free_port, reference_embedding
+from test_catalogue import jpeg
 
 import app_stanford
 import datasets
 import evaluate
 import models
 import train
-from test_app import _raw_get, free_port, reference_embedding
-from test_catalogue import jpeg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -67,8 +68,10 @@ def dropdown_choices(demo):
 
 def test_free_category_names_train_evaluate_demo(tmp_path, tiny_synthetic_root):
     root = free_name_tree(tiny_synthetic_root, tmp_path / "my photos")
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    # --dataset synthetic on a folder of photos: read as it is, never generated over
     args = train.get_args_parser().parse_args([
-        "--data_root", str(root), "--backbone", "resnet18", "--weights", "none", "--image_size", "32",
+        "--dataset", "synthetic", "--data_root", str(root), "--backbone", "resnet18", "--weights", "none", "--image_size", "32",
         "--batch_size", "8", "--images_per_class", "2", "--epochs", "1", "--max_steps_per_epoch", "2",
         "--workers", "0", "--projector_samples", "4", "--lr", "1e-3", "--no-progress",
         "--val_fraction", "0.25", "--test_fraction", "0.5", "--recipe", "scratch",
@@ -78,6 +81,7 @@ def test_free_category_names_train_evaluate_demo(tmp_path, tiny_synthetic_root):
     train.main(args)
     ckpt = tmp_path / "checkpoints" / "own" / "best.pth"
     assert ckpt.is_file()
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
 
     # evaluate.py: the checkpoint alone finds the data, its split and the category names
     results = evaluate.evaluate_checkpoint(ckpt, output=tmp_path / "eval", workers=0, device="cpu",
@@ -180,7 +184,6 @@ def test_gallery_zero_shot_and_bad_folders(tmp_path, capsys):
     root = _gallery_folder(tmp_path / "shop")
     monkey_runs = tmp_path / "cwd"
     monkey_runs.mkdir()
-    import os
     cwd = os.getcwd()
     os.chdir(monkey_runs)
     try:

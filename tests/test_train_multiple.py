@@ -295,3 +295,26 @@ def test_zero_shot_row_per_backbone_from_imagenet_weights(tiny_sop, tmp_path, mo
     assert "| t_efficientnet_lite0_zero_shot | efficientnet_lite0 | zero-shot |" in md
     again = tm.main(tm.parse_args(argv))
     assert [r["status"] for r in again] == ["skipped (done)", "skipped (done)"]
+
+
+def test_grid_on_a_folder_tree_uses_its_split_for_every_row(tiny_sop, tmp_path, monkeypatch):
+    """train_multiple.py on your own photos (a <category>/<product>/<image> tree): the zero-shot
+    and the trained rows evaluate the same drawn test split (--test_fraction), named by the
+    tree's categories."""
+    import json
+
+    import prepare_data
+
+    monkeypatch.chdir(tmp_path)
+    root = prepare_data.convert_catalogue(tiny_sop, tmp_path / "tree", "folder", progress=False)
+    argv = tiny_argv(root, tmp_path, "--backbones", "efficientnet_lite0", "--weights", "imagenet",
+                     "--launcher", "inprocess", "--embedding_size", "16", "--test_fraction", "0.4")
+    rows = tm.main(tm.parse_args(argv))
+    assert [r["status"] for r in rows] == ["evaluated", "trained"]
+    test_set = datasets.SOPDataset(root, "test", test_fraction=0.4)
+    assert len(test_set) != len(datasets.SOPDataset(root, "test"))  # the flag matters here
+    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").glob("t_*/eval/results.json"))]
+    assert len(results) == 2
+    for r in results:
+        assert r["data"]["layout"] == "folder" and r["data"]["num_images"] == len(test_set)
+        assert set(r["per_category"]) <= set(test_set.categories)
