@@ -54,7 +54,6 @@ from datasets import (
     make_synthetic_sop,
     read_ebay_file,
     read_marker,
-    resolve_sop_root,
     scan_bad_images,
 )
 
@@ -262,19 +261,22 @@ def _resize_one(job):
 
 
 def resize_dataset(src, dst, size=256, quality=95, workers=None, progress=True):
-    """Pre-resized copy of a dataset: same Ebay files and layout, every image stored as a
-    ``size``×``size`` JPEG — the square ``Resize((size, size))`` that ``build_transform``
-    does first (size = round(image_size * 256 / 224): 256 for 224 px), so repeated epochs
-    skip decoding full-size JPEGs. Unreadable originals are copied unchanged. Atomic
-    (temporary folder, ``.complete``, rename). Returns ``dst``."""
-    src, dst = resolve_sop_root(src), Path(dst).expanduser()
+    """Pre-resized copy of a dataset of any layout: the same listing files (Ebay files or
+    catalogue.csv) and relative paths, every image stored as a ``size``×``size`` JPEG (its
+    name kept) — the square ``Resize((size, size))`` that ``build_transform`` does first
+    (size = round(image_size * 256 / 224): 256 for 224 px), so repeated epochs skip decoding
+    full-size photos. Unreadable originals are copied unchanged. Atomic (temporary folder,
+    ``.complete``, rename). Returns ``dst``."""
+    (src, layout), dst = catalogue.detect_layout(src), Path(dst).expanduser()
     if dst.exists() and any(dst.iterdir()) and (read_marker(dst) or {}).get("source") != "resize":
         raise FileExistsError(f"{dst} exists and is not a resized copy made by datasets.py; "
                               f"choose another --output or remove it")
-    rel = []
-    names = [n for n in ("Ebay_train.txt", "Ebay_test.txt", "Ebay_info.txt") if (src / n).is_file()]
-    for name in names:
-        rel += read_ebay_file(src / name).rel_paths
+    if layout == "sop":
+        names = [n for n in ("Ebay_train.txt", "Ebay_test.txt", "Ebay_info.txt") if (src / n).is_file()]
+        rel = [p for name in names for p in read_ebay_file(src / name).rel_paths]
+    else:
+        names = [catalogue.CSV_NAME] if layout == "csv" else []
+        rel = catalogue.read_catalogue(src).rel_paths
     rel = list(dict.fromkeys(rel))
     tmp = _make_tmp_dir(dst)
     try:

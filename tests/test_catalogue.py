@@ -289,3 +289,16 @@ def test_sop_files_still_reject_categories_outside_sop(tmp_path):
     with pytest.raises(ValueError, match="outside 1..12 .*catalogue.csv or a folder tree"):
         datasets.SOPDataset(tmp_path, "train", check_files=False)
     shutil.rmtree(tmp_path)
+
+
+@pytest.mark.parametrize("to_csv", [False, True])
+def test_resize_copy_of_a_tree_or_csv(tmp_path, to_csv):
+    root = tree(tmp_path / "t", {"mugs/m1": 2, "mugs/m2": 2, "lamps/l1": 3})
+    if to_csv:
+        prepare_data.convert_catalogue(root, root, "csv", progress=False)
+    out = prepare_data.resize_dataset(root, tmp_path / "small", size=24, workers=0, progress=False)
+    a, b = catalogue.read_catalogue(root), catalogue.read_catalogue(out)
+    assert b.layout == ("csv" if to_csv else "folder")
+    assert a.rel_paths == b.rel_paths and a.product_ids == b.product_ids
+    assert (a.is_test == b.is_test).all()
+    assert all(Image.open(out / p).size == (24, 24) for p in b.rel_paths)
