@@ -2,7 +2,8 @@
 
 * ``sop``: SOP's ``Ebay_train.txt`` / ``Ebay_test.txt`` (header ``image_id class_id
   super_class_id path``, one image a line) with the images under ``<category>_final/``;
-  ``class_id`` is the product, ``super_class_id`` (1..12) the category;
+  ``class_id`` is the product, ``super_class_id`` (1..12) the category, named after its
+  ``<category>_final/`` folder (`sop_category_names`);
 * ``csv``: a ``catalogue.csv`` with header ``path,product_id,category[,split]``: paths relative
   to the folder, ``product_id`` and ``category`` free strings, ``split`` train / test;
 * ``folder``: a tree ``<category>/<product>/<image>``, or ``<product>/<image>`` without
@@ -15,7 +16,8 @@ product-disjoint draw: ``round(test_fraction * products)`` products (`split_prod
 
 `detect_layout` tells the layouts apart from what the folder holds (SOP first, then the CSV,
 then a tree); `read_catalogue` reads one into a `CatalogueTable`, the form every script uses.
-Category names come from the data: SOP's 12 for SOP, the sorted distinct names otherwise.
+Category names come from the data: the ``_final`` folders for SOP (SOP's 12 names), the
+sorted distinct names otherwise.
 """
 import csv
 import io
@@ -42,6 +44,9 @@ CSV_SPLITS = ("train", "test")
 LAYOUTS = ("sop", "csv", "folder")
 NO_CATEGORY = "uncategorised"  # the one category of a <product>/<image> tree
 TEST_SPLIT_SEED = 0
+# Written last into a folder datasets.py finished (generation, download, resize, convert): a
+# folder without it was interrupted. Never a photo, never reported as skipped.
+COMPLETE_MARKER = ".complete"
 DEFAULT_TEST_FRACTION = 0.5  # SOP's own split is about half of the products
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 DOWNLOAD_HINT = ("python datasets.py download --root data/  (real SOP, about 2.9 GB), "
@@ -229,6 +234,22 @@ def _find_sop(root):
     return None
 
 
+def sop_category_names(super_ids, rel_paths):
+    """The 12 category names of an SOP-layout folder: category k is named after the
+    ``<name>_final/`` folder holding all of its images (SOP's own names on SOP; ``grocery``
+    for a folder of groceries laid out the same way), else SOP's k-th name."""
+    names = list(SOP_CATEGORIES)
+    folders = {}
+    for sid, rel in zip(np.asarray(super_ids).tolist(), rel_paths):
+        top = rel.split("/", 1)[0] if "/" in rel else ""
+        folders.setdefault(sid, set()).add(top[:-len("_final")] if top.endswith("_final") else None)
+    for sid, found in folders.items():
+        (name,) = found if len(found) == 1 else (None,)
+        if name and name not in names[:sid - 1] + names[sid:]:
+            names[sid - 1] = name
+    return names
+
+
 def read_sop(root, parts=("train", "test")):
     """The Ebay files of ``parts`` (train, test) of the SOP folder ``root`` as one
     `CatalogueTable`, in that order; a missing file raises FileNotFoundError."""
@@ -240,7 +261,8 @@ def read_sop(root, parts=("train", "test")):
         super_ids=np.concatenate([t.super_ids for t, _ in parts]),
         rel_paths=[p for t, _ in parts for p in t.rel_paths],
         product_ids=[str(c) for t, _ in parts for c in t.class_ids.tolist()],
-        categories=list(SOP_CATEGORIES), is_test=np.concatenate([m for _, m in parts]), layout="sop")
+        categories=sop_category_names(np.concatenate([t.super_ids for t, _ in parts]),
+                                      [p for t, _ in parts for p in t.rel_paths]), is_test=np.concatenate([m for _, m in parts]), layout="sop")
 
 
 # ============ catalogue.csv ============
@@ -328,6 +350,8 @@ def _walk_files(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
         rel_dir = Path(dirpath).relative_to(root).as_posix()
         for name in filenames:
+            if rel_dir == "." and name == COMPLETE_MARKER:
+                continue
             found.append(name if rel_dir == "." else f"{rel_dir}/{name}")
     return sorted(found)
 
@@ -394,10 +418,15 @@ def read_catalogue(root, test_fraction=DEFAULT_TEST_FRACTION, sop_parts=("train"
     return scan_folder_tree(folder, test_fraction)
 
 
+_warned = set()  # (root, skipped count) already reported by this process
+
+
 def log_skipped(table, root):
-    """A warning counting a tree's skipped files (the first few named); each one at DEBUG
-    (shown by the scripts' ``--verbose``)."""
-    if table.skipped:
+    """A warning counting a tree's skipped files (the first few named), once per folder and
+    process (each split reads the same tree); each one at DEBUG (shown by ``--verbose``)."""
+    key = (str(root), len(table.skipped))
+    if table.skipped and (key not in _warned or logger.isEnabledFor(logging.DEBUG)):
+        _warned.add(key)
         logger.warning("%s: skipped %d files that are not images in product folders: %s "
                        "(--verbose lists them all)", root, len(table.skipped),
                        format_paths(table.skipped, 3))

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 # the layouts' parsing lives in catalogue.py; these names are re-exported (the stable API)
 from catalogue import (  # noqa: F401
+    COMPLETE_MARKER,
     DEFAULT_TEST_FRACTION,
     DOWNLOAD_HINT,
     EBAY_HEADER,
@@ -62,9 +63,6 @@ SOP_ZIPNAME = SOP_DIRNAME + ".zip"
 SOP_EXPECTED = {"images": 120_053, "train_rows": 59_551, "test_rows": 60_502}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Written last into a generated / extracted / resized dataset, after every other file:
-# a folder without it was interrupted and never passes for complete.
-COMPLETE_MARKER = ".complete"
 SYNTHETIC_VERSION = 2
 # Errors that mean "this file is not a readable image" (PIL raises all of these in practice).
 IMAGE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)

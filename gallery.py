@@ -70,7 +70,7 @@ def scan_gallery(root, exclude=()) -> GalleryScan:
     """Every image file under ``root`` (recursive), see the module docstring for the rule.
 
     ``exclude``: paths never listed, not even as skipped (the index file when it lies in the
-    folder). Raises FileNotFoundError / NotADirectoryError naming ``root`` when it is missing /
+    folder); nor is ``catalogue.COMPLETE_MARKER`` at the top (a dataset folder made by datasets.py). Raises FileNotFoundError / NotADirectoryError naming ``root`` when it is missing /
     not a folder, and ValueError when it holds no image (saying what it holds instead).
     """
     given = Path(root).expanduser()
@@ -93,8 +93,8 @@ def scan_gallery(root, exclude=()) -> GalleryScan:
                 skipped.append((folder / name).relative_to(root).as_posix() + "/")
         for name in filenames:
             full = folder / name
-            if full in excluded:
-                continue
+            if full in excluded or (folder == root and name == catalogue.COMPLETE_MARKER):
+                continue  # the index itself; datasets.py's marker of a finished folder
             seen += 1
             rel = full.relative_to(root).as_posix()
             entry = _image_entry(full, rel, root)

@@ -302,3 +302,16 @@ def test_resize_copy_of_a_tree_or_csv(tmp_path, to_csv):
     assert a.rel_paths == b.rel_paths and a.product_ids == b.product_ids
     assert (a.is_test == b.is_test).all()
     assert all(Image.open(out / p).size == (24, 24) for p in b.rel_paths)
+
+
+def test_sop_layout_names_categories_after_their_folders(tmp_path, synthetic_root):
+    # SOP itself: the folders are SOP's names
+    assert datasets.SOPDataset(synthetic_root, "test").categories == datasets.SOP_CATEGORIES
+    # a folder of groceries in SOP's layout (super_class_id 1 under grocery_final/)
+    (tmp_path / "Ebay_test.txt").write_text("image_id class_id super_class_id path\n"
+                                            "1 1 1 grocery_final/1_0.JPG\n2 1 1 grocery_final/1_1.JPG\n"
+                                            "3 2 3 misc/2_0.JPG\n4 2 3 other/2_1.JPG\n")
+    ds = datasets.SOPDataset(tmp_path, "test", check_files=False)
+    assert ds.categories[0] == "grocery"
+    assert ds.categories[2] == datasets.SOP_CATEGORIES[2]  # two folders: SOP's name stays
+    assert ds.categories[1:] == datasets.SOP_CATEGORIES[1:]
