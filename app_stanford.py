@@ -319,13 +319,17 @@ def default_index_path(checkpoint, split):
     return Path(checkpoint).parent / f"gallery_{split}.npz"
 
 
+def _path_tag(folder) -> str:
+    """8 hex digits of the sha256 of ``folder``'s absolute path: one index file per folder."""
+    return hashlib.sha256(str(Path(folder).expanduser().resolve()).encode()).hexdigest()[:8]
+
+
 def default_gallery_index_path(gallery_dir, checkpoint=None, model_name=None):
-    """Where the index of a ``--gallery`` folder goes: ``gallery_<folder name>_<8 hex of its
-    absolute path>.npz`` beside the checkpoint, or under ``runs/<model_name>/`` for a
-    zero-shot model; never inside the gallery folder itself."""
+    """Where the index of a ``--gallery`` folder goes: ``gallery_<folder name>_<_path_tag>.npz``
+    beside the checkpoint, or under ``runs/<model_name>/`` for a zero-shot model; never
+    inside the gallery folder itself."""
     folder = Path(gallery_dir).expanduser().resolve()
-    tag = hashlib.sha256(str(folder).encode()).hexdigest()[:8]
-    name = f"gallery_{folder.name or 'root'}_{tag}.npz"
+    name = f"gallery_{folder.name or 'root'}_{_path_tag(folder)}.npz"
     return (Path(checkpoint).parent if checkpoint else Path("runs") / model_name) / name
 
 
@@ -752,9 +756,8 @@ def dataset_index(model, checkpoint, model_key, model_name, args):
     data_root = args.data_root
     try:
         data_root = datasets.detect_layout(data_root or default_data_root(model))[0]
-        tag = hashlib.sha256(str(data_root).encode()).hexdigest()[:8]
-        index_path = args.index or (default_index_path(checkpoint, args.split) if checkpoint
-                                    else Path("runs") / model_name / f"gallery_{args.split}_{tag}.npz")
+        index_path = args.index or (default_index_path(checkpoint, args.split) if checkpoint else
+                                    Path("runs") / model_name / f"gallery_{args.split}_{_path_tag(data_root)}.npz")
         index, _ = load_or_build_index(model, checkpoint, data_root, args.split, index_path,
                                        batch_size=args.batch_size, workers=args.workers,
                                        force=args.rebuild_index, index_type=args.index_type,

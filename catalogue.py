@@ -213,20 +213,10 @@ def read_ebay_file(path):
                      np.asarray(super_ids, np.int64), rel_paths)
 
 
-def resolve_sop_root(root):
-    """The folder holding the Ebay files: ``root`` itself, or ``root/Stanford_Online_Products``
-    (so ``--root data/`` after ``python datasets.py download --root data/`` works too)."""
-    found = _find_sop(Path(root).expanduser())
-    if found is not None:
-        return found
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise FileNotFoundError(f"Dataset root {root} does not exist. Get SOP with: {DOWNLOAD_HINT}")
-    raise FileNotFoundError(f"{root} holds no SOP dataset ({root / 'Ebay_train.txt'} not found). "
-                            f"Get it with: {DOWNLOAD_HINT}")
-
-
 def _find_sop(root):
+    """The folder holding the Ebay files: ``root`` itself, or ``root/Stanford_Online_Products``
+    (so ``--root data/`` after ``python datasets.py download --root data/`` works too); None
+    when neither holds them."""
     if (root / "Ebay_train.txt").is_file() or (root / "Ebay_test.txt").is_file():
         return root.resolve()
     if (root / SOP_DIRNAME / "Ebay_train.txt").is_file():

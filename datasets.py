@@ -1,13 +1,12 @@
-"""Stanford Online Products (SOP) for training and evaluation: parsing, validation split,
-transforms, the dataset, P×K batches and DataLoader settings.
+"""Datasets for training and evaluation: transforms, the dataset over any catalogue layout,
+P×K batches and DataLoader settings.
 
-Generating the synthetic stand-in lives in synthetic_sop.py; downloading, verifying, resizing
-and the statistics of a dataset in prepare_data.py (``make_synthetic_sop`` and
+The layouts (SOP's ``Ebay_*.txt`` files, a ``catalogue.csv``, a ``<category>/<product>/<image>``
+tree), their parsing and the splits live in catalogue.py (its names used here are re-exported:
+``read_ebay_file``, ``split_validation``, ``SOP_CATEGORIES``, ...). Generating the synthetic
+stand-in lives in synthetic_sop.py; downloading, verifying, resizing, converting and the
+statistics of a dataset in prepare_data.py (``make_synthetic_sop`` and
 ``ensure_synthetic_sop`` are re-exported here, the stable API).
-
-On disk SOP is a folder holding ``Ebay_train.txt`` and ``Ebay_test.txt`` (header
-``image_id class_id super_class_id path``, one image a line) and the images under
-``<category>_final/``. ``class_id`` is the product, ``super_class_id`` (1..12) the category.
 
 Command line (prepare_data.py's; ``python datasets.py <command> --help`` for every flag)::
 
@@ -16,6 +15,7 @@ Command line (prepare_data.py's; ``python datasets.py <command> --help`` for eve
     python datasets.py verify    --root data/Stanford_Online_Products
     python datasets.py stats     --root data/synthetic_sop --output runs/dataset_stats.png
     python datasets.py resize    --root data/Stanford_Online_Products --output data/sop_256 --size 256
+    python datasets.py convert   --root my_photos --to csv --output my_photos
 """
 import json
 import logging
@@ -47,7 +47,6 @@ from catalogue import (  # noqa: F401
     log_skipped,
     read_catalogue,
     read_ebay_file,
-    resolve_sop_root,
     set_verbose,
     split_validation,
 )

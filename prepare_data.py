@@ -510,7 +510,7 @@ def get_args_parser():
                        "--output, which must not exist or be empty.")
     p.add_argument("--root", required=True, help="the catalogue to read")
     p.add_argument("--from", dest="from_layout", default=None, choices=list(catalogue.LAYOUTS),
-                   help="the layout --root must hold (default: detected)")
+                   help="the layout --root must hold (None: whatever it holds)")
     p.add_argument("--to", required=True, choices=["csv", "folder"], help="layout to write")
     p.add_argument("--output", required=True, help="destination folder (or --root itself for --to csv)")
     p.add_argument("--test_fraction", type=float, default=DEFAULT_TEST_FRACTION,
