@@ -62,6 +62,13 @@ def is_image_name(name) -> bool:
     return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def safe_name(text) -> str:
+    """``text`` as one file or folder name: path separators and characters unsafe in file
+    names become ``_`` (``chair/sku 1`` → ``chair_sku 1``)."""
+    out = "".join("_" if c in '/\\:*?"<>|' or ord(c) < 32 else c for c in str(text)).strip(" .")
+    return out or "_"
+
+
 def format_paths(paths, limit=5):
     """``a, b, c ... and N more``: the first ``limit`` of ``paths`` for an error message."""
     paths = [str(p) for p in paths]
@@ -414,8 +421,8 @@ _warned = set()  # (root, skipped count) already reported by this process
 def log_skipped(table, root):
     """A warning counting a tree's skipped files (the first few named), once per folder and
     process (each split reads the same tree); each one at DEBUG (shown by ``--verbose``)."""
-    key = (str(root), len(table.skipped))
-    if table.skipped and (key not in _warned or logger.isEnabledFor(logging.DEBUG)):
+    key = (str(root), len(table.skipped), logger.isEnabledFor(logging.DEBUG))
+    if table.skipped and key not in _warned:
         _warned.add(key)
         logger.warning("%s: skipped %d files that are not images in product folders: %s "
                        "(--verbose lists them all)", root, len(table.skipped),

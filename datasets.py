@@ -47,6 +47,7 @@ from catalogue import (  # noqa: F401
     log_skipped,
     read_catalogue,
     read_ebay_file,
+    safe_name,
     set_verbose,
     split_validation,
 )

@@ -305,21 +305,18 @@ def resize_dataset(src, dst, size=256, quality=95, workers=None, progress=True):
 
 # ============ converting between layouts ============
 
-def _safe_name(text):
-    """``text`` as one folder name: path separators and characters that are unsafe in file
-    names become ``_`` (``chair/sku 1`` → ``chair_sku 1``)."""
-    out = "".join("_" if c in '/\\:*?"<>|' or ord(c) < 32 else c for c in str(text)).strip(" .")
-    return out or "_"
-
-
 def tree_paths(table):
     """Where each image of ``table`` goes in a ``<category>/<product>/<image>`` tree (no
     category level when the catalogue has only `catalogue.NO_CATEGORY`); a file name taken
     twice in one product folder gets its row number in front."""
     flat = table.categories == [catalogue.NO_CATEGORY]
     out, taken = [], set()
+    safe = catalogue.safe_name
     for i, (rel, product, sid) in enumerate(zip(table.rel_paths, table.product_ids, table.super_ids.tolist())):
-        folder = _safe_name(product) if flat else f"{_safe_name(table.categories[sid - 1])}/{_safe_name(product)}"
+        category = table.categories[sid - 1]
+        # a tree's product id already starts with its category folder: not twice
+        product = product.removeprefix(f"{category}/")
+        folder = safe(product) if flat else f"{safe(category)}/{safe(product)}"
         name = f"{folder}/{Path(rel).name}"
         if name in taken:
             name = f"{folder}/{i}_{Path(rel).name}"

@@ -774,7 +774,17 @@ def _bad_image_count(*dsets) -> int:
 
 
 def default_run_name(args: argparse.Namespace) -> str:
-    return f"{args.dataset}_{args.backbone}_{args.loss}_{args.sampler}"
+    """``<data>_<backbone>_<loss>_<sampler>``; ``<data>`` is --dataset, or the folder's name for
+    a catalogue of your own (a catalogue.csv or a folder tree at --data_root)."""
+    data = args.dataset
+    if args.data_root:
+        try:
+            folder, layout = datasets.detect_layout(args.data_root)
+        except OSError:  # missing: the data step says so with the commands to get it
+            folder, layout = None, "sop"
+        if layout != "sop":
+            data = datasets.safe_name(folder.name).replace(" ", "_")
+    return f"{data}_{args.backbone}_{args.loss}_{args.sampler}"
 
 
 def resolve_resume(args: argparse.Namespace, ckpt_dir: Path) -> Path | None:

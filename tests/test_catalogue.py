@@ -315,3 +315,15 @@ def test_sop_layout_names_categories_after_their_folders(tmp_path, synthetic_roo
     assert ds.categories[0] == "grocery"
     assert ds.categories[2] == datasets.SOP_CATEGORIES[2]  # two folders: SOP's name stays
     assert ds.categories[1:] == datasets.SOP_CATEGORIES[1:]
+
+
+def test_tree_to_tree_keeps_folder_names_and_run_is_named_after_the_folder(tmp_path):
+    import train
+
+    root = tree(tmp_path / "My Shop", {"mugs/m1": 2, "mugs/m 2": 2, "lamps/l1": 2})
+    out = prepare_data.convert_catalogue(root, tmp_path / "copy", "folder", progress=False)
+    assert sorted(set(catalogue.scan_folder_tree(out).product_ids)) == ["lamps/l1", "mugs/m 2", "mugs/m1"]
+    args = train.get_args_parser().parse_args(["--data_root", str(root), "--backbone", "resnet18"])
+    assert train.default_run_name(args).startswith("My_Shop_resnet18_")
+    sop = train.get_args_parser().parse_args(["--backbone", "resnet18"])
+    assert train.default_run_name(sop).startswith("stanford_resnet18_")
