@@ -550,7 +550,9 @@ def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_up
     examples = [[engine.abs_paths[i]] for i in engine.example_indices(max_examples)]
     info = (f"{margs['backbone']}, {margs['embedding_size']}-d embeddings at {margs['image_size']} px · "
             f"gallery: {len(index):,} images" + (f" ({index.meta['split']} split)"
-                                                   if index.meta.get("split") else ""))
+                                                   if index.meta.get("split") else
+                                                   f" (folder {Path(index.meta['gallery']['root']).name})"
+                                                   if index.meta.get("gallery") else ""))
 
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# {title}\nUpload, paste or take a photo of a product; the nearest catalogue "

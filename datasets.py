@@ -308,8 +308,10 @@ class SOPDataset(torch.utils.data.Dataset):
         self.rel_paths = table.rel_paths
         self.paths = [str(self.root / p) for p in self.rel_paths]
         if not self.paths:
-            raise DatasetError(f"split {split!r} of {self.root} is empty "
-                               f"(val_fraction={val_fraction})")
+            why = ("no image is in the test split (the CSV's split column says train everywhere?)"
+                   if split == "test" else "no image is in the training split"
+                   if split == "trainval" else f"val_fraction={val_fraction}")
+            raise DatasetError(f"split {split!r} of {self.root} ({self.layout}) is empty: {why}")
         counts = np.unique(self.class_ids, return_counts=True)[1]
         self.num_single_image_products = int((counts == 1).sum())
         if self.num_single_image_products:

@@ -327,3 +327,10 @@ def test_tree_to_tree_keeps_folder_names_and_run_is_named_after_the_folder(tmp_p
     assert train.default_run_name(args).startswith("My_Shop_resnet18_")
     sop = train.get_args_parser().parse_args(["--backbone", "resnet18"])
     assert train.default_run_name(sop).startswith("stanford_resnet18_")
+
+
+def test_csv_without_test_rows_says_so(tmp_path):
+    write_csv(tmp_path, "path,product_id,category,split\na.jpg,p,mugs,train\nb.jpg,p,mugs,train\n")
+    with pytest.raises(datasets.DatasetError, match=r"split 'test' of .* \(csv\) is empty: no image is in "
+                                                    r"the test split"):
+        datasets.SOPDataset(tmp_path, "test", check_files=False)
