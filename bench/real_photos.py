@@ -4,7 +4,7 @@
     python bench/real_photos.py --data_root DIR --ablation            # + one run per recipe piece
     python bench/real_photos.py --data_root DIR --variants recommended no_warmup --seeds 0
 
-``DIR`` is any real-photo folder in the SOP layout (Ebay_train.txt / Ebay_test.txt), e.g. the
+``DIR`` is any real-photo folder in a layout --data_root reads (SOP, catalogue.csv, a tree), e.g. the
 GroZi-120 grocery photos. Every run goes through the project's own entry points:
 ``evaluate.py --zero_shot`` once (the backbone's ImageNet features, no training), then per
 variant and seed ``train.py`` (the default recipe of ``--weights imagenet`` plus the variant's
@@ -51,7 +51,7 @@ TARGETS = {"map_gain_points": 5.0, "max_val_drop_points": 2.0, "max_minutes": 25
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("real_photos", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_root", required=True, help="real photos in the SOP layout")
+    p.add_argument("--data_root", required=True, help="real photos in any layout (SOP, catalogue.csv, tree)")
     p.add_argument("--backbone", default="efficientnet_lite0",
                    help="a backbone whose ImageNet weights load here (the Lite family offline)")
     p.add_argument("--image_size", type=int, default=128)
