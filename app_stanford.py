@@ -273,7 +273,9 @@ class SearchEngine:
 
     def _search_file(self, path, k, category):
         t0 = time.perf_counter()
-        clamp_k(k), category_to_super_id(category, self.index.categories)  # cheap checks first: they raise
+        # the cheap checks first: a bad k or category raises before the image is decoded
+        clamp_k(k)
+        category_to_super_id(category, self.index.categories)
         image = load_query_image(path, self.max_pixels, draft_size=self.resize)
         t1 = time.perf_counter()
         out = self._search_image(image, k, category)

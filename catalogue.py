@@ -132,14 +132,14 @@ def split_validation(class_ids, val_fraction=0.1, seed=0):
 
 def table_from_labels(rel_paths, product_ids, category_names, splits, test_fraction, layout,
                       skipped=()):
-    """The `CatalogueTable` of labelled rows (strings); ``splits`` None (or all None) → a
+    """The `CatalogueTable` of labelled rows (strings); ``splits`` None → a
     `split_products` draw of ``test_fraction``. Products are numbered 1..P by sorted id and
     categories by sorted name."""
     product_ids = [str(p) for p in product_ids]
     categories = sorted(set(category_names))
     cat_index = {c: i + 1 for i, c in enumerate(categories)}
     products = {p: i + 1 for i, p in enumerate(sorted(set(product_ids)))}
-    if splits is None or all(s is None for s in splits):
+    if splits is None:
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         if len(products) < 2:
