@@ -59,10 +59,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-import catalogue
+from dataio import catalogue
 import datasets
 import evaluate
-import gallery
+from search import gallery
 import models
 import retrieval
 
@@ -191,8 +191,8 @@ class SearchEngine:
         self.resize = datasets.resize_size(self.image_size)
         self.crop = int(round((self.resize - self.image_size) / 2.0))  # as T.CenterCrop
         self.device = next(model.parameters()).device
-        mean = torch.tensor(datasets.IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(datasets.IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+        mean = torch.tensor(models.IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(models.IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
         # (u8 / 255 - mean) / std  ==  u8 * scale + shift
         self._scale = (1.0 / (255.0 * std)).to(self.device)
         self._shift = (-mean / std).to(self.device)
@@ -335,11 +335,6 @@ def default_gallery_index_path(gallery_dir, checkpoint=None, model_name=None):
     return (Path(checkpoint).parent if checkpoint else Path("runs") / model_name) / name
 
 
-def resolve_device(name="auto") -> torch.device:
-    """auto: the first CUDA device when there is one, else the CPU."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
 def load_or_build_index(model, checkpoint, data_root, split="test", index_path=None,
                         batch_size=64, workers=None, progress=True, force=False, index_type="exact",
                         model_key=None, splits=None):
@@ -382,15 +377,6 @@ def find_checkpoint(checkpoint_dir="checkpoints"):
     """The newest ``<checkpoint_dir>/*/best.pth`` (by modification time), or None."""
     found = sorted(Path(checkpoint_dir).glob("*/best.pth"), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
-
-
-def default_data_root(model):
-    """The data root the checkpoint was trained on (its saved ``args``)."""
-    args = (getattr(model, "checkpoint_info", None) or {}).get("args") or {}
-    if args.get("data_root"):
-        return args["data_root"]
-    import train  # only for its dataset → folder table
-    return train.DATASET_ROOTS.get(args.get("dataset", "stanford"), train.DATASET_ROOTS["stanford"])
 
 
 def served_paths(index, data_root):
@@ -707,15 +693,15 @@ def load_search_model(args):
     """``(model, checkpoint or None, model_key, model_name)``: the checkpoint (``--checkpoint``,
     else the newest best.pth) keyed by its sha256, or with ``--zero_shot`` the pretrained
     backbone alone keyed by backbone, weights and size. Exits with a message when neither loads."""
-    device = resolve_device(args.device)
+    device = models.resolve_device(args.device)
     if args.zero_shot:
         try:
-            model = evaluate.zero_shot_model(args.backbone, args.weights, args.image_size, device)
+            model = models.zero_shot_model(args.backbone, args.weights, args.image_size, device)
         except (models.WeightsUnavailableError, OSError, ValueError) as e:
             sys.exit(f"Cannot load {args.backbone} with weights {args.weights!r}: {e}")
-        name = evaluate.zero_shot_run_name(args.backbone, args.image_size, str(args.weights))
+        name = models.zero_shot_name(args.backbone, args.image_size, str(args.weights))
         logger.info("Zero-shot %s (%s weights, %d px)", args.backbone, args.weights, args.image_size)
-        return model, None, gallery.zero_shot_model_key(args.backbone, str(args.weights), args.image_size), name
+        return model, None, models.zero_shot_model_key(args.backbone, str(args.weights), args.image_size), name
     checkpoint = Path(args.checkpoint) if args.checkpoint else find_checkpoint(args.checkpoint_dir)
     if checkpoint is None:
         sys.exit(f"No checkpoint given and none found under {Path(args.checkpoint_dir) / '*' / 'best.pth'}. "
@@ -759,7 +745,7 @@ def dataset_index(model, checkpoint, model_key, model_name, args):
     info = getattr(model, "checkpoint_info", None) or {}
     data_root = args.data_root
     try:
-        data_root = datasets.detect_layout(data_root or default_data_root(model))[0]
+        data_root = catalogue.detect_layout(data_root or catalogue.default_data_root(((getattr(model, "checkpoint_info", None) or {}).get("args"))))[0]
         index_path = args.index or (default_index_path(checkpoint, args.split) if checkpoint else
                                     Path("runs") / model_name / f"gallery_{args.split}_{_path_tag(data_root)}.npz")
         index, _ = load_or_build_index(model, checkpoint, data_root, args.split, index_path,
@@ -776,7 +762,7 @@ def dataset_index(model, checkpoint, model_key, model_name, args):
 
 def main(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    datasets.set_verbose(args.verbose)
+    catalogue.set_verbose(args.verbose)
     if args.verbose:
         logger.setLevel(logging.DEBUG)
     if args.threads:

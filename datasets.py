@@ -33,8 +33,10 @@ import torchvision.transforms as T
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+import models
+
 # the layouts' parsing lives in catalogue.py; these names are re-exported (the stable API)
-from catalogue import (  # noqa: F401
+from dataio.catalogue import (  # noqa: F401
     COMPLETE_MARKER,
     DEFAULT_TEST_FRACTION,
     DOWNLOAD_HINT,
@@ -61,8 +63,6 @@ SOP_URL = "http://ftp.cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip"
 SOP_ZIPNAME = SOP_DIRNAME + ".zip"
 # Official counts; `check_sop_counts` compares a download against them.
 SOP_EXPECTED = {"images": 120_053, "train_rows": 59_551, "test_rows": 60_502}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SYNTHETIC_VERSION = 2
 # Errors that mean "this file is not a readable image" (PIL raises all of these in practice).
 IMAGE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -187,7 +187,7 @@ def build_transform(image_size=224, train=False):
     r = round(image_size * 256 / 224). The square resize keeps the whole product in view.
     """
     r = resize_size(image_size)
-    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    normalize = T.Normalize(models.IMAGENET_MEAN, models.IMAGENET_STD)
     if train:
         return T.Compose([
             T.Resize((r, r)),
@@ -640,19 +640,19 @@ def build_batch_sampler(name, class_ids, batch_size=64, images_per_class=4, seed
 
 def make_synthetic_sop(root, num_products=1200, image_size=96, seed=0, workers=None, progress=False):
     """synthetic_sop.make_synthetic_sop: write a synthetic SOP to ``root``."""
-    import synthetic_sop  # imported on use: training never needs the renderer
+    from dataio import synthetic_sop  # imported on use: training never needs the renderer
     return synthetic_sop.make_synthetic_sop(root, num_products, image_size, seed, workers, progress)
 
 
 def ensure_synthetic_sop(root, num_products=1200, image_size=96, seed=0, workers=None, progress=False,
                          replace=False):
     """synthetic_sop.ensure_synthetic_sop: ``root``, generated when absent."""
-    import synthetic_sop
+    from dataio import synthetic_sop
     return synthetic_sop.ensure_synthetic_sop(root, num_products, image_size, seed, workers,
                                               progress, replace)
 
 
 if __name__ == "__main__":
-    import prepare_data  # the command line lives there
+    from dataio import prepare_data  # the command line lives there
 
     sys.exit(prepare_data.main(prepare_data.get_args_parser().parse_args()))

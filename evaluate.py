@@ -35,9 +35,11 @@ import numpy as np
 import torch
 
 import datasets
-import fileio
+
+from dataio import catalogue
+from dataio import fileio
 import models
-import reporting
+from training import reporting
 import retrieval
 
 logger = logging.getLogger("evaluate")
@@ -104,28 +106,9 @@ def get_args_parser():
 # ============ helpers ============
 
 
-def default_data_root(args: dict) -> str:
-    """The data root a checkpoint was trained on: its --data_root, else its --dataset's folder."""
-    if args.get("data_root"):
-        return str(args["data_root"])
-    import train  # its dataset -> folder table; imported late, only when needed
-
-    dataset = args.get("dataset", "stanford")
-    if dataset not in train.DATASET_ROOTS:
-        raise ValueError(f"the checkpoint was trained on dataset {dataset!r}, which has no default "
-                         f"folder (known: {sorted(train.DATASET_ROOTS)}): pass --data_root")
-    return train.DATASET_ROOTS[dataset]
-
-
 def default_output(checkpoint, args: dict) -> Path:
     """runs/<run>/eval, <run> = the checkpoint's folder (under the run's own --log_dir)."""
     return Path(args.get("log_dir") or "runs") / Path(checkpoint).resolve().parent.name / "eval"
-
-
-def zero_shot_run_name(backbone: str, image_size: int, weights: str = "imagenet") -> str:
-    """Name of a zero-shot evaluation (its default output is runs/<name>/eval)."""
-    tag = "" if weights == "imagenet" else f"_{Path(str(weights)).stem}"
-    return f"zero_shot_{backbone}_{image_size}px{tag}"
 
 
 def embedding_stats(embeddings: np.ndarray) -> dict:
@@ -250,20 +233,13 @@ def _eval_dataset(root, split, image_size, train_args=None, test_fraction=None):
                                **datasets.split_options(train_args, test_fraction))
 
 
-def zero_shot_model(backbone: str, weights: str = "imagenet", image_size: int = 224,
-                    device="cpu") -> models.EmbeddingNet:
-    """The backbone alone: its pooled features, L2-normalised (models.build_model head none)."""
-    return models.build_model(backbone, weights=weights, image_size=int(image_size),
-                              head="none").to(device).eval()
-
-
 def evaluate_zero_shot(backbone, data_root, weights="imagenet", image_size=224, split="test",
                        output=None, device=None, write=True, test_fraction=None, **kwargs) -> dict:
-    """evaluate_model of zero_shot_model(backbone, weights, image_size); output default
+    """evaluate_model of models.zero_shot_model(backbone, weights, image_size); output default
     runs/zero_shot_<backbone>_<size>px/eval. ``kwargs`` as for evaluate_model."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = zero_shot_model(backbone, weights, image_size, device)
-    name = zero_shot_run_name(backbone, int(image_size), str(weights))
+    model = models.zero_shot_model(backbone, weights, image_size, device)
+    name = models.zero_shot_name(backbone, int(image_size), str(weights))
     output = Path(output) if output else Path("runs") / name / "eval"
     info = {"run": name, "checkpoint": None, "zero_shot": True, "weights": str(weights),
             "checkpoint_size_mb": None, "epoch": None}
@@ -291,7 +267,7 @@ def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, b
     info = getattr(model, "checkpoint_info", None) or {}
     train_args = info.get("args") or {}
     model_args = dict(model.model_args)
-    root = data_root or default_data_root(train_args)
+    root = data_root or catalogue.default_data_root(train_args)
     output = Path(output) if output else default_output(checkpoint, train_args)
     dataset = _eval_dataset(root, split, model_args["image_size"], train_args, test_fraction)
     common = dict(batch_size=batch_size, workers=workers, device=device, chunk_size=chunk_size,
@@ -306,7 +282,7 @@ def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, b
                     "epoch": info.get("epoch")}, **common)
     if zero_shot_row and train_args.get("weights") == "imagenet":
         try:
-            backbone = zero_shot_model(model_args["backbone"], "imagenet", model_args["image_size"], device)
+            backbone = models.zero_shot_model(model_args["backbone"], "imagenet", model_args["image_size"], device)
         except models.WeightsUnavailableError as e:
             # the checkpoint's own evaluation stands without it (e.g. offline, weights not cached)
             logger.warning("zero-shot row skipped: %s", e)
@@ -356,7 +332,7 @@ def main(args):
                   workers=args.workers, device=args.device, embeddings_cache=args.embeddings_cache,
                   num_examples=args.num_examples, chunk_size=args.chunk_size, seed=args.seed,
                   progress=args.progress, compile=args.compile, test_fraction=args.test_fraction)
-    datasets.set_verbose(args.verbose)
+    catalogue.set_verbose(args.verbose)
     try:
         if args.zero_shot:
             results = evaluate_zero_shot(args.backbone, args.data_root, weights=args.weights,

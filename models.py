@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-import fileio
+from dataio import fileio
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -483,6 +483,43 @@ def build_imagenet_classifier(backbone: str, weights: str = "imagenet") -> nn.Mo
     if weights not in ("imagenet", "none"):
         raise ValueError(f"weights must be 'imagenet' or 'none', got {weights!r}")
     return _build_net(backbone, weights == "imagenet").eval()
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """The one device rule of every script. ``auto``: CUDA when available, else the CPU (MPS is
+    taken only when asked for). ``cuda``: ``cuda:<local_rank>``, one GPU per torchrun process.
+    Any other name (``cpu``, ``mps``, ``cuda:1``) as given; an unavailable CUDA or MPS device is
+    an error that says so."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu or auto")
+    return device
+
+
+def zero_shot_name(backbone: str, image_size: int, weights: str = "imagenet") -> str:
+    """The one name of a backbone's pretrained features at a size, ``zero_shot_<backbone>_<size>px``
+    (``_<weights file stem>`` appended for weights other than ImageNet's): the run name of its
+    evaluation (runs/<name>/eval), its row in comparisons, and (prefixed ``zero_shot:``) the
+    model key of a gallery index built with it."""
+    tag = "" if str(weights) == "imagenet" else f"_{os.path.splitext(os.path.basename(str(weights)))[0]}"
+    return f"zero_shot_{backbone}_{int(image_size)}px{tag}"
+
+
+def zero_shot_model_key(backbone: str, weights: str, image_size: int) -> str:
+    """Model key of pretrained features (a checkpoint's key is `checkpoint_hash`)."""
+    return "zero_shot:" + zero_shot_name(backbone, image_size, weights)
+
+
+def zero_shot_model(backbone: str, weights: str = "imagenet", image_size: int = 224,
+                    device="cpu") -> "EmbeddingNet":
+    """The backbone alone: its pooled features, L2-normalised (`build_model` with head none)."""
+    return build_model(backbone, weights=weights, image_size=int(image_size), head="none").to(device).eval()
 
 
 def build_model(backbone: str, embedding_size: int = 128, weights: str | os.PathLike | None = "none",

@@ -43,10 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fileio import atomic_write
+from dataio.fileio import atomic_write
 
-import ann
-import fastscan
+from search import ann
+from search import fastscan
 
 # torch is imported where it is used (extraction, gallery building): the metrics and the
 # index need only numpy, and importing torch costs ~650 MB of resident memory
@@ -830,7 +830,8 @@ class GalleryIndex:
             self.image_list_hash = hash_paths(self.paths)
         if self.categories is None:
             import datasets  # SOP's names, for indexes built before categories were stored
-            self.categories = list(datasets.SOP_CATEGORIES)
+            from dataio import catalogue
+            self.categories = list(catalogue.SOP_CATEGORIES)
         self.categories = [str(c) for c in self.categories]
         if n and (self.super_ids.min() < 1 or self.super_ids.max() > len(self.categories)):
             raise ValueError(f"gallery index super ids span {self.super_ids.min()}..{self.super_ids.max()}, "

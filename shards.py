@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-import fileio
+from dataio import fileio
 import retrieval
 
 MANIFEST = "manifest.json"

@@ -69,12 +69,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import datasets
-import fileio
+
+from dataio import catalogue
+from dataio import fileio
 import losses
 import models
 import retrieval
 
-DATASET_ROOTS = {"stanford": "data/Stanford_Online_Products", "synthetic": "data/synthetic_sop"}
 # Columns that measure the machine, not the model: they differ between two otherwise identical
 # runs (a resumed run and an uninterrupted one agree on every other column).
 TIMING_COLUMNS = ("images_per_sec", "epoch_time", "val_time")
@@ -178,7 +179,7 @@ def _flags(name: str) -> tuple[str, ...]:
 
 def _args_data(group) -> None:
     """Flags of the data group: dataset, splits, image size, loader workers."""
-    group.add_argument(*_flags("dataset"), default="stanford", choices=sorted(DATASET_ROOTS),
+    group.add_argument(*_flags("dataset"), default="stanford", choices=sorted(catalogue.DATASET_ROOTS),
                        help="stanford: the real SOP (see datasets.py download); synthetic: a "
                             "generated SOP look-alike, created under data/synthetic_sop if absent "
                             "(offline quick start, tests)")
@@ -186,8 +187,8 @@ def _args_data(group) -> None:
                        help="dataset folder: SOP's Ebay_train.txt / Ebay_test.txt, a catalogue.csv "
                             "(path,product_id,category[,split]) or a <category>/<product>/<image> "
                             f"tree (README, Bring your own photos); default "
-                            f"{DATASET_ROOTS['stanford']} or {DATASET_ROOTS['synthetic']}")
-    group.add_argument(*_flags("test_fraction"), default=datasets.DEFAULT_TEST_FRACTION, type=float,
+                            f"{catalogue.DATASET_ROOTS['stanford']} or {catalogue.DATASET_ROOTS['synthetic']}")
+    group.add_argument(*_flags("test_fraction"), default=catalogue.DEFAULT_TEST_FRACTION, type=float,
                        help="a catalogue without a split (a folder tree, a CSV without the split "
                             "column): share of its products drawn, seeded, into the unseen test split")
     group.add_argument(*_flags("verbose"), action="store_true",
@@ -451,14 +452,6 @@ def init_distributed(device_arg: str) -> tuple[int, int, int]:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return rank, world, local_rank
-
-
-def resolve_device(device_arg: str, local_rank: int) -> torch.device:
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_arg == "cuda":  # one GPU per process under torchrun
-        device_arg = f"cuda:{local_rank}"
-    return torch.device(device_arg)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -779,11 +772,11 @@ def default_run_name(args: argparse.Namespace) -> str:
     data = args.dataset
     if args.data_root:
         try:
-            folder, layout = datasets.detect_layout(args.data_root)
+            folder, layout = catalogue.detect_layout(args.data_root)
         except OSError:  # missing: the data step says so with the commands to get it
             folder, layout = None, "sop"
         if layout != "sop":
-            data = datasets.safe_name(folder.name).replace(" ", "_")
+            data = catalogue.safe_name(folder.name).replace(" ", "_")
     return f"{data}_{args.backbone}_{args.loss}_{args.sampler}"
 
 
@@ -944,8 +937,8 @@ def read_resume(args: argparse.Namespace, paths: RunPaths, rank: int) -> tuple[d
 
 def build_data(args: argparse.Namespace, image_size: int, device: torch.device, rank: int,
                world: int) -> Data:
-    root = Path(args.data_root or DATASET_ROOTS[args.dataset])
-    datasets.set_verbose(args.verbose)
+    root = Path(args.data_root or catalogue.DATASET_ROOTS[args.dataset])
+    catalogue.set_verbose(args.verbose)
     if args.dataset == "synthetic":
         # Generate only when absent or empty: anything there (a synthetic SOP made with other
         # settings, a catalogue of another layout) is the user's choice and is read as it is.
@@ -1156,7 +1149,7 @@ def main(args: argparse.Namespace) -> dict:
 
 def _run(args: argparse.Namespace, rank: int, world: int, local_rank: int) -> dict:
     # ============ runtime ============
-    device = resolve_device(args.device, local_rank)
+    device = models.resolve_device(args.device, local_rank)
     use_amp = bool(args.amp) and device.type == "cuda"
     channels_last = bool(args.channels_last) and device.type == "cuda"
     progress = bool(args.progress) and rank == 0

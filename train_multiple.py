@@ -46,11 +46,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+
+from dataio import catalogue
 import losses
 import models
 import train
 from train import RESULTS_NAME, RunPaths
-from reporting import (CATEGORY_KEYS, CSV_COLUMNS, ID_COLUMNS, PRODUCT_KEYS, run_labels,  # noqa: F401 (API)
+from training.reporting import (CATEGORY_KEYS, CSV_COLUMNS, ID_COLUMNS, PRODUCT_KEYS, run_labels,  # noqa: F401 (API)
                        format_markdown, read_csv, write_csv, write_report)
 
 REPO = Path(__file__).resolve().parent
@@ -363,7 +365,7 @@ def eval_options(args: argparse.Namespace, ns: argparse.Namespace, paths: RunPat
     """Keyword arguments of evaluate.evaluate_checkpoint for one run."""
     return {
         "checkpoint": str(paths.checkpoint(args.eval_checkpoint)),
-        "data_root": str(ns.data_root or train.DATASET_ROOTS[ns.dataset]),
+        "data_root": str(ns.data_root or catalogue.DATASET_ROOTS[ns.dataset]),
         "split": "test",
         "output": str(paths.eval_dir),
         "batch_size": args.eval_batch_size or ns.val_batch_size,
@@ -442,7 +444,7 @@ def zero_shot_paths(args: argparse.Namespace, backbone: str) -> RunPaths:
 def zero_shot_options(args: argparse.Namespace, backbone: str) -> dict:
     """Keyword arguments of evaluate.evaluate_zero_shot: the backbone's ImageNet features on the
     test split at the grid's image size, written to runs/<prefix>_<backbone>_zero_shot/eval."""
-    return {"backbone": backbone, "data_root": str(args.data_root or train.DATASET_ROOTS[args.dataset]),
+    return {"backbone": backbone, "data_root": str(args.data_root or catalogue.DATASET_ROOTS[args.dataset]),
             "image_size": int(args.image_size), "split": "test", "test_fraction": args.test_fraction,
             "output": str(zero_shot_paths(args, backbone).eval_dir),
             "batch_size": args.eval_batch_size or args.val_batch_size, "workers": args.workers,
@@ -467,7 +469,7 @@ def zero_shot_done(options: dict) -> bool:
     model, data = results.get("model") or {}, results.get("data") or {}
     return (model.get("backbone") == options["backbone"]
             and model.get("image_size") == options["image_size"]
-            and Path(data.get("root", "")).resolve() == datasets.detect_layout(options["data_root"])[0]
+            and Path(data.get("root", "")).resolve() == catalogue.detect_layout(options["data_root"])[0]
             and data.get("split") == options["split"]
             and data.get("test_fraction") in (None, options.get("test_fraction")))
 
@@ -695,7 +697,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     elapsed = time.perf_counter() - start
     command = getattr(args, "command_line", None)
     notes = (f"Command: `python train_multiple.py {shlex.join(command) if command is not None else '(API call)'}`"
-             f"  \nDataset: {args.dataset} ({args.data_root or train.DATASET_ROOTS[args.dataset]}), "
+             f"  \nDataset: {args.dataset} ({args.data_root or catalogue.DATASET_ROOTS[args.dataset]}), "
              f"image size {args.image_size}, epochs {args.epochs}, weights {args.weights}; "
              f"evaluated checkpoint: {args.eval_checkpoint}.pth. This invocation took "
              f"{elapsed / 60:.1f} min.")

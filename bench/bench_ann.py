@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import ann  # noqa: E402
+from search import ann  # noqa: E402
 import retrieval  # noqa: E402
 
 SOP_TEST_SIZE = 60_502

@@ -6,7 +6,7 @@
 Gallery: ``--images`` synthetic JPEGs (random sides 300-600 px, gradients and shapes drawn
 with PIL, seeded) in ``--categories`` folders under ``--workdir`` (default /tmp; generated
 once, reused when the settings match, never timed). Model: the backbone's zero-shot
-ImageNet features (evaluate.zero_shot_model); without the weights, random ones (noted in the
+ImageNet features (models.zero_shot_model); without the weights, random ones (noted in the
 JSON: the timing is the same). Passes, each a call of update_gallery_index:
 
 * ``full``: from scratch (force=True), every image embedded;
@@ -32,10 +32,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import evaluate  # noqa: E402
-import gallery  # noqa: E402
+from search import gallery  # noqa: E402
 import models  # noqa: E402
-from fileio import atomic_write_text  # noqa: E402
+from dataio.fileio import atomic_write_text  # noqa: E402
 
 MARKER = ".bench_generated.json"  # hidden: the scan skips it (counted as a non-image)
 
@@ -143,10 +142,10 @@ def pass_summary(report: dict) -> dict:
 def load_model(backbone: str, image_size: int):
     """(zero-shot model, weights name, note): ImageNet weights, else random ones."""
     try:
-        return evaluate.zero_shot_model(backbone, "imagenet", image_size), "imagenet", None
+        return models.zero_shot_model(backbone, "imagenet", image_size), "imagenet", None
     except models.WeightsUnavailableError as e:
         note = f"ImageNet weights unavailable ({e}); random weights, same cost per image"
-        return evaluate.zero_shot_model(backbone, "none", image_size), "none", note
+        return models.zero_shot_model(backbone, "none", image_size), "none", note
 
 
 def main(args) -> dict:
@@ -159,7 +158,7 @@ def main(args) -> dict:
     index_path.unlink(missing_ok=True)
 
     model, weights, note = load_model(args.backbone, args.image_size)
-    key = gallery.zero_shot_model_key(args.backbone, weights, args.image_size)
+    key = models.zero_shot_model_key(args.backbone, weights, args.image_size)
     run = {"model": model, "root": root, "index_path": index_path, "model_key": key,
            "batch_size": args.batch_size, "workers": args.workers, "progress": sys.stderr.isatty()}
 

@@ -33,6 +33,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import app_stanford  # noqa: E402
 import datasets  # noqa: E402
+from dataio import catalogue
 import models  # noqa: E402
 import retrieval  # noqa: E402
 
@@ -79,7 +80,7 @@ def main(args):
     index = retrieval.GalleryIndex(
         embeddings=emb, paths=[f"bicycle_final/{i}.JPG" for i in range(args.gallery_size)],
         class_ids=np.arange(args.gallery_size) // 5,
-        super_ids=rng.integers(1, len(datasets.SOP_CATEGORIES) + 1, args.gallery_size),
+        super_ids=rng.integers(1, len(catalogue.SOP_CATEGORIES) + 1, args.gallery_size),
         checkpoint_hash="bench")
     # the default-layout twin of the model, for the reference forward time (26.5 ms on an idle machine of this kind)
     model_nchw = models.build_model(args.backbone, embedding_size=args.embedding_size,

@@ -50,9 +50,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import datasets  # noqa: E402
-import fileio  # noqa: E402
-import prepare_data  # noqa: E402
-import synthetic_sop  # noqa: E402
+from dataio import fileio  # noqa: E402
+from dataio import prepare_data  # noqa: E402
+from dataio import synthetic_sop  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 import retrieval  # noqa: E402

@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import datasets  # noqa: E402
-import evaluate  # noqa: E402
 import models  # noqa: E402
 import retrieval  # noqa: E402
 
@@ -50,7 +49,7 @@ def product_metrics(emb, ds) -> dict:
 
 
 def main(args) -> dict:
-    model = evaluate.zero_shot_model(args.backbone, "imagenet", args.image_size)
+    model = models.zero_shot_model(args.backbone, "imagenet", args.image_size)
     train, _ = features(model, args.data_root, "train", args.image_size)
     test, test_set = features(model, args.data_root, "test", args.image_size)
     fit = torch.from_numpy(train)

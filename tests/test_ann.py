@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-import ann
-import fastscan
+from search import ann
+from search import fastscan
 import retrieval
 
 needs_kernel = pytest.mark.skipif(not fastscan.available(), reason="no C compiler for the float16 kernel")

@@ -29,6 +29,7 @@ if str(REPO) not in sys.path:
 
 import app_stanford  # noqa: E402
 import datasets  # noqa: E402
+from dataio import catalogue  # noqa: E402
 import models  # noqa: E402
 
 IMAGE_SIZE = 48
@@ -252,14 +253,14 @@ def test_engine_matches_brute_force(tiny, category):
         for r in out["results"]:
             assert r["catalogue_path"] == index.paths[r["index"]]
             assert r["product_id"] == str(index.class_ids[r["index"]])  # SOP: the class id as a string
-            assert r["category"] == datasets.SOP_CATEGORIES[index.super_ids[r["index"]] - 1]
+            assert r["category"] == catalogue.SOP_CATEGORIES[index.super_ids[r["index"]] - 1]
             if category != "All":
                 assert r["category"] == category
 
 
 def test_k_larger_than_category_returns_what_exists(tiny):
     engine, index = tiny["engine"], tiny["index"]
-    n_mugs = int((index.super_ids == datasets.SOP_CATEGORIES.index("mug") + 1).sum())
+    n_mugs = int((index.super_ids == catalogue.SOP_CATEGORIES.index("mug") + 1).sum())
     out = engine.search_file(tiny["gallery"].paths[0], k=app_stanford.MAX_K, category="mug")
     assert len(out["results"]) == min(n_mugs, app_stanford.MAX_K)
     assert all(r["index"] >= 0 for r in out["results"])
@@ -490,7 +491,7 @@ def test_newest_best_checkpoint_is_found(tmp_path, tiny):
 
 
 def test_data_root_defaults_to_the_checkpoints(tiny):
-    assert Path(app_stanford.default_data_root(tiny["model"])) == tiny["data_root"]
+    assert Path(catalogue.default_data_root(tiny["model"].checkpoint_info["args"])) == tiny["data_root"]
 
 
 def test_index_is_reused_then_rebuilt_when_checkpoint_or_images_change(tmp_path, tiny):

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-import catalogue
+from dataio import catalogue
 import datasets
 import evaluate
 import models
-import prepare_data
+from dataio import prepare_data
 
 
 def jpeg(path, seed=0, size=(40, 30)):
@@ -217,7 +217,7 @@ def test_convert_sop_to_csv_and_folder(tmp_path, tiny_synthetic_root):
     folder = prepare_data.convert_catalogue(csv_root, tmp_path / "tree", "folder", progress=False)
     table = catalogue.scan_folder_tree(folder)
     assert len(table.rel_paths) == len(catalogue.read_catalogue(tiny_synthetic_root).rel_paths)
-    assert set(table.categories) == set(datasets.SOP_CATEGORIES)
+    assert set(table.categories) == set(catalogue.SOP_CATEGORIES)
     with pytest.raises(ValueError, match=r"holds a folder catalogue, not sop \(--from\)"):
         prepare_data.convert_catalogue(folder, tmp_path / "x", "csv", from_layout="sop")
     with pytest.raises(FileExistsError, match="exists and is not empty"):
@@ -280,7 +280,7 @@ def test_identical_metrics_in_every_layout(tmp_path, synthetic_root):
     from_csv2, r2 = _metrics(ckpt, csv_nosplit, tmp_path, "csv2")
     assert r1["data"]["layout"] == "folder" and r2["data"]["layout"] == "csv"
     assert from_tree == from_csv2
-    assert set(from_tree["per_category"]) <= set(datasets.SOP_CATEGORIES)
+    assert set(from_tree["per_category"]) <= set(catalogue.SOP_CATEGORIES)
     json.dumps(from_tree)  # results stay JSON
 
 
@@ -306,15 +306,15 @@ def test_resize_copy_of_a_tree_or_csv(tmp_path, to_csv):
 
 def test_sop_layout_names_categories_after_their_folders(tmp_path, synthetic_root):
     # SOP itself: the folders are SOP's names
-    assert datasets.SOPDataset(synthetic_root, "test").categories == datasets.SOP_CATEGORIES
+    assert datasets.SOPDataset(synthetic_root, "test").categories == catalogue.SOP_CATEGORIES
     # a folder of groceries in SOP's layout (super_class_id 1 under grocery_final/)
     (tmp_path / "Ebay_test.txt").write_text("image_id class_id super_class_id path\n"
                                             "1 1 1 grocery_final/1_0.JPG\n2 1 1 grocery_final/1_1.JPG\n"
                                             "3 2 3 misc/2_0.JPG\n4 2 3 other/2_1.JPG\n")
     ds = datasets.SOPDataset(tmp_path, "test", check_files=False)
     assert ds.categories[0] == "grocery"
-    assert ds.categories[2] == datasets.SOP_CATEGORIES[2]  # two folders: SOP's name stays
-    assert ds.categories[1:] == datasets.SOP_CATEGORIES[1:]
+    assert ds.categories[2] == catalogue.SOP_CATEGORIES[2]  # two folders: SOP's name stays
+    assert ds.categories[1:] == catalogue.SOP_CATEGORIES[1:]
 
 
 def test_tree_to_tree_keeps_folder_names_and_run_is_named_after_the_folder(tmp_path):

@@ -19,8 +19,10 @@ import torchvision.transforms as T
 from PIL import Image
 
 import datasets
-import prepare_data
-import synthetic_sop
+
+from dataio import catalogue
+from dataio import prepare_data
+from dataio import synthetic_sop
 
 HEADER = "image_id class_id super_class_id path\n"
 
@@ -39,14 +41,14 @@ def tree_digest(root):
 # ============ parsing and errors for bad input ============
 
 def test_read_ebay_file(synthetic_root):
-    train = datasets.read_ebay_file(synthetic_root / "Ebay_train.txt")
-    test = datasets.read_ebay_file(synthetic_root / "Ebay_test.txt")
+    train = catalogue.read_ebay_file(synthetic_root / "Ebay_train.txt")
+    test = catalogue.read_ebay_file(synthetic_root / "Ebay_test.txt")
     assert train.image_ids.tolist() == list(range(1, len(train.image_ids) + 1))
     assert train.class_ids.dtype == np.int64 and train.super_ids.dtype == np.int64
     assert set(np.unique(train.class_ids)) == set(range(1, 31))      # 60 products: 30 + 30
     assert set(np.unique(test.class_ids)) == set(range(31, 61))
     for sid, rel in zip(train.super_ids, train.rel_paths):
-        assert rel.startswith(datasets.SOP_CATEGORIES[sid - 1] + "_final/")
+        assert rel.startswith(catalogue.SOP_CATEGORIES[sid - 1] + "_final/")
 
 
 @pytest.mark.parametrize("lines, match", [
@@ -58,7 +60,7 @@ def test_read_ebay_file(synthetic_root):
 def test_malformed_line_names_file_and_line(tmp_path, lines, match):
     (tmp_path / "Ebay_train.txt").write_text(HEADER + "\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=match):
-        datasets.read_ebay_file(tmp_path / "Ebay_train.txt")
+        catalogue.read_ebay_file(tmp_path / "Ebay_train.txt")
     with pytest.raises(ValueError, match=match):
         datasets.SOPDataset(tmp_path, "train", check_files=False)
 
@@ -66,7 +68,7 @@ def test_malformed_line_names_file_and_line(tmp_path, lines, match):
 def test_wrong_header(tmp_path):
     (tmp_path / "Ebay_train.txt").write_text("id class path\n1 1 a.JPG\n")
     with pytest.raises(ValueError, match=r"Ebay_train\.txt:1: expected the header"):
-        datasets.read_ebay_file(tmp_path / "Ebay_train.txt")
+        catalogue.read_ebay_file(tmp_path / "Ebay_train.txt")
 
 
 def test_missing_root_names_path_and_command(tmp_path):
@@ -129,11 +131,11 @@ def test_validation_split_product_disjoint_seeded(synthetic_root):
 def test_split_validation_fraction_on_sop_sized_ids():
     rng = np.random.default_rng(0)
     class_ids = np.repeat(np.arange(1, 11319), rng.integers(2, 10, 11318))
-    is_val = datasets.split_validation(class_ids, 0.1, seed=0)
+    is_val = catalogue.split_validation(class_ids, 0.1, seed=0)
     assert len(np.unique(class_ids[is_val])) == 1132                     # the original project's 1,132
     assert not set(class_ids[is_val]) & set(class_ids[~is_val])
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        datasets.split_validation(class_ids, 1.5)
+        catalogue.split_validation(class_ids, 1.5)
 
 
 # ============ images and transforms ============
@@ -364,9 +366,9 @@ def test_pk_sampler_in_dataloader(synthetic_root):
 def test_synthetic_layout(synthetic_root):
     names = {p.name for p in synthetic_root.iterdir()}
     assert {"Ebay_train.txt", "Ebay_test.txt", "Ebay_info.txt", ".complete"} <= names
-    assert {f"{c}_final" for c in datasets.SOP_CATEGORIES} <= names
+    assert {f"{c}_final" for c in catalogue.SOP_CATEGORIES} <= names
     assert (synthetic_root / "Ebay_train.txt").read_text().startswith(HEADER)
-    info = datasets.read_ebay_file(synthetic_root / "Ebay_info.txt")
+    info = catalogue.read_ebay_file(synthetic_root / "Ebay_info.txt")
     for split, ids in (("trainval", range(1, 31)), ("test", range(31, 61))):
         ds = datasets.SOPDataset(synthetic_root, split)
         assert set(ds.class_ids) == set(ids)
@@ -374,7 +376,7 @@ def test_synthetic_layout(synthetic_root):
         _, per_product = np.unique(ds.class_ids, return_counts=True)
         assert per_product.min() >= 2 and per_product.max() <= 12
         for rel, sid in zip(ds.rel_paths, ds.super_ids):
-            assert re.fullmatch(rf"{datasets.SOP_CATEGORIES[sid - 1]}_final/\d{{12}}_\d+\.JPG", rel)
+            assert re.fullmatch(rf"{catalogue.SOP_CATEGORIES[sid - 1]}_final/\d{{12}}_\d+\.JPG", rel)
         img = Image.open(ds.paths[0])
         assert img.format == "JPEG" and img.size == (48, 48)
     assert len(info.rel_paths) == len(list(synthetic_root.glob("*_final/*.JPG")))
@@ -510,8 +512,8 @@ def test_download_extracts_hand_placed_archive_and_checks_counts(tiny_synthetic_
 
 
 def _expected_counts(root):
-    tv = datasets.read_ebay_file(root / "Ebay_train.txt")
-    te = datasets.read_ebay_file(root / "Ebay_test.txt")
+    tv = catalogue.read_ebay_file(root / "Ebay_train.txt")
+    te = catalogue.read_ebay_file(root / "Ebay_test.txt")
     return {"images": len(tv.rel_paths) + len(te.rel_paths), "train_rows": len(tv.rel_paths),
             "test_rows": len(te.rel_paths)}
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import datasets
+
+from dataio import catalogue
 import evaluate
 import models
 import retrieval
@@ -50,7 +52,7 @@ def test_evaluate_end_to_end_with_cache(synthetic_root, tmp_path, monkeypatch):
     assert set(saved["embedding_stats"]) == {"mean", "std", "norm_mean", "dim_std_mean", "mean_cosine"}
     assert saved["embedding_stats"]["norm_mean"] == pytest.approx(1, abs=1e-5)
     assert saved["timing"]["extract_s"] > 0 and saved["timing"]["cached"] is False
-    cats = {datasets.SOP_CATEGORIES[s - 1] for s in np.unique(test_set.super_ids)}
+    cats = {catalogue.SOP_CATEGORIES[s - 1] for s in np.unique(test_set.super_ids)}
     assert set(saved["per_category"]) == cats
     assert sum(c["num_queries"] for c in saved["per_category"].values()) == len(test_set)
 
@@ -216,7 +218,7 @@ def test_zero_shot_row_is_skipped_when_the_imagenet_weights_are_unavailable(synt
 
     def unavailable(*a, **k):
         raise models.WeightsUnavailableError("offline")
-    monkeypatch.setattr(evaluate, "zero_shot_model", unavailable)
+    monkeypatch.setattr(models, "zero_shot_model", unavailable)
     results = run(["--checkpoint", str(ckpt), "--workers", "0", "--device", "cpu", "--no-progress",
                    "--num_examples", "0", "--output", str(tmp_path / "out")])
     assert "zero_shot" not in results and 0 <= results["product"]["recall@1"] <= 1

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-import ann
+from search import ann
 import datasets
-import gallery
+from search import gallery
 import models
 import retrieval
 
@@ -371,8 +371,8 @@ def test_gallery_index_file_stats_shape_is_checked():
 
 
 def test_zero_shot_model_key():
-    assert gallery.zero_shot_model_key("efficientnet_lite0", "imagenet", 224) == \
-        "zero_shot:efficientnet_lite0:imagenet:224px"
+    assert models.zero_shot_model_key("efficientnet_lite0", "imagenet", 224) == \
+        "zero_shot:zero_shot_efficientnet_lite0_224px"
 
 
 def test_loader_workers_give_the_same_index(model, tmp_path):

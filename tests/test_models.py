@@ -15,7 +15,7 @@ import pytest
 import torch
 import torchvision
 
-import fileio
+from dataio import fileio
 import models
 from models import (BACKBONES, CHECKPOINT_FORMAT_VERSION, CheckpointError, WeightsUnavailableError,
                     atomic_save, build_imagenet_classifier, build_model, checkpoint_hash,

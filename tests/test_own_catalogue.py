@@ -15,6 +15,7 @@ from test_catalogue import jpeg
 
 import app_stanford
 import datasets
+from dataio import catalogue
 import evaluate
 import models
 import train
@@ -27,7 +28,7 @@ FREE_NAMES = ["Kitchen & Dining", "Gartenmöbel", "Office chairs"]
 def free_name_tree(src, dst):
     """The images of the SOP-layout ``src`` as ``dst/<free category>/<product>/<image>``:
     SOP's 12 categories folded onto FREE_NAMES."""
-    table = datasets.read_catalogue(src)
+    table = catalogue.read_catalogue(src)
     for rel, product, sid in zip(table.rel_paths, table.product_ids, table.super_ids.tolist()):
         target = dst / FREE_NAMES[(sid - 1) % 3] / f"item {product}" / Path(rel).name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -190,7 +191,7 @@ def test_gallery_zero_shot_and_bad_folders(tmp_path, capsys):
         zs = ["--zero_shot", "--backbone", "resnet18", "--weights", "none", "--image_size", "32",
               "--build_index", "--workers", "0", "--device", "cpu"]
         index = app_main(*zs, "--gallery", root)
-        assert len(index) == 9 and index.checkpoint_hash.startswith("zero_shot:resnet18:none:32")
+        assert len(index) == 9 and index.checkpoint_hash.startswith("zero_shot:zero_shot_resnet18_32px_none")
         assert list((monkey_runs / "runs" / "zero_shot_resnet18_32px_none").glob("gallery_shop_*.npz"))
         (tmp_path / "empty").mkdir()
         with pytest.raises(SystemExit, match=r"Cannot index the gallery .*empty"):

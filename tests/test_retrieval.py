@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import fileio
+from dataio import fileio
 import retrieval
 
 # ============ helpers ============

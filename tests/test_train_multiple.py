@@ -303,7 +303,7 @@ def test_grid_on_a_folder_tree_uses_its_split_for_every_row(tiny_sop, tmp_path, 
     tree's categories."""
     import json
 
-    import prepare_data
+    from dataio import prepare_data
 
     monkeypatch.chdir(tmp_path)
     root = prepare_data.convert_catalogue(tiny_sop, tmp_path / "tree", "folder", progress=False)

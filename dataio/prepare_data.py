@@ -30,8 +30,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-import catalogue
-import fileio
+from dataio import catalogue
+from dataio import fileio
 from datasets import (
     DEFAULT_TEST_FRACTION,
     IMAGE_ERRORS,

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fileio import atomic_write_text
+from dataio.fileio import atomic_write_text
 
 logger = logging.getLogger("catalogue")
 
@@ -49,10 +49,25 @@ TEST_SPLIT_SEED = 0
 COMPLETE_MARKER = ".complete"
 DEFAULT_TEST_FRACTION = 0.5  # SOP's own split is about half of the products
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# --dataset name -> its default folder (the one table; --data_root overrides it)
+DATASET_ROOTS = {"stanford": "data/Stanford_Online_Products", "synthetic": "data/synthetic_sop"}
 DOWNLOAD_HINT = ("python datasets.py download --root data/  (real SOP, about 2.9 GB), "
                  "python datasets.py synthetic --root data/synthetic_sop  (offline stand-in), or "
                  "your own photos as <category>/<product>/<image> or a catalogue.csv "
                  "(README, 'Bring your own photos')")
+
+
+def default_data_root(train_args: dict | None) -> str:
+    """The data root a run was trained on: its ``data_root``, else its ``dataset``'s folder in
+    `DATASET_ROOTS` (a run of ``--dataset synthetic`` without ``--data_root`` stores null)."""
+    train_args = train_args or {}
+    if train_args.get("data_root"):
+        return str(train_args["data_root"])
+    dataset = train_args.get("dataset") or "stanford"
+    if dataset not in DATASET_ROOTS:
+        raise ValueError(f"the checkpoint was trained on dataset {dataset!r}, which has no default "
+                         f"folder (known: {sorted(DATASET_ROOTS)}): pass --data_root")
+    return DATASET_ROOTS[dataset]
 
 
 def is_image_name(name) -> bool:

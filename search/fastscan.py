@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-import fileio
+from dataio import fileio
 
 logger = logging.getLogger(__name__)
 

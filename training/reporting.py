@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 
 import datasets
-import fileio
+
+from dataio import catalogue
+from dataio import fileio
 import retrieval
 
 
@@ -25,7 +27,7 @@ def pct(v, missing: str = "") -> str:
 def category_name(super_id: int, categories=None) -> str:
     """The name of category ``super_id`` (1-based) among ``categories`` (the dataset's
     names; default SOP's 12); the number itself when out of range."""
-    names = datasets.SOP_CATEGORIES if categories is None else categories
+    names = catalogue.SOP_CATEGORIES if categories is None else categories
     sid = int(super_id)
     return names[sid - 1] if 1 <= sid <= len(names) else str(sid)
 

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-import ann
-import catalogue
+from search import ann
+from dataio import catalogue
 import retrieval
 
 logger = logging.getLogger("gallery")
@@ -133,12 +133,6 @@ def _no_image_message(root: Path, seen: int, skipped: list) -> str:
 
 
 # ============ the index contents ============
-
-def zero_shot_model_key(backbone: str, weights: str, image_size: int) -> str:
-    """Model key of pretrained features (a checkpoint's key is `models.checkpoint_hash`):
-    ``"zero_shot:<backbone>:<weights>:<size>px"``."""
-    return f"zero_shot:{backbone}:{weights}:{int(image_size)}px"
-
 
 
 def category_of(rel_path: str) -> str:
