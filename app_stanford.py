@@ -60,6 +60,7 @@ import torch
 from PIL import Image
 
 from dataio import catalogue
+from dataio import photos
 import datasets
 import evaluate
 from search import gallery
@@ -90,7 +91,7 @@ def load_query_image(path, max_pixels=40_000_000, draft_size=None):
 
     Checks, in order, before any pixel data is decoded: the file exists and is not empty;
     Pillow recognises it as one of QUERY_FORMATS; width × height <= ``max_pixels`` (a PNG
-    can declare 50,000 × 50,000 in a 100-byte file). Decoding is `datasets.load_image` — the
+    can declare 50,000 × 50,000 in a 100-byte file). Decoding is `photos.load_image` — the
     gallery's own loader, so a gallery photo uploaded as a query embeds exactly as in the
     index: JPEG draft mode at ``draft_size``, EXIF orientation applied, palette / alpha /
     LA / CMYK / 16-bit grey converted to RGB (transparency onto white).
@@ -119,7 +120,7 @@ def load_query_image(path, max_pixels=40_000_000, draft_size=None):
         raise QueryError(f"The image is {w}×{h} pixels ({w * h / 1e6:.0f} megapixels); the limit "
                          f"is {max_pixels / 1e6:.0f} megapixels. Upload a smaller photo.")
     try:
-        return datasets.load_image(path, size=draft_size)
+        return photos.load_image(path, size=draft_size)
     except Exception as e:  # whatever a broken file makes a Pillow plugin raise is the file's fault
         truncated = "truncated" in str(e).lower() or isinstance(e, (EOFError, SyntaxError))
         raise QueryError("The image file is truncated or corrupt: it could not be decoded completely. "
@@ -753,7 +754,7 @@ def dataset_index(model, checkpoint, model_key, model_name, args):
                                        force=args.rebuild_index, index_type=args.index_type,
                                        model_key=model_key,
                                        splits=datasets.split_options(info.get("args"), args.test_fraction))
-    except (FileNotFoundError, NotADirectoryError, ValueError, datasets.DatasetError) as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError, catalogue.DatasetError) as e:
         sys.exit(f"Cannot build the gallery from {data_root}: {e}\nPass --data_root DIR (a dataset: "
                  "Ebay files, a catalogue.csv or a <category>/<product>/<image> tree), or "
                  "--gallery DIR to search any folder of photos.")

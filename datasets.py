@@ -1,14 +1,11 @@
 """Datasets for training and evaluation: transforms, the dataset over any catalogue layout,
-P×K batches and DataLoader settings.
+P×K batches and DataLoader settings; and the data command line.
 
-The layouts (SOP's ``Ebay_*.txt`` files, a ``catalogue.csv``, a ``<category>/<product>/<image>``
-tree), their parsing and the splits live in catalogue.py (its names used here are re-exported:
-``read_ebay_file``, ``split_validation``, ``SOP_CATEGORIES``, ...). Generating the synthetic
-stand-in lives in synthetic_sop.py; downloading, verifying, resizing, converting and the
-statistics of a dataset in prepare_data.py (``make_synthetic_sop`` and
-``ensure_synthetic_sop`` are re-exported here, the stable API).
+Below it, in dataio/: the layouts and their splits (catalogue.py), photo decoding (photos.py),
+the synthetic stand-in (synthetic_sop.py), download / resize / convert (prepare_data.py) and
+the atomic writers (fileio.py). Nothing in dataio/ imports this module.
 
-Command line (prepare_data.py's; ``python datasets.py <command> --help`` for every flag)::
+Command line (``python datasets.py <command> --help`` for every flag)::
 
     python datasets.py synthetic --root data/synthetic_sop          # offline stand-in for SOP
     python datasets.py download  --root data/                       # real SOP, about 2.9 GB
@@ -17,59 +14,32 @@ Command line (prepare_data.py's; ``python datasets.py <command> --help`` for eve
     python datasets.py resize    --root data/Stanford_Online_Products --output data/sop_256 --size 256
     python datasets.py convert   --root my_photos --to csv --output my_photos
 """
-import json
+import argparse
 import logging
 import math
-import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision.transforms as T
-from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm import tqdm
 
 import models
-
-# the layouts' parsing lives in catalogue.py; these names are re-exported (the stable API)
-from dataio.catalogue import (  # noqa: F401
-    COMPLETE_MARKER,
-    DEFAULT_TEST_FRACTION,
-    DOWNLOAD_HINT,
-    EBAY_HEADER,
-    SOP_CATEGORIES,
-    SOP_DIRNAME,
-    EbayTable,
-    detect_layout,
-    format_paths,
-    log_skipped,
-    read_catalogue,
-    read_ebay_file,
-    safe_name,
-    set_verbose,
-    split_validation,
-)
+from dataio import catalogue, fileio
+from dataio.catalogue import (DEFAULT_TEST_FRACTION, DOWNLOAD_HINT, DatasetError, detect_layout, format_paths,
+                              log_skipped, read_catalogue, split_validation)
+from dataio.fileio import read_marker
+from dataio.photos import IMAGE_ERRORS, load_image, scan_bad_images
+from dataio.prepare_data import SOP_URL, convert_catalogue, download_sop, resize_dataset
+from dataio.synthetic_sop import ensure_synthetic_sop, make_synthetic_sop
 
 logger = logging.getLogger("datasets")
 
 # ============ constants ============
 
 SPLITS = ("train", "val", "test", "trainval")
-SOP_URL = "http://ftp.cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip"
-SOP_ZIPNAME = SOP_DIRNAME + ".zip"
-# Official counts; `check_sop_counts` compares a download against them.
-SOP_EXPECTED = {"images": 120_053, "train_rows": 59_551, "test_rows": 60_502}
-SYNTHETIC_VERSION = 2
-# Errors that mean "this file is not a readable image" (PIL raises all of these in practice).
-IMAGE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-class DatasetError(RuntimeError):
-    """A dataset on disk is missing, malformed or incomplete; the message says what to do."""
 
 
 class CorruptImagesError(DatasetError):
@@ -80,98 +50,7 @@ class CorruptImagesError(DatasetError):
         self.bad_paths = list(bad_paths)
 
 
-def _write_marker(folder, info):
-    """Last file written into a finished dataset folder (see COMPLETE_MARKER)."""
-    (Path(folder) / COMPLETE_MARKER).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-
-
-def read_marker(root):
-    """The dict stored in ``root/.complete``, or None when the folder is not complete."""
-    marker = Path(root) / COMPLETE_MARKER
-    if not marker.is_file():
-        return None
-    try:
-        return json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def is_complete(root):
-    """True when ``root`` was finished by this module (generation, download or resize)."""
-    return read_marker(root) is not None
-
-
-def _default_workers():
-    return min(os.cpu_count() or 1, 8)
-
-
-def _mp_context():
-    # fork starts in milliseconds; spawn would re-import torch in every worker.
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-
-
-def _make_tmp_dir(final):
-    """A fresh sibling of ``final`` (same filesystem, so a rename can publish it)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-
-
-def _publish_dir(tmp, final):
-    """Move a finished ``tmp`` folder to ``final``; an empty ``final`` is replaced,
-    an old complete dataset is swapped out and deleted only after the new one is in place."""
-    tmp, final = Path(tmp), Path(final)
-    old = None
-    if final.exists() and any(final.iterdir()):
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.rename(final, old / "data")
-    elif final.exists():
-        final.rmdir()
-    os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ============ image loading and transforms ============
-
-def _to_rgb(im):
-    """Any PIL mode → RGB: transparency goes onto white (product photos sit on white),
-    16/32-bit and float grey is rescaled to 8 bits instead of being clipped."""
-    if im.mode == "RGB":
-        return im
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if im.mode.startswith("I") or im.mode == "F":
-        arr = np.asarray(im).astype(np.float64)
-        if im.mode.startswith("I;16"):
-            arr = arr / 257.0
-        elif arr.size and arr.max() > 255:
-            arr = arr * (255.0 / arr.max())
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
-    return im.convert("RGB")   # L, 1, CMYK, YCbCr, LAB, HSV
-
-
-def load_image(path, size=None):
-    """Open an image file as an RGB PIL image, decoded completely (errors surface here).
-
-    ``size``: the side the caller will resize to. For a JPEG, ``Image.draft`` then lets
-    libjpeg decode at 1/2, 1/4 or 1/8 scale whenever both sides stay >= ``size`` — the
-    DCT scaling skips most of the decoding work, and no image ends up smaller than the
-    resize asks for. The EXIF orientation is applied; palette, alpha, CMYK and 16-bit
-    images become RGB (see ``_to_rgb``).
-    """
-    with Image.open(path) as im:
-        if size is not None and im.format == "JPEG":
-            im.draft("RGB", (int(size), int(size)))
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        return _to_rgb(im)
-
 
 def resize_size(image_size):
     """Side of the square resize before the crop: 256 for 224, as in the original project."""
@@ -211,37 +90,6 @@ def draft_size(transform):
         size = first.size
         return int(max(size)) if isinstance(size, (list, tuple)) else int(size)
     return None
-
-
-def check_image(path):
-    """None when ``path`` decodes completely, else a short reason (missing, zero-byte, ...)."""
-    try:
-        if os.path.getsize(path) == 0:
-            return "zero-byte file"
-        load_image(path)
-    except FileNotFoundError:
-        return "missing"
-    except IMAGE_ERRORS as e:
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def _check_image_item(path):
-    return path, check_image(path)
-
-
-def scan_bad_images(paths, workers=None, progress=True, desc="verify"):
-    """Decode every image in ``paths``; returns ``[(path, reason), ...]`` for the bad ones
-    (missing, zero-byte, truncated, not an image), in input order."""
-    paths = [str(p) for p in paths]
-    workers = _default_workers() if workers is None else workers
-    bar = dict(total=len(paths), desc=desc, unit="img", disable=not progress, smoothing=0.05)
-    if workers <= 1 or len(paths) < 256:
-        results = (_check_image_item(p) for p in paths)
-        return [(p, r) for p, r in tqdm(results, **bar) if r is not None]
-    with _mp_context().Pool(workers) as pool:
-        results = pool.imap(_check_image_item, paths, chunksize=64)
-        return [(p, r) for p, r in tqdm(results, **bar) if r is not None]
 
 
 # ============ SOPDataset ============
@@ -635,24 +483,199 @@ def build_batch_sampler(name, class_ids, batch_size=64, images_per_class=4, seed
     return PKSampler(class_ids, p, images_per_class, seed, num_replicas, rank)
 
 
+# ============ the command line: python datasets.py <command> ============
 
-# ============ the synthetic SOP (synthetic_sop.py), re-exported ============
+def dataset_stats(root, val_fraction=0.1, split_seed=0, test_fraction=DEFAULT_TEST_FRACTION):
+    """Rows of the original project's dataset table: ``{split: {images, products, categories,
+    images_per_product}}`` for train, val, test and total (total = trainval + test), on a
+    catalogue of any layout."""
+    sets = {s: SOPDataset(root, s, val_fraction=val_fraction, split_seed=split_seed, check_files=False,
+                          test_fraction=test_fraction)
+            for s in ("train", "val", "test")}
+    rows = {}
+    for name, parts in (("train", ["train"]), ("val", ["val"]), ("test", ["test"]),
+                        ("total", ["train", "val", "test"])):
+        cls = np.concatenate([sets[p].class_ids for p in parts])   # product ids are unique across splits
+        sup = np.concatenate([sets[p].super_ids for p in parts])
+        n_products = len(np.unique(cls))
+        rows[name] = {"images": int(len(cls)), "products": n_products,
+                      "categories": int(len(np.unique(sup))),
+                      "images_per_product": float(len(cls) / n_products)}
+    return rows, sets
 
-def make_synthetic_sop(root, num_products=1200, image_size=96, seed=0, workers=None, progress=False):
-    """synthetic_sop.make_synthetic_sop: write a synthetic SOP to ``root``."""
-    from dataio import synthetic_sop  # imported on use: training never needs the renderer
-    return synthetic_sop.make_synthetic_sop(root, num_products, image_size, seed, workers, progress)
+
+def format_stats_table(rows):
+    lines = ["| Split | Images | Products | Categories | Avg. Images/Product |",
+             "|-------|--------|----------|------------|---------------------|"]
+    for name, label in (("train", "Train"), ("val", "Validation"), ("test", "Test"), ("total", "**Total**")):
+        r = rows[name]
+        lines.append(f"| {label} | {r['images']:,} | {r['products']:,} | {r['categories']} | "
+                     f"{r['images_per_product']:.1f} |")
+    return "\n".join(lines)
 
 
-def ensure_synthetic_sop(root, num_products=1200, image_size=96, seed=0, workers=None, progress=False,
-                         replace=False):
-    """synthetic_sop.ensure_synthetic_sop: ``root``, generated when absent."""
-    from dataio import synthetic_sop
-    return synthetic_sop.ensure_synthetic_sop(root, num_products, image_size, seed, workers,
-                                              progress, replace)
+def plot_stats(sets, output):
+    """Figure: images per category for each split, and the images-per-product histogram."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    names = next(iter(sets.values())).categories  # the catalogue's, the same in every split
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, min(40, 0.6 * len(names) + 7)), 4.5))
+    x = np.arange(len(names))
+    for j, (name, ds) in enumerate(sets.items()):
+        counts = np.bincount(ds.super_ids - 1, minlength=len(names))
+        ax1.bar(x + (j - 1) * 0.27, counts, width=0.27, label=name)
+        _, per_product = np.unique(ds.class_ids, return_counts=True)
+        hist = np.bincount(per_product, minlength=13)
+        ax2.bar(np.arange(len(hist)) + (j - 1) * 0.27, hist, width=0.27, label=name)
+    ax1.set_xticks(x, names, rotation=40, ha="right")
+    ax1.set_ylabel("images")
+    ax1.set_title("Images per category")
+    ax1.legend()
+    ax2.set_xticks(range(1, 13))
+    ax2.set_xlabel("images per product")
+    ax2.set_ylabel("products")
+    ax2.set_title("Images per product")
+    ax2.legend()
+    fig.tight_layout()
+    fileio.atomic_write(output, lambda f: fig.savefig(f, dpi=120, format=output.suffix.lstrip(".") or "png"))
+    plt.close(fig)
+    return output
+
+
+# ============ command line ============
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        "datasets.py", description="Stanford Online Products: synthetic stand-in, download, "
+        "verification, statistics and a pre-resized copy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("synthetic", formatter_class=fmt,
+                       help="generate a synthetic SOP (offline stand-in, deterministic)",
+                       description="Generate a synthetic SOP with the real layout; skipped when "
+                       "--root already holds one made with the same arguments.")
+    p.add_argument("--root", default="data/synthetic_sop", help="output folder")
+    p.add_argument("--num_products", type=int, default=1200,
+                   help="products (half train, half test); 1200 gives about 6.6k images")
+    p.add_argument("--image_size", default="96",
+                   help="side in pixels, or MIN-MAX for SOP-like photo sizes (e.g. 300-600 "
+                   "for the throughput benchmark)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, max 8)")
+    p.add_argument("--force", action="store_true",
+                   help="regenerate even if complete; also needed to replace a synthetic SOP "
+                        "made with other settings (refused without it)")
+
+    p = sub.add_parser("download", formatter_class=fmt,
+                       help="download and extract the real SOP (about 2.9 GB)",
+                       description="Download Stanford_Online_Products.zip into --root (resumable), "
+                       "test it, extract to --root/Stanford_Online_Products and check the counts. "
+                       "If the archive is already at --root/Stanford_Online_Products.zip it is used.")
+    p.add_argument("--root", default="data", help="parent folder for the archive and the dataset")
+    p.add_argument("--url", default=SOP_URL)
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds before giving up on the server")
+    p.add_argument("--delete_zip", action="store_true", help="delete the archive after extraction")
+
+    p = sub.add_parser("verify", formatter_class=fmt, help="decode every image and list bad files",
+                       description="Decode every listed image; exit code 1 if any is missing, "
+                       "empty, truncated or not an image.")
+    p.add_argument("--root", required=True, help="dataset folder (any layout: Ebay files, catalogue.csv, tree)")
+    p.add_argument("--split", default="all", choices=["all", *SPLITS])
+    p.add_argument("--test_fraction", type=float, default=DEFAULT_TEST_FRACTION,
+                   help="a catalogue without a split: share of the products in test")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, max 8)")
+
+    p = sub.add_parser("stats", formatter_class=fmt, help="print the dataset table and save a figure",
+                       description="Print images / products / categories / images per product for "
+                       "train, val, test and total, and save a distribution figure.")
+    p.add_argument("--root", required=True, help="dataset folder (any layout: Ebay files, catalogue.csv, tree)")
+    p.add_argument("--output", default="runs/dataset_stats.png", help="figure path ('' for none)")
+    p.add_argument("--val_fraction", type=float, default=0.1)
+    p.add_argument("--split_seed", type=int, default=0)
+    p.add_argument("--test_fraction", type=float, default=DEFAULT_TEST_FRACTION,
+                   help="a catalogue without a split: share of the products in test")
+    p.add_argument("--verbose", action="store_true", help="list every skipped non-image file")
+
+    p = sub.add_parser("convert", formatter_class=fmt, help="write a catalogue in another layout",
+                       description="Write the catalogue under --root (SOP's Ebay files, a catalogue.csv "
+                       "or a <category>/<product>/<image> tree) as a catalogue.csv (--to csv; with "
+                       "--output = --root only the CSV is written, beside the images) or as a tree "
+                       "(--to folder). Images are hard-linked (copied across filesystems) into a new "
+                       "--output, which must not exist or be empty.")
+    p.add_argument("--root", required=True, help="the catalogue to read")
+    p.add_argument("--from", dest="from_layout", default=None, choices=list(catalogue.LAYOUTS),
+                   help="the layout --root must hold (None: whatever it holds)")
+    p.add_argument("--to", required=True, choices=["csv", "folder"], help="layout to write")
+    p.add_argument("--output", required=True, help="destination folder (or --root itself for --to csv)")
+    p.add_argument("--test_fraction", type=float, default=DEFAULT_TEST_FRACTION,
+                   help="a catalogue without a split: share of the products drawn into test")
+    p.add_argument("--split", default=True, action=argparse.BooleanOptionalAction,
+                   help="--to csv: write the split column (--no-split: leave the split to "
+                        "--test_fraction when the CSV is read)")
+    p.add_argument("--verbose", action="store_true", help="list every skipped non-image file")
+
+    p = sub.add_parser("resize", formatter_class=fmt, help="write a pre-resized copy of a dataset",
+                       description="Copy a dataset with every image resized to SIZE×SIZE (the "
+                       "first step of the transforms: use round(image_size*256/224), 256 for 224 px).")
+    p.add_argument("--root", required=True, help="source dataset folder")
+    p.add_argument("--output", required=True, help="destination folder")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of the copies")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, max 8)")
+    return parser
+
+
+def main(args):
+    """Run one command; returns the exit code (0 ok, 1 bad data found or an error)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "synthetic":
+            t0 = time.perf_counter()
+            make = make_synthetic_sop if args.force else ensure_synthetic_sop
+            root = make(args.root, args.num_products, args.image_size, args.seed, args.workers, progress=True)
+            marker = read_marker(root)
+            print(f"{root}: {marker['train_images']} train + {marker['test_images']} test images, "
+                  f"{args.num_products} products ({time.perf_counter() - t0:.1f} s)")
+        elif args.command == "download":
+            target = download_sop(args.root, args.url, args.timeout, keep_zip=not args.delete_zip)
+            print(f"SOP ready at {target}")
+        elif args.command == "verify":
+            root = catalogue.detect_layout(args.root)[0]
+            splits = ["trainval", "test"] if args.split == "all" else [args.split]
+            paths = []
+            for s in splits:
+                paths += SOPDataset(root, s, check_files=False, test_fraction=args.test_fraction).paths
+            bad = scan_bad_images(paths, workers=args.workers, progress=True)
+            for path, reason in bad:
+                print(f"BAD {path}: {reason}")
+            print(f"{len(paths) - len(bad)} of {len(paths)} images OK, {len(bad)} bad")
+            return 1 if bad else 0
+        elif args.command == "stats":
+            catalogue.set_verbose(args.verbose)
+            rows, sets = dataset_stats(args.root, args.val_fraction, args.split_seed, args.test_fraction)
+            print(format_stats_table(rows))
+            if args.output:
+                print(f"figure: {plot_stats(sets, args.output)}")
+        elif args.command == "convert":
+            catalogue.set_verbose(args.verbose)
+            out = convert_catalogue(args.root, args.output, args.to, args.from_layout,
+                                    args.test_fraction, write_split=args.split)
+            print(f"wrote {out}")
+        elif args.command == "resize":
+            print(f"resized copy at {resize_dataset(args.root, args.output, args.size, args.quality, args.workers)}")
+        else:
+            raise ValueError(f"unknown command {args.command!r}")
+    except (DatasetError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    from dataio import prepare_data  # the command line lives there
-
-    sys.exit(prepare_data.main(prepare_data.get_args_parser().parse_args()))
+    sys.exit(main(get_args_parser().parse_args()))

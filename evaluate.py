@@ -341,7 +341,7 @@ def main(args):
             results = evaluate_checkpoint(args.checkpoint, data_root=args.data_root,
                                           zero_shot_row=args.zero_shot_row, **common)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, models.CheckpointError,
-            datasets.DatasetError, models.WeightsUnavailableError,
+            catalogue.DatasetError, models.WeightsUnavailableError,
             ValueError) as e:  # ValueError: a malformed catalogue (file:line)
         raise SystemExit(f"evaluate.py: {e}") from None
     print_results(results)

@@ -829,8 +829,7 @@ class GalleryIndex:
         if not self.image_list_hash:
             self.image_list_hash = hash_paths(self.paths)
         if self.categories is None:
-            import datasets  # SOP's names, for indexes built before categories were stored
-            from dataio import catalogue
+            from dataio import catalogue  # SOP's names, for indexes built before categories were stored
             self.categories = list(catalogue.SOP_CATEGORIES)
         self.categories = [str(c) for c in self.categories]
         if n and (self.super_ids.min() < 1 or self.super_ids.max() > len(self.categories)):

@@ -69,6 +69,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import datasets
+from dataio import synthetic_sop
+from dataio import photos
 
 from dataio import catalogue
 from dataio import fileio
@@ -747,7 +749,7 @@ def add_projector(writer, dataset: datasets.SOPDataset, embeddings: np.ndarray, 
     thumbs = []
     for i in idx:
         try:
-            img = datasets.load_image(dataset.paths[i], size=thumb).resize((thumb, thumb))
+            img = photos.load_image(dataset.paths[i], size=thumb).resize((thumb, thumb))
             arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
         except Exception:  # a bad image gets a grey tile; it was already counted in training
             arr = torch.full((3, thumb, thumb), 128, dtype=torch.uint8)
@@ -944,7 +946,7 @@ def build_data(args: argparse.Namespace, image_size: int, device: torch.device, 
         # settings, a catalogue of another layout) is the user's choice and is read as it is.
         if rank == 0 and not (root.is_dir() and any(root.iterdir())):
             _log(rank, f"generating the synthetic SOP in {root} (once; a minute or two)")
-            datasets.ensure_synthetic_sop(root)
+            synthetic_sop.ensure_synthetic_sop(root)
         _barrier(world)
     try:
         splits = datasets.split_options(vars(args))
@@ -952,7 +954,7 @@ def build_data(args: argparse.Namespace, image_size: int, device: torch.device, 
                                         transform=datasets.build_transform(image_size, train=True))
         val_set = datasets.SOPDataset(root, args.val_split, **splits,
                                       transform=datasets.build_transform(image_size, train=False))
-    except (FileNotFoundError, NotADirectoryError, ValueError, datasets.DatasetError) as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError, catalogue.DatasetError) as e:
         hint = (" To try the pipeline offline, train on the synthetic stand-in: --dataset synthetic"
                 if args.dataset == "stanford" else "")
         raise TrainingStopped(f"{e}{hint}") from e
@@ -1256,7 +1258,7 @@ def cli(argv: list[str] | None = None) -> int:
     except ArgumentCheckError as e:
         parser.error(str(e))
     except (TrainingStopped, models.WeightsUnavailableError, models.CheckpointError,
-            datasets.DatasetError, FileNotFoundError) as e:
+            catalogue.DatasetError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0

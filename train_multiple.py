@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+from dataio import synthetic_sop
 
 from dataio import catalogue
 import losses
@@ -663,7 +664,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             and Path(args.data_root or "") == Path(QUICK_DATASET["root"])):
         # train.py would generate its default (larger) synthetic SOP here; the quick one is ours
         _banner(f"synthetic SOP for --quick: {args.data_root}")
-        datasets.ensure_synthetic_sop(args.data_root, num_products=QUICK_DATASET["num_products"],
+        synthetic_sop.ensure_synthetic_sop(args.data_root, num_products=QUICK_DATASET["num_products"],
                                       image_size=QUICK_DATASET["image_size"],
                                       replace=True)  # --quick's own folder
     statuses = {ns.run_name: process_run(args, i, len(plan), ns, logs)
@@ -714,7 +715,7 @@ def cli(argv: list[str] | None = None) -> int:
     args.command_line = list(sys.argv[1:] if argv is None else argv)  # quoted in comparison.md
     try:
         rows = main(args)
-    except (OSError, datasets.DatasetError) as e:  # e.g. the --quick data folder is taken
+    except (OSError, catalogue.DatasetError) as e:  # e.g. the --quick data folder is taken
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     failed = [r["run"] for r in rows if r.get("error")]

@@ -33,6 +33,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import app_stanford  # noqa: E402
 import datasets  # noqa: E402
+from dataio import synthetic_sop  # noqa: E402
+from dataio import photos  # noqa: E402
 from dataio import catalogue
 import models  # noqa: E402
 import retrieval  # noqa: E402
@@ -66,7 +68,7 @@ def main(args):
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="bench_search_"))
     if args.query is None:
-        root = datasets.make_synthetic_sop(tmp / "sop", num_products=2, image_size="480-640")
+        root = synthetic_sop.make_synthetic_sop(tmp / "sop", num_products=2, image_size="480-640")
         query = datasets.SOPDataset(root, "test").paths[0]
     else:
         query = args.query
@@ -88,10 +90,10 @@ def main(args):
     model_nchw.load_state_dict(model.state_dict())
     engine = app_stanford.SearchEngine(model, index, tmp)  # converts `model` to channels_last
     engine.warm_up()
-    x = engine.prepare(datasets.load_image(query, engine.resize)).clone(
+    x = engine.prepare(photos.load_image(query, engine.resize)).clone(
         memory_format=torch.channels_last)
     x_nchw = x.contiguous()
-    q = engine.embed(datasets.load_image(query, engine.resize))
+    q = engine.embed(photos.load_image(query, engine.resize))
 
     def forward():  # exactly the app's forward: same model object, same input layout
         with torch.inference_mode():

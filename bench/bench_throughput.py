@@ -185,10 +185,10 @@ def synthetic_root(cache_dir, num_images, size_range, workers=None):
     lo, hi = synthetic_sop._parse_image_size(size_range)
     num_products = max(100, int(math.ceil(num_images / 2.2 / 100.0)) * 100)
     root = Path(cache_dir) / f"sop_{lo}-{hi}_p{num_products}"
-    if not datasets.is_complete(root):
+    if not fileio.is_complete(root):
         print(f"bench_throughput: generating a synthetic SOP ({num_products} products, {lo}-{hi} px) "
               f"in {root} (once)", file=sys.stderr)
-    return datasets.ensure_synthetic_sop(root, num_products=num_products, image_size=(lo, hi),
+    return synthetic_sop.ensure_synthetic_sop(root, num_products=num_products, image_size=(lo, hi),
                                          workers=workers, replace=True)  # our own cache
 
 
@@ -196,7 +196,7 @@ def resized_copy(src_root, dst_root, image_size):
     """``dst_root`` as a ``datasets.py resize`` copy of ``src_root`` at the transform's resize
     size; made once when it is not one already."""
     size = datasets.resize_size(image_size)
-    marker = datasets.read_marker(dst_root) or {}
+    marker = fileio.read_marker(dst_root) or {}
     if marker.get("source") == "resize" and marker.get("size") == size:
         return Path(dst_root)
     if marker.get("source") == "resize":
@@ -249,7 +249,7 @@ def get_args_parser():
     p.add_argument("--persistent_workers", default=None, action=argparse.BooleanOptionalAction)
     p.add_argument("--prefetch_factor", type=int, default=None)
     p.add_argument("--draft", default=True, action=argparse.BooleanOptionalAction,
-                   help="JPEG draft-mode decoding at reduced scale (datasets.load_image); "
+                   help="JPEG draft-mode decoding at reduced scale (photos.load_image); "
                         "--no-draft decodes every JPEG at full size")
     # data
     p.add_argument("--data_root", default=None,

@@ -7,7 +7,7 @@ object (stdout) with a pass/fail, figures and peak GPU memory for every step.
 
 Steps (each one calls the project's own entry points; none has training code of its own):
 
-  synthetic_data         datasets.ensure_synthetic_sop: a small synthetic SOP (default 240
+  synthetic_data         synthetic_sop.ensure_synthetic_sop: a small synthetic SOP (default 240
                          products of 256 px JPEGs) under <workdir>/sop, used by the steps below
   train_amp_resume_eval  `python train.py` 2 epochs at 224 px with AMP and channels_last
                          (finite losses in metrics.csv, last.pth written, GradScaler state with
@@ -202,7 +202,7 @@ def build_plan(args, workdir: Path) -> list[dict]:
     amp_ckpt = w / "checkpoints" / "gpu_amp" / "last.pth"
     steps = {
         "synthetic_data": ("a small synthetic SOP for the training, evaluation and search steps", [
-            {"label": "generate", "call": f"in-process: datasets.ensure_synthetic_sop({str(w / 'sop')!r}, "
+            {"label": "generate", "call": f"in-process: synthetic_sop.ensure_synthetic_sop({str(w / 'sop')!r}, "
                                           f"num_products={args.num_products}, "
                                           f"image_size={args.data_image_size}, replace=True)"}]),
         "train_amp_resume_eval": ("train 2 epochs with AMP + channels_last, resume for a 3rd, evaluate", [
@@ -536,8 +536,8 @@ class Context:
 
 
 def _need_data(ctx: Context) -> None:
-    import datasets
-    if not datasets.is_complete(ctx.sop):
+    from dataio import fileio
+    if not fileio.is_complete(ctx.sop):
         raise StepFailed(f"the synthetic dataset {ctx.sop} is missing or incomplete: the "
                          "synthetic_data step did not finish (see its error)")
 
@@ -605,14 +605,14 @@ def _check_scaler(step: Step, run: str, ckpt: dict, rows: list[dict], world: int
 # ============ the steps ============
 
 def step_synthetic_data(step: Step) -> None:
-    import datasets
+    from dataio import fileio, synthetic_sop
     args = step.ctx.args
     start = time.perf_counter()
     with alarm(step.time_left()):
-        root = datasets.ensure_synthetic_sop(step.ctx.sop, num_products=args.num_products,
+        root = synthetic_sop.ensure_synthetic_sop(step.ctx.sop, num_products=args.num_products,
                                              image_size=args.data_image_size, replace=True)
-    marker = datasets.read_marker(root) or {}
-    step.check("complete", datasets.is_complete(root), f"{root} has no completion marker")
+    marker = fileio.read_marker(root) or {}
+    step.check("complete", fileio.is_complete(root), f"{root} has no completion marker")
     step.figures.update({"root": str(root), "num_products": marker.get("num_products"),
                          "image_size": marker.get("image_size"), "train_images": marker.get("train_images"),
                          "test_images": marker.get("test_images"),

@@ -30,6 +30,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import datasets  # noqa: E402
+from dataio import synthetic_sop  # noqa: E402
+from dataio import photos  # noqa: E402
 import losses  # noqa: E402
 import retrieval  # noqa: E402
 
@@ -62,7 +64,7 @@ def summarize(embeddings, dataset, seconds):
 
 
 def pixel_features(paths, side):
-    return np.stack([np.asarray(datasets.load_image(p).resize((side, side), Image.BILINEAR),
+    return np.stack([np.asarray(photos.load_image(p).resize((side, side), Image.BILINEAR),
                                 np.float32).ravel() for p in paths])
 
 
@@ -113,7 +115,7 @@ def train_probe(root, args):
 
 def main(args):
     t0 = time.perf_counter()
-    root = datasets.ensure_synthetic_sop(args.root, args.num_products, args.image_size, args.seed, progress=True)
+    root = synthetic_sop.ensure_synthetic_sop(args.root, args.num_products, args.image_size, args.seed, progress=True)
     test = datasets.SOPDataset(root, "test")
     cls = test.class_ids
     _, inverse, counts = np.unique(cls, return_inverse=True, return_counts=True)

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dataio.fileio import atomic_write_text
+from dataio.fileio import COMPLETE_MARKER, atomic_write_text
 
 logger = logging.getLogger("catalogue")
 
@@ -44,9 +44,6 @@ CSV_SPLITS = ("train", "test")
 LAYOUTS = ("sop", "csv", "folder")
 NO_CATEGORY = "uncategorised"  # the one category of a <product>/<image> tree
 TEST_SPLIT_SEED = 0
-# Written last into a folder datasets.py finished (generation, download, resize, convert): a
-# folder without it was interrupted. Never a photo, never reported as skipped.
-COMPLETE_MARKER = ".complete"
 DEFAULT_TEST_FRACTION = 0.5  # SOP's own split is about half of the products
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # --dataset name -> its default folder (the one table; --data_root overrides it)
@@ -55,6 +52,10 @@ DOWNLOAD_HINT = ("python datasets.py download --root data/  (real SOP, about 2.9
                  "python datasets.py synthetic --root data/synthetic_sop  (offline stand-in), or "
                  "your own photos as <category>/<product>/<image> or a catalogue.csv "
                  "(README, 'Bring your own photos')")
+
+
+class DatasetError(RuntimeError):
+    """A dataset on disk is missing, malformed or incomplete; the message says what to do."""
 
 
 def default_data_root(train_args: dict | None) -> str:

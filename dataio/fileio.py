@@ -8,7 +8,10 @@ train.py removes those of its checkpoints at start).
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable, IO
@@ -69,3 +72,53 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], object
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """atomic_write of ``text`` as UTF-8."""
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+# ============ dataset folders: written in a temporary sibling, published whole ============
+
+# Written last into a folder datasets.py finished (generation, download, resize, convert): a
+# folder without it was interrupted. Never a photo, never reported as skipped.
+COMPLETE_MARKER = ".complete"
+
+
+def write_marker(folder, info):
+    """Last file written into a finished dataset folder (see COMPLETE_MARKER)."""
+    (Path(folder) / COMPLETE_MARKER).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+
+
+def read_marker(root):
+    """The dict stored in ``root/.complete``, or None when the folder is not complete."""
+    marker = Path(root) / COMPLETE_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(root):
+    """True when ``root`` was finished by this module (generation, download or resize)."""
+    return read_marker(root) is not None
+
+
+def make_tmp_dir(final):
+    """A fresh sibling of ``final`` (same filesystem, so a rename can publish it)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def publish_dir(tmp, final):
+    """Move a finished ``tmp`` folder to ``final``; an empty ``final`` is replaced,
+    an old complete dataset is swapped out and deleted only after the new one is in place."""
+    tmp, final = Path(tmp), Path(final)
+    old = None
+    if final.exists() and any(final.iterdir()):
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.rename(final, old / "data")
+    elif final.exists():
+        final.rmdir()
+    os.rename(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,61 +1,31 @@
-"""Preparing a dataset on disk: download the real SOP, verify every image, write a pre-resized
-copy, print the statistics table (and a figure); the command line of all of these and of the
-synthetic generator.
-
-    python datasets.py synthetic --root data/synthetic_sop          # offline stand-in for SOP
-    python datasets.py download  --root data/                       # real SOP, about 2.9 GB
-    python datasets.py verify    --root data/Stanford_Online_Products
-    python datasets.py stats     --root data/synthetic_sop --output runs/dataset_stats.png
-    python datasets.py resize    --root data/Stanford_Online_Products --output data/sop_256 --size 256
-    python datasets.py convert   --root my_photos --to csv --output my_photos   # write catalogue.csv
-
-(``python prepare_data.py ...`` is the same command line.)
-"""
-import argparse
+"""Preparing a dataset on disk: download the real SOP (and check its counts), write a
+pre-resized copy, convert a catalogue between layouts. Each publishes a finished folder whole
+(`fileio.publish_dir`). The command line is datasets.py's (``python datasets.py download``,
+``resize``, ``convert``)."""
 import io
 import logging
 import os
 import shutil
 import socket
-import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from dataio import catalogue
-from dataio import fileio
-from datasets import (
-    DEFAULT_TEST_FRACTION,
-    IMAGE_ERRORS,
-    SOP_DIRNAME,
-    SOP_EXPECTED,
-    SOP_URL,
-    SOP_ZIPNAME,
-    SPLITS,
-    DatasetError,
-    SOPDataset,
-    _default_workers,
-    _make_tmp_dir,
-    _mp_context,
-    _publish_dir,
-    _write_marker,
-    ensure_synthetic_sop,
-    format_paths,
-    is_complete,
-    load_image,
-    make_synthetic_sop,
-    read_ebay_file,
-    read_marker,
-    scan_bad_images,
-)
+from dataio import photos
+from dataio.catalogue import DEFAULT_TEST_FRACTION, SOP_DIRNAME, DatasetError, format_paths, read_ebay_file
+from dataio.fileio import is_complete, make_tmp_dir, publish_dir, read_marker, write_marker
+
+SOP_URL = "http://ftp.cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip"
+SOP_ZIPNAME = SOP_DIRNAME + ".zip"
+# Official counts; `check_sop_counts` compares a download against them.
+SOP_EXPECTED = {"images": 120_053, "train_rows": 59_551, "test_rows": 60_502}
 
 logger = logging.getLogger("prepare_data")
 
@@ -176,7 +146,7 @@ def _extract_zip(zip_path, dest_parent, progress=True):
             if bad is not None:
                 raise DownloadError(f"{zip_path} is damaged (CRC error in {bad}); delete it and "
                                     f"download it again")
-            tmp = _make_tmp_dir(Path(dest_parent) / SOP_DIRNAME)
+            tmp = make_tmp_dir(Path(dest_parent) / SOP_DIRNAME)
             try:
                 for member in tqdm(zf.infolist(), desc="extract", unit="file", disable=not progress):
                     zf.extract(member, tmp)   # extract() strips absolute paths and '..'
@@ -216,7 +186,7 @@ def download_sop(root="data", url=SOP_URL, timeout=10.0, expected=SOP_EXPECTED, 
         if problems:
             raise DatasetError(f"{target} exists but is incomplete: " + "; ".join(problems)
                                + f". Move it away and rerun to extract {root / SOP_ZIPNAME} again.")
-        _write_marker(target, {"source": "download", "url": url, "checked": "existing folder"})
+        write_marker(target, {"source": "download", "url": url, "checked": "existing folder"})
         return target
     if target.exists() and any(target.iterdir()):
         raise DatasetError(f"{target} exists but holds no Ebay_train.txt; move it away (or "
@@ -234,8 +204,8 @@ def download_sop(root="data", url=SOP_URL, timeout=10.0, expected=SOP_EXPECTED, 
                                + "; ".join(problems) + ". Delete the archive and download it again.")
         table_rows = {k: len(read_ebay_file(extracted / n).rel_paths)
                       for k, n in (("train_rows", "Ebay_train.txt"), ("test_rows", "Ebay_test.txt"))}
-        _write_marker(extracted, {"source": "download", "url": url, **table_rows})
-        _publish_dir(extracted, target)
+        write_marker(extracted, {"source": "download", "url": url, **table_rows})
+        publish_dir(extracted, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not keep_zip:
@@ -248,8 +218,8 @@ def download_sop(root="data", url=SOP_URL, timeout=10.0, expected=SOP_EXPECTED, 
 def _resize_one(job):
     src, dst, size, quality = job
     try:
-        img = load_image(src, size).resize((size, size), Image.BILINEAR)
-    except IMAGE_ERRORS:
+        img = photos.load_image(src, size).resize((size, size), Image.BILINEAR)
+    except photos.IMAGE_ERRORS:
         # keep a bad file bad: the copy must fail in the same places as the original
         shutil.copyfile(src, dst)
         return src
@@ -278,25 +248,25 @@ def resize_dataset(src, dst, size=256, quality=95, workers=None, progress=True):
         names = [catalogue.CSV_NAME] if layout == "csv" else []
         rel = catalogue.read_catalogue(src).rel_paths
     rel = list(dict.fromkeys(rel))
-    tmp = _make_tmp_dir(dst)
+    tmp = make_tmp_dir(dst)
     try:
         for name in names:
             shutil.copyfile(src / name, tmp / name)
         for folder in sorted({os.path.dirname(p) for p in rel}):
             (tmp / folder).mkdir(parents=True, exist_ok=True)
         jobs = [(str(src / p), str(tmp / p), int(size), int(quality)) for p in rel]
-        workers = _default_workers() if workers is None else workers
+        workers = photos.default_workers() if workers is None else workers
         bar = dict(total=len(jobs), desc=f"resize to {size}", unit="img", disable=not progress)
         if workers > 1 and len(jobs) >= 256:
-            with _mp_context().Pool(workers) as pool:
+            with photos.mp_context().Pool(workers) as pool:
                 bad = [b for b in tqdm(pool.imap(_resize_one, jobs, chunksize=32), **bar) if b]
         else:
             bad = [b for b in tqdm(map(_resize_one, jobs), **bar) if b]
         for path in bad:
             logger.warning("Unreadable image copied unchanged: %s", path)
-        _write_marker(tmp, {"source": "resize", "from": str(src), "size": int(size),
+        write_marker(tmp, {"source": "resize", "from": str(src), "size": int(size),
                             "quality": int(quality), "images": len(rel), "unreadable": len(bad)})
-        _publish_dir(tmp, dst)
+        publish_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -356,7 +326,7 @@ def convert_catalogue(root, output, to, from_layout=None, test_fraction=DEFAULT_
         logger.warning("a folder tree has no split column: its test split is drawn again "
                        "(--test_fraction %s); convert to csv to keep the split", test_fraction)
     dest = tree_paths(table) if to == "folder" else list(table.rel_paths)
-    tmp = _make_tmp_dir(output)
+    tmp = make_tmp_dir(output)
     try:
         for rel, new in tqdm(list(zip(table.rel_paths, dest)), desc=f"convert to {to}", unit="img",
                              disable=not progress):
@@ -371,9 +341,9 @@ def convert_catalogue(root, output, to, from_layout=None, test_fraction=DEFAULT_
                 shutil.copy2(source, target)
         if to == "csv":
             catalogue.write_csv_catalogue(table, tmp / catalogue.CSV_NAME, write_split)
-        _write_marker(tmp, {"source": "convert", "from": str(src), "from_layout": layout, "to": to,
+        write_marker(tmp, {"source": "convert", "from": str(src), "from_layout": layout, "to": to,
                             "images": len(dest)})
-        _publish_dir(tmp, output)
+        publish_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -381,198 +351,3 @@ def convert_catalogue(root, output, to, from_layout=None, test_fraction=DEFAULT_
 
 
 # ============ statistics ============
-
-def dataset_stats(root, val_fraction=0.1, split_seed=0, test_fraction=DEFAULT_TEST_FRACTION):
-    """Rows of the original project's dataset table: ``{split: {images, products, categories,
-    images_per_product}}`` for train, val, test and total (total = trainval + test), on a
-    catalogue of any layout."""
-    sets = {s: SOPDataset(root, s, val_fraction=val_fraction, split_seed=split_seed, check_files=False,
-                          test_fraction=test_fraction)
-            for s in ("train", "val", "test")}
-    rows = {}
-    for name, parts in (("train", ["train"]), ("val", ["val"]), ("test", ["test"]),
-                        ("total", ["train", "val", "test"])):
-        cls = np.concatenate([sets[p].class_ids for p in parts])   # product ids are unique across splits
-        sup = np.concatenate([sets[p].super_ids for p in parts])
-        n_products = len(np.unique(cls))
-        rows[name] = {"images": int(len(cls)), "products": n_products,
-                      "categories": int(len(np.unique(sup))),
-                      "images_per_product": float(len(cls) / n_products)}
-    return rows, sets
-
-
-def format_stats_table(rows):
-    lines = ["| Split | Images | Products | Categories | Avg. Images/Product |",
-             "|-------|--------|----------|------------|---------------------|"]
-    for name, label in (("train", "Train"), ("val", "Validation"), ("test", "Test"), ("total", "**Total**")):
-        r = rows[name]
-        lines.append(f"| {label} | {r['images']:,} | {r['products']:,} | {r['categories']} | "
-                     f"{r['images_per_product']:.1f} |")
-    return "\n".join(lines)
-
-
-def plot_stats(sets, output):
-    """Figure: images per category for each split, and the images-per-product histogram."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    names = next(iter(sets.values())).categories  # the catalogue's, the same in every split
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, min(40, 0.6 * len(names) + 7)), 4.5))
-    x = np.arange(len(names))
-    for j, (name, ds) in enumerate(sets.items()):
-        counts = np.bincount(ds.super_ids - 1, minlength=len(names))
-        ax1.bar(x + (j - 1) * 0.27, counts, width=0.27, label=name)
-        _, per_product = np.unique(ds.class_ids, return_counts=True)
-        hist = np.bincount(per_product, minlength=13)
-        ax2.bar(np.arange(len(hist)) + (j - 1) * 0.27, hist, width=0.27, label=name)
-    ax1.set_xticks(x, names, rotation=40, ha="right")
-    ax1.set_ylabel("images")
-    ax1.set_title("Images per category")
-    ax1.legend()
-    ax2.set_xticks(range(1, 13))
-    ax2.set_xlabel("images per product")
-    ax2.set_ylabel("products")
-    ax2.set_title("Images per product")
-    ax2.legend()
-    fig.tight_layout()
-    fileio.atomic_write(output, lambda f: fig.savefig(f, dpi=120, format=output.suffix.lstrip(".") or "png"))
-    plt.close(fig)
-    return output
-
-
-# ============ command line ============
-
-def get_args_parser():
-    parser = argparse.ArgumentParser(
-        "datasets.py", description="Stanford Online Products: synthetic stand-in, download, "
-        "verification, statistics and a pre-resized copy.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-
-    p = sub.add_parser("synthetic", formatter_class=fmt,
-                       help="generate a synthetic SOP (offline stand-in, deterministic)",
-                       description="Generate a synthetic SOP with the real layout; skipped when "
-                       "--root already holds one made with the same arguments.")
-    p.add_argument("--root", default="data/synthetic_sop", help="output folder")
-    p.add_argument("--num_products", type=int, default=1200,
-                   help="products (half train, half test); 1200 gives about 6.6k images")
-    p.add_argument("--image_size", default="96",
-                   help="side in pixels, or MIN-MAX for SOP-like photo sizes (e.g. 300-600 "
-                   "for the throughput benchmark)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, max 8)")
-    p.add_argument("--force", action="store_true",
-                   help="regenerate even if complete; also needed to replace a synthetic SOP "
-                        "made with other settings (refused without it)")
-
-    p = sub.add_parser("download", formatter_class=fmt,
-                       help="download and extract the real SOP (about 2.9 GB)",
-                       description="Download Stanford_Online_Products.zip into --root (resumable), "
-                       "test it, extract to --root/Stanford_Online_Products and check the counts. "
-                       "If the archive is already at --root/Stanford_Online_Products.zip it is used.")
-    p.add_argument("--root", default="data", help="parent folder for the archive and the dataset")
-    p.add_argument("--url", default=SOP_URL)
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds before giving up on the server")
-    p.add_argument("--delete_zip", action="store_true", help="delete the archive after extraction")
-
-    p = sub.add_parser("verify", formatter_class=fmt, help="decode every image and list bad files",
-                       description="Decode every listed image; exit code 1 if any is missing, "
-                       "empty, truncated or not an image.")
-    p.add_argument("--root", required=True, help="dataset folder (any layout: Ebay files, catalogue.csv, tree)")
-    p.add_argument("--split", default="all", choices=["all", *SPLITS])
-    p.add_argument("--test_fraction", type=float, default=DEFAULT_TEST_FRACTION,
-                   help="a catalogue without a split: share of the products in test")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, max 8)")
-
-    p = sub.add_parser("stats", formatter_class=fmt, help="print the dataset table and save a figure",
-                       description="Print images / products / categories / images per product for "
-                       "train, val, test and total, and save a distribution figure.")
-    p.add_argument("--root", required=True, help="dataset folder (any layout: Ebay files, catalogue.csv, tree)")
-    p.add_argument("--output", default="runs/dataset_stats.png", help="figure path ('' for none)")
-    p.add_argument("--val_fraction", type=float, default=0.1)
-    p.add_argument("--split_seed", type=int, default=0)
-    p.add_argument("--test_fraction", type=float, default=DEFAULT_TEST_FRACTION,
-                   help="a catalogue without a split: share of the products in test")
-    p.add_argument("--verbose", action="store_true", help="list every skipped non-image file")
-
-    p = sub.add_parser("convert", formatter_class=fmt, help="write a catalogue in another layout",
-                       description="Write the catalogue under --root (SOP's Ebay files, a catalogue.csv "
-                       "or a <category>/<product>/<image> tree) as a catalogue.csv (--to csv; with "
-                       "--output = --root only the CSV is written, beside the images) or as a tree "
-                       "(--to folder). Images are hard-linked (copied across filesystems) into a new "
-                       "--output, which must not exist or be empty.")
-    p.add_argument("--root", required=True, help="the catalogue to read")
-    p.add_argument("--from", dest="from_layout", default=None, choices=list(catalogue.LAYOUTS),
-                   help="the layout --root must hold (None: whatever it holds)")
-    p.add_argument("--to", required=True, choices=["csv", "folder"], help="layout to write")
-    p.add_argument("--output", required=True, help="destination folder (or --root itself for --to csv)")
-    p.add_argument("--test_fraction", type=float, default=DEFAULT_TEST_FRACTION,
-                   help="a catalogue without a split: share of the products drawn into test")
-    p.add_argument("--split", default=True, action=argparse.BooleanOptionalAction,
-                   help="--to csv: write the split column (--no-split: leave the split to "
-                        "--test_fraction when the CSV is read)")
-    p.add_argument("--verbose", action="store_true", help="list every skipped non-image file")
-
-    p = sub.add_parser("resize", formatter_class=fmt, help="write a pre-resized copy of a dataset",
-                       description="Copy a dataset with every image resized to SIZE×SIZE (the "
-                       "first step of the transforms: use round(image_size*256/224), 256 for 224 px).")
-    p.add_argument("--root", required=True, help="source dataset folder")
-    p.add_argument("--output", required=True, help="destination folder")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality of the copies")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, max 8)")
-    return parser
-
-
-def main(args):
-    """Run one command; returns the exit code (0 ok, 1 bad data found or an error)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command == "synthetic":
-            t0 = time.perf_counter()
-            make = make_synthetic_sop if args.force else ensure_synthetic_sop
-            root = make(args.root, args.num_products, args.image_size, args.seed, args.workers, progress=True)
-            marker = read_marker(root)
-            print(f"{root}: {marker['train_images']} train + {marker['test_images']} test images, "
-                  f"{args.num_products} products ({time.perf_counter() - t0:.1f} s)")
-        elif args.command == "download":
-            target = download_sop(args.root, args.url, args.timeout, keep_zip=not args.delete_zip)
-            print(f"SOP ready at {target}")
-        elif args.command == "verify":
-            root = catalogue.detect_layout(args.root)[0]
-            splits = ["trainval", "test"] if args.split == "all" else [args.split]
-            paths = []
-            for s in splits:
-                paths += SOPDataset(root, s, check_files=False, test_fraction=args.test_fraction).paths
-            bad = scan_bad_images(paths, workers=args.workers, progress=True)
-            for path, reason in bad:
-                print(f"BAD {path}: {reason}")
-            print(f"{len(paths) - len(bad)} of {len(paths)} images OK, {len(bad)} bad")
-            return 1 if bad else 0
-        elif args.command == "stats":
-            catalogue.set_verbose(args.verbose)
-            rows, sets = dataset_stats(args.root, args.val_fraction, args.split_seed, args.test_fraction)
-            print(format_stats_table(rows))
-            if args.output:
-                print(f"figure: {plot_stats(sets, args.output)}")
-        elif args.command == "convert":
-            catalogue.set_verbose(args.verbose)
-            out = convert_catalogue(args.root, args.output, args.to, args.from_layout,
-                                    args.test_fraction, write_split=args.split)
-            print(f"wrote {out}")
-        elif args.command == "resize":
-            print(f"resized copy at {resize_dataset(args.root, args.output, args.size, args.quality, args.workers)}")
-        else:
-            raise ValueError(f"unknown command {args.command!r}")
-    except (DatasetError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))

@@ -17,8 +17,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from datasets import (EBAY_HEADER, SOP_CATEGORIES, SYNTHETIC_VERSION, _default_workers, _make_tmp_dir,
-                      _mp_context, _publish_dir, _write_marker, read_marker)
+from dataio.catalogue import EBAY_HEADER, SOP_CATEGORIES
+from dataio.fileio import make_tmp_dir, publish_dir, read_marker, write_marker
+from dataio.photos import default_workers, mp_context
+
+SYNTHETIC_VERSION = 2  # bump when the renderer changes: a complete folder of another version is regenerated
 
 
 _COLOURS = {
@@ -680,15 +683,15 @@ def make_synthetic_sop(root, num_products=1200, image_size=96, seed=0, workers=N
         raise FileExistsError(f"{root} exists and is not a synthetic SOP made by datasets.py; "
                               f"choose another --root or remove it")
     plan = _product_plan(num_products, seed)
-    workers = _default_workers() if workers is None else workers
-    tmp = _make_tmp_dir(root)
+    workers = default_workers() if workers is None else workers
+    tmp = make_tmp_dir(root)
     try:
         for cat in SOP_CATEGORIES:
             (tmp / f"{cat}_final").mkdir()
         jobs = [(str(tmp), cid, cat, n, seed, (lo, hi)) for cid, cat, n, _ in plan]
         bar = dict(total=len(jobs), desc="synthetic SOP", unit="product", disable=not progress)
         if workers > 1 and len(jobs) > 4 * workers:
-            with _mp_context().Pool(workers) as pool:
+            with mp_context().Pool(workers) as pool:
                 rels = list(tqdm(pool.imap(_write_product, jobs, chunksize=8), **bar))
         else:
             rels = [_write_product(job) for job in tqdm(jobs, **bar)]
@@ -707,10 +710,10 @@ def make_synthetic_sop(root, num_products=1200, image_size=96, seed=0, workers=N
         (tmp / "Ebay_info.txt").write_text(
             "\n".join([" ".join(EBAY_HEADER)] + [f"{i} {c} {s} {p}" for i, (c, s, p)
                                                  in enumerate(info_lines, start=1)]) + "\n")
-        _write_marker(tmp, {"source": "synthetic", "version": SYNTHETIC_VERSION,
+        write_marker(tmp, {"source": "synthetic", "version": SYNTHETIC_VERSION,
                             "num_products": num_products, "image_size": [lo, hi], "seed": seed,
                             "train_images": counts["train"], "test_images": counts["test"]})
-        _publish_dir(tmp, root)
+        publish_dir(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -36,6 +36,7 @@ import numpy as np
 
 from search import ann
 from dataio import catalogue
+from dataio import photos
 import retrieval
 
 logger = logging.getLogger("gallery")
@@ -245,11 +246,9 @@ class GalleryImages:
     def __getitem__(self, i):
         import torch
 
-        import datasets
-
         try:
-            return self.transform(datasets.load_image(self.paths[i], self.load_size)), i
-        except datasets.IMAGE_ERRORS:
+            return self.transform(photos.load_image(self.paths[i], self.load_size)), i
+        except photos.IMAGE_ERRORS:
             return torch.zeros(self.shape), -1
 
 
@@ -373,9 +372,7 @@ def _warn_unreadable(root: Path, rels) -> None:
     """One warning naming the unreadable files and why (re-decoded here: they are few)."""
     if not rels:
         return
-    import datasets
-
-    reasons = [f"{rel} ({datasets.check_image(root / rel) or 'unreadable'})" for rel in rels[:10]]
+    reasons = [f"{rel} ({photos.check_image(root / rel) or 'unreadable'})" for rel in rels[:10]]
     more = f" ... and {len(rels) - 10} more" if len(rels) > 10 else ""
     logger.warning("Skipped %d unreadable image(s) in %s: %s%s; they are not retried until they "
                    "change", len(rels), root, "; ".join(reasons), more)

@@ -10,21 +10,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import datasets  # noqa: E402
+from dataio import synthetic_sop  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """A synthetic SOP with 60 products (30 train / 30 test, ~330 images) at 48 px.
     Shared by the whole session: treat it as read-only (copy it before corrupting files)."""
-    return datasets.make_synthetic_sop(tmp_path_factory.mktemp("sop") / "synthetic_sop",
+    return synthetic_sop.make_synthetic_sop(tmp_path_factory.mktemp("sop") / "synthetic_sop",
                                        num_products=60, image_size=48, seed=0, workers=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_synthetic_root(tmp_path_factory):
     """An even smaller synthetic SOP: 24 products (2 per category) at 32 px. Read-only."""
-    return datasets.make_synthetic_sop(tmp_path_factory.mktemp("sop_tiny") / "synthetic_sop",
+    return synthetic_sop.make_synthetic_sop(tmp_path_factory.mktemp("sop_tiny") / "synthetic_sop",
                                        num_products=24, image_size=32, seed=1, workers=0)
 
 

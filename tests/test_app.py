@@ -29,6 +29,8 @@ if str(REPO) not in sys.path:
 
 import app_stanford  # noqa: E402
 import datasets  # noqa: E402
+from dataio import synthetic_sop  # noqa: E402
+from dataio import photos  # noqa: E402
 from dataio import catalogue  # noqa: E402
 import models  # noqa: E402
 
@@ -43,7 +45,7 @@ def make_tiny_demo(folder, num_products=40, image_size=IMAGE_SIZE, backbone="res
     """A tiny synthetic SOP under ``folder/sop`` and an untrained checkpoint (models.py checkpoint format,
     written with models.atomic_save) at ``folder/checkpoints/<run>/best.pth``."""
     folder = Path(folder)
-    root = datasets.ensure_synthetic_sop(folder / "sop", num_products=num_products,
+    root = synthetic_sop.ensure_synthetic_sop(folder / "sop", num_products=num_products,
                                          image_size=image_size)
     torch.manual_seed(seed)
     model = models.build_model(backbone, weights="none", image_size=image_size)
@@ -76,7 +78,7 @@ def write_query_files(folder, source):
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    base = datasets.load_image(source)
+    base = photos.load_image(source)
     files = {}
 
     def put(name, accepted, save=None, raw=None):
@@ -150,7 +152,7 @@ def running_demo(data_root, checkpoint, max_upload_mb=10, port=None, **build_kw)
 
 def reference_embedding(model, path):
     """The query embedding the slow, obvious way: load_image + build_transform + forward."""
-    x = datasets.build_transform(model.model_args["image_size"])(datasets.load_image(path))
+    x = datasets.build_transform(model.model_args["image_size"])(photos.load_image(path))
     with torch.no_grad():
         return model(x[None])[0].numpy()
 
@@ -290,7 +292,7 @@ def test_prepare_matches_the_eval_transform(tiny, size, image_size):
 
 
 def test_odd_modes_decode_to_sensible_rgb(tiny):
-    queries, base = tiny["queries"], datasets.load_image(tiny["gallery"].paths[0])
+    queries, base = tiny["queries"], photos.load_image(tiny["gallery"].paths[0])
     grey = np.asarray(base.convert("L"), np.float64)
     got = np.asarray(app_stanford.load_query_image(queries["grey16.png"][0]).convert("L"), np.float64)
     assert abs(got.mean() - grey.mean()) < 2, "16-bit grey must be rescaled, not clipped to white"

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import datasets
+from dataio import synthetic_sop
+from dataio import fileio
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "bench_throughput.py"
@@ -33,7 +35,7 @@ def bench():
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     # 64-96 px photos: drafting to the 73 px resize of a 64 px transform halves the larger ones
-    return datasets.make_synthetic_sop(tmp_path_factory.mktemp("bench_sop") / "sop", num_products=24,
+    return synthetic_sop.make_synthetic_sop(tmp_path_factory.mktemp("bench_sop") / "sop", num_products=24,
                                        image_size="64-96", workers=0)
 
 
@@ -72,7 +74,7 @@ def test_cli_prints_json_no_draft_resized_copy(tmp_path, tiny_root):
     out = json.loads(proc.stdout)
     assert out == json.loads((tmp_path / "out.json").read_text())
     assert out["workers"] == 0 and out["draft"] is False and out["decode_size"] is None
-    assert out["resized"] is True and datasets.read_marker(resized)["size"] == datasets.resize_size(64)
+    assert out["resized"] is True and fileio.read_marker(resized)["size"] == datasets.resize_size(64)
     assert out["forward_images_per_s"] > 0 and out["extract_images_per_s"] > 0 and out["extract_vs_ceiling"] > 0
     assert len(out["extract_vs_ceiling_runs"]) == 2
     assert "train_vs_ceiling" not in out

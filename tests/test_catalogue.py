@@ -227,7 +227,7 @@ def test_convert_sop_to_csv_and_folder(tmp_path, tiny_synthetic_root):
 def test_convert_in_place_writes_only_the_csv(tmp_path):
     root = tree(tmp_path / "t", {"mugs/m1": 2, "mugs/m2": 2, "lamps/l1": 2, "lamps/l2": 2})
     before = catalogue.scan_folder_tree(root)
-    rc = prepare_data.main(prepare_data.get_args_parser().parse_args(
+    rc = datasets.main(datasets.get_args_parser().parse_args(
         ["convert", "--root", str(root), "--to", "csv", "--output", str(root), "--no-split"]))
     assert rc == 0 and (root / "catalogue.csv").read_text().startswith("path,product_id,category\n")
     after = datasets.SOPDataset(root, "test")  # now read as a CSV, the same split drawn
@@ -247,9 +247,9 @@ def test_convert_failure_leaves_nothing(tmp_path):
 def test_stats_on_free_categories(tmp_path):
     root = tree(tmp_path / "t", {f"{c}/p{j}": 2 + j % 2 for c in ("Gartenmöbel", "Kitchen & Dining")
                                  for j in range(4)})
-    rows, sets = prepare_data.dataset_stats(root, val_fraction=0.25)
+    rows, sets = datasets.dataset_stats(root, val_fraction=0.25)
     assert rows["total"]["images"] == 20 and rows["total"]["categories"] == 2
-    out = prepare_data.plot_stats(sets, tmp_path / "stats.png")
+    out = datasets.plot_stats(sets, tmp_path / "stats.png")
     assert out.stat().st_size > 1000
 
 
@@ -331,6 +331,6 @@ def test_tree_to_tree_keeps_folder_names_and_run_is_named_after_the_folder(tmp_p
 
 def test_csv_without_test_rows_says_so(tmp_path):
     write_csv(tmp_path, "path,product_id,category,split\na.jpg,p,mugs,train\nb.jpg,p,mugs,train\n")
-    with pytest.raises(datasets.DatasetError, match=r"split 'test' of .* \(csv\) is empty: no image is in "
+    with pytest.raises(catalogue.DatasetError, match=r"split 'test' of .* \(csv\) is empty: no image is in "
                                                     r"the test split"):
         datasets.SOPDataset(tmp_path, "test", check_files=False)

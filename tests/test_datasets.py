@@ -19,6 +19,8 @@ import torchvision.transforms as T
 from PIL import Image
 
 import datasets
+from dataio import photos
+from dataio import fileio
 
 from dataio import catalogue
 from dataio import prepare_data
@@ -28,7 +30,7 @@ HEADER = "image_id class_id super_class_id path\n"
 
 
 def run_cli(*argv):
-    return prepare_data.main(prepare_data.get_args_parser().parse_args([str(a) for a in argv]))
+    return datasets.main(datasets.get_args_parser().parse_args([str(a) for a in argv]))
 
 
 def tree_digest(root):
@@ -163,25 +165,25 @@ def test_load_image_modes_and_exif(tmp_path):
     Image.new("CMYK", (20, 10), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
     Image.fromarray(np.full((10, 20), 65535, np.uint16)).save(tmp_path / "i16.png")
     for name in ("p.png", "rgba.png", "la.png", "cmyk.jpg", "i16.png"):
-        im = datasets.load_image(tmp_path / name)
+        im = photos.load_image(tmp_path / name)
         assert im.mode == "RGB" and im.size == (20, 10), name
-    assert datasets.load_image(tmp_path / "rgba.png").getpixel((0, 0)) == (255, 255, 255)  # onto white
-    assert datasets.load_image(tmp_path / "i16.png").getpixel((0, 0)) == (255, 255, 255)   # rescaled
-    r, g, b = datasets.load_image(tmp_path / "cmyk.jpg").getpixel((5, 5))
+    assert photos.load_image(tmp_path / "rgba.png").getpixel((0, 0)) == (255, 255, 255)  # onto white
+    assert photos.load_image(tmp_path / "i16.png").getpixel((0, 0)) == (255, 255, 255)   # rescaled
+    r, g, b = photos.load_image(tmp_path / "cmyk.jpg").getpixel((5, 5))
     assert r > 200 and g < 60 and b < 60
     exif = Image.Exif()
     exif[0x0112] = 6    # orientation: rotate 90° clockwise to display
     Image.new("RGB", (40, 20)).save(tmp_path / "rot.jpg", exif=exif)
-    assert datasets.load_image(tmp_path / "rot.jpg").size == (20, 40)
+    assert photos.load_image(tmp_path / "rot.jpg").size == (20, 40)
 
 
 def test_load_image_draft_decodes_at_reduced_scale(tmp_path):
     Image.new("RGB", (1200, 800), (10, 200, 30)).save(tmp_path / "big.jpg")
-    assert datasets.load_image(tmp_path / "big.jpg").size == (1200, 800)
-    small = datasets.load_image(tmp_path / "big.jpg", size=256)
+    assert photos.load_image(tmp_path / "big.jpg").size == (1200, 800)
+    small = photos.load_image(tmp_path / "big.jpg", size=256)
     assert small.size == (600, 400)            # min(1200 // 256, 800 // 256) = 3 → 1/2 scale
     assert min(small.size) >= 256              # never below the resize target
-    assert datasets.load_image(tmp_path / "big.jpg", size=100).size == (150, 100)   # 1/8
+    assert photos.load_image(tmp_path / "big.jpg", size=100).size == (150, 100)   # 1/8
 
 
 def test_dataset_items_and_draft_size(synthetic_root):
@@ -223,13 +225,13 @@ def test_corrupt_images_substituted_logged_counted(synthetic_copy, caplog):
             img, cls = ds[i]
             sibling = i + 1                      # next image of the same product (file order)
             assert ds.class_ids[sibling] == cls
-            expected = datasets.load_image(ds.paths[sibling])
+            expected = photos.load_image(ds.paths[sibling])
             assert np.array_equal(np.asarray(img), np.asarray(expected))
     assert ds.num_bad_images == 3
     assert ds.bad_paths == [ds.paths[i] for i in bad]
     for i in bad:
         assert ds.paths[i] in caplog.text
-    scanned = datasets.scan_bad_images(ds.paths, workers=0, progress=False)
+    scanned = photos.scan_bad_images(ds.paths, workers=0, progress=False)
     assert [p for p, _ in scanned] == ds.bad_paths
     assert [reason.split(":")[0] for _, reason in scanned] == ["zero-byte file", "OSError", "UnidentifiedImageError"]
 
@@ -383,15 +385,15 @@ def test_synthetic_layout(synthetic_root):
 
 
 def test_synthetic_deterministic_byte_identical(tmp_path):
-    a = datasets.make_synthetic_sop(tmp_path / "a", num_products=24, image_size=32, seed=5, workers=0)
-    b = datasets.make_synthetic_sop(tmp_path / "b", num_products=24, image_size=32, seed=5, workers=2)
-    c = datasets.make_synthetic_sop(tmp_path / "c", num_products=24, image_size=32, seed=6, workers=0)
+    a = synthetic_sop.make_synthetic_sop(tmp_path / "a", num_products=24, image_size=32, seed=5, workers=0)
+    b = synthetic_sop.make_synthetic_sop(tmp_path / "b", num_products=24, image_size=32, seed=5, workers=2)
+    c = synthetic_sop.make_synthetic_sop(tmp_path / "c", num_products=24, image_size=32, seed=6, workers=0)
     assert tree_digest(a) == tree_digest(b)
     assert tree_digest(a) != tree_digest(c)
 
 
 def test_synthetic_views_differ_and_sizes_range(tmp_path):
-    root = datasets.make_synthetic_sop(tmp_path / "r", num_products=4, image_size="40-64", seed=0, workers=0)
+    root = synthetic_sop.make_synthetic_sop(tmp_path / "r", num_products=4, image_size="40-64", seed=0, workers=0)
     ds = datasets.SOPDataset(root, "trainval")
     sizes = {Image.open(p).size for p in ds.paths}
     assert all(40 <= w <= 64 and 40 <= h <= 64 for w, h in sizes) and len(sizes) > 1
@@ -412,39 +414,39 @@ def test_interrupted_generation_never_passes_for_complete(tmp_path, monkeypatch)
     monkeypatch.setattr(synthetic_sop, "_write_product", dying)
     root = tmp_path / "syn"
     with pytest.raises(KeyboardInterrupt):
-        datasets.make_synthetic_sop(root, num_products=12, image_size=32, workers=0)
+        synthetic_sop.make_synthetic_sop(root, num_products=12, image_size=32, workers=0)
     assert not root.exists() and list(tmp_path.iterdir()) == []          # temp folder removed
     # a SIGKILL leaves the temporary folder behind: it is not at root and not complete
-    monkeypatch.setattr(synthetic_sop, "_publish_dir", lambda tmp, final: None)
-    datasets.make_synthetic_sop(root, num_products=12, image_size=32, workers=0)
+    monkeypatch.setattr(synthetic_sop, "publish_dir", lambda tmp, final: None)
+    synthetic_sop.make_synthetic_sop(root, num_products=12, image_size=32, workers=0)
     leftovers = list(tmp_path.iterdir())
     assert not root.exists() and len(leftovers) == 1 and leftovers[0].name.startswith(".syn.tmp-")
     monkeypatch.undo()
-    assert not datasets.is_complete(root)
-    assert datasets.is_complete(datasets.ensure_synthetic_sop(root, num_products=12, image_size=32, workers=0))
+    assert not fileio.is_complete(root)
+    assert fileio.is_complete(synthetic_sop.ensure_synthetic_sop(root, num_products=12, image_size=32, workers=0))
 
 
 def test_ensure_synthetic_reuses_and_refuses_foreign_data(tmp_path, monkeypatch):
-    root = datasets.ensure_synthetic_sop(tmp_path / "s", num_products=12, image_size=32, workers=0)
+    root = synthetic_sop.ensure_synthetic_sop(tmp_path / "s", num_products=12, image_size=32, workers=0)
     monkeypatch.setattr(synthetic_sop, "make_synthetic_sop", lambda *a, **k: pytest.fail("regenerated"))
-    assert datasets.ensure_synthetic_sop(root, num_products=12, image_size=32) == root
+    assert synthetic_sop.ensure_synthetic_sop(root, num_products=12, image_size=32) == root
     monkeypatch.undo()
     # made with other settings: refused (named), the dataset stays; replace=True regenerates
     before = (root / "Ebay_train.txt").read_text()
     with pytest.raises(FileExistsError, match=r"other settings: num_products 12 \(wanted 10\)"):
-        datasets.ensure_synthetic_sop(root, num_products=10, image_size=32, workers=0)
-    assert (root / "Ebay_train.txt").read_text() == before and datasets.is_complete(root)
-    datasets.ensure_synthetic_sop(root, num_products=10, image_size=32, workers=0, replace=True)
-    assert datasets.read_marker(root)["num_products"] == 10
+        synthetic_sop.ensure_synthetic_sop(root, num_products=10, image_size=32, workers=0)
+    assert (root / "Ebay_train.txt").read_text() == before and fileio.is_complete(root)
+    synthetic_sop.ensure_synthetic_sop(root, num_products=10, image_size=32, workers=0, replace=True)
+    assert fileio.read_marker(root)["num_products"] == 10
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a synthetic SOP"):
-        datasets.make_synthetic_sop(foreign, num_products=4, image_size=32, workers=0)
+        synthetic_sop.make_synthetic_sop(foreign, num_products=4, image_size=32, workers=0)
     # an empty existing folder (e.g. pytest's tmp_path) is fine
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert datasets.is_complete(datasets.make_synthetic_sop(empty, num_products=4, image_size=32, workers=0))
+    assert fileio.is_complete(synthetic_sop.make_synthetic_sop(empty, num_products=4, image_size=32, workers=0))
 
 
 # ============ download ============
@@ -498,7 +500,7 @@ def test_download_hanging_dns_times_out(tmp_path, monkeypatch):
 
 def test_download_extracts_hand_placed_archive_and_checks_counts(tiny_synthetic_root, tmp_path):
     _fake_sop_zip(tiny_synthetic_root, tmp_path / "Stanford_Online_Products.zip")
-    with pytest.raises(datasets.DatasetError, match=r"Ebay_train\.txt has \d+ rows, expected 59,551"):
+    with pytest.raises(catalogue.DatasetError, match=r"Ebay_train\.txt has \d+ rows, expected 59,551"):
         prepare_data.download_sop(tmp_path, progress=False)
     assert not (tmp_path / "Stanford_Online_Products").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["Stanford_Online_Products.zip"]
@@ -506,7 +508,7 @@ def test_download_extracts_hand_placed_archive_and_checks_counts(tiny_synthetic_
     te = datasets.SOPDataset(tiny_synthetic_root, "test", check_files=False)
     expected = {"images": len(tv) + len(te), "train_rows": len(tv), "test_rows": len(te)}
     target = prepare_data.download_sop(tmp_path, expected=expected, progress=False)
-    assert target == tmp_path / "Stanford_Online_Products" and datasets.is_complete(target)
+    assert target == tmp_path / "Stanford_Online_Products" and fileio.is_complete(target)
     assert len(datasets.SOPDataset(tmp_path, "test")) == len(te)
     assert prepare_data.download_sop(tmp_path, expected=expected, progress=False) == target   # no-op
 
@@ -550,16 +552,16 @@ def test_download_broken_off_then_resumed_with_range(tiny_synthetic_root, tmp_pa
     prepare_data.download_sop(root, expected=expected, progress=False)
     assert requests == [None, "bytes=3000-"]
     assert (root / "Stanford_Online_Products.zip").read_bytes() == payload
-    assert datasets.is_complete(root / "Stanford_Online_Products")
+    assert fileio.is_complete(root / "Stanford_Online_Products")
 
 
 def test_download_accepts_folder_extracted_by_hand(tiny_synthetic_root, tmp_path):
     shutil.copytree(tiny_synthetic_root, tmp_path / "Stanford_Online_Products")
     (tmp_path / "Stanford_Online_Products" / ".complete").unlink()
-    with pytest.raises(datasets.DatasetError, match="exists but is incomplete.*expected 60,502"):
+    with pytest.raises(catalogue.DatasetError, match="exists but is incomplete.*expected 60,502"):
         prepare_data.download_sop(tmp_path, progress=False)
     target = prepare_data.download_sop(tmp_path, expected=_expected_counts(tiny_synthetic_root), progress=False)
-    assert datasets.is_complete(target)
+    assert fileio.is_complete(target)
 
 
 def test_download_rejects_damaged_archive(tmp_path):
@@ -575,7 +577,7 @@ def test_stats_cli_prints_table_and_saves_figure(synthetic_root, tmp_path, capsy
     assert run_cli("stats", "--root", synthetic_root, "--output", fig) == 0
     out = capsys.readouterr().out
     assert "| Split | Images | Products | Categories | Avg. Images/Product |" in out
-    rows, _ = prepare_data.dataset_stats(synthetic_root)
+    rows, _ = datasets.dataset_stats(synthetic_root)
     assert rows["train"]["products"] == 27 and rows["val"]["products"] == 3
     assert rows["total"]["products"] == 60 and rows["total"]["categories"] == 12
     assert rows["total"]["images"] == rows["train"]["images"] + rows["val"]["images"] + rows["test"]["images"]
@@ -596,7 +598,7 @@ def test_verify_cli(synthetic_copy, capsys):
 def test_resize_copy(tiny_synthetic_root, tmp_path):
     dst = tmp_path / "sop_40"
     assert run_cli("resize", "--root", tiny_synthetic_root, "--output", dst, "--size", 40, "--workers", 0) == 0
-    assert datasets.is_complete(dst)
+    assert fileio.is_complete(dst)
     for name in ("Ebay_train.txt", "Ebay_test.txt"):
         assert (dst / name).read_bytes() == (tiny_synthetic_root / name).read_bytes()
     ds = datasets.SOPDataset(dst, "test")
@@ -608,9 +610,9 @@ def test_resize_copy(tiny_synthetic_root, tmp_path):
 def test_synthetic_cli_and_help(tmp_path, capsys):
     assert run_cli("synthetic", "--root", tmp_path / "s", "--num_products", 12, "--image_size", 32,
                    "--workers", 0) == 0
-    assert "train +" in capsys.readouterr().out and datasets.is_complete(tmp_path / "s")
+    assert "train +" in capsys.readouterr().out and fileio.is_complete(tmp_path / "s")
     with pytest.raises(SystemExit):
-        prepare_data.get_args_parser().parse_args(["synthetic", "--help"])
+        datasets.get_args_parser().parse_args(["synthetic", "--help"])
     assert "--num_products" in capsys.readouterr().out
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from search import ann
 import datasets
+from dataio import photos
 from search import gallery
 import models
 import retrieval
@@ -61,7 +62,7 @@ def update(model, root, index_path, key=KEY, **kwargs):
 def reference_embedding(model, path):
     """The model's embedding of one file, computed directly (one image per batch)."""
     transform = datasets.build_transform(IMAGE_SIZE, train=False)
-    image = transform(datasets.load_image(path, datasets.draft_size(transform)))
+    image = transform(photos.load_image(path, datasets.draft_size(transform)))
     with torch.inference_mode():
         out = model.eval()(image.unsqueeze(0))
     return torch.nn.functional.normalize(out, dim=1)[0].numpy()

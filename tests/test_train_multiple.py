@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import datasets
+from dataio import synthetic_sop
 import models
 import train
 import train_multiple as tm
@@ -21,7 +22,7 @@ import train_multiple as tm
 
 @pytest.fixture(scope="module")
 def tiny_sop(tmp_path_factory):
-    return datasets.make_synthetic_sop(tmp_path_factory.mktemp("sop") / "sop", num_products=40,
+    return synthetic_sop.make_synthetic_sop(tmp_path_factory.mktemp("sop") / "sop", num_products=40,
                                        image_size=48)
 
 

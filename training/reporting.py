@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-import datasets
+from dataio import photos
 
 from dataio import catalogue
 from dataio import fileio
@@ -130,7 +130,7 @@ def retrieval_figure(path, dataset, embeddings, num_examples=6, top=5, seed=0, t
                              squeeze=False)
 
     def show(ax, i, colour, title):
-        ax.imshow(datasets.load_image(dataset.paths[i], size=thumb).resize((thumb, thumb)))
+        ax.imshow(photos.load_image(dataset.paths[i], size=thumb).resize((thumb, thumb)))
         ax.set_xticks([])
         ax.set_yticks([])
         for side in ax.spines.values():
