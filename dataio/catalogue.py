@@ -147,7 +147,7 @@ def split_validation(class_ids, val_fraction=0.1, seed=0):
 
 
 def table_from_labels(rel_paths, product_ids, category_names, splits, test_fraction, layout,
-                      skipped=()):
+                      skipped=(), source="the catalogue"):
     """The `CatalogueTable` of labelled rows (strings); ``splits`` None → a
     `split_products` draw of ``test_fraction``. Products are numbered 1..P by sorted id and
     categories by sorted name."""
@@ -159,8 +159,8 @@ def table_from_labels(rel_paths, product_ids, category_names, splits, test_fract
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         if len(products) < 2:
-            raise ValueError(f"a catalogue needs at least 2 products to split into train and test, "
-                             f"got {len(products)}")
+            raise ValueError(f"{source}: a catalogue needs at least 2 products to split into train "
+                             f"and test, got {len(products)}")
         is_test = split_products(product_ids, test_fraction, TEST_SPLIT_SEED)
     else:
         is_test = np.asarray([s == "test" for s in splits], dtype=bool)
@@ -193,6 +193,20 @@ class EbayTable(NamedTuple):
     rel_paths: list         # as written in the file, relative to the dataset root
 
 
+def read_text(path) -> str:
+    """The whole of a label file as text (UTF-8, a BOM allowed). Bytes that are not UTF-8 raise
+    ValueError naming the file, the line, the byte offset and what to do: Excel's "CSV" is
+    often Windows-1252 or Latin-1, while "CSV UTF-8" is what is read here."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                         f"save the file as UTF-8 (in Excel: 'CSV UTF-8'), or convert it, e.g. "
+                         f"iconv -f cp1252 -t utf-8 OLD > NEW") from None
+
+
 def read_ebay_file(path):
     """Parse an ``Ebay_train.txt`` / ``Ebay_test.txt`` / ``Ebay_info.txt`` file.
 
@@ -204,7 +218,7 @@ def read_ebay_file(path):
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found. Get SOP with: {DOWNLOAD_HINT}")
     image_ids, class_ids, super_ids, rel_paths = [], [], [], []
-    with open(path, encoding="utf-8") as f:
+    with io.StringIO(read_text(path)) as f:
         header = f.readline()
         if header.split() != EBAY_HEADER:
             raise ValueError(f"{path}:1: expected the header '{' '.join(EBAY_HEADER)}', "
@@ -299,29 +313,43 @@ def read_csv_catalogue(path, test_fraction=DEFAULT_TEST_FRACTION):
     than train / test, a path that leaves the folder or is listed twice, a product listed
     under two categories or in both splits, and a file without rows."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in CSV_COLUMNS if c not in header]
-        if missing:
-            raise ValueError(f"{path}:1: missing column(s) {', '.join(missing)}; the header must be "
-                             f"{','.join(CSV_COLUMNS)}[,split] (got {','.join(header) or 'nothing'})")
-        reader.fieldnames = header
-        has_split = "split" in header
-        rows, lines = [], []
-        for row in reader:
-            lineno = reader.line_num
-            values = {k: (row.get(k) or "").strip() for k in CSV_COLUMNS + (("split",) if has_split else ())}
-            if not any(values.values()):
-                continue  # a blank line
-            for column, value in values.items():
-                if not value:
-                    raise ValueError(f"{path}:{lineno}: empty {column}")
-            if has_split and values["split"] not in CSV_SPLITS:
-                raise ValueError(f"{path}:{lineno}: split {values['split']!r} must be train or test")
-            values["path"] = check_rel_path(values["path"], f"{path}:{lineno}")
-            rows.append(values)
-            lines.append(lineno)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    try:
+        rows, lines, has_split = _csv_rows(path, reader)
+    except csv.Error as e:  # a NUL byte, an unclosed quote, a field over csv's size limit
+        raise ValueError(f"{path}:{reader.line_num}: not readable as CSV ({e}); check the quoting "
+                         f"and that the file is text") from None
+    return _csv_table(path, rows, lines, has_split, test_fraction)
+
+
+def _csv_rows(path, reader):
+    """The non-blank rows of a catalogue.csv, each checked, with their line numbers."""
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in CSV_COLUMNS if c not in header]
+    if missing:
+        raise ValueError(f"{path}:1: missing column(s) {', '.join(missing)}; the header must be "
+                         f"{','.join(CSV_COLUMNS)}[,split] (got {','.join(header) or 'nothing'})")
+    reader.fieldnames = header
+    has_split = "split" in header
+    rows, lines = [], []
+    for row in reader:
+        lineno = reader.line_num
+        values = {k: (row.get(k) or "").strip() for k in CSV_COLUMNS + (("split",) if has_split else ())}
+        if not any(values.values()):
+            continue  # a blank line
+        for column, value in values.items():
+            if not value:
+                raise ValueError(f"{path}:{lineno}: empty {column}")
+        if has_split and values["split"] not in CSV_SPLITS:
+            raise ValueError(f"{path}:{lineno}: split {values['split']!r} must be train or test")
+        values["path"] = check_rel_path(values["path"], f"{path}:{lineno}")
+        rows.append(values)
+        lines.append(lineno)
+    return rows, lines, has_split
+
+
+def _csv_table(path, rows, lines, has_split, test_fraction):
+    """The `CatalogueTable` of checked rows, after the checks across rows."""
     if not rows:
         raise ValueError(f"{path}: no images listed (only a header)")
     dup = _first_duplicate([r["path"] for r in rows])
@@ -337,7 +365,8 @@ def read_csv_catalogue(path, test_fraction=DEFAULT_TEST_FRACTION):
                                  f"here but {seen[0]!r} on line {seen[1]}; a product has one {key}")
     return table_from_labels([r["path"] for r in rows], [r["product_id"] for r in rows],
                              [r["category"] for r in rows],
-                             [r["split"] for r in rows] if has_split else None, test_fraction, "csv")
+                             [r["split"] for r in rows] if has_split else None, test_fraction, "csv",
+                             source=str(path))
 
 
 def write_csv_catalogue(table, path, write_split=True):
@@ -398,7 +427,7 @@ def scan_folder_tree(root, test_fraction=DEFAULT_TEST_FRACTION):
     products = [f.rsplit("/", 1)[0] for f in images]
     cats = [f.split("/", 1)[0] if depth == 3 else NO_CATEGORY for f in images]
     return table_from_labels(images, products, cats, None, test_fraction, "folder",
-                             skipped=sorted(skipped))
+                             skipped=sorted(skipped), source=str(root))
 
 
 # ============ detection and reading ============

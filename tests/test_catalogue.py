@@ -134,6 +134,34 @@ def test_malformed_csv_names_file_and_line(tmp_path, text, match):
         datasets.SOPDataset(tmp_path, "test", check_files=False)
 
 
+def test_csv_not_utf8_names_file_line_and_byte(tmp_path):
+    """A catalogue saved as Windows-1252 (Excel's plain "CSV") stops with the file, the line, the
+    byte offset and what encoding is expected, not a bare codec error."""
+    (tmp_path / "catalogue.csv").write_bytes("path,product_id,category\na.jpg,p,mugs\nb.jpg,p,caf\u00e9\n"
+                                             .encode("cp1252"))
+    offset = len(b"path,product_id,category\na.jpg,p,mugs\nb.jpg,p,caf")
+    with pytest.raises(ValueError) as e:
+        datasets.SOPDataset(tmp_path, "test", check_files=False)
+    msg = str(e.value)
+    assert f"{tmp_path / 'catalogue.csv'}:3: not UTF-8" in msg
+    assert f"byte 0xe9 at offset {offset}" in msg and "UTF-8" in msg
+
+
+def test_ebay_file_not_utf8_names_the_file(tmp_path):
+    (tmp_path / "Ebay_train.txt").write_bytes(b"image_id class_id super_class_id path\n1 1 1 x\xff.jpg\n")
+    with pytest.raises(ValueError, match=r"Ebay_train\.txt:2: not UTF-8 text \(byte 0xff at offset 47\)"):
+        catalogue.read_ebay_file(tmp_path / "Ebay_train.txt")
+
+
+def test_a_single_product_names_the_catalogue(tmp_path):
+    write_csv(tmp_path, "path,product_id,category\na.jpg,p,mugs\nb.jpg,p,mugs\n")
+    with pytest.raises(ValueError, match=r"catalogue\.csv: a catalogue needs at least 2 products"):
+        datasets.SOPDataset(tmp_path, "test", check_files=False)
+    tree(tmp_path / "t", {"mugs/p": 2})
+    with pytest.raises(ValueError, match=rf"{tmp_path / 't'}: a catalogue needs at least 2 products"):
+        datasets.SOPDataset(tmp_path / "t", "test", check_files=False)
+
+
 def test_csv_listed_images_missing_are_counted(tmp_path):
     lines = ["path,product_id,category"] + [f"img/{i}.jpg,p{i // 2},mugs" for i in range(8)]
     write_csv(tmp_path, "\n".join(lines) + "\n")
