@@ -453,12 +453,45 @@ def loader_settings(device, cpus: int | None = None, workers: int | None = None,
     return out
 
 
+def fit_images_per_class(class_ids, batch_size=64, images_per_class=4):
+    """(K, note): the images per product of P×K batches of ``batch_size`` on this split.
+
+    K = ``images_per_class`` while the split has the P = batch_size / K products a batch needs.
+    With fewer products (a catalogue of a few large classes), the batch size is kept and K
+    raised: P = the largest divisor of ``batch_size`` that is at most the number of products
+    (and >= 2), K = batch_size / P; ``note`` then says so (None when K is unchanged). Raises
+    ValueError when no batch is possible: fewer than 2 products, no such divisor, or K above
+    the most images any product has (every image of a batch would be a repeat)."""
+    _, counts = np.unique(np.asarray(class_ids), return_counts=True)
+    products, most = len(counts), int(counts.max()) if len(counts) else 0
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if products < 2:
+        raise ValueError(f"P×K batches need at least 2 products (an anchor needs a negative); the "
+                         f"split has {products}. Add products, or use --sampler random")
+    if batch_size % images_per_class == 0 and batch_size // images_per_class <= products:
+        return images_per_class, None
+    p = next((p for p in range(min(products, batch_size // 2), 1, -1) if batch_size % p == 0), None)
+    if p is None:
+        raise ValueError(f"batch_size={batch_size} has no divisor P in 2..{products} (the split's "
+                         f"products): use an even batch size, e.g. {batch_size + batch_size % 2}")
+    k = batch_size // p
+    if k > most:
+        raise ValueError(f"the split has {products} products and at most {most} images of one, too "
+                         f"few for batches of {batch_size} (P={p} × K={k}); use batch_size <= "
+                         f"{products * most}")
+    return k, (f"the split has {products} products, fewer than the P={batch_size // images_per_class} "
+               f"a batch of {batch_size} needs at K={images_per_class}: batches are P={p} × K={k} "
+               f"(images_per_class raised to {k}, batch size kept)")
+
+
 def build_batch_sampler(name, class_ids, batch_size=64, images_per_class=4, seed=0,
                         num_replicas=1, rank=0):
     """``"pk"``: PKSampler with P = batch_size // images_per_class; ``"random"``: the original project's
     RandomBatchSampler. Raises ValueError (with the allowed values) for an unknown name, a
-    batch size not divisible by images_per_class, or images_per_class outside
-    2..(most images any product has)."""
+    batch size not divisible by images_per_class, images_per_class outside 2..(most images any
+    product has), or more products per batch than the split has (`fit_images_per_class` finds
+    a K that fits)."""
     class_ids = np.asarray(class_ids)
     if name == "random":
         return RandomBatchSampler(len(class_ids), batch_size, seed, num_replicas, rank)

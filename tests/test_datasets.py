@@ -631,3 +631,27 @@ def test_loader_settings_follow_device_and_cpus():
     assert datasets.loader_settings("cuda", cpus=16) == {
         "num_workers": 16, "pin_memory": True, "persistent_workers": True, "prefetch_factor": 4}
     assert datasets.loader_settings("cpu", cpus=2, workers=0) == {"num_workers": 0, "pin_memory": False}
+
+
+# ============ P×K batches on few products ============
+
+def test_few_large_products_keep_the_batch_size_and_raise_k():
+    """7 products of 500 images: batches of 64 need P=16 at K=4; K is raised to fit instead."""
+    class_ids = np.repeat(np.arange(7), 500)
+    for k in (4, 8):
+        fitted, note = datasets.fit_images_per_class(class_ids, 64, k)
+        assert fitted == 16 and "P=4 × K=16" in note and "batch size kept" in note
+        sampler = datasets.build_batch_sampler("pk", class_ids, 64, fitted)
+        batches = sampler.batches()
+        assert all(len(b) == 64 and len(np.unique(class_ids[b])) == 4 for b in batches)
+    assert datasets.fit_images_per_class(np.repeat(np.arange(30), 5), 64, 4) == (4, None)  # enough
+
+
+@pytest.mark.parametrize("class_ids, batch_size, match", [
+    (np.repeat([3], 50), 64, "at least 2 products"),
+    (np.repeat(np.arange(3), 3), 64, r"too few for batches of 64 .* use batch_size <= 9"),
+    (np.repeat(np.arange(5), 40), 7, "no divisor P in 2..5"),
+])
+def test_a_pk_batch_that_cannot_be_made_says_why(class_ids, batch_size, match):
+    with pytest.raises(ValueError, match=match):
+        datasets.fit_images_per_class(class_ids, batch_size, 4)
