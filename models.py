@@ -495,10 +495,9 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name == "cuda":
         name = f"cuda:{local_rank}"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu or auto")
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if device.type in available and not available[device.type]():
+        raise ValueError(f"--device {name}: {device.type.upper()} is not available here; use --device cpu or auto")
     return device
 
 
@@ -643,7 +642,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         model = inner
 
 
-_unwrap = unwrap_model  # train.py calls the private name
 
 
 def _state(obj: Any) -> Any:

@@ -1,7 +1,8 @@
-"""Embedding extraction, exact k-nearest-neighbour search, the gallery index and every
-retrieval metric of the project.
+"""Embedding extraction, exact k-nearest-neighbour search and every retrieval metric of the
+project.
 
-Pure functions shared by ``train.py`` (validation), ``evaluate.py`` and ``app_stanford.py``.
+Pure functions shared by training (validation), ``evaluate.py`` and the search half (the
+gallery index, `search.index`, ranks with the same sort keys and BLAS rule as here).
 
 Scores are cosine similarities of L2-normalised float32 embeddings (inner products).
 Ranking rule everywhere: higher score first; equal scores break by the lower gallery index;
@@ -31,32 +32,20 @@ Category protocol (the original project's). Queries: every image. Gallery: image
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
-import hashlib
-import json
 import os
 import threading
-import time
 import warnings
-import zipfile
-from pathlib import Path
 
 import numpy as np
 
-from dataio.fileio import atomic_write
-
-from search import ann
-from search import fastscan
-
-# torch is imported where it is used (extraction, gallery building): the metrics and the
-# index need only numpy, and importing torch costs ~650 MB of resident memory
+# torch is imported where it is used (extraction): the metrics and the kNN need only numpy,
+# and importing torch costs ~650 MB of resident memory
 
 PRODUCT_RECALL_KS = (1, 10, 100, 1000)
 # Metric names of the product protocol, as evaluate_embeddings returns them under "product".
 PRODUCT_METRICS = tuple(f"recall@{k}" for k in PRODUCT_RECALL_KS) + ("map@r", "r_precision")
 CATEGORY_KS = (1, 5, 10, 20)
 CATEGORY_MAP_AT = 10
-GALLERY_FORMAT_VERSION = 1
 # candidate buffer per query, in units of K: a full buffer is compacted to its K best,
 # which raises the query's threshold (wider = fewer compactions, staler thresholds)
 _BUFFER_WIDTH = 3
@@ -114,11 +103,11 @@ def reference_metrics(embeddings, class_ids, super_ids) -> dict:
 # order: high 32 bits = score bits flipped so that larger scores come first, low 32 bits =
 # gallery index so that equal scores break by the lower index. Keys are unique per row, so
 # np.partition / np.sort on them give exact top-k with the tie rule, no lexsort needed.
-_KEY_NONE = np.iinfo(np.uint64).max
+KEY_NONE = np.iinfo(np.uint64).max
 _LOW32 = np.uint64(0xFFFFFFFF)
 
 
-def _score_key(scores: np.ndarray, index: np.ndarray) -> np.ndarray:
+def score_key(scores: np.ndarray, index: np.ndarray) -> np.ndarray:
     """uint64 keys ordered by (score descending, index ascending)."""
     s = np.asarray(scores, dtype=np.float32) + np.float32(0.0)  # -0.0 -> +0.0: they tie
     bits = s.view(np.uint32)
@@ -126,14 +115,14 @@ def _score_key(scores: np.ndarray, index: np.ndarray) -> np.ndarray:
     return ((~ascending).astype(np.uint64) << np.uint64(32)) | np.asarray(index).astype(np.uint64)
 
 
-def _key_score(keys: np.ndarray) -> np.ndarray:
-    """Inverse of the score half of `_score_key`."""
+def key_score(keys: np.ndarray) -> np.ndarray:
+    """Inverse of the score half of `score_key`."""
     ascending = ~((keys >> np.uint64(32)).astype(np.uint32))
     bits = np.where(ascending >> 31, ascending & np.uint32(0x7FFFFFFF), ~ascending)
     return bits.view(np.float32)
 
 
-def _key_index(keys: np.ndarray) -> np.ndarray:
+def key_index(keys: np.ndarray) -> np.ndarray:
     return (keys & _LOW32).astype(np.int64)
 
 
@@ -173,7 +162,7 @@ def _release_openblas_control() -> None:
         clear(force=True)
 
 
-class _SingleThreadBLAS:
+class SingleThreadBLAS:
     """Pin BLAS to one thread for the duration of a block.
 
     Two reasons: our own worker threads each run a matrix product (two single-threaded
@@ -277,7 +266,7 @@ def extract_embeddings(model, loader, device="cpu", amp=None, progress=True, des
 # ============ exact k-nearest neighbours ============
 
 
-def _topk_dense(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def topk_dense(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of each row of a dense score block, ties by lower column.
 
     Entries equal to -inf count as excluded. Rows with fewer than k admissible columns are
@@ -299,7 +288,7 @@ def _topk_dense(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     keep = s > -np.inf
     flat, s = flat[keep], s[keep]
     r, c = np.divmod(flat, n)
-    order = np.lexsort((_score_key(s, c), r))
+    order = np.lexsort((score_key(s, c), r))
     r, c, s = r[order], c[order], s[order]
     rank = np.arange(len(r)) - np.searchsorted(r, r, side="left")
     sel = rank < k
@@ -360,7 +349,7 @@ def knn(queries, gallery, k, exclude_self=False, self_indices=None, query_groups
         if query_groups is not None:
             lo, hi = np.searchsorted(pairs_q, [start, stop])
             block[pairs_q[lo:hi] - start, pairs_g[lo:hi]] = -np.inf
-        scores[start:stop], indices[start:stop] = _topk_dense(block, k)
+        scores[start:stop], indices[start:stop] = topk_dense(block, k)
     return scores, indices
 
 
@@ -424,9 +413,9 @@ class _TopKBuffer:
 
     def __init__(self, n: int, k: int, width: int):
         self.k, self.width = k, max(width, 2 * k)
-        self.keys = np.full((n, self.width), _KEY_NONE, dtype=np.uint64)
+        self.keys = np.full((n, self.width), KEY_NONE, dtype=np.uint64)
         self.fill = np.zeros(n, dtype=np.int64)
-        self.kth = np.full(n, _KEY_NONE, dtype=np.uint64)  # K-th best key so far
+        self.kth = np.full(n, KEY_NONE, dtype=np.uint64)  # K-th best key so far
         self.threshold = np.full(n, -np.inf, dtype=np.float32)
 
     def add(self, q: np.ndarray, keys: np.ndarray) -> None:
@@ -453,41 +442,29 @@ class _TopKBuffer:
     def compact(self, rows: np.ndarray) -> None:
         block = self.keys[rows]
         block.partition(self.k - 1, axis=1)
-        block[:, self.k:] = _KEY_NONE
+        block[:, self.k:] = KEY_NONE
         self.keys[rows] = block
         self.fill[rows] = self.k
         kth = block[:, self.k - 1]
         self.kth[rows] = kth
-        real = kth != _KEY_NONE
-        self.threshold[rows[real]] = _key_score(kth[real])
+        real = kth != KEY_NONE
+        self.threshold[rows[real]] = key_score(kth[real])
 
     def result(self) -> np.ndarray:
-        """[N, K] keys, best first (padded with _KEY_NONE)."""
+        """[N, K] keys, best first (padded with KEY_NONE)."""
         best = np.partition(self.keys, self.k - 1, axis=1)[:, : self.k]
         best.sort(axis=1)
         return best
 
 
-def _symmetric_pass(x, structure, k, chunk_size, num_threads):
-    """One pass over the upper triangle of the similarity matrix, tile by tile.
+def _tile_cells(structure, n, cs, nb, width_rel):
+    """The same-product cells of every tile of the upper triangle, grouped by tile.
 
-    Each tile ``x[a] @ x[b].T`` serves the rows of block a (as is) and the rows of block b
-    (transposed), so the matrix products cost half of a full pass. Per tile: read the
-    same-product scores (product protocol), mask every same-product cell (category
-    protocol gallery), then keep the cells at or above each query's running threshold.
-
-    Returns (top-K keys over other products [N, K], relevant-item scores [N, max_r]).
+    Returns ``(cell, rel_target, bounds)``: ``cell`` is a cell's flat position in its tile
+    (tiles (lo block, hi block); a cell below the diagonal lives transposed in tile (hi, lo)),
+    ``rel_target`` its place in the flat relevant-score matrix (-1 for a self pair), and tile
+    (a, b) holds ``cell[bounds[a * nb + b]:bounds[a * nb + b + 1]]``.
     """
-    n = len(x)
-    # at most 2048 blocks a side: the per-tile bookkeeping below is nb x nb
-    cs = max(1, min(max(int(chunk_size), -(-n // 2048)), n))
-    nb = (n + cs - 1) // cs
-    buf = _TopKBuffer(n, k, width=_BUFFER_WIDTH * k)
-    rel_scores = np.full(structure.rel_idx.shape, -np.inf, dtype=np.float32)
-    rel_flat = rel_scores.reshape(-1)
-    width_rel = rel_scores.shape[1]
-
-    # ---- same-product cells of every tile (lo block <= hi block), grouped by tile
     pq, pm = structure.pair_q, structure.pair_m
     bq, bm = pq // cs, pm // cs
     swap = bq > bm  # the cell lives in tile (bm, bq), transposed
@@ -500,22 +477,59 @@ def _symmetric_pass(x, structure, k, chunk_size, num_threads):
     tile_id = lo * nb + hi
     order = np.argsort(tile_id, kind="stable")
     tile_id, cell, rel_target = tile_id[order], cell[order], rel_target[order]
-    bounds = np.searchsorted(tile_id, np.arange(nb * nb + 1))
+    return cell, rel_target, np.searchsorted(tile_id, np.arange(nb * nb + 1))
 
-    def run_tile(a, b, scratch):
+
+class _SymmetricPass:
+    """One pass over the upper triangle of the similarity matrix, tile by tile.
+
+    Each tile ``x[a] @ x[b].T`` serves the rows of block a (as is) and the rows of block b
+    (transposed), so the matrix products cost half of a full pass. Per tile: read the
+    same-product scores (product protocol), mask every same-product cell (category
+    protocol gallery), then keep the cells at or above each query's running threshold.
+
+    `run` returns (top-K keys over other products [N, K], relevant-item scores [N, max_r]).
+    """
+
+    def __init__(self, x, structure, k, chunk_size):
+        n = len(x)
+        # at most 2048 blocks a side: the per-tile bookkeeping is nb x nb
+        self.cs = max(1, min(max(int(chunk_size), -(-n // 2048)), n))
+        self.nb = (n + self.cs - 1) // self.cs
+        self.x, self.n, self.k = x, n, k
+        self.buf = _TopKBuffer(n, k, width=_BUFFER_WIDTH * k)
+        self.rel_scores = np.full(structure.rel_idx.shape, -np.inf, dtype=np.float32)
+        self.rel_flat = self.rel_scores.reshape(-1)
+        self.cell, self.rel_target, self.bounds = _tile_cells(structure, n, self.cs, self.nb,
+                                                              self.rel_scores.shape[1])
+        self.staged = []
+
+    def scratch(self):
+        """A tile's score and mask buffers (one pair per thread)."""
+        size = self.cs * self.cs
+        return np.empty(size, np.float32), np.empty(size, bool)
+
+    def take_same_product(self, a, b, flat_t):
+        """Copy tile (a, b)'s relevant scores out, then mask its same-product cells."""
+        lo, hi = self.bounds[a * self.nb + b], self.bounds[a * self.nb + b + 1]
+        if hi > lo:
+            cells, targets = self.cell[lo:hi], self.rel_target[lo:hi]
+            is_rel = targets >= 0
+            # each relevant (query, slot) has exactly one cell in one tile: no write races
+            self.rel_flat[targets[is_rel]] = flat_t[cells[is_rel]]
+            flat_t[cells] = -np.inf
+
+    def run_tile(self, a, b, scratch):
+        """Candidates of tile (a, b), as [(query rows, gallery columns, scores)]: for the rows
+        of block a and, off the diagonal, for those of block b."""
+        n, cs, k, buf = self.n, self.cs, self.k, self.buf
         a0, a1, b0, b1 = a * cs, min(n, (a + 1) * cs), b * cs, min(n, (b + 1) * cs)
         h, w = a1 - a0, b1 - b0
         t = scratch[0][: h * w].reshape(h, w)
         mask = scratch[1][: h * w].reshape(h, w)
-        np.matmul(x[a0:a1], x[b0:b1].T, out=t)
+        np.matmul(self.x[a0:a1], self.x[b0:b1].T, out=t)
         flat_t = t.reshape(-1)
-        lo_, hi_ = bounds[a * nb + b], bounds[a * nb + b + 1]
-        if hi_ > lo_:
-            cells, targets = cell[lo_:hi_], rel_target[lo_:hi_]
-            is_rel = targets >= 0
-            # each relevant (query, slot) has exactly one cell in one tile: no write races
-            rel_flat[targets[is_rel]] = flat_t[cells[is_rel]]
-            flat_t[cells] = -np.inf
+        self.take_same_product(a, b, flat_t)
         out = []
         thr = buf.threshold[a0:a1].copy()
         if a == b and h > k:
@@ -536,11 +550,11 @@ def _symmetric_pass(x, structure, k, chunk_size, num_threads):
                 out.append((c + b0, r + a0, flat_t[f]))
         return out
 
-    staged = []
-
-    def merge(results, flush=False):
+    def merge(self, results, flush=False):
+        """Stage tiles' candidates; add them to the top-K buffer every 8 (now with ``flush``)."""
         # candidates of a few tiles go in together: a merge costs ~20 numpy calls, whatever
         # its size, and thresholds a few tiles staler let through only a few more candidates
+        staged = self.staged
         staged.extend(results)
         if staged and (flush or len(staged) >= 8):
             q = np.concatenate([r[0] for r in staged])
@@ -548,44 +562,50 @@ def _symmetric_pass(x, structure, k, chunk_size, num_threads):
             s = np.concatenate([r[2] for r in staged])
             staged.clear()
             keep = s > -np.inf  # masked same-product cells that met a -inf threshold
-            buf.add(q[keep], _score_key(s[keep], g[keep]))
+            self.buf.add(q[keep], score_key(s[keep], g[keep]))
 
-    threads = _num_threads(num_threads)
-    diagonal = [(a, a) for a in range(nb)]
-    # off-diagonal tiles ordered by distance from the diagonal: SOP-style files list
-    # products by category, so near tiles hold the strongest competitors and raise the
-    # thresholds early
-    off = sorted(((a, b) for a in range(nb) for b in range(a + 1, nb)), key=lambda t: (t[1] - t[0], t[0]))
-    scratch_size = cs * cs
-    if threads == 1:
-        scratch = (np.empty(scratch_size, np.float32), np.empty(scratch_size, bool))
-        for a, b in diagonal + off:
-            merge(run_tile(a, b, scratch))
-        merge([], flush=True)
-    else:
+    def tiles(self):
+        """(the diagonal tiles, the others ordered by distance from the diagonal)."""
+        # SOP-style files list products by category, so near tiles hold the strongest
+        # competitors and raise the thresholds early
+        nb = self.nb
+        off = sorted(((a, b) for a in range(nb) for b in range(a + 1, nb)), key=lambda t: (t[1] - t[0], t[0]))
+        return [(a, a) for a in range(nb)], off
+
+    def run(self, threads):
+        diagonal, off = self.tiles()
+        if threads == 1:
+            scratch = self.scratch()
+            for a, b in diagonal + off:
+                self.merge(self.run_tile(a, b, scratch))
+            self.merge([], flush=True)
+        else:
+            self.run_threaded(threads, diagonal, off)
+        return self.buf.result(), self.rel_scores
+
+    def run_threaded(self, threads, diagonal, off):
         local = threading.local()
 
         def task(ab):
             if not hasattr(local, "scratch"):
-                local.scratch = (np.empty(scratch_size, np.float32), np.empty(scratch_size, bool))
-            return run_tile(ab[0], ab[1], local.scratch)
+                local.scratch = self.scratch()
+            return self.run_tile(ab[0], ab[1], local.scratch)
 
-        with _SingleThreadBLAS(True), concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        with SingleThreadBLAS(True), concurrent.futures.ThreadPoolExecutor(threads) as pool:
             # the diagonal first, all of it: it gives every row a threshold before any
             # off-diagonal tile is filtered
             for results in pool.map(task, diagonal):
-                merge(results)
-            merge([], flush=True)
+                self.merge(results)
+            self.merge([], flush=True)
             window = 2 * threads  # bounded look-ahead keeps thresholds fresh
             pending = []
             for ab in off:
                 pending.append(pool.submit(task, ab))
                 if len(pending) >= window:
-                    merge(pending.pop(0).result())
+                    self.merge(pending.pop(0).result())
             for fut in pending:
-                merge(fut.result())
-            merge([], flush=True)
-    return buf.result(), rel_scores
+                self.merge(fut.result())
+            self.merge([], flush=True)
 
 
 def _rank_of_best_relevant(x, structure, rows, chunk_size, num_threads):
@@ -608,8 +628,8 @@ def _rank_of_best_relevant(x, structure, rows, chunk_size, num_threads):
         ridx = structure.rel_idx[rr]
         valid = ridx >= 0
         safe = np.maximum(ridx, 0)
-        best = np.where(valid, _score_key(np.take_along_axis(t, safe, axis=1), safe), _KEY_NONE).min(axis=1)
-        s1, b1 = _key_score(best), _key_index(best)
+        best = np.where(valid, score_key(np.take_along_axis(t, safe, axis=1), safe), KEY_NONE).min(axis=1)
+        s1, b1 = key_score(best), key_index(best)
         # the query's own product (itself included) is not competition
         own_r, own_c = np.nonzero(valid)
         t[own_r, ridx[own_r, own_c]] = -np.inf
@@ -626,7 +646,7 @@ def _rank_of_best_relevant(x, structure, rows, chunk_size, num_threads):
         for s in starts:
             task(s)
     else:
-        with _SingleThreadBLAS(True), concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        with SingleThreadBLAS(True), concurrent.futures.ThreadPoolExecutor(threads) as pool:
             list(pool.map(task, starts))
     return out
 
@@ -660,14 +680,14 @@ def retrieval_details(embeddings, class_ids, super_ids, chunk_size=1024, num_thr
     # K >= max R: a relevant item j sits at rank j + (other-product items before it); it is in
     # the top R only if fewer than R <= K of them come first, which the top-K list answers
     k = max(max(CATEGORY_KS), max_r)
-    top_keys, rel_scores = _symmetric_pass(x, structure, k, chunk_size, num_threads)
-    top_valid = top_keys != _KEY_NONE
-    top_idx = np.where(top_valid, _key_index(top_keys), -1)
+    top_keys, rel_scores = _SymmetricPass(x, structure, k, chunk_size).run(_num_threads(num_threads))
+    top_valid = top_keys != KEY_NONE
+    top_idx = np.where(top_valid, key_index(top_keys), -1)
 
     # ---- product protocol
     R = structure.R
     rel_valid = structure.rel_idx >= 0
-    rel_keys = np.where(rel_valid, _score_key(rel_scores, np.maximum(structure.rel_idx, 0)), _KEY_NONE)
+    rel_keys = np.where(rel_valid, score_key(rel_scores, np.maximum(structure.rel_idx, 0)), KEY_NONE)
     rel_keys.sort(axis=1)  # j-th column = j-th relevant item in ranking order
     before = np.zeros(rel_keys.shape, dtype=np.int64)  # other-product items ranked before it
     for j in range(rel_keys.shape[1]):  # loop over <= max R columns, not over queries
@@ -690,7 +710,7 @@ def retrieval_details(embeddings, class_ids, super_ids, chunk_size=1024, num_thr
     cat_rel = (first >= 0) & (super_ids[np.maximum(first, 0)] == super_ids[:, None])
     return {
         "top_other": top_idx,
-        "top_other_scores": np.where(top_valid, _key_score(top_keys), -np.inf).astype(np.float32),
+        "top_other_scores": np.where(top_valid, key_score(top_keys), -np.inf).astype(np.float32),
         "best_relevant_rank": best_rank,
         "num_relevant": R,
         "ap_at_r": ap,
@@ -739,371 +759,3 @@ def evaluate_embeddings(embeddings, class_ids, super_ids, chunk_size=1024, num_t
     details = retrieval_details(embeddings, class_ids, super_ids, chunk_size=chunk_size,
                                 num_threads=num_threads)
     return metrics_from_details(details)
-
-
-# ============ gallery index (demo) ============
-
-
-def hash_paths(paths) -> str:
-    """sha256 of the image list (relative paths, in order), to tell stale indexes apart."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(str(p).encode("utf-8"))
-        h.update(b"\n")
-    return h.hexdigest()
-
-
-def embeddings_fingerprint(embeddings: np.ndarray) -> str:
-    """sha256 of the float32 embedding matrix: ties a saved approximate index to its vectors."""
-    return hashlib.sha256(np.ascontiguousarray(embeddings, dtype=np.float32).data).hexdigest()
-
-
-def _rerank(q: np.ndarray, emb: np.ndarray, candidates: np.ndarray, k: int):
-    """Exact float32 top-k among ``candidates`` [Q, C] (rows of ``emb``, -1 = none), ranked
-    by score descending then lower index. Undoes float16 rounding and faiss's tie order."""
-    valid = candidates >= 0
-    safe = np.maximum(candidates, 0)
-    scores = np.einsum("qcd,qd->qc", emb[safe], q, optimize=False).astype(np.float32, copy=False)
-    keys = np.where(valid, _score_key(scores, safe), _KEY_NONE)
-    keys.sort(axis=1)
-    keys = keys[:, :k]
-    found = keys != _KEY_NONE
-    return (np.where(found, _key_score(keys), -np.inf).astype(np.float32),
-            np.where(found, _key_index(keys), -1))
-
-
-# candidates fetched per query, beyond k, from the float16 scan / the approximate index:
-# re-ranked in float32, they make the result the exact float32 ranking unless more than
-# 2k + 16 items score within fastscan.ORDER_MARGIN of the k-th best (see GalleryIndex.search)
-def _num_candidates(k: int, n: int) -> int:
-    return min(n, 2 * k + 16)
-
-
-@dataclasses.dataclass(eq=False)
-class GalleryIndex:
-    """Embeddings of a catalogue of images plus what is needed to show and trust them.
-
-    ``paths`` are relative to the data root; ``categories`` names the categories
-    (``super_ids`` k is ``categories[k - 1]``; default SOP's 12); ``product_ids`` the product of
-    each image as a string users can join on (default ``str(class_id)``; None entries are
-    written as "" for an unlabelled gallery). ``checkpoint_hash`` is the sha256 of the
-    checkpoint that produced the embeddings and ``image_list_hash`` that of ``paths``: a
-    demo compares both before reusing an index. ``meta`` holds any JSON-serialisable extras
-    (model_args, split, data_root, ...). ``file_stats``: optional int64 [N, 2], the (size in
-    bytes, mtime in ns) of each image file when it was embedded, so that an index of a folder
-    can be updated incrementally (``gallery.py``); None for catalogues that do not need it.
-
-    ``index_type``: "exact" (default; right for SOP's 60,502 images and up to ~1M), or an
-    approximate faiss index, "ivf" or "hnsw" (module ``ann``: what they are, their
-    defaults from the gallery size, and when to pick which). ``ann_params`` overrides those
-    defaults (nlist, nprobe, train_points_per_cell, kmeans_iters / M, efConstruction,
-    efSearch). The approximate index is built by `build_ann` (or on first search / save)
-    and saved inside the same file with a record of how it was built.
-    """
-
-    embeddings: np.ndarray
-    paths: list
-    class_ids: np.ndarray
-    super_ids: np.ndarray
-    checkpoint_hash: str = ""
-    image_list_hash: str = ""
-    categories: list | None = None
-    product_ids: list | None = None
-    meta: dict = dataclasses.field(default_factory=dict)
-    backend: str = "auto"
-    index_type: str = "exact"
-    ann_params: dict | None = None
-    file_stats: np.ndarray | None = None
-
-    def __post_init__(self):
-        self.embeddings = np.ascontiguousarray(self.embeddings, dtype=np.float32)
-        self.paths = [str(p) for p in self.paths]
-        self.class_ids = np.asarray(self.class_ids, dtype=np.int64).reshape(-1)
-        self.super_ids = np.asarray(self.super_ids, dtype=np.int64).reshape(-1)
-        n = len(self.embeddings)
-        if self.embeddings.ndim != 2 or not (len(self.paths) == len(self.class_ids) == len(self.super_ids) == n):
-            raise ValueError(
-                f"gallery index parts disagree: embeddings {self.embeddings.shape}, {len(self.paths)} paths, "
-                f"{len(self.class_ids)} class ids, {len(self.super_ids)} super ids"
-            )
-        if not self.image_list_hash:
-            self.image_list_hash = hash_paths(self.paths)
-        if self.categories is None:
-            from dataio import catalogue  # SOP's names, for indexes built before categories were stored
-            self.categories = list(catalogue.SOP_CATEGORIES)
-        self.categories = [str(c) for c in self.categories]
-        if n and (self.super_ids.min() < 1 or self.super_ids.max() > len(self.categories)):
-            raise ValueError(f"gallery index super ids span {self.super_ids.min()}..{self.super_ids.max()}, "
-                             f"outside 1..{len(self.categories)} (its {len(self.categories)} categories)")
-        if self.product_ids is None:
-            self.product_ids = [str(c) for c in self.class_ids.tolist()]
-        self.product_ids = ["" if p is None else str(p) for p in self.product_ids]
-        if len(self.product_ids) != n:
-            raise ValueError(f"gallery index has {len(self.product_ids)} product ids for {n} images")
-        if self.file_stats is not None:
-            self.file_stats = np.asarray(self.file_stats, dtype=np.int64)
-            if self.file_stats.shape != (n, 2):
-                raise ValueError(f"gallery index file_stats must be [{n}, 2] (size, mtime_ns), "
-                                 f"got shape {self.file_stats.shape}")
-        if self.backend not in ("auto", "numpy", "faiss"):
-            raise ValueError(f"backend must be 'auto', 'numpy' or 'faiss', got {self.backend!r}")
-        ann.check_index_type(self.index_type)
-        self.ann_params = {**ann.default_params(self.index_type, n), **(self.ann_params or {})}
-        self._ann = None  # the faiss index of an approximate index_type, once built / loaded
-        self._ann_record = None  # how it was built (saved beside it)
-        self._subsets = {}
-
-    def __len__(self):
-        return len(self.embeddings)
-
-    # ---- approximate index
-    def build_ann(self, progress=True) -> None:
-        """Build the faiss index of ``index_type`` (no-op for "exact" or when built)."""
-        if self.index_type == "exact" or self._ann is not None:
-            return
-        faiss_index, seconds = ann.timed_build(self.embeddings, self.index_type, self.ann_params,
-                                               progress=progress)
-        faiss = ann.require_faiss()
-        self._ann = faiss_index
-        self._ann_record = {
-            "index_type": self.index_type, "params": dict(self.ann_params), "build_s": round(seconds, 3),
-            "faiss_version": faiss.__version__, "ntotal": int(faiss_index.ntotal),
-            "dim": int(self.embeddings.shape[1]), "embeddings_sha256": embeddings_fingerprint(self.embeddings),
-        }
-
-    def set_search_params(self, **params) -> None:
-        """Change nprobe (ivf) / efSearch (hnsw) for later searches; no rebuild needed."""
-        allowed = {"ivf": {"nprobe"}, "hnsw": {"efSearch"}}.get(self.index_type, set())
-        unknown = set(params) - allowed
-        if unknown:
-            raise ValueError(f"index type {self.index_type!r} takes search parameters "
-                             f"{sorted(allowed) or 'none'}, not {sorted(unknown)}")
-        self.ann_params.update({name: int(v) for name, v in params.items()})
-        if self._ann is not None:
-            ann.set_search_params(self._ann, self.index_type, self.ann_params)
-
-    # ---- persistence
-    def save(self, path) -> Path:
-        """Write the index to one ``.npz`` file atomically (see `atomic_write`); an
-        approximate index is built first if needed and saved with its build record."""
-        meta = dict(self.meta)
-        meta.update(format_version=GALLERY_FORMAT_VERSION, checkpoint_hash=self.checkpoint_hash,
-                    image_list_hash=self.image_list_hash, index_type=self.index_type)
-        arrays = {
-            "embeddings": self.embeddings,
-            "class_ids": self.class_ids,
-            "super_ids": self.super_ids,
-            "paths": np.array(self.paths, dtype=np.str_),
-            "categories": np.array(self.categories, dtype=np.str_),
-            "product_ids": np.array(self.product_ids, dtype=np.str_),
-        }
-        if self.file_stats is not None:
-            arrays["file_stats"] = self.file_stats
-        if self.index_type != "exact":
-            self.build_ann()
-            meta["ann"] = self._ann_record
-            arrays["ann"] = ann.serialize(self._ann)
-        arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
-        return atomic_write(path, lambda f: np.savez(f, **arrays))
-
-    @classmethod
-    def load(cls, path, backend="auto") -> "GalleryIndex":
-        """Read an index written by `save`; a missing, truncated or foreign file raises a
-        ValueError (FileNotFoundError when absent) that names it and says how to rebuild.
-        An approximate index needs faiss (ImportError naming `pip install faiss-cpu`)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"gallery index {path} does not exist: build it with "
-                                    "`python app_stanford.py --build_index` or evaluate.py --embeddings_cache")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-                parts = {name: data[name] for name in ("embeddings", "class_ids", "super_ids", "paths")}
-                # absent from files written before free category names: SOP's defaults
-                extra = {name: data[name].tolist() for name in ("categories", "product_ids")
-                         if name in data.files}
-                if "file_stats" in data.files:
-                    extra["file_stats"] = data["file_stats"]
-                blob = data["ann"] if "ann" in data.files else None
-        except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"gallery index {path} is corrupt or not a gallery index ({type(exc).__name__}: "
-                             f"{exc}); delete it and rebuild it") from exc
-        version = meta.pop("format_version", None)
-        if version != GALLERY_FORMAT_VERSION:
-            raise ValueError(f"gallery index {path} has format version {version}, this code reads "
-                             f"{GALLERY_FORMAT_VERSION}: rebuild it")
-        index_type = meta.pop("index_type", "exact")  # files from before approximate indexes
-        record = meta.pop("ann", None)
-        if index_type not in ann.INDEX_TYPES or (index_type != "exact") != (blob is not None and record is not None):
-            raise ValueError(f"gallery index {path} is corrupt: index type {index_type!r} without its "
-                             "approximate index or build record; delete it and rebuild it")
-        index = cls(
-            embeddings=parts["embeddings"], paths=parts["paths"].tolist(), class_ids=parts["class_ids"],
-            super_ids=parts["super_ids"], checkpoint_hash=meta.pop("checkpoint_hash", ""),
-            image_list_hash=meta.pop("image_list_hash", ""), meta=meta, backend=backend,
-            index_type=index_type, ann_params=(record or {}).get("params"), **extra,
-        )
-        if index.image_list_hash != hash_paths(index.paths):
-            raise ValueError(f"gallery index {path} is corrupt: its image list does not match its hash; rebuild it")
-        if record is not None:
-            index._attach_ann(path, blob, record)
-        return index
-
-    def _attach_ann(self, path, blob, record) -> None:
-        """Adopt a saved faiss index after checking that it was built from these vectors."""
-        faiss_index = ann.deserialize(blob)
-        n, d = self.embeddings.shape
-        if (record.get("index_type") != self.index_type or int(faiss_index.ntotal) != n
-                or int(faiss_index.d) != d or record.get("ntotal") != n
-                or record.get("embeddings_sha256") != embeddings_fingerprint(self.embeddings)):
-            raise ValueError(
-                f"gallery index {path}: its {self.index_type} index was built from other vectors "
-                f"({faiss_index.ntotal} x {faiss_index.d}, recorded {record.get('ntotal')}; this file holds "
-                f"{n} x {d}) - a foreign or stale approximate index; delete the file and rebuild it")
-        ann.set_search_params(faiss_index, self.index_type, self.ann_params)
-        self._ann, self._ann_record = faiss_index, dict(record)
-
-    def stale_reason(self, checkpoint_hash=None, paths=None, index_type=None):
-        """Why this index cannot serve the given checkpoint / image list / index type (None
-        if it can)."""
-        if checkpoint_hash is not None and checkpoint_hash != self.checkpoint_hash:
-            return (f"built from checkpoint {self.checkpoint_hash[:12] or '?'}, "
-                    f"not {checkpoint_hash[:12]}")
-        if paths is not None and hash_paths(paths) != self.image_list_hash:
-            return "built from a different image list"
-        if index_type is not None and index_type != self.index_type:
-            return f"built as a {self.index_type!r} index, not {index_type!r}"
-        return None
-
-    # ---- search
-    def _subset(self, super_id):
-        """[row indices, float32 embeddings, faiss flat index, float16 copy] of one
-        category (all of them for None), cached; the last two are made when first needed."""
-        if super_id not in self._subsets:
-            if super_id is None:
-                rows = np.arange(len(self))
-                emb = self.embeddings
-            else:
-                rows = np.flatnonzero(self.super_ids == int(super_id))
-                emb = np.ascontiguousarray(self.embeddings[rows])
-            self._subsets[super_id] = [rows, emb, None, None]
-        return self._subsets[super_id]
-
-    def _use_faiss(self):
-        # "auto" means numpy / the float16 kernel (see search); importing faiss for it would
-        # only load a second OpenBLAS into the process.
-        if self.backend != "faiss":
-            return False
-        ann.require_faiss("backend='faiss'")
-        return True
-
-    def search(self, queries, k=10, super_id=None):
-        """Top-k gallery images for each query vector.
-
-        ``queries``: [D] or [Q, D] (normalised here). ``super_id``: search one category only.
-        Returns ``(scores float32 [Q, k], indices int64 [Q, k])`` into this index (padded with
-        -inf / -1 when the gallery holds fewer than k images); scores are float32 inner
-        products, ties broken by the lower index.
-
-        Exact search (``index_type="exact"``, and every category-filtered search: a category
-        is searched exhaustively, its vectors being a fraction of the gallery): with
-        ``backend="auto"`` and up to 32 queries, a float16 copy of the gallery is scanned by
-        `fastscan` (half the bytes of float32; ~0.75x faiss IndexFlatIP on one thread) for
-        2k + 16 candidates, re-ranked in float32. The result is today's float32 ranking
-        exactly unless more than 2k + 16 items score >= (k-th best - fastscan.ORDER_MARGIN);
-        even then, any two items whose float32 scores differ by more than ORDER_MARGIN
-        (1.1e-3) keep their order. More queries, or ``backend="numpy"``: one float32 matrix
-        product. ``backend="faiss"``: faiss IndexFlatIP, faiss's tie order.
-
-        Approximate search (``index_type`` "ivf" / "hnsw", no category): the faiss index
-        proposes 2k + 16 candidates, re-ranked in float32 with the same tie rule; at
-        exhaustive settings (`ann.exhaustive_params`) it equals exact search.
-        """
-        q = l2_normalize(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
-        if q.shape[1] != self.embeddings.shape[1]:
-            raise ValueError(f"query dimension {q.shape[1]} != gallery dimension {self.embeddings.shape[1]}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        entry = self._subset(super_id)
-        rows, emb = entry[0], entry[1]
-        kk = min(k, len(rows))
-        if self.index_type != "exact" and super_id is None:
-            self.build_ann()
-            _, cand = ann.search(self._ann, q, _num_candidates(kk, len(rows)))
-            scores, idx = _rerank(q, emb, cand, kk)
-        elif self._use_faiss():
-            import faiss
-
-            if entry[2] is None:
-                entry[2] = faiss.IndexFlatIP(emb.shape[1])
-                entry[2].add(emb)
-            scores, idx = entry[2].search(q, kk)
-            scores = scores.astype(np.float32)
-        elif self.backend == "auto" and len(q) <= 32 and len(rows) and fastscan.available():
-            if entry[3] is None:
-                entry[3] = emb.astype(np.float16)
-            nc = _num_candidates(kk, len(rows))
-            cand = np.stack([fastscan.topk_f16(entry[3], qi, nc)[1] for qi in q])
-            scores, idx = _rerank(q, emb, cand, kk)
-        else:
-            with _SingleThreadBLAS(len(q) <= 32):
-                block = q @ emb.T
-            scores, idx = _topk_dense(block, kk)
-        out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
-        out_i = np.full((len(q), k), -1, dtype=np.int64)
-        found = idx >= 0
-        out_s[:, : idx.shape[1]] = np.where(found, scores, -np.inf)
-        out_i[:, : idx.shape[1]] = np.where(found, rows[np.maximum(idx, 0)], -1)
-        return out_s, out_i
-
-
-def load_fresh_index(path, checkpoint_hash, paths, backend="auto", index_type=None):
-    """``(index, None)`` when ``path`` holds a GalleryIndex that loads and was built from
-    ``checkpoint_hash`` over exactly ``paths`` (and as ``index_type``, when given); else
-    ``(None, why)``, ``why`` a phrase for the log ("missing", the load error, or "stale
-    (...)"). An approximate index without faiss installed raises the ImportError."""
-    path = Path(path)
-    if not path.exists():
-        return None, "missing"
-    try:
-        index = GalleryIndex.load(path, backend=backend)
-    except ValueError as e:  # damaged / other format / foreign approximate index: rebuild
-        return None, str(e)
-    reason = index.stale_reason(checkpoint_hash, paths, index_type)
-    return (index, None) if reason is None else (None, f"stale ({reason})")
-
-
-def build_gallery_index(model, dataset, batch_size=64, workers=None, device="cpu", amp=None,
-                        checkpoint_hash="", meta=None, progress=True, index_type="exact",
-                        ann_params=None) -> GalleryIndex:
-    """Embed every image of ``dataset`` (an SOPDataset with an eval transform) into a
-    `GalleryIndex`; paths are stored relative to the data root (``dataset.rel_paths``).
-    ``workers=None``: datasets.loader_settings for the device and this machine's CPUs.
-    ``index_type`` "ivf" / "hnsw" also builds that approximate index (progress bars)."""
-    ann.check_index_type(index_type)
-    if index_type != "exact":
-        ann.require_faiss(f"index type {index_type!r}")  # before minutes of embedding
-    import torch
-
-    import datasets  # here, not at import time: the demo's search path needs no torchvision
-
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False,
-        # one pass: persistent workers would only outlive it
-        **datasets.loader_settings(device, workers=workers, persistent_workers=False))
-    t0 = time.perf_counter()
-    embeddings, labels = extract_embeddings(model, loader, device=device, amp=amp, progress=progress,
-                                            desc="gallery")
-    class_ids = np.asarray(dataset.class_ids, dtype=np.int64)
-    if not np.array_equal(labels, class_ids):
-        raise RuntimeError("the loader's labels do not match dataset.class_ids: the dataset "
-                           "must return (image, class_id) in index order")
-    info = {"num_images": len(embeddings), "extract_s": round(time.perf_counter() - t0, 3)}
-    info.update(meta or {})
-    index = GalleryIndex(embeddings=embeddings, paths=list(dataset.rel_paths), class_ids=class_ids,
-                         super_ids=np.asarray(dataset.super_ids, dtype=np.int64),
-                         categories=dataset.categories, product_ids=dataset.product_ids,
-                         checkpoint_hash=checkpoint_hash, meta=info, index_type=index_type,
-                         ann_params=ann_params)
-    index.build_ann(progress=progress)
-    return index

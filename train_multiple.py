@@ -51,10 +51,12 @@ from dataio import synthetic_sop
 from dataio import catalogue
 import losses
 import models
-import train
-from train import RESULTS_NAME, RunPaths
-from training.reporting import (CATEGORY_KEYS, CSV_COLUMNS, ID_COLUMNS, PRODUCT_KEYS, run_labels,  # noqa: F401 (API)
-                       format_markdown, read_csv, write_csv, write_report)
+import train  # its public parser (and main, for --launcher inprocess): the one entry script reused
+from training import evaluation
+from training import flags
+from training.reporting import (CATEGORY_KEYS, CSV_COLUMNS, PRODUCT_KEYS, format_markdown, run_labels,
+                                write_report)
+from training.runs import RESULTS_NAME, RunPaths, read_metrics_csv
 
 REPO = Path(__file__).resolve().parent
 SEED_BACKBONES = ("efficientnet_b0", "resnet18", "resnet50")
@@ -80,7 +82,7 @@ def get_args_parser(add_help: bool = True, train_help: bool = False) -> argparse
             action.help = argparse.SUPPRESS
     parser = argparse.ArgumentParser(
         "train_multiple.py", add_help=add_help, parents=[parent],
-        formatter_class=train.HelpFormatter, usage="%(prog)s [options] [any train.py option]",
+        formatter_class=flags.HelpFormatter, usage="%(prog)s [options] [any train.py option]",
         description="Train and evaluate a grid of backbones x losses x samplers with train.py and "
                     "evaluate.py, then write comparison tables and plots. Every train.py flag "
                     "(python train.py --help) applies to every run; the grid flags are below.")
@@ -88,35 +90,35 @@ def get_args_parser(add_help: bool = True, train_help: bool = False) -> argparse
     parser.set_defaults(backbone=None, loss=None, sampler=None)
 
     group = parser.add_argument_group("comparison grid")
-    group.add_argument(*train._flags("backbones"), nargs="+", default=None, metavar="NAME",
+    group.add_argument(*flags.flag_names("backbones"), nargs="+", default=None, metavar="NAME",
                        choices=sorted(models.BACKBONES),
                        help=f"backbones to compare ({', '.join(sorted(models.BACKBONES))}); default: "
                             f"--backbone if given, else the original project's {' '.join(SEED_BACKBONES)}")
-    group.add_argument(*train._flags("losses"), nargs="+", default=None, metavar="NAME",
+    group.add_argument(*flags.flag_names("losses"), nargs="+", default=None, metavar="NAME",
                        choices=sorted(losses.LOSSES),
                        help=f"losses to compare ({', '.join(sorted(losses.LOSSES))}); default: --loss, "
                             "else the recipe's")
-    group.add_argument(*train._flags("samplers"), nargs="+", default=None, metavar="NAME",
+    group.add_argument(*flags.flag_names("samplers"), nargs="+", default=None, metavar="NAME",
                        choices=list(datasets.BATCH_SAMPLERS),
                        help="batch samplers to compare (random = the original project's batches, pk = "
                             "P x K); default: --sampler, else the recipe's")
-    group.add_argument(*train._flags("prefix"), default="cmp",
+    group.add_argument(*flags.flag_names("prefix"), default="cmp",
                        help="run names are <prefix>_<backbone>_<loss>_<sampler> ('quick' with "
                             "--quick)")
-    group.add_argument(*train._flags("output"), default=None,
+    group.add_argument(*flags.flag_names("output"), default=None,
                        help="folder of comparison.md/.csv, plots and logs; default "
                             "<log_dir>/comparison (<log_dir>/comparison_quick with --quick)")
 
     group = parser.add_argument_group("evaluation and execution")
-    group.add_argument(*train._flags("eval_checkpoint"), default="best", choices=["best", "last"],
+    group.add_argument(*flags.flag_names("eval_checkpoint"), default="best", choices=["best", "last"],
                        help="checkpoint of each run to evaluate on the test split: best (best "
                             "validation Recall@1, recommended) or last")
-    group.add_argument(*train._flags("eval_batch_size"), default=None, type=int,
+    group.add_argument(*flags.flag_names("eval_batch_size"), default=None, type=int,
                        help="batch size of the test-split embedding pass; default --val_batch_size")
-    group.add_argument(*train._flags("eval_examples"), default=6, type=int,
+    group.add_argument(*flags.flag_names("eval_examples"), default=6, type=int,
                        help="queries shown in each run's eval/retrieval.png (evaluate.py "
                             "--num_examples); 0 = no figure")
-    group.add_argument(*train._flags("launcher"), default="subprocess",
+    group.add_argument(*flags.flag_names("launcher"), default="subprocess",
                        choices=["subprocess", "inprocess"],
                        help="subprocess: each training / evaluation in its own python process "
                             "(a crash or leak cannot take the others down; recommended for long "
@@ -128,10 +130,10 @@ def get_args_parser(add_help: bool = True, train_help: bool = False) -> argparse
                             + ", ".join(f"--{k} {v}" for k, v in QUICK_DEFAULTS.items()
                                         if not isinstance(v, bool))
                             + ", --no-progress; explicit flags override these")
-    group.add_argument(*train._flags("report_only"), action="store_true",
+    group.add_argument(*flags.flag_names("report_only"), action="store_true",
                        help="train nothing: rebuild comparison.md/.csv and the plots from the "
                             "run folders as they are")
-    group.add_argument(*train._flags("dry_run"), action="store_true",
+    group.add_argument(*flags.flag_names("dry_run"), action="store_true",
                        help="print each run's state and the commands that would run, then stop")
     return parser
 
@@ -149,7 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # train.py's own range checks, per grid point: a mistake shared by every run stops here
         # (exit 2); one that only some runs have (e.g. a batch size P x K cannot split) is
         # reported as those runs' failure while the others run.
-        per_point = [set(train.check_args(train_namespace(args, p))) for p in build_grid(args)]
+        per_point = [set(flags.check_args(train_namespace(args, p))) for p in build_grid(args)]
         errors = sorted(set.intersection(*per_point)) if per_point else []
     if errors:
         parser.error("\n  ".join(errors))
@@ -192,7 +194,7 @@ class GridPoint:
 
 def build_grid(args: argparse.Namespace) -> list[GridPoint]:
     """Every (backbone, loss, sampler) combination, backbones outermost, in the order given."""
-    recipe = train.resolve_recipe(args)  # the recipe's loss and sampler when none is given
+    recipe = flags.resolve_recipe(args)  # the recipe's loss and sampler when none is given
     backbones = args.backbones or ([args.backbone] if args.backbone else list(SEED_BACKBONES))
     loss_names = args.losses or [recipe.loss]
     samplers = args.samplers or [recipe.sampler]
@@ -214,7 +216,7 @@ def train_namespace(args: argparse.Namespace, point: GridPoint) -> argparse.Name
     ns.resume = None if args.overwrite else "auto"
     # Resolved here, so that the command line names every recipe value and a run folder made
     # with another recipe is seen as a conflict.
-    return train.resolve_recipe(ns)
+    return flags.resolve_recipe(ns)
 
 
 def namespace_to_argv(parser: argparse.ArgumentParser, ns: argparse.Namespace,
@@ -250,7 +252,7 @@ def run_paths(ns: argparse.Namespace) -> RunPaths:
 def settings_conflicts(old: dict, new: argparse.Namespace) -> dict:
     """Arguments (other than --epochs and those train.py lets a resumed run change) whose value
     in an existing checkpoint differs from this invocation's: {name: (old, new)}."""
-    free = set(train.RESUME_FREE_ARGS) | {"epochs", "overwrite", "resume"}
+    free = set(flags.RESUME_FREE_ARGS) | {"epochs", "overwrite", "resume"}
     return {k: (old[k], v) for k, v in sorted(vars(new).items())
             if k in old and k not in free and old[k] != v}
 
@@ -363,7 +365,7 @@ def error_summary(text: str, limit: int = 400) -> str:
 
 
 def eval_options(args: argparse.Namespace, ns: argparse.Namespace, paths: RunPaths) -> dict:
-    """Keyword arguments of evaluate.evaluate_checkpoint for one run."""
+    """Keyword arguments of evaluation.evaluate_checkpoint for one run."""
     return {
         "checkpoint": str(paths.checkpoint(args.eval_checkpoint)),
         "data_root": str(ns.data_root or catalogue.DATASET_ROOTS[ns.dataset]),
@@ -428,8 +430,7 @@ def run_training(ns: argparse.Namespace, launcher: str, log_path: Path) -> str |
 
 def run_evaluation(options: dict, launcher: str, log_path: Path) -> str | None:
     """Evaluate one run's checkpoint on the test split; None on success, else the error."""
-    import evaluate  # imported late: train-only uses of this script do not need it
-    return launch(launcher, evaluate_command(options), lambda: evaluate.evaluate_checkpoint(**options),
+    return launch(launcher, evaluate_command(options), lambda: evaluation.evaluate_checkpoint(**options),
                   log_path)
 
 
@@ -439,12 +440,15 @@ ZERO_SHOT = "zero-shot"  # the loss column of a zero-shot row
 
 
 def zero_shot_paths(args: argparse.Namespace, backbone: str) -> RunPaths:
-    return RunPaths.of(args, f"{args.prefix}_{backbone}_zero_shot")
+    """The zero-shot row's run: ``<prefix>_`` + models.zero_shot_name (the one name of a
+    backbone's pretrained features at a size), e.g. cmp_zero_shot_resnet50_224px. The prefix keeps
+    grids apart, as it does their trained runs: one grid's data cannot overwrite another's."""
+    return RunPaths.of(args, f"{args.prefix}_{models.zero_shot_name(backbone, int(args.image_size))}")
 
 
 def zero_shot_options(args: argparse.Namespace, backbone: str) -> dict:
-    """Keyword arguments of evaluate.evaluate_zero_shot: the backbone's ImageNet features on the
-    test split at the grid's image size, written to runs/<prefix>_<backbone>_zero_shot/eval."""
+    """Keyword arguments of evaluation.evaluate_zero_shot: the backbone's ImageNet features on
+    the test split at the grid's image size, written to zero_shot_paths' eval folder."""
     return {"backbone": backbone, "data_root": str(args.data_root or catalogue.DATASET_ROOTS[args.dataset]),
             "image_size": int(args.image_size), "split": "test", "test_fraction": args.test_fraction,
             "output": str(zero_shot_paths(args, backbone).eval_dir),
@@ -477,8 +481,7 @@ def zero_shot_done(options: dict) -> bool:
 
 def run_zero_shot(options: dict, launcher: str, log_path: Path) -> str | None:
     """Evaluate one backbone zero-shot; None on success, else the error message."""
-    import evaluate
-    return launch(launcher, zero_shot_command(options), lambda: evaluate.evaluate_zero_shot(**options),
+    return launch(launcher, zero_shot_command(options), lambda: evaluation.evaluate_zero_shot(**options),
                   log_path)
 
 
@@ -528,7 +531,7 @@ def collect_row(point: GridPoint, paths: RunPaths, status: str = "", error: str 
         row["parameters"] = (results.get("model") or {}).get("parameters")
         row["eval_time_s"] = eval_time(results)
     if paths.metrics_csv.is_file():
-        history = train.read_metrics_csv(paths.metrics_csv)
+        history = read_metrics_csv(paths.metrics_csv)
         row["train_time_s"] = training_time(history)
         row["best_epoch"] = best_epoch(history, metric)
         epochs = [int(r["epoch"]) for r in history if r.get("epoch") is not None]
@@ -590,7 +593,7 @@ def process_run(args: argparse.Namespace, i: int, total: int, ns: argparse.Names
     except Exception as e:  # e.g. a truncated last.pth: say so, go on with the others
         state, detail = "failed", f"{paths.last}: {type(e).__name__}: {e}"
     if state in ("new", "resume"):
-        bad = train.check_args(ns)
+        bad = flags.check_args(ns)
         if bad:
             state, detail = "failed", "bad arguments for this run: " + "; ".join(bad)
     header = f"[{i}/{total}] {paths.name}: {state}" + (f" ({detail})" if detail else "")
@@ -630,7 +633,7 @@ def process_zero_shot(args: argparse.Namespace, grid: list[GridPoint], logs: Pat
     """With ImageNet weights, evaluate each backbone of the grid zero-shot (once: reused while
     its results.json matches); {backbone: (status, error)}."""
     zero_shot = {}
-    if train.resolve_recipe(args).weights == "imagenet":
+    if flags.resolve_recipe(args).weights == "imagenet":
         for backbone in dict.fromkeys(p.backbone for p in grid):
             options = zero_shot_options(args, backbone)
             done = zero_shot_done(options)
@@ -692,7 +695,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             row = empty_row(point, paths.name, "failed (report)", f"{type(e).__name__}: {e}")
         rows.append(row)
         if paths.metrics_csv.is_file():
-            histories[labels[paths.name]] = train.read_metrics_csv(paths.metrics_csv)
+            histories[labels[paths.name]] = read_metrics_csv(paths.metrics_csv)
     order = {b: i for i, b in enumerate(dict.fromkeys(p.backbone for p in grid))}
     rows.sort(key=lambda r: order.get(r["backbone"], len(order)))  # stable: zero-shot row first
     elapsed = time.perf_counter() - start

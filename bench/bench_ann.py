@@ -1,4 +1,4 @@
-"""Exact vs approximate gallery search (retrieval.GalleryIndex) on one thread; prints JSON.
+"""Exact vs approximate gallery search (search.index.GalleryIndex) on one thread; prints JSON.
 
     python bench/bench_ann.py                                  # n = 60,502 and 1,000,000
     python bench/bench_ann.py --sizes 200000 --indexes exact,ivf
@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from search import ann  # noqa: E402
 import retrieval  # noqa: E402
+from search import ann  # noqa: E402
+from search.index import GalleryIndex  # noqa: E402
 
 SOP_TEST_SIZE = 60_502
 BUILD_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -71,7 +72,7 @@ def synthetic(n, dim, num_queries, seed):
 def real(path, num_queries, seed):
     path = Path(path)
     if path.suffix == ".npz":
-        gallery = retrieval.GalleryIndex.load(path).embeddings
+        gallery = GalleryIndex.load(path).embeddings
     else:
         gallery = np.load(path, mmap_mode="r")
     gallery = retrieval.l2_normalize(gallery)
@@ -84,7 +85,7 @@ def real(path, num_queries, seed):
 
 def make_index(gallery, index_type):
     n = len(gallery)
-    return retrieval.GalleryIndex(embeddings=gallery, paths=[str(i) for i in range(n)],
+    return GalleryIndex(embeddings=gallery, paths=[str(i) for i in range(n)],
                                   class_ids=np.zeros(n, np.int64), super_ids=np.ones(n, np.int64),
                                   image_list_hash="bench", index_type=index_type)
 

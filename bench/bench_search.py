@@ -9,9 +9,9 @@ that a busy neighbour slows them alike), all on the engine's worker thread as in
                    the same model object and input layout (channels_last) the app uses;
   * forward_nchw : the same weights in PyTorch's default layout (NCHW), for reference: the
                    app's channels_last forward is faster than this;
-  * search       : retrieval.GalleryIndex.search of one query vector, top-k over the gallery
+  * search       : search.index.GalleryIndex.search of one query vector, top-k over the gallery
                    (60,502 random unit vectors, the size of the SOP test split);
-  * end_to_end   : app_stanford.SearchEngine.search_file: the uploaded JPEG on disk → checks →
+  * end_to_end   : search.engine.SearchEngine.search_file: the uploaded JPEG on disk → checks →
                    decode (draft mode) → resize / crop / normalise → forward → search →
                    ranked result dicts; what the demo does per request, minus HTTP.
 ``end_to_end_vs_forward`` = end_to_end_p50 / forward_p50 (target ≤ 1.3); search_p50 target
@@ -31,13 +31,13 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import app_stanford  # noqa: E402
 import datasets  # noqa: E402
 from dataio import synthetic_sop  # noqa: E402
 from dataio import photos  # noqa: E402
 from dataio import catalogue
 import models  # noqa: E402
-import retrieval  # noqa: E402
+from search.engine import SearchEngine  # noqa: E402
+from search.index import GalleryIndex  # noqa: E402
 
 SOP_TEST_SIZE = 60_502
 
@@ -79,7 +79,7 @@ def main(args):
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((args.gallery_size, args.embedding_size), dtype=np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    index = retrieval.GalleryIndex(
+    index = GalleryIndex(
         embeddings=emb, paths=[f"bicycle_final/{i}.JPG" for i in range(args.gallery_size)],
         class_ids=np.arange(args.gallery_size) // 5,
         super_ids=rng.integers(1, len(catalogue.SOP_CATEGORIES) + 1, args.gallery_size),
@@ -88,7 +88,7 @@ def main(args):
     model_nchw = models.build_model(args.backbone, embedding_size=args.embedding_size,
                                     weights="none", image_size=args.image_size).eval()
     model_nchw.load_state_dict(model.state_dict())
-    engine = app_stanford.SearchEngine(model, index, tmp)  # converts `model` to channels_last
+    engine = SearchEngine(model, index, tmp)  # converts `model` to channels_last
     engine.warm_up()
     x = engine.prepare(photos.load_image(query, engine.resize)).clone(
         memory_format=torch.channels_last)

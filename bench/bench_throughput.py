@@ -7,7 +7,7 @@ Measures, in one run on this machine, images per second of
   (b) ``extract``       ``retrieval.extract_embeddings`` over real JPEG files on disk (the test
                         split) through ``datasets.SOPDataset`` with the eval transform and a
                         DataLoader with the settings below;
-  (c) ``train_step``    ``train.train_one_epoch`` (forward + triplet loss + backward + Adam) on a
+  (c) ``train_step``    ``training.loop.train_one_epoch`` (forward + triplet loss + backward + Adam) on a
                         random P x K batch already in memory -- the training ceiling;
   (d) ``train_loader``  the same training step fed by the real loader (train split, train
                         augmentations, P x K batches);
@@ -56,7 +56,7 @@ from dataio import synthetic_sop  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 import retrieval  # noqa: E402
-import train  # noqa: E402
+from training import loop  # noqa: E402
 
 PARTS = ("forward", "extract", "train_step", "train_loader")
 TARGETS = {"extract_vs_ceiling": 0.8, "train_vs_ceiling": 0.8, "cuda_extract_images_per_s_b0": 3000}
@@ -168,11 +168,11 @@ def _train_parts(model, device, lr=1e-4):
 
 
 def bench_train(model, loader, device, warmup, amp, channels_last):
-    """(c)/(d) train.train_one_epoch fed by ``loader`` (random batch or real loader)."""
+    """(c)/(d) training.loop.train_one_epoch fed by ``loader`` (random batch or real loader)."""
     criterion, optimizer, scaler = _train_parts(model, device)
     timed = TimedLoader(loader)
-    train.train_one_epoch(model, criterion, timed, optimizer, scaler, device, 0, steps=len(loader),
-                          amp=amp, channels_last=channels_last, progress=False)
+    loop.train_one_epoch(model, criterion, timed, optimizer, scaler, device, 0, steps=len(loader),
+                         amp=amp, channels_last=channels_last, progress=False)
     return timed.rate(warmup)
 
 
@@ -182,14 +182,14 @@ def synthetic_root(cache_dir, num_images, size_range, workers=None):
     """A cached synthetic SOP whose test split and train split each hold >= num_images photos
     (about 2.75 test and 2.5 train images per product; rounded up to 100 products so one cache
     serves nearby --num_images)."""
-    lo, hi = synthetic_sop._parse_image_size(size_range)
     num_products = max(100, int(math.ceil(num_images / 2.2 / 100.0)) * 100)
-    root = Path(cache_dir) / f"sop_{lo}-{hi}_p{num_products}"
+    # the folder is named after --synthetic_size as given; synthetic_sop checks its range
+    root = Path(cache_dir) / f"sop_{size_range}_p{num_products}"
     if not fileio.is_complete(root):
-        print(f"bench_throughput: generating a synthetic SOP ({num_products} products, {lo}-{hi} px) "
+        print(f"bench_throughput: generating a synthetic SOP ({num_products} products, {size_range} px) "
               f"in {root} (once)", file=sys.stderr)
-    return synthetic_sop.ensure_synthetic_sop(root, num_products=num_products, image_size=(lo, hi),
-                                         workers=workers, replace=True)  # our own cache
+    return synthetic_sop.ensure_synthetic_sop(root, num_products=num_products, image_size=size_range,
+                                              workers=workers, replace=True)  # our own cache
 
 
 def resized_copy(src_root, dst_root, image_size):

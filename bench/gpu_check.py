@@ -16,16 +16,18 @@ Steps (each one calls the project's own entry points; none has training code of 
                          the result (on CUDA, retrieval.extract_embeddings autocasts to float16
                          by itself: evaluate.py passes amp=None and reports the device)
   torchrun_ddp           `torchrun --standalone --nproc_per_node N train.py` for 1 epoch. With
-                         N = 1 train.py creates no process group (train.init_distributed: NCCL
-                         is joined only when WORLD_SIZE > 1), so NCCL itself is exercised only
-                         with --nproc_per_node >= 2 on as many GPUs; the JSON says which
+                         N = 1 train.py creates no process group (NCCL is joined only when
+                         WORLD_SIZE > 1: training.distributed.init_distributed), so NCCL itself
+                         is exercised only with --nproc_per_node >= 2 on as many GPUs; the JSON
+                         says which
   deterministic_twice    the same training with --deterministic, twice: metrics.csv identical
-                         except train.TIMING_COLUMNS, and bit-identical weights in last.pth
+                         except training.runs.TIMING_COLUMNS, and bit-identical weights in
+                         last.pth
   bench_throughput       `python bench/bench_throughput.py` (random weights, AMP): images/s of
                          extraction from JPEG files and of training, extract_vs_ceiling and
                          train_vs_ceiling; the issue's targets are recorded, not asserted
-  search_query           in this process: app_stanford.SearchEngine over a gallery embedded on
-                         the GPU (retrieval.build_gallery_index): milliseconds per query, end to
+  search_query           in this process: search.engine.SearchEngine over a gallery embedded on
+                         the GPU (search.index.build_gallery_index): milliseconds per query, end to
                          end (file decode + forward + exact top-k). The demo itself
                          (app_stanford.main) loads its model on the CPU; this step shows what
                          the same engine does on the GPU
@@ -140,7 +142,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--bench_repeats", type=int, default=3, help="bench --repeats (medians reported)")
     g.add_argument("--bench_synthetic_size", default="300-600",
                    help="bench --synthetic_size: photo sides of its JPEGs, SOP-like by default")
-    g = p.add_argument_group("search (app_stanford.SearchEngine)")
+    g = p.add_argument_group("search (search.engine.SearchEngine)")
     g.add_argument("--search_queries", type=int, default=20,
                    help="warm queries timed after the first one (median reported)")
     return p
@@ -217,10 +219,10 @@ def build_plan(args, workdir: Path) -> list[dict]:
                                                 "--overwrite")} for label in ("run_a", "run_b")]),
         "bench_throughput": ("extraction / training images per second and their ceilings", [
             {"label": "bench", "argv": bench_argv(args, w)}]),
-        "search_query": ("queries through app_stanford.SearchEngine on the GPU, end to end", [
-            {"label": "search", "call": f"in-process: app_stanford.SearchEngine(models.load_model("
+        "search_query": ("queries through search.engine.SearchEngine on the GPU, end to end", [
+            {"label": "search", "call": f"in-process: SearchEngine(models.load_model("
                                         f"{str(amp_ckpt.with_name('best.pth'))!r}, device={args.device!r}), "
-                                        "retrieval.build_gallery_index(<test split>, device), <sop>)"
+                                        "build_gallery_index(<test split>, device), <sop>)"
                                         ".search_file(<a test image>, k=10)"}]),
     }
     return [{"name": name, "what": steps[name][0], "commands": steps[name][1]}
@@ -680,27 +682,27 @@ def step_torchrun_ddp(step: Step) -> None:
     step.figures["world_size"] = n
     step.figures["process_group"] = (
         ("nccl" if step.ctx.cuda else "gloo") if n > 1 else
-        "none: with 1 process train.init_distributed creates no process group (WORLD_SIZE 1); "
-        "NCCL needs --nproc_per_node >= 2 on as many GPUs")
+        "none: with 1 process training.distributed.init_distributed creates no process group "
+        "(WORLD_SIZE 1); NCCL needs --nproc_per_node >= 2 on as many GPUs")
 
 
 def step_deterministic_twice(step: Step) -> None:
     _need_data(step.ctx)
     import torch
-    import train
+    from training import runs
     step.run("run_a")
     rows_a, ckpt_a = _check_training(step, "gpu_det_a", 1)
     step.run("run_b")
     rows_b, ckpt_b = _check_training(step, "gpu_det_b", 1)
-    diffs = metrics_differences(rows_a, rows_b, ignore=train.TIMING_COLUMNS)
+    diffs = metrics_differences(rows_a, rows_b, ignore=runs.TIMING_COLUMNS)
     step.check("identical_metrics", not diffs, "; ".join(diffs[:5]))
     wa, wb = ckpt_a["model"], ckpt_b["model"]
     differing = sorted(k for k in wa if k not in wb or not torch.equal(wa[k], wb[k]))
     step.check("identical_weights", not differing and set(wa) == set(wb),
                f"{len(differing)} tensors differ, e.g. {differing[:3]}")
-    compared = sorted({c for r in rows_a for c in r} - set(train.TIMING_COLUMNS))
-    step.figures.update({"compared_columns": compared, "ignored_columns": list(train.TIMING_COLUMNS), "metric_differences": diffs[:10],
-                         "weight_tensors_differing": len(differing)})
+    compared = sorted({c for r in rows_a for c in r} - set(runs.TIMING_COLUMNS))
+    step.figures.update({"compared_columns": compared, "ignored_columns": list(runs.TIMING_COLUMNS),
+                         "metric_differences": diffs[:10], "weight_tensors_differing": len(differing)})
 
 
 BENCH_KEYS = ("forward_images_per_s", "extract_images_per_s", "train_step_images_per_s",
@@ -729,19 +731,15 @@ def step_bench_throughput(step: Step) -> None:
 
 
 def _search_checkpoint(ctx: Context) -> tuple[Path, str]:
-    """The trained run's best.pth, or (when that step did not run) an untrained checkpoint in
-    the checkpoint format of models.py, written as tests/test_app.py's make_tiny_demo does."""
+    """The trained run's best.pth, or (when that step did not run) an untrained checkpoint
+    (`search.tiny_demo.write_untrained_checkpoint`)."""
     trained = ctx.workdir / "checkpoints" / "gpu_amp" / "best.pth"
     if trained.is_file():
         return trained, "gpu_amp/best.pth (train_amp_resume_eval)"
-    import torch
+    from search.tiny_demo import write_untrained_checkpoint
 
-    import models
-    torch.manual_seed(0)
-    model = models.build_model(ctx.args.backbone, weights="none", image_size=ctx.args.image_size)
-    path = ctx.workdir / "checkpoints" / "search_untrained" / "best.pth"
-    models.atomic_save(models.make_checkpoint(model, args={"dataset": "synthetic", "data_root": str(ctx.sop)},
-                                              epoch=0, metrics={}), path)
+    path = write_untrained_checkpoint(ctx.workdir / "checkpoints" / "search_untrained" / "best.pth",
+                                      ctx.sop, ctx.args.backbone, ctx.args.image_size)
     return path, "untrained (no gpu_amp/best.pth)"
 
 
@@ -750,10 +748,10 @@ def step_search_query(step: Step) -> None:
     import numpy as np
     import torch
 
-    import app_stanford
     import datasets
     import models
-    import retrieval
+    from search.engine import SearchEngine
+    from search.index import build_gallery_index
 
     ctx = step.ctx
     device = torch.device(ctx.args.device)
@@ -766,12 +764,12 @@ def step_search_query(step: Step) -> None:
         gallery = datasets.SOPDataset(ctx.sop, "test", transform=datasets.build_transform(
             int(model.model_args["image_size"]), train=False))
         t0 = time.perf_counter()
-        # app_stanford.load_or_build_index embeds on the CPU (the demo serves on the CPU); the
+        # search.engine.load_or_build_index embeds on the CPU (the demo serves on the CPU); the
         # same project function with the model's device builds the gallery on the GPU
-        index = retrieval.build_gallery_index(model, gallery, device=device, progress=False,
-                                              checkpoint_hash=models.checkpoint_hash(checkpoint))
+        index = build_gallery_index(model, gallery, device=device, progress=False,
+                                    checkpoint_hash=models.checkpoint_hash(checkpoint))
         index_s = time.perf_counter() - t0
-        engine = app_stanford.SearchEngine(model, index, ctx.sop)
+        engine = SearchEngine(model, index, ctx.sop)
         query = gallery.paths[0]
         k = min(10, len(index))
 

@@ -32,7 +32,6 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 
 def get_args_parser():
@@ -125,12 +124,12 @@ def wait_ready(url, proc, timeout=300):
     raise RuntimeError(f"the demo did not answer at {url} within {timeout} s")
 
 
-def main(args):
-    from test_app import free_port, make_tiny_demo, write_query_files
-
+def prepare_queries(args, work):
+    """``(checkpoint, data_root, gallery paths, good, bad)``: the demo to serve (given, or
+    `search.tiny_demo`'s) and the queries, as (path, name) pairs."""
     import datasets
+    from search.tiny_demo import make_tiny_demo, write_query_files
 
-    work = Path(tempfile.mkdtemp(prefix="load_app_"))
     if args.checkpoint and args.data_root:
         checkpoint, data_root = Path(args.checkpoint), Path(args.data_root)
     else:
@@ -141,7 +140,105 @@ def main(args):
     oversize.write_bytes(os.urandom(int((args.max_upload_mb + 1) * (1 << 20))))
     good = [(p, "gallery") for p in gallery] + [(p, n) for n, (p, ok) in queries.items() if ok]
     bad = [(p, n) for n, (p, ok) in queries.items() if not ok] + [(oversize, "oversize.png")]
+    return checkpoint, data_root, gallery, good, bad
 
+
+class RssSampler:
+    """The server's RSS every second while in the block: ``peak`` (from ``start_mb``) and a
+    ``timeline`` of one reading every 10 s."""
+
+    def __init__(self, pid, start_mb):
+        self.pid, self.peak, self.timeline = pid, start_mb, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        t0 = time.monotonic()
+        while not self._stop.wait(1.0):
+            try:
+                now = rss_mb(self.pid)
+            except (OSError, RuntimeError):
+                return
+            self.peak = max(self.peak, now)
+            if not self.timeline or time.monotonic() - t0 >= 10 * len(self.timeline):
+                self.timeline.append(round(now, 1))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        return False
+
+
+def run_load(url, args, good, bad):
+    """``args.clients`` clients, each looping until ``args.duration`` is over; returns (one
+    record per request, seconds the load took)."""
+    records, lock = [], threading.Lock()
+    deadline = time.monotonic() + args.duration
+
+    def run_client(cid):
+        rng = random.Random(args.seed * 1000 + cid)
+        c = DemoClient(url, args.timeout)
+        try:
+            while time.monotonic() < deadline:
+                is_bad = rng.random() < args.bad_fraction
+                path, name = rng.choice(bad if is_bad else good)
+                t0 = time.perf_counter()
+                try:
+                    status, data = c.search(path, args.k)
+                except Exception as e:  # HTTP error, timeout, broken stream: all count as failures
+                    status, data = "exception", f"{type(e).__name__}: {e}"
+                dt = time.perf_counter() - t0
+                ok = status == "ok" and len(data["results"]) == args.k if not is_bad else status == "error"
+                with lock:
+                    records.append({"bad": is_bad, "name": name, "status": status, "ok": ok,
+                                    "latency": dt, "detail": None if status == "ok" else str(data)[:200]})
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=run_client, args=(i,)) for i in range(args.clients)]
+    t_load = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return records, time.monotonic() - t_load
+
+
+def summary(records, load_s, args):
+    """The request counts and latency percentiles of the module docstring."""
+    good_rec = [r for r in records if not r["bad"]]
+    bad_rec = [r for r in records if r["bad"]]
+
+    def pct(rs):
+        if not rs:
+            return None, None
+        ms = np.array([r["latency"] for r in rs]) * 1e3
+        return round(float(np.percentile(ms, 50)), 1), round(float(np.percentile(ms, 95)), 1)
+
+    return {
+        "clients": args.clients, "duration_s": round(load_s, 1), "requests": len(records),
+        "requests_per_s": round(len(records) / load_s, 2),
+        "good_ok": sum(r["ok"] for r in good_rec),
+        "good_failed": sum(not r["ok"] for r in good_rec),
+        "bad_errors_returned": sum(r["ok"] for r in bad_rec),
+        "bad_not_refused": sum(not r["ok"] for r in bad_rec),
+        "good_latency_p50_ms": pct(good_rec)[0], "good_latency_p95_ms": pct(good_rec)[1],
+        "bad_latency_p50_ms": pct(bad_rec)[0], "bad_latency_p95_ms": pct(bad_rec)[1],
+        "latency_p50_ms": pct(records)[0], "latency_p95_ms": pct(records)[1],
+        "bad_upload_messages": sorted({r["detail"] for r in bad_rec if r["ok"]}),
+        "failures": sorted({f"{r['name']}: {r['status']}: {r['detail']}" for r in records if not r["ok"]})[:20],
+    }
+
+
+def main(args):
+    from search.tiny_demo import free_port
+
+    work = Path(tempfile.mkdtemp(prefix="load_app_"))
+    checkpoint, data_root, gallery, good, bad = prepare_queries(args, work)
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     proc, log = start_server(checkpoint, data_root, port, args.max_upload_mb, work / "server.log")
@@ -159,53 +256,8 @@ def main(args):
         rss_start = rss_mb(proc.pid)
 
         # ============ load ============
-        records, lock = [], threading.Lock()
-        deadline = time.monotonic() + args.duration
-        peak, timeline = [rss_start], []
-        stop_sampling = threading.Event()
-
-        def sample_rss():
-            t0 = time.monotonic()
-            while not stop_sampling.wait(1.0):
-                try:
-                    now = rss_mb(proc.pid)
-                except (OSError, RuntimeError):
-                    return
-                peak[0] = max(peak[0], now)
-                if not timeline or time.monotonic() - t0 >= 10 * len(timeline):
-                    timeline.append(round(now, 1))
-
-        def run_client(cid):
-            rng = random.Random(args.seed * 1000 + cid)
-            c = DemoClient(url, args.timeout)
-            try:
-                while time.monotonic() < deadline:
-                    is_bad = rng.random() < args.bad_fraction
-                    path, name = rng.choice(bad if is_bad else good)
-                    t0 = time.perf_counter()
-                    try:
-                        status, data = c.search(path, args.k)
-                    except Exception as e:  # HTTP error, timeout, broken stream: all count as failures
-                        status, data = "exception", f"{type(e).__name__}: {e}"
-                    dt = time.perf_counter() - t0
-                    ok = status == "ok" and len(data["results"]) == args.k if not is_bad else status == "error"
-                    with lock:
-                        records.append({"bad": is_bad, "name": name, "status": status, "ok": ok,
-                                         "latency": dt, "detail": None if status == "ok" else str(data)[:200]})
-            finally:
-                c.close()
-
-        sampler = threading.Thread(target=sample_rss, daemon=True)
-        sampler.start()
-        threads = [threading.Thread(target=run_client, args=(i,)) for i in range(args.clients)]
-        t_load = time.monotonic()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        load_s = time.monotonic() - t_load
-        stop_sampling.set()
-        sampler.join()
+        with RssSampler(proc.pid, rss_start) as rss:
+            records, load_s = run_load(url, args, good, bad)
         alive = proc.poll() is None
         # one more good query after the storm: the server must still answer
         final_ok = DemoClient(url, args.timeout).search(gallery[1], args.k)[0] == "ok" if alive else False
@@ -218,38 +270,19 @@ def main(args):
             proc.kill()
         log.close()
 
-    good_rec = [r for r in records if not r["bad"]]
-    bad_rec = [r for r in records if r["bad"]]
-
-    def pct(rs):
-        if not rs:
-            return None, None
-        ms = np.array([r["latency"] for r in rs]) * 1e3
-        return round(float(np.percentile(ms, 50)), 1), round(float(np.percentile(ms, 95)), 1)
-
-    result = {
-        "clients": args.clients, "duration_s": round(load_s, 1), "requests": len(records),
-        "requests_per_s": round(len(records) / load_s, 2),
-        "good_ok": sum(r["ok"] for r in good_rec),
-        "good_failed": sum(not r["ok"] for r in good_rec),
-        "bad_errors_returned": sum(r["ok"] for r in bad_rec),
-        "bad_not_refused": sum(not r["ok"] for r in bad_rec),
-        "good_latency_p50_ms": pct(good_rec)[0], "good_latency_p95_ms": pct(good_rec)[1],
-        "bad_latency_p50_ms": pct(bad_rec)[0], "bad_latency_p95_ms": pct(bad_rec)[1],
-        "latency_p50_ms": pct(records)[0], "latency_p95_ms": pct(records)[1],
+    result = summary(records, load_s, args)
+    result.update({
         "server_rss_mb_before_warmup": round(rss_before_warmup, 1),
         "server_rss_mb_start": round(rss_start, 1), "server_rss_mb_end": round(rss_end, 1),
-        "server_rss_mb_peak": round(peak[0], 1),
-        "server_rss_mb_every_10s": timeline,
+        "server_rss_mb_peak": round(rss.peak, 1),
+        "server_rss_mb_every_10s": rss.timeline,
         "rss_growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2),
         "server_alive_at_end": alive, "query_after_load_ok": final_ok,
         "server_startup_s": round(startup_s, 1),
-        "bad_upload_messages": sorted({r["detail"] for r in bad_rec if r["ok"]}),
-        "failures": sorted({f"{r['name']}: {r['status']}: {r['detail']}" for r in records if not r["ok"]})[:20],
         "model": {"checkpoint": str(checkpoint), "data_root": str(data_root),
                   "gallery_size": len(gallery)},
         "loadavg_1min_end": round(os.getloadavg()[0], 2),
-    }
+    })
     print(json.dumps(result, indent=2))
     if not args.checkpoint:
         shutil.rmtree(work, ignore_errors=True)

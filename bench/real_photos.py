@@ -28,9 +28,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import train  # noqa: E402
+from training import flags  # noqa: E402
+from training import runs  # noqa: E402
 
-# Each variant: train.py flags on top of the default recipe of --weights imagenet (train.RECIPES
+# Each variant: train.py flags on top of the default recipe of --weights imagenet (flags.RECIPES
 # "pretrained"); the ablation removes or swaps one piece at a time.
 VARIANTS = {
     "recommended": [],
@@ -112,7 +113,7 @@ def train_and_evaluate(args, work: Path, variant: str, seed: int) -> dict:
               "--no-zero_shot_row", "--no-progress"],
              work / "logs" / f"{name}.eval.log")
         (out / "wall_s.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
-    history = train.read_metrics_csv(logs / name / "metrics.csv")
+    history = runs.read_metrics_csv(logs / name / "metrics.csv")
     val = [round(100 * r["val_map@r"], 2) for r in history]
     results = json.loads((out / "results.json").read_text())
     return {"variant": variant, "seed": seed, "flags": flags, "test": _pct(results),
@@ -164,7 +165,7 @@ def main(args) -> dict:
         print(f"[{len(runs) + 1}/{len(plan)}] {variant} seed {seed}", file=sys.stderr, flush=True)
         runs.append(train_and_evaluate(args, work, variant, seed))
     report = {"data_root": args.data_root, "backbone": args.backbone, "image_size": args.image_size,
-              "epochs": args.epochs, "recipe": train.RECIPES["pretrained"], "zero_shot": zs,
+              "epochs": args.epochs, "recipe": flags.RECIPES["pretrained"], "zero_shot": zs,
               "runs": runs, "targets": targets(zs, runs)}
     (work / "real_photos.json").write_text(json.dumps(report, indent=2) + "\n")
     (work / "ablation.md").write_text(ablation_markdown(zs, runs))

@@ -1,12 +1,14 @@
 """Search any folder: index every image under a directory, no labels needed, and keep the
 index up to date incrementally.
 
-A folder gallery is a `retrieval.GalleryIndex` whose rows are the folder's images in sorted
+A folder gallery is a `search.index.GalleryIndex` whose rows are the folder's images in sorted
 order of their relative (posix) paths:
 
 * ``paths``: relative to the folder; ``categories``: the sorted first-level folder names
   (an image directly in the folder: ``TOP_LEVEL``); ``super_ids``: 1-based into them;
-* ``product_ids``: "" for every image (unlabelled: the path is the identifier);
+* ``product_ids``: `product_of` each path: ``<category>/<product>`` for an image exactly two
+  folders down (``<category>/<product>/<image>``, a training tree's layout and its product id),
+  "" otherwise (unlabelled: the path is the identifier);
   ``class_ids``: ``arange(n)`` (each image its own item: no metric is computed on it);
 * ``checkpoint_hash``: the model key (the checkpoint's sha256, or e.g.
   ``"zero_shot:<backbone>:<weights>:<size>px"``); ``file_stats``: each file's (size, mtime_ns)
@@ -34,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from search import ann
 from dataio import catalogue
 from dataio import photos
 import retrieval
+from search import ann
+from search.index import GalleryIndex
 
 logger = logging.getLogger("gallery")
 
@@ -142,6 +145,14 @@ def category_of(rel_path: str) -> str:
     return head if sep else TOP_LEVEL
 
 
+def product_of(rel_path: str) -> str:
+    """The product id of an image at ``<category>/<product>/<image>``: its folder's relative
+    path, as a training tree names it (catalogue.scan_folder_tree); "" at any other depth,
+    where a folder level is not known to be a product."""
+    parts = rel_path.split("/")
+    return "/".join(parts[:2]) if len(parts) == 3 else ""
+
+
 def categories_and_ids(paths) -> tuple[list, np.ndarray]:
     """(sorted unique categories of ``paths``, 1-based super id of each path)."""
     names = [category_of(p) for p in paths]
@@ -150,14 +161,14 @@ def categories_and_ids(paths) -> tuple[list, np.ndarray]:
     return categories, np.array([position[c] for c in names], dtype=np.int64)
 
 
-def make_gallery_index(embeddings, files, model_key, meta=None, index_type="exact") -> retrieval.GalleryIndex:
+def make_gallery_index(embeddings, files, model_key, meta=None, index_type="exact") -> GalleryIndex:
     """The GalleryIndex of a folder (module docstring) from embeddings in ``files`` order;
     ``files``: ``[(rel path, size, mtime_ns)]`` sorted by path."""
     paths = [f[0] for f in files]
     categories, super_ids = categories_and_ids(paths)
-    return retrieval.GalleryIndex(
+    return GalleryIndex(
         embeddings=embeddings, paths=paths, class_ids=np.arange(len(paths), dtype=np.int64),
-        super_ids=super_ids, categories=categories, product_ids=[""] * len(paths),
+        super_ids=super_ids, categories=categories, product_ids=[product_of(p) for p in paths],
         checkpoint_hash=model_key, meta=dict(meta or {}), index_type=index_type,
         file_stats=np.array([f[1:] for f in files], dtype=np.int64).reshape(-1, 2))
 
@@ -171,7 +182,7 @@ def load_previous(index_path, root: Path, model_key: str):
     if not index_path.exists():
         return None, "no index yet"
     try:
-        index = retrieval.GalleryIndex.load(index_path)
+        index = GalleryIndex.load(index_path)
     except (ValueError, ImportError) as e:  # damaged, other format, ann index without faiss
         return None, f"the index could not be read ({e})"
     info = index.meta.get(GALLERY_META_KEY)
@@ -300,7 +311,7 @@ def _same_content(previous, kept, meta, index_type) -> bool:
 
 def update_gallery_index(model, root, index_path, model_key, batch_size=64, workers=None,
                          device="cpu", progress=True, index_type="exact", force=False,
-                         meta=None) -> tuple[retrieval.GalleryIndex, dict]:
+                         meta=None) -> tuple[GalleryIndex, dict]:
     """Index every image under ``root`` into ``index_path``, reusing what is still valid.
 
     The previous index is reused when it loads, was built for the same resolved ``root`` and

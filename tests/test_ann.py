@@ -1,6 +1,7 @@
-"""Exact float16 search (fastscan) and approximate indexes (ann) behind retrieval.GalleryIndex:
-the float16 ordering rule, exhaustive approximate search equals exact search, recall@k,
-persistence with a build record, stale / foreign indexes refused, faiss missing."""
+"""Exact float16 search (fastscan) and approximate indexes (ann) behind
+search.index.GalleryIndex: the float16 ordering rule, exhaustive approximate search equals
+exact search, recall@k, persistence with a build record, stale / foreign indexes refused,
+faiss missing."""
 import importlib.util
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 from search import ann
 from search import fastscan
 import retrieval
+from search.index import GalleryIndex, embeddings_fingerprint, load_fresh_index
 
 needs_kernel = pytest.mark.skipif(not fastscan.available(), reason="no C compiler for the float16 kernel")
 
@@ -24,9 +26,9 @@ def clustered(n, dim, seed=0, spread=0.3):
 def make_index(emb, index_type="exact", seed=0, **kw):
     n = len(emb)
     rng = np.random.default_rng(seed)
-    return retrieval.GalleryIndex(embeddings=emb, paths=[f"mug_final/{i}_0.JPG" for i in range(n)],
-                                  class_ids=np.arange(n) // 4, super_ids=rng.integers(1, 4, n),
-                                  checkpoint_hash="ab" * 32, index_type=index_type, **kw)
+    return GalleryIndex(embeddings=emb, paths=[f"mug_final/{i}_0.JPG" for i in range(n)],
+                        class_ids=np.arange(n) // 4, super_ids=rng.integers(1, 4, n),
+                        checkpoint_hash="ab" * 32, index_type=index_type, **kw)
 
 
 def float32_top(emb, q, k):
@@ -135,21 +137,21 @@ def test_approximate_index_round_trip_stale_and_foreign(tmp_path):
     emb = clustered(1500, 16)
     index = make_index(emb, "ivf", ann_params={"nlist": 8})
     path = index.save(tmp_path / "gallery.npz")  # builds the index first
-    loaded = retrieval.GalleryIndex.load(path)
+    loaded = GalleryIndex.load(path)
     assert loaded.index_type == "ivf" and loaded.meta == {}
     assert loaded.ann_params["nlist"] == 8 and loaded._ann_record["ntotal"] == 1500
-    assert loaded._ann_record["embeddings_sha256"] == retrieval.embeddings_fingerprint(emb)
+    assert loaded._ann_record["embeddings_sha256"] == embeddings_fingerprint(emb)
     q = emb[:5] + 0.05
     np.testing.assert_array_equal(loaded.search(q, 10)[1], index.search(q, 10)[1])
     loaded.set_search_params(nprobe=8)
     with pytest.raises(ValueError, match="efSearch"):
         loaded.set_search_params(efSearch=8)
 
-    fresh, why = retrieval.load_fresh_index(path, "ab" * 32, index.paths, index_type="ivf")
+    fresh, why = load_fresh_index(path, "ab" * 32, index.paths, index_type="ivf")
     assert why is None and fresh.index_type == "ivf"
-    fresh, why = retrieval.load_fresh_index(path, "ab" * 32, index.paths, index_type="exact")
+    fresh, why = load_fresh_index(path, "ab" * 32, index.paths, index_type="exact")
     assert fresh is None and why == "stale (built as a 'ivf' index, not 'exact')"
-    assert "checkpoint" in retrieval.load_fresh_index(path, "cd" * 32, index.paths, index_type="ivf")[1]
+    assert "checkpoint" in load_fresh_index(path, "cd" * 32, index.paths, index_type="ivf")[1]
 
     # an approximate index of other vectors in the file: refused, with the path and what to do
     other = make_index(clustered(1500, 16, seed=9), "ivf", ann_params={"nlist": 8})
@@ -157,9 +159,9 @@ def test_approximate_index_round_trip_stale_and_foreign(tmp_path):
     index._ann, index._ann_record = other._ann, other._ann_record
     foreign = index.save(tmp_path / "foreign.npz")
     with pytest.raises(ValueError, match="foreign") as err:
-        retrieval.GalleryIndex.load(foreign)
+        GalleryIndex.load(foreign)
     assert str(foreign) in str(err.value) and "rebuild" in str(err.value)
-    fresh, why = retrieval.load_fresh_index(foreign, "ab" * 32, index.paths, index_type="ivf")
+    fresh, why = load_fresh_index(foreign, "ab" * 32, index.paths, index_type="ivf")
     assert fresh is None and "foreign" in why
 
 
@@ -171,7 +173,7 @@ def test_faiss_missing_says_how_to_install(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="pip install faiss-cpu"):
         make_index(emb, "hnsw").build_ann(progress=False)
     with pytest.raises(ImportError, match="pip install faiss-cpu"):
-        retrieval.GalleryIndex.load(path)
+        GalleryIndex.load(path)
     with pytest.raises(ImportError, match="pip install faiss-cpu"):
         make_index(emb, backend="faiss").search(emb[0])
     make_index(emb).search(emb[0], 5)  # exact search needs no faiss

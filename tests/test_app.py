@@ -1,21 +1,17 @@
-"""app_stanford.py: the search against brute force, bad uploads over the real API
-(gradio_client against a loopback server), the file route's limits, checkpoint discovery,
-and the gallery index's reuse / rebuild / failed-write rules.
+"""app_stanford.py and search/engine.py: the search against brute force, bad uploads over the
+real API (gradio_client against a loopback server), the file route's limits, checkpoint
+discovery, and the gallery index's reuse / rebuild / failed-write rules.
 
-The helpers at the top (`make_tiny_demo`, `write_query_files`, `running_demo`) are also
-used by tests/test_app_browser.py and bench/load_app.py.
+The demo under test is `search.tiny_demo`'s (also what bench/load_app.py serves);
+tests/test_app_browser.py reuses this module's fixtures.
 """
 import contextlib
 import errno
-import io
 import os
 import shutil
-import socket
-import struct
 import sys
 import tempfile
 import uuid
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,114 +25,23 @@ if str(REPO) not in sys.path:
 
 import app_stanford  # noqa: E402
 import datasets  # noqa: E402
-from dataio import synthetic_sop  # noqa: E402
 from dataio import photos  # noqa: E402
 from dataio import catalogue  # noqa: E402
 import models  # noqa: E402
-
-IMAGE_SIZE = 48
+from search import engine as search_engine  # noqa: E402
+from search.tiny_demo import (free_port, make_tiny_demo, write_query_files,  # noqa: E402
+                              write_untrained_checkpoint)
 TOL = 1e-5  # score tolerance between the app's embedding and the reference computation
 
 
 # ============ shared helpers ============
-
-def make_tiny_demo(folder, num_products=40, image_size=IMAGE_SIZE, backbone="resnet18", seed=0,
-                   run="tiny"):
-    """A tiny synthetic SOP under ``folder/sop`` and an untrained checkpoint (models.py checkpoint format,
-    written with models.atomic_save) at ``folder/checkpoints/<run>/best.pth``."""
-    folder = Path(folder)
-    root = synthetic_sop.ensure_synthetic_sop(folder / "sop", num_products=num_products,
-                                         image_size=image_size)
-    torch.manual_seed(seed)
-    model = models.build_model(backbone, weights="none", image_size=image_size)
-    ckpt = models.make_checkpoint(model, args={"dataset": "synthetic", "data_root": str(root)},
-                                  epoch=0, metrics={})
-    path = folder / "checkpoints" / run / "best.pth"
-    models.atomic_save(ckpt, path)
-    return Path(root), path
-
-
-def _png_chunk(kind, data):
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_declaring(width, height):
-    """A ~100-byte PNG whose header declares ``width`` × ``height`` RGB pixels."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
-            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b""))
-
-
-def write_query_files(folder, source):
-    """Query files built from the gallery photo ``source``: ``{name: (path, accepted)}``.
-
-    Accepted (must be searched): plain JPEG, RGBA / palette-with-transparency / LA PNG,
-    CMYK JPEG, 16-bit grey PNG, a 1×1 PNG, WebP, an EXIF-rotated JPEG. Refused (must be
-    answered with an error): text named .jpg, a 0-byte file, a truncated JPEG, a PNG
-    declaring 50,000 × 50,000 (over Pillow's own bomb limit) and one declaring
-    9,000 × 9,000 (under Pillow's limit, over the demo's).
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    base = photos.load_image(source)
-    files = {}
-
-    def put(name, accepted, save=None, raw=None):
-        path = folder / name
-        if raw is not None:
-            path.write_bytes(raw)
-        else:
-            save(path)
-        files[name] = (path, accepted)
-
-    put("plain.jpg", True, lambda p: base.save(p, quality=95))
-    rgba = base.convert("RGBA")
-    alpha = np.full((base.height, base.width), 255, np.uint8)
-    alpha[: base.height // 2] = 0  # top half transparent, bottom half opaque
-    rgba.putalpha(Image.fromarray(alpha))
-    put("rgba.png", True, rgba.save)
-    pal = base.convert("P", palette=Image.ADAPTIVE, colors=64)
-    pal.info["transparency"] = 0
-    put("palette.png", True, lambda p: pal.save(p, transparency=0))
-    put("la.png", True, base.convert("LA").save)
-    put("cmyk.jpg", True, lambda p: base.convert("CMYK").save(p, quality=95))
-    grey16 = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257)
-    assert grey16.mode == "I;16"
-    put("grey16.png", True, grey16.save)
-    put("one_pixel.png", True, Image.new("RGB", (1, 1), (200, 30, 30)).save)
-    put("photo.webp", True, lambda p: base.save(p, "WEBP", quality=90))
-    # Stored pixels turned 90° counter-clockwise; EXIF orientation 6 says "turn 90° clockwise
-    # to display", so the upright photo is `upright.jpg`.
-    upright = base.resize((base.width, base.height * 2 // 3))
-    put("upright.jpg", True, lambda p: upright.save(p, quality=95))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    put("exif_rotated.jpg", True,
-        lambda p: upright.transpose(Image.Transpose.ROTATE_90).save(p, quality=95, exif=exif))
-
-    put("not_an_image.jpg", False, raw=b"this is a text file, not a photo\n" * 20)
-    put("empty.jpg", False, raw=b"")
-    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    noisy.save(buf, "JPEG", quality=90)
-    put("truncated.jpg", False, raw=buf.getvalue()[: len(buf.getvalue()) // 2])
-    put("bomb.png", False, raw=png_declaring(50_000, 50_000))
-    put("big_dims.png", False, raw=png_declaring(9_000, 9_000))
-    return files
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @contextlib.contextmanager
 def running_demo(data_root, checkpoint, max_upload_mb=10, port=None, **build_kw):
     """The demo as main() builds it, launched on loopback in this process; yields
     ``(demo, url)`` and closes the server afterwards."""
     model = models.load_model(checkpoint)
-    index, _ = app_stanford.load_or_build_index(model, checkpoint, data_root, "test", progress=False)
+    index, _ = search_engine.load_or_build_index(model, checkpoint, data_root, "test", progress=False)
     app_stanford.use_private_gradio_temp_dir()
     demo = app_stanford.build_app(model, index, data_root, max_upload_mb=max_upload_mb, **build_kw)
     port = port or free_port()
@@ -208,14 +113,14 @@ def tiny(tmp_path_factory):
         folder = tmp_path_factory.mktemp("app")
         data_root, checkpoint = make_tiny_demo(folder)
         model = models.load_model(checkpoint)
-        index, built = app_stanford.load_or_build_index(model, checkpoint, data_root, "test",
+        index, built = search_engine.load_or_build_index(model, checkpoint, data_root, "test",
                                                         progress=False)
         assert built
         gallery = datasets.SOPDataset(data_root, "test")
         queries = write_query_files(folder / "queries", gallery.paths[0])
         _SHARED["tiny"] = {"folder": folder, "data_root": data_root, "checkpoint": checkpoint,
                            "model": model, "index": index, "gallery": gallery, "queries": queries,
-                           "engine": app_stanford.SearchEngine(model, index, data_root)}
+                           "engine": search_engine.SearchEngine(model, index, data_root)}
     return _SHARED["tiny"]
 
 
@@ -247,7 +152,7 @@ def search(client, path, k=5, category="All"):
 @pytest.mark.parametrize("category", ["All", "chair", "mug"])
 def test_engine_matches_brute_force(tiny, category):
     engine, index, model = tiny["engine"], tiny["index"], tiny["model"]
-    super_id = app_stanford.category_to_super_id(category, index.categories)
+    super_id = search_engine.category_to_super_id(category, index.categories)
     for path in tiny["gallery"].paths[::50]:
         out = engine.search_file(path, k=7, category=category)
         ref_idx, ref_scores = brute_force(index, reference_embedding(model, path), 7, super_id)
@@ -263,8 +168,8 @@ def test_engine_matches_brute_force(tiny, category):
 def test_k_larger_than_category_returns_what_exists(tiny):
     engine, index = tiny["engine"], tiny["index"]
     n_mugs = int((index.super_ids == catalogue.SOP_CATEGORIES.index("mug") + 1).sum())
-    out = engine.search_file(tiny["gallery"].paths[0], k=app_stanford.MAX_K, category="mug")
-    assert len(out["results"]) == min(n_mugs, app_stanford.MAX_K)
+    out = engine.search_file(tiny["gallery"].paths[0], k=search_engine.MAX_K, category="mug")
+    assert len(out["results"]) == min(n_mugs, search_engine.MAX_K)
     assert all(r["index"] >= 0 for r in out["results"])
 
 
@@ -282,7 +187,7 @@ def test_clicked_result_searches_with_its_stored_vector(tiny):
 def test_prepare_matches_the_eval_transform(tiny, size, image_size):
     """The lean preprocessing gives the numbers of datasets.build_transform(train=False)."""
     model = models.build_model("resnet18", weights="none", image_size=image_size)
-    engine = app_stanford.SearchEngine(model, tiny["index"], tiny["data_root"])
+    engine = search_engine.SearchEngine(model, tiny["index"], tiny["data_root"])
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
     expected = datasets.build_transform(image_size, train=False)(image)
@@ -294,20 +199,20 @@ def test_prepare_matches_the_eval_transform(tiny, size, image_size):
 def test_odd_modes_decode_to_sensible_rgb(tiny):
     queries, base = tiny["queries"], photos.load_image(tiny["gallery"].paths[0])
     grey = np.asarray(base.convert("L"), np.float64)
-    got = np.asarray(app_stanford.load_query_image(queries["grey16.png"][0]).convert("L"), np.float64)
+    got = np.asarray(search_engine.load_query_image(queries["grey16.png"][0]).convert("L"), np.float64)
     assert abs(got.mean() - grey.mean()) < 2, "16-bit grey must be rescaled, not clipped to white"
-    rgba = app_stanford.load_query_image(queries["rgba.png"][0])
+    rgba = search_engine.load_query_image(queries["rgba.png"][0])
     assert rgba.mode == "RGB" and rgba.getpixel((0, 0)) == (255, 255, 255)  # transparent → white
     assert rgba.getpixel((0, base.height - 1)) == base.getpixel((0, base.height - 1))  # opaque kept
     for name in ("palette.png", "la.png", "cmyk.jpg", "one_pixel.png", "photo.webp"):
-        im = app_stanford.load_query_image(queries[name][0])
+        im = search_engine.load_query_image(queries[name][0])
         assert im.mode == "RGB" and im.width >= 1
 
 
 def test_exif_rotated_photo_is_searched_upright(tiny):
     queries, engine = tiny["queries"], tiny["engine"]
-    upright = app_stanford.load_query_image(queries["upright.jpg"][0])
-    rotated = app_stanford.load_query_image(queries["exif_rotated.jpg"][0])
+    upright = search_engine.load_query_image(queries["upright.jpg"][0])
+    rotated = search_engine.load_query_image(queries["exif_rotated.jpg"][0])
     assert rotated.size == upright.size  # (w, h), not (h, w)
     diff = np.abs(np.asarray(rotated, np.float64) - np.asarray(upright, np.float64)).mean()
     assert diff < 8, diff  # the same picture up to JPEG re-encoding
@@ -320,18 +225,18 @@ def test_exif_rotated_photo_is_searched_upright(tiny):
     ("not_an_image.jpg", "not an image"), ("empty.jpg", "empty"), ("truncated.jpg", "truncated"),
     ("bomb.png", "megapixels"), ("big_dims.png", "megapixels")])
 def test_bad_files_are_refused_with_a_reason(tiny, name, fragment):
-    with pytest.raises(app_stanford.QueryError, match=fragment):
+    with pytest.raises(search_engine.QueryError, match=fragment):
         tiny["engine"].search_file(tiny["queries"][name][0])
 
 
 def test_bad_k_and_category(tiny):
     engine, path = tiny["engine"], tiny["gallery"].paths[0]
-    assert len(engine.search_file(path, k=10_000)["results"]) == app_stanford.MAX_K
+    assert len(engine.search_file(path, k=10_000)["results"]) == search_engine.MAX_K
     assert len(engine.search_file(path, k=0)["results"]) == 1
     for bad in ("ten", float("nan"), None):
-        with pytest.raises(app_stanford.QueryError, match="K must be"):
+        with pytest.raises(search_engine.QueryError, match="K must be"):
             engine.search_file(path, k=bad)
-    with pytest.raises(app_stanford.QueryError, match="Unknown category"):
+    with pytest.raises(search_engine.QueryError, match="Unknown category"):
         engine.search_file(path, category="spaceship")
 
 
@@ -344,7 +249,7 @@ def test_api_returns_k_ranked_results(server, tiny):
         gallery, ranked, timing = search(server["client"], path, k, category)
         assert len(gallery) == len(ranked["results"]) == k
         ref_idx, ref_scores = brute_force(index, reference_embedding(model, path), k,
-                                          app_stanford.category_to_super_id(category, index.categories))
+                                          search_engine.category_to_super_id(category, index.categories))
         assert_same_ranking(ranked["results"], ref_idx, ref_scores)
         for item, r in zip(gallery, ranked["results"]):
             assert item["caption"] == f"{r['score']:.3f} · {r['category']} · #{r['product_id']}"
@@ -364,6 +269,7 @@ def test_api_category_is_optional(server, tiny):
     assert len(gallery) == 4 and ranked["category"] == "All"
 
 
+@pytest.mark.slow
 def test_every_bad_upload_is_answered_and_the_server_keeps_serving(server, tiny):
     from gradio_client.exceptions import AppError
 
@@ -431,7 +337,7 @@ def test_file_route_serves_only_gallery_images(server, tiny):
     try:
         refused = [
             "/etc/passwd", "/etc/hostname", str(secret),
-            str(tiny["checkpoint"]), str(app_stanford.default_index_path(tiny["checkpoint"], "test")),
+            str(tiny["checkpoint"]), str(search_engine.default_index_path(tiny["checkpoint"], "test")),
             str(data_root / "Ebay_test.txt"),                     # inside the root, not an image folder
             str(link),                                            # symlink out of the image folder
             f"{image.parent}/../../secret.txt", f"{image.parent}/../../../../../etc/passwd",
@@ -488,8 +394,8 @@ def test_newest_best_checkpoint_is_found(tmp_path, tiny):
         os.utime(p, (1_000_000 + 10 * [0, 2, 1][i],) * 2)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "last.pth").write_bytes(b"")  # only best.pth counts
-    assert app_stanford.find_checkpoint(tmp_path) == tmp_path / "new" / "best.pth"
-    assert app_stanford.find_checkpoint(tmp_path / "empty") is None
+    assert search_engine.find_checkpoint(tmp_path) == tmp_path / "new" / "best.pth"
+    assert search_engine.find_checkpoint(tmp_path / "empty") is None
 
 
 def test_data_root_defaults_to_the_checkpoints(tiny):
@@ -505,30 +411,28 @@ def test_index_is_reused_then_rebuilt_when_checkpoint_or_images_change(tmp_path,
     model = models.load_model(ckpt)
     kw = dict(progress=False, workers=0)
 
-    index, built = app_stanford.load_or_build_index(model, ckpt, data_root, **kw)
-    assert built and app_stanford.default_index_path(ckpt, "test").is_file()
-    index2, built = app_stanford.load_or_build_index(model, ckpt, data_root, **kw)
+    index, built = search_engine.load_or_build_index(model, ckpt, data_root, **kw)
+    assert built and search_engine.default_index_path(ckpt, "test").is_file()
+    index2, built = search_engine.load_or_build_index(model, ckpt, data_root, **kw)
     assert not built and index2.checkpoint_hash == index.checkpoint_hash
     np.testing.assert_array_equal(index2.embeddings, index.embeddings)
 
     # another checkpoint (other weights) at the same path → rebuilt
-    torch.manual_seed(1)
-    other = models.build_model("resnet18", weights="none", image_size=IMAGE_SIZE)
-    models.atomic_save(models.make_checkpoint(other, args={"data_root": str(data_root)}), ckpt)
+    write_untrained_checkpoint(ckpt, data_root, seed=1)
     model = models.load_model(ckpt)
-    index3, built = app_stanford.load_or_build_index(model, ckpt, data_root, **kw)
+    index3, built = search_engine.load_or_build_index(model, ckpt, data_root, **kw)
     assert built and index3.checkpoint_hash == models.checkpoint_hash(ckpt) != index.checkpoint_hash
     assert not np.allclose(index3.embeddings, index.embeddings)
 
     # the image list changed (one line dropped) → rebuilt
     lines = (data_root / "Ebay_test.txt").read_text().splitlines(keepends=True)
     (data_root / "Ebay_test.txt").write_text("".join(lines[:-1]))
-    index4, built = app_stanford.load_or_build_index(model, ckpt, data_root, **kw)
+    index4, built = search_engine.load_or_build_index(model, ckpt, data_root, **kw)
     assert built and len(index4) == len(index3) - 1
 
     # a corrupt index file → rebuilt, not a crash
-    app_stanford.default_index_path(ckpt, "test").write_bytes(b"garbage")
-    _, built = app_stanford.load_or_build_index(model, ckpt, data_root, **kw)
+    search_engine.default_index_path(ckpt, "test").write_bytes(b"garbage")
+    _, built = search_engine.load_or_build_index(model, ckpt, data_root, **kw)
     assert built
 
 
@@ -538,7 +442,7 @@ def test_failed_index_write_keeps_the_previous_file(tmp_path, tiny, monkeypatch)
     shutil.copy(tiny["checkpoint"], ckpt)
     index_path = tmp_path / "index.npz"
     model = models.load_model(ckpt)
-    app_stanford.load_or_build_index(model, ckpt, tiny["data_root"], index_path=index_path,
+    search_engine.load_or_build_index(model, ckpt, tiny["data_root"], index_path=index_path,
                                      progress=False, workers=0)
     before = index_path.read_bytes()
 
@@ -547,7 +451,7 @@ def test_failed_index_write_keeps_the_previous_file(tmp_path, tiny, monkeypatch)
 
     monkeypatch.setattr(os, "replace", full_disk)
     with pytest.raises(OSError) as err:
-        app_stanford.load_or_build_index(model, ckpt, tiny["data_root"], index_path=index_path,
+        search_engine.load_or_build_index(model, ckpt, tiny["data_root"], index_path=index_path,
                                          progress=False, workers=0, force=True)
     assert str(index_path) in str(err.value)
     assert index_path.read_bytes() == before

@@ -24,10 +24,10 @@ CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-
                   "--disable-dev-shm-usage", "--disable-extensions", "--window-size=1400,1000"]
 TIMEOUT = 30  # s; generous: CI machines are slow and share cores
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
     reason=f"headless browser test needs {CHROMIUM} and {CHROMEDRIVER}: "
-           "apt-get install -y chromium chromium-driver (.ci/run does)")
+           "apt-get install -y chromium chromium-driver (.ci/run does)")]
 
 
 def start_chromium():

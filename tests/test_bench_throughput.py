@@ -20,6 +20,9 @@ RATES = ("forward_images_per_s", "extract_images_per_s", "train_step_images_per_
          "train_loader_images_per_s", "extract_vs_ceiling", "train_vs_ceiling")
 
 
+pytestmark = pytest.mark.slow  # end to end
+
+
 def _load_bench():
     spec = importlib.util.spec_from_file_location("bench_throughput", SCRIPT)
     module = importlib.util.module_from_spec(spec)

@@ -9,6 +9,9 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "train_recipes.py"
 
 
+pytestmark = pytest.mark.slow  # end to end
+
+
 @pytest.fixture(scope="module")
 def recipes():
     spec = importlib.util.spec_from_file_location("train_recipes", SCRIPT)

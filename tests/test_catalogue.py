@@ -14,9 +14,9 @@ from PIL import Image
 
 from dataio import catalogue
 import datasets
-import evaluate
 import models
 from dataio import prepare_data
+from training import evaluation
 
 
 def jpeg(path, seed=0, size=(40, 30)):
@@ -223,9 +223,9 @@ def test_single_image_product_kept_never_a_query(tmp_path):
     assert len(ds) == 7 and ds.num_single_image_products == 1
     torch.manual_seed(0)
     model = models.build_model("resnet18", embedding_size=16, weights="none", image_size=32)
-    results = evaluate.evaluate_model(model, ds, model_info={"run": "t"}, write=True, workers=0,
-                                      progress=False, num_examples=0, output=tmp_path / "eval")
-    evaluate.write_results(results, tmp_path / "eval")
+    results = evaluation.evaluate_model(model, ds, model_info={"run": "t"}, write=True, workers=0,
+                                        progress=False, num_examples=0, output=tmp_path / "eval")
+    evaluation.write_results(results, tmp_path / "eval")
     assert "1 products with a single image" in (tmp_path / "eval" / "results.md").read_text()
     assert results["data"]["single_image_products"] == 1
     assert results["data"]["num_images"] == 7
@@ -284,11 +284,12 @@ def test_stats_on_free_categories(tmp_path):
 # ============ the same images in each layout give identical metrics ============
 
 def _metrics(ckpt, root, tmp_path, name):
-    r = evaluate.evaluate_checkpoint(ckpt, data_root=root, output=tmp_path / name, workers=0,
-                                     device="cpu", progress=False, num_examples=0)
+    r = evaluation.evaluate_checkpoint(ckpt, data_root=root, output=tmp_path / name, workers=0,
+                                       device="cpu", progress=False, num_examples=0)
     return {k: r[k] for k in ("product", "category", "num_queries", "per_category")}, r
 
 
+@pytest.mark.slow
 def test_identical_metrics_in_every_layout(tmp_path, synthetic_root):
     torch.manual_seed(0)
     model = models.build_model("resnet18", embedding_size=32, weights="none", image_size=48)
@@ -347,14 +348,15 @@ def test_sop_layout_names_categories_after_their_folders(tmp_path, synthetic_roo
 
 def test_tree_to_tree_keeps_folder_names_and_run_is_named_after_the_folder(tmp_path):
     import train
+    from training import runs
 
     root = tree(tmp_path / "My Shop", {"mugs/m1": 2, "mugs/m 2": 2, "lamps/l1": 2})
     out = prepare_data.convert_catalogue(root, tmp_path / "copy", "folder", progress=False)
     assert sorted(set(catalogue.scan_folder_tree(out).product_ids)) == ["lamps/l1", "mugs/m 2", "mugs/m1"]
     args = train.get_args_parser().parse_args(["--data_root", str(root), "--backbone", "resnet18"])
-    assert train.default_run_name(args).startswith("My_Shop_resnet18_")
+    assert runs.default_run_name(args).startswith("My_Shop_resnet18_")
     sop = train.get_args_parser().parse_args(["--backbone", "resnet18"])
-    assert train.default_run_name(sop).startswith("stanford_resnet18_")
+    assert runs.default_run_name(sop).startswith("stanford_resnet18_")
 
 
 def test_csv_without_test_rows_says_so(tmp_path):

@@ -15,8 +15,9 @@ from test_train import assert_checkpoint_loads, read_rows, tiny_argv, tiny_sop  
 
 TRAIN = Path(train.__file__).resolve()
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available")]
 
 
 def torchrun(argv, cwd, timeout=300):

@@ -3,6 +3,7 @@ have the retrieval.evaluate_embeddings shape, the embeddings cache is reused onl
 evaluates a pretrained backbone alone, and a checkpoint trained from ImageNet weights reports
 its backbone's zero-shot row beside its own."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,9 @@ from dataio import catalogue
 import evaluate
 import models
 import retrieval
+from search.index import GalleryIndex
+from training import evaluation
+from training import runs
 
 SPEC_PRODUCT = ["recall@1", "recall@10", "recall@100", "recall@1000", "map@r", "r_precision"]
 SPEC_CATEGORY = ["recall@1", "recall@5", "recall@10", "recall@20", "precision@1", "precision@5",
@@ -33,6 +37,7 @@ def run(argv):
     return evaluate.main(evaluate.get_args_parser().parse_args(argv))
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end_with_cache(synthetic_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # default output: runs/<run>/eval relative to the working dir
     ckpt = save_checkpoint(tmp_path / "checkpoints" / "tiny_run" / "best.pth", synthetic_root)
@@ -57,7 +62,7 @@ def test_evaluate_end_to_end_with_cache(synthetic_root, tmp_path, monkeypatch):
     assert sum(c["num_queries"] for c in saved["per_category"].values()) == len(test_set)
 
     # the metrics are those of retrieval.evaluate_embeddings on the cached embeddings
-    index = retrieval.GalleryIndex.load(cache)
+    index = GalleryIndex.load(cache)
     assert index.paths == test_set.rel_paths and index.checkpoint_hash == models.checkpoint_hash(ckpt)
     direct = retrieval.evaluate_embeddings(index.embeddings, test_set.class_ids, test_set.super_ids)
     assert {k: saved[k] for k in direct} == direct
@@ -68,7 +73,7 @@ def test_evaluate_end_to_end_with_cache(synthetic_root, tmp_path, monkeypatch):
                    "| Category | Queries |"):
         assert header in md
     assert (out / "retrieval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert results["output_dir"] == str(evaluate.Path("runs") / "tiny_run" / "eval")
+    assert results["output_dir"] == str(Path("runs") / "tiny_run" / "eval")
 
     # second run: embeddings from the cache, same numbers
     again = run(argv + ["--num_examples", "0", "--output", str(tmp_path / "second")])
@@ -78,12 +83,20 @@ def test_evaluate_end_to_end_with_cache(synthetic_root, tmp_path, monkeypatch):
 
     # another checkpoint at the same path: the cache is stale, embeddings are extracted again
     save_checkpoint(ckpt, synthetic_root, seed=1)
-    third = evaluate.evaluate_checkpoint(ckpt, split="test", output=tmp_path / "third", workers=0,
-                                         device="cpu", embeddings_cache=cache, num_examples=0,
-                                         progress=False)
+    third = evaluation.evaluate_checkpoint(ckpt, split="test", output=tmp_path / "third", workers=0,
+                                           device="cpu", embed=evaluate.cached_embeddings(cache),
+                                           num_examples=0, progress=False)
     assert third["timing"]["cached"] is False
-    assert retrieval.GalleryIndex.load(cache).checkpoint_hash == models.checkpoint_hash(ckpt)
+    assert GalleryIndex.load(cache).checkpoint_hash == models.checkpoint_hash(ckpt)
     assert json.loads((tmp_path / "third" / "results.json").read_text())["model"]["epoch"] == 3
+
+
+def test_default_output_is_the_runs_eval_folder():
+    """runs/<run>/eval (training.runs' layout), under the run's own --log_dir when it had one."""
+    ckpt = Path("checkpoints") / "r1" / "best.pth"
+    assert evaluation.default_output(ckpt, {}) == runs.RunPaths.named("r1").eval_dir == Path("runs/r1/eval")
+    assert evaluation.default_output(ckpt, {"log_dir": "elsewhere"}) == Path("elsewhere/r1/eval")
+    assert runs.RunPaths.of_checkpoint(ckpt).results == Path("runs/r1/eval") / runs.RESULTS_NAME
 
 
 def test_evaluate_reports_a_missing_checkpoint(tmp_path):
@@ -113,7 +126,7 @@ def test_embedding_stats_show_collapse():
     spread = rng.normal(size=(500, 16))
     spread /= np.linalg.norm(spread, axis=1, keepdims=True)
     collapsed = np.repeat(spread[:1], 500, axis=0)
-    a, b = evaluate.embedding_stats(spread), evaluate.embedding_stats(collapsed)
+    a, b = evaluation.embedding_stats(spread), evaluation.embedding_stats(collapsed)
     # the overall std cannot tell them apart; the two collapse measures can
     assert b["std"] > 0.1 and b["dim_std_mean"] == pytest.approx(0, abs=1e-12)
     assert b["mean_cosine"] == pytest.approx(1) and a["mean_cosine"] < 0.05
@@ -137,7 +150,7 @@ def test_compile_flag_extracts_with_the_compiled_model(synthetic_root, tmp_path,
             seen.append(x.shape[0])
             return self._orig_mod(x)
 
-    monkeypatch.setattr(evaluate.torch, "compile", Compiled)
+    monkeypatch.setattr(torch, "compile", Compiled)
     base = ["--checkpoint", str(ckpt), "--workers", "0", "--device", "cpu", "--no-progress",
             "--num_examples", "0"]
     plain = run(base + ["--output", str(tmp_path / "plain")])

@@ -15,6 +15,7 @@ from dataio import photos
 from search import gallery
 import models
 import retrieval
+from search.index import GalleryIndex
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -152,14 +153,15 @@ def test_from_scratch_build(model, tmp_path):
     # categories from the first folder level; an image directly in root: "(top level)"
     assert index.categories == ["(top level)", "cats", "dogs"]
     assert index.super_ids.tolist() == [2, 2, 3, 1]
-    assert index.product_ids == [""] * 4 and index.class_ids.tolist() == [0, 1, 2, 3]
+    # the product only two levels down (<category>/<product>/<image>), as a training tree has it
+    assert index.product_ids == ["", "", "dogs/sub", ""] and index.class_ids.tolist() == [0, 1, 2, 3]
     assert index.checkpoint_hash == KEY
     assert index.meta["gallery"]["root"] == str(root.resolve())
     for i, rel in enumerate(index.paths):
         st = os.stat(root / rel)
         assert index.file_stats[i].tolist() == [st.st_size, st.st_mtime_ns]
         np.testing.assert_allclose(index.embeddings[i], reference_embedding(model, root / rel), atol=1e-5)
-    loaded = retrieval.GalleryIndex.load(index_path)
+    loaded = GalleryIndex.load(index_path)
     assert loaded.paths == index.paths and loaded.categories == index.categories
     np.testing.assert_array_equal(loaded.file_stats, index.file_stats)
     np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
@@ -207,7 +209,7 @@ def test_removed_files_are_dropped(model, tmp_path):
     assert (report["removed"], report["embedded"], report["unchanged"]) == (1, 0, 3)
     assert after.paths == ["cats/a.jpg", "cats/b.png", "top.jpg"]
     assert after.categories == ["(top level)", "cats"]  # no image of dogs left
-    assert retrieval.GalleryIndex.load(index_path).paths == after.paths
+    assert GalleryIndex.load(index_path).paths == after.paths
 
 
 def test_incremental_equals_from_scratch(model, tmp_path):
@@ -265,8 +267,8 @@ def test_foreign_or_damaged_index_or_other_root_rebuilds(model, tmp_path):
     index, report = update(model, root, index_path)
     assert report["embedded"] == 4 and "could not be read" in report["rebuild"]
     # an SOP-style index (no file stats, no gallery record): rebuilt, not trusted
-    retrieval.GalleryIndex(index.embeddings, index.paths, index.class_ids, index.super_ids,
-                           checkpoint_hash=KEY, categories=index.categories).save(index_path)
+    GalleryIndex(index.embeddings, index.paths, index.class_ids, index.super_ids,
+                 checkpoint_hash=KEY, categories=index.categories).save(index_path)
     _, report = update(model, root, index_path)
     assert report["embedded"] == 4 and "not a folder-gallery index" in report["rebuild"]
     # the same index file used for a copy of the folder elsewhere
@@ -358,7 +360,7 @@ def test_approximate_index_type_reuses_embeddings(model, tmp_path, spy_embed):
     exact, _ = update(model, root, index_path)
     _, report = update(model, root, index_path, index_type="hnsw")
     assert report["embedded"] == 0 and report["written"] and len(spy_embed) == 1
-    loaded = retrieval.GalleryIndex.load(index_path)
+    loaded = GalleryIndex.load(index_path)
     assert loaded.index_type == "hnsw"
     np.testing.assert_array_equal(loaded.embeddings, exact.embeddings)
     _, idx = loaded.search(loaded.embeddings, k=1)
@@ -367,8 +369,8 @@ def test_approximate_index_type_reuses_embeddings(model, tmp_path, spy_embed):
 
 def test_gallery_index_file_stats_shape_is_checked():
     with pytest.raises(ValueError, match=r"file_stats must be \[2, 2\]"):
-        retrieval.GalleryIndex(np.eye(2, dtype=np.float32), ["a", "b"], [0, 1], [1, 1],
-                               categories=["x"], file_stats=np.zeros((3, 2)))
+        GalleryIndex(np.eye(2, dtype=np.float32), ["a", "b"], [0, 1], [1, 1],
+                     categories=["x"], file_stats=np.zeros((3, 2)))
 
 
 def test_zero_shot_model_key():
@@ -384,3 +386,21 @@ def test_loader_workers_give_the_same_index(model, tmp_path):
     parallel, report = update(model, root, tmp_path / "parallel.npz", workers=1)
     assert parallel.paths == serial.paths and report["unreadable_paths"] == ["bad.jpg"]
     np.testing.assert_allclose(parallel.embeddings, serial.embeddings, atol=1e-6, rtol=0)
+
+
+def test_two_level_folder_gives_each_result_its_product(model, tmp_path):
+    """DIR/<category>/<product>/<image>, the layout of a training tree: the product id is the
+    product folder's path, as training names it, and the search results carry it."""
+    from search import engine as search_engine
+
+    root = tmp_path / "shop"
+    for i, rel in enumerate(["chairs/sku-1/front.jpg", "chairs/sku-1/side.jpg", "lamps/l 2/a.jpg"]):
+        write_image(root / rel, i)
+    index, _ = update(model, root, tmp_path / "shop.npz")
+    assert index.product_ids == ["chairs/sku-1", "chairs/sku-1", "lamps/l 2"]
+    engine = search_engine.SearchEngine(model, index, root)
+    out = engine.search_file(root / "chairs/sku-1/front.jpg", k=3)
+    by_path = {r["catalogue_path"]: r["product_id"] for r in out["results"]}
+    assert by_path == {"chairs/sku-1/front.jpg": "chairs/sku-1", "chairs/sku-1/side.jpg": "chairs/sku-1",
+                       "lamps/l 2/a.jpg": "lamps/l 2"}
+    assert gallery.product_of("a/b/c/d.jpg") == "" and gallery.product_of("top.jpg") == ""

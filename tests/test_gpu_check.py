@@ -1,20 +1,26 @@
-"""bench/gpu_check.py on a CPU machine: the plan (--dry_run, and the automatic one without
-CUDA) names every step with its exact commands and exits 0 without running anything; the pure
-helpers that judge the runs' outputs (metrics.csv comparison, loss check, GradScaler steps,
-targets). The GPU run itself is not tested here: it needs a CUDA device."""
+"""bench/gpu_check.py, run for real on the CPU (``--device cpu``, tiny data): the steps that need
+no GPU run, the JSON report (stdout and report.json) has every step with its status, checks,
+figures and commands, and a step fails, with its reason, when its command fails or times out,
+its checkpoint does not load, or one of its checks does not hold, while the other steps still
+run. Without CUDA a plain run only prints the plan. The helpers that judge training runs'
+outputs (metrics.csv comparison, losses, GradScaler steps, targets) are tested on hand-made
+rows. The GPU run itself needs a CUDA device."""
 import importlib.util
 import json
-import subprocess
-import sys
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-import train
+from search import engine as search_engine
+from training import runs
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.py"
+# small enough for seconds on a CPU: 12 products of 48 px JPEGs, a resnet18 at 32 px
+TINY = ["--device", "cpu", "--num_products", "12", "--data_image_size", "48", "--backbone", "resnet18",
+        "--image_size", "32", "--search_queries", "2"]
 
 
 def _load():
@@ -27,73 +33,143 @@ def _load():
 gpu_check = _load()
 
 
-def run_script(*argv, timeout=60):
-    proc = subprocess.run([sys.executable, str(SCRIPT), *argv], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
-    return proc
+def run_check(capsys, *argv):
+    """gpu_check.main in this process: (exit code, the one JSON object it printed)."""
+    rc = gpu_check.main(gpu_check.get_args_parser().parse_args([str(a) for a in argv]))
+    return rc, json.loads(capsys.readouterr().out)
 
 
-def _plan_checks(report, workdir, status):
+def steps_of(report):
+    return {s["name"]: s for s in report["steps"]}
+
+
+def fake_bench(tmp_path, body):
+    """A stand-in for bench_throughput.py: ``body`` runs with ``output``, the --output path."""
+    path = tmp_path / "fake_bench.py"
+    path.write_text("import json, sys, time\noutput = sys.argv[sys.argv.index('--output') + 1]\n" + body)
+    return path
+
+
+# ============ steps that run on the CPU ============
+
+def test_search_step_runs_and_the_report_says_so(tmp_path, capsys):
+    work = tmp_path / "work"
+    rc, report = run_check(capsys, *TINY, "--steps", "search_query", "--workdir", work)
+    assert rc == 0
+    assert json.loads((work / "report.json").read_text()) == report  # stdout and the file agree
+    json.dumps(report, allow_nan=False)  # strict JSON: no NaN / inf
+    assert report["mode"] == "run" and report["passed"] is True and report["failed_steps"] == []
+    steps = steps_of(report)
+    assert list(steps) == ["synthetic_data", "search_query"]  # the data step is added first
+    for s in steps.values():
+        assert s["status"] == "passed" and s["passed"] is True and s["error"] is None
+        assert s["checks"] and all(s["checks"].values()) and s["commands"] and s["seconds"] >= 0
+    data, search = steps["synthetic_data"]["figures"], steps["search_query"]["figures"]
+    assert data["num_products"] == 12 and data["image_size"] == [48, 48]
+    assert search["gallery_images"] == data["test_images"] > 0
+    assert search["checkpoint"].startswith("untrained") and search["engine_device"] == "cpu"
+    assert search["warm_queries"] == 2 and search["warm_query_ms_median"] > 0
+    # the query is the gallery's first image: it finds itself first, at cosine 1
+    assert search["top1_is_the_query_image"] is True and math.isclose(search["top1_score"], 1, abs_tol=1e-4)
+    assert {"decode", "embed", "search", "total"} <= set(search["timing_ms_breakdown"])
+    assert (work / "checkpoints" / "search_untrained" / "best.pth").is_file()
+    assert "note" in report["targets"]  # no bench ran: no figures to hold against the targets
+
+
+def test_a_checkpoint_that_does_not_load_fails_its_step_only(tmp_path, capsys):
+    work = tmp_path / "work"
+    broken = work / "checkpoints" / "gpu_amp" / "best.pth"  # as if training had written it
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a checkpoint")
+    rc, report = run_check(capsys, *TINY, "--steps", "search_query", "--workdir", work)
+    assert rc == 1 and report["passed"] is False and report["failed_steps"] == ["search_query"]
+    steps = steps_of(report)
+    assert steps["synthetic_data"]["status"] == "passed"
+    failed = steps["search_query"]
+    assert failed["status"] == "failed" and failed["passed"] is False
+    assert str(broken) in failed["error"]
+
+
+def test_a_check_that_does_not_hold_fails_the_step(tmp_path, capsys, monkeypatch):
+    real = search_engine.SearchEngine.search_file
+
+    def nan_scores(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        out["results"][0]["score"] = float("nan")
+        return out
+
+    monkeypatch.setattr(search_engine.SearchEngine, "search_file", nan_scores)
+    rc, report = run_check(capsys, *TINY, "--steps", "search_query", "--workdir", tmp_path / "work")
+    assert rc == 1
+    failed = steps_of(report)["search_query"]
+    assert failed["checks"] == {"results_returned": True, "finite_scores": False}
+    assert failed["error"].startswith("checks failed: finite_scores")
+
+
+# ============ steps that run a command ============
+
+def test_command_step_records_its_run_and_figures(tmp_path, capsys, monkeypatch):
+    figures = {key: 100.0 for key in gpu_check.BENCH_KEYS}
+    monkeypatch.setattr(gpu_check, "BENCH", fake_bench(
+        tmp_path, f"print('benchmarking')\nopen(output, 'w').write(json.dumps({figures!r}))\n"))
+    rc, report = run_check(capsys, *TINY, "--steps", "bench_throughput", "--workdir", tmp_path / "work")
+    assert rc == 0
+    step = steps_of(report)["bench_throughput"]
+    assert step["status"] == "passed" and all(step["checks"].values())
+    assert set(step["checks"]) == set(gpu_check.BENCH_KEYS)
+    assert {k: step["figures"][k] for k in gpu_check.BENCH_KEYS} == figures
+    [run] = step["runs"]
+    assert run["label"] == "bench" and run["rc"] == 0 and run["timed_out"] is False
+    assert Path(run["log"]).read_text() == "benchmarking\n"
+    assert report["targets"]["extract_images_per_s"]["met"] is None  # a CPU run meets no GPU target
+
+
+@pytest.mark.parametrize("body,timeout,reason", [
+    ("print('out of memory')\nsys.exit(3)\n", 60, "exit code 3"),
+    ("open(output, 'w').write(json.dumps({'extract_images_per_s': float('nan')}))\n", 60, "checks failed"),
+    ("time.sleep(60)\n", 1, "killed after"),
+])
+def test_command_step_fails_with_its_reason(tmp_path, capsys, monkeypatch, body, timeout, reason):
+    monkeypatch.setattr(gpu_check, "BENCH", fake_bench(tmp_path, body))
+    rc, report = run_check(capsys, *TINY, "--steps", "bench_throughput", "--workdir", tmp_path / "work",
+                           "--step_timeout", timeout)
+    assert rc == 1 and report["failed_steps"] == ["bench_throughput"]
+    step = steps_of(report)["bench_throughput"]
+    assert step["status"] == "failed" and reason in step["error"]
+    if "exit code" in reason:
+        assert "out of memory" in step["error"] and step["runs"][0]["rc"] == 3  # the log's tail
+    if "killed" in reason:
+        assert step["runs"][0]["timed_out"] is True
+
+
+# ============ the plan ============
+
+def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path, capsys):
+    work = tmp_path / "work"
+    rc, report = run_check(capsys, "--dry_run", "--workdir", work)
+    assert rc == 0 and report["mode"] == "dry_run" and report["passed"] is None
     assert [s["name"] for s in report["steps"]] == list(gpu_check.STEPS)
-    assert report["passed"] is None
-    assert report["workdir"] == str(workdir)
     for step in report["steps"]:
-        assert step["status"] == status
+        assert step["status"] == "planned" and step["what"]
         assert step["commands"] and all(isinstance(c, str) and c for c in step["commands"])
-    cmds = {s["name"]: s["commands"] for s in report["steps"]}
-    train_cmd, resume_cmd, eval_cmd = cmds["train_amp_resume_eval"]
-    for c in (train_cmd, resume_cmd, *cmds["torchrun_ddp"], *cmds["deterministic_twice"]):
-        assert str(REPO / "train.py") in c
-        assert "--weights none" in c and "--image_size 224" in c and "--amp" in c
-        assert "--channels_last" in c and "--max_steps_per_epoch" in c
-        assert f"--data_root {workdir / 'sop'}" in c and f"--checkpoint_dir {workdir / 'checkpoints'}" in c
-    assert "--epochs 2" in train_cmd
-    assert "--epochs 3" in resume_cmd and "--resume auto" in resume_cmd
-    assert str(REPO / "evaluate.py") in eval_cmd and "--device cuda" in eval_cmd
-    assert "torch.distributed.run" in cmds["torchrun_ddp"][0]
-    assert "--nproc_per_node 1" in cmds["torchrun_ddp"][0]
-    assert "--epochs 1" in cmds["torchrun_ddp"][0]
-    det = cmds["deterministic_twice"]
-    assert len(det) == 2 and all("--deterministic" in c for c in det)
-    bench = cmds["bench_throughput"][0]
-    assert str(REPO / "bench" / "bench_throughput.py") in bench
-    assert "--backbone efficientnet_b0" in bench and "--amp" in bench and "--device cuda" in bench
-    assert "app_stanford.SearchEngine" in cmds["search_query"][0]
-    assert "ensure_synthetic_sop" in cmds["synthetic_data"][0]
-    methods = report["peak_gpu_memory_method"]
-    assert "mem_get_info" in methods["subprocess_steps"]
-    assert "max_memory_allocated" in methods["in_process_steps"]
-
-
-def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
-    workdir = tmp_path / "work"
-    proc = run_script("--dry_run", "--workdir", str(workdir))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)  # one JSON object, nothing else on stdout
-    assert report["mode"] == "dry_run"
-    _plan_checks(report, workdir, "planned")
-    for key in ("torch", "torch_cuda", "cuda_available", "python"):
-        assert key in report["environment"]
-    assert not workdir.exists()
+    assert {"torch", "cuda_available", "python"} <= set(report["environment"])
+    assert not work.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the run would start")
-def test_without_cuda_a_plain_run_prints_the_plan_and_exits_0(tmp_path):
-    workdir = tmp_path / "work"
-    proc = run_script("--workdir", str(workdir))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)
-    assert report["mode"] == "no_cuda"
-    assert "no CUDA" in report["note"]
-    _plan_checks(report, workdir, "skipped: no CUDA")
-    assert report["environment"]["cuda_available"] is False
-    assert not workdir.exists()
+def test_without_cuda_a_plain_run_prints_the_plan_and_exits_0(tmp_path, capsys):
+    rc, report = run_check(capsys, "--workdir", tmp_path / "work")
+    assert rc == 0 and report["mode"] == "no_cuda" and "no CUDA" in report["note"]
+    assert {s["status"] for s in report["steps"]} == {"skipped: no CUDA"}
+    assert not (tmp_path / "work").exists()
 
 
-def test_bad_steps_argument_exits_2():
-    proc = run_script("--dry_run", "--steps", "train,nonsense")
-    assert proc.returncode == 2
-    assert "nonsense" in proc.stderr
+def test_bad_arguments_exit_2(capsys):
+    for argv in (["--dry_run", "--steps", "train,nonsense"], ["--step_timeout", "0"]):
+        with pytest.raises(SystemExit) as err:
+            run_check(capsys, *argv)
+        assert err.value.code == 2
+    assert "nonsense" in capsys.readouterr().err
 
 
 def test_selected_steps_adds_the_dataset_when_needed():
@@ -104,8 +180,10 @@ def test_selected_steps_adds_the_dataset_when_needed():
         gpu_check.selected_steps("gpu")
 
 
+# ============ judging training runs' outputs ============
+
 def _rows():
-    header = ["epoch", "train_loss", "val_loss", "val_recall@1", *train.TIMING_COLUMNS]
+    header = ["epoch", "train_loss", "val_loss", "val_recall@1", *runs.TIMING_COLUMNS]
     cells = [["0", "", "0.61", "0.25", "", "", "1.5"],
              ["1", "0.5512", "0.58", "0.3", "812.4", "9.1", "1.4"]]
     return [dict(zip(header, row)) for row in cells]
@@ -113,30 +191,30 @@ def _rows():
 
 def test_metrics_comparison_ignores_only_the_timing_columns():
     a, b = _rows(), _rows()
-    assert gpu_check.metrics_differences(a, b, ignore=train.TIMING_COLUMNS) == []
-    for col in train.TIMING_COLUMNS:  # the machine's speed differs between two runs
+    assert gpu_check.metrics_differences(a, b, ignore=runs.TIMING_COLUMNS) == []
+    for col in runs.TIMING_COLUMNS:  # the machine's speed differs between two runs
         b[1][col] = "1.0"
-    assert gpu_check.metrics_differences(a, b, ignore=train.TIMING_COLUMNS) == []
+    assert gpu_check.metrics_differences(a, b, ignore=runs.TIMING_COLUMNS) == []
     assert gpu_check.metrics_differences(a, b) != []  # not ignored: they count
 
     b[1]["train_loss"] = "0.5513"
-    diffs = gpu_check.metrics_differences(a, b, ignore=train.TIMING_COLUMNS)
+    diffs = gpu_check.metrics_differences(a, b, ignore=runs.TIMING_COLUMNS)
     assert len(diffs) == 1 and "train_loss" in diffs[0] and "epoch 1" in diffs[0]
-    assert gpu_check.metrics_differences(a, a[:1], ignore=train.TIMING_COLUMNS)  # a row lost
+    assert gpu_check.metrics_differences(a, a[:1], ignore=runs.TIMING_COLUMNS)  # a row lost
 
 
-def test_metrics_comparison_reads_metrics_csv_as_train_writes_it(tmp_path):
+def test_metrics_comparison_reads_metrics_csv_as_training_writes_it(tmp_path):
     history = [{"epoch": 0, "val_loss": 0.6, "val_time": 1.0},
                {"epoch": 1, "train_loss": 0.1 + 0.2, "val_loss": 0.5, "val_time": 2.0}]
-    train.write_metrics_csv(tmp_path / "a.csv", history)
+    runs.write_metrics_csv(tmp_path / "a.csv", history)
     history[1]["val_time"] = 3.0
-    train.write_metrics_csv(tmp_path / "b.csv", history)
+    runs.write_metrics_csv(tmp_path / "b.csv", history)
     a, b = gpu_check.read_csv_rows(tmp_path / "a.csv"), gpu_check.read_csv_rows(tmp_path / "b.csv")
-    assert gpu_check.metrics_differences(a, b, ignore=train.TIMING_COLUMNS) == []
+    assert gpu_check.metrics_differences(a, b, ignore=runs.TIMING_COLUMNS) == []
     history[1]["train_loss"] = 0.3  # 0.1 + 0.2 != 0.3: full precision is compared
-    train.write_metrics_csv(tmp_path / "c.csv", history)
+    runs.write_metrics_csv(tmp_path / "c.csv", history)
     c = gpu_check.read_csv_rows(tmp_path / "c.csv")
-    assert gpu_check.metrics_differences(a, c, ignore=train.TIMING_COLUMNS)
+    assert gpu_check.metrics_differences(a, c, ignore=runs.TIMING_COLUMNS)
     assert gpu_check.loss_problems(a) == []
     assert gpu_check.epochs_of(a) == [0, 1]
 

@@ -10,17 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_app import _raw_get, free_port, reference_embedding
+from test_app import _raw_get, reference_embedding
 from test_catalogue import jpeg
 
 import app_stanford
 import datasets
 from dataio import catalogue
-import evaluate
 import models
+from search import engine as search_engine
+from search.tiny_demo import free_port
 import train
+from training import evaluation
+from training import flags
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 FREE_NAMES = ["Kitchen & Dining", "Gartenmöbel", "Office chairs"]
 
@@ -78,15 +81,15 @@ def test_free_category_names_train_evaluate_demo(tmp_path, tiny_synthetic_root):
         "--val_fraction", "0.25", "--test_fraction", "0.5", "--recipe", "scratch",
         "--checkpoint_dir", str(tmp_path / "checkpoints"), "--log_dir", str(tmp_path / "runs"),
         "--run_name", "own"])
-    train.validate_args(args, train.get_args_parser())
+    flags.validate_args(args, train.get_args_parser())
     train.main(args)
     ckpt = tmp_path / "checkpoints" / "own" / "best.pth"
     assert ckpt.is_file()
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
 
     # evaluate.py: the checkpoint alone finds the data, its split and the category names
-    results = evaluate.evaluate_checkpoint(ckpt, output=tmp_path / "eval", workers=0, device="cpu",
-                                           progress=False, num_examples=2)
+    results = evaluation.evaluate_checkpoint(ckpt, output=tmp_path / "eval", workers=0, device="cpu",
+                                             progress=False, num_examples=2)
     assert results["data"]["layout"] == "folder" and results["data"]["root"] == str(root.resolve())
     assert set(results["per_category"]) == set(FREE_NAMES)
     md = (tmp_path / "eval" / "results.md").read_text()
@@ -99,7 +102,7 @@ def test_free_category_names_train_evaluate_demo(tmp_path, tiny_synthetic_root):
     # the demo: its filter offers the data's names, and a filtered search stays in one
     model = models.load_model(ckpt)
     splits = datasets.split_options(model.checkpoint_info["args"])
-    index, _ = app_stanford.load_or_build_index(model, ckpt, root, "test", progress=False, splits=splits)
+    index, _ = search_engine.load_or_build_index(model, ckpt, root, "test", progress=False, splits=splits)
     assert index.paths == test_set.rel_paths
     with serving(model, index, root) as (client, url, demo):
         assert dropdown_choices(demo) == ["All", *sorted(FREE_NAMES)]
@@ -148,7 +151,7 @@ def test_gallery_folder_checkpoint_incremental_and_api(tmp_path):
     assert sorted(index.paths) == index.paths and len(index) == 9
     assert "mugs/link.jpg" not in index.paths and "chairs/prices.csv" not in index.paths
     assert index.categories == ["(top level)", "chairs", "mugs"]
-    path = app_stanford.default_gallery_index_path(root, ckpt)
+    path = search_engine.default_gallery_index_path(root, ckpt)
     assert path.parent == ckpt.parent and path.is_file()
 
     jpeg(root / "mugs" / "new.jpg", seed=42)

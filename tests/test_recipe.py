@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+import losses
 import models
 import retrieval
 import train
+from training import flags
+from training import loop
+from training import setup
 from test_train import parse, read_rows, tiny_argv, tiny_sop  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -32,16 +36,16 @@ def is_bn_stat(key):
 # ============ recipes and their flags ============
 
 def test_recipes_resolve_and_explicit_flags_win():
-    pre = train.resolve_recipe(parse(["--weights", "imagenet"]))
+    pre = flags.resolve_recipe(parse(["--weights", "imagenet"]))
     assert pre.recipe == "pretrained"
-    assert {k: getattr(pre, k) for k in train.RECIPES["pretrained"]} == train.RECIPES["pretrained"]
-    assert train.resolve_recipe(parse(["--weights", "none"])).recipe == "scratch"
-    orig = train.resolve_recipe(parse(["--recipe", "original", "--lr", "3e-4"]))
+    assert {k: getattr(pre, k) for k in flags.RECIPES["pretrained"]} == flags.RECIPES["pretrained"]
+    assert flags.resolve_recipe(parse(["--weights", "none"])).recipe == "scratch"
+    orig = flags.resolve_recipe(parse(["--recipe", "original", "--lr", "3e-4"]))
     assert (orig.sampler, orig.loss, orig.head, orig.select_metric) == ("random", "triplet", "mlp", "recall@1")
     assert orig.lr == 3e-4 and orig.warmup_epochs == 0.0 and orig.freeze_bn is False
-    assert train.resolve_recipe(orig) == orig  # idempotent
+    assert flags.resolve_recipe(orig) == orig  # idempotent
     # the original project's command still parses, and takes the recommended recipe
-    seed = train.resolve_recipe(parse(train_seed_command()))
+    seed = flags.resolve_recipe(parse(train_seed_command()))
     assert seed.recipe == "pretrained" and seed.margin == 0.5 and seed.lr == 1e-4
 
 
@@ -73,27 +77,28 @@ def test_bad_recipe_values_exit_2_with_the_allowed_range(tiny_sop, tmp_path, cap
 
 
 def test_param_groups_carry_the_multipliers():
-    args = train.resolve_recipe(parse(["--weights", "none", "--lr", "1e-3", "--head_lr_mult", "10",
+    args = flags.resolve_recipe(parse(["--weights", "none", "--lr", "1e-3", "--head_lr_mult", "10",
                                        "--proxy_lr_mult", "100"]))
     model = models.build_model("resnet18", embedding_size=8)
-    crit = train.losses.build_loss("proxy_anchor", classes=[1, 2, 3], embedding_size=8)
-    groups = {g["name"]: g for g in train.param_groups(model, crit, args)}
+    crit = losses.build_loss("proxy_anchor", classes=[1, 2, 3], embedding_size=8)
+    groups = {g["name"]: g for g in setup.param_groups(model, crit, args)}
     assert groups["backbone"]["lr"] == 1e-3 and groups["head"]["lr"] == pytest.approx(1e-2)
     assert groups["loss"]["lr"] == pytest.approx(0.1) and groups["loss"]["params"][0] is crit.proxies
     n = sum(p.numel() for g in groups.values() for p in g["params"])
     assert n == models.count_parameters(model) + crit.proxies.numel()
-    no_params = train.param_groups(model, train.losses.build_loss("triplet"), args)
+    no_params = setup.param_groups(model, losses.build_loss("triplet"), args)
     assert [g["name"] for g in no_params] == ["backbone", "head"]
 
 
 def test_warmup_steps_round_fractional_epochs():
-    assert train.warmup_steps(0, 17) == 0
-    assert train.warmup_steps(0.5, 17) == 8 and train.warmup_steps(1.0, 17) == 17
-    assert train.warmup_steps(2.5, 4) == 10
+    assert loop.warmup_steps(0, 17) == 0
+    assert loop.warmup_steps(0.5, 17) == 8 and loop.warmup_steps(1.0, 17) == 17
+    assert loop.warmup_steps(2.5, 4) == 10
 
 
 # ============ warm-up and frozen BatchNorm, end to end ============
 
+@pytest.mark.slow
 def test_warmup_trains_the_head_only_then_the_backbone(tiny_sop, tmp_path):
     start = tmp_path / "start"
     train.main(parse(tiny_argv(tiny_sop, start, "--epochs", "0", "--projector_samples", "0")))
@@ -160,6 +165,7 @@ def test_pca_head_init_in_train(tiny_sop, tmp_path, head, capsys):
 
 # ============ Proxy-Anchor, select_metric, zero-shot row ============
 
+@pytest.mark.slow
 def test_proxy_anchor_trains_resumes_and_selects_on_map_r(tiny_sop, tmp_path):
     argv = tiny_argv(tiny_sop, tmp_path, "--loss", "proxy_anchor", "--head", "linear",
                      "--epochs", "1", "--projector_samples", "0", "--select_metric", "map@r")

@@ -1,8 +1,10 @@
 """Exact resume (--deterministic, CPU): a run resumed from last.pth ends with the same weights,
 optimizer / scheduler state and metrics.csv (timing columns aside) as an uninterrupted run;
 also after SIGKILLs mid-epoch and during checkpoint writes, none of which leaves a checkpoint
-that fails to load.
+that fails to load; a checkpoint and a metrics.csv in the format of earlier code load and resume.
 """
+import csv
+import io
 import os
 import random
 import signal
@@ -15,10 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import models
 import train
-from test_train import assert_checkpoint_loads, model_rows, parse, tiny_argv, tiny_sop  # noqa: F401
+from test_train import assert_checkpoint_loads, model_rows, parse, read_rows, tiny_argv, tiny_sop  # noqa: F401
+from training import flags
+from training import runs
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 TRAIN = Path(train.__file__).resolve()
 # --lr_patience 0: the plateau schedule halves the LR on every epoch without a new best, so the
@@ -167,3 +172,82 @@ def test_sigkill_mid_epoch_and_during_checkpoint_write_then_resume(tiny_sop, ref
     assert [r["epoch"] for r in ref_rows] == ["0", "1", "2", "3"]
     assert model_rows(tmp_path / "runs/t/metrics.csv") == ref_rows, context
     assert not list(ckpt_dir.glob(".*tmp")), "leftovers of the killed writes were not cleaned up"
+
+
+# ============ files of earlier code ============
+
+def legacy_checkpoint(path, args, epochs=1):
+    """A last.pth as train.py wrote it before training/ existed, built by hand from the keys
+    models.py documents (CHECKPOINT_KEYS) plus the ones train.py adds (history, best_score,
+    select_metric, criterion, bad_paths); the tiny_argv model (resnet18, mlp head, 32 px)."""
+    torch.manual_seed(0)
+    model = models.build_model("resnet18", 128, weights="none", dropout=0.2, image_size=32)
+    optimizer = torch.optim.Adam([{"name": "backbone", "params": list(model.backbone.parameters()), "lr": 1e-3},
+                                  {"name": "head", "params": list(model.head.parameters()), "lr": 1e-3}],
+                                 lr=1e-3, weight_decay=1e-5)
+    model.train()
+    for _ in range(2):  # a few real steps: Adam's moments are in the state, as after training
+        optimizer.zero_grad()
+        model(torch.randn(4, 3, 32, 32)).sum().backward()
+        optimizer.step()
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=3)
+    history = [{"epoch": e, "val_recall@1": 0.1 * (e + 1), "val_map@r": 0.05 * (e + 1), "lr": 1e-3,
+                "bad_images": 0.0, **({"train_loss": 0.3} if e else {})} for e in range(epochs + 1)]
+    ckpt = {"format_version": 1, "model": model.state_dict(),
+            "model_args": {"backbone": "resnet18", "embedding_size": 128, "dropout": 0.2,
+                           "image_size": 32, "head": "mlp"},
+            "args": dict(args), "epoch": epochs, "metrics": dict(history[-1]),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": {}, "rng": models.capture_rng_state(), "git_commit": "3bbb246",
+            "history": history, "best_score": history[-1]["val_map@r"], "select_metric": "map@r",
+            "criterion": None, "bad_paths": {"train": [], "val": []}}
+    assert set(models.CHECKPOINT_KEYS) <= set(ckpt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return ckpt
+
+
+def test_checkpoint_of_earlier_code_loads_and_resumes(tiny_sop, tmp_path):
+    argv = tiny_argv(tiny_sop, tmp_path, "--epochs", "2", "--projector_samples", "0")
+    last = tmp_path / "checkpoints" / "t" / "last.pth"
+    old = legacy_checkpoint(last, vars(flags.resolve_recipe(parse(argv))))
+    model = models.load_model(last)  # evaluate.py / the demo
+    assert model.model_args == old["model_args"] and model.checkpoint_info["epoch"] == 1
+    for key, value in old["model"].items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 128)
+
+    final = train.main(parse(argv + ["--resume", "auto"]))  # train.py --resume
+    assert final["epoch"] == 2
+    rows = read_rows(tmp_path / "runs" / "t" / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]  # the old history, then the new epoch
+    assert float(rows[1]["val_recall@1"]) == old["history"][1]["val_recall@1"]
+    new = assert_checkpoint_loads(last)
+    assert new["epoch"] == 2 and [h["epoch"] for h in new["history"]] == [0, 1, 2]
+    assert len(new["optimizer"]["param_groups"]) == 2
+
+
+def test_metrics_csv_of_earlier_code_reads_back_exactly(tmp_path):
+    """metrics.csv as the csv module wrote it (before pandas): CRLF rows, repr floats, empty
+    cells, an inf, columns of an older run; read back value for value, and written again
+    byte for byte."""
+    header = ["epoch", "train_loss", "val_recall@1", "lr", "images_per_sec"]
+    rows = [["0", "", "0.30000000000000004", "0.0001", ""],
+            ["1", "0.123456789012345", "1e-17", "5e-05", "inf"]]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(buf.getvalue().encode())
+    back = runs.read_metrics_csv(path)
+    assert back == [{"epoch": 0.0, "train_loss": None, "val_recall@1": 0.30000000000000004, "lr": 1e-4,
+                     "images_per_sec": None},
+                    {"epoch": 1.0, "train_loss": 0.123456789012345, "val_recall@1": 1e-17, "lr": 5e-5,
+                     "images_per_sec": float("inf")}]
+    history = [{k: (int(v) if k == "epoch" else v) for k, v in row.items() if v is not None} for row in back]
+    runs.write_metrics_csv(tmp_path / "again.csv", history)
+    assert (tmp_path / "again.csv").read_bytes() == path.read_bytes()
+    empty = tmp_path / "empty.csv"  # a file cut before its header: no epoch recorded
+    empty.write_text("")
+    assert runs.read_metrics_csv(empty) == []

@@ -1,13 +1,11 @@
 """retrieval.py: every metric on hand-built cases, against a brute-force reference, against
-pytorch-metric-learning and faiss; kNN; the gallery index file; embedding extraction."""
-import errno
+pytorch-metric-learning and faiss; kNN; embedding extraction; the BLAS thread limit."""
 import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 
-from dataio import fileio
 import retrieval
 
 # ============ helpers ============
@@ -281,95 +279,6 @@ def test_bounded_memory_and_input_checks():
         retrieval.evaluate_embeddings(x[:10], np.arange(9), np.ones(10))
 
 
-# ============ gallery index ============
-
-
-def make_index(n=500, dim=16, seed=0, **kw):
-    rng = np.random.default_rng(seed)
-    emb = rng.standard_normal((n, dim)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    return retrieval.GalleryIndex(embeddings=emb, paths=[f"mug_final/{i}_0.JPG" for i in range(n)],
-                                  class_ids=np.arange(n) // 4, super_ids=rng.integers(1, 13, n),
-                                  checkpoint_hash="ab" * 32, meta={"split": "test"}, **kw)
-
-
-def test_gallery_index_round_trip_and_search(tmp_path):
-    index = make_index()
-    path = index.save(tmp_path / "sub" / "gallery.npz")
-    loaded = retrieval.GalleryIndex.load(path)
-    np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
-    assert loaded.paths == index.paths and loaded.meta == {"split": "test"}
-    np.testing.assert_array_equal(loaded.class_ids, index.class_ids)
-    np.testing.assert_array_equal(loaded.super_ids, index.super_ids)
-    assert loaded.checkpoint_hash == index.checkpoint_hash
-    assert loaded.image_list_hash == retrieval.hash_paths(index.paths)
-    assert loaded.stale_reason("ab" * 32, index.paths) is None
-    assert "checkpoint" in loaded.stale_reason("cd" * 32, index.paths)
-    assert "image list" in loaded.stale_reason("ab" * 32, index.paths[::-1])
-
-    q = index.embeddings[7] + 0.1
-    scores, idx = loaded.search(q, k=10)
-    ref = np.argsort(-(index.embeddings @ (q / np.linalg.norm(q))), kind="stable")[:10]
-    np.testing.assert_array_equal(idx[0], ref)
-    _, idx_cat = loaded.search(q, k=5, super_id=3)
-    members = np.flatnonzero(index.super_ids == 3)
-    ref_cat = members[np.argsort(-(index.embeddings[members] @ (q / np.linalg.norm(q))), kind="stable")[:5]]
-    np.testing.assert_array_equal(idx_cat[0], ref_cat)
-    s_all, i_all = loaded.search(np.stack([q, q]), k=len(index) + 3)  # more than the gallery
-    assert (i_all[:, -3:] == -1).all() and np.isneginf(s_all[:, -3:]).all()
-    if pytest.importorskip("faiss"):
-        faiss_index = retrieval.GalleryIndex.load(path, backend="faiss")
-        np.testing.assert_array_equal(faiss_index.search(q, 10)[1], idx)
-        np.testing.assert_array_equal(faiss_index.search(q, 5, super_id=3)[1], idx_cat)
-
-
-def test_gallery_index_failed_write_keeps_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "gallery.npz"
-    make_index(seed=1).save(path)
-    before = path.read_bytes()
-
-    def full_disk(fd):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(fileio.os, "fsync", full_disk)
-    with pytest.raises(OSError) as err:
-        make_index(seed=2).save(path)
-    assert err.value.errno == errno.ENOSPC
-    assert str(path) in str(err.value)
-    assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gallery.npz"]  # no temporary file left
-    monkeypatch.undo()
-    retrieval.GalleryIndex.load(path)
-
-
-def test_gallery_index_corrupt_files_are_refused(tmp_path):
-    path = tmp_path / "gallery.npz"
-    make_index().save(path)
-    data = path.read_bytes()
-    truncated = tmp_path / "truncated.npz"
-    truncated.write_bytes(data[: len(data) // 2])
-    garbage = tmp_path / "garbage.npz"
-    garbage.write_bytes(b"not an index at all")
-    flipped = tmp_path / "flipped.npz"
-    flipped.write_bytes(data[:2000] + bytes([data[2000] ^ 0xFF]) + data[2001:])  # CRC mismatch
-    for bad in (truncated, garbage, flipped):
-        with pytest.raises(ValueError, match="corrupt") as err:
-            retrieval.GalleryIndex.load(bad)
-        assert str(bad) in str(err.value)
-    with pytest.raises(FileNotFoundError, match="missing.npz"):
-        retrieval.GalleryIndex.load(tmp_path / "missing.npz")
-    np.savez(tmp_path / "other.npz", embeddings=np.zeros((2, 2)))
-    with pytest.raises(ValueError, match="other.npz"):
-        retrieval.GalleryIndex.load(tmp_path / "other.npz")
-
-
-def test_gallery_index_rejects_inconsistent_parts():
-    with pytest.raises(ValueError, match="disagree"):
-        retrieval.GalleryIndex(np.zeros((3, 4)), ["a", "b"], [1, 2, 3], [1, 1, 1])
-    with pytest.raises(ValueError, match="backend"):
-        make_index(backend="annoy")
-
-
 # ============ embedding extraction ============
 
 
@@ -409,8 +318,8 @@ def test_single_thread_blas_blocks_nest_and_restore():
     before = blas_threads()
     if not before:
         pytest.skip("numpy's BLAS is not visible to threadpoolctl here")
-    outer = retrieval._SingleThreadBLAS()
-    inner = retrieval._SingleThreadBLAS()
+    outer = retrieval.SingleThreadBLAS()
+    inner = retrieval.SingleThreadBLAS()
     outer.__enter__()
     inner.__enter__()
     outer.__exit__(None, None, None)  # overlapping, not nested: the limit holds until the last exit
@@ -434,7 +343,7 @@ def test_single_thread_blas_restores_across_threads():
     before = blas_threads()
     if not before or max(before) < 2:
         pytest.skip("numpy's BLAS is not visible to threadpoolctl here, or runs one thread")
-    first, second = retrieval._SingleThreadBLAS(), retrieval._SingleThreadBLAS()
+    first, second = retrieval.SingleThreadBLAS(), retrieval.SingleThreadBLAS()
 
     def in_thread(fn):
         t = threading.Thread(target=fn)
@@ -457,17 +366,3 @@ def test_single_thread_blas_restores_across_threads():
     in_thread(limit_and_read)
     assert seen and all(n == 1 for n in seen[0])
     assert blas_threads() == before
-
-
-def test_load_fresh_index_says_why_not(tmp_path):
-    index = make_index(n=8)
-    path = tmp_path / "index.npz"
-    assert retrieval.load_fresh_index(path, "ab" * 32, index.paths) == (None, "missing")
-    index.save(path)
-    fresh, why = retrieval.load_fresh_index(path, "ab" * 32, index.paths)
-    assert why is None and fresh.paths == index.paths
-    assert retrieval.load_fresh_index(path, "cd" * 32, index.paths)[1].startswith("stale (built from checkpoint")
-    assert "image list" in retrieval.load_fresh_index(path, "ab" * 32, index.paths[::-1])[1]
-    path.write_bytes(b"not an index")
-    fresh, why = retrieval.load_fresh_index(path, "ab" * 32, index.paths)
-    assert fresh is None and why != "missing" and not why.startswith("stale")

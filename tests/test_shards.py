@@ -1,5 +1,6 @@
-"""shards.py: sharded gallery embedding resumes after a kill without redoing finished shards,
-equals the single-process embedding exactly, and splits across torchrun processes (gloo)."""
+"""search/shards.py and the shards.py entry script: sharded gallery embedding resumes after a
+kill without redoing finished shards, equals the single-process embedding exactly, splits
+across torchrun processes (gloo), and finds the data of a checkpoint that stored none."""
 import os
 import subprocess
 import sys
@@ -11,11 +12,14 @@ import torch
 import torch.distributed as dist
 
 import datasets
+from dataio import catalogue
 import models
 import retrieval
-import shards
+from search import shards
+from search.index import load_fresh_index
+import shards as shards_script  # the entry script
 
-SHARDS = Path(shards.__file__).resolve()
+SHARDS = Path(shards_script.__file__).resolve()
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -89,6 +93,7 @@ def test_foreign_shard_folder_and_bad_sizes_are_refused(gallery, tmp_path):
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(gallery, tiny_synthetic_root, tmp_path):
     model, dataset = gallery
     ckpt = tmp_path / "best.pth"
@@ -105,7 +110,24 @@ def test_torchrun_two_processes_equal_one(gallery, tiny_synthetic_root, tmp_path
     assert "rank 0: embedded shards [0, 2" in proc.stdout and "rank 1: embedded shards [1, 3" in proc.stdout
     merged = np.load(tmp_path / "two" / "embeddings.npy")
     np.testing.assert_array_equal(merged, np.load(tmp_path / "one" / "embeddings.npy"))
-    index, why = retrieval.load_fresh_index(tmp_path / "gallery.npz", models.checkpoint_hash(ckpt),
-                                            dataset.rel_paths, index_type="exact")
+    index, why = load_fresh_index(tmp_path / "gallery.npz", models.checkpoint_hash(ckpt),
+                                  dataset.rel_paths, index_type="exact")
     assert why is None
     np.testing.assert_array_equal(index.embeddings, merged)
+
+
+def test_checkpoint_without_data_root_uses_its_datasets_folder(gallery, tiny_synthetic_root, tmp_path,
+                                                                monkeypatch):
+    """train.py --dataset synthetic without --data_root stores data_root: null; the gallery is
+    then the dataset's default folder (catalogue.DATASET_ROOTS), not a TypeError."""
+    model, dataset = gallery
+    ckpt = tmp_path / "best.pth"
+    models.atomic_save(models.make_checkpoint(model, args={"dataset": "synthetic", "data_root": None},
+                                              epoch=0, metrics={}), ckpt)
+    monkeypatch.setitem(catalogue.DATASET_ROOTS, "synthetic", str(tiny_synthetic_root))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "shards"
+    shards_script.main(shards_script.get_args_parser().parse_args(
+        ["--checkpoint", str(ckpt), "--out", str(out), "--shard_size", "16", "--batch_size", "8"]))
+    np.testing.assert_array_equal(np.load(out / shards.MERGED), reference(model, dataset, 8))

@@ -15,8 +15,11 @@ import pytest
 import torch
 
 import datasets
+import losses
 import models
 import train
+from training import flags
+from training import runs
 
 SEED_COMMAND = ("--dataset stanford --backbone efficientnet_b0 --batch_size 64 --epochs 10 "
                 "--lr 0.0001 --margin 0.5 --embedding_size 128").split()
@@ -49,7 +52,7 @@ def tiny_argv(root, out, *extra, run="t"):
 def parse(argv):
     parser = train.get_args_parser()
     args = parser.parse_args(argv)
-    train.validate_args(args, parser)
+    flags.validate_args(args, parser)
     return args
 
 
@@ -60,7 +63,7 @@ def read_rows(path):
 
 def model_rows(path):
     """metrics.csv without the columns that measure the machine (they differ run to run)."""
-    return [{k: v for k, v in row.items() if k not in train.TIMING_COLUMNS} for row in read_rows(path)]
+    return [{k: v for k, v in row.items() if k not in runs.TIMING_COLUMNS} for row in read_rows(path)]
 
 
 def assert_checkpoint_loads(path):
@@ -81,10 +84,10 @@ def test_seed_command_parses_verbatim():
     assert (args.images_per_class, args.mining) == (4, "semihard")
     assert args.amp is True and args.image_size == 224
     # ImageNet weights: the recommended recipe; --recipe original: the original project's own
-    resolved = train.resolve_recipe(args)
+    resolved = flags.resolve_recipe(args)
     assert (resolved.recipe, resolved.loss, resolved.sampler) == (
-        "pretrained", train.RECIPES["pretrained"]["loss"], train.RECIPES["pretrained"]["sampler"])
-    original = train.resolve_recipe(parse(SEED_COMMAND + ["--recipe", "original"]))
+        "pretrained", flags.RECIPES["pretrained"]["loss"], flags.RECIPES["pretrained"]["sampler"])
+    original = flags.resolve_recipe(parse(SEED_COMMAND + ["--recipe", "original"]))
     assert (original.loss, original.sampler, original.head, original.select_metric) == (
         "triplet", "random", "mlp", "recall@1")
 
@@ -124,6 +127,7 @@ def test_bad_arguments_are_argparse_errors(tiny_sop, tmp_path, capsys, extra, ex
 
 # ============ a whole run ============
 
+@pytest.mark.slow
 def test_end_to_end_outputs(tiny_sop, tmp_path):
     final = train.main(parse(tiny_argv(tiny_sop, tmp_path)))
     ckpt_dir, log_dir = tmp_path / "checkpoints" / "t", tmp_path / "runs" / "t"
@@ -160,7 +164,7 @@ def test_end_to_end_outputs(tiny_sop, tmp_path):
     assert not list(ckpt_dir.glob(".*tmp"))
 
     # The same command again must not silently overwrite that run.
-    with pytest.raises(train.ArgumentCheckError, match="--resume auto"):
+    with pytest.raises(flags.ArgumentCheckError, match="--resume auto"):
         train.main(parse(tiny_argv(tiny_sop, tmp_path)))
 
 
@@ -187,8 +191,8 @@ class _NaNAfterEpoch0(torch.nn.Module):
 
 
 def test_non_finite_loss_exits_1(tiny_sop, tmp_path, monkeypatch, capsys):
-    real = train.losses.build_loss
-    monkeypatch.setattr(train.losses, "build_loss", lambda *a, **kw: _NaNAfterEpoch0(real(*a, **kw)))
+    real = losses.build_loss
+    monkeypatch.setattr(losses, "build_loss", lambda *a, **kw: _NaNAfterEpoch0(real(*a, **kw)))
     assert train.cli(tiny_argv(tiny_sop, tmp_path, "--projector_samples", "0")) == 1
     err = capsys.readouterr().err
     assert "non-finite loss (nan) at epoch 1, step 1/2" in err, err
@@ -217,6 +221,7 @@ def test_failed_checkpoint_write_exits_1_previous_intact(tiny_sop, tmp_path, mon
     assert not list(ckpt_dir.glob(".*tmp"))  # the temporary file is gone too
 
 
+@pytest.mark.slow
 def test_corrupt_images_are_counted(tiny_sop, tmp_path):
     root = tmp_path / "sop"
     shutil.copytree(tiny_sop, root)

@@ -18,6 +18,10 @@ from dataio import synthetic_sop
 import models
 import train
 import train_multiple as tm
+from training import evaluation
+from training import flags
+from training import reporting
+from training import runs
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,7 @@ def test_every_train_flag_passes_through_and_none_is_defined_twice():
 def test_default_grid_is_the_original_three_backbones_and_grid_flags_widen_it():
     args = tm.parse_args([])
     names = [p.run_name(args.prefix) for p in tm.build_grid(args)]
-    loss, sampler = (train.RECIPES["pretrained"][k] for k in ("loss", "sampler"))  # ImageNet weights
+    loss, sampler = (flags.RECIPES["pretrained"][k] for k in ("loss", "sampler"))  # ImageNet weights
     assert names == [f"cmp_{b}_{loss}_{sampler}" for b in ("efficientnet_b0", "resnet18", "resnet50")]
     args = tm.parse_args(["--backbones", "resnet18", "resnet50", "--samplers", "random", "pk",
                           "--losses", "triplet", "multi_similarity", "--prefix", "sw"])
@@ -99,8 +103,8 @@ def test_namespace_to_argv_round_trips_through_train_parser():
 # ============ tables and plots from fake run folders ============
 
 def fake_results(seed: float) -> dict:
-    product = {k: round(seed + 0.01 * i, 6) for i, k in enumerate(tm.PRODUCT_KEYS)}
-    category = {k: round(seed / 2 + 0.01 * i, 6) for i, k in enumerate(tm.CATEGORY_KEYS)}
+    product = {k: round(seed + 0.01 * i, 6) for i, k in enumerate(reporting.PRODUCT_KEYS)}
+    category = {k: round(seed / 2 + 0.01 * i, 6) for i, k in enumerate(reporting.CATEGORY_KEYS)}
     return {"product": product, "category": category, "num_queries": 123,
             "model": {"parameters": 4_700_000 + int(seed * 1000), "checkpoint_sha256": "0" * 64},
             "timing": {"extract_s": 1.5, "eval_s": 0.25, "cached": True, "device": "cpu"}}
@@ -116,10 +120,10 @@ def save_fake_checkpoint(path, epoch, args, weights=10):
 
 
 def make_fake_run(root, name, results, history, weights=10):
-    paths = tm.RunPaths(name, root / "checkpoints" / name, root / "runs" / name)
+    paths = runs.RunPaths(name, root / "checkpoints" / name, root / "runs" / name)
     paths.eval_dir.mkdir(parents=True)
     paths.results.write_text(json.dumps(results))
-    train.write_metrics_csv(paths.metrics_csv, history)
+    runs.write_metrics_csv(paths.metrics_csv, history)
     save_fake_checkpoint(paths.best, 1, {}, weights)
     return paths
 
@@ -142,19 +146,19 @@ def test_report_values_come_from_the_runs_files(tmp_path):
         name = point.run_name("f")
         if i < 2:
             paths = make_fake_run(tmp_path, name, results[i], HISTORY, weights=10 + i)
-            histories[point.backbone] = train.read_metrics_csv(paths.metrics_csv)
+            histories[point.backbone] = runs.read_metrics_csv(paths.metrics_csv)
         else:  # a failed run: no files at all
-            paths = tm.RunPaths(name, tmp_path / "checkpoints" / name, tmp_path / "runs" / name)
+            paths = runs.RunPaths(name, tmp_path / "checkpoints" / name, tmp_path / "runs" / name)
         status, error = ("trained", "") if i < 2 else ("failed (train)", "ValueError: boom")
         rows.append(tm.collect_row(point, paths, status, error))
-    files = tm.write_report(rows, histories, tmp_path / "cmp", notes="fake")
+    files = reporting.write_report(rows, histories, tmp_path / "cmp", notes="fake")
 
-    table = tm.read_csv(files["csv"])
+    table = reporting.read_csv(files["csv"])
     assert [r["run"] for r in table] == [p.run_name("f") for p in points]
     for row, res in zip(table, results):
-        for k in tm.PRODUCT_KEYS:
+        for k in reporting.PRODUCT_KEYS:
             assert row[f"product_{k}"] == res["product"][k]
-        for k in tm.CATEGORY_KEYS:
+        for k in reporting.CATEGORY_KEYS:
             assert row[f"category_{k}"] == res["category"][k]
         assert row["parameters"] == res["model"]["parameters"]
         assert row["eval_time_s"] == 1.75  # extract_s + eval_s (the bool 'cached' is no time)
@@ -207,6 +211,7 @@ def test_error_summary_picks_the_error_line():
 
 # ============ end to end ============
 
+@pytest.mark.slow
 def test_grid_runs_reports_failures_skips_finished_runs_and_resumes(tiny_sop, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     real_grid = tm.build_grid
@@ -222,13 +227,13 @@ def test_grid_runs_reports_failures_skips_finished_runs_and_resumes(tiny_sop, tm
     out = tmp_path / "runs" / "comparison"
     for name in ("comparison.md", "comparison.csv", "recall_at_1.png", "training_curves.png"):
         assert (out / name).is_file(), name
-    table = {r["run"]: r for r in tm.read_csv(out / "comparison.csv")}
+    table = {r["run"]: r for r in reporting.read_csv(out / "comparison.csv")}
     for backbone in ("resnet18", "efficientnet_b0"):
         run = f"t_{backbone}_triplet_pk"
         results = json.loads((tmp_path / "runs" / run / "eval" / "results.json").read_text())
-        for k in tm.PRODUCT_KEYS:
+        for k in reporting.PRODUCT_KEYS:
             assert table[run][f"product_{k}"] == results["product"][k]
-        for k in tm.CATEGORY_KEYS:
+        for k in reporting.CATEGORY_KEYS:
             assert table[run][f"category_{k}"] == results["category"][k]
         assert table[run]["parameters"] == results["model"]["parameters"]
         assert table[run]["checkpoint_bytes"] == (tmp_path / "checkpoints" / run / "best.pth").stat().st_size
@@ -241,16 +246,16 @@ def test_grid_runs_reports_failures_skips_finished_runs_and_resumes(tiny_sop, tm
     rows = tm.main(tm.parse_args(argv))
     assert [r["status"] for r in rows] == ["skipped (done)", "skipped (done)", "failed (train)"]
     assert last.stat().st_mtime_ns == stamp
-    assert tm.read_csv(out / "comparison.csv")[0]["product_recall@1"] == table["t_resnet18_triplet_pk"]["product_recall@1"]
+    assert reporting.read_csv(out / "comparison.csv")[0]["product_recall@1"] == table["t_resnet18_triplet_pk"]["product_recall@1"]
 
     # ---- subprocess launcher, one more epoch: resnet18 resumes from its last.pth; the bogus
     # backbone now fails in its child process (train.py's argparse), exit code 1
     argv = tiny_argv(tiny_sop, tmp_path, "--backbones", "resnet18", "--epochs", "2")
     assert tm.cli(argv) == 1
-    row, failed = tm.read_csv(out / "comparison.csv")
+    row, failed = reporting.read_csv(out / "comparison.csv")
     assert row["status"] == "resumed" and row["epochs"] == 2
     assert failed["status"] == "failed (train)" and "invalid choice" in failed["error"]
-    history = train.read_metrics_csv(tmp_path / "runs" / "t_resnet18_triplet_pk" / "metrics.csv")
+    history = runs.read_metrics_csv(tmp_path / "runs" / "t_resnet18_triplet_pk" / "metrics.csv")
     assert [int(r["epoch"]) for r in history] == [0, 1, 2]
     assert "resuming from" in (out / "logs" / "t_resnet18_triplet_pk.train.log").read_text()
 
@@ -260,24 +265,25 @@ def test_dry_run_prints_commands_and_report_only_trains_nothing(tmp_path, monkey
     argv = ["--backbones", "resnet18", "resnet50", "--samplers", "random", "--epochs", "2"]
     assert tm.cli(argv + ["--dry_run"]) == 0
     out = capsys.readouterr().out
-    loss = train.RECIPES["pretrained"]["loss"]  # the recipe of the default --weights imagenet
+    loss = flags.RECIPES["pretrained"]["loss"]  # the recipe of the default --weights imagenet
     assert f"[1/2] cmp_resnet18_{loss}_random: new" in out
     # the recipe resolved: its every value on the command line
     assert "train.py --backbone resnet18 " in out and "--recipe pretrained" in out
     assert f"--loss {loss} --sampler random --epochs 2" in out
     assert f"evaluate.py --checkpoint checkpoints/cmp_resnet18_{loss}_random/best.pth" in out
     # one zero-shot evaluation per backbone
-    assert "cmp_resnet50_zero_shot: new" in out
+    assert "cmp_zero_shot_resnet50_224px: new" in out
     assert "evaluate.py --zero_shot --backbone resnet50 --image_size 224 --data_root data/Stanford_Online_Products" in out
     assert not (tmp_path / "runs").exists() and not (tmp_path / "checkpoints").exists()
     assert tm.cli(argv + ["--report_only"]) == 0
-    rows = tm.read_csv(tmp_path / "runs" / "comparison" / "comparison.csv")
+    rows = reporting.read_csv(tmp_path / "runs" / "comparison" / "comparison.csv")
     assert [(r["backbone"], r["loss"], r["status"]) for r in rows] == [
         ("resnet18", "zero-shot", "not run"), ("resnet18", loss, "not run"),
         ("resnet50", "zero-shot", "not run"), ("resnet50", loss, "not run")]
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_zero_shot_row_per_backbone_from_imagenet_weights(tiny_sop, tmp_path, monkeypatch):
     """--weights imagenet: each backbone gets a zero-shot row (evaluate.py --zero_shot on the
     test split at the grid's image size) before its trained rows; reruns reuse it."""
@@ -286,18 +292,18 @@ def test_zero_shot_row_per_backbone_from_imagenet_weights(tiny_sop, tmp_path, mo
                      "imagenet", "--launcher", "inprocess", "--embedding_size", "16")
     rows = tm.main(tm.parse_args(argv))
     assert [(r["loss"], r["status"]) for r in rows] == [
-        ("zero-shot", "evaluated"), (train.RECIPES["pretrained"]["loss"], "trained")]
-    import evaluate
-    direct = evaluate.evaluate_zero_shot("efficientnet_lite0", str(tiny_sop), image_size=32,
-                                         write=False, workers=0, num_examples=0, progress=False)
+        ("zero-shot", "evaluated"), (flags.RECIPES["pretrained"]["loss"], "trained")]
+    direct = evaluation.evaluate_zero_shot("efficientnet_lite0", str(tiny_sop), image_size=32,
+                                           write=False, workers=0, num_examples=0, progress=False)
     assert rows[0]["product_map@r"] == direct["product"]["map@r"]
-    assert rows[0]["run"] == "t_efficientnet_lite0_zero_shot"
+    assert rows[0]["run"] == "t_" + models.zero_shot_name("efficientnet_lite0", 32)
     md = (tmp_path / "runs" / "comparison" / "comparison.md").read_text()
-    assert "| t_efficientnet_lite0_zero_shot | efficientnet_lite0 | zero-shot |" in md
+    assert "| t_zero_shot_efficientnet_lite0_32px | efficientnet_lite0 | zero-shot |" in md
     again = tm.main(tm.parse_args(argv))
     assert [r["status"] for r in again] == ["skipped (done)", "skipped (done)"]
 
 
+@pytest.mark.slow
 def test_grid_on_a_folder_tree_uses_its_split_for_every_row(tiny_sop, tmp_path, monkeypatch):
     """train_multiple.py on your own photos (a <category>/<product>/<image> tree): the zero-shot
     and the trained rows evaluate the same drawn test split (--test_fraction), named by the

@@ -4,12 +4,11 @@ dicts and metrics.csv rows; every file goes through fileio.atomic_write.
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from dataio import photos
 
@@ -31,6 +30,12 @@ def category_name(super_id: int, categories=None) -> str:
     sid = int(super_id)
     return names[sid - 1] if 1 <= sid <= len(names) else str(sid)
 
+
+def md_table(frame: pd.DataFrame) -> str:
+    """A Markdown table of ``frame``'s cells (text, as they are) under its column names."""
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "|".join("---" for _ in frame.columns) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in frame.itertuples(index=False)]
+    return "\n".join(lines)
 
 
 # ============ evaluate.py: results.md and retrieval.png ============
@@ -64,32 +69,30 @@ def results_markdown(results: dict) -> str:
         "",
         "Gallery: every other image; relevant: the other images of the same product.",
         "",
-        "| Model | Recall@1 | Recall@10 | Recall@100 | Recall@1000 | MAP@R | R-Precision |",
-        "|---|---|---|---|---|---|---|",
-        *[f"| {n} | {pct(r['product']['recall@1'])} | {pct(r['product']['recall@10'])} | "
-          f"{pct(r['product']['recall@100'])} | {pct(r['product']['recall@1000'])} | "
-          f"{pct(r['product']['map@r'])} | {pct(r['product']['r_precision'])} |" for n, r in rows],
+        md_table(pd.DataFrame(
+            [[n] + [pct(r["product"][k]) for k in PRODUCT_KEYS] for n, r in rows],
+            columns=["Model", "Recall@1", "Recall@10", "Recall@100", "Recall@1000", "MAP@R",
+                     "R-Precision"])),
         "",
         "## Category protocol (the original project's protocol), in %",
         "",
         "Gallery: images of *other* products; relevant: same category. "
         "mAP@10 divides by the relevant items found in the top 10 (0 when none).",
         "",
-        "| Model | Recall@1 | Recall@5 | Recall@10 | Recall@20 | P@1 | P@5 | P@10 | P@20 | mAP@10 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *[f"| {n} | " + " | ".join(pct(r["category"][k]) for k in (
-            "recall@1", "recall@5", "recall@10", "recall@20", "precision@1", "precision@5",
-            "precision@10", "precision@20", "map@10")) + " |" for n, r in rows],
+        md_table(pd.DataFrame(
+            [[n] + [pct(r["category"][k]) for k in CATEGORY_KEYS] for n, r in rows],
+            columns=["Model", "Recall@1", "Recall@5", "Recall@10", "Recall@20", "P@1", "P@5",
+                     "P@10", "P@20", "mAP@10"])),
         "",
         "## Per category, in %",
         "",
-        "| Category | Queries | Product R@1 | Product MAP@R | Category R@1 | Category P@10 | Category mAP@10 |",
-        "|---|---|---|---|---|---|---|",
+        md_table(pd.DataFrame(
+            [[cname, f"{m['num_queries']:,}", pct(m["product"]["recall@1"]), pct(m["product"]["map@r"]),
+              pct(m["category"]["recall@1"]), pct(m["category"]["precision@10"]),
+              pct(m["category"]["map@10"])] for cname, m in results["per_category"].items()],
+            columns=["Category", "Queries", "Product R@1", "Product MAP@R", "Category R@1",
+                     "Category P@10", "Category mAP@10"])),
     ]
-    for cname, m in results["per_category"].items():
-        lines.append(f"| {cname} | {m['num_queries']:,} | {pct(m['product']['recall@1'])} | "
-                     f"{pct(m['product']['map@r'])} | {pct(m['category']['recall@1'])} | "
-                     f"{pct(m['category']['precision@10'])} | {pct(m['category']['map@10'])} |")
     st, tm = results["embedding_stats"], results["timing"]
     lines += [
         "",
@@ -179,42 +182,37 @@ CURVES = (("train_loss", "train loss"), ("val_loss", "validation loss"),
 
 # ============ tables ============
 
+# comparison.csv's line ends: those of Python's csv module, which wrote the file before pandas
+# did, so that the file stays byte for byte what it was.
+CSV_LINE_END = "\r\n"
+# Columns of comparison.csv read back as text (the others are numbers).
+TEXT_COLUMNS = ID_COLUMNS + ("checkpoint",)
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     """comparison.csv: one row per run, metrics as fractions in full precision (repr)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(CSV_COLUMNS)
-    for row in rows:
-        writer.writerow(["" if row.get(c) is None else repr(row[c]) if isinstance(row[c], float)
-                         else row[c] for c in CSV_COLUMNS])
-    fileio.atomic_write_text(path, buf.getvalue())
+    # dtype object: every cell keeps its Python type (an int count stays "12", not "12.0")
+    frame = pd.DataFrame(rows, columns=list(CSV_COLUMNS), dtype=object)
+    fileio.atomic_write_text(path, frame.to_csv(index=False, na_rep="", lineterminator=CSV_LINE_END))
 
 
 def read_csv(path: Path) -> list[dict]:
-    """comparison.csv back: numbers as float/int, empty cells as None."""
-    out = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            parsed = {}
-            for k, v in row.items():
-                if k in ID_COLUMNS or k == "checkpoint":
-                    parsed[k] = v
-                elif v == "":
-                    parsed[k] = None
-                else:
-                    parsed[k] = int(v) if v.lstrip("-").isdigit() else float(v)
-            out.append(parsed)
-    return out
+    """comparison.csv back: numbers as float/int (as written: "12" an int, "12.0" a float),
+    empty cells as None, the text columns as text."""
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+
+    def number(cell: str):
+        if cell == "":
+            return None
+        return int(cell) if cell.lstrip("-").isdigit() else float(cell)
+
+    return [{k: v if k in TEXT_COLUMNS else number(v) for k, v in row.items()}
+            for row in frame.to_dict("records")]
 
 
-def _num(v, fmt: str) -> str:
-    return "" if v is None else format(v, fmt)
-
-
-def _md_table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    return "\n".join(lines)
+def _scaled(values: pd.Series, divisor: float, fmt: str) -> pd.Series:
+    """``values / divisor`` formatted with ``fmt``; empty where a value is missing."""
+    return values.map(lambda v: "" if v is None or pd.isna(v) else format(v / divisor, fmt))
 
 
 def format_markdown(rows: list[dict], title: str = "Comparison", notes: str = "") -> str:
@@ -222,34 +220,32 @@ def format_markdown(rows: list[dict], title: str = "Comparison", notes: str = ""
     (two decimals), parameters in millions, sizes in MB (10^6 bytes: weights = the network's
     tensors, checkpoint = the evaluated .pth file with optimizer state), times in minutes
     (training) and seconds (evaluation)."""
+    df = pd.DataFrame(rows, columns=list(CSV_COLUMNS), dtype=object)
+    percent = df[list(METRIC_COLUMNS)].apply(lambda column: column.map(pct))
+    best = [("" if e is None or pd.isna(e) else f"{e}/{n}") for e, n in zip(df["best_epoch"], df["epochs"])]
+    summary = pd.DataFrame({
+        "run": df["run"], "backbone": df["backbone"], "loss": df["loss"], "sampler": df["sampler"],
+        "status": df["status"].map(lambda v: "" if v is None or pd.isna(v) else v),
+        "product R@1": percent["product_recall@1"], "MAP@R": percent["product_map@r"],
+        "category R@1": percent["category_recall@1"], "mAP@10": percent["category_map@10"],
+        "params (M)": _scaled(df["parameters"], 1e6, ".2f"),
+        "weights (MB)": _scaled(df["weights_bytes"], 1e6, ".1f"),
+        "checkpoint (MB)": _scaled(df["checkpoint_bytes"], 1e6, ".1f"),
+        "training (min)": _scaled(df["train_time_s"], 60, ".1f"),
+        "evaluation (s)": _scaled(df["eval_time_s"], 1, ".1f"),
+        "best epoch": best})
+    product = pd.concat([df[["run"]], percent[[f"product_{k}" for k in PRODUCT_KEYS]]], axis=1)
+    product.columns = ["run", "R@1", "R@10", "R@100", "R@1000", "MAP@R", "R-precision"]
+    category = pd.concat([df[["run"]], percent[[f"category_{k}" for k in CATEGORY_KEYS]]], axis=1)
+    category.columns = ["run", "R@1", "R@5", "R@10", "R@20", "P@1", "P@5", "P@10", "P@20", "mAP@10"]
     parts = [f"# {title}", ""]
     if notes:
         parts += [notes, ""]
-    parts += ["## Summary (test split; metrics in %)", "", _md_table(
-        ["run", "backbone", "loss", "sampler", "status", "product R@1", "MAP@R", "category R@1",
-         "mAP@10", "params (M)", "weights (MB)", "checkpoint (MB)", "training (min)",
-         "evaluation (s)",
-         "best epoch"],
-        [[r["run"], r["backbone"], r["loss"], r["sampler"], r["status"] or "",
-          pct(r["product_recall@1"]), pct(r["product_map@r"]), pct(r["category_recall@1"]),
-          pct(r["category_map@10"]),
-          "" if r["parameters"] is None else f"{r['parameters'] / 1e6:.2f}",
-          "" if r["weights_bytes"] is None else f"{r['weights_bytes'] / 1e6:.1f}",
-          "" if r["checkpoint_bytes"] is None else f"{r['checkpoint_bytes'] / 1e6:.1f}",
-          "" if r["train_time_s"] is None else f"{r['train_time_s'] / 60:.1f}",
-          _num(r["eval_time_s"], ".1f"),
-          "" if r["best_epoch"] is None else f"{r['best_epoch']}/{r['epochs']}"]
-         for r in rows]), ""]
+    parts += ["## Summary (test split; metrics in %)", "", md_table(summary), ""]
     parts += ["## Product protocol (queries: every test image; relevant: same product)", "",
-              _md_table(["run", "R@1", "R@10", "R@100", "R@1000", "MAP@R", "R-precision"],
-                        [[r["run"]] + [pct(r[f"product_{k}"]) for k in PRODUCT_KEYS]
-                         for r in rows]), ""]
+              md_table(product), ""]
     parts += ["## Category protocol (the original project's: gallery = other products; relevant: same "
-              "category)", "",
-              _md_table(["run", "R@1", "R@5", "R@10", "R@20", "P@1", "P@5", "P@10", "P@20",
-                         "mAP@10"],
-                        [[r["run"]] + [pct(r[f"category_{k}"]) for k in CATEGORY_KEYS]
-                         for r in rows]), ""]
+              "category)", "", md_table(category), ""]
     failed = [r for r in rows if r.get("error")]
     if failed:
         parts += ["## Failures", ""]

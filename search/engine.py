@@ -1,0 +1,465 @@
+"""The demo's query engine, without any UI: a query photo in, the ranked gallery images out.
+
+* query checks: `load_query_image` (decode an upload or refuse it with a `QueryError` whose
+  message is for the user), `clamp_k`, `category_to_super_id`, `category_choices`;
+* `SearchEngine`: decoded image -> model input -> embedding -> top-k of a
+  `search.index.GalleryIndex`, on one worker thread;
+* where indexes live (`default_index_path`, `default_gallery_index_path`), reusing or building
+  one (`load_or_build_index`), which files the web server may serve (`served_paths`);
+* loading what the demo serves from plain arguments: the model (`load_search_model`: a
+  checkpoint, the newest ``best.pth`` or a zero-shot backbone) and its gallery
+  (`folder_index` for any folder of photos, `dataset_index` for a labelled dataset's split);
+  what cannot load raises `SetupError` with a message saying what to do.
+
+``app_stanford.py`` is the Gradio UI and command line over it; ``bench/bench_search.py`` and
+``bench/gpu_check.py`` time it directly.
+"""
+import concurrent.futures
+import hashlib
+import logging
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dataio import catalogue
+from dataio import photos
+import datasets
+import models
+from search import gallery
+from search.index import build_gallery_index, load_fresh_index
+
+logger = logging.getLogger("app_stanford")  # the demo's log, whichever module writes to it
+
+CATEGORY_ALL = "All"
+DEFAULT_K = 10
+MAX_K = 50
+# Formats a query may have. Decoding others (EPS runs Ghostscript, ...) is refused up front.
+QUERY_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+TRAIN_HINT = ("python train.py --dataset synthetic --backbone resnet18 --weights none "
+              "--image_size 64 --epochs 3 --loss multi_similarity --lr 1e-3 --batch_size 32 "
+              "--dropout 0   (offline, ~2 min on CPU; generates data/synthetic_sop)\n"
+              "  or on real SOP: python train.py --dataset stanford --backbone efficientnet_b0")
+
+
+class QueryError(ValueError):
+    """A query the demo refuses; the message is meant for the user and is shown as is."""
+
+
+# ============ query decoding ============
+
+def load_query_image(path, max_pixels=40_000_000, draft_size=None):
+    """Decode an uploaded file into an upright RGB PIL image, or raise QueryError saying why.
+
+    Checks, in order, before any pixel data is decoded: the file exists and is not empty;
+    Pillow recognises it as one of QUERY_FORMATS; width × height <= ``max_pixels`` (a PNG
+    can declare 50,000 × 50,000 in a 100-byte file). Decoding is `photos.load_image` — the
+    gallery's own loader, so a gallery photo uploaded as a query embeds exactly as in the
+    index: JPEG draft mode at ``draft_size``, EXIF orientation applied, palette / alpha /
+    LA / CMYK / 16-bit grey converted to RGB (transparency onto white).
+    """
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise QueryError("The uploaded file could not be found on the server; upload it again.") from None
+    if size == 0:
+        raise QueryError("The uploaded file is empty (0 bytes). Upload a JPEG, PNG or WebP photo.")
+    try:
+        with Image.open(path) as im:  # reads the header only
+            fmt, (w, h) = im.format, im.size
+    except Image.DecompressionBombError:
+        raise QueryError(f"The image declares too many pixels (more than {max_pixels / 1e6:.0f} "
+                         "megapixels); upload a smaller photo.") from None
+    except Exception:  # UnidentifiedImageError, SyntaxError, struct errors of broken headers
+        raise QueryError("This file is not an image Pillow can read. Upload a JPEG, PNG or WebP "
+                         "photo.") from None
+    if fmt not in QUERY_FORMATS:
+        raise QueryError(f"{fmt} files are not accepted; upload a JPEG, PNG, WebP, GIF, BMP or "
+                         "TIFF photo.")
+    if w < 1 or h < 1:
+        raise QueryError(f"The image has no pixels ({w}×{h}).")
+    if w * h > max_pixels:
+        raise QueryError(f"The image is {w}×{h} pixels ({w * h / 1e6:.0f} megapixels); the limit "
+                         f"is {max_pixels / 1e6:.0f} megapixels. Upload a smaller photo.")
+    try:
+        return photos.load_image(path, size=draft_size)
+    except Exception as e:  # whatever a broken file makes a Pillow plugin raise is the file's fault
+        truncated = "truncated" in str(e).lower() or isinstance(e, (EOFError, SyntaxError))
+        raise QueryError("The image file is truncated or corrupt: it could not be decoded completely. "
+                         "Upload the photo again or use another one." if truncated else
+                         f"The image could not be decoded ({type(e).__name__}). Upload another "
+                         "photo.") from None
+
+
+def category_choices(index):
+    """The category filter's choices: "All", then the gallery's category names (the data's:
+    SOP's 12, a catalogue's own, or a --gallery folder's first level) that hold an image."""
+    present = set(np.unique(index.super_ids).tolist())
+    return [CATEGORY_ALL] + [c for i, c in enumerate(index.categories, start=1) if i in present]
+
+
+def category_to_super_id(category, categories):
+    """"All" / None → None (whole gallery); a name among ``categories`` (the index's) → its
+    1-based super id; anything else is a QueryError listing the choices."""
+    if category in (None, "", CATEGORY_ALL):
+        return None
+    if category not in categories:
+        shown = ", ".join([CATEGORY_ALL, *categories[:30]]) + (" ..." if len(categories) > 30 else "")
+        raise QueryError(f"Unknown category {category!r}; choose one of: {shown}.")
+    return categories.index(category) + 1
+
+
+def clamp_k(k):
+    """K as an int in 1..MAX_K (the slider's range); non-numbers are refused."""
+    try:
+        k = float(k)
+    except (TypeError, ValueError):
+        raise QueryError(f"K must be a number between 1 and {MAX_K}, got {k!r}.") from None
+    if not math.isfinite(k):
+        raise QueryError(f"K must be a number between 1 and {MAX_K}, got {k!r}.")
+    return int(min(max(round(k), 1), MAX_K))
+
+
+# ============ search engine ============
+
+class SearchEngine:
+    """The per-query path: decoded image → model input → embedding → exact top-k.
+
+    ``search_image(pil_image, k, category)`` is the pure search (no Gradio): it returns
+    ``{"results": [{"rank", "index", "catalogue_path", "product_id", "category", "score"}, ...],
+    "timing_ms": {...}, "k", "category", "gallery_size"}``, results ranked by cosine
+    similarity (ties by lower gallery index, as `search.index.GalleryIndex.search`).
+
+    Lean by construction: the eval transform (square resize to round(s·256/224), centre crop
+    s, ImageNet normalisation) is computed as one PIL resize, a uint8 slice and one fused
+    multiply-add written into a preallocated channels_last input tensor; the forward runs
+    under ``torch.inference_mode``; the model's output is already unit-norm and goes to the
+    index as a numpy view.
+
+    Every search runs on one dedicated worker thread, whichever thread asks for it. Gradio
+    calls handlers from a pool of up to 40 threads and glibc gives each allocating thread its
+    own malloc arena: forwards spread over 20 pool threads kept ~200 MB more resident
+    (EfficientNet-B0 at 224 px) than forwards on one thread. The worker also serialises the
+    use of the shared input buffer.
+    """
+
+    def __init__(self, model, index, data_root, max_pixels=40_000_000):
+        # channels_last: convolutions run ~15% faster on CPU at batch 1 (and on GPU); the
+        # HWC uint8 pixels then land in the input buffer without a transposing copy.
+        self.model = model.eval().to(memory_format=torch.channels_last)
+        self.index = index
+        self.data_root = Path(data_root)
+        self.max_pixels = int(max_pixels)
+        self.image_size = int(model.model_args["image_size"])
+        self.resize = datasets.resize_size(self.image_size)
+        self.crop = int(round((self.resize - self.image_size) / 2.0))  # as T.CenterCrop
+        self.device = next(model.parameters()).device
+        mean = torch.tensor(models.IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(models.IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+        # (u8 / 255 - mean) / std  ==  u8 * scale + shift
+        self._scale = (1.0 / (255.0 * std)).to(self.device)
+        self._shift = (-mean / std).to(self.device)
+        self._input = torch.empty(1, 3, self.image_size, self.image_size, device=self.device
+                                  ).contiguous(memory_format=torch.channels_last)
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="search")
+        self._worker_thread = self._worker.submit(threading.current_thread).result()
+        self.abs_paths = [str(self.data_root / p) for p in index.paths]
+
+    def _on_worker(self, fn, *args):
+        """``fn(*args)`` on the worker thread (directly when already there)."""
+        if threading.current_thread() is self._worker_thread:
+            return fn(*args)
+        return self._worker.submit(fn, *args).result()
+
+    # ---- model input
+    def prepare(self, image):
+        """Write the eval transform of ``image`` (RGB PIL) into the input buffer; returns it.
+        Same numbers as ``datasets.build_transform(image_size, train=False)`` (the resize is
+        the same PIL call torchvision makes; the crop offset follows CenterCrop's rounding)."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        r, s, c = self.resize, self.image_size, self.crop
+        arr = np.asarray(image.resize((r, r), Image.BILINEAR))[c:c + s, c:c + s]
+        x = torch.from_numpy(np.ascontiguousarray(arr)).to(self.device).permute(2, 0, 1)
+        torch.addcmul(self._shift, x, self._scale, out=self._input[0])
+        return self._input
+
+    def embed(self, image):
+        """Unit embedding (float32 [D], numpy) of an RGB PIL image."""
+        return self._on_worker(self._embed, image)
+
+    def _embed(self, image):
+        with torch.inference_mode():
+            return self.model(self.prepare(image))[0].cpu().numpy()
+
+    # ---- search
+    def _ranked(self, vector, k, super_id, exclude=None):
+        scores, idx = self.index.search(vector, k + (exclude is not None), super_id=super_id)
+        results = []
+        for score, i in zip(scores[0].tolist(), idx[0].tolist()):
+            if i < 0 or i == exclude or len(results) == k:
+                continue
+            results.append({
+                "rank": len(results) + 1,
+                "index": i,
+                # not "path": gradio_client takes any dict with a "path" for a file to download
+                "catalogue_path": self.index.paths[i],
+                # the data's product id (a string); None in an unlabelled --gallery folder
+                "product_id": self.index.product_ids[i] or None,
+                "category": self.index.categories[int(self.index.super_ids[i]) - 1],
+                "score": round(float(score), 6),
+            })
+        return results
+
+    def _response(self, results, k, category, timing):
+        return {"k": k, "category": category or CATEGORY_ALL, "gallery_size": len(self.index),
+                "results": results, "timing_ms": {n: round(v, 2) for n, v in timing.items()}}
+
+    def search_image(self, image, k=DEFAULT_K, category=CATEGORY_ALL):
+        """Top-``k`` gallery images for a decoded RGB PIL image (see the class docstring)."""
+        return self._on_worker(self._search_image, image, k, category)
+
+    def _search_image(self, image, k, category):
+        t0 = time.perf_counter()
+        k, super_id = clamp_k(k), category_to_super_id(category, self.index.categories)
+        vector = self._embed(image)
+        t1 = time.perf_counter()
+        results = self._ranked(vector, k, super_id)
+        t2 = time.perf_counter()
+        return self._response(results, k, category, {
+            "embed": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3})
+
+    def search_file(self, path, k=DEFAULT_K, category=CATEGORY_ALL):
+        """`search_image` of an uploaded file; QueryError (a user-facing reason) when the file
+        is refused. ``timing_ms["decode"]`` is the decoding, ``total`` includes it."""
+        return self._on_worker(self._search_file, path, k, category)
+
+    def _search_file(self, path, k, category):
+        t0 = time.perf_counter()
+        # the cheap checks first: a bad k or category raises before the image is decoded
+        clamp_k(k)
+        category_to_super_id(category, self.index.categories)
+        image = load_query_image(path, self.max_pixels, draft_size=self.resize)
+        t1 = time.perf_counter()
+        out = self._search_image(image, k, category)
+        out["timing_ms"]["decode"] = round((t1 - t0) * 1e3, 2)
+        out["timing_ms"]["total"] = round((time.perf_counter() - t0) * 1e3, 2)
+        out["query_size"] = list(image.size)
+        return out
+
+    def search_gallery_item(self, i, k=DEFAULT_K, category=CATEGORY_ALL):
+        """Search with gallery image ``i``'s stored embedding (no forward pass); the image
+        itself is left out of its results (excluded by index)."""
+        return self._on_worker(self._search_gallery_item, i, k, category)
+
+    def _search_gallery_item(self, i, k, category):
+        t0 = time.perf_counter()
+        k, super_id = clamp_k(k), category_to_super_id(category, self.index.categories)
+        if not 0 <= int(i) < len(self.index):
+            raise QueryError(f"Gallery image {i} does not exist (the gallery has {len(self.index)}).")
+        results = self._ranked(self.index.embeddings[int(i)], k, super_id, exclude=int(i))
+        t1 = time.perf_counter()
+        return self._response(results, k, category, {"embed": 0.0, "search": (t1 - t0) * 1e3,
+                                                     "total": (t1 - t0) * 1e3})
+
+    def warm_up(self):
+        """One forward pass and one search, so that the first user does not pay for lazy
+        initialisation (allocator, BLAS threads, oneDNN kernels)."""
+        self.search_image(Image.new("RGB", (self.resize, self.resize), (255, 255, 255)))
+
+    def example_indices(self, n=12):
+        """One gallery image from each category (the first product of each), up to ``n``."""
+        picks = []
+        for sid in range(1, len(self.index.categories) + 1):
+            rows = np.flatnonzero(self.index.super_ids == sid)
+            if len(rows):
+                picks.append(int(rows[0]))
+        return picks[:n]
+
+
+# ============ gallery index ============
+
+def default_index_path(checkpoint, split):
+    """``gallery_<split>.npz`` beside the checkpoint: an index belongs to one set of weights."""
+    return Path(checkpoint).parent / f"gallery_{split}.npz"
+
+
+def _path_tag(folder) -> str:
+    """8 hex digits of the sha256 of ``folder``'s absolute path: one index file per folder."""
+    return hashlib.sha256(str(Path(folder).expanduser().resolve()).encode()).hexdigest()[:8]
+
+
+def default_gallery_index_path(gallery_dir, checkpoint=None, model_name=None):
+    """Where the index of a ``--gallery`` folder goes: ``gallery_<folder name>_<_path_tag>.npz``
+    beside the checkpoint, or under ``runs/<model_name>/`` for a zero-shot model; never
+    inside the gallery folder itself."""
+    folder = Path(gallery_dir).expanduser().resolve()
+    name = f"gallery_{folder.name or 'root'}_{_path_tag(folder)}.npz"
+    return (Path(checkpoint).parent if checkpoint else Path("runs") / model_name) / name
+
+
+def load_or_build_index(model, checkpoint, data_root, split="test", index_path=None,
+                        batch_size=64, workers=None, progress=True, force=False, index_type="exact",
+                        model_key=None, splits=None):
+    """The gallery index of ``split`` under ``data_root`` (any layout) for ``checkpoint``:
+    loaded from ``index_path`` when it was built from this checkpoint (sha256, or
+    ``model_key`` when given: a zero-shot model has no checkpoint) and this image list,
+    otherwise (or with ``force``) built with a progress bar and saved atomically.
+    ``index_type``: "exact", "ivf" or "hnsw" (search.index.GalleryIndex); an index of another
+    type is rebuilt. ``splits``: SOPDataset's split settings (datasets.split_options).
+
+    Returns ``(index, built: bool)``. A failed save raises OSError naming the path (the
+    previous file is left intact by `search.index.GalleryIndex.save`).
+    """
+    index_path = Path(index_path) if index_path else default_index_path(checkpoint, split)
+    image_size = int(model.model_args["image_size"])
+    dataset = datasets.SOPDataset(data_root, split, **(splits or {}),
+                                  transform=datasets.build_transform(image_size, train=False))
+    ckpt_hash = model_key or models.checkpoint_hash(checkpoint)
+    if index_path.exists() and not force:
+        index, why = load_fresh_index(index_path, ckpt_hash, dataset.rel_paths, index_type=index_type)
+        if index is not None:
+            logger.info("Loaded gallery index %s (%d images)", index_path, len(index))
+            return index, False
+        logger.info("Gallery index %s: %s; rebuilding it", index_path, why)
+    logger.info("Embedding %d gallery images of %s (split %s) with %s ...",
+                len(dataset), dataset.root, split, checkpoint or model_key)
+    index = build_gallery_index(
+        model, dataset, batch_size=batch_size, workers=workers, checkpoint_hash=ckpt_hash,
+        device=next(model.parameters()).device,
+        meta={"split": split, "data_root": str(dataset.root), "model_args": dict(model.model_args),
+              "checkpoint": str(checkpoint) if checkpoint else None}, progress=progress,
+        index_type=index_type)
+    index.save(index_path)
+    logger.info("Saved gallery index %s", index_path)
+    return index, True
+
+
+def find_checkpoint(checkpoint_dir="checkpoints"):
+    """The newest ``<checkpoint_dir>/*/best.pth`` (by modification time), or None."""
+    found = sorted(Path(checkpoint_dir).glob("*/best.pth"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def served_paths(index, data_root):
+    """``(allowed, blocked)`` for Gradio's file route: the folders holding the gallery's images
+    (``<category>_final/`` on SOP, a tree's first level) and its images lying directly in
+    ``data_root`` are allowed; blocked, because Gradio checks them first, is every file under
+    those folders that cannot be a gallery photo: not an image name (lists, notes, the index
+    itself), hidden (hidden folders included), or a symbolic link the index does not hold."""
+    root = Path(data_root).resolve()
+    parts = [Path(p).parts for p in index.paths]
+    tops = sorted({p[0] for p in parts if len(p) > 1})
+    indexed = set(index.paths)
+    allowed = [str(root / t) for t in tops] + sorted(str(root / p[0]) for p in parts if len(p) == 1)
+    blocked = []
+    for top in tops:
+        for dirpath, dirnames, filenames in os.walk(root / top):
+            rel_dir = Path(dirpath).relative_to(root)
+            for d in [d for d in dirnames if d.startswith(".")]:
+                blocked.append(str(Path(dirpath) / d))
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                full, rel = Path(dirpath) / name, (rel_dir / name).as_posix()
+                if not catalogue.is_image_name(name) or (full.is_symlink() and rel not in indexed):
+                    blocked.append(str(full))
+    return allowed, blocked
+
+
+# ============ what the demo serves, from plain arguments ============
+
+class SetupError(RuntimeError):
+    """The model or the gallery cannot be loaded; the message says why and what to do."""
+
+
+class SearchModel(NamedTuple):
+    """A model ready to embed queries, and what names it: ``checkpoint`` (None for a zero-shot
+    backbone), ``key`` (the checkpoint's sha256, or the zero-shot model key: what an index
+    records as its checkpoint hash) and ``name`` (the run folder, or the zero-shot name)."""
+    model: torch.nn.Module
+    checkpoint: Path | None
+    key: str
+    name: str
+
+
+def load_search_model(checkpoint=None, checkpoint_dir="checkpoints", device="auto",
+                      zero_shot_backbone=None, weights="imagenet", image_size=224) -> SearchModel:
+    """The checkpoint (``checkpoint``, else the newest ``<checkpoint_dir>/*/best.pth``), or
+    with ``zero_shot_backbone`` that pretrained backbone alone (``weights``, ``image_size``),
+    on ``device`` (`models.resolve_device`). SetupError when neither loads."""
+    device = models.resolve_device(device)
+    if zero_shot_backbone:
+        try:
+            model = models.zero_shot_model(zero_shot_backbone, weights, image_size, device)
+        except (models.WeightsUnavailableError, OSError, ValueError) as e:
+            raise SetupError(f"Cannot load {zero_shot_backbone} with weights {weights!r}: {e}") from e
+        logger.info("Zero-shot %s (%s weights, %d px)", zero_shot_backbone, weights, image_size)
+        return SearchModel(model, None, models.zero_shot_model_key(zero_shot_backbone, str(weights), image_size),
+                           models.zero_shot_name(zero_shot_backbone, image_size, str(weights)))
+    checkpoint = Path(checkpoint) if checkpoint else find_checkpoint(checkpoint_dir)
+    if checkpoint is None:
+        raise SetupError(
+            f"No checkpoint given and none found under {Path(checkpoint_dir) / '*' / 'best.pth'}. "
+            f"Train one first, e.g.:\n  {TRAIN_HINT}\nthen run: python app_stanford.py "
+            "--checkpoint checkpoints/<run>/best.pth, or search with pretrained features: "
+            "python app_stanford.py --zero_shot --backbone efficientnet_lite0 --gallery DIR")
+    try:
+        model = models.load_model(checkpoint, device=device)
+    except (OSError, models.CheckpointError, ValueError) as e:
+        raise SetupError(f"Cannot load checkpoint {checkpoint}: {e}") from e
+    logger.info("Loaded %s (%s)", checkpoint, model.model_args)
+    return SearchModel(model, checkpoint, models.checkpoint_hash(checkpoint), checkpoint.parent.name)
+
+
+def folder_index(loaded: SearchModel, folder, index_path=None, batch_size=64, workers=None,
+                 rebuild=False, index_type="exact"):
+    """``(index, folder)``: the index of every image under ``folder`` (`search.gallery`),
+    updated incrementally, at ``index_path`` (default `default_gallery_index_path`).
+    SetupError for a missing folder or one without a readable image."""
+    model, checkpoint = loaded.model, loaded.checkpoint
+    index_path = Path(index_path) if index_path else default_gallery_index_path(folder, checkpoint, loaded.name)
+    try:
+        index, report = gallery.update_gallery_index(
+            model, folder, index_path, loaded.key, batch_size=batch_size, workers=workers,
+            device=next(model.parameters()).device, force=rebuild, index_type=index_type,
+            meta={"model_args": dict(model.model_args), "checkpoint": str(checkpoint) if checkpoint else None})
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        raise SetupError(f"Cannot index the gallery {folder}: {e}") from e
+    logger.info("Gallery %s: %d images (%d added, %d changed, %d removed, %d unchanged; %d files "
+                "skipped as not images, %d unreadable) in %.1f s; index %s", folder, len(index),
+                report["added"], report["changed"], report["removed"], report["unchanged"],
+                report["skipped_non_images"], report["unreadable"], report["seconds"], index_path)
+    for rel in report["skipped"]:
+        logger.debug("skipped (not an image) %s", rel)
+    for rel in report["unreadable_paths"]:
+        logger.debug("skipped (unreadable) %s", rel)
+    return index, Path(folder).expanduser().resolve()
+
+
+def dataset_index(loaded: SearchModel, data_root=None, split="test", index_path=None, batch_size=64,
+                  workers=None, rebuild=False, index_type="exact", test_fraction=None):
+    """``(index, data_root)``: the index of ``split`` of a labelled dataset (any layout;
+    default ``data_root``: the checkpoint's, `catalogue.default_data_root`), reused or built
+    by `load_or_build_index` at ``index_path`` (default beside the checkpoint, or under
+    ``runs/<zero-shot name>/``). SetupError when the dataset cannot be read."""
+    train_args = (getattr(loaded.model, "checkpoint_info", None) or {}).get("args")
+    try:
+        data_root = catalogue.detect_layout(data_root or catalogue.default_data_root(train_args))[0]
+        index_path = index_path or (
+            default_index_path(loaded.checkpoint, split) if loaded.checkpoint else
+            Path("runs") / loaded.name / f"gallery_{split}_{_path_tag(data_root)}.npz")
+        index, _ = load_or_build_index(loaded.model, loaded.checkpoint, data_root, split, index_path,
+                                       batch_size=batch_size, workers=workers, force=rebuild,
+                                       index_type=index_type, model_key=loaded.key,
+                                       splits=datasets.split_options(train_args, test_fraction))
+    except (FileNotFoundError, NotADirectoryError, ValueError, catalogue.DatasetError) as e:
+        raise SetupError(f"Cannot build the gallery from {data_root}: {e}\nPass --data_root DIR (a dataset: "
+                         "Ebay files, a catalogue.csv or a <category>/<product>/<image> tree), or "
+                         "--gallery DIR to search any folder of photos.") from e
+    return index, data_root

@@ -1,0 +1,225 @@
+"""Evaluating a checkpoint, or a pretrained backbone alone (zero-shot), on a split with both
+retrieval protocols: the results dict (metrics, per-category metrics, embedding statistics,
+timing) and its results.json / results.md / retrieval.png. evaluate.py is its command line
+(and adds the embeddings cache, a search-half gallery index file); train_multiple.py calls it
+for each run of a grid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import datasets
+from dataio import catalogue
+from dataio import fileio
+import models
+import retrieval
+from training import reporting
+from training import runs
+
+logger = logging.getLogger("evaluate")
+
+
+def add_zero_shot_args(group, what: str) -> None:
+    """--zero_shot (help ``what``), --backbone, --weights, --image_size: the pretrained backbone
+    alone, as evaluate.py and the demo take it (`zero_shot_model`)."""
+    group.add_argument("--zero_shot", action="store_true", help=what)
+    group.add_argument("--backbone", default=None, choices=sorted(models.BACKBONES),
+                       help="backbone for --zero_shot")
+    group.add_argument("--weights", default="imagenet",
+                       help="backbone weights for --zero_shot: imagenet, none, or a PATH to a plain "
+                            "state dict of the ImageNet classifier")
+    group.add_argument("--image_size", type=int, default=224,
+                       help="crop size for --zero_shot (images resized to 256/224 of it first)")
+
+
+def default_output(checkpoint, args: dict) -> Path:
+    """runs/<run>/eval, <run> = the checkpoint's folder (under the run's own --log_dir)."""
+    return runs.RunPaths.of_checkpoint(checkpoint, args.get("log_dir")).eval_dir
+
+
+def embedding_stats(embeddings: np.ndarray) -> dict:
+    """Summary of the N x D embeddings:
+
+    mean, std      over all N*D coordinates;
+    norm_mean      mean L2 norm (1.0 for unit vectors);
+    dim_std_mean   std of each coordinate across the N images, averaged over the D coordinates:
+                   0 when the embeddings have collapsed to one point (``std`` cannot show that:
+                   one repeated unit vector still has spread-out coordinates);
+    mean_cosine    mean cosine over all N^2 ordered pairs, self-pairs included, = ||mean of the
+                   unit vectors||^2: 1 when collapsed, near 0 when spread over the sphere.
+    """
+    e = embeddings.astype(np.float64)
+    norms = np.linalg.norm(e, axis=1, keepdims=True)
+    unit = e / np.maximum(norms, 1e-12)
+    return {"mean": float(e.mean()), "std": float(e.std()), "norm_mean": float(norms.mean()),
+            "dim_std_mean": float(e.std(axis=0).mean()),
+            "mean_cosine": float(np.square(unit.mean(axis=0)).sum())}
+
+
+# ============ embeddings ============
+
+
+def extract_embeddings(model, dataset, *, model_hash="", meta=None, batch_size=64, workers=None,
+                       device="cpu", progress=True):
+    """The default ``embed`` of evaluate_model: every image of ``dataset`` embedded, in order.
+    Returns (N x D embeddings, seconds spent, False: not from a cache). An ``embed`` of another
+    kind (evaluate.py's embeddings cache) takes the same arguments; ``model_hash`` and ``meta``
+    are what a cache records, unused here."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,  # one pass: no persistent workers
+                        **datasets.loader_settings(device, workers=workers, persistent_workers=False))
+    t0 = time.perf_counter()
+    embeddings, labels = retrieval.extract_embeddings(model, loader, device=device,
+                                                      progress=progress, desc="embedding")
+    if not np.array_equal(labels, np.asarray(dataset.class_ids)):
+        raise RuntimeError("the loader's labels do not match dataset.class_ids")
+    return embeddings, time.perf_counter() - t0, False
+
+
+# ============ report ============
+
+
+def per_category(details, super_ids, categories=None) -> dict:
+    """Both protocols' metrics over the queries of each category, keyed by its name among
+    ``categories`` (the dataset's; default SOP's)."""
+    out = {}
+    for sid in np.unique(super_ids):
+        m = retrieval.metrics_from_details(details, mask=super_ids == sid)
+        out[reporting.category_name(sid, categories)] = {"super_id": int(sid), **m}
+    return out
+
+
+# ============ evaluation ============
+
+
+def evaluate_model(model, dataset, *, model_info: dict, output=None, model_hash="", batch_size=64,
+                   workers=None, device="cpu", embed=None, num_examples=6,
+                   chunk_size=1024, seed=0, progress=True, compile=False, write=True) -> dict:
+    """Both protocols' metrics of ``model`` (an EmbeddingNet) on ``dataset``; the results dict
+    (retrieval.evaluate_embeddings shape plus ``model`` = ``model_info`` and parameters, ``embedding_stats``,
+    ``timing``, ``per_category``, ``data``). ``write``: results.json / results.md /
+    retrieval.png to ``output``. ``embed``: how the embeddings are obtained (default
+    extract_embeddings; evaluate.py passes its embeddings cache), ``model_hash`` keys a cache."""
+    model_args = dict(model.model_args)
+    embeddings, extract_s, cached = (embed or extract_embeddings)(
+        torch.compile(model) if compile else model, dataset, model_hash=model_hash,
+        batch_size=batch_size, workers=workers, device=device, progress=progress,
+        meta={"split": dataset.split, "data_root": str(dataset.root), "model_args": model_args,
+              "checkpoint": model_info.get("checkpoint")})
+    class_ids, super_ids = np.asarray(dataset.class_ids), np.asarray(dataset.super_ids)
+    t0 = time.perf_counter()
+    details = retrieval.retrieval_details(embeddings, class_ids, super_ids, chunk_size=chunk_size)
+    metrics = retrieval.metrics_from_details(details)
+    eval_s = time.perf_counter() - t0
+    results = {
+        **metrics,
+        "model": {**model_info, "backbone": model_args["backbone"],
+                  "embedding_size": int(model_args["embedding_size"]),
+                  "image_size": int(model_args["image_size"]),
+                  "head": model_args.get("head", "mlp"),
+                  "parameters": int(models.count_parameters(model))},
+        "data": {"root": str(dataset.root), "split": dataset.split, "num_images": len(dataset),
+                 "num_products": int(len(np.unique(class_ids))),
+                 "num_categories": int(len(np.unique(super_ids))), "layout": dataset.layout,
+                 # the drawn test split's share (a catalogue without a split), else None
+                 "test_fraction": None if dataset.layout == "sop" else dataset.test_fraction,
+                 "single_image_products": dataset.num_single_image_products},
+        "embedding_stats": embedding_stats(embeddings),
+        "timing": {"extract_s": round(extract_s, 3), "eval_s": round(eval_s, 3), "cached": cached,
+                   "device": str(device)},
+        "per_category": per_category(details, super_ids, dataset.categories),
+        # the product protocol's queries: images with another image of their product
+        "num_product_queries": int((details["num_relevant"] > 0).sum()),
+    }
+    if write:
+        output = Path(output)
+        output.mkdir(parents=True, exist_ok=True)
+        if num_examples > 0:
+            reporting.retrieval_figure(output / "retrieval.png", dataset, embeddings,
+                             num_examples=num_examples, seed=seed)
+            results["figure"] = "retrieval.png"
+        results["output_dir"] = str(output)
+    return results
+
+
+def write_results(results: dict, output) -> None:
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    fileio.atomic_write_text(output / runs.RESULTS_NAME, json.dumps(results, indent=2) + "\n")
+    fileio.atomic_write_text(output / "results.md", reporting.results_markdown(results))
+
+
+def eval_dataset(root, split, image_size, train_args=None, test_fraction=None):
+    """``split`` of ``root`` with the eval transform and the splits of the run that trained
+    on it (datasets.split_options)."""
+    return datasets.SOPDataset(root, split, transform=datasets.build_transform(int(image_size), train=False),
+                               **datasets.split_options(train_args, test_fraction))
+
+
+def evaluate_zero_shot(backbone, data_root, weights="imagenet", image_size=224, split="test",
+                       output=None, device=None, write=True, test_fraction=None, **kwargs) -> dict:
+    """evaluate_model of models.zero_shot_model(backbone, weights, image_size); output default
+    runs/zero_shot_<backbone>_<size>px/eval. ``kwargs`` as for evaluate_model."""
+    device = models.resolve_device(str(device or "auto"))
+    model = models.zero_shot_model(backbone, weights, image_size, device)
+    name = models.zero_shot_name(backbone, int(image_size), str(weights))
+    output = Path(output) if output else runs.RunPaths.named(name).eval_dir
+    info = {"run": name, "checkpoint": None, "zero_shot": True, "weights": str(weights),
+            "checkpoint_size_mb": None, "epoch": None}
+    results = evaluate_model(model, eval_dataset(data_root, split, image_size, test_fraction=test_fraction),
+                             model_info=info,
+                             output=output, model_hash=models.zero_shot_model_key(backbone, str(weights), int(image_size)),
+                             device=device, write=write, **kwargs)
+    if write:
+        write_results(results, output)
+    return results
+
+
+def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, batch_size=64, workers=None,
+                        device=None, embed=None, num_examples=6, chunk_size=1024, seed=0,
+                        progress=True, compile=False, zero_shot_row=True, test_fraction=None) -> dict:
+    """Evaluate ``checkpoint`` on ``split``; write results.json / results.md / retrieval.png to
+    ``output`` (default runs/<run>/eval) and return the results dict (evaluate_model).
+    ``zero_shot_row`` and a checkpoint trained from ImageNet weights: ``results["zero_shot"]``
+    holds its backbone's zero-shot metrics (product, category) on the same images.
+    ``compile``: extract the embeddings with ``torch.compile(model)`` (1.5x on a 2-core CPU for
+    EfficientNet-B0 at 224 px, after a compilation of tens of seconds)."""
+    checkpoint = Path(checkpoint)
+    device = models.resolve_device(str(device or "auto"))
+    model = models.load_model(checkpoint, device=device)
+    info = getattr(model, "checkpoint_info", None) or {}
+    train_args = info.get("args") or {}
+    model_args = dict(model.model_args)
+    root = data_root or catalogue.default_data_root(train_args)
+    output = Path(output) if output else default_output(checkpoint, train_args)
+    dataset = eval_dataset(root, split, model_args["image_size"], train_args, test_fraction)
+    common = dict(batch_size=batch_size, workers=workers, device=device, chunk_size=chunk_size,
+                  progress=progress)
+    ckpt_hash = models.checkpoint_hash(checkpoint)  # once: it reads the whole file
+    results = evaluate_model(
+        model, dataset, output=output, model_hash=ckpt_hash,
+        embed=embed, num_examples=num_examples, seed=seed, compile=compile,
+        model_info={"run": checkpoint.resolve().parent.name, "checkpoint": str(checkpoint),
+                    "checkpoint_sha256": ckpt_hash,
+                    "checkpoint_size_mb": round(checkpoint.stat().st_size / 2 ** 20, 2),
+                    "epoch": info.get("epoch")}, **common)
+    if zero_shot_row and train_args.get("weights") == "imagenet":
+        try:
+            backbone = models.zero_shot_model(model_args["backbone"], "imagenet", model_args["image_size"], device)
+        except models.WeightsUnavailableError as e:
+            # the checkpoint's own evaluation stands without it (e.g. offline, weights not cached)
+            logger.warning("zero-shot row skipped: %s", e)
+        else:
+            zs = evaluate_model(backbone, dataset, model_info={"run": "zero-shot"}, write=False,
+                                num_examples=0, **common)
+            results["zero_shot"] = {k: zs[k] for k in ("product", "category", "num_queries")}
+            results["zero_shot"]["extract_s"] = zs["timing"]["extract_s"]
+    write_results(results, output)
+    return results
