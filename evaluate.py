@@ -114,12 +114,15 @@ def print_results(results: dict) -> None:
         rows.append(("zero-shot backbone", results["zero_shot"]))
     for name, r in rows:
         p, c = r["product"], r["category"]
-        print(f"{name}\n  product  R@1 {reporting.pct(p['recall@1'])}  R@10 {reporting.pct(p['recall@10'])}  "
-              f"R@100 {reporting.pct(p['recall@100'])}  R@1000 {reporting.pct(p['recall@1000'])}  "
-              f"MAP@R {reporting.pct(p['map@r'])}  RP {reporting.pct(p['r_precision'])}\n"
-              f"  category R@1 {reporting.pct(c['recall@1'])}  R@5 {reporting.pct(c['recall@5'])}  "
-              f"R@10 {reporting.pct(c['recall@10'])}  R@20 {reporting.pct(c['recall@20'])}  "
-              f"P@10 {reporting.pct(c['precision@10'])}  mAP@10 {reporting.pct(c['map@10'])}")
+        print(f"{name}\n  product  R@1 {reporting.cell(p, 'recall@1')}  R@10 {reporting.cell(p, 'recall@10')}  "
+              f"R@100 {reporting.cell(p, 'recall@100')}  R@1000 {reporting.cell(p, 'recall@1000')}  "
+              f"MAP@R {reporting.cell(p, 'map@r')}  RP {reporting.cell(p, 'r_precision')}\n"
+              f"  category R@1 {reporting.cell(c, 'recall@1')}  R@5 {reporting.cell(c, 'recall@5')}  "
+              f"R@10 {reporting.cell(c, 'recall@10')}  R@20 {reporting.cell(c, 'recall@20')}  "
+              f"P@10 {reporting.cell(c, 'precision@10')}  mAP@10 {reporting.cell(c, 'map@10')}")
+        for why in (p.get("why"), c.get("why")):
+            if why:
+                print(f"  {why}")
     print(f"extract {results['timing']['extract_s']:.1f} s, metrics {results['timing']['eval_s']:.1f} s; "
           f"wrote {results['output_dir']}/results.json, results.md"
           + (", retrieval.png" if results.get("figure") else ""))

@@ -46,6 +46,8 @@ PRODUCT_RECALL_KS = (1, 10, 100, 1000)
 PRODUCT_METRICS = tuple(f"recall@{k}" for k in PRODUCT_RECALL_KS) + ("map@r", "r_precision")
 CATEGORY_KS = (1, 5, 10, 20)
 CATEGORY_MAP_AT = 10
+CATEGORY_METRICS = (tuple(f"recall@{k}" for k in CATEGORY_KS) + tuple(f"precision@{k}" for k in CATEGORY_KS)
+                    + (f"map@{CATEGORY_MAP_AT}",))
 # candidate buffer per query, in units of K: a full buffer is compacted to its K best,
 # which raises the query's threshold (wider = fewer compactions, staler thresholds)
 _BUFFER_WIDTH = 3
@@ -75,18 +77,27 @@ def reference_metrics(embeddings, class_ids, super_ids) -> dict:
     r = same.sum(1) - 1
     has = r > 0  # a product of one image has no relevant item: left out of the averages
     first = np.argmax(rel, axis=1) + 1
-    product = {f"recall@{k}": float(np.mean(first[has] <= k)) for k in PRODUCT_RECALL_KS}
     ranks = np.arange(1, n)
     in_r = rel & (ranks[None, :] <= r[:, None])
     precision = np.cumsum(rel, axis=1) / ranks
-    product["map@r"] = float(np.mean(((precision * in_r).sum(1) / np.maximum(r, 1))[has]))
-    product["r_precision"] = float(np.mean((in_r.sum(1) / np.maximum(r, 1))[has]))
-    # category protocol: the query's own product is not in the gallery
+    if has.any():
+        product = {f"recall@{k}": float(np.mean(first[has] <= k)) for k in PRODUCT_RECALL_KS}
+        product["map@r"] = float(np.mean(((precision * in_r).sum(1) / np.maximum(r, 1))[has]))
+        product["r_precision"] = float(np.mean((in_r.sum(1) / np.maximum(r, 1))[has]))
+    else:
+        product = undefined(PRODUCT_METRICS, product_undefined_reason(r))
+    # category protocol: the query's own product is not in the gallery; a query whose category
+    # holds no other product has no relevant item and is left out, like in the product protocol
+    same_category = super_ids[:, None] == super_ids[None, :]
+    has_c = (same_category & ~same).sum(1)
+    why = category_undefined_reason(has_c, len(np.unique(super_ids)))
+    if why:
+        return {"product": product, "category": undefined(CATEGORY_METRICS, why), "num_queries": n}
     top_k = max(CATEGORY_KS)
     order = np.argsort(-np.where(same, -np.inf, s), axis=1, kind="stable")[:, :top_k]
     valid = np.take_along_axis(~same, order, axis=1)
     relc = valid & (super_ids[order] == super_ids[:, None])
-    relc = np.pad(relc, ((0, 0), (0, top_k - relc.shape[1])))  # galleries under 20 images
+    relc = np.pad(relc, ((0, 0), (0, top_k - relc.shape[1])))[has_c > 0]  # galleries under 20 images
     category = {f"recall@{k}": float(relc[:, :k].any(1).mean()) for k in CATEGORY_KS}
     category.update({f"precision@{k}": float((relc[:, :k].sum(1) / k).mean()) for k in CATEGORY_KS})
     top = relc[:, :CATEGORY_MAP_AT]
@@ -709,6 +720,8 @@ def retrieval_details(embeddings, class_ids, super_ids, chunk_size=1024, num_thr
     first = top_idx[:, :n_cat]
     cat_rel = (first >= 0) & (super_ids[np.maximum(first, 0)] == super_ids[:, None])
     return {
+        "category_num_relevant": category_num_relevant(class_ids, super_ids),
+        "num_categories": int(len(np.unique(super_ids))),
         "top_other": top_idx,
         "top_other_scores": np.where(top_valid, key_score(top_keys), -np.inf).astype(np.float32),
         "best_relevant_rank": best_rank,
@@ -719,8 +732,50 @@ def retrieval_details(embeddings, class_ids, super_ids, chunk_size=1024, num_thr
     }
 
 
+def category_num_relevant(class_ids, super_ids) -> np.ndarray:
+    """Per query, the relevant items of the category protocol: the images of its category
+    that belong to other products (its own product is not in its gallery)."""
+    _, cat_of, in_category = np.unique(np.asarray(super_ids).reshape(-1), return_inverse=True, return_counts=True)
+    _, prod_of, in_product = np.unique(np.asarray(class_ids).reshape(-1), return_inverse=True, return_counts=True)
+    return in_category[cat_of] - in_product[prod_of]
+
+
+def undefined(keys, why: str) -> dict:
+    """A protocol's metrics when none is defined: every value None, and ``why`` says why (a
+    metric without a valid query is not 0)."""
+    return {**{k: None for k in keys}, "why": why}
+
+
+def product_undefined_reason(num_relevant, mask=None) -> str | None:
+    """Why the product protocol has no query among ``mask`` (None when it has one): a query
+    needs another image of its product."""
+    valid = np.asarray(num_relevant) > 0
+    if mask is not None:
+        valid &= np.asarray(mask, dtype=bool)
+    if valid.any():
+        return None
+    return "n/a: no product here has two images, so no query has a relevant item"
+
+
+def category_undefined_reason(cat_relevant, num_categories: int, mask=None) -> str | None:
+    """Why the category protocol says nothing among ``mask`` (None when it does): with a single
+    category every other product is relevant (trivially 100%); when every category holds one
+    product, no query has a relevant item (labels that are categories, not products)."""
+    if num_categories == 1:
+        return "trivial: one category, so every other product is relevant"
+    valid = np.asarray(cat_relevant) > 0
+    if mask is not None:
+        valid &= np.asarray(mask, dtype=bool)
+    if valid.any():
+        return None
+    return "n/a: every category here holds a single product, so no query has a relevant item"
+
+
 def metrics_from_details(details, mask=None):
-    """The metrics dict (evaluate_embeddings shape) from `retrieval_details`, over the queries in ``mask``."""
+    """The metrics dict (evaluate_embeddings shape) from `retrieval_details`, over the queries in
+    ``mask``. Each protocol averages over its valid queries only: those with a relevant item
+    (another image of the product; another product of the category). A protocol without one,
+    or the category protocol of a single category, is `undefined` (None values and ``why``)."""
     R = details["num_relevant"]
     mask = np.ones(len(R), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     has_rel = mask & (R > 0)
@@ -729,10 +784,19 @@ def metrics_from_details(details, mask=None):
     def mean(v):
         return float(np.mean(v)) if len(v) else float("nan")
 
-    product = {f"recall@{kk}": mean(rank <= kk) for kk in PRODUCT_RECALL_KS}
-    product["map@r"] = mean(details["ap_at_r"][has_rel])
-    product["r_precision"] = mean(details["r_precision"][has_rel])
-    rel = details["category_relevant"][mask]
+    why = product_undefined_reason(R, mask)
+    if why:
+        product = undefined(PRODUCT_METRICS, why)
+    else:
+        product = {f"recall@{kk}": mean(rank <= kk) for kk in PRODUCT_RECALL_KS}
+        product["map@r"] = mean(details["ap_at_r"][has_rel])
+        product["r_precision"] = mean(details["r_precision"][has_rel])
+    cat_relevant = details.get("category_num_relevant", np.ones(len(R), dtype=np.int64))
+    why = category_undefined_reason(cat_relevant, details.get("num_categories", 2), mask)
+    if why:
+        return {"product": product, "category": undefined(CATEGORY_METRICS, why),
+                "num_queries": int(mask.sum())}
+    rel = details["category_relevant"][mask & (cat_relevant > 0)]
     category = {f"recall@{kk}": mean(rel[:, :kk].any(1)) for kk in CATEGORY_KS}
     category.update({f"precision@{kk}": mean(rel[:, :kk].sum(1) / kk) for kk in CATEGORY_KS})
     top = rel[:, :CATEGORY_MAP_AT]

@@ -528,6 +528,8 @@ def collect_row(point: GridPoint, paths: RunPaths, status: str = "", error: str 
         for k in CATEGORY_KEYS:
             row[f"category_{k}"] = results.get("category", {}).get(k)
         row["num_queries"] = results.get("num_queries")
+        for protocol in ("product", "category"):
+            row[f"{protocol}_why"] = (results.get(protocol) or {}).get("why")
         row["parameters"] = (results.get("model") or {}).get("parameters")
         row["eval_time_s"] = eval_time(results)
     if paths.metrics_csv.is_file():

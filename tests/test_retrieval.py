@@ -52,7 +52,10 @@ def assert_metrics_equal(got, want, atol=1e-12):
     for protocol in ("product", "category"):
         assert set(got[protocol]) == set(want[protocol])
         for name, value in want[protocol].items():
-            assert got[protocol][name] == pytest.approx(value, abs=atol), (protocol, name)
+            if name == "why" or value is None:
+                assert got[protocol][name] == value, (protocol, name)
+            else:
+                assert got[protocol][name] == pytest.approx(value, abs=atol), (protocol, name)
 
 
 # ============ hand-built cases ============
@@ -94,12 +97,38 @@ def test_hand_built_product_and_category_protocols():
     assert m["num_queries"] == 6
     want_product = {"recall@1": 2 / 6, "recall@10": 1, "recall@100": 1, "recall@1000": 1,
                     "map@r": 5 / 18, "r_precision": 7 / 18}
-    want_category = {"recall@1": 4 / 6, "recall@5": 5 / 6, "recall@10": 5 / 6, "recall@20": 5 / 6,
-                     "precision@1": 4 / 6, "precision@5": 4 / 15, "precision@10": 2 / 15,
-                     "precision@20": 1 / 15, "map@10": 0.75}  # q5: P(2) * 1 / 1 relevant = 1/2
+    # q4's category holds no other product: no relevant item, so it is not a query of the
+    # category protocol (as a single-image product is not one of the product protocol)
+    want_category = {"recall@1": 4 / 5, "recall@5": 1, "recall@10": 1, "recall@20": 1,
+                     "precision@1": 4 / 5, "precision@5": 8 / 25, "precision@10": 4 / 25,
+                     "precision@20": 2 / 25, "map@10": 0.9}  # q5: P(2) * 1 / 1 relevant = 1/2
     assert m["product"] == pytest.approx(want_product)
     assert m["category"] == pytest.approx(want_category)
     assert_metrics_equal(m, brute_force(x, class_ids, super_ids))
+
+
+def test_an_undefined_protocol_is_none_with_a_reason_not_zero():
+    """Labels that are categories (one product each): the category protocol has no relevant item
+    for any query; one category: it is trivial. Either way None and why, never 0 or 100."""
+    x = CHAIN[[0, 1, 2, 3, 4, 4]]
+    every_category_one_product = retrieval.evaluate_embeddings(x, [0, 0, 1, 1, 2, 2], [1, 1, 2, 2, 3, 3])
+    assert set(every_category_one_product["category"].values()) - {None} == {
+        "n/a: every category here holds a single product, so no query has a relevant item"}
+    assert every_category_one_product["product"]["recall@1"] is not None
+    one_category = retrieval.evaluate_embeddings(x, [0, 0, 1, 1, 2, 2], [1] * 6)
+    assert one_category["category"]["why"].startswith("trivial: one category")
+    assert one_category["category"]["recall@1"] is None
+    single_images = retrieval.evaluate_embeddings(x, [0, 1, 2, 3, 4, 5], [1, 1, 1, 2, 2, 2])
+    assert single_images["product"]["map@r"] is None and "two images" in single_images["product"]["why"]
+    assert single_images["category"]["recall@1"] is not None
+    for m, labels in ((every_category_one_product, ([0, 0, 1, 1, 2, 2], [1, 1, 2, 2, 3, 3])),
+                      (one_category, ([0, 0, 1, 1, 2, 2], [1] * 6)),
+                      (single_images, ([0, 1, 2, 3, 4, 5], [1, 1, 1, 2, 2, 2]))):
+        assert_metrics_equal(m, brute_force(x, *map(np.array, labels)))
+    # a category's row of its own: the same rule over its queries
+    d = retrieval.retrieval_details(x, np.array([0, 0, 1, 1, 2, 3]), np.array([1, 1, 1, 1, 2, 2]))
+    assert retrieval.metrics_from_details(d, mask=np.array([0, 0, 0, 0, 1, 1], bool))["product"]["why"]
+    assert retrieval.metrics_from_details(d, mask=np.array([1, 1, 1, 1, 0, 0], bool))["category"]["map@10"] is not None
 
 
 def test_ties_break_by_lower_index_and_self_is_excluded_by_index():
@@ -113,11 +142,8 @@ def test_ties_break_by_lower_index_and_self_is_excluded_by_index():
     m = retrieval.evaluate_embeddings(x, class_ids, np.ones(4, int))
     assert m["product"] == pytest.approx({"recall@1": 0.25, "recall@10": 1.0, "recall@100": 1.0,
                                           "recall@1000": 1.0, "map@r": 0.25, "r_precision": 0.25})
-    # every other-product image is relevant (one category), but only 2 exist per query:
-    # precision@K still divides by K
-    assert m["category"] == pytest.approx({"recall@1": 1, "recall@5": 1, "recall@10": 1, "recall@20": 1,
-                                           "precision@1": 1, "precision@5": 0.4, "precision@10": 0.2,
-                                           "precision@20": 0.1, "map@10": 1})
+    # one category: every other-product image is relevant, the protocol is trivial (not 100%)
+    assert m["category"]["why"].startswith("trivial") and m["category"]["precision@5"] is None
 
 
 def test_recall_at_large_k_uses_the_exact_rank():
@@ -144,7 +170,7 @@ def test_singleton_products_are_left_out_of_the_product_protocol():
     m = retrieval.evaluate_embeddings(x, class_ids, np.array([1, 1, 1, 2]))
     assert m["num_queries"] == 4
     assert m["product"]["recall@1"] == 1.0 and m["product"]["map@r"] == 1.0  # queries 0 and 1 only
-    assert m["category"]["recall@1"] == pytest.approx(0.75)  # q3's category has no other image
+    assert m["category"]["recall@1"] == 1.0  # q3: its category has no other image, so it is no query
 
 
 def test_map_at_10_denominator_is_relevant_items_in_top_10():

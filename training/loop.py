@@ -182,8 +182,10 @@ def validate(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoa
     if not np.array_equal(labels, np.asarray(dataset.class_ids)):
         raise RuntimeError("validation loader order does not match dataset.class_ids")
     result = retrieval.evaluate_embeddings(embeddings, dataset.class_ids, dataset.super_ids)
-    metrics = {k: float(v) for k, v in result["product"].items()}
-    metrics.update({f"cat_{k}": float(v) for k, v in result["category"].items()})
+    # an undefined protocol (retrieval.undefined: None values) is NaN in metrics.csv
+    metrics = {k: np.nan if v is None else float(v) for k, v in result["product"].items() if k != "why"}
+    metrics.update({f"cat_{k}": np.nan if v is None else float(v) for k, v in result["category"].items()
+                    if k != "why"})
 
     if criterion is not None and not getattr(criterion, "needs_training_classes", False):
         emb = torch.from_numpy(np.ascontiguousarray(embeddings)).to(device)

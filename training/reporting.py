@@ -17,6 +17,9 @@ from dataio import fileio
 import retrieval
 
 
+NOT_DEFINED = "n/a"  # the cell of a metric retrieval.undefined left without a value
+
+
 def pct(v, missing: str = "") -> str:
     """A fraction in [0, 1] as a percentage with two decimals ("12.34"); ``missing`` for None
     or a non-finite value. The one percent formatter: tables say "%" in their headings."""
@@ -39,6 +42,18 @@ def md_table(frame: pd.DataFrame) -> str:
 
 
 # ============ evaluate.py: results.md and retrieval.png ============
+
+def cell(metrics: dict, key: str) -> str:
+    """``metrics[key]`` in % for a table; "n/a" or "trivial" (its ``why``'s first word) when
+    the protocol is undefined here (retrieval.undefined)."""
+    why = metrics.get("why") or NOT_DEFINED
+    return pct(metrics.get(key), why.split(":")[0])
+
+
+def undefined_notes(rows, protocol: str) -> list[str]:
+    """The lines under a protocol's table that say why its cells are n/a (one per reason)."""
+    reasons = dict.fromkeys(r[protocol]["why"] for _, r in rows if r[protocol].get("why"))
+    return [f"\n{why}." for why in reasons]
 
 def results_markdown(results: dict) -> str:
     name, model = results["model"]["run"], results["model"]
@@ -70,9 +85,10 @@ def results_markdown(results: dict) -> str:
         "Gallery: every other image; relevant: the other images of the same product.",
         "",
         md_table(pd.DataFrame(
-            [[n] + [pct(r["product"][k]) for k in PRODUCT_KEYS] for n, r in rows],
+            [[n] + [cell(r["product"], k) for k in PRODUCT_KEYS] for n, r in rows],
             columns=["Model", "Recall@1", "Recall@10", "Recall@100", "Recall@1000", "MAP@R",
                      "R-Precision"])),
+        *undefined_notes(rows, "product"),
         "",
         "## Category protocol (the original project's protocol), in %",
         "",
@@ -80,16 +96,18 @@ def results_markdown(results: dict) -> str:
         "mAP@10 divides by the relevant items found in the top 10 (0 when none).",
         "",
         md_table(pd.DataFrame(
-            [[n] + [pct(r["category"][k]) for k in CATEGORY_KEYS] for n, r in rows],
+            [[n] + [cell(r["category"], k) for k in CATEGORY_KEYS] for n, r in rows],
             columns=["Model", "Recall@1", "Recall@5", "Recall@10", "Recall@20", "P@1", "P@5",
                      "P@10", "P@20", "mAP@10"])),
+        *undefined_notes(rows, "category"),
         "",
         "## Per category, in %",
         "",
         md_table(pd.DataFrame(
-            [[cname, f"{m['num_queries']:,}", pct(m["product"]["recall@1"]), pct(m["product"]["map@r"]),
-              pct(m["category"]["recall@1"]), pct(m["category"]["precision@10"]),
-              pct(m["category"]["map@10"])] for cname, m in results["per_category"].items()],
+            [[cname, f"{m['num_queries']:,}"] + [cell(m[protocol], k) for protocol, k in (
+                ("product", "recall@1"), ("product", "map@r"), ("category", "recall@1"),
+                ("category", "precision@10"), ("category", "map@10"))]
+             for cname, m in results["per_category"].items()],
             columns=["Category", "Queries", "Product R@1", "Product MAP@R", "Category R@1",
                      "Category P@10", "Category mAP@10"])),
     ]
@@ -171,7 +189,10 @@ METRIC_COLUMNS = tuple(f"product_{k}" for k in PRODUCT_KEYS) + tuple(
     f"category_{k}" for k in CATEGORY_KEYS)
 INFO_COLUMNS = ("num_queries", "parameters", "weights_bytes", "checkpoint_bytes", "train_time_s", "eval_time_s",
                 "best_epoch", "epochs", "best_val_recall@1", "checkpoint_epoch", "checkpoint")
-CSV_COLUMNS = ID_COLUMNS + METRIC_COLUMNS + INFO_COLUMNS
+# Why a protocol's metrics are empty when it is undefined on the test split (results.json's
+# "why", retrieval.undefined): the tables then say "n/a" or "trivial" instead of a number.
+WHY_COLUMNS = ("product_why", "category_why")
+CSV_COLUMNS = ID_COLUMNS + METRIC_COLUMNS + INFO_COLUMNS + WHY_COLUMNS
 
 # Training curves: (metrics.csv column, panel title).
 CURVES = (("train_loss", "train loss"), ("val_loss", "validation loss"),
@@ -186,7 +207,7 @@ CURVES = (("train_loss", "train loss"), ("val_loss", "validation loss"),
 # did, so that the file stays byte for byte what it was.
 CSV_LINE_END = "\r\n"
 # Columns of comparison.csv read back as text (the others are numbers).
-TEXT_COLUMNS = ID_COLUMNS + ("checkpoint",)
+TEXT_COLUMNS = ID_COLUMNS + ("checkpoint",) + WHY_COLUMNS
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -222,6 +243,13 @@ def format_markdown(rows: list[dict], title: str = "Comparison", notes: str = ""
     (training) and seconds (evaluation)."""
     df = pd.DataFrame(rows, columns=list(CSV_COLUMNS), dtype=object)
     percent = df[list(METRIC_COLUMNS)].apply(lambda column: column.map(pct))
+    notes_of = {}
+    for protocol in ("product", "category"):  # an undefined protocol: its marker, and why
+        columns = [c for c in METRIC_COLUMNS if c.startswith(protocol + "_")]
+        for i, why in enumerate(df[f"{protocol}_why"]):
+            if isinstance(why, str) and why:
+                percent.loc[i, columns] = why.split(":")[0]
+                notes_of.setdefault(protocol, []).append(f"`{df['run'][i]}`: {why}.")
     best = [("" if e is None or pd.isna(e) else f"{e}/{n}") for e, n in zip(df["best_epoch"], df["epochs"])]
     summary = pd.DataFrame({
         "run": df["run"], "backbone": df["backbone"], "loss": df["loss"], "sampler": df["sampler"],
@@ -243,9 +271,9 @@ def format_markdown(rows: list[dict], title: str = "Comparison", notes: str = ""
         parts += [notes, ""]
     parts += ["## Summary (test split; metrics in %)", "", md_table(summary), ""]
     parts += ["## Product protocol (queries: every test image; relevant: same product)", "",
-              md_table(product), ""]
+              md_table(product), "", *(f"{n}\n" for n in notes_of.get("product", []))]
     parts += ["## Category protocol (the original project's: gallery = other products; relevant: same "
-              "category)", "", md_table(category), ""]
+              "category)", "", md_table(category), "", *(f"{n}\n" for n in notes_of.get("category", []))]
     failed = [r for r in rows if r.get("error")]
     if failed:
         parts += ["## Failures", ""]
@@ -278,7 +306,8 @@ def plot_recall_bars(rows: list[dict], path: Path) -> None:
         values = [100 * r[key] if r.get(key) is not None else 0.0 for r in rows]
         bars = ax.bar([i + offset for i in x], values, width, label=name)
         for bar, r in zip(bars, rows):
-            text = f"{100 * r[key]:.1f}" if r.get(key) is not None else "n/a"
+            why = r.get(key.split("_")[0] + "_why") or NOT_DEFINED
+            text = f"{100 * r[key]:.1f}" if r.get(key) is not None else why.split(":")[0]
             ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=8, xytext=(0, 2),
                         textcoords="offset points")
