@@ -55,6 +55,7 @@ from pathlib import Path
 
 import torch
 
+import inference
 from dataio import catalogue
 from search import engine as search_engine
 from training import evaluation
@@ -310,6 +311,7 @@ def get_args_parser(add_help=True):
     group.add_argument("--device", default="auto",
                        help="where the model embeds the gallery and the queries: auto (cuda when "
                             "available, with float16 autocast for the gallery), cpu, cuda, cuda:N")
+    inference.add_runtime_arg(group)
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1",
                        help="interface to bind; 0.0.0.0 makes the demo reachable from the network")
@@ -362,7 +364,7 @@ def main(args):
         loaded = search_engine.load_search_model(
             args.checkpoint, args.checkpoint_dir, args.device,
             zero_shot_backbone=args.backbone if args.zero_shot else None, weights=args.weights,
-            image_size=args.image_size)
+            image_size=args.image_size, runtime=args.runtime)
     except search_engine.SetupError as e:
         sys.exit(str(e))
 

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from dataio import catalogue
+import inference
 import models
 from search.index import build_gallery_index, load_fresh_index
 from training import evaluation
@@ -78,6 +79,7 @@ def get_args_parser():
     p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction,
                    help="tqdm progress bars")
     p.add_argument("--no_progress", dest="progress", action="store_false", help=argparse.SUPPRESS)
+    inference.add_runtime_arg(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model for the extraction (1.5x measured on CPU for "
                         "B0 at 224 px; compiling costs tens of seconds, so only for large splits)")
@@ -146,7 +148,8 @@ def main(args):
                   workers=args.workers, device=args.device,
                   embed=cached_embeddings(args.embeddings_cache) if args.embeddings_cache else None,
                   num_examples=args.num_examples, chunk_size=args.chunk_size, seed=args.seed,
-                  progress=args.progress, compile=args.compile, test_fraction=args.test_fraction)
+                  progress=args.progress, compile=args.compile, test_fraction=args.test_fraction,
+                  runtime=args.runtime)
     catalogue.set_verbose(args.verbose)
     try:
         if args.zero_shot:

@@ -24,6 +24,7 @@ import sys
 import inference
 import models
 from dataio import catalogue
+from training import evaluation
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -34,16 +35,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", default=None,
                      help="checkpoints/<run>/best.pth (or last.pth): it holds everything to rebuild "
                           "the network")
-    src.add_argument("--zero_shot", action="store_true",
-                     help="export --backbone's pooled, L2-normalised features (no head) instead")
-    src.add_argument("--backbone", default=None, choices=sorted(models.BACKBONES),
-                     help="backbone for --zero_shot")
-    src.add_argument("--weights", default="imagenet",
-                     help="backbone weights for --zero_shot: imagenet, none, or a PATH to a plain "
-                          "state dict of the ImageNet classifier")
-    src.add_argument("--image_size", type=int, default=224,
-                     help="input size for --zero_shot (a checkpoint has its own); the graph is "
-                          "fixed to it")
+    evaluation.add_zero_shot_args(src, "export --backbone's pooled, L2-normalised features (no head) "
+                                       "instead; the graph is fixed to --image_size")
     p.add_argument("--output", default=None,
                    help="the .onnx file to write (default with --checkpoint: beside it, best.pth -> "
                         "best.onnx, or best.int8.onnx with --int8)")

@@ -130,6 +130,23 @@ def _onnx():
     return _import("onnx", ONNX_PIN)
 
 
+RUNTIME_HELP = ("where the network runs: torch (eager PyTorch) or onnx (onnxruntime, CPU only: the "
+                "checkpoint is exported beside it on first use, e.g. best.pth -> best.onnx, and "
+                "reused while the checkpoint is unchanged). Default: onnx when onnxruntime is "
+                "installed and the device is the CPU (several times faster there), else torch")
+
+
+def add_runtime_arg(parser) -> None:
+    """The ``--runtime torch|onnx`` flag of every script that embeds images (default None:
+    `resolve_runtime` picks)."""
+    parser.add_argument("--runtime", choices=RUNTIMES, default=None, help=RUNTIME_HELP)
+
+
+def resolve_runtime(runtime, device="cpu") -> str:
+    """``runtime`` as asked, or the default for ``device`` (`default_runtime`)."""
+    return runtime or default_runtime(device)
+
+
 def default_runtime(device="cpu") -> str:
     """"onnx" when onnxruntime and onnx (which exporting needs) import and ``device`` is the
     CPU (onnxruntime runs there), else "torch"."""

@@ -22,6 +22,8 @@ from search import shards
 
 
 def get_args_parser():
+    import inference  # its --runtime flag
+
     parser = argparse.ArgumentParser("shards.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint of train.py")
@@ -32,6 +34,7 @@ def get_args_parser():
     parser.add_argument("--batch_size", default=64, type=int)
     parser.add_argument("--workers", default=0, type=int, help="DataLoader workers per process")
     parser.add_argument("--device", default="cpu", help="cpu, cuda (each rank takes cuda:LOCAL_RANK) or auto")
+    inference.add_runtime_arg(parser)
     parser.add_argument("--gallery_index", default=None,
                         help="also save a GalleryIndex here (rank 0), e.g. gallery_test.npz for the demo")
     parser.add_argument("--index_type", default="exact", choices=["exact", "ivf", "hnsw"])
@@ -41,10 +44,12 @@ def get_args_parser():
 def load_gallery(args, device):
     """(model, its checkpoint hash, the gallery dataset with the eval transform)."""
     import datasets
+    import inference
     import models
     from dataio import catalogue
 
-    model = models.load_model(args.checkpoint, device=device)
+    model = inference.load_embedder(args.checkpoint, runtime=inference.resolve_runtime(args.runtime, device),
+                                    device=device)
     train_args = model.checkpoint_info.get("args")
     # a run of --dataset synthetic without --data_root stored data_root: null
     data_root = args.data_root or catalogue.default_data_root(train_args)

@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from search import gallery  # noqa: E402
+import inference  # noqa: E402
 import models  # noqa: E402
 from dataio.fileio import atomic_write_text  # noqa: E402
 
@@ -54,6 +55,7 @@ def get_args_parser():
                         help="where the images and the index go (not the repository)")
     parser.add_argument("--output", default=None, help="also write the JSON here (e.g. bench/gallery_index.json)")
     parser.add_argument("--seed", default=0, type=int)
+    inference.add_runtime_arg(parser)
     return parser
 
 
@@ -139,13 +141,14 @@ def pass_summary(report: dict) -> dict:
     return out
 
 
-def load_model(backbone: str, image_size: int):
-    """(zero-shot model, weights name, note): ImageNet weights, else random ones."""
+def load_model(backbone: str, image_size: int, runtime: str):
+    """(zero-shot model on ``runtime``, weights name, note): ImageNet weights, else random ones."""
     try:
-        return models.zero_shot_model(backbone, "imagenet", image_size), "imagenet", None
+        return inference.load_embedder(zero_shot=(backbone, "imagenet", image_size), runtime=runtime), \
+            "imagenet", None
     except models.WeightsUnavailableError as e:
         note = f"ImageNet weights unavailable ({e}); random weights, same cost per image"
-        return models.zero_shot_model(backbone, "none", image_size), "none", note
+        return inference.load_embedder(zero_shot=(backbone, "none", image_size), runtime=runtime), "none", note
 
 
 def main(args) -> dict:
@@ -157,7 +160,8 @@ def main(args) -> dict:
     generation_s = prepare_gallery(root, args.images, args.categories, args.seed, cpus)
     index_path.unlink(missing_ok=True)
 
-    model, weights, note = load_model(args.backbone, args.image_size)
+    runtime = inference.resolve_runtime(args.runtime)
+    model, weights, note = load_model(args.backbone, args.image_size, runtime)
     key = models.zero_shot_model_key(args.backbone, weights, args.image_size)
     run = {"model": model, "root": root, "index_path": index_path, "model_key": key,
            "batch_size": args.batch_size, "workers": args.workers, "progress": sys.stderr.isatty()}
@@ -178,6 +182,7 @@ def main(args) -> dict:
     ratio = incremental["seconds"] / full["seconds"]
     return {
         "images": args.images, "add": args.add, "backbone": args.backbone, "weights": weights,
+        "runtime": runtime,
         "weights_note": note, "image_size": args.image_size, "batch_size": args.batch_size,
         "workers": args.workers, "categories": len(index.categories),
         "date": datetime.date.today().isoformat(),

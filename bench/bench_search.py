@@ -13,7 +13,9 @@ that a busy neighbour slows them alike), all on the engine's worker thread as in
                    (60,502 random unit vectors, the size of the SOP test split);
   * end_to_end   : search.engine.SearchEngine.search_file: the uploaded JPEG on disk → checks →
                    decode (draft mode) → resize / crop / normalise → forward → search →
-                   ranked result dicts; what the demo does per request, minus HTTP.
+                   ranked result dicts; what the demo does per request, minus HTTP;
+  * end_to_end_onnx : the same with the network exported to ONNX and run by onnxruntime
+                   (``--runtime onnx``); ``onnx_end_to_end_vs_torch`` = its p50 / end_to_end's.
 ``end_to_end_vs_forward`` = end_to_end_p50 / forward_p50 (target ≤ 1.3); search_p50 target
 ≤ 5 ms. Untrained weights (--weights none) time the same as trained ones.
 The query defaults to a synthetic SOP-like JPEG with sides in 480..640 px.
@@ -34,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import datasets  # noqa: E402
 from dataio import synthetic_sop  # noqa: E402
 from dataio import photos  # noqa: E402
-from dataio import catalogue
+from dataio import catalogue  # noqa: E402
+import inference  # noqa: E402
 import models  # noqa: E402
 from search.engine import SearchEngine  # noqa: E402
 from search.index import GalleryIndex  # noqa: E402
@@ -90,6 +93,10 @@ def main(args):
     model_nchw.load_state_dict(model.state_dict())
     engine = SearchEngine(model, index, tmp)  # converts `model` to channels_last
     engine.warm_up()
+    # the same network exported to ONNX, served by onnxruntime (the demo's --runtime onnx)
+    onnx_file = inference.export_onnx(model, tmp / "model.onnx", model_key="bench")
+    engine_onnx = SearchEngine(inference.OnnxEmbedder(onnx_file), index, tmp)
+    engine_onnx.warm_up()
     x = engine.prepare(photos.load_image(query, engine.resize)).clone(
         memory_format=torch.channels_last)
     x_nchw = x.contiguous()
@@ -110,6 +117,10 @@ def main(args):
         out = engine.search_file(query, args.k)
         assert len(out["results"]) == args.k
 
+    def end_to_end_onnx():
+        out = engine_onnx.search_file(query, args.k)
+        assert len(out["results"]) == args.k
+
     # ============ timing ============
     # Every task runs on the engine's worker thread, where the app runs all its searches:
     # torch's OpenMP team and threadpoolctl's BLAS limit belong to the calling thread, so
@@ -118,6 +129,7 @@ def main(args):
     tasks = {name: (lambda fn=fn: engine._on_worker(fn)) for name, fn in
              {"forward": forward, "search": search, "forward_nchw": forward_nchw}.items()}
     tasks["end_to_end"] = end_to_end  # search_file hands itself to the worker
+    tasks["end_to_end_onnx"] = end_to_end_onnx
     times = {name: [] for name in tasks}
     load_before = os.getloadavg()
     for it in range(args.warmup + args.iters):
@@ -129,9 +141,10 @@ def main(args):
             if it >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
     result = {}
-    for name in ("search", "end_to_end", "forward", "forward_nchw"):
+    for name in ("search", "end_to_end", "end_to_end_onnx", "forward", "forward_nchw"):
         result[f"{name}_p50_ms"], result[f"{name}_p95_ms"] = percentiles(times[name])
     result["end_to_end_vs_forward"] = round(result["end_to_end_p50_ms"] / result["forward_p50_ms"], 3)
+    result["onnx_end_to_end_vs_torch"] = round(result["end_to_end_onnx_p50_ms"] / result["end_to_end_p50_ms"], 3)
     result["end_to_end_vs_forward_nchw"] = round(
         result["end_to_end_p50_ms"] / result["forward_nchw_p50_ms"], 3)
     probe = engine.search_file(query, args.k)
@@ -143,7 +156,7 @@ def main(args):
         "torch_threads": torch.get_num_threads(), "query_size": query_size,
         "query_bytes": os.path.getsize(query), "last_breakdown_ms": probe["timing_ms"],
         "loadavg_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        "targets": {"search_p50_ms": 5.0, "end_to_end_vs_forward": 1.3},
+        "targets": {"search_p50_ms": 5.0, "end_to_end_vs_forward": 1.3, "onnx_end_to_end_vs_torch": 0.5},
     })
     print(json.dumps(result, indent=2))
     return result

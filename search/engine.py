@@ -31,6 +31,7 @@ from PIL import Image
 from dataio import catalogue
 from dataio import photos
 import datasets
+import inference
 import models
 from search import gallery
 from search.index import build_gallery_index, load_fresh_index
@@ -389,14 +390,18 @@ class SearchModel(NamedTuple):
 
 
 def load_search_model(checkpoint=None, checkpoint_dir="checkpoints", device="auto",
-                      zero_shot_backbone=None, weights="imagenet", image_size=224) -> SearchModel:
+                      zero_shot_backbone=None, weights="imagenet", image_size=224,
+                      runtime=None) -> SearchModel:
     """The checkpoint (``checkpoint``, else the newest ``<checkpoint_dir>/*/best.pth``), or
     with ``zero_shot_backbone`` that pretrained backbone alone (``weights``, ``image_size``),
-    on ``device`` (`models.resolve_device`). SetupError when neither loads."""
+    on ``device`` (`models.resolve_device`) and ``runtime`` (inference.load_embedder; default
+    inference.default_runtime). SetupError when neither loads."""
     device = models.resolve_device(device)
+    runtime = inference.resolve_runtime(runtime, device)
     if zero_shot_backbone:
         try:
-            model = models.zero_shot_model(zero_shot_backbone, weights, image_size, device)
+            model = inference.load_embedder(zero_shot=(zero_shot_backbone, weights, image_size),
+                                            runtime=runtime, device=device)
         except (models.WeightsUnavailableError, OSError, ValueError) as e:
             raise SetupError(f"Cannot load {zero_shot_backbone} with weights {weights!r}: {e}") from e
         logger.info("Zero-shot %s (%s weights, %d px)", zero_shot_backbone, weights, image_size)
@@ -410,10 +415,10 @@ def load_search_model(checkpoint=None, checkpoint_dir="checkpoints", device="aut
             "--checkpoint checkpoints/<run>/best.pth, or search with pretrained features: "
             "python app_stanford.py --zero_shot --backbone efficientnet_lite0 --gallery DIR")
     try:
-        model = models.load_model(checkpoint, device=device)
-    except (OSError, models.CheckpointError, ValueError) as e:
+        model = inference.load_embedder(checkpoint, runtime=runtime, device=device)
+    except (OSError, models.CheckpointError, inference.OnnxModelError, ValueError) as e:
         raise SetupError(f"Cannot load checkpoint {checkpoint}: {e}") from e
-    logger.info("Loaded %s (%s)", checkpoint, model.model_args)
+    logger.info("Loaded %s (%s, runtime %s)", checkpoint, model.model_args, runtime)
     return SearchModel(model, checkpoint, models.checkpoint_hash(checkpoint), checkpoint.parent.name)
 
 

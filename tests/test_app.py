@@ -458,7 +458,8 @@ def test_failed_index_write_keeps_the_previous_file(tmp_path, tiny, monkeypatch)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
     args = app_stanford.get_args_parser().parse_args(
-        ["--checkpoint", str(ckpt), "--data_root", str(tiny["data_root"]), "--index", str(index_path),
+        ["--checkpoint", str(ckpt), "--runtime", "torch", "--data_root", str(tiny["data_root"]),
+         "--index", str(index_path),
          "--rebuild_index", "--workers", "0"])
     with pytest.raises(SystemExit) as err:
         app_stanford.main(args)

@@ -114,7 +114,7 @@ def test_hyphenated_spellings_and_amp_switch():
     (["--epochs", "-1"], "--epochs must be >= 0"),
     # checked once the data is loaded: the tiny training split's products have 2..12 images
     (["--images_per_class", "13", "--batch_size", "26"], "outside the allowed range 2..12"),
-    (["--batch_size", "400"], "products per batch but the split has 27"),
+    (["--batch_size", "400"], "27 products and at most 12 images of one, too few for batches of 400"),
 ])
 def test_bad_arguments_are_argparse_errors(tiny_sop, tmp_path, capsys, extra, expected):
     with pytest.raises(SystemExit) as exc:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 import datasets
 from dataio import catalogue
 from dataio import fileio
+import inference
 import models
 import retrieval
 from training import reporting
@@ -124,7 +125,8 @@ def evaluate_model(model, dataset, *, model_info: dict, output=None, model_hash=
                   "embedding_size": int(model_args["embedding_size"]),
                   "image_size": int(model_args["image_size"]),
                   "head": model_args.get("head", "mlp"),
-                  "parameters": int(models.count_parameters(model))},
+                  # an onnxruntime embedder holds no torch parameters: it carries the count
+                  "parameters": int(getattr(model, "num_parameters", None) or models.count_parameters(model))},
         "data": {"root": str(dataset.root), "split": dataset.split, "num_images": len(dataset),
                  "num_products": int(len(np.unique(class_ids))),
                  "num_categories": int(len(np.unique(super_ids))), "layout": dataset.layout,
@@ -164,15 +166,18 @@ def eval_dataset(root, split, image_size, train_args=None, test_fraction=None):
 
 
 def evaluate_zero_shot(backbone, data_root, weights="imagenet", image_size=224, split="test",
-                       output=None, device=None, write=True, test_fraction=None, **kwargs) -> dict:
-    """evaluate_model of models.zero_shot_model(backbone, weights, image_size); output default
-    runs/zero_shot_<backbone>_<size>px/eval. ``kwargs`` as for evaluate_model."""
+                       output=None, device=None, write=True, test_fraction=None, runtime=None,
+                       **kwargs) -> dict:
+    """evaluate_model of models.zero_shot_model(backbone, weights, image_size) on ``runtime``
+    (inference.load_embedder); output default runs/zero_shot_<backbone>_<size>px/eval.
+    ``kwargs`` as for evaluate_model."""
     device = models.resolve_device(str(device or "auto"))
-    model = models.zero_shot_model(backbone, weights, image_size, device)
+    runtime = "torch" if kwargs.get("compile") else inference.resolve_runtime(runtime, device)
+    model = inference.load_embedder(zero_shot=(backbone, weights, image_size), runtime=runtime, device=device)
     name = models.zero_shot_name(backbone, int(image_size), str(weights))
     output = Path(output) if output else runs.RunPaths.named(name).eval_dir
     info = {"run": name, "checkpoint": None, "zero_shot": True, "weights": str(weights),
-            "checkpoint_size_mb": None, "epoch": None}
+            "checkpoint_size_mb": None, "epoch": None, "runtime": runtime}
     results = evaluate_model(model, eval_dataset(data_root, split, image_size, test_fraction=test_fraction),
                              model_info=info,
                              output=output, model_hash=models.zero_shot_model_key(backbone, str(weights), int(image_size)),
@@ -184,16 +189,19 @@ def evaluate_zero_shot(backbone, data_root, weights="imagenet", image_size=224, 
 
 def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, batch_size=64, workers=None,
                         device=None, embed=None, num_examples=6, chunk_size=1024, seed=0,
-                        progress=True, compile=False, zero_shot_row=True, test_fraction=None) -> dict:
+                        progress=True, compile=False, zero_shot_row=True, test_fraction=None,
+                        runtime=None) -> dict:
     """Evaluate ``checkpoint`` on ``split``; write results.json / results.md / retrieval.png to
     ``output`` (default runs/<run>/eval) and return the results dict (evaluate_model).
     ``zero_shot_row`` and a checkpoint trained from ImageNet weights: ``results["zero_shot"]``
     holds its backbone's zero-shot metrics (product, category) on the same images.
     ``compile``: extract the embeddings with ``torch.compile(model)`` (1.5x on a 2-core CPU for
-    EfficientNet-B0 at 224 px, after a compilation of tens of seconds)."""
+    EfficientNet-B0 at 224 px, after a compilation of tens of seconds; PyTorch only).
+    ``runtime``: torch or onnx (inference.load_embedder; default inference.default_runtime)."""
     checkpoint = Path(checkpoint)
     device = models.resolve_device(str(device or "auto"))
-    model = models.load_model(checkpoint, device=device)
+    runtime = "torch" if compile else inference.resolve_runtime(runtime, device)
+    model = inference.load_embedder(checkpoint, runtime=runtime, device=device)
     info = getattr(model, "checkpoint_info", None) or {}
     train_args = info.get("args") or {}
     model_args = dict(model.model_args)
@@ -209,10 +217,11 @@ def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, b
         model_info={"run": checkpoint.resolve().parent.name, "checkpoint": str(checkpoint),
                     "checkpoint_sha256": ckpt_hash,
                     "checkpoint_size_mb": round(checkpoint.stat().st_size / 2 ** 20, 2),
-                    "epoch": info.get("epoch")}, **common)
+                    "epoch": info.get("epoch"), "runtime": runtime}, **common)
     if zero_shot_row and train_args.get("weights") == "imagenet":
         try:
-            backbone = models.zero_shot_model(model_args["backbone"], "imagenet", model_args["image_size"], device)
+            backbone = inference.load_embedder(zero_shot=(model_args["backbone"], "imagenet", model_args["image_size"]),
+                                               runtime=runtime, device=device)
         except models.WeightsUnavailableError as e:
             # the checkpoint's own evaluation stands without it (e.g. offline, weights not cached)
             logger.warning("zero-shot row skipped: %s", e)
