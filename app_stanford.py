@@ -28,7 +28,17 @@ category, product id);
 ``ranked``: the JSON of `search.engine.SearchEngine.search_image` (``results`` ranked best
 first, each with rank, index, catalogue_path (relative to the data root or gallery folder),
 product_id (the data's, a string; null in a --gallery folder), category, score; ``timing_ms``);
-``timing``: the same timings as a Markdown line. A refused image (not an image, empty,
+``timing``: the same timings as a Markdown line.
+
+Why a result matches: ``/explain`` (inputs: the query image, a result's ``index`` from
+``ranked["results"]``) returns the query and the result with their similarity maps drawn over
+them (`explain.similarity_maps`) and a JSON of ``query_map``, ``result_map`` (grids of floats,
+each summing to ``score``), ``score``, ``exact`` and ``label``:
+
+    query_overlay, result_overlay, why = client.predict(handle_file("query.jpg"), 12345,
+                                                        api_name="/explain")
+
+The UI's "Show why" switch draws the maps over the first five results. A refused image (not an image, empty,
 truncated, too many pixels, ...) raises ``gradio_client.exceptions.AppError`` with a message
 saying why; the server keeps serving.
 
@@ -142,8 +152,85 @@ def _timing_text(out):
     return " · ".join(parts)
 
 
+def _guarded(fn, *args):
+    """Run a search (or an explanation); QueryError → its message in the page, anything else → a generic
+    message (the traceback goes to the server log only, never to the user)."""
+    import gradio as gr
+
+    try:
+        return fn(*args)
+    except search_engine.QueryError as e:
+        raise gr.Error(str(e), title="Cannot search with this image", print_exception=False) from None
+    except gr.Error:
+        raise
+    except Exception:
+        logger.error("search failed:\n%s", traceback.format_exc())
+        raise gr.Error("The search failed on the server (details are in the server log). "
+                       "Try another photo.", print_exception=False) from None
+
+
+def _explain_handlers(engine):
+    """The /explain endpoint's and the \"Show why\" switch's handlers over ``engine``."""
+    import gradio as gr
+
+    guarded = _guarded
+
+    def explain(image, index):
+        """Why one result matches the query photo: the query's and the result's similarity
+        maps (overlays and raw grids), the score they sum to, and whether the split is exact."""
+        if not image:
+            raise gr.Error("Upload a query photo first.", title="No query image", print_exception=False)
+        try:
+            i = int(index)
+        except (TypeError, ValueError):
+            raise gr.Error(f"The result index must be an integer, got {index!r}.",
+                           print_exception=False) from None
+        e = guarded(engine.explain, image, i)
+        return e["query_overlay"], e["result_overlay"], explanation_json(e)
+
+    def show_why(on, image, ranked):
+        shown, queries, visible = guarded(why_outputs, engine, image, ranked, on)
+        return shown, gr.update(value=queries, visible=visible)
+
+    return explain, show_why
+
+
+WHY_K = 5  # results explained when "Show why" is on
+
+
+def explanation_json(e):
+    """The /explain endpoint's JSON of one `SearchEngine.explain` result (maps, score, exactness)."""
+    return {k: e[k] for k in ("index", "query_map", "result_map", "score", "exact", "label")}
+
+
+def why_outputs(engine, query, ranked, on, k=WHY_K):
+    """The results gallery and the query-overlay gallery for "Show why": off (or no results),
+    the plain gallery and an empty, hidden second gallery; on, the first ``k`` results drawn
+    with their similarity maps (caption + " · why") and, in the second gallery, the query's map
+    against each of them."""
+    results = (ranked or {}).get("results") or []
+    plain = [(engine.abs_paths[r["index"]], _caption(r)) for r in results]
+    if not on or not results or not query:
+        return plain, [], False
+    explained = engine.explain_results(query, [r["index"] for r in results[:k]])
+    shown = [(e["result_overlay"], _caption(r) + " · why") for e, r in zip(explained, results)]
+    queries = [(e["query_overlay"], f"query vs #{r['rank']} · {e['score']:.3f}" + ("" if e["exact"] else " (approx.)"))
+               for e, r in zip(explained, results)]
+    return shown + plain[len(shown):], queries, True
+
+
+def _explain_components(gr):
+    """The /explain endpoint's components, hidden (API only): (index input, button, outputs)."""
+    with gr.Row(visible=False):
+        explain_index = gr.Number(label="result index", precision=0)
+        outputs = [gr.Image(label="query map", type="pil"), gr.Image(label="result map", type="pil"),
+                   gr.JSON(label="explanation")]
+        button = gr.Button("Explain")
+    return explain_index, button, outputs
+
+
 def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_upload_mb=10,
-              concurrency_limit=1, max_examples=12):
+              concurrency_limit=1, max_examples=12, explain_source=None):
     """The demo as a `gr.Blocks` (not launched: see `launch_app`).
 
     Events: the Search button (the public API endpoint ``/search``: image, k, category →
@@ -153,7 +240,8 @@ def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_up
     """
     import gradio as gr
 
-    engine = search_engine.SearchEngine(model, index, data_root, max_pixels=max_pixels)
+    engine = search_engine.SearchEngine(model, index, data_root, max_pixels=max_pixels,
+                                        explain_source=explain_source)
     engine.warm_up()
     QueryImage = _query_image_class()
     margs = model.model_args
@@ -163,19 +251,7 @@ def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_up
         gallery = [(engine.abs_paths[r["index"]], _caption(r)) for r in out["results"]]
         return gallery, out, _timing_text(out)
 
-    def guarded(fn, *args):
-        """Run a search; QueryError → its message in the page, anything else → a generic
-        message (the traceback goes to the server log only, never to the user)."""
-        try:
-            return fn(*args)
-        except search_engine.QueryError as e:
-            raise gr.Error(str(e), title="Cannot search with this image", print_exception=False) from None
-        except gr.Error:
-            raise
-        except Exception:
-            logger.error("search failed:\n%s", traceback.format_exc())
-            raise gr.Error("The search failed on the server (details are in the server log). "
-                           "Try another photo.", print_exception=False) from None
+    guarded = _guarded
 
     def search(image, k=search_engine.DEFAULT_K, category=search_engine.CATEGORY_ALL):
         """Search the catalogue with a photo: the k most similar gallery images, optionally
@@ -195,6 +271,7 @@ def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_up
         out["stored_vector"] = True
         return (engine.abs_paths[i], *outputs_of(out))
 
+    explain, show_why = _explain_handlers(engine)
     examples = [[engine.abs_paths[i]] for i in engine.example_indices(max_examples)]
     info = (f"{margs['backbone']}, {margs['embedding_size']}-d embeddings at {margs['image_size']} px · "
             f"gallery: {len(index):,} images" + (f" ({index.meta['split']} split)"
@@ -216,26 +293,37 @@ def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_up
                               label="Results (K)", elem_id="k")
                 category = gr.Dropdown(search_engine.category_choices(index), value=search_engine.CATEGORY_ALL,
                                        label="Category filter", elem_id="category")
+                why = gr.Checkbox(False, label=f"Show why (similarity maps of the first {WHY_K} results)",
+                                  elem_id="why")
                 button = gr.Button("Search", variant="primary", elem_id="search")
                 timing = gr.Markdown(elem_id="timing")
             with gr.Column(scale=2):
                 results = gr.Gallery(label="Nearest products (click one to search with it)",
                                      columns=4, height=600, object_fit="contain",
                                      allow_preview=False, elem_id="results")
+                why_query = gr.Gallery(label="The query's side of each match", columns=5, height=220,
+                                       object_fit="contain", allow_preview=False, visible=False,
+                                       elem_id="why_query")
                 with gr.Accordion("Ranked results (JSON)", open=False):
                     ranked = gr.JSON(elem_id="ranked")
+                explain_io = _explain_components(gr)
         if examples:
             ex = gr.Examples(examples=examples, inputs=[query], label="Example queries from the gallery",
                              examples_per_page=max_examples, elem_id="examples")
         outs = [results, ranked, timing]
         common = dict(concurrency_limit=concurrency_limit, concurrency_id="search")
-        button.click(search, [query, k, category], outs, api_name="search", **common)
-        query.upload(search, [query, k, category], outs, api_visibility="private", **common)
+        why_args = dict(fn=show_why, inputs=[why, query, ranked], outputs=[results, why_query],
+                        api_visibility="private", **common)
+        button.click(search, [query, k, category], outs, api_name="search", **common).then(**why_args)
+        query.upload(search, [query, k, category], outs, api_visibility="private", **common).then(**why_args)
         results.select(search_result, [ranked, k, category], [query, *outs],
-                       api_visibility="private", **common)
+                       api_visibility="private", **common).then(**why_args)
+        why.change(**why_args)
         if examples:
             ex.load_input_event.then(search, [query, k, category], outs,
-                                     api_visibility="private", **common)
+                                     api_visibility="private", **common).then(**why_args)
+        explain_index, explain_button, explain_outs = explain_io
+        explain_button.click(explain, [query, explain_index], explain_outs, api_name="explain", **common)
     demo.engine = engine  # for tests and benchmarks
     return demo
 
@@ -393,7 +481,8 @@ def main(args):
         # the private upload folder is removed, as on Ctrl-C
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     demo = build_app(loaded.model, index, data_root, max_pixels=int(args.max_megapixels * 1e6),
-                     max_upload_mb=args.max_upload_mb)
+                     max_upload_mb=args.max_upload_mb,
+                     explain_source=loaded.checkpoint or (args.backbone, args.weights, args.image_size))
     launch_app(demo, index, data_root, host=args.host, port=args.port, share=args.share,
                max_upload_mb=args.max_upload_mb, max_queue=args.max_queue)
     return demo

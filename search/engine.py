@@ -31,6 +31,7 @@ from PIL import Image
 from dataio import catalogue
 from dataio import photos
 import datasets
+import explain
 import inference
 import models
 from search import gallery
@@ -47,6 +48,10 @@ TRAIN_HINT = ("python train.py --dataset synthetic --backbone resnet18 --weights
               "--image_size 64 --epochs 3 --loss multi_similarity --lr 1e-3 --batch_size 32 "
               "--dropout 0   (offline, ~2 min on CPU; generates data/synthetic_sop)\n"
               "  or on real SOP: python train.py --dataset stanford --backbone efficientnet_b0")
+
+
+EXACT_LABEL = "exact decomposition"
+APPROX_LABEL = "approximation: MLP head linearised at the pooled feature"
 
 
 class QueryError(ValueError):
@@ -150,7 +155,7 @@ class SearchEngine:
     use of the shared input buffer.
     """
 
-    def __init__(self, model, index, data_root, max_pixels=40_000_000):
+    def __init__(self, model, index, data_root, max_pixels=40_000_000, explain_source=None):
         # channels_last: convolutions run ~15% faster on CPU at batch 1 (and on GPU); the
         # HWC uint8 pixels then land in the input buffer without a transposing copy.
         self.model = model.eval().to(memory_format=torch.channels_last)
@@ -171,6 +176,11 @@ class SearchEngine:
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="search")
         self._worker_thread = self._worker.submit(threading.current_thread).result()
         self.abs_paths = [str(self.data_root / p) for p in index.paths]
+        # explanations need the torch network (its feature grid): the model itself, or, for an
+        # onnx runtime model, one loaded on first use from ``explain_source`` (a checkpoint path
+        # or a zero-shot (backbone, weights, image_size)) and kept here
+        self.explain_source = explain_source
+        self._explain_model = model if isinstance(model, models.EmbeddingNet) else None
 
     def _on_worker(self, fn, *args):
         """``fn(*args)`` on the worker thread (directly when already there)."""
@@ -269,6 +279,54 @@ class SearchEngine:
         return self._response(results, k, category, {"embed": 0.0, "search": (t1 - t0) * 1e3,
                                                      "total": (t1 - t0) * 1e3})
 
+    # ---- explanations (explain.similarity_maps)
+    def explain_model(self):
+        """The torch EmbeddingNet for similarity maps: the engine's model, or for an
+        inference.OnnxEmbedder the network it was exported from, loaded once (`_torch_twin`)."""
+        if self._explain_model is None:
+            self._explain_model = _torch_twin(self.model, self.explain_source).to(self.device).eval()
+        return self._explain_model
+
+    def _view(self, image):
+        """The s x s crop of ``image`` that the model sees (the eval transform without
+        normalisation): what a similarity map is drawn over."""
+        r, s, c = self.resize, self.image_size, self.crop
+        return image.convert("RGB").resize((r, r), Image.BILINEAR).crop((c, c, c + s, c + s))
+
+    def explain(self, query, result_index, alpha=0.5):
+        """Why gallery image ``result_index`` matches ``query`` (an upload's path or an RGB PIL
+        image): `explain_results` for one result."""
+        return self.explain_results(query, [result_index], alpha=alpha)[0]
+
+    def explain_results(self, query, indices, alpha=0.5):
+        """One dict per gallery index in ``indices``: {"index", "query_overlay",
+        "result_overlay" (PIL, the model's s x s view with the map over it), "query_map",
+        "result_map" (nested lists of floats, the feature grid's size), "score" (the torch
+        model's cosine; each map sums to it), "exact", "label"}, on the worker thread."""
+        return self._on_worker(self._explain_results, query, [int(i) for i in indices], alpha)
+
+    def _explain_results(self, query, indices, alpha):
+        for i in indices:
+            if not 0 <= i < len(self.index):
+                raise QueryError(f"Gallery image {i} does not exist (the gallery has {len(self.index)}).")
+        if not isinstance(query, Image.Image):
+            query = load_query_image(query, self.max_pixels, draft_size=self.resize)
+        images = [query] + [photos.load_image(self.abs_paths[i], size=self.resize) for i in indices]
+        net = self.explain_model()
+        inputs = [self.prepare(im).clone() for im in images]
+        query_view, out = self._view(query), []
+        for n, i in enumerate(indices, start=1):
+            with torch.no_grad():  # not inference_mode: the MLP head's maps take one gradient
+                maps = explain.similarity_maps(net, inputs[0], inputs[n])
+            exact = bool(maps["exact"])
+            q_map, r_map = maps["query_map"].numpy(), maps["result_map"].numpy()
+            out.append({"index": i, "score": float(maps["score"]), "exact": exact,
+                        "label": EXACT_LABEL if exact else APPROX_LABEL,
+                        "query_map": q_map.tolist(), "result_map": r_map.tolist(),
+                        "query_overlay": explain.overlay(query_view, q_map, alpha),
+                        "result_overlay": explain.overlay(self._view(images[n]), r_map, alpha)})
+        return out
+
     def warm_up(self):
         """One forward pass and one search, so that the first user does not pay for lazy
         initialisation (allocator, BLAS threads, oneDNN kernels)."""
@@ -282,6 +340,24 @@ class SearchEngine:
             if len(rows):
                 picks.append(int(rows[0]))
         return picks[:n]
+
+
+def _torch_twin(model, source=None):
+    """The EmbeddingNet behind an inference.OnnxEmbedder: from ``source`` (a checkpoint path, or
+    a zero-shot (backbone, weights, image_size)), else the checkpoint with the export's sha256
+    beside its file (ensure_onnx writes best.onnx next to best.pth). QueryError when none."""
+    if isinstance(source, (tuple, list)):
+        return models.zero_shot_model(*source)
+    if source is not None:
+        return models.load_model(source)
+    meta, path = getattr(model, "metadata", {}) or {}, getattr(model, "path", None)
+    digest = meta.get("checkpoint_sha256")
+    if digest and path is not None:
+        for candidate in sorted(Path(path).parent.glob("*.pth")):
+            if models.checkpoint_hash(candidate) == digest:
+                return models.load_model(candidate)
+    raise QueryError("Explanations need the torch model this ONNX export was made from; it was "
+                     "not found (start the demo with --runtime torch to use them).")
 
 
 # ============ gallery index ============
