@@ -72,6 +72,10 @@ def get_args_parser():
                         "checkpoint (sha256) and the image list are unchanged")
     p.add_argument("--num_examples", type=int, default=6,
                    help="queries shown in retrieval.png with their top 5 (0: no figure)")
+    p.add_argument("--explain", action="store_true",
+                   help="draw the similarity maps (why each result matches: explain.py) over "
+                        "retrieval.png, and add retrieval_worst.png: the queries whose true match "
+                        "ranked lowest")
     p.add_argument("--chunk_size", type=int, default=1024,
                    help="tile side of the exact similarity pass (memory ~ 5 bytes x tile^2 per thread)")
     p.add_argument("--seed", type=int, default=0, help="picks the figure's queries")
@@ -127,7 +131,8 @@ def print_results(results: dict) -> None:
                 print(f"  {why}")
     print(f"extract {results['timing']['extract_s']:.1f} s, metrics {results['timing']['eval_s']:.1f} s; "
           f"wrote {results['output_dir']}/results.json, results.md"
-          + (", retrieval.png" if results.get("figure") else ""))
+          + (", retrieval.png" if results.get("figure") else "")
+          + (", retrieval_worst.png" if results.get("worst_figure") else ""))
 
 
 def check_args(parser, args) -> None:
@@ -149,7 +154,7 @@ def main(args):
                   embed=cached_embeddings(args.embeddings_cache) if args.embeddings_cache else None,
                   num_examples=args.num_examples, chunk_size=args.chunk_size, seed=args.seed,
                   progress=args.progress, compile=args.compile, test_fraction=args.test_fraction,
-                  runtime=args.runtime)
+                  runtime=args.runtime, explain=args.explain)
     catalogue.set_verbose(args.verbose)
     try:
         if args.zero_shot:

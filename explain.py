@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from models import EmbeddingNet
+from models import IMAGENET_MEAN, IMAGENET_STD, EmbeddingNet
 
 # Heads that are affine in the pooled feature: their maps are an exact decomposition.
 EXACT_HEADS = ("linear", "none")
@@ -84,22 +84,27 @@ def feature_grid(model: EmbeddingNet, x: torch.Tensor) -> tuple[torch.Tensor, to
     return caught[0].float(), embedding.float()
 
 
-def _side_map(model: EmbeddingNet, grid: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """M[i, j] of one image's grid [C, H, W] against the other image's embedding [D] (module
-    docstring): the constant term g(f̄) . e_other spread uniformly, plus u . (f_ij - f̄)."""
-    c, h, w = grid.shape
-    locations = grid.reshape(c, h * w).t()                  # [HW, C]
-    pooled = locations.mean(0).detach().requires_grad_(True)
+def _side_maps(model: EmbeddingNet, grids: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """M[n, k, i, j] of image n's grid (``grids`` [N, C, H, W]) against embedding k of its own
+    list of others (``others`` [N, K, D]) (module docstring): the constant term g(f̄_n) . e_nk
+    spread uniformly, plus u_nk . (f_nij - f̄_n). One head pass and K batched vector-Jacobian
+    products for all N images (the head treats the rows of a batch independently in eval mode)."""
+    from torch.func import vjp, vmap
+
+    n, c, h, w = grids.shape
+    locations = grids.reshape(n, c, h * w)                   # [N, C, HW]
+    pooled = locations.mean(2)                               # [N, C]
     with torch.enable_grad(), _eval_mode(model):
-        g = model.head(pooled.unsqueeze(0)).squeeze(0).float()
-        agreement = g @ other
-        # u = J^T e_other: one vector-Jacobian product, whatever the head.
-        (u,) = torch.autograd.grad(agreement, pooled)
-    contributions = agreement.detach() + (locations - pooled.detach()) @ u
+        g, pullback = vjp(lambda f: model.head(f).float(), pooled)
+        # u_nk = J_n^T e_nk, whatever the head: cotangent k is row n's k-th other
+        (u,) = vmap(pullback, in_dims=1, out_dims=1)(others)  # [N, K, C]
+    g, u = g.detach(), u.detach()
+    constant = torch.einsum("nkd,nd->nk", others, g)[..., None]
+    contributions = constant + torch.bmm(u, locations - pooled[..., None])  # [N, K, HW]
     # The same denominator as F.normalize in EmbeddingNet.forward (its eps), so that the map sums
     # to the model's own score even for a degenerate, near-zero feature.
-    norm = g.detach().norm().clamp_min(NORMALIZE_EPS)
-    return (contributions / (h * w * norm)).reshape(h, w)
+    norm = g.norm(dim=1).clamp_min(NORMALIZE_EPS)[:, None, None]
+    return (contributions / (h * w * norm)).reshape(n, -1, h, w)
 
 
 def _one(x: torch.Tensor) -> torch.Tensor:
@@ -108,6 +113,10 @@ def _one(x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 4 or x.shape[0] != 1:
         raise ValueError(f"expected one image [3, h, w] or [1, 3, h, w], got {tuple(x.shape)}")
     return x
+
+
+def _is_exact(model: EmbeddingNet) -> bool:
+    return model.model_args["head"] in EXACT_HEADS
 
 
 def similarity_maps(model: EmbeddingNet, query_x: torch.Tensor, result_x: torch.Tensor) -> dict:
@@ -124,10 +133,52 @@ def similarity_maps(model: EmbeddingNet, query_x: torch.Tensor, result_x: torch.
     """
     grid_q, e_q = feature_grid(model, _one(query_x))
     grid_r, e_r = feature_grid(model, _one(result_x))
-    return {"query_map": _side_map(model, grid_q[0], e_r[0]),
-            "result_map": _side_map(model, grid_r[0], e_q[0]),
+    return {"query_map": _side_maps(model, grid_q, e_r[None])[0, 0],
+            "result_map": _side_maps(model, grid_r, e_q[None])[0, 0],
             "score": float(e_q[0] @ e_r[0]),
-            "exact": model.model_args["head"] in EXACT_HEADS}
+            "exact": _is_exact(model)}
+
+
+def similarity_maps_many(model: EmbeddingNet, query_x: torch.Tensor, results_x: torch.Tensor) -> list:
+    """`similarity_maps` of one query ([3, h, w] or [1, 3, h, w]) against K results of the same
+    size ([K, 3, h, w]), with one forward pass over the K + 1 images: the list of K dicts, in the
+    order of ``results_x``, each equal to ``similarity_maps(model, query_x, results_x[k])``."""
+    query_x = _one(query_x)
+    if results_x.dim() != 4 or results_x.shape[1:] != query_x.shape[1:]:
+        raise ValueError(f"results must be [K, {', '.join(map(str, query_x.shape[1:]))}] like the "
+                         f"query, got {tuple(results_x.shape)}")
+    grids, embeddings = feature_grid(model, torch.cat([query_x, results_x]))
+    e_q, e_r = embeddings[:1], embeddings[1:]
+    query_maps = _side_maps(model, grids[:1], e_r[None])[0]                  # [K, Hq, Wq]
+    result_maps = _side_maps(model, grids[1:], e_q.expand(len(e_r), -1)[:, None])[:, 0]
+    exact = _is_exact(model)
+    return [{"query_map": query_maps[k], "result_map": result_maps[k],
+             "score": float(e_q[0] @ e_r[k]), "exact": exact} for k in range(len(e_r))]
+
+
+def view_of(x: torch.Tensor) -> Image.Image:
+    """The RGB image an ImageNet-normalised [3, h, w] tensor shows (the model's view: what a
+    map over its feature grid is drawn on)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = (x.detach().float().cpu() * std + mean).clamp(0, 1)
+    return Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def dataset_explainer(model: EmbeddingNet, dataset, device="cpu"):
+    """A function (query index, [result indices]) -> `similarity_maps_many`'s dicts, each with
+    "query_view" and "result_view" (`view_of`) added, over the images of ``dataset`` (its
+    transform must be the eval transform: the maps are then those of the embeddings evaluated)."""
+    model = model.to(device).eval()
+
+    def explainer(query, results):
+        xs = torch.stack([dataset[i][0] for i in [query, *results]]).to(device)
+        maps = similarity_maps_many(model, xs[:1], xs[1:])
+        views = [view_of(x) for x in xs]
+        return [{**m, "query_map": m["query_map"].cpu().numpy(), "result_map": m["result_map"].cpu().numpy(),
+                 "query_view": views[0], "result_view": views[k + 1]} for k, m in enumerate(maps)]
+
+    return explainer
 
 
 def overlay(image_pil: Image.Image, heat_map, alpha: float = 0.5, cmap: str = "jet") -> Image.Image:

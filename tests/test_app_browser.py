@@ -168,6 +168,65 @@ def test_clicking_an_example_searches_with_it(browser_demo):
     assert "decode" in timing_text(driver)
 
 
+def rendered_images(driver, gallery_id):
+    """``src`` of the loaded images of gallery ``#gallery_id`` (as rendered_results)."""
+    return driver.execute_script(
+        f"return Array.from(document.querySelectorAll('#{gallery_id} img'))"
+        ".filter(im => im.complete && im.naturalWidth > 0).map(im => im.src);")
+
+
+def fetch_image(src):
+    import io
+    import urllib.request
+
+    from PIL import Image
+
+    with urllib.request.urlopen(src, timeout=TIMEOUT) as r:
+        return Image.open(io.BytesIO(r.read())).convert("RGB")
+
+
+def test_show_why_draws_the_maps_over_the_first_results(browser_demo, server, tmp_path):
+    import numpy as np
+    from selenium.webdriver.common.by import By
+
+    import app_stanford
+
+    driver, engine = browser_demo["driver"], server["demo"].engine
+    driver.get(browser_demo["url"])
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#query input[type=file]"), "the page")
+    query = browser_demo["gallery"].paths[20]
+    upload(driver, query)
+    plain = wait_for(driver, lambda d: len(rendered_results(d)) == 10 and rendered_results(d), "10 results")
+    assert not driver.find_elements(By.CSS_SELECTOR, "#why_query img")  # off by default
+
+    driver.find_element(By.CSS_SELECTOR, "#why input[type=checkbox]").click()
+    k = app_stanford.WHY_K
+    wait_for(driver, lambda d: len(rendered_images(d, "why_query")) == k, f"{k} query-side maps")
+    shown = wait_for(driver, lambda d: (len(rendered_results(d)) == 10 and rendered_results(d)[0] != plain[0]
+                                        and rendered_results(d)), "the results redrawn with their maps")
+    assert shown[k:] == plain[k:]  # results after the first k stay plain photos
+    assert driver.find_element(By.ID, "results").text.count("· why") == k
+    shot = tmp_path / "show_why.png"
+    driver.save_screenshot(str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # what the page draws is the engine's overlay of the right result, not the photo
+    ranked = engine.search_file(query, k=10)["results"]
+    expected = engine.explain_results(query, [r["index"] for r in ranked[:k]])
+    for src, e, r in zip(shown[:k], expected, ranked):
+        drawn = np.asarray(fetch_image(src), np.float32)
+        overlay = np.asarray(e["result_overlay"], np.float32)
+        photo = np.asarray(engine._view(fetch_image(plain[ranked.index(r)])), np.float32)
+        assert drawn.shape == overlay.shape
+        assert np.abs(drawn - overlay).mean() < 6  # the same image (served as lossy webp)
+        assert np.abs(drawn - photo).mean() > 20   # and visibly not the photo (observed ~50)
+
+    # switched off again: the plain gallery comes back and the maps are hidden
+    driver.find_element(By.CSS_SELECTOR, "#why input[type=checkbox]").click()
+    wait_for(driver, lambda d: rendered_results(d) == plain, "the plain results again")
+    wait_for(driver, lambda d: not rendered_images(d, "why_query"), "the query-side maps gone")
+
+
 # ============ screenshot for the README ============
 
 def screenshot(url, query, output, k=10, category="All"):

@@ -92,6 +92,26 @@ def test_imagenet_lite0_zero_shot_maps_sum_to_the_score(lite_imagenet):
     assert out["exact"] is True
 
 
+@pytest.mark.parametrize("head", ["linear", "mlp", "none"])
+def test_many_results_in_one_pass_equal_the_pairwise_maps(head):
+    torch.manual_seed(4)
+    model = models.build_model("resnet18", weights="none", head=head, embedding_size=64)
+    g = torch.Generator().manual_seed(4)
+    query, results = torch.randn(3, 64, 64, generator=g), torch.randn(3, 3, 64, 64, generator=g)
+    many = explain.similarity_maps_many(model, query, results)
+    assert len(many) == 3
+    for k, out in enumerate(many):
+        pair = explain.similarity_maps(model, query, results[k])
+        assert out["score"] == pytest.approx(pair["score"], abs=1e-5)
+        assert out["exact"] is pair["exact"]
+        for side in ("query_map", "result_map"):
+            # batched convolutions round differently from single ones: 1e-5 of a cosine
+            assert torch.allclose(out[side], pair[side], atol=1e-5), (k, side)
+            assert float(out[side].sum()) == pytest.approx(out["score"], abs=1e-5)
+    with pytest.raises(ValueError, match="like the query"):
+        explain.similarity_maps_many(model, query, torch.randn(2, 3, 32, 32))
+
+
 def patch_image(top, left, seed):
     """A 128 px grey image with a 32 px random-texture patch at (top, left), normalised."""
     img = torch.full((3, 128, 128), 0.5)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 import datasets
 from dataio import catalogue
+import explain
 from dataio import fileio
 import inference
 import models
@@ -102,12 +103,16 @@ def per_category(details, super_ids, categories=None) -> dict:
 
 def evaluate_model(model, dataset, *, model_info: dict, output=None, model_hash="", batch_size=64,
                    workers=None, device="cpu", embed=None, num_examples=6,
-                   chunk_size=1024, seed=0, progress=True, compile=False, write=True) -> dict:
+                   chunk_size=1024, seed=0, progress=True, compile=False, write=True,
+                   explain_model=None, num_worst=3) -> dict:
     """Both protocols' metrics of ``model`` (an EmbeddingNet) on ``dataset``; the results dict
     (retrieval.evaluate_embeddings shape plus ``model`` = ``model_info`` and parameters, ``embedding_stats``,
     ``timing``, ``per_category``, ``data``). ``write``: results.json / results.md /
     retrieval.png to ``output``. ``embed``: how the embeddings are obtained (default
-    extract_embeddings; evaluate.py passes its embeddings cache), ``model_hash`` keys a cache."""
+    extract_embeddings; evaluate.py passes its embeddings cache), ``model_hash`` keys a cache.
+    ``explain_model`` (a torch EmbeddingNet, the one evaluated): retrieval.png draws the similarity
+    maps (explain.py) over each image, and retrieval_worst.png shows the ``num_worst`` queries whose
+    true match ranked lowest."""
     model_args = dict(model.model_args)
     embeddings, extract_s, cached = (embed or extract_embeddings)(
         torch.compile(model) if compile else model, dataset, model_hash=model_hash,
@@ -143,10 +148,16 @@ def evaluate_model(model, dataset, *, model_info: dict, output=None, model_hash=
     if write:
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
+        explainer = None if explain_model is None else explain.dataset_explainer(explain_model, dataset, device)
         if num_examples > 0:
             reporting.retrieval_figure(output / "retrieval.png", dataset, embeddings,
-                             num_examples=num_examples, seed=seed)
+                                       num_examples=num_examples, seed=seed, explainer=explainer)
             results["figure"] = "retrieval.png"
+        if explainer is not None and num_worst > 0 and len(reporting.worst_queries(
+                details["best_relevant_rank"], num_worst)):
+            reporting.worst_queries_figure(output / "retrieval_worst.png", dataset, embeddings,
+                                           details["best_relevant_rank"], num=num_worst, explainer=explainer)
+            results["worst_figure"] = "retrieval_worst.png"
         results["output_dir"] = str(output)
     return results
 
@@ -165,11 +176,22 @@ def eval_dataset(root, split, image_size, train_args=None, test_fraction=None):
                                **datasets.split_options(train_args, test_fraction))
 
 
+def _torch_model(model, wanted, checkpoint=None, zero_shot=None):
+    """The torch EmbeddingNet behind ``model`` for similarity maps when ``wanted``: the model
+    itself, or for an onnxruntime embedder the checkpoint's / zero-shot network; else None."""
+    if not wanted:
+        return None
+    if isinstance(model, models.EmbeddingNet):
+        return model
+    return models.load_model(checkpoint) if checkpoint is not None else models.zero_shot_model(*zero_shot)
+
+
 def evaluate_zero_shot(backbone, data_root, weights="imagenet", image_size=224, split="test",
                        output=None, device=None, write=True, test_fraction=None, runtime=None,
-                       **kwargs) -> dict:
+                       explain=False, **kwargs) -> dict:
     """evaluate_model of models.zero_shot_model(backbone, weights, image_size) on ``runtime``
     (inference.load_embedder); output default runs/zero_shot_<backbone>_<size>px/eval.
+    ``explain``: the figures with similarity maps (evaluate_model's explain_model).
     ``kwargs`` as for evaluate_model."""
     device = models.resolve_device(str(device or "auto"))
     runtime = "torch" if kwargs.get("compile") else inference.resolve_runtime(runtime, device)
@@ -179,7 +201,7 @@ def evaluate_zero_shot(backbone, data_root, weights="imagenet", image_size=224, 
     info = {"run": name, "checkpoint": None, "zero_shot": True, "weights": str(weights),
             "checkpoint_size_mb": None, "epoch": None, "runtime": runtime}
     results = evaluate_model(model, eval_dataset(data_root, split, image_size, test_fraction=test_fraction),
-                             model_info=info,
+                             model_info=info, explain_model=_torch_model(model, explain, zero_shot=(backbone, weights, image_size)),
                              output=output, model_hash=models.zero_shot_model_key(backbone, str(weights), int(image_size)),
                              device=device, write=write, **kwargs)
     if write:
@@ -190,14 +212,15 @@ def evaluate_zero_shot(backbone, data_root, weights="imagenet", image_size=224, 
 def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, batch_size=64, workers=None,
                         device=None, embed=None, num_examples=6, chunk_size=1024, seed=0,
                         progress=True, compile=False, zero_shot_row=True, test_fraction=None,
-                        runtime=None) -> dict:
+                        runtime=None, explain=False) -> dict:
     """Evaluate ``checkpoint`` on ``split``; write results.json / results.md / retrieval.png to
     ``output`` (default runs/<run>/eval) and return the results dict (evaluate_model).
     ``zero_shot_row`` and a checkpoint trained from ImageNet weights: ``results["zero_shot"]``
     holds its backbone's zero-shot metrics (product, category) on the same images.
     ``compile``: extract the embeddings with ``torch.compile(model)`` (1.5x on a 2-core CPU for
     EfficientNet-B0 at 224 px, after a compilation of tens of seconds; PyTorch only).
-    ``runtime``: torch or onnx (inference.load_embedder; default inference.default_runtime)."""
+    ``runtime``: torch or onnx (inference.load_embedder; default inference.default_runtime).
+    ``explain``: the figures with similarity maps (evaluate_model's explain_model)."""
     checkpoint = Path(checkpoint)
     device = models.resolve_device(str(device or "auto"))
     runtime = "torch" if compile else inference.resolve_runtime(runtime, device)
@@ -214,6 +237,7 @@ def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, b
     results = evaluate_model(
         model, dataset, output=output, model_hash=ckpt_hash,
         embed=embed, num_examples=num_examples, seed=seed, compile=compile,
+        explain_model=_torch_model(model, explain, checkpoint=checkpoint),
         model_info={"run": checkpoint.resolve().parent.name, "checkpoint": str(checkpoint),
                     "checkpoint_sha256": ckpt_hash,
                     "checkpoint_size_mb": round(checkpoint.stat().st_size / 2 ** 20, 2),

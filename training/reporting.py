@@ -126,32 +126,28 @@ def results_markdown(results: dict) -> str:
     if results.get("figure"):
         lines += [f"![retrieval examples]({results['figure']})", "",
                   "Query (blue) and its top 5 among all other images: green = same product, red = another.", ""]
+    if results.get("worst_figure"):
+        lines += [f"![worst queries]({results['worst_figure']})", "",
+                  "The queries whose true match ranked lowest: their top 4 and, last, that match.", ""]
     return "\n".join(lines)
 
 
-def retrieval_figure(path, dataset, embeddings, num_examples=6, top=5, seed=0, thumb=128):
-    """Queries (one per category first, seeded) with their top ``top`` over every other image;
-    green borders for the same product, red for another. Returns the query indices."""
+def _figure_rows(path, dataset, rows, suptitle, explainer=None, thumb=128):
+    """Draw ``rows`` (each (query, [(gallery index, title, colour), ...])) as a grid of thumbnails,
+    the query first with a blue border; with ``explainer`` (explain.dataset_explainer), every
+    cell is the model's view with its similarity map over it: a result's map against the query,
+    the query's map against its first result."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rng = np.random.default_rng(seed)
-    super_ids, class_ids = np.asarray(dataset.super_ids), np.asarray(dataset.class_ids)
-    products, names = dataset.product_ids, dataset.categories
-    cats = rng.permutation(np.unique(super_ids))
-    queries = [int(rng.choice(np.flatnonzero(super_ids == c))) for c in cats[:num_examples]]
-    while len(queries) < min(num_examples, len(dataset)):
-        queries.append(int(rng.integers(len(dataset))))
-    queries = np.asarray(queries)
-    scores, idx = retrieval.knn(embeddings[queries], embeddings, top, self_indices=queries)
+    super_ids, products, names = np.asarray(dataset.super_ids), dataset.product_ids, dataset.categories
+    width = 1 + max(len(cells) for _, cells in rows)
+    fig, axes = plt.subplots(len(rows), width, figsize=(1.9 * width, 2.35 * len(rows)), squeeze=False)
 
-    fig, axes = plt.subplots(len(queries), top + 1, figsize=(1.9 * (top + 1), 2.35 * len(queries)),
-                             squeeze=False)
-
-    def show(ax, i, colour, title):
-        ax.imshow(photos.load_image(dataset.paths[i], size=thumb).resize((thumb, thumb)))
+    def show(ax, image, colour, title):
+        ax.imshow(image)
         ax.set_xticks([])
         ax.set_yticks([])
         for side in ax.spines.values():
@@ -159,20 +155,93 @@ def retrieval_figure(path, dataset, embeddings, num_examples=6, top=5, seed=0, t
             side.set_linewidth(4)
         ax.set_title(title, fontsize=7)
 
-    for row, q in enumerate(queries):
-        show(axes[row, 0], q, "tab:blue", f"query\n{category_name(super_ids[q], names)} #{products[q]}")
-        for col in range(top):
-            g = int(idx[row, col])
-            if g < 0:
-                axes[row, col + 1].axis("off")
+    def plain(i):
+        return photos.load_image(dataset.paths[i], size=thumb).resize((thumb, thumb))
+
+    approximate = False
+    for row, (q, cells) in enumerate(rows):
+        found = [g for g, _, _ in cells if g >= 0]
+        maps = explainer(q, found) if explainer is not None and found else None
+        if maps:
+            from explain import overlay  # display only: the figure without maps needs no torch
+            approximate |= not maps[0]["exact"]
+            query_image = overlay(maps[0]["query_view"], maps[0]["query_map"])
+            by_index = {g: overlay(m["result_view"], m["result_map"]) for g, m in zip(found, maps)}
+        else:
+            query_image, by_index = plain(q), {}
+        show(axes[row, 0], query_image, "tab:blue", f"query\n{category_name(super_ids[q], names)} #{products[q]}")
+        for col in range(width - 1):
+            ax = axes[row, col + 1]
+            if col >= len(cells) or cells[col][0] < 0:
+                ax.axis("off")
                 continue
-            same = class_ids[g] == class_ids[q]
-            show(axes[row, col + 1], g, "tab:green" if same else "tab:red",
-                 f"{col + 1}. {scores[row, col]:.3f}\n{category_name(super_ids[g], names)} #{products[g]}")
-    fig.suptitle("Top 5 over all other images (green: same product, red: another product)", fontsize=9)
+            g, title, colour = cells[col]
+            show(ax, by_index[g] if g in by_index else plain(g), colour,
+                 f"{title}\n{category_name(super_ids[g], names)} #{products[g]}")
+    if explainer is not None:
+        suptitle += ("\nheat: where each image agrees with the other's embedding "
+                     + ("(MLP head: a linearisation)" if approximate else "(maps sum to the score)"))
+    fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=90)
     plt.close(fig)
+
+
+def _same_product_colour(dataset, q, g):
+    return "tab:green" if dataset.class_ids[g] == dataset.class_ids[q] else "tab:red"
+
+
+def retrieval_figure(path, dataset, embeddings, num_examples=6, top=5, seed=0, thumb=128, explainer=None):
+    """Queries (one per category first, seeded) with their top ``top`` over every other image;
+    green borders for the same product, red for another; with ``explainer``, the similarity
+    maps over each (`_figure_rows`). Returns the query indices."""
+    rng = np.random.default_rng(seed)
+    super_ids = np.asarray(dataset.super_ids)
+    cats = rng.permutation(np.unique(super_ids))
+    queries = [int(rng.choice(np.flatnonzero(super_ids == c))) for c in cats[:num_examples]]
+    while len(queries) < min(num_examples, len(dataset)):
+        queries.append(int(rng.integers(len(dataset))))
+    queries = np.asarray(queries)
+    scores, idx = retrieval.knn(embeddings[queries], embeddings, top, self_indices=queries)
+    rows = [(int(q), [(int(g), f"{col + 1}. {scores[row, col]:.3f}", _same_product_colour(dataset, q, g))
+                      for col, g in enumerate(idx[row])]) for row, q in enumerate(queries)]
+    _figure_rows(path, dataset, rows, f"Top {top} over all other images (green: same product, red: another product)",
+                 explainer=explainer, thumb=thumb)
+    return queries
+
+
+def worst_queries(best_relevant_rank, num=3) -> np.ndarray:
+    """The ``num`` queries whose first true match is ranked lowest (largest
+    ``best_relevant_rank``, retrieval_details; queries without a relevant item excluded), worst
+    first; ties by query index."""
+    rank = np.asarray(best_relevant_rank)
+    candidates = np.flatnonzero(rank > 0)
+    order = np.lexsort((candidates, -rank[candidates]))
+    return candidates[order[:num]]
+
+
+def worst_queries_figure(path, dataset, embeddings, best_relevant_rank, num=3, top=4, thumb=128,
+                         explainer=None):
+    """The `worst_queries`: each with its top ``top`` (all of another product) and, last, its
+    best-ranked true match with its rank and score. Returns the query indices (empty: no figure)."""
+    queries = worst_queries(best_relevant_rank, num)
+    if len(queries) == 0:
+        return queries
+    x = retrieval.l2_normalize(embeddings)
+    class_ids = np.asarray(dataset.class_ids)
+    scores, idx = retrieval.knn(x[queries], x, top, self_indices=queries)
+    rows = []
+    for row, q in enumerate(queries):
+        same = np.flatnonzero(class_ids == class_ids[q])
+        same = same[same != q]
+        match = int(same[np.argmax(x[same] @ x[q])])
+        cells = [(int(g), f"{col + 1}. {scores[row, col]:.3f}", _same_product_colour(dataset, q, g))
+                 for col, g in enumerate(idx[row])]
+        cells.append((match, f"true match: rank {int(best_relevant_rank[q])}, {float(x[match] @ x[q]):.3f}",
+                      "tab:green"))
+        rows.append((int(q), cells))
+    _figure_rows(path, dataset, rows, "Worst queries: their true match ranked lowest (last column)",
+                 explainer=explainer, thumb=thumb)
     return queries
 
 
