@@ -77,3 +77,33 @@ def test_show_why(tiny):
     assert [c for _, c in shown[k:]] == captions[k:]
     assert all(isinstance(im, Image.Image) for im, _ in shown[:k] + queries)
     assert shown[k][0] == engine.abs_paths[ranked["results"][k]["index"]]
+
+
+def test_onnx_runtime_explains_with_the_checkpoint_it_was_exported_from(tiny, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "run" / "best.pth"
+    ckpt.parent.mkdir()
+    shutil.copy(tiny["checkpoint"], ckpt)
+    loaded = search_engine.load_search_model(ckpt, runtime="onnx", device="cpu")
+    assert not isinstance(loaded.model, models.EmbeddingNet)  # the onnxruntime embedder
+    path = tiny["gallery"].paths[3]
+    torch_engine = search_engine.SearchEngine(tiny["model"], tiny["index"], tiny["data_root"])
+    reference = torch_engine.explain(path, 5)
+    # found through the export's recorded sha256 (best.onnx beside best.pth), then given explicitly
+    for source in (None, ckpt):
+        engine = search_engine.SearchEngine(loaded.model, tiny["index"], tiny["data_root"], explain_source=source)
+        e = engine.explain(path, 5)
+        assert isinstance(engine.explain_model(), models.EmbeddingNet)
+        assert abs(e["score"] - reference["score"]) < ATOL
+        assert np.allclose(e["result_map"], reference["result_map"], atol=ATOL)
+    # an export without its checkpoint: a message that says what to do, not a traceback
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.move(ckpt.with_suffix(".onnx"), alone / "best.onnx")
+    ckpt.unlink()
+    from inference import OnnxEmbedder
+    lonely = OnnxEmbedder(alone / "best.onnx")
+    engine = search_engine.SearchEngine(lonely, tiny["index"], tiny["data_root"])
+    with pytest.raises(search_engine.QueryError, match="--runtime torch"):
+        engine.explain(path, 5)
