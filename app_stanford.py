@@ -7,6 +7,7 @@ The web UI and command line over `search.engine` (the search itself, no UI).
     python app_stanford.py --zero_shot --backbone efficientnet_lite0 --gallery my_photos/
     python app_stanford.py ... --host 0.0.0.0 --port 7860       # reachable from the network (opt-in)
     python app_stanford.py ... --build_index                     # build / refresh the index, then exit
+    python app_stanford.py ... --gallery my_photos/ --watch 10  # live: rescan the folder every 10 s
 
 The checkpoint is self-describing (models.load_model, weights_only=True): backbone, embedding
 size and image size come from it, and the data root defaults to the one it was trained on.
@@ -15,7 +16,7 @@ split) is embedded once into a `search.index.GalleryIndex` saved next to the che
 (``gallery_<split>.npz``); it is rebuilt, with a progress bar, when the checkpoint's sha256
 or the image list changed. ``--gallery DIR`` indexes every image under DIR instead
 (`search.gallery`): a rerun embeds only the files added or changed (path, size, mtime) and drops
-the removed ones.
+the removed ones; with ``--watch [SECONDS]`` it does so while serving (`search.watch`).
 
 API: the search is the Gradio endpoint ``/search`` (inputs: image, k, category="All"):
 
@@ -68,6 +69,9 @@ import torch
 import inference
 from dataio import catalogue
 from search import engine as search_engine
+from search import watch as gallery_watch
+from search import vectordb
+from search.gallery import CHECKPOINT_EVERY
 from training import evaluation
 
 logger = logging.getLogger("app_stanford")
@@ -152,6 +156,18 @@ def _timing_text(out):
     return " · ".join(parts)
 
 
+def _result_gallery(engine, out):
+    """(file, caption) of each result, the file from the result's own path (with --watch the
+    gallery may change meanwhile). A photo deleted from the folder since the index was made
+    (before --watch's next rescan) is dropped from ``out["results"]`` too: Gradio would hand
+    the client a link that fails."""
+    gallery = [(engine.result_path(r), _caption(r)) for r in out["results"]]
+    if not all(os.path.exists(path) for path, _ in gallery):
+        out["results"] = [r for r, (path, _) in zip(out["results"], gallery) if os.path.exists(path)]
+        gallery = [(engine.result_path(r), _caption(r)) for r in out["results"]]
+    return gallery
+
+
 def _guarded(fn, *args):
     """Run a search (or an explanation); QueryError → its message in the page, anything else → a generic
     message (the traceback goes to the server log only, never to the user)."""
@@ -209,7 +225,7 @@ def why_outputs(engine, query, ranked, on, k=WHY_K):
     with their similarity maps (caption + " · why") and, in the second gallery, the query's map
     against each of them."""
     results = (ranked or {}).get("results") or []
-    plain = [(engine.abs_paths[r["index"]], _caption(r)) for r in results]
+    plain = [(engine.result_path(r), _caption(r)) for r in results]
     if not on or not results or not query:
         return plain, [], False
     explained = engine.explain_results(query, [r["index"] for r in results[:k]])
@@ -248,8 +264,7 @@ def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_up
     title = title or "Visual product search"
 
     def outputs_of(out):
-        gallery = [(engine.abs_paths[r["index"]], _caption(r)) for r in out["results"]]
-        return gallery, out, _timing_text(out)
+        return _result_gallery(engine, out), out, _timing_text(out)
 
     guarded = _guarded
 
@@ -263,13 +278,14 @@ def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_up
 
     def search_result(evt: gr.SelectData, ranked, k, category):
         try:
-            i = int(ranked["results"][evt.index]["index"])
+            clicked = ranked["results"][evt.index]
+            i, path = int(clicked["index"]), clicked["catalogue_path"]
         except (TypeError, KeyError, IndexError, ValueError):
             raise gr.Error("Run a search first, then click one of its results.",
                            print_exception=False) from None
-        out = guarded(engine.search_gallery_item, i, k, category)
+        out = guarded(engine.search_gallery_item, i, k, category, path)
         out["stored_vector"] = True
-        return (engine.abs_paths[i], *outputs_of(out))
+        return (engine.result_path(clicked), *outputs_of(out))
 
     explain, show_why = _explain_handlers(engine)
     examples = [[engine.abs_paths[i]] for i in engine.example_indices(max_examples)]
@@ -384,10 +400,20 @@ def get_args_parser(add_help=True):
     group.add_argument("--index_type", default="exact", choices=["exact", "ivf", "hnsw"],
                        help="gallery search: exact (SOP-sized galleries), or approximate faiss ivf / "
                             "hnsw for millions of images (needs pip install faiss-cpu; see bench/README.md)")
+    vectordb.add_backend_args(group)
+    group.add_argument("--checkpoint_every", default=CHECKPOINT_EVERY, type=int, metavar="N",
+                       help="--gallery indexing saves its progress every N images: a killed run, run "
+                            "again, embeds at most the last N again")
     group.add_argument("--rebuild_index", action="store_true",
                        help="rebuild the gallery index even when it is up to date")
     group.add_argument("--build_index", action="store_true",
                        help="build / refresh the gallery index, then exit without serving")
+    group.add_argument("--watch", nargs="?", type=float, const=gallery_watch.DEFAULT_INTERVAL, default=None,
+                       metavar="SECONDS",
+                       help="with --gallery: rescan DIR every SECONDS (%(const)g without a value) while "
+                            "serving; photos added or changed are embedded and become searchable, "
+                            "removed ones disappear, without a restart (a query sees the old gallery or "
+                            "the new one; a photo appears after at most SECONDS plus its embedding)")
     group.add_argument("--batch_size", default=64, type=int, help="batch size for embedding the gallery")
     group.add_argument("--workers", default=None, type=int,
                        help="DataLoader workers for embedding the gallery; default "
@@ -422,12 +448,19 @@ def check_args(parser, args):
     if args.gallery and args.data_root:
         parser.error("pass --gallery DIR (any folder of photos) or --data_root DIR (a labelled "
                      "dataset's split), not both")
+    if args.watch is not None and (not args.gallery or args.build_index or not args.watch > 0):
+        parser.error("--watch [SECONDS] rescans a --gallery DIR while serving: it needs --gallery, "
+                     "SECONDS > 0 and no --build_index")
+    if args.index_backend == "file" and (args.db_uri or args.collection):
+        parser.error("--db_uri and --collection go with --index_backend milvus")
+    if args.index_backend == "milvus" and args.index:
+        parser.error("--index names a file index; with --index_backend milvus use --db_uri / --collection")
     if args.test_fraction is not None and not 0 < args.test_fraction < 1:
         parser.error(f"--test_fraction must be in (0, 1), got {args.test_fraction}")
     if args.image_size < 32:
         parser.error(f"--image_size must be >= 32, got {args.image_size}")
     for name, low in (("port", 0), ("max_upload_mb", 0), ("max_megapixels", 0), ("max_queue", 0),
-                      ("batch_size", 0)):
+                      ("batch_size", 0), ("checkpoint_every", 0)):
         if getattr(args, name) <= low:
             parser.error(f"--{name} must be > {low}, got {getattr(args, name)}")
     if args.port > 65535:
@@ -458,7 +491,8 @@ def main(args):
 
     # ============ gallery index ============
     options = dict(index_path=args.index, batch_size=args.batch_size, workers=args.workers,
-                   rebuild=args.rebuild_index, index_type=args.index_type)
+                   rebuild=args.rebuild_index, index_type=args.index_type, backend=args.index_backend,
+                   db_uri=args.db_uri, collection=args.collection, checkpoint_every=args.checkpoint_every)
     try:
         if args.gallery:
             index, data_root = search_engine.folder_index(loaded, args.gallery, **options)
@@ -483,9 +517,42 @@ def main(args):
     demo = build_app(loaded.model, index, data_root, max_pixels=int(args.max_megapixels * 1e6),
                      max_upload_mb=args.max_upload_mb,
                      explain_source=loaded.checkpoint or (args.backbone, args.weights, args.image_size))
+    if args.watch:
+        demo.watcher = start_watch(demo, folder_refresh(demo.engine, loaded, args), args.watch, data_root)
     launch_app(demo, index, data_root, host=args.host, port=args.port, share=args.share,
                max_upload_mb=args.max_upload_mb, max_queue=args.max_queue)
     return demo
+
+
+def folder_refresh(engine, loaded, args):
+    """``--watch``'s ``refresh()`` for ``--gallery`` (`search.watch`): a new index when the
+    folder changed, else None; with ``--index_backend milvus`` the database gallery itself."""
+    workers = 0 if args.workers is None else args.workers
+    if args.index_backend == "milvus":
+        return gallery_watch.database_refresher(engine.index, loaded.model, batch_size=args.batch_size,
+                                                workers=workers)
+    return gallery_watch.folder_refresher(
+        loaded, args.gallery, current=lambda: engine.index, index_path=args.index,
+        index_type=args.index_type, batch_size=args.batch_size, workers=workers)
+
+
+def start_watch(demo, refresh, interval, data_root):
+    """Start ``--watch``: every ``interval`` s, ``refresh()``; a new index is swapped into the
+    demo's engine (`SearchEngine.replace_index`). Before each swap, and at every tick, the file
+    route's allowed / blocked paths are recomputed for the gallery as it is now (new photo
+    folders become servable, a notes file put in later is blocked). Returns the running
+    `search.watch.GalleryWatcher` (``.stop()`` ends it)."""
+    engine = demo.engine
+
+    def refresh_and_serve():
+        index = refresh()
+        allowed, blocked = search_engine.served_paths(index or engine.index, data_root)
+        if (demo.allowed_paths, demo.blocked_paths) != (allowed, blocked):
+            demo.allowed_paths, demo.blocked_paths = allowed, blocked  # Gradio reads them per request
+        return index
+
+    logger.info("Watching %s: rescanned every %g s", data_root, interval)
+    return gallery_watch.GalleryWatcher(refresh_and_serve, engine.replace_index, interval).start()
 
 
 if __name__ == "__main__":

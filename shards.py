@@ -4,6 +4,7 @@ the library is `search.shards`).
     python shards.py --checkpoint checkpoints/<run>/best.pth --out gallery_shards/
     torchrun --nproc_per_node 4 shards.py --checkpoint ... --out gallery_shards/ --device cuda
     python shards.py ... --gallery_index gallery_test.npz --index_type ivf   # then serve it
+    python shards.py ... --index_backend milvus [--db_uri http://HOST:19530]  # into a database
 
 Shard i of the gallery (``--split`` of ``--data_root``, default the checkpoint's) is embedded
 by rank ``i % world_size`` into ``--out``; a rerun after a kill redoes only the missing
@@ -19,6 +20,7 @@ import os
 from pathlib import Path
 
 from search import shards
+from search import vectordb
 
 
 def get_args_parser():
@@ -38,6 +40,7 @@ def get_args_parser():
     parser.add_argument("--gallery_index", default=None,
                         help="also save a GalleryIndex here (rank 0), e.g. gallery_test.npz for the demo")
     parser.add_argument("--index_type", default="exact", choices=["exact", "ivf", "hnsw"])
+    vectordb.add_backend_args(parser)
     return parser
 
 
@@ -59,6 +62,9 @@ def load_gallery(args, device):
 
 
 def save_gallery_index(args, model, ckpt_hash, dataset, embeddings):
+    """The merged embeddings as a GalleryIndex at --gallery_index and / or, with
+    --index_backend milvus, the split's collection in --db_uri (what app_stanford.py
+    --data_root ... --index_backend milvus then serves without embedding again)."""
     from search.index import GalleryIndex
 
     index = GalleryIndex(
@@ -67,8 +73,15 @@ def save_gallery_index(args, model, ckpt_hash, dataset, embeddings):
         product_ids=dataset.product_ids, checkpoint_hash=ckpt_hash, index_type=args.index_type,
         meta={"split": args.split, "data_root": str(dataset.root),
               "model_args": dict(model.model_args), "checkpoint": str(args.checkpoint)})
-    index.save(args.gallery_index)
-    print(f"saved gallery index {args.gallery_index} ({args.index_type})", flush=True)
+    if args.gallery_index:
+        index.save(args.gallery_index)
+        print(f"saved gallery index {args.gallery_index} ({args.index_type})", flush=True)
+    if args.index_backend == "milvus":
+        uri = args.db_uri or vectordb.default_db_path(args.checkpoint)
+        store = vectordb.split_gallery(uri, dataset.root, args.split, ckpt_hash, dict(model.model_args),
+                                       dataset.rel_paths, lambda: index, collection=args.collection,
+                                       index_type=args.index_type)
+        print(f"published {len(store)} rows to {uri}, collection {store.name} ({args.index_type})", flush=True)
 
 
 def main(args):
@@ -85,6 +98,8 @@ def main(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         model, ckpt_hash, dataset = load_gallery(args, device)
+        if args.index_backend == "milvus" and rank == 0:  # unreachable: fail now, not after embedding
+            vectordb.connect(args.db_uri or vectordb.default_db_path(args.checkpoint))
         done = shards.embed_shards(model, dataset, args.out, args.shard_size, args.batch_size, device,
                                    rank, world, ckpt_hash, workers=args.workers, progress=rank == 0)
         print(f"rank {rank}: embedded shards {done}", flush=True)
@@ -93,7 +108,7 @@ def main(args):
         if rank == 0:
             emb = shards.merge_shards(args.out, len(dataset), args.shard_size)
             print(f"merged {len(emb)} x {emb.shape[1]} into {Path(args.out) / shards.MERGED}", flush=True)
-            if args.gallery_index:
+            if args.gallery_index or args.index_backend == "milvus":
                 save_gallery_index(args, model, ckpt_hash, dataset, emb)
     finally:
         if world > 1:
@@ -101,4 +116,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except vectordb.DatabaseError as e:
+        raise SystemExit(f"shards.py: {e}") from None

@@ -3,6 +3,7 @@
     python bench/bench_ann.py                                  # n = 60,502 and 1,000,000
     python bench/bench_ann.py --sizes 200000 --indexes exact,ivf
     python bench/bench_ann.py --embeddings gallery_test.npz    # a real gallery (npz / npy)
+    python bench/bench_ann.py --sizes 1000000 --indexes hnsw --ef_sweep 128,256,512  # one build
 
 Gallery: clustered synthetic 128-d unit vectors shaped like product embeddings (12
 categories, products of ~5 images around a product centre, images around it); queries are
@@ -45,6 +46,11 @@ def get_args_parser():
     parser.add_argument("--embeddings", default=None,
                         help="real embeddings: .npy [N, D] or a gallery index .npz; replaces --sizes")
     parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--ef_sweep", default="",
+                        help="comma-separated efSearch values: after the timed rows, the hnsw index is "
+                             "searched again at each (p50 and recall@10 per value, key ef_sweep; the "
+                             "same build, so one slow build answers which efSearch a size needs)")
+    parser.add_argument("--nprobe_sweep", default="", help="the same for ivf's nprobe")
     return parser
 
 
@@ -95,7 +101,25 @@ def percentiles(times_s):
     return round(float(np.percentile(ms, 50)), 4), round(float(np.percentile(ms, 95)), 4)
 
 
-def run_size(gallery, queries, index_types, k):
+def sweep(index, queries, truth, k, name, values):
+    """[{name: v, p50_ms, p95_ms, recall@10}] for each search parameter value, one thread."""
+    out = []
+    for v in values:
+        index.set_search_params(**{name: v})
+        for q in queries[:10]:
+            index.search(q, k)
+        times, found = [], []
+        for q in queries:
+            t0 = time.perf_counter()
+            found.append(index.search(q, k)[1][0])
+            times.append(time.perf_counter() - t0)
+        p50, p95 = percentiles(times)
+        out.append({name: v, "p50_ms": p50, "p95_ms": p95,
+                    "recall@10": round(ann.recall_at_k(np.stack(found), truth, k), 4)})
+    return out
+
+
+def run_size(gallery, queries, index_types, k, sweeps=None):
     faiss = ann.require_faiss("bench_ann.py")
     n = len(gallery)
     _, truth = retrieval.knn(queries, gallery, k, normalize=False)
@@ -139,7 +163,13 @@ def run_size(gallery, queries, index_types, k):
                      "p50_ms": p50, "p95_ms": p95,
                      "recall@10": round(ann.recall_at_k(np.stack(found[t]), truth, k), 4),
                      "flat_p50_ms": flat_p50, "vs_flat": round(p50 / flat_p50, 3),
-                     "float32_bytes": int(gallery.nbytes), "params": index.ann_params})
+                     "float32_bytes": int(gallery.nbytes), "params": dict(index.ann_params)})
+    for r in rows:  # after the timed rows: a sweep leaves the index at other settings
+        name, values = {"hnsw": ("efSearch", (sweeps or {}).get("hnsw")),
+                        "ivf": ("nprobe", (sweeps or {}).get("ivf"))}.get(r["index"], (None, None))
+        if values:
+            r[f"{name}_sweep"] = sweep(indexes[r["index"]], queries, truth, k, name, values)
+            indexes[r["index"]].set_search_params(**{name: r["params"][name]})
     exact = next((r for r in rows if r["index"] == "exact"), None)
     for r in rows:
         if exact is not None:
@@ -155,15 +185,17 @@ def main(args):
     index_types = [t for t in args.indexes.split(",") if t]
     for t in index_types:
         ann.check_index_type(t)
+    sweeps = {"hnsw": [int(v) for v in args.ef_sweep.split(",") if v],
+              "ivf": [int(v) for v in args.nprobe_sweep.split(",") if v]}
     load_before = os.getloadavg()
     results = []
     if args.embeddings:
         gallery, queries = real(args.embeddings, args.queries, args.seed)
-        results += run_size(gallery, queries, index_types, args.k)
+        results += run_size(gallery, queries, index_types, args.k, sweeps)
     else:
         for n in (int(s) for s in args.sizes.split(",") if s):
             gallery, queries = synthetic(n, args.dim, args.queries, args.seed)
-            results += run_size(gallery, queries, index_types, args.k)
+            results += run_size(gallery, queries, index_types, args.k, sweeps)
             del gallery
     out = {"results": results, "queries": args.queries, "k": args.k, "query_threads": 1,
            "build_threads": BUILD_THREADS,

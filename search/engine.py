@@ -35,6 +35,7 @@ import explain
 import inference
 import models
 from search import gallery
+from search import vectordb
 from search.index import build_gallery_index, load_fresh_index
 
 logger = logging.getLogger("app_stanford")  # the demo's log, whichever module writes to it
@@ -188,6 +189,34 @@ class SearchEngine:
             return fn(*args)
         return self._worker.submit(fn, *args).result()
 
+    # ---- live updates (search.watch)
+    def replace_index(self, index):
+        """Serve ``index`` from now on (``--watch``: the gallery folder changed).
+
+        Everything derived from the index (``abs_paths``, search caches) is made first, in the
+        caller's thread; then ``index`` and ``abs_paths`` are swapped together on the worker
+        thread. Every query runs there from start to end, so the swap falls between two
+        queries: each sees the old gallery or the new one, never a mix, and none waits for
+        more than the swap itself. Callers outside the worker should take a result's file
+        from its own ``catalogue_path`` (`result_path`), not from ``abs_paths[index]``, which
+        may belong to a newer gallery."""
+        adopt = getattr(index, "adopt", None)
+        if adopt is not None:  # a database gallery (search.vectordb) that updated itself in place:
+            self._on_worker(adopt)  # its new rows become the searched ones between two queries
+        abs_paths = [str(self.data_root / p) for p in index.paths]
+        if adopt is None and len(index):  # the first search makes its caches (float16 copy / faiss) here
+            index.search(np.asarray(index.embeddings[0], dtype=np.float32), 1)
+        self._on_worker(self._install_index, index, abs_paths)
+
+    def _install_index(self, index, abs_paths):
+        self.index, self.abs_paths = index, abs_paths
+        self._rows_by_path = None
+
+    def result_path(self, result):
+        """The image file of a result dict (from its ``catalogue_path``: right whichever
+        gallery answered the query)."""
+        return str(self.data_root / result["catalogue_path"])
+
     # ---- model input
     def prepare(self, image):
         """Write the eval transform of ``image`` (RGB PIL) into the input buffer; returns it.
@@ -264,14 +293,26 @@ class SearchEngine:
         out["query_size"] = list(image.size)
         return out
 
-    def search_gallery_item(self, i, k=DEFAULT_K, category=CATEGORY_ALL):
+    def search_gallery_item(self, i, k=DEFAULT_K, category=CATEGORY_ALL, catalogue_path=None):
         """Search with gallery image ``i``'s stored embedding (no forward pass); the image
-        itself is left out of its results (excluded by index)."""
-        return self._on_worker(self._search_gallery_item, i, k, category)
+        itself is left out of its results (excluded by index). ``catalogue_path``: the image
+        that row ``i`` was when the caller saw it; if the gallery was replaced since
+        (`replace_index`), that image's row now, or a QueryError when it was removed."""
+        return self._on_worker(self._search_gallery_item, i, k, category, catalogue_path)
 
-    def _search_gallery_item(self, i, k, category):
+    def _row_of(self, i, catalogue_path):
+        if catalogue_path is None or (0 <= int(i) < len(self.index) and self.index.paths[int(i)] == catalogue_path):
+            return int(i)
+        if getattr(self, "_rows_by_path", None) is None:
+            self._rows_by_path = {p: r for r, p in enumerate(self.index.paths)}
+        if catalogue_path not in self._rows_by_path:
+            raise QueryError(f"{catalogue_path} is no longer in the gallery; search again.")
+        return self._rows_by_path[catalogue_path]
+
+    def _search_gallery_item(self, i, k, category, catalogue_path=None):
         t0 = time.perf_counter()
         k, super_id = clamp_k(k), category_to_super_id(category, self.index.categories)
+        i = self._row_of(i, catalogue_path)
         if not 0 <= int(i) < len(self.index):
             raise QueryError(f"Gallery image {i} does not exist (the gallery has {len(self.index)}).")
         results = self._ranked(self.index.embeddings[int(i)], k, super_id, exclude=int(i))
@@ -313,18 +354,18 @@ class SearchEngine:
             query = load_query_image(query, self.max_pixels, draft_size=self.resize)
         images = [query] + [photos.load_image(self.abs_paths[i], size=self.resize) for i in indices]
         net = self.explain_model()
-        inputs = [self.prepare(im).clone() for im in images]
+        inputs = torch.cat([self.prepare(im).clone() for im in images])
+        with torch.no_grad():  # not inference_mode: the MLP head's maps take a gradient
+            maps = explain.similarity_maps_many(net, inputs[:1], inputs[1:])
         query_view, out = self._view(query), []
-        for n, i in enumerate(indices, start=1):
-            with torch.no_grad():  # not inference_mode: the MLP head's maps take one gradient
-                maps = explain.similarity_maps(net, inputs[0], inputs[n])
-            exact = bool(maps["exact"])
-            q_map, r_map = maps["query_map"].numpy(), maps["result_map"].numpy()
-            out.append({"index": i, "score": float(maps["score"]), "exact": exact,
+        for i, image, m in zip(indices, images[1:], maps):
+            exact = bool(m["exact"])
+            q_map, r_map = m["query_map"].numpy(), m["result_map"].numpy()
+            out.append({"index": i, "score": m["score"], "exact": exact,
                         "label": EXACT_LABEL if exact else APPROX_LABEL,
                         "query_map": q_map.tolist(), "result_map": r_map.tolist(),
                         "query_overlay": explain.overlay(query_view, q_map, alpha),
-                        "result_overlay": explain.overlay(self._view(images[n]), r_map, alpha)})
+                        "result_overlay": explain.overlay(self._view(image), r_map, alpha)})
         return out
 
     def warm_up(self):
@@ -499,23 +540,35 @@ def load_search_model(checkpoint=None, checkpoint_dir="checkpoints", device="aut
 
 
 def folder_index(loaded: SearchModel, folder, index_path=None, batch_size=64, workers=None,
-                 rebuild=False, index_type="exact"):
+                 rebuild=False, index_type="exact", backend="file", db_uri=None, collection=None,
+                 checkpoint_every=gallery.CHECKPOINT_EVERY):
     """``(index, folder)``: the index of every image under ``folder`` (`search.gallery`),
-    updated incrementally, at ``index_path`` (default `default_gallery_index_path`).
-    SetupError for a missing folder or one without a readable image."""
+    updated incrementally (and resumably: checkpoints every ``checkpoint_every`` images), at
+    ``index_path`` (default `default_gallery_index_path`); with ``backend="milvus"`` a
+    `search.vectordb.MilvusGallery` in the database ``db_uri`` (default
+    `search.vectordb.default_db_path`). SetupError for a missing folder, one without a readable
+    image, or a database that cannot be used."""
     model, checkpoint = loaded.model, loaded.checkpoint
-    index_path = Path(index_path) if index_path else default_gallery_index_path(folder, checkpoint, loaded.name)
+    options = dict(batch_size=batch_size, workers=workers, device=next(model.parameters()).device,
+                   index_type=index_type, checkpoint_every=checkpoint_every)
     try:
-        index, report = gallery.update_gallery_index(
-            model, folder, index_path, loaded.key, batch_size=batch_size, workers=workers,
-            device=next(model.parameters()).device, force=rebuild, index_type=index_type,
-            meta={"model_args": dict(model.model_args), "checkpoint": str(checkpoint) if checkpoint else None})
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        if backend == "milvus":
+            db_uri = db_uri or vectordb.default_db_path(checkpoint, loaded.name)
+            index, report = vectordb.folder_gallery(model, loaded.key, folder, db_uri, collection=collection,
+                                                    rebuild=rebuild, **options)
+            where = f"{db_uri}, collection {index.name}"
+        else:
+            where = Path(index_path) if index_path else default_gallery_index_path(folder, checkpoint, loaded.name)
+            index, report = gallery.update_gallery_index(
+                model, folder, where, loaded.key, force=rebuild, **options,
+                meta={"model_args": dict(model.model_args), "checkpoint": str(checkpoint) if checkpoint else None})
+    except (FileNotFoundError, NotADirectoryError, ValueError, vectordb.DatabaseError) as e:
         raise SetupError(f"Cannot index the gallery {folder}: {e}") from e
-    logger.info("Gallery %s: %d images (%d added, %d changed, %d removed, %d unchanged; %d files "
-                "skipped as not images, %d unreadable) in %.1f s; index %s", folder, len(index),
-                report["added"], report["changed"], report["removed"], report["unchanged"],
-                report["skipped_non_images"], report["unreadable"], report["seconds"], index_path)
+    logger.info("Gallery %s: %d images (%d added, %d changed, %d removed, %d unchanged, %d embedded, %d "
+                "resumed; %d files skipped as not images, %d unreadable) in %.1f s; index %s", folder,
+                len(index), report["added"], report["changed"], report["removed"], report["unchanged"],
+                report["embedded"], report["resumed"], report["skipped_non_images"], report["unreadable"],
+                report["seconds"], where)
     for rel in report["skipped"]:
         logger.debug("skipped (not an image) %s", rel)
     for rel in report["unreadable_paths"]:
@@ -524,22 +577,36 @@ def folder_index(loaded: SearchModel, folder, index_path=None, batch_size=64, wo
 
 
 def dataset_index(loaded: SearchModel, data_root=None, split="test", index_path=None, batch_size=64,
-                  workers=None, rebuild=False, index_type="exact", test_fraction=None):
+                  workers=None, rebuild=False, index_type="exact", test_fraction=None, backend="file",
+                  db_uri=None, collection=None, checkpoint_every=None):
     """``(index, data_root)``: the index of ``split`` of a labelled dataset (any layout;
     default ``data_root``: the checkpoint's, `catalogue.default_data_root`), reused or built
     by `load_or_build_index` at ``index_path`` (default beside the checkpoint, or under
-    ``runs/<zero-shot name>/``). SetupError when the dataset cannot be read."""
+    ``runs/<zero-shot name>/``); with ``backend="milvus"`` the split's collection in ``db_uri``
+    (`search.vectordb.split_gallery`: served as it is when complete, e.g. from ``shards.py``).
+    SetupError when the dataset or the database cannot be read. (``checkpoint_every``: unused,
+    a split is embedded in one pass or by ``shards.py``.)"""
     train_args = (getattr(loaded.model, "checkpoint_info", None) or {}).get("args")
     try:
         data_root = catalogue.detect_layout(data_root or catalogue.default_data_root(train_args))[0]
         index_path = index_path or (
             default_index_path(loaded.checkpoint, split) if loaded.checkpoint else
             Path("runs") / loaded.name / f"gallery_{split}_{_path_tag(data_root)}.npz")
-        index, _ = load_or_build_index(loaded.model, loaded.checkpoint, data_root, split, index_path,
+        splits = datasets.split_options(train_args, test_fraction)
+
+        def build():
+            return load_or_build_index(loaded.model, loaded.checkpoint, data_root, split, index_path,
                                        batch_size=batch_size, workers=workers, force=rebuild,
-                                       index_type=index_type, model_key=loaded.key,
-                                       splits=datasets.split_options(train_args, test_fraction))
-    except (FileNotFoundError, NotADirectoryError, ValueError, catalogue.DatasetError) as e:
+                                       index_type=index_type, model_key=loaded.key, splits=splits)[0]
+
+        if backend == "milvus":
+            index = vectordb.split_gallery(
+                db_uri or vectordb.default_db_path(loaded.checkpoint, loaded.name), data_root, split,
+                loaded.key, dict(loaded.model.model_args), datasets.SOPDataset(data_root, split, **splits).rel_paths,
+                build, collection=collection, index_type=index_type, rebuild=rebuild)
+        else:
+            index = build()
+    except (FileNotFoundError, NotADirectoryError, ValueError, catalogue.DatasetError, vectordb.DatabaseError) as e:
         raise SetupError(f"Cannot build the gallery from {data_root}: {e}\nPass --data_root DIR (a dataset: "
                          "Ebay files, a catalogue.csv or a <category>/<product>/<image> tree), or "
                          "--gallery DIR to search any folder of photos.") from e

@@ -30,13 +30,16 @@ import errno
 import json
 import logging
 import os
+import shutil
 import stat
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from dataio import catalogue
+from dataio import fileio
 from dataio import photos
 import retrieval
 from search import ann
@@ -285,6 +288,108 @@ def embed_files(model, paths, batch_size=64, workers=None, device="cpu", progres
     return np.ascontiguousarray(embeddings[good]), np.flatnonzero(~good)
 
 
+# ============ resumable embedding: checkpoints every few hundred images ============
+
+# images embedded between two checkpoints (rounded up to whole batches): what a kill can cost
+CHECKPOINT_EVERY = 256
+
+
+def embed_in_chunks(model, root: Path, files, on_chunk, chunk_size=CHECKPOINT_EVERY, batch_size=64,
+                    workers=None, device="cpu", progress=True) -> None:
+    """Embed ``files`` (``[(rel, size, mtime_ns)]`` under ``root``) in order, handing each chunk
+    of about ``chunk_size`` images to ``on_chunk(good_files, vectors, bad_files)`` as soon as it
+    is embedded (the caller checkpoints it: `PartialEmbeddings`, a database upsert).
+
+    A chunk is a whole number of batches, so the vectors equal those of one `embed_files` call
+    over all ``files`` (same batches, same numbers). Unreadable files are logged per chunk.
+    """
+    step = max(1, -(-int(chunk_size) // batch_size)) * batch_size
+    for start in range(0, len(files), step):
+        part = files[start:start + step]
+        vectors, failed = embed_files(model, [root / f[0] for f in part], batch_size=batch_size,
+                                      workers=workers, device=device, progress=progress)
+        failed = set(failed.tolist())
+        _warn_unreadable(root, [part[i][0] for i in sorted(failed)])
+        on_chunk([f for i, f in enumerate(part) if i not in failed], vectors,
+                 [part[i] for i in sorted(failed)])
+        logger.info("embedded %d/%d images (checkpointed)", min(start + step, len(files)), len(files))
+
+
+class PartialEmbeddings:
+    """What an interrupted `update_gallery_index` had embedded, kept beside the index.
+
+    A hidden folder ``.<index name>.partial/`` holds ``manifest.json`` (folder, model key) and
+    one ``chunk_<n>.npz`` per checkpoint (paths, size and mtime, vectors, unreadable files), each
+    written atomically (`fileio.atomic_write`): after a kill a chunk is whole or absent. The next
+    run takes the rows whose file is unchanged instead of embedding them again; the folder is
+    removed once the index is saved. Made only when a first chunk is written.
+    """
+
+    def __init__(self, index_path, root: Path, model_key: str):
+        index_path = Path(index_path)
+        self.folder = index_path.with_name(f".{index_path.name}.partial")
+        self.manifest = {"root": str(root), "model_key": model_key}
+        self._chunks = 0
+
+    def load(self) -> dict:
+        """rel -> ``((size, mtime_ns), vector or None for an unreadable file)`` of a previous
+        interrupted run for the same folder and model; {} otherwise (a stale folder is removed)."""
+        try:
+            found = json.loads((self.folder / "manifest.json").read_text())
+        except (OSError, ValueError):
+            found = None
+        if found != self.manifest:
+            if self.folder.exists():
+                logger.info("Discarding %s: it was left by a run for another folder or model", self.folder)
+            self.clear()
+            return {}
+        rows = {}
+        for chunk in sorted(self.folder.glob("chunk_*.npz")):
+            try:
+                with np.load(chunk, allow_pickle=False) as data:
+                    stats, vectors = data["stats"].tolist(), data["vectors"]
+                    for rel, st, vec in zip(data["paths"].tolist(), stats[:len(vectors)], vectors):
+                        rows[rel] = (tuple(st), vec)
+                    for rel, st in zip(data["paths"].tolist()[len(vectors):], stats[len(vectors):]):
+                        rows[rel] = (tuple(st), None)
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                logger.info("Ignoring the damaged checkpoint %s (%s)", chunk, e)
+            self._chunks += 1
+        if rows:
+            logger.info("Resuming: %d images embedded by an interrupted run (%s)", len(rows), self.folder)
+        return rows
+
+    def add(self, good, vectors, bad) -> None:
+        """Checkpoint one chunk: ``good`` files with their ``vectors``, then the ``bad`` ones."""
+        if self._chunks == 0 and not self.folder.exists():
+            fileio.atomic_write_text(self.folder / "manifest.json", json.dumps(self.manifest))
+        files = list(good) + list(bad)
+        arrays = {"paths": np.array([f[0] for f in files], dtype=np.str_),
+                  "stats": np.array([f[1:] for f in files], dtype=np.int64).reshape(-1, 2),
+                  "vectors": np.asarray(vectors, dtype=np.float32)}
+        fileio.atomic_write(self.folder / f"chunk_{self._chunks:06d}.npz", lambda f: np.savez(f, **arrays))
+        self._chunks += 1
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self._chunks = 0
+
+
+def resume_plan(embed, done: dict):
+    """Split the files to embed into ``(new_rows rel -> vector, bad files, files still to
+    embed)``, taking from ``done`` (`PartialEmbeddings.load`) every file whose stats are unchanged."""
+    new_rows, bad, todo = {}, [], []
+    for f in embed:
+        stats, vector = done.get(f[0], (None, None))
+        if stats != tuple(f[1:]):
+            todo.append(f)
+        elif vector is None:
+            bad.append(f)
+        else:
+            new_rows[f[0]] = vector
+    return new_rows, bad, todo
+
+
 def _assemble(files, plan: UpdatePlan, previous, new_rows: dict):
     """Embedding matrix in ``files`` order from reused rows and ``new_rows`` (rel -> vector);
     files in neither (unreadable) are left out. Returns (embeddings, kept files)."""
@@ -311,7 +416,7 @@ def _same_content(previous, kept, meta, index_type) -> bool:
 
 def update_gallery_index(model, root, index_path, model_key, batch_size=64, workers=None,
                          device="cpu", progress=True, index_type="exact", force=False,
-                         meta=None) -> tuple[GalleryIndex, dict]:
+                         meta=None, checkpoint_every=CHECKPOINT_EVERY) -> tuple[GalleryIndex, dict]:
     """Index every image under ``root`` into ``index_path``, reusing what is still valid.
 
     The previous index is reused when it loads, was built for the same resolved ``root`` and
@@ -320,11 +425,14 @@ def update_gallery_index(model, root, index_path, model_key, batch_size=64, work
     Unreadable images are skipped with a warning naming them and remembered with their size
     and mtime, so an unchanged bad file is not retried next time. The index is saved
     atomically (a crash or Ctrl-C leaves the previous file intact), and not rewritten when
-    nothing changed. ``meta``: extra JSON entries stored in ``index.meta``.
+    nothing changed. ``meta``: extra JSON entries stored in ``index.meta``. Embedding is
+    checkpointed every ``checkpoint_every`` images (`PartialEmbeddings`): a run killed midway,
+    run again, embeds only what the last checkpoint had not covered.
 
     Returns ``(index, report)``. Report counts (ints): ``added``, ``changed``, ``removed``,
     ``unchanged`` (rows reused), ``skipped_non_images``, ``unreadable`` (all unreadable image
-    files now, remembered ones included), ``embedded`` (images embedded by this call);
+    files now, remembered ones included), ``embedded`` (images embedded by this call),
+    ``resumed`` (images taken from an interrupted run's checkpoints);
     ``seconds`` (the whole call), ``embed_seconds``, ``images_per_s`` = embedded / seconds
     (0.0 when nothing was embedded), ``rebuild`` (why everything was embedded, or None),
     ``written`` (bool), and the lists ``skipped`` / ``unreadable_paths``.
@@ -342,18 +450,24 @@ def update_gallery_index(model, root, index_path, model_key, batch_size=64, work
     plan = plan_update(scan.files, previous)
 
     t_embed = time.perf_counter()
-    new_rows, bad = {}, list(plan.known_bad)
-    if plan.embed:
-        vectors, failed = embed_files(model, [scan.root / f[0] for f in plan.embed], batch_size=batch_size,
-                                      workers=workers, device=device, progress=progress)
-        failed = set(failed.tolist())
-        good = [f for i, f in enumerate(plan.embed) if i not in failed]
-        new_rows = {f[0]: v for f, v in zip(good, vectors)}
-        bad += [plan.embed[i] for i in sorted(failed)]
-        _warn_unreadable(scan.root, [plan.embed[i][0] for i in sorted(failed)])
+    partial = PartialEmbeddings(index_path, scan.root, model_key)
+    if force:
+        partial.clear()
+    new_rows, bad, todo = resume_plan(plan.embed, partial.load())
+    resumed = len(new_rows) + len(bad)
+    bad += plan.known_bad
+
+    def checkpoint(good, vectors, failed):
+        partial.add(good, vectors, failed)
+        new_rows.update((f[0], v) for f, v in zip(good, vectors))
+        bad.extend(failed)
+
+    embed_in_chunks(model, scan.root, todo, checkpoint, chunk_size=checkpoint_every, batch_size=batch_size,
+                    workers=workers, device=device, progress=progress)
     embed_seconds = time.perf_counter() - t_embed
     bad.sort()
     if not plan.reuse and not new_rows:
+        partial.clear()
         raise ValueError(f"gallery folder {scan.root}: none of its {len(scan.files)} images could be "
                          f"read (e.g. {', '.join(b[0] for b in bad[:3])}); nothing was written to "
                          f"{index_path}. Check that they are real, complete image files")
@@ -369,11 +483,12 @@ def update_gallery_index(model, root, index_path, model_key, batch_size=64, work
         index.save(index_path)
     else:
         index = previous
+    partial.clear()
     seconds = time.perf_counter() - t0
     report = {"added": plan.added, "changed": plan.changed, "removed": plan.removed,
               "unchanged": len(plan.reuse), "skipped_non_images": len(scan.skipped), "unreadable": len(bad),
-              "embedded": len(new_rows), "seconds": round(seconds, 3), "embed_seconds": round(embed_seconds, 3),
-              "images_per_s": round(len(new_rows) / seconds, 2) if new_rows else 0.0,
+              "embedded": len(new_rows) - resumed, "resumed": resumed, "seconds": round(seconds, 3), "embed_seconds": round(embed_seconds, 3),
+              "images_per_s": round((len(new_rows) - resumed) / seconds, 2) if len(new_rows) > resumed else 0.0,
               "rebuild": None if previous is not None else why, "written": written,
               "skipped": list(scan.skipped), "unreadable_paths": [b[0] for b in bad]}
     return index, report

@@ -47,7 +47,7 @@ def embeddings_fingerprint(embeddings: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(embeddings, dtype=np.float32).data).hexdigest()
 
 
-def _rerank(q: np.ndarray, emb: np.ndarray, candidates: np.ndarray, k: int):
+def rerank(q: np.ndarray, emb: np.ndarray, candidates: np.ndarray, k: int):
     """Exact float32 top-k among ``candidates`` [Q, C] (rows of ``emb``, -1 = none), ranked
     by score descending then lower index. Undoes float16 rounding and faiss's tie order."""
     valid = candidates >= 0
@@ -64,7 +64,7 @@ def _rerank(q: np.ndarray, emb: np.ndarray, candidates: np.ndarray, k: int):
 # candidates fetched per query, beyond k, from the float16 scan / the approximate index:
 # re-ranked in float32, they make the result the exact float32 ranking unless more than
 # 2k + 16 items score within fastscan.ORDER_MARGIN of the k-th best (see GalleryIndex.search)
-def _num_candidates(k: int, n: int) -> int:
+def num_candidates(k: int, n: int) -> int:
     return min(n, 2 * k + 16)
 
 
@@ -318,8 +318,8 @@ class GalleryIndex:
         kk = min(k, len(rows))
         if self.index_type != "exact" and super_id is None:
             self.build_ann()
-            _, cand = ann.search(self._ann, q, _num_candidates(kk, len(rows)))
-            scores, idx = _rerank(q, emb, cand, kk)
+            _, cand = ann.search(self._ann, q, num_candidates(kk, len(rows)))
+            scores, idx = rerank(q, emb, cand, kk)
         elif self._use_faiss():
             import faiss
 
@@ -331,9 +331,9 @@ class GalleryIndex:
         elif self.backend == "auto" and len(q) <= 32 and len(rows) and fastscan.available():
             if entry[3] is None:
                 entry[3] = emb.astype(np.float16)
-            nc = _num_candidates(kk, len(rows))
+            nc = num_candidates(kk, len(rows))
             cand = np.stack([fastscan.topk_f16(entry[3], qi, nc)[1] for qi in q])
-            scores, idx = _rerank(q, emb, cand, kk)
+            scores, idx = rerank(q, emb, cand, kk)
         else:
             with retrieval.SingleThreadBLAS(len(q) <= 32):
                 block = q @ emb.T

@@ -122,6 +122,20 @@ def test_default_params_follow_the_gallery_size():
         ann.default_params("annoy", 10)
 
 
+def test_hnsw_beams_grow_with_the_gallery():
+    """efSearch / efConstruction are functions of n (search.ann): non-decreasing, bounded, and
+    at the two measured sizes the values bench/README.md reports (recall@10 >= 0.95 there)."""
+    sizes = [1, 1_000, 60_502, 160_000, 250_000, 500_000, 1_000_000, 4_000_000, 10**9]
+    ef = [ann.hnsw_ef_search(n) for n in sizes]
+    efc = [ann.hnsw_ef_construction(n) for n in sizes]
+    assert ef == sorted(ef) and efc == sorted(efc)
+    assert min(ef) == 128 and max(ef) == 1024 and min(efc) == 80 and max(efc) == 400
+    assert all(v % 8 == 0 for v in ef + efc)
+    assert ann.default_params("hnsw", 60_502) == {"M": 24, "efConstruction": 80, "efSearch": 128}
+    assert ann.default_params("hnsw", 1_000_000) == {"M": 24, "efConstruction": 200, "efSearch": 256}
+    assert ann.hnsw_ef_search(4_000_000) == 512 and ann.hnsw_ef_construction(4_000_000) == 400
+
+
 def test_recall_at_k():
     approx = np.array([[3, 2, 1], [4, 5, 6], [7, -1, -1]])
     exact = np.array([[1, 2, 9], [7, 8, 9], [7, -1, -1]])

@@ -1,0 +1,134 @@
+"""The gallery in Milvus Lite (search.vectordb) against the file index (search.index), in one run;
+prints JSON and writes it to --out.
+
+    python bench/bench_db.py                                   # 10k, 100k and 1M vectors
+    python bench/bench_db.py --sizes 10000,100000 --indexes exact,hnsw
+
+Gallery: synthetic 128-d unit vectors in 12 categories (products of ~5 images around a product
+centre, as bench_ann.py shapes them); queries are further images of gallery products. Per size,
+one row per backend and index type:
+
+* ``insert_per_s``: rows written per second (file: GalleryIndex built and saved as .npz;
+  milvus: `MilvusGallery.publish`, upserts of 4,096 rows, and the index build Milvus does);
+* ``p50_ms`` / ``p95_ms``: one query, top 10, through the search the demo calls
+  (``GalleryIndex.search`` / ``MilvusGallery.search``, exact float32 re-rank included), on the
+  whole gallery and (``filtered_*``) within one category of the 12;
+* ``recall@10``: against the file index's exact top 10; ``disk_bytes``: the .npz file / the
+  Milvus Lite database folder.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import retrieval  # noqa: E402
+from search import gallery  # noqa: E402
+from search import vectordb  # noqa: E402
+
+MODEL_ARGS = {"backbone": "synthetic", "image_size": 0, "embedding_size": 128}
+CATEGORIES = 12
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("bench_db.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated gallery sizes")
+    parser.add_argument("--indexes", default="exact,hnsw", help="Milvus index types (exact = FLAT, ivf, hnsw)")
+    parser.add_argument("--queries", default=100, type=int, help="timed single queries per row")
+    parser.add_argument("--k", default=10, type=int)
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--workdir", default=None, help="where the files go (default: a temporary folder)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "db.json"))
+    return parser
+
+
+def synthetic(n, dim, queries, seed):
+    """(gallery [n, dim], queries [queries, dim]) unit vectors, products of ~5 images."""
+    rng = np.random.default_rng(seed)
+    products = max(1, n // 5)
+    centres = rng.normal(size=(products, dim)).astype(np.float32)
+    owner = rng.integers(0, products, size=n)
+    emb = centres[owner] + 0.6 * rng.normal(size=(n, dim)).astype(np.float32)
+    q = centres[owner[rng.integers(0, n, size=queries)]] + 0.6 * rng.normal(size=(queries, dim)).astype(np.float32)
+    return retrieval.l2_normalize(emb), retrieval.l2_normalize(q)
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def timed(search, queries, k, super_id):
+    times, found = [], []
+    for q in queries:
+        t0 = time.perf_counter()
+        found.append(search(q, k, super_id=super_id)[1][0])
+        times.append((time.perf_counter() - t0) * 1e3)
+    return np.percentile(times, 50), np.percentile(times, 95), np.array(found)
+
+
+def measure(name, search, queries, k, exact_all, exact_cat):
+    p50, p95, found = timed(search, queries, k, None)
+    fp50, fp95, found_cat = timed(search, queries, k, 1)
+    recall = np.mean([len(set(a) & set(e)) / k for a, e in zip(found.tolist(), exact_all.tolist())])
+    recall_cat = np.mean([len(set(a) & set(e)) / k for a, e in zip(found_cat.tolist(), exact_cat.tolist())])
+    return {"p50_ms": round(p50, 3), "p95_ms": round(p95, 3), "filtered_p50_ms": round(fp50, 3),
+            "filtered_p95_ms": round(fp95, 3), "recall@10": round(float(recall), 4),
+            "filtered_recall@10": round(float(recall_cat), 4)}
+
+
+def run_size(n, args, work: Path):
+    emb, queries = synthetic(n, 128, args.queries, args.seed + n)
+    files = sorted((f"c{i % CATEGORIES:02d}/p{i // 5}/{i:07d}.jpg", 1000 + i, i) for i in range(n))
+    rows = []
+    t0 = time.perf_counter()
+    index = gallery.make_gallery_index(emb, files, "bench")
+    path = index.save(work / f"gallery_{n}.npz")
+    seconds = time.perf_counter() - t0
+    exact_all = np.array([index.search(q, args.k)[1][0] for q in queries])
+    exact_cat = np.array([index.search(q, args.k, super_id=1)[1][0] for q in queries])
+    row = {"n": n, "backend": "file", "index": "exact", "insert_per_s": round(n / seconds),
+           "disk_bytes": path.stat().st_size}
+    row.update(measure("file", index.search, queries, args.k, exact_all, exact_cat))
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    for index_type in args.indexes.split(","):
+        db = work / f"gallery_{n}_{index_type}.db"
+        t0 = time.perf_counter()
+        store = vectordb.MilvusGallery.open(str(db), work, "bench", MODEL_ARGS, collection=f"g_{index_type}",
+                                            index_type=index_type, expected_size=n)
+        store.publish(index)
+        store.adopt()
+        seconds = time.perf_counter() - t0
+        row = {"n": n, "backend": "milvus-lite", "index": vectordb.MILVUS_INDEX[index_type],
+               "insert_per_s": round(n / seconds), "disk_bytes": folder_bytes(db),
+               "params": store.ann_params}
+        row.update(measure(index_type, store.search, queries, args.k, exact_all, exact_cat))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main(args):
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_db_"))
+    work.mkdir(parents=True, exist_ok=True)
+    out = {"machine": f"{os.cpu_count()} CPUs", "k": args.k, "queries": args.queries, "rows": []}
+    try:
+        for n in [int(s) for s in args.sizes.split(",") if s]:
+            out["rows"] += run_size(n, args, work)
+            Path(args.out).write_text(json.dumps(out, indent=1) + "\n")  # what finished, kept
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,541 @@
+"""A gallery in a vector database: Milvus, embedded (Milvus Lite, a local ``.db``) or a server.
+
+``--index_backend milvus`` keeps a catalogue's rows in a Milvus collection instead of a
+``.npz`` file (`search.index`): Milvus Lite by default (``--db_uri gallery.db``: a local
+database, no server; pymilvus starts it in-process), or the same code pointed at Milvus
+Standalone / Distributed with ``--db_uri http://HOST:19530``.
+
+One collection per model and catalogue (`collection_name`: the model key - the checkpoint's
+sha256 or the zero-shot key -, the backbone and the image size, plus the catalogue folder);
+its properties record them and are checked whenever it is opened, so a collection built by
+another model is refused with what to do. A row is one photo: ``path`` (the catalogue path
+relative to the folder: the primary key, so an upsert never doubles a row), ``vector`` (the
+unit embedding), ``product_id``, ``category``, ``size`` and ``mtime_ns`` (what
+`search.gallery.plan_update` compares to decide what to embed again).
+
+`MilvusGallery` offers what `search.engine.SearchEngine` reads from a
+`search.index.GalleryIndex` (``search``, ``paths``, ``product_ids``, ``categories``,
+``super_ids``, ``embeddings[i]``, ``meta``, ``len``) from a metadata mirror of the rows (no
+vectors: those stay in the database). Its rows are in path order, as a folder gallery's file
+index, and results are ranked the same way: Milvus proposes 2k + 16 candidates, which are
+re-ranked in float32 with the file index's rule (`search.index.rerank`: higher score first,
+ties by the lower row, i.e. the smaller path); so with an exact (FLAT) index both backends
+return the same top-k. A category filter is the database's own boolean expression, the name
+quoted by `quote` (any folder name is a literal, never expression syntax).
+
+`MilvusGallery.update` indexes the folder: scan, compare with the rows' size / mtime, delete
+the rows of removed files, embed the rest in checkpoints of `search.gallery.CHECKPOINT_EVERY`
+images, each upserted as soon as it is embedded. A run killed midway, run again, embeds only
+the photos of its last unfinished checkpoint; two processes indexing one folder into one server
+cannot double a row (primary key), and a second process opening a Milvus Lite database that
+another holds is refused by name (Milvus Lite admits one process per database).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+
+import retrieval
+from search import ann
+from search import gallery
+from search.index import num_candidates, rerank
+
+logger = logging.getLogger("gallery")
+
+BACKENDS = ("file", "milvus")
+FORMAT = "product-search-gallery/1"  # collection property: a collection made by this code
+CONNECT_TIMEOUT_S = 5.0
+# pymilvus pings an idle connection every 10 s; a gRPC server with default settings (Milvus
+# Lite's, local or served) answers the third such ping with GOAWAY "too many pings" and the
+# connection is lost. Ping only while a call is in flight.
+GRPC_OPTIONS = {"grpc.keepalive_permit_without_calls": 0, "grpc.keepalive_time_ms": 60000}
+PAGE = 16384  # rows per query when reading the rows back (Milvus's largest query window)
+MAX_PATH_BYTES = 65535  # Milvus VARCHAR limit
+MAX_NAME_BYTES = 4096
+MILVUS_INDEX = {"exact": "FLAT", "ivf": "IVF_FLAT", "hnsw": "HNSW"}
+INSTALL_HINT = "pip install pymilvus==3.0.2 milvus-lite==3.2.2"
+SERVER_HINT = ("start one (e.g. Milvus Standalone with docker, or this machine's Milvus Lite as a "
+               "server: python -m milvus_lite server --data-dir gallery.db --port 19530)")
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be used; the message names it and says what to do."""
+
+
+def quote(value) -> str:
+    """``value`` as a string literal of a Milvus boolean expression: backslashes and double
+    quotes escaped, the whole in double quotes (``category == {quote(name)}`` matches ``name``
+    and nothing else, whatever characters it holds)."""
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def in_filter(field: str, values) -> str:
+    """``field in ["a", "b"]`` with every value quoted by `quote` (pymilvus's own ``ids=``
+    arguments of delete / get do not escape quotes: a path like ``Kid's "B"/x.jpg`` breaks them)."""
+    return f"{field} in [{', '.join(quote(v) for v in values)}]"
+
+
+def is_server_uri(uri) -> bool:
+    """True for a Milvus server address (``http(s)://``, ``tcp://``, ``grpc://``); False for a
+    local Milvus Lite database path."""
+    return str(uri).split("://", 1)[0].lower() in ("http", "https", "tcp", "grpc", "unix") and "://" in str(uri)
+
+
+def collection_name(model_key: str, model_args: dict, root, split=None) -> str:
+    """``gallery_<model tag>_<folder tag>``: 16 hex digits of the sha256 of (model key,
+    backbone, image size) and 8 of the catalogue folder's absolute path (and ``split``, for a
+    dataset's split)."""
+    model = json.dumps([model_key, model_args.get("backbone"), int(model_args.get("image_size", 0))])
+    model_tag = hashlib.sha256(model.encode()).hexdigest()[:16]
+    folder = str(Path(root).expanduser().resolve()) + (f"#{split}" if split else "")
+    folder_tag = hashlib.sha256(folder.encode()).hexdigest()[:8]
+    return f"gallery_{model_tag}_{folder_tag}"
+
+
+def default_db_path(checkpoint=None, model_name=None) -> Path:
+    """The default Milvus Lite database: ``gallery.db`` beside the checkpoint, or under
+    ``runs/<model_name>/`` for a zero-shot model (as the default file indexes)."""
+    return (Path(checkpoint).parent if checkpoint else Path("runs") / str(model_name)) / "gallery.db"
+
+
+def add_backend_args(parser) -> None:
+    """``--index_backend``, ``--db_uri``, ``--collection``: the flags of every script that
+    writes or serves a gallery (app_stanford.py, shards.py)."""
+    parser.add_argument("--index_backend", default="file", choices=BACKENDS,
+                        help="where the gallery lives: file (a .npz index beside the checkpoint) or milvus "
+                             "(a vector database: Milvus Lite by default, or a server with --db_uri)")
+    parser.add_argument("--db_uri", default=None,
+                        help="with --index_backend milvus: a Milvus Lite database path (default gallery.db "
+                             "beside the checkpoint, runs/<zero-shot model>/ with --zero_shot) or a "
+                             "server, http://HOST:19530 (Milvus Standalone / Distributed)")
+    parser.add_argument("--collection", default=None,
+                        help="with --index_backend milvus: the collection; default one per model and "
+                             "catalogue, gallery_<model>_<folder>")
+
+
+# ============ connecting ============
+
+_OPENED = {}  # Milvus Lite paths this process opened (pymilvus keeps one server per path)
+_LOCK = threading.Lock()
+
+
+def check_local_db(path) -> Path:
+    """Refuse, naming it, a Milvus Lite path that is a file, a folder that is not a Milvus Lite
+    database, or a database another process holds. Returns the absolute path."""
+    path = Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise DatabaseError(
+            f"{path} is not a Milvus Lite database (it is a file; a Milvus Lite database is a folder "
+            "that Milvus Lite creates). Pass another --db_uri (a new name such as gallery.db), or "
+            "move this file away")
+    if path.is_dir() and any(path.iterdir()) and not (path / "LOCK").exists():
+        raise DatabaseError(
+            f"{path} is not a Milvus Lite database (a folder without Milvus Lite's LOCK file). Pass "
+            "another --db_uri (a new name such as gallery.db)")
+    if path.is_dir() and str(path) not in _OPENED:
+        try:
+            fd = os.open(path / "LOCK", os.O_RDWR)
+        except OSError:
+            return path
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise DatabaseError(
+                f"the Milvus Lite database {path} is open in another process (indexing or serving "
+                "it); Milvus Lite admits one process per database. Wait for that process or stop "
+                "it, or serve the database to several processes: python -m milvus_lite server "
+                f"--data-dir {path} --port 19530, then --db_uri http://127.0.0.1:19530") from None
+        finally:
+            os.close(fd)
+    return path
+
+
+def connect(uri, timeout=CONNECT_TIMEOUT_S):
+    """A pymilvus ``MilvusClient`` for ``uri``: a Milvus Lite path (checked by
+    `check_local_db`) or a server URI. DatabaseError naming the URI when pymilvus is missing or
+    the database does not answer within ``timeout`` seconds."""
+    try:
+        from pymilvus import MilvusClient
+        from pymilvus.exceptions import MilvusException
+    except ImportError as e:
+        raise DatabaseError(f"--index_backend milvus needs pymilvus and milvus-lite ({e}): {INSTALL_HINT}") from e
+    uri = str(uri)
+    local = not is_server_uri(uri)
+    if local:
+        path = check_local_db(uri)
+        uri = str(path)
+    with _LOCK:
+        try:
+            client = MilvusClient(uri=uri, timeout=timeout, grpc_options=GRPC_OPTIONS)
+            client.list_collections(timeout=timeout)
+        except MilvusException as e:
+            if local:
+                raise DatabaseError(f"cannot open the Milvus Lite database {uri} ({type(e).__name__}: "
+                                    f"{e.message if hasattr(e, 'message') else e}); check that it is one "
+                                    "and that no other process holds it, or pass another --db_uri") from e
+            raise DatabaseError(
+                f"cannot reach the Milvus server at {uri} within {timeout:g} s ({type(e).__name__}: "
+                f"{getattr(e, 'message', e)}). Check the address (http://HOST:19530) and that the server "
+                f"runs - {SERVER_HINT} - or use a local Milvus Lite database: --db_uri gallery.db") from e
+        if local:
+            _OPENED[uri] = True
+    return client
+
+
+# ============ the collection ============
+
+def _schema(client, dim: int):
+    from pymilvus import DataType
+
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False,
+                                  description="product photo gallery (search/vectordb.py)")
+    schema.add_field("path", DataType.VARCHAR, is_primary=True, max_length=MAX_PATH_BYTES)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(dim))
+    schema.add_field("product_id", DataType.VARCHAR, max_length=MAX_PATH_BYTES)
+    schema.add_field("category", DataType.VARCHAR, max_length=MAX_NAME_BYTES)
+    schema.add_field("size", DataType.INT64)
+    schema.add_field("mtime_ns", DataType.INT64)
+    return schema
+
+
+def _index_params(client, index_type: str, params: dict):
+    build = {"ivf": {"nlist": params.get("nlist")},
+             "hnsw": {"M": params.get("M"), "efConstruction": params.get("efConstruction")}}.get(index_type, {})
+    index_params = client.prepare_index_params()
+    index_params.add_index(field_name="vector", index_type=MILVUS_INDEX[index_type], metric_type="IP",
+                           params={k: int(v) for k, v in build.items() if v is not None})
+    return index_params
+
+
+class _View(types.SimpleNamespace):
+    """The rows' metadata, in path order: ``paths``, ``product_ids``, ``categories`` (sorted
+    names), ``super_ids`` (1-based into them), ``file_stats`` [N, 2], ``row_of`` (path -> row),
+    ``counts`` (super id -> rows)."""
+
+
+def _make_view(rows) -> _View:
+    rows = sorted(rows, key=lambda r: r["path"])
+    paths = [r["path"] for r in rows]
+    categories = sorted({r["category"] for r in rows})
+    position = {c: i + 1 for i, c in enumerate(categories)}
+    super_ids = np.array([position[r["category"]] for r in rows], dtype=np.int64)
+    return _View(paths=paths, product_ids=[r["product_id"] for r in rows], categories=categories,
+                 super_ids=super_ids, row_of={p: i for i, p in enumerate(paths)},
+                 file_stats=np.array([[r["size"], r["mtime_ns"]] for r in rows], dtype=np.int64).reshape(-1, 2),
+                 counts={i + 1: int(n) for i, n in enumerate(np.bincount(super_ids, minlength=len(categories) + 1)[1:])})
+
+
+class _RowVectors:
+    """``gallery.embeddings[i]``: row i's vector, fetched from the database."""
+
+    def __init__(self, owner):
+        self.owner = owner
+
+    def __len__(self):
+        return len(self.owner)
+
+    def __getitem__(self, i):
+        return self.owner.vectors([self.owner.paths[int(i)]])[0]
+
+
+class MilvusGallery:
+    """One catalogue's gallery in a Milvus collection (module docstring); open it with `open`.
+
+    Thread use: `update` may run on one thread (a folder watcher) while `search` runs on
+    another; the new rows become visible to searches at the next `search` call after the
+    update (the metadata mirror is swapped there, so one search never mixes two states).
+    """
+
+    def __init__(self, client, uri, name, root, properties, index_type="exact", ann_params=None):
+        self.client, self.uri, self.name, self.root = client, str(uri), name, Path(root)
+        self.properties = dict(properties)
+        self.index_type = index_type
+        self.ann_params = dict(ann_params or {})
+        self.backend = "milvus"
+        self.embeddings = _RowVectors(self)
+        self._unreadable = {}  # rel -> (size, mtime_ns): unreadable last time, not retried until changed
+        self._pending = None
+        self._view = self._load_view()
+        self.meta = {"gallery": {"root": str(self.root), "model_key": self.properties.get("model_key")},
+                     "database": {"uri": self.uri, "collection": name}}
+
+    # ---- opening
+    @classmethod
+    def open(cls, uri, root, model_key, model_args, collection=None, index_type="exact", ann_params=None,
+             rebuild=False, expected_size=0, timeout=CONNECT_TIMEOUT_S) -> "MilvusGallery":
+        """The collection of ``root`` for this model in the database at ``uri`` (created when
+        missing; dropped and recreated with ``rebuild``). DatabaseError when the database cannot
+        be reached or the collection was made by another model, for another folder, with other
+        dimensions or by other code. ``expected_size``: the catalogue's size, for the IVF / HNSW
+        parameters of a new collection (`search.ann.default_params`)."""
+        ann.check_index_type(index_type)
+        client = connect(uri, timeout=timeout)
+        root = Path(root).expanduser().resolve()
+        name = collection or collection_name(model_key, model_args, root)
+        wanted = {"format": FORMAT, "model_key": str(model_key), "backbone": str(model_args.get("backbone")),
+                  "image_size": str(int(model_args.get("image_size", 0))),
+                  "embedding_size": str(int(model_args.get("embedding_size", 128))), "root": str(root)}
+        try:
+            if rebuild and client.has_collection(name):
+                logger.info("Dropping collection %s of %s (rebuild)", name, uri)
+                client.drop_collection(name)
+            if not client.has_collection(name):
+                _create(client, uri, name, wanted, index_type,
+                        {**ann.default_params(index_type, max(int(expected_size), 1)), **(ann_params or {})})
+            info = client.describe_collection(name)
+            props = {k: str(v) for k, v in (info.get("properties") or {}).items()}
+            _check_collection(name, uri, props, wanted, index_type)
+            client.load_collection(name)
+        except Exception as e:
+            if isinstance(e, DatabaseError) or not _is_milvus_error(e):
+                raise
+            raise DatabaseError(f"Milvus database {uri}, collection {name}: {e}") from e
+        params = {**json.loads(props.get("ann_params") or "{}"), **(ann_params or {})}
+        return cls(client, uri, name, root, props, index_type=index_type, ann_params=params)
+
+    # ---- the rows (metadata mirror)
+    def _load_view(self) -> _View:
+        # paged by primary key, as pymilvus's query_iterator pages - which does not escape the
+        # key: a path holding a double quote makes it return the same page for ever
+        fields = ["path", "product_id", "category", "size", "mtime_ns"]
+        rows, last = [], None
+        while True:
+            batch = self.client.query(self.name, filter="" if last is None else f"path > {quote(last)}",
+                                      output_fields=fields, limit=PAGE)
+            rows.extend(batch)
+            if len(batch) < PAGE:
+                return _make_view(rows)
+            last = max(r["path"] for r in batch)
+
+    def refresh(self) -> None:
+        """Re-read the rows (e.g. written by another process); seen by the next search."""
+        self._pending = self._load_view()
+
+    def adopt(self) -> _View:
+        """Make the rows read by the last `update` / `refresh` those searched (done by `search`
+        itself; call it directly before serving, or on the thread that searches)."""
+        if self._pending is not None:
+            self._view, self._pending = self._pending, None
+        return self._view
+
+    def __len__(self):
+        return len(self._view.paths)
+
+    paths = property(lambda self: self._view.paths)
+    product_ids = property(lambda self: self._view.product_ids)
+    categories = property(lambda self: self._view.categories)
+    super_ids = property(lambda self: self._view.super_ids)
+    file_stats = property(lambda self: self._view.file_stats)
+
+    def vectors(self, paths) -> np.ndarray:
+        """float32 [len(paths), D]: the stored vectors of ``paths`` (KeyError for a missing one)."""
+        paths = list(paths)
+        got = {r["path"]: r["vector"] for r in self.client.query(
+            self.name, filter=in_filter("path", paths), output_fields=["path", "vector"], limit=len(paths))}
+        return np.array([got[p] for p in paths], dtype=np.float32).reshape(len(paths), -1)
+
+    def count(self) -> int:
+        """Rows in the collection, as the database counts them."""
+        return int(self.client.query(self.name, filter="", output_fields=["count(*)"])[0]["count(*)"])
+
+    # ---- search
+    def _search_params(self, limit: int) -> dict:
+        if self.index_type == "ivf":
+            return {"metric_type": "IP", "params": {"nprobe": int(self.ann_params.get("nprobe", 8))}}
+        if self.index_type == "hnsw":
+            return {"metric_type": "IP", "params": {"ef": max(int(self.ann_params.get("efSearch", 128)), limit)}}
+        return {"metric_type": "IP", "params": {}}
+
+    def search(self, queries, k=10, super_id=None):
+        """Top-k rows for each query: ``(scores float32 [Q, k], rows int64 [Q, k])``, padded with
+        -inf / -1, ranked as `search.index.GalleryIndex.search` (module docstring);
+        ``super_id``: one category only (the database's filter)."""
+        view = self.adopt()
+        q = retrieval.l2_normalize(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
+        dim = int(self.properties.get("embedding_size", q.shape[1]))
+        if q.shape[1] != dim:
+            raise ValueError(f"query dimension {q.shape[1]} != gallery dimension {dim}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        n = len(view.paths) if super_id is None else view.counts.get(int(super_id), 0)
+        out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+        out_i = np.full((len(q), k), -1, dtype=np.int64)
+        if n == 0:
+            return out_s, out_i
+        kk, limit = min(k, n), num_candidates(min(k, n), n)
+        expr = "" if super_id is None else f"category == {quote(view.categories[int(super_id) - 1])}"
+        hits = self.client.search(self.name, data=q.tolist(), limit=limit, filter=expr, anns_field="vector",
+                                  output_fields=["vector"], search_params=self._search_params(limit))
+        found = {}  # row -> vector, over every query's candidates
+        cand = np.full((len(q), limit), -1, dtype=np.int64)
+        for qi, row_hits in enumerate(hits):
+            for j, hit in enumerate(list(row_hits)[:limit]):
+                row = view.row_of.get(hit["path"])
+                if row is not None:  # else written after this view was taken
+                    found[row] = hit["entity"]["vector"]
+                    cand[qi, j] = row
+        if not found:
+            return out_s, out_i
+        rows = np.array(sorted(found), dtype=np.int64)  # local positions keep the row order
+        emb = np.array([found[r] for r in rows.tolist()], dtype=np.float32)
+        local = np.where(cand >= 0, np.searchsorted(rows, np.maximum(cand, 0)), -1)
+        scores, idx = rerank(q, emb, local, kk)
+        ok = idx >= 0
+        out_s[:, :kk] = np.where(ok, scores, -np.inf)
+        out_i[:, :kk] = np.where(ok, rows[np.maximum(idx, 0)], -1)
+        return out_s, out_i
+
+    # ---- indexing
+    def update(self, model, batch_size=64, workers=None, device="cpu", progress=True, force=False,
+               checkpoint_every=gallery.CHECKPOINT_EVERY) -> dict:
+        """Bring the collection up to date with the folder (module docstring); safe to call
+        again and again, e.g. by a folder watcher while searches run. Returns a report with
+        `search.gallery.update_gallery_index`'s counts. ValueError when no photo is readable."""
+        t0 = time.perf_counter()
+        scan = gallery.scan_gallery(self.root)
+        now = self._load_view()
+        previous = types.SimpleNamespace(paths=now.paths, file_stats=now.file_stats, meta={
+            gallery.GALLERY_META_KEY: {"unreadable": [[p, *s] for p, s in self._unreadable.items()]}})
+        plan = gallery.plan_update(scan.files, None if force else previous)
+        present = set(scan.paths)
+        gone = [p for p in now.paths if p not in present]
+        for start in range(0, len(gone), 1000):
+            self.client.delete(self.name, filter=in_filter("path", gone[start:start + 1000]))
+        bad = list(plan.known_bad)
+        embedded = [0]
+
+        def upsert(good, vectors, failed):
+            rows = [{"path": f[0], "vector": v.tolist(), "product_id": gallery.product_of(f[0]),
+                     "category": gallery.category_of(f[0]), "size": int(f[1]), "mtime_ns": int(f[2])}
+                    for f, v in zip(good, vectors)]
+            if rows:
+                self.client.upsert(self.name, rows)
+            embedded[0] += len(rows)
+            bad.extend(failed)
+
+        t_embed = time.perf_counter()
+        gallery.embed_in_chunks(model, scan.root, plan.embed, upsert, chunk_size=checkpoint_every,
+                                batch_size=batch_size, workers=workers, device=device, progress=progress)
+        embed_seconds = time.perf_counter() - t_embed
+        self._unreadable = {b[0]: tuple(b[1:]) for b in bad}
+        fresh = self._load_view()
+        if not fresh.paths:
+            raise ValueError(f"gallery folder {scan.root}: none of its {len(scan.files)} images could be "
+                             f"read (e.g. {', '.join(b[0] for b in sorted(bad)[:3])}); collection {self.name} "
+                             "is empty. Check that they are real, complete image files")
+        self._pending = fresh
+        seconds = time.perf_counter() - t0
+        return {"added": plan.added, "changed": plan.changed, "removed": len(gone), "unchanged": len(plan.reuse),
+                "skipped_non_images": len(scan.skipped), "unreadable": len(bad), "embedded": embedded[0],
+                "resumed": 0, "seconds": round(seconds, 3), "embed_seconds": round(embed_seconds, 3),
+                "images_per_s": round(embedded[0] / seconds, 2) if embedded[0] else 0.0,
+                "rebuild": "force=True" if force else None, "written": bool(embedded[0] or gone),
+                "skipped": list(scan.skipped), "unreadable_paths": sorted(b[0] for b in bad)}
+
+    def publish(self, index, chunk=4096) -> int:
+        """Upsert every row of a `search.index.GalleryIndex` (``shards.py``, a dataset split),
+        with its product ids and categories, and delete the rows it does not hold; returns the
+        row count. Sizes / mtimes are the index's ``file_stats`` (0 when it has none)."""
+        stats = index.file_stats if index.file_stats is not None else np.zeros((len(index), 2), np.int64)
+        keep = set(index.paths)
+        gone = [p for p in self._load_view().paths if p not in keep]
+        for start in range(0, len(gone), 1000):
+            self.client.delete(self.name, filter=in_filter("path", gone[start:start + 1000]))
+        for start in range(0, len(index), chunk):
+            stop = min(len(index), start + chunk)
+            self.client.upsert(self.name, [
+                {"path": index.paths[i], "vector": np.asarray(index.embeddings[i], np.float32).tolist(),
+                 "product_id": index.product_ids[i], "category": index.categories[int(index.super_ids[i]) - 1],
+                 "size": int(stats[i][0]), "mtime_ns": int(stats[i][1])} for i in range(start, stop)])
+        self._pending = self._load_view()
+        return len(self._pending.paths)
+
+
+def _create(client, uri, name, wanted, index_type, params) -> None:
+    """Create the collection; another process creating it at the same moment is no error."""
+    try:
+        client.create_collection(name, schema=_schema(client, int(wanted["embedding_size"])),
+                                 index_params=_index_params(client, index_type, params),
+                                 properties={**wanted, "index_type": index_type,
+                                             "ann_params": json.dumps(params, sort_keys=True)})
+    except Exception as e:
+        if not (_is_milvus_error(e) and client.has_collection(name)):
+            raise
+        return
+    logger.info("Created collection %s in %s (%s index)", name, uri, MILVUS_INDEX[index_type])
+
+
+def _is_milvus_error(e) -> bool:
+    try:
+        from pymilvus.exceptions import MilvusException
+    except ImportError:
+        return False
+    return isinstance(e, MilvusException)
+
+
+def _check_collection(name, uri, found: dict, wanted: dict, index_type: str) -> None:
+    """DatabaseError when collection ``name`` was made by other code, another model, for
+    another folder or as another index type."""
+    if found.get("format") != FORMAT:
+        raise DatabaseError(f"collection {name} in {uri} was not made by this project's gallery "
+                            "indexing (no gallery format property); pass another --collection, or drop it")
+    model_keys = ("model_key", "backbone", "image_size", "embedding_size")
+    if any(found.get(k) != wanted[k] for k in model_keys):
+        raise DatabaseError(
+            f"collection {name} in {uri} was built by another model ({', '.join(f'{k} {found.get(k)!r}' for k in model_keys)}), "
+            f"not this one ({', '.join(f'{k} {wanted[k]!r}' for k in model_keys)}): its vectors cannot be "
+            "searched with this model's queries. Pass another --collection (or none: each model gets "
+            "its own), or rebuild it with --rebuild_index")
+    if found.get("root") != wanted["root"]:
+        raise DatabaseError(f"collection {name} in {uri} holds the gallery of folder {found.get('root')}, "
+                            f"not {wanted['root']}; pass another --collection (or none), or --rebuild_index")
+    if found.get("index_type") != index_type:
+        raise DatabaseError(f"collection {name} in {uri} was built with a {found.get('index_type')!r} index, "
+                            f"not {index_type!r}: pass --index_type {found.get('index_type')}, or "
+                            "--rebuild_index to rebuild it as asked")
+
+
+def folder_gallery(model, model_key, folder, uri, collection=None, index_type="exact", rebuild=False,
+                   batch_size=64, workers=None, device="cpu", progress=True,
+                   checkpoint_every=gallery.CHECKPOINT_EVERY):
+    """``(MilvusGallery, report)``: the collection of ``folder`` for ``model`` in ``uri``,
+    opened (`MilvusGallery.open`) and brought up to date (`MilvusGallery.update`)."""
+    scan = gallery.scan_gallery(folder)  # a missing / empty folder fails before the database opens
+    store = MilvusGallery.open(uri, scan.root, model_key, dict(model.model_args), collection=collection,
+                               index_type=index_type, rebuild=rebuild, expected_size=len(scan.files))
+    report = store.update(model, batch_size=batch_size, workers=workers, device=device, progress=progress,
+                          checkpoint_every=checkpoint_every)
+    store.refresh()
+    store.adopt()
+    return store, report
+
+
+def split_gallery(uri, root, split, model_key, model_args, rel_paths, build, collection=None,
+                  index_type="exact", rebuild=False) -> "MilvusGallery":
+    """The collection of a dataset's ``split`` (``rel_paths``, under ``root``): served as it is
+    when it holds exactly those images (e.g. published by ``shards.py``), else filled from
+    ``build()`` (a `search.index.GalleryIndex` of the split) with `MilvusGallery.publish`."""
+    root = Path(root).expanduser().resolve()
+    store = MilvusGallery.open(uri, root, model_key, model_args, index_type=index_type, rebuild=rebuild,
+                               collection=collection or collection_name(model_key, model_args, root, split),
+                               expected_size=len(rel_paths))
+    if sorted(store.paths) != sorted(str(p) for p in rel_paths):
+        logger.info("Collection %s holds %d of the split's %d images: filling it", store.name,
+                    len(store), len(rel_paths))
+        store.publish(build())
+    store.refresh()
+    store.adopt()
+    return store

@@ -1,0 +1,331 @@
+"""search/vectordb.py: a gallery in Milvus (Milvus Lite through its local database and through its
+gRPC server on 127.0.0.1), against the file index; resumable indexing after a SIGKILL with both
+backends; the errors that name what is wrong. Tiny images, an untrained ResNet-18 at 32 px."""
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("pymilvus")
+pytest.importorskip("milvus_lite")
+
+from search import gallery  # noqa: E402
+from search import tiny_demo  # noqa: E402
+from search import vectordb  # noqa: E402
+from search.index import GalleryIndex  # noqa: E402
+import models  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 32
+KEY = "sha256-of-a-checkpoint"
+ADVERSARIAL = ['Kid\'s "B" shoes', 'A" or category != "', "back\\slash"]
+MODEL_ARGS = {"backbone": "resnet18", "image_size": IMAGE_SIZE, "embedding_size": 128}
+
+
+# ============ helpers and fixtures ============
+
+def write_image(path, seed):
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
+    pixels[:20, :20] = rng.integers(0, 256, size=3, dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def make_folder(root, n=30):
+    """n photos over the adversarial category names and a plain one, two levels down."""
+    names = ADVERSARIAL + ["mugs"]
+    for i in range(n):
+        write_image(root / names[i % len(names)] / f"p{i // 8}" / f"img{i:04d}.png", i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return models.build_model("resnet18", weights="none", image_size=IMAGE_SIZE).eval()
+
+
+@pytest.fixture(scope="module")
+def milvus_server(tmp_path_factory):
+    """Milvus Lite's gRPC server (``python -m milvus_lite server``) on a free 127.0.0.1 port."""
+    port = tiny_demo.free_port()
+    data = tmp_path_factory.mktemp("milvus_server") / "server.db"
+    proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data),
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail("the Milvus Lite server exited at start")
+            time.sleep(0.2)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(params=["lite", "server"])
+def db_uri(request, tmp_path):
+    """A Milvus Lite database: a local .db (in this process), or the gRPC server's."""
+    if request.param == "lite":
+        return str(tmp_path / "gallery.db")
+    return request.getfixturevalue("milvus_server")
+
+
+def file_and_db(model, root, uri, tmp_path, index_type="exact", **kwargs):
+    index, _ = gallery.update_gallery_index(model, root, tmp_path / "gallery.npz", KEY, batch_size=4,
+                                            workers=0, progress=False)
+    store, report = vectordb.folder_gallery(model, KEY, root, uri, index_type=index_type, batch_size=4,
+                                            workers=0, progress=False, **kwargs)
+    return index, store, report
+
+
+# ============ the filter: values are literals ============
+
+def test_quote_escapes_backslash_and_double_quote():
+    assert vectordb.quote('A" or category != "') == '"A\\" or category != \\""'
+    assert vectordb.quote("a\\b") == '"a\\\\b"'
+
+
+def test_adversarial_category_names_match_only_themselves(tmp_path):
+    """Against real Milvus Lite: each name, quoted, matches its own rows; unquoted, the
+    injection would match every row (the test proves it can tell)."""
+    client = vectordb.connect(str(tmp_path / "f.db"))
+    from pymilvus import DataType
+
+    schema = client.create_schema(auto_id=False)
+    schema.add_field("path", DataType.VARCHAR, is_primary=True, max_length=256)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)
+    schema.add_field("category", DataType.VARCHAR, max_length=256)
+    params = client.prepare_index_params()
+    params.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
+    client.create_collection("c", schema=schema, index_params=params)
+    names = ADVERSARIAL + ["", "plain"]
+    client.insert("c", [{"path": f"{i}", "vector": [1.0, 0.0], "category": n} for i, n in enumerate(names)])
+    for name in names:
+        rows = client.query("c", filter=f"category == {vectordb.quote(name)}", output_fields=["category"])
+        assert [r["category"] for r in rows] == [name]
+    injected = client.query("c", filter='category == "A" or category != ""', output_fields=["category"])
+    assert len(injected) == len(names) - 1  # what an unescaped value would have done
+
+
+# ============ same answers as the file index ============
+
+def test_exact_index_returns_the_file_index_top_k(model, tmp_path, db_uri, monkeypatch):
+    monkeypatch.setattr(vectordb, "PAGE", 7)  # rows read back over several pages, quoted keys
+    root = make_folder(tmp_path / "photos")
+    index, store, report = file_and_db(model, root, db_uri, tmp_path)
+    assert report["embedded"] == len(index) == len(store) == store.count() == 30
+    assert store.paths == index.paths and store.categories == index.categories
+    assert store.product_ids == index.product_ids and np.array_equal(store.super_ids, index.super_ids)
+    queries = np.concatenate([index.embeddings[:3], np.random.default_rng(0).normal(size=(2, 128))]).astype(np.float32)
+    for super_id in [None, 1, 2, 3, 4]:
+        for k in (1, 5, 10, 50):
+            s_file, i_file = index.search(queries, k, super_id=super_id)
+            s_db, i_db = store.search(queries, k, super_id=super_id)
+            assert np.array_equal(i_file, i_db), (super_id, k)
+            np.testing.assert_allclose(s_file, s_db, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(store.embeddings[7], index.embeddings[7])
+
+
+def test_ties_break_by_the_lower_row_as_in_the_file_index(tmp_path, db_uri):
+    """Four identical vectors: both backends return them in row (path) order."""
+    emb = np.tile(np.eye(1, 128, dtype=np.float32), (6, 1))
+    emb[4:] = np.eye(1, 128, 1, dtype=np.float32)
+    files = [(f"c/p/{name}.jpg", 1, 1) for name in "fbdace"]
+    files.sort()
+    index = gallery.make_gallery_index(emb, files, KEY)
+    store = vectordb.MilvusGallery.open(db_uri, tmp_path, KEY, MODEL_ARGS, collection="ties")
+    store.publish(index)
+    for k in (1, 2, 3, 6):
+        assert np.array_equal(store.search(emb[0], k)[1], index.search(emb[0], k)[1])
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
+def test_approximate_indexes_recall_against_exact(tmp_path, index_type):
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(2000, 128)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    files = sorted((f"c{i % 4}/x/{i:05d}.jpg", 1, 1) for i in range(len(emb)))
+    index = gallery.make_gallery_index(emb, files, KEY)
+    store = vectordb.MilvusGallery.open(str(tmp_path / "a.db"), tmp_path, KEY, MODEL_ARGS,
+                                        index_type=index_type, expected_size=len(emb))
+    store.publish(index)
+    queries = emb[:50] + 0.1 * rng.normal(size=(50, 128)).astype(np.float32)
+    exact = index.search(queries, 10)[1]
+    approx = store.search(queries, 10)[1]
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx.tolist(), exact.tolist())])
+    assert recall >= 0.8, recall
+
+
+# ============ updates ============
+
+def test_update_embeds_only_changes_and_a_search_sees_them(model, tmp_path, db_uri):
+    root = make_folder(tmp_path / "photos", n=12)
+    index, store, _ = file_and_db(model, root, db_uri, tmp_path)
+    write_image(root / "mugs" / "new" / "a.png", 100)
+    (root / ADVERSARIAL[0] / "p0" / "img0000.png").unlink()
+    before = len(store)
+    report = store.update(model, batch_size=4, workers=0, progress=False)
+    assert (report["added"], report["removed"], report["embedded"], report["unchanged"]) == (1, 1, 1, 11)
+    assert len(store) == before  # the new view is adopted by the next search ...
+    store.search(np.ones(128, np.float32), 3)
+    index, _ = gallery.update_gallery_index(model, root, tmp_path / "gallery.npz", KEY, batch_size=4,
+                                            workers=0, progress=False)
+    assert store.paths == index.paths and store.count() == len(index) == 12  # ... and equals the file index
+    assert np.array_equal(store.search(index.embeddings[:4], 5)[1], index.search(index.embeddings[:4], 5)[1])
+    again = store.update(model, batch_size=4, workers=0, progress=False)
+    assert again["embedded"] == 0 and not again["written"]
+
+
+def test_engine_searches_the_database_with_a_category_filter(model, tmp_path):
+    from search import engine
+
+    root = make_folder(tmp_path / "photos", n=12)
+    loaded = engine.SearchModel(model, None, KEY, "tiny")
+    store, folder = engine.folder_index(loaded, root, backend="milvus", db_uri=str(tmp_path / "g.db"),
+                                        batch_size=4, workers=0)
+    eng = engine.SearchEngine(model, store, folder)
+    for category in ADVERSARIAL:
+        out = eng.search_gallery_item(0, k=10, category=category)
+        assert out["results"] and {r["category"] for r in out["results"]} == {category}
+    assert len(eng.search_gallery_item(0, k=50)["results"]) == 11  # itself excluded
+
+
+# ============ bad inputs ============
+
+def test_unreachable_server_fails_fast_naming_it():
+    port = tiny_demo.free_port()
+    t0 = time.perf_counter()
+    with pytest.raises(vectordb.DatabaseError, match=f"http://127.0.0.1:{port}.*(runs|server)"):
+        vectordb.connect(f"http://127.0.0.1:{port}", timeout=2)
+    assert time.perf_counter() - t0 < 15
+
+
+def test_a_file_or_a_foreign_folder_is_not_a_database(tmp_path):
+    (tmp_path / "notes.db").write_text("hello")
+    with pytest.raises(vectordb.DatabaseError, match=r"notes\.db is not a Milvus Lite database.*file"):
+        vectordb.connect(str(tmp_path / "notes.db"))
+    (tmp_path / "photos.db").mkdir()
+    (tmp_path / "photos.db" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(vectordb.DatabaseError, match=r"photos\.db is not a Milvus Lite database"):
+        vectordb.connect(str(tmp_path / "photos.db"))
+
+
+def test_collection_of_another_model_or_folder_is_refused(tmp_path):
+    uri = str(tmp_path / "g.db")
+    vectordb.MilvusGallery.open(uri, tmp_path, KEY, MODEL_ARGS, collection="shared")
+    with pytest.raises(vectordb.DatabaseError, match="shared.*another model.*--collection"):
+        vectordb.MilvusGallery.open(uri, tmp_path, "other-key", MODEL_ARGS, collection="shared")
+    with pytest.raises(vectordb.DatabaseError, match="shared.*another model"):
+        vectordb.MilvusGallery.open(uri, tmp_path, KEY, {**MODEL_ARGS, "image_size": 64}, collection="shared")
+    with pytest.raises(vectordb.DatabaseError, match="holds the gallery of folder"):
+        vectordb.MilvusGallery.open(uri, tmp_path / "elsewhere", KEY, MODEL_ARGS, collection="shared")
+    with pytest.raises(vectordb.DatabaseError, match="'exact' index, not 'hnsw'"):
+        vectordb.MilvusGallery.open(uri, tmp_path, KEY, MODEL_ARGS, collection="shared", index_type="hnsw")
+    # rebuild: dropped and made for the new model
+    store = vectordb.MilvusGallery.open(uri, tmp_path, "other-key", MODEL_ARGS, collection="shared", rebuild=True)
+    assert store.properties["model_key"] == "other-key"
+
+
+# ============ a SIGKILL while indexing; two indexers ============
+
+def index_command(ckpt, root, backend, *extra):
+    cmd = [sys.executable, str(REPO / "app_stanford.py"), "--checkpoint", str(ckpt), "--gallery", str(root),
+           "--build_index", "--device", "cpu", "--workers", "0", "--batch_size", "8", "--threads", "1",
+           "--checkpoint_every", "32", "--index_backend", backend, *extra]
+    return cmd
+
+
+def run_until_killed(cmd, at_least):
+    """Start ``cmd``, SIGKILL it once its log says ``at_least`` images are checkpointed;
+    returns that count."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
+    done = None
+    for line in proc.stderr:
+        m = re.search(r"embedded (\d+)/(\d+) images \(checkpointed\)", line)
+        if m and int(m.group(1)) >= at_least:
+            os.kill(proc.pid, signal.SIGKILL)
+            done = int(m.group(1))
+            break
+    proc.wait(timeout=120)
+    assert done is not None and proc.returncode == -signal.SIGKILL, "the run ended before it was killed"
+    return done
+
+
+def rerun(cmd):
+    out = subprocess.run(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = re.search(r"Gallery .*: (\d+) images \(.*?(\d+) unchanged, (\d+) embedded, (\d+) resumed", out.stderr)
+    return [int(x) for x in m.groups()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["file", "milvus"])
+def test_sigkill_during_indexing_then_rerun_converges(tmp_path, backend):
+    n = 400
+    root = make_folder(tmp_path / "photos", n=n)
+    ckpt = tiny_demo.write_untrained_checkpoint(tmp_path / "ck" / "best.pth", root, image_size=IMAGE_SIZE)
+    extra = ["--db_uri", str(tmp_path / "g.db")] if backend == "milvus" else ["--index", str(tmp_path / "g.npz")]
+    cmd = index_command(ckpt, root, backend, *extra)
+    done = run_until_killed(cmd, at_least=64)
+    images, unchanged, embedded, resumed = rerun(cmd)
+    assert rerun(cmd)[2] == 0  # a third run embeds nothing
+    assert images == n
+    assert unchanged + resumed >= done  # what was checkpointed before the kill is kept
+    assert embedded <= n - done and embedded < n
+    if backend == "file":
+        index = GalleryIndex.load(tmp_path / "g.npz")
+        paths = index.paths
+        assert not list(tmp_path.glob(".g.npz.partial"))
+    else:
+        store = vectordb.MilvusGallery.open(str(tmp_path / "g.db"), root, models.checkpoint_hash(ckpt),
+                                            models.load_model(ckpt).model_args)
+        paths = store.paths
+        assert store.count() == n
+    assert len(paths) == len(set(paths)) == n
+
+
+@pytest.mark.slow
+def test_two_indexers_into_one_server_do_not_double_rows(tmp_path, milvus_server):
+    n = 120
+    root = make_folder(tmp_path / "photos", n=n)
+    ckpt = tiny_demo.write_untrained_checkpoint(tmp_path / "ck" / "best.pth", root, image_size=IMAGE_SIZE)
+    cmd = index_command(ckpt, root, "milvus", "--db_uri", milvus_server, "--collection", "twice")
+    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
+             for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    store = vectordb.MilvusGallery.open(milvus_server, root, models.checkpoint_hash(ckpt),
+                                        models.load_model(ckpt).model_args, collection="twice")
+    assert store.count() == len(store) == len(set(store.paths)) == n
+
+
+@pytest.mark.slow
+def test_second_process_on_a_lite_database_is_refused_saying_why(tmp_path):
+    root = make_folder(tmp_path / "photos", n=4)
+    ckpt = tiny_demo.write_untrained_checkpoint(tmp_path / "ck" / "best.pth", root, image_size=IMAGE_SIZE)
+    db = tmp_path / "held.db"
+    vectordb.connect(str(db))  # this process holds it now
+    out = subprocess.run(index_command(ckpt, root, "milvus", "--db_uri", str(db)), stderr=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL, text=True, cwd=REPO, timeout=300)
+    assert out.returncode != 0
+    assert "open in another process" in out.stderr and "milvus_lite server" in out.stderr
