@@ -67,11 +67,16 @@ def default_params(index_type: str, n: int) -> dict:
     if index_type == "ivf":
         nlist = 2 ** round(math.log2(max(1.0, 2 * math.sqrt(max(n, 1)))))
         nlist = int(max(1, min(nlist, n // 39 or 1)))
-        return {"nlist": nlist, "nprobe": int(max(min(nlist, 8), nlist // 24)), "train_points_per_cell": 39,
+        return {"nlist": nlist, "nprobe": ivf_nprobe(nlist), "train_points_per_cell": 39,
                 "kmeans_iters": 10}
     if index_type == "hnsw":
         return {"M": HNSW_M, "efConstruction": hnsw_ef_construction(n), "efSearch": hnsw_ef_search(n)}
     return {}
+
+
+def ivf_nprobe(nlist: int) -> int:
+    """Cells an ivf query scans by default: nlist / 24 (~4 % of the gallery), at least 8."""
+    return int(max(min(nlist, 8), nlist // 24))
 
 
 HNSW_M = 24  # links per node (module docstring: M = 32 takes more memory than float32 at D = 128)

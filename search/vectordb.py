@@ -37,6 +37,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -62,6 +63,12 @@ GRPC_OPTIONS = {"grpc.keepalive_permit_without_calls": 0, "grpc.keepalive_time_m
 PAGE = 16384  # rows per query when reading the rows back (Milvus's largest query window)
 MAX_PATH_BYTES = 65535  # Milvus VARCHAR limit
 MAX_NAME_BYTES = 4096
+LITE_IVF_NLIST = 128  # milvus-lite 3.2.2
+# Milvus Lite's HNSW needs a wider beam than faiss's for the same recall (bench/db.json, 1M rows:
+# ef 256 -> recall@10 0.852, ef 1024 -> 0.982) and its latency does not move with ef (~1.25 s at
+# every ef from 256 to 2048): its fixed per-query cost dominates.
+LITE_HNSW_EF_FACTOR = 4
+MAX_FILTERED_EF = 4096  # the largest beam a filtered hnsw search is given (Milvus allows up to 32768)
 MILVUS_INDEX = {"exact": "FLAT", "ivf": "IVF_FLAT", "hnsw": "HNSW"}
 INSTALL_HINT = "pip install pymilvus==3.0.2 milvus-lite==3.2.2"
 SERVER_HINT = ("start one (e.g. Milvus Standalone with docker, or this machine's Milvus Lite as a "
@@ -100,6 +107,22 @@ def collection_name(model_key: str, model_args: dict, root, split=None) -> str:
     folder = str(Path(root).expanduser().resolve()) + (f"#{split}" if split else "")
     folder_tag = hashlib.sha256(folder.encode()).hexdigest()[:8]
     return f"gallery_{model_tag}_{folder_tag}"
+
+
+def default_params(uri, index_type: str, n: int) -> dict:
+    """`search.ann.default_params` for a new collection of about ``n`` rows, except on Milvus
+    Lite: its IVF_FLAT has `LITE_IVF_NLIST` cells whatever nlist it is given (measured: its k-means
+    log and its recall at each nprobe are the same for nlist 16 and 51), so nprobe scans the
+    share of the cells that the defaults for ``n`` would (small galleries scan more of theirs);
+    its HNSW searches with `LITE_HNSW_EF_FACTOR` times the faiss beam."""
+    params = ann.default_params(index_type, max(int(n), 1))
+    if index_type == "hnsw" and not is_server_uri(uri):
+        params["efSearch"] *= LITE_HNSW_EF_FACTOR
+    if index_type == "ivf" and not is_server_uri(uri):
+        share = params["nprobe"] / params["nlist"]
+        params.update(nlist=LITE_IVF_NLIST,
+                      nprobe=max(ann.ivf_nprobe(LITE_IVF_NLIST), math.ceil(share * LITE_IVF_NLIST)))
+    return params
 
 
 def default_db_path(checkpoint=None, model_name=None) -> Path:
@@ -294,7 +317,7 @@ class MilvusGallery:
                 client.drop_collection(name)
             if not client.has_collection(name):
                 _create(client, uri, name, wanted, index_type,
-                        {**ann.default_params(index_type, max(int(expected_size), 1)), **(ann_params or {})})
+                        {**default_params(uri, index_type, expected_size), **(ann_params or {})})
             info = client.describe_collection(name)
             props = {k: str(v) for k, v in (info.get("properties") or {}).items()}
             _check_collection(name, uri, props, wanted, index_type)
@@ -352,11 +375,20 @@ class MilvusGallery:
         return int(self.client.query(self.name, filter="", output_fields=["count(*)"])[0]["count(*)"])
 
     # ---- search
-    def _search_params(self, limit: int) -> dict:
+    def _search_params(self, limit: int, kept: float = 1.0) -> dict:
+        """Milvus search parameters for ``limit`` candidates when a filter keeps the fraction
+        ``kept`` of the rows. The graph walk (hnsw) or the scanned cells (ivf) must then reach
+        about 1 / kept times as many rows to meet as many that pass the filter, so ef / nprobe
+        grow by that factor (ef at most `MAX_FILTERED_EF`, nprobe at most nlist)."""
+        grow = 1.0 / max(kept, 1e-9)
         if self.index_type == "ivf":
-            return {"metric_type": "IP", "params": {"nprobe": int(self.ann_params.get("nprobe", 8))}}
+            nprobe = int(self.ann_params.get("nprobe", 8))
+            nlist = int(self.ann_params.get("nlist", nprobe))
+            return {"metric_type": "IP", "params": {"nprobe": min(max(nlist, nprobe), math.ceil(nprobe * grow))}}
         if self.index_type == "hnsw":
-            return {"metric_type": "IP", "params": {"ef": max(int(self.ann_params.get("efSearch", 128)), limit)}}
+            ef = int(self.ann_params.get("efSearch", 128))
+            ef = ef if kept >= 1.0 else min(max(ef, MAX_FILTERED_EF), math.ceil(ef * grow))
+            return {"metric_type": "IP", "params": {"ef": max(ef, limit)}}
         return {"metric_type": "IP", "params": {}}
 
     def search(self, queries, k=10, super_id=None):
@@ -378,7 +410,8 @@ class MilvusGallery:
         kk, limit = min(k, n), num_candidates(min(k, n), n)
         expr = "" if super_id is None else f"category == {quote(view.categories[int(super_id) - 1])}"
         hits = self.client.search(self.name, data=q.tolist(), limit=limit, filter=expr, anns_field="vector",
-                                  output_fields=["vector"], search_params=self._search_params(limit))
+                                  output_fields=["vector"],
+                                  search_params=self._search_params(limit, n / max(len(view.paths), 1)))
         found = {}  # row -> vector, over every query's candidates
         cand = np.full((len(q), limit), -1, dtype=np.int64)
         for qi, row_hits in enumerate(hits):
@@ -430,6 +463,8 @@ class MilvusGallery:
         gallery.embed_in_chunks(model, scan.root, plan.embed, upsert, chunk_size=checkpoint_every,
                                 batch_size=batch_size, workers=workers, device=device, progress=progress)
         embed_seconds = time.perf_counter() - t_embed
+        if embedded[0] or gone:
+            self._seal()
         self._unreadable = {b[0]: tuple(b[1:]) for b in bad}
         fresh = self._load_view()
         if not fresh.paths:
@@ -444,6 +479,12 @@ class MilvusGallery:
                 "images_per_s": round(embedded[0] / seconds, 2) if embedded[0] else 0.0,
                 "rebuild": "force=True" if force else None, "written": bool(embedded[0] or gone),
                 "skipped": list(scan.skipped), "unreadable_paths": sorted(b[0] for b in bad)}
+
+    def _seal(self) -> None:
+        """Flush the writes of an update: Milvus searches rows still in growing segments by brute
+        force and without the index (measured on Milvus Lite at 100k: 2.7 s a query before, about
+        0.2 s after), so a finished update seals them and lets the index be built."""
+        self.client.flush(self.name)
 
     def publish(self, index, chunk=4096) -> int:
         """Upsert every row of a `search.index.GalleryIndex` (``shards.py``, a dataset split),
@@ -460,6 +501,7 @@ class MilvusGallery:
                 {"path": index.paths[i], "vector": np.asarray(index.embeddings[i], np.float32).tolist(),
                  "product_id": index.product_ids[i], "category": index.categories[int(index.super_ids[i]) - 1],
                  "size": int(stats[i][0]), "mtime_ns": int(stats[i][1])} for i in range(start, stop)])
+        self._seal()
         self._pending = self._load_view()
         return len(self._pending.paths)
 

@@ -19,6 +19,7 @@ from PIL import Image
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
+from search import ann  # noqa: E402
 from search import gallery  # noqa: E402
 from search import tiny_demo  # noqa: E402
 from search import vectordb  # noqa: E402
@@ -160,8 +161,9 @@ def test_ties_break_by_the_lower_row_as_in_the_file_index(tmp_path, db_uri):
 
 @pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
 def test_approximate_indexes_recall_against_exact(tmp_path, index_type):
-    rng = np.random.default_rng(1)
-    emb = rng.normal(size=(2000, 128)).astype(np.float32)
+    rng = np.random.default_rng(1)  # clustered like embeddings: 400 products of 5 images
+    centres = rng.normal(size=(400, 128)).astype(np.float32)
+    emb = np.repeat(centres, 5, axis=0) + 0.6 * rng.normal(size=(2000, 128)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     files = sorted((f"c{i % 4}/x/{i:05d}.jpg", 1, 1) for i in range(len(emb)))
     index = gallery.make_gallery_index(emb, files, KEY)
@@ -173,6 +175,38 @@ def test_approximate_indexes_recall_against_exact(tmp_path, index_type):
     approx = store.search(queries, 10)[1]
     recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx.tolist(), exact.tolist())])
     assert recall >= 0.8, recall
+    exact_cat, approx_cat = index.search(queries, 10, super_id=2)[1], store.search(queries, 10, super_id=2)[1]
+    recall_cat = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx_cat.tolist(), exact_cat.tolist())])
+    assert recall_cat >= 0.8, recall_cat
+
+
+def _params(index_type, ann_params, limit, kept):
+    store = object.__new__(vectordb.MilvusGallery)  # only the search parameters: no database
+    store.index_type, store.ann_params = index_type, ann_params
+    return store._search_params(limit, kept)["params"]
+
+
+def test_filtered_searches_widen_the_beam_by_the_filtered_out_share():
+    hnsw = {"M": 24, "efSearch": 256}
+    assert _params("hnsw", hnsw, 36, 1.0) == {"ef": 256}
+    assert _params("hnsw", hnsw, 36, 1 / 12) == {"ef": 256 * 12}
+    assert _params("hnsw", hnsw, 36, 1e-6) == {"ef": vectordb.MAX_FILTERED_EF}  # capped
+    assert _params("hnsw", {"efSearch": 16}, 36, 1.0) == {"ef": 36}  # never below the candidates
+    ivf = {"nlist": 512, "nprobe": 22}
+    assert _params("ivf", ivf, 36, 1.0) == {"nprobe": 22}
+    assert _params("ivf", ivf, 36, 1 / 4) == {"nprobe": 88}
+    assert _params("ivf", ivf, 36, 1e-6) == {"nprobe": 512}  # every cell: exhaustive
+    assert _params("exact", {}, 36, 1 / 4) == {}
+
+
+def test_milvus_lite_defaults_differ_from_faiss_only_where_lite_does():
+    lite, server = "runs/x/gallery.db", "http://localhost:19530"
+    assert vectordb.default_params(server, "hnsw", 1_000_000) == ann.default_params("hnsw", 1_000_000)
+    assert vectordb.default_params(lite, "hnsw", 1_000_000)["efSearch"] == 256 * vectordb.LITE_HNSW_EF_FACTOR
+    assert vectordb.default_params(server, "ivf", 1_000_000) == ann.default_params("ivf", 1_000_000)
+    lite_ivf = vectordb.default_params(lite, "ivf", 1_000_000)  # faiss: 85 of 2048 cells
+    assert lite_ivf["nlist"] == vectordb.LITE_IVF_NLIST and lite_ivf["nprobe"] == 8  # >= 85/2048 of 128
+    assert vectordb.default_params(lite, "ivf", 2_000)["nprobe"] == 21  # faiss: 8 of 51 cells
 
 
 # ============ updates ============
