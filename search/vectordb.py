@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import types
@@ -90,6 +91,29 @@ def in_filter(field: str, values) -> str:
     """``field in ["a", "b"]`` with every value quoted by `quote` (pymilvus's own ``ids=``
     arguments of delete / get do not escape quotes: a path like ``Kid's "B"/x.jpg`` breaks them)."""
     return f"{field} in [{', '.join(quote(v) for v in values)}]"
+
+
+def _keep_faiss_search_params() -> None:
+    """Undo what ``faiss.contrib.torch_utils`` (imported by pytorch-metric-learning) does to
+    Milvus Lite, which searches its IVF cells with faiss in this process: the torch wrapper it
+    puts on every ``Index.search`` drops the ``params`` keyword (``nprobe``), so Lite's IVF
+    search fails. Numpy calls with ``params`` go back to faiss's own numpy method; once per class."""
+    if "faiss.contrib.torch_utils" not in sys.modules:
+        return
+    faiss = sys.modules["faiss"]
+    for name in dir(faiss):
+        cls = getattr(faiss, name, None)
+        wrapped = isinstance(cls, type) and cls.__dict__.get("search")
+        if not wrapped or "search_numpy" not in cls.__dict__ or getattr(wrapped, "_keeps_params", False):
+            continue
+
+        def search(self, x, k, *args, params=None, _torch=wrapped, **kwargs):
+            if params is not None:
+                return self.search_numpy(x, k, *args, params=params, **kwargs)
+            return _torch(self, x, k, *args, **kwargs)
+
+        search._keeps_params = True
+        cls.search = search
 
 
 def is_server_uri(uri) -> bool:
@@ -409,6 +433,7 @@ class MilvusGallery:
             return out_s, out_i
         kk, limit = min(k, n), num_candidates(min(k, n), n)
         expr = "" if super_id is None else f"category == {quote(view.categories[int(super_id) - 1])}"
+        _keep_faiss_search_params()
         hits = self.client.search(self.name, data=q.tolist(), limit=limit, filter=expr, anns_field="vector",
                                   output_fields=["vector"],
                                   search_params=self._search_params(limit, n / max(len(view.paths), 1)))

@@ -161,6 +161,8 @@ def test_ties_break_by_the_lower_row_as_in_the_file_index(tmp_path, db_uri):
 
 @pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
 def test_approximate_indexes_recall_against_exact(tmp_path, index_type):
+    # after pytorch-metric-learning patched faiss (as the reference tests do): Lite IVF uses faiss
+    import pytorch_metric_learning.utils.inference  # noqa: F401
     rng = np.random.default_rng(1)  # clustered like embeddings: 400 products of 5 images
     centres = rng.normal(size=(400, 128)).astype(np.float32)
     emb = np.repeat(centres, 5, axis=0) + 0.6 * rng.normal(size=(2000, 128)).astype(np.float32)
