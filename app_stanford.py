@@ -39,7 +39,10 @@ each summing to ``score``), ``score``, ``exact`` and ``label``:
     query_overlay, result_overlay, why = client.predict(handle_file("query.jpg"), 12345,
                                                         api_name="/explain")
 
-The UI's "Show why" switch draws the maps over the first five results. A refused image (not an image, empty,
+The UI's "Show why" switch draws the maps over the first five results. Its cost: the query's
+feature grid is kept from its search, and the results' per-location projections are read from
+an explanation store beside the gallery index (``gallery_<...>.why.npy``, made at start-up,
+``--explain_store_gb``), so no network runs for them. A refused image (not an image, empty,
 truncated, too many pixels, ...) raises ``gradio_client.exceptions.AppError`` with a message
 saying why; the server keeps serving.
 
@@ -69,6 +72,7 @@ import torch
 import inference
 from dataio import catalogue
 from search import engine as search_engine
+from search import explain_store
 from search import watch as gallery_watch
 from search import vectordb
 from search.gallery import CHECKPOINT_EVERY
@@ -219,6 +223,20 @@ def explanation_json(e):
     return {k: e[k] for k in ("index", "query_map", "result_map", "score", "exact", "label")}
 
 
+def attach_store(engine, max_gb, progress=True, index=None):
+    """Bring the explanation store of the gallery index (``index``, default ``engine``'s) up to
+    date and let ``engine`` use it (`SearchEngine.attach_explain_store`, at
+    `search.explain_store.store_path` of the index file), unless ``max_gb`` is 0 or the gallery
+    has no index file (a database gallery)."""
+    index = engine.index if index is None else index
+    path = getattr(index, "path", None)
+    if max_gb <= 0 or path is None:
+        engine.explain_store = None
+        return None
+    return engine.attach_explain_store(explain_store.store_path(path), max_bytes=int(max_gb * 1e9),
+                                       progress=progress, index=index)
+
+
 def why_outputs(engine, query, ranked, on, k=WHY_K):
     """The results gallery and the query-overlay gallery for "Show why": off (or no results),
     the plain gallery and an empty, hidden second gallery; on, the first ``k`` results drawn
@@ -246,8 +264,10 @@ def _explain_components(gr):
 
 
 def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_upload_mb=10,
-              concurrency_limit=1, max_examples=12, explain_source=None):
+              concurrency_limit=1, max_examples=12, explain_source=None, explain_store_gb=1.0):
     """The demo as a `gr.Blocks` (not launched: see `launch_app`).
+
+    ``explain_store_gb``: largest explanation store made for "Show why" (`attach_store`).
 
     Events: the Search button (the public API endpoint ``/search``: image, k, category →
     gallery, ranked-results JSON, timing text), a new upload / paste / webcam shot, a click
@@ -259,6 +279,7 @@ def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_up
     engine = search_engine.SearchEngine(model, index, data_root, max_pixels=max_pixels,
                                         explain_source=explain_source)
     engine.warm_up()
+    attach_store(engine, explain_store_gb)
     QueryImage = _query_image_class()
     margs = model.model_args
     title = title or "Visual product search"
@@ -414,6 +435,11 @@ def get_args_parser(add_help=True):
                             "serving; photos added or changed are embedded and become searchable, "
                             "removed ones disappear, without a restart (a query sees the old gallery or "
                             "the new one; a photo appears after at most SECONDS plus its embedding)")
+    group.add_argument("--explain_store_gb", default=1.0, type=float, metavar="GB",
+                       help="\"Show why\" reads each result's similarity-map projections from a store beside "
+                            "the index (12.5 KB an image at 224 px and 128-d; made at start-up, kept in "
+                            "memory) when it fits in GB; 0: no store, the switch runs the network over "
+                            "the results (slower)")
     group.add_argument("--batch_size", default=64, type=int, help="batch size for embedding the gallery")
     group.add_argument("--workers", default=None, type=int,
                        help="DataLoader workers for embedding the gallery; default "
@@ -505,7 +531,10 @@ def main(args):
         sys.exit(f"Cannot build or load the {args.index_type} gallery index: {e}")
     except OSError as e:  # the index could not be written (full disk, permissions)
         sys.exit(f"Gallery index not saved: {e}\nPass --index PATH to write it somewhere else.")
+    explain_from = loaded.checkpoint or (args.backbone, args.weights, args.image_size)
     if args.build_index:
+        attach_store(search_engine.SearchEngine(loaded.model, index, data_root, explain_source=explain_from),
+                     args.explain_store_gb)
         return index
 
     # ============ serving ============
@@ -515,8 +544,8 @@ def main(args):
         # the private upload folder is removed, as on Ctrl-C
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     demo = build_app(loaded.model, index, data_root, max_pixels=int(args.max_megapixels * 1e6),
-                     max_upload_mb=args.max_upload_mb,
-                     explain_source=loaded.checkpoint or (args.backbone, args.weights, args.image_size))
+                     max_upload_mb=args.max_upload_mb, explain_source=explain_from,
+                     explain_store_gb=args.explain_store_gb)
     if args.watch:
         demo.watcher = start_watch(demo, folder_refresh(demo.engine, loaded, args), args.watch, data_root)
     launch_app(demo, index, data_root, host=args.host, port=args.port, share=args.share,
@@ -546,6 +575,8 @@ def start_watch(demo, refresh, interval, data_root):
 
     def refresh_and_serve():
         index = refresh()
+        if index is not None and engine.explain_store is not None:  # new photos' projections too
+            attach_store(engine, engine.explain_store_gb, progress=False, index=index)
         allowed, blocked = search_engine.served_paths(index or engine.index, data_root)
         if (demo.allowed_paths, demo.blocked_paths) != (allowed, blocked):
             demo.allowed_paths, demo.blocked_paths = allowed, blocked  # Gradio reads them per request

@@ -3,7 +3,8 @@ that stands in for the PyTorch network wherever one embeds images.
 
 An exported file is self-describing: input ``images`` (float32, N x 3 x S x S, S the model's
 fixed image size, dynamic batch N: ImageNet-normalised RGB), output ``embeddings`` (float32,
-N x D, L2-normalised inside the graph), and ``metadata_props`` (all strings; lists and dicts as
+N x D, L2-normalised inside the graph), output ``features`` (float32, N x C x H x W: the feature
+map that is average-pooled, for similarity maps), and ``metadata_props`` (all strings; lists and dicts as
 JSON; ``METADATA_KEYS``)::
 
     format, format_version  "visual-product-search.embedding", FORMAT_VERSION
@@ -92,6 +93,10 @@ PRECISIONS = ("fp32", "int8")
 FORMAT = "visual-product-search.embedding"
 FORMAT_VERSION = 1
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
+# Second output: the backbone's last feature map (the global pooling's input), what similarity
+# maps (explain.py) decompose. onnxruntime computes it anyway on the way to the embedding; it is
+# copied out only when asked for. Exports made before it have one output (has_features False).
+FEATURES_NAME = "features"
 # 17: supported by every onnxruntime since 1.14 and by most other runtimes (deploy anywhere).
 OPSET = 17
 # Keep in step with requirements.txt (a test checks).
@@ -208,11 +213,25 @@ def freeze_same_padding(model: nn.Module, image_size: int) -> nn.Module:
     return model
 
 
+class _WithFeatures(nn.Module):
+    """An EmbeddingNet that also returns its feature grid: x -> (embedding, pooling input)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        import explain  # here: the rest of this module does not need it
+
+        grid, embedding = explain.feature_grid(self.model, x)
+        return embedding, grid
+
+
 def onnx_bytes(model: nn.Module) -> bytes:
     """The fp32 ONNX graph of ``model`` (an EmbeddingNet) at its model_args' image size, batch
-    axis dynamic, without metadata."""
+    axis dynamic, without metadata: outputs ``embeddings`` and ``features``."""
     size = int(model.model_args["image_size"])
-    frozen = freeze_same_padding(model, size)
+    frozen = _WithFeatures(freeze_same_padding(model, size))
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript exporter (dynamo=False) is deprecated in favour of torch.export, which
@@ -226,8 +245,9 @@ def onnx_bytes(model: nn.Module) -> bytes:
         warnings.filterwarnings("ignore", message=".*Only steps=1 can be constant folded.*")
         # batch 2, not 1: nothing in the trace may specialise on a batch of one
         torch.onnx.export(frozen, (torch.zeros(2, 3, size, size),), buffer,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME, FEATURES_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"},
+                                        FEATURES_NAME: {0: "batch"}},
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
     return buffer.getvalue()
 
@@ -536,11 +556,12 @@ class OnnxEmbedder(nn.Module):
         self.model_key = self.metadata["model_key"]
         self.precision = self.metadata["precision"]
         self.num_parameters = int(self.metadata["parameters"])
+        self.has_features = FEATURES_NAME in {o.name for o in self.session.get_outputs()}
         # An empty parameter: code that finds the device with next(model.parameters()) sees the
         # CPU, where onnxruntime runs; it holds nothing (the weights live in the session).
         self._device_anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _run(self, images: torch.Tensor, outputs: list) -> list:
         s = self.image_size
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
             raise ValueError(f"{self.path or 'this ONNX model'} takes images [N, 3, {s}, {s}] (its "
@@ -548,8 +569,19 @@ class OnnxEmbedder(nn.Module):
                              f"datasets.build_transform({s})")
         # NCHW contiguous float32: extract_embeddings hands over channels_last tensors
         x = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        out = self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-        return torch.from_numpy(out).to(images.device)
+        return [torch.from_numpy(out).to(images.device) for out in self.session.run(outputs, {INPUT_NAME: x})]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run(images, [OUTPUT_NAME])[0]
+
+    def embed_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings [N, D], feature grid [N, C, H, W]) in one run; exports without the
+        ``features`` output (``has_features`` False) raise OnnxModelError."""
+        if not self.has_features:
+            raise OnnxModelError(f"{self.path or 'this ONNX model'} was exported without its feature "
+                                 "map output; export it again with python export.py")
+        embedding, grid = self._run(images, [OUTPUT_NAME, FEATURES_NAME])
+        return embedding, grid
 
     def extra_repr(self) -> str:
         return (f"{self.metadata['backbone']} {self.image_size}px -> {self.embedding_size}-d, "

@@ -1,13 +1,15 @@
 """What "Show why" costs: the demo's plain query (search.engine.SearchEngine.search_file, an
 uploaded file to ranked results) against the same query followed by the similarity maps of its
 first K results (app_stanford.why_outputs, what the switch runs after the search), on CPU, for
-the torch and the onnx runtime (the maps always run in torch: they need the feature grid).
+the torch and the onnx runtime. Two settings of the switch's path: with the explanation store
+(the demo's default: the results' projections are read, the query's grid is the one its search
+computed) and without it (``--explain_store_gb 0``: the network runs over the K results).
 
     python bench/bench_explain.py [--backbone efficientnet_lite0] [--image_size 224] [--k 5]
                                   [--iters 20] [--output bench/explain.json]
 
-Prints (and writes) JSON: per runtime, p50 / p95 in ms of both and ``explain_vs_plain`` (the
-ratio of the p50s, measured in the same loop). Random weights cost what trained ones cost; the
+Prints (and writes) JSON: per runtime and setting, p50 / p95 in ms of both and
+``explain_vs_plain`` (the ratio of the p50s, measured in the same loop). Random weights cost what trained ones cost; the
 gallery is the tiny synthetic demo's (its size does not matter: the maps are of K images).
 """
 import argparse
@@ -71,7 +73,11 @@ def main():
                                                      model_key=loaded.key)
         engine = search_engine.SearchEngine(loaded.model, index, data_root, explain_source=checkpoint)
         engine.warm_up()
-        out["runtimes"][runtime] = measure(engine, queries, a.k, a.iters)
+        rows = out["runtimes"][runtime] = {}
+        app_stanford.attach_store(engine, 1.0, progress=False)
+        rows["store"] = measure(engine, queries, a.k, a.iters)
+        app_stanford.attach_store(engine, 0)
+        rows["no_store"] = measure(engine, queries, a.k, a.iters)
         out["gallery_size"] = len(index)
     text = json.dumps(out, indent=1)
     print(text)

@@ -182,6 +182,9 @@ class SearchEngine:
         # or a zero-shot (backbone, weights, image_size)) and kept here
         self.explain_source = explain_source
         self._explain_model = model if isinstance(model, models.EmbeddingNet) else None
+        self._last_query = None  # the last query's pixels and feature grid (`_embed`)
+        self.explain_store = None  # search.explain_store.ExplainStore, `attach_explain_store`
+        self.explain_store_gb = 0.0  # its size limit, kept for --watch's updates
 
     def _on_worker(self, fn, *args):
         """``fn(*args)`` on the worker thread (directly when already there)."""
@@ -218,25 +221,46 @@ class SearchEngine:
         return str(self.data_root / result["catalogue_path"])
 
     # ---- model input
-    def prepare(self, image):
-        """Write the eval transform of ``image`` (RGB PIL) into the input buffer; returns it.
-        Same numbers as ``datasets.build_transform(image_size, train=False)`` (the resize is
-        the same PIL call torchvision makes; the crop offset follows CenterCrop's rounding)."""
+    def pixels(self, image):
+        """The s x s x 3 uint8 crop of ``image`` (RGB PIL) that the model sees: the eval transform
+        without normalisation (the resize is the same PIL call torchvision makes; the crop offset
+        follows CenterCrop's rounding). Also what a similarity map is drawn over."""
         if image.mode != "RGB":
             image = image.convert("RGB")
         r, s, c = self.resize, self.image_size, self.crop
-        arr = np.asarray(image.resize((r, r), Image.BILINEAR))[c:c + s, c:c + s]
-        x = torch.from_numpy(np.ascontiguousarray(arr)).to(self.device).permute(2, 0, 1)
+        return np.ascontiguousarray(np.asarray(image.resize((r, r), Image.BILINEAR))[c:c + s, c:c + s])
+
+    def prepare(self, image):
+        """Write the eval transform of ``image`` (RGB PIL, or its `pixels`) into the input buffer;
+        returns it. Same numbers as ``datasets.build_transform(image_size, train=False)``."""
+        arr = image if isinstance(image, np.ndarray) else self.pixels(image)
+        x = torch.from_numpy(arr).to(self.device).permute(2, 0, 1)
         torch.addcmul(self._shift, x, self._scale, out=self._input[0])
         return self._input
+
+    def _forward(self, x):
+        """(embeddings [N, D], feature grid [N, C, H, W] or None) of a model input: the grid is
+        caught on the way (torch: the pooling's input; onnx: the export's ``features`` output)
+        and is None only for an ONNX export made without it."""
+        if isinstance(self.model, models.EmbeddingNet):
+            grid, embedding = explain.feature_grid(self.model, x)
+            return embedding, grid
+        if getattr(self.model, "has_features", False):
+            return self.model.embed_with_features(x)
+        with torch.inference_mode():
+            return self.model(x), None
 
     def embed(self, image):
         """Unit embedding (float32 [D], numpy) of an RGB PIL image."""
         return self._on_worker(self._embed, image)
 
     def _embed(self, image):
-        with torch.inference_mode():
-            return self.model(self.prepare(image))[0].cpu().numpy()
+        pixels = self.pixels(image)
+        embedding, grid = self._forward(self.prepare(pixels))
+        # kept for "Show why", which follows a search with the same query: its maps then need
+        # no second forward pass over it
+        self._last_query = {"pixels": pixels, "grid": grid, "file": None}
+        return embedding[0].cpu().numpy()
 
     # ---- search
     def _ranked(self, vector, k, super_id, exclude=None):
@@ -288,6 +312,7 @@ class SearchEngine:
         image = load_query_image(path, self.max_pixels, draft_size=self.resize)
         t1 = time.perf_counter()
         out = self._search_image(image, k, category)
+        self._last_query["file"] = _file_key(path)
         out["timing_ms"]["decode"] = round((t1 - t0) * 1e3, 2)
         out["timing_ms"]["total"] = round((time.perf_counter() - t0) * 1e3, 2)
         out["query_size"] = list(image.size)
@@ -328,12 +353,6 @@ class SearchEngine:
             self._explain_model = _torch_twin(self.model, self.explain_source).to(self.device).eval()
         return self._explain_model
 
-    def _view(self, image):
-        """The s x s crop of ``image`` that the model sees (the eval transform without
-        normalisation): what a similarity map is drawn over."""
-        r, s, c = self.resize, self.image_size, self.crop
-        return image.convert("RGB").resize((r, r), Image.BILINEAR).crop((c, c, c + s, c + s))
-
     def explain(self, query, result_index, alpha=0.5):
         """Why gallery image ``result_index`` matches ``query`` (an upload's path or an RGB PIL
         image): `explain_results` for one result."""
@@ -342,31 +361,102 @@ class SearchEngine:
     def explain_results(self, query, indices, alpha=0.5):
         """One dict per gallery index in ``indices``: {"index", "query_overlay",
         "result_overlay" (PIL, the model's s x s view with the map over it), "query_map",
-        "result_map" (nested lists of floats, the feature grid's size), "score" (the torch
-        model's cosine; each map sums to it), "exact", "label"}, on the worker thread."""
+        "result_map" (nested lists of floats, the feature grid's size), "score", "exact",
+        "label"}, on the worker thread.
+
+        score is e_q . e_r: e_q the query's embedding by the torch network (from the query's
+        feature grid), e_r the gallery index's vector. The query map sums to it exactly; the
+        result map sums to it within 1e-5 when computed from the image, within ~1e-3 when read
+        from the explanation store (float16, `attach_explain_store`). Cost: the query's grid is
+        the one its search just computed (same file, or same pixels), so no forward pass is run
+        over the query or over stored results; only results missing from the store run the
+        network (one batch)."""
         return self._on_worker(self._explain_results, query, [int(i) for i in indices], alpha)
+
+    def _query_grid(self, query):
+        """(pixels, feature grid [1, C, H, W]) of a query path or PIL image: the last search's
+        when it was the same file (size and mtime) or the same pixels, else one forward pass."""
+        last = getattr(self, "_last_query", None)
+        if last is not None and last["grid"] is not None and not isinstance(query, Image.Image) \
+                and last["file"] is not None and last["file"] == _file_key(query):
+            return last["pixels"], last["grid"]
+        image = query if isinstance(query, Image.Image) else load_query_image(query, self.max_pixels,
+                                                                               draft_size=self.resize)
+        pixels = self.pixels(image)
+        if last is not None and last["grid"] is not None and np.array_equal(pixels, last["pixels"]):
+            return pixels, last["grid"]
+        grid, _ = explain.feature_grid(self.explain_model(), self.prepare(pixels).clone())
+        return pixels, grid
 
     def _explain_results(self, query, indices, alpha):
         for i in indices:
             if not 0 <= i < len(self.index):
                 raise QueryError(f"Gallery image {i} does not exist (the gallery has {len(self.index)}).")
-        if not isinstance(query, Image.Image):
-            query = load_query_image(query, self.max_pixels, draft_size=self.resize)
-        images = [query] + [photos.load_image(self.abs_paths[i], size=self.resize) for i in indices]
+        query_pixels, query_grid = self._query_grid(query)
         net = self.explain_model()
-        inputs = torch.cat([self.prepare(im).clone() for im in images])
-        with torch.no_grad():  # not inference_mode: the MLP head's maps take a gradient
-            maps = explain.similarity_maps_many(net, inputs[:1], inputs[1:])
-        query_view, out = self._view(query), []
-        for i, image, m in zip(indices, images[1:], maps):
-            exact = bool(m["exact"])
-            q_map, r_map = m["query_map"].numpy(), m["result_map"].numpy()
-            out.append({"index": i, "score": m["score"], "exact": exact,
+        p_q = explain.projections(net, query_grid)[0]                   # [H, W, D]
+        e_q = p_q.sum((0, 1))                                           # the query's unit embedding
+        vectors = torch.from_numpy(np.stack([np.asarray(self.index.embeddings[i], np.float32)
+                                             for i in indices]))        # [K, D]
+        views = [self.pixels(photos.load_image(self.abs_paths[i], size=self.resize)) for i in indices]
+        store = getattr(self, "explain_store", None)
+        stored = [None if store is None else store.get(v) for v in vectors.numpy()]
+        missing = [n for n, p in enumerate(stored) if p is None]
+        if missing:  # not in the store: the network over those results, in one batch
+            inputs = torch.cat([self.prepare(views[n]).clone() for n in missing])
+            grids, _ = explain.feature_grid(net, inputs)
+            for n, p in zip(missing, explain.projections(net, grids)):
+                stored[n] = p
+        exact, out = explain.is_exact(net), []
+        for i, v, p_r, view in zip(indices, vectors, stored, views):
+            q_map = torch.einsum("ijd,d->ij", p_q, v).numpy()
+            r_map = torch.einsum("ijd,d->ij", torch.as_tensor(p_r), e_q).numpy()
+            out.append({"index": i, "score": float(e_q @ v), "exact": exact,
                         "label": EXACT_LABEL if exact else APPROX_LABEL,
                         "query_map": q_map.tolist(), "result_map": r_map.tolist(),
-                        "query_overlay": explain.overlay(query_view, q_map, alpha),
-                        "result_overlay": explain.overlay(self._view(image), r_map, alpha)})
+                        "query_overlay": explain.overlay(Image.fromarray(query_pixels), q_map, alpha),
+                        "result_overlay": explain.overlay(Image.fromarray(view), r_map, alpha)})
         return out
+
+    def attach_explain_store(self, path, max_bytes=1 << 30, batch_size=32, progress=True, index=None):
+        """Read (and bring up to date) the explanation store at ``path``
+        (`search.explain_store`) of ``index`` (default the engine's; --watch passes the next
+        one before it is served), so that "Show why" reads the results' projections instead of
+        running the network over them. Images missing from it are computed now, in batches of
+        ``batch_size`` on the worker thread (between queries). Skipped (None, logged) when it
+        would exceed ``max_bytes``, for an empty gallery or a database gallery (no vector array
+        to key it on). Returns the store."""
+        from search import explain_store
+
+        index = self.index if index is None else index
+        self.explain_store_gb = max_bytes / 1e9
+        if not isinstance(getattr(index, "embeddings", None), np.ndarray):
+            logger.info("No explanation store for a database gallery: \"Show why\" runs the network "
+                        "over the results it explains")
+            return None
+        net = self.explain_model()
+        probe = self._on_worker(lambda: self.prepare(Image.new("RGB", (self.resize, self.resize))).clone())
+        grid_shape = tuple(explain.feature_grid(net, probe)[0].shape[2:])
+        size = explain_store.store_bytes(len(index), grid_shape, index.embeddings.shape[1])
+        if not len(index) or size > max_bytes:
+            logger.info("No explanation store for %d images (%.2f GB, limit --explain_store_gb %.2f): \"Show "
+                        "why\" runs the network over the results it explains", len(index), size / 1e9,
+                        max_bytes / 1e9)
+            self._on_worker(setattr, self, "explain_store", None)
+            return None
+
+        def compute(files):
+            inputs = torch.cat([self.prepare(photos.load_image(f, size=self.resize)).clone() for f in files])
+            _, grids = self._forward(inputs)
+            if grids is None:  # an ONNX export without its features output: the torch network's
+                grids, _ = explain.feature_grid(net, inputs)
+            return explain.projections(net, grids).numpy()
+
+        store = explain_store.sync_store(path, index.embeddings, [str(self.data_root / p) for p in index.paths],
+                                         lambda files: self._on_worker(compute, files),
+                                         grid_shape, batch_size=batch_size, progress=progress)
+        self._on_worker(setattr, self, "explain_store", store)
+        return store
 
     def warm_up(self):
         """One forward pass and one search, so that the first user does not pay for lazy
@@ -381,6 +471,15 @@ class SearchEngine:
             if len(rows):
                 picks.append(int(rows[0]))
         return picks[:n]
+
+
+def _file_key(path):
+    """(path, size, mtime_ns) of a file, None when it cannot be read: the same upload again."""
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return None
+    return str(path), st.st_size, st.st_mtime_ns
 
 
 def _torch_twin(model, source=None):

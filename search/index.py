@@ -141,6 +141,7 @@ class GalleryIndex:
         self._ann = None  # the faiss index of an approximate index_type, once built / loaded
         self._ann_record = None  # how it was built (saved beside it)
         self._subsets = {}
+        self.path = None  # the file it was loaded from or last saved to (save / load)
 
     def __len__(self):
         return len(self.embeddings)
@@ -193,7 +194,8 @@ class GalleryIndex:
             meta["ann"] = self._ann_record
             arrays["ann"] = ann.serialize(self._ann)
         arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
-        return atomic_write(path, lambda f: np.savez(f, **arrays))
+        self.path = atomic_write(path, lambda f: np.savez(f, **arrays))
+        return self.path
 
     @classmethod
     def load(cls, path, backend="auto") -> "GalleryIndex":
@@ -236,6 +238,7 @@ class GalleryIndex:
             raise ValueError(f"gallery index {path} is corrupt: its image list does not match its hash; rebuild it")
         if record is not None:
             index._attach_ann(path, blob, record)
+        index.path = path
         return index
 
     def _attach_ann(self, path, blob, record) -> None:

@@ -22,27 +22,35 @@ from dataio import synthetic_sop
 import models
 
 IMAGE_SIZE = 48
+# Debian's chromium and chromium-driver (.ci/run installs them): the browser the demo's browser
+# test and bench/bench_explain.py --browser drive
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--disable-extensions", "--window-size=1400,1000"]
 
 
-def write_untrained_checkpoint(path, data_root, backbone="resnet18", image_size=IMAGE_SIZE, seed=0) -> Path:
-    """A randomly initialised ``backbone`` saved at ``path`` as train.py saves a run (models.py
-    checkpoint format, `models.atomic_save`), with ``data_root`` as its training data."""
+def write_untrained_checkpoint(path, data_root, backbone="resnet18", image_size=IMAGE_SIZE, seed=0,
+                               head="mlp") -> Path:
+    """A randomly initialised ``backbone`` with ``head`` saved at ``path`` as train.py saves a run
+    (models.py checkpoint format, `models.atomic_save`), with ``data_root`` as its training data."""
     torch.manual_seed(seed)
-    model = models.build_model(backbone, weights="none", image_size=image_size)
+    model = models.build_model(backbone, weights="none", image_size=image_size, head=head)
     models.atomic_save(models.make_checkpoint(
         model, args={"dataset": "synthetic", "data_root": str(data_root)}, epoch=0, metrics={}), path)
     return Path(path)
 
 
 def make_tiny_demo(folder, num_products=40, image_size=IMAGE_SIZE, backbone="resnet18", seed=0,
-                   run="tiny") -> tuple[Path, Path]:
+                   run="tiny", head="mlp") -> tuple[Path, Path]:
     """``(data_root, checkpoint)``: a synthetic SOP under ``folder/sop`` and an untrained
     checkpoint trained "on" it at ``folder/checkpoints/<run>/best.pth``."""
     folder = Path(folder)
     root = synthetic_sop.ensure_synthetic_sop(folder / "sop", num_products=num_products,
                                               image_size=image_size)
     path = write_untrained_checkpoint(folder / "checkpoints" / run / "best.pth", root, backbone,
-                                      image_size, seed)
+                                      image_size, seed, head)
     return Path(root), path
 
 
@@ -120,3 +128,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_chromium(page_load_timeout=30):
+    """``(driver, profile folder)``: headless Chromium under selenium with a fresh profile (the
+    caller quits the driver and removes the folder)."""
+    import tempfile
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(page_load_timeout)
+    return driver, profile

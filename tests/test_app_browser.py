@@ -8,7 +8,6 @@ the reason otherwise. Set APP_SCREENSHOT=path to also save a screenshot of the r
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,12 +15,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_app import cpu_settings, server, tiny  # noqa: E402,F401  (the same demo as test_app.py)
+from search import tiny_demo  # noqa: E402
+from search.tiny_demo import CHROMEDRIVER, CHROMIUM  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--disable-extensions", "--window-size=1400,1000"]
 TIMEOUT = 30  # s; generous: CI machines are slow and share cores
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -31,17 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 
 
 def start_chromium():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(TIMEOUT)
-    return driver, profile
+    return tiny_demo.start_chromium(TIMEOUT)
 
 
 def wait_for(driver, condition, what):
@@ -216,7 +202,7 @@ def test_show_why_draws_the_maps_over_the_first_results(browser_demo, server, tm
     for src, e, r in zip(shown[:k], expected, ranked):
         drawn = np.asarray(fetch_image(src), np.float32)
         overlay = np.asarray(e["result_overlay"], np.float32)
-        photo = np.asarray(engine._view(fetch_image(plain[ranked.index(r)])), np.float32)
+        photo = np.asarray(engine.pixels(fetch_image(plain[ranked.index(r)])), np.float32)
         assert drawn.shape == overlay.shape
         assert np.abs(drawn - overlay).mean() < 6  # the same image (served as lossy webp)
         assert np.abs(drawn - photo).mean() > 20   # and visibly not the photo (observed ~50)

@@ -7,8 +7,12 @@ from PIL import Image
 
 from tests import test_app
 import app_stanford
+import datasets
+import explain
 import models
 from search import engine as search_engine
+from search import explain_store
+from search.index import build_gallery_index
 
 ATOL = 1e-4
 cpu_settings, server, tiny, search = test_app.cpu_settings, test_app.server, test_app.tiny, test_app.search
@@ -30,10 +34,19 @@ def test_engine_explain_maps_sum_to_the_score(tiny):
         engine.explain(path, len(tiny["index"]))
 
 
+def linear_engine(tiny):
+    """An engine over the tiny gallery with a linear-head network and that network's own index."""
+    if "linear" not in tiny:
+        torch.manual_seed(0)
+        model = models.build_model("resnet18", weights="none", image_size=48, head="linear").eval()
+        dataset = datasets.SOPDataset(tiny["data_root"], "test", transform=datasets.build_transform(48))
+        index = build_gallery_index(model, dataset, workers=0, progress=False)
+        tiny["linear"] = search_engine.SearchEngine(model, index, tiny["data_root"])
+    return tiny["linear"]
+
+
 def test_linear_head_is_exact(tiny):
-    torch.manual_seed(0)
-    model = models.build_model("resnet18", weights="none", image_size=48, head="linear")
-    engine = search_engine.SearchEngine(model, tiny["index"], tiny["data_root"])
+    engine = linear_engine(tiny)
     e = engine.explain(Image.open(tiny["gallery"].paths[0]).convert("RGB"), 7)
     assert e["exact"] and e["label"] == "exact decomposition"
     assert abs(np.sum(e["query_map"]) - e["score"]) < ATOL
@@ -107,3 +120,92 @@ def test_onnx_runtime_explains_with_the_checkpoint_it_was_exported_from(tiny, tm
     engine = search_engine.SearchEngine(lonely, tiny["index"], tiny["data_root"])
     with pytest.raises(search_engine.QueryError, match="--runtime torch"):
         engine.explain(path, 5)
+
+
+def forbid_forward(monkeypatch):
+    """Make any forward pass for a feature grid fail (explain.feature_grid and the onnx export's)."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a forward pass ran")
+    monkeypatch.setattr(explain, "feature_grid", fail)
+    monkeypatch.setattr("inference.OnnxEmbedder.embed_with_features", fail)
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_show_why_after_a_search_runs_no_forward_with_a_store(tiny, tmp_path, runtime, monkeypatch):
+    """With the store, "Show why" after a search reads the query's grid from that search and the
+    results' projections from the store: no forward pass at all, and the same maps (within the
+    store's float16 rounding) as computed from the images."""
+    if runtime == "onnx":
+        pytest.importorskip("onnxruntime")
+        import shutil
+        ckpt = tmp_path / "run" / "best.pth"
+        ckpt.parent.mkdir()
+        shutil.copy(tiny["checkpoint"], ckpt)
+        model = search_engine.load_search_model(ckpt, runtime="onnx", device="cpu").model
+        assert model.has_features
+    else:
+        model = tiny["model"]
+    engine = search_engine.SearchEngine(model, tiny["index"], tiny["data_root"], explain_source=tiny["checkpoint"])
+    path = tiny["gallery"].paths[4]
+    ranked = engine.search_file(path, k=7)
+    indices = [r["index"] for r in ranked["results"][:app_stanford.WHY_K]]
+    live = engine.explain_results(path, indices)  # no store yet: results run the network
+    store = engine.attach_explain_store(tmp_path / "gallery.why.npy", progress=False)
+    assert len(store) == len(set(explain_store.row_key(v) for v in tiny["index"].embeddings))
+    engine.search_file(path, k=7)
+    with monkeypatch.context() as m:
+        forbid_forward(m)
+        shown, queries, visible = app_stanford.why_outputs(engine, path, ranked, True)
+        stored = engine.explain_results(path, indices)
+    assert visible and len(queries) == app_stanford.WHY_K
+    for a, b, r in zip(live, stored, ranked["results"]):
+        assert a["index"] == b["index"] == r["index"]
+        assert abs(b["score"] - r["score"]) < ATOL
+        assert np.allclose(a["query_map"], b["query_map"], atol=1e-6)
+        # float16 projections: each location within 1e-3 of the score's scale, sums within 2e-3
+        assert np.allclose(a["result_map"], b["result_map"], atol=1e-3)
+        assert abs(np.sum(b["result_map"]) - b["score"]) < 2e-3
+        assert abs(np.sum(b["query_map"]) - b["score"]) < ATOL
+    # another query (not the last search's): its own forward pass, still exact sums
+    other = tiny["gallery"].paths[9]
+    e = engine.explain(other, indices[0])
+    assert abs(np.sum(e["query_map"]) - e["score"]) < ATOL
+
+
+def test_store_is_reused_follows_the_gallery_and_survives_a_damaged_file(tiny, tmp_path):
+    engine = linear_engine(tiny)
+    path = tmp_path / "g.why.npy"
+    store = engine.attach_explain_store(path, progress=False)
+    stamp = path.stat().st_mtime_ns
+    # up to date: read as it is, not rewritten
+    again = engine.attach_explain_store(path, progress=False)
+    assert path.stat().st_mtime_ns == stamp and len(again) == len(store)
+    # each record sums over its locations to the index's unit embedding
+    for i in (0, 5, len(engine.index) - 1):
+        p = store.get(engine.index.embeddings[i])
+        assert np.allclose(p.sum((0, 1)), engine.index.embeddings[i], atol=2e-3)
+    # a row whose vector is not in the store (another image / other weights) is not found
+    assert store.get(np.roll(engine.index.embeddings[0], 1)) is None
+    # a truncated file is rebuilt, with the same records
+    path.write_bytes(path.read_bytes()[:1000])
+    rebuilt = engine.attach_explain_store(path, progress=False)
+    assert len(rebuilt) == len(store)
+    assert np.allclose(rebuilt.get(engine.index.embeddings[3]), store.get(engine.index.embeddings[3]), atol=1e-3)
+    # too big for the limit: no store, and Show why still works by running the network
+    assert engine.attach_explain_store(tmp_path / "none.why.npy", max_bytes=10, progress=False) is None
+    assert engine.explain_store is None and not (tmp_path / "none.why.npy").exists()
+    e = engine.explain(tiny["gallery"].paths[2], 4)
+    assert abs(np.sum(e["result_map"]) - e["score"]) < ATOL
+
+
+def test_exact_head_store_records_are_the_papers_decomposition(tiny, tmp_path):
+    """Linear head: a stored record is (W f_ij + b) / (HW ||W f̄ + b||) of the image's grid."""
+    engine = linear_engine(tiny)
+    store = engine.attach_explain_store(tmp_path / "lin.why.npy", progress=False)
+    image = Image.open(tiny["gallery"].paths[6]).convert("RGB")
+    grid, _ = explain.feature_grid(engine.model, engine.prepare(image).clone())
+    linear = engine.model.head[1]
+    f = grid[0].flatten(1).t()                                          # [HW, C]
+    expected = linear(f) / (f.shape[0] * linear(f.mean(0)).norm())
+    got = store.get(engine.index.embeddings[6]).reshape(-1, expected.shape[1])
+    assert np.allclose(got, expected.detach().numpy(), atol=1e-3)

@@ -20,6 +20,7 @@ pytest.importorskip("onnxruntime", reason="runtime onnx: pip install -r requirem
 pytest.importorskip("onnx", reason="ONNX export: pip install -r requirements.txt")
 
 import datasets  # noqa: E402
+import explain  # noqa: E402
 import export  # noqa: E402
 import inference  # noqa: E402
 import models  # noqa: E402
@@ -127,10 +128,16 @@ def test_metadata(exported, checkpoint):
     assert embedder.num_parameters == models.count_parameters(model)
     import onnxruntime
     session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
-    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    (inp,), (out, features) = session.get_inputs(), session.get_outputs()
     assert (inp.name, inp.type, inp.shape[1:]) == ("images", "tensor(float)", [3, SIZE, SIZE])
     assert isinstance(inp.shape[0], str)  # dynamic batch
     assert (out.name, out.shape[1]) == ("embeddings", 16)
+    # the feature map that similarity maps decompose, as the torch network's pooling sees it
+    x = torch.randn(2, 3, SIZE, SIZE)
+    ref_grid, ref_emb = explain.feature_grid(model, x)
+    assert (features.name, features.shape[1:]) == ("features", list(ref_grid.shape[1:]))
+    emb, grid = embedder.embed_with_features(x)
+    assert torch.allclose(grid, ref_grid, atol=1e-4) and torch.allclose(emb, ref_emb, atol=1e-5)
 
 
 def test_retrieval_metrics_equal_through_extract_embeddings(exported, checkpoint,
