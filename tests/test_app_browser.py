@@ -204,8 +204,18 @@ def test_show_why_draws_the_maps_over_the_first_results(browser_demo, server, tm
         overlay = np.asarray(e["result_overlay"], np.float32)
         photo = np.asarray(engine.pixels(fetch_image(plain[ranked.index(r)])), np.float32)
         assert drawn.shape == overlay.shape
-        assert np.abs(drawn - overlay).mean() < 6  # the same image (served as lossy webp)
+        assert np.abs(drawn - overlay).mean() < 6  # the same image (served as lossy JPEG)
         assert np.abs(drawn - photo).mean() > 20   # and visibly not the photo (observed ~50)
+
+    # with the switch on, a new upload draws its results with their maps (search and maps in one event)
+    other = browser_demo["gallery"].paths[33]
+    upload(driver, other)
+    first_maps = rendered_images(driver, "why_query")[0]
+    wait_for(driver, lambda d: (len(rendered_images(d, "why_query")) == k
+                                and rendered_images(d, "why_query")[0] != first_maps), "the new query's maps")
+    assert driver.find_element(By.ID, "results").text.count("· why") == k
+    upload(driver, query)  # back to the first query: its plain tail of results again
+    wait_for(driver, lambda d: rendered_results(d)[k:] == plain[k:], "the first query's results again")
 
     # switched off again: the plain gallery comes back and the maps are hidden
     driver.find_element(By.CSS_SELECTOR, "#why input[type=checkbox]").click()
