@@ -75,6 +75,24 @@ def test_linear_map_is_the_papers_decomposition_with_the_bias_spread_uniformly()
     assert torch.allclose(out["query_map"].flatten(), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("head", ["mlp", "linear", "none"])
+def test_projections_are_the_head_linearised_at_the_pooled_feature(head):
+    """P[i, j] = (g(f̄) + J_g(f̄) (f_ij - f̄)) / (HW ||g(f̄)||), J from torch.autograd's full Jacobian
+    (the mlp head's forward-mode products; the affine heads' one matmul), and P sums to the embedding."""
+    torch.manual_seed(5)
+    model = models.build_model("resnet18", weights="none", head=head, embedding_size=32).eval()
+    x = random_pair(5)[1]
+    grid, embedding = explain.feature_grid(model, x)
+    p = explain.projections(model, grid)[0]                            # [H, W, D]
+    f = grid[0].flatten(1).t()                                         # [HW, C]
+    pooled = f.mean(0)
+    g = model.head(pooled[None])[0]
+    jac = torch.autograd.functional.jacobian(lambda v: model.head(v[None])[0], pooled)  # [D, C]
+    expected = (g + (f - pooled) @ jac.t()) / (f.shape[0] * g.norm())
+    assert torch.allclose(p.reshape(-1, p.shape[-1]), expected.detach(), atol=1e-6)
+    assert torch.allclose(p.sum((0, 1)), embedding[0], atol=1e-5)
+
+
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_mlp_head_is_a_linearisation_whose_maps_still_sum_to_the_score(backbone):
     torch.manual_seed(2)
