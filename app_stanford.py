@@ -509,6 +509,8 @@ def check_args(parser, args):
                       ("batch_size", 0), ("checkpoint_every", 0)):
         if getattr(args, name) <= low:
             parser.error(f"--{name} must be > {low}, got {getattr(args, name)}")
+    if args.explain_store_gb < 0:
+        parser.error(f"--explain_store_gb must be >= 0 (0: no store), got {args.explain_store_gb}")
     if args.port > 65535:
         parser.error(f"--port must be in 1..65535, got {args.port}")
     device = str(args.device)

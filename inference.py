@@ -41,6 +41,7 @@ repository works without them)::
     calibration_set(root, image_size, num_images=64, seed=0, splits=None)
         -> (list of NCHW float32 batches, info dict)
     OnnxEmbedder(source, checkpoint=None, num_threads=None)    torch.nn.Module
+        .embed_with_features(images) -> (embeddings, feature grid)  (has_features: the export has it)
     read_metadata(path) -> dict
     verify_export(model, embedder, num_images=2, seed=0) -> dict
     OnnxModelError

@@ -209,3 +209,24 @@ def test_exact_head_store_records_are_the_papers_decomposition(tiny, tmp_path):
     expected = linear(f) / (f.shape[0] * linear(f.mean(0)).norm())
     got = store.get(engine.index.embeddings[6]).reshape(-1, expected.shape[1])
     assert np.allclose(got, expected.detach().numpy(), atol=1e-3)
+
+
+def test_build_index_also_writes_the_explanation_store(tiny, tmp_path):
+    """As a user prepares a demo: --build_index writes the store beside the index; 0 GB: none;
+    a negative size is an argparse error."""
+    def main(*extra):
+        parser = app_stanford.get_args_parser()
+        args = parser.parse_args(["--checkpoint", str(tiny["checkpoint"]), "--data_root", str(tiny["data_root"]),
+                                  "--build_index", "--workers", "0", "--device", "cpu", "--runtime", "torch",
+                                  *map(str, extra)])
+        app_stanford.check_args(parser, args)
+        return app_stanford.main(args)
+
+    index = main("--index", tmp_path / "g.npz")
+    store = explain_store.ExplainStore.load(tmp_path / "g.why.npy")
+    assert len(store) == len({explain_store.row_key(v) for v in index.embeddings})
+    main("--index", tmp_path / "none.npz", "--explain_store_gb", 0)
+    assert (tmp_path / "none.npz").exists() and not (tmp_path / "none.why.npy").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main("--index", tmp_path / "x.npz", "--explain_store_gb", -1)
+    assert exit_info.value.code == 2
