@@ -31,6 +31,7 @@ fixed), as the embeddings the search uses.
 from __future__ import annotations
 
 import functools
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -78,12 +79,15 @@ def feature_grid(model: EmbeddingNet, x: torch.Tensor) -> tuple[torch.Tensor, to
     """(grid [N, C, H, W], embedding [N, D]) of an ImageNet-normalised batch x [N, 3, h, w].
 
     grid is the backbone's last feature map, the input of its global average pooling (caught by a
-    forward pre-hook, so the backbone runs once, unchanged); embedding is ``model(x)`` itself.
+    forward pre-hook, so the backbone runs once, unchanged; only this thread's call is caught, so
+    other threads may run the model meanwhile); embedding is ``model(x)`` itself.
     The model runs in eval mode without gradients, and is left in the mode it was in.
     """
-    caught = []
+    caught, me = [], threading.get_ident()
+    # Only this thread's forward: the demo shares the model with --watch's embedding thread, whose
+    # forwards pass the same hook while it is registered.
     handle = _pooling_module(model).register_forward_pre_hook(
-        lambda module, args: caught.append(args[0]))
+        lambda module, args: caught.append(args[0]) if threading.get_ident() == me else None)
     try:
         with torch.no_grad(), _eval_mode(model):
             embedding = model(x)

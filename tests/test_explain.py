@@ -61,6 +61,33 @@ def test_feature_grid_is_the_pooling_input_and_embedding_is_the_model_output():
         assert torch.allclose(F.normalize(model.head(grid.mean((2, 3))), dim=1), embedding, atol=1e-6)
 
 
+def test_feature_grid_ignores_forwards_of_other_threads_meanwhile():
+    """The demo's model is shared with --watch's embedding thread: a forward of another thread
+    while feature_grid's hook is registered (forced here, inside the pooling of this thread's
+    call) is not caught."""
+    import threading
+
+    torch.manual_seed(0)
+    model = models.build_model("resnet18", weights="none", head="linear").eval()
+    other = torch.randn(3, 3, 64, 64)
+    done = []
+
+    def other_thread_forward(module, args):
+        if threading.current_thread() is threading.main_thread() and not done:
+            t = threading.Thread(target=lambda: done.append(model(other).shape))
+            t.start()
+            t.join()
+
+    handle = explain._pooling_module(model).register_forward_pre_hook(other_thread_forward)
+    try:
+        x = random_pair()[1]
+        grid, embedding = explain.feature_grid(model, x)
+    finally:
+        handle.remove()
+    assert done == [torch.Size([3, model.embedding_size])]  # the other forward ran while the hook was registered
+    assert grid.shape[0] == 1 and torch.allclose(embedding, model(x), atol=1e-6)
+
+
 def test_linear_map_is_the_papers_decomposition_with_the_bias_spread_uniformly():
     torch.manual_seed(1)
     model = models.build_model("resnet18", weights="none", head="linear").eval()
