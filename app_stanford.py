@@ -240,11 +240,8 @@ def attach_store(engine, max_gb, progress=True, index=None):
     has no index file (a database gallery)."""
     index = engine.index if index is None else index
     path = getattr(index, "path", None)
-    if max_gb <= 0 or path is None:
-        engine.explain_store = None
-        return None
-    return engine.attach_explain_store(explain_store.store_path(path), max_bytes=int(max_gb * 1e9),
-                                       progress=progress, index=index)
+    return engine.attach_explain_store(None if path is None else explain_store.store_path(path),
+                                       max_bytes=int(max_gb * 1e9), progress=progress, index=index)
 
 
 def why_outputs(engine, query, ranked, on, k=WHY_K):

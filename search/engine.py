@@ -250,6 +250,15 @@ class SearchEngine:
         with torch.inference_mode():
             return self.model(x), None
 
+    def _projections(self, inputs):
+        """`explain.projections` [N, H, W, D] of model inputs [N, 3, s, s]: the serving model's
+        feature grids (`_forward`), the torch network's for an ONNX export without them."""
+        net = self.explain_model()
+        _, grids = self._forward(inputs)
+        if grids is None:
+            grids, _ = explain.feature_grid(net, inputs)
+        return explain.projections(net, grids)
+
     def embed(self, image):
         """Unit embedding (float32 [D], numpy) of an RGB PIL image."""
         return self._on_worker(self._embed, image)
@@ -259,7 +268,7 @@ class SearchEngine:
         embedding, grid = self._forward(self.prepare(pixels))
         # kept for "Show why", which follows a search with the same query: its maps then need
         # no second forward pass over it
-        self._last_query = {"pixels": pixels, "grid": grid, "file": None}
+        self._last_query = None if grid is None else {"pixels": pixels, "grid": grid, "file": None}
         return embedding[0].cpu().numpy()
 
     # ---- search
@@ -312,7 +321,8 @@ class SearchEngine:
         image = load_query_image(path, self.max_pixels, draft_size=self.resize)
         t1 = time.perf_counter()
         out = self._search_image(image, k, category)
-        self._last_query["file"] = _file_key(path)
+        if self._last_query is not None:
+            self._last_query["file"] = _file_key(path)
         out["timing_ms"]["decode"] = round((t1 - t0) * 1e3, 2)
         out["timing_ms"]["total"] = round((time.perf_counter() - t0) * 1e3, 2)
         out["query_size"] = list(image.size)
@@ -373,41 +383,40 @@ class SearchEngine:
         network (one batch)."""
         return self._on_worker(self._explain_results, query, [int(i) for i in indices], alpha)
 
-    def _query_grid(self, query):
-        """(pixels, feature grid [1, C, H, W]) of a query path or PIL image: the last search's
-        when it was the same file (size and mtime) or the same pixels, else one forward pass."""
-        last = getattr(self, "_last_query", None)
-        if last is not None and last["grid"] is not None and not isinstance(query, Image.Image) \
-                and last["file"] is not None and last["file"] == _file_key(query):
-            return last["pixels"], last["grid"]
-        image = query if isinstance(query, Image.Image) else load_query_image(query, self.max_pixels,
-                                                                               draft_size=self.resize)
-        pixels = self.pixels(image)
-        if last is not None and last["grid"] is not None and np.array_equal(pixels, last["pixels"]):
-            return pixels, last["grid"]
-        grid, _ = explain.feature_grid(self.explain_model(), self.prepare(pixels).clone())
-        return pixels, grid
+    def _query_side(self, query):
+        """(pixels, projections [H, W, D]) of a query path or PIL image, from the last search's
+        feature grid when it was the same file (size and mtime) or the same pixels, else from
+        one forward pass."""
+        last = self._last_query
+        if last is not None and not isinstance(query, Image.Image) and last["file"] is not None \
+                and last["file"] == _file_key(query):
+            pixels, grid = last["pixels"], last["grid"]
+        else:
+            image = query if isinstance(query, Image.Image) else load_query_image(
+                query, self.max_pixels, draft_size=self.resize)
+            pixels = self.pixels(image)
+            if last is None or not np.array_equal(pixels, last["pixels"]):
+                return pixels, self._projections(self.prepare(pixels).clone())[0]
+            grid = last["grid"]
+        return pixels, explain.projections(self.explain_model(), grid)[0]
 
     def _explain_results(self, query, indices, alpha):
         for i in indices:
             if not 0 <= i < len(self.index):
                 raise QueryError(f"Gallery image {i} does not exist (the gallery has {len(self.index)}).")
-        query_pixels, query_grid = self._query_grid(query)
-        net = self.explain_model()
-        p_q = explain.projections(net, query_grid)[0]                   # [H, W, D]
+        query_pixels, p_q = self._query_side(query)                     # p_q: [H, W, D]
         e_q = p_q.sum((0, 1))                                           # the query's unit embedding
         vectors = torch.from_numpy(np.stack([np.asarray(self.index.embeddings[i], np.float32)
                                              for i in indices]))        # [K, D]
         views = [self.pixels(photos.load_image(self.abs_paths[i], size=self.resize)) for i in indices]
-        store = getattr(self, "explain_store", None)
+        store = self.explain_store
         stored = [None if store is None else store.get(v) for v in vectors.numpy()]
         missing = [n for n, p in enumerate(stored) if p is None]
         if missing:  # not in the store: the network over those results, in one batch
-            inputs = torch.cat([self.prepare(views[n]).clone() for n in missing])
-            grids, _ = explain.feature_grid(net, inputs)
-            for n, p in zip(missing, explain.projections(net, grids)):
+            computed = self._projections(torch.cat([self.prepare(views[n]).clone() for n in missing]))
+            for n, p in zip(missing, computed):
                 stored[n] = p
-        exact, out = explain.is_exact(net), []
+        exact, out = explain.is_exact(self.explain_model()), []
         for i, v, p_r, view in zip(indices, vectors, stored, views):
             q_map = torch.einsum("ijd,d->ij", p_q, v).numpy()
             r_map = torch.einsum("ijd,d->ij", torch.as_tensor(p_r), e_q).numpy()
@@ -423,38 +432,36 @@ class SearchEngine:
         (`search.explain_store`) of ``index`` (default the engine's; --watch passes the next
         one before it is served), so that "Show why" reads the results' projections instead of
         running the network over them. Images missing from it are computed now, in batches of
-        ``batch_size`` on the worker thread (between queries). Skipped (None, logged) when it
-        would exceed ``max_bytes``, for an empty gallery or a database gallery (no vector array
-        to key it on). Returns the store."""
+        ``batch_size`` on the worker thread (between queries). None (no store; logged unless
+        ``path`` is None or ``max_bytes`` 0, i.e. switched off) when it would exceed
+        ``max_bytes``, for an empty gallery or a database gallery (no vector array to key it on).
+        Returns the store."""
         from search import explain_store
 
         index = self.index if index is None else index
         self.explain_store_gb = max_bytes / 1e9
-        if not isinstance(getattr(index, "embeddings", None), np.ndarray):
+        store = None
+        if path is None or max_bytes <= 0:
+            pass
+        elif not isinstance(getattr(index, "embeddings", None), np.ndarray):
             logger.info("No explanation store for a database gallery: \"Show why\" runs the network "
                         "over the results it explains")
-            return None
-        net = self.explain_model()
-        probe = self._on_worker(lambda: self.prepare(Image.new("RGB", (self.resize, self.resize))).clone())
-        grid_shape = tuple(explain.feature_grid(net, probe)[0].shape[2:])
-        size = explain_store.store_bytes(len(index), grid_shape, index.embeddings.shape[1])
-        if not len(index) or size > max_bytes:
-            logger.info("No explanation store for %d images (%.2f GB, limit --explain_store_gb %.2f): \"Show "
-                        "why\" runs the network over the results it explains", len(index), size / 1e9,
-                        max_bytes / 1e9)
-            self._on_worker(setattr, self, "explain_store", None)
-            return None
+        else:
+            probe = self._on_worker(lambda: self.prepare(Image.new("RGB", (self.resize, self.resize))).clone())
+            grid_shape = tuple(self._projections(probe).shape[1:3])
+            size = explain_store.store_bytes(len(index), grid_shape, index.embeddings.shape[1])
+            if len(index) and size <= max_bytes:
+                def compute(files):
+                    return self._projections(torch.cat([self.prepare(photos.load_image(f, size=self.resize)).clone()
+                                                        for f in files])).numpy()
 
-        def compute(files):
-            inputs = torch.cat([self.prepare(photos.load_image(f, size=self.resize)).clone() for f in files])
-            _, grids = self._forward(inputs)
-            if grids is None:  # an ONNX export without its features output: the torch network's
-                grids, _ = explain.feature_grid(net, inputs)
-            return explain.projections(net, grids).numpy()
-
-        store = explain_store.sync_store(path, index.embeddings, [str(self.data_root / p) for p in index.paths],
-                                         lambda files: self._on_worker(compute, files),
-                                         grid_shape, batch_size=batch_size, progress=progress)
+                store = explain_store.sync_store(path, index.embeddings, [str(self.data_root / p) for p in index.paths],
+                                                 lambda files: self._on_worker(compute, files),
+                                                 grid_shape, batch_size=batch_size, progress=progress)
+            else:
+                logger.info("No explanation store for %d images (%.2f GB, limit --explain_store_gb %.2f): \"Show "
+                            "why\" runs the network over the results it explains", len(index), size / 1e9,
+                            max_bytes / 1e9)
         self._on_worker(setattr, self, "explain_store", store)
         return store
 

@@ -118,11 +118,11 @@ def sync_store(path, vectors, files, compute, grid_shape, batch_size=32, progres
     dtype = record_dtype(grid_shape, vectors.shape[1])
     previous = _previous(path, grid_shape, vectors.shape[1])
     keys = [row_key(v) for v in vectors]
-    unique = list(dict.fromkeys(keys))  # identical images share one record
-    first_row = {}
+    first_row = {}  # key -> its first gallery row: identical images share one record
     for r, k in enumerate(keys):
         first_row.setdefault(k, r)
-    have = set(previous.rows) if previous is not None else set()
+    unique = list(first_row)
+    have = previous.rows if previous is not None else {}
     todo = [first_row[k] for k in unique if k not in have]
     if previous is not None and not todo and len(previous) == len(unique):
         return previous
@@ -131,7 +131,7 @@ def sync_store(path, vectors, files, compute, grid_shape, batch_size=32, progres
     table["key"] = np.array(unique, dtype=np.uint64)
     for k in unique:
         if k in have:
-            table["proj"][slot[k]] = previous.table["proj"][previous.rows[k]]
+            table["proj"][slot[k]] = previous.table["proj"][have[k]]
     rejected = set()
     if todo:
         from tqdm import tqdm
