@@ -42,6 +42,10 @@ logger = logging.getLogger("datasets")
 SPLITS = ("train", "val", "test", "trainval")
 
 
+class NoTestSplitError(DatasetError):
+    """The catalogue has no test split to evaluate: its split is drawn with test_fraction 0."""
+
+
 class CorruptImagesError(DatasetError):
     """More than the allowed share of a split is unreadable. ``.bad_paths`` lists them."""
 
@@ -148,7 +152,7 @@ class SOPDataset(torch.utils.data.Dataset):
         log_skipped(table, self.root)
         table = table.take(table.is_test if split == "test" else ~table.is_test)
         if split in ("train", "val"):
-            is_val = split_validation(table.class_ids, val_fraction, split_seed)
+            is_val = split_validation(table.product_ids, val_fraction, split_seed)
             table = table.take(is_val if split == "val" else ~is_val)
         self.categories = list(table.categories)
         self.image_ids, self.class_ids, self.super_ids = table.image_ids, table.class_ids, table.super_ids
@@ -156,6 +160,10 @@ class SOPDataset(torch.utils.data.Dataset):
         self.rel_paths = table.rel_paths
         self.paths = [str(self.root / p) for p in self.rel_paths]
         if not self.paths:
+            if split == "test" and table.drawn_split and test_fraction == 0:
+                raise NoTestSplitError(f"{self.root} has no held-out test split: test_fraction 0 puts "
+                                       "every product in training. Evaluate on another catalogue "
+                                       "(--data_root), or use split trainval to serve the whole catalogue")
             why = ("no image is in the test split (the CSV's split column says train everywhere?)"
                    if split == "test" else "no image is in the training split"
                    if split == "trainval" else f"val_fraction={val_fraction}")
@@ -268,9 +276,19 @@ def split_options(train_args: dict | None, test_fraction=None) -> dict:
     evaluating or serving a checkpoint on its own data then sees the same splits.
     ``test_fraction`` given (not None) overrides the run's."""
     train_args = train_args or {}
+    if test_fraction is None:  # 0 (trained on every product) is a value, not a missing one
+        test_fraction = train_args.get("test_fraction")
     return {"val_fraction": float(train_args.get("val_fraction") or 0.1),
-            "test_fraction": float(test_fraction if test_fraction is not None
-                                   else train_args.get("test_fraction") or DEFAULT_TEST_FRACTION)}
+            "test_fraction": float(DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction)}
+
+
+def serving_split(train_args: dict | None, root) -> str:
+    """The split of ``root`` a demo serves for a run by default: ``test``, or ``trainval`` (the
+    whole catalogue) for a run trained with test_fraction 0 on a catalogue whose split is drawn
+    (a folder tree, a CSV without the split column), which then has no test split."""
+    if split_options(train_args)["test_fraction"] != 0:
+        return "test"
+    return "trainval" if read_catalogue(root, 0.0, sop_parts=("test",)).drawn_split else "test"
 
 
 # ============ batch samplers ============

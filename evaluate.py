@@ -16,6 +16,19 @@ Writes ``results.json``, ``results.md`` and ``retrieval.png`` to ``runs/<run>/ev
 keeps the extracted embeddings (a `search.index.GalleryIndex` file, which the demo can load too)
 and reuses them while the checkpoint and the image list are unchanged.
 
+Held out: a checkpoint records the products it trained and validated on; a test split holding
+any of them is refused (naming how many and a few) unless ``--allow_overlap``, and results.json
+says ``"held_out"``: true, false (with ``held_out_why``) or null (an older checkpoint without
+the record).
+
+Deploy gate: ``--baseline OLD.pth`` scores the deployed checkpoint on the same images, puts it in
+the same tables, and exits with code 3 when ``--checkpoint`` is worse on the gate metric (the
+run's --select_metric, MAP@R by default) by more than ``--tolerance`` percentage points.
+
+Exit codes: 0 done (gate passed); 1 error (message says what to do; a test split that is not held
+out is one); 2 bad arguments; 3 the gate failed (results are still written); 4 no held-out test
+split (a catalogue trained with --test_fraction 0: evaluate on other data).
+
 Zero-shot: ``--zero_shot`` evaluates the backbone's L2-normalised pooled features (ImageNet
 weights, no head, nothing trained) the same way. A checkpoint trained from ImageNet weights is
 shown beside its backbone's zero-shot row (``zero_shot`` in results.json, a row in results.md,
@@ -27,10 +40,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
 from dataio import catalogue
+import datasets
 import inference
 import models
 from search.index import build_gallery_index, load_fresh_index
@@ -38,6 +53,9 @@ from training import evaluation
 from training import reporting
 
 logger = logging.getLogger("evaluate")
+
+EXIT_GATE_FAILED = 3     # --baseline: the checkpoint is worse than the baseline beyond --tolerance
+EXIT_NO_TEST_SPLIT = 4   # the catalogue has no held-out test split (trained with --test_fraction 0)
 
 
 def get_args_parser():
@@ -58,6 +76,15 @@ def get_args_parser():
     p.add_argument("--test_fraction", type=float, default=None,
                    help="a catalogue without a split: share of the products in the test split; "
                         "default the checkpoint's training value (0.5 for --zero_shot)")
+    p.add_argument("--allow_overlap", action="store_true",
+                   help="score a test split holding products the checkpoint trained or validated on "
+                        "(refused otherwise); results then say \"held_out\": false")
+    p.add_argument("--baseline", default=None, metavar="OLD.pth",
+                   help="deploy gate: also score this checkpoint on the same images and exit with code 3 "
+                        "when --checkpoint is worse on the gate metric by more than --tolerance")
+    p.add_argument("--tolerance", type=float, default=evaluation.DEFAULT_TOLERANCE,
+                   help="deploy gate: percentage points of the gate metric (the run's --select_metric, "
+                        "else MAP@R) the new checkpoint may lose to --baseline")
     p.add_argument("--verbose", action="store_true", help="list every skipped non-image file")
     p.add_argument("--split", default="test", choices=["test", "val", "train", "trainval"],
                    help="split to evaluate; 'test' (60,502 images on SOP) is the reported one")
@@ -116,6 +143,8 @@ def print_results(results: dict) -> None:
     print(f"{results['num_queries']:,} queries ({results['data']['split']} split of {results['data']['root']}), "
           "metrics in %")
     rows = [(results["model"]["run"], results)]
+    if results.get("baseline"):
+        rows.append((f"baseline {results['baseline']['run']}", results["baseline"]))
     if results.get("zero_shot"):
         rows.append(("zero-shot backbone", results["zero_shot"]))
     for name, r in rows:
@@ -129,6 +158,9 @@ def print_results(results: dict) -> None:
         for why in (p.get("why"), c.get("why")):
             if why:
                 print(f"  {why}")
+    for line in reporting.held_out_lines(results):
+        if line:
+            print(line.replace("**", ""))
     print(f"extract {results['timing']['extract_s']:.1f} s, metrics {results['timing']['eval_s']:.1f} s; "
           f"wrote {results['output_dir']}/results.json, results.md"
           + (", retrieval.png" if results.get("figure") else "")
@@ -141,8 +173,12 @@ def check_args(parser, args) -> None:
         parser.error("pass either --checkpoint CK, or --zero_shot --backbone NAME --data_root DIR")
     if args.zero_shot and (args.backbone is None or args.data_root is None):
         parser.error("--zero_shot needs --backbone NAME and --data_root DIR")
-    if args.test_fraction is not None and not 0 < args.test_fraction < 1:
-        parser.error(f"--test_fraction must be in (0, 1) (got {args.test_fraction})")
+    if args.test_fraction is not None and not 0 <= args.test_fraction < 1:
+        parser.error(f"--test_fraction must be in [0, 1) (got {args.test_fraction})")
+    if args.baseline is not None and args.checkpoint is None:
+        parser.error("--baseline compares two checkpoints: pass --checkpoint NEW --baseline OLD")
+    if not args.tolerance >= 0:
+        parser.error(f"--tolerance must be >= 0 percentage points (got {args.tolerance})")
     if args.image_size < 32:
         parser.error(f"--image_size must be >= 32 (got {args.image_size})")
 
@@ -162,12 +198,19 @@ def main(args):
                                                     image_size=args.image_size, **common)
         else:
             results = evaluation.evaluate_checkpoint(args.checkpoint, data_root=args.data_root,
-                                                     zero_shot_row=args.zero_shot_row, **common)
+                                                     zero_shot_row=args.zero_shot_row, baseline=args.baseline,
+                                                     tolerance=args.tolerance, allow_overlap=args.allow_overlap,
+                                                     **common)
+    except datasets.NoTestSplitError as e:
+        print(f"evaluate.py: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_NO_TEST_SPLIT) from None
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, models.CheckpointError,
             catalogue.DatasetError, models.WeightsUnavailableError,
             ValueError) as e:  # ValueError: a malformed catalogue (file:line)
         raise SystemExit(f"evaluate.py: {e}") from None
     print_results(results)
+    if results.get("gate") and not results["gate"]["passed"]:
+        raise SystemExit(EXIT_GATE_FAILED)
     return results
 
 

@@ -20,6 +20,8 @@ Checkpoints are plain dicts that ``torch.load(path, weights_only=True)`` opens:
     optimizer, scheduler, scaler   their state dicts (None when absent)
     rng             capture_rng_state()
     git_commit      short hash of the code that wrote it, or "unknown"
+    products        {"train": [...], "val": [...]}: the product ids trained and validated on
+                    (train.py; absent in older checkpoints; training.heldout reads it)
 
 ``make_checkpoint`` assembles that dict, ``atomic_save`` writes it, ``load_checkpoint`` reads and
 validates it, ``load_model`` rebuilds the network from it alone.
@@ -640,8 +642,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
-
-
 
 
 def _state(obj: Any) -> Any:

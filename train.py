@@ -66,6 +66,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dataio import catalogue
 import models
 import retrieval
+from training import heldout
 from training import distributed
 from training import flags
 from training import loop
@@ -160,7 +161,9 @@ def finish_epoch(run: Run, row: dict) -> None:
         select_metric=args.select_metric,
         criterion=state.criterion.state_dict() if list(state.criterion.parameters()) else None,
         # so that a resumed run keeps counting them (the flags live in this process only)
-        bad_paths={"train": data.train_set.bad_paths, "val": data.val_set.bad_paths})
+        bad_paths={"train": data.train_set.bad_paths, "val": data.val_set.bad_paths},
+        # evaluate.py refuses a test split holding any of these (held out means held out)
+        products=heldout.product_record(data.train_set, data.val_set))
     runs.save_checkpoint(ckpt, paths.last)
     if is_best:
         runs.link_best(paths.last, paths.best)

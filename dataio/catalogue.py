@@ -11,8 +11,12 @@
   folder's path relative to the root (``chair/sku123``), unique by construction.
 
 Without a split (a CSV without the column, a folder tree) the test split is a seeded
-product-disjoint draw: ``round(test_fraction * products)`` products (`split_products`, seed
-`TEST_SPLIT_SEED`), so it depends only on the set of product ids, never on row order.
+product-disjoint draw (`split_products`, seed `TEST_SPLIT_SEED`): each product is in it when the
+hash of (purpose, seed, its id) falls below ``test_fraction``, so a product's split depends on its
+id alone and adding or removing products moves no other one. ``test_fraction`` 0 draws none.
+
+Paths from a label file or a walk are untrusted: `PathGuard` (the one check, every reader) refuses
+absolute paths, ``..`` and symbolic links that lead out of the data root.
 
 `detect_layout` tells the layouts apart from what the folder holds (SOP first, then the CSV,
 then a tree); `read_catalogue` reads one into a `CatalogueTable`, the form every script uses.
@@ -20,6 +24,7 @@ Category names come from the data: the ``_final`` folders for SOP (SOP's 12 name
 sorted distinct names otherwise.
 """
 import csv
+import hashlib
 import io
 import logging
 import os
@@ -101,6 +106,7 @@ class CatalogueTable(NamedTuple):
     order of ``product_ids`` over the whole catalogue), ``super_ids`` the categories:
     ``categories[super_id - 1]`` is the name. ``product_ids`` are the users' strings.
     ``skipped``: files of a folder tree that are not images (or lie outside product folders).
+    ``drawn_split``: the test split was drawn (`split_products`), the data holds none.
     """
     image_ids: np.ndarray   # int64
     class_ids: np.ndarray   # int64
@@ -111,6 +117,7 @@ class CatalogueTable(NamedTuple):
     is_test: np.ndarray     # bool, one per image
     layout: str = "sop"
     skipped: tuple = ()
+    drawn_split: bool = False
 
     def take(self, rows):
         """The table of ``rows`` (indices or a boolean mask), categories kept whole."""
@@ -121,29 +128,47 @@ class CatalogueTable(NamedTuple):
                              product_ids=[self.product_ids[i] for i in rows])
 
 
-def split_products(product_ids, fraction, seed=0):
-    """Boolean mask over ``product_ids`` (one per image): True for the images of the
-    ``round(fraction * n_products)`` products (at least one when fraction > 0, never all)
-    drawn by a permutation seeded with ``seed`` over the sorted distinct ids: a
-    product-disjoint split that depends on the set of products only."""
+def split_draw(product_id, seed, purpose) -> float:
+    """The uniform number in [0, 1) of one product in one draw: the first 8 bytes of
+    ``blake2b("<purpose>:<seed>:<product id>")`` (UTF-8) as a big-endian integer over 2**64.
+    ``purpose`` ("test", "val") keeps the test and validation draws independent."""
+    digest = hashlib.blake2b(f"{purpose}:{seed}:{product_id}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0 ** 64
+
+
+def split_products(product_ids, fraction, seed=0, purpose="test"):
+    """Boolean mask over ``product_ids`` (one per image, compared as strings): True for the
+    images of the products whose `split_draw` (purpose, seed, id) is below ``fraction``.
+
+    A per-product Bernoulli draw: a product's side depends on its id, the seed and the purpose
+    only, so adding or removing products never moves another. The count is Binomial(P,
+    fraction), not exactly ``round(fraction * P)`` (SOP's 11,318 training products at 0.1:
+    1,132 +- 32). Two guards for tiny catalogues, the only case where other products matter:
+    with ``fraction`` > 0 and at least 2 products, an empty draw takes the product of smallest
+    draw, and a draw of every product leaves out the one of largest draw."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"the fraction of products must be in [0, 1), got {fraction}")
-    product_ids = np.asarray(product_ids)
-    products = np.unique(product_ids)
-    n_pick = round(len(products) * fraction)
-    if fraction > 0:
-        n_pick = min(max(n_pick, 1), len(products) - 1)
-    rng = np.random.default_rng(seed)
-    return np.isin(product_ids, products[rng.permutation(len(products))[:n_pick]])
+    ids = np.asarray(product_ids)
+    ids = ids if ids.dtype.kind == "U" else ids.astype(str)
+    products, inverse = np.unique(ids, return_inverse=True)
+    draws = np.asarray([split_draw(p, seed, purpose) for p in products.tolist()], dtype=np.float64)
+    drawn = draws < fraction
+    if fraction > 0 and len(products) >= 2 and not drawn.any():
+        drawn[np.argmin(draws)] = True
+    if len(products) and drawn.all():
+        drawn[np.argmax(draws)] = False
+    return drawn[inverse.reshape(-1)] if len(ids) else np.zeros(0, dtype=bool)
 
 
-def split_validation(class_ids, val_fraction=0.1, seed=0):
-    """Boolean mask over ``class_ids``: True for the validation products, a
-    `split_products` draw of ``val_fraction`` of them seeded with ``seed``, so train and
-    validation share no product. On SOP: 1,132 of 11,318 products, about 6.0k of 59.6k images."""
+def split_validation(product_ids, val_fraction=0.1, seed=0):
+    """Boolean mask over ``product_ids``: True for the validation products, the
+    `split_products` draw of ``val_fraction`` with purpose "val" and seed ``seed``, so train and
+    validation share no product and each product's side depends on its id only. Pass the
+    data's product ids (strings), not class ids, which renumber when products are added. On
+    SOP: about 1,132 of 11,318 products, about 6.0k of 59.6k images."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    return split_products(class_ids, val_fraction, seed)
+    return split_products(product_ids, val_fraction, seed, purpose="val")
 
 
 def table_from_labels(rel_paths, product_ids, category_names, splits, test_fraction, layout,
@@ -156,9 +181,9 @@ def table_from_labels(rel_paths, product_ids, category_names, splits, test_fract
     cat_index = {c: i + 1 for i, c in enumerate(categories)}
     products = {p: i + 1 for i, p in enumerate(sorted(set(product_ids)))}
     if splits is None:
-        if not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-        if len(products) < 2:
+        if not 0.0 <= test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+        if test_fraction > 0 and len(products) < 2:
             raise ValueError(f"{source}: a catalogue needs at least 2 products to split into train "
                              f"and test, got {len(products)}")
         is_test = split_products(product_ids, test_fraction, TEST_SPLIT_SEED)
@@ -170,7 +195,7 @@ def table_from_labels(rel_paths, product_ids, category_names, splits, test_fract
         class_ids=np.asarray([products[p] for p in product_ids], np.int64).reshape(n),
         super_ids=np.asarray([cat_index[c] for c in category_names], np.int64).reshape(n),
         rel_paths=list(rel_paths), product_ids=product_ids, categories=categories,
-        is_test=is_test, layout=layout, skipped=tuple(skipped))
+        is_test=is_test, layout=layout, skipped=tuple(skipped), drawn_split=splits is None)
 
 
 def _first_duplicate(values):
@@ -212,12 +237,14 @@ def read_ebay_file(path):
 
     Raises FileNotFoundError when it does not exist and ValueError naming the file and the
     line number for a wrong header, a line without 4 fields, a non-integer id, a
-    super_class_id outside 1..12 or a path listed twice. Blank lines are skipped.
+    super_class_id outside 1..12, a path leaving the file's folder (`PathGuard`) or a path
+    listed twice. Blank lines are skipped.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found. Get SOP with: {DOWNLOAD_HINT}")
     image_ids, class_ids, super_ids, rel_paths = [], [], [], []
+    guard = PathGuard(path.parent)
     with io.StringIO(read_text(path)) as f:
         header = f.readline()
         if header.split() != EBAY_HEADER:
@@ -242,7 +269,7 @@ def read_ebay_file(path):
             image_ids.append(image_id)
             class_ids.append(class_id)
             super_ids.append(super_id)
-            rel_paths.append(fields[3])
+            rel_paths.append(guard(fields[3], f"{path}:{lineno}"))
     dup = _first_duplicate(rel_paths)
     if dup:
         raise ValueError(f"{path}: image {dup[0]} is listed more than once")
@@ -289,20 +316,51 @@ def read_sop(root, parts=("train", "test")):
         rel_paths=[p for t, _ in parts for p in t.rel_paths],
         product_ids=[str(c) for t, _ in parts for c in t.class_ids.tolist()],
         categories=sop_category_names(np.concatenate([t.super_ids for t, _ in parts]),
-                                      [p for t, _ in parts for p in t.rel_paths]), is_test=np.concatenate([m for _, m in parts]), layout="sop")
+                                      [p for t, _ in parts for p in t.rel_paths]),
+        is_test=np.concatenate([m for _, m in parts]), layout="sop")
 
 
 # ============ catalogue.csv ============
 
-def check_rel_path(rel, where):
-    """``rel`` as a normalised posix path inside the catalogue folder; ValueError (naming
-    ``where``, e.g. ``file:line``) for an absolute path or one that climbs out with ``..``."""
-    text = str(rel).replace("\\", "/")
-    pure = PurePosixPath(text)
-    if pure.is_absolute() or (len(text) > 1 and text[1] == ":") or ".." in pure.parts:
-        raise ValueError(f"{where}: path {rel!r} leaves the catalogue folder; paths must be "
-                         "relative to the folder holding the CSV, without '..'")
-    return pure.as_posix()
+class PathGuard:
+    """The one check of catalogue paths, used by every reader: a path from a label file (or a
+    walk) must name a file inside the data root ``root``. Calling the guard with ``(rel,
+    where)`` returns ``rel`` as a normalised posix path, or raises ValueError naming ``where``
+    (``file:line``) for an absolute path, a drive letter, a ``..`` part, or a symbolic link
+    (a folder on the way or the file itself) whose target lies outside ``root``. Resolved
+    folders are cached per guard: one guard per read."""
+
+    def __init__(self, root):
+        self.root = os.path.realpath(root)
+        self._real_dirs = {}
+
+    def _real_dir(self, rel_dir):
+        if rel_dir not in self._real_dirs:
+            self._real_dirs[rel_dir] = os.path.realpath(os.path.join(self.root, rel_dir))
+        return self._real_dirs[rel_dir]
+
+    def inside(self, real) -> bool:
+        """True when the resolved path ``real`` is the root or lies under it."""
+        return real == self.root or real.startswith(self.root.rstrip(os.sep) + os.sep)
+
+    def refuse(self, rel, where, why):
+        raise ValueError(f"{where}: path {rel!r} {why}; catalogue paths must stay inside the data "
+                         f"root {self.root}: relative, without '..', and without symbolic links "
+                         "leading out of it. Copy the photos into the data root, or pass the folder "
+                         "that really holds them as the data root")
+
+    def __call__(self, rel, where) -> str:
+        text = str(rel).replace("\\", "/")
+        pure = PurePosixPath(text)
+        if pure.is_absolute() or (len(text) > 1 and text[1] == ":") or ".." in pure.parts:
+            self.refuse(rel, where, "leaves the data root (absolute, or climbs out with '..')")
+        parent = self._real_dir(pure.parent.as_posix())
+        real = os.path.join(parent, pure.name)
+        if os.path.islink(real):
+            real = os.path.realpath(real)
+        if not self.inside(real):
+            self.refuse(rel, where, f"leaves the data root through a symbolic link (it resolves to {real})")
+        return pure.as_posix()
 
 
 def read_csv_catalogue(path, test_fraction=DEFAULT_TEST_FRACTION):
@@ -331,6 +389,7 @@ def _csv_rows(path, reader):
                          f"{','.join(CSV_COLUMNS)}[,split] (got {','.join(header) or 'nothing'})")
     reader.fieldnames = header
     has_split = "split" in header
+    guard = PathGuard(Path(path).parent)
     rows, lines = [], []
     for row in reader:
         lineno = reader.line_num
@@ -342,7 +401,7 @@ def _csv_rows(path, reader):
                 raise ValueError(f"{path}:{lineno}: empty {column}")
         if has_split and values["split"] not in CSV_SPLITS:
             raise ValueError(f"{path}:{lineno}: split {values['split']!r} must be train or test")
-        values["path"] = check_rel_path(values["path"], f"{path}:{lineno}")
+        values["path"] = guard(values["path"], f"{path}:{lineno}")
         rows.append(values)
         lines.append(lineno)
     return rows, lines, has_split
@@ -386,15 +445,19 @@ def write_csv_catalogue(table, path, write_split=True):
 
 def _walk_files(root):
     """Every file under ``root`` as a posix path relative to it, sorted; hidden folders and
-    ``__MACOSX`` are not entered."""
+    ``__MACOSX`` are not entered, nor are symbolic links to folders (os.walk's default).
+    ValueError (`PathGuard`) for a file, or a linked folder, that leads out of ``root``."""
     found = []
+    guard = PathGuard(root)
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
         rel_dir = Path(dirpath).relative_to(root).as_posix()
-        for name in filenames:
-            if rel_dir == "." and name == COMPLETE_MARKER:
-                continue
-            found.append(name if rel_dir == "." else f"{rel_dir}/{name}")
+        names = [n for n in filenames if not (rel_dir == "." and n == COMPLETE_MARKER)]
+        for name in names + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            guard(rel, os.path.join(root, rel))
+            if name in names:
+                found.append(rel)
     return sorted(found)
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from dataio import catalogue
@@ -90,24 +92,78 @@ def test_folder_tree_with_and_without_categories(tmp_path):
 def test_seeded_split_is_product_disjoint_and_order_free(tmp_path):
     root = tree(tmp_path / "t", {f"c{j % 3}/p{j:02d}": 2 + j % 3 for j in range(20)})
     a = catalogue.scan_folder_tree(root, test_fraction=0.3)
-    assert len(set(np.asarray(a.product_ids)[a.is_test])) == 6  # round(0.3 * 20)
+    drawn = {p for p in set(a.product_ids) if catalogue.split_draw(p, catalogue.TEST_SPLIT_SEED, "test") < 0.3}
+    assert set(np.asarray(a.product_ids)[a.is_test]) == drawn and 0 < len(drawn) < 20
     assert not set(np.asarray(a.product_ids)[a.is_test]) & set(np.asarray(a.product_ids)[~a.is_test])
     # the same products listed in another order draw the same test products
     rows = np.random.default_rng(0).permutation(len(a.rel_paths))
     b = catalogue.table_from_labels([a.rel_paths[i] for i in rows], [a.product_ids[i] for i in rows],
                                     [a.categories[a.super_ids[i] - 1] for i in rows], None, 0.3, "csv")
     assert {p for p, t in zip(b.product_ids, b.is_test) if t} == {p for p, t in zip(a.product_ids, a.is_test) if t}
-    c = catalogue.scan_folder_tree(root, test_fraction=0.5)
+    c = catalogue.scan_folder_tree(root, test_fraction=0.6)
     assert c.is_test.sum() != a.is_test.sum()  # the flag is used
 
 
-def test_sop_split_validation_unchanged(synthetic_root):
-    # the move to catalogue.py keeps SOP's validation split as it was (same products drawn)
+# ============ stable splits: a product's side depends on its id and the seed only ============
+
+product_names = st.text(min_size=1, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(kept=st.sets(product_names, min_size=0, max_size=40), changed=st.sets(product_names, min_size=1, max_size=20),
+       fraction=st.sampled_from([0.1, 0.3, 0.5, 0.9]), seed=st.integers(0, 3), purpose=st.sampled_from(["test", "val"]))
+def test_adding_or_removing_products_moves_no_other(kept, changed, fraction, seed, purpose):
+    """The catalogue ``kept``, then grown by ``changed`` (or, read backwards, shrunk by it):
+    every product of ``kept`` stays on its side. Only the tiny-catalogue guards (an empty or
+    full draw) may depend on other products; both draws are checked without them."""
+    def sides(products):
+        ids = sorted(products)
+        mask = (catalogue.split_products(ids, fraction, seed, purpose) if purpose == "test"
+                else catalogue.split_validation(ids, fraction, seed))
+        return dict(zip(ids, mask.tolist()))
+    def guarded(products):  # the raw draw is empty (2+ products) or takes every product
+        raw = [catalogue.split_draw(p, seed, purpose) < fraction for p in products]
+        return bool(raw) and (all(raw) or (len(raw) >= 2 and not any(raw)))
+    assume(not guarded(kept) and not guarded(kept | changed))
+    before, after = sides(kept), sides(kept | changed)
+    assert all(before[p] == after[p] for p in kept)
+
+
+def test_split_draw_is_the_documented_hash():
+    import hashlib
+    digest = hashlib.blake2b(b"val:7:chair/sku 1", digest_size=8).digest()
+    assert catalogue.split_draw("chair/sku 1", 7, "val") == int.from_bytes(digest, "big") / 2 ** 64
+    # test and validation draws of one product are independent (not one threshold on one number)
+    ids = [str(i) for i in range(2000)]
+    test = catalogue.split_products(ids, 0.5, 0, "test")
+    val = catalogue.split_validation(ids, 0.1, 0)
+    assert 0.05 < val[test].mean() < 0.15 and 0.05 < val[~test].mean() < 0.15
+
+
+def test_split_guards_for_tiny_catalogues():
+    assert catalogue.split_products(["a", "b"], 0.001).sum() == 1       # never empty with fraction > 0
+    assert catalogue.split_products(["a", "b", "c"], 0.999).sum() == 2  # never every product
+    assert not catalogue.split_products(["a", "b", "c"], 0.0).any()     # 0: nothing drawn
+    assert catalogue.split_products([], 0.5).shape == (0,)
+
+
+def test_sop_validation_split_is_the_val_draw_of_its_product_ids(synthetic_root):
     trainval = datasets.SOPDataset(synthetic_root, "trainval")
     val = datasets.SOPDataset(synthetic_root, "val")
-    products = np.unique(trainval.class_ids)
-    expected = products[np.random.default_rng(0).permutation(len(products))[:round(len(products) * 0.1)]]
-    assert set(np.unique(val.class_ids).tolist()) == set(expected.tolist())
+    expected = {p for p in set(trainval.product_ids) if catalogue.split_draw(p, 0, "val") < 0.1}
+    assert set(val.product_ids) == (expected or set(val.product_ids)) and len(set(val.product_ids)) >= 1
+
+
+def test_growing_a_folder_tree_keeps_every_products_split(tmp_path):
+    root = tree(tmp_path / "t", {f"c{j % 2}/p{j:02d}": 2 for j in range(16)})
+    before = datasets.SOPDataset(root, "test", check_files=False)
+    val_before = datasets.SOPDataset(root, "val", check_files=False, val_fraction=0.3)
+    tree(root, {f"c{j % 2}/new{j:02d}": 2 for j in range(10)}, seed=5000)
+    after = datasets.SOPDataset(root, "test", check_files=False)
+    val_after = datasets.SOPDataset(root, "val", check_files=False, val_fraction=0.3)
+    old = {f"c{j % 2}/p{j:02d}" for j in range(16)}
+    assert set(before.product_ids) == set(after.product_ids) & old
+    assert set(val_before.product_ids) == set(val_after.product_ids) & old
 
 
 # ============ bad input: a clear error naming file and line, or a counted skip ============
@@ -132,6 +188,57 @@ def test_malformed_csv_names_file_and_line(tmp_path, text, match):
     write_csv(tmp_path, text)
     with pytest.raises(ValueError, match=match):
         datasets.SOPDataset(tmp_path, "test", check_files=False)
+
+
+# ============ paths from label files and walks stay inside the data root ============
+
+ATTACKS = ("dotdot", "absolute", "file_link", "folder_link")
+
+
+def attack_catalogue(tmp_path, layout, attack):
+    """A catalogue of ``layout`` at tmp_path/root whose one bad entry makes ``attack``, and the
+    text its error must name (file:line for label files, the path for a tree)."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    jpeg(outside / "p" / "x.jpg", seed=9)
+    for j in range(2):
+        for i in range(2):
+            jpeg(root / "mug_final" / f"m{j}" / f"{i}.jpg", seed=10 * j + i)
+    bad = {"dotdot": "../outside/p/x.jpg", "absolute": str(outside / "p" / "x.jpg"),
+           "file_link": "mug_final/m1/link.jpg", "folder_link": "linked_final/p/x.jpg"}[attack]
+    if attack == "file_link":
+        (root / "mug_final" / "m1" / "link.jpg").symlink_to(outside / "p" / "x.jpg")
+    if attack == "folder_link":
+        (root / "linked_final").symlink_to(outside, target_is_directory=True)
+    good = [f"mug_final/m{j}/{i}.jpg" for j in range(2) for i in range(2)]
+    if layout in ("sop_train", "sop_test"):
+        name = "Ebay_train.txt" if layout == "sop_train" else "Ebay_test.txt"
+        lines = [f"{k + 1} {1 + k // 2} 8 {p}" for k, p in enumerate(good)] + [f"5 3 8 {bad}"]
+        (root / name).write_text("image_id class_id super_class_id path\n" + "\n".join(lines) + "\n")
+        return root, rf"{name}:6: path '{bad}' "
+    if layout == "csv":
+        rows = [f"{p},m{k // 2},mugs" for k, p in enumerate(good)] + [f"{bad},evil,mugs"]
+        write_csv(root, "path,product_id,category\n" + "\n".join(rows) + "\n")
+        return root, rf"catalogue\.csv:6: path '{bad}' "
+    if attack in ("dotdot", "absolute"):
+        pytest.skip("a walked tree names no path: only links can lead out of it")
+    return root, {"file_link": r"mug_final/m1/link\.jpg", "folder_link": r"linked_final"}[attack]
+
+
+@pytest.mark.parametrize("layout", ["sop_train", "sop_test", "csv", "folder"])
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_every_reader_refuses_paths_leading_out_of_the_data_root(tmp_path, layout, attack):
+    root, where = attack_catalogue(tmp_path, layout, attack)
+    split = "test" if layout == "sop_test" else "trainval"
+    with pytest.raises(ValueError, match=where) as e:
+        datasets.SOPDataset(root, split, check_files=False, test_fraction=0.5)
+    assert "data root" in str(e.value) and "Copy the photos into the data root" in str(e.value)
+
+
+def test_links_inside_the_data_root_are_allowed(tmp_path):
+    root = tree(tmp_path / "t", {"mugs/a": 2, "mugs/b": 2})
+    (root / "mugs" / "b" / "2.jpg").symlink_to(root / "mugs" / "a" / "0.jpg")
+    table = catalogue.scan_folder_tree(root)
+    assert "mugs/b/2.jpg" in table.rel_paths
 
 
 def test_csv_not_utf8_names_file_line_and_byte(tmp_path):

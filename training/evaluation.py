@@ -23,10 +23,15 @@ from dataio import fileio
 import inference
 import models
 import retrieval
+from training import heldout
 from training import reporting
 from training import runs
 
 logger = logging.getLogger("evaluate")
+
+# evaluate.py --baseline: how many percentage points of the gate metric a new checkpoint may lose
+# to its baseline and still pass (evaluation noise on a few thousand queries is about that size).
+DEFAULT_TOLERANCE = 0.5
 
 
 def add_zero_shot_args(group, what: str) -> None:
@@ -204,15 +209,57 @@ def evaluate_zero_shot(backbone, data_root, weights="imagenet", image_size=224, 
                              model_info=info, explain_model=_torch_model(model, explain, zero_shot=(backbone, weights, image_size)),
                              output=output, model_hash=models.zero_shot_model_key(backbone, str(weights), int(image_size)),
                              device=device, write=write, **kwargs)
+    results.update(held_out=True, held_out_why=None)  # nothing was trained on any catalogue
     if write:
         write_results(results, output)
     return results
 
 
+def checkpoint_run(checkpoint, runtime, device) -> dict:
+    """A checkpoint ready to score: its embedder on ``runtime``, its training args, its
+    ``products`` record (None in older checkpoints) and its run's name."""
+    checkpoint = Path(checkpoint)
+    model = inference.load_embedder(checkpoint, runtime=runtime, device=device)
+    info = getattr(model, "checkpoint_info", None) or {}
+    return {"checkpoint": checkpoint, "model": model, "info": info, "args": info.get("args") or {},
+            "record": models.load_checkpoint(checkpoint).get("products"),
+            "name": checkpoint.resolve().parent.name}
+
+
+def score_baseline(baseline, dataset, runtime, common, allow_overlap=False) -> dict:
+    """``results["baseline"]``: the checkpoint ``baseline`` scored on ``dataset`` (held out
+    like the evaluated one: heldout.check)."""
+    base = checkpoint_run(baseline, runtime, common["device"])
+    status = heldout.check(base["record"], base["args"], dataset, f"baseline {base['name']}", allow_overlap)
+    scored = evaluate_model(base["model"], dataset, model_info={"run": base["name"]}, write=False,
+                            num_examples=0, **common)
+    return {"run": base["name"], "checkpoint": str(baseline), "epoch": base["info"].get("epoch"),
+            "held_out": status["held_out"], "held_out_why": status["why"],
+            **{k: scored[k] for k in ("product", "category", "num_queries")}}
+
+
+def gate_metric(train_args: dict) -> str:
+    """The deploy gate's metric: the run's --select_metric when it is a product metric, else MAP@R."""
+    metric = (train_args or {}).get("select_metric")
+    return metric if metric in retrieval.PRODUCT_METRICS else "map@r"
+
+
+def deploy_gate(results: dict, metric: str, tolerance: float) -> dict:
+    """``results["gate"]``: passed unless the evaluated checkpoint is worse than the baseline on the
+    product ``metric`` by more than ``tolerance`` percentage points; an undefined metric fails."""
+    new, old = results["product"].get(metric), results["baseline"]["product"].get(metric)
+    gate = {"metric": metric, "new": new, "baseline": old, "tolerance_points": float(tolerance)}
+    if new is None or old is None:
+        return {**gate, "difference_points": None, "passed": False}
+    difference = round(100 * (new - old), 6)
+    return {**gate, "difference_points": difference, "passed": difference >= -tolerance}
+
+
 def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, batch_size=64, workers=None,
                         device=None, embed=None, num_examples=6, chunk_size=1024, seed=0,
                         progress=True, compile=False, zero_shot_row=True, test_fraction=None,
-                        runtime=None, explain=False) -> dict:
+                        runtime=None, explain=False, allow_overlap=False, baseline=None,
+                        tolerance=None) -> dict:
     """Evaluate ``checkpoint`` on ``split``; write results.json / results.md / retrieval.png to
     ``output`` (default runs/<run>/eval) and return the results dict (evaluate_model).
     ``zero_shot_row`` and a checkpoint trained from ImageNet weights: ``results["zero_shot"]``
@@ -220,17 +267,20 @@ def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, b
     ``compile``: extract the embeddings with ``torch.compile(model)`` (1.5x on a 2-core CPU for
     EfficientNet-B0 at 224 px, after a compilation of tens of seconds; PyTorch only).
     ``runtime``: torch or onnx (inference.load_embedder; default inference.default_runtime).
-    ``explain``: the figures with similarity maps (evaluate_model's explain_model)."""
-    checkpoint = Path(checkpoint)
+    ``explain``: the figures with similarity maps (evaluate_model's explain_model).
+    ``held_out`` / ``held_out_why``: heldout.check (OverlapError for a test split holding products
+    the run trained or validated on, unless ``allow_overlap``). ``baseline`` (a checkpoint): also
+    scored on the same images (``results["baseline"]``) and compared (``results["gate"]``,
+    `deploy_gate` with ``tolerance`` points on `gate_metric`)."""
     device = models.resolve_device(str(device or "auto"))
     runtime = "torch" if compile else inference.resolve_runtime(runtime, device)
-    model = inference.load_embedder(checkpoint, runtime=runtime, device=device)
-    info = getattr(model, "checkpoint_info", None) or {}
-    train_args = info.get("args") or {}
+    run = checkpoint_run(checkpoint, runtime, device)
+    checkpoint, model, train_args = run["checkpoint"], run["model"], run["args"]
     model_args = dict(model.model_args)
     root = data_root or catalogue.default_data_root(train_args)
     output = Path(output) if output else default_output(checkpoint, train_args)
     dataset = eval_dataset(root, split, model_args["image_size"], train_args, test_fraction)
+    status = heldout.check(run["record"], train_args, dataset, run["name"], allow_overlap)
     common = dict(batch_size=batch_size, workers=workers, device=device, chunk_size=chunk_size,
                   progress=progress)
     ckpt_hash = models.checkpoint_hash(checkpoint)  # once: it reads the whole file
@@ -238,10 +288,11 @@ def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, b
         model, dataset, output=output, model_hash=ckpt_hash,
         embed=embed, num_examples=num_examples, seed=seed, compile=compile,
         explain_model=_torch_model(model, explain, checkpoint=checkpoint),
-        model_info={"run": checkpoint.resolve().parent.name, "checkpoint": str(checkpoint),
+        model_info={"run": run["name"], "checkpoint": str(checkpoint),
                     "checkpoint_sha256": ckpt_hash,
                     "checkpoint_size_mb": round(checkpoint.stat().st_size / 2 ** 20, 2),
-                    "epoch": info.get("epoch"), "runtime": runtime}, **common)
+                    "epoch": run["info"].get("epoch"), "runtime": runtime}, **common)
+    results.update(held_out=status["held_out"], held_out_why=status["why"])
     if zero_shot_row and train_args.get("weights") == "imagenet":
         try:
             backbone = inference.load_embedder(zero_shot=(model_args["backbone"], "imagenet", model_args["image_size"]),
@@ -254,5 +305,9 @@ def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, b
                                 num_examples=0, **common)
             results["zero_shot"] = {k: zs[k] for k in ("product", "category", "num_queries")}
             results["zero_shot"]["extract_s"] = zs["timing"]["extract_s"]
+    if baseline is not None:
+        results["baseline"] = score_baseline(baseline, dataset, runtime, common, allow_overlap)
+        results["gate"] = deploy_gate(results, gate_metric(train_args),
+                                      DEFAULT_TOLERANCE if tolerance is None else tolerance)
     write_results(results, output)
     return results

@@ -119,7 +119,8 @@ def _args_data(group) -> None:
                             f"{catalogue.DATASET_ROOTS['stanford']} or {catalogue.DATASET_ROOTS['synthetic']}")
     group.add_argument(*flag_names("test_fraction"), default=catalogue.DEFAULT_TEST_FRACTION, type=float,
                        help="a catalogue without a split (a folder tree, a CSV without the split "
-                            "column): share of its products drawn, seeded, into the unseen test split")
+                            "column): share of its products drawn, seeded, into the unseen test split; "
+                            "0 trains on every product (validation still from --val_fraction)")
     group.add_argument(*flag_names("verbose"), action="store_true",
                        help="list every file of a folder tree skipped as not an image")
     group.add_argument(*flag_names("train_split"), default="train", choices=["train", "trainval"],
@@ -320,7 +321,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
     need(args.lr_patience >= 0, f"--lr_patience must be >= 0 (got {args.lr_patience})")
     need(0 < args.val_fraction < 1, f"--val_fraction must be in (0, 1) (got {args.val_fraction}); "
          "recommended 0.1, 0.2 for a catalogue of a few hundred products")
-    need(0 < args.test_fraction < 1, f"--test_fraction must be in (0, 1) (got {args.test_fraction})")
+    need(0 <= args.test_fraction < 1, f"--test_fraction must be in [0, 1) (got {args.test_fraction}); "
+         "0 trains on every product (no test split)")
     need(args.epochs >= 0, f"--epochs must be >= 0 (got {args.epochs}); 0 only validates")
     need(args.embedding_size >= 1, f"--embedding_size must be >= 1 (got {args.embedding_size}); "
          "recommended 128")

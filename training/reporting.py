@@ -55,10 +55,29 @@ def undefined_notes(rows, protocol: str) -> list[str]:
     reasons = dict.fromkeys(r[protocol]["why"] for _, r in rows if r[protocol].get("why"))
     return [f"\n{why}." for why in reasons]
 
+def held_out_lines(results: dict) -> list[str]:
+    """results.md's sentences on whether the figures are held out (training.heldout) and, with
+    a baseline, on the deploy gate; none for a held-out evaluation without a baseline."""
+    lines = []
+    for whose, r in (("These", results), ("The baseline's", results.get("baseline") or {})):
+        if r.get("held_out") is False:
+            lines += ["", f"**{whose} figures are not held out**: {r['held_out_why']}."]
+        elif "held_out" in r and r["held_out"] is None:
+            lines += ["", f"{whose} figures may not be held out: {r['held_out_why']}."]
+    gate = results.get("gate")
+    if gate:
+        diff = "undefined" if gate["difference_points"] is None else f"{gate['difference_points']:+.2f} points"
+        lines += ["", f"**Deploy gate {'passed' if gate['passed'] else 'FAILED'}**: {gate['metric']} "
+                      f"{diff} against the baseline (tolerance {gate['tolerance_points']:g} points)."]
+    return lines
+
+
 def results_markdown(results: dict) -> str:
     name, model = results["model"]["run"], results["model"]
     params = f"{model['parameters'] / 1e6:.1f}M"
     rows = [(name, results)]
+    if results.get("baseline"):
+        rows.append((f"baseline {results['baseline']['run']}", results["baseline"]))
     if results.get("zero_shot"):
         rows.append((f"zero-shot {model['backbone']} (ImageNet features, no training)",
                      results["zero_shot"]))
@@ -79,6 +98,7 @@ def results_markdown(results: dict) -> str:
         f"{results['data']['num_categories']} categories. Backbone `{model['backbone']}`, "
         f"{model['embedding_size']}-d embeddings, {model['image_size']} px, {params} parameters, "
         + what,
+        *held_out_lines(results),
         "",
         "## Product protocol (standard SOP: Song et al. 2016, Musgrave et al. 2020), in %",
         "",
