@@ -73,6 +73,7 @@ import inference
 from dataio import catalogue
 from search import engine as search_engine
 from search import explain_store
+from search import guard
 from search import watch as gallery_watch
 from search import vectordb
 from search.gallery import CHECKPOINT_EVERY
@@ -105,6 +106,9 @@ def use_private_gradio_temp_dir():
 def _query_image_class():
     import gradio as gr
 
+    def refused():
+        return gr.Error(guard.REFUSED_QUERY, title="Cannot search with this image", print_exception=False)
+
     class QueryImage(gr.Image):
         """gr.Image whose preprocessing hands the uploaded file's path over *undecoded*.
 
@@ -124,7 +128,22 @@ def _query_image_class():
                 return self._save_data_url(payload.url)
             if payload.path is None:
                 raise gr.Error("The upload carries no file; upload the photo again.")
+            # a payload may name any path (without Gradio's "meta" marker Gradio passes it on
+            # unchecked): only files in this process's upload folder are opened
+            if not guard.is_uploaded_file(str(payload.path), guard.upload_roots()):
+                raise refused()
             return str(payload.path)
+
+        async def async_move_resource_to_block_cache(self, url_or_file_path):
+            # Gradio would download a payload's web address here, unbounded, before any handler
+            if url_or_file_path is not None and guard.is_web_address(str(url_or_file_path)):
+                raise refused()
+            return await super().async_move_resource_to_block_cache(url_or_file_path)
+
+        def move_resource_to_block_cache(self, url_or_file_path):
+            if url_or_file_path is not None and guard.is_web_address(str(url_or_file_path)):
+                raise refused()
+            return super().move_resource_to_block_cache(url_or_file_path)
 
         def _save_data_url(self, url):
             max_bytes = getattr(self, "max_data_url_bytes", 10 << 20)
@@ -139,6 +158,7 @@ def _query_image_class():
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / "query"
             path.write_bytes(raw)
+            self.temp_files.add(str(path))  # deleted with Gradio's own files (delete_cache, shutdown)
             return str(path)
 
     return QueryImage
@@ -196,17 +216,13 @@ def _explain_handlers(engine, search):
 
     guarded = _guarded
 
-    def explain(image, index):
+    def explain(image, result):
         """Why one result matches the query photo: the query's and the result's similarity
-        maps (overlays and raw grids), the score they sum to, and whether the split is exact."""
+        maps (overlays and raw grids), the score they sum to, and whether the split is exact.
+        ``result``: the result's ``catalogue_path`` from the search's ranked JSON."""
         if not image:
             raise gr.Error("Upload a query photo first.", title="No query image", print_exception=False)
-        try:
-            i = int(index)
-        except (TypeError, ValueError):
-            raise gr.Error(f"The result index must be an integer, got {index!r}.",
-                           print_exception=False) from None
-        e = guarded(engine.explain, image, i)
+        e = guarded(engine.explain, image, result_reference(result))
         return e["query_overlay"], e["result_overlay"], explanation_json(e)
 
     def show_why(on, image, ranked):
@@ -230,7 +246,19 @@ WHY_K = 5  # results explained when "Show why" is on
 
 def explanation_json(e):
     """The /explain endpoint's JSON of one `SearchEngine.explain` result (maps, score, exactness)."""
-    return {k: e[k] for k in ("index", "query_map", "result_map", "score", "exact", "label")}
+    return {k: e[k] for k in ("catalogue_path", "index", "query_map", "result_map", "score", "exact", "label")}
+
+
+def result_reference(value):
+    """/explain's result input → what `SearchEngine.explain` takes: a catalogue path (a string
+    with a file name) as is; a bare integer (older clients) as a row of the current gallery."""
+    import gradio as gr
+
+    text = "" if value is None else str(value).strip()
+    if not text:
+        raise gr.Error("Name the result to explain: its catalogue_path from the search's results.",
+                       print_exception=False)
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def attach_store(engine, max_gb, progress=True, index=None):
@@ -253,7 +281,7 @@ def why_outputs(engine, query, ranked, on, k=WHY_K):
     plain = [(engine.result_path(r), _caption(r)) for r in results]
     if not on or not results or not query:
         return plain, [], False
-    explained = engine.explain_results(query, [r["index"] for r in results[:k]])
+    explained = engine.explain_results(query, [r["catalogue_path"] for r in results[:k]])
     shown = [(e["result_overlay"], _caption(r) + " · why") for e, r in zip(explained, results)]
     queries = [(e["query_overlay"], f"query vs #{r['rank']} · {e['score']:.3f}" + ("" if e["exact"] else " (approx.)"))
                for e, r in zip(explained, results)]
@@ -264,7 +292,7 @@ def _api_components(gr):
     """The API-only components, hidden: (explain index input, explain button, explain outputs,
     the /search button: the page searches through its own event, which also draws the maps)."""
     with gr.Row(visible=False):
-        explain_index = gr.Number(label="result index", precision=0)
+        explain_index = gr.Textbox(label="result (its catalogue_path)")
         outputs = [gr.Image(label="query map", type="pil"), gr.Image(label="result map", type="pil"),
                    gr.JSON(label="explanation")]
         button = gr.Button("Explain")
@@ -382,12 +410,24 @@ def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_up
     return demo
 
 
+def exposure_warning(host, share, auth):
+    """The warning for a demo reachable from the network without a login, else None."""
+    if auth or (guard.is_loopback(host) and not share):
+        return None
+    return (f"The demo is reachable from the network (--host {host}{', --share' if share else ''}) without a "
+            "login: anyone who reaches it can search the catalogue and view its photos. Pass --auth "
+            "USER:PASSWORD or --auth_file FILE.")
+
+
 def launch_app(demo, index, data_root, host="127.0.0.1", port=7860, share=False,
                max_upload_mb=10, max_queue=64, max_sessions=256, prevent_thread_lock=False,
-               quiet=False):
+               quiet=False, auth=None, allow_origins=()):
     """Launch ``demo`` with the demo's safety settings: loopback unless told otherwise, the
-    upload size cap, a bounded queue, a file route limited to the gallery's image folders,
-    and at most ``max_sessions`` sessions' state kept in memory.
+    upload size cap, a bounded queue, `search.guard.RequestGuard` in front of every route (the
+    file route serves exactly the photos of the index being served, decided per request, and
+    Gradio's own upload folder; pages of other origins than ``allow_origins`` and the server's
+    own are refused), Gradio's login for ``auth`` (a list of (user, password)), and at most
+    ``max_sessions`` sessions' state kept in memory.
 
     Why the session cap: Gradio keeps a per-session copy of the app's config (about 50 KB)
     for its 10,000 most recent sessions, and every API call without a session hash is a
@@ -395,13 +435,21 @@ def launch_app(demo, index, data_root, host="127.0.0.1", port=7860, share=False,
     keeps nothing per session (no gr.State; a result click reads the ranked JSON from the
     page), so evicting old sessions loses nothing.
     """
+    from starlette.middleware import Middleware
+
+    warning = exposure_warning(host, share, auth)
+    if warning:
+        logger.warning(warning)
+    engine = demo.engine
+    middleware = Middleware(guard.RequestGuard, served=lambda: engine.served, upload_roots=guard.upload_roots,
+                            allow_origins=tuple(allow_origins))
     demo.queue(max_size=max_queue)
-    allowed, blocked = search_engine.served_paths(index, data_root)
     return demo.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
-        allowed_paths=allowed, blocked_paths=blocked, max_file_size=int(max_upload_mb * (1 << 20)),
+        # Gradio's own check passes the data root; the guard in front decides which of its files
+        allowed_paths=[str(Path(data_root).resolve())], max_file_size=int(max_upload_mb * (1 << 20)),
         show_error=False, ssr_mode=False, quiet=quiet, footer_links=["api"],
-        state_session_capacity=max_sessions,
+        state_session_capacity=max_sessions, auth=auth or None, app_kwargs={"middleware": [middleware]},
     )
 
 
@@ -480,6 +528,14 @@ def get_args_parser(add_help=True):
                        help="largest query accepted, in declared megapixels (decompression bombs)")
     group.add_argument("--max_queue", default=64, type=int,
                        help="requests that may wait in the queue; more are refused ('queue full')")
+    group.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                       help="require this login (Gradio's auth) for the page and the API; recommended "
+                            "whenever --host or --share exposes the demo")
+    group.add_argument("--auth_file", default=None, metavar="FILE",
+                       help="require a login from FILE: one USER:PASSWORD a line (# comments)")
+    group.add_argument("--allow_origin", action="append", default=[], metavar="ORIGIN",
+                       help="a web origin (https://shop.example) whose pages may call the API besides the "
+                            "demo's own page (repeatable); any other origin is refused")
     return parser
 
 
@@ -510,11 +566,27 @@ def check_args(parser, args):
         parser.error(f"--explain_store_gb must be >= 0 (0: no store), got {args.explain_store_gb}")
     if args.port > 65535:
         parser.error(f"--port must be in 1..65535, got {args.port}")
+    args.auth_pairs = auth_pairs(parser, args)
     device = str(args.device)
     if device not in ("auto", "cpu") and not (device == "cuda" or device.startswith("cuda:")):
         parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {device}: CUDA is not available on this machine; use cpu or auto")
+
+
+def auth_pairs(parser, args):
+    """The (user, password) pairs of --auth / --auth_file (None: no login)."""
+    pairs = []
+    try:
+        if args.auth:
+            pairs.append(guard.parse_auth(args.auth))
+        if args.auth_file:
+            pairs.extend(guard.read_auth_file(args.auth_file))
+    except ValueError as e:
+        parser.error(f"--auth / --auth_file: {e}")
+    except OSError as e:
+        parser.error(f"--auth_file {args.auth_file}: {e.strerror or e}")
+    return pairs or None
 
 
 def main(args):
@@ -568,7 +640,8 @@ def main(args):
     if args.watch:
         demo.watcher = start_watch(demo, folder_refresh(demo.engine, loaded, args), args.watch, data_root)
     launch_app(demo, index, data_root, host=args.host, port=args.port, share=args.share,
-               max_upload_mb=args.max_upload_mb, max_queue=args.max_queue)
+               max_upload_mb=args.max_upload_mb, max_queue=args.max_queue, auth=getattr(args, "auth_pairs", None),
+               allow_origins=args.allow_origin)
     return demo
 
 
@@ -586,19 +659,14 @@ def folder_refresh(engine, loaded, args):
 
 def start_watch(demo, refresh, interval, data_root):
     """Start ``--watch``: every ``interval`` s, ``refresh()``; a new index is swapped into the
-    demo's engine (`SearchEngine.replace_index`). Before each swap, and at every tick, the file
-    route's allowed / blocked paths are recomputed for the gallery as it is now (new photo
-    folders become servable, a notes file put in later is blocked). Returns the running
-    `search.watch.GalleryWatcher` (``.stop()`` ends it)."""
+    demo's engine (`SearchEngine.replace_index`, which also swaps the photos the file route
+    serves). Returns the running `search.watch.GalleryWatcher` (``.stop()`` ends it)."""
     engine = demo.engine
 
     def refresh_and_serve():
         index = refresh()
         if index is not None and engine.explain_store is not None:  # new photos' projections too
             attach_store(engine, engine.explain_store_gb, progress=False, index=index)
-        allowed, blocked = search_engine.served_paths(index or engine.index, data_root)
-        if (demo.allowed_paths, demo.blocked_paths) != (allowed, blocked):
-            demo.allowed_paths, demo.blocked_paths = allowed, blocked  # Gradio reads them per request
         return index
 
     logger.info("Watching %s: rescanned every %g s", data_root, interval)

@@ -5,7 +5,7 @@
 * `SearchEngine`: decoded image -> model input -> embedding -> top-k of a
   `search.index.GalleryIndex`, on one worker thread;
 * where indexes live (`default_index_path`, `default_gallery_index_path`), reusing or building
-  one (`load_or_build_index`), which files the web server may serve (`served_paths`);
+  one (`load_or_build_index`);
 * loading what the demo serves from plain arguments: the model (`load_search_model`: a
   checkpoint, the newest ``best.pth`` or a zero-shot backbone) and its gallery
   (`folder_index` for any folder of photos, `dataset_index` for a labelled dataset's split);
@@ -35,6 +35,7 @@ import explain
 import inference
 import models
 from search import gallery
+from search import guard
 from search import vectordb
 from search.index import build_gallery_index, load_fresh_index
 
@@ -177,6 +178,8 @@ class SearchEngine:
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="search")
         self._worker_thread = self._worker.submit(threading.current_thread).result()
         self.abs_paths = [str(self.data_root / p) for p in index.paths]
+        # the file route serves exactly these photos (search.guard), swapped with the index
+        self.served = guard.ServedFiles(self.data_root, index.paths)
         # explanations need the torch network (its feature grid): the model itself, or, for an
         # onnx runtime model, one loaded on first use from ``explain_source`` (a checkpoint path
         # or a zero-shot (backbone, weights, image_size)) and kept here
@@ -207,12 +210,13 @@ class SearchEngine:
         if adopt is not None:  # a database gallery (search.vectordb) that updated itself in place:
             self._on_worker(adopt)  # its new rows become the searched ones between two queries
         abs_paths = [str(self.data_root / p) for p in index.paths]
+        served = guard.ServedFiles(self.data_root, index.paths)
         if adopt is None and len(index):  # the first search makes its caches (float16 copy / faiss) here
             index.search(np.asarray(index.embeddings[0], dtype=np.float32), 1)
-        self._on_worker(self._install_index, index, abs_paths)
+        self._on_worker(self._install_index, index, abs_paths, served)
 
-    def _install_index(self, index, abs_paths):
-        self.index, self.abs_paths = index, abs_paths
+    def _install_index(self, index, abs_paths, served):
+        self.index, self.abs_paths, self.served = index, abs_paths, served
         self._rows_by_path = None
 
     def result_path(self, result):
@@ -338,11 +342,26 @@ class SearchEngine:
     def _row_of(self, i, catalogue_path):
         if catalogue_path is None or (0 <= int(i) < len(self.index) and self.index.paths[int(i)] == catalogue_path):
             return int(i)
+        return self._row_of_path(catalogue_path)
+
+    def _row_of_path(self, catalogue_path):
+        """The current gallery's row of ``catalogue_path``; QueryError when it is gone."""
         if getattr(self, "_rows_by_path", None) is None:
             self._rows_by_path = {p: r for r, p in enumerate(self.index.paths)}
-        if catalogue_path not in self._rows_by_path:
+        row = self._rows_by_path.get(str(catalogue_path))
+        if row is None:
             raise QueryError(f"{catalogue_path} is no longer in the gallery; search again.")
-        return self._rows_by_path[catalogue_path]
+        return row
+
+    def _result_row(self, result):
+        """A result named by its ``catalogue_path`` (a string; right whichever gallery answered
+        the search) or by its row in the current gallery (an int)."""
+        if isinstance(result, str):
+            return self._row_of_path(result)
+        i = int(result)
+        if not 0 <= i < len(self.index):
+            raise QueryError(f"Gallery image {i} does not exist (the gallery has {len(self.index)}).")
+        return i
 
     def _search_gallery_item(self, i, k, category, catalogue_path=None):
         t0 = time.perf_counter()
@@ -363,13 +382,15 @@ class SearchEngine:
             self._explain_model = _torch_twin(self.model, self.explain_source).to(self.device).eval()
         return self._explain_model
 
-    def explain(self, query, result_index, alpha=0.5):
-        """Why gallery image ``result_index`` matches ``query`` (an upload's path or an RGB PIL
-        image): `explain_results` for one result."""
-        return self.explain_results(query, [result_index], alpha=alpha)[0]
+    def explain(self, query, result, alpha=0.5):
+        """Why gallery image ``result`` (its catalogue path, or its row) matches ``query`` (an
+        upload's path or an RGB PIL image): `explain_results` for one result."""
+        return self.explain_results(query, [result], alpha=alpha)[0]
 
-    def explain_results(self, query, indices, alpha=0.5):
-        """One dict per gallery index in ``indices``: {"index", "query_overlay",
+    def explain_results(self, query, results, alpha=0.5):
+        """One dict per result in ``results`` (catalogue paths, or rows of the current gallery;
+        all resolved in one gallery snapshot on the worker thread, a photo no longer in the
+        gallery is a QueryError): {"index", "catalogue_path", "query_overlay",
         "result_overlay" (PIL, the model's s x s view with the map over it), "query_map",
         "result_map" (nested lists of floats, the feature grid's size), "score", "exact",
         "label"}, on the worker thread.
@@ -381,7 +402,7 @@ class SearchEngine:
         the one its search just computed (same file, or same pixels), so no forward pass is run
         over the query or over stored results; only results missing from the store run the
         network (one batch)."""
-        return self._on_worker(self._explain_results, query, [int(i) for i in indices], alpha)
+        return self._on_worker(self._explain_results, query, list(results), alpha)
 
     def _query_side(self, query):
         """(pixels, projections [H, W, D]) of a query path or PIL image, from the last search's
@@ -400,15 +421,13 @@ class SearchEngine:
             grid = last["grid"]
         return pixels, explain.projections(self.explain_model(), grid)[0]
 
-    def _explain_results(self, query, indices, alpha):
-        for i in indices:
-            if not 0 <= i < len(self.index):
-                raise QueryError(f"Gallery image {i} does not exist (the gallery has {len(self.index)}).")
+    def _explain_results(self, query, results, alpha):
+        indices = [self._result_row(r) for r in results]
         query_pixels, p_q = self._query_side(query)                     # p_q: [H, W, D]
         e_q = p_q.sum((0, 1))                                           # the query's unit embedding
         vectors = torch.from_numpy(np.stack([np.asarray(self.index.embeddings[i], np.float32)
                                              for i in indices]))        # [K, D]
-        views = [self.pixels(photos.load_image(self.abs_paths[i], size=self.resize)) for i in indices]
+        views = [self.pixels(self._gallery_image(i)) for i in indices]
         store = self.explain_store
         stored = [None if store is None else store.get(v) for v in vectors.numpy()]
         missing = [n for n, p in enumerate(stored) if p is None]
@@ -420,12 +439,20 @@ class SearchEngine:
         for i, v, p_r, view in zip(indices, vectors, stored, views):
             q_map = torch.einsum("ijd,d->ij", p_q, v).numpy()
             r_map = torch.einsum("ijd,d->ij", torch.as_tensor(p_r), e_q).numpy()
-            out.append({"index": i, "score": float(e_q @ v), "exact": exact,
+            out.append({"index": i, "catalogue_path": self.index.paths[i], "score": float(e_q @ v), "exact": exact,
                         "label": EXACT_LABEL if exact else APPROX_LABEL,
                         "query_map": q_map.tolist(), "result_map": r_map.tolist(),
                         "query_overlay": explain.overlay(Image.fromarray(query_pixels), q_map, alpha),
                         "result_overlay": explain.overlay(Image.fromarray(view), r_map, alpha)})
         return out
+
+    def _gallery_image(self, i):
+        """Gallery image ``i`` decoded; QueryError when its file can no longer be read."""
+        try:
+            return photos.load_image(self.abs_paths[i], size=self.resize)
+        except photos.IMAGE_ERRORS:
+            raise QueryError(f"{self.index.paths[i]} can no longer be read from the gallery folder; "
+                             "search again.") from None
 
     def attach_explain_store(self, path, max_bytes=1 << 30, batch_size=32, progress=True, index=None):
         """Read (and bring up to date) the explanation store at ``path``
@@ -569,31 +596,6 @@ def find_checkpoint(checkpoint_dir="checkpoints"):
     """The newest ``<checkpoint_dir>/*/best.pth`` (by modification time), or None."""
     found = sorted(Path(checkpoint_dir).glob("*/best.pth"), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
-
-
-def served_paths(index, data_root):
-    """``(allowed, blocked)`` for Gradio's file route: the folders holding the gallery's images
-    (``<category>_final/`` on SOP, a tree's first level) and its images lying directly in
-    ``data_root`` are allowed; blocked, because Gradio checks them first, is every file under
-    those folders that cannot be a gallery photo: not an image name (lists, notes, the index
-    itself), hidden (hidden folders included), or a symbolic link the index does not hold."""
-    root = Path(data_root).resolve()
-    parts = [Path(p).parts for p in index.paths]
-    tops = sorted({p[0] for p in parts if len(p) > 1})
-    indexed = set(index.paths)
-    allowed = [str(root / t) for t in tops] + sorted(str(root / p[0]) for p in parts if len(p) == 1)
-    blocked = []
-    for top in tops:
-        for dirpath, dirnames, filenames in os.walk(root / top):
-            rel_dir = Path(dirpath).relative_to(root)
-            for d in [d for d in dirnames if d.startswith(".")]:
-                blocked.append(str(Path(dirpath) / d))
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in filenames:
-                full, rel = Path(dirpath) / name, (rel_dir / name).as_posix()
-                if not catalogue.is_image_name(name) or (full.is_symlink() and rel not in indexed):
-                    blocked.append(str(full))
-    return allowed, blocked
 
 
 # ============ what the demo serves, from plain arguments ============

@@ -370,6 +370,189 @@ def test_api_refuses_server_paths_that_were_not_uploaded(server, tiny):
     assert len(gallery) == 3
 
 
+def _raw_call(url, api, data, headers=None):
+    """POST ``data`` to Gradio's raw HTTP API (``/gradio_api/call/<api>``) as an attacker would
+    send it, then read the event stream; returns (status of the POST, stream text)."""
+    import httpx
+
+    r = httpx.post(url + f"gradio_api/call/{api}", json={"data": data}, headers=headers or {}, timeout=30)
+    if r.status_code != 200:
+        return r.status_code, r.text
+    stream = httpx.get(url + f"gradio_api/call/{api}/{r.json()['event_id']}", timeout=30)
+    return r.status_code, stream.text
+
+
+def _error_message(stream):
+    """The message of an error event (None when the call completed)."""
+    import json
+
+    if "event: complete" in stream:
+        return None
+    for line in stream.splitlines():
+        if line.startswith("data:") and line[5:].strip() not in ("", "null"):
+            return json.dumps(json.loads(line[5:]), sort_keys=True)
+    return ""
+
+
+def test_raw_api_opens_no_server_path_and_does_not_tell_which_exist(server, tiny):
+    """Payloads naming a server file (no Gradio "meta" marker, or with one), a web address, or a
+    path escaping the upload folder are refused, /search and /explain alike, with one message
+    that does not depend on whether the path exists."""
+    from search import guard
+
+    gallery_image = str(tiny["gallery"].paths[0])
+    upload_dir = app_stanford.guard.upload_roots()[0]
+    targets = ["/etc/passwd", "/etc/hostname", "/no/such/file.png", gallery_image, str(tiny["checkpoint"]),
+               f"{upload_dir}/../../etc/passwd", f"{upload_dir}/../no/such.png",
+               "https://example.com/q.png", "http://127.0.0.1:1/q.png", "file:///etc/passwd"]
+    messages = set()
+    for target in targets:
+        for payload in ({"path": target}, {"path": target, "meta": {"_type": "gradio.FileData"}},
+                        {"path": target, "url": target}):
+            for api, rest in (("search", [3, "All"]), ("explain", [tiny["index"].paths[0]])):
+                status, stream = _raw_call(server["url"], api, [payload, *rest])
+                assert status == 200, (target, status)
+                message = _error_message(stream)
+                assert message is not None, ("served", api, payload)
+                assert "root:" not in stream and "No such file" not in stream, stream
+                if "meta" not in payload:  # the app's own check (Gradio's answers the others)
+                    assert guard.REFUSED_QUERY in message, (payload, message)
+                kind = "web" if target.startswith("http") else "path"  # Gradio's is_http_url_like
+                messages.add((api, tuple(sorted(payload)), kind, message))
+    # per endpoint, payload form and kind of target (a server path, a web address), one message
+    # whatever the target, existing or not: nothing to probe the server's files with
+    forms = {m[:3] for m in messages}
+    assert len(messages) == len(forms), sorted(messages)
+    gallery, _, _ = search(server["client"], tiny["gallery"].paths[0], 3)  # and the server still serves
+    assert len(gallery) == 3
+
+
+def test_data_url_query_is_searched_and_deleted_like_gradios_own_files(server, tiny):
+    import base64
+
+    raw = Path(tiny["gallery"].paths[4]).read_bytes()
+    payload = {"url": "data:image/jpeg;base64," + base64.b64encode(raw).decode(), "path": None}
+    status, stream = _raw_call(server["url"], "search", [payload, 3, "All"])
+    assert status == 200 and "event: complete" in stream, stream[-500:]
+    import hashlib
+    saved = [str(p) for p in Path(app_stanford.guard.upload_roots()[0]).glob("*/query")
+             if hashlib.sha256(p.read_bytes()).hexdigest() == hashlib.sha256(raw).hexdigest()]
+    assert saved, "the data URL was not written to the upload folder"
+    demo = server["demo"]
+    assert any(saved[0] in files for files in demo.temp_file_sets), "not registered for deletion"
+
+
+def test_file_route_serves_exactly_the_served_index_decided_per_request(server, tiny):
+    """Files put into a served folder after start (a notes file, a new photo the index does not
+    hold), a web address and a symlink out are refused; the index's photos are served; after
+    the engine's index changes, its photos (and only they) are served."""
+    demo, url = server["demo"], server["url"]
+    image = Path(tiny["gallery"].paths[0])
+    assert _raw_get(url, f"/gradio_api/file={image}")[0] == 200
+    late = [image.parent / "passwords.txt", image.parent / "not_indexed.JPG", image.parent / "notes.xmp"]
+    late[0].write_text("not for the web\n")
+    shutil.copy(image, late[1])
+    late[2].write_text("not for the web\n")
+    try:
+        for target in [*map(str, late), "https://example.com/a.png", "http://127.0.0.1:9/a.png"]:
+            for route in ("/gradio_api/file=", "/gradio_api/file/", "/file="):
+                status, body = _raw_get(url, route + target)
+                assert status in (403, 404), (route, target, status)
+                assert b"not for the web" not in body and body != image.read_bytes()
+        engine = demo.engine
+        before = engine.index
+        from search.index import GalleryIndex
+
+        assert before.paths[0] == image.relative_to(tiny["data_root"]).as_posix()
+        smaller = GalleryIndex(embeddings=before.embeddings[1:], paths=before.paths[1:],
+                               class_ids=before.class_ids[1:], super_ids=before.super_ids[1:],
+                               categories=before.categories, product_ids=before.product_ids[1:],
+                               checkpoint_hash=before.checkpoint_hash, meta=dict(before.meta))
+        engine.replace_index(smaller)
+        try:
+            assert _raw_get(url, f"/gradio_api/file={image}")[0] == 403  # no longer in the index
+            assert _raw_get(url, f"/gradio_api/file={tiny['data_root'] / before.paths[1]}")[0] == 200
+        finally:
+            engine.replace_index(before)
+        assert _raw_get(url, f"/gradio_api/file={image}")[0] == 200
+    finally:
+        for f in late:
+            f.unlink()
+
+
+def test_pages_of_other_origins_cannot_drive_the_api(server, tiny):
+    import httpx
+
+    data = {"data": [None, 3, "All"]}
+    evil = httpx.post(server["url"] + "gradio_api/call/search", json=data, timeout=30,
+                      headers={"Origin": "https://evil.example"})
+    assert evil.status_code == 403 and b"Cross-origin" in evil.content
+    up = httpx.post(server["url"] + "gradio_api/upload", files={"files": ("a.txt", b"x")}, timeout=30,
+                    headers={"Origin": "null"})
+    assert up.status_code == 403
+    own = server["url"].rstrip("/")
+    same = httpx.post(server["url"] + "gradio_api/call/search", json=data, timeout=30, headers={"Origin": own})
+    assert same.status_code == 200  # the demo's own page
+    assert httpx.post(server["url"] + "gradio_api/call/search", json=data, timeout=30).status_code == 200
+
+
+def test_guard_rules_by_themselves(tmp_path):
+    from search import guard
+
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "x.jpg").write_bytes(b"x")
+    (root / "a" / "out.jpg").symlink_to("/etc/hostname")
+    served = guard.ServedFiles(root, ["a/x.jpg", "a/out.jpg"])
+    assert served.allows(str(root / "a" / "x.jpg"))
+    assert served.allows(f"{root}/a/../a/x.jpg")
+    assert not served.allows(str(root / "a" / "out.jpg"))  # listed, but its real file is outside
+    assert not served.allows(str(root / "a" / "y.jpg")) and not served.allows("/etc/passwd")
+    assert not served.allows(f"{root}/a/x.jpg\x00.png")
+    assert guard.origin_allowed(None, "h:1") and guard.origin_allowed("http://h:1", "h:1")
+    assert not guard.origin_allowed("http://evil:1", "h:1") and not guard.origin_allowed("null", "h:1")
+    assert guard.origin_allowed("https://shop.example", "h:1", ["https://shop.example/"])
+    assert guard.is_loopback("127.0.0.1") and guard.is_loopback("::1") and not guard.is_loopback("0.0.0.0")
+    assert guard.parse_auth("u:p:q") == ("u", "p:q")
+    for bad in ("u", ":p", "u:"):
+        with pytest.raises(ValueError):
+            guard.parse_auth(bad)
+    f = tmp_path / "users"
+    f.write_text("# shop staff\nann:secret\n\nbob:pw\n")
+    assert guard.read_auth_file(f) == [("ann", "secret"), ("bob", "pw")]
+    f.write_text("ann:secret\nbob\n")
+    with pytest.raises(ValueError, match="line 2"):
+        guard.read_auth_file(f)
+
+
+@pytest.mark.slow
+def test_auth_login_is_required_when_asked_and_exposure_warns(tiny, caplog):
+    import httpx
+    from gradio_client import Client
+
+    model, index, data_root = tiny["model"], tiny["index"], tiny["data_root"]
+    app_stanford.use_private_gradio_temp_dir()
+    demo = app_stanford.build_app(model, index, data_root, explain_store_gb=0)
+    port = free_port()
+    app_stanford.launch_app(demo, index, data_root, port=port, prevent_thread_lock=True, quiet=True,
+                            auth=[("ann", "secret")])
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        r = httpx.post(url + "gradio_api/call/search", json={"data": [None, 3, "All"]}, timeout=30)
+        assert r.status_code in (401, 403), r.status_code
+        image = tiny["gallery"].paths[0]
+        assert _raw_get(url, f"/gradio_api/file={image}")[0] in (401, 403)
+        client = Client(url, auth=("ann", "secret"), verbose=False)
+        gallery, _, _ = search(client, image, 3)
+        assert len(gallery) == 3
+    finally:
+        demo.close()
+    assert app_stanford.exposure_warning("0.0.0.0", False, None)
+    assert app_stanford.exposure_warning("127.0.0.1", True, None)
+    assert app_stanford.exposure_warning("127.0.0.1", False, None) is None
+    assert app_stanford.exposure_warning("0.0.0.0", False, [("a", "b")]) is None
+
+
 def test_binds_loopback_by_default(server):
     args = app_stanford.get_args_parser().parse_args([])
     assert args.host == "127.0.0.1" and not args.share

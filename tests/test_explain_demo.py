@@ -60,13 +60,51 @@ def test_api_explain(server, tiny):
     _, ranked, _ = search(server["client"], path, 3)
     client = Client(server["url"], verbose=False)  # the client's defaults, as in the README
     for r in ranked["results"]:
-        q_overlay, r_overlay, why = client.predict(handle_file(str(path)), r["index"], api_name="/explain")
+        q_overlay, r_overlay, why = client.predict(handle_file(str(path)), r["catalogue_path"], api_name="/explain")
         assert Image.open(q_overlay).size == Image.open(r_overlay).size
-        assert why["index"] == r["index"]
+        assert why["index"] == r["index"] and why["catalogue_path"] == r["catalogue_path"]
         assert abs(why["score"] - r["score"]) < ATOL
         assert abs(np.sum(why["query_map"]) - why["score"]) < ATOL
         assert abs(np.sum(why["result_map"]) - why["score"]) < ATOL
         assert why["exact"] is False and why["label"].startswith("approximation")  # tiny: MLP head
+
+
+def test_explain_names_its_result_by_path_in_one_gallery_snapshot(tiny):
+    """An explanation refers to a result by its catalogue path: after the gallery changed
+    (--watch) it explains that same photo at its new row, or says the photo is gone, instead
+    of drawing another image found at the old row."""
+    from search.index import GalleryIndex
+
+    engine, path = tiny["engine"], tiny["gallery"].paths[5]
+    before = engine.index
+    ranked = engine.search_file(path, k=3)
+    first, second = ranked["results"][0], ranked["results"][1]
+    keep = np.array([i for i in range(len(before)) if i != first["index"]])[::-1]  # gone, the rest reordered
+    changed = GalleryIndex(embeddings=before.embeddings[keep], paths=[before.paths[i] for i in keep],
+                           class_ids=before.class_ids[keep], super_ids=before.super_ids[keep],
+                           categories=before.categories, product_ids=[before.product_ids[i] for i in keep],
+                           checkpoint_hash=before.checkpoint_hash, meta=dict(before.meta))
+    engine.replace_index(changed)
+    try:
+        e = engine.explain(path, second["catalogue_path"])
+        assert e["catalogue_path"] == second["catalogue_path"] and e["index"] != second["index"]
+        assert abs(e["score"] - second["score"]) < ATOL
+        with pytest.raises(search_engine.QueryError, match="no longer in the gallery"):
+            engine.explain(path, first["catalogue_path"])
+    finally:
+        engine.replace_index(before)
+
+
+def test_a_result_photo_that_vanished_is_a_clear_error(tiny, tmp_path):
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(tiny["data_root"], root)
+    engine = search_engine.SearchEngine(tiny["model"], tiny["index"], root)
+    ranked = engine.search_file(tiny["gallery"].paths[5], k=2)
+    (root / ranked["results"][0]["catalogue_path"]).unlink()
+    with pytest.raises(search_engine.QueryError, match="can no longer be read"):
+        engine.explain(tiny["gallery"].paths[5], ranked["results"][0]["catalogue_path"])
 
 
 def test_search_endpoint_unchanged(server):
@@ -74,7 +112,7 @@ def test_search_endpoint_unchanged(server):
     params = [p["parameter_name"] for p in info["named_endpoints"]["/search"]["parameters"]]
     assert params == ["image", "k", "category"]
     assert len(info["named_endpoints"]["/search"]["returns"]) == 3
-    assert [p["parameter_name"] for p in info["named_endpoints"]["/explain"]["parameters"]] == ["image", "index"]
+    assert [p["parameter_name"] for p in info["named_endpoints"]["/explain"]["parameters"]] == ["image", "result"]
 
 
 def test_show_why(tiny):
