@@ -31,8 +31,8 @@ CHECKPOINT_KEYS = {"model", "model_args", "args", "epoch", "metrics", "optimizer
 
 @pytest.fixture(scope="session")
 def tiny_sop(synthetic_root):
-    """conftest's 60 products at 48 px: train 152 images / 27 products (2-12 images each),
-    val 16 / 3, test 154 / 30."""
+    """conftest's 60 products at 48 px: train 154 images / 28 products (2-12 images each),
+    val 14 / 2 (the val draw, catalogue.split_validation), test 154 / 30."""
     return synthetic_root
 
 
@@ -114,7 +114,7 @@ def test_hyphenated_spellings_and_amp_switch():
     (["--epochs", "-1"], "--epochs must be >= 0"),
     # checked once the data is loaded: the tiny training split's products have 2..12 images
     (["--images_per_class", "13", "--batch_size", "26"], "outside the allowed range 2..12"),
-    (["--batch_size", "400"], "27 products and at most 12 images of one, too few for batches of 400"),
+    (["--batch_size", "400"], "28 products and at most 12 images of one, too few for batches of 400"),
 ])
 def test_bad_arguments_are_argparse_errors(tiny_sop, tmp_path, capsys, extra, expected):
     with pytest.raises(SystemExit) as exc:
