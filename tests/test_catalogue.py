@@ -219,13 +219,12 @@ def attack_catalogue(tmp_path, layout, attack):
         rows = [f"{p},m{k // 2},mugs" for k, p in enumerate(good)] + [f"{bad},evil,mugs"]
         write_csv(root, "path,product_id,category\n" + "\n".join(rows) + "\n")
         return root, rf"catalogue\.csv:6: path '{bad}' "
-    if attack in ("dotdot", "absolute"):
-        pytest.skip("a walked tree names no path: only links can lead out of it")
     return root, {"file_link": r"mug_final/m1/link\.jpg", "folder_link": r"linked_final"}[attack]
 
 
-@pytest.mark.parametrize("layout", ["sop_train", "sop_test", "csv", "folder"])
-@pytest.mark.parametrize("attack", ATTACKS)
+# a walked tree names no path of its own: only links can lead out of it
+@pytest.mark.parametrize("layout, attack", [(layout, attack) for layout in ("sop_train", "sop_test", "csv", "folder")
+                                            for attack in ATTACKS if layout != "folder" or "link" in attack])
 def test_every_reader_refuses_paths_leading_out_of_the_data_root(tmp_path, layout, attack):
     root, where = attack_catalogue(tmp_path, layout, attack)
     split = "test" if layout == "sop_test" else "trainval"

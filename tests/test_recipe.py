@@ -171,7 +171,7 @@ def test_proxy_anchor_trains_resumes_and_selects_on_map_r(tiny_sop, tmp_path):
                      "--epochs", "1", "--projector_samples", "0", "--select_metric", "map@r")
     train.main(parse(argv))
     first = ckpt(tmp_path)
-    assert first["criterion"]["proxies"].shape == (27, 128)  # one proxy per training product
+    assert first["criterion"]["proxies"].shape == (28, 128)  # one proxy per training product
     train.main(parse(argv + ["--epochs", "3", "--resume", "auto"]))
     rows = read_rows(tmp_path / "runs" / "t" / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]
