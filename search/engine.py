@@ -446,6 +446,21 @@ class SearchEngine:
                         "result_overlay": explain.overlay(Image.fromarray(view), r_map, alpha)})
         return out
 
+    def _store_projections(self, files):
+        """`_projections` of image files [N, H, W, D] (numpy); NaN for a file that no longer
+        decodes (`search.explain_store.sync_store` counts and skips it)."""
+        inputs, bad = [], []
+        for n, f in enumerate(files):
+            try:
+                image = photos.load_image(f, size=self.resize)
+            except (*photos.IMAGE_ERRORS, FileNotFoundError):
+                bad.append(n)
+                image = Image.new("RGB", (self.resize, self.resize))
+            inputs.append(self.prepare(image).clone())
+        proj = self._projections(torch.cat(inputs)).numpy()
+        proj[bad] = np.nan
+        return proj
+
     def _gallery_image(self, i):
         """Gallery image ``i`` decoded; QueryError when its file can no longer be read."""
         try:
@@ -479,8 +494,7 @@ class SearchEngine:
             size = explain_store.store_bytes(len(index), grid_shape, index.embeddings.shape[1])
             if len(index) and size <= max_bytes:
                 def compute(files):
-                    return self._projections(torch.cat([self.prepare(photos.load_image(f, size=self.resize)).clone()
-                                                        for f in files])).numpy()
+                    return self._store_projections(files)
 
                 store = explain_store.sync_store(path, index.embeddings, [str(self.data_root / p) for p in index.paths],
                                                  lambda files: self._on_worker(compute, files),
@@ -498,12 +512,13 @@ class SearchEngine:
         self.search_image(Image.new("RGB", (self.resize, self.resize), (255, 255, 255)))
 
     def example_indices(self, n=12):
-        """One gallery image from each category (the first product of each), up to ``n``."""
+        """One gallery image from each category (its first photo still on disk), up to ``n``."""
         picks = []
         for sid in range(1, len(self.index.categories) + 1):
             rows = np.flatnonzero(self.index.super_ids == sid)
-            if len(rows):
-                picks.append(int(rows[0]))
+            present = next((int(r) for r in rows[:32] if os.path.isfile(self.abs_paths[r])), None)
+            if present is not None:
+                picks.append(present)
         return picks[:n]
 
 
@@ -570,7 +585,9 @@ def load_or_build_index(model, checkpoint, data_root, split="test", index_path=N
     """
     index_path = Path(index_path) if index_path else default_index_path(checkpoint, split)
     image_size = int(model.model_args["image_size"])
-    dataset = datasets.SOPDataset(data_root, split, **(splits or {}),
+    # check_files=False: a vanished photo is left out of the index (build_gallery_index's
+    # skip_unreadable), not a reason for the demo not to start
+    dataset = datasets.SOPDataset(data_root, split, **(splits or {}), check_files=False,
                                   transform=datasets.build_transform(image_size, train=False))
     ckpt_hash = model_key or models.checkpoint_hash(checkpoint)
     if index_path.exists() and not force:
@@ -586,7 +603,7 @@ def load_or_build_index(model, checkpoint, data_root, split="test", index_path=N
         device=next(model.parameters()).device,
         meta={"split": split, "data_root": str(dataset.root), "model_args": dict(model.model_args),
               "checkpoint": str(checkpoint) if checkpoint else None}, progress=progress,
-        index_type=index_type)
+        index_type=index_type, skip_unreadable=True)
     index.save(index_path)
     logger.info("Saved gallery index %s", index_path)
     return index, True

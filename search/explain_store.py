@@ -109,8 +109,9 @@ def _previous(path: Path, grid_shape, dim):
 def sync_store(path, vectors, files, compute, grid_shape, batch_size=32, progress=True) -> ExplainStore:
     """The store at ``path`` for a gallery whose row i is embedded as ``vectors[i]`` ([N, D]) from
     image file ``files[i]``: records whose key is already in the file are kept, the others are
-    made with ``compute(files) -> projections [B, H, W, D]`` in batches of
-    ``batch_size`` and kept when their projections sum to ``vectors[i]`` (`CONSISTENCY_ATOL`).
+    made with ``compute(files) -> projections [B, H, W, D]`` (NaN for a file that does not
+    decode) in batches of ``batch_size`` and kept when their projections sum to ``vectors[i]``
+    (`CONSISTENCY_ATOL`); the others are counted, logged and left out.
     The file is rewritten (atomically: fileio.atomic_write) only when its records changed.
     Returns the store, read back from the file."""
     path = Path(path)
@@ -132,7 +133,7 @@ def sync_store(path, vectors, files, compute, grid_shape, batch_size=32, progres
     for k in unique:
         if k in have:
             table["proj"][slot[k]] = previous.table["proj"][have[k]]
-    rejected = set()
+    rejected, unreadable = set(), 0
     if todo:
         from tqdm import tqdm
 
@@ -144,13 +145,18 @@ def sync_store(path, vectors, files, compute, grid_shape, batch_size=32, progres
             for n, r in enumerate(rows):
                 if np.abs(sums[n] - vectors[r]).max() <= CONSISTENCY_ATOL:
                     table["proj"][slot[keys[r]]] = proj[n]
-                else:  # the file changed since it was indexed: no record, its map is computed live
+                else:  # changed or unreadable since it was indexed: no record, its map is computed live
                     rejected.add(keys[r])
+                    unreadable += int(not np.isfinite(sums[n]).all())
             bar.update(len(rows))
         bar.close()
-    if rejected:
+    if unreadable:
+        logger.warning("Explanation store: %d gallery images could not be read (corrupt, vanished or not "
+                       "readable) and are skipped", unreadable)
+    if len(rejected) > unreadable:
         logger.warning("Explanation store: %d images no longer match their index embedding (changed "
-                       "since indexing?); their maps are computed when asked", len(rejected))
+                       "since indexing?); their maps are computed when asked", len(rejected) - unreadable)
+    if rejected:
         table = table[~np.isin(table["key"], np.array(sorted(rejected), dtype=np.uint64))]
     fileio.atomic_write(path, lambda f: np.save(f, table, allow_pickle=False))
     logger.info("Saved explanation store %s (%d images, %.1f MB)", path, len(table), path.stat().st_size / 1e6)

@@ -43,7 +43,7 @@ from dataio import fileio
 from dataio import photos
 import retrieval
 from search import ann
-from search.index import GalleryIndex
+from search.index import GalleryImages, GalleryIndex
 
 logger = logging.getLogger("gallery")
 
@@ -240,31 +240,6 @@ def plan_update(files, previous=None) -> UpdatePlan:
 
 
 # ============ embedding ============
-
-class GalleryImages:
-    """Map-style dataset over image files: ``(transformed image, i)``, or ``(zeros, -1)`` for
-    a file that does not decode, so one bad photo does not stop the loader (its row is
-    dropped afterwards)."""
-
-    def __init__(self, paths, transform, image_size):
-        import datasets  # here: scanning and planning need no torchvision
-
-        self.paths = [str(p) for p in paths]
-        self.transform = transform
-        self.load_size = datasets.draft_size(transform)
-        self.shape = (3, int(image_size), int(image_size))
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        import torch
-
-        try:
-            return self.transform(photos.load_image(self.paths[i], self.load_size)), i
-        except photos.IMAGE_ERRORS:
-            return torch.zeros(self.shape), -1
-
 
 def embed_files(model, paths, batch_size=64, workers=None, device="cpu", progress=True):
     """Embed image files with ``model`` (an EmbeddingNet; eval transform at its image size).

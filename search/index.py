@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import time
 import zipfile
 from pathlib import Path
@@ -26,6 +27,8 @@ from dataio.fileio import atomic_write
 import retrieval
 from search import ann
 from search import fastscan
+
+logger = logging.getLogger("app_stanford")  # the demo's log, whichever module writes to it
 
 # torch (and datasets, torchvision) are imported by build_gallery_index only: loading and
 # searching an index needs numpy alone
@@ -261,8 +264,10 @@ class GalleryIndex:
         if checkpoint_hash is not None and checkpoint_hash != self.checkpoint_hash:
             return (f"built from checkpoint {self.checkpoint_hash[:12] or '?'}, "
                     f"not {checkpoint_hash[:12]}")
-        if paths is not None and hash_paths(paths) != self.image_list_hash:
-            return "built from a different image list"
+        if paths is not None:
+            unreadable = set(self.meta.get(UNREADABLE_KEY) or [])
+            if hash_paths([p for p in paths if p not in unreadable]) != self.image_list_hash:
+                return "built from a different image list"
         if index_type is not None and index_type != self.index_type:
             return f"built as a {self.index_type!r} index, not {index_type!r}"
         return None
@@ -365,13 +370,46 @@ def load_fresh_index(path, checkpoint_hash, paths, backend="auto", index_type=No
     return (index, None) if reason is None else (None, f"stale ({reason})")
 
 
+UNREADABLE_KEY = "unreadable"  # meta: the dataset's images left out because they did not decode
+
+
+class GalleryImages:
+    """Map-style dataset over image files: ``(transformed image, i)``, or ``(zeros, -1)`` for
+    a file that does not decode, so one bad photo does not stop the loader (its row is
+    dropped afterwards)."""
+
+    def __init__(self, paths, transform, image_size):
+        import datasets  # here: scanning and planning need no torchvision
+
+        self.paths = [str(p) for p in paths]
+        self.transform = transform
+        self.load_size = datasets.draft_size(transform)
+        self.shape = (3, int(image_size), int(image_size))
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        import torch
+
+        from dataio import photos
+
+        try:
+            return self.transform(photos.load_image(self.paths[i], self.load_size)), i
+        except (*photos.IMAGE_ERRORS, FileNotFoundError):  # corrupt, vanished, unreadable
+            return torch.zeros(self.shape), -1
+
+
 def build_gallery_index(model, dataset, batch_size=64, workers=None, device="cpu", amp=None,
                         checkpoint_hash="", meta=None, progress=True, index_type="exact",
-                        ann_params=None) -> GalleryIndex:
+                        ann_params=None, skip_unreadable=False) -> GalleryIndex:
     """Embed every image of ``dataset`` (an SOPDataset with an eval transform) into a
     `GalleryIndex`; paths are stored relative to the data root (``dataset.rel_paths``).
     ``workers=None``: datasets.loader_settings for the device and this machine's CPUs.
-    ``index_type`` "ivf" / "hnsw" also builds that approximate index (progress bars)."""
+    ``index_type`` "ivf" / "hnsw" also builds that approximate index (progress bars).
+    ``skip_unreadable``: an image that does not decode is left out (listed in
+    ``meta["unreadable"]``, logged) instead of stopping the build (a served gallery; an
+    evaluation keeps the error: its metrics need every image)."""
     ann.check_index_type(index_type)
     if index_type != "exact":
         ann.require_faiss(f"index type {index_type!r}")  # before minutes of embedding
@@ -379,22 +417,37 @@ def build_gallery_index(model, dataset, batch_size=64, workers=None, device="cpu
 
     import datasets  # here, not at import time: the demo's search path needs no torchvision
 
+    images = GalleryImages(dataset.paths, dataset.transform, int(model.model_args["image_size"]))
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False,
+        images if skip_unreadable else dataset, batch_size=batch_size, shuffle=False,
         # one pass: persistent workers would only outlive it
         **datasets.loader_settings(device, workers=workers, persistent_workers=False))
     t0 = time.perf_counter()
-    embeddings, labels = retrieval.extract_embeddings(model, loader, device=device, amp=amp,
+    embeddings, second = retrieval.extract_embeddings(model, loader, device=device, amp=amp,
                                                       progress=progress, desc="gallery")
-    class_ids = np.asarray(dataset.class_ids, dtype=np.int64)
-    if not np.array_equal(labels, class_ids):
+    if skip_unreadable:
+        rows = second  # the dataset's row, -1 for an unreadable image
+    elif np.array_equal(second, np.asarray(dataset.class_ids, dtype=np.int64)):
+        rows = np.arange(len(second))
+    else:
         raise RuntimeError("the loader's labels do not match dataset.class_ids: the dataset "
                            "must return (image, class_id) in index order")
-    info = {"num_images": len(embeddings), "extract_s": round(time.perf_counter() - t0, 3)}
+    good = rows >= 0
+    if not np.array_equal(rows[good], np.flatnonzero(good)):
+        raise RuntimeError("the loader returned the images out of order")
+    unreadable = [dataset.rel_paths[i] for i in np.flatnonzero(~good)]
+    if unreadable:
+        logger.warning("%d gallery images could not be read and are left out of the index (first: %s); "
+                       "replace them and pass --rebuild_index", len(unreadable), ", ".join(unreadable[:3]))
+    info = {"num_images": int(good.sum()), "extract_s": round(time.perf_counter() - t0, 3),
+            UNREADABLE_KEY: unreadable}
     info.update(meta or {})
-    index = GalleryIndex(embeddings=embeddings, paths=list(dataset.rel_paths), class_ids=class_ids,
-                         super_ids=np.asarray(dataset.super_ids, dtype=np.int64),
-                         categories=dataset.categories, product_ids=dataset.product_ids,
+    keep = np.flatnonzero(good)
+    index = GalleryIndex(embeddings=np.ascontiguousarray(embeddings[good]),
+                         paths=[dataset.rel_paths[i] for i in keep],
+                         class_ids=np.asarray(dataset.class_ids, dtype=np.int64)[keep],
+                         super_ids=np.asarray(dataset.super_ids, dtype=np.int64)[keep],
+                         categories=dataset.categories, product_ids=[dataset.product_ids[i] for i in keep],
                          checkpoint_hash=checkpoint_hash, meta=info, index_type=index_type,
                          ann_params=ann_params)
     index.build_ann(progress=progress)

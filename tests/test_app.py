@@ -553,6 +553,37 @@ def test_auth_login_is_required_when_asked_and_exposure_warns(tiny, caplog):
     assert app_stanford.exposure_warning("0.0.0.0", False, [("a", "b")]) is None
 
 
+def test_demo_starts_with_corrupt_vanished_and_unreadable_gallery_photos(tiny, tmp_path, caplog):
+    """Photos broken before indexing are left out of the index (counted, listed in its meta);
+    photos broken after it are skipped by the explanation store; the demo starts either way."""
+    import logging
+
+    root = tmp_path / "root"
+    shutil.copytree(tiny["data_root"], root)
+    model, checkpoint = tiny["model"], tiny["checkpoint"]
+    test_paths = datasets.SOPDataset(root, "test").rel_paths
+    (root / test_paths[0]).write_bytes(b"not an image")          # corrupt before indexing
+    (root / test_paths[1]).unlink()                               # vanished before indexing
+    index, built = search_engine.load_or_build_index(model, checkpoint, root, "test", tmp_path / "g.npz",
+                                                     progress=False)
+    assert built and len(index) == len(test_paths) - 2
+    assert set(index.meta["unreadable"]) == {test_paths[0], test_paths[1]}
+    again, built = search_engine.load_or_build_index(model, checkpoint, root, "test", tmp_path / "g.npz",
+                                                     progress=False)
+    assert not built and len(again) == len(index)  # reused, not rebuilt at every start
+    data = (root / index.paths[0]).read_bytes()
+    (root / index.paths[0]).write_bytes(data[: len(data) // 3])  # truncated after indexing
+    (root / index.paths[1]).unlink()                               # vanished after indexing
+    os.chmod(root / index.paths[2], 0)                             # unreadable (unless root)
+    with caplog.at_level(logging.WARNING, logger="app_stanford"):
+        demo = app_stanford.build_app(model, index, root, explain_store_gb=1)
+    store = demo.engine.explain_store
+    assert store is not None and len(store) <= len(index) - 2
+    assert "could not be read" in caplog.text
+    ranked = demo.engine.search_file(tiny["gallery"].paths[3], k=3)
+    assert len(ranked["results"]) == 3
+
+
 def test_binds_loopback_by_default(server):
     args = app_stanford.get_args_parser().parse_args([])
     assert args.host == "127.0.0.1" and not args.share
