@@ -60,15 +60,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from dataio import catalogue
 import models
 import retrieval
-from training import heldout
 from training import distributed
 from training import flags
+from training import heldout
 from training import loop
 from training import runs
 from training import setup
@@ -87,14 +85,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 @dataclass
 class Run:
     """What the epochs of one run share: its arguments and files, this process, the data, the
-    training state, the network as the optimizer steps it (DDP-wrapped on several ranks), the
-    head-only warm-up's length in steps, and rank 0's TensorBoard writer."""
+    training state, the network as the ranks step it (distributed.Replicas: DDP on several
+    ranks), the head-only warm-up's length in steps, and rank 0's TensorBoard writer."""
     args: argparse.Namespace
     paths: runs.RunPaths
     proc: distributed.Process
     data: setup.Data
     state: setup.TrainState
-    ddp_model: torch.nn.Module
+    replicas: distributed.Replicas
     frozen_steps: int
     writer: object = None
 
@@ -186,8 +184,7 @@ def main(args: argparse.Namespace) -> dict:
         return _run(args, distributed.Process.of(args, rank, world, local_rank))
     finally:
         torch.use_deterministic_algorithms(previous_deterministic)
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.leave_process_group(world)
 
 
 def _run(args: argparse.Namespace, proc: distributed.Process) -> dict:
@@ -223,12 +220,8 @@ def _prepare(args: argparse.Namespace, proc: distributed.Process) -> Run:
         setup.restore_state(state, ckpt, data, resume_path)
         del ckpt  # the optimizer state is now in place: free the copy
     frozen_steps = loop.warmup_steps(args.warmup_epochs, data.steps)
-    ddp_model = state.model
-    if world > 1:
-        # During warm-up the backbone's parameters get no gradient: DDP must not wait for them.
-        ddp_model = DistributedDataParallel(state.model, find_unused_parameters=frozen_steps > 0,
-                                            device_ids=[device.index] if device.type == "cuda" else None)
-    run = Run(args, paths, proc, data, state, ddp_model, frozen_steps)
+    run = Run(args, paths, proc, data, state, distributed.Replicas(state.model, world, device),
+              frozen_steps)
     if rank == 0:
         run.writer = runs.open_logs(args, paths, {
             **vars(args), "run_name": paths.name, "resolved_device": str(device), "world_size": world,
@@ -262,18 +255,19 @@ def _train_epoch(run: Run, epoch: int) -> np.ndarray | None:
     data.loader_gen.manual_seed(distributed.epoch_seed(args.seed, epoch))
     data.train_sampler.set_epoch(epoch)
     lr = state.optimizer.param_groups[0]["lr"]
-    stats = loop.train_one_epoch(run.ddp_model, state.criterion, data.train_loader, state.optimizer,
+    stats = loop.train_one_epoch(state.model, state.criterion, data.train_loader, state.optimizer,
                                  state.scaler, proc.device, epoch, steps=data.steps, amp=proc.amp,
                                  channels_last=proc.channels_last, world_size=proc.world,
                                  progress=proc.progress, frozen_steps=run.frozen_steps,
-                                 freeze_bn=bool(args.freeze_bn))
+                                 freeze_bn=bool(args.freeze_bn), replicas=run.replicas,
+                                 gather_embeddings=bool(args.gather_embeddings))
     score = torch.zeros(1, dtype=torch.float64)
     val_embeddings = None
     if proc.rank == 0:
         val_row, val_embeddings = run_validation(run)
         score[0] = selection_score({"epoch": epoch, **val_row}, args.select_metric)
-    if proc.world > 1:  # every rank steps its scheduler on rank 0's validation
-        dist.broadcast(score, src=0)
+    # every rank steps its scheduler on rank 0's validation
+    score = distributed.broadcast(score, proc.device, proc.world, src=0).cpu()
     # The plateau schedule counts fine-tuning epochs only: an epoch that ends inside the
     # head-only warm-up measures the head, and must not spend the backbone's patience.
     if epoch * data.steps > run.frozen_steps:

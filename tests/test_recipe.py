@@ -90,6 +90,59 @@ def test_param_groups_carry_the_multipliers():
     assert [g["name"] for g in no_params] == ["backbone", "head"]
 
 
+def test_adamw_decays_weights_only():
+    args = flags.resolve_recipe(parse(["--weights", "none", "--optimizer", "adamw", "--weight_decay", "0.05",
+                                       "--head", "mlp"]))
+    model = models.build_model("resnet18", embedding_size=8, head="mlp")
+    crit = losses.build_loss("proxy_anchor", classes=[1, 2, 3], embedding_size=8)
+    groups = {g["name"]: g for g in setup.param_groups(model, crit, args)}
+    assert sorted(groups) == ["backbone", "backbone_no_decay", "head", "head_no_decay", "loss"]
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in ("backbone", "head") for p in groups[g]["params"]}
+    kept = {names[id(p)] for g in ("backbone_no_decay", "head_no_decay") for p in groups[g]["params"]}
+    assert decayed | kept == set(names.values()) and not decayed & kept
+    assert "backbone.conv1.weight" in decayed and "head.0.weight" in decayed
+    assert "backbone.bn1.weight" in kept and "backbone.bn1.bias" in kept and "head.0.bias" in kept
+    assert all(model.get_parameter(n).ndim > 1 for n in decayed)
+    assert [groups[g]["weight_decay"] for g in sorted(groups)] == [0.05, 0.0, 0.05, 0.0, 0.0]
+    assert groups["loss"]["params"] == [crit.proxies]  # proxies: no decay
+    assert groups["head_no_decay"]["lr"] == groups["head"]["lr"] == pytest.approx(args.lr * args.head_lr_mult)
+    optimizer = flags.OPTIMIZERS[args.optimizer](list(groups.values()), lr=args.lr,
+                                                 weight_decay=args.weight_decay)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    # decoupled: a step with zero gradients shrinks a decayed weight by lr x wd, nothing else moves
+    for p in list(model.parameters()) + [crit.proxies]:
+        p.grad = torch.zeros_like(p)
+    conv, bn, proxies = (model.backbone.conv1.weight.detach().clone(), model.backbone.bn1.weight.detach().clone(),
+                         crit.proxies.detach().clone())
+    optimizer.step()
+    assert torch.allclose(model.backbone.conv1.weight, conv * (1 - args.lr * 0.05))
+    assert torch.equal(model.backbone.bn1.weight, bn) and torch.equal(crit.proxies, proxies)
+
+
+def test_every_real_photos_variant_is_a_valid_train_command():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("real_photos", Path(train.__file__).parent / "bench"
+                                                  / "real_photos.py")
+    real_photos = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_photos)
+    assert real_photos.VARIANTS["adamw"][:2] == ["--optimizer", "adamw"]
+    for name, extra in real_photos.VARIANTS.items():
+        args = parse(["--weights", "imagenet", *extra])
+        assert flags.check_args(args) == [], name
+
+
+@pytest.mark.slow
+def test_resume_with_another_optimizer_is_refused_with_the_way_out(tiny_sop, tmp_path, capsys):
+    argv = tiny_argv(tiny_sop, tmp_path, "--epochs", "1", "--projector_samples", "0")
+    train.main(parse(argv + ["--optimizer", "adamw"]))
+    assert train.cli(argv + ["--epochs", "2", "--resume", "auto"]) == 1
+    err = capsys.readouterr().err
+    assert "another --optimizer" in err and "backbone_no_decay" in err
+    assert train.cli(argv + ["--epochs", "2", "--resume", "auto", "--optimizer", "adamw"]) == 0
+
+
 def test_warmup_steps_round_fractional_epochs():
     assert loop.warmup_steps(0, 17) == 0
     assert loop.warmup_steps(0.5, 17) == 8 and loop.warmup_steps(1.0, 17) == 17

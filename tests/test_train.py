@@ -82,7 +82,7 @@ def test_seed_command_parses_verbatim():
     # the original project's other defaults
     assert (args.weight_decay, args.lr_factor, args.lr_patience, args.weights) == (1e-5, 0.5, 3, "imagenet")
     assert (args.images_per_class, args.mining) == (4, "semihard")
-    assert args.amp is True and args.image_size == 224
+    assert args.amp is None and args.image_size == 224  # None: AMP on CUDA only (Process.of)
     # ImageNet weights: the recommended recipe; --recipe original: the original project's own
     resolved = flags.resolve_recipe(args)
     assert (resolved.recipe, resolved.loss, resolved.sampler) == (

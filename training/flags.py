@@ -46,6 +46,9 @@ RECIPES = {
                  "head_init": "random", "dropout": 0.2, "warmup_epochs": 0.0, "freeze_bn": False,
                  "head_lr_mult": 1.0, "select_metric": "recall@1"},
 }
+# --optimizer: the torch optimizer of each name (training.setup.param_groups says which
+# parameters it decays).
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 # Validation metrics --select_metric may name (product protocol, retrieval.evaluate_embeddings).
 SELECT_METRICS = ("map@r", "recall@1", "r_precision", "recall@10", "recall@100")
 SELECT_LAST = "last"  # --select_metric last: best.pth is the last epoch
@@ -210,8 +213,14 @@ def _args_optimisation(group) -> None:
     group.add_argument("--freeze_bn", default=None, action=argparse.BooleanOptionalAction,
                        help="keep the backbone's BatchNorm statistics at their pretrained values "
                             "(P x K batches estimate them poorly) (recipe)")
+    group.add_argument(*flag_names("optimizer"), default="adam", choices=sorted(OPTIMIZERS),
+                       help="adam: Adam, L2 weight decay on every parameter (the original "
+                            "project's); adamw: AdamW, decoupled weight decay on weights only, "
+                            "not on norms, biases or the loss's proxies (timm's and "
+                            "pytorch-metric-learning's convention; give it a larger "
+                            "--weight_decay, e.g. 0.05)")
     group.add_argument(*flag_names("weight_decay"), default=1e-5, type=float,
-                       help="Adam weight decay (>= 0)")
+                       help="weight decay of --optimizer (>= 0)")
     group.add_argument(*flag_names("lr_factor"), default=0.5, type=float,
                        help="ReduceLROnPlateau factor in (0, 1), applied when the validation "
                             "--select_metric stops improving")
@@ -220,13 +229,18 @@ def _args_optimisation(group) -> None:
     group.add_argument(*flag_names("max_steps_per_epoch"), default=None, type=int,
                        help="cap on training steps per epoch (quick runs and tests); "
                             "default: the sampler's full epoch")
-    group.add_argument("--amp", default=True, action=argparse.BooleanOptionalAction,
-                       help="mixed precision (float16 autocast + gradient scaler); used on CUDA "
-                            "only, ignored elsewhere")
-    group.add_argument(*flag_names("channels_last"), default=True, action=argparse.BooleanOptionalAction,
-                       help="channels-last memory format for model and images on CUDA (faster "
-                            "convolutions with AMP on recent GPUs); not used on CPU, where it "
-                            "measured slower here")
+    group.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction,
+                       help="mixed precision: float16 autocast + gradient scaler on CUDA, bfloat16 "
+                            "autocast on the CPU; default: on CUDA only")
+    group.add_argument(*flag_names("channels_last"), default=None, action=argparse.BooleanOptionalAction,
+                       help="channels-last memory format for model and images (faster "
+                            "convolutions with AMP on recent GPUs); default: on CUDA only (on "
+                            "the CPU it measured slower here)")
+    group.add_argument(*flag_names("gather_embeddings"), action="store_true",
+                       help="under torchrun: the loss mines over the batches of all ranks (their "
+                            "embeddings gathered; gradients flow to each rank's own), as "
+                            "pytorch-metric-learning's DistributedLossWrapper; default: each rank "
+                            "mines its own batch")
 
 
 def _args_validation_and_logging(group) -> None:

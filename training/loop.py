@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -74,17 +73,30 @@ def warmup_steps(warmup_epochs: float, steps_per_epoch: int) -> int:
     return int(round(warmup_epochs * steps_per_epoch))
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """The AMP dtype on ``device``: float16 on CUDA (with a gradient scaler), bfloat16 elsewhere
+    (float32's exponent range: no scaler needed), as retrieval.extract_embeddings uses."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoader,
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                     device: torch.device, epoch: int, *, steps: int, amp: bool = False,
                     channels_last: bool = False, world_size: int = 1, progress: bool = True,
-                    frozen_steps: int = 0, freeze_bn: bool = False) -> dict:
+                    frozen_steps: int = 0, freeze_bn: bool = False,
+                    replicas: distributed.Replicas | None = None,
+                    gather_embeddings: bool = False) -> dict:
     """One pass over ``steps`` batches. The first ``frozen_steps`` of the run (counted over
     epochs: epoch e starts at step (e - 1) x steps) train the head alone (set_train_mode).
+    ``model`` is the bare network; under DDP ``replicas`` gives the module each step calls.
+    ``gather_embeddings``: the loss sees the batches of all ranks (distributed.gather_rows), the
+    same loss on every rank, each rank's gradients flowing to its own images.
     Returns averages over batches (and ranks): loss and every stat the criterion reports
     (valid_triplets, active_triplets, ...), plus images, train_time and frozen_steps (this
     epoch's). Raises NonFiniteLossError before stepping on a NaN/inf loss."""
+    replicas = replicas or distributed.Replicas(model, world_size, device)
     bare = models.unwrap_model(model)
+    forward = None  # set at the first step, with its phase
     first_step = (epoch - 1) * steps
     frozen = None
     params = [p for p in criterion.parameters() if p.requires_grad]
@@ -101,35 +113,37 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: 
         if frozen != (first_step + step < frozen_steps):
             frozen = first_step + step < frozen_steps
             set_train_mode(bare, backbone_frozen=frozen, freeze_bn=freeze_bn)
+            forward = replicas.module()  # DDP over this phase's trained parameters
         frozen_here += int(frozen)
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            embeddings = model(images)
+        with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=amp):
+            embeddings = forward(images)
         # The loss runs in fp32: squared distances of unit vectors near the margin lose too much
         # in fp16.
-        loss, stats = criterion(embeddings.float(), labels)
+        embeddings = embeddings.float()
+        if gather_embeddings:
+            embeddings = distributed.gather_rows(embeddings, device, world_size)
+            labels = distributed.gather_rows(labels, device, world_size)
+        loss, stats = criterion(embeddings, labels)
         if not loss.requires_grad:  # no valid triplet in the batch: still a (zero) backward pass,
             loss = loss + 0.0 * embeddings.sum()  # which DDP needs on every rank at every step
         # Every rank must take the same decision, or the others would wait forever in backward.
         # .item() is a host sync; it is needed anyway for the check and the live loss.
-        value = loss.detach().clone()
-        if world_size > 1:
-            dist.all_reduce(value)
-            value /= world_size
-        value = value.item()
+        value = distributed.all_reduce_sum(loss.detach().float(), device, world_size).item() / world_size
         if not math.isfinite(value):
             bar.close()
             raise NonFiniteLossError(
                 f"non-finite loss ({value}) at epoch {epoch}, step {step + 1}/{steps}; no "
                 "optimizer step was taken with it. Lower --lr, try --no-amp, or check the data")
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if world_size > 1 and params:  # loss parameters (proxies) live outside DDP: average them
-            for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world_size
+        # Gathered, each rank's loss is that of the global batch but reaches only its own
+        # images; DDP averages over the ranks, so x world gives the global batch's gradient
+        # (pytorch-metric-learning's DistributedLossWrapper does the same).
+        spread = world_size if gather_embeddings else 1
+        scaler.scale(loss * spread).backward()
+        if params:  # loss parameters (proxies) live outside DDP: average them over the ranks
+            distributed.average_gradients(params, device, world_size, scale=1.0 / spread)
         scaler.step(optimizer)
         scaler.update()
 
@@ -146,8 +160,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: 
     train_time = time.perf_counter() - start
     keys = sorted(sums)
     totals = torch.tensor([sums[k] for k in keys] + [batches, images_seen], dtype=torch.float64)
-    if world_size > 1:  # per-rank stats may differ (different batches): average over ranks
-        dist.all_reduce(totals)
+    # per-rank stats may differ (different batches): average over ranks
+    totals = distributed.all_reduce_sum(totals, device, world_size).cpu()
     batches_all, images_all = totals[-2].item(), totals[-1].item()
     out = _averages({k: totals[i].item() for i, k in enumerate(keys)}, batches_all)
     out["images"] = images_all

@@ -180,7 +180,8 @@ def build_data(args: argparse.Namespace, image_size: int, device: torch.device, 
 def build_state(args: argparse.Namespace, model_args: dict, data: Data, device: torch.device,
                 channels_last: bool, use_amp: bool, resume_path: Path | None, rank: int) -> TrainState:
     """Model (ImageNet/random/--weights for a new run, the checkpoint's weights for a resumed
-    one), loss, Adam with its parameter groups, plateau scheduler, gradient scaler."""
+    one), loss, --optimizer with its parameter groups, plateau scheduler, gradient scaler
+    (float16 AMP on CUDA only: bfloat16 needs none)."""
     fresh = resume_path is None
     # A resumed run's weights go through models.build_model's own checkpoint loading (its
     # conversion of older backbone layouts, its fit checks); it reads the file a second time.
@@ -198,23 +199,26 @@ def build_state(args: argparse.Namespace, model_args: dict, data: Data, device: 
     criterion = losses.build_loss(args.loss, margin=args.margin, mining=args.mining,
                                   classes=np.unique(data.train_set.class_ids),
                                   embedding_size=int(model_args["embedding_size"])).to(device)
-    optimizer = torch.optim.Adam(param_groups(model, criterion, args), lr=args.lr,
-                                 weight_decay=args.weight_decay)
+    optimizer = flags.OPTIMIZERS[args.optimizer](param_groups(model, criterion, args), lr=args.lr,
+                                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=args.lr_factor, patience=args.lr_patience)
     return TrainState(model, criterion, optimizer, scheduler,
-                      torch.amp.GradScaler(device.type, enabled=use_amp))
+                      torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda"))
 
 
 def restore_state(state: TrainState, ckpt: dict, data: Data, resume_path: Path) -> None:
     """Load the rest of a checkpoint into ``state``, whose model build_state already took from
     it: optimizer, scheduler, scaler, loss, RNG, history, best score, bad-image lists; and set
     the epoch to continue from."""
-    if len(ckpt["optimizer"]["param_groups"]) != len(state.optimizer.param_groups):
+    saved = [g.get("name") for g in ckpt["optimizer"]["param_groups"]]
+    if saved != [g["name"] for g in state.optimizer.param_groups]:
         raise distributed.TrainingStopped(
-            f"{resume_path} was written by an older train.py (one optimizer parameter group, "
-            "now one each for backbone, head and loss): it still evaluates and loads as "
-            "--weights, but cannot be resumed; start a new run (--run_name or --overwrite)")
+            f"{resume_path} has the optimizer parameter groups {saved}, this run "
+            f"{[g['name'] for g in state.optimizer.param_groups]}: it was written with another "
+            "--optimizer (or by an older train.py); resume with the --optimizer it was trained "
+            "with, or start a new run (--run_name or --overwrite). It still evaluates and loads as "
+            "--weights")
     state.optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scheduler"):
         state.scheduler.load_state_dict(ckpt["scheduler"])
@@ -231,15 +235,35 @@ def restore_state(state: TrainState, ckpt: dict, data: Data, resume_path: Path) 
     state.start_epoch = int(ckpt["epoch"]) + 1
 
 
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether decoupled weight decay applies to a network parameter: weights of convolutions
+    and linear layers only; norms' scales and shifts and biases (every parameter of one
+    dimension or less, or named ``*.bias``) are not decayed (timm's convention)."""
+    return param.ndim > 1 and not name.endswith(".bias")
+
+
 def param_groups(model: models.EmbeddingNet, criterion: torch.nn.Module,
                  args: argparse.Namespace) -> list[dict]:
     """Optimizer parameter groups: backbone at --lr, head at --lr x --head_lr_mult, the loss's
     own parameters (proxies) at --lr x --proxy_lr_mult; groups without parameters left out.
-    ReduceLROnPlateau scales every group by the same factor."""
-    groups = [("backbone", list(model.backbone.parameters()), args.lr),
-              ("head", list(model.head.parameters()), args.lr * args.head_lr_mult),
-              ("loss", list(criterion.parameters()), args.lr * args.proxy_lr_mult)]
-    return [{"name": name, "params": params, "lr": lr} for name, params, lr in groups if params]
+    With --optimizer adamw the backbone and head are split further into ``<part>`` (decayed by
+    --weight_decay) and ``<part>_no_decay`` (see decays), and the loss's proxies are not decayed
+    (pytorch-metric-learning's convention); with adam every group takes the optimizer's
+    --weight_decay. ReduceLROnPlateau scales every group by the same factor."""
+    parts = [("backbone", list(model.backbone.named_parameters()), args.lr),
+             ("head", list(model.head.named_parameters()), args.lr * args.head_lr_mult)]
+    loss = ("loss", list(criterion.parameters()), args.lr * args.proxy_lr_mult)
+    if args.optimizer != "adamw":
+        groups = [(name, [p for _, p in named], lr) for name, named, lr in parts] + [loss]
+        return [{"name": name, "params": params, "lr": lr} for name, params, lr in groups if params]
+    groups = []
+    for name, named, lr in parts:
+        groups.append({"name": name, "params": [p for n, p in named if decays(n, p)], "lr": lr,
+                       "weight_decay": args.weight_decay})
+        groups.append({"name": f"{name}_no_decay", "params": [p for n, p in named if not decays(n, p)],
+                       "lr": lr, "weight_decay": 0.0})
+    groups.append({"name": loss[0], "params": loss[1], "lr": loss[2], "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
 
 
 def init_head_from_features(model: models.EmbeddingNet, train_set: datasets.SOPDataset,
