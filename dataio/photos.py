@@ -25,7 +25,7 @@ def mp_context():
 
 def _to_rgb(im):
     """Any PIL mode → RGB: transparency goes onto white (product photos sit on white),
-    16/32-bit and float grey is rescaled to 8 bits instead of being clipped."""
+    16/32-bit and float grey is rescaled to 8 bits instead of being clipped (`_grey_to_l`)."""
     if im.mode == "RGB":
         return im
     if im.mode == "P":
@@ -35,13 +35,35 @@ def _to_rgb(im):
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if im.mode.startswith("I") or im.mode == "F":
-        arr = np.asarray(im).astype(np.float64)
-        if im.mode.startswith("I;16"):
-            arr = arr / 257.0
-        elif arr.size and arr.max() > 255:
-            arr = arr * (255.0 / arr.max())
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+        im = _grey_to_l(im)
     return im.convert("RGB")   # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+# rows of a 16/32-bit image rescaled at a time: a float64 copy of a whole 40-megapixel image
+# would cost 320 MB, more than the RGB image it becomes (160 MB)
+STRIP_PIXELS = 1 << 20
+
+
+def _grey_to_l(im):
+    """A 16/32-bit integer or float grey image as 8-bit L: I;16 divided by 257, others scaled
+    by 255 / max when their max exceeds 255, clipped to [0, 255] and truncated; computed in
+    strips of `STRIP_PIXELS`, so the extra memory is the L image itself."""
+    w, h = im.size
+    if im.mode.startswith("I;16"):
+        def scale(strip):
+            return np.divide(strip, 257.0, out=strip)
+    else:
+        high = im.getextrema()[1] if w and h else 0
+        factor = 255.0 / high if high > 255 else 1.0
+
+        def scale(strip):
+            return np.multiply(strip, factor, out=strip)
+    out = np.empty((h, w), np.uint8)
+    rows = max(1, STRIP_PIXELS // max(w, 1))
+    for top in range(0, h, rows):
+        strip = np.asarray(im.crop((0, top, w, min(h, top + rows))), dtype=np.float64)
+        out[top:top + rows] = np.clip(scale(strip), 0, 255, out=strip)
+    return Image.fromarray(out)  # uint8 [H, W]: mode L
 
 
 def load_image(path, size=None):
@@ -51,14 +73,17 @@ def load_image(path, size=None):
     libjpeg decode at 1/2, 1/4 or 1/8 scale whenever both sides stay >= ``size`` — the
     DCT scaling skips most of the decoding work, and no image ends up smaller than the
     resize asks for. The EXIF orientation is applied; palette, alpha, CMYK and 16-bit
-    images become RGB (see ``_to_rgb``).
+    images become RGB (see ``_to_rgb``). Peak memory: the decoded file plus the RGB image
+    (a 16-bit grey image's own pixels are freed before its RGB copy is made).
     """
     with Image.open(path) as im:
         if size is not None and im.format == "JPEG":
             im.draft("RGB", (int(size), int(size)))
         im.load()
         im = ImageOps.exif_transpose(im)
-        return _to_rgb(im)
+        if im.mode.startswith("I") or im.mode == "F":
+            im = _grey_to_l(im)  # before the file's image is released at the end of the block
+    return _to_rgb(im)
 
 
 def check_image(path):
