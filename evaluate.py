@@ -84,7 +84,7 @@ def get_args_parser():
                         "when --checkpoint is worse on the gate metric by more than --tolerance")
     p.add_argument("--tolerance", type=float, default=evaluation.DEFAULT_TOLERANCE,
                    help="deploy gate: percentage points of the gate metric (the run's --select_metric, "
-                        "else MAP@R) the new checkpoint may lose to --baseline")
+                        "else MAP@R) the new checkpoint may lose to --baseline; default %(default)s")
     p.add_argument("--verbose", action="store_true", help="list every skipped non-image file")
     p.add_argument("--split", default="test", choices=["test", "val", "train", "trainval"],
                    help="split to evaluate; 'test' (60,502 images on SOP) is the reported one")
