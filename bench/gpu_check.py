@@ -15,11 +15,16 @@ Steps (each one calls the project's own entry points; none has training code of 
                          command with --epochs 3 --resume auto, then `python evaluate.py` on
                          the result (on CUDA, retrieval.extract_embeddings autocasts to float16
                          by itself: evaluate.py passes amp=None and reports the device)
-  torchrun_ddp           `torchrun --standalone --nproc_per_node N train.py` for 1 epoch. With
-                         N = 1 train.py creates no process group (NCCL is joined only when
-                         WORLD_SIZE > 1: training.distributed.init_distributed), so NCCL itself
-                         is exercised only with --nproc_per_node >= 2 on as many GPUs; the JSON
-                         says which
+  train_default_recipe   `python train.py --recipe pretrained` (the default recipe of --weights
+                         imagenet, from random weights: no download) with AMP and channels_last:
+                         PCA-whitened head, head-only warm-up ending inside epoch 1, frozen
+                         BatchNorm statistics (checked unchanged), then the whole network
+  torchrun_ddp           `torchrun --standalone --nproc_per_node N train.py`, N = the GPUs up to 2
+                         (--nproc_per_node): the default recipe for 2 epochs (DDP rebuilt when the
+                         warm-up ends), then Proxy-Anchor with --gather_embeddings for 1 (proxies'
+                         gradients and gathered embeddings through NCCL). With N = 1 train.py
+                         creates no process group (training.distributed.init_distributed), so
+                         NCCL is exercised only with 2 GPUs; the JSON says which
   deterministic_twice    the same training with --deterministic, twice: metrics.csv identical
                          except training.runs.TIMING_COLUMNS, and bit-identical weights in
                          last.pth
@@ -31,6 +36,11 @@ Steps (each one calls the project's own entry points; none has training code of 
                          end (file decode + forward + exact top-k). The demo itself
                          (app_stanford.main) loads its model on the CPU; this step shows what
                          the same engine does on the GPU
+  export_serving         `python export.py` on the trained checkpoint (the ONNX model the CPU
+                         demo serves), then in this process the torch model on the GPU (float32,
+                         and float16 autocast as retrieval.extract_embeddings runs it) against the
+                         ONNX runtime on the CPU on the same images: cosine of each pair, and
+                         which runtime the engine picks on the GPU (inference.default_runtime)
 
 Peak GPU memory (``peak_gpu_memory_mb`` of each step and command): for subprocess steps the
 device-wide memory in use (``torch.cuda.mem_get_info``: total - free, what nvidia-smi shows as
@@ -73,10 +83,16 @@ TRAIN = REPO / "train.py"
 EVALUATE = REPO / "evaluate.py"
 BENCH = REPO / "bench" / "bench_throughput.py"
 
-STEPS = ("synthetic_data", "train_amp_resume_eval", "torchrun_ddp", "deterministic_twice",
-         "bench_throughput", "search_query")
+STEPS = ("synthetic_data", "train_amp_resume_eval", "train_default_recipe", "torchrun_ddp",
+         "deterministic_twice", "bench_throughput", "search_query", "export_serving")
 # Steps that read <workdir>/sop; synthetic_data is run first whenever one of them is selected.
-NEEDS_DATA = {"train_amp_resume_eval", "torchrun_ddp", "deterministic_twice", "search_query"}
+NEEDS_DATA = {"train_amp_resume_eval", "train_default_recipe", "torchrun_ddp", "deterministic_twice",
+              "search_query", "export_serving"}
+# The default recipe of --weights imagenet from random weights (no download); its warm-up ends
+# inside epoch 1, so DDP changes phase within an epoch.
+RECIPE_FLAGS = ("--recipe", "pretrained", "--warmup_epochs", "0.5")
+EXPORT = REPO / "export.py"
+MIN_EXPORT_COSINE = {"float32": 0.9999, "float16_autocast": 0.99}
 # The issue's targets (the same numbers as bench_throughput.TARGETS); recorded, not asserted.
 # They are defined for EfficientNet-B0 at 224 px with AMP on CUDA.
 TARGET_EXTRACT_IMAGES_PER_S = 3000.0
@@ -134,8 +150,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=64, help="train.py --batch_size (16 products x 4)")
     g.add_argument("--max_steps_per_epoch", type=int, default=20,
                    help="train.py --max_steps_per_epoch: bounds each epoch's time")
-    g.add_argument("--nproc_per_node", type=int, default=1,
-                   help="torchrun processes (one GPU each); NCCL is used only when >= 2")
+    g.add_argument("--nproc_per_node", type=int, default=0,
+                   help="torchrun processes (one GPU each; NCCL is used only when >= 2); 0: the "
+                        "GPUs up to 2, 1 without CUDA")
+    g.add_argument("--embedding_size", type=int, default=128,
+                   help="train.py --embedding_size (the default recipe's PCA head needs at least "
+                        "as many training images)")
     g = p.add_argument_group("throughput (bench/bench_throughput.py)")
     g.add_argument("--bench_num_images", type=int, default=2048, help="bench --num_images per part")
     g.add_argument("--bench_batch_size", type=int, default=128, help="bench --batch_size")
@@ -166,6 +186,7 @@ def train_argv(args, workdir: Path, run: str, epochs: int, *extra: str) -> list[
     return [sys.executable, str(TRAIN), "--dataset", "synthetic", "--data_root", str(workdir / "sop"),
             "--backbone", args.backbone, "--weights", "none", "--image_size", str(args.image_size),
             "--batch_size", str(args.batch_size), "--epochs", str(epochs),
+            "--embedding_size", str(args.embedding_size),
             "--max_steps_per_epoch", str(args.max_steps_per_epoch), "--amp", "--channels_last",
             "--device", args.device, "--run_name", run,
             "--checkpoint_dir", str(workdir / "checkpoints"), "--log_dir", str(workdir / "runs"),
@@ -173,12 +194,24 @@ def train_argv(args, workdir: Path, run: str, epochs: int, *extra: str) -> list[
             "--projector_samples", "0", "--no-progress", *extra]
 
 
-def torchrun_argv(args, workdir: Path, run: str, epochs: int) -> list[str]:
+def nproc(args) -> int:
+    """--nproc_per_node, 0 resolved: the CUDA devices up to 2 (1 without CUDA)."""
+    if args.nproc_per_node:
+        return args.nproc_per_node
+    import torch
+    return max(1, min(2, torch.cuda.device_count())) if args.device.startswith("cuda") else 1
+
+
+def torchrun_argv(args, workdir: Path, run: str, epochs: int, *extra: str) -> list[str]:
     """torchrun as tests/test_ddp.py starts it (python -m torch.distributed.run = the torchrun
     script, without depending on PATH)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc_per_node", str(args.nproc_per_node),
-            *train_argv(args, workdir, run, epochs, "--overwrite")[1:]]
+            "--nproc_per_node", str(nproc(args)),
+            *train_argv(args, workdir, run, epochs, "--overwrite", *extra)[1:]]
+
+
+def export_argv(checkpoint: Path, output: Path) -> list[str]:
+    return [sys.executable, str(EXPORT), "--checkpoint", str(checkpoint), "--output", str(output)]
 
 
 def evaluate_argv(args, workdir: Path, checkpoint: Path) -> list[str]:
@@ -211,8 +244,13 @@ def build_plan(args, workdir: Path) -> list[dict]:
             {"label": "train", "argv": train_argv(args, w, "gpu_amp", 2, "--overwrite")},
             {"label": "resume", "argv": train_argv(args, w, "gpu_amp", 3, "--resume", "auto")},
             {"label": "evaluate", "argv": evaluate_argv(args, w, amp_ckpt)}]),
-        "torchrun_ddp": (f"train.py under torchrun, {args.nproc_per_node} process(es), 1 epoch", [
-            {"label": "torchrun", "argv": torchrun_argv(args, w, "gpu_ddp", 1)}]),
+        "train_default_recipe": ("the default recipe (PCA head, warm-up, frozen BatchNorm) with AMP", [
+            {"label": "train", "argv": train_argv(args, w, "gpu_recipe", 2, "--overwrite", *RECIPE_FLAGS)}]),
+        "torchrun_ddp": (f"train.py under torchrun, {nproc(args)} process(es): the default recipe, "
+                         "then Proxy-Anchor with gathered embeddings", [
+            {"label": "torchrun", "argv": torchrun_argv(args, w, "gpu_ddp", 2, *RECIPE_FLAGS)},
+            {"label": "torchrun_proxy_gather", "argv": torchrun_argv(
+                args, w, "gpu_ddp_proxy", 1, *RECIPE_FLAGS, "--loss", "proxy_anchor", "--gather_embeddings")}]),
         "deterministic_twice": ("two --deterministic runs: identical metrics.csv (timing aside) "
                                 "and weights", [
             {"label": label, "argv": train_argv(args, w, f"gpu_det_{label[-1]}", 1, "--deterministic",
@@ -224,6 +262,13 @@ def build_plan(args, workdir: Path) -> list[dict]:
                                         f"{str(amp_ckpt.with_name('best.pth'))!r}, device={args.device!r}), "
                                         "build_gallery_index(<test split>, device), <sop>)"
                                         ".search_file(<a test image>, k=10)"}]),
+        "export_serving": ("ONNX export of the trained checkpoint; the GPU's torch model against "
+                           "the CPU's ONNX runtime", [
+            {"label": "source", "call": "in-process: copy gpu_amp/best.pth (an untrained checkpoint "
+                                        f"without it) to {str(w / 'export' / 'source.pth')!r}"},
+            {"label": "export", "argv": export_argv(w / "export" / "source.pth", w / "export" / "source.onnx")},
+            {"label": "compare", "call": "in-process: models.load_model(<source.pth>, device) vs "
+                                         "inference.OnnxEmbedder(<source.onnx>) on test images"}]),
     }
     return [{"name": name, "what": steps[name][0], "commands": steps[name][1]}
             for name in selected_steps(args.steps)]
@@ -270,12 +315,15 @@ def _finite(cell) -> bool:
 
 def loss_problems(rows: list[dict]) -> list[str]:
     """Loss cells that are not finite numbers: val_loss in every row, train_loss in every row
-    after epoch 0 (epoch 0 is the validation before training: its training cells are empty)."""
+    after epoch 0 (epoch 0 is the validation before training: its training cells are empty).
+    A table without a val_loss column (Proxy-Anchor: validation products have no proxy) is
+    checked on train_loss alone."""
     problems = []
     if not rows:
         return ["metrics.csv has no rows"]
+    val = ["val_loss"] if any("val_loss" in row for row in rows) else []
     for row in rows:
-        wanted = ["val_loss"] + (["train_loss"] if str(row.get("epoch")) not in ("0", "0.0") else [])
+        wanted = val + (["train_loss"] if str(row.get("epoch")) not in ("0", "0.0") else [])
         for col in wanted:
             if not _finite(row.get(col)):
                 problems.append(f"epoch {row.get('epoch')} {col} = {row.get(col)!r}")
@@ -671,19 +719,52 @@ def step_train_amp_resume_eval(step: Step) -> None:
         "evaluate_images_per_s": round(n / extract_s, 1) if n and extract_s else None})
 
 
+def _check_warmup(step: Step, run: str, rows: list[dict]) -> None:
+    """The recipe's warm-up: epoch 1 began with head-only steps, epoch 2 had none."""
+    frozen = [float(r.get("train_frozen_steps") or "nan") for r in rows[1:]]
+    step.check(f"{run}_warmup_then_backbone", len(frozen) >= 2 and frozen[0] > 0 and frozen[1] == 0,
+               f"train_frozen_steps per epoch {frozen}")
+
+
+def step_train_default_recipe(step: Step) -> None:
+    _need_data(step.ctx)
+    import torch
+    out = step.run("train")
+    step.check("pca_head_initialised", "head initialised with the PCA" in out["output"],
+               "train.py did not print 'head initialised with the PCA'")
+    rows, ckpt = _check_training(step, "gpu_recipe", 2)
+    _check_scaler(step, "gpu_recipe", ckpt, rows)
+    _check_warmup(step, "gpu_recipe", rows)
+    # --weights none starts every BatchNorm at mean 0, variance 1: frozen, they are still there
+    model = ckpt["model"]
+    means = [k for k in model if k.startswith("backbone.") and k.endswith("running_mean")]
+    moved = [k for k in means if not (torch.all(model[k] == 0) and torch.all(model[k.replace("mean", "var")] == 1))]
+    step.check("batchnorm_statistics_frozen", bool(means) and not moved,
+               f"{len(moved)} of {len(means)} BatchNorm layers' statistics moved")
+    step.figures.update({"gpu_recipe_batchnorm_layers": len(means),
+                         "gpu_recipe_frozen_steps": [r.get("train_frozen_steps") for r in rows[1:]]})
+
+
 def step_torchrun_ddp(step: Step) -> None:
     _need_data(step.ctx)
-    n = step.ctx.args.nproc_per_node
+    from training import distributed
+    n = nproc(step.ctx.args)
     step.run("torchrun")
-    rows, ckpt = _check_training(step, "gpu_ddp", 1, world=n)
+    rows, ckpt = _check_training(step, "gpu_ddp", 2, world=n)
     _check_scaler(step, "gpu_ddp", ckpt, rows, world=n)
+    _check_warmup(step, "gpu_ddp", rows)
     step.check("gpu_ddp_unwrapped_state_dict", not any(k.startswith("module.") for k in ckpt["model"]),
                "state dict keys carry DDP's 'module.' prefix")
+    del ckpt
+    step.run("torchrun_proxy_gather")
+    rows, ckpt = _check_training(step, "gpu_ddp_proxy", 1, world=n)
+    step.check("gpu_ddp_proxy_proxies_saved", "proxies" in (ckpt.get("criterion") or {}),
+               "last.pth has no Proxy-Anchor proxies")
     step.figures["world_size"] = n
     step.figures["process_group"] = (
-        ("nccl" if step.ctx.cuda else "gloo") if n > 1 else
+        distributed.process_group_backend(step.ctx.cuda) if n > 1 else
         "none: with 1 process training.distributed.init_distributed creates no process group "
-        "(WORLD_SIZE 1); NCCL needs --nproc_per_node >= 2 on as many GPUs")
+        "(WORLD_SIZE 1); NCCL needs 2 processes on as many GPUs")
 
 
 def step_deterministic_twice(step: Step) -> None:
@@ -803,13 +884,56 @@ def step_search_query(step: Step) -> None:
         torch.cuda.empty_cache()  # leave later readings (if any) a clean device
 
 
+def step_export_serving(step: Step) -> None:
+    _need_data(step.ctx)
+    import torch
+
+    import datasets
+    import inference
+    import models
+
+    ctx = step.ctx
+    device = torch.device(ctx.args.device)
+    checkpoint, source = _search_checkpoint(ctx)
+    planned = ctx.workdir / "export" / "source.pth"
+    planned.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(checkpoint, planned)
+    step.run("export")
+    onnx_path = planned.with_suffix(".onnx")
+    if not onnx_path.is_file():
+        raise StepFailed(f"export.py exited 0 but wrote no {onnx_path}")
+    with alarm(step.time_left()):
+        model = models.load_model(planned, device=device).eval()
+        embedder = inference.OnnxEmbedder(onnx_path)
+        test = datasets.SOPDataset(ctx.sop, "test", transform=datasets.build_transform(
+            int(model.model_args["image_size"]), train=False))
+        images = torch.stack([test[i][0] for i in range(min(16, len(test)))])
+        with torch.inference_mode():
+            onnx_out = embedder(images)
+            outs = {"float32": model(images.to(device)).float().cpu()}
+            with torch.autocast(device.type, dtype=torch.float16, enabled=ctx.cuda):
+                outs["float16_autocast"] = model(images.to(device)).float().cpu()
+    for name, out in outs.items():
+        if name != "float32" and not ctx.cuda:
+            continue  # autocast to float16 is CUDA's
+        cosine = float(torch.nn.functional.cosine_similarity(out, onnx_out, dim=1).min())
+        step.figures[f"min_cosine_{name}_vs_onnx"] = round(cosine, 6)
+        step.check(f"{name}_matches_onnx", cosine >= MIN_EXPORT_COSINE[name],
+                   f"min cosine {cosine:.6f} < {MIN_EXPORT_COSINE[name]}")
+    step.figures.update({"checkpoint": source, "images_compared": len(images), "torch_device": str(device),
+                         "engine_default_runtime_on_device": inference.default_runtime(device),
+                         "onnx_bytes": onnx_path.stat().st_size})
+
+
 STEP_FUNCTIONS = {
     "synthetic_data": step_synthetic_data,
     "train_amp_resume_eval": step_train_amp_resume_eval,
+    "train_default_recipe": step_train_default_recipe,
     "torchrun_ddp": step_torchrun_ddp,
     "deterministic_twice": step_deterministic_twice,
     "bench_throughput": step_bench_throughput,
     "search_query": step_search_query,
+    "export_serving": step_export_serving,
 }
 
 

@@ -106,6 +106,26 @@ def test_a_check_that_does_not_hold_fails_the_step(tmp_path, capsys, monkeypatch
     assert failed["error"].startswith("checks failed: finite_scores")
 
 
+@pytest.mark.slow
+def test_default_recipe_ddp_and_export_steps_run_on_the_cpu(tmp_path, capsys):
+    """The steps a GPU run adds for the default recipe, DDP (2 gloo processes here, NCCL on 2 GPUs)
+    and export/serving, run end to end on the CPU."""
+    rc, report = run_check(capsys, *TINY, "--num_products", "40", "--batch_size", "16", "--max_steps_per_epoch", "2",
+                           "--embedding_size", "16", "--nproc_per_node", "2", "--workdir", tmp_path / "work",
+                           "--steps", "train_default_recipe,torchrun_ddp,export_serving")
+    steps = steps_of(report)
+    assert rc == 0, {name: s["error"] for name, s in steps.items()}
+    assert list(steps) == ["synthetic_data", "train_default_recipe", "torchrun_ddp", "export_serving"]
+    recipe, ddp, export = steps["train_default_recipe"], steps["torchrun_ddp"], steps["export_serving"]
+    assert recipe["checks"]["batchnorm_statistics_frozen"] and recipe["checks"]["gpu_recipe_warmup_then_backbone"]
+    assert recipe["checks"]["pca_head_initialised"]
+    assert [r["label"] for r in ddp["runs"]] == ["torchrun", "torchrun_proxy_gather"]
+    assert ddp["figures"]["world_size"] == 2 and ddp["figures"]["process_group"] == "gloo"
+    assert ddp["checks"]["gpu_ddp_warmup_then_backbone"] and ddp["checks"]["gpu_ddp_proxy_proxies_saved"]
+    assert export["figures"]["min_cosine_float32_vs_onnx"] >= 0.9999
+    assert export["figures"]["engine_default_runtime_on_device"] in ("onnx", "torch")
+
+
 # ============ steps that run a command ============
 
 def test_command_step_records_its_run_and_figures(tmp_path, capsys, monkeypatch):
@@ -176,8 +196,18 @@ def test_selected_steps_adds_the_dataset_when_needed():
     assert gpu_check.selected_steps("bench_throughput") == ["bench_throughput"]
     assert gpu_check.selected_steps("search_query,torchrun_ddp") == [
         "synthetic_data", "torchrun_ddp", "search_query"]
+    assert gpu_check.selected_steps("export_serving,train_default_recipe") == [
+        "synthetic_data", "train_default_recipe", "export_serving"]
     with pytest.raises(ValueError, match="unknown"):
         gpu_check.selected_steps("gpu")
+
+
+def test_torchrun_processes_default_to_the_gpus_up_to_two():
+    parse = gpu_check.get_args_parser().parse_args
+    assert gpu_check.nproc(parse(["--device", "cpu"])) == 1
+    assert gpu_check.nproc(parse(["--device", "cpu", "--nproc_per_node", "2"])) == 2
+    expected = max(1, min(2, torch.cuda.device_count()))
+    assert gpu_check.nproc(parse([])) == expected
 
 
 # ============ judging training runs' outputs ============
@@ -227,6 +257,11 @@ def test_loss_problems_flags_non_finite_and_missing_losses():
     problems = gpu_check.loss_problems(rows)
     assert len(problems) == 2 and any("train_loss" in p for p in problems)
     assert gpu_check.loss_problems([]) == ["metrics.csv has no rows"]
+    # Proxy-Anchor writes no val_loss column (no proxy for validation products): train_loss only
+    no_val = [{k: v for k, v in row.items() if k != "val_loss"} for row in _rows()]
+    assert gpu_check.loss_problems(no_val) == []
+    no_val[1]["train_loss"] = "inf"
+    assert gpu_check.loss_problems(no_val) == ["epoch 1 train_loss = 'inf'"]
 
 
 def test_optimizer_steps_and_scheduled_steps():
