@@ -16,6 +16,7 @@ import evaluate
 import models
 import train
 from dataio import prepare_data
+from search import engine as search_engine
 from training import flags
 from training import heldout
 
@@ -122,10 +123,17 @@ def test_test_fraction_0_trains_on_every_product_and_has_no_test_split(shop, tmp
         evaluate_cli("--checkpoint", ckpt, "--output", tmp_path / "ev")
     assert e.value.code == evaluate.EXIT_NO_TEST_SPLIT
     assert "no held-out test split" in capsys.readouterr().err
-    # the demo's default split for such a run is the whole catalogue
+    # the demo's default split for such a run is the whole catalogue: the engine serves every image
     args = torch.load(ckpt, weights_only=True)["args"]
     assert datasets.serving_split(args, shop) == "trainval"
     assert datasets.serving_split({"test_fraction": 0.5}, shop) == "test"
+    loaded = search_engine.load_search_model(ckpt, device="cpu", runtime="torch")
+    with pytest.raises(search_engine.SetupError, match="no held-out test split"):
+        search_engine.dataset_index(loaded, split="test", index_path=tmp_path / "test.npz", workers=0)
+    index, _ = search_engine.dataset_index(loaded, split=datasets.serving_split(args, shop),
+                                           index_path=tmp_path / "all.npz", workers=0)
+    assert len(index) == len(datasets.SOPDataset(shop, "trainval", test_fraction=0.5, check_files=False)) + len(
+        datasets.SOPDataset(shop, "test", test_fraction=0.5, check_files=False))
 
 
 def test_heldout_check_names_a_few_of_many(shop):
