@@ -184,6 +184,7 @@ def test_zero_shot_cli_equals_the_backbone_features_by_hand(synthetic_root, tmp_
     saved = json.loads((out / "results.json").read_text())
     assert saved["model"]["zero_shot"] is True and saved["model"]["embedding_size"] == 1280
     assert saved["model"]["checkpoint"] is None and saved["model"]["head"] == "none"
+    assert saved["held_out"] is True  # nothing was trained on any catalogue
     assert "Zero-shot evaluation of `efficientnet_lite0`" in (out / "results.md").read_text()
 
 
