@@ -267,8 +267,8 @@ class SOPDataset(torch.utils.data.Dataset):
         return image, int(self.class_ids[index])
 
     def __repr__(self):
-        return (f"SOPDataset(root={str(self.root)!r}, layout={self.layout!r}, split={self.split!r}, images={len(self)}, "
-                f"products={len(np.unique(self.class_ids))})")
+        return (f"SOPDataset(root={str(self.root)!r}, layout={self.layout!r}, split={self.split!r}, "
+                f"images={len(self)}, products={len(np.unique(self.class_ids))})")
 
 
 def split_options(train_args: dict | None, test_fraction=None) -> dict:

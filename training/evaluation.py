@@ -205,10 +205,11 @@ def evaluate_zero_shot(backbone, data_root, weights="imagenet", image_size=224, 
     output = Path(output) if output else runs.RunPaths.named(name).eval_dir
     info = {"run": name, "checkpoint": None, "zero_shot": True, "weights": str(weights),
             "checkpoint_size_mb": None, "epoch": None, "runtime": runtime}
+    zero_shot = (backbone, weights, image_size)
     results = evaluate_model(model, eval_dataset(data_root, split, image_size, test_fraction=test_fraction),
-                             model_info=info, explain_model=_torch_model(model, explain, zero_shot=(backbone, weights, image_size)),
-                             output=output, model_hash=models.zero_shot_model_key(backbone, str(weights), int(image_size)),
-                             device=device, write=write, **kwargs)
+                             model_info=info, explain_model=_torch_model(model, explain, zero_shot=zero_shot),
+                             output=output, device=device, write=write,
+                             model_hash=models.zero_shot_model_key(backbone, str(weights), int(image_size)), **kwargs)
     results.update(held_out=True, held_out_why=None)  # nothing was trained on any catalogue
     if write:
         write_results(results, output)
