@@ -113,3 +113,39 @@ def test_average_gradients_is_one_mean_over_the_ranks(monkeypatch):
     distributed.average_gradients([a, b], torch.device("cpu"), world=2, scale=0.5)
     assert len(calls) == 1  # one collective for every parameter
     assert torch.equal(a.grad, torch.full((2, 2), 1.5)) and torch.equal(b.grad, torch.zeros(3))
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def steps(module, n=2):
+    for _ in range(n):
+        module(torch.randn(3, 4)).sum().backward()
+
+
+def test_replicas_rebuild_ddp_when_the_trained_parameters_change(one_process_group):
+    """DDP waits for the gradients of the parameters that required them when it was built: a
+    frozen backbone's never come, and without find_unused_parameters the second step fails.
+    Replicas builds one DDP per phase instead."""
+    net = Net()
+    stale = torch.nn.parallel.DistributedDataParallel(net)  # built while everything trains
+    net.backbone.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="finished reduction"):
+        steps(stale)
+    replicas = distributed.Replicas(Net(), world=2, device=torch.device("cpu"))
+    replicas.model.backbone.requires_grad_(False)
+    warmup = replicas.module()
+    steps(warmup)
+    assert replicas.module() is warmup  # same phase, same DDP
+    replicas.model.backbone.requires_grad_(True)
+    tuned = replicas.module()
+    assert tuned is not warmup and tuned.find_unused_parameters is False
+    steps(tuned)
+    assert replicas.model.backbone.weight.grad is not None
+    assert distributed.Replicas(net, world=1, device=torch.device("cpu")).module() is net

@@ -160,6 +160,13 @@ def gather_rows(local: torch.Tensor, device: torch.device, world: int) -> torch.
     return torch.cat(parts)
 
 
+def barrier(world: int) -> None:
+    """Wait for every rank (no-op in a single process). Under NCCL it runs on the device
+    torch.cuda.set_device chose in init_distributed."""
+    if world > 1:
+        dist.barrier()
+
+
 def configure_determinism(args: argparse.Namespace, device: torch.device) -> None:
     """--deterministic: deterministic algorithms only (bit-exact reruns); else let cuDNN tune."""
     if args.deterministic:
@@ -187,13 +194,6 @@ def seed_worker(worker_id: int) -> None:
     """DataLoader worker_init_fn: numpy seeded from the worker's torch seed."""
     # torch seeds each worker's torch and `random` from the loader's generator; numpy it does not.
     np.random.seed(torch.initial_seed() % 2**32)
-
-
-def barrier(world: int) -> None:
-    """Wait for every rank (no-op in a single process). Under NCCL it runs on the device
-    torch.cuda.set_device chose in init_distributed."""
-    if world > 1:
-        dist.barrier()
 
 
 def rank0_print(rank: int, msg: str) -> None:
