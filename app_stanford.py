@@ -31,13 +31,13 @@ first, each with rank, index, catalogue_path (relative to the data root or galle
 product_id (the data's, a string; null in a --gallery folder), category, score; ``timing_ms``);
 ``timing``: the same timings as a Markdown line.
 
-Why a result matches: ``/explain`` (inputs: the query image, a result's ``index`` from
+Why a result matches: ``/explain`` (inputs: the query image, a result's ``catalogue_path`` from
 ``ranked["results"]``) returns the query and the result with their similarity maps drawn over
-them (`explain.similarity_maps`) and a JSON of ``query_map``, ``result_map`` (grids of floats,
-each summing to ``score``), ``score``, ``exact`` and ``label``:
+them (`explain.similarity_maps`) and a JSON of ``catalogue_path``, ``query_map``,
+``result_map`` (grids of floats, each summing to ``score``), ``score``, ``exact`` and ``label``:
 
-    query_overlay, result_overlay, why = client.predict(handle_file("query.jpg"), 12345,
-                                                        api_name="/explain")
+    query_overlay, result_overlay, why = client.predict(handle_file("query.jpg"),
+                                                        "chair_final/111_0.JPG", api_name="/explain")
 
 The UI's "Show why" switch draws the maps over the first five results. Its cost: the query's
 feature grid is kept from its search, and the results' per-location projections are read from
@@ -46,11 +46,13 @@ an explanation store beside the gallery index (``gallery_<...>.why.npy``, made a
 truncated, too many pixels, ...) raises ``gradio_client.exceptions.AppError`` with a message
 saying why; the server keeps serving.
 
-Security: binds 127.0.0.1 unless ``--host`` / ``--share`` say otherwise; uploads are capped by
-size (``--max_upload_mb``) and by declared pixel count (``--max_megapixels``) before any
-decoding; Gradio's file route serves the gallery's image folders (``<category>_final/``, a
-gallery's first level) minus every non-image, hidden or foreign-symlinked file in them, and
-its own upload cache, nothing else (not the checkpoints, not the Ebay lists, not /etc).
+Security (`search.guard`, docs/reference.md "Safety"): binds 127.0.0.1 unless ``--host`` /
+``--share`` say otherwise (with a warning when no ``--auth`` / ``--auth_file`` login is set);
+queries open only this request's upload or data URL, never a server path or web address;
+uploads are capped by size (``--max_upload_mb``) and by declared pixel count
+(``--max_megapixels``) before any decoding; the file route serves exactly the photos of the
+index being served and Gradio's upload folder, nothing else; pages of other origins (but
+``--allow_origin``) cannot call the API.
 """
 import argparse
 import atexit
