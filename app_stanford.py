@@ -476,8 +476,9 @@ def get_args_parser(add_help=True):
                        help="labelled dataset (SOP's Ebay files, a catalogue.csv or a <category>/"
                             "<product>/<image> tree) whose --split is the gallery; default: the one "
                             "the checkpoint was trained on (its saved args)")
-    group.add_argument("--split", default="test", choices=["test", "val", "train", "trainval"],
-                       help="which images of --data_root form the gallery (SOP test: 60,502)")
+    group.add_argument("--split", default=None, choices=["test", "val", "train", "trainval"],
+                       help="which images of --data_root form the gallery (SOP test: 60,502); default "
+                            "test, or trainval (the whole catalogue) for a run trained with --test_fraction 0")
     group.add_argument("--test_fraction", type=float, default=None,
                        help="--data_root without a split: share of its products in test; default "
                             "the checkpoint's training value, else 0.5")
@@ -556,8 +557,8 @@ def check_args(parser, args):
         parser.error("--db_uri and --collection go with --index_backend milvus")
     if args.index_backend == "milvus" and args.index:
         parser.error("--index names a file index; with --index_backend milvus use --db_uri / --collection")
-    if args.test_fraction is not None and not 0 < args.test_fraction < 1:
-        parser.error(f"--test_fraction must be in (0, 1), got {args.test_fraction}")
+    if args.test_fraction is not None and not 0 <= args.test_fraction < 1:
+        parser.error(f"--test_fraction must be in [0, 1), got {args.test_fraction}")
     if args.image_size < 32:
         parser.error(f"--image_size must be >= 32, got {args.image_size}")
     for name, low in (("port", 0), ("max_upload_mb", 0), ("max_megapixels", 0), ("max_queue", 0),

@@ -701,10 +701,11 @@ def folder_index(loaded: SearchModel, folder, index_path=None, batch_size=64, wo
     return index, Path(folder).expanduser().resolve()
 
 
-def dataset_index(loaded: SearchModel, data_root=None, split="test", index_path=None, batch_size=64,
+def dataset_index(loaded: SearchModel, data_root=None, split=None, index_path=None, batch_size=64,
                   workers=None, rebuild=False, index_type="exact", test_fraction=None, backend="file",
                   db_uri=None, collection=None, checkpoint_every=None):
-    """``(index, data_root)``: the index of ``split`` of a labelled dataset (any layout;
+    """``(index, data_root)``: the index of ``split`` (default `datasets.serving_split`: the test
+    split, the whole catalogue for a run trained on every product) of a labelled dataset (any layout;
     default ``data_root``: the checkpoint's, `catalogue.default_data_root`), reused or built
     by `load_or_build_index` at ``index_path`` (default beside the checkpoint, or under
     ``runs/<zero-shot name>/``); with ``backend="milvus"`` the split's collection in ``db_uri``
@@ -714,6 +715,7 @@ def dataset_index(loaded: SearchModel, data_root=None, split="test", index_path=
     train_args = (getattr(loaded.model, "checkpoint_info", None) or {}).get("args")
     try:
         data_root = catalogue.detect_layout(data_root or catalogue.default_data_root(train_args))[0]
+        split = split or datasets.serving_split(train_args, data_root)
         index_path = index_path or (
             default_index_path(loaded.checkpoint, split) if loaded.checkpoint else
             Path("runs") / loaded.name / f"gallery_{split}_{_path_tag(data_root)}.npz")

@@ -130,8 +130,9 @@ def test_test_fraction_0_trains_on_every_product_and_has_no_test_split(shop, tmp
     loaded = search_engine.load_search_model(ckpt, device="cpu", runtime="torch")
     with pytest.raises(search_engine.SetupError, match="no held-out test split"):
         search_engine.dataset_index(loaded, split="test", index_path=tmp_path / "test.npz", workers=0)
-    index, _ = search_engine.dataset_index(loaded, split=datasets.serving_split(args, shop),
-                                           index_path=tmp_path / "all.npz", workers=0)
+    # as the demo calls it (app_stanford: --split defaults to None): the serving split
+    index, _ = search_engine.dataset_index(loaded, split=None, index_path=tmp_path / "all.npz", workers=0)
+    assert index.meta["split"] == "trainval"
     assert len(index) == len(datasets.SOPDataset(shop, "trainval", test_fraction=0.5, check_files=False)) + len(
         datasets.SOPDataset(shop, "test", test_fraction=0.5, check_files=False))
 
