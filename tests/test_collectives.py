@@ -9,7 +9,9 @@ gloo group serves DistributedDataParallel, and torch.distributed's collectives a
 recorders that act as an identical second rank would, and note who called them with which
 tensors.
 """
+import gc
 import sys
+import weakref
 
 import pytest
 import torch
@@ -146,6 +148,10 @@ def test_replicas_rebuild_ddp_when_the_trained_parameters_change(one_process_gro
     replicas.model.backbone.requires_grad_(True)
     tuned = replicas.module()
     assert tuned is not warmup and tuned.find_unused_parameters is False
+    # the warm-up's DDP is freed with its gradient hooks: it reduces nothing any more
+    freed, warmup = weakref.ref(warmup), None
+    gc.collect()
+    assert freed() is None
     steps(tuned)
     assert replicas.model.backbone.weight.grad is not None
     assert distributed.Replicas(net, world=1, device=torch.device("cpu")).module() is net
