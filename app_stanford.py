@@ -557,6 +557,10 @@ def check_args(parser, args):
         parser.error("--db_uri and --collection go with --index_backend milvus")
     if args.index_backend == "milvus" and args.index:
         parser.error("--index names a file index; with --index_backend milvus use --db_uri / --collection")
+    try:
+        vectordb.apply_backend_args(args)  # --db_timeout: every database call of this process
+    except ValueError as e:
+        parser.error(str(e))
     if args.test_fraction is not None and not 0 <= args.test_fraction < 1:
         parser.error(f"--test_fraction must be in [0, 1), got {args.test_fraction}")
     if args.image_size < 32:

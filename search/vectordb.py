@@ -29,6 +29,15 @@ images, each upserted as soon as it is embedded. A run killed midway, run again,
 the photos of its last unfinished checkpoint; two processes indexing one folder into one server
 cannot double a row (primary key), and a second process opening a Milvus Lite database that
 another holds is refused by name (Milvus Lite admits one process per database).
+
+The rows are read back in pages over ranges of the key (`MilvusGallery._rows`: no query answers
+more than `PAGE` rows, nor in key order on Milvus Lite), with "Strong" consistency (every write
+acknowledged before the read is seen). Every database call is bounded by ``--db_timeout``
+seconds (`call_timeout`) and fails with a DatabaseError naming the URI; the gallery then
+reconnects and loads the collection again at its next call, so a database that comes back
+(a restarted server's collections come back released) is searched and updated again without
+restarting the demo. A search reads the primary key as the hit's id (what Milvus 2.3 to 2.6
+servers and Milvus Lite all answer).
 """
 from __future__ import annotations
 
@@ -56,12 +65,16 @@ logger = logging.getLogger("gallery")
 
 BACKENDS = ("file", "milvus")
 FORMAT = "product-search-gallery/1"  # collection property: a collection made by this code
-CONNECT_TIMEOUT_S = 5.0
+DEFAULT_TIMEOUT_S = 10.0  # seconds one database call may take (--db_timeout)
+# what every read asks for: the rows as of the call, writes of any process included (a
+# server's default, "Bounded", may answer without rows written a moment before)
+CONSISTENCY = "Strong"
 # pymilvus pings an idle connection every 10 s; a gRPC server with default settings (Milvus
 # Lite's, local or served) answers the third such ping with GOAWAY "too many pings" and the
 # connection is lost. Ping only while a call is in flight.
 GRPC_OPTIONS = {"grpc.keepalive_permit_without_calls": 0, "grpc.keepalive_time_ms": 60000}
 PAGE = 16384  # rows per query when reading the rows back (Milvus's largest query window)
+_SETTINGS = {"timeout": DEFAULT_TIMEOUT_S}  # this process's --db_timeout (apply_backend_args)
 MAX_PATH_BYTES = 65535  # Milvus VARCHAR limit
 MAX_NAME_BYTES = 4096
 LITE_IVF_NLIST = 128  # milvus-lite 3.2.2
@@ -72,19 +85,25 @@ LITE_HNSW_EF_FACTOR = 4
 MAX_FILTERED_EF = 4096  # the largest beam a filtered hnsw search is given (Milvus allows up to 32768)
 MILVUS_INDEX = {"exact": "FLAT", "ivf": "IVF_FLAT", "hnsw": "HNSW"}
 INSTALL_HINT = "pip install pymilvus==3.0.2 milvus-lite==3.2.2"
-SERVER_HINT = ("start one (e.g. Milvus Standalone with docker, or this machine's Milvus Lite as a "
-               "server: python -m milvus_lite server --data-dir gallery.db --port 19530)")
+SERVER_HINT = ("start one: Milvus Standalone (docker, or pip's milvus package: milvus-server --data DIR), or "
+               "this machine's Milvus Lite as a server: python -m milvus_lite server --data-dir gallery.db --port 19530")
 
 
 class DatabaseError(RuntimeError):
     """The database cannot be used; the message names it and says what to do."""
 
 
+# The escapes a Milvus string literal takes, on Milvus Lite and Milvus 2.3 servers alike (Lite's
+# parser knows no \u, \x or octal escapes); every other character stands for itself.
+_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
 def quote(value) -> str:
-    """``value`` as a string literal of a Milvus boolean expression: backslashes and double
-    quotes escaped, the whole in double quotes (``category == {quote(name)}`` matches ``name``
-    and nothing else, whatever characters it holds)."""
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """``value`` as a double-quoted string literal of a Milvus boolean expression: backslash,
+    double quote, newline, carriage return and tab escaped (a raw newline or CR ends the
+    literal), every other character as it is (``category == {quote(name)}`` matches ``name``
+    and nothing else, whatever Unicode it holds)."""
+    return '"' + str(value).translate(_ESCAPES) + '"'
 
 
 def in_filter(field: str, values) -> str:
@@ -168,6 +187,24 @@ def add_backend_args(parser) -> None:
     parser.add_argument("--collection", default=None,
                         help="with --index_backend milvus: the collection; default one per model and "
                              "catalogue, gallery_<model>_<folder>")
+    parser.add_argument("--db_timeout", default=DEFAULT_TIMEOUT_S, type=float,
+                        help="with --index_backend milvus: seconds any one database call may take before it "
+                             "fails naming the database (the gallery reconnects at its next call)")
+
+
+def apply_backend_args(args) -> None:
+    """Make ``--db_timeout`` the timeout of this process's database calls (those that do not
+    pass their own). ValueError for a timeout that is not > 0."""
+    timeout = getattr(args, "db_timeout", DEFAULT_TIMEOUT_S)
+    if not timeout > 0:
+        raise ValueError(f"--db_timeout must be > 0 seconds, got {timeout}")
+    _SETTINGS["timeout"] = float(timeout)
+
+
+def call_timeout() -> float:
+    """Seconds one database call may take: ``--db_timeout`` (`apply_backend_args`), else
+    `DEFAULT_TIMEOUT_S`."""
+    return _SETTINGS["timeout"]
 
 
 # ============ connecting ============
@@ -210,10 +247,12 @@ def check_local_db(path) -> Path:
     return path
 
 
-def connect(uri, timeout=CONNECT_TIMEOUT_S):
+def connect(uri, timeout=None):
     """A pymilvus ``MilvusClient`` for ``uri``: a Milvus Lite path (checked by
-    `check_local_db`) or a server URI. DatabaseError naming the URI when pymilvus is missing or
-    the database does not answer within ``timeout`` seconds."""
+    `check_local_db`; its folder is created) or a server URI. DatabaseError naming the URI when
+    pymilvus is missing or the database does not answer within ``timeout`` seconds (default
+    `call_timeout`)."""
+    timeout = call_timeout() if timeout is None else float(timeout)
     try:
         from pymilvus import MilvusClient
         from pymilvus.exceptions import MilvusException
@@ -224,9 +263,16 @@ def connect(uri, timeout=CONNECT_TIMEOUT_S):
     if local:
         path = check_local_db(uri)
         uri = str(path)
+        try:  # Milvus Lite makes the database, not the folder it lives in (runs/<model>/ on a fresh clone)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DatabaseError(f"cannot create the folder of the Milvus Lite database {uri} ({e}); "
+                                "pass a --db_uri in a writable folder") from e
     with _LOCK:
         try:
-            client = MilvusClient(uri=uri, timeout=timeout, grpc_options=GRPC_OPTIONS)
+            # dedicated: a channel of its own, so that a reconnect after a failure is a fresh one
+            # (pymilvus shares one per address, and a broken one waits out gRPC's backoff)
+            client = MilvusClient(uri=uri, timeout=timeout, grpc_options=GRPC_OPTIONS, dedicated=True)
             client.list_collections(timeout=timeout)
         except MilvusException as e:
             if local:
@@ -304,10 +350,18 @@ class MilvusGallery:
     Thread use: `update` may run on one thread (a folder watcher) while `search` runs on
     another; the new rows become visible to searches at the next `search` call after the
     update (the metadata mirror is swapped there, so one search never mixes two states).
+
+    Failures: every database call is bounded by ``timeout`` seconds and fails with a
+    DatabaseError naming the URI; the next call then first reconnects (a fresh client) and
+    loads the collection again (a restarted server's collections come back released), so
+    searches and `update` resume by themselves once the database is back.
     """
 
-    def __init__(self, client, uri, name, root, properties, index_type="exact", ann_params=None):
+    def __init__(self, client, uri, name, root, properties, index_type="exact", ann_params=None, timeout=None):
         self.client, self.uri, self.name, self.root = client, str(uri), name, Path(root)
+        self.timeout = call_timeout() if timeout is None else float(timeout)
+        self._stale = False  # the last call failed: reconnect and load before the next one
+        self._reconnecting = threading.Lock()
         self.properties = dict(properties)
         self.index_type = index_type
         self.ann_params = dict(ann_params or {})
@@ -322,13 +376,15 @@ class MilvusGallery:
     # ---- opening
     @classmethod
     def open(cls, uri, root, model_key, model_args, collection=None, index_type="exact", ann_params=None,
-             rebuild=False, expected_size=0, timeout=CONNECT_TIMEOUT_S) -> "MilvusGallery":
+             rebuild=False, expected_size=0, timeout=None) -> "MilvusGallery":
         """The collection of ``root`` for this model in the database at ``uri`` (created when
         missing; dropped and recreated with ``rebuild``). DatabaseError when the database cannot
         be reached or the collection was made by another model, for another folder, with other
         dimensions or by other code. ``expected_size``: the catalogue's size, for the IVF / HNSW
-        parameters of a new collection (`search.ann.default_params`)."""
+        parameters of a new collection (`search.ann.default_params`); ``timeout``: seconds per
+        database call (default `call_timeout`)."""
         ann.check_index_type(index_type)
+        timeout = call_timeout() if timeout is None else float(timeout)
         client = connect(uri, timeout=timeout)
         root = Path(root).expanduser().resolve()
         name = collection or collection_name(model_key, model_args, root)
@@ -336,36 +392,92 @@ class MilvusGallery:
                   "image_size": str(int(model_args.get("image_size", 0))),
                   "embedding_size": str(int(model_args.get("embedding_size", 128))), "root": str(root)}
         try:
-            if rebuild and client.has_collection(name):
+            if rebuild and client.has_collection(name, timeout=timeout):
                 logger.info("Dropping collection %s of %s (rebuild)", name, uri)
-                client.drop_collection(name)
-            if not client.has_collection(name):
+                client.drop_collection(name, timeout=timeout)
+            if not client.has_collection(name, timeout=timeout):
                 _create(client, uri, name, wanted, index_type,
-                        {**default_params(uri, index_type, expected_size), **(ann_params or {})})
-            info = client.describe_collection(name)
+                        {**default_params(uri, index_type, expected_size), **(ann_params or {})}, timeout)
+            info = client.describe_collection(name, timeout=timeout)
             props = {k: str(v) for k, v in (info.get("properties") or {}).items()}
             _check_collection(name, uri, props, wanted, index_type)
-            client.load_collection(name)
+            client.load_collection(name, timeout=timeout)
         except Exception as e:
             if isinstance(e, DatabaseError) or not _is_milvus_error(e):
                 raise
-            raise DatabaseError(f"Milvus database {uri}, collection {name}: {e}") from e
+            raise DatabaseError(f"Milvus database {uri}, collection {name}: {_message(e)} (calls of at most "
+                                f"{timeout:g} s, --db_timeout)") from e
         params = {**json.loads(props.get("ann_params") or "{}"), **(ann_params or {})}
-        return cls(client, uri, name, root, props, index_type=index_type, ann_params=params)
+        return cls(client, uri, name, root, props, index_type=index_type, ann_params=params, timeout=timeout)
+
+    # ---- calls: bounded, and recovering once the database is back
+    def _call(self, method: str, *args, **kwargs):
+        """``client.<method>(*args, **kwargs)`` within ``timeout`` seconds. After a failed call
+        the next one first reconnects and loads the collection (`_recover`); a call that finds
+        the collection released (a restarted server) loads it and runs once more."""
+        if self._stale:
+            self._recover()
+        for attempt in (1, 2):
+            try:
+                return getattr(self.client, method)(*args, timeout=self.timeout, **kwargs)
+            except Exception as e:
+                if not _is_milvus_error(e):
+                    raise
+                error = e
+                if attempt == 2 or not _is_released(e):
+                    break
+                self._recover()
+        self._stale = True
+        raise DatabaseError(
+            f"Milvus database {self.uri}, collection {self.name}: {method} failed within {self.timeout:g} s "
+            f"({_message(error)}). Check that the database runs ({SERVER_HINT}); the gallery reconnects at "
+            "its next call, and --db_timeout sets the wait") from error
+
+    def _recover(self) -> None:
+        """A fresh client, and the collection loaded (a restarted server's come back released).
+        DatabaseError (naming the URI) while the database still does not answer."""
+        with self._reconnecting:
+            client = connect(self.uri, timeout=self.timeout)
+            try:
+                client.load_collection(self.name, timeout=self.timeout)
+            except Exception as e:
+                if not _is_milvus_error(e):
+                    raise
+                raise DatabaseError(f"Milvus database {self.uri} answers again but collection {self.name} "
+                                    f"cannot be loaded within {self.timeout:g} s ({_message(e)})") from e
+            # the old client is not closed: another thread may be in a call on it (it fails on its own)
+            self.client, self._stale = client, False
+            logger.info("Reconnected to %s, collection %s loaded", self.uri, self.name)
 
     # ---- the rows (metadata mirror)
     def _load_view(self) -> _View:
-        # paged by primary key, as pymilvus's query_iterator pages - which does not escape the
-        # key: a path holding a double quote makes it return the same page for ever
-        fields = ["path", "product_id", "category", "size", "mtime_ns"]
-        rows, last = [], None
-        while True:
-            batch = self.client.query(self.name, filter="" if last is None else f"path > {quote(last)}",
-                                      output_fields=fields, limit=PAGE)
-            rows.extend(batch)
-            if len(batch) < PAGE:
-                return _make_view(rows)
-            last = max(r["path"] for r in batch)
+        return _make_view(self._rows(["path", "product_id", "category", "size", "mtime_ns"]))
+
+    def _rows(self, fields) -> list:
+        """Every row's ``fields``, in pages of at most `PAGE` rows over ranges of the key
+        (`key_range`). A query answers at most `PAGE` rows of a range, and not necessarily the
+        first ones (Milvus Lite answers in segment order): a full page is kept only when the
+        range up to its largest key counts no more rows than it holds, else the range is split
+        at the page's median key (each half then holds at least half of the page's rows, so
+        the split ends). pymilvus's query_iterator is not used: it pages with an unescaped key."""
+        rows, ranges = [], [(None, None)]
+        while ranges:
+            low, high = ranges.pop()
+            page = self._call("query", self.name, filter=key_range(low, high), output_fields=fields, limit=PAGE,
+                              consistency_level=CONSISTENCY)
+            keys = sorted(r["path"] for r in page)
+            if len(page) < PAGE or self._count(key_range(low, keys[-1])) <= len(page):
+                rows.extend(page)
+                if len(page) == PAGE:
+                    ranges.append((keys[-1], high))
+                continue
+            middle = keys[len(keys) // 2 - 1]
+            ranges += [(middle, high), (low, middle)]
+        return rows
+
+    def _count(self, expr: str) -> int:
+        rows = self._call("query", self.name, filter=expr, output_fields=["count(*)"], consistency_level=CONSISTENCY)
+        return int(rows[0]["count(*)"])
 
     def refresh(self) -> None:
         """Re-read the rows (e.g. written by another process); seen by the next search."""
@@ -377,6 +489,13 @@ class MilvusGallery:
         if self._pending is not None:
             self._view, self._pending = self._pending, None
         return self._view
+
+    def differs(self) -> bool:
+        """True when rows read by `update` / `refresh` wait to be searched (`adopt`) and are not
+        those searched now."""
+        pending, view = self._pending, self._view
+        return pending is not None and (pending.paths != view.paths
+                                        or not np.array_equal(pending.file_stats, view.file_stats))
 
     def __len__(self):
         return len(self._view.paths)
@@ -390,13 +509,14 @@ class MilvusGallery:
     def vectors(self, paths) -> np.ndarray:
         """float32 [len(paths), D]: the stored vectors of ``paths`` (KeyError for a missing one)."""
         paths = list(paths)
-        got = {r["path"]: r["vector"] for r in self.client.query(
-            self.name, filter=in_filter("path", paths), output_fields=["path", "vector"], limit=len(paths))}
+        got = {r["path"]: r["vector"] for r in self._call(
+            "query", self.name, filter=in_filter("path", paths), output_fields=["path", "vector"], limit=len(paths),
+            consistency_level=CONSISTENCY)}
         return np.array([got[p] for p in paths], dtype=np.float32).reshape(len(paths), -1)
 
     def count(self) -> int:
         """Rows in the collection, as the database counts them."""
-        return int(self.client.query(self.name, filter="", output_fields=["count(*)"])[0]["count(*)"])
+        return self._count("")
 
     # ---- search
     def _search_params(self, limit: int, kept: float = 1.0) -> dict:
@@ -434,14 +554,14 @@ class MilvusGallery:
         kk, limit = min(k, n), num_candidates(min(k, n), n)
         expr = "" if super_id is None else f"category == {quote(view.categories[int(super_id) - 1])}"
         _keep_faiss_search_params()
-        hits = self.client.search(self.name, data=q.tolist(), limit=limit, filter=expr, anns_field="vector",
-                                  output_fields=["vector"],
-                                  search_params=self._search_params(limit, n / max(len(view.paths), 1)))
+        hits = self._call("search", self.name, data=q.tolist(), limit=limit, filter=expr, anns_field="vector",
+                          output_fields=["vector"], consistency_level=CONSISTENCY,
+                          search_params=self._search_params(limit, n / max(len(view.paths), 1)))
         found = {}  # row -> vector, over every query's candidates
         cand = np.full((len(q), limit), -1, dtype=np.int64)
         for qi, row_hits in enumerate(hits):
             for j, hit in enumerate(list(row_hits)[:limit]):
-                row = view.row_of.get(hit["path"])
+                row = view.row_of.get(hit.id)  # the primary key: the hit id on every Milvus (2.3 names no field)
                 if row is not None:  # else written after this view was taken
                     found[row] = hit["entity"]["vector"]
                     cand[qi, j] = row
@@ -470,8 +590,7 @@ class MilvusGallery:
         plan = gallery.plan_update(scan.files, None if force else previous)
         present = set(scan.paths)
         gone = [p for p in now.paths if p not in present]
-        for start in range(0, len(gone), 1000):
-            self.client.delete(self.name, filter=in_filter("path", gone[start:start + 1000]))
+        self._delete(gone)
         bad = list(plan.known_bad)
         embedded = [0]
 
@@ -480,7 +599,7 @@ class MilvusGallery:
                      "category": gallery.category_of(f[0]), "size": int(f[1]), "mtime_ns": int(f[2])}
                     for f, v in zip(good, vectors)]
             if rows:
-                self.client.upsert(self.name, rows)
+                self._call("upsert", self.name, rows)
             embedded[0] += len(rows)
             bad.extend(failed)
 
@@ -509,7 +628,11 @@ class MilvusGallery:
         """Flush the writes of an update: Milvus searches rows still in growing segments by brute
         force and without the index (measured on Milvus Lite at 100k: 2.7 s a query before, about
         0.2 s after), so a finished update seals them and lets the index be built."""
-        self.client.flush(self.name)
+        self._call("flush", self.name)
+
+    def _delete(self, paths) -> None:
+        for start in range(0, len(paths), 1000):
+            self._call("delete", self.name, filter=in_filter("path", paths[start:start + 1000]))
 
     def publish(self, index, chunk=4096) -> int:
         """Upsert every row of a `search.index.GalleryIndex` (``shards.py``, a dataset split),
@@ -517,12 +640,10 @@ class MilvusGallery:
         row count. Sizes / mtimes are the index's ``file_stats`` (0 when it has none)."""
         stats = index.file_stats if index.file_stats is not None else np.zeros((len(index), 2), np.int64)
         keep = set(index.paths)
-        gone = [p for p in self._load_view().paths if p not in keep]
-        for start in range(0, len(gone), 1000):
-            self.client.delete(self.name, filter=in_filter("path", gone[start:start + 1000]))
+        self._delete([p for p in self._load_view().paths if p not in keep])
         for start in range(0, len(index), chunk):
             stop = min(len(index), start + chunk)
-            self.client.upsert(self.name, [
+            self._call("upsert", self.name, [
                 {"path": index.paths[i], "vector": np.asarray(index.embeddings[i], np.float32).tolist(),
                  "product_id": index.product_ids[i], "category": index.categories[int(index.super_ids[i]) - 1],
                  "size": int(stats[i][0]), "mtime_ns": int(stats[i][1])} for i in range(start, stop)])
@@ -531,15 +652,16 @@ class MilvusGallery:
         return len(self._pending.paths)
 
 
-def _create(client, uri, name, wanted, index_type, params) -> None:
+def _create(client, uri, name, wanted, index_type, params, timeout) -> None:
     """Create the collection; another process creating it at the same moment is no error."""
     try:
         client.create_collection(name, schema=_schema(client, int(wanted["embedding_size"])),
                                  index_params=_index_params(client, index_type, params),
+                                 consistency_level=CONSISTENCY, timeout=timeout,
                                  properties={**wanted, "index_type": index_type,
                                              "ann_params": json.dumps(params, sort_keys=True)})
     except Exception as e:
-        if not (_is_milvus_error(e) and client.has_collection(name)):
+        if not (_is_milvus_error(e) and client.has_collection(name, timeout=timeout)):
             raise
         return
     logger.info("Created collection %s in %s (%s index)", name, uri, MILVUS_INDEX[index_type])
@@ -551,6 +673,24 @@ def _is_milvus_error(e) -> bool:
     except ImportError:
         return False
     return isinstance(e, MilvusException)
+
+
+def _is_released(e) -> bool:
+    """A Milvus error saying the collection is not loaded (code 101 on 2.3+ servers; Milvus Lite:
+    "in state 'released'")."""
+    text = _message(e).lower()
+    return getattr(e, "code", None) == 101 or "not loaded" in text or "released" in text
+
+
+def _message(e) -> str:
+    """A pymilvus / gRPC error's text without its traceback noise."""
+    return str(getattr(e, "message", None) or e)
+
+
+def key_range(low=None, high=None) -> str:
+    """The filter ``low < path <= high`` (an open end: None); "" for every row."""
+    bounds = ([] if low is None else [f"path > {quote(low)}"]) + ([] if high is None else [f"path <= {quote(high)}"])
+    return " and ".join(bounds)
 
 
 def _check_collection(name, uri, found: dict, wanted: dict, index_type: str) -> None:

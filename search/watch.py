@@ -159,13 +159,16 @@ def database_refresher(store, model, batch_size=64, workers=0):
     """``refresh()`` for a folder gallery kept in a database (``--index_backend milvus``:
     `search.vectordb.MilvusGallery`): `MilvusGallery.update` deletes the rows of removed
     photos and upserts the added / changed ones (embedded as in `folder_refresher`, in this
-    thread); returns ``store`` itself when anything changed (its new rows are made the searched
-    ones between two queries by `search.engine.SearchEngine.replace_index`), else None."""
+    thread); returns ``store`` itself when its rows differ from those served (its new rows are
+    made the searched ones between two queries by `search.engine.SearchEngine.replace_index`),
+    else None. A database that fails mid-update (DatabaseError, naming it) fails the tick; the
+    store reconnects at its next call, and the next tick that gets through serves what the
+    failed one wrote, though there is nothing left to embed."""
     device = next(model.parameters()).device
 
     def refresh():
         report = store.update(model, batch_size=batch_size, workers=workers, device=device, progress=False)
-        if not (report["added"] or report["changed"] or report["removed"]):
+        if not (report["added"] or report["changed"] or report["removed"] or store.differs()):
             return None
         logger.info("Gallery %s rescanned (database %s): %d added, %d changed, %d removed, %d "
                     "unreadable", store.root, store.uri, report["added"], report["changed"],

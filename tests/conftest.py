@@ -45,3 +45,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def milvus_standalone(tmp_path_factory):
+    """A real Milvus server (Milvus Standalone 2.3.5, `tests/milvus_server.py`) for the module,
+    on free 127.0.0.1 ports with its own data folder; stopped with its child processes whatever
+    happens. Skips, saying why, where the server cannot start on this machine."""
+    from milvus_server import MilvusStandalone, executable
+
+    if executable() is None:
+        pytest.skip("no milvus-server (pip install milvus==2.3.5, a test requirement)")
+    server = MilvusStandalone(tmp_path_factory.mktemp("milvus_standalone"))
+    try:
+        server.start()
+    except RuntimeError as e:
+        server.close()
+        pytest.skip(f"Milvus Standalone cannot start on this machine: {e}")
+    yield server
+    server.close()

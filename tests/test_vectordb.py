@@ -1,6 +1,9 @@
 """search/vectordb.py: a gallery in Milvus (Milvus Lite through its local database and through its
-gRPC server on 127.0.0.1), against the file index; resumable indexing after a SIGKILL with both
-backends; the errors that name what is wrong. Tiny images, an untrained ResNet-18 at 32 px."""
+gRPC server on 127.0.0.1, and a real Milvus Standalone server), against the file index; the view
+past one page; names of any Unicode in filters and deletes (hypothesis); timeouts and a released
+collection; resumable indexing after a SIGKILL with both backends; the errors that name what is
+wrong. Tiny images, an untrained ResNet-18 at 32 px. The server's crash and restart, and two
+galleries on one collection: tests/test_milvus_server.py."""
 import logging
 import os
 import re
@@ -14,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 pytest.importorskip("pymilvus")
@@ -32,6 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32
 KEY = "sha256-of-a-checkpoint"
 ADVERSARIAL = ['Kid\'s "B" shoes', 'A" or category != "', "back\\slash"]
+# names that broke the filter before: raw newline / CR end a Milvus literal
+BREAKING = ["new\nline", "carriage\rreturn", "tab\there", "\\n", "é日本 😀", "\u2028sep\x85", "\x00nul\x7f", "'single'"]
 MODEL_ARGS = {"backbone": "resnet18", "image_size": IMAGE_SIZE, "embedding_size": 128}
 
 
@@ -48,7 +54,7 @@ def write_image(path, seed):
 
 def make_folder(root, n=30):
     """n photos over the adversarial category names and a plain one, two levels down."""
-    names = ADVERSARIAL + ["mugs"]
+    names = ADVERSARIAL + ["new\nline\r", "mugs"]
     for i in range(n):
         write_image(root / names[i % len(names)] / f"p{i // 8}" / f"img{i:04d}.png", i)
     return root
@@ -60,33 +66,42 @@ def model():
     return models.build_model("resnet18", weights="none", image_size=IMAGE_SIZE).eval()
 
 
+def start_lite_server(cmd, port):
+    """Start Milvus Lite's gRPC server ``cmd``; return the process once ``port`` accepts."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail("the Milvus Lite server exited at start")
+            time.sleep(0.2)
+    proc.kill()
+    pytest.fail("the Milvus Lite server did not listen within 60 s")
+
+
 @pytest.fixture(scope="module")
 def milvus_server(tmp_path_factory):
     """Milvus Lite's gRPC server (``python -m milvus_lite server``) on a free 127.0.0.1 port."""
     port = tiny_demo.free_port()
     data = tmp_path_factory.mktemp("milvus_server") / "server.db"
-    proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data),
-                             "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail("the Milvus Lite server exited at start")
-            time.sleep(0.2)
+    proc = start_lite_server([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data),
+                              "--host", "127.0.0.1", "--port", str(port)], port)
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=30)
 
 
-@pytest.fixture(params=["lite", "server"])
+@pytest.fixture(params=["lite", "server", "standalone"])
 def db_uri(request, tmp_path):
-    """A Milvus Lite database: a local .db (in this process), or the gRPC server's."""
+    """A Milvus Lite database: a local .db (in this process), or the gRPC server's; or a real
+    Milvus Standalone server (tests/milvus_server.py; skipped where it cannot start)."""
     if request.param == "lite":
         return str(tmp_path / "gallery.db")
+    if request.param == "standalone":
+        return request.getfixturevalue("milvus_standalone").uri
     return request.getfixturevalue("milvus_server")
 
 
@@ -100,31 +115,72 @@ def file_and_db(model, root, uri, tmp_path, index_type="exact", **kwargs):
 
 # ============ the filter: values are literals ============
 
-def test_quote_escapes_backslash_and_double_quote():
+def test_quote_escapes_what_ends_or_escapes_a_literal():
     assert vectordb.quote('A" or category != "') == '"A\\" or category != \\""'
     assert vectordb.quote("a\\b") == '"a\\\\b"'
+    assert vectordb.quote("a\nb\rc\td") == '"a\\nb\\rc\\td"'
+    assert vectordb.quote("é\u2028😀") == '"é\u2028😀"'  # as it is: Lite's parser knows no \\u escape
+    assert vectordb.key_range() == "" and vectordb.key_range(None, 'a"') == 'path <= "a\\""'
 
 
-def test_adversarial_category_names_match_only_themselves(tmp_path):
-    """Against real Milvus Lite: each name, quoted, matches its own rows; unquoted, the
-    injection would match every row (the test proves it can tell)."""
-    client = vectordb.connect(str(tmp_path / "f.db"))
+def name_collection(client, name="c"):
     from pymilvus import DataType
 
     schema = client.create_schema(auto_id=False)
-    schema.add_field("path", DataType.VARCHAR, is_primary=True, max_length=256)
+    schema.add_field("path", DataType.VARCHAR, is_primary=True, max_length=1024)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)
-    schema.add_field("category", DataType.VARCHAR, max_length=256)
+    schema.add_field("category", DataType.VARCHAR, max_length=1024)
     params = client.prepare_index_params()
     params.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
-    client.create_collection("c", schema=schema, index_params=params)
-    names = ADVERSARIAL + ["", "plain"]
-    client.insert("c", [{"path": f"{i}", "vector": [1.0, 0.0], "category": n} for i, n in enumerate(names)])
+    if client.has_collection(name):
+        client.drop_collection(name)
+    client.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
+    return name
+
+
+def test_adversarial_names_match_only_themselves_and_delete_only_themselves(tmp_path, db_uri):
+    """Against each database: each name, quoted, matches its own rows; unquoted, the injection
+    would match every row (the test proves it can tell); a delete by names removes just those."""
+    client = vectordb.connect(db_uri)
+    c = name_collection(client, f"names_{tmp_path.name[-12:]}".replace("-", "_"))
+    names = ADVERSARIAL + BREAKING + ["", "plain"]
+    client.insert(c, [{"path": n, "vector": [1.0, 0.0], "category": n} for n in names])
     for name in names:
-        rows = client.query("c", filter=f"category == {vectordb.quote(name)}", output_fields=["category"])
+        rows = client.query(c, filter=f"category == {vectordb.quote(name)}", output_fields=["category"])
         assert [r["category"] for r in rows] == [name]
-    injected = client.query("c", filter='category == "A" or category != ""', output_fields=["category"])
+    injected = client.query(c, filter='category == "A" or category != ""', output_fields=["category"])
     assert len(injected) == len(names) - 1  # what an unescaped value would have done
+    client.delete(c, filter=vectordb.in_filter("path", BREAKING))
+    left = client.query(c, filter="", output_fields=["path"], limit=100)
+    assert sorted(r["path"] for r in left) == sorted(ADVERSARIAL + ["", "plain"])
+    client.drop_collection(c)
+
+
+@pytest.fixture(scope="module")
+def lite_names(tmp_path_factory):
+    """A Milvus Lite collection of (path, category) rows for the property tests."""
+    client = vectordb.connect(str(tmp_path_factory.mktemp("names") / "names.db"))
+    return client, name_collection(client)
+
+
+NAMES = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)  # any Unicode but lone surrogates
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(names=st.lists(NAMES, min_size=1, max_size=6, unique=True), data=st.data())
+def test_any_unicode_name_filters_and_deletes_exactly_its_rows(lite_names, names, data):
+    client, c = lite_names
+    client.delete(c, filter='path != ""')
+    client.delete(c, filter='path == ""')
+    client.insert(c, [{"path": n, "vector": [1.0, 0.0], "category": n} for n in names])
+    for name in names:
+        rows = client.query(c, filter=f"category == {vectordb.quote(name)}", output_fields=["path"])
+        assert [r["path"] for r in rows] == [name]
+    gone = data.draw(st.lists(st.sampled_from(names), unique=True), label="deleted")
+    if gone:
+        client.delete(c, filter=vectordb.in_filter("path", gone))
+    left = client.query(c, filter="", output_fields=["path"], limit=100)
+    assert sorted(r["path"] for r in left) == sorted(set(names) - set(gone))
 
 
 # ============ same answers as the file index ============
@@ -243,6 +299,98 @@ def test_engine_searches_the_database_with_a_category_filter(model, tmp_path):
         out = eng.search_gallery_item(0, k=10, category=category)
         assert out["results"] and {r["category"] for r in out["results"]} == {category}
     assert len(eng.search_gallery_item(0, k=50)["results"]) == 11  # itself excluded
+
+
+# ============ any size, any start ============
+
+def test_the_view_holds_every_row_past_one_page(tmp_path, db_uri):
+    """20,000 rows (the real page: 16,384), written in shuffled batches as a gallery grows
+    (several segments, which Milvus Lite answers in segment order, not key order): every row
+    is in the view, once; the next update finds nothing to do."""
+    n, rng = 20_000, np.random.default_rng(0)
+    args = {**MODEL_ARGS, "embedding_size": 4}
+    store = vectordb.MilvusGallery.open(db_uri, tmp_path, KEY, args, collection="big")
+    paths = [f"c{i % 7}/p{i // 5}/{i:06d}.jpg" for i in range(n)]
+    order = rng.permutation(n)
+    for batch in np.array_split(order, 3):
+        store.client.upsert(store.name, [{"path": paths[i], "vector": rng.normal(size=4).tolist(),
+                                          "product_id": "p", "category": "c", "size": 1, "mtime_ns": 1}
+                                         for i in batch.tolist()])
+        store.client.flush(store.name)
+    store.refresh()
+    store.adopt()
+    assert vectordb.PAGE == 16384 and len(store) == store.count() == n
+    assert store.paths == sorted(paths)
+
+
+def test_default_database_folder_is_created(tmp_path, monkeypatch):
+    """A fresh clone has no runs/<zero-shot model>/: the default database's folder is made."""
+    monkeypatch.chdir(tmp_path)
+    db = vectordb.default_db_path(None, "zero_shot_resnet18_32px")
+    assert not db.parent.exists()
+    store = vectordb.MilvusGallery.open(db, tmp_path, KEY, MODEL_ARGS)
+    assert len(store) == 0 and (tmp_path / db).is_dir()
+
+
+def test_db_timeout_flag_bounds_every_call(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    vectordb.add_backend_args(parser)
+    args = parser.parse_args([])
+    assert 0 < args.db_timeout <= 10
+    try:
+        vectordb.apply_backend_args(parser.parse_args(["--db_timeout", "3.5"]))
+        assert vectordb.MilvusGallery.open(str(tmp_path / "g.db"), tmp_path, KEY, MODEL_ARGS).timeout == 3.5
+        with pytest.raises(ValueError, match="--db_timeout must be > 0"):
+            vectordb.apply_backend_args(parser.parse_args(["--db_timeout", "0"]))
+    finally:
+        vectordb.apply_backend_args(args)
+
+
+def test_a_released_collection_is_loaded_again_by_the_next_search(tmp_path, db_uri):
+    """A restarted server's collections come back released: the search loads it itself."""
+    emb = np.eye(3, 128, dtype=np.float32)
+    index = gallery.make_gallery_index(emb, [(f"c/p/{i}.jpg", 1, 1) for i in range(3)], KEY)
+    store = vectordb.MilvusGallery.open(db_uri, tmp_path, KEY, MODEL_ARGS, collection="released")
+    store.publish(index)
+    store.client.release_collection(store.name)
+    assert np.array_equal(store.search(emb[1], 1)[1], [[1]])
+
+
+def test_a_database_that_goes_away_fails_in_time_naming_it_then_recovers(tmp_path):
+    """Milvus Lite's server killed under a gallery: a search fails within the timeout with a
+    DatabaseError naming the URI; started again on the same data, the next searches answer
+    without a new gallery."""
+    port = tiny_demo.free_port()
+    data = tmp_path / "served.db"
+    cmd = [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data), "--host", "127.0.0.1",
+           "--port", str(port)]
+    uri = f"http://127.0.0.1:{port}"
+    proc = start_lite_server(cmd, port)
+    try:
+        emb = np.eye(3, 128, dtype=np.float32)
+        store = vectordb.MilvusGallery.open(uri, tmp_path, KEY, MODEL_ARGS, collection="away", timeout=2)
+        store.publish(gallery.make_gallery_index(emb, [(f"c/p/{i}.jpg", 1, 1) for i in range(3)], KEY))
+        proc.kill()
+        proc.wait(timeout=30)
+        t0 = time.perf_counter()
+        with pytest.raises(vectordb.DatabaseError, match=re.escape(uri)):
+            store.search(emb[0], 1)
+        assert time.perf_counter() - t0 < 2 * 2 + 3  # one call and one reconnect at most
+        proc = start_lite_server(cmd, port)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert np.array_equal(store.search(emb[2], 1)[1], [[2]])
+                break
+            except vectordb.DatabaseError:
+                assert time.monotonic() < deadline, "no search answered within 30 s of the database's return"
+                time.sleep(0.5)
+        assert store.count() == 3
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
 
 
 # ============ bad inputs ============
