@@ -62,6 +62,8 @@ import numpy as np
 import torch
 
 from dataio import catalogue
+import backbones
+import checkpoints
 import models
 import retrieval
 from training import distributed
@@ -116,12 +118,6 @@ def run_validation(run: Run, zero_shot: bool = False) -> tuple[dict, np.ndarray]
     return row, emb
 
 
-def selection_score(row: dict, select_metric: str) -> float:
-    """The score best.pth and the LR plateau follow: the row's ``val_<select_metric>``, or the
-    epoch number for ``last`` (every epoch beats the one before: best.pth = the last epoch)."""
-    return float(row["epoch"]) if select_metric == flags.SELECT_LAST else row[f"val_{select_metric}"]
-
-
 def epoch_line(row: dict, args: argparse.Namespace, best_score: float, is_best: bool) -> str:
     """The console summary of one metrics.csv row."""
     parts = [f"epoch {row['epoch']}/{args.epochs}"]
@@ -148,13 +144,13 @@ def finish_epoch(run: Run, row: dict) -> None:
     --select_metric, a tie keeps the earlier epoch), metrics.csv, TensorBoard, the log line."""
     state, data, args, paths = run.state, run.data, run.args, run.paths
     state.history.append(row)
-    score = selection_score(row, args.select_metric)
+    score = runs.selection_score(row, args.select_metric)
     is_best = score > state.best_score
     if is_best:
         state.best_score = score
-    ckpt = models.make_checkpoint(
+    ckpt = checkpoints.make_checkpoint(
         state.model, args=args, epoch=row["epoch"], metrics=row, optimizer=state.optimizer,
-        scheduler=state.scheduler, scaler=state.scaler, rng=models.capture_rng_state(),
+        scheduler=state.scheduler, scaler=state.scaler, rng=checkpoints.capture_rng_state(),
         history=[dict(r) for r in state.history], best_score=float(state.best_score),
         select_metric=args.select_metric,
         criterion=state.criterion.state_dict() if list(state.criterion.parameters()) else None,
@@ -226,7 +222,7 @@ def _prepare(args: argparse.Namespace, proc: distributed.Process) -> Run:
         run.writer = runs.open_logs(args, paths, {
             **vars(args), "run_name": paths.name, "resolved_device": str(device), "world_size": world,
             "amp_used": proc.amp, "resumed_from": str(resume_path) if resume_path else None,
-            "git_commit": models.git_commit(), "model_args": model_args}, state.start_epoch)
+            "git_commit": checkpoints.git_commit(), "model_args": model_args}, state.start_epoch)
         distributed.rank0_print(rank, f"run {paths.name}: {models.count_parameters(state.model) / 1e6:.2f}M "
                                   f"parameters, device {device}, amp {proc.amp}; checkpoints "
                                   f"{paths.checkpoint_dir}, logs {paths.log_dir}")
@@ -265,7 +261,7 @@ def _train_epoch(run: Run, epoch: int) -> np.ndarray | None:
     val_embeddings = None
     if proc.rank == 0:
         val_row, val_embeddings = run_validation(run)
-        score[0] = selection_score({"epoch": epoch, **val_row}, args.select_metric)
+        score[0] = runs.selection_score({"epoch": epoch, **val_row}, args.select_metric)
     # every rank steps its scheduler on rank 0's validation
     score = distributed.broadcast(score, proc.device, proc.world, src=0).cpu()
     # The plateau schedule counts fine-tuning epochs only: an epoch that ends inside the
@@ -310,7 +306,7 @@ def cli(argv: list[str] | None = None) -> int:
         main(args)
     except flags.ArgumentCheckError as e:
         parser.error(str(e))
-    except (distributed.TrainingStopped, models.WeightsUnavailableError, models.CheckpointError,
+    except (distributed.TrainingStopped, backbones.WeightsUnavailableError, checkpoints.CheckpointError,
             catalogue.DatasetError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

@@ -15,7 +15,7 @@ from PIL import Image
 
 import models
 import train
-from training import evaluation, flags, reporting, setup
+from training import evaluation, flags, reporting, runs, setup
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -83,7 +83,7 @@ def test_validation_too_small_to_select_warns_and_without_a_query_keeps_the_last
 
 def test_select_last_keeps_the_last_epoch():
     row = {"epoch": 3, "val_map@r": 0.1}
-    assert train.selection_score(row, "last") == 3.0 and train.selection_score(row, "map@r") == 0.1
+    assert runs.selection_score(row, "last") == 3.0 and runs.selection_score(row, "map@r") == 0.1
 
 
 def evaluate_folder(root, tmp_path):

@@ -15,13 +15,17 @@ from PIL import Image
 
 import datasets
 from dataio import synthetic_sop
+import checkpoints
 import models
 import train
 import train_multiple as tm
 from training import evaluation
+from training import comparison
 from training import flags
+from training import grid
 from training import reporting
 from training import runs
+from training import tee
 
 
 @pytest.fixture(scope="module")
@@ -53,21 +57,21 @@ def test_every_train_flag_passes_through_and_none_is_defined_twice():
     seeds = ("--dataset stanford --backbone efficientnet_b0 --batch_size 64 --epochs 10 "
              "--lr 0.0001 --margin 0.5 --embedding_size 128").split()
     args = tm.parse_args(seeds)
-    assert [p.backbone for p in tm.build_grid(args)] == ["efficientnet_b0"]
+    assert [p.backbone for p in grid.build_grid(args)] == ["efficientnet_b0"]
     assert (args.batch_size, args.epochs, args.lr, args.margin) == (64, 10, 1e-4, 0.5)
 
 
 def test_default_grid_is_the_original_three_backbones_and_grid_flags_widen_it():
     args = tm.parse_args([])
-    names = [p.run_name(args.prefix) for p in tm.build_grid(args)]
+    names = [p.run_name(args.prefix) for p in grid.build_grid(args)]
     loss, sampler = (flags.RECIPES["pretrained"][k] for k in ("loss", "sampler"))  # ImageNet weights
     assert names == [f"cmp_{b}_{loss}_{sampler}" for b in ("efficientnet_b0", "resnet18", "resnet50")]
     args = tm.parse_args(["--backbones", "resnet18", "resnet50", "--samplers", "random", "pk",
                           "--losses", "triplet", "multi_similarity", "--prefix", "sw"])
-    grid = tm.build_grid(args)
-    assert len(grid) == 8 and grid[0].run_name("sw") == "sw_resnet18_triplet_random"
+    points = grid.build_grid(args)
+    assert len(points) == 8 and points[0].run_name("sw") == "sw_resnet18_triplet_random"
     assert tm.parse_args(["--sampler", "random"]).sampler == "random"
-    assert {p.sampler for p in tm.build_grid(tm.parse_args(["--sampler", "random"]))} == {"random"}
+    assert {p.sampler for p in grid.build_grid(tm.parse_args(["--sampler", "random"]))} == {"random"}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -85,7 +89,7 @@ def test_bad_arguments_are_argparse_errors(argv, message, capsys):
 def test_quick_defaults_yield_to_explicit_flags():
     args = tm.parse_args(["--quick"])
     assert (args.dataset, args.weights, args.prefix) == ("synthetic", "none", "quick")
-    assert args.image_size == tm.QUICK_DEFAULTS["image_size"] and args.data_root == tm.QUICK_DATASET["root"]
+    assert args.image_size == grid.QUICK_DEFAULTS["image_size"] and args.data_root == grid.QUICK_DATASET["root"]
     args = tm.parse_args(["--quick", "--image_size", "48", "--prefix", "mine", "--weights", "imagenet"])
     assert (args.image_size, args.prefix, args.weights, args.dataset) == (48, "mine", "imagenet", "synthetic")
 
@@ -95,9 +99,9 @@ def test_namespace_to_argv_round_trips_through_train_parser():
     ns = parser.parse_args(["--backbone", "resnet50", "--lr", "0.000123456789", "--no-amp",
                             "--deterministic", "--max_steps_per_epoch", "7", "--sampler", "random",
                             "--weight_decay", "0", "--run_name", "a_b", "--resume", "auto"])
-    argv = tm.namespace_to_argv(parser, ns)
+    argv = grid.namespace_to_argv(parser, ns)
     assert parser.parse_args(argv) == ns
-    assert tm.namespace_to_argv(parser, parser.parse_args([])) == []
+    assert grid.namespace_to_argv(parser, parser.parse_args([])) == []
 
 
 # ============ tables and plots from fake run folders ============
@@ -111,9 +115,9 @@ def fake_results(seed: float) -> dict:
 
 
 def save_fake_checkpoint(path, epoch, args, weights=10):
-    """A checkpoint models.load_checkpoint accepts, with ``weights`` float32 numbers."""
+    """A checkpoint checkpoints.load_checkpoint accepts, with ``weights`` float32 numbers."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format_version": models.CHECKPOINT_FORMAT_VERSION,
+    torch.save({"format_version": checkpoints.CHECKPOINT_FORMAT_VERSION,
                 "model": {"w": torch.zeros(weights), "n": torch.zeros((), dtype=torch.int64)},
                 "model_args": {"backbone": "resnet18", "embedding_size": 8}, "epoch": epoch,
                 "args": dict(args)}, path)
@@ -138,8 +142,8 @@ HISTORY = [
 
 
 def test_report_values_come_from_the_runs_files(tmp_path):
-    points = [tm.GridPoint("efficientnet_b0", "triplet", "pk"), tm.GridPoint("resnet18", "triplet", "pk"),
-              tm.GridPoint("resnet50", "triplet", "pk")]
+    points = [grid.GridPoint("efficientnet_b0", "triplet", "pk"), grid.GridPoint("resnet18", "triplet", "pk"),
+              grid.GridPoint("resnet50", "triplet", "pk")]
     results = [fake_results(0.6), fake_results(0.4)]
     rows, histories = [], {}
     for i, point in enumerate(points):
@@ -150,7 +154,7 @@ def test_report_values_come_from_the_runs_files(tmp_path):
         else:  # a failed run: no files at all
             paths = runs.RunPaths(name, tmp_path / "checkpoints" / name, tmp_path / "runs" / name)
         status, error = ("trained", "") if i < 2 else ("failed (train)", "ValueError: boom")
-        rows.append(tm.collect_row(point, paths, status, error))
+        rows.append(comparison.collect_row(point, paths, status, error))
     files = reporting.write_report(rows, histories, tmp_path / "cmp", notes="fake")
 
     table = reporting.read_csv(files["csv"])
@@ -177,36 +181,49 @@ def test_report_values_come_from_the_runs_files(tmp_path):
             assert im.format == "PNG" and im.size[0] > 300
 
 
+@pytest.mark.parametrize("select_metric, epoch", [("recall@1", 1), ("map@r", 2), ("last", 2), (None, 1)])
+def test_best_epoch_is_the_one_best_pth_holds(tmp_path, select_metric, epoch):
+    """The row's best epoch follows the run's own --select_metric (recorded in its checkpoint;
+    none recorded: Recall@1), ties kept at the earlier epoch, as train.py keeps best.pth."""
+    history = [{**row, "val_map@r": 0.1 * row["epoch"]} for row in HISTORY]
+    paths = make_fake_run(tmp_path, "sel", fake_results(0.5), history)
+    state = torch.load(paths.best, weights_only=False)
+    if select_metric is not None:
+        torch.save({**state, "select_metric": select_metric}, paths.best)
+    point = grid.GridPoint("resnet18", "triplet", "pk")
+    assert comparison.collect_row(point, paths)["best_epoch"] == epoch
+
+
 def test_run_state_decides_skip_resume_evaluate_or_conflict(tmp_path):
     args = tm.parse_args(["--backbones", "resnet18", "--epochs", "3", "--prefix", "s",
                           "--checkpoint_dir", str(tmp_path / "c"), "--log_dir", str(tmp_path / "r")])
-    ns = tm.train_namespace(args, tm.build_grid(args)[0])
-    paths = tm.run_paths(ns)
-    assert tm.run_state(paths, ns)[0] == "new"
+    ns = grid.train_namespace(args, grid.build_grid(args)[0])
+    paths = grid.run_paths(ns)
+    assert grid.run_state(paths, ns)[0] == "new"
     save_fake_checkpoint(paths.last, 1, vars(ns))
-    assert tm.run_state(paths, ns) == ("resume", "at epoch 1/3")
+    assert grid.run_state(paths, ns) == ("resume", "at epoch 1/3")
     save_fake_checkpoint(paths.last, 3, vars(ns))
-    assert tm.run_state(paths, ns)[0] == "evaluate"  # no best.pth / results.json yet
+    assert grid.run_state(paths, ns)[0] == "evaluate"  # no best.pth / results.json yet
     os.link(paths.last, paths.best)
     paths.eval_dir.mkdir(parents=True)
     paths.results.write_text(json.dumps({"model": {"checkpoint_sha256": "f" * 64}}))
-    assert tm.run_state(paths, ns)[0] == "evaluate"  # results of another checkpoint
-    paths.results.write_text(json.dumps({"model": {"checkpoint_sha256": models.checkpoint_hash(paths.best)}}))
-    assert tm.run_state(paths, ns)[0] == "done"
-    assert tm.run_state(paths, argparse.Namespace(**{**vars(ns), "overwrite": True}))[0] == "new"
-    state, detail = tm.run_state(paths, argparse.Namespace(**{**vars(ns), "image_size": 96}))
+    assert grid.run_state(paths, ns)[0] == "evaluate"  # results of another checkpoint
+    paths.results.write_text(json.dumps({"model": {"checkpoint_sha256": checkpoints.checkpoint_hash(paths.best)}}))
+    assert grid.run_state(paths, ns)[0] == "done"
+    assert grid.run_state(paths, argparse.Namespace(**{**vars(ns), "overwrite": True}))[0] == "new"
+    state, detail = grid.run_state(paths, argparse.Namespace(**{**vars(ns), "image_size": 96}))
     assert state == "conflict" and "image_size 224 -> 96" in detail
-    state, detail = tm.run_state(paths, argparse.Namespace(**{**vars(ns), "epochs": 2}))
+    state, detail = grid.run_state(paths, argparse.Namespace(**{**vars(ns), "epochs": 2}))
     assert state == "conflict" and "--epochs 3" in detail
     # more epochs than before: the same run goes on; workers / device may change freely
-    assert tm.run_state(paths, argparse.Namespace(**{**vars(ns), "epochs": 5, "workers": 7}))[0] == "resume"
+    assert grid.run_state(paths, argparse.Namespace(**{**vars(ns), "epochs": 5, "workers": 7}))[0] == "resume"
 
 
 def test_error_summary_picks_the_error_line():
     text = "epoch 1\rprogress 50%\nTraceback (most recent call last):\n  File x\nValueError: bad thing\n"
-    assert tm.error_summary(text) == "ValueError: bad thing"
-    assert tm.error_summary("evaluate.py: checkpoint not found: x.pth\n") == "evaluate.py: checkpoint not found: x.pth"
-    assert tm.error_summary("") == "no output"
+    assert tee.error_summary(text) == "ValueError: bad thing"
+    assert tee.error_summary("evaluate.py: checkpoint not found: x.pth\n") == "evaluate.py: checkpoint not found: x.pth"
+    assert tee.error_summary("") == "no output"
 
 
 # ============ end to end ============
@@ -214,9 +231,9 @@ def test_error_summary_picks_the_error_line():
 @pytest.mark.slow
 def test_grid_runs_reports_failures_skips_finished_runs_and_resumes(tiny_sop, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    real_grid = tm.build_grid
-    bogus = tm.GridPoint("no_such_net", "triplet", "pk")
-    monkeypatch.setattr(tm, "build_grid", lambda args: real_grid(args) + [bogus])
+    real_grid = grid.build_grid
+    bogus = grid.GridPoint("no_such_net", "triplet", "pk")
+    monkeypatch.setattr(grid, "build_grid", lambda args: real_grid(args) + [bogus])
     argv = tiny_argv(tiny_sop, tmp_path, "--backbones", "resnet18", "efficientnet_b0",
                      "--launcher", "inprocess")
 

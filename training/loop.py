@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import datasets
+import checkpoints
 import models
 import retrieval
 from training import distributed
@@ -79,6 +80,56 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
+def train_step(forward, criterion: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
+               *, amp: bool, world_size: int, gather_embeddings: bool, where: str) -> tuple[float, dict]:
+    """One optimizer step on one batch through ``forward`` (the module of this phase); returns
+    (the loss averaged over ranks, the criterion's stats). Raises NonFiniteLossError, naming
+    ``where`` (epoch and step), before stepping on a NaN/inf loss."""
+    params = [p for p in criterion.parameters() if p.requires_grad]
+    with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=amp):
+        embeddings = forward(images)
+    # The loss runs in fp32: squared distances of unit vectors near the margin lose too much
+    # in fp16.
+    embeddings = embeddings.float()
+    if gather_embeddings:
+        embeddings = distributed.gather_rows(embeddings, device, world_size)
+        labels = distributed.gather_rows(labels, device, world_size)
+    loss, stats = criterion(embeddings, labels)
+    if not loss.requires_grad:  # no valid triplet in the batch: still a (zero) backward pass,
+        loss = loss + 0.0 * embeddings.sum()  # which DDP needs on every rank at every step
+    # Every rank must take the same decision, or the others would wait forever in backward.
+    # .item() is a host sync; it is needed anyway for the check and the live loss.
+    value = distributed.all_reduce_sum(loss.detach().float(), device, world_size).item() / world_size
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"non-finite loss ({value}) at {where}; no optimizer step was taken with it. Lower --lr, "
+            "try --no-amp, or check the data")
+    optimizer.zero_grad(set_to_none=True)
+    # Gathered, each rank's loss is that of the global batch but reaches only its own
+    # images; DDP averages over the ranks, so x world gives the global batch's gradient
+    # (pytorch-metric-learning's DistributedLossWrapper does the same).
+    spread = world_size if gather_embeddings else 1
+    scaler.scale(loss * spread).backward()
+    if params:  # loss parameters (proxies) live outside DDP: average them over the ranks
+        distributed.average_gradients(params, device, world_size, scale=1.0 / spread)
+    scaler.step(optimizer)
+    scaler.update()
+    return value, stats
+
+
+def rank_averages(sums: dict, batches: int, images_seen: int, device: torch.device, world_size: int) -> dict:
+    """_averages over every rank's batches (per-rank stats differ: different batches), plus the
+    images all ranks saw."""
+    keys = sorted(sums)
+    totals = torch.tensor([sums[k] for k in keys] + [batches, images_seen], dtype=torch.float64)
+    totals = distributed.all_reduce_sum(totals, device, world_size).cpu()
+    batches_all, images_all = totals[-2].item(), totals[-1].item()
+    out = _averages({k: totals[i].item() for i, k in enumerate(keys)}, batches_all)
+    out["images"] = images_all
+    return out
+
+
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoader,
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                     device: torch.device, epoch: int, *, steps: int, amp: bool = False,
@@ -95,76 +146,40 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: 
     (valid_triplets, active_triplets, ...), plus images, train_time and frozen_steps (this
     epoch's). Raises NonFiniteLossError before stepping on a NaN/inf loss."""
     replicas = replicas or distributed.Replicas(model, world_size, device)
-    bare = models.unwrap_model(model)
-    forward = None  # set at the first step, with its phase
+    bare = checkpoints.unwrap_model(model)
+    forward, frozen = None, None  # set at the first step, with its phase
     first_step = (epoch - 1) * steps
-    frozen = None
-    params = [p for p in criterion.parameters() if p.requires_grad]
     sums: dict[str, float] = {}
-    batches, images_seen = 0, 0
+    batches, images_seen, frozen_here = 0, 0, 0
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=f"epoch {epoch} train", disable=not progress, leave=False,
                dynamic_ncols=True)
-    frozen_here = 0
-    for step, (images, labels) in enumerate(loader):
-        if step >= steps:
-            break
-        if frozen != (first_step + step < frozen_steps):
-            frozen = first_step + step < frozen_steps
-            set_train_mode(bare, backbone_frozen=frozen, freeze_bn=freeze_bn)
-            forward = replicas.module()  # DDP over this phase's trained parameters
-        frozen_here += int(frozen)
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=amp):
-            embeddings = forward(images)
-        # The loss runs in fp32: squared distances of unit vectors near the margin lose too much
-        # in fp16.
-        embeddings = embeddings.float()
-        if gather_embeddings:
-            embeddings = distributed.gather_rows(embeddings, device, world_size)
-            labels = distributed.gather_rows(labels, device, world_size)
-        loss, stats = criterion(embeddings, labels)
-        if not loss.requires_grad:  # no valid triplet in the batch: still a (zero) backward pass,
-            loss = loss + 0.0 * embeddings.sum()  # which DDP needs on every rank at every step
-        # Every rank must take the same decision, or the others would wait forever in backward.
-        # .item() is a host sync; it is needed anyway for the check and the live loss.
-        value = distributed.all_reduce_sum(loss.detach().float(), device, world_size).item() / world_size
-        if not math.isfinite(value):
-            bar.close()
-            raise NonFiniteLossError(
-                f"non-finite loss ({value}) at epoch {epoch}, step {step + 1}/{steps}; no "
-                "optimizer step was taken with it. Lower --lr, try --no-amp, or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        # Gathered, each rank's loss is that of the global batch but reaches only its own
-        # images; DDP averages over the ranks, so x world gives the global batch's gradient
-        # (pytorch-metric-learning's DistributedLossWrapper does the same).
-        spread = world_size if gather_embeddings else 1
-        scaler.scale(loss * spread).backward()
-        if params:  # loss parameters (proxies) live outside DDP: average them over the ranks
-            distributed.average_gradients(params, device, world_size, scale=1.0 / spread)
-        scaler.step(optimizer)
-        scaler.update()
-
-        batches += 1
-        images_seen += images.shape[0]
-        _accumulate(sums, value, stats)
-        bar.update(1)
-        bar.set_postfix(loss=f"{sums['loss'] / batches:.4f}",
-                        valid=f"{sums.get('valid_triplets', 0.0) / batches:.1f}",
-                        active=f"{sums.get('active_triplets', 0.0) / batches:.1f}")
-    bar.close()
+    with bar:
+        for step, (images, labels) in enumerate(loader):
+            if step >= steps:
+                break
+            if frozen != (first_step + step < frozen_steps):
+                frozen = first_step + step < frozen_steps
+                set_train_mode(bare, backbone_frozen=frozen, freeze_bn=freeze_bn)
+                forward = replicas.module()  # DDP over this phase's trained parameters
+            frozen_here += int(frozen)
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            labels = labels.to(device, non_blocking=True)
+            value, stats = train_step(forward, criterion, images, labels, optimizer, scaler, device, amp=amp,
+                                      world_size=world_size, gather_embeddings=gather_embeddings,
+                                      where=f"epoch {epoch}, step {step + 1}/{steps}")
+            batches += 1
+            images_seen += images.shape[0]
+            _accumulate(sums, value, stats)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss'] / batches:.4f}",
+                            valid=f"{sums.get('valid_triplets', 0.0) / batches:.1f}",
+                            active=f"{sums.get('active_triplets', 0.0) / batches:.1f}")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_time = time.perf_counter() - start
-    keys = sorted(sums)
-    totals = torch.tensor([sums[k] for k in keys] + [batches, images_seen], dtype=torch.float64)
-    # per-rank stats may differ (different batches): average over ranks
-    totals = distributed.all_reduce_sum(totals, device, world_size).cpu()
-    batches_all, images_all = totals[-2].item(), totals[-1].item()
-    out = _averages({k: totals[i].item() for i, k in enumerate(keys)}, batches_all)
-    out["images"] = images_all
+    out = rank_averages(sums, batches, images_seen, device, world_size)
     out["train_time"] = train_time
     out["frozen_steps"] = float(frozen_here)
     return out

@@ -72,15 +72,23 @@ def held_out_lines(results: dict) -> list[str]:
     return lines
 
 
-def results_markdown(results: dict) -> str:
-    name, model = results["model"]["run"], results["model"]
-    params = f"{model['parameters'] / 1e6:.1f}M"
-    rows = [(name, results)]
+def compared_models(results: dict) -> list[tuple[str, dict]]:
+    """results.md's table rows, (name, metrics): the evaluated model, then the baseline and the
+    zero-shot backbone when results.json holds them."""
+    model = results["model"]
+    rows = [(model["run"], results)]
     if results.get("baseline"):
         rows.append((f"baseline {results['baseline']['run']}", results["baseline"]))
     if results.get("zero_shot"):
         rows.append((f"zero-shot {model['backbone']} (ImageNet features, no training)",
                      results["zero_shot"]))
+    return rows
+
+
+def header_lines(results: dict) -> list[str]:
+    """results.md's title and its paragraph on the split and the model."""
+    model = results["model"]
+    params = f"{model['parameters'] / 1e6:.1f}M"
     if model.get("checkpoint"):
         title = f"# Evaluation of `{model['checkpoint']}`"
         what = (f"checkpoint {model['checkpoint_size_mb']:.1f} MB (epoch {model.get('epoch')}).")
@@ -90,7 +98,7 @@ def results_markdown(results: dict) -> str:
     single = results["data"].get("single_image_products") or 0
     lonely = (f" ({single:,} products with a single image: in the gallery, not queries of the "
               "product protocol)") if single else ""
-    lines = [
+    return [
         title,
         "",
         f"Split `{results['data']['split']}` of `{results['data']['root']}`: "
@@ -98,7 +106,12 @@ def results_markdown(results: dict) -> str:
         f"{results['data']['num_categories']} categories. Backbone `{model['backbone']}`, "
         f"{model['embedding_size']}-d embeddings, {model['image_size']} px, {params} parameters, "
         + what,
-        *held_out_lines(results),
+    ]
+
+
+def protocol_lines(rows: list[tuple[str, dict]], per_category: dict) -> list[str]:
+    """results.md's tables: the product protocol, the category protocol, per category."""
+    return [
         "",
         "## Product protocol (standard SOP: Song et al. 2016, Musgrave et al. 2020), in %",
         "",
@@ -127,12 +140,16 @@ def results_markdown(results: dict) -> str:
             [[cname, f"{m['num_queries']:,}"] + [cell(m[protocol], k) for protocol, k in (
                 ("product", "recall@1"), ("product", "map@r"), ("category", "recall@1"),
                 ("category", "precision@10"), ("category", "map@10"))]
-             for cname, m in results["per_category"].items()],
+             for cname, m in per_category.items()],
             columns=["Category", "Queries", "Product R@1", "Product MAP@R", "Category R@1",
                      "Category P@10", "Category mAP@10"])),
     ]
+
+
+def embedding_and_figure_lines(results: dict) -> list[str]:
+    """results.md's last section (embedding statistics, timing) and its figures."""
     st, tm = results["embedding_stats"], results["timing"]
-    lines += [
+    lines = [
         "",
         "## Embeddings and timing",
         "",
@@ -149,7 +166,15 @@ def results_markdown(results: dict) -> str:
     if results.get("worst_figure"):
         lines += [f"![worst queries]({results['worst_figure']})", "",
                   "The queries whose true match ranked lowest: their top 4 and, last, that match.", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def results_markdown(results: dict) -> str:
+    """results.md of a results.json: the model and split, whether the figures are held out (and
+    the deploy gate), both protocols' tables, per category, embeddings, timing and figures."""
+    return "\n".join([*header_lines(results), *held_out_lines(results),
+                      *protocol_lines(compared_models(results), results["per_category"]),
+                      *embedding_and_figure_lines(results)])
 
 
 def _figure_rows(path, dataset, rows, suptitle, explainer=None, thumb=128):

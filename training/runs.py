@@ -21,7 +21,7 @@ import datasets
 from dataio import catalogue
 from dataio import fileio
 from dataio import photos
-import models
+import checkpoints
 from training import distributed
 
 
@@ -95,9 +95,9 @@ def log_tensorboard(writer, row: dict) -> None:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """models.atomic_save; a failure stops the run (CheckpointWriteError, exit code 1)."""
+    """checkpoints.atomic_save; a failure stops the run (CheckpointWriteError, exit code 1)."""
     try:
-        models.atomic_save(state, path)
+        checkpoints.atomic_save(state, path)
     except (OSError, RuntimeError) as e:
         raise CheckpointWriteError(
             f"{e}\nTraining stopped; the previous {path.name} (if any) is intact: free space or "
@@ -115,7 +115,7 @@ def link_best(last: Path, best: Path) -> None:
         os.replace(tmp, best)
     except OSError:
         tmp.unlink(missing_ok=True)
-        save_checkpoint(models.load_checkpoint(last), best)
+        save_checkpoint(checkpoints.load_checkpoint(last), best)
 
 
 def add_projector(writer, dataset: datasets.SOPDataset, embeddings: np.ndarray, samples: int,
@@ -140,6 +140,26 @@ def add_projector(writer, dataset: datasets.SOPDataset, embeddings: np.ndarray, 
                          label_img=torch.stack(thumbs), global_step=epoch, tag="val_embeddings",
                          metadata_header=["product_id", "category"])
     writer.flush()
+
+
+# --select_metric last: best.pth is the last epoch
+SELECT_LAST = "last"
+
+
+def selection_score(row: dict, select_metric: str) -> float:
+    """The score best.pth and the LR plateau follow: the row's ``val_<select_metric>``, or the
+    epoch number for ``last`` (every epoch beats the one before: best.pth = the last epoch)."""
+    return float(row["epoch"]) if select_metric == SELECT_LAST else row[f"val_{select_metric}"]
+
+
+def best_epoch(history: list[dict], select_metric: str) -> int | None:
+    """The epoch best.pth holds after ``history`` (metrics.csv rows): the strictly best
+    ``selection_score``, the first of equals (a tie keeps the earlier epoch); None when no row
+    has the score."""
+    scored = [(selection_score(r, select_metric), -int(r["epoch"])) for r in history
+              if r.get("epoch") is not None
+              and (select_metric == SELECT_LAST or r.get(f"val_{select_metric}") is not None)]
+    return -max(scored)[1] if scored else None
 
 
 def default_run_name(args: argparse.Namespace) -> str:

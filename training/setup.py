@@ -16,9 +16,13 @@ import torch
 from torch.utils.data import DataLoader
 
 import datasets
+import loaders
+import preprocessing
+import samplers
 from dataio import catalogue
 from dataio import synthetic_sop
 import losses
+import checkpoints
 import models
 import retrieval
 from training import distributed
@@ -65,7 +69,7 @@ def read_resume(args: argparse.Namespace, paths: runs.RunPaths, rank: int) -> tu
                 f"{paths.last} exists: pass --resume auto to continue that run, --run_name NAME "
                 "to start another, or --overwrite to replace it")
         return None, None
-    ckpt = models.load_checkpoint(resume_path)
+    ckpt = checkpoints.load_checkpoint(resume_path)
     distributed.rank0_print(rank, f"resuming from {resume_path} (finished epoch {ckpt['epoch']})")
     old = ckpt.get("args") or {}
     changed = {k: (old[k], v) for k, v in vars(args).items()
@@ -110,34 +114,45 @@ def check_validation_split(args: argparse.Namespace, class_ids, rank: int) -> No
     args.val_warning = warning
 
 
-def build_data(args: argparse.Namespace, image_size: int, device: torch.device, rank: int,
-               world: int) -> Data:
-    """The run's splits (the synthetic SOP generated first when absent), its batch sampler
-    (sharded over ``world`` ranks), loaders and the fixed batches of the validation loss."""
-    root = Path(args.data_root or catalogue.DATASET_ROOTS[args.dataset])
-    catalogue.set_verbose(args.verbose)
-    if args.dataset == "synthetic":
-        # Generate only when absent or empty: anything there (a synthetic SOP made with other
-        # settings, a catalogue of another layout) is the user's choice and is read as it is.
-        if rank == 0 and not (root.is_dir() and any(root.iterdir())):
-            distributed.rank0_print(rank, f"generating the synthetic SOP in {root} (once; a minute "
-                                          "or two)")
-            synthetic_sop.ensure_synthetic_sop(root)
-        distributed.barrier(world)
+def ensure_synthetic(args: argparse.Namespace, root: Path, rank: int, world: int) -> None:
+    """--dataset synthetic: rank 0 generates the synthetic SOP at ``root`` when it is absent or
+    empty; every rank waits for it."""
+    if args.dataset != "synthetic":
+        return
+    # Generate only when absent or empty: anything there (a synthetic SOP made with other
+    # settings, a catalogue of another layout) is the user's choice and is read as it is.
+    if rank == 0 and not (root.is_dir() and any(root.iterdir())):
+        distributed.rank0_print(rank, f"generating the synthetic SOP in {root} (once; a minute "
+                                      "or two)")
+        synthetic_sop.ensure_synthetic_sop(root)
+    distributed.barrier(world)
+
+
+def read_splits(args: argparse.Namespace, root: Path, image_size: int
+                ) -> tuple[datasets.SOPDataset, datasets.SOPDataset]:
+    """(train, val) datasets of --train_split / --val_split with their transforms; a data error
+    stops the run (TrainingStopped) with what to do."""
     try:
         splits = datasets.split_options(vars(args))
         train_set = datasets.SOPDataset(root, args.train_split, **splits,
-                                        transform=datasets.build_transform(image_size, train=True))
+                                        transform=preprocessing.build_transform(image_size, train=True))
         val_set = datasets.SOPDataset(root, args.val_split, **splits,
-                                      transform=datasets.build_transform(image_size, train=False))
+                                      transform=preprocessing.build_transform(image_size, train=False))
     except (FileNotFoundError, NotADirectoryError, ValueError, catalogue.DatasetError) as e:
         hint = (" To try the pipeline offline, train on the synthetic stand-in: --dataset synthetic"
                 if args.dataset == "stanford" else "")
         raise distributed.TrainingStopped(f"{e}{hint}") from e
+    return train_set, val_set
+
+
+def train_batch_sampler(args: argparse.Namespace, train_set: datasets.SOPDataset, root: Path, rank: int,
+                        world: int):
+    """--sampler's batch sampler over the train split, sharded over ``world`` ranks; records the
+    K it uses (``args.images_per_class_used``, and ``args.pk_batches`` when K was fitted)."""
     try:  # K against the products' image counts, P against the number of products
-        k, note = (datasets.fit_images_per_class(train_set.class_ids, args.batch_size, args.images_per_class)
+        k, note = (samplers.fit_images_per_class(train_set.class_ids, args.batch_size, args.images_per_class)
                    if args.sampler == "pk" else (args.images_per_class, None))
-        train_sampler = datasets.build_batch_sampler(
+        train_sampler = samplers.build_batch_sampler(
             args.sampler, train_set.class_ids, batch_size=args.batch_size,
             images_per_class=k, seed=args.seed, num_replicas=world, rank=rank)
     except ValueError as e:
@@ -147,34 +162,51 @@ def build_data(args: argparse.Namespace, image_size: int, device: torch.device, 
         distributed.rank0_print(rank, f"note: {note}")
         args.pk_batches = note
     args.images_per_class_used = k
+    return train_sampler
+
+
+def val_loss_batches(args: argparse.Namespace, val_set: datasets.SOPDataset) -> list[list[int]]:
+    """Validation loss: the criterion on fixed P x K batches of the validation embeddings (the
+    same batches every epoch, so the curve moves only with the model)."""
+    val_counts = np.unique(val_set.class_ids, return_counts=True)[1]
+    val_k = max(2, min(args.images_per_class, int(val_counts.max())))
+    val_sampler = samplers.PKSampler(val_set.class_ids, k=val_k, seed=args.seed,
+                                     p=max(1, min(args.batch_size // val_k, len(val_counts))))
+    return val_sampler.batches(epoch=0)
+
+
+def build_data(args: argparse.Namespace, image_size: int, device: torch.device, rank: int,
+               world: int) -> Data:
+    """The run's splits (the synthetic SOP generated first when absent), its batch sampler
+    (sharded over ``world`` ranks), loaders and the fixed batches of the validation loss."""
+    root = Path(args.data_root or catalogue.DATASET_ROOTS[args.dataset])
+    catalogue.set_verbose(args.verbose)
+    ensure_synthetic(args, root, rank, world)
+    train_set, val_set = read_splits(args, root, image_size)
+    train_sampler = train_batch_sampler(args, train_set, root, rank, world)
     check_validation_split(args, val_set.class_ids, rank)
     # The loader's generator seeds the workers (torch + random; numpy in distributed.seed_worker). No
     # persistent workers: they would keep the first epoch's seeds.
     loader_gen = torch.Generator()
-    cpus = max(1, datasets.available_cpus() // world)  # the ranks share the machine's CPUs
+    cpus = max(1, loaders.available_cpus() // world)  # the ranks share the machine's CPUs
     train_loader = DataLoader(train_set, batch_sampler=train_sampler, worker_init_fn=distributed.seed_worker,
-                              generator=loader_gen, **datasets.loader_settings(
+                              generator=loader_gen, **loaders.loader_settings(
                                   device, cpus, workers=args.workers, persistent_workers=False))
     val_loader = DataLoader(val_set, batch_size=args.val_batch_size, shuffle=False,
-                            **datasets.loader_settings(device, cpus, workers=args.workers))
+                            **loaders.loader_settings(device, cpus, workers=args.workers))
     steps = len(train_sampler)
     if args.max_steps_per_epoch:
         steps = min(steps, args.max_steps_per_epoch)
     if steps == 0:
         raise flags.ArgumentCheckError(f"the training split ({len(train_set)} images) yields no batch of "
                                  f"{args.batch_size}; lower --batch_size")
-    # Validation loss: the criterion on fixed P x K batches of the validation embeddings (the
-    # same batches every epoch, so the curve moves only with the model).
-    val_counts = np.unique(val_set.class_ids, return_counts=True)[1]
-    val_k = max(2, min(args.images_per_class, int(val_counts.max())))
-    val_sampler = datasets.PKSampler(val_set.class_ids, k=val_k, seed=args.seed,
-                                     p=max(1, min(args.batch_size // val_k, len(val_counts))))
+    loss_batches = val_loss_batches(args, val_set)
     distributed.rank0_print(rank, f"data: {root} train {len(train_set)} images / "
                                   f"{len(np.unique(train_set.class_ids))} products, {args.val_split} "
                                   f"{len(val_set)} images; {steps} steps of {args.batch_size} x "
                                   f"{world} process(es) per epoch")
     return Data(root, train_set, val_set, train_sampler, train_loader, val_loader, loader_gen,
-                steps, val_sampler.batches(epoch=0))
+                steps, loss_batches)
 
 
 def build_state(args: argparse.Namespace, model_args: dict, data: Data, device: torch.device,
@@ -227,7 +259,7 @@ def restore_state(state: TrainState, ckpt: dict, data: Data, resume_path: Path) 
     if ckpt.get("criterion"):
         state.criterion.load_state_dict(ckpt["criterion"])
     if ckpt.get("rng"):
-        models.restore_rng_state(ckpt["rng"])
+        checkpoints.restore_rng_state(ckpt["rng"])
     state.history = [dict(row) for row in ckpt.get("history", [])]
     for dset, key in ((data.train_set, "train"), (data.val_set, "val")):
         dset.mark_bad((ckpt.get("bad_paths") or {}).get(key, []))
@@ -277,10 +309,10 @@ def init_head_from_features(model: models.EmbeddingNet, train_set: datasets.SOPD
                                                           replace=False))
     view = datasets.SOPDataset(train_set.root, train_set.split, check_files=False,
                                val_fraction=train_set.val_fraction, test_fraction=train_set.test_fraction,
-                               transform=datasets.build_transform(int(model.model_args["image_size"]),
+                               transform=preprocessing.build_transform(int(model.model_args["image_size"]),
                                                                   train=False))
     loader = DataLoader(torch.utils.data.Subset(view, idx.tolist()), batch_size=args.val_batch_size,
-                        shuffle=False, **datasets.loader_settings(device, datasets.available_cpus(),
+                        shuffle=False, **loaders.loader_settings(device, loaders.available_cpus(),
                                                                   workers=args.workers))
     features, _ = retrieval.extract_embeddings(model.backbone, loader, device=device,
                                                progress=bool(args.progress) and rank == 0,
