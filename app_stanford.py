@@ -74,6 +74,8 @@ import torch
 import inference
 from dataio import catalogue
 from search import engine as search_engine
+from search import query as search_query
+from search import loading as search_loading
 from search import explain_store
 from search import guard
 from search import watch as gallery_watch
@@ -116,7 +118,7 @@ def _query_image_class():
 
         gr.Image would open the upload itself (type="filepath" still calls PIL.Image.open),
         so a non-image or a decompression bomb would fail inside Gradio with a blank error.
-        Here every byte is decoded by `search.engine.load_query_image`, which refuses with a
+        Here every byte is decoded by `search.query.load_query_image`, which refuses with a
         reason.
         ``is_template``: the browser renders it with gr.Image's own frontend.
         """
@@ -201,7 +203,7 @@ def _guarded(fn, *args):
 
     try:
         return fn(*args)
-    except search_engine.QueryError as e:
+    except search_query.QueryError as e:
         raise gr.Error(str(e), title="Cannot search with this image", print_exception=False) from None
     except gr.Error:
         raise
@@ -336,7 +338,7 @@ def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_up
 
     guarded = _guarded
 
-    def search(image, k=search_engine.DEFAULT_K, category=search_engine.CATEGORY_ALL):
+    def search(image, k=search_query.DEFAULT_K, category=search_query.CATEGORY_ALL):
         """Search the catalogue with a photo: the k most similar gallery images, optionally
         within one category."""
         if not image:
@@ -369,9 +371,9 @@ def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_up
                                    sources=["upload", "clipboard", "webcam"], height=300,
                                    elem_id="query")
                 query.max_data_url_bytes = int(max_upload_mb * (1 << 20))
-                k = gr.Slider(1, search_engine.MAX_K, value=search_engine.DEFAULT_K, step=1,
+                k = gr.Slider(1, search_query.MAX_K, value=search_query.DEFAULT_K, step=1,
                               label="Results (K)", elem_id="k")
-                category = gr.Dropdown(search_engine.category_choices(index), value=search_engine.CATEGORY_ALL,
+                category = gr.Dropdown(search_query.category_choices(index), value=search_query.CATEGORY_ALL,
                                        label="Category filter", elem_id="category")
                 why = gr.Checkbox(False, label=f"Show why (similarity maps of the first {WHY_K} results)",
                                   elem_id="why")
@@ -511,7 +513,7 @@ def get_args_parser(add_help=True):
     group.add_argument("--batch_size", default=64, type=int, help="batch size for embedding the gallery")
     group.add_argument("--workers", default=None, type=int,
                        help="DataLoader workers for embedding the gallery; default "
-                            "datasets.loader_settings for the device and CPU count")
+                            "loaders.loader_settings for the device and CPU count")
     group.add_argument("--threads", default=None, type=int,
                        help="torch CPU threads (default: torch's choice, one per core)")
     group.add_argument("--verbose", action="store_true",
@@ -606,11 +608,11 @@ def main(args):
 
     # ============ model ============
     try:
-        loaded = search_engine.load_search_model(
+        loaded = search_loading.load_search_model(
             args.checkpoint, args.checkpoint_dir, args.device,
             zero_shot_backbone=args.backbone if args.zero_shot else None, weights=args.weights,
             image_size=args.image_size, runtime=args.runtime)
-    except search_engine.SetupError as e:
+    except search_loading.SetupError as e:
         sys.exit(str(e))
 
     # ============ gallery index ============
@@ -619,11 +621,11 @@ def main(args):
                    db_uri=args.db_uri, collection=args.collection, checkpoint_every=args.checkpoint_every)
     try:
         if args.gallery:
-            index, data_root = search_engine.folder_index(loaded, args.gallery, **options)
+            index, data_root = search_loading.folder_index(loaded, args.gallery, **options)
         else:
-            index, data_root = search_engine.dataset_index(loaded, args.data_root, args.split,
+            index, data_root = search_loading.dataset_index(loaded, args.data_root, args.split,
                                                            test_fraction=args.test_fraction, **options)
-    except search_engine.SetupError as e:
+    except search_loading.SetupError as e:
         sys.exit(str(e))
     except ImportError as e:  # --index_type ivf / hnsw without faiss
         sys.exit(f"Cannot build or load the {args.index_type} gallery index: {e}")

@@ -40,6 +40,7 @@ import app_stanford  # noqa: E402
 import datasets  # noqa: E402
 from dataio import fileio  # noqa: E402
 from search import engine as search_engine  # noqa: E402
+from search import loading as search_loading  # noqa: E402
 from search import tiny_demo  # noqa: E402
 
 # In the page: resolves when the gallery `id` shows `count` loaded images and its first one is not
@@ -167,8 +168,8 @@ def main():
         data_root, checkpoint = make_setup(folder / head, head, a)
         queries = datasets.SOPDataset(data_root, "test").paths
         for runtime in a.runtimes:
-            loaded = search_engine.load_search_model(checkpoint, runtime=runtime, device="cpu")
-            index, _ = search_engine.load_or_build_index(loaded.model, checkpoint, data_root, "test", progress=False,
+            loaded = search_loading.load_search_model(checkpoint, runtime=runtime, device="cpu")
+            index, _ = search_loading.load_or_build_index(loaded.model, checkpoint, data_root, "test", progress=False,
                                                          index_path=folder / head / f"index_{runtime}.npz",
                                                          model_key=loaded.key)
             engine = search_engine.SearchEngine(loaded.model, index, data_root, explain_source=checkpoint)

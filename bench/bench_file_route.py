@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import app_stanford  # noqa: E402
 import models  # noqa: E402
-from search import engine as search_engine  # noqa: E402
+from search import loading as search_loading  # noqa: E402
 from search.tiny_demo import free_port, make_tiny_demo  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def main(args):
     try:
         data_root, checkpoint = make_tiny_demo(work)
         model = models.load_model(checkpoint)
-        index, _ = search_engine.load_or_build_index(model, checkpoint, data_root, "test", progress=False)
+        index, _ = search_loading.load_or_build_index(model, checkpoint, data_root, "test", progress=False)
         app_stanford.use_private_gradio_temp_dir()
         demo = app_stanford.build_app(model, index, data_root, explain_store_gb=0)
         port = free_port()

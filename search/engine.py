@@ -1,137 +1,35 @@
 """The demo's query engine, without any UI: a query photo in, the ranked gallery images out.
 
-* query checks: `load_query_image` (decode an upload or refuse it with a `QueryError` whose
-  message is for the user), `clamp_k`, `category_to_super_id`, `category_choices`;
-* `SearchEngine`: decoded image -> model input -> embedding -> top-k of a
-  `search.index.GalleryIndex`, on one worker thread;
-* where indexes live (`default_index_path`, `default_gallery_index_path`), reusing or building
-  one (`load_or_build_index`);
-* loading what the demo serves from plain arguments: the model (`load_search_model`: a
-  checkpoint, the newest ``best.pth`` or a zero-shot backbone) and its gallery
-  (`folder_index` for any folder of photos, `dataset_index` for a labelled dataset's split);
-  what cannot load raises `SetupError` with a message saying what to do.
-
-``app_stanford.py`` is the Gradio UI and command line over it; ``bench/bench_search.py`` and
-``bench/gpu_check.py`` time it directly.
+`SearchEngine`: decoded image (`search.query`) -> model input -> embedding -> top-k of a
+`search.index.GalleryIndex` (or a `search.vectordb.MilvusGallery`), on one worker thread; the
+similarity maps of its results ("Show why"); the photos the web server may serve
+(`search.guard.ServedFiles`), swapped with the index under ``--watch``. What it serves is
+loaded by `search.loading`; ``app_stanford.py`` is the Gradio UI and command line over it;
+``bench/bench_search.py`` and ``bench/gpu_check.py`` time it directly.
 """
 import concurrent.futures
-import hashlib
 import logging
-import math
 import os
 import threading
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from dataio import catalogue
 from dataio import photos
-import datasets
 import explain
-import inference
+import checkpoints
 import models
-from search import gallery
+import preprocessing
 from search import guard
-from search import vectordb
-from search.index import build_gallery_index, load_fresh_index
+from search.query import CATEGORY_ALL, DEFAULT_K, QueryError, category_to_super_id, clamp_k, load_query_image
 
 logger = logging.getLogger("app_stanford")  # the demo's log, whichever module writes to it
 
-CATEGORY_ALL = "All"
-DEFAULT_K = 10
-MAX_K = 50
-# Formats a query may have. Decoding others (EPS runs Ghostscript, ...) is refused up front.
-QUERY_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-TRAIN_HINT = ("python train.py --dataset synthetic --backbone resnet18 --weights none "
-              "--image_size 64 --epochs 3 --loss multi_similarity --lr 1e-3 --batch_size 32 "
-              "--dropout 0   (offline, ~2 min on CPU; generates data/synthetic_sop)\n"
-              "  or on real SOP: python train.py --dataset stanford --backbone efficientnet_b0")
-
-
 EXACT_LABEL = "exact decomposition"
 APPROX_LABEL = "approximation: MLP head linearised at the pooled feature"
-
-
-class QueryError(ValueError):
-    """A query the demo refuses; the message is meant for the user and is shown as is."""
-
-
-# ============ query decoding ============
-
-def load_query_image(path, max_pixels=40_000_000, draft_size=None):
-    """Decode an uploaded file into an upright RGB PIL image, or raise QueryError saying why.
-
-    Checks, in order, before any pixel data is decoded: the file exists and is not empty;
-    Pillow recognises it as one of QUERY_FORMATS; width × height <= ``max_pixels`` (a PNG
-    can declare 50,000 × 50,000 in a 100-byte file). Decoding is `photos.load_image` — the
-    gallery's own loader, so a gallery photo uploaded as a query embeds exactly as in the
-    index: JPEG draft mode at ``draft_size``, EXIF orientation applied, palette / alpha /
-    LA / CMYK / 16-bit grey converted to RGB (transparency onto white).
-    """
-    try:
-        size = os.path.getsize(path)
-    except OSError:
-        raise QueryError("The uploaded file could not be found on the server; upload it again.") from None
-    if size == 0:
-        raise QueryError("The uploaded file is empty (0 bytes). Upload a JPEG, PNG or WebP photo.")
-    try:
-        with Image.open(path) as im:  # reads the header only
-            fmt, (w, h) = im.format, im.size
-    except Image.DecompressionBombError:
-        raise QueryError(f"The image declares too many pixels (more than {max_pixels / 1e6:.0f} "
-                         "megapixels); upload a smaller photo.") from None
-    except Exception:  # UnidentifiedImageError, SyntaxError, struct errors of broken headers
-        raise QueryError("This file is not an image Pillow can read. Upload a JPEG, PNG or WebP "
-                         "photo.") from None
-    if fmt not in QUERY_FORMATS:
-        raise QueryError(f"{fmt} files are not accepted; upload a JPEG, PNG, WebP, GIF, BMP or "
-                         "TIFF photo.")
-    if w < 1 or h < 1:
-        raise QueryError(f"The image has no pixels ({w}×{h}).")
-    if w * h > max_pixels:
-        raise QueryError(f"The image is {w}×{h} pixels ({w * h / 1e6:.0f} megapixels); the limit "
-                         f"is {max_pixels / 1e6:.0f} megapixels. Upload a smaller photo.")
-    try:
-        return photos.load_image(path, size=draft_size)
-    except Exception as e:  # whatever a broken file makes a Pillow plugin raise is the file's fault
-        truncated = "truncated" in str(e).lower() or isinstance(e, (EOFError, SyntaxError))
-        raise QueryError("The image file is truncated or corrupt: it could not be decoded completely. "
-                         "Upload the photo again or use another one." if truncated else
-                         f"The image could not be decoded ({type(e).__name__}). Upload another "
-                         "photo.") from None
-
-
-def category_choices(index):
-    """The category filter's choices: "All", then the gallery's category names (the data's:
-    SOP's 12, a catalogue's own, or a --gallery folder's first level) that hold an image."""
-    present = set(np.unique(index.super_ids).tolist())
-    return [CATEGORY_ALL] + [c for i, c in enumerate(index.categories, start=1) if i in present]
-
-
-def category_to_super_id(category, categories):
-    """"All" / None → None (whole gallery); a name among ``categories`` (the index's) → its
-    1-based super id; anything else is a QueryError listing the choices."""
-    if category in (None, "", CATEGORY_ALL):
-        return None
-    if category not in categories:
-        shown = ", ".join([CATEGORY_ALL, *categories[:30]]) + (" ..." if len(categories) > 30 else "")
-        raise QueryError(f"Unknown category {category!r}; choose one of: {shown}.")
-    return categories.index(category) + 1
-
-
-def clamp_k(k):
-    """K as an int in 1..MAX_K (the slider's range); non-numbers are refused."""
-    try:
-        k = float(k)
-    except (TypeError, ValueError):
-        raise QueryError(f"K must be a number between 1 and {MAX_K}, got {k!r}.") from None
-    if not math.isfinite(k):
-        raise QueryError(f"K must be a number between 1 and {MAX_K}, got {k!r}.")
-    return int(min(max(round(k), 1), MAX_K))
 
 
 # ============ search engine ============
@@ -165,11 +63,11 @@ class SearchEngine:
         self.data_root = Path(data_root)
         self.max_pixels = int(max_pixels)
         self.image_size = int(model.model_args["image_size"])
-        self.resize = datasets.resize_size(self.image_size)
+        self.resize = preprocessing.resize_size(self.image_size)
         self.crop = int(round((self.resize - self.image_size) / 2.0))  # as T.CenterCrop
         self.device = next(model.parameters()).device
-        mean = torch.tensor(models.IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(models.IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+        mean = torch.tensor(preprocessing.IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(preprocessing.IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
         # (u8 / 255 - mean) / std  ==  u8 * scale + shift
         self._scale = (1.0 / (255.0 * std)).to(self.device)
         self._shift = (-mean / std).to(self.device)
@@ -236,7 +134,7 @@ class SearchEngine:
 
     def prepare(self, image):
         """Write the eval transform of ``image`` (RGB PIL, or its `pixels`) into the input buffer;
-        returns it. Same numbers as ``datasets.build_transform(image_size, train=False)``."""
+        returns it. Same numbers as ``preprocessing.build_transform(image_size, train=False)``."""
         arr = image if isinstance(image, np.ndarray) else self.pixels(image)
         x = torch.from_numpy(arr).to(self.device).permute(2, 0, 1)
         torch.addcmul(self._shift, x, self._scale, out=self._input[0])
@@ -543,198 +441,7 @@ def _torch_twin(model, source=None):
     digest = meta.get("checkpoint_sha256")
     if digest and path is not None:
         for candidate in sorted(Path(path).parent.glob("*.pth")):
-            if models.checkpoint_hash(candidate) == digest:
+            if checkpoints.checkpoint_hash(candidate) == digest:
                 return models.load_model(candidate)
     raise QueryError("Explanations need the torch model this ONNX export was made from; it was "
                      "not found (start the demo with --runtime torch to use them).")
-
-
-# ============ gallery index ============
-
-def default_index_path(checkpoint, split):
-    """``gallery_<split>.npz`` beside the checkpoint: an index belongs to one set of weights."""
-    return Path(checkpoint).parent / f"gallery_{split}.npz"
-
-
-def _path_tag(folder) -> str:
-    """8 hex digits of the sha256 of ``folder``'s absolute path: one index file per folder."""
-    return hashlib.sha256(str(Path(folder).expanduser().resolve()).encode()).hexdigest()[:8]
-
-
-def default_gallery_index_path(gallery_dir, checkpoint=None, model_name=None):
-    """Where the index of a ``--gallery`` folder goes: ``gallery_<folder name>_<_path_tag>.npz``
-    beside the checkpoint, or under ``runs/<model_name>/`` for a zero-shot model; never
-    inside the gallery folder itself."""
-    folder = Path(gallery_dir).expanduser().resolve()
-    name = f"gallery_{folder.name or 'root'}_{_path_tag(folder)}.npz"
-    return (Path(checkpoint).parent if checkpoint else Path("runs") / model_name) / name
-
-
-def load_or_build_index(model, checkpoint, data_root, split="test", index_path=None,
-                        batch_size=64, workers=None, progress=True, force=False, index_type="exact",
-                        model_key=None, splits=None):
-    """The gallery index of ``split`` under ``data_root`` (any layout) for ``checkpoint``:
-    loaded from ``index_path`` when it was built from this checkpoint (sha256, or
-    ``model_key`` when given: a zero-shot model has no checkpoint) and this image list,
-    otherwise (or with ``force``) built with a progress bar and saved atomically.
-    ``index_type``: "exact", "ivf" or "hnsw" (search.index.GalleryIndex); an index of another
-    type is rebuilt. ``splits``: SOPDataset's split settings (datasets.split_options).
-
-    Returns ``(index, built: bool)``. A failed save raises OSError naming the path (the
-    previous file is left intact by `search.index.GalleryIndex.save`).
-    """
-    index_path = Path(index_path) if index_path else default_index_path(checkpoint, split)
-    image_size = int(model.model_args["image_size"])
-    # check_files=False: a vanished photo is left out of the index (build_gallery_index's
-    # skip_unreadable), not a reason for the demo not to start
-    dataset = datasets.SOPDataset(data_root, split, **(splits or {}), check_files=False,
-                                  transform=datasets.build_transform(image_size, train=False))
-    ckpt_hash = model_key or models.checkpoint_hash(checkpoint)
-    if index_path.exists() and not force:
-        index, why = load_fresh_index(index_path, ckpt_hash, dataset.rel_paths, index_type=index_type)
-        if index is not None:
-            logger.info("Loaded gallery index %s (%d images)", index_path, len(index))
-            return index, False
-        logger.info("Gallery index %s: %s; rebuilding it", index_path, why)
-    logger.info("Embedding %d gallery images of %s (split %s) with %s ...",
-                len(dataset), dataset.root, split, checkpoint or model_key)
-    index = build_gallery_index(
-        model, dataset, batch_size=batch_size, workers=workers, checkpoint_hash=ckpt_hash,
-        device=next(model.parameters()).device,
-        meta={"split": split, "data_root": str(dataset.root), "model_args": dict(model.model_args),
-              "checkpoint": str(checkpoint) if checkpoint else None}, progress=progress,
-        index_type=index_type, skip_unreadable=True)
-    index.save(index_path)
-    logger.info("Saved gallery index %s", index_path)
-    return index, True
-
-
-def find_checkpoint(checkpoint_dir="checkpoints"):
-    """The newest ``<checkpoint_dir>/*/best.pth`` (by modification time), or None."""
-    found = sorted(Path(checkpoint_dir).glob("*/best.pth"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
-
-
-# ============ what the demo serves, from plain arguments ============
-
-class SetupError(RuntimeError):
-    """The model or the gallery cannot be loaded; the message says why and what to do."""
-
-
-class SearchModel(NamedTuple):
-    """A model ready to embed queries, and what names it: ``checkpoint`` (None for a zero-shot
-    backbone), ``key`` (the checkpoint's sha256, or the zero-shot model key: what an index
-    records as its checkpoint hash) and ``name`` (the run folder, or the zero-shot name)."""
-    model: torch.nn.Module
-    checkpoint: Path | None
-    key: str
-    name: str
-
-
-def load_search_model(checkpoint=None, checkpoint_dir="checkpoints", device="auto",
-                      zero_shot_backbone=None, weights="imagenet", image_size=224,
-                      runtime=None) -> SearchModel:
-    """The checkpoint (``checkpoint``, else the newest ``<checkpoint_dir>/*/best.pth``), or
-    with ``zero_shot_backbone`` that pretrained backbone alone (``weights``, ``image_size``),
-    on ``device`` (`models.resolve_device`) and ``runtime`` (inference.load_embedder; default
-    inference.default_runtime). SetupError when neither loads."""
-    device = models.resolve_device(device)
-    runtime = inference.resolve_runtime(runtime, device)
-    if zero_shot_backbone:
-        try:
-            model = inference.load_embedder(zero_shot=(zero_shot_backbone, weights, image_size),
-                                            runtime=runtime, device=device)
-        except (models.WeightsUnavailableError, OSError, ValueError) as e:
-            raise SetupError(f"Cannot load {zero_shot_backbone} with weights {weights!r}: {e}") from e
-        logger.info("Zero-shot %s (%s weights, %d px)", zero_shot_backbone, weights, image_size)
-        return SearchModel(model, None, models.zero_shot_model_key(zero_shot_backbone, str(weights), image_size),
-                           models.zero_shot_name(zero_shot_backbone, image_size, str(weights)))
-    checkpoint = Path(checkpoint) if checkpoint else find_checkpoint(checkpoint_dir)
-    if checkpoint is None:
-        raise SetupError(
-            f"No checkpoint given and none found under {Path(checkpoint_dir) / '*' / 'best.pth'}. "
-            f"Train one first, e.g.:\n  {TRAIN_HINT}\nthen run: python app_stanford.py "
-            "--checkpoint checkpoints/<run>/best.pth, or search with pretrained features: "
-            "python app_stanford.py --zero_shot --backbone efficientnet_lite0 --gallery DIR")
-    try:
-        model = inference.load_embedder(checkpoint, runtime=runtime, device=device)
-    except (OSError, models.CheckpointError, inference.OnnxModelError, ValueError) as e:
-        raise SetupError(f"Cannot load checkpoint {checkpoint}: {e}") from e
-    logger.info("Loaded %s (%s, runtime %s)", checkpoint, model.model_args, runtime)
-    return SearchModel(model, checkpoint, models.checkpoint_hash(checkpoint), checkpoint.parent.name)
-
-
-def folder_index(loaded: SearchModel, folder, index_path=None, batch_size=64, workers=None,
-                 rebuild=False, index_type="exact", backend="file", db_uri=None, collection=None,
-                 checkpoint_every=gallery.CHECKPOINT_EVERY):
-    """``(index, folder)``: the index of every image under ``folder`` (`search.gallery`),
-    updated incrementally (and resumably: checkpoints every ``checkpoint_every`` images), at
-    ``index_path`` (default `default_gallery_index_path`); with ``backend="milvus"`` a
-    `search.vectordb.MilvusGallery` in the database ``db_uri`` (default
-    `search.vectordb.default_db_path`). SetupError for a missing folder, one without a readable
-    image, or a database that cannot be used."""
-    model, checkpoint = loaded.model, loaded.checkpoint
-    options = dict(batch_size=batch_size, workers=workers, device=next(model.parameters()).device,
-                   index_type=index_type, checkpoint_every=checkpoint_every)
-    try:
-        if backend == "milvus":
-            db_uri = db_uri or vectordb.default_db_path(checkpoint, loaded.name)
-            index, report = vectordb.folder_gallery(model, loaded.key, folder, db_uri, collection=collection,
-                                                    rebuild=rebuild, **options)
-            where = f"{db_uri}, collection {index.name}"
-        else:
-            where = Path(index_path) if index_path else default_gallery_index_path(folder, checkpoint, loaded.name)
-            index, report = gallery.update_gallery_index(
-                model, folder, where, loaded.key, force=rebuild, **options,
-                meta={"model_args": dict(model.model_args), "checkpoint": str(checkpoint) if checkpoint else None})
-    except (FileNotFoundError, NotADirectoryError, ValueError, vectordb.DatabaseError) as e:
-        raise SetupError(f"Cannot index the gallery {folder}: {e}") from e
-    logger.info("Gallery %s: %d images (%d added, %d changed, %d removed, %d unchanged, %d embedded, %d "
-                "resumed; %d files skipped as not images, %d unreadable) in %.1f s; index %s", folder,
-                len(index), report["added"], report["changed"], report["removed"], report["unchanged"],
-                report["embedded"], report["resumed"], report["skipped_non_images"], report["unreadable"],
-                report["seconds"], where)
-    for rel in report["skipped"]:
-        logger.debug("skipped (not an image) %s", rel)
-    for rel in report["unreadable_paths"]:
-        logger.debug("skipped (unreadable) %s", rel)
-    return index, Path(folder).expanduser().resolve()
-
-
-def dataset_index(loaded: SearchModel, data_root=None, split=None, index_path=None, batch_size=64,
-                  workers=None, rebuild=False, index_type="exact", test_fraction=None, backend="file",
-                  db_uri=None, collection=None, checkpoint_every=None):
-    """``(index, data_root)``: the index of ``split`` (default `datasets.serving_split`: the test
-    split, the whole catalogue for a run trained on every product) of a labelled dataset (any layout;
-    default ``data_root``: the checkpoint's, `catalogue.default_data_root`), reused or built
-    by `load_or_build_index` at ``index_path`` (default beside the checkpoint, or under
-    ``runs/<zero-shot name>/``); with ``backend="milvus"`` the split's collection in ``db_uri``
-    (`search.vectordb.split_gallery`: served as it is when complete, e.g. from ``shards.py``).
-    SetupError when the dataset or the database cannot be read. (``checkpoint_every``: unused,
-    a split is embedded in one pass or by ``shards.py``.)"""
-    train_args = (getattr(loaded.model, "checkpoint_info", None) or {}).get("args")
-    try:
-        data_root = catalogue.detect_layout(data_root or catalogue.default_data_root(train_args))[0]
-        split = split or datasets.serving_split(train_args, data_root)
-        index_path = index_path or (
-            default_index_path(loaded.checkpoint, split) if loaded.checkpoint else
-            Path("runs") / loaded.name / f"gallery_{split}_{_path_tag(data_root)}.npz")
-        splits = datasets.split_options(train_args, test_fraction)
-
-        def build():
-            return load_or_build_index(loaded.model, loaded.checkpoint, data_root, split, index_path,
-                                       batch_size=batch_size, workers=workers, force=rebuild,
-                                       index_type=index_type, model_key=loaded.key, splits=splits)[0]
-
-        if backend == "milvus":
-            index = vectordb.split_gallery(
-                db_uri or vectordb.default_db_path(loaded.checkpoint, loaded.name), data_root, split,
-                loaded.key, dict(loaded.model.model_args), datasets.SOPDataset(data_root, split, **splits).rel_paths,
-                build, collection=collection, index_type=index_type, rebuild=rebuild)
-        else:
-            index = build()
-    except (FileNotFoundError, NotADirectoryError, ValueError, catalogue.DatasetError, vectordb.DatabaseError) as e:
-        raise SetupError(f"Cannot build the gallery from {data_root}: {e}\nPass --data_root DIR (a dataset: "
-                         "Ebay files, a catalogue.csv or a <category>/<product>/<image> tree), or "
-                         "--gallery DIR to search any folder of photos.") from e
-    return index, data_root

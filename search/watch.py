@@ -33,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from search import engine as search_engine
+from search import loading as search_loading
 from search import gallery
 
 logger = logging.getLogger("app_stanford")
@@ -113,12 +113,12 @@ class GalleryWatcher:
             self.check()
 
 
-def folder_refresher(loaded: search_engine.SearchModel, folder, current, index_path=None,
+def folder_refresher(loaded: search_loading.SearchModel, folder, current, index_path=None,
                      index_type="exact", batch_size=64, workers=0):
     """``refresh()`` for a folder gallery with a file index (see the module docstring).
 
     ``current()``: the index being served (compared with the folder); ``index_path``: the
-    index file (default `search.engine.default_gallery_index_path`, as `folder_index`).
+    index file (default `search.loading.default_gallery_index_path`, as `folder_index`).
 
     The new photos are embedded in the watcher's thread with the served model itself, not on
     the engine's worker thread: a batch there would hold every query behind it for its whole
@@ -129,7 +129,7 @@ def folder_refresher(loaded: search_engine.SearchModel, folder, current, index_p
     threaded server at each tick.
     """
     folder = Path(folder).expanduser().resolve()
-    index_path = Path(index_path) if index_path else search_engine.default_gallery_index_path(
+    index_path = Path(index_path) if index_path else search_loading.default_gallery_index_path(
         folder, loaded.checkpoint, loaded.name)
     device = next(loaded.model.parameters()).device
 

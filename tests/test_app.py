@@ -25,10 +25,14 @@ if str(REPO) not in sys.path:
 
 import app_stanford  # noqa: E402
 import datasets  # noqa: E402
+import preprocessing  # noqa: E402
 from dataio import photos  # noqa: E402
 from dataio import catalogue  # noqa: E402
+import checkpoints  # noqa: E402
 import models  # noqa: E402
 from search import engine as search_engine  # noqa: E402
+from search import query as search_query  # noqa: E402
+from search import loading as search_loading  # noqa: E402
 from search.tiny_demo import (free_port, make_tiny_demo, write_query_files,  # noqa: E402
                               write_untrained_checkpoint)
 TOL = 1e-5  # score tolerance between the app's embedding and the reference computation
@@ -41,7 +45,7 @@ def running_demo(data_root, checkpoint, max_upload_mb=10, port=None, **build_kw)
     """The demo as main() builds it, launched on loopback in this process; yields
     ``(demo, url)`` and closes the server afterwards."""
     model = models.load_model(checkpoint)
-    index, _ = search_engine.load_or_build_index(model, checkpoint, data_root, "test", progress=False)
+    index, _ = search_loading.load_or_build_index(model, checkpoint, data_root, "test", progress=False)
     app_stanford.use_private_gradio_temp_dir()
     demo = app_stanford.build_app(model, index, data_root, max_upload_mb=max_upload_mb, **build_kw)
     port = port or free_port()
@@ -57,7 +61,7 @@ def running_demo(data_root, checkpoint, max_upload_mb=10, port=None, **build_kw)
 
 def reference_embedding(model, path):
     """The query embedding the slow, obvious way: load_image + build_transform + forward."""
-    x = datasets.build_transform(model.model_args["image_size"])(photos.load_image(path))
+    x = preprocessing.build_transform(model.model_args["image_size"])(photos.load_image(path))
     with torch.no_grad():
         return model(x[None])[0].numpy()
 
@@ -113,7 +117,7 @@ def tiny(tmp_path_factory):
         folder = tmp_path_factory.mktemp("app")
         data_root, checkpoint = make_tiny_demo(folder)
         model = models.load_model(checkpoint)
-        index, built = search_engine.load_or_build_index(model, checkpoint, data_root, "test",
+        index, built = search_loading.load_or_build_index(model, checkpoint, data_root, "test",
                                                         progress=False)
         assert built
         gallery = datasets.SOPDataset(data_root, "test")
@@ -152,7 +156,7 @@ def search(client, path, k=5, category="All"):
 @pytest.mark.parametrize("category", ["All", "chair", "mug"])
 def test_engine_matches_brute_force(tiny, category):
     engine, index, model = tiny["engine"], tiny["index"], tiny["model"]
-    super_id = search_engine.category_to_super_id(category, index.categories)
+    super_id = search_query.category_to_super_id(category, index.categories)
     for path in tiny["gallery"].paths[::50]:
         out = engine.search_file(path, k=7, category=category)
         ref_idx, ref_scores = brute_force(index, reference_embedding(model, path), 7, super_id)
@@ -168,8 +172,8 @@ def test_engine_matches_brute_force(tiny, category):
 def test_k_larger_than_category_returns_what_exists(tiny):
     engine, index = tiny["engine"], tiny["index"]
     n_mugs = int((index.super_ids == catalogue.SOP_CATEGORIES.index("mug") + 1).sum())
-    out = engine.search_file(tiny["gallery"].paths[0], k=search_engine.MAX_K, category="mug")
-    assert len(out["results"]) == min(n_mugs, search_engine.MAX_K)
+    out = engine.search_file(tiny["gallery"].paths[0], k=search_query.MAX_K, category="mug")
+    assert len(out["results"]) == min(n_mugs, search_query.MAX_K)
     assert all(r["index"] >= 0 for r in out["results"])
 
 
@@ -185,12 +189,12 @@ def test_clicked_result_searches_with_its_stored_vector(tiny):
 @pytest.mark.parametrize("size", [(48, 48), (300, 200), (37, 90)])
 @pytest.mark.parametrize("image_size", [48, 224])
 def test_prepare_matches_the_eval_transform(tiny, size, image_size):
-    """The lean preprocessing gives the numbers of datasets.build_transform(train=False)."""
+    """The lean preprocessing gives the numbers of preprocessing.build_transform(train=False)."""
     model = models.build_model("resnet18", weights="none", image_size=image_size)
     engine = search_engine.SearchEngine(model, tiny["index"], tiny["data_root"])
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-    expected = datasets.build_transform(image_size, train=False)(image)
+    expected = preprocessing.build_transform(image_size, train=False)(image)
     got = engine.prepare(image)[0]
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -199,20 +203,20 @@ def test_prepare_matches_the_eval_transform(tiny, size, image_size):
 def test_odd_modes_decode_to_sensible_rgb(tiny):
     queries, base = tiny["queries"], photos.load_image(tiny["gallery"].paths[0])
     grey = np.asarray(base.convert("L"), np.float64)
-    got = np.asarray(search_engine.load_query_image(queries["grey16.png"][0]).convert("L"), np.float64)
+    got = np.asarray(search_query.load_query_image(queries["grey16.png"][0]).convert("L"), np.float64)
     assert abs(got.mean() - grey.mean()) < 2, "16-bit grey must be rescaled, not clipped to white"
-    rgba = search_engine.load_query_image(queries["rgba.png"][0])
+    rgba = search_query.load_query_image(queries["rgba.png"][0])
     assert rgba.mode == "RGB" and rgba.getpixel((0, 0)) == (255, 255, 255)  # transparent → white
     assert rgba.getpixel((0, base.height - 1)) == base.getpixel((0, base.height - 1))  # opaque kept
     for name in ("palette.png", "la.png", "cmyk.jpg", "one_pixel.png", "photo.webp"):
-        im = search_engine.load_query_image(queries[name][0])
+        im = search_query.load_query_image(queries[name][0])
         assert im.mode == "RGB" and im.width >= 1
 
 
 def test_exif_rotated_photo_is_searched_upright(tiny):
     queries, engine = tiny["queries"], tiny["engine"]
-    upright = search_engine.load_query_image(queries["upright.jpg"][0])
-    rotated = search_engine.load_query_image(queries["exif_rotated.jpg"][0])
+    upright = search_query.load_query_image(queries["upright.jpg"][0])
+    rotated = search_query.load_query_image(queries["exif_rotated.jpg"][0])
     assert rotated.size == upright.size  # (w, h), not (h, w)
     diff = np.abs(np.asarray(rotated, np.float64) - np.asarray(upright, np.float64)).mean()
     assert diff < 8, diff  # the same picture up to JPEG re-encoding
@@ -225,18 +229,18 @@ def test_exif_rotated_photo_is_searched_upright(tiny):
     ("not_an_image.jpg", "not an image"), ("empty.jpg", "empty"), ("truncated.jpg", "truncated"),
     ("bomb.png", "megapixels"), ("big_dims.png", "megapixels")])
 def test_bad_files_are_refused_with_a_reason(tiny, name, fragment):
-    with pytest.raises(search_engine.QueryError, match=fragment):
+    with pytest.raises(search_query.QueryError, match=fragment):
         tiny["engine"].search_file(tiny["queries"][name][0])
 
 
 def test_bad_k_and_category(tiny):
     engine, path = tiny["engine"], tiny["gallery"].paths[0]
-    assert len(engine.search_file(path, k=10_000)["results"]) == search_engine.MAX_K
+    assert len(engine.search_file(path, k=10_000)["results"]) == search_query.MAX_K
     assert len(engine.search_file(path, k=0)["results"]) == 1
     for bad in ("ten", float("nan"), None):
-        with pytest.raises(search_engine.QueryError, match="K must be"):
+        with pytest.raises(search_query.QueryError, match="K must be"):
             engine.search_file(path, k=bad)
-    with pytest.raises(search_engine.QueryError, match="Unknown category"):
+    with pytest.raises(search_query.QueryError, match="Unknown category"):
         engine.search_file(path, category="spaceship")
 
 
@@ -249,7 +253,7 @@ def test_api_returns_k_ranked_results(server, tiny):
         gallery, ranked, timing = search(server["client"], path, k, category)
         assert len(gallery) == len(ranked["results"]) == k
         ref_idx, ref_scores = brute_force(index, reference_embedding(model, path), k,
-                                          search_engine.category_to_super_id(category, index.categories))
+                                          search_query.category_to_super_id(category, index.categories))
         assert_same_ranking(ranked["results"], ref_idx, ref_scores)
         for item, r in zip(gallery, ranked["results"]):
             assert item["caption"] == f"{r['score']:.3f} · {r['category']} · #{r['product_id']}"
@@ -337,7 +341,7 @@ def test_file_route_serves_only_gallery_images(server, tiny):
     try:
         refused = [
             "/etc/passwd", "/etc/hostname", str(secret),
-            str(tiny["checkpoint"]), str(search_engine.default_index_path(tiny["checkpoint"], "test")),
+            str(tiny["checkpoint"]), str(search_loading.default_index_path(tiny["checkpoint"], "test")),
             str(data_root / "Ebay_test.txt"),                     # inside the root, not an image folder
             str(link),                                            # symlink out of the image folder
             f"{image.parent}/../../secret.txt", f"{image.parent}/../../../../../etc/passwd",
@@ -564,11 +568,11 @@ def test_demo_starts_with_corrupt_vanished_and_unreadable_gallery_photos(tiny, t
     test_paths = datasets.SOPDataset(root, "test").rel_paths
     (root / test_paths[0]).write_bytes(b"not an image")          # corrupt before indexing
     (root / test_paths[1]).unlink()                               # vanished before indexing
-    index, built = search_engine.load_or_build_index(model, checkpoint, root, "test", tmp_path / "g.npz",
+    index, built = search_loading.load_or_build_index(model, checkpoint, root, "test", tmp_path / "g.npz",
                                                      progress=False)
     assert built and len(index) == len(test_paths) - 2
     assert set(index.meta["unreadable"]) == {test_paths[0], test_paths[1]}
-    again, built = search_engine.load_or_build_index(model, checkpoint, root, "test", tmp_path / "g.npz",
+    again, built = search_loading.load_or_build_index(model, checkpoint, root, "test", tmp_path / "g.npz",
                                                      progress=False)
     assert not built and len(again) == len(index)  # reused, not rebuilt at every start
     data = (root / index.paths[0]).read_bytes()
@@ -608,8 +612,8 @@ def test_newest_best_checkpoint_is_found(tmp_path, tiny):
         os.utime(p, (1_000_000 + 10 * [0, 2, 1][i],) * 2)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "last.pth").write_bytes(b"")  # only best.pth counts
-    assert search_engine.find_checkpoint(tmp_path) == tmp_path / "new" / "best.pth"
-    assert search_engine.find_checkpoint(tmp_path / "empty") is None
+    assert search_loading.find_checkpoint(tmp_path) == tmp_path / "new" / "best.pth"
+    assert search_loading.find_checkpoint(tmp_path / "empty") is None
 
 
 def test_data_root_defaults_to_the_checkpoints(tiny):
@@ -625,28 +629,28 @@ def test_index_is_reused_then_rebuilt_when_checkpoint_or_images_change(tmp_path,
     model = models.load_model(ckpt)
     kw = dict(progress=False, workers=0)
 
-    index, built = search_engine.load_or_build_index(model, ckpt, data_root, **kw)
-    assert built and search_engine.default_index_path(ckpt, "test").is_file()
-    index2, built = search_engine.load_or_build_index(model, ckpt, data_root, **kw)
+    index, built = search_loading.load_or_build_index(model, ckpt, data_root, **kw)
+    assert built and search_loading.default_index_path(ckpt, "test").is_file()
+    index2, built = search_loading.load_or_build_index(model, ckpt, data_root, **kw)
     assert not built and index2.checkpoint_hash == index.checkpoint_hash
     np.testing.assert_array_equal(index2.embeddings, index.embeddings)
 
     # another checkpoint (other weights) at the same path → rebuilt
     write_untrained_checkpoint(ckpt, data_root, seed=1)
     model = models.load_model(ckpt)
-    index3, built = search_engine.load_or_build_index(model, ckpt, data_root, **kw)
-    assert built and index3.checkpoint_hash == models.checkpoint_hash(ckpt) != index.checkpoint_hash
+    index3, built = search_loading.load_or_build_index(model, ckpt, data_root, **kw)
+    assert built and index3.checkpoint_hash == checkpoints.checkpoint_hash(ckpt) != index.checkpoint_hash
     assert not np.allclose(index3.embeddings, index.embeddings)
 
     # the image list changed (one line dropped) → rebuilt
     lines = (data_root / "Ebay_test.txt").read_text().splitlines(keepends=True)
     (data_root / "Ebay_test.txt").write_text("".join(lines[:-1]))
-    index4, built = search_engine.load_or_build_index(model, ckpt, data_root, **kw)
+    index4, built = search_loading.load_or_build_index(model, ckpt, data_root, **kw)
     assert built and len(index4) == len(index3) - 1
 
     # a corrupt index file → rebuilt, not a crash
-    search_engine.default_index_path(ckpt, "test").write_bytes(b"garbage")
-    _, built = search_engine.load_or_build_index(model, ckpt, data_root, **kw)
+    search_loading.default_index_path(ckpt, "test").write_bytes(b"garbage")
+    _, built = search_loading.load_or_build_index(model, ckpt, data_root, **kw)
     assert built
 
 
@@ -656,7 +660,7 @@ def test_failed_index_write_keeps_the_previous_file(tmp_path, tiny, monkeypatch)
     shutil.copy(tiny["checkpoint"], ckpt)
     index_path = tmp_path / "index.npz"
     model = models.load_model(ckpt)
-    search_engine.load_or_build_index(model, ckpt, tiny["data_root"], index_path=index_path,
+    search_loading.load_or_build_index(model, ckpt, tiny["data_root"], index_path=index_path,
                                      progress=False, workers=0)
     before = index_path.read_bytes()
 
@@ -665,7 +669,7 @@ def test_failed_index_write_keeps_the_previous_file(tmp_path, tiny, monkeypatch)
 
     monkeypatch.setattr(os, "replace", full_disk)
     with pytest.raises(OSError) as err:
-        search_engine.load_or_build_index(model, ckpt, tiny["data_root"], index_path=index_path,
+        search_loading.load_or_build_index(model, ckpt, tiny["data_root"], index_path=index_path,
                                          progress=False, workers=0, force=True)
     assert str(index_path) in str(err.value)
     assert index_path.read_bytes() == before

@@ -8,9 +8,12 @@ from PIL import Image
 from tests import test_app
 import app_stanford
 import datasets
+import preprocessing
 import explain
 import models
 from search import engine as search_engine
+from search import query as search_query
+from search import loading as search_loading
 from search import explain_store
 from search.index import build_gallery_index
 
@@ -30,7 +33,7 @@ def test_engine_explain_maps_sum_to_the_score(tiny):
         assert e["exact"] is (tiny["model"].model_args["head"] in ("linear", "none"))
         s = engine.image_size
         assert e["query_overlay"].size == e["result_overlay"].size == (s, s)
-    with pytest.raises(search_engine.QueryError):
+    with pytest.raises(search_query.QueryError):
         engine.explain(path, len(tiny["index"]))
 
 
@@ -39,7 +42,7 @@ def linear_engine(tiny):
     if "linear" not in tiny:
         torch.manual_seed(0)
         model = models.build_model("resnet18", weights="none", image_size=48, head="linear").eval()
-        dataset = datasets.SOPDataset(tiny["data_root"], "test", transform=datasets.build_transform(48))
+        dataset = datasets.SOPDataset(tiny["data_root"], "test", transform=preprocessing.build_transform(48))
         index = build_gallery_index(model, dataset, workers=0, progress=False)
         tiny["linear"] = search_engine.SearchEngine(model, index, tiny["data_root"])
     return tiny["linear"]
@@ -89,7 +92,7 @@ def test_explain_names_its_result_by_path_in_one_gallery_snapshot(tiny):
         e = engine.explain(path, second["catalogue_path"])
         assert e["catalogue_path"] == second["catalogue_path"] and e["index"] != second["index"]
         assert abs(e["score"] - second["score"]) < ATOL
-        with pytest.raises(search_engine.QueryError, match="no longer in the gallery"):
+        with pytest.raises(search_query.QueryError, match="no longer in the gallery"):
             engine.explain(path, first["catalogue_path"])
     finally:
         engine.replace_index(before)
@@ -103,7 +106,7 @@ def test_a_result_photo_that_vanished_is_a_clear_error(tiny, tmp_path):
     engine = search_engine.SearchEngine(tiny["model"], tiny["index"], root)
     ranked = engine.search_file(tiny["gallery"].paths[5], k=2)
     (root / ranked["results"][0]["catalogue_path"]).unlink()
-    with pytest.raises(search_engine.QueryError, match="can no longer be read"):
+    with pytest.raises(search_query.QueryError, match="can no longer be read"):
         engine.explain(tiny["gallery"].paths[5], ranked["results"][0]["catalogue_path"])
 
 
@@ -136,7 +139,7 @@ def test_onnx_runtime_explains_with_the_checkpoint_it_was_exported_from(tiny, tm
     ckpt = tmp_path / "run" / "best.pth"
     ckpt.parent.mkdir()
     shutil.copy(tiny["checkpoint"], ckpt)
-    loaded = search_engine.load_search_model(ckpt, runtime="onnx", device="cpu")
+    loaded = search_loading.load_search_model(ckpt, runtime="onnx", device="cpu")
     assert not isinstance(loaded.model, models.EmbeddingNet)  # the onnxruntime embedder
     path = tiny["gallery"].paths[3]
     torch_engine = search_engine.SearchEngine(tiny["model"], tiny["index"], tiny["data_root"])
@@ -156,7 +159,7 @@ def test_onnx_runtime_explains_with_the_checkpoint_it_was_exported_from(tiny, tm
     from inference import OnnxEmbedder
     lonely = OnnxEmbedder(alone / "best.onnx")
     engine = search_engine.SearchEngine(lonely, tiny["index"], tiny["data_root"])
-    with pytest.raises(search_engine.QueryError, match="--runtime torch"):
+    with pytest.raises(search_query.QueryError, match="--runtime torch"):
         engine.explain(path, 5)
 
 
@@ -179,7 +182,7 @@ def test_show_why_after_a_search_runs_no_forward_with_a_store(tiny, tmp_path, ru
         ckpt = tmp_path / "run" / "best.pth"
         ckpt.parent.mkdir()
         shutil.copy(tiny["checkpoint"], ckpt)
-        model = search_engine.load_search_model(ckpt, runtime="onnx", device="cpu").model
+        model = search_loading.load_search_model(ckpt, runtime="onnx", device="cpu").model
         assert model.has_features
     else:
         model = tiny["model"]

@@ -13,10 +13,11 @@ import torch
 
 import datasets
 import evaluate
+import checkpoints
 import models
 import train
 from dataio import prepare_data
-from search import engine as search_engine
+from search import loading as search_loading
 from training import flags
 from training import heldout
 
@@ -98,7 +99,7 @@ def test_a_run_validated_on_the_test_split_is_not_held_out(shop, tmp_path):
     # an older checkpoint (no record) that validated on test is marked from its args alone
     state = torch.load(ckpt, weights_only=True)
     del state["products"]
-    models.atomic_save(state, ckpt)
+    checkpoints.atomic_save(state, ckpt)
     results = evaluate_cli("--checkpoint", ckpt, "--output", tmp_path / "ev")
     assert results["held_out"] is False and "--val_split test" in results["held_out_why"]
     assert "figures are not held out" in (tmp_path / "ev" / "results.md").read_text()
@@ -108,7 +109,7 @@ def test_an_older_checkpoint_without_record_is_marked_unknown(shop, tmp_path):
     ckpt = train_epoch_zero(shop, tmp_path)
     state = torch.load(ckpt, weights_only=True)
     del state["products"]
-    models.atomic_save(state, ckpt)
+    checkpoints.atomic_save(state, ckpt)
     results = evaluate_cli("--checkpoint", ckpt, "--output", tmp_path / "ev")
     assert results["held_out"] is None and "no record" in results["held_out_why"]
 
@@ -127,11 +128,11 @@ def test_test_fraction_0_trains_on_every_product_and_has_no_test_split(shop, tmp
     args = torch.load(ckpt, weights_only=True)["args"]
     assert datasets.serving_split(args, shop) == "trainval"
     assert datasets.serving_split({"test_fraction": 0.5}, shop) == "test"
-    loaded = search_engine.load_search_model(ckpt, device="cpu", runtime="torch")
-    with pytest.raises(search_engine.SetupError, match="no held-out test split"):
-        search_engine.dataset_index(loaded, split="test", index_path=tmp_path / "test.npz", workers=0)
+    loaded = search_loading.load_search_model(ckpt, device="cpu", runtime="torch")
+    with pytest.raises(search_loading.SetupError, match="no held-out test split"):
+        search_loading.dataset_index(loaded, split="test", index_path=tmp_path / "test.npz", workers=0)
     # as the demo calls it (app_stanford: --split defaults to None): the serving split
-    index, _ = search_engine.dataset_index(loaded, split=None, index_path=tmp_path / "all.npz", workers=0)
+    index, _ = search_loading.dataset_index(loaded, split=None, index_path=tmp_path / "all.npz", workers=0)
     assert index.meta["split"] == "trainval"
     assert len(index) == len(datasets.SOPDataset(shop, "trainval", test_fraction=0.5, check_files=False)) + len(
         datasets.SOPDataset(shop, "test", test_fraction=0.5, check_files=False))
@@ -153,7 +154,7 @@ def tiny_checkpoint(path, root, seed):
     torch.manual_seed(seed)
     model = models.build_model("resnet18", embedding_size=16, weights="none", image_size=32)
     train_ids = sorted(set(datasets.SOPDataset(root, "trainval", check_files=False).product_ids))
-    models.atomic_save(models.make_checkpoint(model, args={"dataset": "synthetic", "data_root": str(root),
+    checkpoints.atomic_save(checkpoints.make_checkpoint(model, args={"dataset": "synthetic", "data_root": str(root),
                                                            "select_metric": "recall@1"},
                                               products={"train": train_ids, "val": []}), path)
     return path

@@ -16,8 +16,9 @@ from test_catalogue import jpeg
 import app_stanford
 import datasets
 from dataio import catalogue
+import checkpoints
 import models
-from search import engine as search_engine
+from search import loading as search_loading
 from search.tiny_demo import free_port
 import train
 from training import evaluation
@@ -102,7 +103,7 @@ def test_free_category_names_train_evaluate_demo(tmp_path, tiny_synthetic_root):
     # the demo: its filter offers the data's names, and a filtered search stays in one
     model = models.load_model(ckpt)
     splits = datasets.split_options(model.checkpoint_info["args"])
-    index, _ = search_engine.load_or_build_index(model, ckpt, root, "test", progress=False, splits=splits)
+    index, _ = search_loading.load_or_build_index(model, ckpt, root, "test", progress=False, splits=splits)
     assert index.paths == test_set.rel_paths
     with serving(model, index, root) as (client, url, demo):
         assert dropdown_choices(demo) == ["All", *sorted(FREE_NAMES)]
@@ -144,14 +145,14 @@ def test_gallery_folder_checkpoint_incremental_and_api(tmp_path):
     torch.manual_seed(0)
     model = models.build_model("resnet18", embedding_size=16, weights="none", image_size=32)
     ckpt = tmp_path / "ck" / "best.pth"
-    models.atomic_save(models.make_checkpoint(model, args={}, epoch=0, metrics={}), ckpt)
+    checkpoints.atomic_save(checkpoints.make_checkpoint(model, args={}, epoch=0, metrics={}), ckpt)
     common = ["--checkpoint", ckpt, "--gallery", root, "--build_index", "--workers", "0", "--device", "cpu"]
 
     index = app_main(*common)
     assert sorted(index.paths) == index.paths and len(index) == 9
     assert "mugs/link.jpg" not in index.paths and "chairs/prices.csv" not in index.paths
     assert index.categories == ["(top level)", "chairs", "mugs"]
-    path = search_engine.default_gallery_index_path(root, ckpt)
+    path = search_loading.default_gallery_index_path(root, ckpt)
     assert path.parent == ckpt.parent and path.is_file()
 
     jpeg(root / "mugs" / "new.jpg", seed=42)

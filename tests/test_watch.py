@@ -16,6 +16,8 @@ import pytest
 import app_stanford
 import models
 from search import engine as search_engine
+from search import query as search_query
+from search import loading as search_loading
 from search import gallery
 from search import watch
 from search.tiny_demo import free_port, make_tiny_demo
@@ -124,7 +126,7 @@ def test_replace_index_never_mixes_two_galleries(tiny, shop):
     out = engine.search_gallery_item(big.paths.index(moved), 3, catalogue_path=moved)
     assert moved not in [r["catalogue_path"] for r in out["results"]]  # itself excluded
     gone = next(p for p in big.paths if p not in set(small.paths))
-    with pytest.raises(search_engine.QueryError, match="no longer in the gallery"):
+    with pytest.raises(search_query.QueryError, match="no longer in the gallery"):
         engine.search_gallery_item(big.paths.index(gone), 3, catalogue_path=gone)
 
 
@@ -132,7 +134,7 @@ def test_replace_index_never_mixes_two_galleries(tiny, shop):
 
 def test_half_written_photo_is_skipped_then_indexed_and_failures_keep_serving(tiny, shop, tmp_path):
     model = models.load_model(tiny["checkpoint"])
-    loaded = search_engine.SearchModel(model, tiny["checkpoint"], "key", "tiny")
+    loaded = search_loading.SearchModel(model, tiny["checkpoint"], "key", "tiny")
     index_path = tmp_path / "index.npz"
     index, _ = gallery.update_gallery_index(model, shop, index_path, "key", progress=False, workers=0,
                                             meta={"model_args": dict(model.model_args),
@@ -255,6 +257,8 @@ def test_demo_watch_finds_added_photos_and_drops_removed_ones(tiny, shop, tmp_pa
     assert has_added == sorted(has_added) and has_added[-1]
     assert has_removed == sorted(has_removed, reverse=True) and not has_removed[-1]
     assert demo.watcher.updates >= 1 and demo.watcher.errors == 0
-    assert str(shop.resolve() / "new_category") in demo.allowed_paths
     assert "new_category/x.jpg" in demo.engine.index.paths
+    # the file route serves the new photo (and only the index's photos) from the swap on
+    assert demo.engine.served.allows(str(shop / "new_category" / "x.jpg"))
+    assert not demo.engine.served.allows(str(shop / removed_rel))
     assert launched  # main() went through launch_app
