@@ -1,0 +1,179 @@
+"""The catalogue audit (audit.py, search.audit, search.audit_run, search.audit_report).
+
+The end-to-end tests use a tiny folder tree whose products are far apart by construction (each a
+flat colour of its own under mild noise), embedded by an untrained network: what separates them
+is the colour, which any network keeps, so a photo filed under the wrong colour and a byte copy
+under another product are the only faults, and the audit must find exactly them.
+"""
+import csv
+import hashlib
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import audit as audit_script
+from search import audit
+from search import audit_run
+from search import loading
+from search import tiny_demo
+
+COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30), (200, 40, 210), (30, 210, 220)]
+
+
+def make_tree(root: Path, colours=COLOURS, photos=5, seed=0) -> Path:
+    """``root/shop/p<k>/<n>.jpg``: product k's photos are colour k with noise and a shifted square."""
+    rng = np.random.default_rng(seed)
+    for k, colour in enumerate(colours):
+        folder = root / "shop" / f"p{k}"
+        folder.mkdir(parents=True)
+        for n in range(photos):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 12, (64, 64, 3)), 0, 255)
+            x, y = rng.integers(4, 40, 2)
+            pixels[y:y + 16, x:x + 16] = 255 - np.array(colour)
+            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{n}.jpg", quality=92)
+    return root
+
+
+def tree_hash(root: Path) -> str:
+    """sha256 over every file's path, bytes and mtime, and every folder's path, under ``root``."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+            h.update(str(p.stat().st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    checkpoint = tiny_demo.write_untrained_checkpoint(folder / "best.pth", folder, head="linear")
+    return loading.load_search_model(checkpoint, device="cpu", runtime="torch")
+
+
+@pytest.fixture
+def faulty_tree(tmp_path):
+    """The tree with p0/1.jpg moved to p2 and p3/2.jpg copied byte for byte into p5."""
+    root = make_tree(tmp_path / "data")
+    shop = root / "shop"
+    shutil.move(shop / "p0" / "1.jpg", shop / "p2" / "moved.jpg")
+    shutil.copy(shop / "p3" / "2.jpg", shop / "p5" / "copy.jpg")
+    return root
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def run(model, out, **kw):
+    return audit_run.run_audit(model, out, progress=False, **kw)
+
+
+# ============ end to end ============
+
+def test_planted_faults_are_found_and_nothing_else(model, faulty_tree, tmp_path):
+    before = tree_hash(faulty_tree)
+    summary = run(model, tmp_path / "out", gallery_dir=faulty_tree)
+    rows = read_csv(tmp_path / "out" / "audit.csv")
+    assert rows[0] == ["kind", "path", "other_path", "product_id", "other_product_id", "score"]
+    found = {(r[0], r[1], r[2]) for r in rows[1:]}
+    assert {(k, p) for k, p, _ in found} == {("duplicate", "shop/p5/copy.jpg"), ("mislabelled", "shop/p2/moved.jpg")}
+    assert ("duplicate", "shop/p5/copy.jpg", "shop/p3/2.jpg") in found
+    mis = next(r for r in rows[1:] if r[0] == "mislabelled")
+    assert mis[3:5] == ["shop/p2", "shop/p0"]  # filed under p2, belongs to p0
+    assert summary["counts"] == {"duplicate": 1, "mislabelled": 1, "unreadable": 0}
+    assert tree_hash(faulty_tree) == before
+
+
+def test_html_shows_every_finding_and_links_no_file(model, faulty_tree, tmp_path):
+    run(model, tmp_path / "out", gallery_dir=faulty_tree)
+    page = (tmp_path / "out" / "audit.html").read_text()
+    sources = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page)
+    assert len(sources) == 2 * 4  # two findings, four images each
+    assert all(s.startswith("data:image/jpeg;base64,") for s in sources)
+    assert "file:" not in page and "shop/p5/copy.jpg" in page  # named as text, relative to DIR
+
+
+def test_unreadable_photo_is_counted_and_listed(model, tmp_path):
+    root = make_tree(tmp_path / "data")
+    (root / "shop" / "p1" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    before = tree_hash(root)
+    summary = run(model, tmp_path / "out", gallery_dir=root)
+    rows = read_csv(tmp_path / "out" / "audit.csv")
+    assert ["unreadable", "shop/p1/broken.jpg", "", "shop/p1", "", ""] in rows
+    assert summary["unreadable"] == 1 and summary["counts"]["unreadable"] == 1
+    assert tree_hash(root) == before
+
+
+def test_one_product_says_there_is_nothing_to_compare(model, tmp_path, capsys):
+    root = make_tree(tmp_path / "data", colours=COLOURS[:1])
+    args = audit_script.get_args_parser().parse_args(
+        ["--gallery", str(root), "--checkpoint", str(model.checkpoint), "--output", str(tmp_path / "out"),
+         "--no_progress", "--device", "cpu"])
+    assert audit_script.main(args) == 0
+    assert "nothing to compare" in capsys.readouterr().out
+    assert read_csv(tmp_path / "out" / "audit.csv") == [list(audit_run.audit_report.CSV_COLUMNS)]
+
+
+def test_labelled_catalogue_and_resume(model, faulty_tree, tmp_path):
+    """--data_root reads the tree as a catalogue (product ids are its folders); a second run reuses
+    the embeddings in OUT and gives the same findings."""
+    first = run(model, tmp_path / "out", data_root=faulty_tree)
+    again = run(model, tmp_path / "out", data_root=faulty_tree)
+    assert again["embed"]["embedded"] == 0 and again["embed"]["unchanged"] == first["photos"]
+    assert first["counts"] == again["counts"] == {"duplicate": 1, "mislabelled": 1, "unreadable": 0}
+
+
+def test_output_inside_the_catalogue_is_refused(model, faulty_tree):
+    with pytest.raises(audit_run.AuditError, match="inside the audited folder"):
+        run(model, faulty_tree / "report", gallery_dir=faulty_tree)
+    assert not (faulty_tree / "report").exists()
+
+
+# ============ the findings on hand-built vectors ============
+
+def unit(rows):
+    rows = np.asarray(rows, np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_neighbours_leave_each_photo_out_even_when_tied():
+    vectors = unit([[1, 0], [1, 0], [0, 1], [1, 1]])
+    scores, idx = audit.neighbours(vectors, 3, progress=False)
+    assert idx.tolist() == [[1, 3, 2], [0, 3, 2], [3, 0, 1], [0, 1, 2]]
+    assert scores[0, 0] == pytest.approx(1.0)
+
+
+def test_duplicates_are_pairs_across_products_above_the_threshold():
+    vectors = unit([[1, 0, 0], [1, 0.01, 0], [0, 1, 0], [0, 1, 0.02], [0, 0, 1]])
+    products = ["a", "b", "c", "c", "d"]
+    scores, idx = audit.neighbours(vectors, 4, progress=False)
+    found = audit.find_duplicates(products, scores, idx, threshold=0.99)
+    assert [(f.row, f.other_row) for f in found] == [(1, 0)]  # 2, 3: same product, not a duplicate listing
+
+
+def test_mislabelled_is_an_outlier_margin():
+    rng = np.random.default_rng(0)
+    centres = unit(rng.standard_normal((10, 16)))
+    vectors = unit(np.repeat(centres, 6, axis=0) + 0.05 * rng.standard_normal((60, 16)))
+    products = np.repeat(np.arange(10), 6).astype(str).tolist()
+    products[7] = "5"  # a photo of product 1 filed under product 5
+    scores, idx = audit.neighbours(vectors, audit.neighbour_count(products), progress=False)
+    found, info = audit.find_mislabelled(vectors, products, scores, idx)
+    assert [f.row for f in found] == [7] and products[found[0].other_row] == "1"
+    assert 0 <= info["margin_threshold"] < found[0].score
+
+
+def test_thresholds_are_derived_from_the_scores():
+    assert audit.duplicate_threshold(np.linspace(0.9, 1.0, 101)) == pytest.approx(0.905)
+    margins = np.r_[np.full(50, -0.2), np.full(50, -0.1)]  # median -0.15, MAD 0.05
+    assert audit.margin_threshold(margins) == pytest.approx(-0.15 + 3.5 * 1.4826 * 0.05)
+    assert audit.margin_threshold(np.full(10, -0.5)) == 0.0  # another product must beat the own one
+    with pytest.raises(ValueError, match="duplicate threshold"):
+        audit.duplicate_threshold([])
