@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import gpu_check_outputs, gpu_check_plan, gpu_check_steps
 from search import engine as search_engine
 from training import runs
 
@@ -129,15 +130,15 @@ def test_default_recipe_ddp_and_export_steps_run_on_the_cpu(tmp_path, capsys):
 # ============ steps that run a command ============
 
 def test_command_step_records_its_run_and_figures(tmp_path, capsys, monkeypatch):
-    figures = {key: 100.0 for key in gpu_check.BENCH_KEYS}
-    monkeypatch.setattr(gpu_check, "BENCH", fake_bench(
+    figures = {key: 100.0 for key in gpu_check_steps.BENCH_KEYS}
+    monkeypatch.setattr(gpu_check_plan, "BENCH", fake_bench(
         tmp_path, f"print('benchmarking')\nopen(output, 'w').write(json.dumps({figures!r}))\n"))
     rc, report = run_check(capsys, *TINY, "--steps", "bench_throughput", "--workdir", tmp_path / "work")
     assert rc == 0
     step = steps_of(report)["bench_throughput"]
     assert step["status"] == "passed" and all(step["checks"].values())
-    assert set(step["checks"]) == set(gpu_check.BENCH_KEYS)
-    assert {k: step["figures"][k] for k in gpu_check.BENCH_KEYS} == figures
+    assert set(step["checks"]) == set(gpu_check_steps.BENCH_KEYS)
+    assert {k: step["figures"][k] for k in gpu_check_steps.BENCH_KEYS} == figures
     [run] = step["runs"]
     assert run["label"] == "bench" and run["rc"] == 0 and run["timed_out"] is False
     assert Path(run["log"]).read_text() == "benchmarking\n"
@@ -150,7 +151,7 @@ def test_command_step_records_its_run_and_figures(tmp_path, capsys, monkeypatch)
     ("time.sleep(60)\n", 1, "killed after"),
 ])
 def test_command_step_fails_with_its_reason(tmp_path, capsys, monkeypatch, body, timeout, reason):
-    monkeypatch.setattr(gpu_check, "BENCH", fake_bench(tmp_path, body))
+    monkeypatch.setattr(gpu_check_plan, "BENCH", fake_bench(tmp_path, body))
     rc, report = run_check(capsys, *TINY, "--steps", "bench_throughput", "--workdir", tmp_path / "work",
                            "--step_timeout", timeout)
     assert rc == 1 and report["failed_steps"] == ["bench_throughput"]
@@ -204,10 +205,10 @@ def test_selected_steps_adds_the_dataset_when_needed():
 
 def test_torchrun_processes_default_to_the_gpus_up_to_two():
     parse = gpu_check.get_args_parser().parse_args
-    assert gpu_check.nproc(parse(["--device", "cpu"])) == 1
-    assert gpu_check.nproc(parse(["--device", "cpu", "--nproc_per_node", "2"])) == 2
+    assert gpu_check_plan.nproc(parse(["--device", "cpu"])) == 1
+    assert gpu_check_plan.nproc(parse(["--device", "cpu", "--nproc_per_node", "2"])) == 2
     expected = max(1, min(2, torch.cuda.device_count()))
-    assert gpu_check.nproc(parse([])) == expected
+    assert gpu_check_plan.nproc(parse([])) == expected
 
 
 # ============ judging training runs' outputs ============
@@ -221,16 +222,16 @@ def _rows():
 
 def test_metrics_comparison_ignores_only_the_timing_columns():
     a, b = _rows(), _rows()
-    assert gpu_check.metrics_differences(a, b, ignore=runs.TIMING_COLUMNS) == []
+    assert gpu_check_outputs.metrics_differences(a, b, ignore=runs.TIMING_COLUMNS) == []
     for col in runs.TIMING_COLUMNS:  # the machine's speed differs between two runs
         b[1][col] = "1.0"
-    assert gpu_check.metrics_differences(a, b, ignore=runs.TIMING_COLUMNS) == []
-    assert gpu_check.metrics_differences(a, b) != []  # not ignored: they count
+    assert gpu_check_outputs.metrics_differences(a, b, ignore=runs.TIMING_COLUMNS) == []
+    assert gpu_check_outputs.metrics_differences(a, b) != []  # not ignored: they count
 
     b[1]["train_loss"] = "0.5513"
-    diffs = gpu_check.metrics_differences(a, b, ignore=runs.TIMING_COLUMNS)
+    diffs = gpu_check_outputs.metrics_differences(a, b, ignore=runs.TIMING_COLUMNS)
     assert len(diffs) == 1 and "train_loss" in diffs[0] and "epoch 1" in diffs[0]
-    assert gpu_check.metrics_differences(a, a[:1], ignore=runs.TIMING_COLUMNS)  # a row lost
+    assert gpu_check_outputs.metrics_differences(a, a[:1], ignore=runs.TIMING_COLUMNS)  # a row lost
 
 
 def test_metrics_comparison_reads_metrics_csv_as_training_writes_it(tmp_path):
@@ -239,53 +240,53 @@ def test_metrics_comparison_reads_metrics_csv_as_training_writes_it(tmp_path):
     runs.write_metrics_csv(tmp_path / "a.csv", history)
     history[1]["val_time"] = 3.0
     runs.write_metrics_csv(tmp_path / "b.csv", history)
-    a, b = gpu_check.read_csv_rows(tmp_path / "a.csv"), gpu_check.read_csv_rows(tmp_path / "b.csv")
-    assert gpu_check.metrics_differences(a, b, ignore=runs.TIMING_COLUMNS) == []
+    a, b = gpu_check_outputs.read_csv_rows(tmp_path / "a.csv"), gpu_check_outputs.read_csv_rows(tmp_path / "b.csv")
+    assert gpu_check_outputs.metrics_differences(a, b, ignore=runs.TIMING_COLUMNS) == []
     history[1]["train_loss"] = 0.3  # 0.1 + 0.2 != 0.3: full precision is compared
     runs.write_metrics_csv(tmp_path / "c.csv", history)
-    c = gpu_check.read_csv_rows(tmp_path / "c.csv")
-    assert gpu_check.metrics_differences(a, c, ignore=runs.TIMING_COLUMNS)
-    assert gpu_check.loss_problems(a) == []
-    assert gpu_check.epochs_of(a) == [0, 1]
+    c = gpu_check_outputs.read_csv_rows(tmp_path / "c.csv")
+    assert gpu_check_outputs.metrics_differences(a, c, ignore=runs.TIMING_COLUMNS)
+    assert gpu_check_outputs.loss_problems(a) == []
+    assert gpu_check_outputs.epochs_of(a) == [0, 1]
 
 
 def test_loss_problems_flags_non_finite_and_missing_losses():
     rows = _rows()
-    assert gpu_check.loss_problems(rows) == []  # epoch 0 has no training loss: fine
+    assert gpu_check_outputs.loss_problems(rows) == []  # epoch 0 has no training loss: fine
     rows[1]["train_loss"] = "nan"
     rows[0]["val_loss"] = ""
-    problems = gpu_check.loss_problems(rows)
+    problems = gpu_check_outputs.loss_problems(rows)
     assert len(problems) == 2 and any("train_loss" in p for p in problems)
-    assert gpu_check.loss_problems([]) == ["metrics.csv has no rows"]
+    assert gpu_check_outputs.loss_problems([]) == ["metrics.csv has no rows"]
     # Proxy-Anchor writes no val_loss column (no proxy for validation products): train_loss only
     no_val = [{k: v for k, v in row.items() if k != "val_loss"} for row in _rows()]
-    assert gpu_check.loss_problems(no_val) == []
+    assert gpu_check_outputs.loss_problems(no_val) == []
     no_val[1]["train_loss"] = "inf"
-    assert gpu_check.loss_problems(no_val) == ["epoch 1 train_loss = 'inf'"]
+    assert gpu_check_outputs.loss_problems(no_val) == ["epoch 1 train_loss = 'inf'"]
 
 
 def test_optimizer_steps_and_scheduled_steps():
     state = {"state": {0: {"step": torch.tensor(7.0)}, 1: {"step": torch.tensor(7.0)}}, "param_groups": []}
-    assert gpu_check.optimizer_steps(state) == 7
-    assert gpu_check.optimizer_steps({"state": {}}) is None
-    assert gpu_check.optimizer_steps(None) is None
+    assert gpu_check_outputs.optimizer_steps(state) == 7
+    assert gpu_check_outputs.optimizer_steps({"state": {}}) is None
+    assert gpu_check_outputs.optimizer_steps(None) is None
     rows = [{"epoch": "0", "images": ""}, {"epoch": "1", "images": "576.0"},
             {"epoch": "2", "images": "576.0"}]
-    assert gpu_check.scheduled_steps(rows, batch_size=64) == 18
-    assert gpu_check.scheduled_steps(rows, batch_size=32, world_size=2) == 18
+    assert gpu_check_outputs.scheduled_steps(rows, batch_size=64) == 18
+    assert gpu_check_outputs.scheduled_steps(rows, batch_size=32, world_size=2) == 18
 
 
 def test_target_report():
     bench = {"extract_images_per_s": 3500.0, "train_vs_ceiling": 0.7}
-    t = gpu_check.target_report(bench, "efficientnet_b0", 224, cuda=True)
+    t = gpu_check_outputs.target_report(bench, "efficientnet_b0", 224, cuda=True)
     assert t["extract_images_per_s"]["met"] is True and t["train_vs_ceiling"]["met"] is False
     assert t["extract_images_per_s"]["value"] == 3500.0 and "note" not in t
-    other = gpu_check.target_report(bench, "resnet18", 64, cuda=True)
+    other = gpu_check_outputs.target_report(bench, "resnet18", 64, cuda=True)
     assert other["extract_images_per_s"]["met"] is None and "note" in other
-    assert gpu_check.target_report({}, "efficientnet_b0", 224, cuda=True)["train_vs_ceiling"]["met"] is None
+    assert gpu_check_outputs.target_report({}, "efficientnet_b0", 224, cuda=True)["train_vs_ceiling"]["met"] is None
 
 
 def test_json_safe_removes_non_finite_numbers():
-    out = gpu_check.json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": Path("/x")})
+    out = gpu_check_outputs.json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": Path("/x")})
     assert out == {"a": None, "b": [1.0, None], "c": "/x"}
     json.dumps(out, allow_nan=False)
