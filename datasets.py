@@ -1,7 +1,8 @@
-"""Datasets for training and evaluation: transforms, the dataset over any catalogue layout,
-P×K batches and DataLoader settings; and the data command line.
+"""The dataset over any catalogue layout (``SOPDataset``: one split, decoded and transformed), and
+the data command line whose commands call the rooms that own them.
 
-Below it, in dataio/: the layouts and their splits (catalogue.py), photo decoding (photos.py),
+Beside it: the transforms (preprocessing.py), the batch samplers (samplers.py), DataLoader
+settings (loaders.py) and the dataset table and figure (data_stats.py). Below it, in dataio/: the layouts and their splits (catalogue.py), photo decoding (photos.py),
 the synthetic stand-in (synthetic_sop.py), download / resize / convert (prepare_data.py) and
 the atomic writers (fileio.py). Nothing in dataio/ imports this module.
 
@@ -16,18 +17,16 @@ Command line (``python datasets.py <command> --help`` for every flag)::
 """
 import argparse
 import logging
-import math
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms as T
 
-import models
-from dataio import catalogue, fileio
+import data_stats
+import preprocessing
+from dataio import catalogue
 from dataio.catalogue import (DEFAULT_TEST_FRACTION, DOWNLOAD_HINT, DatasetError, detect_layout, format_paths,
                               log_skipped, read_catalogue, split_validation)
 from dataio.fileio import read_marker
@@ -52,48 +51,6 @@ class CorruptImagesError(DatasetError):
     def __init__(self, message, bad_paths=()):
         super().__init__(message)
         self.bad_paths = list(bad_paths)
-
-
-# ============ image loading and transforms ============
-
-def resize_size(image_size):
-    """Side of the square resize before the crop: 256 for 224, as in the original project."""
-    return int(round(image_size * 256 / 224))
-
-
-def build_transform(image_size=224, train=False):
-    """The original project's augmentations, scaled to ``image_size`` (its numbers at 224).
-
-    train: Resize((r, r)) → RandomResizedCrop(image_size, scale=(0.8, 1)) → horizontal flip
-    → ColorJitter(0.2, 0.2, 0.2) → RandomRotation(15) → ToTensor → ImageNet normalisation;
-    eval: Resize((r, r)) → CenterCrop(image_size) → ToTensor → normalisation;
-    r = round(image_size * 256 / 224). The square resize keeps the whole product in view.
-    """
-    r = resize_size(image_size)
-    normalize = T.Normalize(models.IMAGENET_MEAN, models.IMAGENET_STD)
-    if train:
-        return T.Compose([
-            T.Resize((r, r)),
-            T.RandomResizedCrop(image_size, scale=(0.8, 1.0)),
-            T.RandomHorizontalFlip(),
-            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-            T.RandomRotation(15),
-            T.ToTensor(),
-            normalize,
-        ])
-    return T.Compose([T.Resize((r, r)), T.CenterCrop(image_size), T.ToTensor(), normalize])
-
-
-def draft_size(transform):
-    """The decode size ``load_image`` may draft to for ``transform``: the size of a leading
-    ``Resize`` (the larger side for a (h, w) size), None when the transform does not start
-    with a resize (then the full image is needed)."""
-    first = transform.transforms[0] if isinstance(transform, T.Compose) and transform.transforms \
-        else transform
-    if isinstance(first, T.Resize):
-        size = first.size
-        return int(max(size)) if isinstance(size, (list, tuple)) else int(size)
-    return None
 
 
 # ============ SOPDataset ============
@@ -129,7 +86,7 @@ class SOPDataset(torch.utils.data.Dataset):
     ``check_files`` (default True) checks at construction that every listed file exists
     (one stat call each; about a second for SOP). ``check_images`` also decodes every image
     up front and flags the bad ones. ``load_size`` overrides the JPEG draft size, which by
-    default is the size of the transform's leading Resize (see ``draft_size``).
+    default is the size of the transform's leading Resize (see ``preprocessing.draft_size``).
     """
 
     def __init__(self, root, split, transform=None, val_fraction=0.1, split_seed=0,
@@ -145,7 +102,7 @@ class SOPDataset(torch.utils.data.Dataset):
         self.test_fraction = test_fraction
         self.max_bad_fraction = max_bad_fraction
         self.load_size = load_size if load_size is not None else (
-            draft_size(transform) if transform is not None else None)
+            preprocessing.draft_size(transform) if transform is not None else None)
 
         table = read_catalogue(self.root, test_fraction,
                                sop_parts=("test",) if split == "test" else ("train",))
@@ -291,249 +248,6 @@ def serving_split(train_args: dict | None, root) -> str:
     return "trainval" if read_catalogue(root, 0.0, sop_parts=("test",)).drawn_split else "test"
 
 
-# ============ batch samplers ============
-
-class PKSampler(torch.utils.data.Sampler):
-    """Batch sampler: every batch holds ``p`` distinct products × ``k`` images of each.
-
-    Epoch: every product is cut into chunks of ``k`` of its images, shuffled — about
-    ``n_images // k`` chunks of a product (at least one); a product with fewer than ``k``
-    images gets all of them plus draws with replacement. The chunks of all products are
-    shuffled and packed greedily into batches of ``p`` chunks of distinct products; a new
-    round of chunks is cut whenever they run out. Over an epoch nearly every image is seen
-    about once.
-
-    Epoch length: ``len(sampler)`` = batches per epoch on each rank =
-    ``max(1, len(class_ids) // (p * k) // num_replicas)``, i.e. about one pass over the
-    images across all ranks. All ranks build the same global list of
-    ``len(sampler) * num_replicas`` batches from (seed, epoch) and rank r takes batches
-    r, r + num_replicas, ...: distinct batches, the same count on every rank.
-
-    Deterministic for (seed, epoch): call ``set_epoch(epoch)`` before each epoch as with
-    ``DistributedSampler``; ``set_epoch(epoch, start_batch=b)`` skips the first b batches of
-    this rank (resuming mid-epoch), and ``len`` then counts the remaining ones.
-    Indices are positions in ``class_ids`` (dataset indices).
-    """
-
-    def __init__(self, class_ids, p=16, k=4, seed=0, num_replicas=1, rank=0):
-        self.class_ids = np.asarray(class_ids)
-        if p < 1 or k < 1:
-            raise ValueError(f"p and k must be >= 1, got p={p}, k={k}")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
-        # product index 0..C-1 of every image, images per product, first slot of each product
-        # in the product-sorted order
-        _, self._product, self._counts = np.unique(self.class_ids, return_inverse=True,
-                                                   return_counts=True)
-        self._starts = np.cumsum(self._counts) - self._counts
-        if len(self._counts) < p:
-            raise ValueError(f"P×K batches need at least p={p} products, the data has "
-                             f"{len(self._counts)}; lower the batch size or images per class")
-        self.p, self.k, self.seed = p, k, seed
-        self.num_replicas, self.rank = num_replicas, rank
-        self.num_batches = max(1, len(self.class_ids) // (p * k) // num_replicas)
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
-
-    def __len__(self):
-        return max(0, self.num_batches - self.start_batch)
-
-    def _chunks(self, rng):
-        """One round: (product of each chunk, chunks as rows of k indices), shuffled."""
-        k = self.k
-        # images sorted by product, in random order within each product
-        order = np.lexsort((rng.random(len(self._product)), self._product))
-        product = self._product[order]
-        rank = np.arange(len(order)) - self._starts[product]
-        keep = rank < self._counts[product] // k * k        # whole chunks of k only
-        big_rows = order[keep].reshape(-1, k)
-        big_products = product[keep][::k]
-        # products with fewer than k images: all of them, then draws with replacement
-        small = np.flatnonzero(self._counts < k)
-        cnt = self._counts[small][:, None]
-        slot = np.where(np.arange(k)[None, :] < cnt, np.arange(k)[None, :],
-                        rng.integers(0, cnt, size=(len(small), k)))
-        small_rows = order[self._starts[small][:, None] + slot]
-        rows = np.concatenate([big_rows, small_rows])
-        products = np.concatenate([big_products, small])
-        perm = rng.permutation(len(rows))
-        return products[perm].tolist(), rows[perm]
-
-    def batches(self, epoch=None):
-        """This rank's batches for ``epoch`` (default: the current one), as index lists."""
-        epoch = self.epoch if epoch is None else epoch
-        rng = np.random.default_rng([self.seed, epoch])
-        total = self.num_batches * self.num_replicas
-        products, rows, used, first_free, out = [], [], [], 0, []
-        while len(out) < total:
-            batch, taken, i = [], set(), first_free
-            while len(batch) < self.p:
-                if i == len(products):   # out of chunks: cut a new round
-                    new_products, new_rows = self._chunks(rng)
-                    products += new_products
-                    rows += list(new_rows)
-                    used += [False] * len(new_products)
-                if not used[i] and products[i] not in taken:
-                    taken.add(products[i])
-                    batch.append(rows[i])
-                    used[i] = True
-                i += 1
-            while first_free < len(products) and used[first_free]:
-                first_free += 1
-            out.append(np.concatenate(batch).tolist())
-        return out[self.rank::self.num_replicas]
-
-    def __iter__(self):
-        return iter(self.batches()[self.start_batch:])
-
-
-class RandomBatchSampler(torch.utils.data.Sampler):
-    """the original project's batches: a seeded shuffle of all ``n`` indices cut into batches of
-    ``batch_size`` (the last one shorter unless ``drop_last``), as
-    ``DataLoader(shuffle=True, batch_size=...)`` does. Same interface as ``PKSampler``:
-    ``set_epoch(epoch, start_batch=0)``; rank r of ``num_replicas`` takes batches
-    r, r + num_replicas, ...; when the batch count does not divide evenly, the first
-    batches are repeated so every rank gets ``len(sampler)`` =
-    ceil(n_batches / num_replicas) batches.
-    """
-
-    def __init__(self, n, batch_size, seed=0, num_replicas=1, rank=0, drop_last=False):
-        if n < 1 or batch_size < 1:
-            raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
-        self.n, self.batch_size, self.seed = int(n), int(batch_size), seed
-        self.num_replicas, self.rank, self.drop_last = num_replicas, rank, drop_last
-        global_batches = self.n // self.batch_size if drop_last else math.ceil(self.n / self.batch_size)
-        self.num_batches = max(1, math.ceil(global_batches / num_replicas))
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
-
-    def __len__(self):
-        return max(0, self.num_batches - self.start_batch)
-
-    def batches(self, epoch=None):
-        epoch = self.epoch if epoch is None else epoch
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        out = [perm[i:i + self.batch_size].tolist() for i in range(0, self.n, self.batch_size)]
-        if self.drop_last and len(out) > 1 and len(out[-1]) < self.batch_size:
-            out.pop()
-        total = self.num_batches * self.num_replicas
-        out = (out * math.ceil(total / len(out)))[:total]
-        return out[self.rank::self.num_replicas]
-
-    def __iter__(self):
-        return iter(self.batches()[self.start_batch:])
-
-
-BATCH_SAMPLERS = ("pk", "random")
-
-
-# ============ DataLoader settings ============
-
-def available_cpus() -> int:
-    """CPUs this process may run on (the affinity mask; ``os.cpu_count`` where unknown)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def loader_settings(device, cpus: int | None = None, workers: int | None = None,
-                    pin_memory: bool | None = None, persistent_workers: bool | None = None,
-                    prefetch_factor: int | None = None) -> dict:
-    """DataLoader keyword arguments for ``device`` on a machine with ``cpus`` CPUs; ``None``
-    arguments take the defaults measured by bench/bench_throughput.py (README, throughput).
-
-    CPU training/inference: the model itself uses every core (intra-op threads), so a loader
-    worker competes with it. One worker beside the model's threads overlaps decoding with the
-    forward pass: on 2 cores it measured as fast as 2 workers (within run-to-run noise) with one
-    process fewer, while with 0 workers the model waits 7-10 % of the time for decoding. With
-    more cores: about a quarter of them, at least one.
-    CUDA: the GPU does the maths, so every CPU decodes (up to 16), with pinned memory for
-    asynchronous copies, deeper prefetch and persistent workers (no respawn every pass).
-    Several processes per machine (DDP ranks): pass ``cpus`` = the CPUs per process.
-    """
-    cpus = available_cpus() if cpus is None else int(cpus)
-    cuda = torch.device(device).type == "cuda"
-    if workers is None:
-        workers = min(16, cpus) if cuda else max(1, cpus // 4)
-    workers = int(workers)
-    out = {"num_workers": workers,
-           "pin_memory": cuda if pin_memory is None else bool(pin_memory and cuda)}
-    if workers > 0:
-        out["persistent_workers"] = cuda if persistent_workers is None else bool(persistent_workers)
-        out["prefetch_factor"] = (4 if cuda else 2) if prefetch_factor is None else int(prefetch_factor)
-    return out
-
-
-def fit_images_per_class(class_ids, batch_size=64, images_per_class=4):
-    """(K, note): the images per product of P×K batches of ``batch_size`` on this split.
-
-    K = ``images_per_class`` while the split has the P = batch_size / K products a batch needs.
-    With fewer products (a catalogue of a few large classes), the batch size is kept and K
-    raised: P = the largest divisor of ``batch_size`` that is at most the number of products
-    (and >= 2), K = batch_size / P; ``note`` then says so (None when K is unchanged). Raises
-    ValueError when no batch is possible: fewer than 2 products, no such divisor, or K above
-    the most images any product has (every image of a batch would be a repeat)."""
-    _, counts = np.unique(np.asarray(class_ids), return_counts=True)
-    products, most = len(counts), int(counts.max()) if len(counts) else 0
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if products < 2:
-        raise ValueError(f"P×K batches need at least 2 products (an anchor needs a negative); the "
-                         f"split has {products}. Add products, or use --sampler random")
-    if batch_size % images_per_class == 0 and batch_size // images_per_class <= products:
-        return images_per_class, None
-    p = next((p for p in range(min(products, batch_size // 2), 1, -1) if batch_size % p == 0), None)
-    if p is None:
-        raise ValueError(f"batch_size={batch_size} has no divisor P in 2..{products} (the split's "
-                         f"products): use an even batch size, e.g. {batch_size + batch_size % 2}")
-    k = batch_size // p
-    if k > most:
-        raise ValueError(f"the split has {products} products and at most {most} images of one, too "
-                         f"few for batches of {batch_size} (P={p} × K={k}); use batch_size <= "
-                         f"{products * most}")
-    return k, (f"the split has {products} products, fewer than the P={batch_size // images_per_class} "
-               f"a batch of {batch_size} needs at K={images_per_class}: batches are P={p} × K={k} "
-               f"(images_per_class raised to {k}, batch size kept)")
-
-
-def build_batch_sampler(name, class_ids, batch_size=64, images_per_class=4, seed=0,
-                        num_replicas=1, rank=0):
-    """``"pk"``: PKSampler with P = batch_size // images_per_class; ``"random"``: the original project's
-    RandomBatchSampler. Raises ValueError (with the allowed values) for an unknown name, a
-    batch size not divisible by images_per_class, images_per_class outside 2..(most images any
-    product has), or more products per batch than the split has (`fit_images_per_class` finds
-    a K that fits)."""
-    class_ids = np.asarray(class_ids)
-    if name == "random":
-        return RandomBatchSampler(len(class_ids), batch_size, seed, num_replicas, rank)
-    if name != "pk":
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(BATCH_SAMPLERS)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    _, counts = np.unique(class_ids, return_counts=True)
-    most = int(counts.max()) if len(counts) else 0
-    if not 2 <= images_per_class <= most:
-        raise ValueError(f"images_per_class={images_per_class} is outside the allowed range "
-                         f"2..{most} (2 to give every anchor a positive; {most} is the most "
-                         f"images any product of this split has)")
-    if batch_size % images_per_class:
-        raise ValueError(f"batch_size={batch_size} must be divisible by images_per_class="
-                         f"{images_per_class} (each batch is P products × K images); try "
-                         f"{batch_size - batch_size % images_per_class or images_per_class}")
-    p = batch_size // images_per_class
-    if p > len(counts):
-        raise ValueError(f"batch_size={batch_size} needs P={p} products per batch but the split "
-                         f"has {len(counts)}; use batch_size <= {len(counts) * images_per_class}")
-    return PKSampler(class_ids, p, images_per_class, seed, num_replicas, rank)
-
-
 # ============ the command line: python datasets.py <command> ============
 
 def dataset_stats(root, val_fraction=0.1, split_seed=0, test_fraction=DEFAULT_TEST_FRACTION):
@@ -543,58 +257,8 @@ def dataset_stats(root, val_fraction=0.1, split_seed=0, test_fraction=DEFAULT_TE
     sets = {s: SOPDataset(root, s, val_fraction=val_fraction, split_seed=split_seed, check_files=False,
                           test_fraction=test_fraction)
             for s in ("train", "val", "test")}
-    rows = {}
-    for name, parts in (("train", ["train"]), ("val", ["val"]), ("test", ["test"]),
-                        ("total", ["train", "val", "test"])):
-        cls = np.concatenate([sets[p].class_ids for p in parts])   # product ids are unique across splits
-        sup = np.concatenate([sets[p].super_ids for p in parts])
-        n_products = len(np.unique(cls))
-        rows[name] = {"images": int(len(cls)), "products": n_products,
-                      "categories": int(len(np.unique(sup))),
-                      "images_per_product": float(len(cls) / n_products)}
+    rows = data_stats.split_rows(sets)
     return rows, sets
-
-
-def format_stats_table(rows):
-    lines = ["| Split | Images | Products | Categories | Avg. Images/Product |",
-             "|-------|--------|----------|------------|---------------------|"]
-    for name, label in (("train", "Train"), ("val", "Validation"), ("test", "Test"), ("total", "**Total**")):
-        r = rows[name]
-        lines.append(f"| {label} | {r['images']:,} | {r['products']:,} | {r['categories']} | "
-                     f"{r['images_per_product']:.1f} |")
-    return "\n".join(lines)
-
-
-def plot_stats(sets, output):
-    """Figure: images per category for each split, and the images-per-product histogram."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    names = next(iter(sets.values())).categories  # the catalogue's, the same in every split
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, min(40, 0.6 * len(names) + 7)), 4.5))
-    x = np.arange(len(names))
-    for j, (name, ds) in enumerate(sets.items()):
-        counts = np.bincount(ds.super_ids - 1, minlength=len(names))
-        ax1.bar(x + (j - 1) * 0.27, counts, width=0.27, label=name)
-        _, per_product = np.unique(ds.class_ids, return_counts=True)
-        hist = np.bincount(per_product, minlength=13)
-        ax2.bar(np.arange(len(hist)) + (j - 1) * 0.27, hist, width=0.27, label=name)
-    ax1.set_xticks(x, names, rotation=40, ha="right")
-    ax1.set_ylabel("images")
-    ax1.set_title("Images per category")
-    ax1.legend()
-    ax2.set_xticks(range(1, 13))
-    ax2.set_xlabel("images per product")
-    ax2.set_ylabel("products")
-    ax2.set_title("Images per product")
-    ax2.legend()
-    fig.tight_layout()
-    fileio.atomic_write(output, lambda f: fig.savefig(f, dpi=120, format=output.suffix.lstrip(".") or "png"))
-    plt.close(fig)
-    return output
 
 
 # ============ command line ============
@@ -710,9 +374,9 @@ def main(args):
         elif args.command == "stats":
             catalogue.set_verbose(args.verbose)
             rows, sets = dataset_stats(args.root, args.val_fraction, args.split_seed, args.test_fraction)
-            print(format_stats_table(rows))
+            print(data_stats.format_stats_table(rows))
             if args.output:
-                print(f"figure: {plot_stats(sets, args.output)}")
+                print(f"figure: {data_stats.plot_stats(sets, args.output)}")
         elif args.command == "convert":
             catalogue.set_verbose(args.verbose)
             out = convert_catalogue(args.root, args.output, args.to, args.from_layout,

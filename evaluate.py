@@ -47,7 +47,8 @@ from pathlib import Path
 from dataio import catalogue
 import datasets
 import inference
-import models
+import backbones
+import checkpoints
 from search.index import build_gallery_index, load_fresh_index
 from training import evaluation
 from training import reporting
@@ -91,7 +92,7 @@ def get_args_parser():
     p.add_argument("--output", default=None, help="output folder; default runs/<run>/eval")
     p.add_argument("--batch_size", type=int, default=64, help="images per forward pass (64 fits any GPU)")
     p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader processes decoding JPEGs; default datasets.loader_settings "
+                   help="DataLoader processes decoding JPEGs; default loaders.loader_settings "
                         "(a quarter of the CPUs, at least 1, on CPU; every CPU up to 16 on CUDA)")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ...; default cuda when available")
     p.add_argument("--embeddings_cache", default=None, metavar="FILE",
@@ -204,8 +205,8 @@ def main(args):
     except datasets.NoTestSplitError as e:
         print(f"evaluate.py: {e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_NO_TEST_SPLIT) from None
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, models.CheckpointError,
-            catalogue.DatasetError, models.WeightsUnavailableError,
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, checkpoints.CheckpointError,
+            catalogue.DatasetError, backbones.WeightsUnavailableError,
             ValueError) as e:  # ValueError: a malformed catalogue (file:line)
         raise SystemExit(f"evaluate.py: {e}") from None
     print_results(results)

@@ -31,33 +31,19 @@ fixed), as the embeddings the search uses.
 from __future__ import annotations
 
 import functools
-import threading
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
-from models import IMAGENET_MEAN, IMAGENET_STD, EmbeddingNet
+from models import EmbeddingNet
+from preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 # Heads that are affine in the pooled feature: their maps are an exact decomposition.
 EXACT_HEADS = ("linear", "none")
 NORMALIZE_EPS = 1e-12  # F.normalize's default, which EmbeddingNet.forward uses
-
-
-def _pooling_module(model: EmbeddingNet) -> nn.Module:
-    """The backbone's global average pooling: torchvision resnets / efficientnet_b0 have
-    ``avgpool``; our EfficientNetLite wraps a timm network whose pooling is ``net.global_pool``."""
-    backbone = model.backbone
-    pool = getattr(backbone, "avgpool", None)
-    if pool is None:
-        pool = getattr(getattr(backbone, "net", None), "global_pool", None)
-    if not isinstance(pool, nn.Module):
-        raise ValueError(f"no global pooling module found in backbone {type(backbone).__name__}: "
-                         "explain.py knows torchvision's avgpool and timm's global_pool")
-    return pool
 
 
 @contextmanager
@@ -78,24 +64,14 @@ def _eval_mode(model: nn.Module):
 def feature_grid(model: EmbeddingNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(grid [N, C, H, W], embedding [N, D]) of an ImageNet-normalised batch x [N, 3, h, w].
 
-    grid is the backbone's last feature map, the input of its global average pooling (caught by a
-    forward pre-hook, so the backbone runs once, unchanged; only this thread's call is caught, so
-    other threads may run the model meanwhile); embedding is ``model(x)`` itself.
-    The model runs in eval mode without gradients, and is left in the mode it was in.
+    grid is ``model.forward_features(x)``, the input of the backbone's global average pooling;
+    embedding is ``model.forward_head(grid)``, which is ``model(x)`` itself. The model runs in eval
+    mode without gradients, and is left in the mode it was in.
     """
-    caught, me = [], threading.get_ident()
-    # Only this thread's forward: the demo shares the model with --watch's embedding thread, whose
-    # forwards pass the same hook while it is registered.
-    handle = _pooling_module(model).register_forward_pre_hook(
-        lambda module, args: caught.append(args[0]) if threading.get_ident() == me else None)
-    try:
-        with torch.no_grad(), _eval_mode(model):
-            embedding = model(x)
-    finally:
-        handle.remove()
-    if len(caught) != 1 or caught[0].dim() != 4:
-        raise RuntimeError(f"expected one 4-d pooling input, caught {[t.shape for t in caught]}")
-    return caught[0].float(), embedding.float()
+    with torch.no_grad(), _eval_mode(model):
+        grid = model.forward_features(x)
+        embedding = model.forward_head(grid)
+    return grid.float(), embedding.float()
 
 
 def projections(model: EmbeddingNet, grids: torch.Tensor) -> torch.Tensor:

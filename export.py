@@ -22,6 +22,8 @@ import logging
 import sys
 
 import inference
+import backbones
+import checkpoints
 import models
 from dataio import catalogue
 from training import evaluation
@@ -87,8 +89,8 @@ def main(argv=None):
     try:
         path, model = export(args)
         embedder = inference.OnnxEmbedder(path)
-    except (OSError, ImportError, ValueError, models.CheckpointError, inference.OnnxModelError,
-            models.WeightsUnavailableError, catalogue.DatasetError) as e:
+    except (OSError, ImportError, ValueError, checkpoints.CheckpointError, inference.OnnxModelError,
+            backbones.WeightsUnavailableError, catalogue.DatasetError) as e:
         # OSError: a missing checkpoint, an unwritable output; every message names the file
         # and says what to do next
         raise SystemExit(f"export.py: {e}") from None

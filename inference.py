@@ -84,7 +84,9 @@ import torch
 import torch.nn as nn
 
 import datasets
+import checkpoints
 import models
+import preprocessing
 from dataio import catalogue, fileio
 
 logger = logging.getLogger("inference")
@@ -192,7 +194,7 @@ def freeze_same_padding(model: nn.Module, image_size: int) -> nn.Module:
     ``image_size`` input. Same outputs at that size; the exported graph then holds constant pads
     instead of shape arithmetic on every call: faster, and int8 calibration sees plain
     convolutions (quantised with the shape arithmetic in place, Lite0 lost 2 points of MAP@R)."""
-    model = copy.deepcopy(models.unwrap_model(model)).cpu().float().eval()
+    model = copy.deepcopy(checkpoints.unwrap_model(model)).cpu().float().eval()
     if "timm" not in sys.modules:  # only timm builds SAME convolutions: no timm, none to freeze
         return model
     from timm.layers import Conv2dSame
@@ -222,10 +224,8 @@ class _WithFeatures(nn.Module):
         self.model = model
 
     def forward(self, x):
-        import explain  # here: the rest of this module does not need it
-
-        grid, embedding = explain.feature_grid(self.model, x)
-        return embedding, grid
+        grid = self.model.forward_features(x)
+        return self.model.forward_head(grid), grid
 
 
 def onnx_bytes(model: nn.Module) -> bytes:
@@ -301,7 +301,7 @@ def calibration_set(root, image_size: int, num_images: int = CALIBRATION_IMAGES,
     drawn at random (``seed``), through the eval transform at ``image_size``, in NCHW float32
     batches of CALIBRATION_BATCH: the calibration set of int8 quantisation. ``info`` is what the
     export records of it ({"root", "split", "num_images", "seed"})."""
-    dataset = datasets.SOPDataset(root, "train", transform=datasets.build_transform(image_size),
+    dataset = datasets.SOPDataset(root, "train", transform=preprocessing.build_transform(image_size),
                                   **(splits or {}))
     count = min(int(num_images), len(dataset))
     picks = np.sort(np.random.default_rng(seed).choice(len(dataset), count, replace=False))
@@ -328,12 +328,12 @@ def build_metadata(model: nn.Module, *, model_key: str, checkpoint_sha256: str =
         "backbone": args["backbone"], "head": args["head"],
         "embedding_size": str(int(args["embedding_size"])), "image_size": str(size),
         "parameters": str(models.count_parameters(model)),
-        "resize_size": str(datasets.resize_size(size)), "crop_size": str(size),
-        "resize": f"PIL resize to ({datasets.resize_size(size)}, {datasets.resize_size(size)}), "
+        "resize_size": str(preprocessing.resize_size(size)), "crop_size": str(size),
+        "resize": f"PIL resize to ({preprocessing.resize_size(size)}, {preprocessing.resize_size(size)}), "
                   f"bilinear (antialiased) -> center crop {size} x {size} "
                   "(offset round((resize_size - crop_size) / 2)) -> RGB / 255 -> (x - mean) / std "
                   "-> NCHW float32",
-        "mean": _json(list(models.IMAGENET_MEAN)), "std": _json(list(models.IMAGENET_STD)),
+        "mean": _json(list(preprocessing.IMAGENET_MEAN)), "std": _json(list(preprocessing.IMAGENET_STD)),
         "input": INPUT_NAME, "output": OUTPUT_NAME, "precision": precision,
         "calibration": _json(calibration_info) if calibration_info else "",
         "model_args": _json(args), "checkpoint_info": _json(checkpoint_info or {}),
@@ -403,7 +403,7 @@ def export_checkpoint(checkpoint, output, precision: str = "fp32", calibration_r
     checkpoint, output = Path(checkpoint), Path(output)
     _check_output(output)
     model = models.load_model(checkpoint)  # names the file when it is not a checkpoint
-    digest = models.checkpoint_hash(checkpoint)
+    digest = checkpoints.checkpoint_hash(checkpoint)
     info = dict(model.checkpoint_info)
     calibration, calibration_info = None, None
     if precision == "int8":
@@ -463,9 +463,9 @@ def ensure_onnx(checkpoint, precision: str = "fp32", calibration_root=None) -> P
     checkpoint = Path(checkpoint)
     path = onnx_path_for(checkpoint, precision)
     if not checkpoint.is_file():
-        models.load_checkpoint(checkpoint)  # raises the error that names the problem
+        checkpoints.load_checkpoint(checkpoint)  # raises the error that names the problem
     if path.exists():
-        why = _stale_reason(path, models.checkpoint_hash(checkpoint), precision)
+        why = _stale_reason(path, checkpoints.checkpoint_hash(checkpoint), precision)
         if why is None:
             return path
         logger.info("%s: %s; exporting it again", path, why)
@@ -543,7 +543,7 @@ class OnnxEmbedder(nn.Module):
                                 num_threads or torch.get_num_threads())
         self.metadata = _check_metadata(dict(self.session.get_modelmeta().custom_metadata_map), where)
         if checkpoint is not None:
-            digest = models.checkpoint_hash(checkpoint)
+            digest = checkpoints.checkpoint_hash(checkpoint)
             if self.metadata["checkpoint_sha256"] != digest:
                 raise OnnxModelError(
                     f"{where} was exported from another checkpoint (sha256 "
@@ -567,7 +567,7 @@ class OnnxEmbedder(nn.Module):
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
             raise ValueError(f"{self.path or 'this ONNX model'} takes images [N, 3, {s}, {s}] (its "
                              f"export size), got {list(images.shape)}; resize with "
-                             f"datasets.build_transform({s})")
+                             f"preprocessing.build_transform({s})")
         # NCHW contiguous float32: extract_embeddings hands over channels_last tensors
         x = images.detach().to("cpu", torch.float32).contiguous().numpy()
         return [torch.from_numpy(out).to(images.device) for out in self.session.run(outputs, {INPUT_NAME: x})]
@@ -636,7 +636,7 @@ def verify_export(model: nn.Module, embedder: OnnxEmbedder, num_images: int = 2,
     size = embedder.image_size
     x = torch.randn(num_images, 3, size, size, generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
-        ref = models.unwrap_model(model).cpu().float().eval()(x)
+        ref = checkpoints.unwrap_model(model).cpu().float().eval()(x)
         out = embedder(x)
     return {"max_abs_diff": float((out - ref).abs().max()),
             "min_cosine": float((out * ref).sum(1).min())}

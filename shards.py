@@ -47,8 +47,9 @@ def get_args_parser():
 def load_gallery(args, device):
     """(model, its checkpoint hash, the gallery dataset with the eval transform)."""
     import datasets
+    import preprocessing
     import inference
-    import models
+    import checkpoints
     from dataio import catalogue
 
     model = inference.load_embedder(args.checkpoint, runtime=inference.resolve_runtime(args.runtime, device),
@@ -56,9 +57,9 @@ def load_gallery(args, device):
     train_args = model.checkpoint_info.get("args")
     # a run of --dataset synthetic without --data_root stored data_root: null
     data_root = args.data_root or catalogue.default_data_root(train_args)
-    dataset = datasets.SOPDataset(data_root, args.split, transform=datasets.build_transform(
+    dataset = datasets.SOPDataset(data_root, args.split, transform=preprocessing.build_transform(
         int(model.model_args["image_size"]), train=False), **datasets.split_options(train_args))
-    return model, models.checkpoint_hash(args.checkpoint), dataset
+    return model, checkpoints.checkpoint_hash(args.checkpoint), dataset
 
 
 def save_gallery_index(args, model, ckpt_hash, dataset, embeddings):
@@ -88,10 +89,10 @@ def main(args):
     import torch
     import torch.distributed as dist
 
-    import models
+    import devices
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = models.resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+    device = devices.resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:

@@ -34,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from search import gallery  # noqa: E402
 import inference  # noqa: E402
+import backbones  # noqa: E402
 import models  # noqa: E402
 from dataio.fileio import atomic_write_text  # noqa: E402
 
@@ -45,12 +46,12 @@ def get_args_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", default=10_000, type=int, help="images in the gallery")
     parser.add_argument("--add", default=100, type=int, help="images added before the incremental pass")
-    parser.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(models.BACKBONES))
+    parser.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(backbones.BACKBONES))
     parser.add_argument("--image_size", default=224, type=int)
     parser.add_argument("--categories", default=8, type=int, help="first-level folders")
     parser.add_argument("--batch_size", default=64, type=int)
     parser.add_argument("--workers", default=None, type=int,
-                        help="loader workers (default: datasets.loader_settings for this machine)")
+                        help="loader workers (default: loaders.loader_settings for this machine)")
     parser.add_argument("--workdir", default="/tmp/bench_gallery_index",
                         help="where the images and the index go (not the repository)")
     parser.add_argument("--output", default=None, help="also write the JSON here (e.g. bench/gallery_index.json)")
@@ -146,7 +147,7 @@ def load_model(backbone: str, image_size: int, runtime: str):
     try:
         return inference.load_embedder(zero_shot=(backbone, "imagenet", image_size), runtime=runtime), \
             "imagenet", None
-    except models.WeightsUnavailableError as e:
+    except backbones.WeightsUnavailableError as e:
         note = f"ImageNet weights unavailable ({e}); random weights, same cost per image"
         return inference.load_embedder(zero_shot=(backbone, "none", image_size), runtime=runtime), "none", note
 

@@ -44,7 +44,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import datasets  # noqa: E402
+import loaders  # noqa: E402
+import preprocessing  # noqa: E402
 import inference  # noqa: E402
+import backbones  # noqa: E402
+import checkpoints  # noqa: E402
 import models  # noqa: E402
 import retrieval  # noqa: E402
 from dataio import fileio, synthetic_sop  # noqa: E402
@@ -60,14 +64,14 @@ BATCH = 32
 def image_sizes(tokens, backbone: str) -> list[int]:
     """The sizes of ``tokens`` (ints or "native": the resolution the backbone's ImageNet weights
     were trained at) for ``backbone``, duplicates dropped, in order."""
-    sizes = [models.BACKBONES[backbone].resolution if t == "native" else int(t) for t in tokens]
+    sizes = [backbones.BACKBONES[backbone].resolution if t == "native" else int(t) for t in tokens]
     return list(dict.fromkeys(sizes))
 
 
 def configurations(args) -> list[tuple[str, int]]:
     """(backbone, image size) pairs to measure."""
     if args.checkpoint:
-        margs = models.load_checkpoint(args.checkpoint)["model_args"]
+        margs = checkpoints.load_checkpoint(args.checkpoint)["model_args"]
         return [(margs["backbone"], int(margs["image_size"]))]
     return [(b, s) for b in args.backbones for s in image_sizes(args.image_sizes, b)]
 
@@ -114,9 +118,9 @@ def timing(fn, size: int, repeats: int, channels_last: bool) -> dict:
 # ============ accuracy ============
 
 def split_loader(root, size: int):
-    dataset = datasets.SOPDataset(root, "test", transform=datasets.build_transform(size))
+    dataset = datasets.SOPDataset(root, "test", transform=preprocessing.build_transform(size))
     loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=False,
-                                         **datasets.loader_settings("cpu"))
+                                         **loaders.loader_settings("cpu"))
     return dataset, loader
 
 
@@ -224,7 +228,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("bench_runtime", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbones", nargs="+", default=list(DEFAULT_BACKBONES),
-                   choices=sorted(models.BACKBONES), metavar="NAME",
+                   choices=sorted(backbones.BACKBONES), metavar="NAME",
                    help="backbones to measure (default: %(default)s)")
     p.add_argument("--image_sizes", nargs="+", default=list(DEFAULT_SIZES), metavar="N|native",
                    help="input sizes; 'native' = the backbone's ImageNet resolution (default: "

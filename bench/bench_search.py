@@ -38,6 +38,7 @@ from dataio import synthetic_sop  # noqa: E402
 from dataio import photos  # noqa: E402
 from dataio import catalogue  # noqa: E402
 import inference  # noqa: E402
+import backbones  # noqa: E402
 import models  # noqa: E402
 from search.engine import SearchEngine  # noqa: E402
 from search.index import GalleryIndex  # noqa: E402
@@ -48,7 +49,7 @@ SOP_TEST_SIZE = 60_502
 def get_args_parser():
     parser = argparse.ArgumentParser("bench_search.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="efficientnet_b0", choices=sorted(models.BACKBONES))
+    parser.add_argument("--backbone", default="efficientnet_b0", choices=sorted(backbones.BACKBONES))
     parser.add_argument("--image_size", default=224, type=int)
     parser.add_argument("--embedding_size", default=128, type=int)
     parser.add_argument("--gallery_size", default=SOP_TEST_SIZE, type=int)

@@ -28,7 +28,7 @@ px) is generated once into ``--cache_dir`` and reused.
     python bench/bench_throughput.py --resized_root data/sop_256    # a `datasets.py resize` copy
     python bench/bench_throughput.py --compile --repeats 3
 
-Loader settings default to ``datasets.loader_settings()`` (``--workers auto``): what this benchmark
+Loader settings default to ``loaders.loader_settings()`` (``--workers auto``): what this benchmark
 measured best for the device and CPU count (see the README's throughput section).
 On CUDA: AMP (float16), pinned memory and ``non_blocking`` copies, cuDNN benchmark mode.
 """
@@ -50,10 +50,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import datasets  # noqa: E402
+import loaders  # noqa: E402
+import preprocessing  # noqa: E402
+import samplers  # noqa: E402
 from dataio import fileio  # noqa: E402
 from dataio import prepare_data  # noqa: E402
 from dataio import synthetic_sop  # noqa: E402
 import losses  # noqa: E402
+import backbones  # noqa: E402
 import models  # noqa: E402
 import retrieval  # noqa: E402
 from training import loop  # noqa: E402
@@ -195,7 +199,7 @@ def synthetic_root(cache_dir, num_images, size_range, workers=None):
 def resized_copy(src_root, dst_root, image_size):
     """``dst_root`` as a ``datasets.py resize`` copy of ``src_root`` at the transform's resize
     size; made once when it is not one already."""
-    size = datasets.resize_size(image_size)
+    size = preprocessing.resize_size(image_size)
     marker = fileio.read_marker(dst_root) or {}
     if marker.get("source") == "resize" and marker.get("size") == size:
         return Path(dst_root)
@@ -222,7 +226,7 @@ def _loader(dataset, settings, **kw):
 def get_args_parser():
     p = argparse.ArgumentParser("bench_throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default="efficientnet_b0", choices=sorted(models.BACKBONES))
+    p.add_argument("--backbone", default="efficientnet_b0", choices=sorted(backbones.BACKBONES))
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=32,
                    help="images per batch in every part (a multiple of 4: P x K with K = 4 for training)")
@@ -243,7 +247,7 @@ def get_args_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default mode)")
     # loader
     p.add_argument("--workers", default="auto",
-                   help="DataLoader workers; 'auto' = datasets.loader_settings() for the device and CPU count")
+                   help="DataLoader workers; 'auto' = loaders.loader_settings() for the device and CPU count")
     p.add_argument("--pin_memory", default=None, action=argparse.BooleanOptionalAction,
                    help="default: on CUDA only (no effect without an accelerator)")
     p.add_argument("--persistent_workers", default=None, action=argparse.BooleanOptionalAction)
@@ -301,9 +305,9 @@ def build_datasets(args, parts) -> tuple[Path | None, dict, int | None]:
             root = resized_copy(root, args.resized_root, args.image_size)
     data = {}
     if "extract" in parts:
-        data["extract"] = datasets.SOPDataset(root, "test", transform=datasets.build_transform(args.image_size, train=False))
+        data["extract"] = datasets.SOPDataset(root, "test", transform=preprocessing.build_transform(args.image_size, train=False))
     if "train_loader" in parts:
-        data["train_loader"] = datasets.SOPDataset(root, "train", transform=datasets.build_transform(args.image_size, train=True))
+        data["train_loader"] = datasets.SOPDataset(root, "train", transform=preprocessing.build_transform(args.image_size, train=True))
     decode_size = None
     for ds in data.values():
         if not args.draft:
@@ -326,7 +330,7 @@ def build_loaders(args, data, settings, batches) -> dict:
                                      batch_size=args.batch_size, shuffle=False)
     if "train_loader" in data:
         ds = data["train_loader"]
-        plan = datasets.PKSampler(ds.class_ids, p=args.batch_size // 4, k=4, seed=args.seed).batches()[:batches]
+        plan = samplers.PKSampler(ds.class_ids, p=args.batch_size // 4, k=4, seed=args.seed).batches()[:batches]
         if len(plan) <= args.warmup_batches:
             raise ValueError(f"{ds!r} gives only {len(plan)} P x K batches of {args.batch_size}; "
                              f"generate a bigger dataset or lower --batch_size")
@@ -375,7 +379,7 @@ def report(args, parts, results, device, amp, settings, root, decode_size) -> di
         "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "cpus_available": datasets.available_cpus(),
+        "cpu_count": os.cpu_count(), "cpus_available": loaders.available_cpus(),
         "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
         # read by libgomp when torch loads: how idle OpenMP threads wait (see the README)
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -421,7 +425,7 @@ def main(args) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size
     torch.manual_seed(args.seed)
-    settings = datasets.loader_settings(device, workers=None if args.workers == "auto" else int(args.workers),
+    settings = loaders.loader_settings(device, workers=None if args.workers == "auto" else int(args.workers),
                                         pin_memory=args.pin_memory, persistent_workers=args.persistent_workers,
                                         prefetch_factor=args.prefetch_factor)
     load_avg_before = os.getloadavg()

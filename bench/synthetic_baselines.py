@@ -6,7 +6,7 @@ the category protocol) of these embeddings of the synthetic test split:
   * mean_colour         : each image reduced to its 1×1 mean RGB;
   * raw_pixels_16       : each image resized to 16×16 RGB, flattened (cosine = L2-normalised);
   * resnet18_untrained  : torchvision resnet18(weights=None), random init (seed 0), fc removed,
-                          eval transform at 64 px (datasets.build_transform(64));
+                          eval transform at 64 px (preprocessing.build_transform(64));
   * small_cnn_trained   : with --train_epochs N > 0, a learnability probe: a 6-layer CNN trained
                           from scratch on trainval for N epochs (P×K 16×4 batches, train
                           augmentations at --train_size px, Multi-Similarity loss, Adam with a
@@ -30,6 +30,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import datasets  # noqa: E402
+import preprocessing  # noqa: E402
+import samplers  # noqa: E402
 from dataio import synthetic_sop  # noqa: E402
 from dataio import photos  # noqa: E402
 import losses  # noqa: E402
@@ -87,8 +89,8 @@ def small_cnn(embedding_size=128):
 def train_probe(root, args):
     """Train small_cnn on trainval; returns (model, per-epoch log)."""
     torch.manual_seed(args.seed)
-    train_set = datasets.SOPDataset(root, "trainval", transform=datasets.build_transform(args.train_size, train=True))
-    sampler = datasets.PKSampler(train_set.class_ids, p=16, k=4, seed=args.seed)
+    train_set = datasets.SOPDataset(root, "trainval", transform=preprocessing.build_transform(args.train_size, train=True))
+    sampler = samplers.PKSampler(train_set.class_ids, p=16, k=4, seed=args.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
                                          persistent_workers=args.workers > 0)
     model = small_cnn()
@@ -133,14 +135,14 @@ def main(args):
     torch.manual_seed(0)
     resnet = torchvision.models.resnet18(weights=None)
     resnet.fc = nn.Identity()
-    test_64 = datasets.SOPDataset(root, "test", transform=datasets.build_transform(args.resnet_size))
+    test_64 = datasets.SOPDataset(root, "test", transform=preprocessing.build_transform(args.resnet_size))
     results[f"resnet18_untrained_{args.resnet_size}px"] = summarize(
         embed(resnet, test_64, args.batch_size, args.workers), test, time.perf_counter() - t)
 
     if args.train_epochs > 0:
         t = time.perf_counter()
         model, log = train_probe(root, args)
-        test_small = datasets.SOPDataset(root, "test", transform=datasets.build_transform(args.train_size))
+        test_small = datasets.SOPDataset(root, "test", transform=preprocessing.build_transform(args.train_size))
         probe = summarize(embed(model, test_small, args.batch_size, args.workers), test, time.perf_counter() - t)
         probe.update(epochs=args.train_epochs, image_size=args.train_size, final_loss=log[-1]["loss"])
         results[f"small_cnn_trained_{args.train_epochs}ep_{args.train_size}px"] = probe

@@ -31,6 +31,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: E402
+import preprocessing  # noqa: E402
+import samplers  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 import retrieval  # noqa: E402
@@ -40,7 +42,7 @@ def get_args_parser():
     p = argparse.ArgumentParser("train_recipes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_root", default="data/synthetic_sop", help="a (synthetic) SOP folder")
-    p.add_argument("--model", default="resnet18", help="a models.BACKBONES name (random weights) or small_cnn")
+    p.add_argument("--model", default="resnet18", help="a backbones.BACKBONES name (random weights) or small_cnn")
     p.add_argument("--loss", default="triplet", help="triplet, multi_similarity or proxy_anchor")
     p.add_argument("--mining", default="semihard", choices=losses.MINING_MODES)
     p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
@@ -87,11 +89,11 @@ def build_criterion(args, class_ids):
 
 def main(args):
     torch.manual_seed(args.seed)
-    train_set = datasets.SOPDataset(args.data_root, "train", transform=datasets.build_transform(
+    train_set = datasets.SOPDataset(args.data_root, "train", transform=preprocessing.build_transform(
         args.image_size, train=not args.no_augment))
     val_set = datasets.SOPDataset(args.data_root, "val",
-                                  transform=datasets.build_transform(args.image_size, train=False))
-    sampler = datasets.build_batch_sampler("pk", train_set.class_ids, batch_size=args.batch_size,
+                                  transform=preprocessing.build_transform(args.image_size, train=False))
+    sampler = samplers.build_batch_sampler("pk", train_set.class_ids, batch_size=args.batch_size,
                                            images_per_class=args.images_per_class, seed=args.seed)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers)
     val_loader = DataLoader(val_set, batch_size=128, num_workers=args.workers)

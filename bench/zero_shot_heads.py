@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import datasets  # noqa: E402
+import preprocessing  # noqa: E402
 import models  # noqa: E402
 import retrieval  # noqa: E402
 
@@ -36,7 +37,7 @@ def get_args_parser():
 
 
 def features(model, root, split, image_size):
-    ds = datasets.SOPDataset(root, split, transform=datasets.build_transform(image_size, train=False))
+    ds = datasets.SOPDataset(root, split, transform=preprocessing.build_transform(image_size, train=False))
     feats, _ = retrieval.extract_embeddings(model.backbone, DataLoader(ds, batch_size=64), progress=False,
                                             normalize=False)
     return feats, ds

@@ -249,14 +249,15 @@ def embed_files(model, paths, batch_size=64, workers=None, device="cpu", progres
     """
     import torch
 
-    import datasets
+    import loaders
+    import preprocessing
 
     size = int(model.model_args["image_size"])
-    images = GalleryImages(paths, datasets.build_transform(size, train=False), size)
+    images = GalleryImages(paths, preprocessing.build_transform(size, train=False), size)
     loader = torch.utils.data.DataLoader(
         images, batch_size=batch_size, shuffle=False,
         # one pass: persistent workers would only outlive it
-        **datasets.loader_settings(device, workers=workers, persistent_workers=False))
+        **loaders.loader_settings(device, workers=workers, persistent_workers=False))
     embeddings, ids = retrieval.extract_embeddings(model, loader, device=device, progress=progress,
                                                    desc="gallery")
     good = ids >= 0

@@ -379,11 +379,11 @@ class GalleryImages:
     dropped afterwards)."""
 
     def __init__(self, paths, transform, image_size):
-        import datasets  # here: scanning and planning need no torchvision
+        import preprocessing  # here: scanning and planning need no torchvision
 
         self.paths = [str(p) for p in paths]
         self.transform = transform
-        self.load_size = datasets.draft_size(transform)
+        self.load_size = preprocessing.draft_size(transform)
         self.shape = (3, int(image_size), int(image_size))
 
     def __len__(self):
@@ -405,7 +405,7 @@ def build_gallery_index(model, dataset, batch_size=64, workers=None, device="cpu
                         ann_params=None, skip_unreadable=False) -> GalleryIndex:
     """Embed every image of ``dataset`` (an SOPDataset with an eval transform) into a
     `GalleryIndex`; paths are stored relative to the data root (``dataset.rel_paths``).
-    ``workers=None``: datasets.loader_settings for the device and this machine's CPUs.
+    ``workers=None``: loaders.loader_settings for the device and this machine's CPUs.
     ``index_type`` "ivf" / "hnsw" also builds that approximate index (progress bars).
     ``skip_unreadable``: an image that does not decode is left out (listed in
     ``meta["unreadable"]``, logged) instead of stopping the build (a served gallery; an
@@ -415,13 +415,13 @@ def build_gallery_index(model, dataset, batch_size=64, workers=None, device="cpu
         ann.require_faiss(f"index type {index_type!r}")  # before minutes of embedding
     import torch
 
-    import datasets  # here, not at import time: the demo's search path needs no torchvision
+    import loaders  # here, not at import time: the demo's search path needs no torchvision
 
     images = GalleryImages(dataset.paths, dataset.transform, int(model.model_args["image_size"]))
     loader = torch.utils.data.DataLoader(
         images if skip_unreadable else dataset, batch_size=batch_size, shuffle=False,
         # one pass: persistent workers would only outlive it
-        **datasets.loader_settings(device, workers=workers, persistent_workers=False))
+        **loaders.loader_settings(device, workers=workers, persistent_workers=False))
     t0 = time.perf_counter()
     embeddings, second = retrieval.extract_embeddings(model, loader, device=device, amp=amp,
                                                       progress=progress, desc="gallery")

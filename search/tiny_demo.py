@@ -19,6 +19,7 @@ from PIL import Image
 
 from dataio import photos
 from dataio import synthetic_sop
+import checkpoints
 import models
 
 IMAGE_SIZE = 48
@@ -34,10 +35,10 @@ CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-
 def write_untrained_checkpoint(path, data_root, backbone="resnet18", image_size=IMAGE_SIZE, seed=0,
                                head="mlp") -> Path:
     """A randomly initialised ``backbone`` with ``head`` saved at ``path`` as train.py saves a run
-    (models.py checkpoint format, `models.atomic_save`), with ``data_root`` as its training data."""
+    (models.py checkpoint format, `checkpoints.atomic_save`), with ``data_root`` as its training data."""
     torch.manual_seed(seed)
     model = models.build_model(backbone, weights="none", image_size=image_size, head=head)
-    models.atomic_save(models.make_checkpoint(
+    checkpoints.atomic_save(checkpoints.make_checkpoint(
         model, args={"dataset": "synthetic", "data_root": str(data_root)}, epoch=0, metrics={}), path)
     return Path(path)
 

@@ -2,7 +2,7 @@
 weight files (lukemelas/EfficientNet-PyTorch layout) were exported from, written after the
 TensorFlow reference (efficientnet_lite_builder.py): MBConv blocks without squeeze-excitation,
 ReLU6, TF "SAME" padding, BatchNorm eps 1e-3, stem and head not scaled, first and last stage
-repeats not scaled. models.EfficientNetLite (timm) must give the same logits with the same file.
+repeats not scaled. backbones.EfficientNetLite (timm) must give the same logits with the same file.
 """
 import math
 

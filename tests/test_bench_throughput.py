@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import datasets
+import preprocessing
 from dataio import synthetic_sop
 from dataio import fileio
 
@@ -58,7 +58,7 @@ def test_all_parts_in_process_with_one_worker(bench, tiny_root):
         assert isinstance(out[key], float) and out[key] > 0, key
     assert out["workers"] == 1 and out["torch_threads"] == 1
     assert out["device"] == "cpu" and out["cpu_count"] >= 1 and out["cpus_available"] >= 1
-    assert out["draft"] is True and out["decode_size"] == datasets.resize_size(64)
+    assert out["draft"] is True and out["decode_size"] == preprocessing.resize_size(64)
     assert out["timed_images"] == {"forward": 16, "extract": 16, "train_step": 16, "train_loader": 16}
     assert "not measured" in out["cuda"]
 
@@ -77,7 +77,7 @@ def test_cli_prints_json_no_draft_resized_copy(tmp_path, tiny_root):
     out = json.loads(proc.stdout)
     assert out == json.loads((tmp_path / "out.json").read_text())
     assert out["workers"] == 0 and out["draft"] is False and out["decode_size"] is None
-    assert out["resized"] is True and fileio.read_marker(resized)["size"] == datasets.resize_size(64)
+    assert out["resized"] is True and fileio.read_marker(resized)["size"] == preprocessing.resize_size(64)
     assert out["forward_images_per_s"] > 0 and out["extract_images_per_s"] > 0 and out["extract_vs_ceiling"] > 0
     assert len(out["extract_vs_ceiling_runs"]) == 2
     assert "train_vs_ceiling" not in out

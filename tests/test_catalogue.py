@@ -15,7 +15,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from dataio import catalogue
+import data_stats
 import datasets
+import preprocessing
+import checkpoints
 import models
 from dataio import prepare_data
 from training import evaluation
@@ -325,7 +328,7 @@ def test_single_image_product_kept_never_a_query(tmp_path):
     write_csv(tmp_path, "\n".join(lines) + "\n")
     for name in [f"{i}" for i in range(7)] + [f"t{i}" for i in range(4)]:
         jpeg(tmp_path / "img" / f"{name}.jpg", seed=hash(name) % 1000)
-    ds = datasets.SOPDataset(tmp_path, "test", transform=datasets.build_transform(32, train=False))
+    ds = datasets.SOPDataset(tmp_path, "test", transform=preprocessing.build_transform(32, train=False))
     assert len(ds) == 7 and ds.num_single_image_products == 1
     torch.manual_seed(0)
     model = models.build_model("resnet18", embedding_size=16, weights="none", image_size=32)
@@ -383,7 +386,7 @@ def test_stats_on_free_categories(tmp_path):
                                  for j in range(4)})
     rows, sets = datasets.dataset_stats(root, val_fraction=0.25)
     assert rows["total"]["images"] == 20 and rows["total"]["categories"] == 2
-    out = datasets.plot_stats(sets, tmp_path / "stats.png")
+    out = data_stats.plot_stats(sets, tmp_path / "stats.png")
     assert out.stat().st_size > 1000
 
 
@@ -400,7 +403,7 @@ def test_identical_metrics_in_every_layout(tmp_path, synthetic_root):
     torch.manual_seed(0)
     model = models.build_model("resnet18", embedding_size=32, weights="none", image_size=48)
     ckpt = tmp_path / "ck" / "best.pth"
-    models.atomic_save(models.make_checkpoint(model, args={"data_root": str(synthetic_root)}, epoch=1,
+    checkpoints.atomic_save(checkpoints.make_checkpoint(model, args={"data_root": str(synthetic_root)}, epoch=1,
                                               metrics={}), ckpt)
     csv_root = prepare_data.convert_catalogue(synthetic_root, tmp_path / "as_csv", "csv", progress=False)
     sop, _ = _metrics(ckpt, synthetic_root, tmp_path, "sop")

@@ -19,6 +19,9 @@ import torchvision.transforms as T
 from PIL import Image
 
 import datasets
+import loaders
+import preprocessing
+import samplers
 from dataio import photos
 from dataio import fileio
 
@@ -145,18 +148,18 @@ def test_split_validation_fraction_on_sop_sized_ids():
 # ============ images and transforms ============
 
 def test_build_transform_matches_spec():
-    train = datasets.build_transform(224, train=True).transforms
+    train = preprocessing.build_transform(224, train=True).transforms
     assert [type(t) for t in train] == [T.Resize, T.RandomResizedCrop, T.RandomHorizontalFlip,
                                         T.ColorJitter, T.RandomRotation, T.ToTensor, T.Normalize]
     assert tuple(train[0].size) == (256, 256) and train[1].scale == (0.8, 1.0)
     assert train[3].brightness == (0.8, 1.2) and train[4].degrees == [-15.0, 15.0]
-    ev = datasets.build_transform(224).transforms
+    ev = preprocessing.build_transform(224).transforms
     assert [type(t) for t in ev] == [T.Resize, T.CenterCrop, T.ToTensor, T.Normalize]
     assert tuple(ev[0].size) == (256, 256)
-    assert tuple(datasets.build_transform(64).transforms[0].size) == (73, 73)   # round(64*256/224)
+    assert tuple(preprocessing.build_transform(64).transforms[0].size) == (73, 73)   # round(64*256/224)
     img = Image.new("RGB", (90, 50), (200, 10, 10))
-    assert datasets.build_transform(48)(img).shape == (3, 48, 48)
-    assert datasets.build_transform(48, train=True)(img).shape == (3, 48, 48)
+    assert preprocessing.build_transform(48)(img).shape == (3, 48, 48)
+    assert preprocessing.build_transform(48, train=True)(img).shape == (3, 48, 48)
 
 
 def test_load_image_modes_and_exif(tmp_path):
@@ -189,8 +192,8 @@ def test_load_image_draft_decodes_at_reduced_scale(tmp_path):
 
 
 def test_dataset_items_and_draft_size(synthetic_root):
-    ds = datasets.SOPDataset(synthetic_root, "train", transform=datasets.build_transform(32))
-    assert ds.load_size == datasets.resize_size(32) == 37
+    ds = datasets.SOPDataset(synthetic_root, "train", transform=preprocessing.build_transform(32))
+    assert ds.load_size == preprocessing.resize_size(32) == 37
     x, y = ds[0]
     assert x.shape == (3, 32, 32) and isinstance(y, int) and y == ds.class_ids[0]
     raw = datasets.SOPDataset(synthetic_root, "train")
@@ -239,7 +242,7 @@ def test_corrupt_images_substituted_logged_counted(synthetic_copy, caplog):
 
 
 def test_bad_image_count_visible_with_dataloader_workers(synthetic_copy):
-    ds = datasets.SOPDataset(synthetic_copy, "test", transform=datasets.build_transform(32),
+    ds = datasets.SOPDataset(synthetic_copy, "test", transform=preprocessing.build_transform(32),
                              max_bad_fraction=0.05)
     bad = _first_images_of_distinct_products(ds, 2)
     _damage([ds.paths[i] for i in bad] + [ds.paths[-1]])   # third one unused
@@ -281,7 +284,7 @@ def _class_ids(sizes):
 def test_pk_sampler_batches_are_p_products_by_k_images():
     rng = np.random.default_rng(0)
     class_ids = _class_ids(rng.integers(2, 13, 200))
-    sampler = datasets.PKSampler(class_ids, p=8, k=4, seed=0)
+    sampler = samplers.PKSampler(class_ids, p=8, k=4, seed=0)
     batches = list(sampler)
     assert len(batches) == len(sampler) == len(class_ids) // 32
     for batch in batches:
@@ -293,7 +296,7 @@ def test_pk_sampler_batches_are_p_products_by_k_images():
 
 def test_pk_sampler_small_classes_with_replacement():
     class_ids = _class_ids([2, 3, 2, 3, 2, 3, 8, 9])
-    sampler = datasets.PKSampler(class_ids, p=4, k=4, seed=3)
+    sampler = samplers.PKSampler(class_ids, p=4, k=4, seed=3)
     for batch in sampler.batches(0) + sampler.batches(1):
         counts = collections.Counter(class_ids[batch].tolist())
         assert len(counts) == 4 and set(counts.values()) == {4}
@@ -305,20 +308,20 @@ def test_pk_sampler_small_classes_with_replacement():
 
 def test_pk_sampler_deterministic_per_seed_and_epoch():
     class_ids = _class_ids(np.random.default_rng(1).integers(2, 13, 100))
-    a, b = datasets.PKSampler(class_ids, 4, 4, seed=0), datasets.PKSampler(class_ids, 4, 4, seed=0)
+    a, b = samplers.PKSampler(class_ids, 4, 4, seed=0), samplers.PKSampler(class_ids, 4, 4, seed=0)
     a.set_epoch(3)
     b.set_epoch(3)
     assert list(a) == list(b)
     b.set_epoch(4)
     assert list(a) != list(b)
-    assert list(a) != list(datasets.PKSampler(class_ids, 4, 4, seed=1).batches(3))
+    assert list(a) != list(samplers.PKSampler(class_ids, 4, 4, seed=1).batches(3))
     a.set_epoch(3, start_batch=5)
     assert list(a) == b.batches(3)[5:] and len(a) == a.num_batches - 5
 
 
 def test_pk_sampler_sharded_across_ranks():
     class_ids = _class_ids(np.random.default_rng(2).integers(2, 13, 120))
-    shards = [datasets.PKSampler(class_ids, 4, 4, seed=0, num_replicas=3, rank=r) for r in range(3)]
+    shards = [samplers.PKSampler(class_ids, 4, 4, seed=0, num_replicas=3, rank=r) for r in range(3)]
     for s in shards:
         s.set_epoch(2)
     per_rank = [list(s) for s in shards]
@@ -326,40 +329,40 @@ def test_pk_sampler_sharded_across_ranks():
     as_tuples = [tuple(b) for rank in per_rank for b in rank]
     assert len(set(as_tuples)) == len(as_tuples)               # distinct batches on every rank
     with pytest.raises(ValueError, match="rank"):
-        datasets.PKSampler(class_ids, 4, 4, num_replicas=2, rank=2)
+        samplers.PKSampler(class_ids, 4, 4, num_replicas=2, rank=2)
 
 
 def test_random_batch_sampler_reproduces_shuffled_batches():
-    s = datasets.RandomBatchSampler(100, 16, seed=0)
+    s = samplers.RandomBatchSampler(100, 16, seed=0)
     batches = list(s)
     assert len(batches) == len(s) == 7 and [len(b) for b in batches][-1] == 4
     assert sorted(i for b in batches for i in b) == list(range(100))
-    assert batches == datasets.RandomBatchSampler(100, 16, seed=0).batches(0)
+    assert batches == samplers.RandomBatchSampler(100, 16, seed=0).batches(0)
     s.set_epoch(1)
     assert list(s) != batches
-    ranks = [datasets.RandomBatchSampler(100, 16, 0, num_replicas=2, rank=r) for r in range(2)]
+    ranks = [samplers.RandomBatchSampler(100, 16, 0, num_replicas=2, rank=r) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 4
     assert {i for r in ranks for b in r for i in b} == set(range(100))
 
 
 def test_build_batch_sampler_arguments():
     class_ids = _class_ids([2, 5, 7, 3] * 10)
-    pk = datasets.build_batch_sampler("pk", class_ids, batch_size=16, images_per_class=4)
-    assert isinstance(pk, datasets.PKSampler) and (pk.p, pk.k) == (4, 4)
-    assert isinstance(datasets.build_batch_sampler("random", class_ids, 16, 4), datasets.RandomBatchSampler)
+    pk = samplers.build_batch_sampler("pk", class_ids, batch_size=16, images_per_class=4)
+    assert isinstance(pk, samplers.PKSampler) and (pk.p, pk.k) == (4, 4)
+    assert isinstance(samplers.build_batch_sampler("random", class_ids, 16, 4), samplers.RandomBatchSampler)
     with pytest.raises(ValueError, match="divisible by images_per_class=5"):
-        datasets.build_batch_sampler("pk", class_ids, batch_size=16, images_per_class=5)
+        samplers.build_batch_sampler("pk", class_ids, batch_size=16, images_per_class=5)
     with pytest.raises(ValueError, match=r"allowed range 2\.\.7"):
-        datasets.build_batch_sampler("pk", class_ids, batch_size=16, images_per_class=8)
+        samplers.build_batch_sampler("pk", class_ids, batch_size=16, images_per_class=8)
     with pytest.raises(ValueError, match="pk, random"):
-        datasets.build_batch_sampler("balanced", class_ids, 16, 4)
+        samplers.build_batch_sampler("balanced", class_ids, 16, 4)
     with pytest.raises(ValueError, match="needs P=100 products"):
-        datasets.build_batch_sampler("pk", class_ids, batch_size=200, images_per_class=2)
+        samplers.build_batch_sampler("pk", class_ids, batch_size=200, images_per_class=2)
 
 
 def test_pk_sampler_in_dataloader(synthetic_root):
-    ds = datasets.SOPDataset(synthetic_root, "train", transform=datasets.build_transform(32))
-    sampler = datasets.build_batch_sampler("pk", ds.class_ids, 16, 4, seed=0)
+    ds = datasets.SOPDataset(synthetic_root, "train", transform=preprocessing.build_transform(32))
+    sampler = samplers.build_batch_sampler("pk", ds.class_ids, 16, 4, seed=0)
     x, y = next(iter(torch.utils.data.DataLoader(ds, batch_sampler=sampler)))
     assert x.shape == (16, 3, 32, 32)
     assert sorted(collections.Counter(y.tolist()).values()) == [4, 4, 4, 4]
@@ -620,19 +623,19 @@ def test_synthetic_cli_and_help(tmp_path, capsys):
 
 def test_loader_settings_follow_device_and_cpus():
     """The defaults train.py, evaluate.py and the demo use (measured in bench/bench_throughput)."""
-    assert datasets.loader_settings("cpu", cpus=2) == {
+    assert loaders.loader_settings("cpu", cpus=2) == {
         "num_workers": 1, "pin_memory": False, "persistent_workers": False, "prefetch_factor": 2}
-    assert datasets.loader_settings("cpu", cpus=16)["num_workers"] == 4
-    gpu = datasets.loader_settings("cuda", cpus=64)
+    assert loaders.loader_settings("cpu", cpus=16)["num_workers"] == 4
+    gpu = loaders.loader_settings("cuda", cpus=64)
     assert gpu == {"num_workers": 16, "pin_memory": True, "persistent_workers": True, "prefetch_factor": 4}
     # explicit values win; no worker options without workers (DataLoader rejects them)
-    assert datasets.loader_settings("cuda", cpus=8, workers=0) == {"num_workers": 0, "pin_memory": True}
-    assert datasets.loader_settings("cuda", cpus=8, persistent_workers=False)["persistent_workers"] is False
-    assert datasets.loader_settings("cpu", cpus=8, pin_memory=True)["pin_memory"] is False  # CPU: no pinning
+    assert loaders.loader_settings("cuda", cpus=8, workers=0) == {"num_workers": 0, "pin_memory": True}
+    assert loaders.loader_settings("cuda", cpus=8, persistent_workers=False)["persistent_workers"] is False
+    assert loaders.loader_settings("cpu", cpus=8, pin_memory=True)["pin_memory"] is False  # CPU: no pinning
     # (moved from tests/test_bench_throughput.py, where these settings used to live)
-    assert datasets.loader_settings("cuda", cpus=16) == {
+    assert loaders.loader_settings("cuda", cpus=16) == {
         "num_workers": 16, "pin_memory": True, "persistent_workers": True, "prefetch_factor": 4}
-    assert datasets.loader_settings("cpu", cpus=2, workers=0) == {"num_workers": 0, "pin_memory": False}
+    assert loaders.loader_settings("cpu", cpus=2, workers=0) == {"num_workers": 0, "pin_memory": False}
 
 
 # ============ P×K batches on few products ============
@@ -641,12 +644,12 @@ def test_few_large_products_keep_the_batch_size_and_raise_k():
     """7 products of 500 images: batches of 64 need P=16 at K=4; K is raised to fit instead."""
     class_ids = np.repeat(np.arange(7), 500)
     for k in (4, 8):
-        fitted, note = datasets.fit_images_per_class(class_ids, 64, k)
+        fitted, note = samplers.fit_images_per_class(class_ids, 64, k)
         assert fitted == 16 and "P=4 × K=16" in note and "batch size kept" in note
-        sampler = datasets.build_batch_sampler("pk", class_ids, 64, fitted)
+        sampler = samplers.build_batch_sampler("pk", class_ids, 64, fitted)
         batches = sampler.batches()
         assert all(len(b) == 64 and len(np.unique(class_ids[b])) == 4 for b in batches)
-    assert datasets.fit_images_per_class(np.repeat(np.arange(30), 5), 64, 4) == (4, None)  # enough
+    assert samplers.fit_images_per_class(np.repeat(np.arange(30), 5), 64, 4) == (4, None)  # enough
 
 
 @pytest.mark.parametrize("class_ids, batch_size, match", [
@@ -656,4 +659,4 @@ def test_few_large_products_keep_the_batch_size_and_raise_k():
 ])
 def test_a_pk_batch_that_cannot_be_made_says_why(class_ids, batch_size, match):
     with pytest.raises(ValueError, match=match):
-        datasets.fit_images_per_class(class_ids, batch_size, 4)
+        samplers.fit_images_per_class(class_ids, batch_size, 4)

@@ -196,10 +196,11 @@ def test_ddp_ranks_get_disjoint_batches(tiny_sop):
     """The sampler train.py builds for rank r of 2: other batches on each rank, the same count
     (DDP needs equal step counts), each batch 4 products x 4 images."""
     import datasets
+    import samplers
     class_ids = datasets.SOPDataset(tiny_sop, "train").class_ids
     batches = []
     for rank in range(2):
-        sampler = datasets.build_batch_sampler("pk", class_ids, 16, 4, seed=0, num_replicas=2,
+        sampler = samplers.build_batch_sampler("pk", class_ids, 16, 4, seed=0, num_replicas=2,
                                                rank=rank)
         sampler.set_epoch(1)
         batches.append(list(sampler))

@@ -10,9 +10,12 @@ import pytest
 import torch
 
 import datasets
+import preprocessing
 
 from dataio import catalogue
 import evaluate
+import backbones
+import checkpoints
 import models
 import retrieval
 from search.index import GalleryIndex
@@ -27,9 +30,9 @@ SPEC_CATEGORY = ["recall@1", "recall@5", "recall@10", "recall@20", "precision@1"
 def save_checkpoint(path, data_root, seed=0):
     torch.manual_seed(seed)
     model = models.build_model("resnet18", embedding_size=32, weights="none", image_size=48)
-    ckpt = models.make_checkpoint(model, args={"dataset": "synthetic", "data_root": str(data_root)},
+    ckpt = checkpoints.make_checkpoint(model, args={"dataset": "synthetic", "data_root": str(data_root)},
                                   epoch=3, metrics={"recall@1": 0.5})
-    models.atomic_save(ckpt, path)
+    checkpoints.atomic_save(ckpt, path)
     return path
 
 
@@ -63,7 +66,7 @@ def test_evaluate_end_to_end_with_cache(synthetic_root, tmp_path, monkeypatch):
 
     # the metrics are those of retrieval.evaluate_embeddings on the cached embeddings
     index = GalleryIndex.load(cache)
-    assert index.paths == test_set.rel_paths and index.checkpoint_hash == models.checkpoint_hash(ckpt)
+    assert index.paths == test_set.rel_paths and index.checkpoint_hash == checkpoints.checkpoint_hash(ckpt)
     direct = retrieval.evaluate_embeddings(index.embeddings, test_set.class_ids, test_set.super_ids)
     assert {k: saved[k] for k in direct} == direct
 
@@ -87,7 +90,7 @@ def test_evaluate_end_to_end_with_cache(synthetic_root, tmp_path, monkeypatch):
                                            device="cpu", embed=evaluate.cached_embeddings(cache),
                                            num_examples=0, progress=False)
     assert third["timing"]["cached"] is False
-    assert GalleryIndex.load(cache).checkpoint_hash == models.checkpoint_hash(ckpt)
+    assert GalleryIndex.load(cache).checkpoint_hash == checkpoints.checkpoint_hash(ckpt)
     assert json.loads((tmp_path / "third" / "results.json").read_text())["model"]["epoch"] == 3
 
 
@@ -165,7 +168,7 @@ def test_compile_flag_extracts_with_the_compiled_model(synthetic_root, tmp_path,
 def direct_zero_shot(root, size=32):
     """The backbone's L2-normalised pooled features, by hand: the reference for --zero_shot."""
     net = models.build_model("efficientnet_lite0", weights="imagenet").backbone.eval()
-    test_set = datasets.SOPDataset(root, "test", transform=datasets.build_transform(size, train=False))
+    test_set = datasets.SOPDataset(root, "test", transform=preprocessing.build_transform(size, train=False))
     with torch.no_grad():
         feats = torch.cat([net(torch.stack([test_set[i][0] for i in range(j, min(j + 64, len(test_set)))]))
                            for j in range(0, len(test_set), 64)])
@@ -193,7 +196,7 @@ def test_checkpoint_from_imagenet_weights_reports_its_zero_shot_row(synthetic_ro
     model = models.build_model("efficientnet_lite0", embedding_size=16, weights="imagenet",
                                image_size=32)
     ckpt = tmp_path / "checkpoints" / "lite" / "best.pth"
-    models.atomic_save(models.make_checkpoint(model, args={"dataset": "synthetic", "weights": "imagenet",
+    checkpoints.atomic_save(checkpoints.make_checkpoint(model, args={"dataset": "synthetic", "weights": "imagenet",
                                                            "data_root": str(synthetic_root)}), ckpt)
     base = ["--checkpoint", str(ckpt), "--workers", "0", "--device", "cpu", "--no-progress",
             "--num_examples", "0", "--output", str(tmp_path / "out")]
@@ -228,10 +231,10 @@ def test_zero_shot_row_is_skipped_when_the_imagenet_weights_are_unavailable(synt
     ckpt = save_checkpoint(tmp_path / "checkpoints" / "r" / "best.pth", synthetic_root)
     state = torch.load(ckpt, weights_only=True)
     state["args"]["weights"] = "imagenet"
-    models.atomic_save(state, ckpt)
+    checkpoints.atomic_save(state, ckpt)
 
     def unavailable(*a, **k):
-        raise models.WeightsUnavailableError("offline")
+        raise backbones.WeightsUnavailableError("offline")
     monkeypatch.setattr(models, "zero_shot_model", unavailable)
     results = run(["--checkpoint", str(ckpt), "--workers", "0", "--device", "cpu", "--no-progress",
                    "--num_examples", "0", "--output", str(tmp_path / "out")])

@@ -5,13 +5,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import backbones
 import explain
 import models
+import preprocessing
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-MEAN = torch.tensor(models.IMAGENET_MEAN).view(3, 1, 1)
-STD = torch.tensor(models.IMAGENET_STD).view(3, 1, 1)
+MEAN = torch.tensor(preprocessing.IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(preprocessing.IMAGENET_STD).view(3, 1, 1)
 BACKBONES = ["resnet18", "efficientnet_lite0"]
 
 
@@ -62,9 +64,9 @@ def test_feature_grid_is_the_pooling_input_and_embedding_is_the_model_output():
 
 
 def test_feature_grid_ignores_forwards_of_other_threads_meanwhile():
-    """The demo's model is shared with --watch's embedding thread: a forward of another thread
-    while feature_grid's hook is registered (forced here, inside the pooling of this thread's
-    call) is not caught."""
+    """The demo's model is shared with --watch's embedding thread: a forward of another thread in
+    the middle of feature_grid's call (forced here, inside the pooling of this thread's call)
+    changes neither its grid nor its embedding."""
     import threading
 
     torch.manual_seed(0)
@@ -78,7 +80,7 @@ def test_feature_grid_ignores_forwards_of_other_threads_meanwhile():
             t.start()
             t.join()
 
-    handle = explain._pooling_module(model).register_forward_pre_hook(other_thread_forward)
+    handle = backbones.pooling_module(model.backbone, "resnet18").register_forward_pre_hook(other_thread_forward)
     try:
         x = random_pair()[1]
         grid, embedding = explain.feature_grid(model, x)

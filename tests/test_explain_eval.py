@@ -11,7 +11,9 @@ from PIL import Image
 import datasets
 import evaluate
 import explain
+import checkpoints
 import models
+import preprocessing
 import retrieval
 from training import reporting
 
@@ -21,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def save_checkpoint(path, data_root):
     torch.manual_seed(0)
     model = models.build_model("resnet18", embedding_size=32, weights="none", image_size=64, head="linear")
-    models.atomic_save(models.make_checkpoint(model, args={"dataset": "synthetic", "data_root": str(data_root)},
+    checkpoints.atomic_save(checkpoints.make_checkpoint(model, args={"dataset": "synthetic", "data_root": str(data_root)},
                                               epoch=1, metrics={}), path)
     return path
 
@@ -35,7 +37,7 @@ def test_worst_queries_are_the_lowest_ranked_true_matches_worst_first():
 def test_dataset_explainer_maps_sum_to_the_evaluated_scores(synthetic_root):
     torch.manual_seed(0)
     model = models.build_model("resnet18", embedding_size=32, weights="none", image_size=64, head="linear").eval()
-    dataset = datasets.SOPDataset(synthetic_root, "test", transform=datasets.build_transform(64, train=False))
+    dataset = datasets.SOPDataset(synthetic_root, "test", transform=preprocessing.build_transform(64, train=False))
     with torch.no_grad():
         e = model(torch.stack([dataset[i][0] for i in range(4)])).numpy()
     maps = explain.dataset_explainer(model, dataset)(0, [1, 2, 3])
@@ -47,7 +49,7 @@ def test_dataset_explainer_maps_sum_to_the_evaluated_scores(synthetic_root):
     # the view is the model's input, de-normalised (to 8-bit rounding)
     x = dataset[0][0]
     back = (torch.from_numpy(np.asarray(explain.view_of(x), np.float32) / 255).permute(2, 0, 1)
-            - torch.tensor(models.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(models.IMAGENET_STD).view(3, 1, 1)
+            - torch.tensor(preprocessing.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(preprocessing.IMAGENET_STD).view(3, 1, 1)
     assert torch.allclose(back, x, atol=0.01)
 
 

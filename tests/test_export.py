@@ -23,7 +23,10 @@ import datasets  # noqa: E402
 import explain  # noqa: E402
 import export  # noqa: E402
 import inference  # noqa: E402
+import backbones  # noqa: E402
+import checkpoints  # noqa: E402
 import models  # noqa: E402
+import preprocessing  # noqa: E402
 import retrieval  # noqa: E402
 from dataio.photos import load_image  # noqa: E402
 
@@ -51,7 +54,7 @@ def save_checkpoint(path, seed=0, data_root=None, backbone="efficientnet_lite0")
     torch.manual_seed(seed)
     model = models.build_model(backbone, embedding_size=16, image_size=SIZE)
     args = {"data_root": str(data_root)} if data_root else {}
-    models.atomic_save(models.make_checkpoint(model, args=args, epoch=3, metrics={"map@r": 0.5}),
+    checkpoints.atomic_save(checkpoints.make_checkpoint(model, args=args, epoch=3, metrics={"map@r": 0.5}),
                        path)
     return model.eval()
 
@@ -74,7 +77,7 @@ def exported(checkpoint, tmp_path_factory):
 
 # ============ parity ============
 
-@pytest.mark.parametrize("backbone", sorted(models.BACKBONES))
+@pytest.mark.parametrize("backbone", sorted(backbones.BACKBONES))
 def test_fp32_matches_torch_every_backbone_any_batch(backbone, tmp_path):
     torch.manual_seed(0)
     model = models.build_model(backbone, embedding_size=16, image_size=SIZE).eval()
@@ -107,16 +110,16 @@ def test_exported_graph_has_constant_padding(exported):
 
 def test_metadata(exported, checkpoint):
     meta = inference.read_metadata(exported)
-    ckpt = models.load_checkpoint(checkpoint)
-    digest = models.checkpoint_hash(checkpoint)
+    ckpt = checkpoints.load_checkpoint(checkpoint)
+    digest = checkpoints.checkpoint_hash(checkpoint)
     assert meta["format"] == inference.FORMAT
     assert meta["format_version"] == str(inference.FORMAT_VERSION)
     assert meta["checkpoint_sha256"] == meta["model_key"] == digest
     assert (meta["backbone"], meta["head"]) == ("efficientnet_lite0", "mlp")
     assert (int(meta["image_size"]), int(meta["crop_size"])) == (SIZE, SIZE)
-    assert int(meta["resize_size"]) == datasets.resize_size(SIZE)
-    assert json.loads(meta["mean"]) == list(models.IMAGENET_MEAN)
-    assert json.loads(meta["std"]) == list(models.IMAGENET_STD)
+    assert int(meta["resize_size"]) == preprocessing.resize_size(SIZE)
+    assert json.loads(meta["mean"]) == list(preprocessing.IMAGENET_MEAN)
+    assert json.loads(meta["std"]) == list(preprocessing.IMAGENET_STD)
     assert int(meta["embedding_size"]) == 16 and meta["precision"] == "fp32"
     assert json.loads(meta["model_args"]) == ckpt["model_args"]
     assert (meta["input"], meta["output"]) == ("images", "embeddings")
@@ -143,7 +146,7 @@ def test_metadata(exported, checkpoint):
 def test_retrieval_metrics_equal_through_extract_embeddings(exported, checkpoint,
                                                             tiny_synthetic_root):
     test = datasets.SOPDataset(tiny_synthetic_root, "test",
-                               transform=datasets.build_transform(SIZE))
+                               transform=preprocessing.build_transform(SIZE))
     loader = torch.utils.data.DataLoader(test, batch_size=16)
     results = []
     for model in (models.load_model(checkpoint), inference.OnnxEmbedder(exported)):
@@ -177,7 +180,7 @@ def test_command_line_export(checkpoint, tmp_path):
                          timeout=300)
     assert run.returncode == 0, run.stderr
     assert f"Wrote {out}" in run.stdout and "max |difference|" in run.stdout
-    assert inference.read_metadata(out)["checkpoint_sha256"] == models.checkpoint_hash(checkpoint)
+    assert inference.read_metadata(out)["checkpoint_sha256"] == checkpoints.checkpoint_hash(checkpoint)
     assert files_in(out.parent) == ["model.onnx"]  # no temporary file left
 
 
@@ -301,7 +304,7 @@ def test_ensure_onnx_reuses_then_reexports(checkpoint, tmp_path, monkeypatch):
 
     model = save_checkpoint(ckpt, seed=2)  # retrained: the file must follow
     assert inference.ensure_onnx(ckpt) == path and len(calls) == 1
-    assert inference.read_metadata(path)["checkpoint_sha256"] == models.checkpoint_hash(ckpt)
+    assert inference.read_metadata(path)["checkpoint_sha256"] == checkpoints.checkpoint_hash(ckpt)
     x = images(2)
     assert (inference.OnnxEmbedder(path)(x) - torch_embed(model, x)).abs().max() < TOL
 
@@ -362,7 +365,7 @@ def test_int8_runs_and_stays_close(checkpoint, synthetic_root, tmp_path):
     assert meta["precision"] == "int8"
     calibration = json.loads(meta["calibration"])
     assert calibration["num_images"] == 32 and Path(calibration["root"]) == Path(synthetic_root)
-    test = datasets.SOPDataset(synthetic_root, "test", transform=datasets.build_transform(SIZE))
+    test = datasets.SOPDataset(synthetic_root, "test", transform=preprocessing.build_transform(SIZE))
     loader = torch.utils.data.DataLoader(test, batch_size=32)
     fp32, _ = retrieval.extract_embeddings(models.load_model(checkpoint), loader, progress=False)
     int8, _ = retrieval.extract_embeddings(inference.OnnxEmbedder(out), loader, progress=False)
@@ -406,8 +409,8 @@ def test_standalone_example_matches_repository(tmp_path):
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     cosine = float(re.search(r"cosine similarity: (\S+)", run.stdout).group(1))
-    transform = datasets.build_transform(size)
-    x = torch.stack([transform(load_image(p, datasets.draft_size(transform))) for p in photos])
+    transform = preprocessing.build_transform(size)
+    x = torch.stack([transform(load_image(p, preprocessing.draft_size(transform))) for p in photos])
     a, b = ref = torch_embed(model, x)
     assert abs(cosine - float(a @ b)) < TOL
     # real ImageNet weights (realistic activations through the frozen SAME padding): parity too

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from search import ann
-import datasets
+import preprocessing
 from dataio import photos
 from search import gallery
 import models
@@ -62,8 +62,8 @@ def update(model, root, index_path, key=KEY, **kwargs):
 
 def reference_embedding(model, path):
     """The model's embedding of one file, computed directly (one image per batch)."""
-    transform = datasets.build_transform(IMAGE_SIZE, train=False)
-    image = transform(photos.load_image(path, datasets.draft_size(transform)))
+    transform = preprocessing.build_transform(IMAGE_SIZE, train=False)
+    image = transform(photos.load_image(path, preprocessing.draft_size(transform)))
     with torch.inference_mode():
         out = model.eval()(image.unsqueeze(0))
     return torch.nn.functional.normalize(out, dim=1)[0].numpy()

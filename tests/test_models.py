@@ -16,10 +16,14 @@ import torch
 import torchvision
 
 from dataio import fileio
+import backbones
+import checkpoints
 import models
-from models import (BACKBONES, CHECKPOINT_FORMAT_VERSION, CheckpointError, WeightsUnavailableError,
-                    atomic_save, build_imagenet_classifier, build_model, checkpoint_hash,
-                    count_parameters, load_checkpoint, load_model, make_checkpoint)
+import preprocessing
+from backbones import BACKBONES, WeightsUnavailableError, build_imagenet_classifier
+from checkpoints import (CHECKPOINT_FORMAT_VERSION, CheckpointError, atomic_save, checkpoint_hash,
+                         load_checkpoint, make_checkpoint)
+from models import build_model, count_parameters, load_model
 
 SMALL = 32  # px: enough for every backbone's downsampling, fast on CPU
 
@@ -52,6 +56,20 @@ def test_registry_and_unknown_backbone():
         build_model("vgg16")
     for name in BACKBONES:
         assert name in str(err.value)
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_forward_is_forward_head_of_forward_features(backbone):
+    """forward_features is the backbone's last feature map and forward_head pools it: together they
+    give, bit for bit, the head on the pooled features the stripped classifier network returns."""
+    torch.manual_seed(0)
+    model = build_model(backbone, embedding_size=16, head="linear").eval()
+    x = x_small()
+    with torch.no_grad():
+        grid = model.forward_features(x)
+        assert grid.dim() == 4 and grid.shape[:2] == (2, model.feature_dim)
+        assert torch.equal(model.forward_head(grid), model(x))
+        assert torch.equal(model(x), torch.nn.functional.normalize(model.head(model.backbone(x)).float(), dim=1))
 
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
@@ -181,7 +199,7 @@ def test_imagenet_error_when_the_hub_loader_itself_fails(torch_home, monkeypatch
 
 def test_imagenet_loads_from_cache_dir_without_network(torch_home):
     cache_dir, calls = torch_home
-    url, cached = models.imagenet_weights_location("efficientnet_b0")
+    url, cached = backbones.imagenet_weights_location("efficientnet_b0")
     assert Path(cached) == cache_dir / os.path.basename(url)
     torch.manual_seed(0)
     reference = torchvision.models.efficientnet_b0().state_dict()
@@ -196,7 +214,7 @@ def test_imagenet_loads_from_cache_dir_without_network(torch_home):
 def test_corrupt_cached_imagenet_file_is_reported(torch_home):
     cache_dir, _ = torch_home
     cache_dir.mkdir(parents=True)
-    _, cached = models.imagenet_weights_location("resnet18")
+    _, cached = backbones.imagenet_weights_location("resnet18")
     Path(cached).write_bytes(b"<html>captive portal</html>")
     with pytest.raises(WeightsUnavailableError, match="Delete that file"):
         build_model("resnet18", weights="imagenet")
@@ -210,11 +228,11 @@ def _grace_hopper():
 
 def _lite_file(backbone):
     import importlib
-    spec = models.LITE_WEIGHTS[backbone]
+    spec = backbones.LITE_WEIGHTS[backbone]
     return getattr(importlib.import_module(spec.module), spec.locator).get_model_file_path()
 
 
-LITES = sorted(models.LITE_WEIGHTS)
+LITES = sorted(backbones.LITE_WEIGHTS)
 
 
 @pytest.mark.parametrize("backbone", LITES)
@@ -233,7 +251,7 @@ def test_efficientnet_lite_imagenet_weights_are_real_and_offline(torch_home, mon
     pixels = T.Compose([T.Resize((size, size)), T.ToTensor()])(_grace_hopper())[None]
     # The network takes ImageNet-normalised input (like every backbone here) and converts it to
     # the (255 x - 127) / 128 the TensorFlow Lite weights were trained with.
-    x = T.Normalize(models.IMAGENET_MEAN, models.IMAGENET_STD)(pixels)
+    x = T.Normalize(preprocessing.IMAGENET_MEAN, preprocessing.IMAGENET_STD)(pixels)
     reference = ReferenceLite(int(backbone[-1])).eval()
     reference.load_state_dict(torch.load(_lite_file(backbone), weights_only=True))
     with torch.no_grad():
@@ -253,7 +271,7 @@ def test_lite_weights_file_as_plain_state_dict():
     a = build_model("efficientnet_lite0", weights=path).backbone.state_dict()
     b = build_model("efficientnet_lite0", weights="imagenet").backbone.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert models.guess_backbone(torch.load(path, weights_only=True)) == "efficientnet_lite0"
+    assert backbones.guess_backbone(torch.load(path, weights_only=True)) == "efficientnet_lite0"
 
 
 def test_checkpoint_of_the_hand_written_lite0_still_loads(tmp_path):
@@ -295,7 +313,7 @@ def save_checkpoint(model, path, **fields):
                               data=Path("/data/sop"), batch_size=64)
     ckpt = make_checkpoint(model, args=args, epoch=3,
                            metrics={"recall@1": np.float64(0.5), "loss": 0.25},
-                           optimizer=optimizer, rng=models.capture_rng_state(),
+                           optimizer=optimizer, rng=checkpoints.capture_rng_state(),
                            history=[{"epoch": 1, "val_recall@1": np.float32(0.25)}], **fields)
     atomic_save(ckpt, path)
     return ckpt
@@ -307,7 +325,7 @@ def test_checkpoint_round_trip(tmp_path, backbone):
     path = tmp_path / "run" / "best.pth"
     save_checkpoint(model, path)
     raw = torch.load(path, weights_only=True)  # the checkpoint format's promise, without our loader
-    assert set(models.CHECKPOINT_KEYS) <= set(raw)
+    assert set(checkpoints.CHECKPOINT_KEYS) <= set(raw)
     assert raw["format_version"] == CHECKPOINT_FORMAT_VERSION
     assert raw["args"]["data"] == "/data/sop" and raw["metrics"]["recall@1"] == 0.5
     assert raw["history"] == [{"epoch": 1, "val_recall@1": 0.25}]
@@ -328,10 +346,10 @@ def test_checkpoint_round_trip(tmp_path, backbone):
 
 def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     import random
-    state = models.capture_rng_state()
+    state = checkpoints.capture_rng_state()
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     atomic_save({"rng": state}, tmp_path / "rng.pth")
-    models.restore_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True)["rng"])
+    checkpoints.restore_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
 
 
@@ -339,7 +357,7 @@ def test_checkpoint_hash_and_git_commit(tmp_path):
     path = tmp_path / "a.pth"
     atomic_save({"x": torch.arange(3)}, path)
     assert checkpoint_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()
-    commit = models.git_commit()
+    commit = checkpoints.git_commit()
     assert isinstance(commit, str) and commit
 
 

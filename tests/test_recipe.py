@@ -240,7 +240,8 @@ def test_zero_shot_row_equals_the_backbone_alone(tiny_sop, tmp_path):
     row = read_rows(tmp_path / "runs" / "t" / "metrics.csv")[0]
     model = models.load_model(tmp_path / "checkpoints" / "t" / "last.pth")
     import datasets
-    val = datasets.SOPDataset(tiny_sop, "val", transform=datasets.build_transform(32, train=False))
+    import preprocessing
+    val = datasets.SOPDataset(tiny_sop, "val", transform=preprocessing.build_transform(32, train=False))
     loader = torch.utils.data.DataLoader(val, batch_size=64)
     emb, _ = retrieval.extract_embeddings(model.zero_shot(), loader, progress=False)
     assert emb.shape[1] == 512

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import models
 import train
 from test_train import assert_checkpoint_loads, model_rows, parse, read_rows, tiny_argv, tiny_sop  # noqa: F401
@@ -198,10 +199,10 @@ def legacy_checkpoint(path, args, epochs=1):
                            "image_size": 32, "head": "mlp"},
             "args": dict(args), "epoch": epochs, "metrics": dict(history[-1]),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": {}, "rng": models.capture_rng_state(), "git_commit": "3bbb246",
+            "scaler": {}, "rng": checkpoints.capture_rng_state(), "git_commit": "3bbb246",
             "history": history, "best_score": history[-1]["val_map@r"], "select_metric": "map@r",
             "criterion": None, "bad_paths": {"train": [], "val": []}}
-    assert set(models.CHECKPOINT_KEYS) <= set(ckpt)
+    assert set(checkpoints.CHECKPOINT_KEYS) <= set(ckpt)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, path)
     return ckpt

@@ -12,7 +12,9 @@ import torch
 import torch.distributed as dist
 
 import datasets
+import preprocessing
 from dataio import catalogue
+import checkpoints
 import models
 import retrieval
 from search import shards
@@ -27,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def gallery(tiny_synthetic_root):
     torch.manual_seed(0)
     model = models.build_model("resnet18", weights="none", image_size=32).eval()
-    dataset = datasets.SOPDataset(tiny_synthetic_root, "test", transform=datasets.build_transform(32))
+    dataset = datasets.SOPDataset(tiny_synthetic_root, "test", transform=preprocessing.build_transform(32))
     return model, dataset
 
 
@@ -97,7 +99,7 @@ def test_foreign_shard_folder_and_bad_sizes_are_refused(gallery, tmp_path):
 def test_torchrun_two_processes_equal_one(gallery, tiny_synthetic_root, tmp_path):
     model, dataset = gallery
     ckpt = tmp_path / "best.pth"
-    models.atomic_save(models.make_checkpoint(model, args={"data_root": str(tiny_synthetic_root)},
+    checkpoints.atomic_save(checkpoints.make_checkpoint(model, args={"data_root": str(tiny_synthetic_root)},
                                               epoch=0, metrics={}), ckpt)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     argv = ["--checkpoint", str(ckpt), "--shard_size", "16", "--batch_size", "8"]
@@ -110,7 +112,7 @@ def test_torchrun_two_processes_equal_one(gallery, tiny_synthetic_root, tmp_path
     assert "rank 0: embedded shards [0, 2" in proc.stdout and "rank 1: embedded shards [1, 3" in proc.stdout
     merged = np.load(tmp_path / "two" / "embeddings.npy")
     np.testing.assert_array_equal(merged, np.load(tmp_path / "one" / "embeddings.npy"))
-    index, why = load_fresh_index(tmp_path / "gallery.npz", models.checkpoint_hash(ckpt),
+    index, why = load_fresh_index(tmp_path / "gallery.npz", checkpoints.checkpoint_hash(ckpt),
                                   dataset.rel_paths, index_type="exact")
     assert why is None
     np.testing.assert_array_equal(index.embeddings, merged)
@@ -122,7 +124,7 @@ def test_checkpoint_without_data_root_uses_its_datasets_folder(gallery, tiny_syn
     then the dataset's default folder (catalogue.DATASET_ROOTS), not a TypeError."""
     model, dataset = gallery
     ckpt = tmp_path / "best.pth"
-    models.atomic_save(models.make_checkpoint(model, args={"dataset": "synthetic", "data_root": None},
+    checkpoints.atomic_save(checkpoints.make_checkpoint(model, args={"dataset": "synthetic", "data_root": None},
                                               epoch=0, metrics={}), ckpt)
     monkeypatch.setitem(catalogue.DATASET_ROOTS, "synthetic", str(tiny_synthetic_root))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):

@@ -16,6 +16,7 @@ import torch
 
 import datasets
 import losses
+import checkpoints
 import models
 import train
 from training import flags
@@ -69,7 +70,7 @@ def model_rows(path):
 def assert_checkpoint_loads(path):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert CHECKPOINT_KEYS <= set(ckpt), set(ckpt)
-    models.load_checkpoint(path)
+    checkpoints.load_checkpoint(path)
     return ckpt
 
 
@@ -146,7 +147,7 @@ def test_end_to_end_outputs(tiny_sop, tmp_path):
 
     last = assert_checkpoint_loads(ckpt_dir / "last.pth")
     best = assert_checkpoint_loads(ckpt_dir / "best.pth")
-    assert last["epoch"] == 2 and last["format_version"] == models.CHECKPOINT_FORMAT_VERSION
+    assert last["epoch"] == 2 and last["format_version"] == checkpoints.CHECKPOINT_FORMAT_VERSION
     assert last["model_args"] == {"backbone": "resnet18", "embedding_size": 128, "dropout": 0.2,
                                   "image_size": 32, "head": "mlp"}
     maps = [float(r["val_map@r"]) for r in rows]  # --weights none: the scratch recipe's metric

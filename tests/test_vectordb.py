@@ -4,7 +4,6 @@ past one page; names of any Unicode in filters and deletes (hypothesis); timeout
 collection; resumable indexing after a SIGKILL with both backends; the errors that name what is
 wrong. Tiny images, an untrained ResNet-18 at 32 px. The server's crash and restart, and two
 galleries on one collection: tests/test_milvus_server.py."""
-import logging
 import os
 import re
 import signal
@@ -28,6 +27,7 @@ from search import gallery  # noqa: E402
 from search import tiny_demo  # noqa: E402
 from search import vectordb  # noqa: E402
 from search.index import GalleryIndex  # noqa: E402
+import checkpoints  # noqa: E402
 import models  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -480,7 +480,7 @@ def test_sigkill_during_indexing_then_rerun_converges(tmp_path, backend):
         paths = index.paths
         assert not list(tmp_path.glob(".g.npz.partial"))
     else:
-        store = vectordb.MilvusGallery.open(str(tmp_path / "g.db"), root, models.checkpoint_hash(ckpt),
+        store = vectordb.MilvusGallery.open(str(tmp_path / "g.db"), root, checkpoints.checkpoint_hash(ckpt),
                                             models.load_model(ckpt).model_args)
         paths = store.paths
         assert store.count() == n
@@ -498,7 +498,7 @@ def test_two_indexers_into_one_server_do_not_double_rows(tmp_path, milvus_server
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
-    store = vectordb.MilvusGallery.open(milvus_server, root, models.checkpoint_hash(ckpt),
+    store = vectordb.MilvusGallery.open(milvus_server, root, checkpoints.checkpoint_hash(ckpt),
                                         models.load_model(ckpt).model_args, collection="twice")
     assert store.count() == len(store) == len(set(store.paths)) == n
 

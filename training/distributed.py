@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import models
+import devices
 
 
 class TrainingStopped(RuntimeError):
@@ -43,7 +43,7 @@ class Process:
 
     @classmethod
     def of(cls, args: argparse.Namespace, rank: int, world: int, local_rank: int) -> "Process":
-        device = models.resolve_device(args.device, local_rank)
+        device = devices.resolve_device(args.device, local_rank)
         # MPS autocast is not exercised by any test here: AMP stays off there.
         return cls(rank, world, device, amp=device_switch(args.amp, device) and device.type in ("cuda", "cpu"),
                    channels_last=device_switch(args.channels_last, device),

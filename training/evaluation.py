@@ -17,10 +17,15 @@ import torch
 from torch.utils.data import DataLoader
 
 import datasets
+import loaders
+import preprocessing
 from dataio import catalogue
 import explain
 from dataio import fileio
 import inference
+import backbones
+import checkpoints
+import devices
 import models
 import retrieval
 from training import heldout
@@ -38,7 +43,7 @@ def add_zero_shot_args(group, what: str) -> None:
     """--zero_shot (help ``what``), --backbone, --weights, --image_size: the pretrained backbone
     alone, as evaluate.py and the demo take it (`zero_shot_model`)."""
     group.add_argument("--zero_shot", action="store_true", help=what)
-    group.add_argument("--backbone", default=None, choices=sorted(models.BACKBONES),
+    group.add_argument("--backbone", default=None, choices=sorted(backbones.BACKBONES),
                        help="backbone for --zero_shot")
     group.add_argument("--weights", default="imagenet",
                        help="backbone weights for --zero_shot: imagenet, none, or a PATH to a plain "
@@ -81,7 +86,7 @@ def extract_embeddings(model, dataset, *, model_hash="", meta=None, batch_size=6
     kind (evaluate.py's embeddings cache) takes the same arguments; ``model_hash`` and ``meta``
     are what a cache records, unused here."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,  # one pass: no persistent workers
-                        **datasets.loader_settings(device, workers=workers, persistent_workers=False))
+                        **loaders.loader_settings(device, workers=workers, persistent_workers=False))
     t0 = time.perf_counter()
     embeddings, labels = retrieval.extract_embeddings(model, loader, device=device,
                                                       progress=progress, desc="embedding")
@@ -177,7 +182,7 @@ def write_results(results: dict, output) -> None:
 def eval_dataset(root, split, image_size, train_args=None, test_fraction=None):
     """``split`` of ``root`` with the eval transform and the splits of the run that trained
     on it (datasets.split_options)."""
-    return datasets.SOPDataset(root, split, transform=datasets.build_transform(int(image_size), train=False),
+    return datasets.SOPDataset(root, split, transform=preprocessing.build_transform(int(image_size), train=False),
                                **datasets.split_options(train_args, test_fraction))
 
 
@@ -198,7 +203,7 @@ def evaluate_zero_shot(backbone, data_root, weights="imagenet", image_size=224, 
     (inference.load_embedder); output default runs/zero_shot_<backbone>_<size>px/eval.
     ``explain``: the figures with similarity maps (evaluate_model's explain_model).
     ``kwargs`` as for evaluate_model."""
-    device = models.resolve_device(str(device or "auto"))
+    device = devices.resolve_device(str(device or "auto"))
     runtime = "torch" if kwargs.get("compile") else inference.resolve_runtime(runtime, device)
     model = inference.load_embedder(zero_shot=(backbone, weights, image_size), runtime=runtime, device=device)
     name = models.zero_shot_name(backbone, int(image_size), str(weights))
@@ -223,7 +228,7 @@ def checkpoint_run(checkpoint, runtime, device) -> dict:
     model = inference.load_embedder(checkpoint, runtime=runtime, device=device)
     info = getattr(model, "checkpoint_info", None) or {}
     return {"checkpoint": checkpoint, "model": model, "info": info, "args": info.get("args") or {},
-            "record": models.load_checkpoint(checkpoint).get("products"),
+            "record": checkpoints.load_checkpoint(checkpoint).get("products"),
             "name": checkpoint.resolve().parent.name}
 
 
@@ -273,7 +278,7 @@ def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, b
     the run trained or validated on, unless ``allow_overlap``). ``baseline`` (a checkpoint): also
     scored on the same images (``results["baseline"]``) and compared (``results["gate"]``,
     `deploy_gate` with ``tolerance`` points on `gate_metric`)."""
-    device = models.resolve_device(str(device or "auto"))
+    device = devices.resolve_device(str(device or "auto"))
     runtime = "torch" if compile else inference.resolve_runtime(runtime, device)
     run = checkpoint_run(checkpoint, runtime, device)
     checkpoint, model, train_args = run["checkpoint"], run["model"], run["args"]
@@ -284,7 +289,7 @@ def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, b
     status = heldout.check(run["record"], train_args, dataset, run["name"], allow_overlap)
     common = dict(batch_size=batch_size, workers=workers, device=device, chunk_size=chunk_size,
                   progress=progress)
-    ckpt_hash = models.checkpoint_hash(checkpoint)  # once: it reads the whole file
+    ckpt_hash = checkpoints.checkpoint_hash(checkpoint)  # once: it reads the whole file
     results = evaluate_model(
         model, dataset, output=output, model_hash=ckpt_hash,
         embed=embed, num_examples=num_examples, seed=seed, compile=compile,
@@ -298,7 +303,7 @@ def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, b
         try:
             backbone = inference.load_embedder(zero_shot=(model_args["backbone"], "imagenet", model_args["image_size"]),
                                                runtime=runtime, device=device)
-        except models.WeightsUnavailableError as e:
+        except backbones.WeightsUnavailableError as e:
             # the checkpoint's own evaluation stands without it (e.g. offline, weights not cached)
             logger.warning("zero-shot row skipped: %s", e)
         else:
