@@ -66,28 +66,31 @@ def percentiles(times_s):
     return round(float(np.percentile(ms, 50)), 3), round(float(np.percentile(ms, 95)), 3)
 
 
-def main(args):
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_search_"))
-    if args.query is None:
-        root = synthetic_sop.make_synthetic_sop(tmp / "sop", num_products=2, image_size="480-640")
-        query = datasets.SOPDataset(root, "test").paths[0]
-    else:
-        query = args.query
+def bench_query(args, tmp: Path):
+    """--query, else a test photo of a two-product synthetic SOP (480-640 px, as photos are)."""
+    if args.query is not None:
+        return args.query
+    root = synthetic_sop.make_synthetic_sop(tmp / "sop", num_products=2, image_size="480-640")
+    return datasets.SOPDataset(root, "test").paths[0]
 
-    # ============ model, gallery, engine ============
-    model = models.build_model(args.backbone, embedding_size=args.embedding_size, weights="none",
-                               image_size=args.image_size).eval()
+
+def random_index(args) -> GalleryIndex:
+    """A gallery of --gallery_size random unit embeddings (5 photos a product)."""
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((args.gallery_size, args.embedding_size), dtype=np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    index = GalleryIndex(
+    return GalleryIndex(
         embeddings=emb, paths=[f"bicycle_final/{i}.JPG" for i in range(args.gallery_size)],
         class_ids=np.arange(args.gallery_size) // 5,
         super_ids=rng.integers(1, len(catalogue.SOP_CATEGORIES) + 1, args.gallery_size),
         checkpoint_hash="bench")
+
+
+def timed_tasks(args, index: GalleryIndex, query, tmp: Path) -> tuple[dict, SearchEngine]:
+    """({name: callable} of the timed tasks, the torch engine): the app's forward, the same
+    network in the default layout, the index search, and end to end with torch and with ONNX."""
+    model = models.build_model(args.backbone, embedding_size=args.embedding_size, weights="none",
+                               image_size=args.image_size).eval()
     # the default-layout twin of the model, for the reference forward time (26.5 ms on an idle machine of this kind)
     model_nchw = models.build_model(args.backbone, embedding_size=args.embedding_size,
                                     weights="none", image_size=args.image_size).eval()
@@ -114,15 +117,10 @@ def main(args):
     def search():
         index.search(q, args.k)
 
-    def end_to_end():
-        out = engine.search_file(query, args.k)
+    def end_to_end(on=engine):
+        out = on.search_file(query, args.k)
         assert len(out["results"]) == args.k
 
-    def end_to_end_onnx():
-        out = engine_onnx.search_file(query, args.k)
-        assert len(out["results"]) == args.k
-
-    # ============ timing ============
     # Every task runs on the engine's worker thread, where the app runs all its searches:
     # torch's OpenMP team and threadpoolctl's BLAS limit belong to the calling thread, so
     # timing the baselines from the main thread would pit two spinning OpenMP teams
@@ -130,17 +128,26 @@ def main(args):
     tasks = {name: (lambda fn=fn: engine._on_worker(fn)) for name, fn in
              {"forward": forward, "search": search, "forward_nchw": forward_nchw}.items()}
     tasks["end_to_end"] = end_to_end  # search_file hands itself to the worker
-    tasks["end_to_end_onnx"] = end_to_end_onnx
+    tasks["end_to_end_onnx"] = lambda: end_to_end(engine_onnx)
+    return tasks, engine
+
+
+def time_tasks(tasks: dict, warmup: int, iters: int) -> dict[str, list[float]]:
+    """Seconds of each task's timed iterations, the tasks interleaved in a rotating order."""
     times = {name: [] for name in tasks}
-    load_before = os.getloadavg()
-    for it in range(args.warmup + args.iters):
+    for it in range(warmup + iters):
         names = list(tasks)
         names = names[it % len(names):] + names[:it % len(names)]  # no task always goes first
         for name in names:
             t0 = time.perf_counter()
             tasks[name]()
-            if it >= args.warmup:
+            if it >= warmup:
                 times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def latency_figures(times: dict[str, list[float]]) -> dict:
+    """p50 / p95 in ms of every task, and the ratios the targets are set on."""
     result = {}
     for name in ("search", "end_to_end", "end_to_end_onnx", "forward", "forward_nchw"):
         result[f"{name}_p50_ms"], result[f"{name}_p95_ms"] = percentiles(times[name])
@@ -148,6 +155,19 @@ def main(args):
     result["onnx_end_to_end_vs_torch"] = round(result["end_to_end_onnx_p50_ms"] / result["end_to_end_p50_ms"], 3)
     result["end_to_end_vs_forward_nchw"] = round(
         result["end_to_end_p50_ms"] / result["forward_nchw_p50_ms"], 3)
+    return result
+
+
+def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_search_"))
+    query = bench_query(args, tmp)
+    index = random_index(args)
+    tasks, engine = timed_tasks(args, index, query, tmp)
+    load_before = os.getloadavg()
+    result = latency_figures(time_tasks(tasks, args.warmup, args.iters))
     probe = engine.search_file(query, args.k)
     with Image.open(query) as im:
         query_size = list(im.size)
