@@ -71,6 +71,7 @@ from pathlib import Path
 
 import torch
 
+import datasets
 import inference
 from dataio import catalogue
 from search import engine as search_engine
@@ -478,7 +479,7 @@ def get_args_parser(add_help=True):
                        help="labelled dataset (SOP's Ebay files, a catalogue.csv or a <category>/"
                             "<product>/<image> tree) whose --split is the gallery; default: the one "
                             "the checkpoint was trained on (its saved args)")
-    group.add_argument("--split", default=None, choices=["test", "val", "train", "trainval"],
+    group.add_argument("--split", default=None, choices=datasets.SPLITS,
                        help="which images of --data_root form the gallery (SOP test: 60,502); default "
                             "test, or trainval (the whole catalogue) for a run trained with --test_fraction 0")
     group.add_argument("--test_fraction", type=float, default=None,

@@ -87,7 +87,7 @@ def get_args_parser():
                    help="deploy gate: percentage points of the gate metric (the run's --select_metric, "
                         "else MAP@R) the new checkpoint may lose to --baseline; default %(default)s")
     p.add_argument("--verbose", action="store_true", help="list every skipped non-image file")
-    p.add_argument("--split", default="test", choices=["test", "val", "train", "trainval"],
+    p.add_argument("--split", default="test", choices=datasets.SPLITS,
                    help="split to evaluate; 'test' (60,502 images on SOP) is the reported one")
     p.add_argument("--output", default=None, help="output folder; default runs/<run>/eval")
     p.add_argument("--batch_size", type=int, default=64, help="images per forward pass (64 fits any GPU)")

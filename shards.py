@@ -19,6 +19,7 @@ import argparse
 import os
 from pathlib import Path
 
+import datasets
 from search import shards
 from search import vectordb
 
@@ -30,7 +31,7 @@ def get_args_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint of train.py")
     parser.add_argument("--data_root", default=None, help="dataset folder; default: the checkpoint's")
-    parser.add_argument("--split", default="test", choices=["test", "val", "train", "trainval"])
+    parser.add_argument("--split", default="test", choices=datasets.SPLITS)
     parser.add_argument("--out", required=True, help="folder for the shards, manifest and embeddings.npy")
     parser.add_argument("--shard_size", default=8192, type=int, help="images per shard (multiple of --batch_size)")
     parser.add_argument("--batch_size", default=64, type=int)

@@ -64,7 +64,7 @@ class SearchEngine:
         self.max_pixels = int(max_pixels)
         self.image_size = int(model.model_args["image_size"])
         self.resize = preprocessing.resize_size(self.image_size)
-        self.crop = int(round((self.resize - self.image_size) / 2.0))  # as T.CenterCrop
+        self.crop = preprocessing.crop_offset(self.image_size)
         self.device = next(model.parameters()).device
         mean = torch.tensor(preprocessing.IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(preprocessing.IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)

@@ -14,17 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms as T
 from PIL import Image
 
 pytest.importorskip("onnxruntime", reason="runtime onnx: pip install -r requirements.txt")
 pytest.importorskip("onnx", reason="ONNX export: pip install -r requirements.txt")
 
+import backbones  # noqa: E402
+import checkpoints  # noqa: E402
 import datasets  # noqa: E402
 import explain  # noqa: E402
 import export  # noqa: E402
 import inference  # noqa: E402
-import backbones  # noqa: E402
-import checkpoints  # noqa: E402
 import models  # noqa: E402
 import preprocessing  # noqa: E402
 import retrieval  # noqa: E402
@@ -422,3 +423,16 @@ def test_the_readme_shows_the_tested_example_verbatim():
     code = EXAMPLE.read_text().strip()
     assert f"```python\n{code}\n```" in (REPO / "README.md").read_text()
     assert len(code.splitlines()) <= 20
+
+
+def test_the_example_crops_as_the_owner_of_the_preprocessing():
+    """docs/onnx_example.py keeps its own copy of the centre-crop offset (it needs no repository
+    code): it equals preprocessing.crop_offset, which is where torchvision's CenterCrop cuts."""
+    (expression,) = re.findall(r"^\s*c = (.+?)\s*$", EXAMPLE.read_text(), re.M)
+    for s in (32, 40, 64, 96, 200, 224, 240, 255, 260, 384):
+        r = preprocessing.resize_size(s)
+        grid = torch.arange(r * r, dtype=torch.float32).reshape(1, r, r)
+        cropped = T.CenterCrop(s)(grid)
+        c = preprocessing.crop_offset(s)
+        assert eval(expression, {"round": round, "int": int}, {"r": r, "s": s}) == c
+        assert torch.equal(cropped, grid[:, c:c + s, c:c + s]), s

@@ -17,6 +17,7 @@ from dataio import catalogue
 import losses
 import backbones
 import models
+import samplers
 from training import runs
 
 
@@ -187,7 +188,7 @@ def _args_loss_and_batches(group) -> None:
                        help="triplet mining per anchor: semihard (hardest positive, semi-hard "
                             "negative else hardest; the original project's), batch_hard, batch_all or "
                             "batch_all_semihard (triplet loss only)")
-    group.add_argument(*flag_names("sampler"), default=None, choices=["pk", "random"],
+    group.add_argument(*flag_names("sampler"), default=None, choices=samplers.BATCH_SAMPLERS,
                        help="pk: batch_size/images_per_class products x images_per_class images "
                             "(recommended); random: the original project's random batches "
                             "(recipe)")
