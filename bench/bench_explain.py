@@ -4,7 +4,7 @@ recommended recipe) and the MLP head (the original project's, whose maps take Ja
 products).
 
 Server side (always): ``plain`` is search.engine.SearchEngine.search_file (an uploaded file to
-ranked results); ``query_plus_explain`` adds app_stanford.why_outputs (what the switch runs after
+ranked results); ``query_plus_explain`` adds webapp.why_outputs (what the switch runs after
 the search: maps and overlays of the first K results). Two settings: ``store`` (the demo's
 default: the results' projections come from the explanation store, the query's feature grid from
 its search) and ``no_store`` (``--explain_store_gb 0``: the network runs over the K results).
@@ -36,11 +36,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import app_stanford  # noqa: E402
+from search import webapp  # noqa: E402
 import datasets  # noqa: E402
 from dataio import fileio  # noqa: E402
 from search import engine as search_engine  # noqa: E402
 from search import loading as search_loading  # noqa: E402
+from bench import demo_clients  # noqa: E402
 from search import tiny_demo  # noqa: E402
 
 # In the page: resolves when the gallery `id` shows `count` loaded images and its first one is not
@@ -80,7 +81,7 @@ def measure(engine, queries, k, iters, warm=3):
         t0 = time.perf_counter()
         ranked = engine.search_file(q, k=10)
         t1 = time.perf_counter()
-        app_stanford.why_outputs(engine, q, ranked, True, k=k)
+        webapp.why_outputs(engine, q, ranked, True, k=k)
         t2 = time.perf_counter()
         if n >= warm:  # the first ones load the torch twin and warm the explanation path
             plain.append(t1 - t0)
@@ -125,7 +126,7 @@ def measure_browser(url, queries, k, iters, warm=2):
     browsers, times, previous = {}, {m: [] for m, _, _ in modes}, {m: None for m, _, _ in modes}
     try:
         for mode, _, _ in modes:
-            browsers[mode] = tiny_demo.start_chromium()
+            browsers[mode] = demo_clients.start_chromium()
             browsers[mode][0].get(url)
             if mode == "why":
                 wait_for_element(browsers[mode][0], "#why input[type=checkbox]").click()
@@ -153,7 +154,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--image_size", type=int, default=224)
-    p.add_argument("--k", type=int, default=app_stanford.WHY_K, help="results explained")
+    p.add_argument("--k", type=int, default=webapp.WHY_K, help="results explained")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--runtimes", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"])
     p.add_argument("--heads", nargs="+", default=["linear", "mlp"], choices=["linear", "mlp"])
@@ -175,16 +176,16 @@ def main():
             engine = search_engine.SearchEngine(loaded.model, index, data_root, explain_source=checkpoint)
             engine.warm_up()
             rows = out["server"][f"{runtime}/{head}"] = {}
-            app_stanford.attach_store(engine, 1.0, progress=False)
+            webapp.attach_store(engine, 1.0, progress=False)
             rows["store"] = measure(engine, queries, a.k, a.iters)
-            app_stanford.attach_store(engine, 0)
+            webapp.attach_store(engine, 0)
             rows["no_store"] = measure(engine, queries, a.k, a.iters)
             out["gallery_size"] = len(index)
             if a.browser:
-                app_stanford.use_private_gradio_temp_dir()  # before build_app, as main() does
-                demo = app_stanford.build_app(loaded.model, index, data_root, explain_source=checkpoint)
+                webapp.use_private_gradio_temp_dir()  # before build_app, as main() does
+                demo = webapp.build_app(loaded.model, index, data_root, explain_source=checkpoint)
                 port = tiny_demo.free_port()
-                app_stanford.launch_app(demo, index, data_root, port=port, prevent_thread_lock=True, quiet=True)
+                webapp.launch_app(demo, index, data_root, port=port, prevent_thread_lock=True, quiet=True)
                 try:
                     out.setdefault("browser", {})[f"{runtime}/{head}"] = measure_browser(
                         f"http://127.0.0.1:{port}/", queries, a.k, a.iters)

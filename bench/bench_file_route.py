@@ -5,7 +5,7 @@ the gallery's folders; prints JSON.
     python bench/bench_file_route.py --sidecars 5000 --requests 500 --output bench/file_route.json
 
 The tiny demo (`search.tiny_demo`: a synthetic catalogue, an untrained checkpoint) is launched
-on loopback as app_stanford.launch_app does; then, interleaved round by round, raw HTTP GETs
+on loopback as webapp.launch_app does; then, interleaved round by round, raw HTTP GETs
 of indexed gallery photos through ``/gradio_api/file=`` are timed with no other file in the
 folder, and with ``--sidecars`` non-image files (``.xmp``, as photo tools write) added to the
 photo folders after start. ``ratio_p50`` = p50 with sidecars / p50 without (target <= 1.2: the
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import app_stanford  # noqa: E402
+from search import webapp  # noqa: E402
 import models  # noqa: E402
 from search import loading as search_loading  # noqa: E402
 from search.tiny_demo import free_port, make_tiny_demo  # noqa: E402
@@ -72,10 +72,10 @@ def main(args):
         data_root, checkpoint = make_tiny_demo(work)
         model = models.load_model(checkpoint)
         index, _ = search_loading.load_or_build_index(model, checkpoint, data_root, "test", progress=False)
-        app_stanford.use_private_gradio_temp_dir()
-        demo = app_stanford.build_app(model, index, data_root, explain_store_gb=0)
+        webapp.use_private_gradio_temp_dir()
+        demo = webapp.build_app(model, index, data_root, explain_store_gb=0)
         port = free_port()
-        app_stanford.launch_app(demo, index, data_root, port=port, prevent_thread_lock=True, quiet=True)
+        webapp.launch_app(demo, index, data_root, port=port, prevent_thread_lock=True, quiet=True)
         paths = [str(data_root / p) for p in index.paths[:50]]
         folders = sorted({(data_root / p).parent for p in index.paths})
         timed_gets(port, paths, 50)  # warm-up

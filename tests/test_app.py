@@ -24,6 +24,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import app_stanford  # noqa: E402
+from search import guard  # noqa: E402
+from search import webapp  # noqa: E402
 import datasets  # noqa: E402
 import preprocessing  # noqa: E402
 from dataio import photos  # noqa: E402
@@ -33,8 +35,8 @@ import models  # noqa: E402
 from search import engine as search_engine  # noqa: E402
 from search import query as search_query  # noqa: E402
 from search import loading as search_loading  # noqa: E402
-from search.tiny_demo import (free_port, make_tiny_demo, write_query_files,  # noqa: E402
-                              write_untrained_checkpoint)
+from bench.demo_clients import write_query_files  # noqa: E402
+from search.tiny_demo import free_port, make_tiny_demo, write_untrained_checkpoint  # noqa: E402
 TOL = 1e-5  # score tolerance between the app's embedding and the reference computation
 
 
@@ -46,10 +48,10 @@ def running_demo(data_root, checkpoint, max_upload_mb=10, port=None, **build_kw)
     ``(demo, url)`` and closes the server afterwards."""
     model = models.load_model(checkpoint)
     index, _ = search_loading.load_or_build_index(model, checkpoint, data_root, "test", progress=False)
-    app_stanford.use_private_gradio_temp_dir()
-    demo = app_stanford.build_app(model, index, data_root, max_upload_mb=max_upload_mb, **build_kw)
+    webapp.use_private_gradio_temp_dir()
+    demo = webapp.build_app(model, index, data_root, max_upload_mb=max_upload_mb, **build_kw)
     port = port or free_port()
-    app_stanford.launch_app(demo, index, data_root, port=port, max_upload_mb=max_upload_mb,
+    webapp.launch_app(demo, index, data_root, port=port, max_upload_mb=max_upload_mb,
                             prevent_thread_lock=True, quiet=True)
     try:
         yield demo, f"http://127.0.0.1:{port}/"
@@ -405,7 +407,7 @@ def test_raw_api_opens_no_server_path_and_does_not_tell_which_exist(server, tiny
     from search import guard
 
     gallery_image = str(tiny["gallery"].paths[0])
-    upload_dir = app_stanford.guard.upload_roots()[0]
+    upload_dir = guard.upload_roots()[0]
     targets = ["/etc/passwd", "/etc/hostname", "/no/such/file.png", gallery_image, str(tiny["checkpoint"]),
                f"{upload_dir}/../../etc/passwd", f"{upload_dir}/../no/such.png",
                "https://example.com/q.png", "http://127.0.0.1:1/q.png", "file:///etc/passwd"]
@@ -439,7 +441,7 @@ def test_data_url_query_is_searched_and_deleted_like_gradios_own_files(server, t
     status, stream = _raw_call(server["url"], "search", [payload, 3, "All"])
     assert status == 200 and "event: complete" in stream, stream[-500:]
     import hashlib
-    saved = [str(p) for p in Path(app_stanford.guard.upload_roots()[0]).glob("*/query")
+    saved = [str(p) for p in Path(guard.upload_roots()[0]).glob("*/query")
              if hashlib.sha256(p.read_bytes()).hexdigest() == hashlib.sha256(raw).hexdigest()]
     assert saved, "the data URL was not written to the upload folder"
     demo = server["demo"]
@@ -535,10 +537,10 @@ def test_auth_login_is_required_when_asked_and_exposure_warns(tiny, caplog):
     from gradio_client import Client
 
     model, index, data_root = tiny["model"], tiny["index"], tiny["data_root"]
-    app_stanford.use_private_gradio_temp_dir()
-    demo = app_stanford.build_app(model, index, data_root, explain_store_gb=0)
+    webapp.use_private_gradio_temp_dir()
+    demo = webapp.build_app(model, index, data_root, explain_store_gb=0)
     port = free_port()
-    app_stanford.launch_app(demo, index, data_root, port=port, prevent_thread_lock=True, quiet=True,
+    webapp.launch_app(demo, index, data_root, port=port, prevent_thread_lock=True, quiet=True,
                             auth=[("ann", "secret")])
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -551,10 +553,10 @@ def test_auth_login_is_required_when_asked_and_exposure_warns(tiny, caplog):
         assert len(gallery) == 3
     finally:
         demo.close()
-    assert app_stanford.exposure_warning("0.0.0.0", False, None)
-    assert app_stanford.exposure_warning("127.0.0.1", True, None)
-    assert app_stanford.exposure_warning("127.0.0.1", False, None) is None
-    assert app_stanford.exposure_warning("0.0.0.0", False, [("a", "b")]) is None
+    assert webapp.exposure_warning("0.0.0.0", False, None)
+    assert webapp.exposure_warning("127.0.0.1", True, None)
+    assert webapp.exposure_warning("127.0.0.1", False, None) is None
+    assert webapp.exposure_warning("0.0.0.0", False, [("a", "b")]) is None
 
 
 def test_demo_starts_with_corrupt_vanished_and_unreadable_gallery_photos(tiny, tmp_path, caplog):
@@ -580,7 +582,7 @@ def test_demo_starts_with_corrupt_vanished_and_unreadable_gallery_photos(tiny, t
     (root / index.paths[1]).unlink()                               # vanished after indexing
     os.chmod(root / index.paths[2], 0)                             # unreadable (unless root)
     with caplog.at_level(logging.WARNING, logger="app_stanford"):
-        demo = app_stanford.build_app(model, index, root, explain_store_gb=1)
+        demo = webapp.build_app(model, index, root, explain_store_gb=1)
     store = demo.engine.explain_store
     assert store is not None and len(store) <= len(index) - 2
     assert "could not be read" in caplog.text

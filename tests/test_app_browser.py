@@ -15,8 +15,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_app import cpu_settings, server, tiny  # noqa: E402,F401  (the same demo as test_app.py)
-from search import tiny_demo  # noqa: E402
-from search.tiny_demo import CHROMEDRIVER, CHROMIUM  # noqa: E402
+from bench import demo_clients  # noqa: E402
+from bench.demo_clients import CHROMEDRIVER, CHROMIUM  # noqa: E402
 
 TIMEOUT = 30  # s; generous: CI machines are slow and share cores
 
@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 
 
 def start_chromium():
-    return tiny_demo.start_chromium(TIMEOUT)
+    return demo_clients.start_chromium(TIMEOUT)
 
 
 def wait_for(driver, condition, what):
@@ -175,7 +175,7 @@ def test_show_why_draws_the_maps_over_the_first_results(browser_demo, server, tm
     import numpy as np
     from selenium.webdriver.common.by import By
 
-    import app_stanford
+    from search import webapp
 
     driver, engine = browser_demo["driver"], server["demo"].engine
     driver.get(browser_demo["url"])
@@ -186,7 +186,7 @@ def test_show_why_draws_the_maps_over_the_first_results(browser_demo, server, tm
     assert not driver.find_elements(By.CSS_SELECTOR, "#why_query img")  # off by default
 
     driver.find_element(By.CSS_SELECTOR, "#why input[type=checkbox]").click()
-    k = app_stanford.WHY_K
+    k = webapp.WHY_K
     wait_for(driver, lambda d: len(rendered_images(d, "why_query")) == k, f"{k} query-side maps")
     shown = wait_for(driver, lambda d: (len(rendered_results(d)) == 10 and rendered_results(d)[0] != plain[0]
                                         and rendered_results(d)), "the results redrawn with their maps")

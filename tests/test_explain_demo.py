@@ -16,6 +16,7 @@ from search import query as search_query
 from search import loading as search_loading
 from search import explain_store
 from search.index import build_gallery_index
+from search import webapp
 
 ATOL = 1e-4
 cpu_settings, server, tiny, search = test_app.cpu_settings, test_app.server, test_app.tiny, test_app.search
@@ -121,11 +122,11 @@ def test_search_endpoint_unchanged(server):
 def test_show_why(tiny):
     engine, path = tiny["engine"], tiny["gallery"].paths[4]
     ranked = engine.search_file(path, k=7)
-    captions = [app_stanford._caption(r) for r in ranked["results"]]
-    plain, queries, visible = app_stanford.why_outputs(engine, path, ranked, False)
+    captions = [webapp._caption(r) for r in ranked["results"]]
+    plain, queries, visible = webapp.why_outputs(engine, path, ranked, False)
     assert [c for _, c in plain] == captions and queries == [] and not visible
-    shown, queries, visible = app_stanford.why_outputs(engine, path, ranked, True)
-    k = app_stanford.WHY_K
+    shown, queries, visible = webapp.why_outputs(engine, path, ranked, True)
+    k = webapp.WHY_K
     assert visible and len(shown) == 7 and len(queries) == k
     assert [c for _, c in shown[:k]] == [c + " · why" for c in captions[:k]]
     assert [c for _, c in shown[k:]] == captions[k:]
@@ -189,16 +190,16 @@ def test_show_why_after_a_search_runs_no_forward_with_a_store(tiny, tmp_path, ru
     engine = search_engine.SearchEngine(model, tiny["index"], tiny["data_root"], explain_source=tiny["checkpoint"])
     path = tiny["gallery"].paths[4]
     ranked = engine.search_file(path, k=7)
-    indices = [r["index"] for r in ranked["results"][:app_stanford.WHY_K]]
+    indices = [r["index"] for r in ranked["results"][:webapp.WHY_K]]
     live = engine.explain_results(path, indices)  # no store yet: results run the network
     store = engine.attach_explain_store(tmp_path / "gallery.why.npy", progress=False)
     assert len(store) == len(set(explain_store.row_key(v) for v in tiny["index"].embeddings))
     engine.search_file(path, k=7)
     with monkeypatch.context() as m:
         forbid_forward(m)
-        shown, queries, visible = app_stanford.why_outputs(engine, path, ranked, True)
+        shown, queries, visible = webapp.why_outputs(engine, path, ranked, True)
         stored = engine.explain_results(path, indices)
-    assert visible and len(queries) == app_stanford.WHY_K
+    assert visible and len(queries) == webapp.WHY_K
     for a, b, r in zip(live, stored, ranked["results"]):
         assert a["index"] == b["index"] == r["index"]
         assert abs(b["score"] - r["score"]) < ATOL

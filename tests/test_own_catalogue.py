@@ -14,6 +14,7 @@ from test_app import _raw_get, reference_embedding
 from test_catalogue import jpeg
 
 import app_stanford
+from search import webapp
 import datasets
 from dataio import catalogue
 import checkpoints
@@ -46,10 +47,10 @@ def serving(model, index, root):
     defaults (result images downloaded through the file route) and the URL."""
     from gradio_client import Client
 
-    app_stanford.use_private_gradio_temp_dir()
-    demo = app_stanford.build_app(model, index, root)
+    webapp.use_private_gradio_temp_dir()
+    demo = webapp.build_app(model, index, root)
     port = free_port()
-    app_stanford.launch_app(demo, index, root, port=port, prevent_thread_lock=True, quiet=True)
+    webapp.launch_app(demo, index, root, port=port, prevent_thread_lock=True, quiet=True)
     try:
         url = f"http://127.0.0.1:{port}/"
         yield Client(url, verbose=False), url, demo
