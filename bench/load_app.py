@@ -128,7 +128,8 @@ def prepare_queries(args, work):
     """``(checkpoint, data_root, gallery paths, good, bad)``: the demo to serve (given, or
     `search.tiny_demo`'s) and the queries, as (path, name) pairs."""
     import datasets
-    from search.tiny_demo import make_tiny_demo, write_query_files
+    from bench.demo_clients import write_query_files
+    from search.tiny_demo import make_tiny_demo
 
     if args.checkpoint and args.data_root:
         checkpoint, data_root = Path(args.checkpoint), Path(args.data_root)
