@@ -51,11 +51,11 @@ Wiring a runtime flag into a script (the demo, evaluate.py, shards.py)::
     p.add_argument("--runtime", choices=inference.RUNTIMES, default=None)   # None: the default
     runtime = args.runtime or inference.default_runtime(device)
     model = inference.load_embedder(args.checkpoint, runtime=runtime, device=device)
-    embeddings, labels = retrieval.extract_embeddings(model, loader)   # unchanged
+    embeddings, labels = extraction.extract_embeddings(model, loader)   # unchanged
 
 ``OnnxEmbedder`` carries what the code reads from an EmbeddingNet (``model_args``,
 ``checkpoint_info``, ``embedding_size``, ``parameters()`` for the device: the CPU), so
-``retrieval.extract_embeddings(embedder, loader)`` and the demo's engine take it unchanged.
+``extraction.extract_embeddings(embedder, loader)`` and the demo's engine take it unchanged.
 ``models.count_parameters(embedder)`` is 0: the real count is ``embedder.num_parameters``.
 
 int8 is static quantisation (QDQ: per-channel int8 weights, uint8 activations whose ranges

@@ -1,12 +1,9 @@
-"""Embedding extraction, exact k-nearest-neighbour search and every retrieval metric of the
-project.
+"""Every retrieval metric of the project, computed exactly in one pass over the similarity matrix.
 
-Pure functions shared by training (validation), ``evaluate.py`` and the search half (the
-gallery index, `search.index`, ranks with the same sort keys and BLAS rule as here).
-
-Scores are cosine similarities of L2-normalised float32 embeddings (inner products).
-Ranking rule everywhere: higher score first; equal scores break by the lower gallery index;
-a query is never in its own result list (excluded by index, never by dropping a column).
+Pure functions shared by training (validation) and ``evaluate.py``. Embeddings come from
+``extraction``; scores, sort keys and the ranking rule are ``knn``'s: cosine similarities of
+L2-normalised float32 embeddings; higher score first; equal scores break by the lower gallery
+index; a query is never in its own result list (excluded by index, never by dropping a column).
 
 Metric definitions (also in docs/reference.md, "Metrics"):
 
@@ -32,14 +29,12 @@ Category protocol (the original project's). Queries: every image. Gallery: image
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import threading
 import warnings
 
 import numpy as np
 
-# torch is imported where it is used (extraction): the metrics and the kNN need only numpy,
-# and importing torch costs ~650 MB of resident memory
+from knn import KEY_NONE, SingleThreadBLAS, key_index, key_score, l2_normalize, score_key, thread_count
 
 PRODUCT_RECALL_KS = (1, 10, 100, 1000)
 # Metric names of the product protocol, as evaluate_embeddings returns them under "product".
@@ -51,277 +46,6 @@ CATEGORY_METRICS = (tuple(f"recall@{k}" for k in CATEGORY_KS) + tuple(f"precisio
 # candidate buffer per query, in units of K: a full buffer is compacted to its K best,
 # which raises the query's threshold (wider = fewer compactions, staler thresholds)
 _BUFFER_WIDTH = 3
-
-# ============ the definitions, as code: a dense reference for small N ============
-
-# ============ the tiled exact engine: sort keys, kNN, one symmetric pass ============
-
-# A sort key packs (score, index) into one uint64 whose ascending order is the ranking
-# order: high 32 bits = score bits flipped so that larger scores come first, low 32 bits =
-# gallery index so that equal scores break by the lower index. Keys are unique per row, so
-# np.partition / np.sort on them give exact top-k with the tie rule, no lexsort needed.
-KEY_NONE = np.iinfo(np.uint64).max
-_LOW32 = np.uint64(0xFFFFFFFF)
-
-
-def score_key(scores: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """uint64 keys ordered by (score descending, index ascending)."""
-    s = np.asarray(scores, dtype=np.float32) + np.float32(0.0)  # -0.0 -> +0.0: they tie
-    bits = s.view(np.uint32)
-    ascending = np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000))
-    return ((~ascending).astype(np.uint64) << np.uint64(32)) | np.asarray(index).astype(np.uint64)
-
-
-def key_score(keys: np.ndarray) -> np.ndarray:
-    """Inverse of the score half of `score_key`."""
-    ascending = ~((keys >> np.uint64(32)).astype(np.uint32))
-    bits = np.where(ascending >> 31, ascending & np.uint32(0x7FFFFFFF), ~ascending)
-    return bits.view(np.float32)
-
-
-def key_index(keys: np.ndarray) -> np.ndarray:
-    return (keys & _LOW32).astype(np.int64)
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows divided by their L2 norm, as C-contiguous float32 (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"embeddings must be a 2-D array [N, D], got shape {x.shape}")
-    if not np.isfinite(x).all():
-        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-        raise ValueError(
-            f"embeddings hold NaN/inf in {len(bad)} rows (first: {bad[:5].tolist()}); "
-            "the model diverged or the input is corrupt: re-extract the embeddings"
-        )
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(norms, np.float32(1e-12)), dtype=np.float32)
-
-
-def _num_threads(num_threads: int | None) -> int:
-    if num_threads:
-        return max(1, int(num_threads))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _release_openblas_control() -> None:
-    """Let any thread set OpenBLAS's thread count next (threadpoolctl >= 3.6 tracks one
-    controlling thread for pthreads OpenBLAS; older versions have no such state)."""
-    try:
-        from threadpoolctl import OpenBLASController
-    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
-        return
-    clear = getattr(OpenBLASController, "clear_controlling_thread", None)
-    if clear is not None:
-        clear(force=True)
-
-
-class SingleThreadBLAS:
-    """Pin BLAS to one thread for the duration of a block.
-
-    Two reasons: our own worker threads each run a matrix product (two single-threaded
-    products on two cores run as fast as one two-threaded product, and the filtering beside
-    them then runs in parallel too); and a single query's matrix-vector product is ~2 ms on
-    one thread but 10-30 ms when OpenBLAS's spinning threads compete with other processes.
-    The limit is process-wide, so overlapping blocks (concurrent demo requests) are counted:
-    the first one in sets it, the last one out restores the original.
-
-    With a pthreads OpenBLAS, threadpoolctl lets only one "controlling thread" change limits and
-    silently ignores the others; the first and the last block may run on different threads
-    (demo workers), so each change here takes control first and hands it back afterwards, or
-    the restore (and every later limit in the process) would be a silent no-op.
-    """
-
-    _lock = threading.Lock()
-    _depth = 0
-    _limiter = None
-    _controller = []  # threadpoolctl controller, created once (scanning libraries costs ~10 ms)
-
-    def __init__(self, active: bool = True):
-        self.active = active
-
-    def __enter__(self):
-        if not self.active:
-            return self
-        cls = type(self)
-        with cls._lock:
-            if not cls._controller:
-                try:
-                    from threadpoolctl import ThreadpoolController
-                except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
-                    cls._controller.append(None)
-                else:
-                    cls._controller.append(ThreadpoolController())
-            if cls._depth == 0 and cls._controller[0] is not None:
-                _release_openblas_control()
-                cls._limiter = cls._controller[0].limit(limits=1, user_api="blas")
-                _release_openblas_control()
-            cls._depth += 1
-        return self
-
-    def __exit__(self, *exc):
-        if self.active:
-            cls = type(self)
-            with cls._lock:
-                cls._depth -= 1
-                if cls._depth == 0 and cls._limiter is not None:
-                    _release_openblas_control()
-                    cls._limiter.restore_original_limits()
-                    _release_openblas_control()
-                    cls._limiter = None
-        return False
-
-
-# ============ embedding extraction ============
-
-
-def extract_embeddings(model, loader, device="cpu", amp=None, progress=True, desc="embedding",
-                       normalize=True):
-    """Embed every batch of ``loader`` (yielding ``(images, class_ids)``) with ``model``.
-
-    Returns ``(embeddings float32 [N, D] unit rows, labels int64 [N])`` as numpy arrays, in
-    loader order. Runs under ``torch.inference_mode``; AMP (float16 autocast) is on by
-    default on CUDA only, where it roughly doubles throughput; inputs go channels_last,
-    which convolutions prefer on both CPU and GPU. The model's train/eval mode is restored.
-    ``normalize=False`` returns the model's outputs as they are (e.g. raw backbone features).
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    device = torch.device(device)
-    if amp is None:
-        amp = device.type == "cuda"
-    was_training = model.training
-    model.eval()
-    embeddings, labels = [], []
-    try:
-        with torch.inference_mode(), torch.autocast(
-            device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
-            enabled=bool(amp),
-        ):
-            for images, targets in tqdm(loader, desc=desc, disable=not progress, unit="batch",
-                                        dynamic_ncols=True, leave=False):
-                images = images.to(device, non_blocking=True)
-                if images.dim() == 4:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                out = model(images)
-                # re-normalise in float32: half-precision outputs drift off the unit sphere
-                out = torch.nn.functional.normalize(out.float(), dim=1) if normalize else out.float()
-                embeddings.append(out.cpu())
-                labels.append(torch.as_tensor(targets).reshape(-1).cpu())
-    finally:
-        model.train(was_training)
-    if not embeddings:
-        raise ValueError(f"{desc}: the loader yielded no batches (empty dataset?)")
-    return (torch.cat(embeddings).numpy().astype(np.float32, copy=False),
-            torch.cat(labels).numpy().astype(np.int64, copy=False))
-
-
-# ============ exact k-nearest neighbours ============
-
-
-def topk_dense(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of each row of a dense score block, ties by lower column.
-
-    Entries equal to -inf count as excluded. Rows with fewer than k admissible columns are
-    padded with score -inf and index -1.
-    """
-    rows, n = scores.shape
-    out_s = np.full((rows, k), -np.inf, dtype=np.float32)
-    out_i = np.full((rows, k), -1, dtype=np.int64)
-    if rows == 0 or n == 0 or k == 0:
-        return out_s, out_i
-    if k < n:
-        # value of the k-th largest: everything >= it is a candidate (ties included), the
-        # exact order among the few candidates then comes from the (score, index) keys
-        kth = np.partition(scores, n - k, axis=1)[:, n - k]
-        flat = np.flatnonzero(scores >= kth[:, None])
-    else:
-        flat = np.arange(rows * n)
-    s = scores.reshape(-1)[flat]
-    keep = s > -np.inf
-    flat, s = flat[keep], s[keep]
-    r, c = np.divmod(flat, n)
-    order = np.lexsort((score_key(s, c), r))
-    r, c, s = r[order], c[order], s[order]
-    rank = np.arange(len(r)) - np.searchsorted(r, r, side="left")
-    sel = rank < k
-    out_s[r[sel], rank[sel]] = s[sel]
-    out_i[r[sel], rank[sel]] = c[sel]
-    return out_s, out_i
-
-
-def knn(queries, gallery, k, exclude_self=False, self_indices=None, query_groups=None,
-        gallery_groups=None, chunk_size=None, normalize=True):
-    """Exact k nearest neighbours by inner product, in chunks of ``chunk_size`` queries.
-
-    Memory is bounded by ``chunk_size x len(gallery)`` scores (default: as many queries as
-    fit in 64 MB of scores): the full similarity matrix is never built. Ties break by the
-    lower gallery index.
-
-    exclude_self: queries are the gallery itself (same order); query i never returns i.
-    self_indices: gallery index of each query (queries taken from the gallery), excluded
-        from that query's results; ``exclude_self=True`` is ``self_indices=arange(N)``.
-    query_groups / gallery_groups: integer ids; gallery items sharing the query's group are
-        excluded (the category protocol drops the query's whole product this way).
-    Returns ``(scores float32 [Nq, k], indices int64 [Nq, k])``, padded with -inf / -1 when
-    fewer than k gallery items are admissible.
-    """
-    q = l2_normalize(queries) if normalize else np.ascontiguousarray(queries, dtype=np.float32)
-    g = l2_normalize(gallery) if normalize else np.ascontiguousarray(gallery, dtype=np.float32)
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(f"queries have dimension {q.shape[1]} but the gallery has {g.shape[1]}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if exclude_self and len(q) != len(g):
-        raise ValueError("exclude_self=True needs the queries to be the gallery itself "
-                         f"(got {len(q)} queries and {len(g)} gallery items)")
-    if exclude_self:
-        self_indices = np.arange(len(q))
-    if self_indices is not None:
-        self_indices = np.asarray(self_indices, dtype=np.int64).reshape(-1)
-        if len(self_indices) != len(q):
-            raise ValueError(f"self_indices has {len(self_indices)} entries for {len(q)} queries")
-    if (query_groups is None) != (gallery_groups is None):
-        raise ValueError("pass both query_groups and gallery_groups, or neither")
-    if query_groups is not None:
-        query_groups = np.asarray(query_groups)
-        gallery_groups = np.asarray(gallery_groups)
-        # same-group pairs are few (a product holds <= 12 images): list them once as
-        # (query, gallery) index pairs instead of comparing every pair of ids
-        pairs_q, pairs_g = _same_group_pairs(query_groups, gallery_groups)
-    scores = np.empty((len(q), k), dtype=np.float32)
-    indices = np.empty((len(q), k), dtype=np.int64)
-    chunk_size = max(1, int(chunk_size or (16 << 20) // max(1, len(g))))
-    for start in range(0, len(q), chunk_size):
-        stop = min(len(q), start + chunk_size)
-        block = q[start:stop] @ g.T
-        if self_indices is not None:
-            own = self_indices[start:stop]
-            ok = (own >= 0) & (own < len(g))
-            block[np.flatnonzero(ok), own[ok]] = -np.inf
-        if query_groups is not None:
-            lo, hi = np.searchsorted(pairs_q, [start, stop])
-            block[pairs_q[lo:hi] - start, pairs_g[lo:hi]] = -np.inf
-        scores[start:stop], indices[start:stop] = topk_dense(block, k)
-    return scores, indices
-
-
-def _same_group_pairs(query_groups, gallery_groups):
-    """All (query, gallery) index pairs with equal group ids, sorted by query index."""
-    order = np.argsort(gallery_groups, kind="stable")
-    sorted_groups = gallery_groups[order]
-    lo = np.searchsorted(sorted_groups, query_groups, side="left")
-    hi = np.searchsorted(sorted_groups, query_groups, side="right")
-    counts = hi - lo
-    pairs_q = np.repeat(np.arange(len(query_groups)), counts)
-    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    pairs_g = order[np.repeat(lo, counts) + offsets]
-    return pairs_q, pairs_g
-
 
 # ============ tiled engine: metrics in one symmetric pass over the similarity matrix ============
 
@@ -598,7 +322,7 @@ def _rank_of_best_relevant(x, structure, rows, chunk_size, num_threads):
         out[start:start + len(rr)] = 1 + count
 
     starts = range(0, len(rows), h)
-    threads = min(_num_threads(num_threads), len(starts))
+    threads = min(thread_count(num_threads), len(starts))
     if threads == 1:
         for s in starts:
             task(s)
@@ -606,6 +330,31 @@ def _rank_of_best_relevant(x, structure, rows, chunk_size, num_threads):
         with SingleThreadBLAS(True), concurrent.futures.ThreadPoolExecutor(threads) as pool:
             list(pool.map(task, starts))
     return out
+
+
+def _product_protocol(x, structure, top_keys, rel_scores, k, chunk_size, num_threads):
+    """(best_relevant_rank, ap_at_r, r_precision) per query, from the pass's top-K keys of other
+    products (``top_keys``) and the scores of each query's relevant items (``rel_scores``)."""
+    top_valid = top_keys != KEY_NONE
+    R = structure.R
+    rel_valid = structure.rel_idx >= 0
+    rel_keys = np.where(rel_valid, score_key(rel_scores, np.maximum(structure.rel_idx, 0)), KEY_NONE)
+    rel_keys.sort(axis=1)  # j-th column = j-th relevant item in ranking order
+    before = np.zeros(rel_keys.shape, dtype=np.int64)  # other-product items ranked before it
+    for j in range(rel_keys.shape[1]):  # loop over <= max R columns, not over queries
+        before[:, j] = np.count_nonzero(top_keys < rel_keys[:, j:j + 1], axis=1)
+    position = np.arange(1, rel_keys.shape[1] + 1)[None, :] + before
+    in_top_r = rel_valid & (position <= R[:, None])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ap = np.where(R > 0, (in_top_r * (np.arange(1, rel_keys.shape[1] + 1) / position)).sum(1) / R, np.nan)
+        rp = np.where(R > 0, in_top_r.sum(1) / R, np.nan)
+    best_rank = np.where(R > 0, position[:, 0], 0)
+    # the top-K list is complete when it holds fewer than K items; otherwise a best relevant
+    # item behind all K of them has an unknown rank > K: count it exactly
+    saturated = (R > 0) & (before[:, 0] >= k) & top_valid[:, -1]
+    hard = np.flatnonzero(saturated)
+    best_rank[hard] = _rank_of_best_relevant(x, structure, hard, chunk_size, num_threads)
+    return best_rank, ap, rp
 
 
 def retrieval_details(embeddings, class_ids, super_ids, chunk_size=1024, num_threads=None):
@@ -637,31 +386,12 @@ def retrieval_details(embeddings, class_ids, super_ids, chunk_size=1024, num_thr
     # K >= max R: a relevant item j sits at rank j + (other-product items before it); it is in
     # the top R only if fewer than R <= K of them come first, which the top-K list answers
     k = max(max(CATEGORY_KS), max_r)
-    top_keys, rel_scores = _SymmetricPass(x, structure, k, chunk_size).run(_num_threads(num_threads))
+    top_keys, rel_scores = _SymmetricPass(x, structure, k, chunk_size).run(thread_count(num_threads))
     top_valid = top_keys != KEY_NONE
     top_idx = np.where(top_valid, key_index(top_keys), -1)
 
-    # ---- product protocol
-    R = structure.R
-    rel_valid = structure.rel_idx >= 0
-    rel_keys = np.where(rel_valid, score_key(rel_scores, np.maximum(structure.rel_idx, 0)), KEY_NONE)
-    rel_keys.sort(axis=1)  # j-th column = j-th relevant item in ranking order
-    before = np.zeros(rel_keys.shape, dtype=np.int64)  # other-product items ranked before it
-    for j in range(rel_keys.shape[1]):  # loop over <= max R columns, not over queries
-        before[:, j] = np.count_nonzero(top_keys < rel_keys[:, j:j + 1], axis=1)
-    position = np.arange(1, rel_keys.shape[1] + 1)[None, :] + before
-    in_top_r = rel_valid & (position <= R[:, None])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ap = np.where(R > 0, (in_top_r * (np.arange(1, rel_keys.shape[1] + 1) / position)).sum(1) / R, np.nan)
-        rp = np.where(R > 0, in_top_r.sum(1) / R, np.nan)
-    best_rank = np.where(R > 0, position[:, 0], 0)
-    # the top-K list is complete when it holds fewer than K items; otherwise a best relevant
-    # item behind all K of them has an unknown rank > K: count it exactly
-    saturated = (R > 0) & (before[:, 0] >= k) & top_valid[:, -1]
-    hard = np.flatnonzero(saturated)
-    best_rank[hard] = _rank_of_best_relevant(x, structure, hard, chunk_size, num_threads)
-
-    # ---- category protocol
+    best_rank, ap, rp = _product_protocol(x, structure, top_keys, rel_scores, k, chunk_size, num_threads)
+    # category protocol: the top-20 of other products, relevant when of the query's category
     n_cat = max(CATEGORY_KS)
     first = top_idx[:, :n_cat]
     cat_rel = (first >= 0) & (super_ids[np.maximum(first, 0)] == super_ids[:, None])
@@ -671,7 +401,7 @@ def retrieval_details(embeddings, class_ids, super_ids, chunk_size=1024, num_thr
         "top_other": top_idx,
         "top_other_scores": np.where(top_valid, key_score(top_keys), -np.inf).astype(np.float32),
         "best_relevant_rank": best_rank,
-        "num_relevant": R,
+        "num_relevant": structure.R,
         "ap_at_r": ap,
         "r_precision": rp,
         "category_relevant": cat_rel,

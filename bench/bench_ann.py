@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import retrieval  # noqa: E402
+import knn  # noqa: E402
 from search import ann  # noqa: E402
 from search.index import GalleryIndex  # noqa: E402
 
@@ -63,7 +63,7 @@ def clustered(n, dim, rng, num_products=None, product_spread=1.0, image_spread=0
     centres += rng.standard_normal((num_products, dim), dtype=np.float32) * np.float32(product_spread / np.sqrt(dim))
     product = rng.integers(0, num_products, n)
     x = centres[product] + rng.standard_normal((n, dim), dtype=np.float32) * np.float32(image_spread / np.sqrt(dim))
-    return retrieval.l2_normalize(x), product, centres
+    return knn.l2_normalize(x), product, centres
 
 
 def synthetic(n, dim, num_queries, seed):
@@ -72,7 +72,7 @@ def synthetic(n, dim, num_queries, seed):
     # queries: new photos of gallery products
     picks = rng.integers(0, len(centres), num_queries)
     q = centres[picks] + rng.standard_normal((num_queries, dim), dtype=np.float32) * np.float32(0.5 / np.sqrt(dim))
-    return gallery, retrieval.l2_normalize(q)
+    return gallery, knn.l2_normalize(q)
 
 
 def real(path, num_queries, seed):
@@ -81,12 +81,12 @@ def real(path, num_queries, seed):
         gallery = GalleryIndex.load(path).embeddings
     else:
         gallery = np.load(path, mmap_mode="r")
-    gallery = retrieval.l2_normalize(gallery)
+    gallery = knn.l2_normalize(gallery)
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(gallery), num_queries, replace=False)
     # a query is a gallery image moved a little: a neighbour of itself, not the image itself
     q = gallery[rows] + rng.standard_normal(gallery[rows].shape, dtype=np.float32) * np.float32(0.1 / np.sqrt(gallery.shape[1]))
-    return gallery, retrieval.l2_normalize(q)
+    return gallery, knn.l2_normalize(q)
 
 
 def make_index(gallery, index_type):
@@ -122,7 +122,7 @@ def sweep(index, queries, truth, k, name, values):
 def run_size(gallery, queries, index_types, k, sweeps=None):
     faiss = ann.require_faiss("bench_ann.py")
     n = len(gallery)
-    _, truth = retrieval.knn(queries, gallery, k, normalize=False)
+    _, truth = knn.knn(queries, gallery, k, normalize=False)
     flat = faiss.IndexFlatIP(gallery.shape[1])
     flat.add(gallery)
     indexes, build_s, nbytes = {}, {}, {}

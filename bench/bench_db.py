@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import retrieval  # noqa: E402
+import knn  # noqa: E402
 from search import gallery  # noqa: E402
 from search import vectordb  # noqa: E402
 
@@ -62,7 +62,7 @@ def synthetic(n, dim, queries, seed):
     owner = rng.integers(0, products, size=n)
     emb = centres[owner] + 0.6 * rng.normal(size=(n, dim)).astype(np.float32)
     q = centres[owner[rng.integers(0, n, size=queries)]] + 0.6 * rng.normal(size=(queries, dim)).astype(np.float32)
-    return retrieval.l2_normalize(emb), retrieval.l2_normalize(q)
+    return knn.l2_normalize(emb), knn.l2_normalize(q)
 
 
 def folder_bytes(path: Path) -> int:

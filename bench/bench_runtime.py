@@ -50,6 +50,8 @@ import inference  # noqa: E402
 import backbones  # noqa: E402
 import checkpoints  # noqa: E402
 import models  # noqa: E402
+import extraction  # noqa: E402
+import knn  # noqa: E402
 import retrieval  # noqa: E402
 from dataio import fileio, synthetic_sop  # noqa: E402
 
@@ -131,9 +133,9 @@ def accuracy(embeddings: np.ndarray, dataset) -> dict:
 
 def top10_recall(reference: np.ndarray, other: np.ndarray) -> float:
     """Mean over queries of |top-10(other) ∩ top-10(reference)| / 10 (every image a query,
-    the rest the gallery; retrieval.knn ranking)."""
-    ref = retrieval.knn(reference, reference, 10, exclude_self=True)[1]
-    got = retrieval.knn(other, other, 10, exclude_self=True)[1]
+    the rest the gallery; knn.knn ranking)."""
+    ref = knn.knn(reference, reference, 10, exclude_self=True)[1]
+    got = knn.knn(other, other, 10, exclude_self=True)[1]
     return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ref, got)]))
 
 
@@ -171,7 +173,7 @@ def measure(args, backbone: str, size: int, workdir: Path) -> list[dict]:
                "precision": precision, **timing(embedder, size, args.repeats, runtime == "torch"),
                "bytes": int(nbytes), **note}
         if data is not None:
-            embeddings, _ = retrieval.extract_embeddings(embedder, data[1], progress=False)
+            embeddings, _ = extraction.extract_embeddings(embedder, data[1], progress=False)
             row.update(accuracy(embeddings, data[0]))
             if (runtime, precision) == ("onnx", "fp32"):
                 fp32_embeddings = embeddings

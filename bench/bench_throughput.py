@@ -4,7 +4,7 @@ Measures, in one run on this machine, images per second of
 
   (a) ``forward``       the bare model on a random batch already in memory: eval mode,
                         ``torch.inference_mode``, channels_last (AMP on CUDA) -- the ceiling;
-  (b) ``extract``       ``retrieval.extract_embeddings`` over real JPEG files on disk (the test
+  (b) ``extract``       ``extraction.extract_embeddings`` over real JPEG files on disk (the test
                         split) through ``datasets.SOPDataset`` with the eval transform and a
                         DataLoader with the settings below;
   (c) ``train_step``    ``training.loop.train_one_epoch`` (forward + triplet loss + backward + Adam) on a
@@ -59,7 +59,7 @@ from dataio import synthetic_sop  # noqa: E402
 import losses  # noqa: E402
 import backbones  # noqa: E402
 import models  # noqa: E402
-import retrieval  # noqa: E402
+import extraction  # noqa: E402
 from training import loop  # noqa: E402
 
 PARTS = ("forward", "extract", "train_step", "train_loader")
@@ -154,10 +154,10 @@ def bench_forward(model, device, batch_size, image_size, warmup, batches, amp, c
 
 
 def bench_extract(model, loader, device, warmup, amp, image_size, batch_size, channels_last):
-    """(b) retrieval.extract_embeddings over the real loader."""
+    """(b) extraction.extract_embeddings over the real loader."""
     bench_forward(model, device, batch_size, image_size, 1, 0, amp, channels_last)  # warm the model
     timed = TimedLoader(loader)
-    embeddings, _ = retrieval.extract_embeddings(model, timed, device=device, amp=amp, progress=False)
+    embeddings, _ = extraction.extract_embeddings(model, timed, device=device, amp=amp, progress=False)
     if not np.isfinite(embeddings).all():
         raise RuntimeError("extract_embeddings returned non-finite embeddings")
     return timed.rate(warmup)

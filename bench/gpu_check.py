@@ -13,7 +13,7 @@ Steps (each one calls the project's own entry points; none has training code of 
                          (finite losses in metrics.csv, last.pth written, GradScaler state with
                          its scale and the optimizer steps it let through), then the same
                          command with --epochs 3 --resume auto, then `python evaluate.py` on
-                         the result (on CUDA, retrieval.extract_embeddings autocasts to float16
+                         the result (on CUDA, extraction.extract_embeddings autocasts to float16
                          by itself: evaluate.py passes amp=None and reports the device)
   train_default_recipe   `python train.py --recipe pretrained` (the default recipe of --weights
                          imagenet, from random weights: no download) with AMP and channels_last:
@@ -38,7 +38,7 @@ Steps (each one calls the project's own entry points; none has training code of 
                          the same engine does on the GPU
   export_serving         `python export.py` on the trained checkpoint (the ONNX model the CPU
                          demo serves), then in this process the torch model on the GPU (float32,
-                         and float16 autocast as retrieval.extract_embeddings runs it) against the
+                         and float16 autocast as extraction.extract_embeddings runs it) against the
                          ONNX runtime on the CPU on the same images: cosine of each pair, and
                          which runtime the engine picks on the GPU (inference.default_runtime)
 

@@ -35,6 +35,7 @@ import preprocessing  # noqa: E402
 import samplers  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
+import extraction  # noqa: E402
 import retrieval  # noqa: E402
 
 
@@ -112,7 +113,7 @@ def main(args):
             optimizer, [g["lr"] for g in groups], total_steps=args.epochs * len(sampler), pct_start=0.2)
 
     def val_recall():
-        emb, _ = retrieval.extract_embeddings(model, val_loader, progress=False)
+        emb, _ = extraction.extract_embeddings(model, val_loader, progress=False)
         return round(100 * retrieval.evaluate_embeddings(emb, val_set.class_ids, val_set.super_ids)
                      ["product"]["recall@1"], 2)
 

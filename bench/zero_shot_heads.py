@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import datasets  # noqa: E402
 import preprocessing  # noqa: E402
 import models  # noqa: E402
+import extraction  # noqa: E402
+import knn  # noqa: E402
 import retrieval  # noqa: E402
 
 
@@ -38,13 +40,13 @@ def get_args_parser():
 
 def features(model, root, split, image_size):
     ds = datasets.SOPDataset(root, split, transform=preprocessing.build_transform(image_size, train=False))
-    feats, _ = retrieval.extract_embeddings(model.backbone, DataLoader(ds, batch_size=64), progress=False,
+    feats, _ = extraction.extract_embeddings(model.backbone, DataLoader(ds, batch_size=64), progress=False,
                                             normalize=False)
     return feats, ds
 
 
 def product_metrics(emb, ds) -> dict:
-    p = retrieval.evaluate_embeddings(retrieval.l2_normalize(emb.astype(np.float32)), ds.class_ids,
+    p = retrieval.evaluate_embeddings(knn.l2_normalize(emb.astype(np.float32)), ds.class_ids,
                                       ds.super_ids)["product"]
     return {"recall@1": round(100 * p["recall@1"], 2), "map@r": round(100 * p["map@r"], 2)}
 

@@ -41,7 +41,7 @@ import numpy as np
 from dataio import catalogue
 from dataio import fileio
 from dataio import photos
-import retrieval
+import extraction
 from search import ann
 from search.index import GalleryImages, GalleryIndex
 
@@ -258,7 +258,7 @@ def embed_files(model, paths, batch_size=64, workers=None, device="cpu", progres
         images, batch_size=batch_size, shuffle=False,
         # one pass: persistent workers would only outlive it
         **loaders.loader_settings(device, workers=workers, persistent_workers=False))
-    embeddings, ids = retrieval.extract_embeddings(model, loader, device=device, progress=progress,
+    embeddings, ids = extraction.extract_embeddings(model, loader, device=device, progress=progress,
                                                    desc="gallery")
     good = ids >= 0
     return np.ascontiguousarray(embeddings[good]), np.flatnonzero(~good)

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from dataio.fileio import atomic_write
-import retrieval
+import extraction
+import knn
 from search import ann
 from search import fastscan
 
@@ -56,12 +57,12 @@ def rerank(q: np.ndarray, emb: np.ndarray, candidates: np.ndarray, k: int):
     valid = candidates >= 0
     safe = np.maximum(candidates, 0)
     scores = np.einsum("qcd,qd->qc", emb[safe], q, optimize=False).astype(np.float32, copy=False)
-    keys = np.where(valid, retrieval.score_key(scores, safe), retrieval.KEY_NONE)
+    keys = np.where(valid, knn.score_key(scores, safe), knn.KEY_NONE)
     keys.sort(axis=1)
     keys = keys[:, :k]
-    found = keys != retrieval.KEY_NONE
-    return (np.where(found, retrieval.key_score(keys), -np.inf).astype(np.float32),
-            np.where(found, retrieval.key_index(keys), -1))
+    found = keys != knn.KEY_NONE
+    return (np.where(found, knn.key_score(keys), -np.inf).astype(np.float32),
+            np.where(found, knn.key_index(keys), -1))
 
 
 # candidates fetched per query, beyond k, from the float16 scan / the approximate index:
@@ -316,7 +317,7 @@ class GalleryIndex:
         proposes 2k + 16 candidates, re-ranked in float32 with the same tie rule; at
         exhaustive settings (`ann.exhaustive_params`) it equals exact search.
         """
-        q = retrieval.l2_normalize(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
+        q = knn.l2_normalize(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
         if q.shape[1] != self.embeddings.shape[1]:
             raise ValueError(f"query dimension {q.shape[1]} != gallery dimension {self.embeddings.shape[1]}")
         if k < 1:
@@ -343,9 +344,9 @@ class GalleryIndex:
             cand = np.stack([fastscan.topk_f16(entry[3], qi, nc)[1] for qi in q])
             scores, idx = rerank(q, emb, cand, kk)
         else:
-            with retrieval.SingleThreadBLAS(len(q) <= 32):
+            with knn.SingleThreadBLAS(len(q) <= 32):
                 block = q @ emb.T
-            scores, idx = retrieval.topk_dense(block, kk)
+            scores, idx = knn.topk_dense(block, kk)
         out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
         out_i = np.full((len(q), k), -1, dtype=np.int64)
         found = idx >= 0
@@ -423,7 +424,7 @@ def build_gallery_index(model, dataset, batch_size=64, workers=None, device="cpu
         # one pass: persistent workers would only outlive it
         **loaders.loader_settings(device, workers=workers, persistent_workers=False))
     t0 = time.perf_counter()
-    embeddings, second = retrieval.extract_embeddings(model, loader, device=device, amp=amp,
+    embeddings, second = extraction.extract_embeddings(model, loader, device=device, amp=amp,
                                                       progress=progress, desc="gallery")
     if skip_unreadable:
         rows = second  # the dataset's row, -1 for an unreadable image

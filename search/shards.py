@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dataio import fileio
-import retrieval
+import extraction
 from search.index import hash_paths
 
 MANIFEST = "manifest.json"
@@ -92,7 +92,7 @@ def embed_shards(model, dataset, out_dir, shard_size=8192, batch_size=64, device
             continue
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, stop)),
                                              batch_size=batch_size, shuffle=False, num_workers=workers)
-        emb, _ = retrieval.extract_embeddings(model, loader, device=device, progress=progress,
+        emb, _ = extraction.extract_embeddings(model, loader, device=device, progress=progress,
                                               desc=f"shard {i} (rank {rank})", normalize=normalize)
         fileio.atomic_write(shard_path(out_dir, i), lambda f, x=emb: np.save(f, x))
         done.append(i)

@@ -56,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
-import retrieval
+import knn
 from search import ann
 from search import gallery
 from search.index import num_candidates, rerank
@@ -540,7 +540,7 @@ class MilvusGallery:
         -inf / -1, ranked as `search.index.GalleryIndex.search` (module docstring);
         ``super_id``: one category only (the database's filter)."""
         view = self.adopt()
-        q = retrieval.l2_normalize(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
+        q = knn.l2_normalize(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
         dim = int(self.properties.get("embedding_size", q.shape[1]))
         if q.shape[1] != dim:
             raise ValueError(f"query dimension {q.shape[1]} != gallery dimension {dim}")

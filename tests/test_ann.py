@@ -10,7 +10,7 @@ import pytest
 
 from search import ann
 from search import fastscan
-import retrieval
+import knn
 from search.index import GalleryIndex, embeddings_fingerprint, load_fresh_index
 
 needs_kernel = pytest.mark.skipif(not fastscan.available(), reason="no C compiler for the float16 kernel")
@@ -20,7 +20,7 @@ def clustered(n, dim, seed=0, spread=0.3):
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((max(1, n // 50), dim)).astype(np.float32)
     x = centres[rng.integers(0, len(centres), n)] + spread * rng.standard_normal((n, dim)).astype(np.float32)
-    return retrieval.l2_normalize(x)
+    return knn.l2_normalize(x)
 
 
 def make_index(emb, index_type="exact", seed=0, **kw):
@@ -32,7 +32,7 @@ def make_index(emb, index_type="exact", seed=0, **kw):
 
 
 def float32_top(emb, q, k):
-    scores, idx = retrieval.knn(q[None], emb, k)
+    scores, idx = knn.knn(q[None], emb, k)
     return scores[0], idx[0]
 
 

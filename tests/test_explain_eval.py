@@ -14,6 +14,7 @@ import explain
 import checkpoints
 import models
 import preprocessing
+import knn
 import retrieval
 from training import reporting
 
@@ -97,7 +98,7 @@ def test_evaluate_explain_draws_maps_and_the_worst_queries(synthetic_root, tmp_p
 def test_worst_queries_follow_the_retrieval_details(synthetic_root):
     dataset = datasets.SOPDataset(synthetic_root, "test")
     rng = np.random.default_rng(0)
-    x = retrieval.l2_normalize(rng.normal(size=(len(dataset), 16)).astype(np.float32))
+    x = knn.l2_normalize(rng.normal(size=(len(dataset), 16)).astype(np.float32))
     details = retrieval.retrieval_details(x, dataset.class_ids, dataset.super_ids)
     worst = reporting.worst_queries(details["best_relevant_rank"], 2)
     # brute force: the rank of the best true match of each query among all other images

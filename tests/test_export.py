@@ -1,6 +1,6 @@
 """export.py / inference.py: ONNX export (every backbone, fp32 parity with PyTorch, dynamic
 batch, TF-SAME padding frozen at the export size), metadata, retrieval metrics through
-retrieval.extract_embeddings unchanged, the command line, refusal of bad inputs without partial
+extraction.extract_embeddings unchanged, the command line, refusal of bad inputs without partial
 files, ensure_onnx's reuse and re-export, static int8, load_embedder / default_runtime, and the
 standalone example docs/onnx_example.py (onnxruntime + PIL + numpy) against the repository."""
 import json
@@ -28,6 +28,7 @@ import export  # noqa: E402
 import inference  # noqa: E402
 import models  # noqa: E402
 import preprocessing  # noqa: E402
+import extraction  # noqa: E402
 import retrieval  # noqa: E402
 from dataio.photos import load_image  # noqa: E402
 
@@ -151,7 +152,7 @@ def test_retrieval_metrics_equal_through_extract_embeddings(exported, checkpoint
     loader = torch.utils.data.DataLoader(test, batch_size=16)
     results = []
     for model in (models.load_model(checkpoint), inference.OnnxEmbedder(exported)):
-        embeddings, labels = retrieval.extract_embeddings(model, loader, progress=False)
+        embeddings, labels = extraction.extract_embeddings(model, loader, progress=False)
         assert np.array_equal(labels, test.class_ids)
         results.append((embeddings, retrieval.evaluate_embeddings(
             embeddings, test.class_ids, test.super_ids)))
@@ -368,8 +369,8 @@ def test_int8_runs_and_stays_close(checkpoint, synthetic_root, tmp_path):
     assert calibration["num_images"] == 32 and Path(calibration["root"]) == Path(synthetic_root)
     test = datasets.SOPDataset(synthetic_root, "test", transform=preprocessing.build_transform(SIZE))
     loader = torch.utils.data.DataLoader(test, batch_size=32)
-    fp32, _ = retrieval.extract_embeddings(models.load_model(checkpoint), loader, progress=False)
-    int8, _ = retrieval.extract_embeddings(inference.OnnxEmbedder(out), loader, progress=False)
+    fp32, _ = extraction.extract_embeddings(models.load_model(checkpoint), loader, progress=False)
+    int8, _ = extraction.extract_embeddings(inference.OnnxEmbedder(out), loader, progress=False)
     assert (fp32 * int8).sum(1).min() > 0.9
     fp32_size = len(inference.onnx_bytes(models.load_model(checkpoint)))
     assert out.stat().st_size < 0.5 * fp32_size  # int8 weights

@@ -11,6 +11,7 @@ import torch
 
 import losses
 import models
+import extraction
 import retrieval
 import train
 from training import flags
@@ -243,7 +244,7 @@ def test_zero_shot_row_equals_the_backbone_alone(tiny_sop, tmp_path):
     import preprocessing
     val = datasets.SOPDataset(tiny_sop, "val", transform=preprocessing.build_transform(32, train=False))
     loader = torch.utils.data.DataLoader(val, batch_size=64)
-    emb, _ = retrieval.extract_embeddings(model.zero_shot(), loader, progress=False)
+    emb, _ = extraction.extract_embeddings(model.zero_shot(), loader, progress=False)
     assert emb.shape[1] == 512
     expected = retrieval.evaluate_embeddings(emb, val.class_ids, val.super_ids)["product"]
     assert float(row["val_zero_shot_map@r"]) == pytest.approx(expected["map@r"], abs=1e-6)

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+import extraction
+import knn
 import retrieval
 from metrics_reference import reference_metrics  # noqa: E402
 
@@ -262,7 +264,7 @@ def test_knn_matches_faiss_and_brute_force():
     g /= np.linalg.norm(g, axis=1, keepdims=True)
     q = rng.standard_normal((200, 48)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
-    scores, idx = retrieval.knn(q, g, 10, chunk_size=64)
+    scores, idx = knn.knn(q, g, 10, chunk_size=64)
     index = faiss.IndexFlatIP(48)
     index.add(g)
     f_scores, f_idx = index.search(q, 11)
@@ -272,21 +274,21 @@ def test_knn_matches_faiss_and_brute_force():
     np.testing.assert_array_equal(idx[gaps], f_idx[gaps, :10])
     np.testing.assert_allclose(scores, f_scores[:, :10], atol=1e-5)
     # exclusions: self by index, and whole groups
-    s_self, i_self = retrieval.knn(g[:50], g[:50], 5, exclude_self=True)
+    s_self, i_self = knn.knn(g[:50], g[:50], 5, exclude_self=True)
     assert not (i_self == np.arange(50)[:, None]).any()
     groups = np.arange(3000) // 3
-    _, i_grp = retrieval.knn(g, g, 5, query_groups=groups, gallery_groups=groups, chunk_size=700)
+    _, i_grp = knn.knn(g, g, 5, query_groups=groups, gallery_groups=groups, chunk_size=700)
     assert not (groups[i_grp] == groups[:, None]).any()
 
 
 def test_knn_ties_and_padding():
     x = CHAIN[[0, 0, 1, 0]]
-    s, i = retrieval.knn(x[:1], x, 6, self_indices=[0])
+    s, i = knn.knn(x[:1], x, 6, self_indices=[0])
     np.testing.assert_array_equal(i, [[1, 3, 2, -1, -1, -1]])  # ties (1, 3) by lower index
     np.testing.assert_array_equal(s[0, :3], [1, 1, 0.5])
     assert np.isneginf(s[0, 3:]).all()
     with pytest.raises(ValueError, match="exclude_self"):
-        retrieval.knn(x[:2], x, 2, exclude_self=True)
+        knn.knn(x[:2], x, 2, exclude_self=True)
 
 
 def test_bounded_memory_and_input_checks():
@@ -325,7 +327,7 @@ def test_extract_embeddings():
     images = torch.randn(10, 3, 12, 12)
     labels = torch.arange(10) // 2
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
-    emb, lab = retrieval.extract_embeddings(model, loader, progress=False)
+    emb, lab = extraction.extract_embeddings(model, loader, progress=False)
     assert emb.dtype == np.float32 and emb.shape == (10, 8) and lab.dtype == np.int64
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-6)
     np.testing.assert_array_equal(lab, labels.numpy())
@@ -345,8 +347,8 @@ def test_single_thread_blas_blocks_nest_and_restore():
     before = blas_threads()
     if not before:
         pytest.skip("numpy's BLAS is not visible to threadpoolctl here")
-    outer = retrieval.SingleThreadBLAS()
-    inner = retrieval.SingleThreadBLAS()
+    outer = knn.SingleThreadBLAS()
+    inner = knn.SingleThreadBLAS()
     outer.__enter__()
     inner.__enter__()
     outer.__exit__(None, None, None)  # overlapping, not nested: the limit holds until the last exit
@@ -370,7 +372,7 @@ def test_single_thread_blas_restores_across_threads():
     before = blas_threads()
     if not before or max(before) < 2:
         pytest.skip("numpy's BLAS is not visible to threadpoolctl here, or runs one thread")
-    first, second = retrieval.SingleThreadBLAS(), retrieval.SingleThreadBLAS()
+    first, second = knn.SingleThreadBLAS(), knn.SingleThreadBLAS()
 
     def in_thread(fn):
         t = threading.Thread(target=fn)

@@ -16,7 +16,7 @@ import preprocessing
 from dataio import catalogue
 import checkpoints
 import models
-import retrieval
+import extraction
 from search import shards
 from search.index import load_fresh_index
 import shards as shards_script  # the entry script
@@ -53,7 +53,7 @@ class Counting(torch.nn.Module):
 
 def reference(model, dataset, batch_size):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    return retrieval.extract_embeddings(model, loader, progress=False)[0]
+    return extraction.extract_embeddings(model, loader, progress=False)[0]
 
 
 def test_killed_extraction_resumes_to_identical_embeddings(gallery, tmp_path):

@@ -27,6 +27,7 @@ import backbones
 import checkpoints
 import devices
 import models
+import extraction
 import retrieval
 from training import heldout
 from training import reporting
@@ -88,7 +89,7 @@ def extract_embeddings(model, dataset, *, model_hash="", meta=None, batch_size=6
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,  # one pass: no persistent workers
                         **loaders.loader_settings(device, workers=workers, persistent_workers=False))
     t0 = time.perf_counter()
-    embeddings, labels = retrieval.extract_embeddings(model, loader, device=device,
+    embeddings, labels = extraction.extract_embeddings(model, loader, device=device,
                                                       progress=progress, desc="embedding")
     if not np.array_equal(labels, np.asarray(dataset.class_ids)):
         raise RuntimeError("the loader's labels do not match dataset.class_ids")

@@ -16,6 +16,7 @@ from tqdm import tqdm
 import datasets
 import checkpoints
 import models
+import extraction
 import retrieval
 from training import distributed
 
@@ -76,7 +77,7 @@ def warmup_steps(warmup_epochs: float, steps_per_epoch: int) -> int:
 
 def autocast_dtype(device: torch.device) -> torch.dtype:
     """The AMP dtype on ``device``: float16 on CUDA (with a gradient scaler), bfloat16 elsewhere
-    (float32's exponent range: no scaler needed), as retrieval.extract_embeddings uses."""
+    (float32's exponent range: no scaler needed), as extraction.extract_embeddings uses."""
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
@@ -204,7 +205,7 @@ def validate(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoa
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    embeddings, labels = retrieval.extract_embeddings(model, loader, device=device, amp=amp,
+    embeddings, labels = extraction.extract_embeddings(model, loader, device=device, amp=amp,
                                                       progress=progress, desc="validation")
     model.train(was_training)
     labels = np.asarray(labels)

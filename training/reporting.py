@@ -14,7 +14,7 @@ from dataio import photos
 
 from dataio import catalogue
 from dataio import fileio
-import retrieval
+import knn
 
 
 NOT_DEFINED = "n/a"  # the cell of a metric retrieval.undefined left without a value
@@ -247,7 +247,7 @@ def retrieval_figure(path, dataset, embeddings, num_examples=6, top=5, seed=0, t
     while len(queries) < min(num_examples, len(dataset)):
         queries.append(int(rng.integers(len(dataset))))
     queries = np.asarray(queries)
-    scores, idx = retrieval.knn(embeddings[queries], embeddings, top, self_indices=queries)
+    scores, idx = knn.knn(embeddings[queries], embeddings, top, self_indices=queries)
     rows = [(int(q), [(int(g), f"{col + 1}. {scores[row, col]:.3f}", _same_product_colour(dataset, q, g))
                       for col, g in enumerate(idx[row])]) for row, q in enumerate(queries)]
     _figure_rows(path, dataset, rows, f"Top {top} over all other images (green: same product, red: another product)",
@@ -272,9 +272,9 @@ def worst_queries_figure(path, dataset, embeddings, best_relevant_rank, num=3, t
     queries = worst_queries(best_relevant_rank, num)
     if len(queries) == 0:
         return queries
-    x = retrieval.l2_normalize(embeddings)
+    x = knn.l2_normalize(embeddings)
     class_ids = np.asarray(dataset.class_ids)
-    scores, idx = retrieval.knn(x[queries], x, top, self_indices=queries)
+    scores, idx = knn.knn(x[queries], x, top, self_indices=queries)
     rows = []
     for row, q in enumerate(queries):
         same = np.flatnonzero(class_ids == class_ids[q])

@@ -24,7 +24,7 @@ from dataio import synthetic_sop
 import losses
 import checkpoints
 import models
-import retrieval
+import extraction
 from training import distributed
 from training import flags
 from training import runs
@@ -314,7 +314,7 @@ def init_head_from_features(model: models.EmbeddingNet, train_set: datasets.SOPD
     loader = DataLoader(torch.utils.data.Subset(view, idx.tolist()), batch_size=args.val_batch_size,
                         shuffle=False, **loaders.loader_settings(device, loaders.available_cpus(),
                                                                   workers=args.workers))
-    features, _ = retrieval.extract_embeddings(model.backbone, loader, device=device,
+    features, _ = extraction.extract_embeddings(model.backbone, loader, device=device,
                                                progress=bool(args.progress) and rank == 0,
                                                desc="PCA features", normalize=False)
     if len(features) < model.embedding_size:
