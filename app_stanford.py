@@ -65,6 +65,7 @@ import torch
 import datasets
 import inference
 from dataio import catalogue
+from search import ann
 from search import engine as search_engine
 from search import loading as search_loading
 from search import guard
@@ -108,7 +109,7 @@ def get_args_parser(add_help=True):
                        help="gallery index file; default beside the checkpoint (runs/<zero-shot "
                             "model>/ with --zero_shot): gallery_<split>.npz, or "
                             "gallery_<folder>_<hash>.npz for --gallery")
-    group.add_argument("--index_type", default="exact", choices=["exact", "ivf", "hnsw"],
+    group.add_argument("--index_type", default="exact", choices=ann.INDEX_TYPES,
                        help="gallery search: exact (SOP-sized galleries), or approximate faiss ivf / "
                             "hnsw for millions of images (needs pip install faiss-cpu; see bench/README.md)")
     vectordb.add_backend_args(group)

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 import datasets
+from search import ann
 from search import shards
 from search import vectordb
 
@@ -40,7 +41,7 @@ def get_args_parser():
     inference.add_runtime_arg(parser)
     parser.add_argument("--gallery_index", default=None,
                         help="also save a GalleryIndex here (rank 0), e.g. gallery_test.npz for the demo")
-    parser.add_argument("--index_type", default="exact", choices=["exact", "ivf", "hnsw"])
+    parser.add_argument("--index_type", default="exact", choices=ann.INDEX_TYPES)
     vectordb.add_backend_args(parser)
     return parser
 

@@ -103,7 +103,7 @@ class GalleryIndex:
     categories: list | None = None
     product_ids: list | None = None
     meta: dict = dataclasses.field(default_factory=dict)
-    backend: str = "auto"
+    kernel: str = "auto"
     index_type: str = "exact"
     ann_params: dict | None = None
     file_stats: np.ndarray | None = None
@@ -138,8 +138,8 @@ class GalleryIndex:
             if self.file_stats.shape != (n, 2):
                 raise ValueError(f"gallery index file_stats must be [{n}, 2] (size, mtime_ns), "
                                  f"got shape {self.file_stats.shape}")
-        if self.backend not in ("auto", "numpy", "faiss"):
-            raise ValueError(f"backend must be 'auto', 'numpy' or 'faiss', got {self.backend!r}")
+        if self.kernel not in ("auto", "numpy", "faiss"):
+            raise ValueError(f"kernel must be 'auto', 'numpy' or 'faiss', got {self.kernel!r}")
         ann.check_index_type(self.index_type)
         self.ann_params = {**ann.default_params(self.index_type, n), **(self.ann_params or {})}
         self._ann = None  # the faiss index of an approximate index_type, once built / loaded
@@ -202,7 +202,7 @@ class GalleryIndex:
         return self.path
 
     @classmethod
-    def load(cls, path, backend="auto") -> "GalleryIndex":
+    def load(cls, path, kernel="auto") -> "GalleryIndex":
         """Read an index written by `save`; a missing, truncated or foreign file raises a
         ValueError (FileNotFoundError when absent) that names it and says how to rebuild.
         An approximate index needs faiss (ImportError naming `pip install faiss-cpu`)."""
@@ -235,7 +235,7 @@ class GalleryIndex:
         index = cls(
             embeddings=parts["embeddings"], paths=parts["paths"].tolist(), class_ids=parts["class_ids"],
             super_ids=parts["super_ids"], checkpoint_hash=meta.pop("checkpoint_hash", ""),
-            image_list_hash=meta.pop("image_list_hash", ""), meta=meta, backend=backend,
+            image_list_hash=meta.pop("image_list_hash", ""), meta=meta, kernel=kernel,
             index_type=index_type, ann_params=(record or {}).get("params"), **extra,
         )
         if index.image_list_hash != hash_paths(index.paths):
@@ -290,9 +290,9 @@ class GalleryIndex:
     def _use_faiss(self):
         # "auto" means numpy / the float16 kernel (see search); importing faiss for it would
         # only load a second OpenBLAS into the process.
-        if self.backend != "faiss":
+        if self.kernel != "faiss":
             return False
-        ann.require_faiss("backend='faiss'")
+        ann.require_faiss("kernel='faiss'")
         return True
 
     def search(self, queries, k=10, super_id=None):
@@ -305,13 +305,13 @@ class GalleryIndex:
 
         Exact search (``index_type="exact"``, and every category-filtered search: a category
         is searched exhaustively, its vectors being a fraction of the gallery): with
-        ``backend="auto"`` and up to 32 queries, a float16 copy of the gallery is scanned by
+        ``kernel="auto"`` and up to 32 queries, a float16 copy of the gallery is scanned by
         `fastscan` (half the bytes of float32; ~0.75x faiss IndexFlatIP on one thread) for
         2k + 16 candidates, re-ranked in float32. The result is today's float32 ranking
         exactly unless more than 2k + 16 items score >= (k-th best - fastscan.ORDER_MARGIN);
         even then, any two items whose float32 scores differ by more than ORDER_MARGIN
-        (1.1e-3) keep their order. More queries, or ``backend="numpy"``: one float32 matrix
-        product. ``backend="faiss"``: faiss IndexFlatIP, faiss's tie order.
+        (1.1e-3) keep their order. More queries, or ``kernel="numpy"``: one float32 matrix
+        product. ``kernel="faiss"``: faiss IndexFlatIP, faiss's tie order.
 
         Approximate search (``index_type`` "ivf" / "hnsw", no category): the faiss index
         proposes 2k + 16 candidates, re-ranked in float32 with the same tie rule; at
@@ -337,7 +337,7 @@ class GalleryIndex:
                 entry[2].add(emb)
             scores, idx = entry[2].search(q, kk)
             scores = scores.astype(np.float32)
-        elif self.backend == "auto" and len(q) <= 32 and len(rows) and fastscan.available():
+        elif self.kernel == "auto" and len(q) <= 32 and len(rows) and fastscan.available():
             if entry[3] is None:
                 entry[3] = emb.astype(np.float16)
             nc = num_candidates(kk, len(rows))
@@ -355,7 +355,7 @@ class GalleryIndex:
         return out_s, out_i
 
 
-def load_fresh_index(path, checkpoint_hash, paths, backend="auto", index_type=None):
+def load_fresh_index(path, checkpoint_hash, paths, kernel="auto", index_type=None):
     """``(index, None)`` when ``path`` holds a GalleryIndex that loads and was built from
     ``checkpoint_hash`` over exactly ``paths`` (and as ``index_type``, when given); else
     ``(None, why)``, ``why`` a phrase for the log ("missing", the load error, or "stale
@@ -364,7 +364,7 @@ def load_fresh_index(path, checkpoint_hash, paths, backend="auto", index_type=No
     if not path.exists():
         return None, "missing"
     try:
-        index = GalleryIndex.load(path, backend=backend)
+        index = GalleryIndex.load(path, kernel=kernel)
     except ValueError as e:  # damaged / other format / foreign approximate index: rebuild
         return None, str(e)
     reason = index.stale_reason(checkpoint_hash, paths, index_type)

@@ -2,6 +2,7 @@
 files, staleness) and its search against brute force; files written before search/ existed
 (tests/fixtures/gallery_v1_*.npz, by retrieval.GalleryIndex) still load and search the same."""
 import errno
+import importlib.util
 import json
 from pathlib import Path
 
@@ -47,10 +48,18 @@ def test_gallery_index_round_trip_and_search(tmp_path):
     np.testing.assert_array_equal(idx_cat[0], ref_cat)
     s_all, i_all = loaded.search(np.stack([q, q]), k=len(index) + 3)  # more than the gallery
     assert (i_all[:, -3:] == -1).all() and np.isneginf(s_all[:, -3:]).all()
-    if pytest.importorskip("faiss"):
-        faiss_index = GalleryIndex.load(path, backend="faiss")
-        np.testing.assert_array_equal(faiss_index.search(q, 10)[1], idx)
-        np.testing.assert_array_equal(faiss_index.search(q, 5, super_id=3)[1], idx_cat)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("faiss") is None,
+                    reason="faiss is not installed (pip install faiss-cpu)")
+def test_faiss_kernel_ranks_as_the_exact_scan(tmp_path):
+    index = make_index()
+    path = index.save(tmp_path / "gallery.npz")
+    q = index.embeddings[7] + 0.1
+    exact = GalleryIndex.load(path)
+    faiss_index = GalleryIndex.load(path, kernel="faiss")
+    np.testing.assert_array_equal(faiss_index.search(q, 10)[1], exact.search(q, 10)[1])
+    np.testing.assert_array_equal(faiss_index.search(q, 5, super_id=3)[1], exact.search(q, 5, super_id=3)[1])
 
 
 def test_gallery_index_failed_write_keeps_previous_file(tmp_path, monkeypatch):
@@ -96,8 +105,8 @@ def test_gallery_index_corrupt_files_are_refused(tmp_path):
 def test_gallery_index_rejects_inconsistent_parts():
     with pytest.raises(ValueError, match="disagree"):
         GalleryIndex(np.zeros((3, 4)), ["a", "b"], [1, 2, 3], [1, 1, 1])
-    with pytest.raises(ValueError, match="backend"):
-        make_index(backend="annoy")
+    with pytest.raises(ValueError, match="kernel"):
+        make_index(kernel="annoy")
 
 
 def test_load_fresh_index_says_why_not(tmp_path):
