@@ -123,18 +123,19 @@ def test_default_params_follow_the_gallery_size():
 
 
 @needs_faiss
-@pytest.mark.parametrize("index_type, floor", [("ivf", 0.9), ("hnsw", 0.95)])
-def test_default_params_find_the_true_neighbours(index_type, floor):
+@pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
+def test_default_params_find_the_true_neighbours(index_type):
     """What the defaults are for: at default_params' settings an approximate index of a
-    clustered gallery returns most of the exact top 10 (bench/bench_ann.py measures this at
-    60,502 and 1M vectors)."""
-    emb = clustered(4000, 32)
+    loosely clustered gallery returns at least 95 % of the exact top 10 (bench/bench_ann.py
+    measures this at 60,502 and 1M vectors). Here the defaults give 0.98 (ivf) and 1.0 (hnsw);
+    ivf at nprobe 1 gives 0.84, hnsw at efSearch 10 and M 4 gives 0.89."""
+    emb = clustered(4000, 32, spread=1.0)
     queries = emb[::40] + 0.05
     exact = make_index(emb).search(queries, 10)[1]
     approx = make_index(emb, index_type)
     approx.build_ann(progress=False)
     assert approx.ann_params == ann.default_params(index_type, len(emb))
-    assert ann.recall_at_k(approx.search(queries, 10)[1], exact, 10) >= floor
+    assert ann.recall_at_k(approx.search(queries, 10)[1], exact, 10) >= 0.95
 
 
 def test_hnsw_beams_grow_with_the_gallery():
