@@ -86,7 +86,8 @@ MAX_FILTERED_EF = 4096  # the largest beam a filtered hnsw search is given (Milv
 MILVUS_INDEX = {"exact": "FLAT", "ivf": "IVF_FLAT", "hnsw": "HNSW"}
 INSTALL_HINT = "pip install pymilvus==3.0.2 milvus-lite==3.2.2"
 SERVER_HINT = ("start one: Milvus Standalone (docker, or pip's milvus package: milvus-server --data DIR), or "
-               "this machine's Milvus Lite as a server: python -m milvus_lite server --data-dir gallery.db --port 19530")
+               "this machine's Milvus Lite as a server: "
+               "python -m milvus_lite server --data-dir gallery.db --port 19530")
 
 
 class DatabaseError(RuntimeError):
@@ -668,11 +669,14 @@ def _create(client, uri, name, wanted, index_type, params, timeout) -> None:
 
 
 def _is_milvus_error(e) -> bool:
+    """An error of the database or of the way to it: pymilvus's, or gRPC's own (some pymilvus
+    calls let a dropped connection's RpcError through)."""
     try:
+        import grpc
         from pymilvus.exceptions import MilvusException
     except ImportError:
         return False
-    return isinstance(e, MilvusException)
+    return isinstance(e, (MilvusException, grpc.RpcError))
 
 
 def _is_released(e) -> bool:
@@ -684,7 +688,8 @@ def _is_released(e) -> bool:
 
 def _message(e) -> str:
     """A pymilvus / gRPC error's text without its traceback noise."""
-    return str(getattr(e, "message", None) or e)
+    details = getattr(e, "details", None)
+    return str(getattr(e, "message", None) or (details() if callable(details) else None) or e)
 
 
 def key_range(low=None, high=None) -> str:

@@ -4,6 +4,7 @@ past one page; names of any Unicode in filters and deletes (hypothesis); timeout
 collection; resumable indexing after a SIGKILL with both backends; the errors that name what is
 wrong. Tiny images, an untrained ResNet-18 at 32 px. The server's crash and restart, and two
 galleries on one collection: tests/test_milvus_server.py."""
+import logging
 import os
 import re
 import signal
@@ -37,7 +38,8 @@ IMAGE_SIZE = 32
 KEY = "sha256-of-a-checkpoint"
 ADVERSARIAL = ['Kid\'s "B" shoes', 'A" or category != "', "back\\slash"]
 # names that broke the filter before: raw newline / CR end a Milvus literal
-BREAKING = ["new\nline", "carriage\rreturn", "tab\there", "\\n", "é日本 😀", "\u2028sep\x85", "\x00nul\x7f", "'single'"]
+BREAKING = ["new\nline", "carriage\rreturn", "tab\there", "\\n", "é日本 😀", "\u2028sep\x85", "\x00nul\x7f",
+            "'single'"]
 MODEL_ARGS = {"backbone": "resnet18", "image_size": IMAGE_SIZE, "embedding_size": 128}
 
 
