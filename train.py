@@ -1,4 +1,5 @@
-"""Train the product embedding network with metric learning on Stanford Online Products.
+"""Train the product embedding network with metric learning on a product catalogue: Stanford
+Online Products, the synthetic stand-in, or your own photos (a catalogue.csv or a folder tree).
 
     python train.py --dataset stanford --backbone efficientnet_lite0 --data_root DIR \
         --image_size 128 --epochs 6                              # the recommended recipe
@@ -78,7 +79,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """train.py's command line (train_multiple.py extends it)."""
     parser = argparse.ArgumentParser(
         "train.py", add_help=add_help, formatter_class=flags.HelpFormatter, usage="%(prog)s [options]",
-        description="Metric learning on Stanford Online Products (or any folder in its layout). "
+        description="Metric learning on a product catalogue (Stanford Online Products, a catalogue.csv "
+                    "or a <category>/<product>/<image> tree). "
                     "Every --snake_case flag also accepts --kebab-case.")
     flags.add_train_args(parser)
     return parser

@@ -224,7 +224,7 @@ def evaluate_zero_shot(backbone, data_root, weights="imagenet", image_size=224, 
 
 def checkpoint_run(checkpoint, runtime, device) -> dict:
     """A checkpoint ready to score: its embedder on ``runtime``, its training args, its
-    ``products`` record (None in older checkpoints) and its run's name."""
+    ``products`` record (None when it has none) and its run's name."""
     checkpoint = Path(checkpoint)
     model = inference.load_embedder(checkpoint, runtime=runtime, device=device)
     info = getattr(model, "checkpoint_info", None) or {}

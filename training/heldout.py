@@ -8,7 +8,7 @@ Definitions (docs/reference.md, "held_out"):
   (``--val_split``); ``--val_split test`` therefore records the test products;
 * a split is held out from a run when none of its products is in the record and the run did not
   validate on the test split; ``held_out`` is true, false, or null when it cannot be known (a
-  checkpoint written before the record existed);
+  checkpoint without the record);
 * product ids are compared as strings, whatever catalogue they come from: a catalogue whose
   ids merely coincide with the run's (SOP's class numbers, say) counts as overlapping.
 """

@@ -15,6 +15,7 @@ from dataio import photos
 from dataio import catalogue
 from dataio import fileio
 import knn
+from training.runs import CSV_LINE_END  # comparison.csv ends its lines as metrics.csv does
 
 
 NOT_DEFINED = "n/a"  # the cell of a metric retrieval.undefined left without a value
@@ -317,9 +318,6 @@ CURVES = (("train_loss", "train loss"), ("val_loss", "validation loss"),
 
 # ============ tables ============
 
-# comparison.csv's line ends: those of Python's csv module, which wrote the file before pandas
-# did, so that the file stays byte for byte what it was.
-CSV_LINE_END = "\r\n"
 # Columns of comparison.csv read back as text (the others are numbers).
 TEXT_COLUMNS = ID_COLUMNS + ("checkpoint",) + WHY_COLUMNS
 

@@ -57,8 +57,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise CheckpointWriteError(str(e)) from e
 
 
-# metrics.csv's line ends: those of Python's csv module, which wrote the file before pandas did,
-# so that the file stays byte for byte what it was.
+# metrics.csv's line ends: CRLF, the csv module's dialect (RFC 4180).
 CSV_LINE_END = "\r\n"
 
 
@@ -73,7 +72,7 @@ def write_metrics_csv(path: Path, history: list[dict]) -> None:
 
 def read_metrics_csv(path: str | os.PathLike) -> list[dict]:
     """metrics.csv back as a list of {column: float or None}, exactly (round-trip parsing) and
-    for files of every version: a column an older train.py did not write is simply absent."""
+    whatever columns the file has: a column it lacks is absent from every row."""
     try:
         frame = pd.read_csv(path, dtype=float, float_precision="round_trip")
     except pd.errors.EmptyDataError:  # an empty file: no epoch recorded

@@ -215,8 +215,8 @@ def build_state(args: argparse.Namespace, model_args: dict, data: Data, device: 
     one), loss, --optimizer with its parameter groups, plateau scheduler, gradient scaler
     (float16 AMP on CUDA only: bfloat16 needs none)."""
     fresh = resume_path is None
-    # A resumed run's weights go through models.build_model's own checkpoint loading (its
-    # conversion of older backbone layouts, its fit checks); it reads the file a second time.
+    # A resumed run's weights go through models.build_model's own checkpoint loading (its key
+    # conversion and fit checks); it reads the file a second time.
     model = models.build_model(model_args["backbone"], int(model_args["embedding_size"]),
                                weights=args.weights if fresh else resume_path,
                                dropout=float(model_args["dropout"]),
