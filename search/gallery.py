@@ -424,8 +424,38 @@ def update_gallery_index(model, root, index_path, model_key, batch_size=64, work
     if previous is None and why != "no index yet":
         logger.info("Rebuilding the gallery index %s from scratch: %s", index_path, why)
     plan = plan_update(scan.files, previous)
-
     t_embed = time.perf_counter()
+    new_rows, bad, resumed = _embed_planned(model, scan, plan, index_path, model_key, force, checkpoint_every,
+                                            dict(batch_size=batch_size, workers=workers, device=device,
+                                                 progress=progress))
+    embed_seconds = time.perf_counter() - t_embed
+    embeddings, kept = _assemble(scan.files, plan, previous, new_rows)
+    info = {**(meta or {}), "model_args": dict(model.model_args),
+            GALLERY_META_KEY: {"root": str(scan.root), "model_key": model_key, "num_images": len(kept),
+                               "unreadable": [list(b) for b in bad]}}
+    written = not _same_content(previous, kept, info, index_type)
+    if written:
+        index = make_gallery_index(embeddings, kept, model_key, info, index_type)
+        index.build_ann(progress=progress)
+        index.save(index_path)
+    else:
+        index = previous
+    PartialEmbeddings(index_path, scan.root, model_key).clear()
+    embedded, seconds = len(new_rows) - resumed, time.perf_counter() - t0
+    return index, {
+        "added": plan.added, "changed": plan.changed, "removed": plan.removed, "unchanged": len(plan.reuse),
+        "skipped_non_images": len(scan.skipped), "unreadable": len(bad), "embedded": embedded, "resumed": resumed,
+        "seconds": round(seconds, 3), "embed_seconds": round(embed_seconds, 3),
+        "images_per_s": round(embedded / seconds, 2) if embedded > 0 else 0.0,
+        "rebuild": None if previous is not None else why, "written": written,
+        "skipped": list(scan.skipped), "unreadable_paths": [b[0] for b in bad]}
+
+
+def _embed_planned(model, scan, plan, index_path, model_key, force, checkpoint_every, embed_kw):
+    """Embed the files ``plan`` says to, resuming from an interrupted run's checkpoints
+    (`PartialEmbeddings`) and checkpointing every ``checkpoint_every`` images. Returns
+    ``(new_rows rel -> vector, bad files sorted (rel, size, mtime), resumed count)``; ValueError
+    (checkpoints cleared) when no image of the folder is readable."""
     partial = PartialEmbeddings(index_path, scan.root, model_key)
     if force:
         partial.clear()
@@ -438,36 +468,14 @@ def update_gallery_index(model, root, index_path, model_key, batch_size=64, work
         new_rows.update((f[0], v) for f, v in zip(good, vectors))
         bad.extend(failed)
 
-    embed_in_chunks(model, scan.root, todo, checkpoint, chunk_size=checkpoint_every, batch_size=batch_size,
-                    workers=workers, device=device, progress=progress)
-    embed_seconds = time.perf_counter() - t_embed
+    embed_in_chunks(model, scan.root, todo, checkpoint, chunk_size=checkpoint_every, **embed_kw)
     bad.sort()
     if not plan.reuse and not new_rows:
         partial.clear()
         raise ValueError(f"gallery folder {scan.root}: none of its {len(scan.files)} images could be "
                          f"read (e.g. {', '.join(b[0] for b in bad[:3])}); nothing was written to "
                          f"{index_path}. Check that they are real, complete image files")
-
-    embeddings, kept = _assemble(scan.files, plan, previous, new_rows)
-    info = {**(meta or {}), "model_args": dict(model.model_args),
-            GALLERY_META_KEY: {"root": str(scan.root), "model_key": model_key, "num_images": len(kept),
-                               "unreadable": [list(b) for b in bad]}}
-    written = not _same_content(previous, kept, info, index_type)
-    if written:
-        index = make_gallery_index(embeddings, kept, model_key, info, index_type)
-        index.build_ann(progress=progress)
-        index.save(index_path)
-    else:
-        index = previous
-    partial.clear()
-    seconds = time.perf_counter() - t0
-    report = {"added": plan.added, "changed": plan.changed, "removed": plan.removed,
-              "unchanged": len(plan.reuse), "skipped_non_images": len(scan.skipped), "unreadable": len(bad),
-              "embedded": len(new_rows) - resumed, "resumed": resumed, "seconds": round(seconds, 3), "embed_seconds": round(embed_seconds, 3),
-              "images_per_s": round((len(new_rows) - resumed) / seconds, 2) if len(new_rows) > resumed else 0.0,
-              "rebuild": None if previous is not None else why, "written": written,
-              "skipped": list(scan.skipped), "unreadable_paths": [b[0] for b in bad]}
-    return index, report
+    return new_rows, bad, resumed
 
 
 def _warn_unreadable(root: Path, rels) -> None:
