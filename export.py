@@ -21,10 +21,11 @@ import argparse
 import logging
 import sys
 
-import inference
 import backbones
 import checkpoints
+import inference
 import models
+import onnx_export
 from dataio import catalogue
 from training import evaluation
 
@@ -49,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration_root", default=None,
                    help="catalogue whose training split calibrates --int8 (default: the "
                         "checkpoint's training data; required with --zero_shot)")
-    q.add_argument("--calibration_images", type=int, default=inference.CALIBRATION_IMAGES,
+    q.add_argument("--calibration_images", type=int, default=onnx_export.CALIBRATION_IMAGES,
                    help="training images to calibrate on (default %(default)s)")
     return p
 
@@ -73,11 +74,11 @@ def export(args: argparse.Namespace):
     common = dict(precision=precision, calibration_root=args.calibration_root,
                   calibration_images=args.calibration_images)
     if args.zero_shot:
-        path = inference.export_zero_shot(args.backbone, args.weights, args.image_size, args.output,
+        path = onnx_export.export_zero_shot(args.backbone, args.weights, args.image_size, args.output,
                                           **common)
         return path, models.zero_shot_model(args.backbone, args.weights, args.image_size)
     output = args.output or inference.onnx_path_for(args.checkpoint, precision)
-    path = inference.export_checkpoint(args.checkpoint, output, **common)
+    path = onnx_export.export_checkpoint(args.checkpoint, output, **common)
     return path, models.load_model(args.checkpoint)
 
 
@@ -89,7 +90,7 @@ def main(argv=None):
     try:
         path, model = export(args)
         embedder = inference.OnnxEmbedder(path)
-    except (OSError, ImportError, ValueError, checkpoints.CheckpointError, inference.OnnxModelError,
+    except (OSError, ImportError, ValueError, checkpoints.CheckpointError, onnx_export.OnnxModelError,
             backbones.WeightsUnavailableError, catalogue.DatasetError) as e:
         # OSError: a missing checkpoint, an unwritable output; every message names the file
         # and says what to do next

@@ -47,6 +47,7 @@ import datasets  # noqa: E402
 import loaders  # noqa: E402
 import preprocessing  # noqa: E402
 import inference  # noqa: E402
+import onnx_export  # noqa: E402
 import backbones  # noqa: E402
 import checkpoints  # noqa: E402
 import models  # noqa: E402
@@ -153,12 +154,12 @@ def runtimes(args, model, backbone, size, workdir: Path):
     """(runtime, precision, embedder, bytes, note) for each row of one configuration."""
     yield "torch", "fp32", model.to(memory_format=torch.channels_last), state_dict_bytes(model), {}
     key = f"bench:{backbone}:{size}"
-    fp32 = inference.export_onnx(model, workdir / f"{backbone}_{size}.onnx", model_key=key)
+    fp32 = onnx_export.export_onnx(model, workdir / f"{backbone}_{size}.onnx", model_key=key)
     yield "onnx", "fp32", inference.OnnxEmbedder(fp32, num_threads=args.threads), \
         fp32.stat().st_size, {}
     if "int8" in args.precisions:
-        batches, info = inference.calibration_set(calibration_root(args, workdir), size)
-        int8 = inference.export_onnx(model, workdir / f"{backbone}_{size}.int8.onnx", model_key=key,
+        batches, info = onnx_export.calibration_set(calibration_root(args, workdir), size)
+        int8 = onnx_export.export_onnx(model, workdir / f"{backbone}_{size}.int8.onnx", model_key=key,
                                      precision="int8", calibration=batches, calibration_info=info)
         yield "onnx", "int8", inference.OnnxEmbedder(int8, num_threads=args.threads), \
             int8.stat().st_size, {"calibration": info}

@@ -38,6 +38,7 @@ from dataio import synthetic_sop  # noqa: E402
 from dataio import photos  # noqa: E402
 from dataio import catalogue  # noqa: E402
 import inference  # noqa: E402
+import onnx_export  # noqa: E402
 import backbones  # noqa: E402
 import models  # noqa: E402
 from search.engine import SearchEngine  # noqa: E402
@@ -98,7 +99,7 @@ def timed_tasks(args, index: GalleryIndex, query, tmp: Path) -> tuple[dict, Sear
     engine = SearchEngine(model, index, tmp)  # converts `model` to channels_last
     engine.warm_up()
     # the same network exported to ONNX, served by onnxruntime (the demo's --runtime onnx)
-    onnx_file = inference.export_onnx(model, tmp / "model.onnx", model_key="bench")
+    onnx_file = onnx_export.export_onnx(model, tmp / "model.onnx", model_key="bench")
     engine_onnx = SearchEngine(inference.OnnxEmbedder(onnx_file), index, tmp)
     engine_onnx.warm_up()
     x = engine.prepare(photos.load_image(query, engine.resize)).clone(

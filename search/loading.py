@@ -14,6 +14,7 @@ from dataio import catalogue
 import datasets
 import preprocessing
 import inference
+import onnx_export
 import backbones
 import checkpoints
 import devices
@@ -139,7 +140,7 @@ def load_search_model(checkpoint=None, checkpoint_dir="checkpoints", device="aut
             "python app_stanford.py --zero_shot --backbone efficientnet_lite0 --gallery DIR")
     try:
         model = inference.load_embedder(checkpoint, runtime=runtime, device=device)
-    except (OSError, checkpoints.CheckpointError, inference.OnnxModelError, ValueError) as e:
+    except (OSError, checkpoints.CheckpointError, onnx_export.OnnxModelError, ValueError) as e:
         raise SetupError(f"Cannot load checkpoint {checkpoint}: {e}") from e
     logger.info("Loaded %s (%s, runtime %s)", checkpoint, model.model_args, runtime)
     return SearchModel(model, checkpoint, checkpoints.checkpoint_hash(checkpoint), checkpoint.parent.name)

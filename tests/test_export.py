@@ -26,6 +26,7 @@ import datasets  # noqa: E402
 import explain  # noqa: E402
 import export  # noqa: E402
 import inference  # noqa: E402
+import onnx_export  # noqa: E402
 import models  # noqa: E402
 import preprocessing  # noqa: E402
 import extraction  # noqa: E402
@@ -74,7 +75,7 @@ def checkpoint(tmp_path_factory, synthetic_root):
 
 @pytest.fixture(scope="module")
 def exported(checkpoint, tmp_path_factory):
-    return inference.export_checkpoint(checkpoint, tmp_path_factory.mktemp("onnx") / "model.onnx")
+    return onnx_export.export_checkpoint(checkpoint, tmp_path_factory.mktemp("onnx") / "model.onnx")
 
 
 # ============ parity ============
@@ -83,7 +84,7 @@ def exported(checkpoint, tmp_path_factory):
 def test_fp32_matches_torch_every_backbone_any_batch(backbone, tmp_path):
     torch.manual_seed(0)
     model = models.build_model(backbone, embedding_size=16, image_size=SIZE).eval()
-    path = inference.export_onnx(model, tmp_path / "m.onnx", model_key="test")
+    path = onnx_export.export_onnx(model, tmp_path / "m.onnx", model_key="test")
     embedder = inference.OnnxEmbedder(path)
     for batch in (1, 5):  # the batch axis is dynamic
         x = images(batch, seed=batch)
@@ -96,7 +97,7 @@ def test_fp32_matches_torch_every_backbone_any_batch(backbone, tmp_path):
 @pytest.mark.parametrize("size", [57, 64])
 def test_same_padding_frozen_at_export_size(size):
     model = models.build_model("efficientnet_lite0", embedding_size=8, image_size=size).eval()
-    frozen = inference.freeze_same_padding(model, size)
+    frozen = onnx_export.freeze_same_padding(model, size)
     from timm.layers import Conv2dSame
     assert any(isinstance(m, Conv2dSame) for m in model.modules())
     assert not any(isinstance(m, Conv2dSame) for m in frozen.modules())
@@ -114,8 +115,8 @@ def test_metadata(exported, checkpoint):
     meta = inference.read_metadata(exported)
     ckpt = checkpoints.load_checkpoint(checkpoint)
     digest = checkpoints.checkpoint_hash(checkpoint)
-    assert meta["format"] == inference.FORMAT
-    assert meta["format_version"] == str(inference.FORMAT_VERSION)
+    assert meta["format"] == onnx_export.FORMAT
+    assert meta["format_version"] == str(onnx_export.FORMAT_VERSION)
     assert meta["checkpoint_sha256"] == meta["model_key"] == digest
     assert (meta["backbone"], meta["head"]) == ("efficientnet_lite0", "mlp")
     assert (int(meta["image_size"]), int(meta["crop_size"])) == (SIZE, SIZE)
@@ -244,12 +245,12 @@ def test_write_failure_leaves_no_partial_file(checkpoint, tmp_path, monkeypatch)
             self.f.write(data[: len(data) // 2])
             full_disk(data)
 
-    real = inference.fileio.atomic_write
-    monkeypatch.setattr(inference.fileio, "atomic_write",
+    real = onnx_export.fileio.atomic_write
+    monkeypatch.setattr(onnx_export.fileio, "atomic_write",
                         lambda path, fn: real(path, lambda f: fn(Half(f))))
     out = tmp_path / "model.onnx"
     with pytest.raises(OSError, match=re.escape(str(out))):
-        inference.export_checkpoint(checkpoint, out)
+        onnx_export.export_checkpoint(checkpoint, out)
     assert files_in(tmp_path) == []
 
 
@@ -259,9 +260,9 @@ def test_corrupt_onnx(exported, tmp_path):
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x00\xffnot a model")
     for bad in (truncated, garbage):
-        with pytest.raises(inference.OnnxModelError, match=re.escape(str(bad))):
+        with pytest.raises(onnx_export.OnnxModelError, match=re.escape(str(bad))):
             inference.OnnxEmbedder(bad)
-        with pytest.raises(inference.OnnxModelError, match=re.escape(str(bad))):
+        with pytest.raises(onnx_export.OnnxModelError, match=re.escape(str(bad))):
             inference.read_metadata(bad)
     with pytest.raises(FileNotFoundError, match="nothing.onnx"):
         inference.OnnxEmbedder(tmp_path / "nothing.onnx")
@@ -275,14 +276,14 @@ def test_foreign_onnx_model(tmp_path):
                               [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, [1])])
     path = tmp_path / "other.onnx"
     onnx.save(helper.make_model(graph), str(path))
-    with pytest.raises(inference.OnnxModelError, match=re.escape(str(path)) + ".*not an export"):
+    with pytest.raises(onnx_export.OnnxModelError, match=re.escape(str(path)) + ".*not an export"):
         inference.OnnxEmbedder(path)
 
 
 def test_onnx_from_another_checkpoint(exported, checkpoint, tmp_path):
     other = tmp_path / "other.pth"
     save_checkpoint(other, seed=1)
-    with pytest.raises(inference.OnnxModelError,
+    with pytest.raises(onnx_export.OnnxModelError,
                        match=re.escape(str(exported)) + ".*another checkpoint.*" + re.escape(str(other))):
         inference.OnnxEmbedder(exported, checkpoint=other)
     inference.OnnxEmbedder(exported, checkpoint=checkpoint)  # its own: accepted
@@ -297,9 +298,9 @@ def test_ensure_onnx_reuses_then_reexports(checkpoint, tmp_path, monkeypatch):
     assert path == tmp_path / "best.onnx"
     first = path.stat().st_mtime_ns, path.read_bytes()
 
-    real_export = inference.export_checkpoint
+    real_export = onnx_export.export_checkpoint
     calls = []
-    monkeypatch.setattr(inference, "export_checkpoint",
+    monkeypatch.setattr(onnx_export, "export_checkpoint",
                         lambda *a, **k: calls.append(a) or real_export(*a, **k))
     assert inference.ensure_onnx(ckpt) == path and not calls  # unchanged checkpoint: reused
     assert (path.stat().st_mtime_ns, path.read_bytes()) == first
@@ -348,20 +349,20 @@ def test_without_onnxruntime(checkpoint, monkeypatch):
     assert inference.default_runtime("cuda") == "torch"  # onnxruntime runs on the CPU here
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now fails
     assert inference.default_runtime() == "torch"
-    with pytest.raises(ImportError, match=re.escape(f"pip install {inference.ONNXRUNTIME_PIN}")):
+    with pytest.raises(ImportError, match=re.escape(f"pip install {onnx_export.ONNXRUNTIME_PIN}")):
         inference.load_embedder(checkpoint, runtime="onnx")
     assert isinstance(inference.load_embedder(checkpoint, runtime="torch"), models.EmbeddingNet)
 
 
 def test_pins_match_requirements():
     pins = (REPO / "requirements.txt").read_text().split()
-    assert inference.ONNXRUNTIME_PIN in pins and inference.ONNX_PIN in pins
+    assert onnx_export.ONNXRUNTIME_PIN in pins and onnx_export.ONNX_PIN in pins
 
 
 # ============ int8 ============
 
 def test_int8_runs_and_stays_close(checkpoint, synthetic_root, tmp_path):
-    out = inference.export_checkpoint(checkpoint, tmp_path / "m.int8.onnx", precision="int8",
+    out = onnx_export.export_checkpoint(checkpoint, tmp_path / "m.int8.onnx", precision="int8",
                                       calibration_images=32)  # calibrates on the run's data
     meta = inference.read_metadata(out)
     assert meta["precision"] == "int8"
@@ -372,7 +373,7 @@ def test_int8_runs_and_stays_close(checkpoint, synthetic_root, tmp_path):
     fp32, _ = extraction.extract_embeddings(models.load_model(checkpoint), loader, progress=False)
     int8, _ = extraction.extract_embeddings(inference.OnnxEmbedder(out), loader, progress=False)
     assert (fp32 * int8).sum(1).min() > 0.9
-    fp32_size = len(inference.onnx_bytes(models.load_model(checkpoint)))
+    fp32_size = len(onnx_export.onnx_bytes(models.load_model(checkpoint)))
     assert out.stat().st_size < 0.5 * fp32_size  # int8 weights
 
 
@@ -381,7 +382,7 @@ def test_int8_needs_calibration_images(tmp_path):
         export.main(["--zero_shot", "--backbone", "resnet18", "--int8", "--output",
                      str(tmp_path / "z.onnx")])
     with pytest.raises(ValueError, match="calibration"):
-        inference.export_zero_shot("resnet18", "none", 32, tmp_path / "z.onnx", precision="int8")
+        onnx_export.export_zero_shot("resnet18", "none", 32, tmp_path / "z.onnx", precision="int8")
     assert files_in(tmp_path) == []
 
 
@@ -401,7 +402,7 @@ def test_standalone_example_matches_repository(tmp_path):
     assert not re.search(r"^\s*(import|from)\s+(torch|models|datasets|inference)\b", code, re.M)
     size = 64
     model = models.zero_shot_model("efficientnet_lite0", "imagenet", size)  # offline weights
-    path = inference.export_zero_shot("efficientnet_lite0", "imagenet", size, tmp_path / "m.onnx")
+    path = onnx_export.export_zero_shot("efficientnet_lite0", "imagenet", size, tmp_path / "m.onnx")
     photos = [photo(tmp_path / "a.jpg", (320, 240), 0), photo(tmp_path / "b.jpg", (200, 300), 1)]
     # run it as a user would, and check that it never needed torch
     runner = ("import runpy, sys; sys.argv = sys.argv[1:]; "
