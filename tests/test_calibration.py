@@ -1,0 +1,100 @@
+"""calibration.py: pair scores, the threshold at a target false-match rate (against a brute-force
+reference), the carry-over rule, and the match record's round trips (checkpoint, ONNX, index)."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import calibration
+
+
+def brute_force_threshold(impostor, target):
+    """The smallest candidate t (every score, and the next float above each) with FMR(t) <= target."""
+    s = np.asarray(impostor, dtype=np.float64)
+    candidates = np.unique(np.concatenate([s, np.nextafter(s, np.inf)]))
+    ok = [t for t in candidates if (s >= t).mean() <= target]
+    return min(ok)
+
+
+@settings(max_examples=200, deadline=None)
+@given(scores=st.lists(st.sampled_from([-0.5, 0.0, 0.1, 0.2, 0.2, 0.7, 0.9, 1.0]) | st.floats(-1, 1),
+                       min_size=1, max_size=60),
+       target=st.floats(0.001, 0.999))
+def test_threshold_matches_brute_force(scores, target):
+    t = calibration.threshold_at_fmr(scores, target)
+    s = np.asarray(scores)
+    assert (s >= t).mean() <= target                     # holds the target
+    assert t == brute_force_threshold(scores, target)    # and is the smallest that does (FMR maximal)
+
+
+def test_threshold_on_random_pairs_is_maximal():
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=5000)
+    t = calibration.threshold_at_fmr(s, 0.01)
+    assert (s >= t).mean() <= 0.01
+    assert (s >= np.nextafter(t, -np.inf)).mean() > 0.01  # one step lower breaks the target
+
+
+def test_threshold_refuses_what_it_cannot_fit():
+    with pytest.raises(ValueError, match="impostor"):
+        calibration.threshold_at_fmr([], 0.01)
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        calibration.threshold_at_fmr([0.1], 0.0)
+
+
+def test_pair_scores_exact_against_all_pairs():
+    rng = np.random.default_rng(1)
+    e = rng.normal(size=(30, 8))
+    labels = rng.integers(0, 6, 30)
+    genuine, impostor = calibration.pair_scores(e, labels)
+    u = e / np.linalg.norm(e, axis=1, keepdims=True)
+    s = u @ u.T
+    i, j = np.triu_indices(30, 1)
+    same = labels[i] == labels[j]
+    np.testing.assert_allclose(np.sort(genuine), np.sort(s[i, j][same]))
+    np.testing.assert_allclose(np.sort(impostor), np.sort(s[i, j][~same]))
+
+
+def test_impostor_pairs_subsampled_with_a_seed():
+    labels = np.arange(3000) % 100
+    a = calibration.impostor_pairs(labels, max_pairs=1000, seed=3)
+    b = calibration.impostor_pairs(labels, max_pairs=1000, seed=3)
+    assert len(a[0]) == 1000 and np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert (labels[a[0]] != labels[a[1]]).all()
+
+
+def clustered(rng, products, photos, spread, dim=16, offset=0):
+    centres = rng.normal(size=(products, dim))
+    labels = np.repeat(np.arange(products) + offset, photos)
+    return centres[labels - offset] + spread * rng.normal(size=(len(labels), dim)), labels
+
+
+def test_few_products_carry_over_and_bootstrap_raise_the_threshold():
+    """Four validation products: the carry-over pairs are added and the bootstrap threshold is at
+    least the plain estimate; the held-out FMR of many unseen products stays near the target."""
+    rng = np.random.default_rng(2)
+    val, val_labels = clustered(rng, 4, 5, 0.6)
+    train, _ = clustered(rng, 40, 5, 0.6, offset=100)
+    fit = calibration.fit_threshold(val, val_labels, target_fmr=0.05, other_embeddings=train)
+    assert fit["fitted_on"]["carry_over_pairs"] == 20 * 200
+    assert fit["threshold"] >= fit["fitted_on"]["point_threshold"]
+    plain = calibration.fit_threshold(val, val_labels, target_fmr=0.05, draws=0)
+    assert plain["fitted_on"]["carry_over_pairs"] == 0 and plain["threshold"] == plain["fitted_on"]["point_threshold"]
+    test, test_labels = clustered(rng, 200, 4, 0.6)
+    _, impostor = calibration.pair_scores(test, test_labels)
+    assert calibration.rates([], impostor, fit["threshold"])["fmr"] <= 2 * 0.05
+
+
+def test_many_products_take_no_carry_over():
+    rng = np.random.default_rng(4)
+    val, labels = clustered(rng, calibration.MIN_PRODUCTS, 3, 0.5)
+    other, _ = clustered(rng, 10, 3, 0.5, offset=1000)
+    fit = calibration.fit_threshold(val, labels, other_embeddings=other, draws=20)
+    assert fit["fitted_on"]["carry_over_pairs"] == 0
+    assert fit["fitted_on"]["products"] == calibration.MIN_PRODUCTS
+
+
+def test_roc_curve_ends_and_rates():
+    fmr, tmr = calibration.roc_curve([0.9, 0.8, 0.3], [0.5, 0.1, 0.85, 0.0])
+    assert fmr[0] == 0 and tmr[0] == pytest.approx(1 / 3)
+    assert fmr[-1] == 1 and tmr[-1] == 1
+    assert calibration.rates([0.9, 0.8, 0.3], [0.5, 0.1, 0.85, 0.0], 0.8) == {"fmr": 0.25, "tmr": 2 / 3}
