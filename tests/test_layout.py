@@ -20,6 +20,7 @@ PACKAGES = ("dataio", "training", "search")
 ENTRY_SCRIPTS = ("train", "evaluate", "train_multiple", "app_stanford", "shards", "export", "audit")
 # A module may import only modules of a lower layer, or of its own package (acyclically).
 LAYERS = {"dataio": 0, "losses": 0, "preprocessing": 0, "devices": 0, "samplers": 0, "loaders": 0, "knn": 0,
+          "calibration": 0,
           "checkpoints": 1, "data_stats": 1, "backbones": 2, "models": 3, "datasets": 4, "explain": 4,
           "extraction": 4,
           "retrieval": 5, "onnx_export": 5, "inference": 6, "training": 7, "search": 7,
