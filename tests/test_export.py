@@ -420,10 +420,10 @@ def test_standalone_example_matches_repository(tmp_path):
     assert (inference.OnnxEmbedder(path)(x) - ref).abs().max() < TOL
 
 
-def test_the_readme_shows_the_tested_example_verbatim():
-    """The README's standalone example is docs/onnx_example.py, the file the test above runs."""
+def test_the_deploy_guide_shows_the_tested_example_verbatim():
+    """docs/deploy.md's standalone example is docs/onnx_example.py, the file the test above runs."""
     code = EXAMPLE.read_text().strip()
-    assert f"```python\n{code}\n```" in (REPO / "README.md").read_text()
+    assert f"```python\n{code}\n```" in (REPO / "docs" / "deploy.md").read_text()
     assert len(code.splitlines()) <= 20
 
 
