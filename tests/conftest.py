@@ -64,3 +64,45 @@ def milvus_standalone(tmp_path_factory):
         pytest.skip(f"Milvus Standalone cannot start on this machine: {e}")
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_sop(synthetic_root):
+    """The tiny train.py runs' data (tests/support.py's tiny_argv): ``synthetic_root``'s 60
+    products at 48 px: train 154 images / 28 products (2-12 images each), val 14 / 2 (the val
+    draw, catalogue.split_validation), test 154 / 30."""
+    return synthetic_root
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The demo under test (search.tiny_demo): its folder, data, checkpoint, model, test-split
+    index and gallery, the query files of every kind, and a SearchEngine over them."""
+    import datasets
+    import models
+    from bench.demo_clients import write_query_files
+    from search import engine as search_engine
+    from search import loading as search_loading
+    from search.tiny_demo import make_tiny_demo
+
+    folder = tmp_path_factory.mktemp("app")
+    data_root, checkpoint = make_tiny_demo(folder)
+    model = models.load_model(checkpoint)
+    index, built = search_loading.load_or_build_index(model, checkpoint, data_root, "test", progress=False)
+    assert built
+    gallery = datasets.SOPDataset(data_root, "test")
+    queries = write_query_files(folder / "queries", gallery.paths[0])
+    return {"folder": folder, "data_root": data_root, "checkpoint": checkpoint, "model": model,
+            "index": index, "gallery": gallery, "queries": queries,
+            "engine": search_engine.SearchEngine(model, index, data_root)}
+
+
+@pytest.fixture(scope="session")
+def server(tiny):
+    """``tiny``'s demo served on loopback for the session, with a gradio_client Client at its
+    defaults (as the README calls it: result images are downloaded)."""
+    from gradio_client import Client
+    from support import running_demo
+
+    with running_demo(tiny["data_root"], tiny["checkpoint"], max_upload_mb=1) as (demo, url):
+        yield {"demo": demo, "url": url, "client": Client(url, verbose=False)}

@@ -3,9 +3,8 @@ real API (gradio_client against a loopback server), the file route's limits, che
 discovery, and the gallery index's reuse / rebuild / failed-write rules.
 
 The demo under test is `search.tiny_demo`'s (also what bench/load_app.py serves);
-tests/test_app_browser.py reuses this module's fixtures.
+its fixtures (tiny, server) are conftest.py's, shared with the browser and explanation tests.
 """
-import contextlib
 import errno
 import os
 import shutil
@@ -35,38 +34,14 @@ import models  # noqa: E402
 from search import engine as search_engine  # noqa: E402
 from search import query as search_query  # noqa: E402
 from search import loading as search_loading  # noqa: E402
-from bench.demo_clients import write_query_files  # noqa: E402
-from search.tiny_demo import free_port, make_tiny_demo, write_untrained_checkpoint  # noqa: E402
+from search.tiny_demo import free_port, write_untrained_checkpoint  # noqa: E402
+from support import raw_get, reference_embedding, search  # noqa: E402
 TOL = 1e-5  # score tolerance between the app's embedding and the reference computation
 
 
 # ============ shared helpers ============
 
-@contextlib.contextmanager
-def running_demo(data_root, checkpoint, max_upload_mb=10, port=None, **build_kw):
-    """The demo as main() builds it, launched on loopback in this process; yields
-    ``(demo, url)`` and closes the server afterwards."""
-    model = models.load_model(checkpoint)
-    index, _ = search_loading.load_or_build_index(model, checkpoint, data_root, "test", progress=False)
-    webapp.use_private_gradio_temp_dir()
-    demo = webapp.build_app(model, index, data_root, max_upload_mb=max_upload_mb, **build_kw)
-    port = port or free_port()
-    webapp.launch_app(demo, index, data_root, port=port, max_upload_mb=max_upload_mb,
-                            prevent_thread_lock=True, quiet=True)
-    try:
-        yield demo, f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
-
-
 # ============ reference computations ============
-
-def reference_embedding(model, path):
-    """The query embedding the slow, obvious way: load_image + build_transform + forward."""
-    x = preprocessing.build_transform(model.model_args["image_size"])(photos.load_image(path))
-    with torch.no_grad():
-        return model(x[None])[0].numpy()
-
 
 def brute_force(index, query, k, super_id=None, exclude=None):
     """(indices, scores) of the top k by cosine score, ties by lower index, as numpy does."""
@@ -105,52 +80,6 @@ def cpu_settings():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-# Session scope, and built once per process: tests/test_app_browser.py imports these two
-# fixtures, and pytest registers an imported fixture as a second definition, so the demo is
-# memoised here (this module object is shared) instead of being built twice.
-_SHARED = {}
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    if "tiny" not in _SHARED:
-        folder = tmp_path_factory.mktemp("app")
-        data_root, checkpoint = make_tiny_demo(folder)
-        model = models.load_model(checkpoint)
-        index, built = search_loading.load_or_build_index(model, checkpoint, data_root, "test",
-                                                        progress=False)
-        assert built
-        gallery = datasets.SOPDataset(data_root, "test")
-        queries = write_query_files(folder / "queries", gallery.paths[0])
-        _SHARED["tiny"] = {"folder": folder, "data_root": data_root, "checkpoint": checkpoint,
-                           "model": model, "index": index, "gallery": gallery, "queries": queries,
-                           "engine": search_engine.SearchEngine(model, index, data_root)}
-    return _SHARED["tiny"]
-
-
-@pytest.fixture(scope="session")
-def server(tiny):
-    from gradio_client import Client
-
-    if "server" not in _SHARED:
-        stack = contextlib.ExitStack()
-        demo, url = stack.enter_context(
-            running_demo(tiny["data_root"], tiny["checkpoint"], max_upload_mb=1))
-        # the client's defaults, as the README calls it: result images are downloaded
-        client = Client(url, verbose=False)
-        _SHARED["server"] = {"demo": demo, "url": url, "client": client, "stack": stack}
-    yield _SHARED["server"]
-    stack = _SHARED["server"].pop("stack", None)  # the first finalizer closes it
-    if stack is not None:
-        stack.close()
-
-
-def search(client, path, k=5, category="All"):
-    from gradio_client import handle_file
-
-    return client.predict(handle_file(str(path)), k, category, api_name="/search")
 
 
 # ============ the search itself (no server) ============
@@ -311,25 +240,10 @@ def test_public_endpoints_are_search_and_explain(server):
     assert params == ["image", "k", "category"]
 
 
-def _raw_get(url, path):
-    """GET with the path sent byte for byte (no client-side ../ normalisation)."""
-    import http.client
-    from urllib.parse import urlparse
-
-    u = urlparse(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
 def test_file_route_serves_only_gallery_images(server, tiny):
     data_root, folder = tiny["data_root"], tiny["folder"]
     image = Path(tiny["gallery"].paths[0])
-    status, body = _raw_get(server["url"], f"/gradio_api/file={image}")
+    status, body = raw_get(server["url"], f"/gradio_api/file={image}")
     assert status == 200 and body == image.read_bytes()  # the positive control
 
     link = image.parent / "passwd_link.JPG"
@@ -352,7 +266,7 @@ def test_file_route_serves_only_gallery_images(server, tiny):
         ]
         for target in refused:
             for route in ("/gradio_api/file=", "/gradio_api/file/", "/file="):
-                status, body = _raw_get(server["url"], route + target)
+                status, body = raw_get(server["url"], route + target)
                 assert status in (400, 403, 404), (route, target, status)
                 assert b"root:" not in body and b"not for the web" not in body
     finally:
@@ -454,7 +368,7 @@ def test_file_route_serves_exactly_the_served_index_decided_per_request(server, 
     the engine's index changes, its photos (and only they) are served."""
     demo, url = server["demo"], server["url"]
     image = Path(tiny["gallery"].paths[0])
-    assert _raw_get(url, f"/gradio_api/file={image}")[0] == 200
+    assert raw_get(url, f"/gradio_api/file={image}")[0] == 200
     late = [image.parent / "passwords.txt", image.parent / "not_indexed.JPG", image.parent / "notes.xmp"]
     late[0].write_text("not for the web\n")
     shutil.copy(image, late[1])
@@ -462,7 +376,7 @@ def test_file_route_serves_exactly_the_served_index_decided_per_request(server, 
     try:
         for target in [*map(str, late), "https://example.com/a.png", "http://127.0.0.1:9/a.png"]:
             for route in ("/gradio_api/file=", "/gradio_api/file/", "/file="):
-                status, body = _raw_get(url, route + target)
+                status, body = raw_get(url, route + target)
                 assert status in (403, 404), (route, target, status)
                 assert b"not for the web" not in body and body != image.read_bytes()
         engine = demo.engine
@@ -476,11 +390,11 @@ def test_file_route_serves_exactly_the_served_index_decided_per_request(server, 
                                checkpoint_hash=before.checkpoint_hash, meta=dict(before.meta))
         engine.replace_index(smaller)
         try:
-            assert _raw_get(url, f"/gradio_api/file={image}")[0] == 403  # no longer in the index
-            assert _raw_get(url, f"/gradio_api/file={tiny['data_root'] / before.paths[1]}")[0] == 200
+            assert raw_get(url, f"/gradio_api/file={image}")[0] == 403  # no longer in the index
+            assert raw_get(url, f"/gradio_api/file={tiny['data_root'] / before.paths[1]}")[0] == 200
         finally:
             engine.replace_index(before)
-        assert _raw_get(url, f"/gradio_api/file={image}")[0] == 200
+        assert raw_get(url, f"/gradio_api/file={image}")[0] == 200
     finally:
         for f in late:
             f.unlink()
@@ -547,7 +461,7 @@ def test_auth_login_is_required_when_asked_and_exposure_warns(tiny, caplog):
         r = httpx.post(url + "gradio_api/call/search", json={"data": [None, 3, "All"]}, timeout=30)
         assert r.status_code in (401, 403), r.status_code
         image = tiny["gallery"].paths[0]
-        assert _raw_get(url, f"/gradio_api/file={image}")[0] in (401, 403)
+        assert raw_get(url, f"/gradio_api/file={image}")[0] in (401, 403)
         client = Client(url, auth=("ann", "secret"), verbose=False)
         gallery, _, _ = search(client, image, 3)
         assert len(gallery) == 3

@@ -7,20 +7,16 @@ the reason otherwise. Set APP_SCREENSHOT=path to also save a screenshot of the r
 """
 import os
 import shutil
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_app import cpu_settings, server, tiny  # noqa: E402,F401  (the same demo as test_app.py)
 from bench import demo_clients  # noqa: E402
 from bench.demo_clients import CHROMEDRIVER, CHROMIUM  # noqa: E402
 
 TIMEOUT = 30  # s; generous: CI machines are slow and share cores
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread"), pytest.mark.skipif(
     not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
     reason=f"headless browser test needs {CHROMIUM} and {CHROMEDRIVER}: "
            "apt-get install -y chromium chromium-driver (.ci/run does)")]

@@ -23,13 +23,7 @@ import models
 from dataio import prepare_data
 from training import evaluation
 
-
-def jpeg(path, seed=0, size=(40, 30)):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=90)
-    return path
+from support import jpeg
 
 
 def write_csv(folder, text):

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 import train
 from training import distributed
-from test_train import parse, tiny_argv, tiny_sop  # noqa: F401 (fixture)
+from support import parse, tiny_argv
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),

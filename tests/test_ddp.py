@@ -19,7 +19,7 @@ import losses
 from training import distributed
 from training import loop
 from training import runs
-from test_train import assert_checkpoint_loads, read_rows, tiny_argv, tiny_sop  # noqa: F401
+from support import assert_checkpoint_loads, read_rows, tiny_argv
 
 WORKER = Path(__file__).resolve().parent / "fixtures" / "ddp_worker.py"
 

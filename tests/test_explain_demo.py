@@ -5,7 +5,6 @@ import pytest
 import torch
 from PIL import Image
 
-from tests import test_app
 import app_stanford
 import datasets
 import preprocessing
@@ -17,9 +16,10 @@ from search import loading as search_loading
 from search import explain_store
 from search.index import build_gallery_index
 from search import webapp
+from support import search
 
 ATOL = 1e-4
-cpu_settings, server, tiny, search = test_app.cpu_settings, test_app.server, test_app.tiny, test_app.search
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the demo fixtures are conftest.py's
 
 
 def test_engine_explain_maps_sum_to_the_score(tiny):

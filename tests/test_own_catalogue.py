@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_app import _raw_get, reference_embedding
-from test_catalogue import jpeg
 
 import app_stanford
 from search import webapp
@@ -23,6 +21,8 @@ from search import loading as search_loading
 from search.tiny_demo import free_port
 import train
 from training import evaluation
+
+from support import jpeg, raw_get, reference_embedding
 from training import flags
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -177,11 +177,11 @@ def test_gallery_folder_checkpoint_incremental_and_api(tmp_path):
         _, mugs, _ = readme_search(client, root / "mugs" / "new.jpg", 9, "mugs")
         assert {r["category"] for r in mugs["results"]} == {"mugs"} and len(mugs["results"]) == 5
         # the file route serves the gallery's images and nothing else of the folder
-        assert _raw_get(url, f"/gradio_api/file={root / 'mugs' / '1.jpg'}")[0] == 200
-        assert _raw_get(url, f"/gradio_api/file={root / 'loose.png'}")[0] == 200
+        assert raw_get(url, f"/gradio_api/file={root / 'mugs' / '1.jpg'}")[0] == 200
+        assert raw_get(url, f"/gradio_api/file={root / 'loose.png'}")[0] == 200
         for other in (root / "chairs" / "prices.csv", root / "chairs" / ".env", root / "mugs" / "link.jpg",
                       outside, path):
-            status, body = _raw_get(url, f"/gradio_api/file={other}")
+            status, body = raw_get(url, f"/gradio_api/file={other}")
             assert status in (403, 404), (other, status)
             assert b"secret" not in body and b"TOKEN" not in body
 

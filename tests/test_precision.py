@@ -11,7 +11,7 @@ import torch
 import models
 import train
 from training import distributed
-from test_train import parse, read_rows, tiny_argv, tiny_sop  # noqa: F401 (fixture)
+from support import parse, read_rows, tiny_argv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

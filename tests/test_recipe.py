@@ -17,7 +17,7 @@ import train
 from training import flags
 from training import loop
 from training import setup
-from test_train import parse, read_rows, tiny_argv, tiny_sop  # noqa: F401 (fixture)
+from support import parse, read_rows, tiny_argv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -20,7 +20,7 @@ import torch
 import checkpoints
 import models
 import train
-from test_train import assert_checkpoint_loads, model_rows, parse, read_rows, tiny_argv, tiny_sop  # noqa: F401
+from support import assert_checkpoint_loads, model_rows, parse, read_rows, tiny_argv
 from training import flags
 from training import runs
 

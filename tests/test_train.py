@@ -5,7 +5,6 @@ failed checkpoint write (previous checkpoint intact), corrupt images counted in 
 Tiny on purpose: 60 synthetic products at 48 px, ResNet18 from random weights at 32 px,
 2 steps per epoch, one thread (2 shared cores: more threads only add contention).
 """
-import csv
 import errno
 import json
 import shutil
@@ -20,58 +19,13 @@ import checkpoints
 import models
 import train
 from training import flags
-from training import runs
+
+from support import assert_checkpoint_loads, parse, read_rows, tiny_argv
 
 SEED_COMMAND = ("--dataset stanford --backbone efficientnet_b0 --batch_size 64 --epochs 10 "
                 "--lr 0.0001 --margin 0.5 --embedding_size 128").split()
-CHECKPOINT_KEYS = {"model", "model_args", "args", "epoch", "metrics", "optimizer", "scheduler",
-                   "scaler", "rng", "git_commit", "format_version"}
-
-
-# ============ helpers shared with test_resume.py and test_ddp.py ============
-
-@pytest.fixture(scope="session")
-def tiny_sop(synthetic_root):
-    """conftest's 60 products at 48 px: train 154 images / 28 products (2-12 images each),
-    val 14 / 2 (the val draw, catalogue.split_validation), test 154 / 30."""
-    return synthetic_root
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def tiny_argv(root, out, *extra, run="t"):
-    """Flags of a tiny CPU run writing under ``out``; ``extra`` flags override (argparse: last wins)."""
-    return ["--dataset", "synthetic", "--data_root", str(root), "--backbone", "resnet18",
-            "--weights", "none", "--image_size", "32", "--batch_size", "16",
-            "--images_per_class", "4", "--epochs", "2", "--max_steps_per_epoch", "2",
-            "--workers", "0", "--projector_samples", "8", "--lr", "1e-3", "--no-progress",
-            "--checkpoint_dir", str(Path(out) / "checkpoints"), "--log_dir", str(Path(out) / "runs"),
-            "--run_name", run, *map(str, extra)]
-
-
-def parse(argv):
-    parser = train.get_args_parser()
-    args = parser.parse_args(argv)
-    flags.validate_args(args, parser)
-    return args
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def model_rows(path):
-    """metrics.csv without the columns that measure the machine (they differ run to run)."""
-    return [{k: v for k, v in row.items() if k not in runs.TIMING_COLUMNS} for row in read_rows(path)]
-
-
-def assert_checkpoint_loads(path):
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    assert CHECKPOINT_KEYS <= set(ckpt), set(ckpt)
-    checkpoints.load_checkpoint(path)
-    return ckpt
 
 
 # ============ flags ============
