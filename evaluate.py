@@ -29,6 +29,14 @@ Exit codes: 0 done (gate passed); 1 error (message says what to do; a test split
 out is one); 2 bad arguments; 3 the gate failed (results are still written); 4 no held-out test
 split (a catalogue trained with --test_fraction 0: evaluate on other data).
 
+Same-product match: results.json's ``match`` reports the checkpoint's calibrated threshold (train.py fits
+it on the validation products at --target_fmr; calibration.py) on this split: ``threshold``,
+``target_fmr``, ``fmr``, ``tmr``, ``fitted_on``, and draws match_curve.png (FMR, log scale, against
+TMR, with the operating point). ``--calibrate`` refits it on this split (any labelled catalogue) and
+stores it in the checkpoint, or with --zero_shot in ``<output>/match.json``. ``--query_photos N``
+adds ``query_photos``: MAP@R and Recall@1 of queries of 1..N photos of one product
+(training.matching).
+
 Zero-shot: ``--zero_shot`` evaluates the backbone's L2-normalised pooled features (ImageNet
 weights, no head, nothing trained) the same way. A checkpoint trained from ImageNet weights is
 shown beside its backbone's zero-shot row (``zero_shot`` in results.json, a row in results.md,
@@ -49,8 +57,10 @@ import datasets
 import inference
 import backbones
 import checkpoints
+import calibration
 from search.index import build_gallery_index, load_fresh_index
 from training import evaluation
+from training import matching
 from training import reporting
 
 logger = logging.getLogger("evaluate")
@@ -111,6 +121,19 @@ def get_args_parser():
     p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction,
                    help="tqdm progress bars")
     p.add_argument("--no_progress", dest="progress", action="store_false", help=argparse.SUPPRESS)
+    m = p.add_argument_group("same-product match (calibration.py)")
+    m.add_argument("--calibrate", action="store_true",
+                   help="refit the same-product threshold on this split's photos (any labelled catalogue, "
+                        "--zero_shot too) at --target_fmr and store it: in the checkpoint (key match), or for "
+                        "--zero_shot in <output>/match.json; results.json's match is then in-sample")
+    m.add_argument("--target_fmr", type=float, default=calibration.DEFAULT_TARGET_FMR,
+                   help="--calibrate: share of pairs of different products allowed at or above the "
+                        "threshold; default %(default)s")
+    m.add_argument("--query_photos", type=int, default=0, metavar="N",
+                   help="also score queries of 1..N photos of one product (results.json query_photos)")
+    m.add_argument("--fusion", default="mean", choices=matching.FUSIONS,
+                   help="--query_photos: mean = the unit mean of the photos' embeddings; max = each "
+                        "gallery photo's best score over the photos")
     inference.add_runtime_arg(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model for the extraction (1.5x measured on CPU for "
@@ -162,10 +185,29 @@ def print_results(results: dict) -> None:
     for line in reporting.held_out_lines(results):
         if line:
             print(line.replace("**", ""))
+    for line in match_lines(results):
+        print(line)
     print(f"extract {results['timing']['extract_s']:.1f} s, metrics {results['timing']['eval_s']:.1f} s; "
           f"wrote {results['output_dir']}/results.json, results.md"
           + (", retrieval.png" if results.get("figure") else "")
           + (", retrieval_worst.png" if results.get("worst_figure") else ""))
+
+
+def match_lines(results: dict) -> list[str]:
+    """The same-product threshold's line (and where a refit was stored), the several-photo queries'."""
+    lines = []
+    m = results.get("match")
+    if m:
+        pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+        lines.append(f"match: threshold {m['threshold']:.4f} (target FMR {pct(m['target_fmr'])}, fitted on "
+                     f"{m['fitted_on'].get('split', '?')} {m['fitted_on'].get('products', '?')} products): "
+                     f"FMR {pct(m['fmr'])}, TMR {pct(m['tmr'])} here")
+    if results.get("calibrated"):
+        lines.append(f"calibrated threshold stored in {results['calibrated']['stored_in']}")
+    for n, q in (results.get("query_photos") or {}).items():
+        lines.append(f"{n} photo(s) a query ({q['fusion']}, {q['queries']} queries): "
+                     f"MAP@R {reporting.cell(q, 'map@r')}  R@1 {reporting.cell(q, 'recall@1')}")
+    return lines
 
 
 def check_args(parser, args) -> None:
@@ -180,6 +222,10 @@ def check_args(parser, args) -> None:
         parser.error("--baseline compares two checkpoints: pass --checkpoint NEW --baseline OLD")
     if not args.tolerance >= 0:
         parser.error(f"--tolerance must be >= 0 percentage points (got {args.tolerance})")
+    if not 0 < args.target_fmr < 1:
+        parser.error(f"--target_fmr must be in (0, 1) (got {args.target_fmr})")
+    if args.query_photos < 0:
+        parser.error(f"--query_photos must be >= 0 (got {args.query_photos})")
     if args.image_size < 32:
         parser.error(f"--image_size must be >= 32 (got {args.image_size})")
 
@@ -191,7 +237,8 @@ def main(args):
                   embed=cached_embeddings(args.embeddings_cache) if args.embeddings_cache else None,
                   num_examples=args.num_examples, chunk_size=args.chunk_size, seed=args.seed,
                   progress=args.progress, compile=args.compile, test_fraction=args.test_fraction,
-                  runtime=args.runtime, explain=args.explain)
+                  runtime=args.runtime, explain=args.explain, query_photos=args.query_photos, fusion=args.fusion,
+                  calibrate=args.target_fmr if args.calibrate else None)
     catalogue.set_verbose(args.verbose)
     try:
         if args.zero_shot:

@@ -237,14 +237,15 @@ def build_model(backbone: str, embedding_size: int = 128, weights: str | os.Path
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> EmbeddingNet:
     """Rebuild the network from a checkpoint alone (its model_args), in eval mode on ``device``.
-    ``model.checkpoint_info`` holds the checkpoint's epoch, metrics, args and git_commit."""
+    ``model.checkpoint_info`` holds the checkpoint's epoch, metrics, args, git_commit and match (its
+    same-product threshold, calibration.match_record; None when never fitted)."""
     path = os.fspath(path)
     ckpt = backbones.check_known(checkpoints.load_checkpoint(path), path)
     args = ckpt["model_args"]
     model = build_model(**{k: args[k] for k in checkpoints.MODEL_ARG_KEYS if k in args}, weights="none")
     backbones.load_into(model, backbones.convert_embedding_state(ckpt["model"], args["backbone"]), path,
                         args["backbone"])
-    model.checkpoint_info = {k: ckpt.get(k) for k in ("epoch", "metrics", "args", "git_commit")}
+    model.checkpoint_info = {k: ckpt.get(k) for k in ("epoch", "metrics", "args", "git_commit", "match")}
     return model.to(device).eval()
 
 

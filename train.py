@@ -71,6 +71,7 @@ from training import distributed
 from training import flags
 from training import heldout
 from training import loop
+from training import matching
 from training import runs
 from training import setup
 
@@ -281,6 +282,22 @@ def _train_epoch(run: Run, epoch: int) -> np.ndarray | None:
     return val_embeddings
 
 
+def _fit_match(run: Run) -> None:
+    """best.pth's same-product threshold at --target_fmr on the validation products (training's
+    photos for the carry-over pairs); a validation split with fewer than two products has none."""
+    args = run.args
+    if not getattr(args, "target_fmr", 0) or not run.paths.best.exists():
+        return
+    if len(set(run.data.val_set.class_ids)) < 2:
+        distributed.rank0_print(0, "no same-product threshold: the validation split has fewer than 2 products")
+        return
+    record = matching.fit_checkpoint(run.paths.best, run.data.val_set, run.data.train_set,
+                                     target_fmr=args.target_fmr, device=run.proc.device,
+                                     batch_size=args.val_batch_size, seed=args.seed)
+    distributed.rank0_print(0, f"same-product threshold {record['threshold']:.4f} at FMR {args.target_fmr:g} "
+                               f"(validation, {record['fitted_on']['products']} products) stored in {run.paths.best}")
+
+
 def _finish(run: Run, val_embeddings: np.ndarray | None) -> dict:
     """rank 0: the embedding projector, the writer closed, the summary line; the last row."""
     args, state = run.args, run.state
@@ -292,6 +309,7 @@ def _finish(run: Run, val_embeddings: np.ndarray | None) -> dict:
             runs.add_projector(run.writer, run.data.val_set, val_embeddings, args.projector_samples,
                                args.seed, int(final.get("epoch", 0)))
         run.writer.close()
+        _fit_match(run)
         best = ("best.pth = the last epoch" if args.select_metric == flags.SELECT_LAST
                 else f"best val {args.select_metric} {100 * state.best_score:.2f}%")
         distributed.rank0_print(run.proc.rank, f"done: {best}; {run.paths.best}, {run.paths.metrics_csv}")

@@ -441,7 +441,9 @@ def build_gallery_index(model, dataset, batch_size=64, workers=None, device="cpu
         logger.warning("%d gallery images could not be read and are left out of the index (first: %s); "
                        "replace them and pass --rebuild_index", len(unreadable), ", ".join(unreadable[:3]))
     info = {"num_images": int(good.sum()), "extract_s": round(time.perf_counter() - t0, 3),
-            UNREADABLE_KEY: unreadable}
+            UNREADABLE_KEY: unreadable,
+            # the model's same-product threshold (calibration.match_record), served with the index
+            "match": (getattr(model, "checkpoint_info", None) or {}).get("match")}
     info.update(meta or {})
     keep = np.flatnonzero(good)
     index = GalleryIndex(embeddings=np.ascontiguousarray(embeddings[good]),

@@ -168,7 +168,8 @@ def folder_index(loaded: SearchModel, folder, index_path=None, batch_size=64, wo
             where = Path(index_path) if index_path else default_gallery_index_path(folder, checkpoint, loaded.name)
             index, report = gallery.update_gallery_index(
                 model, folder, where, loaded.key, force=rebuild, **options,
-                meta={"model_args": dict(model.model_args), "checkpoint": str(checkpoint) if checkpoint else None})
+                meta={"model_args": dict(model.model_args), "checkpoint": str(checkpoint) if checkpoint else None,
+                      "match": (getattr(model, "checkpoint_info", None) or {}).get("match")})
     except (FileNotFoundError, NotADirectoryError, ValueError, vectordb.DatabaseError) as e:
         raise SetupError(f"Cannot index the gallery {folder}: {e}") from e
     logger.info("Gallery %s: %d images (%d added, %d changed, %d removed, %d unchanged, %d embedded, %d "

@@ -98,3 +98,95 @@ def test_roc_curve_ends_and_rates():
     assert fmr[0] == 0 and tmr[0] == pytest.approx(1 / 3)
     assert fmr[-1] == 1 and tmr[-1] == 1
     assert calibration.rates([0.9, 0.8, 0.3], [0.5, 0.1, 0.85, 0.0], 0.8) == {"fmr": 0.25, "tmr": 2 / 3}
+
+
+def test_threshold_travels_from_training_to_onnx_and_index(tiny_sop, tmp_path):
+    """train.py fits best.pth's threshold on the validation products (2: carry-over pairs added);
+    the loaded model, the exported ONNX model's metadata and a gallery index built with it carry
+    the same record, and evaluate.py reports it on the test split."""
+    import datasets
+    import inference
+    import models
+    import onnx_export
+    import preprocessing
+    import train
+    from search.index import GalleryIndex, build_gallery_index
+    from support import parse, tiny_argv
+    from training import evaluation
+
+    train.main(parse(tiny_argv(tiny_sop, tmp_path, "--target_fmr", "0.05")))
+    best = tmp_path / "checkpoints" / "t" / "best.pth"
+    record = models.load_model(best).checkpoint_info["match"]
+    assert record["target_fmr"] == 0.05 and -1 <= record["threshold"] <= 1.0001
+    assert record["fitted_on"]["split"] == "val" and record["fitted_on"]["carry_over_pairs"] > 0
+
+    onnx_path = onnx_export.export_checkpoint(best, tmp_path / "best.onnx")
+    assert inference.OnnxEmbedder(onnx_path, checkpoint=best).checkpoint_info["match"] == record
+
+    model = models.load_model(best)
+    test = datasets.SOPDataset(tiny_sop, "test", transform=preprocessing.build_transform(32, train=False))
+    build_gallery_index(model, test, workers=0, progress=False).save(tmp_path / "g.npz")
+    assert GalleryIndex.load(tmp_path / "g.npz").meta["match"] == record
+
+    results = evaluation.evaluate_checkpoint(best, output=tmp_path / "eval", workers=0, progress=False,
+                                             num_examples=0, zero_shot_row=False, runtime="torch")
+    assert results["match"]["threshold"] == record["threshold"]
+    assert 0 <= results["match"]["fmr"] <= 1 and (tmp_path / "eval" / "match_curve.png").exists()
+
+
+def test_query_photos_by_hand():
+    """Product 0 has 3 photos, product 1 has 3: with max_n 2 each product is a query of 1, then 2
+    photos; the 2-photo mean query of product 0 finds its third photo first."""
+    from training import matching
+
+    e = np.array([[1, 0.0], [0.6, 0.8], [0.8, 0.6],      # product 0
+                  [0.7, 0.71], [0, 1], [0.1, 1]])        # product 1 (its first photo near product 0)
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    groups = matching.query_groups(labels, 2, seed=0)
+    assert len(groups) == 2 and all(len(g) == 3 for g in groups)
+    out = matching.query_photo_metrics(e, labels, max_n=2, fusion="mean", seed=0)
+    assert set(out) == {"1", "2"} and out["1"]["queries"] == out["2"]["queries"] == 2
+    # by hand, for the drawn order: each query's metrics from its own ranking
+    unit = e / np.linalg.norm(e, axis=1, keepdims=True)
+    for n in (1, 2):
+        maps, r1 = [], []
+        for g in groups:
+            centre = unit[g[:n]].mean(0)
+            s = unit @ (centre / np.linalg.norm(centre))
+            cand = [i for i in np.argsort(-s, kind="stable") if i not in g[:n]]
+            rel = set(g[n:])
+            hits = [c in rel for c in cand[:len(rel)]]
+            maps.append(sum(np.cumsum(hits)[k] / (k + 1) for k in range(len(hits)) if hits[k]) / len(rel))
+            r1.append(float(cand[0] in rel))
+        assert out[str(n)]["map@r"] == pytest.approx(np.mean(maps))
+        assert out[str(n)]["recall@1"] == pytest.approx(np.mean(r1))
+
+
+def test_more_query_photos_help_on_noisy_views():
+    from training import matching
+
+    rng = np.random.default_rng(5)
+    e, labels = clustered(rng, 40, 6, 1.2)
+    for fusion in matching.FUSIONS:
+        out = matching.query_photo_metrics(e, labels, max_n=3, fusion=fusion, seed=1)
+        assert out["3"]["map@r"] > out["1"]["map@r"]
+
+
+def test_evaluate_calibrate_zero_shot_writes_match_json(tiny_sop, tmp_path, monkeypatch):
+    """evaluate.py --calibrate --zero_shot: the refit record in <output>/match.json, reported in
+    results.json's match (in-sample: at most the target), with --query_photos' table."""
+    import json
+    import evaluate
+
+    parser = evaluate.get_args_parser()
+    args = parser.parse_args(["--zero_shot", "--backbone", "resnet18", "--weights", "none", "--image_size", "32",
+                              "--data_root", str(tiny_sop), "--calibrate", "--target_fmr", "0.02",
+                              "--query_photos", "2", "--num_examples", "0", "--workers", "0",
+                              "--no-progress", "--output", str(tmp_path / "eval")])
+    evaluate.check_args(parser, args)
+    evaluate.main(args)
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    stored = json.loads((tmp_path / "eval" / "match.json").read_text())
+    assert saved["match"]["threshold"] == stored["threshold"] and stored["target_fmr"] == 0.02
+    assert saved["match"]["fmr"] <= 0.02 and saved["match"]["fitted_on"]["split"] == "test"
+    assert set(saved["query_photos"]) == {"1", "2"} and saved["query_photos"]["1"]["map@r"] is not None

@@ -30,6 +30,7 @@ import models
 import extraction
 import retrieval
 from training import heldout
+from training import matching
 from training import reporting
 from training import runs
 
@@ -115,7 +116,8 @@ def per_category(details, super_ids, categories=None) -> dict:
 def evaluate_model(model, dataset, *, model_info: dict, output=None, model_hash="", batch_size=64,
                    workers=None, device="cpu", embed=None, num_examples=6,
                    chunk_size=1024, seed=0, progress=True, compile=False, write=True,
-                   explain_model=None, num_worst=3) -> dict:
+                   explain_model=None, num_worst=3, match=None, calibrate=None, query_photos=0,
+                   fusion="mean") -> dict:
     """Both protocols' metrics of ``model`` (an EmbeddingNet) on ``dataset``; the results dict
     (retrieval.evaluate_embeddings shape plus ``model`` = ``model_info`` and parameters, ``embedding_stats``,
     ``timing``, ``per_category``, ``data``). ``write``: results.json / results.md /
@@ -123,7 +125,8 @@ def evaluate_model(model, dataset, *, model_info: dict, output=None, model_hash=
     extract_embeddings; evaluate.py passes its embeddings cache), ``model_hash`` keys a cache.
     ``explain_model`` (a torch EmbeddingNet, the one evaluated): retrieval.png draws the similarity
     maps (explain.py) over each image, and retrieval_worst.png shows the ``num_worst`` queries whose
-    true match ranked lowest."""
+    true match ranked lowest. ``match``, ``calibrate``, ``query_photos``, ``fusion``: the same-product
+    threshold's report and the several-photo queries (matching.results_extras)."""
     model_args = dict(model.model_args)
     embeddings, extract_s, cached = (embed or extract_embeddings)(
         torch.compile(model) if compile else model, dataset, model_hash=model_hash,
@@ -156,21 +159,34 @@ def evaluate_model(model, dataset, *, model_info: dict, output=None, model_hash=
         # the product protocol's queries: images with another image of their product
         "num_product_queries": int((details["num_relevant"] > 0).sum()),
     }
+    results.update(matching.results_extras(
+        embeddings, class_ids, match=match, calibrate=calibrate, query_photos=query_photos, fusion=fusion,
+        fitted_on={"split": dataset.split, "root": str(dataset.root)}, output=output if write else None, seed=seed))
     if write:
-        output = Path(output)
-        output.mkdir(parents=True, exist_ok=True)
-        explainer = None if explain_model is None else explain.dataset_explainer(explain_model, dataset, device)
-        if num_examples > 0:
-            reporting.retrieval_figure(output / "retrieval.png", dataset, embeddings,
-                                       num_examples=num_examples, seed=seed, explainer=explainer)
-            results["figure"] = "retrieval.png"
-        if explainer is not None and num_worst > 0 and len(reporting.worst_queries(
-                details["best_relevant_rank"], num_worst)):
-            reporting.worst_queries_figure(output / "retrieval_worst.png", dataset, embeddings,
-                                           details["best_relevant_rank"], num=num_worst, explainer=explainer)
-            results["worst_figure"] = "retrieval_worst.png"
-        results["output_dir"] = str(output)
+        results.update(write_figures(Path(output), dataset, embeddings, details["best_relevant_rank"],
+                                     explain_model=explain_model, device=device, num_examples=num_examples,
+                                     num_worst=num_worst, seed=seed))
     return results
+
+
+def write_figures(output: Path, dataset, embeddings, best_relevant_rank, *, explain_model, device,
+                  num_examples: int, num_worst: int, seed: int) -> dict:
+    """retrieval.png (``num_examples`` queries; 0: none) and, with ``explain_model``,
+    retrieval_worst.png (the ``num_worst`` queries whose true match ranked lowest) in ``output``,
+    similarity maps drawn over each image; returns results.json's figure entries and output_dir."""
+    output.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    explainer = None if explain_model is None else explain.dataset_explainer(explain_model, dataset, device)
+    if num_examples > 0:
+        reporting.retrieval_figure(output / "retrieval.png", dataset, embeddings,
+                                   num_examples=num_examples, seed=seed, explainer=explainer)
+        entries["figure"] = "retrieval.png"
+    if explainer is not None and num_worst > 0 and len(reporting.worst_queries(best_relevant_rank, num_worst)):
+        reporting.worst_queries_figure(output / "retrieval_worst.png", dataset, embeddings,
+                                       best_relevant_rank, num=num_worst, explainer=explainer)
+        entries["worst_figure"] = "retrieval_worst.png"
+    entries["output_dir"] = str(output)
+    return entries
 
 
 def write_results(results: dict, output) -> None:
@@ -217,6 +233,9 @@ def evaluate_zero_shot(backbone, data_root, weights="imagenet", image_size=224, 
                              output=output, device=device, write=write,
                              model_hash=models.zero_shot_model_key(backbone, str(weights), int(image_size)), **kwargs)
     results.update(held_out=True, held_out_why=None)  # nothing was trained on any catalogue
+    if write and "calibrated" in results:
+        results["calibrated"]["stored_in"] = str(output / matching.MATCH_NAME)
+        fileio.atomic_write_text(output / matching.MATCH_NAME, json.dumps(results["calibrated"], indent=2) + "\n")
     if write:
         write_results(results, output)
     return results
@@ -228,8 +247,9 @@ def checkpoint_run(checkpoint, runtime, device) -> dict:
     checkpoint = Path(checkpoint)
     model = inference.load_embedder(checkpoint, runtime=runtime, device=device)
     info = getattr(model, "checkpoint_info", None) or {}
+    ckpt = checkpoints.load_checkpoint(checkpoint)
     return {"checkpoint": checkpoint, "model": model, "info": info, "args": info.get("args") or {},
-            "record": checkpoints.load_checkpoint(checkpoint).get("products"),
+            "record": ckpt.get("products"), "match": ckpt.get("match"),
             "name": checkpoint.resolve().parent.name}
 
 
@@ -262,11 +282,25 @@ def deploy_gate(results: dict, metric: str, tolerance: float) -> dict:
     return {**gate, "difference_points": difference, "passed": difference >= -tolerance}
 
 
+def zero_shot_metrics(model_args: dict, dataset, runtime: str, device, common: dict) -> dict | None:
+    """The checkpoint's backbone with its ImageNet weights, no head, on the same images: product,
+    category, num_queries and extract_s; None (with a warning) when the weights are unavailable."""
+    try:
+        backbone = inference.load_embedder(zero_shot=(model_args["backbone"], "imagenet", model_args["image_size"]),
+                                           runtime=runtime, device=device)
+    except backbones.WeightsUnavailableError as e:
+        # the checkpoint's own evaluation stands without it (e.g. offline, weights not cached)
+        logger.warning("zero-shot row skipped: %s", e)
+        return None
+    zs = evaluate_model(backbone, dataset, model_info={"run": "zero-shot"}, write=False, num_examples=0, **common)
+    return {**{k: zs[k] for k in ("product", "category", "num_queries")}, "extract_s": zs["timing"]["extract_s"]}
+
+
 def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, batch_size=64, workers=None,
                         device=None, embed=None, num_examples=6, chunk_size=1024, seed=0,
                         progress=True, compile=False, zero_shot_row=True, test_fraction=None,
                         runtime=None, explain=False, allow_overlap=False, baseline=None,
-                        tolerance=None) -> dict:
+                        tolerance=None, calibrate=None, query_photos=0, fusion="mean") -> dict:
     """Evaluate ``checkpoint`` on ``split``; write results.json / results.md / retrieval.png to
     ``output`` (default runs/<run>/eval) and return the results dict (evaluate_model).
     ``zero_shot_row`` and a checkpoint trained from ImageNet weights: ``results["zero_shot"]``
@@ -278,7 +312,9 @@ def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, b
     ``held_out`` / ``held_out_why``: heldout.check (OverlapError for a test split holding products
     the run trained or validated on, unless ``allow_overlap``). ``baseline`` (a checkpoint): also
     scored on the same images (``results["baseline"]``) and compared (``results["gate"]``,
-    `deploy_gate` with ``tolerance`` points on `gate_metric`)."""
+    `deploy_gate` with ``tolerance`` points on `gate_metric`). ``results["match"]``: the checkpoint's
+    threshold on this split; ``calibrate`` (a target FMR): refitted on this split and stored in the
+    checkpoint (matching.store_calibrated); ``query_photos``, ``fusion``: matching.results_extras."""
     device = devices.resolve_device(str(device or "auto"))
     runtime = "torch" if compile else inference.resolve_runtime(runtime, device)
     run = checkpoint_run(checkpoint, runtime, device)
@@ -298,20 +334,14 @@ def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, b
         model_info={"run": run["name"], "checkpoint": str(checkpoint),
                     "checkpoint_sha256": ckpt_hash,
                     "checkpoint_size_mb": round(checkpoint.stat().st_size / 2 ** 20, 2),
-                    "epoch": run["info"].get("epoch"), "runtime": runtime}, **common)
+                    "epoch": run["info"].get("epoch"), "runtime": runtime},
+        match=run["match"], calibrate=calibrate, query_photos=query_photos, fusion=fusion, **common)
     results.update(held_out=status["held_out"], held_out_why=status["why"])
+    matching.store_calibrated(results, checkpoint)
     if zero_shot_row and train_args.get("weights") == "imagenet":
-        try:
-            backbone = inference.load_embedder(zero_shot=(model_args["backbone"], "imagenet", model_args["image_size"]),
-                                               runtime=runtime, device=device)
-        except backbones.WeightsUnavailableError as e:
-            # the checkpoint's own evaluation stands without it (e.g. offline, weights not cached)
-            logger.warning("zero-shot row skipped: %s", e)
-        else:
-            zs = evaluate_model(backbone, dataset, model_info={"run": "zero-shot"}, write=False,
-                                num_examples=0, **common)
-            results["zero_shot"] = {k: zs[k] for k in ("product", "category", "num_queries")}
-            results["zero_shot"]["extract_s"] = zs["timing"]["extract_s"]
+        row = zero_shot_metrics(model_args, dataset, runtime, device, common)
+        if row is not None:
+            results["zero_shot"] = row
     if baseline is not None:
         results["baseline"] = score_baseline(baseline, dataset, runtime, common, allow_overlap)
         results["gate"] = deploy_gate(results, gate_metric(train_args),

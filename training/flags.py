@@ -23,7 +23,7 @@ from training import runs
 
 # Arguments that may differ between a run and its resumption without changing what is computed.
 RESUME_FREE_ARGS = {"resume", "overwrite", "workers", "device", "val_batch_size", "log_dir",
-                    "checkpoint_dir", "run_name", "projector_samples", "data_root", "progress"}
+                    "checkpoint_dir", "run_name", "projector_samples", "data_root", "progress", "target_fmr"}
 
 
 # Recipes: defaults of the flags that make up a training recipe (train.py --recipe; a flag given
@@ -255,6 +255,9 @@ def _args_validation_and_logging(group) -> None:
                             "small data (recipe); 'last': best.pth is the last epoch, no plateau "
                             "(for a validation split too small to select on; taken when it has "
                             "no query at all)")
+    group.add_argument(*flag_names("target_fmr"), default=0.01, type=float,
+                       help="at the end, best.pth gets the same-product threshold at this false-match "
+                            "rate, fitted on the validation products (calibration.py; 0 = none)")
     group.add_argument(*flag_names("projector_samples"), default=500, type=int,
                        help="validation images in the final TensorBoard embedding projector "
                             "(0 = none)")
@@ -354,6 +357,7 @@ def check_data_and_model(args: argparse.Namespace) -> list[str]:
         (args.embedding_size >= 1, f"--embedding_size must be >= 1 (got {args.embedding_size}); "
          "recommended 128"),
         (0 <= args.dropout < 1, f"--dropout must be in [0, 1) (got {args.dropout})"),
+        (0 <= args.target_fmr < 1, f"--target_fmr must be in [0, 1) (got {args.target_fmr}); 0: no threshold"),
         (args.image_size >= 32, f"--image_size must be >= 32 (got {args.image_size}); 224 for real runs"),
     ])
 
