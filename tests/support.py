@@ -12,6 +12,9 @@ from PIL import Image
 
 # ============ a tiny train.py run ============
 
+# The original project's training command, verbatim.
+SEED_COMMAND = ("--dataset stanford --backbone efficientnet_b0 --batch_size 64 --epochs 10 "
+                "--lr 0.0001 --margin 0.5 --embedding_size 128").split()
 CHECKPOINT_KEYS = {"model", "model_args", "args", "epoch", "metrics", "optimizer", "scheduler",
                    "scaler", "rng", "git_commit", "format_version"}
 

@@ -17,7 +17,7 @@ import train
 from training import flags
 from training import loop
 from training import setup
-from support import parse, read_rows, tiny_argv
+from support import SEED_COMMAND, parse, read_rows, tiny_argv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -51,7 +51,6 @@ def test_recipes_resolve_and_explicit_flags_win():
 
 
 def train_seed_command():
-    from test_train import SEED_COMMAND
     return list(SEED_COMMAND)
 
 

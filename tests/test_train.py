@@ -20,10 +20,8 @@ import models
 import train
 from training import flags
 
-from support import assert_checkpoint_loads, parse, read_rows, tiny_argv
+from support import SEED_COMMAND, assert_checkpoint_loads, parse, read_rows, tiny_argv
 
-SEED_COMMAND = ("--dataset stanford --backbone efficientnet_b0 --batch_size 64 --epochs 10 "
-                "--lr 0.0001 --margin 0.5 --embedding_size 128").split()
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
