@@ -18,8 +18,8 @@ and reuses them while the checkpoint and the image list are unchanged.
 
 Held out: a checkpoint records the products it trained and validated on; a test split holding
 any of them is refused (naming how many and a few) unless ``--allow_overlap``, and results.json
-says ``"held_out"``: true, false (with ``held_out_why``) or null (an older checkpoint without
-the record).
+says ``"held_out"``: true, false (with ``held_out_why``) or null (a checkpoint without the
+record).
 
 Deploy gate: ``--baseline OLD.pth`` scores the deployed checkpoint on the same images, puts it in
 the same tables, and exits with code 3 when ``--checkpoint`` is worse on the gate metric (the
