@@ -118,16 +118,28 @@ def score(args):
         rows = [r for r in findings if r["kind"] == kind]
         if kind == "duplicate":
             hits = {frozenset((r["path"], r["other_path"])) for r in rows} & truth
+            # the listing is found when the copy is paired with any photo of its source's product
+            listing = {d["path"]: d["source_product_id"] for d in planted["duplicates"]}
+            found_listing = {p for r in rows for p, q in ((r["path"], r["other_product_id"]),
+                                                          (r["other_path"], r["product_id"]))
+                             if listing.get(p) == q}
         else:
             hits = {r["path"] for r in rows} & set(truth)
         on_planted = [r for r in rows if {r["path"], r["other_path"]} & planted_paths]
+        other_kind = moved if kind == "duplicate" else dup_paths
+        cross = [r for r in rows if {r["path"], r["other_path"]} & set(other_kind)]
         unplanted = [r for r in rows if not {r["path"], r["other_path"]} & planted_paths]
         out[kind] = {"planted": len(truth), "findings": len(rows), "found": len(hits),
                      "recall": round(len(hits) / max(1, len(truth)), 3),
                      "precision": round(len(hits) / max(1, len(rows)), 3),
                      "precision_planted_only": round(len(hits) / max(1, len(on_planted)), 3),
+                     "other_kind_fault": len(cross),  # a planted fault of the other kind, seen as this one
                      "unplanted_findings": len(unplanted),
                      "unplanted_examples": [[r["path"], r["other_path"], r["score"]] for r in unplanted[:8]]}
+        if kind == "duplicate":
+            out[kind].update(listings_found=len(found_listing),
+                             recall_listing=round(len(found_listing) / max(1, len(truth)), 3),
+                             precision_listing=round(len(found_listing) / max(1, len(rows)), 3))
         if kind == "mislabelled":
             out[kind]["right_product_named"] = sum(
                 r["other_product_id"] == truth[r["path"]]["true_product_id"] for r in rows if r["path"] in truth)

@@ -3,15 +3,17 @@
 Definitions (docs/audit.md has the reasoning; s(i, j) is the cosine similarity of photos i, j):
 
 * ``duplicate``: photos i, j under *different* product ids with s(i, j) >= the duplicate
-  threshold; score s(i, j). The threshold (`duplicate_threshold`) is a low quantile of the
-  model's scores between catalogue photos and edited copies of themselves (`edited_copy`:
-  crop, resize, colour, JPEG re-encoding): how close the model puts "the same photo".
+  threshold and near copies in pixels (`search.near_copy`), each the other's best such match
+  (`mutual_best`); score s(i, j). Both thresholds (`duplicate_threshold`) are a low quantile of
+  the scores between catalogue photos and edited copies of themselves (`edited_copy`: crop,
+  resize, colour, JPEG re-encoding): how close "the same photo" is, for the model and in pixels.
 * ``mislabelled``: photo i of product p whose best match in another product q, b(i) =
   max_j s(i, j) over j of q, beats its best match in its own product, o(i) = max s(i, j) over
   the other photos j of p, by a margin m(i) = b(i) - o(i) above the catalogue's own outlier
   bound (`margin_threshold`); score m(i). Photos alone in their product have no o(i) and are
-  not judged; a photo whose best other match is a duplicate finding is reported as that
-  duplicate only (the duplicate listing explains it).
+  not judged. b(i) skips i's duplicate partner (the copy does not make its source mislabelled);
+  the kinds are not exclusive: a photo copied under another product is usually also
+  mislabelled there, its source's product claiming it through the source's other photos.
 
 Neighbours come from `search.index.GalleryIndex.search` (the serving index: exact, or faiss
 IVF / HNSW with an exact re-rank), the k nearest of each photo, itself left out.
@@ -110,11 +112,13 @@ def own_product_best(vectors, product_ids):
     return best_s, best_r
 
 
-def other_product_best(product_ids, scores, idx):
-    """``(score, row)`` per photo: its nearest neighbour under another product id (-inf, -1 when
-    all its k neighbours share its product)."""
+def other_product_best(product_ids, scores, idx, partner=None):
+    """``(score, row)`` per photo: its nearest neighbour under another product id, skipping its
+    ``partner`` row (-1: none; a duplicate finding's other photo); -inf, -1 when none is left."""
     ids = np.asarray(product_ids, dtype=object).astype(str)
     other = (idx >= 0) & (ids[np.maximum(idx, 0)] != ids[:, None])
+    if partner is not None:
+        other &= idx != np.asarray(partner)[:, None]
     first = other.argmax(axis=1)
     found = other[np.arange(len(ids)), first]
     rows = np.arange(len(ids))
@@ -183,19 +187,31 @@ def find_duplicates(product_ids, scores, idx, threshold):
     return [Finding("duplicate", int(pairs[i, 0]), int(pairs[i, 1]), float(best[i])) for i in order]
 
 
+def mutual_best(findings):
+    """The findings that are the best (first) of both their photos' findings, order kept: a photo
+    copied under another product pairs with its source, not with every look-alike of it."""
+    first = {}
+    for n, f in enumerate(findings):
+        first.setdefault(f.row, n)
+        first.setdefault(f.other_row, n)
+    return [f for n, f in enumerate(findings) if first[f.row] == n and first[f.other_row] == n]
+
+
 def find_mislabelled(vectors, product_ids, scores, idx, threshold=None, duplicates=()):
     """``(findings, info)``: mislabelled findings (module docstring), largest margin first, and
     ``info`` = {"margin_threshold", "judged"} (photos with an own product to compare to).
-    ``threshold``: the margin bound (default `margin_threshold` of the catalogue's margins);
-    ``duplicates``: duplicate findings, whose photos' best other match they explain."""
+    ``threshold``: the margin bound (default `margin_threshold` of the catalogue's margins).
+    ``duplicates``: duplicate findings; a photo's duplicate partner is not what claims it for
+    another product (else the source of every copy would be "mislabelled" by its own copy)."""
+    partner = np.full(len(idx), -1, np.int64)
+    for d in duplicates:
+        partner[d.row], partner[d.other_row] = d.other_row, d.row
     own_s, _ = own_product_best(vectors, product_ids)
-    other_s, other_r = other_product_best(product_ids, scores, idx)
+    other_s, other_r = other_product_best(product_ids, scores, idx, partner)
     judged = np.isfinite(own_s) & np.isfinite(other_s)
     margin = np.where(judged, other_s - own_s, np.nan)
     bound = margin_threshold(margin[judged]) if threshold is None else float(threshold)
-    explained = {(d.row, d.other_row) for d in duplicates} | {(d.other_row, d.row) for d in duplicates}
-    hits = [i for i in np.flatnonzero(judged & (np.nan_to_num(margin, nan=-np.inf) > bound))
-            if (int(i), int(other_r[i])) not in explained]
+    hits = np.flatnonzero(judged & (np.nan_to_num(margin, nan=-np.inf) > bound)).tolist()
     hits.sort(key=lambda i: (-margin[i], i))
     findings = [Finding("mislabelled", int(i), int(other_r[i]), float(margin[i])) for i in hits]
     return findings, {"margin_threshold": bound, "judged": int(judged.sum())}

@@ -22,10 +22,11 @@ from dataio import catalogue
 from dataio import fileio
 from dataio import photos
 import preprocessing
-import retrieval
+import extraction
 from search import audit
 from search import audit_report
 from search import gallery
+from search import near_copy
 
 logger = logging.getLogger("audit")
 
@@ -80,28 +81,54 @@ def embed_catalogue(loaded, photos_, out: Path, batch_size=64, workers=None, ind
 
 
 def edited_copy_scores(model, files, vectors, n=EDITED_COPIES, seed=0, progress=True):
-    """Cosine similarity between each of up to ``n`` drawn photos (``files``, their index
-    ``vectors``) and an `search.audit.edited_copy` of it, embedded by ``model``."""
+    """``(embedding scores, pixel scores)``: for each of up to ``n`` drawn photos (``files``, their
+    index ``vectors``) and an `search.audit.edited_copy` of it, the cosine similarity of their
+    embeddings by ``model`` and their `search.near_copy.similarity`."""
     import torch
 
     rng = random.Random(seed)
     picks = sorted(rng.sample(range(len(files)), min(n, len(files))))
     size = int(model.model_args["image_size"])
     transform = preprocessing.build_transform(size, train=False)
-    tensors, kept = [], []
+    tensors, kept, pixel = [], [], []
     for i in picks:
         try:
-            tensors.append(transform(audit.edited_copy(photos.load_image(files[i]), rng)))
-            kept.append(i)
+            copy = audit.edited_copy(photos.load_image(files[i]), rng)
+            pixel.append(near_copy.similarity(near_copy.file_signature(files[i]), near_copy.signature(copy)))
         except (*photos.IMAGE_ERRORS, FileNotFoundError):
             continue  # changed since it was embedded: one draw fewer
+        tensors.append(transform(copy))
+        kept.append(i)
     if not kept:
-        return np.zeros(0, np.float32)
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
     batches = [(torch.stack(tensors[s:s + 32]), torch.zeros(len(tensors[s:s + 32]), dtype=torch.long))
                for s in range(0, len(tensors), 32)]
-    copies, _ = retrieval.extract_embeddings(model, batches, device=next(model.parameters()).device,
+    copies, _ = extraction.extract_embeddings(model, batches, device=next(model.parameters()).device,
                                              progress=progress, desc="edited copies")
-    return np.einsum("nd,nd->n", copies, vectors[kept])
+    return np.einsum("nd,nd->n", copies, vectors[kept]), np.asarray(pixel, np.float32)
+
+
+def confirm_duplicates(candidates, files, threshold, progress=True):
+    """The candidates whose two photos are near copies in pixels (`search.near_copy.similarity`
+    >= ``threshold``); photos that no longer decode are left out."""
+    from tqdm.auto import tqdm
+
+    signatures = {}
+
+    def sig(row):
+        if row not in signatures:
+            try:
+                signatures[row] = near_copy.file_signature(files[row])
+            except (*photos.IMAGE_ERRORS, FileNotFoundError):
+                signatures[row] = None
+        return signatures[row]
+
+    kept = []
+    for f in tqdm(candidates, desc="near copies", unit="pair", disable=not progress, dynamic_ncols=True, leave=False):
+        a, b = sig(f.row), sig(f.other_row)
+        if a is not None and b is not None and near_copy.similarity(a, b) >= threshold:
+            kept.append(f)
+    return kept
 
 
 def judged_rows(photos_, index, report):
@@ -119,22 +146,26 @@ def judged_rows(photos_, index, report):
     return np.asarray(rows, np.int64), np.asarray(positions, np.int64), unreadable
 
 
-def find_all(vectors, product_ids, copy_scores, index_type="exact", progress=True,
+def find_all(vectors, product_ids, files, copies, index_type="exact", progress=True,
              duplicate_threshold=None, margin_threshold=None):
-    """``(findings, info)``: duplicate then mislabelled findings over ``vectors`` and their
-    ``product_ids``, with the thresholds derived (or given) and the neighbour timing in ``info``."""
+    """``(findings, info)``: duplicate then mislabelled findings over ``vectors``, their
+    ``product_ids`` and image ``files``, with the thresholds derived from ``copies``
+    (`edited_copy_scores`) unless given, and the timings in ``info``."""
     t0 = time.perf_counter()
     k = audit.neighbour_count(product_ids)
     scores, idx = audit.neighbours(vectors, k, index_type=index_type, progress=progress)
     t1 = time.perf_counter()
-    dup_t = audit.duplicate_threshold(copy_scores) if duplicate_threshold is None else float(duplicate_threshold)
-    duplicates = audit.find_duplicates(product_ids, scores, idx, dup_t)
+    dup_t = audit.duplicate_threshold(copies[0]) if duplicate_threshold is None else float(duplicate_threshold)
+    pixel_t = audit.duplicate_threshold(copies[1])
+    candidates = audit.find_duplicates(product_ids, scores, idx, dup_t)
+    duplicates = audit.mutual_best(confirm_duplicates(candidates, files, pixel_t, progress))
+    t2 = time.perf_counter()
     mislabelled, info = audit.find_mislabelled(vectors, product_ids, scores, idx, margin_threshold, duplicates)
-    info.update(duplicate_threshold=dup_t, neighbours_k=k, neighbour_seconds=round(t1 - t0, 3),
+    info.update(duplicate_threshold=dup_t, pixel_threshold=pixel_t, duplicate_candidates=len(candidates),
+                neighbours_k=k, neighbour_seconds=round(t1 - t0, 3), near_copy_seconds=round(t2 - t1, 3),
                 findings_seconds=round(time.perf_counter() - t1, 3))
-    if len(copy_scores):
-        info["edited_copy_scores"] = {"n": int(len(copy_scores)), "min": float(np.min(copy_scores)),
-                                      "median": float(np.median(copy_scores))}
+    for name, values in zip(("edited_copy_scores", "edited_copy_pixel_scores"), copies):
+        info[name] = {"n": int(len(values)), "min": float(np.min(values)), "median": float(np.median(values))}
     return duplicates + mislabelled, info
 
 
@@ -166,10 +197,13 @@ def run_audit(loaded, output, data_root=None, gallery_dir=None, batch_size=64, w
         findings_rows = []
     else:
         vectors = index.embeddings[rows]
-        copies = edited_copy_scores(loaded.model, [photos_.root / p for p in rel], vectors, seed=seed,
-                                    progress=progress)
-        findings_rows, info = find_all(vectors, product_ids, copies, index_type, progress,
-                                       duplicate_threshold, margin_threshold)
+        files = [photos_.root / p for p in rel]
+        copies = edited_copy_scores(loaded.model, files, vectors, seed=seed, progress=progress)
+        try:
+            findings_rows, info = find_all(vectors, product_ids, files, copies, index_type, progress,
+                                           duplicate_threshold, margin_threshold)
+        except ValueError as e:  # no edited copy could be made to derive a threshold from
+            raise AuditError(str(e)) from e
         summary.update(info)
     table = audit_report.finding_table(findings_rows, rel, product_ids, findings, photos_)
     audit_report.write_csv(out / "audit.csv", table)

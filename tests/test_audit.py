@@ -19,6 +19,7 @@ import audit as audit_script
 from search import audit
 from search import audit_run
 from search import loading
+from search import near_copy
 from search import tiny_demo
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30), (200, 40, 210), (30, 210, 220)]
@@ -83,11 +84,16 @@ def test_planted_faults_are_found_and_nothing_else(model, faulty_tree, tmp_path)
     rows = read_csv(tmp_path / "out" / "audit.csv")
     assert rows[0] == ["kind", "path", "other_path", "product_id", "other_product_id", "score"]
     found = {(r[0], r[1], r[2]) for r in rows[1:]}
-    assert {(k, p) for k, p, _ in found} == {("duplicate", "shop/p5/copy.jpg"), ("mislabelled", "shop/p2/moved.jpg")}
+    # the copy is also mislabelled where it was put (its product does not claim it, p3 does); its
+    # source is not (its copy, its duplicate partner, does not count as another product's claim)
+    assert {(k, p) for k, p, _ in found} == {("duplicate", "shop/p5/copy.jpg"), ("mislabelled", "shop/p2/moved.jpg"),
+                                             ("mislabelled", "shop/p5/copy.jpg")}
     assert ("duplicate", "shop/p5/copy.jpg", "shop/p3/2.jpg") in found
-    mis = next(r for r in rows[1:] if r[0] == "mislabelled")
+    mis_copy = next(r for r in rows[1:] if r[0] == "mislabelled" and r[1] == "shop/p5/copy.jpg")
+    assert mis_copy[4] == "shop/p3" and mis_copy[2] != "shop/p3/2.jpg"  # claimed by p3's other photos
+    mis = next(r for r in rows[1:] if r[0] == "mislabelled" and r[1] == "shop/p2/moved.jpg")
     assert mis[3:5] == ["shop/p2", "shop/p0"]  # filed under p2, belongs to p0
-    assert summary["counts"] == {"duplicate": 1, "mislabelled": 1, "unreadable": 0}
+    assert summary["counts"] == {"duplicate": 1, "mislabelled": 2, "unreadable": 0}
     assert tree_hash(faulty_tree) == before
 
 
@@ -95,7 +101,7 @@ def test_html_shows_every_finding_and_links_no_file(model, faulty_tree, tmp_path
     run(model, tmp_path / "out", gallery_dir=faulty_tree)
     page = (tmp_path / "out" / "audit.html").read_text()
     sources = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page)
-    assert len(sources) == 2 * 4  # two findings, four images each
+    assert len(sources) == 3 * 4  # three findings, four images each
     assert all(s.startswith("data:image/jpeg;base64,") for s in sources)
     assert "file:" not in page and "shop/p5/copy.jpg" in page  # named as text, relative to DIR
 
@@ -127,7 +133,7 @@ def test_labelled_catalogue_and_resume(model, faulty_tree, tmp_path):
     first = run(model, tmp_path / "out", data_root=faulty_tree)
     again = run(model, tmp_path / "out", data_root=faulty_tree)
     assert again["embed"]["embedded"] == 0 and again["embed"]["unchanged"] == first["photos"]
-    assert first["counts"] == again["counts"] == {"duplicate": 1, "mislabelled": 1, "unreadable": 0}
+    assert first["counts"] == again["counts"] == {"duplicate": 1, "mislabelled": 2, "unreadable": 0}
 
 
 def test_output_inside_the_catalogue_is_refused(model, faulty_tree):
@@ -168,6 +174,24 @@ def test_mislabelled_is_an_outlier_margin():
     found, info = audit.find_mislabelled(vectors, products, scores, idx)
     assert [f.row for f in found] == [7] and products[found[0].other_row] == "1"
     assert 0 <= info["margin_threshold"] < found[0].score
+
+
+def test_mutual_best_keeps_a_copy_with_its_source_only():
+    f = audit.Finding
+    pairs = [f("duplicate", 9, 3, 0.99), f("duplicate", 9, 4, 0.98), f("duplicate", 5, 3, 0.97), f("duplicate", 7, 6, 0.9)]
+    assert audit.mutual_best(pairs) == [pairs[0], pairs[3]]
+
+
+def test_near_copy_tells_a_cropped_reencoded_copy_from_another_photo(tmp_path):
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).resize((120, 120), Image.BILINEAR)
+    other = Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).resize((120, 120), Image.BILINEAR)
+    photo.save(tmp_path / "a.png")
+    copy = audit.edited_copy(photo, __import__("random").Random(0))
+    sig = near_copy.file_signature(tmp_path / "a.png")
+    assert near_copy.similarity(sig, near_copy.signature(copy)) > 0.9
+    assert near_copy.similarity(sig, near_copy.signature(other)) < 0.5
+    assert near_copy.similarity(sig, sig) == pytest.approx(1.0)
 
 
 def test_thresholds_are_derived_from_the_scores():
