@@ -69,6 +69,7 @@ from search import ann
 from search import engine as search_engine
 from search import loading as search_loading
 from search import guard
+from search import products
 from search import watch as gallery_watch
 from search.webapp import attach_store, build_app, launch_app, use_private_gradio_temp_dir
 from search import vectordb
@@ -126,6 +127,12 @@ def get_args_parser(add_help=True):
                             "serving; photos added or changed are embedded and become searchable, "
                             "removed ones disappear, without a restart (a query sees the old gallery or "
                             "the new one; a photo appears after at most SECONDS plus its embedding)")
+    group.add_argument("--results", default="products", choices=products.RESULTS_MODES,
+                       help="products: one row per catalogue product (its best photo, how many of its photos "
+                            "match); photos: every photo hit (a gallery without product ids shows photos)")
+    group.add_argument("--threshold", default=None, type=float,
+                       help="same-product threshold (a result matches when its score >= it); default the "
+                            "checkpoint's calibrated one (train.py, evaluate.py --calibrate), else the index's")
     group.add_argument("--explain_store_gb", default=1.0, type=float, metavar="GB",
                        help="\"Show why\" reads each result's similarity-map projections from a store beside "
                             "the index (12.5 KB an image at 224 px and 128-d; made at start-up, kept in "
@@ -266,7 +273,8 @@ def main(args):
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     demo = build_app(loaded.model, index, data_root, max_pixels=int(args.max_megapixels * 1e6),
                      max_upload_mb=args.max_upload_mb, explain_source=explain_from,
-                     explain_store_gb=args.explain_store_gb)
+                     explain_store_gb=args.explain_store_gb, results_mode=args.results,
+                     threshold=args.threshold)
     if args.watch:
         demo.watcher = start_watch(demo, folder_refresh(demo.engine, loaded, args), args.watch, data_root)
     launch_app(demo, index, data_root, host=args.host, port=args.port, share=args.share,

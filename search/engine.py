@@ -24,6 +24,7 @@ import checkpoints
 import models
 import preprocessing
 from search import guard
+from search import products
 from search.query import CATEGORY_ALL, DEFAULT_K, QueryError, category_to_super_id, clamp_k, load_query_image
 
 logger = logging.getLogger("app_stanford")  # the demo's log, whichever module writes to it
@@ -38,9 +39,13 @@ class SearchEngine:
     """The per-query path: decoded image → model input → embedding → exact top-k.
 
     ``search_image(pil_image, k, category)`` is the pure search (no Gradio): it returns
-    ``{"results": [{"rank", "index", "catalogue_path", "product_id", "category", "score"}, ...],
-    "timing_ms": {...}, "k", "category", "gallery_size"}``, results ranked by cosine
-    similarity (ties by lower gallery index, as `search.index.GalleryIndex.search`).
+    ``{"results": [{"rank", "index", "catalogue_path", "product_id", "category", "score", "match"}, ...],
+    "timing_ms": {...}, "k", "category", "gallery_size", "results_mode", "threshold", "match_found"}``,
+    results ranked by cosine similarity (ties by lower gallery index, as
+    `search.index.GalleryIndex.search`). ``results_mode`` "products" (the demo's default; "photos"
+    when the gallery has no product ids): one row per product, its best photo with ``photos`` / ``matched_photos``
+    (search.products); "photos" (the default here): every photo hit. ``match``: score >= ``threshold``, the calibrated
+    same-product threshold (given, else the model's, else the index's; None when unknown).
 
     Lean by construction: the eval transform (square resize to round(s·256/224), centre crop
     s, ImageNet normalisation) is computed as one PIL resize, a uint8 slice and one fused
@@ -55,7 +60,8 @@ class SearchEngine:
     use of the shared input buffer.
     """
 
-    def __init__(self, model, index, data_root, max_pixels=40_000_000, explain_source=None):
+    def __init__(self, model, index, data_root, max_pixels=40_000_000, explain_source=None,
+                 results_mode="photos", threshold=None):
         # channels_last: convolutions run ~15% faster on CPU at batch 1 (and on GPU); the
         # HWC uint8 pixels then land in the input buffer without a transposing copy.
         self.model = model.eval().to(memory_format=torch.channels_last)
@@ -86,6 +92,11 @@ class SearchEngine:
         self._last_query = None  # the last query's pixels and feature grid (`_embed`)
         self.explain_store = None  # search.explain_store.ExplainStore, `attach_explain_store`
         self.explain_store_gb = 0.0  # its size limit, kept for --watch's updates
+        # the same-product threshold: given, else the model's (checkpoint / ONNX), else the index's
+        self.threshold = products.threshold_of(
+            threshold if threshold is None else {"threshold": threshold},
+            getattr(model, "checkpoint_info", None), getattr(index, "meta", None))
+        self.results_mode = results_mode if any(index.product_ids) else "photos"
 
     def _on_worker(self, fn, *args):
         """``fn(*args)`` on the worker thread (directly when already there)."""
@@ -175,10 +186,11 @@ class SearchEngine:
 
     # ---- search
     def _ranked(self, vector, k, super_id, exclude=None):
-        scores, idx = self.index.search(vector, k + (exclude is not None), super_id=super_id)
+        wanted = products.candidate_count(k, self.results_mode, len(self.index))
+        scores, idx = self.index.search(vector, wanted + (exclude is not None), super_id=super_id)
         results = []
         for score, i in zip(scores[0].tolist(), idx[0].tolist()):
-            if i < 0 or i == exclude or len(results) == k:
+            if i < 0 or i == exclude or len(results) == wanted:
                 continue
             results.append({
                 "rank": len(results) + 1,
@@ -190,10 +202,12 @@ class SearchEngine:
                 "category": self.index.categories[int(self.index.super_ids[i]) - 1],
                 "score": round(float(score), 6),
             })
-        return results
+        return products.shape_results(results, k, self.results_mode, self.threshold)
 
     def _response(self, results, k, category, timing):
         return {"k": k, "category": category or CATEGORY_ALL, "gallery_size": len(self.index),
+                "results_mode": self.results_mode, "threshold": self.threshold,
+                "match_found": None if self.threshold is None else any(r["match"] for r in results),
                 "results": results, "timing_ms": {n: round(v, 2) for n, v in timing.items()}}
 
     def search_image(self, image, k=DEFAULT_K, category=CATEGORY_ALL):

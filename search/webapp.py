@@ -19,6 +19,7 @@ from pathlib import Path
 from search import engine as search_engine
 from search import explain_store
 from search import guard
+from search import products
 from search import query as search_query
 
 logger = logging.getLogger("app_stanford")  # the demo's log, whichever module writes to it
@@ -106,7 +107,10 @@ def _query_image_class():
 
 def _caption(r):
     product = f" · #{r['product_id']}" if r["product_id"] else ""
-    return f"{r['score']:.3f} · {r['category']}{product}"
+    photos = f" · {r['matched_photos']}/{r['photos']} photos match" if r.get("photos") and r.get("match") is not None \
+        else ""
+    mark = "✓ match · " if r.get("match") else ""
+    return f"{mark}{r['score']:.3f} · {r['category']}{product}{photos}"
 
 
 def _timing_text(out):
@@ -254,7 +258,8 @@ def _search_handlers(engine):
     import gradio as gr
 
     def outputs_of(out):
-        return _result_gallery(engine, out), out, _timing_text(out)
+        gallery = _result_gallery(engine, out)
+        return gallery, out, products.verdict(out["results"], out.get("threshold")) + "  \n" + _timing_text(out)
 
     def search(image, k=search_query.DEFAULT_K, category=search_query.CATEGORY_ALL):
         """Search the catalogue with a photo: the k most similar gallery images, optionally
@@ -335,10 +340,13 @@ def _wire(c, r, engine, examples, concurrency_limit):
 
 
 def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_upload_mb=10,
-              concurrency_limit=1, max_examples=12, explain_source=None, explain_store_gb=1.0):
+              concurrency_limit=1, max_examples=12, explain_source=None, explain_store_gb=1.0,
+              results_mode="products", threshold=None):
     """The demo as a `gr.Blocks` (not launched: see `launch_app`), its engine at ``.engine``.
 
     ``explain_store_gb``: largest explanation store made for "Show why" (`attach_store`).
+    ``results_mode``, ``threshold``: products (one row each) or photos, and the same-product threshold
+    (default the model's or the index's), as `search.engine.SearchEngine` takes them.
     Events: the public API endpoint ``/search`` (image, k, category → gallery, ranked-results
     JSON, timing text; on a hidden button) and ``/explain`` (image, a result's catalogue path);
     the Search button, a new upload / paste / webcam shot and a click on an example run the same
@@ -348,7 +356,8 @@ def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_up
     import gradio as gr
 
     engine = search_engine.SearchEngine(model, index, data_root, max_pixels=max_pixels,
-                                        explain_source=explain_source)
+                                        explain_source=explain_source, results_mode=results_mode,
+                                        threshold=threshold)
     engine.warm_up()
     attach_store(engine, explain_store_gb)
     title = title or "Visual product search"

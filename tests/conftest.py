@@ -100,9 +100,11 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def server(tiny):
     """``tiny``'s demo served on loopback for the session, with a gradio_client Client at its
-    defaults (as the README calls it: result images are downloaded)."""
+    defaults (as the README calls it: result images are downloaded). It serves photos (--results
+    photos): the ranking tests compare every photo hit with a brute-force ranking; product rows are
+    tests/test_match_demo.py's."""
     from gradio_client import Client
     from support import running_demo
 
-    with running_demo(tiny["data_root"], tiny["checkpoint"], max_upload_mb=1) as (demo, url):
+    with running_demo(tiny["data_root"], tiny["checkpoint"], max_upload_mb=1, results_mode="photos") as (demo, url):
         yield {"demo": demo, "url": url, "client": Client(url, verbose=False)}
