@@ -134,6 +134,7 @@ def score(args):
                      "precision": round(len(hits) / max(1, len(rows)), 3),
                      "precision_planted_only": round(len(hits) / max(1, len(on_planted)), 3),
                      "other_kind_fault": len(cross),  # a planted fault of the other kind, seen as this one
+                     "precision_any_planted_fault": round(len(on_planted) / max(1, len(rows)), 3),
                      "unplanted_findings": len(unplanted),
                      "unplanted_examples": [[r["path"], r["other_path"], r["score"]] for r in unplanted[:8]]}
         if kind == "duplicate":
