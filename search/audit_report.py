@@ -88,7 +88,7 @@ def summary_html(summary, table):
              "<p>" + ", ".join(f"{v} {k}" for k, v in counts.items()) + "</p>"]
     if "message" in summary:
         lines.append(f"<p><b>{html.escape(summary['message'])}</b></p>")
-    for key in ("duplicate_threshold", "margin_threshold"):
+    for key in ("duplicate_threshold", "pixel_threshold", "margin_threshold"):
         if key in summary:
             lines.append(f"<p>{key.replace('_', ' ')}: {summary[key]:.4f} (derived: see docs/audit.md)</p>")
     return "".join(lines)
