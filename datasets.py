@@ -2,7 +2,8 @@
 the data command line whose commands call the rooms that own them.
 
 Beside it: the transforms (preprocessing.py), the batch samplers (samplers.py), DataLoader
-settings (loaders.py) and the dataset table and figure (data_stats.py). Below it, in dataio/: the layouts and their splits (catalogue.py), photo decoding (photos.py),
+settings (loaders.py) and the dataset table and figure (data_stats.py). Below it, in dataio/:
+the layouts and their splits (catalogue.py), photo decoding (photos.py),
 the synthetic stand-in (synthetic_sop.py), download / resize / convert (prepare_data.py) and
 the atomic writers (fileio.py). Nothing in dataio/ imports this module.
 
