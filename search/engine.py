@@ -35,6 +35,9 @@ APPROX_LABEL = "approximation: MLP head linearised at the pooled feature"
 
 # ============ search engine ============
 
+MAX_QUERY_PHOTOS = 8  # photos of one item in one query: each is a forward pass
+
+
 class SearchEngine:
     """The per-query path: decoded image → model input → embedding → exact top-k.
 
@@ -242,6 +245,31 @@ class SearchEngine:
         out["timing_ms"]["decode"] = round((t1 - t0) * 1e3, 2)
         out["timing_ms"]["total"] = round((time.perf_counter() - t0) * 1e3, 2)
         out["query_size"] = list(image.size)
+        return out
+
+    def search_files(self, paths, k=DEFAULT_K, category=CATEGORY_ALL):
+        """`search_file` of several photos of one item as one query: each decoded and embedded, the
+        query = the unit mean of their unit embeddings (measured against max over the photos' scores:
+        bench/bench_match.py); one photo is `search_file` itself. ``query_photos`` = their count."""
+        paths = list(paths)
+        if len(paths) == 1:
+            return self.search_file(paths[0], k, category)
+        if len(paths) > MAX_QUERY_PHOTOS:
+            raise QueryError(f"At most {MAX_QUERY_PHOTOS} photos a query (got {len(paths)}).")
+        return self._on_worker(self._search_files, paths, k, category)
+
+    def _search_files(self, paths, k, category):
+        t0 = time.perf_counter()
+        k, super_id = clamp_k(k), category_to_super_id(category, self.index.categories)
+        vectors = [self._embed(load_query_image(p, self.max_pixels, draft_size=self.resize)) for p in paths]
+        self._last_query = None  # "Show why" explains one photo, not a fused query
+        centre = np.mean(vectors, axis=0)
+        vector = (centre / max(float(np.linalg.norm(centre)), 1e-12)).astype(np.float32)
+        t1 = time.perf_counter()
+        out = self._response(self._ranked(vector, k, super_id), k, category, {
+            "embed": (t1 - t0) * 1e3, "search": (time.perf_counter() - t1) * 1e3,
+            "total": (time.perf_counter() - t0) * 1e3})
+        out["query_photos"] = len(paths)
         return out
 
     def search_gallery_item(self, i, k=DEFAULT_K, category=CATEGORY_ALL, catalogue_path=None):

@@ -44,13 +44,32 @@ def use_private_gradio_temp_dir():
     return Path(path)
 
 
+def refused():
+    """The error for a query file that is not this request's own upload, or a web address."""
+    import gradio as gr
+
+    return gr.Error(guard.REFUSED_QUERY, title="Cannot search with this image", print_exception=False)
+
+
+class RefuseWebAddresses:
+    """Mixin of a query component: Gradio would download a payload's web address, unbounded,
+    before any handler; refused instead."""
+
+    async def async_move_resource_to_block_cache(self, url_or_file_path):
+        if url_or_file_path is not None and guard.is_web_address(str(url_or_file_path)):
+            raise refused()
+        return await super().async_move_resource_to_block_cache(url_or_file_path)
+
+    def move_resource_to_block_cache(self, url_or_file_path):
+        if url_or_file_path is not None and guard.is_web_address(str(url_or_file_path)):
+            raise refused()
+        return super().move_resource_to_block_cache(url_or_file_path)
+
+
 def _query_image_class():
     import gradio as gr
 
-    def refused():
-        return gr.Error(guard.REFUSED_QUERY, title="Cannot search with this image", print_exception=False)
-
-    class QueryImage(gr.Image):
+    class QueryImage(RefuseWebAddresses, gr.Image):
         """gr.Image whose preprocessing hands the uploaded file's path over *undecoded*.
 
         gr.Image would open the upload itself (type="filepath" still calls PIL.Image.open),
@@ -75,17 +94,6 @@ def _query_image_class():
                 raise refused()
             return str(payload.path)
 
-        async def async_move_resource_to_block_cache(self, url_or_file_path):
-            # Gradio would download a payload's web address here, unbounded, before any handler
-            if url_or_file_path is not None and guard.is_web_address(str(url_or_file_path)):
-                raise refused()
-            return await super().async_move_resource_to_block_cache(url_or_file_path)
-
-        def move_resource_to_block_cache(self, url_or_file_path):
-            if url_or_file_path is not None and guard.is_web_address(str(url_or_file_path)):
-                raise refused()
-            return super().move_resource_to_block_cache(url_or_file_path)
-
         def _save_data_url(self, url):
             max_bytes = getattr(self, "max_data_url_bytes", 10 << 20)
             header, _, data = url.partition(",")
@@ -103,6 +111,28 @@ def _query_image_class():
             return str(path)
 
     return QueryImage
+
+
+def _query_files_class():
+    import gradio as gr
+
+    class QueryFiles(RefuseWebAddresses, gr.File):
+        """gr.File (several files) for more photos of the query's item: like QueryImage, every path
+        must be this request's own upload (`search.guard.is_uploaded_file`) and no web address is
+        fetched; the files are handed over undecoded (`search.query.load_query_image` decodes them)."""
+
+        def preprocess(self, payload):
+            if payload is None:
+                return None
+            files = list(payload.root) if hasattr(payload, "root") and isinstance(payload.root, list) else [payload]
+            paths = []
+            for f in files:
+                if f.path is None or not guard.is_uploaded_file(str(f.path), guard.upload_roots()):
+                    raise refused()
+                paths.append(str(f.path))
+            return paths
+
+    return QueryFiles
 
 
 def _caption(r):
@@ -173,11 +203,11 @@ def _explain_handlers(engine, search):
         shown, queries, visible = guarded(why_outputs, engine, image, ranked, on)
         return shown, gr.update(value=queries, visible=visible)
 
-    def search_why(image, k, category, on):
+    def search_why(image, k, category, on, more_photos=None):
         """The page's search (upload, Search button, example): the results and, switch on, their
         maps in the same event: one round trip through Gradio's queue (~0.3 s here), not two."""
-        gallery, ranked, timing = search(image, k, category)
-        if not on:
+        gallery, ranked, timing = search(image, k, category, more_photos)
+        if not on or more_photos:
             return gallery, ranked, timing, gr.update(value=[], visible=False)
         shown, queries = show_why(on, image, ranked)
         return shown, ranked, timing, queries
@@ -241,7 +271,8 @@ def _api_components(gr):
                    gr.JSON(label="explanation")]
         button = gr.Button("Explain")
         search_button = gr.Button("Search (API)")
-    return explain_index, button, outputs, search_button
+        search_photos_button = gr.Button("Search with several photos (API)")
+    return explain_index, button, outputs, search_button, search_photos_button
 
 
 def _info_line(margs, index):
@@ -253,21 +284,28 @@ def _info_line(margs, index):
 
 
 def _search_handlers(engine):
-    """(search, search_result): the /search endpoint's handler (a photo, K, category) and the
-    handler of a click on a result (a search with that gallery image's stored embedding)."""
+    """(search, search_result, search_photos): the /search endpoint's handler (a photo, K, category,
+    and on the page more photos of the item), the handler of a click on a result (a search with that
+    gallery image's stored embedding), and /search_photos' (several photos of one item, K, category)."""
     import gradio as gr
 
     def outputs_of(out):
         gallery = _result_gallery(engine, out)
         return gallery, out, products.verdict(out["results"], out.get("threshold")) + "  \n" + _timing_text(out)
 
-    def search(image, k=search_query.DEFAULT_K, category=search_query.CATEGORY_ALL):
-        """Search the catalogue with a photo: the k most similar gallery images, optionally
-        within one category."""
-        if not image:
+    def search(image, k=search_query.DEFAULT_K, category=search_query.CATEGORY_ALL, more_photos=None):
+        """Search the catalogue with a photo (and optionally ``more_photos`` of the same item, fused
+        into one query): the k most similar gallery products or images, optionally within one category."""
+        photos = [p for p in [image, *(more_photos or [])] if p]
+        if not photos:
             raise gr.Error("Upload, paste or take a photo first.", title="No query image",
                            print_exception=False)
-        return outputs_of(_guarded(engine.search_file, image, k, category))
+        return outputs_of(_guarded(engine.search_files, photos, k, category))
+
+    def search_photos(photos, k=search_query.DEFAULT_K, category=search_query.CATEGORY_ALL):
+        """Search the catalogue with several photos of one item as one query (the unit mean of their
+        embeddings): the k most similar gallery products or images, optionally within one category."""
+        return search(None, k, category, photos)
 
     def search_result(evt: gr.SelectData, ranked, k, category):
         try:
@@ -280,7 +318,7 @@ def _search_handlers(engine):
         out["stored_vector"] = True
         return (engine.result_path(clicked), *outputs_of(out))
 
-    return search, search_result
+    return search, search_result, search_photos
 
 
 def _query_column(gr, index, max_upload_mb):
@@ -294,6 +332,8 @@ def _query_column(gr, index, max_upload_mb):
                     elem_id="k"),
         category=gr.Dropdown(search_query.category_choices(index), value=search_query.CATEGORY_ALL,
                              label="Category filter", elem_id="category"),
+        more=_query_files_class()(label="More photos of the same item (optional: one query)", file_count="multiple",
+                                  file_types=["image"], height=120, elem_id="more_photos"),
         why=gr.Checkbox(False, label=f"Show why (similarity maps of the first {WHY_K} results)", elem_id="why"),
         button=gr.Button("Search", variant="primary", elem_id="search"),
         timing=gr.Markdown(elem_id="timing"))
@@ -310,9 +350,10 @@ def _results_column(gr):
                            object_fit="contain", allow_preview=False, visible=False, elem_id="why_query")
     with gr.Accordion("Ranked results (JSON)", open=False):
         ranked = gr.JSON(elem_id="ranked")
-    explain_result, explain_button, explain_outs, api_search = _api_components(gr)
+    explain_result, explain_button, explain_outs, api_search, api_search_photos = _api_components(gr)
     return types.SimpleNamespace(results=results, why_query=why_query, ranked=ranked, explain_result=explain_result,
-                                 explain_button=explain_button, explain_outs=explain_outs, api_search=api_search)
+                                 explain_button=explain_button, explain_outs=explain_outs, api_search=api_search,
+                                 api_search_photos=api_search_photos)
 
 
 def _wire(c, r, engine, examples, concurrency_limit):
@@ -320,15 +361,19 @@ def _wire(c, r, engine, examples, concurrency_limit):
     /explain endpoints, and the page's own search (button, upload, example, result click) with
     "Show why" in the same event. All share one concurrency slot: on CPU, one forward pass at a
     time is fastest."""
-    search, search_result = _search_handlers(engine)
+    search, search_result, search_photos = _search_handlers(engine)
     explain, show_why, search_why = _explain_handlers(engine, search)
     outs = [r.results, r.ranked, c.timing]
     common = dict(concurrency_limit=concurrency_limit, concurrency_id="search")
     why_args = dict(fn=show_why, inputs=[c.why, c.query, r.ranked], outputs=[r.results, r.why_query],
                     api_visibility="private", **common)
-    page_search = dict(fn=search_why, inputs=[c.query, c.k, c.category, c.why], outputs=[*outs, r.why_query],
+    page_search = dict(fn=search_why, inputs=[c.query, c.k, c.category, c.why, c.more],
+                       outputs=[*outs, r.why_query],
                        api_visibility="private", **common)
     r.api_search.click(search, [c.query, c.k, c.category], outs, api_name="search", **common)
+    # several photos of one item: their own endpoint, so that /search keeps its three inputs (a raw
+    # HTTP call must send every input of an endpoint)
+    r.api_search_photos.click(search_photos, [c.more, c.k, c.category], outs, api_name="search_photos", **common)
     c.button.click(**page_search)
     c.query.upload(**page_search)
     r.results.select(search_result, [r.ranked, c.k, c.category], [c.query, *outs],
@@ -348,7 +393,8 @@ def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_up
     ``results_mode``, ``threshold``: products (one row each) or photos, and the same-product threshold
     (default the model's or the index's), as `search.engine.SearchEngine` takes them.
     Events: the public API endpoint ``/search`` (image, k, category → gallery, ranked-results
-    JSON, timing text; on a hidden button) and ``/explain`` (image, a result's catalogue path);
+    JSON, timing text; on a hidden button), ``/search_photos`` (a list of photos of one item, k,
+    category; the same outputs) and ``/explain`` (image, a result's catalogue path);
     the Search button, a new upload / paste / webcam shot and a click on an example run the same
     search and, with "Show why" on, the maps in the same event; a click on a result searches
     with that gallery image's stored embedding (`_wire`).

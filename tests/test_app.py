@@ -233,9 +233,9 @@ def test_upload_size_cap(server, tiny):
     assert len(gallery) == 3
 
 
-def test_public_endpoints_are_search_and_explain(server):
+def test_public_endpoints_are_search_search_photos_and_explain(server):
     info = server["client"].view_api(return_format="dict", print_info=False)
-    assert sorted(info["named_endpoints"]) == ["/explain", "/search"]
+    assert sorted(info["named_endpoints"]) == ["/explain", "/search", "/search_photos"]
     params = [p["parameter_name"] for p in info["named_endpoints"]["/search"]["parameters"]]
     assert params == ["image", "k", "category"]
 

@@ -80,3 +80,30 @@ def test_api_returns_threshold_and_each_match(tiny, tmp_path):
     assert "No catalogue product matches" in text
     assert len({r["product_id"] for r in ranked["results"]}) == 4
     assert np.all(np.diff([r["score"] for r in ranked["results"]]) <= 0)
+
+
+def test_several_photos_one_query_engine_and_api(tiny):
+    """Three photos of one item: the engine fuses their unit embeddings (unit mean); /search takes
+    them as a list on /search_photos, /search's single-photo call keeps working, and a listed path that is
+    not this request's upload is refused."""
+    from gradio_client import Client, handle_file
+    from support import running_demo
+
+    engine, paths = tiny["engine"], tiny["gallery"].paths[:3]
+    vectors = np.stack([engine.embed(__import__("PIL.Image").Image.open(p).convert("RGB")) for p in paths])
+    centre = vectors.mean(0) / np.linalg.norm(vectors.mean(0))
+    expected = tiny["index"].embeddings @ centre
+    fused = engine.search_files(paths, k=3)
+    assert fused["query_photos"] == 3
+    np.testing.assert_allclose([r["score"] for r in fused["results"]], np.sort(expected)[::-1][:3], atol=1e-4)
+
+    with running_demo(tiny["data_root"], tiny["checkpoint"], results_mode="photos") as (_, url):
+        client = Client(url, verbose=False)
+        _, ranked, _ = client.predict([handle_file(p) for p in paths], 3, "All", api_name="/search_photos")
+        _, single, _ = client.predict(handle_file(paths[0]), 3, "All", api_name="/search")
+        for payload in ({"path": "/etc/passwd"}, {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}},
+                        {"path": str(tiny["checkpoint"]), "meta": {"_type": "gradio.FileData"}}):
+            with pytest.raises(Exception):  # noqa: B017 (Gradio's own check or the app's: both refuse)
+                client.predict([handle_file(paths[0]), payload], 3, "All", api_name="/search_photos")
+    assert ranked["query_photos"] == 3 and "query_photos" not in single
+    assert [r["index"] for r in ranked["results"]] == [r["index"] for r in fused["results"]]
