@@ -32,15 +32,22 @@ def test_process_on_the_cpu_uses_amp_and_channels_last_when_asked():
 
 
 def watch_training_forwards(monkeypatch):
-    """Record, for every forward of the backbone in train mode, (input is channels-last, output
+    """Record, for every forward of the backbone (`forward_features`) in train mode, (input is channels-last, output
     dtype); returns the list it fills."""
     seen = []
     build = models.build_model
 
     def build_and_watch(*args, **kwargs):
         model = build(*args, **kwargs)
-        model.backbone.register_forward_hook(lambda module, inputs, output: seen.append(
-            (inputs[0].is_contiguous(memory_format=torch.channels_last), output.dtype)) if module.training else None)
+        features = model.forward_features
+
+        def watched(x):
+            grid = features(x)
+            if model.training:
+                seen.append((x.is_contiguous(memory_format=torch.channels_last), grid.dtype))
+            return grid
+
+        model.forward_features = watched  # the backbone's pass (forward = forward_head(forward_features))
         return model
 
     monkeypatch.setattr(models, "build_model", build_and_watch)
