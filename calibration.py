@@ -103,11 +103,15 @@ def threshold_at_fmr(impostor_scores, target_fmr: float, weights=None) -> float:
         raise ValueError("no impostor pairs (pairs of photos of two different products) to fit a "
                          "threshold on: fit on a catalogue of at least two products")
     order = np.argsort(-s, kind="stable")
-    s, cum = s[order], np.cumsum(w[order])
-    allowed = target_fmr * cum[-1]
+    return _threshold_sorted(s[order], w[order], target_fmr)
+
+
+def _threshold_sorted(s_desc: np.ndarray, w: np.ndarray, target_fmr: float) -> float:
+    """`threshold_at_fmr` of scores sorted descending with their weights."""
+    cum = np.cumsum(w)
     # t above s[k] admits exactly the pairs scoring > s[k]; ties enter together, so step over them.
-    over = np.flatnonzero(cum > allowed * (1 + 1e-12))
-    return float(np.nextafter(s[over[0]], np.inf))
+    over = np.argmax(cum > target_fmr * cum[-1] * (1 + 1e-12))
+    return float(np.nextafter(s_desc[over], np.inf))
 
 
 def rates(genuine_scores, impostor_scores, threshold: float) -> dict:
@@ -139,12 +143,14 @@ def bootstrap_threshold(scores, pair_products, target_fmr: float, *, draws=BOOTS
         keep = rng.choice(len(scores), BOOTSTRAP_PAIRS, replace=False)
         scores, a, b = np.asarray(scores)[keep], a[keep], b[keep]
     products = int(max(a.max(), b.max())) + 1
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")  # sorted once for every draw
+    s_desc, a, b = np.asarray(scores, dtype=np.float64)[order], a[order], b[order]
     found = []
     for _ in range(draws):
         counts = np.r_[np.bincount(rng.integers(0, products, products), minlength=products), 1.0]
         w = counts[a] * counts[b]   # b = -1 reads the trailing 1
         if w.sum() > 0:
-            found.append(threshold_at_fmr(scores, target_fmr, weights=w))
+            found.append(_threshold_sorted(s_desc, w, target_fmr))
     return float(np.quantile(found, confidence)) if found else threshold_at_fmr(scores, target_fmr)
 
 
