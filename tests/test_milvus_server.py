@@ -22,7 +22,7 @@ from search import gallery  # noqa: E402
 from search import vectordb  # noqa: E402
 from search import watch  # noqa: E402
 import models  # noqa: E402
-from test_vectordb import KEY, IMAGE_SIZE, make_folder, write_image  # noqa: E402
+from gallery_photos import IMAGE_SIZE, KEY, make_folder, write_image  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
-from PIL import Image
 
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
@@ -30,13 +29,11 @@ from search import vectordb  # noqa: E402
 from search.index import GalleryIndex  # noqa: E402
 import checkpoints  # noqa: E402
 import models  # noqa: E402
+from gallery_photos import ADVERSARIAL, IMAGE_SIZE, KEY, make_folder, write_image  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE_SIZE = 32
-KEY = "sha256-of-a-checkpoint"
-ADVERSARIAL = ['Kid\'s "B" shoes', 'A" or category != "', "back\\slash"]
 # names that broke the filter before: raw newline / CR end a Milvus literal
 BREAKING = ["new\nline", "carriage\rreturn", "tab\there", "\\n", "é日本 😀", "\u2028sep\x85", "\x00nul\x7f",
             "'single'"]
@@ -44,23 +41,6 @@ MODEL_ARGS = {"backbone": "resnet18", "image_size": IMAGE_SIZE, "embedding_size"
 
 
 # ============ helpers and fixtures ============
-
-def write_image(path, seed):
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
-    pixels[:20, :20] = rng.integers(0, 256, size=3, dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
-    return path
-
-
-def make_folder(root, n=30):
-    """n photos over the adversarial category names and a plain one, two levels down."""
-    names = ADVERSARIAL + ["new\nline\r", "mugs"]
-    for i in range(n):
-        write_image(root / names[i % len(names)] / f"p{i // 8}" / f"img{i:04d}.png", i)
-    return root
-
 
 @pytest.fixture(scope="module")
 def model():
@@ -291,10 +271,11 @@ def test_update_embeds_only_changes_and_a_search_sees_them(model, tmp_path, db_u
 
 def test_engine_searches_the_database_with_a_category_filter(model, tmp_path):
     from search import engine
+    from search import loading
 
     root = make_folder(tmp_path / "photos", n=12)
-    loaded = engine.SearchModel(model, None, KEY, "tiny")
-    store, folder = engine.folder_index(loaded, root, backend="milvus", db_uri=str(tmp_path / "g.db"),
+    loaded = loading.SearchModel(model, None, KEY, "tiny")
+    store, folder = loading.folder_index(loaded, root, backend="milvus", db_uri=str(tmp_path / "g.db"),
                                         batch_size=4, workers=0)
     eng = engine.SearchEngine(model, store, folder)
     for category in ADVERSARIAL:
