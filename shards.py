@@ -91,6 +91,8 @@ def main(args):
     import torch
     import torch.distributed as dist
 
+    vectordb.apply_backend_args(args)  # --db_timeout: every database call of this process
+
     import devices
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

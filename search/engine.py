@@ -84,6 +84,7 @@ class SearchEngine:
                                   ).contiguous(memory_format=torch.channels_last)
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="search")
         self._worker_thread = self._worker.submit(threading.current_thread).result()
+        _own_adoption(index)
         self.abs_paths = [str(self.data_root / p) for p in index.paths]
         # the file route serves exactly these photos (search.guard), swapped with the index
         self.served = guard.ServedFiles(self.data_root, index.paths)
@@ -118,6 +119,7 @@ class SearchEngine:
         more than the swap itself. Callers outside the worker should take a result's file
         from its own ``catalogue_path`` (`result_path`), not from ``abs_paths[index]``, which
         may belong to a newer gallery."""
+        _own_adoption(index)
         adopt = getattr(index, "adopt", None)
         if adopt is not None:  # a database gallery (search.vectordb) that updated itself in place:
             self._on_worker(adopt)  # its new rows become the searched ones between two queries
@@ -460,6 +462,14 @@ class SearchEngine:
             if present is not None:
                 picks.append(present)
         return picks[:n]
+
+
+def _own_adoption(index):
+    """A database gallery served by the engine adopts new rows only when the engine says so
+    (`SearchEngine.replace_index`, on the worker between two queries), never in the middle of a
+    query: its category ids, rows and paths then come from one view."""
+    if hasattr(index, "auto_adopt"):
+        index.auto_adopt = False
 
 
 def _file_key(path):

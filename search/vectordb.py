@@ -221,6 +221,7 @@ class MilvusGallery:
         self.embeddings = _RowVectors(self)
         self._unreadable = {}  # rel -> (size, mtime_ns): unreadable last time, not retried until changed
         self._pending = None
+        self.auto_adopt = True  # search() adopts rows read by update / refresh (False: only adopt() does)
         self._view = self._load_view()
         self.meta = {"gallery": {"root": str(self.root), "model_key": self.properties.get("model_key")},
                      "database": {"uri": self.uri, "collection": name}}
@@ -391,7 +392,9 @@ class MilvusGallery:
         """Top-k rows for each query: ``(scores float32 [Q, k], rows int64 [Q, k])``, padded with
         -inf / -1, ranked as `search.index.GalleryIndex.search` (module docstring);
         ``super_id``: one category only (the database's filter)."""
-        view = self.adopt()
+        # a server (search.engine) adopts new rows itself, between two queries: a query then reads
+        # one view from its category ids to its rows, whatever an update does meanwhile
+        view = self.adopt() if self.auto_adopt else self._view
         q = knn.l2_normalize(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
         dim = int(self.properties.get("embedding_size", q.shape[1]))
         if q.shape[1] != dim:

@@ -21,6 +21,7 @@ from search import explain_store
 from search import guard
 from search import products
 from search import query as search_query
+from search import vectordb
 
 logger = logging.getLogger("app_stanford")  # the demo's log, whichever module writes to it
 
@@ -175,6 +176,10 @@ def _guarded(fn, *args):
         return fn(*args)
     except search_query.QueryError as e:
         raise gr.Error(str(e), title="Cannot search with this image", print_exception=False) from None
+    except vectordb.DatabaseError as e:  # the database is down or slow: say so, it reconnects by itself
+        logger.error("search failed: %s", e)
+        raise gr.Error("The catalogue database is not answering right now; try again in a few seconds.",
+                       title="Database unavailable", print_exception=False) from None
     except gr.Error:
         raise
     except Exception:

@@ -284,6 +284,32 @@ def test_engine_searches_the_database_with_a_category_filter(model, tmp_path):
     assert len(eng.search_gallery_item(0, k=50)["results"]) == 11  # itself excluded
 
 
+def test_a_served_query_reads_one_view_while_an_update_waits_for_the_swap(model, tmp_path):
+    """Under --watch the database is updated on another thread: until the engine swaps the new
+    view in (between two queries), every query reads the old one, category ids, rows and paths
+    together; afterwards the new one."""
+    from search import engine
+    from search import loading
+
+    root = make_folder(tmp_path / "photos", n=12)
+    loaded = loading.SearchModel(model, None, KEY, "tiny")
+    store, folder = loading.folder_index(loaded, root, backend="milvus", db_uri=str(tmp_path / "g.db"),
+                                        batch_size=4, workers=0)
+    eng = engine.SearchEngine(model, store, folder)
+    old_paths, old_categories = list(store.paths), list(store.categories)
+    write_image(root / "aaa_new_category" / "p" / "x.png", 7)  # sorts first: would shift every category id
+    store.update(model, batch_size=4, workers=0, progress=False)  # the watcher's step, before its swap
+    for category in old_categories:
+        out = eng.search_gallery_item(0, k=50, category=category)
+        assert {r["category"] for r in out["results"]} == {category}
+        assert all(r["catalogue_path"] in old_paths for r in out["results"])
+    assert store.paths == old_paths  # the search did not adopt the new rows by itself
+    eng.replace_index(store)
+    assert "aaa_new_category/p/x.png" in store.paths
+    out = eng.search_gallery_item(0, k=50, category="aaa_new_category")
+    assert [r["catalogue_path"] for r in out["results"]] == ["aaa_new_category/p/x.png"]
+
+
 # ============ any size, any start ============
 
 def test_the_view_holds_every_row_past_one_page(tmp_path, db_uri):
