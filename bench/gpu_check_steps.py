@@ -145,7 +145,7 @@ def step_train_amp_resume_eval(step: Step) -> None:
     n = res.get("num_queries")
     step.figures.update({
         "evaluate_device": device,
-        # retrieval.extract_embeddings(amp=None) autocasts to float16 exactly when the device is
+        # extraction.extract_embeddings(amp=None) autocasts to float16 exactly when the device is
         # CUDA, and evaluate.py passes no amp: so AMP was used iff the device is cuda
         "evaluate_amp": device.startswith("cuda"),
         "evaluate_num_queries": n, "evaluate_product_recall@1": recall,
