@@ -62,18 +62,15 @@ import threading
 
 import torch
 
+from dataio import catalogue
 import datasets
 import inference
-from dataio import catalogue
-from search import ann
+from search import ann, guard, products, vectordb
 from search import engine as search_engine
 from search import loading as search_loading
-from search import guard
-from search import products
 from search import watch as gallery_watch
-from search.webapp import attach_store, build_app, launch_app, use_private_gradio_temp_dir
-from search import vectordb
 from search.gallery import CHECKPOINT_EVERY
+from search.webapp import attach_store, build_app, launch_app, use_private_gradio_temp_dir
 from training import evaluation
 
 logger = logging.getLogger("app_stanford")

@@ -18,8 +18,7 @@ import logging
 import sys
 
 from dataio import catalogue
-from search import audit_run
-from search import loading
+from search import audit_run, loading
 from training import evaluation
 
 

@@ -13,13 +13,13 @@ packages (timm architectures, key names remapped by ``lite_state_to_timm``).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
 import functools
 import importlib
 import os
 import socket
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable
 from urllib.parse import urlparse
 
 import torch

@@ -26,8 +26,8 @@ import pickle
 import random
 import re
 import subprocess
-import zipfile
 from typing import Any
+import zipfile
 
 import numpy as np
 import torch

@@ -26,14 +26,22 @@ import numpy as np
 import torch
 
 import data_stats
-import preprocessing
 from dataio import catalogue
-from dataio.catalogue import (DEFAULT_TEST_FRACTION, DOWNLOAD_HINT, DatasetError, detect_layout, format_paths,
-                              log_skipped, read_catalogue, split_validation)
+from dataio.catalogue import (
+    DEFAULT_TEST_FRACTION,
+    DOWNLOAD_HINT,
+    DatasetError,
+    detect_layout,
+    format_paths,
+    log_skipped,
+    read_catalogue,
+    split_validation,
+)
 from dataio.fileio import read_marker
 from dataio.photos import IMAGE_ERRORS, load_image, scan_bad_images
 from dataio.prepare_data import SOP_URL, convert_catalogue, download_sop, resize_dataset
 from dataio.synthetic_sop import ensure_synthetic_sop, make_synthetic_sop
+import preprocessing
 
 logger = logging.getLogger("datasets")
 

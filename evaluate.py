@@ -48,20 +48,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 import sys
 import time
-from pathlib import Path
 
+import backbones
+import calibration
+import checkpoints
 from dataio import catalogue
 import datasets
 import inference
-import backbones
-import checkpoints
-import calibration
 from search.index import build_gallery_index, load_fresh_index
-from training import evaluation
-from training import matching
-from training import reporting
+from training import evaluation, matching, reporting
 
 logger = logging.getLogger("evaluate")
 

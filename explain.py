@@ -30,13 +30,13 @@ fixed), as the embeddings the search uses.
 """
 from __future__ import annotations
 
-import functools
 from contextlib import contextmanager
+import functools
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn as nn
-from PIL import Image
 
 from models import EmbeddingNet
 from preprocessing import IMAGENET_MEAN, IMAGENET_STD
@@ -207,8 +207,8 @@ def _colour_table(cmap: str) -> np.ndarray:
 def overlay(image_pil: Image.Image, heat_map, alpha: float = 0.5, cmap: str = "jet") -> Image.Image:
     """The image with ``heat_map`` ([H, W] tensor or array) drawn over it, for display: the map is
     scaled min-max to [0, 1] (a constant map is drawn at 0), quantised to 256 levels, upsampled
-    bilinearly to the image's size, coloured with the matplotlib colormap ``cmap`` and blended, ``alpha`` being the heat map's weight. Returns an
-    RGB image of the input's size."""
+    bilinearly to the image's size, coloured with the matplotlib colormap ``cmap`` and blended,
+    ``alpha`` being the heat map's weight. Returns an RGB image of the input's size."""
     image = image_pil.convert("RGB")
     m = np.asarray(heat_map.detach().cpu() if torch.is_tensor(heat_map) else heat_map, dtype=np.float32)
     span = float(m.max() - m.min())

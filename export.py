@@ -23,10 +23,10 @@ import sys
 
 import backbones
 import checkpoints
+from dataio import catalogue
 import inference
 import models
 import onnx_export
-from dataio import catalogue
 from training import evaluation
 
 

@@ -5,6 +5,7 @@ import os
 
 import torch
 
+
 def available_cpus() -> int:
     """CPUs this process may run on (the affinity mask; ``os.cpu_count`` where unknown)."""
     try:

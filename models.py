@@ -78,7 +78,7 @@ class EmbeddingNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def zero_shot(self) -> "EmbeddingNet":
+    def zero_shot(self) -> EmbeddingNet:
         """The backbone alone (its L2-normalised pooled features), sharing this network's
         backbone module: what the pretrained weights retrieve before any training."""
         args = {**self.model_args, "head": "none", "embedding_size": self.feature_dim}
@@ -264,7 +264,7 @@ def zero_shot_model_key(backbone: str, weights: str, image_size: int) -> str:
 
 
 def zero_shot_model(backbone: str, weights: str = "imagenet", image_size: int = 224,
-                    device="cpu") -> "EmbeddingNet":
+                    device="cpu") -> EmbeddingNet:
     """The backbone alone: its pooled features, L2-normalised (`build_model` with head none)."""
     return build_model(backbone, weights=weights, image_size=int(image_size), head="none").to(device).eval()
 

@@ -8,6 +8,7 @@ onnx and onnxruntime are imported inside the functions that need them (``import_
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 import copy
 import errno
 import functools
@@ -16,22 +17,20 @@ import io
 import json
 import logging
 import os
+from pathlib import Path
 import sys
 import tempfile
 import warnings
-from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 import checkpoints
+from dataio import catalogue, fileio
 import datasets
 import models
 import preprocessing
-from dataio import catalogue, fileio
-
 
 PRECISIONS = ("fp32", "int8")
 FORMAT = "visual-product-search.embedding"
@@ -188,8 +187,7 @@ def quantize_int8(model_bytes: bytes, batches: list[np.ndarray]) -> bytes:
     if not batches:
         raise ValueError("int8 quantisation needs calibration images; got none")
     import_onnxruntime()
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
     # Only file paths go in and out of the quantiser: a private folder, never the output's.
     with tempfile.TemporaryDirectory(prefix="int8-") as tmp:

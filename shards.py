@@ -20,9 +20,7 @@ import os
 from pathlib import Path
 
 import datasets
-from search import ann
-from search import shards
-from search import vectordb
+from search import ann, shards, vectordb
 
 
 def get_args_parser():
@@ -48,11 +46,11 @@ def get_args_parser():
 
 def load_gallery(args, device):
     """(model, its checkpoint hash, the gallery dataset with the eval transform)."""
-    import datasets
-    import preprocessing
-    import inference
     import checkpoints
     from dataio import catalogue
+    import datasets
+    import inference
+    import preprocessing
 
     model = inference.load_embedder(args.checkpoint, runtime=inference.resolve_runtime(args.runtime, device),
                                     device=device)

@@ -55,25 +55,19 @@ setup (data, model, optimizer; restoring a checkpoint), loop (one epoch, one val
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from dataio import catalogue
 import backbones
 import checkpoints
+from dataio import catalogue
 import models
 import retrieval
-from training import distributed
-from training import flags
-from training import heldout
-from training import loop
-from training import matching
-from training import runs
-from training import setup
+from training import distributed, flags, heldout, loop, matching, runs, setup
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

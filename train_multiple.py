@@ -38,13 +38,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dataio import catalogue
-import samplers
-import losses
 import backbones
+from dataio import catalogue
+import losses
+import samplers
 import train  # its public parser (and main, for --launcher inprocess): the one entry script reused
-from training import flags
-from training import grid
+from training import flags, grid
 from training.grid import QUICK_DATASET, QUICK_DEFAULTS, SEED_BACKBONES
 
 # ============ arguments ============

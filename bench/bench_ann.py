@@ -19,16 +19,16 @@ thread (faiss OpenMP and BLAS limited to 1); builds use every core (build_thread
 import argparse
 import json
 import os
+from pathlib import Path
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import knn  # noqa: E402
-from search import ann  # noqa: E402
-from search.index import GalleryIndex  # noqa: E402
+import knn
+from search import ann
+from search.index import GalleryIndex
 
 SOP_TEST_SIZE = 60_502
 BUILD_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -85,7 +85,8 @@ def real(path, num_queries, seed):
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(gallery), num_queries, replace=False)
     # a query is a gallery image moved a little: a neighbour of itself, not the image itself
-    q = gallery[rows] + rng.standard_normal(gallery[rows].shape, dtype=np.float32) * np.float32(0.1 / np.sqrt(gallery.shape[1]))
+    noise = rng.standard_normal(gallery[rows].shape, dtype=np.float32)
+    q = gallery[rows] + noise * np.float32(0.1 / np.sqrt(gallery.shape[1]))
     return gallery, knn.l2_normalize(q)
 
 

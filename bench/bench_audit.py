@@ -26,20 +26,19 @@ import argparse
 import csv
 import io
 import json
+from pathlib import Path
 import random
 import resource
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataio import catalogue  # noqa: E402
-
+from dataio import catalogue
 
 # ============ plant ============
 
@@ -188,8 +187,8 @@ def scale(args):
 def embed_throughput(args):
     """Images per second of the audit's embedding pass (search.gallery.embed_files, the zero-shot
     backbone) over the first ``--embed_images`` photos of ``--data_root``."""
-    from search import gallery
     import models
+    from search import gallery
 
     table = catalogue.read_catalogue(args.data_root)
     root = Path(table.root) if hasattr(table, "root") else Path(args.data_root)

@@ -29,18 +29,17 @@ Backends: ``file``, ``milvus-lite`` (a local database, in this process's Milvus 
 import argparse
 import json
 import os
+from pathlib import Path
 import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import knn  # noqa: E402
-from search import gallery  # noqa: E402
-from search import vectordb  # noqa: E402
+import knn
+from search import gallery, vectordb
 
 MODEL_ARGS = {"backbone": "synthetic", "image_size": 0, "embedding_size": 128}
 CATEGORIES = 12

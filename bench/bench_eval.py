@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 import platform
 import resource
 import subprocess
@@ -28,7 +29,6 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 
@@ -147,7 +147,8 @@ def main(args):
                "--repeats", str(args.repeats)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        ours = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        stdout = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        ours = json.loads(stdout.strip().splitlines()[-1])
     result["ours_s"] = round(ours["seconds"], 3)
     result["ours_cpu_s"] = round(ours["cpu_seconds"], 3)
     result["ours_all_s"] = [round(t, 3) for t in ours["all_seconds"]]

@@ -26,23 +26,22 @@ split (real photos: their decoding is part of both paths).
 """
 import argparse
 import json
+from pathlib import Path
 import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from search import webapp  # noqa: E402
-import datasets  # noqa: E402
-from dataio import fileio  # noqa: E402
-from search import engine as search_engine  # noqa: E402
-from search import loading as search_loading  # noqa: E402
-from bench import demo_clients  # noqa: E402
-from search import tiny_demo  # noqa: E402
+from bench import demo_clients
+from dataio import fileio
+import datasets
+from search import engine as search_engine
+from search import loading as search_loading
+from search import tiny_demo, webapp
 
 # In the page: resolves when the gallery `id` shows `count` loaded images and its first one is not
 # `previous` (the last iteration's); the elapsed time since the call is left in window.__elapsed.

@@ -14,19 +14,19 @@ route's rule is one set lookup, `search.guard.ServedFiles`).
 import argparse
 import http.client
 import json
+from pathlib import Path
 import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from search import webapp  # noqa: E402
-import models  # noqa: E402
-from search import loading as search_loading  # noqa: E402
-from search.tiny_demo import free_port, make_tiny_demo  # noqa: E402
+import models
+from search import loading as search_loading
+from search import webapp
+from search.tiny_demo import free_port, make_tiny_demo
 
 
 def get_args_parser():

@@ -23,20 +23,20 @@ import datetime
 import json
 import multiprocessing
 import os
+from pathlib import Path
 import platform
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from search import gallery  # noqa: E402
-import inference  # noqa: E402
-import backbones  # noqa: E402
-import models  # noqa: E402
-from dataio.fileio import atomic_write_text  # noqa: E402
+import backbones
+from dataio.fileio import atomic_write_text
+import inference
+import models
+from search import gallery
 
 MARKER = ".bench_generated.json"  # hidden: the scan skips it (counted as a non-image)
 
@@ -193,7 +193,8 @@ def main(args) -> dict:
                    "no_change": pass_summary(no_change)},
         "incremental_vs_full": round(ratio, 4), "new_share": round(share, 4),
         "overhead_vs_share": round(ratio / share, 2) if share else None,
-        "machine": machine_info(), "loadavg_start": loadavg_start, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "machine": machine_info(), "loadavg_start": loadavg_start,
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
     }
 
 

@@ -24,19 +24,19 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import sys
 import time
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import numpy as np  # noqa: E402
+import numpy as np
 
-import calibration  # noqa: E402
-import datasets  # noqa: E402
-import models  # noqa: E402
-import preprocessing  # noqa: E402
-from training import matching  # noqa: E402
+import calibration
+import datasets
+import models
+import preprocessing
+from training import matching
 
 
 def embed_split(model, root, split, train_args, workers):

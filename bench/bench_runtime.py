@@ -32,29 +32,29 @@ import argparse
 import io
 import json
 import os
+from pathlib import Path
 import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import datasets  # noqa: E402
-import loaders  # noqa: E402
-import preprocessing  # noqa: E402
-import inference  # noqa: E402
-import onnx_export  # noqa: E402
-import backbones  # noqa: E402
-import checkpoints  # noqa: E402
-import models  # noqa: E402
-import extraction  # noqa: E402
-import knn  # noqa: E402
-import retrieval  # noqa: E402
-from dataio import fileio, synthetic_sop  # noqa: E402
+import backbones
+import checkpoints
+from dataio import fileio, synthetic_sop
+import datasets
+import extraction
+import inference
+import knn
+import loaders
+import models
+import onnx_export
+import preprocessing
+import retrieval
 
 DEFAULT_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 DEFAULT_SIZES = ("128", "224", "native")

@@ -23,26 +23,24 @@ The query defaults to a synthetic SOP-like JPEG with sides in 480..640 px.
 import argparse
 import json
 import os
+from pathlib import Path
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import datasets  # noqa: E402
-from dataio import synthetic_sop  # noqa: E402
-from dataio import photos  # noqa: E402
-from dataio import catalogue  # noqa: E402
-import inference  # noqa: E402
-import onnx_export  # noqa: E402
-import backbones  # noqa: E402
-import models  # noqa: E402
-from search.engine import SearchEngine  # noqa: E402
-from search.index import GalleryIndex  # noqa: E402
+import backbones
+from dataio import catalogue, photos, synthetic_sop
+import datasets
+import inference
+import models
+import onnx_export
+from search.engine import SearchEngine
+from search.index import GalleryIndex
 
 SOP_TEST_SIZE = 60_502
 

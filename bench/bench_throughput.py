@@ -38,29 +38,27 @@ import argparse
 import json
 import math
 import os
+from pathlib import Path
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import datasets  # noqa: E402
-import loaders  # noqa: E402
-import preprocessing  # noqa: E402
-import samplers  # noqa: E402
-from dataio import fileio  # noqa: E402
-from dataio import prepare_data  # noqa: E402
-from dataio import synthetic_sop  # noqa: E402
-import losses  # noqa: E402
-import backbones  # noqa: E402
-import models  # noqa: E402
-import extraction  # noqa: E402
-from training import loop  # noqa: E402
+import backbones
+from dataio import fileio, prepare_data, synthetic_sop
+import datasets
+import extraction
+import loaders
+import losses
+import models
+import preprocessing
+import samplers
+from training import loop
 
 PARTS = ("forward", "extract", "train_step", "train_loader")
 TARGETS = {"extract_vs_ceiling": 0.8, "train_vs_ceiling": 0.8, "cuda_extract_images_per_s_b0": 3000}
@@ -305,9 +303,11 @@ def build_datasets(args, parts) -> tuple[Path | None, dict, int | None]:
             root = resized_copy(root, args.resized_root, args.image_size)
     data = {}
     if "extract" in parts:
-        data["extract"] = datasets.SOPDataset(root, "test", transform=preprocessing.build_transform(args.image_size, train=False))
+        data["extract"] = datasets.SOPDataset(
+            root, "test", transform=preprocessing.build_transform(args.image_size, train=False))
     if "train_loader" in parts:
-        data["train_loader"] = datasets.SOPDataset(root, "train", transform=preprocessing.build_transform(args.image_size, train=True))
+        data["train_loader"] = datasets.SOPDataset(
+            root, "train", transform=preprocessing.build_transform(args.image_size, train=True))
     decode_size = None
     for ds in data.values():
         if not args.draft:
@@ -378,7 +378,8 @@ def report(args, parts, results, device, amp, settings, root, decode_size) -> di
     out = {
         "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
         "cpu_count": os.cpu_count(), "cpus_available": loaders.available_cpus(),
         "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
         # read by libgomp when torch loads: how idle OpenMP threads wait (see the README)
@@ -432,8 +433,8 @@ def main(args) -> dict:
     root, data, decode_size = build_datasets(args, parts)
     model = models.build_model(args.backbone, image_size=args.image_size, weights="none")
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    loaders = build_loaders(args, data, settings, batches)
-    results = time_parts(args, parts, torch.compile(model) if args.compile else model, loaders,
+    data_loaders = build_loaders(args, data, settings, batches)
+    results = time_parts(args, parts, torch.compile(model) if args.compile else model, data_loaders,
                          device, amp, batches)
     out = report(args, parts, results, device, amp, settings, root, decode_size)
     out["load_avg_before"] = [round(v, 2) for v in load_avg_before]

@@ -5,9 +5,9 @@ under selenium. Neither is part of the library: the demo never makes a query fil
 from __future__ import annotations
 
 import io
+from pathlib import Path
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 from PIL import Image

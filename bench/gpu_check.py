@@ -68,21 +68,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: the project's flat modules and bench's helpers
     sys.path.insert(0, str(REPO))
 
-from bench.gpu_check_harness import (IN_PROCESS_MEMORY_METHOD, SUBPROCESS_MEMORY_METHOD,  # noqa: E402
-                                     Context, environment_info, say, tail)
-from bench.gpu_check_outputs import json_safe  # noqa: E402
-from bench.gpu_check_plan import STEPS, build_plan, plan_report, selected_steps  # noqa: E402
-from bench.gpu_check_steps import execute_step  # noqa: E402
+from bench.gpu_check_harness import (
+    IN_PROCESS_MEMORY_METHOD,
+    SUBPROCESS_MEMORY_METHOD,
+    Context,
+    environment_info,
+    say,
+    tail,
+)
+from bench.gpu_check_outputs import json_safe
+from bench.gpu_check_plan import STEPS, build_plan, plan_report, selected_steps
+from bench.gpu_check_steps import execute_step
 
 TIME_BUDGET_S = 480  # the "under 8 minutes" on an H100/H200-class GPU
 MEMORY_METHODS = {"subprocess_steps": SUBPROCESS_MEMORY_METHOD, "in_process_steps": IN_PROCESS_MEMORY_METHOD}

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 from bench.gpu_check_plan import REPO, command_text
 
@@ -174,7 +174,7 @@ def alarm(seconds: float):
 class Step:
     """The running record of one step: its commands' results, checks and figures."""
 
-    def __init__(self, plan: dict, ctx: "Context"):
+    def __init__(self, plan: dict, ctx: Context):
         self.name, self.plan, self.ctx = plan["name"], plan, ctx
         self.deadline = time.perf_counter() + ctx.args.step_timeout
         self.runs: list[dict] = []

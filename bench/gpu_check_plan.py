@@ -4,9 +4,9 @@ of its in-process call. Pure: paths and command lines only, nothing touches the 
 """
 from __future__ import annotations
 
+from pathlib import Path
 import shlex
 import sys
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"

@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 import shutil
 import statistics
 import time
-from pathlib import Path
 
-from bench.gpu_check_harness import (IN_PROCESS_MEMORY_METHOD, Context, Step, StepFailed, alarm, tail)
-from bench.gpu_check_outputs import (epochs_of, finite, loss_problems, metrics_differences, optimizer_steps,
-                                     read_csv_rows, scheduled_steps, target_report)
+from bench.gpu_check_harness import IN_PROCESS_MEMORY_METHOD, Context, Step, StepFailed, alarm, tail
+from bench.gpu_check_outputs import (
+    epochs_of,
+    finite,
+    loss_problems,
+    metrics_differences,
+    optimizer_steps,
+    read_csv_rows,
+    scheduled_steps,
+    target_report,
+)
 from bench.gpu_check_plan import command_text, nproc
 
 MIN_EXPORT_COSINE = {"float32": 0.9999, "float16_autocast": 0.99}
@@ -204,6 +212,7 @@ def step_torchrun_ddp(step: Step) -> None:
 def step_deterministic_twice(step: Step) -> None:
     _need_data(step.ctx)
     import torch
+
     from training import runs
     step.run("run_a")
     rows_a, ckpt_a = _check_training(step, "gpu_det_a", 1)
@@ -263,10 +272,10 @@ def step_search_query(step: Step) -> None:
     import numpy as np
     import torch
 
-    import datasets
-    import preprocessing
     import checkpoints
+    import datasets
     import models
+    import preprocessing
     from search.engine import SearchEngine
     from search.index import build_gallery_index
 
@@ -325,9 +334,9 @@ def step_export_serving(step: Step) -> None:
     import torch
 
     import datasets
-    import preprocessing
     import inference
     import models
+    import preprocessing
 
     ctx = step.ctx
     device = torch.device(ctx.args.device)

@@ -19,6 +19,7 @@ as a client sees it), and the server's RSS after warm-up ("start"), at the end a
 import argparse
 import json
 import os
+from pathlib import Path
 import random
 import shutil
 import subprocess
@@ -26,7 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -127,8 +127,8 @@ def wait_ready(url, proc, timeout=300):
 def prepare_queries(args, work):
     """``(checkpoint, data_root, gallery paths, good, bad)``: the demo to serve (given, or
     `search.tiny_demo`'s) and the queries, as (path, name) pairs."""
-    import datasets
     from bench.demo_clients import write_query_files
+    import datasets
     from search.tiny_demo import make_tiny_demo
 
     if args.checkpoint and args.data_root:
@@ -251,7 +251,7 @@ def main(args):
 
         # ============ warm-up: every query file once, sequentially ============
         client = DemoClient(url, args.timeout)
-        for path, name in good[:10] + [g for g in good if g[1] != "gallery"] + bad:
+        for path, _ in good[:10] + [g for g in good if g[1] != "gallery"] + bad:
             client.search(path, args.k)
         client.close()
         rss_start = rss_mb(proc.pid)

@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from training import flags  # noqa: E402
-from training import runs  # noqa: E402
+from training import flags, runs
 
 # Each variant: train.py flags on top of the default recipe of --weights imagenet (flags.RECIPES
 # "pretrained"); the ablation removes or swaps one piece at a time.

@@ -18,24 +18,23 @@ the category protocol) of these embeddings of the synthetic test split:
 """
 import argparse
 import json
+from pathlib import Path
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn as nn
 import torchvision
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import datasets  # noqa: E402
-import preprocessing  # noqa: E402
-import samplers  # noqa: E402
-from dataio import synthetic_sop  # noqa: E402
-from dataio import photos  # noqa: E402
-import losses  # noqa: E402
-import retrieval  # noqa: E402
+from dataio import photos, synthetic_sop
+import datasets
+import losses
+import preprocessing
+import retrieval
+import samplers
 
 
 def get_args_parser():
@@ -89,7 +88,8 @@ def small_cnn(embedding_size=128):
 def train_probe(root, args):
     """Train small_cnn on trainval; returns (model, per-epoch log)."""
     torch.manual_seed(args.seed)
-    train_set = datasets.SOPDataset(root, "trainval", transform=preprocessing.build_transform(args.train_size, train=True))
+    train_set = datasets.SOPDataset(root, "trainval",
+                                    transform=preprocessing.build_transform(args.train_size, train=True))
     sampler = samplers.PKSampler(train_set.class_ids, p=16, k=4, seed=args.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
                                          persistent_workers=args.workers > 0)

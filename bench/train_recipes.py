@@ -19,9 +19,9 @@ scale. ``--loss proxy_anchor`` is losses.ProxyAnchorLoss (margin 0.1, alpha 32; 
 """
 import argparse
 import json
+from pathlib import Path
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,13 +30,13 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import datasets  # noqa: E402
-import preprocessing  # noqa: E402
-import samplers  # noqa: E402
-import losses  # noqa: E402
-import models  # noqa: E402
-import extraction  # noqa: E402
-import retrieval  # noqa: E402
+import datasets
+import extraction
+import losses
+import models
+import preprocessing
+import retrieval
+import samplers
 
 
 def get_args_parser():

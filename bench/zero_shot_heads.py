@@ -11,20 +11,20 @@ default init, seeded). This is what ``--head_init pca / pca_whiten / random`` gi
 """
 import argparse
 import json
-import sys
 from pathlib import Path
+import sys
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import datasets  # noqa: E402
-import preprocessing  # noqa: E402
-import models  # noqa: E402
-import extraction  # noqa: E402
-import knn  # noqa: E402
-import retrieval  # noqa: E402
+import datasets
+import extraction
+import knn
+import models
+import preprocessing
+import retrieval
 
 
 def get_args_parser():

@@ -132,7 +132,7 @@ def split_draw(product_id, seed, purpose) -> float:
     """The uniform number in [0, 1) of one product in one draw: the first 8 bytes of
     ``blake2b("<purpose>:<seed>:<product id>")`` (UTF-8) as a big-endian integer over 2**64.
     ``purpose`` ("test", "val") keeps the test and validation draws independent."""
-    digest = hashlib.blake2b(f"{purpose}:{seed}:{product_id}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{purpose}:{seed}:{product_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0 ** 64
 
 

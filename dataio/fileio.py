@@ -8,13 +8,14 @@ train.py removes those of its checkpoints at start).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
 import os
+from pathlib import Path
 import shutil
 import tempfile
+from typing import IO
 import uuid
-from pathlib import Path
-from typing import Callable, IO
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

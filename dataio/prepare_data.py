@@ -5,6 +5,7 @@ pre-resized copy, convert a catalogue between layouts. Each publishes a finished
 import io
 import logging
 import os
+from pathlib import Path
 import shutil
 import socket
 import threading
@@ -12,13 +13,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
-from dataio import catalogue
-from dataio import photos
+from dataio import catalogue, photos
 from dataio.catalogue import DEFAULT_TEST_FRACTION, SOP_DIRNAME, DatasetError, format_paths, read_ebay_file
 from dataio.fileio import is_complete, make_tmp_dir, publish_dir, read_marker, write_marker
 

@@ -10,8 +10,8 @@ shadow, lighting, occlusion, noise and JPEG quality.
 import io
 import math
 import os
-import shutil
 from pathlib import Path
+import shutil
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter

@@ -13,8 +13,7 @@ import io
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dataio import fileio
-from dataio import photos
+from dataio import fileio, photos
 from search.engine import SearchEngine
 from search.query import QueryError
 

@@ -12,21 +12,16 @@ findings (`search.audit`) and the report (`search.audit_report`).
 import dataclasses
 import json
 import logging
+from pathlib import Path
 import random
 import time
-from pathlib import Path
 
 import numpy as np
 
-from dataio import catalogue
-from dataio import fileio
-from dataio import photos
-import preprocessing
+from dataio import catalogue, fileio, photos
 import extraction
-from search import audit
-from search import audit_report
-from search import gallery
-from search import near_copy
+import preprocessing
+from search import audit, audit_report, gallery, near_copy
 
 logger = logging.getLogger("audit")
 

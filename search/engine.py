@@ -10,21 +10,20 @@ loaded by `search.loading`; ``app_stanford.py`` is the Gradio UI and command lin
 import concurrent.futures
 import logging
 import os
+from pathlib import Path
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
+import torch
 
+import checkpoints
 from dataio import photos
 import explain
-import checkpoints
 import models
 import preprocessing
-from search import guard
-from search import products
+from search import guard, products
 from search.query import CATEGORY_ALL, DEFAULT_K, QueryError, category_to_super_id, clamp_k, load_query_image
 
 logger = logging.getLogger("app_stanford")  # the demo's log, whichever module writes to it

@@ -5,8 +5,9 @@ per-location projections of the result's feature grid [H, W, D], depends on the 
 This store keeps P_r of every gallery image in one ``.npy`` file beside the gallery index
 (`store_path`), read into memory, so that explaining K results needs no forward pass over them.
 
-File: a numpy structured array of N records ``(key uint64, proj float16 [H, W, D])``. ``key`` is `row_key` of the gallery index's embedding of that image: a record is
-found by the vector the index holds, so rows follow the gallery through any reordering,
+File: a numpy structured array of N records ``(key uint64, proj float16 [H, W, D])``. ``key``
+is `row_key` of the gallery index's embedding of that image: a record is found by the vector the
+index holds, so rows follow the gallery through any reordering,
 addition or removal, and an image whose embedding changed (new file content, other weights) is
 simply not found (its map is then computed from the image, as without a store). Each record
 sums over its locations to the image's unit embedding (checked when it is written).
@@ -80,7 +81,7 @@ class ExplainStore:
         return None if row is None else np.asarray(self.table["proj"][row], dtype=np.float32)
 
     @classmethod
-    def load(cls, path) -> "ExplainStore":
+    def load(cls, path) -> ExplainStore:
         """Read the store at ``path`` into memory; ValueError for a file that is not a whole store.
         Not memory-mapped: a mapped file truncated in place under a serving demo would kill it
         (SIGBUS) at the next read."""

@@ -23,12 +23,12 @@ import ctypes
 import hashlib
 import logging
 import os
+from pathlib import Path
 import platform
 import shutil
 import subprocess
 import tempfile
 import threading
-from pathlib import Path
 
 import numpy as np
 

@@ -30,17 +30,15 @@ import errno
 import json
 import logging
 import os
+from pathlib import Path
 import shutil
 import stat
 import time
 import zipfile
-from pathlib import Path
 
 import numpy as np
 
-from dataio import catalogue
-from dataio import fileio
-from dataio import photos
+from dataio import catalogue, fileio, photos
 import extraction
 from search import ann
 from search.index import GalleryImages, GalleryIndex
@@ -77,7 +75,8 @@ def scan_gallery(root, exclude=()) -> GalleryScan:
     """Every image file under ``root`` (recursive), see the module docstring for the rule.
 
     ``exclude``: paths never listed, not even as skipped (the index file when it lies in the
-    folder); nor is ``catalogue.COMPLETE_MARKER`` at the top (a dataset folder made by datasets.py). Raises FileNotFoundError / NotADirectoryError naming ``root`` when it is missing /
+    folder); nor is ``catalogue.COMPLETE_MARKER`` at the top (a dataset folder made by
+    datasets.py). Raises FileNotFoundError / NotADirectoryError naming ``root`` when it is missing /
     not a folder, and ValueError when it holds no image (saying what it holds instead).
     """
     given = Path(root).expanduser()

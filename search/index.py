@@ -17,17 +17,16 @@ import dataclasses
 import hashlib
 import json
 import logging
+from pathlib import Path
 import time
 import zipfile
-from pathlib import Path
 
 import numpy as np
 
 from dataio.fileio import atomic_write
 import extraction
 import knn
-from search import ann
-from search import fastscan
+from search import ann, fastscan
 
 logger = logging.getLogger("app_stanford")  # the demo's log, whichever module writes to it
 
@@ -202,7 +201,7 @@ class GalleryIndex:
         return self.path
 
     @classmethod
-    def load(cls, path, kernel="auto") -> "GalleryIndex":
+    def load(cls, path, kernel="auto") -> GalleryIndex:
         """Read an index written by `save`; a missing, truncated or foreign file raises a
         ValueError (FileNotFoundError when absent) that names it and says how to rebuild.
         An approximate index needs faiss (ImportError naming `pip install faiss-cpu`)."""

@@ -10,17 +10,16 @@ from typing import NamedTuple
 
 import torch
 
-from dataio import catalogue
-import datasets
-import preprocessing
-import inference
-import onnx_export
 import backbones
 import checkpoints
+from dataio import catalogue
+import datasets
 import devices
+import inference
 import models
-from search import gallery
-from search import vectordb
+import onnx_export
+import preprocessing
+from search import gallery, vectordb
 from search.index import build_gallery_index, load_fresh_index
 
 logger = logging.getLogger("app_stanford")  # the demo's log, whichever module writes to it

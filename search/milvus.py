@@ -12,9 +12,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from pathlib import Path
 import sys
 import threading
-from pathlib import Path
 
 DEFAULT_TIMEOUT_S = 10.0  # seconds one database call may take (--db_timeout)
 _SETTINGS = {"timeout": DEFAULT_TIMEOUT_S}  # this process's --db_timeout (set_call_timeout)

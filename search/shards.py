@@ -60,7 +60,8 @@ def check_manifest(out_dir, expected: dict) -> None:
         diff = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
         if diff:
             raise ValueError(
-                f"{path} describes other shards ({', '.join(f'{k}: {found.get(k)!r} != {expected.get(k)!r}' for k in diff)}); "
+                f"{path} describes other shards "
+                f"({', '.join(f'{k}: {found.get(k)!r} != {expected.get(k)!r}' for k in diff)}); "
                 "pass another --out folder or delete this one to start over")
         return
     fileio.atomic_write(path, lambda f: f.write(json.dumps(expected, indent=1, sort_keys=True).encode()))

@@ -7,13 +7,13 @@ exercise it (query files of every kind, a headless browser) are bench/demo_clien
 """
 from __future__ import annotations
 
-import socket
 from pathlib import Path
+import socket
 
 import torch
 
-from dataio import synthetic_sop
 import checkpoints
+from dataio import synthetic_sop
 import models
 
 IMAGE_SIZE = 48

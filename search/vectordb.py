@@ -32,8 +32,9 @@ another holds is refused by name (Milvus Lite admits one process per database).
 
 The rows are read back in pages over ranges of the key (`MilvusGallery._rows`: no query answers
 more than `PAGE` rows, nor in key order on Milvus Lite), with "Strong" consistency (every write
-acknowledged before the read is seen); searches ask for "Session" consistency (`SEARCH_CONSISTENCY`). Every database call is bounded by ``--db_timeout``
-seconds (`call_timeout`) and fails with a DatabaseError naming the URI; the gallery then
+acknowledged before the read is seen); searches ask for "Session" consistency
+(`SEARCH_CONSISTENCY`). Every database call is bounded by ``--db_timeout`` seconds (`call_timeout`)
+and fails with a DatabaseError naming the URI; the gallery then
 reconnects and loads the collection again at its next call, so a database that comes back
 (a restarted server's collections come back released) is searched and updated again without
 restarting the demo. A search reads the primary key as the hit's id (what Milvus 2.3 to 2.6
@@ -45,20 +46,32 @@ import hashlib
 import json
 import logging
 import math
+from pathlib import Path
 import threading
 import time
 import types
-from pathlib import Path
 
 import numpy as np
 
 import knn
-from search import ann
-from search import gallery
-from search.milvus import (DEFAULT_TIMEOUT_S, SERVER_HINT, DatabaseError, call_timeout, connect, in_filter,
-                           is_milvus_error, is_released, is_server_uri, keep_faiss_search_params, key_range,
-                           message, quote, set_call_timeout)
+from search import ann, gallery
 from search.index import num_candidates, rerank
+from search.milvus import (
+    DEFAULT_TIMEOUT_S,
+    SERVER_HINT,
+    DatabaseError,
+    call_timeout,
+    connect,
+    in_filter,
+    is_milvus_error,
+    is_released,
+    is_server_uri,
+    keep_faiss_search_params,
+    key_range,
+    message,
+    quote,
+    set_call_timeout,
+)
 
 logger = logging.getLogger("gallery")
 
@@ -180,7 +193,8 @@ def _make_view(rows) -> _View:
     return _View(paths=paths, product_ids=[r["product_id"] for r in rows], categories=categories,
                  super_ids=super_ids, row_of={p: i for i, p in enumerate(paths)},
                  file_stats=np.array([[r["size"], r["mtime_ns"]] for r in rows], dtype=np.int64).reshape(-1, 2),
-                 counts={i + 1: int(n) for i, n in enumerate(np.bincount(super_ids, minlength=len(categories) + 1)[1:])})
+                 counts={i + 1: int(n)
+                         for i, n in enumerate(np.bincount(super_ids, minlength=len(categories) + 1)[1:])})
 
 
 class _RowVectors:
@@ -229,7 +243,7 @@ class MilvusGallery:
     # ---- opening
     @classmethod
     def open(cls, uri, root, model_key, model_args, collection=None, index_type="exact", ann_params=None,
-             rebuild=False, expected_size=0, timeout=None) -> "MilvusGallery":
+             rebuild=False, expected_size=0, timeout=None) -> MilvusGallery:
         """The collection of ``root`` for this model in the database at ``uri`` (created when
         missing; dropped and recreated with ``rebuild``). DatabaseError when the database cannot
         be reached or the collection was made by another model, for another folder, with other
@@ -531,7 +545,8 @@ def _check_collection(name, uri, found: dict, wanted: dict, index_type: str) -> 
     model_keys = ("model_key", "backbone", "image_size", "embedding_size")
     if any(found.get(k) != wanted[k] for k in model_keys):
         raise DatabaseError(
-            f"collection {name} in {uri} was built by another model ({', '.join(f'{k} {found.get(k)!r}' for k in model_keys)}), "
+            f"collection {name} in {uri} was built by another model "
+            f"({', '.join(f'{k} {found.get(k)!r}' for k in model_keys)}), "
             f"not this one ({', '.join(f'{k} {wanted[k]!r}' for k in model_keys)}): its vectors cannot be "
             "searched with this model's queries. Pass another --collection (or none: each model gets "
             "its own), or rebuild it with --rebuild_index")
@@ -560,7 +575,7 @@ def folder_gallery(model, model_key, folder, uri, collection=None, index_type="e
 
 
 def split_gallery(uri, root, split, model_key, model_args, rel_paths, build, collection=None,
-                  index_type="exact", rebuild=False) -> "MilvusGallery":
+                  index_type="exact", rebuild=False) -> MilvusGallery:
     """The collection of a dataset's ``split`` (``rel_paths``, under ``root``): served as it is
     when it holds exactly those images (e.g. published by ``shards.py``), else filled from
     ``build()`` (a `search.index.GalleryIndex` of the split) with `MilvusGallery.publish`."""

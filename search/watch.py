@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 import threading
 import time
-from pathlib import Path
 
-from search import loading as search_loading
 from search import gallery
+from search import loading as search_loading
 
 logger = logging.getLogger("app_stanford")
 
@@ -88,7 +88,7 @@ class GalleryWatcher:
             self.last_update = time.time()
             return True
 
-    def start(self) -> "GalleryWatcher":
+    def start(self) -> GalleryWatcher:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()

@@ -10,18 +10,15 @@ import binascii
 import hashlib
 import logging
 import os
+from pathlib import Path
 import shutil
 import tempfile
 import traceback
 import types
-from pathlib import Path
 
 from search import engine as search_engine
-from search import explain_store
-from search import guard
-from search import products
+from search import explain_store, guard, products, vectordb
 from search import query as search_query
-from search import vectordb
 
 logger = logging.getLogger("app_stanford")  # the demo's log, whichever module writes to it
 
@@ -120,7 +117,10 @@ def _query_files_class():
     class QueryFiles(RefuseWebAddresses, gr.File):
         """gr.File (several files) for more photos of the query's item: like QueryImage, every path
         must be this request's own upload (`search.guard.is_uploaded_file`) and no web address is
-        fetched; the files are handed over undecoded (`search.query.load_query_image` decodes them)."""
+        fetched; the files are handed over undecoded (`search.query.load_query_image` decodes them).
+        ``is_template``: the browser renders it with gr.File's own frontend."""
+
+        is_template = True
 
         def preprocess(self, payload):
             if payload is None:

@@ -1,6 +1,6 @@
 """Shared pytest fixtures: tiny synthetic SOP datasets generated once per test session."""
-import sys
 from pathlib import Path
+import sys
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from dataio import synthetic_sop  # noqa: E402
+from dataio import synthetic_sop
 
 
 @pytest.fixture(scope="session")
@@ -78,9 +78,9 @@ def tiny_sop(synthetic_root):
 def tiny(tmp_path_factory):
     """The demo under test (search.tiny_demo): its folder, data, checkpoint, model, test-split
     index and gallery, the query files of every kind, and a SearchEngine over them."""
+    from bench.demo_clients import write_query_files
     import datasets
     import models
-    from bench.demo_clients import write_query_files
     from search import engine as search_engine
     from search import loading as search_loading
     from search.tiny_demo import make_tiny_demo

@@ -10,6 +10,7 @@ the object is collected (a finalizer), whatever the test did. `kill` is ``kill -
 """
 import atexit
 import os
+from pathlib import Path
 import shutil
 import signal
 import socket
@@ -17,7 +18,6 @@ import subprocess
 import sys
 import time
 import weakref
-from pathlib import Path
 
 START_TIMEOUT_S = 180  # a cold start takes ~10 s on 2 shared cores
 # After a kill -9 the restarted server loads no collection until the dead one's etcd sessions

@@ -7,8 +7,8 @@ import csv
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
+import torch
 
 # ============ a tiny train.py run ============
 
@@ -111,8 +111,8 @@ def raw_get(url, path):
 
 def reference_embedding(model, path):
     """The query embedding the slow, obvious way: load_image + build_transform + forward."""
-    import preprocessing
     from dataio import photos
+    import preprocessing
 
     x = preprocessing.build_transform(model.model_args["image_size"])(photos.load_image(path))
     with torch.no_grad():

@@ -8,9 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from search import ann
-from search import fastscan
 import knn
+from search import ann, fastscan
 from search.index import GalleryIndex, embeddings_fingerprint, load_fresh_index
 
 needs_kernel = pytest.mark.skipif(not fastscan.available(), reason="no C compiler for the float16 kernel")

@@ -7,35 +7,35 @@ its fixtures (tiny, server) are conftest.py's, shared with the browser and expla
 """
 import errno
 import os
+from pathlib import Path
 import shutil
 import sys
 import tempfile
 import uuid
-from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import app_stanford  # noqa: E402
-from search import guard  # noqa: E402
-from search import webapp  # noqa: E402
-import datasets  # noqa: E402
-import preprocessing  # noqa: E402
-from dataio import photos  # noqa: E402
-from dataio import catalogue  # noqa: E402
-import checkpoints  # noqa: E402
-import models  # noqa: E402
-from search import engine as search_engine  # noqa: E402
-from search import query as search_query  # noqa: E402
-from search import loading as search_loading  # noqa: E402
-from search.tiny_demo import free_port, write_untrained_checkpoint  # noqa: E402
-from support import raw_get, reference_embedding, search  # noqa: E402
+from support import raw_get, reference_embedding, search
+
+import app_stanford
+import checkpoints
+from dataio import catalogue, photos
+import datasets
+import models
+import preprocessing
+from search import engine as search_engine
+from search import guard, webapp
+from search import loading as search_loading
+from search import query as search_query
+from search.tiny_demo import free_port, write_untrained_checkpoint
+
 TOL = 1e-5  # score tolerance between the app's embedding and the reference computation
 
 
@@ -447,8 +447,8 @@ def test_guard_rules_by_themselves(tmp_path):
 
 @pytest.mark.slow
 def test_auth_login_is_required_when_asked_and_exposure_warns(tiny, caplog):
-    import httpx
     from gradio_client import Client
+    import httpx
 
     model, index, data_root = tiny["model"], tiny["index"], tiny["data_root"]
     webapp.use_private_gradio_temp_dir()

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from bench import demo_clients  # noqa: E402
-from bench.demo_clients import CHROMEDRIVER, CHROMIUM  # noqa: E402
+from bench import demo_clients
+from bench.demo_clients import CHROMEDRIVER, CHROMIUM
 
 TIMEOUT = 30  # s; generous: CI machines are slow and share cores
 

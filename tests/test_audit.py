@@ -7,20 +7,16 @@ under another product are the only faults, and the audit must find exactly them.
 """
 import csv
 import hashlib
+from pathlib import Path
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 import audit as audit_script
-from search import audit
-from search import audit_run
-from search import loading
-from search import near_copy
-from search import tiny_demo
+from search import audit, audit_run, loading, near_copy, tiny_demo
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30), (200, 40, 210), (30, 210, 220)]
 
@@ -178,7 +174,8 @@ def test_mislabelled_is_an_outlier_margin():
 
 def test_mutual_best_keeps_a_copy_with_its_source_only():
     f = audit.Finding
-    pairs = [f("duplicate", 9, 3, 0.99), f("duplicate", 9, 4, 0.98), f("duplicate", 5, 3, 0.97), f("duplicate", 7, 6, 0.9)]
+    pairs = [f("duplicate", 9, 3, 0.99), f("duplicate", 9, 4, 0.98), f("duplicate", 5, 3, 0.97),
+             f("duplicate", 7, 6, 0.9)]
     assert audit.mutual_best(pairs) == [pairs[0], pairs[3]]
 
 

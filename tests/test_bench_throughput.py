@@ -3,16 +3,15 @@ DataLoader workers, extract_embeddings, train_one_epoch) and reports every key a
 number. No timing assertion: the benchmark measures the machine, the test only the plumbing."""
 import importlib.util
 import json
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from dataio import fileio, synthetic_sop
 import preprocessing
-from dataio import synthetic_sop
-from dataio import fileio
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "bench_throughput.py"

@@ -1,8 +1,9 @@
 """calibration.py: pair scores, the threshold at a target false-match rate (against a brute-force
 reference), the carry-over rule, and the match record's round trips (checkpoint, ONNX, index)."""
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
 
 import calibration
 
@@ -104,14 +105,15 @@ def test_threshold_travels_from_training_to_onnx_and_index(tiny_sop, tmp_path):
     """train.py fits best.pth's threshold on the validation products (2: carry-over pairs added);
     the loaded model, the exported ONNX model's metadata and a gallery index built with it carry
     the same record, and evaluate.py reports it on the test split."""
+    from support import parse, tiny_argv
+
     import datasets
     import inference
     import models
     import onnx_export
     import preprocessing
-    import train
     from search.index import GalleryIndex, build_gallery_index
-    from support import parse, tiny_argv
+    import train
     from training import evaluation
 
     train.main(parse(tiny_argv(tiny_sop, tmp_path, "--target_fmr", "0.05")))
@@ -176,6 +178,7 @@ def test_evaluate_calibrate_zero_shot_writes_match_json(tiny_sop, tmp_path, monk
     """evaluate.py --calibrate --zero_shot: the refit record in <output>/match.json, reported in
     results.json's match (in-sample: at most the target), with --query_photos' table."""
     import json
+
     import evaluate
 
     parser = evaluate.get_args_parser()

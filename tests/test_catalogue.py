@@ -4,26 +4,24 @@ counted skip) for, `datasets.py convert`, and the same images giving identical m
 every layout."""
 import json
 import logging
-import shutil
 from pathlib import Path
+import shutil
 
-import numpy as np
-import pytest
-import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+import numpy as np
 from PIL import Image
-
-from dataio import catalogue
-import data_stats
-import datasets
-import preprocessing
-import checkpoints
-import models
-from dataio import prepare_data
-from training import evaluation
-
+import pytest
 from support import jpeg
+import torch
+
+import checkpoints
+import data_stats
+from dataio import catalogue, prepare_data
+import datasets
+import models
+import preprocessing
+from training import evaluation
 
 
 def write_csv(folder, text):

@@ -14,12 +14,12 @@ import sys
 import weakref
 
 import pytest
+from support import parse, tiny_argv
 import torch
 import torch.distributed as dist
 
 import train
 from training import distributed
-from support import parse, tiny_argv
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),

@@ -4,30 +4,25 @@ import collections
 import hashlib
 import io
 import logging
+from pathlib import Path
 import re
 import shutil
 import socket
 import time
 import urllib.error
 import zipfile
-from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 import torchvision.transforms as T
-from PIL import Image
 
+from dataio import catalogue, fileio, photos, prepare_data, synthetic_sop
 import datasets
 import loaders
 import preprocessing
 import samplers
-from dataio import photos
-from dataio import fileio
-
-from dataio import catalogue
-from dataio import prepare_data
-from dataio import synthetic_sop
 
 HEADER = "image_id class_id super_class_id path\n"
 

@@ -6,20 +6,18 @@ under torchrun to the same weights as a run that was never killed; --gather_embe
 loss and the step of one process over the ranks' concatenated batches."""
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from support import assert_checkpoint_loads, read_rows, tiny_argv
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import losses
-from training import distributed
-from training import loop
-from training import runs
-from support import assert_checkpoint_loads, read_rows, tiny_argv
+from training import distributed, loop, runs
 
 WORKER = Path(__file__).resolve().parent / "fixtures" / "ddp_worker.py"
 

@@ -9,18 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-import datasets
-import preprocessing
-
-from dataio import catalogue
-import evaluate
 import backbones
 import checkpoints
+from dataio import catalogue
+import datasets
+import evaluate
 import models
+import preprocessing
 import retrieval
 from search.index import GalleryIndex
-from training import evaluation
-from training import runs
+from training import evaluation, runs
 
 SPEC_PRODUCT = ["recall@1", "recall@10", "recall@100", "recall@1000", "map@r", "r_precision"]
 SPEC_CATEGORY = ["recall@1", "recall@5", "recall@10", "recall@20", "precision@1", "precision@5",

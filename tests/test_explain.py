@@ -1,9 +1,9 @@
 """explain.py: similarity maps sum to the cosine score, have the feature grid's shape, and point
 at the part of the image that matters; overlay draws them over the photo."""
+from PIL import Image
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import backbones
 import explain

@@ -1,22 +1,21 @@
 """Similarity maps in the demo: SearchEngine.explain / explain_results, the /explain endpoint
 (gradio_client, as the README calls /search) and the "Show why" switch's function."""
 import numpy as np
-import pytest
-import torch
 from PIL import Image
+import pytest
+from support import search
+import torch
 
 import app_stanford
 import datasets
-import preprocessing
 import explain
 import models
+import preprocessing
 from search import engine as search_engine
-from search import query as search_query
+from search import explain_store, webapp
 from search import loading as search_loading
-from search import explain_store
+from search import query as search_query
 from search.index import build_gallery_index
-from search import webapp
-from support import search
 
 ATOL = 1e-4
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the demo fixtures are conftest.py's

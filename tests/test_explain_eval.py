@@ -4,17 +4,17 @@ embeddings evaluated."""
 import json
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 
+import checkpoints
 import datasets
 import evaluate
 import explain
-import checkpoints
+import knn
 import models
 import preprocessing
-import knn
 import retrieval
 from training import reporting
 
@@ -24,8 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def save_checkpoint(path, data_root):
     torch.manual_seed(0)
     model = models.build_model("resnet18", embedding_size=32, weights="none", image_size=64, head="linear")
-    checkpoints.atomic_save(checkpoints.make_checkpoint(model, args={"dataset": "synthetic", "data_root": str(data_root)},
-                                              epoch=1, metrics={}), path)
+    args = {"dataset": "synthetic", "data_root": str(data_root)}
+    checkpoints.atomic_save(checkpoints.make_checkpoint(model, args=args, epoch=1, metrics={}), path)
     return path
 
 
@@ -49,8 +49,9 @@ def test_dataset_explainer_maps_sum_to_the_evaluated_scores(synthetic_root):
         assert m["result_view"].size == m["query_view"].size == (64, 64)
     # the view is the model's input, de-normalised (to 8-bit rounding)
     x = dataset[0][0]
-    back = (torch.from_numpy(np.asarray(explain.view_of(x), np.float32) / 255).permute(2, 0, 1)
-            - torch.tensor(preprocessing.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(preprocessing.IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(preprocessing.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(preprocessing.IMAGENET_STD).view(3, 1, 1)
+    back = (torch.from_numpy(np.asarray(explain.view_of(x), np.float32) / 255).permute(2, 0, 1) - mean) / std
     assert torch.allclose(back, x, atol=0.01)
 
 

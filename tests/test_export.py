@@ -5,33 +5,33 @@ files, ensure_onnx's reuse and re-export, static int8, load_embedder / default_r
 standalone example docs/onnx_example.py (onnxruntime + PIL + numpy) against the repository."""
 import json
 import os
+from pathlib import Path
 import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 import torchvision.transforms as T
-from PIL import Image
 
 pytest.importorskip("onnxruntime", reason="runtime onnx: pip install -r requirements.txt")
 pytest.importorskip("onnx", reason="ONNX export: pip install -r requirements.txt")
 
-import backbones  # noqa: E402
-import checkpoints  # noqa: E402
-import datasets  # noqa: E402
-import explain  # noqa: E402
-import export  # noqa: E402
-import inference  # noqa: E402
-import onnx_export  # noqa: E402
-import models  # noqa: E402
-import preprocessing  # noqa: E402
-import extraction  # noqa: E402
-import retrieval  # noqa: E402
-from dataio.photos import load_image  # noqa: E402
+import backbones
+import checkpoints
+from dataio.photos import load_image
+import datasets
+import explain
+import export
+import extraction
+import inference
+import models
+import onnx_export
+import preprocessing
+import retrieval
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "docs" / "onnx_example.py"

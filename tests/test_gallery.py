@@ -5,16 +5,15 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 
-from search import ann
-import preprocessing
 from dataio import photos
-from search import gallery
 import models
+import preprocessing
 import retrieval
+from search import ann, gallery
 from search.index import GalleryIndex
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -3,23 +3,22 @@ evaluate.py refuses a test split holding any of them (unless --allow_overlap, th
 "held_out": false), a run trained with --test_fraction 0 has no test split to score, and the
 deploy gate (--baseline) exits with code 3 when the new checkpoint is worse."""
 import json
+from pathlib import Path
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+import checkpoints
+from dataio import prepare_data
 import datasets
 import evaluate
-import checkpoints
 import models
-import train
-from dataio import prepare_data
 from search import loading as search_loading
-from training import flags
-from training import heldout
+import train
+from training import flags, heldout
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +178,7 @@ def test_deploy_gate_exits_3_when_the_new_checkpoint_is_worse(tiny_synthetic_roo
     assert results["gate"]["metric"] == "recall@1" and diff != 0
     assert diff == pytest.approx(100 * (results["product"]["recall@1"] - results["baseline"]["product"]["recall@1"]))
     assert results["baseline"]["num_queries"] == results["num_queries"]  # the same images
-    assert f"| baseline b |" in md and "Deploy gate" in md
+    assert "| baseline b |" in md and "Deploy gate" in md
     worse, better = (a, b) if diff < 0 else (b, a)
     done, results, md = gate(worse, better, 0)
     assert done.returncode == evaluate.EXIT_GATE_FAILED, done.stderr

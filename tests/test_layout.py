@@ -16,9 +16,8 @@
 Imports inside functions count like top-level ones: a late import is still a dependency.
 """
 import ast
-import re
 from pathlib import Path
-
+import re
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("dataio", "training", "search")

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import losses
-from losses import (MINING_MODES, MultiSimilarityLoss, TripletLoss, build_loss, mine_triplets,
-                    pairwise_squared_distances)
+from losses import MINING_MODES, MultiSimilarityLoss, TripletLoss, build_loss, mine_triplets, pairwise_squared_distances
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")

@@ -6,11 +6,11 @@ galleries on one collection (one updating, one searching in another process) agr
 where the server cannot start. The backend's own suite runs against this server too
 (tests/test_vectordb.py, ``db_uri`` "standalone")."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,11 +18,10 @@ import torch
 
 pytest.importorskip("pymilvus")
 
-from search import gallery  # noqa: E402
-from search import vectordb  # noqa: E402
-from search import watch  # noqa: E402
-import models  # noqa: E402
-from gallery_photos import IMAGE_SIZE, KEY, make_folder, write_image  # noqa: E402
+from gallery_photos import IMAGE_SIZE, KEY, make_folder, write_image
+
+import models
+from search import gallery, vectordb, watch
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 

@@ -6,8 +6,8 @@ import argparse
 import errno
 import hashlib
 import os
-import time
 from pathlib import Path
+import time
 from urllib.error import URLError
 
 import numpy as np
@@ -15,15 +15,21 @@ import pytest
 import torch
 import torchvision
 
-from dataio import fileio
 import backbones
-import checkpoints
-import models
-import preprocessing
 from backbones import BACKBONES, WeightsUnavailableError, build_imagenet_classifier
-from checkpoints import (CHECKPOINT_FORMAT_VERSION, CheckpointError, atomic_save, checkpoint_hash,
-                         load_checkpoint, make_checkpoint)
+import checkpoints
+from checkpoints import (
+    CHECKPOINT_FORMAT_VERSION,
+    CheckpointError,
+    atomic_save,
+    checkpoint_hash,
+    load_checkpoint,
+    make_checkpoint,
+)
+from dataio import fileio
+import models
 from models import build_model, count_parameters, load_model
+import preprocessing
 
 SMALL = 32  # px: enough for every backbone's downsampling, fast on CPU
 
@@ -221,8 +227,8 @@ def test_corrupt_cached_imagenet_file_is_reported(torch_home):
 
 
 def _grace_hopper():
-    from PIL import Image
     from matplotlib import cbook
+    from PIL import Image
     return Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
 
 
@@ -241,8 +247,8 @@ def test_efficientnet_lite_imagenet_weights_are_real_and_offline(torch_home, mon
     logits of the architecture the file was exported from (tests/lite_reference.py) and
     classifies grace_hopper.jpg as 'military uniform' (652): the whole photo resized to the
     network's native resolution (224 / 240 / 260 px)."""
-    from torchvision import transforms as T
     from lite_reference import ReferenceLite
+    from torchvision import transforms as T
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
                         lambda *a, **k: pytest.fail("the Lite family must not use the network"))

@@ -4,26 +4,24 @@ category names through train.py → evaluate.py → the demo's category filter o
 and serving it to gradio_client with its default settings, nothing else of the folder served."""
 import contextlib
 import os
-import shutil
 from pathlib import Path
+import shutil
 
 import numpy as np
 import pytest
+from support import jpeg, raw_get, reference_embedding
 import torch
 
 import app_stanford
-from search import webapp
-import datasets
-from dataio import catalogue
 import checkpoints
+from dataio import catalogue
+import datasets
 import models
 from search import loading as search_loading
+from search import webapp
 from search.tiny_demo import free_port
 import train
-from training import evaluation
-
-from support import jpeg, raw_get, reference_embedding
-from training import flags
+from training import evaluation, flags
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -77,7 +75,8 @@ def test_free_category_names_train_evaluate_demo(tmp_path, tiny_synthetic_root):
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
     # --dataset synthetic on a folder of photos: read as it is, never generated over
     args = train.get_args_parser().parse_args([
-        "--dataset", "synthetic", "--data_root", str(root), "--backbone", "resnet18", "--weights", "none", "--image_size", "32",
+        "--dataset", "synthetic", "--data_root", str(root), "--backbone", "resnet18", "--weights", "none",
+        "--image_size", "32",
         "--batch_size", "8", "--images_per_class", "2", "--epochs", "1", "--max_steps_per_epoch", "2",
         "--workers", "0", "--projector_samples", "4", "--lr", "1e-3", "--no-progress",
         "--val_fraction", "0.25", "--test_fraction", "0.5", "--recipe", "scratch",

@@ -6,12 +6,12 @@ import json
 import math
 
 import pytest
+from support import parse, read_rows, tiny_argv
 import torch
 
 import models
 import train
 from training import distributed
-from support import parse, read_rows, tiny_argv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

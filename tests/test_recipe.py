@@ -7,17 +7,15 @@ Tiny runs as in test_train.py: ResNet18 from random weights at 32 px, 2 steps pe
 """
 import numpy as np
 import pytest
+from support import SEED_COMMAND, parse, read_rows, tiny_argv
 import torch
 
+import extraction
 import losses
 import models
-import extraction
 import retrieval
 import train
-from training import flags
-from training import loop
-from training import setup
-from support import SEED_COMMAND, parse, read_rows, tiny_argv
+from training import flags, loop, setup
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -6,23 +6,22 @@ that fails to load; a checkpoint and a metrics.csv in the format of earlier code
 import csv
 import io
 import os
+from pathlib import Path
 import random
 import signal
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from support import assert_checkpoint_loads, model_rows, parse, read_rows, tiny_argv
 import torch
 
 import checkpoints
 import models
 import train
-from support import assert_checkpoint_loads, model_rows, parse, read_rows, tiny_argv
-from training import flags
-from training import runs
+from training import flags, runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

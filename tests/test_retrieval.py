@@ -2,6 +2,7 @@
 pytorch-metric-learning and faiss; kNN; embedding extraction; the BLAS thread limit."""
 import tracemalloc
 
+from metrics_reference import reference_metrics
 import numpy as np
 import pytest
 import torch
@@ -9,7 +10,6 @@ import torch
 import extraction
 import knn
 import retrieval
-from metrics_reference import reference_metrics  # noqa: E402
 
 # ============ helpers ============
 

@@ -2,21 +2,21 @@
 kill without redoing finished shards, equals the single-process embedding exactly, splits
 across torchrun processes (gloo), and finds the data of a checkpoint that stored none."""
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
-import datasets
-import preprocessing
-from dataio import catalogue
 import checkpoints
-import models
+from dataio import catalogue
+import datasets
 import extraction
+import models
+import preprocessing
 from search import shards
 from search.index import load_fresh_index
 import shards as shards_script  # the entry script

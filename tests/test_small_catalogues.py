@@ -4,14 +4,14 @@ or trivial (one category), and every entry script on the quick start's checkpoin
 """
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 
 import models
 import train
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def photos(folder: Path, spec: dict, size=40) -> Path:
     """spec: {"relative/product/folder": number of images} → small distinct JPEGs."""
     rng = np.random.default_rng(0)
-    for j, (product, n) in enumerate(spec.items()):
+    for product, n in spec.items():
         base = rng.integers(0, 255, 3)
         for i in range(n):
             pixels = np.clip(base + rng.integers(-40, 40, (size, size, 3)), 0, 255).astype(np.uint8)

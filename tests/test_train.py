@@ -7,21 +7,19 @@ Tiny on purpose: 60 synthetic products at 48 px, ResNet18 from random weights at
 """
 import errno
 import json
-import shutil
 from pathlib import Path
+import shutil
 
 import pytest
+from support import SEED_COMMAND, assert_checkpoint_loads, parse, read_rows, tiny_argv
 import torch
 
+import checkpoints
 import datasets
 import losses
-import checkpoints
 import models
 import train
 from training import flags
-
-from support import SEED_COMMAND, assert_checkpoint_loads, parse, read_rows, tiny_argv
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -9,23 +9,17 @@ import argparse
 import json
 import os
 
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 
-import datasets
-from dataio import synthetic_sop
 import checkpoints
+from dataio import synthetic_sop
+import datasets
 import models
 import train
 import train_multiple as tm
-from training import evaluation
-from training import comparison
-from training import flags
-from training import grid
-from training import reporting
-from training import runs
-from training import tee
+from training import comparison, evaluation, flags, grid, reporting, runs, tee
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +257,8 @@ def test_grid_runs_reports_failures_skips_finished_runs_and_resumes(tiny_sop, tm
     rows = tm.main(tm.parse_args(argv))
     assert [r["status"] for r in rows] == ["skipped (done)", "skipped (done)", "failed (train)"]
     assert last.stat().st_mtime_ns == stamp
-    assert reporting.read_csv(out / "comparison.csv")[0]["product_recall@1"] == table["t_resnet18_triplet_pk"]["product_recall@1"]
+    first = reporting.read_csv(out / "comparison.csv")[0]
+    assert first["product_recall@1"] == table["t_resnet18_triplet_pk"]["product_recall@1"]
 
     # ---- subprocess launcher, one more epoch: resnet18 resumes from its last.pth; the bogus
     # backbone now fails in its child process (train.py's argparse), exit code 1
@@ -290,7 +285,8 @@ def test_dry_run_prints_commands_and_report_only_trains_nothing(tmp_path, monkey
     assert f"evaluate.py --checkpoint checkpoints/cmp_resnet18_{loss}_random/best.pth" in out
     # one zero-shot evaluation per backbone
     assert "cmp_zero_shot_resnet50_224px: new" in out
-    assert "evaluate.py --zero_shot --backbone resnet50 --image_size 224 --data_root data/Stanford_Online_Products" in out
+    assert ("evaluate.py --zero_shot --backbone resnet50 --image_size 224 "
+            "--data_root data/Stanford_Online_Products") in out
     assert not (tmp_path / "runs").exists() and not (tmp_path / "checkpoints").exists()
     assert tm.cli(argv + ["--report_only"]) == 0
     rows = reporting.read_csv(tmp_path / "runs" / "comparison" / "comparison.csv")

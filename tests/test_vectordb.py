@@ -4,32 +4,30 @@ past one page; names of any Unicode in filters and deletes (hypothesis); timeout
 collection; resumable indexing after a SIGKILL with both backends; the errors that name what is
 wrong. Tiny images, an untrained ResNet-18 at 32 px. The server's crash and restart, and two
 galleries on one collection: tests/test_milvus_server.py."""
-import logging
 import os
+from pathlib import Path
 import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
 
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
-from search import ann  # noqa: E402
-from search import gallery  # noqa: E402
-from search import tiny_demo  # noqa: E402
-from search import vectordb  # noqa: E402
-from search.index import GalleryIndex  # noqa: E402
-import checkpoints  # noqa: E402
-import models  # noqa: E402
-from gallery_photos import ADVERSARIAL, IMAGE_SIZE, KEY, make_folder, write_image  # noqa: E402
+from gallery_photos import ADVERSARIAL, IMAGE_SIZE, KEY, make_folder, write_image
+
+import checkpoints
+import models
+from search import ann, gallery, tiny_demo, vectordb
+from search.index import GalleryIndex
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -270,8 +268,7 @@ def test_update_embeds_only_changes_and_a_search_sees_them(model, tmp_path, db_u
 
 
 def test_engine_searches_the_database_with_a_category_filter(model, tmp_path):
-    from search import engine
-    from search import loading
+    from search import engine, loading
 
     root = make_folder(tmp_path / "photos", n=12)
     loaded = loading.SearchModel(model, None, KEY, "tiny")
@@ -288,8 +285,7 @@ def test_a_served_query_reads_one_view_while_an_update_waits_for_the_swap(model,
     """Under --watch the database is updated on another thread: until the engine swaps the new
     view in (between two queries), every query reads the old one, category ids, rows and paths
     together; afterwards the new one."""
-    from search import engine
-    from search import loading
+    from search import engine, loading
 
     root = make_folder(tmp_path / "photos", n=12)
     loaded = loading.SearchModel(model, None, KEY, "tiny")

@@ -5,10 +5,10 @@ succeeds, the new photo is found and the removed one gone within the stated dela
 engine's index swap never mixes two galleries in one answer, a half-written photo is skipped
 and picked up once complete, a failing rescan keeps the old index serving.
 """
+from pathlib import Path
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,10 +16,9 @@ import pytest
 import app_stanford
 import models
 from search import engine as search_engine
-from search import query as search_query
+from search import gallery, watch
 from search import loading as search_loading
-from search import gallery
-from search import watch
+from search import query as search_query
 from search.tiny_demo import free_port, make_tiny_demo
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -8,8 +8,8 @@ import argparse
 import json
 import shlex
 
-from dataio import catalogue
 import checkpoints
+from dataio import catalogue
 import models
 from training import runs
 from training.reporting import CATEGORY_KEYS, CSV_COLUMNS, PRODUCT_KEYS, format_markdown, write_report

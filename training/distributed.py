@@ -9,9 +9,9 @@ and TrainingStopped, the error that ends a run (exit code 1).
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import os
 import random
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ class Process:
     progress: bool
 
     @classmethod
-    def of(cls, args: argparse.Namespace, rank: int, world: int, local_rank: int) -> "Process":
+    def of(cls, args: argparse.Namespace, rank: int, world: int, local_rank: int) -> Process:
         device = devices.resolve_device(args.device, local_rank)
         # MPS autocast is not exercised by any test here: AMP stays off there.
         return cls(rank, world, device, amp=device_switch(args.amp, device) and device.type in ("cuda", "cpu"),

@@ -9,30 +9,26 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
+import time
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-import datasets
-import loaders
-import preprocessing
-from dataio import catalogue
-import explain
-from dataio import fileio
-import inference
 import backbones
 import checkpoints
+from dataio import catalogue, fileio
+import datasets
 import devices
-import models
+import explain
 import extraction
+import inference
+import loaders
+import models
+import preprocessing
 import retrieval
-from training import heldout
-from training import matching
-from training import reporting
-from training import runs
+from training import heldout, matching, reporting, runs
 
 logger = logging.getLogger("evaluate")
 

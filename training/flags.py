@@ -13,13 +13,12 @@ from pathlib import Path
 
 import torch
 
+import backbones
 from dataio import catalogue
 import losses
-import backbones
 import models
 import samplers
 from training import runs
-
 
 # Arguments that may differ between a run and its resumption without changing what is computed.
 RESUME_FREE_ARGS = {"resume", "overwrite", "workers", "device", "val_batch_size", "log_dir",

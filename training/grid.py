@@ -7,21 +7,17 @@ written at the end (training.comparison). train_multiple.py is its command line.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import json
+from pathlib import Path
 import sys
 import time
 import traceback
-from dataclasses import dataclass
-from pathlib import Path
 
-from dataio import catalogue
-from dataio import synthetic_sop
 import checkpoints
+from dataio import catalogue, synthetic_sop
 import models
-from training import comparison
-from training import evaluation
-from training import flags
-from training import tee
+from training import comparison, evaluation, flags, tee
 from training.comparison import ZERO_SHOT
 from training.reporting import run_labels
 from training.runs import RESULTS_NAME, RunPaths

@@ -13,10 +13,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import datasets
 import checkpoints
-import models
+import datasets
 import extraction
+import models
 import retrieval
 from training import distributed
 

@@ -16,7 +16,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Subset
 
 import calibration

@@ -10,13 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dataio import photos
-
-from dataio import catalogue
-from dataio import fileio
+from dataio import catalogue, fileio, photos
 import knn
 from training.runs import CSV_LINE_END  # comparison.csv ends its lines as metrics.csv does
-
 
 NOT_DEFINED = "n/a"  # the cell of a metric retrieval.undefined left without a value
 

@@ -7,23 +7,20 @@ resumes from.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-import datasets
-from dataio import catalogue
-from dataio import fileio
-from dataio import photos
 import checkpoints
+from dataio import catalogue, fileio, photos
+import datasets
 from training import distributed
-
 
 # Columns that measure the machine, not the model: they differ between two otherwise identical
 # runs (a resumed run and an uninterrupted one agree on every other column).
@@ -205,19 +202,19 @@ class RunPaths:
 
     @classmethod
     def named(cls, name: str, checkpoint_dir: str | os.PathLike = CHECKPOINT_DIR,
-              log_dir: str | os.PathLike = LOG_DIR) -> "RunPaths":
+              log_dir: str | os.PathLike = LOG_DIR) -> RunPaths:
         """The run ``name`` under ``checkpoint_dir`` and ``log_dir``."""
         return cls(name, Path(checkpoint_dir) / name, Path(log_dir) / name)
 
     @classmethod
-    def of(cls, args: argparse.Namespace, name: str | None = None) -> "RunPaths":
+    def of(cls, args: argparse.Namespace, name: str | None = None) -> RunPaths:
         """The run of train.py's arguments: ``name``, else --run_name, else default_run_name."""
         return cls.named(name or args.run_name or default_run_name(args), args.checkpoint_dir,
                          args.log_dir)
 
     @classmethod
     def of_checkpoint(cls, checkpoint: str | os.PathLike, log_dir: str | os.PathLike | None = None
-                      ) -> "RunPaths":
+                      ) -> RunPaths:
         """The run a checkpoint belongs to: the name of its folder, its logs under ``log_dir``
         (the run's --log_dir; default runs)."""
         folder = Path(checkpoint).resolve().parent
@@ -250,9 +247,7 @@ class RunPaths:
 def open_logs(args: argparse.Namespace, paths: RunPaths, info: dict, start_epoch: int):
     """rank 0: the TensorBoard writer (events after ``start_epoch`` purged), args.json, and
     the run folders, freed of temporary files a killed write left behind."""
-    from torch.utils.tensorboard import (
-        SummaryWriter,  # imported here: slow, rank 0 only
-    )
+    from torch.utils.tensorboard import SummaryWriter  # imported here: slow, rank 0 only
     paths.log_dir.mkdir(parents=True, exist_ok=True)
     # purge_step hides events logged after the checkpoint we start from: those of a killed
     # run's lost epoch, or of an older run this one --overwrite-s (start_epoch 0).

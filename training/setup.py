@@ -6,28 +6,25 @@ checkpoint (read_resume) and restoring all of it from there.
 from __future__ import annotations
 
 import argparse
-import math
-import time
 from dataclasses import dataclass, field
+import math
 from pathlib import Path
+import time
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+import checkpoints
+from dataio import catalogue, synthetic_sop
 import datasets
+import extraction
 import loaders
+import losses
+import models
 import preprocessing
 import samplers
-from dataio import catalogue
-from dataio import synthetic_sop
-import losses
-import checkpoints
-import models
-import extraction
-from training import distributed
-from training import flags
-from training import runs
+from training import distributed, flags, runs
 
 
 @dataclass

@@ -4,11 +4,11 @@ own stdout / stderr, and to a tail kept for the error message of a failed run.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import re
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 
 def copy_stream(src, sinks: list, tail: list, lock: threading.Lock, limit: int = 20000) -> None:
