@@ -51,7 +51,13 @@ def refused():
 
 class RefuseWebAddresses:
     """Mixin of a query component: Gradio would download a payload's web address, unbounded,
-    before any handler; refused instead."""
+    before any handler; refused instead. The browser renders the component with the frontend of
+    the Gradio component it extends (Gradio would take the first base's name: this mixin's)."""
+
+    def get_block_name(self):
+        return next(c for c in type(self).__mro__ if c.__module__.startswith("gradio.")).__name__.lower()
+
+    get_block_class = get_block_name
 
     async def async_move_resource_to_block_cache(self, url_or_file_path):
         if url_or_file_path is not None and guard.is_web_address(str(url_or_file_path)):

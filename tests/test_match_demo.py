@@ -107,3 +107,10 @@ def test_several_photos_one_query_engine_and_api(tiny):
                 client.predict([handle_file(paths[0]), payload], 3, "All", api_name="/search_photos")
     assert ranked["query_photos"] == 3 and "query_photos" not in single
     assert [r["index"] for r in ranked["results"]] == [r["index"] for r in fused["results"]]
+
+
+def test_query_components_render_with_gradios_frontends(server):
+    """The page's query components are rendered by gr.Image's and gr.File's frontends (a custom
+    name would leave the browser without a component to draw, and the page blank)."""
+    names = {b.elem_id: b.get_block_name() for b in server["demo"].blocks.values() if getattr(b, "elem_id", None)}
+    assert names["query"] == "image" and names["more_photos"] == "file"
