@@ -148,8 +148,8 @@ def split_products(product_ids, fraction, seed=0, purpose="test"):
     draw, and a draw of every product leaves out the one of largest draw."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"the fraction of products must be in [0, 1), got {fraction}")
-    ids = np.asarray(product_ids)
-    ids = ids if ids.dtype.kind == "U" else ids.astype(str)
+    # object, not numpy's fixed-width str: that drops trailing NUL characters ("a\x00" == "a")
+    ids = np.array([str(p) for p in product_ids], dtype=object)
     products, inverse = np.unique(ids, return_inverse=True)
     draws = np.asarray([split_draw(p, seed, purpose) for p in products.tolist()], dtype=np.float64)
     drawn = draws < fraction

@@ -1,10 +1,7 @@
 # Embed two photos with an exported model: onnxruntime, PIL and numpy only (python export.py).
 # Usage: python onnx_example.py model.onnx photo1.jpg photo2.jpg
-import json
-import sys
-
-import numpy as np
-import onnxruntime as ort
+import json, sys
+import numpy as np, onnxruntime as ort
 from PIL import Image, ImageOps
 
 session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])

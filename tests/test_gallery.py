@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from dataio import photos
+import extraction
 import models
 import preprocessing
-import retrieval
 from search import ann, gallery
 from search.index import GalleryIndex
 
@@ -333,7 +333,7 @@ def test_failure_while_embedding_leaves_the_previous_index(model, tmp_path, monk
     def crash(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(retrieval, "extract_embeddings", crash)
+    monkeypatch.setattr(extraction, "extract_embeddings", crash)
     with pytest.raises(type(error)):
         update(model, root, index_path)
     assert index_path.read_bytes() == data
