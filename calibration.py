@@ -22,16 +22,17 @@ scores above it more often than the target. The carry-over rule:
 
 The record written to a checkpoint, an ONNX model and a gallery index is `match_record`'s dict.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 DEFAULT_TARGET_FMR = 0.01
-MAX_PAIRS = 2_000_000       # impostor pairs kept (sampled, seeded, beyond): memory ~ 16 bytes a pair
-MIN_PRODUCTS = 50           # below: the carry-over pairs against other products' photos are added
-BOOTSTRAP = 200             # product bootstrap draws
-CONFIDENCE = 0.9            # quantile of the bootstrap thresholds taken
-BOOTSTRAP_PAIRS = 200_000   # impostor pairs one bootstrap draw weighs (a seeded subsample beyond)
+MAX_PAIRS = 2_000_000  # impostor pairs kept (sampled, seeded, beyond): memory ~ 16 bytes a pair
+MIN_PRODUCTS = 50  # below: the carry-over pairs against other products' photos are added
+BOOTSTRAP = 200  # product bootstrap draws
+CONFIDENCE = 0.9  # quantile of the bootstrap thresholds taken
+BOOTSTRAP_PAIRS = 200_000  # impostor pairs one bootstrap draw weighs (a seeded subsample beyond)
 
 
 def _unit(embeddings) -> np.ndarray:
@@ -41,8 +42,10 @@ def _unit(embeddings) -> np.ndarray:
 
 def _dots(a: np.ndarray, b: np.ndarray, i: np.ndarray, j: np.ndarray, chunk=1 << 16) -> np.ndarray:
     """Row-wise a[i] . b[j], in chunks (bounded memory)."""
-    return np.concatenate([np.einsum("nd,nd->n", a[i[s:s + chunk]], b[j[s:s + chunk]])
-                           for s in range(0, len(i), chunk)] or [np.zeros(0)])
+    return np.concatenate(
+        [np.einsum("nd,nd->n", a[i[s : s + chunk]], b[j[s : s + chunk]]) for s in range(0, len(i), chunk)]
+        or [np.zeros(0)]
+    )
 
 
 def genuine_pairs(labels) -> tuple[np.ndarray, np.ndarray]:
@@ -100,8 +103,10 @@ def threshold_at_fmr(impostor_scores, target_fmr: float, weights=None) -> float:
     s = np.asarray(impostor_scores, dtype=np.float64)
     w = np.ones_like(s) if weights is None else np.asarray(weights, dtype=np.float64)
     if not len(s) or w.sum() <= 0:
-        raise ValueError("no impostor pairs (pairs of photos of two different products) to fit a "
-                         "threshold on: fit on a catalogue of at least two products")
+        raise ValueError(
+            "no impostor pairs (pairs of photos of two different products) to fit a "
+            "threshold on: fit on a catalogue of at least two products"
+        )
     order = np.argsort(-s, kind="stable")
     return _threshold_sorted(s[order], w[order], target_fmr)
 
@@ -117,8 +122,10 @@ def _threshold_sorted(s_desc: np.ndarray, w: np.ndarray, target_fmr: float) -> f
 def rates(genuine_scores, impostor_scores, threshold: float) -> dict:
     """FMR and TMR at ``threshold`` (None where there is no pair of that kind)."""
     g, i = np.asarray(genuine_scores), np.asarray(impostor_scores)
-    return {"fmr": float((i >= threshold).mean()) if len(i) else None,
-            "tmr": float((g >= threshold).mean()) if len(g) else None}
+    return {
+        "fmr": float((i >= threshold).mean()) if len(i) else None,
+        "tmr": float((g >= threshold).mean()) if len(g) else None,
+    }
 
 
 def roc_curve(genuine_scores, impostor_scores) -> tuple[np.ndarray, np.ndarray]:
@@ -131,8 +138,9 @@ def roc_curve(genuine_scores, impostor_scores) -> tuple[np.ndarray, np.ndarray]:
     return fmr, tmr
 
 
-def bootstrap_threshold(scores, pair_products, target_fmr: float, *, draws=BOOTSTRAP,
-                        confidence=CONFIDENCE, seed=0) -> float:
+def bootstrap_threshold(
+    scores, pair_products, target_fmr: float, *, draws=BOOTSTRAP, confidence=CONFIDENCE, seed=0
+) -> float:
     """The ``confidence`` quantile, over ``draws`` product bootstraps, of `threshold_at_fmr`.
     ``pair_products``: (a, b) per impostor pair, the fitting products' indices 0..P-1, b = -1
     for a carry-over pair (its other photo is outside the fitting products). A draw weighs a pair
@@ -148,14 +156,23 @@ def bootstrap_threshold(scores, pair_products, target_fmr: float, *, draws=BOOTS
     found = []
     for _ in range(draws):
         counts = np.r_[np.bincount(rng.integers(0, products, products), minlength=products), 1.0]
-        w = counts[a] * counts[b]   # b = -1 reads the trailing 1
+        w = counts[a] * counts[b]  # b = -1 reads the trailing 1
         if w.sum() > 0:
             found.append(_threshold_sorted(s_desc, w, target_fmr))
     return float(np.quantile(found, confidence)) if found else threshold_at_fmr(scores, target_fmr)
 
 
-def fit_threshold(embeddings, labels, *, target_fmr=DEFAULT_TARGET_FMR, other_embeddings=None,
-                  max_pairs=MAX_PAIRS, draws=BOOTSTRAP, confidence=CONFIDENCE, seed=0) -> dict:
+def fit_threshold(
+    embeddings,
+    labels,
+    *,
+    target_fmr=DEFAULT_TARGET_FMR,
+    other_embeddings=None,
+    max_pairs=MAX_PAIRS,
+    draws=BOOTSTRAP,
+    confidence=CONFIDENCE,
+    seed=0,
+) -> dict:
     """The threshold at ``target_fmr`` fitted on the labelled photos (held-out products), by the
     module's carry-over rule; ``other_embeddings``: photos of other products (the training split)
     for the carry-over pairs. Returns the `match_record` with ``fitted_on`` describing the pairs
@@ -174,13 +191,22 @@ def fit_threshold(embeddings, labels, *, target_fmr=DEFAULT_TARGET_FMR, other_em
         impostor = np.concatenate([impostor, _dots(e, o, ci, cj)])
         pa, pb = np.concatenate([pa, index[ci]]), np.concatenate([pb, np.full(len(ci), -1)])
     point = threshold_at_fmr(impostor, target_fmr)
-    threshold = max(point, bootstrap_threshold(impostor, (pa, pb), target_fmr, draws=draws,
-                                               confidence=confidence, seed=seed)) if draws else point
-    fitted_on = {"photos": int(len(labels)), "products": int(len(products)),
-                 "genuine_pairs": int(len(genuine)), "impostor_pairs": int(len(impostor)),
-                 "carry_over_pairs": int(len(ci)) if carry else 0, "point_threshold": point,
-                 "bootstrap": int(draws), "confidence": float(confidence),
-                 **{f"fit_{k}": v for k, v in rates(genuine, impostor, threshold).items()}}
+    threshold = (
+        max(point, bootstrap_threshold(impostor, (pa, pb), target_fmr, draws=draws, confidence=confidence, seed=seed))
+        if draws
+        else point
+    )
+    fitted_on = {
+        "photos": int(len(labels)),
+        "products": int(len(products)),
+        "genuine_pairs": int(len(genuine)),
+        "impostor_pairs": int(len(impostor)),
+        "carry_over_pairs": int(len(ci)) if carry else 0,
+        "point_threshold": point,
+        "bootstrap": int(draws),
+        "confidence": float(confidence),
+        **{f"fit_{k}": v for k, v in rates(genuine, impostor, threshold).items()},
+    }
     return match_record(threshold, target_fmr, fitted_on)
 
 

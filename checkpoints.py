@@ -16,6 +16,7 @@
 validates it (``safe_load``: no code in a file can run); ``models.load_model`` rebuilds the
 network from it alone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,19 @@ import torch.nn as nn
 from dataio import fileio
 
 CHECKPOINT_FORMAT_VERSION = 1
-CHECKPOINT_KEYS = ("format_version", "model", "model_args", "args", "epoch", "metrics",
-                   "optimizer", "scheduler", "scaler", "rng", "git_commit")
+CHECKPOINT_KEYS = (
+    "format_version",
+    "model",
+    "model_args",
+    "args",
+    "epoch",
+    "metrics",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "rng",
+    "git_commit",
+)
 REQUIRED_CHECKPOINT_KEYS = ("format_version", "model", "model_args")
 MODEL_ARG_KEYS = ("backbone", "embedding_size", "dropout", "image_size", "head")
 
@@ -48,11 +60,17 @@ class CheckpointError(RuntimeError):
 
 # ============ writing ============
 
+
 def git_commit() -> str:
     """Short hash of HEAD of the repository holding this file, or "unknown"."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
@@ -63,8 +81,7 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, argparse.Namespace):
         obj = vars(obj)
     if isinstance(obj, dict):
-        return {str(k) if not isinstance(k, (int, float, bool)) else k: _plain(v)
-                for k, v in obj.items()}
+        return {str(k) if not isinstance(k, (int, float, bool)) else k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(_plain(v) for v in obj)
     if isinstance(obj, np.generic):
@@ -91,9 +108,18 @@ def _state(obj: Any) -> Any:
     return obj.state_dict() if hasattr(obj, "state_dict") else obj
 
 
-def make_checkpoint(model: nn.Module, *, args: Any = None, epoch: int | None = None,
-                    metrics: dict | None = None, optimizer: Any = None, scheduler: Any = None,
-                    scaler: Any = None, rng: dict | None = None, **extra: Any) -> dict:
+def make_checkpoint(
+    model: nn.Module,
+    *,
+    args: Any = None,
+    epoch: int | None = None,
+    metrics: dict | None = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    rng: dict | None = None,
+    **extra: Any,
+) -> dict:
     """The checkpoint dict of the module docstring. optimizer/scheduler/scaler may be objects or
     their state dicts; args may be an argparse.Namespace; numpy values and paths are converted so
     that the result loads with weights_only=True; ``extra`` fields are stored after the same
@@ -155,36 +181,43 @@ def checkpoint_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-
 # ============ reading ============
+
 
 def safe_load(path: str | os.PathLike, what: str = "checkpoint", map_location: Any = "cpu") -> Any:
     """torch.load(weights_only=True) whose failures say what is wrong with the file."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(errno.ENOENT, f"{what} not found: {path}. Check the path "
-                                "(checkpoints are written to checkpoints/<run>/best.pth and last.pth)",
-                                path)
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"{what} not found: {path}. Check the path "
+            "(checkpoints are written to checkpoints/<run>/best.pth and last.pth)",
+            path,
+        )
     if os.path.isdir(path):
-        raise IsADirectoryError(errno.EISDIR, f"{what} {path} is a folder; pass the .pth file "
-                                "inside it (e.g. best.pth or last.pth)", path)
+        raise IsADirectoryError(
+            errno.EISDIR, f"{what} {path} is a folder; pass the .pth file inside it (e.g. best.pth or last.pth)", path
+        )
     if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{what} {path} is empty (0 bytes), probably from an interrupted "
-                              "copy; use another checkpoint (last.pth / best.pth) or retrain")
+        raise CheckpointError(
+            f"{what} {path} is empty (0 bytes), probably from an interrupted "
+            "copy; use another checkpoint (last.pth / best.pth) or retrain"
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only load failed" not in str(e).lower():
-            raise CheckpointError(f"{what} {path} is corrupt or truncated ({e}); use another "
-                                  "checkpoint or retrain") from e
-        found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed|\. Please|$)",
-                          str(e), re.MULTILINE)
+            raise CheckpointError(
+                f"{what} {path} is corrupt or truncated ({e}); use another checkpoint or retrain"
+            ) from e
+        found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed|\. Please|$)", str(e), re.MULTILINE)
         raise CheckpointError(
             f"refused to load {what} {path}: it contains Python objects that safe "
             f"(weights_only=True) loading does not allow ({found.group(1) if found else 'unknown'})"
             ". Nothing in it was executed. Loading it unsafely could run arbitrary code; only if "
             "you trust its origin, convert it in a separate step with "
-            "torch.load(..., weights_only=False) and re-save the plain tensors.") from None
+            "torch.load(..., weights_only=False) and re-save the plain tensors."
+        ) from None
     except PermissionError as e:
         raise CheckpointError(f"{what} {path} cannot be read: {e}; check its permissions") from e
     except (OSError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError) as e:
@@ -192,7 +225,8 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint", map_location: A
             f"{what} {path} cannot be read: truncated or not a PyTorch file "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected end of file'}). "
             "It may come from an interrupted write or copy; use another checkpoint "
-            "(last.pth / best.pth) or retrain") from e
+            "(last.pth / best.pth) or retrain"
+        ) from e
 
 
 def validate_checkpoint(obj: Any, path: str) -> dict:
@@ -202,21 +236,23 @@ def validate_checkpoint(obj: Any, path: str) -> dict:
         raise CheckpointError(
             f"{path} is a plain state dict, not a checkpoint: it has no model_args to rebuild the "
             "network from. Use it as initial weights instead: build_model(backbone, "
-            f"weights={path!r}) / --weights {path}")
+            f"weights={path!r}) / --weights {path}"
+        )
     missing = [k for k in REQUIRED_CHECKPOINT_KEYS if k not in obj]
     if missing:
-        raise CheckpointError(f"{path} is not a checkpoint of this project: missing keys {missing}"
-                              f" (has {sorted(map(str, obj))[:10]})")
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this project: missing keys {missing} (has {sorted(map(str, obj))[:10]})"
+        )
     version = obj["format_version"]
     if version != CHECKPOINT_FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format_version {version!r}; this code reads version "
             f"{CHECKPOINT_FORMAT_VERSION}. Use the code version that wrote it (its git_commit: "
-            f"{obj.get('git_commit', 'unknown')}) or retrain")
+            f"{obj.get('git_commit', 'unknown')}) or retrain"
+        )
     args = obj["model_args"]
     if not isinstance(args, dict) or "backbone" not in args or "embedding_size" not in args:
-        raise CheckpointError(f"{path}: model_args must be a dict with backbone and "
-                              f"embedding_size, got {args!r}")
+        raise CheckpointError(f"{path}: model_args must be a dict with backbone and embedding_size, got {args!r}")
     if not isinstance(obj["model"], dict):
         raise CheckpointError(f"{path}: 'model' must be a state dict, got {type(obj['model']).__name__}")
     return obj

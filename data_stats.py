@@ -1,6 +1,7 @@
 """The dataset table and figure of ``python datasets.py stats``: images, products and categories
 per split, images per category and per product. Inputs are splits with ``class_ids``,
 ``super_ids`` and ``categories`` (``datasets.SOPDataset``)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,30 +15,41 @@ def split_rows(sets: dict) -> dict:
     """Rows of the original project's dataset table: ``{split: {images, products, categories,
     images_per_product}}`` for train, val, test (the keys of ``sets``) and total."""
     rows = {}
-    for name, parts in (("train", ["train"]), ("val", ["val"]), ("test", ["test"]),
-                        ("total", ["train", "val", "test"])):
-        cls = np.concatenate([sets[p].class_ids for p in parts])   # product ids are unique across splits
+    for name, parts in (
+        ("train", ["train"]),
+        ("val", ["val"]),
+        ("test", ["test"]),
+        ("total", ["train", "val", "test"]),
+    ):
+        cls = np.concatenate([sets[p].class_ids for p in parts])  # product ids are unique across splits
         sup = np.concatenate([sets[p].super_ids for p in parts])
         n_products = len(np.unique(cls))
-        rows[name] = {"images": int(len(cls)), "products": n_products,
-                      "categories": int(len(np.unique(sup))),
-                      "images_per_product": float(len(cls) / n_products)}
+        rows[name] = {
+            "images": int(len(cls)),
+            "products": n_products,
+            "categories": int(len(np.unique(sup))),
+            "images_per_product": float(len(cls) / n_products),
+        }
     return rows
 
 
 def format_stats_table(rows):
-    lines = ["| Split | Images | Products | Categories | Avg. Images/Product |",
-             "|-------|--------|----------|------------|---------------------|"]
+    lines = [
+        "| Split | Images | Products | Categories | Avg. Images/Product |",
+        "|-------|--------|----------|------------|---------------------|",
+    ]
     for name, label in (("train", "Train"), ("val", "Validation"), ("test", "Test"), ("total", "**Total**")):
         r = rows[name]
-        lines.append(f"| {label} | {r['images']:,} | {r['products']:,} | {r['categories']} | "
-                     f"{r['images_per_product']:.1f} |")
+        lines.append(
+            f"| {label} | {r['images']:,} | {r['products']:,} | {r['categories']} | {r['images_per_product']:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def plot_stats(sets, output):
     """Figure: images per category for each split, and the images-per-product histogram."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

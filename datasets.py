@@ -16,6 +16,7 @@ Command line (``python datasets.py <command> --help`` for every flag)::
     python datasets.py resize    --root data/Stanford_Online_Products --output data/sop_256 --size 256
     python datasets.py convert   --root my_photos --to csv --output my_photos
 """
+
 import argparse
 import logging
 import os
@@ -64,6 +65,7 @@ class CorruptImagesError(DatasetError):
 
 # ============ SOPDataset ============
 
+
 class SOPDataset(torch.utils.data.Dataset):
     """One split of a catalogue in any layout of catalogue.py: SOP's Ebay files (or the
     synthetic stand-in), a ``catalogue.csv`` or a ``<category>/<product>/<image>`` tree.
@@ -98,9 +100,19 @@ class SOPDataset(torch.utils.data.Dataset):
     default is the size of the transform's leading Resize (see ``preprocessing.draft_size``).
     """
 
-    def __init__(self, root, split, transform=None, val_fraction=0.1, split_seed=0,
-                 check_files=True, check_images=False, max_bad_fraction=0.01, load_size=None,
-                 test_fraction=DEFAULT_TEST_FRACTION):
+    def __init__(
+        self,
+        root,
+        split,
+        transform=None,
+        val_fraction=0.1,
+        split_seed=0,
+        check_files=True,
+        check_images=False,
+        max_bad_fraction=0.01,
+        load_size=None,
+        test_fraction=DEFAULT_TEST_FRACTION,
+    ):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
         self.root, self.layout = detect_layout(root)
@@ -110,11 +122,13 @@ class SOPDataset(torch.utils.data.Dataset):
         self.split_seed = split_seed
         self.test_fraction = test_fraction
         self.max_bad_fraction = max_bad_fraction
-        self.load_size = load_size if load_size is not None else (
-            preprocessing.draft_size(transform) if transform is not None else None)
+        self.load_size = (
+            load_size
+            if load_size is not None
+            else (preprocessing.draft_size(transform) if transform is not None else None)
+        )
 
-        table = read_catalogue(self.root, test_fraction,
-                               sop_parts=("test",) if split == "test" else ("train",))
+        table = read_catalogue(self.root, test_fraction, sop_parts=("test",) if split == "test" else ("train",))
         log_skipped(table, self.root)
         table = table.take(table.is_test if split == "test" else ~table.is_test)
         if split in ("train", "val"):
@@ -127,19 +141,29 @@ class SOPDataset(torch.utils.data.Dataset):
         self.paths = [str(self.root / p) for p in self.rel_paths]
         if not self.paths:
             if split == "test" and table.drawn_split and test_fraction == 0:
-                raise NoTestSplitError(f"{self.root} has no held-out test split: test_fraction 0 puts "
-                                       "every product in training. Evaluate on another catalogue "
-                                       "(--data_root), or use split trainval to serve the whole catalogue")
-            why = ("no image is in the test split (the CSV's split column says train everywhere?)"
-                   if split == "test" else "no image is in the training split"
-                   if split == "trainval" else f"val_fraction={val_fraction}")
+                raise NoTestSplitError(
+                    f"{self.root} has no held-out test split: test_fraction 0 puts "
+                    "every product in training. Evaluate on another catalogue "
+                    "(--data_root), or use split trainval to serve the whole catalogue"
+                )
+            why = (
+                "no image is in the test split (the CSV's split column says train everywhere?)"
+                if split == "test"
+                else "no image is in the training split"
+                if split == "trainval"
+                else f"val_fraction={val_fraction}"
+            )
             raise DatasetError(f"split {split!r} of {self.root} ({self.layout}) is empty: {why}")
         counts = np.unique(self.class_ids, return_counts=True)[1]
         self.num_single_image_products = int((counts == 1).sum())
         if self.num_single_image_products:
-            logger.warning("%s split %s: %d products have a single image; they stay in the gallery "
-                           "but are never queries of the product metrics", self.root, split,
-                           self.num_single_image_products)
+            logger.warning(
+                "%s split %s: %d products have a single image; they stay in the gallery "
+                "but are never queries of the product metrics",
+                self.root,
+                split,
+                self.num_single_image_products,
+            )
         if check_files:
             missing = [p for p in self.paths if not os.path.isfile(p)]
             if missing:
@@ -147,7 +171,8 @@ class SOPDataset(torch.utils.data.Dataset):
                     f"{len(missing)} of {len(self.paths)} images listed for split {split!r} are "
                     f"missing under {self.root}: {format_paths(missing)}. The dataset is "
                     f"incomplete: restore the files, remove their rows, extract or generate it "
-                    f"again ({DOWNLOAD_HINT}).")
+                    f"again ({DOWNLOAD_HINT})."
+                )
         # uint8 flags in shared memory: DataLoader workers (fork or spawn) write into the
         # same buffer, so the main process can count bad images after an epoch.
         self._bad = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
@@ -190,7 +215,9 @@ class SOPDataset(torch.utils.data.Dataset):
                 f"{n_bad} of {len(self)} images of split {self.split!r} in {self.root} are "
                 f"unreadable (more than {self.max_bad_fraction:.0%}): {format_paths(bad, 20)}. "
                 f"Run `python datasets.py verify --root {self.root}` for the full list, then "
-                f"replace them or download the dataset again.", bad)
+                f"replace them or download the dataset again.",
+                bad,
+            )
 
     def _same_product(self, index):
         """Indices of the other images of ``index``'s product, next ones first (cyclic)."""
@@ -209,8 +236,13 @@ class SOPDataset(torch.utils.data.Dataset):
                 return load_image(path, self.load_size)
             except IMAGE_ERRORS as e:
                 self._bad[index] = 1
-                logger.warning("Unreadable image %s (%s: %s); using another image of product %d",
-                               path, type(e).__name__, e, self.class_ids[index])
+                logger.warning(
+                    "Unreadable image %s (%s: %s); using another image of product %d",
+                    path,
+                    type(e).__name__,
+                    e,
+                    self.class_ids[index],
+                )
                 self._check_bad_fraction()
         for other in self._same_product(index):
             if self._bad[other]:
@@ -224,7 +256,9 @@ class SOPDataset(torch.utils.data.Dataset):
         raise CorruptImagesError(
             f"every image of product {self.class_ids[index]} in {self.root} is unreadable "
             f"(first: {path}); remove its rows from the catalogue (Ebay file, CSV) or restore the images "
-            f"(`python datasets.py verify --root {self.root}` lists them)", self.bad_paths)
+            f"(`python datasets.py verify --root {self.root}` lists them)",
+            self.bad_paths,
+        )
 
     def __getitem__(self, index):
         image = self._load(index)
@@ -233,8 +267,10 @@ class SOPDataset(torch.utils.data.Dataset):
         return image, int(self.class_ids[index])
 
     def __repr__(self):
-        return (f"SOPDataset(root={str(self.root)!r}, layout={self.layout!r}, split={self.split!r}, "
-                f"images={len(self)}, products={len(np.unique(self.class_ids))})")
+        return (
+            f"SOPDataset(root={str(self.root)!r}, layout={self.layout!r}, split={self.split!r}, "
+            f"images={len(self)}, products={len(np.unique(self.class_ids))})"
+        )
 
 
 def split_options(train_args: dict | None, test_fraction=None) -> dict:
@@ -244,8 +280,10 @@ def split_options(train_args: dict | None, test_fraction=None) -> dict:
     train_args = train_args or {}
     if test_fraction is None:  # 0 (trained on every product) is a value, not a missing one
         test_fraction = train_args.get("test_fraction")
-    return {"val_fraction": float(train_args.get("val_fraction") or 0.1),
-            "test_fraction": float(DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction)}
+    return {
+        "val_fraction": float(train_args.get("val_fraction") or 0.1),
+        "test_fraction": float(DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction),
+    }
 
 
 def serving_split(train_args: dict | None, root) -> str:
@@ -259,94 +297,148 @@ def serving_split(train_args: dict | None, root) -> str:
 
 # ============ the command line: python datasets.py <command> ============
 
+
 def dataset_stats(root, val_fraction=0.1, split_seed=0, test_fraction=DEFAULT_TEST_FRACTION):
     """Rows of the original project's dataset table: ``{split: {images, products, categories,
     images_per_product}}`` for train, val, test and total (total = trainval + test), on a
     catalogue of any layout."""
-    sets = {s: SOPDataset(root, s, val_fraction=val_fraction, split_seed=split_seed, check_files=False,
-                          test_fraction=test_fraction)
-            for s in ("train", "val", "test")}
+    sets = {
+        s: SOPDataset(
+            root, s, val_fraction=val_fraction, split_seed=split_seed, check_files=False, test_fraction=test_fraction
+        )
+        for s in ("train", "val", "test")
+    }
     rows = data_stats.split_rows(sets)
     return rows, sets
 
 
 # ============ command line ============
 
+
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        "datasets.py", description="Stanford Online Products: synthetic stand-in, download, "
+        "datasets.py",
+        description="Stanford Online Products: synthetic stand-in, download, "
         "verification, statistics and a pre-resized copy.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    p = sub.add_parser("synthetic", formatter_class=fmt,
-                       help="generate a synthetic SOP (offline stand-in, deterministic)",
-                       description="Generate a synthetic SOP with the real layout; skipped when "
-                       "--root already holds one made with the same arguments.")
+    p = sub.add_parser(
+        "synthetic",
+        formatter_class=fmt,
+        help="generate a synthetic SOP (offline stand-in, deterministic)",
+        description="Generate a synthetic SOP with the real layout; skipped when "
+        "--root already holds one made with the same arguments.",
+    )
     p.add_argument("--root", default="data/synthetic_sop", help="output folder")
-    p.add_argument("--num_products", type=int, default=1200,
-                   help="products (half train, half test); 1200 gives about 6.6k images")
-    p.add_argument("--image_size", default="96",
-                   help="side in pixels, or MIN-MAX for SOP-like photo sizes (e.g. 300-600 "
-                   "for the throughput benchmark)")
+    p.add_argument(
+        "--num_products", type=int, default=1200, help="products (half train, half test); 1200 gives about 6.6k images"
+    )
+    p.add_argument(
+        "--image_size",
+        default="96",
+        help="side in pixels, or MIN-MAX for SOP-like photo sizes (e.g. 300-600 for the throughput benchmark)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, max 8)")
-    p.add_argument("--force", action="store_true",
-                   help="regenerate even if complete; also needed to replace a synthetic SOP "
-                        "made with other settings (refused without it)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="regenerate even if complete; also needed to replace a synthetic SOP "
+        "made with other settings (refused without it)",
+    )
 
-    p = sub.add_parser("download", formatter_class=fmt,
-                       help="download and extract the real SOP (about 2.9 GB)",
-                       description="Download Stanford_Online_Products.zip into --root (resumable), "
-                       "test it, extract to --root/Stanford_Online_Products and check the counts. "
-                       "If the archive is already at --root/Stanford_Online_Products.zip it is used.")
+    p = sub.add_parser(
+        "download",
+        formatter_class=fmt,
+        help="download and extract the real SOP (about 2.9 GB)",
+        description="Download Stanford_Online_Products.zip into --root (resumable), "
+        "test it, extract to --root/Stanford_Online_Products and check the counts. "
+        "If the archive is already at --root/Stanford_Online_Products.zip it is used.",
+    )
     p.add_argument("--root", default="data", help="parent folder for the archive and the dataset")
     p.add_argument("--url", default=SOP_URL)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds before giving up on the server")
     p.add_argument("--delete_zip", action="store_true", help="delete the archive after extraction")
 
-    p = sub.add_parser("verify", formatter_class=fmt, help="decode every image and list bad files",
-                       description="Decode every listed image; exit code 1 if any is missing, "
-                       "empty, truncated or not an image.")
+    p = sub.add_parser(
+        "verify",
+        formatter_class=fmt,
+        help="decode every image and list bad files",
+        description="Decode every listed image; exit code 1 if any is missing, empty, truncated or not an image.",
+    )
     p.add_argument("--root", required=True, help="dataset folder (any layout: Ebay files, catalogue.csv, tree)")
     p.add_argument("--split", default="all", choices=["all", *SPLITS])
-    p.add_argument("--test_fraction", type=float, default=DEFAULT_TEST_FRACTION,
-                   help="a catalogue without a split: share of the products in test")
+    p.add_argument(
+        "--test_fraction",
+        type=float,
+        default=DEFAULT_TEST_FRACTION,
+        help="a catalogue without a split: share of the products in test",
+    )
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, max 8)")
 
-    p = sub.add_parser("stats", formatter_class=fmt, help="print the dataset table and save a figure",
-                       description="Print images / products / categories / images per product for "
-                       "train, val, test and total, and save a distribution figure.")
+    p = sub.add_parser(
+        "stats",
+        formatter_class=fmt,
+        help="print the dataset table and save a figure",
+        description="Print images / products / categories / images per product for "
+        "train, val, test and total, and save a distribution figure.",
+    )
     p.add_argument("--root", required=True, help="dataset folder (any layout: Ebay files, catalogue.csv, tree)")
     p.add_argument("--output", default="runs/dataset_stats.png", help="figure path ('' for none)")
     p.add_argument("--val_fraction", type=float, default=0.1)
     p.add_argument("--split_seed", type=int, default=0)
-    p.add_argument("--test_fraction", type=float, default=DEFAULT_TEST_FRACTION,
-                   help="a catalogue without a split: share of the products in test")
+    p.add_argument(
+        "--test_fraction",
+        type=float,
+        default=DEFAULT_TEST_FRACTION,
+        help="a catalogue without a split: share of the products in test",
+    )
     p.add_argument("--verbose", action="store_true", help="list every skipped non-image file")
 
-    p = sub.add_parser("convert", formatter_class=fmt, help="write a catalogue in another layout",
-                       description="Write the catalogue under --root (SOP's Ebay files, a catalogue.csv "
-                       "or a <category>/<product>/<image> tree) as a catalogue.csv (--to csv; with "
-                       "--output = --root only the CSV is written, beside the images) or as a tree "
-                       "(--to folder). Images are hard-linked (copied across filesystems) into a new "
-                       "--output, which must not exist or be empty.")
+    p = sub.add_parser(
+        "convert",
+        formatter_class=fmt,
+        help="write a catalogue in another layout",
+        description="Write the catalogue under --root (SOP's Ebay files, a catalogue.csv "
+        "or a <category>/<product>/<image> tree) as a catalogue.csv (--to csv; with "
+        "--output = --root only the CSV is written, beside the images) or as a tree "
+        "(--to folder). Images are hard-linked (copied across filesystems) into a new "
+        "--output, which must not exist or be empty.",
+    )
     p.add_argument("--root", required=True, help="the catalogue to read")
-    p.add_argument("--from", dest="from_layout", default=None, choices=list(catalogue.LAYOUTS),
-                   help="the layout --root must hold (None: whatever it holds)")
+    p.add_argument(
+        "--from",
+        dest="from_layout",
+        default=None,
+        choices=list(catalogue.LAYOUTS),
+        help="the layout --root must hold (None: whatever it holds)",
+    )
     p.add_argument("--to", required=True, choices=["csv", "folder"], help="layout to write")
     p.add_argument("--output", required=True, help="destination folder (or --root itself for --to csv)")
-    p.add_argument("--test_fraction", type=float, default=DEFAULT_TEST_FRACTION,
-                   help="a catalogue without a split: share of the products drawn into test")
-    p.add_argument("--split", default=True, action=argparse.BooleanOptionalAction,
-                   help="--to csv: write the split column (--no-split: leave the split to "
-                        "--test_fraction when the CSV is read)")
+    p.add_argument(
+        "--test_fraction",
+        type=float,
+        default=DEFAULT_TEST_FRACTION,
+        help="a catalogue without a split: share of the products drawn into test",
+    )
+    p.add_argument(
+        "--split",
+        default=True,
+        action=argparse.BooleanOptionalAction,
+        help="--to csv: write the split column (--no-split: leave the split to --test_fraction when the CSV is read)",
+    )
     p.add_argument("--verbose", action="store_true", help="list every skipped non-image file")
 
-    p = sub.add_parser("resize", formatter_class=fmt, help="write a pre-resized copy of a dataset",
-                       description="Copy a dataset with every image resized to SIZE×SIZE (the "
-                       "first step of the transforms: use round(image_size*256/224), 256 for 224 px).")
+    p = sub.add_parser(
+        "resize",
+        formatter_class=fmt,
+        help="write a pre-resized copy of a dataset",
+        description="Copy a dataset with every image resized to SIZE×SIZE (the "
+        "first step of the transforms: use round(image_size*256/224), 256 for 224 px).",
+    )
     p.add_argument("--root", required=True, help="source dataset folder")
     p.add_argument("--output", required=True, help="destination folder")
     p.add_argument("--size", type=int, default=256)
@@ -364,8 +456,10 @@ def main(args):
             make = make_synthetic_sop if args.force else ensure_synthetic_sop
             root = make(args.root, args.num_products, args.image_size, args.seed, args.workers, progress=True)
             marker = read_marker(root)
-            print(f"{root}: {marker['train_images']} train + {marker['test_images']} test images, "
-                  f"{args.num_products} products ({time.perf_counter() - t0:.1f} s)")
+            print(
+                f"{root}: {marker['train_images']} train + {marker['test_images']} test images, "
+                f"{args.num_products} products ({time.perf_counter() - t0:.1f} s)"
+            )
         elif args.command == "download":
             target = download_sop(args.root, args.url, args.timeout, keep_zip=not args.delete_zip)
             print(f"SOP ready at {target}")
@@ -388,8 +482,9 @@ def main(args):
                 print(f"figure: {data_stats.plot_stats(sets, args.output)}")
         elif args.command == "convert":
             catalogue.set_verbose(args.verbose)
-            out = convert_catalogue(args.root, args.output, args.to, args.from_layout,
-                                    args.test_fraction, write_split=args.split)
+            out = convert_catalogue(
+                args.root, args.output, args.to, args.from_layout, args.test_fraction, write_split=args.split
+            )
             print(f"wrote {out}")
         elif args.command == "resize":
             print(f"resized copy at {resize_dataset(args.root, args.output, args.size, args.quality, args.workers)}")

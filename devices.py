@@ -1,4 +1,5 @@
 """The one device rule of every script (``--device``)."""
+
 from __future__ import annotations
 
 import torch

@@ -28,6 +28,7 @@ only; the demo stores them for every gallery image (search.explain_store).
 Maps are computed in float32 with the model in eval mode (dropout off, BatchNorm statistics
 fixed), as the embeddings the search uses.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -90,14 +91,14 @@ def projections(model: EmbeddingNet, grids: torch.Tensor) -> torch.Tensor:
 
     n, c, h, w = grids.shape
     locations = grids.float().reshape(n, c, h * w)
-    pooled = locations.mean(2)                                          # [N, C]
-    deviations = (locations - pooled[..., None]).permute(2, 0, 1)       # [HW, N, C]
+    pooled = locations.mean(2)  # [N, C]
+    deviations = (locations - pooled[..., None]).permute(2, 0, 1)  # [HW, N, C]
 
     def head(f):
         return model.head(f).float()
 
     with _eval_mode(model):
-        g = head(pooled)                                                # [N, D]
+        g = head(pooled)  # [N, D]
         if is_exact(model):
             # affine head: g(f̄) + J (f_ij - f̄) = g(f_ij), the head at each location (one matmul;
             # the jvp below gives the same numbers ~4x slower for a 49-location grid)
@@ -147,10 +148,12 @@ def similarity_maps(model: EmbeddingNet, query_x: torch.Tensor, result_x: torch.
     """
     grid_q, e_q = feature_grid(model, _one(query_x))
     grid_r, e_r = feature_grid(model, _one(result_x))
-    return {"query_map": _side_maps(model, grid_q, e_r[None])[0, 0],
-            "result_map": _side_maps(model, grid_r, e_q[None])[0, 0],
-            "score": float(e_q[0] @ e_r[0]),
-            "exact": is_exact(model)}
+    return {
+        "query_map": _side_maps(model, grid_q, e_r[None])[0, 0],
+        "result_map": _side_maps(model, grid_r, e_q[None])[0, 0],
+        "score": float(e_q[0] @ e_r[0]),
+        "exact": is_exact(model),
+    }
 
 
 def similarity_maps_many(model: EmbeddingNet, query_x: torch.Tensor, results_x: torch.Tensor) -> list:
@@ -159,15 +162,19 @@ def similarity_maps_many(model: EmbeddingNet, query_x: torch.Tensor, results_x: 
     order of ``results_x``, each equal to ``similarity_maps(model, query_x, results_x[k])``."""
     query_x = _one(query_x)
     if results_x.dim() != 4 or results_x.shape[1:] != query_x.shape[1:]:
-        raise ValueError(f"results must be [K, {', '.join(map(str, query_x.shape[1:]))}] like the "
-                         f"query, got {tuple(results_x.shape)}")
+        raise ValueError(
+            f"results must be [K, {', '.join(map(str, query_x.shape[1:]))}] like the "
+            f"query, got {tuple(results_x.shape)}"
+        )
     grids, embeddings = feature_grid(model, torch.cat([query_x, results_x]))
     e_q, e_r = embeddings[:1], embeddings[1:]
-    query_maps = _side_maps(model, grids[:1], e_r[None])[0]                  # [K, Hq, Wq]
+    query_maps = _side_maps(model, grids[:1], e_r[None])[0]  # [K, Hq, Wq]
     result_maps = _side_maps(model, grids[1:], e_q.expand(len(e_r), -1)[:, None])[:, 0]
     exact = is_exact(model)
-    return [{"query_map": query_maps[k], "result_map": result_maps[k],
-             "score": float(e_q[0] @ e_r[k]), "exact": exact} for k in range(len(e_r))]
+    return [
+        {"query_map": query_maps[k], "result_map": result_maps[k], "score": float(e_q[0] @ e_r[k]), "exact": exact}
+        for k in range(len(e_r))
+    ]
 
 
 def view_of(x: torch.Tensor) -> Image.Image:
@@ -189,8 +196,16 @@ def dataset_explainer(model: EmbeddingNet, dataset, device="cpu"):
         xs = torch.stack([dataset[i][0] for i in [query, *results]]).to(device)
         maps = similarity_maps_many(model, xs[:1], xs[1:])
         views = [view_of(x) for x in xs]
-        return [{**m, "query_map": m["query_map"].cpu().numpy(), "result_map": m["result_map"].cpu().numpy(),
-                 "query_view": views[0], "result_view": views[k + 1]} for k, m in enumerate(maps)]
+        return [
+            {
+                **m,
+                "query_map": m["query_map"].cpu().numpy(),
+                "result_map": m["result_map"].cpu().numpy(),
+                "query_view": views[0],
+                "result_view": views[k + 1],
+            }
+            for k, m in enumerate(maps)
+        ]
 
     return explainer
 
@@ -216,5 +231,5 @@ def overlay(image_pil: Image.Image, heat_map, alpha: float = 0.5, cmap: str = "j
     # 256 levels on the grid, upsampled as an 8-bit image, coloured through a palette: all in
     # Pillow's C loops (numpy per-pixel work was ~1 ms of the ~1.5 ms an overlay took at 224 px)
     heat = Image.fromarray(np.round(m * 255).astype(np.uint8), mode="L").resize(image.size, Image.BILINEAR)
-    heat.putpalette(_colour_table(cmap).tobytes())               # L -> P with the colormap
+    heat.putpalette(_colour_table(cmap).tobytes())  # L -> P with the colormap
     return Image.blend(image, heat.convert("RGB"), alpha)

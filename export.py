@@ -15,6 +15,7 @@ checkpoint was trained on). The file is written atomically: no half-written .onn
 After writing, the export is compared with the PyTorch model on random inputs and the
 difference printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,27 +32,44 @@ from training import evaluation
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     src = p.add_argument_group("model (one of)")
-    src.add_argument("--checkpoint", default=None,
-                     help="checkpoints/<run>/best.pth (or last.pth): it holds everything to rebuild "
-                          "the network")
-    evaluation.add_zero_shot_args(src, "export --backbone's pooled, L2-normalised features (no head) "
-                                       "instead; the graph is fixed to --image_size")
-    p.add_argument("--output", default=None,
-                   help="the .onnx file to write (default with --checkpoint: beside it, best.pth -> "
-                        "best.onnx, or best.int8.onnx with --int8)")
+    src.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoints/<run>/best.pth (or last.pth): it holds everything to rebuild the network",
+    )
+    evaluation.add_zero_shot_args(
+        src, "export --backbone's pooled, L2-normalised features (no head) instead; the graph is fixed to --image_size"
+    )
+    p.add_argument(
+        "--output",
+        default=None,
+        help="the .onnx file to write (default with --checkpoint: beside it, best.pth -> "
+        "best.onnx, or best.int8.onnx with --int8)",
+    )
     q = p.add_argument_group("int8 quantisation")
-    q.add_argument("--int8", action="store_true",
-                   help="static int8 quantisation (about 1.6x faster on CPU, a few tenths of a "
-                        "point of MAP@R); off by default")
-    q.add_argument("--calibration_root", default=None,
-                   help="catalogue whose training split calibrates --int8 (default: the "
-                        "checkpoint's training data; required with --zero_shot)")
-    q.add_argument("--calibration_images", type=int, default=onnx_export.CALIBRATION_IMAGES,
-                   help="training images to calibrate on (default %(default)s)")
+    q.add_argument(
+        "--int8",
+        action="store_true",
+        help="static int8 quantisation (about 1.6x faster on CPU, a few tenths of a point of MAP@R); off by default",
+    )
+    q.add_argument(
+        "--calibration_root",
+        default=None,
+        help="catalogue whose training split calibrates --int8 (default: the "
+        "checkpoint's training data; required with --zero_shot)",
+    )
+    q.add_argument(
+        "--calibration_images",
+        type=int,
+        default=onnx_export.CALIBRATION_IMAGES,
+        help="training images to calibrate on (default %(default)s)",
+    )
     return p
 
 
@@ -71,11 +89,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 def export(args: argparse.Namespace):
     """Write the export args ask for; returns (path, the torch model it came from)."""
     precision = "int8" if args.int8 else "fp32"
-    common = dict(precision=precision, calibration_root=args.calibration_root,
-                  calibration_images=args.calibration_images)
+    common = dict(
+        precision=precision, calibration_root=args.calibration_root, calibration_images=args.calibration_images
+    )
     if args.zero_shot:
-        path = onnx_export.export_zero_shot(args.backbone, args.weights, args.image_size, args.output,
-                                          **common)
+        path = onnx_export.export_zero_shot(args.backbone, args.weights, args.image_size, args.output, **common)
         return path, models.zero_shot_model(args.backbone, args.weights, args.image_size)
     output = args.output or inference.onnx_path_for(args.checkpoint, precision)
     path = onnx_export.export_checkpoint(args.checkpoint, output, **common)
@@ -90,18 +108,29 @@ def main(argv=None):
     try:
         path, model = export(args)
         embedder = inference.OnnxEmbedder(path)
-    except (OSError, ImportError, ValueError, checkpoints.CheckpointError, onnx_export.OnnxModelError,
-            backbones.WeightsUnavailableError, catalogue.DatasetError) as e:
+    except (
+        OSError,
+        ImportError,
+        ValueError,
+        checkpoints.CheckpointError,
+        onnx_export.OnnxModelError,
+        backbones.WeightsUnavailableError,
+        catalogue.DatasetError,
+    ) as e:
         # OSError: a missing checkpoint, an unwritable output; every message names the file
         # and says what to do next
         raise SystemExit(f"export.py: {e}") from None
     check = inference.verify_export(model, embedder)
     meta = embedder.metadata
-    print(f"Wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MB): {meta['backbone']}, "
-          f"{meta['image_size']} px -> {meta['embedding_size']}-d, {meta['precision']}, "
-          f"model key {meta['model_key'][:24]}")
-    print(f"onnxruntime vs PyTorch on random inputs: max |difference| {check['max_abs_diff']:.2e}, "
-          f"min cosine {check['min_cosine']:.6f}")
+    print(
+        f"Wrote {path} ({path.stat().st_size / 2**20:.1f} MB): {meta['backbone']}, "
+        f"{meta['image_size']} px -> {meta['embedding_size']}-d, {meta['precision']}, "
+        f"model key {meta['model_key'][:24]}"
+    )
+    print(
+        f"onnxruntime vs PyTorch on random inputs: max |difference| {check['max_abs_diff']:.2e}, "
+        f"min cosine {check['min_cosine']:.6f}"
+    )
     return path
 
 

@@ -1,12 +1,13 @@
 """Embedding extraction: a model's unit embeddings of every batch of a loader, as numpy arrays."""
+
 from __future__ import annotations
 
 import numpy as np
 
 # torch is imported where it is used: importing this module stays cheap
 
-def extract_embeddings(model, loader, device="cpu", amp=None, progress=True, desc="embedding",
-                       normalize=True):
+
+def extract_embeddings(model, loader, device="cpu", amp=None, progress=True, desc="embedding", normalize=True):
     """Embed every batch of ``loader`` (yielding ``(images, class_ids)``) with ``model``.
 
     Returns ``(embeddings float32 [N, D] unit rows, labels int64 [N])`` as numpy arrays, in
@@ -25,12 +26,17 @@ def extract_embeddings(model, loader, device="cpu", amp=None, progress=True, des
     model.eval()
     embeddings, labels = [], []
     try:
-        with torch.inference_mode(), torch.autocast(
-            device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
-            enabled=bool(amp),
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                device_type=device.type,
+                dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
+                enabled=bool(amp),
+            ),
         ):
-            for images, targets in tqdm(loader, desc=desc, disable=not progress, unit="batch",
-                                        dynamic_ncols=True, leave=False):
+            for images, targets in tqdm(
+                loader, desc=desc, disable=not progress, unit="batch", dynamic_ncols=True, leave=False
+            ):
                 images = images.to(device, non_blocking=True)
                 if images.dim() == 4:
                     images = images.contiguous(memory_format=torch.channels_last)
@@ -43,5 +49,7 @@ def extract_embeddings(model, loader, device="cpu", amp=None, progress=True, des
         model.train(was_training)
     if not embeddings:
         raise ValueError(f"{desc}: the loader yielded no batches (empty dataset?)")
-    return (torch.cat(embeddings).numpy().astype(np.float32, copy=False),
-            torch.cat(labels).numpy().astype(np.int64, copy=False))
+    return (
+        torch.cat(embeddings).numpy().astype(np.float32, copy=False),
+        torch.cat(labels).numpy().astype(np.int64, copy=False),
+    )

@@ -58,6 +58,7 @@ come from min-max calibration on training images). Measured on GroZi-120 with
 EfficientNet-Lite0 at 224 px (2 threads): 1.6x faster than fp32 at batch 1 for 0.3 points of
 MAP@R; dynamic quantisation (ConvInteger) was over 50x slower than fp32 and lost 3 points.
 """
+
 from __future__ import annotations
 
 import errno
@@ -77,10 +78,12 @@ logger = logging.getLogger("inference")
 RUNTIMES = ("torch", "onnx")
 
 
-RUNTIME_HELP = ("where the network runs: torch (eager PyTorch) or onnx (onnxruntime, CPU only: the "
-                "checkpoint is exported beside it on first use, e.g. best.pth -> best.onnx, and "
-                "reused while the checkpoint is unchanged). Default: onnx when onnxruntime is "
-                "installed and the device is the CPU (several times faster there), else torch")
+RUNTIME_HELP = (
+    "where the network runs: torch (eager PyTorch) or onnx (onnxruntime, CPU only: the "
+    "checkpoint is exported beside it on first use, e.g. best.pth -> best.onnx, and "
+    "reused while the checkpoint is unchanged). Default: onnx when onnxruntime is "
+    "installed and the device is the CPU (several times faster there), else torch"
+)
 
 
 def add_runtime_arg(parser) -> None:
@@ -95,7 +98,7 @@ def resolve_runtime(runtime, device="cpu") -> str:
 
 
 def default_runtime(device="cpu") -> str:
-    """"onnx" when onnxruntime and onnx (which exporting needs) import and ``device`` is the
+    """ "onnx" when onnxruntime and onnx (which exporting needs) import and ``device`` is the
     CPU (onnxruntime runs there), else "torch"."""
     if torch.device(device).type != "cpu":
         return "torch"
@@ -105,6 +108,7 @@ def default_runtime(device="cpu") -> str:
     except ImportError:
         return "torch"
     return "onnx"
+
 
 def onnx_path_for(checkpoint, precision: str = "fp32") -> Path:
     """Where ensure_onnx keeps the export of ``checkpoint``: beside it, ``best.pth`` ->
@@ -141,19 +145,23 @@ def ensure_onnx(checkpoint, precision: str = "fp32", calibration_root=None) -> P
         logger.info("%s: %s; exporting it again", path, why)
     else:
         logger.info("Exporting %s to %s (first use)", checkpoint, path)
-    return onnx_export.export_checkpoint(checkpoint, path, precision=precision,
-                             calibration_root=calibration_root)
+    return onnx_export.export_checkpoint(checkpoint, path, precision=precision, calibration_root=calibration_root)
 
 
 # ============ loading ============
 
+
 def _check_metadata(meta: dict[str, str], where: str) -> dict[str, str]:
     if meta.get("format") != onnx_export.FORMAT:
-        raise onnx_export.OnnxModelError(f"{where} is an ONNX model but not an export of this project (no "
-                             f"{onnx_export.FORMAT!r} metadata); export one with python export.py")
+        raise onnx_export.OnnxModelError(
+            f"{where} is an ONNX model but not an export of this project (no "
+            f"{onnx_export.FORMAT!r} metadata); export one with python export.py"
+        )
     if meta.get("format_version") != str(onnx_export.FORMAT_VERSION):
-        raise onnx_export.OnnxModelError(f"{where} has format_version {meta.get('format_version')!r}; this code "
-                             f"reads {onnx_export.FORMAT_VERSION}: export it again with python export.py")
+        raise onnx_export.OnnxModelError(
+            f"{where} has format_version {meta.get('format_version')!r}; this code "
+            f"reads {onnx_export.FORMAT_VERSION}: export it again with python export.py"
+        )
     missing = [k for k in onnx_export.METADATA_KEYS if k not in meta]
     if missing:
         raise onnx_export.OnnxModelError(f"{where} lacks metadata {missing}; export it again with python export.py")
@@ -170,8 +178,10 @@ def read_metadata(path) -> dict[str, str]:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf DecodeError and friends: the file is not a whole model
-        raise onnx_export.OnnxModelError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e}); it "
-                             "may be truncated: export it again with python export.py") from e
+        raise onnx_export.OnnxModelError(
+            f"{path} is not a readable ONNX model ({type(e).__name__}: {e}); it "
+            "may be truncated: export it again with python export.py"
+        ) from e
     return _check_metadata({p.key: p.value for p in proto.metadata_props}, str(path))
 
 
@@ -183,9 +193,11 @@ def _session(source, where: str, num_threads: int):
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf / InvalidGraph
-        raise onnx_export.OnnxModelError(f"{where} is not a readable ONNX model ({type(e).__name__}: "
-                             f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}); "
-                             "it may be truncated: export it again with python export.py") from e
+        raise onnx_export.OnnxModelError(
+            f"{where} is not a readable ONNX model ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}); "
+            "it may be truncated: export it again with python export.py"
+        ) from e
 
 
 class OnnxEmbedder(nn.Module):
@@ -207,10 +219,12 @@ class OnnxEmbedder(nn.Module):
         self.path = None if isinstance(source, (bytes, bytearray)) else Path(source)
         where = "the ONNX model (bytes)" if self.path is None else str(self.path)
         if self.path is not None and not self.path.is_file():
-            raise FileNotFoundError(errno.ENOENT, f"ONNX model not found: {self.path}; export it "
-                                    "with python export.py", str(self.path))
-        self.session = _session(bytes(source) if self.path is None else str(self.path), where,
-                                num_threads or torch.get_num_threads())
+            raise FileNotFoundError(
+                errno.ENOENT, f"ONNX model not found: {self.path}; export it with python export.py", str(self.path)
+            )
+        self.session = _session(
+            bytes(source) if self.path is None else str(self.path), where, num_threads or torch.get_num_threads()
+        )
         self.metadata = _check_metadata(dict(self.session.get_modelmeta().custom_metadata_map), where)
         if checkpoint is not None:
             digest = checkpoints.checkpoint_hash(checkpoint)
@@ -219,7 +233,8 @@ class OnnxEmbedder(nn.Module):
                     f"{where} was exported from another checkpoint (sha256 "
                     f"{self.metadata['checkpoint_sha256'][:12] or 'none: zero-shot'}...), not from "
                     f"{checkpoint} ({digest[:12]}...): export it again with python export.py "
-                    f"--checkpoint {checkpoint} --output {where}, or pass the matching checkpoint")
+                    f"--checkpoint {checkpoint} --output {where}, or pass the matching checkpoint"
+                )
         self.model_args = json.loads(self.metadata["model_args"])
         self.checkpoint_info = json.loads(self.metadata["checkpoint_info"])
         self.embedding_size = int(self.metadata["embedding_size"])
@@ -235,9 +250,11 @@ class OnnxEmbedder(nn.Module):
     def _run(self, images: torch.Tensor, outputs: list) -> list:
         s = self.image_size
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
-            raise ValueError(f"{self.path or 'this ONNX model'} takes images [N, 3, {s}, {s}] (its "
-                             f"export size), got {list(images.shape)}; resize with "
-                             f"preprocessing.build_transform({s})")
+            raise ValueError(
+                f"{self.path or 'this ONNX model'} takes images [N, 3, {s}, {s}] (its "
+                f"export size), got {list(images.shape)}; resize with "
+                f"preprocessing.build_transform({s})"
+            )
         # NCHW contiguous float32: extract_embeddings hands over channels_last tensors
         x = images.detach().to("cpu", torch.float32).contiguous().numpy()
         results = self.session.run(outputs, {onnx_export.INPUT_NAME: x})
@@ -250,24 +267,31 @@ class OnnxEmbedder(nn.Module):
         """(embeddings [N, D], feature grid [N, C, H, W]) in one run; exports without the
         ``features`` output (``has_features`` False) raise onnx_export.OnnxModelError."""
         if not self.has_features:
-            raise onnx_export.OnnxModelError(f"{self.path or 'this ONNX model'} was exported without its feature "
-                                 "map output; export it again with python export.py")
+            raise onnx_export.OnnxModelError(
+                f"{self.path or 'this ONNX model'} was exported without its feature "
+                "map output; export it again with python export.py"
+            )
         embedding, grid = self._run(images, [onnx_export.OUTPUT_NAME, onnx_export.FEATURES_NAME])
         return embedding, grid
 
     def extra_repr(self) -> str:
-        return (f"{self.metadata['backbone']} {self.image_size}px -> {self.embedding_size}-d, "
-                f"{self.precision}, {self.path or 'in memory'}")
+        return (
+            f"{self.metadata['backbone']} {self.image_size}px -> {self.embedding_size}-d, "
+            f"{self.precision}, {self.path or 'in memory'}"
+        )
 
 
 def _cpu_only(device) -> None:
     if torch.device(device).type != "cpu":
-        raise ValueError(f"runtime 'onnx' runs on the CPU (onnxruntime's CPUExecutionProvider), "
-                         f"not {device}; use runtime 'torch' for {device}")
+        raise ValueError(
+            f"runtime 'onnx' runs on the CPU (onnxruntime's CPUExecutionProvider), "
+            f"not {device}; use runtime 'torch' for {device}"
+        )
 
 
-def load_embedder(checkpoint=None, runtime: str = "torch", device="cpu", zero_shot=None,
-                  precision: str = "fp32") -> nn.Module:
+def load_embedder(
+    checkpoint=None, runtime: str = "torch", device="cpu", zero_shot=None, precision: str = "fp32"
+) -> nn.Module:
     """The embedding model of ``checkpoint``, or of ``zero_shot`` = (backbone, weights,
     image_size) (models.zero_shot_model), in eval mode, on ``runtime``:
 
@@ -290,19 +314,19 @@ def load_embedder(checkpoint=None, runtime: str = "torch", device="cpu", zero_sh
     if checkpoint is not None:
         return OnnxEmbedder(ensure_onnx(checkpoint, precision=precision))
     if precision != "fp32":
-        raise ValueError("an int8 zero-shot model needs calibration images: export it with "
-                         "python export.py --zero_shot ... --int8 --calibration_root DIR and load "
-                         "it with inference.OnnxEmbedder(path)")
+        raise ValueError(
+            "an int8 zero-shot model needs calibration images: export it with "
+            "python export.py --zero_shot ... --int8 --calibration_root DIR and load "
+            "it with inference.OnnxEmbedder(path)"
+        )
     backbone, weights, image_size = zero_shot
     model = models.zero_shot_model(backbone, weights, int(image_size))
     key = models.zero_shot_model_key(backbone, str(weights), int(image_size))
-    data = onnx_export.with_metadata(onnx_export.onnx_bytes(model),
-                                     onnx_export.build_metadata(model, model_key=key))
+    data = onnx_export.with_metadata(onnx_export.onnx_bytes(model), onnx_export.build_metadata(model, model_key=key))
     return OnnxEmbedder(data)
 
 
-def verify_export(model: nn.Module, embedder: OnnxEmbedder, num_images: int = 2,
-                  seed: int = 0) -> dict:
+def verify_export(model: nn.Module, embedder: OnnxEmbedder, num_images: int = 2, seed: int = 0) -> dict:
     """Compare ``embedder`` with the torch ``model`` it was exported from on random inputs:
     {"max_abs_diff", "min_cosine"} (fp32 exports: ~1e-6 and 1.0)."""
     size = embedder.image_size
@@ -310,5 +334,4 @@ def verify_export(model: nn.Module, embedder: OnnxEmbedder, num_images: int = 2,
     with torch.inference_mode():
         ref = checkpoints.unwrap_model(model).cpu().float().eval()(x)
         out = embedder(x)
-    return {"max_abs_diff": float((out - ref).abs().max()),
-            "min_cosine": float((out * ref).sum(1).min())}
+    return {"max_abs_diff": float((out - ref).abs().max()), "min_cosine": float((out * ref).sum(1).min())}

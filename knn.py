@@ -6,6 +6,7 @@ its own result list (excluded by index, never by dropping a column). A sort key 
 packs (score, index) into one uint64 whose ascending order is that ranking order; the metrics
 (``retrieval``) and the gallery index (``search.index``) rank with the same keys and BLAS rule.
 """
+
 from __future__ import annotations
 
 import os
@@ -169,8 +170,17 @@ def topk_dense(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return out_s, out_i
 
 
-def knn(queries, gallery, k, exclude_self=False, self_indices=None, query_groups=None,
-        gallery_groups=None, chunk_size=None, normalize=True):
+def knn(
+    queries,
+    gallery,
+    k,
+    exclude_self=False,
+    self_indices=None,
+    query_groups=None,
+    gallery_groups=None,
+    chunk_size=None,
+    normalize=True,
+):
     """Exact k nearest neighbours by inner product, in chunks of ``chunk_size`` queries.
 
     Memory is bounded by ``chunk_size x len(gallery)`` scores (default: as many queries as
@@ -192,8 +202,10 @@ def knn(queries, gallery, k, exclude_self=False, self_indices=None, query_groups
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if exclude_self and len(q) != len(g):
-        raise ValueError("exclude_self=True needs the queries to be the gallery itself "
-                         f"(got {len(q)} queries and {len(g)} gallery items)")
+        raise ValueError(
+            "exclude_self=True needs the queries to be the gallery itself "
+            f"(got {len(q)} queries and {len(g)} gallery items)"
+        )
     if exclude_self:
         self_indices = np.arange(len(q))
     if self_indices is not None:

@@ -1,4 +1,5 @@
 """DataLoader settings for a device: workers, pinned memory, prefetch (measured defaults)."""
+
 from __future__ import annotations
 
 import os
@@ -14,9 +15,14 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def loader_settings(device, cpus: int | None = None, workers: int | None = None,
-                    pin_memory: bool | None = None, persistent_workers: bool | None = None,
-                    prefetch_factor: int | None = None) -> dict:
+def loader_settings(
+    device,
+    cpus: int | None = None,
+    workers: int | None = None,
+    pin_memory: bool | None = None,
+    persistent_workers: bool | None = None,
+    prefetch_factor: int | None = None,
+) -> dict:
     """DataLoader keyword arguments for ``device`` on a machine with ``cpus`` CPUs; ``None``
     arguments take the defaults measured by bench/bench_throughput.py (README, throughput).
 
@@ -34,8 +40,7 @@ def loader_settings(device, cpus: int | None = None, workers: int | None = None,
     if workers is None:
         workers = min(16, cpus) if cuda else max(1, cpus // 4)
     workers = int(workers)
-    out = {"num_workers": workers,
-           "pin_memory": cuda if pin_memory is None else bool(pin_memory and cuda)}
+    out = {"num_workers": workers, "pin_memory": cuda if pin_memory is None else bool(pin_memory and cuda)}
     if workers > 0:
         out["persistent_workers"] = cuda if persistent_workers is None else bool(persistent_workers)
         out["prefetch_factor"] = (4 if cuda else 2) if prefetch_factor is None else int(prefetch_factor)

@@ -11,6 +11,7 @@ Definitions used throughout (B embeddings, labels y):
 Everything works on the B x B distance matrix with masks: no Python loop over anchors, and the
 same code runs on any device.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -36,8 +37,10 @@ def _check_inputs(embeddings: torch.Tensor, labels) -> torch.Tensor:
         raise ValueError(f"embeddings must be (batch, dim), got shape {tuple(embeddings.shape)}")
     labels = torch.as_tensor(labels, device=embeddings.device)
     if labels.dim() != 1 or labels.numel() != embeddings.shape[0]:
-        raise ValueError(f"labels must be 1-D with one label per embedding: got shape "
-                         f"{tuple(labels.shape)} for {embeddings.shape[0]} embeddings")
+        raise ValueError(
+            f"labels must be 1-D with one label per embedding: got shape "
+            f"{tuple(labels.shape)} for {embeddings.shape[0]} embeddings"
+        )
     return labels
 
 
@@ -47,8 +50,9 @@ def _pair_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return same & ~eye, ~same
 
 
-def mine_triplets(dist: torch.Tensor, labels: torch.Tensor, margin: float,
-                  mining: str = "semihard") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mine_triplets(
+    dist: torch.Tensor, labels: torch.Tensor, margin: float, mining: str = "semihard"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Indices (a, p, n) of the triplets a mining mode uses, from the distance matrix ``dist``.
 
     semihard           one triplet per anchor that has a positive and a negative (the original project's
@@ -134,16 +138,17 @@ class TripletLoss(nn.Module):
         with torch.no_grad():
             count = max(a.numel(), 1)
             semihard = (d_an > d_ap) & (d_an < d_ap + self.margin)
-            values = torch.stack([
-                torch.tensor(float(a.numel()), device=dist.device),
-                active.sum().float(),
-                (pos.any(dim=1) & neg.any(dim=1)).sum().float(),
-                semihard.sum().float(),
-                d_ap.sum() / count,
-                d_an.sum() / count,
-            ]).tolist()  # one device->host transfer for all statistics
-        names = ("valid_triplets", "active_triplets", "anchors", "semihard_triplets",
-                 "mean_d_ap", "mean_d_an")
+            values = torch.stack(
+                [
+                    torch.tensor(float(a.numel()), device=dist.device),
+                    active.sum().float(),
+                    (pos.any(dim=1) & neg.any(dim=1)).sum().float(),
+                    semihard.sum().float(),
+                    d_ap.sum() / count,
+                    d_an.sum() / count,
+                ]
+            ).tolist()  # one device->host transfer for all statistics
+        names = ("valid_triplets", "active_triplets", "anchors", "semihard_triplets", "mean_d_ap", "mean_d_an")
         return loss, dict(zip(names, values))
 
 
@@ -165,12 +170,12 @@ class MultiSimilarityLoss(nn.Module):
     mean_d_ap / mean_d_an = mean squared distance (2 - 2S) over all positive / negative pairs.
     """
 
-    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
-                 epsilon: float = 0.1):
+    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, epsilon: float = 0.1):
         super().__init__()
         if not (alpha > 0 and beta > 0 and epsilon >= 0):
-            raise ValueError(f"need alpha > 0, beta > 0, epsilon >= 0; got alpha={alpha}, "
-                             f"beta={beta}, epsilon={epsilon}")
+            raise ValueError(
+                f"need alpha > 0, beta > 0, epsilon >= 0; got alpha={alpha}, beta={beta}, epsilon={epsilon}"
+            )
         self.alpha, self.beta, self.base, self.epsilon = float(alpha), float(beta), float(base), float(epsilon)
 
     def extra_repr(self) -> str:
@@ -198,16 +203,17 @@ class MultiSimilarityLoss(nn.Module):
         loss = (pos_loss + neg_loss).mean()
         with torch.no_grad():
             dist = 2.0 - 2.0 * s
-            values = torch.stack([
-                (pos.any(dim=1) & neg.any(dim=1)).sum().float(),
-                (pos_keep.any(dim=1) | neg_keep.any(dim=1)).sum().float(),
-                pos_keep.sum().float(),
-                neg_keep.sum().float(),
-                (dist * pos).sum() / pos.sum().clamp_min(1),
-                (dist * neg).sum() / neg.sum().clamp_min(1),
-            ]).tolist()
-        names = ("valid_triplets", "active_triplets", "pos_pairs", "neg_pairs",
-                 "mean_d_ap", "mean_d_an")
+            values = torch.stack(
+                [
+                    (pos.any(dim=1) & neg.any(dim=1)).sum().float(),
+                    (pos_keep.any(dim=1) | neg_keep.any(dim=1)).sum().float(),
+                    pos_keep.sum().float(),
+                    neg_keep.sum().float(),
+                    (dist * pos).sum() / pos.sum().clamp_min(1),
+                    (dist * neg).sum() / neg.sum().clamp_min(1),
+                ]
+            ).tolist()
+        names = ("valid_triplets", "active_triplets", "pos_pairs", "neg_pairs", "mean_d_ap", "mean_d_an")
         return loss, dict(zip(names, values))
 
 
@@ -239,9 +245,11 @@ class ProxyAnchorLoss(nn.Module):
         super().__init__()
         classes = torch.as_tensor(classes).long().unique()  # sorted
         if classes.numel() < 2 or embedding_size < 1 or not alpha > 0:
-            raise ValueError(f"Proxy-Anchor needs >= 2 classes, embedding_size >= 1 and alpha > 0; "
-                             f"got {classes.numel()} classes, embedding_size {embedding_size}, "
-                             f"alpha {alpha}")
+            raise ValueError(
+                f"Proxy-Anchor needs >= 2 classes, embedding_size >= 1 and alpha > 0; "
+                f"got {classes.numel()} classes, embedding_size {embedding_size}, "
+                f"alpha {alpha}"
+            )
         self.register_buffer("classes", classes)
         self.proxies = nn.Parameter(torch.empty(classes.numel(), embedding_size))
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")
@@ -255,8 +263,10 @@ class ProxyAnchorLoss(nn.Module):
         idx = torch.searchsorted(self.classes, labels.long()).clamp_max(self.classes.numel() - 1)
         unknown = self.classes[idx] != labels
         if unknown.any():
-            raise ValueError(f"labels {labels[unknown][:5].tolist()} are not training classes of "
-                             "this Proxy-Anchor loss (it has a proxy per training class only)")
+            raise ValueError(
+                f"labels {labels[unknown][:5].tolist()} are not training classes of "
+                "this Proxy-Anchor loss (it has a proxy per training class only)"
+            )
         return idx
 
     def forward(self, embeddings: torch.Tensor, labels) -> tuple[torch.Tensor, dict]:
@@ -274,10 +284,19 @@ class ProxyAnchorLoss(nn.Module):
         loss = pos_term.sum() / with_pos.sum().clamp_min(1) + neg_term.sum() / pos.shape[1]
         with torch.no_grad():
             dist = 2.0 - 2.0 * sim.detach()
-            values = torch.stack([with_pos.sum().float(), (dist * pos).sum() / pos.sum().clamp_min(1),
-                                  (dist * ~pos).sum() / (~pos).sum().clamp_min(1)]).tolist()
-        return loss, {"valid_triplets": values[0], "pos_proxies": values[0],
-                      "mean_d_ap": values[1], "mean_d_an": values[2]}
+            values = torch.stack(
+                [
+                    with_pos.sum().float(),
+                    (dist * pos).sum() / pos.sum().clamp_min(1),
+                    (dist * ~pos).sum() / (~pos).sum().clamp_min(1),
+                ]
+            ).tolist()
+        return loss, {
+            "valid_triplets": values[0],
+            "pos_proxies": values[0],
+            "mean_d_ap": values[1],
+            "mean_d_an": values[2],
+        }
 
 
 LOSSES = {

@@ -14,6 +14,7 @@ vectors, in two halves as timm models have them:
 the PCA of the backbone features, ``load_model`` rebuilds it from a checkpoint alone
 (``checkpoints``). Backbones and their weights: ``backbones``.
 """
+
 from __future__ import annotations
 
 import errno
@@ -39,8 +40,12 @@ def build_head(kind: str, feature_dim: int, embedding_size: int, dropout: float)
     none    the features themselves (D = feat): the zero-shot network, nothing to train.
     """
     if kind == "mlp":
-        return nn.Sequential(nn.Linear(feature_dim, HEAD_HIDDEN), nn.ReLU(inplace=True),
-                             nn.Dropout(dropout), nn.Linear(HEAD_HIDDEN, embedding_size))
+        return nn.Sequential(
+            nn.Linear(feature_dim, HEAD_HIDDEN),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(HEAD_HIDDEN, embedding_size),
+        )
     if kind == "linear":
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, embedding_size))
     if kind == "none":
@@ -58,8 +63,7 @@ class EmbeddingNet(nn.Module):
         self.feature_dim = feature_dim
         self.model_args = {"head": "mlp", **model_args}  # checkpoints before heads had a choice
         self.embedding_size = self.model_args["embedding_size"]
-        self.head = build_head(self.model_args["head"], feature_dim, self.embedding_size,
-                               self.model_args["dropout"])
+        self.head = build_head(self.model_args["head"], feature_dim, self.embedding_size, self.model_args["dropout"])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's last feature map [N, C, H, W] of an ImageNet-normalised batch x."""
@@ -85,9 +89,7 @@ class EmbeddingNet(nn.Module):
         return EmbeddingNet(self.backbone, self.feature_dim, args)
 
 
-
-def pca_projection(features: torch.Tensor, dim: int, whiten: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def pca_projection(features: torch.Tensor, dim: int, whiten: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(P, mu): mu the mean of the N x F ``features``, P (dim x F) their top-``dim`` principal
     directions (unit rows, by decreasing variance; each row's sign fixed so that its largest
     coordinate is positive, for reproducibility). P (f - mu) keeps as much of the features'
@@ -96,8 +98,10 @@ def pca_projection(features: torch.Tensor, dim: int, whiten: bool = False
     (PCA whitening, Jegou & Chum 2012)."""
     x = features.double()
     if x.shape[0] < 2 or dim > min(x.shape):
-        raise ValueError(f"PCA to {dim} dimensions needs at least {dim} feature vectors of at "
-                         f"least {dim} dimensions, got {tuple(x.shape)}")
+        raise ValueError(
+            f"PCA to {dim} dimensions needs at least {dim} feature vectors of at "
+            f"least {dim} dimensions, got {tuple(x.shape)}"
+        )
     mu = x.mean(dim=0)
     _, singular, vh = torch.linalg.svd(x - mu, full_matrices=False)
     p = vh[:dim]
@@ -131,22 +135,25 @@ def init_head_pca(model: EmbeddingNet, features: torch.Tensor, whiten: bool = Fa
     elif kind == "mlp":
         first, second = model.head[0], model.head[3]
         if 2 * dim > first.out_features:
-            raise ValueError(f"PCA initialisation of the mlp head needs embedding_size <= "
-                             f"{first.out_features // 2}, got {dim}; use --head linear")
+            raise ValueError(
+                f"PCA initialisation of the mlp head needs embedding_size <= "
+                f"{first.out_features // 2}, got {dim}; use --head linear"
+            )
         first.weight[:dim] = p
-        first.weight[dim:2 * dim] = -p
+        first.weight[dim : 2 * dim] = -p
         first.bias[:dim] = -p @ mu
-        first.bias[dim:2 * dim] = p @ mu
+        first.bias[dim : 2 * dim] = p @ mu
         eye = torch.eye(dim, device=second.weight.device)
         second.weight.zero_()
         second.weight[:, :dim] = eye
-        second.weight[:, dim:2 * dim] = -eye
+        second.weight[:, dim : 2 * dim] = -eye
         second.bias.zero_()
     else:
         raise ValueError(f"head {kind!r} has nothing to initialise")
 
 
 # ============ building and loading ============
+
 
 def _check_build_args(backbone, embedding_size, dropout, image_size, weights, head) -> None:
     """ValueError naming the first argument of build_model that is out of its domain."""
@@ -169,14 +176,17 @@ def _check_fits(ckpt: dict, source: str, backbone: str, head: str, embedding_siz
     if theirs["backbone"] != backbone:
         raise ValueError(
             f"{source} is a checkpoint of backbone {theirs['backbone']!r}, not {backbone!r}: "
-            f"pass --backbone {theirs['backbone']} or another --weights")
+            f"pass --backbone {theirs['backbone']} or another --weights"
+        )
     if theirs.get("head", "mlp") != head:
-        raise ValueError(f"{source} has a {theirs.get('head', 'mlp')!r} head, not {head!r}: "
-                         f"pass --head {theirs.get('head', 'mlp')}")
+        raise ValueError(
+            f"{source} has a {theirs.get('head', 'mlp')!r} head, not {head!r}: pass --head {theirs.get('head', 'mlp')}"
+        )
     if theirs["embedding_size"] != embedding_size and head != "none":
         raise ValueError(
             f"{source} has embedding_size {theirs['embedding_size']}, not {embedding_size}: "
-            f"pass --embedding_size {theirs['embedding_size']}")
+            f"pass --embedding_size {theirs['embedding_size']}"
+        )
 
 
 def _weights_file(net: nn.Module, source: str, backbone: str, head: str, embedding_size: int) -> dict | None:
@@ -184,8 +194,12 @@ def _weights_file(net: nn.Module, source: str, backbone: str, head: str, embeddi
     (None returned); a checkpoint's or a whole EmbeddingNet's state dict is returned, to load
     into the finished network."""
     if not os.path.exists(source):
-        raise FileNotFoundError(errno.ENOENT, f"weights {source!r}: no such file; pass 'imagenet', "
-                                "'none' or the path of a checkpoint / state dict (.pth)", source)
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"weights {source!r}: no such file; pass 'imagenet', "
+            "'none' or the path of a checkpoint / state dict (.pth)",
+            source,
+        )
     obj = checkpoints.safe_load(source, what="weights file")
     if isinstance(obj, dict) and "model" in obj and "model_args" in obj:
         ckpt = backbones.check_known(checkpoints.validate_checkpoint(obj, source), source)
@@ -195,16 +209,24 @@ def _weights_file(net: nn.Module, source: str, backbone: str, head: str, embeddi
         if any(k.startswith(("backbone.", "head.")) for k in obj):
             return obj
         spec = backbones.backbone_spec(backbone)
-        backbones.load_into(net, backbones.to_our_layout(obj, spec), source, backbone,
-                            allowed_missing_prefix=spec.classifier + ".")
+        backbones.load_into(
+            net, backbones.to_our_layout(obj, spec), source, backbone, allowed_missing_prefix=spec.classifier + "."
+        )
         return None
     raise checkpoints.CheckpointError(
         f"{source} is neither a checkpoint of ours nor a state dict (it holds "
-        f"{type(obj).__name__}); pass --weights imagenet, none or a .pth of either kind")
+        f"{type(obj).__name__}); pass --weights imagenet, none or a .pth of either kind"
+    )
 
 
-def build_model(backbone: str, embedding_size: int = 128, weights: str | os.PathLike | None = "none",
-                dropout: float = 0.2, image_size: int = 224, head: str = "mlp") -> EmbeddingNet:
+def build_model(
+    backbone: str,
+    embedding_size: int = 128,
+    weights: str | os.PathLike | None = "none",
+    dropout: float = 0.2,
+    image_size: int = 224,
+    head: str = "mlp",
+) -> EmbeddingNet:
     """Build the embedding network.
 
     head:    "mlp" (the original project's), "linear", or "none" (zero-shot: the backbone's
@@ -219,8 +241,13 @@ def build_model(backbone: str, embedding_size: int = 128, weights: str | os.Path
     """
     weights = "none" if weights is None else weights
     _check_build_args(backbone, embedding_size, dropout, image_size, weights, head)
-    model_args = {"backbone": backbone, "embedding_size": embedding_size,
-                  "dropout": float(dropout), "image_size": image_size, "head": head}
+    model_args = {
+        "backbone": backbone,
+        "embedding_size": embedding_size,
+        "dropout": float(dropout),
+        "image_size": image_size,
+        "head": head,
+    }
     net = backbones.build_net(backbone, imagenet=weights == "imagenet")
     full_state, source = None, None
     if weights not in ("imagenet", "none"):
@@ -243,8 +270,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> E
     ckpt = backbones.check_known(checkpoints.load_checkpoint(path), path)
     args = ckpt["model_args"]
     model = build_model(**{k: args[k] for k in checkpoints.MODEL_ARG_KEYS if k in args}, weights="none")
-    backbones.load_into(model, backbones.convert_embedding_state(ckpt["model"], args["backbone"]), path,
-                        args["backbone"])
+    backbones.load_into(
+        model, backbones.convert_embedding_state(ckpt["model"], args["backbone"]), path, args["backbone"]
+    )
     model.checkpoint_info = {k: ckpt.get(k) for k in ("epoch", "metrics", "args", "git_commit", "match")}
     return model.to(device).eval()
 
@@ -263,8 +291,7 @@ def zero_shot_model_key(backbone: str, weights: str, image_size: int) -> str:
     return "zero_shot:" + zero_shot_name(backbone, image_size, weights)
 
 
-def zero_shot_model(backbone: str, weights: str = "imagenet", image_size: int = 224,
-                    device="cpu") -> EmbeddingNet:
+def zero_shot_model(backbone: str, weights: str = "imagenet", image_size: int = 224, device="cpu") -> EmbeddingNet:
     """The backbone alone: its pooled features, L2-normalised (`build_model` with head none)."""
     return build_model(backbone, weights=weights, image_size=int(image_size), head="none").to(device).eval()
 

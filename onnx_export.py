@@ -6,6 +6,7 @@ The graph has input ``images`` and outputs ``embeddings`` (``EmbeddingNet.forwar
 onnx and onnxruntime are imported inside the functions that need them (``import_onnx``,
 ``import_onnxruntime``): the rest of the repository works without them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -45,10 +46,30 @@ OPSET = 17
 # Keep in step with requirements.txt (a test checks).
 ONNXRUNTIME_PIN = "onnxruntime==1.32.0"
 ONNX_PIN = "onnx==1.23.2"
-METADATA_KEYS = ("format", "format_version", "model_key", "checkpoint_sha256", "backbone", "head",
-                 "embedding_size", "image_size", "parameters", "resize_size", "crop_size", "resize",
-                 "mean", "std", "input", "output", "precision", "calibration", "model_args",
-                 "checkpoint_info", "torch_version", "opset")
+METADATA_KEYS = (
+    "format",
+    "format_version",
+    "model_key",
+    "checkpoint_sha256",
+    "backbone",
+    "head",
+    "embedding_size",
+    "image_size",
+    "parameters",
+    "resize_size",
+    "crop_size",
+    "resize",
+    "mean",
+    "std",
+    "input",
+    "output",
+    "precision",
+    "calibration",
+    "model_args",
+    "checkpoint_info",
+    "torch_version",
+    "opset",
+)
 # Calibration: 64 training images measured as good as 128 (GroZi-120, Lite0 at 224 px).
 CALIBRATION_IMAGES = 64
 CALIBRATION_BATCH = 8
@@ -59,16 +80,18 @@ class OnnxModelError(RuntimeError):
     exported from another checkpoint than the one beside it."""
 
 
-
 # ============ optional dependencies ============
+
 
 def _import(module: str, pin: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"runtime 'onnx' (ONNX export and onnxruntime inference) needs the package "
-                          f"{pin.split('==')[0]}, which is not installed: pip install {pin} "
-                          f"(it is in requirements.txt), or use runtime 'torch'") from e
+        raise ImportError(
+            f"runtime 'onnx' (ONNX export and onnxruntime inference) needs the package "
+            f"{pin.split('==')[0]}, which is not installed: pip install {pin} "
+            f"(it is in requirements.txt), or use runtime 'torch'"
+        ) from e
 
 
 def import_onnxruntime():
@@ -81,8 +104,8 @@ def import_onnx():
     return _import("onnx", ONNX_PIN)
 
 
-
 # ============ export: a fixed-size graph ============
+
 
 def _record_input_size(sizes: dict, module: nn.Module, inputs: tuple) -> None:
     sizes[module] = tuple(int(v) for v in inputs[0].shape[-2:])
@@ -92,12 +115,19 @@ def _static_same_conv(conv: nn.Conv2d, input_size: tuple[int, int]) -> nn.Module
     """timm's Conv2dSame as a plain convolution with the padding it computes for ``input_size``:
     symmetric padding goes into the convolution, asymmetric TF padding becomes a ZeroPad2d."""
     from timm.layers.padding import pad_same_arg
-    left, right, top, bottom = pad_same_arg(input_size, conv.weight.shape[-2:], conv.stride,
-                                            conv.dilation)
+
+    left, right, top, bottom = pad_same_arg(input_size, conv.weight.shape[-2:], conv.stride, conv.dilation)
     symmetric = left == right and top == bottom
-    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                      (top, left) if symmetric else 0, conv.dilation, conv.groups,
-                      conv.bias is not None)
+    plain = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        (top, left) if symmetric else 0,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+    )
     plain.load_state_dict(conv.state_dict())
     return plain if symmetric else nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), plain)
 
@@ -112,6 +142,7 @@ def freeze_same_padding(model: nn.Module, image_size: int) -> nn.Module:
     if "timm" not in sys.modules:  # only timm builds SAME convolutions: no timm, none to freeze
         return model
     from timm.layers import Conv2dSame
+
     same = [m for m in model.modules() if isinstance(m, Conv2dSame)]
     if not same:
         return model
@@ -159,15 +190,22 @@ def onnx_bytes(model: nn.Module) -> bytes:
         # onnxruntime folds it when it loads the model
         warnings.filterwarnings("ignore", message=".*Only steps=1 can be constant folded.*")
         # batch 2, not 1: nothing in the trace may specialise on a batch of one
-        torch.onnx.export(frozen, (torch.zeros(2, 3, size, size),), buffer,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME, FEATURES_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"},
-                                        FEATURES_NAME: {0: "batch"}},
-                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
+        torch.onnx.export(
+            frozen,
+            (torch.zeros(2, 3, size, size),),
+            buffer,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME, FEATURES_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}, FEATURES_NAME: {0: "batch"}},
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
     return buffer.getvalue()
 
 
 # ============ export: int8 ============
+
 
 class _BatchReader:
     """onnxruntime's CalibrationDataReader protocol over a list of NCHW float32 batches."""
@@ -189,6 +227,7 @@ def quantize_int8(model_bytes: bytes, batches: list[np.ndarray]) -> bytes:
     import_onnxruntime()
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
     # Only file paths go in and out of the quantiser: a private folder, never the output's.
     with tempfile.TemporaryDirectory(prefix="int8-") as tmp:
         src, pre, dst = (os.path.join(tmp, n) for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
@@ -198,59 +237,82 @@ def quantize_int8(model_bytes: bytes, batches: list[np.ndarray]) -> bytes:
         try:
             # shape inference + graph optimisation first, as onnxruntime recommends
             quant_pre_process(src, pre, skip_symbolic_shape=True)
-            quantize_static(pre, dst, _BatchReader(batches), quant_format=QuantFormat.QDQ,
-                            per_channel=True, weight_type=QuantType.QInt8,
-                            activation_type=QuantType.QUInt8,
-                            calibrate_method=CalibrationMethod.MinMax)
+            quantize_static(
+                pre,
+                dst,
+                _BatchReader(batches),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
         finally:
             logging.getLogger().setLevel(quiet)
         return Path(dst).read_bytes()
 
 
-def calibration_set(root, image_size: int, num_images: int = CALIBRATION_IMAGES, seed: int = 0,
-                    splits: dict | None = None) -> tuple[list[np.ndarray], dict]:
+def calibration_set(
+    root, image_size: int, num_images: int = CALIBRATION_IMAGES, seed: int = 0, splits: dict | None = None
+) -> tuple[list[np.ndarray], dict]:
     """(batches, info): ``num_images`` images of the training split of the catalogue at ``root``
     (any layout; ``splits``: SOPDataset's split settings, datasets.split_options of the run),
     drawn at random (``seed``), through the eval transform at ``image_size``, in NCHW float32
     batches of CALIBRATION_BATCH: the calibration set of int8 quantisation. ``info`` is what the
     export records of it ({"root", "split", "num_images", "seed"})."""
-    dataset = datasets.SOPDataset(root, "train", transform=preprocessing.build_transform(image_size),
-                                  **(splits or {}))
+    dataset = datasets.SOPDataset(root, "train", transform=preprocessing.build_transform(image_size), **(splits or {}))
     count = min(int(num_images), len(dataset))
     picks = np.sort(np.random.default_rng(seed).choice(len(dataset), count, replace=False))
     images = np.stack([dataset[int(i)][0].numpy() for i in picks])
-    batches = [images[i:i + CALIBRATION_BATCH] for i in range(0, count, CALIBRATION_BATCH)]
+    batches = [images[i : i + CALIBRATION_BATCH] for i in range(0, count, CALIBRATION_BATCH)]
     return batches, {"root": str(dataset.root), "split": "train", "num_images": count, "seed": seed}
 
 
 # ============ export: metadata and the file ============
 
+
 def _json(value) -> str:
     return json.dumps(value, sort_keys=True, default=str)  # default: tensors, paths in args
 
 
-def build_metadata(model: nn.Module, *, model_key: str, checkpoint_sha256: str = "",
-                   checkpoint_info: dict | None = None, precision: str = "fp32",
-                   calibration_info: dict | None = None) -> dict[str, str]:
+def build_metadata(
+    model: nn.Module,
+    *,
+    model_key: str,
+    checkpoint_sha256: str = "",
+    checkpoint_info: dict | None = None,
+    precision: str = "fp32",
+    calibration_info: dict | None = None,
+) -> dict[str, str]:
     """The metadata_props of an export of ``model`` (module docstring), as strings."""
     args = {"head": "mlp", **dict(model.model_args)}
     size = int(args["image_size"])
     return {
-        "format": FORMAT, "format_version": str(FORMAT_VERSION),
-        "model_key": model_key, "checkpoint_sha256": checkpoint_sha256,
-        "backbone": args["backbone"], "head": args["head"],
-        "embedding_size": str(int(args["embedding_size"])), "image_size": str(size),
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "model_key": model_key,
+        "checkpoint_sha256": checkpoint_sha256,
+        "backbone": args["backbone"],
+        "head": args["head"],
+        "embedding_size": str(int(args["embedding_size"])),
+        "image_size": str(size),
         "parameters": str(models.count_parameters(model)),
-        "resize_size": str(preprocessing.resize_size(size)), "crop_size": str(size),
+        "resize_size": str(preprocessing.resize_size(size)),
+        "crop_size": str(size),
         "resize": f"PIL resize to ({preprocessing.resize_size(size)}, {preprocessing.resize_size(size)}), "
-                  f"bilinear (antialiased) -> center crop {size} x {size} "
-                  "(offset round((resize_size - crop_size) / 2)) -> RGB / 255 -> (x - mean) / std "
-                  "-> NCHW float32",
-        "mean": _json(list(preprocessing.IMAGENET_MEAN)), "std": _json(list(preprocessing.IMAGENET_STD)),
-        "input": INPUT_NAME, "output": OUTPUT_NAME, "precision": precision,
+        f"bilinear (antialiased) -> center crop {size} x {size} "
+        "(offset round((resize_size - crop_size) / 2)) -> RGB / 255 -> (x - mean) / std "
+        "-> NCHW float32",
+        "mean": _json(list(preprocessing.IMAGENET_MEAN)),
+        "std": _json(list(preprocessing.IMAGENET_STD)),
+        "input": INPUT_NAME,
+        "output": OUTPUT_NAME,
+        "precision": precision,
         "calibration": _json(calibration_info) if calibration_info else "",
-        "model_args": _json(args), "checkpoint_info": _json(checkpoint_info or {}),
-        "torch_version": torch.__version__, "opset": str(OPSET),
+        "model_args": _json(args),
+        "checkpoint_info": _json(checkpoint_info or {}),
+        "torch_version": torch.__version__,
+        "opset": str(OPSET),
     }
 
 
@@ -262,32 +324,48 @@ def with_metadata(model_bytes: bytes, metadata: dict[str, str]) -> bytes:
         proto.metadata_props.add(key=key, value=value)
     proto.producer_name = FORMAT
     proto.model_version = FORMAT_VERSION
-    proto.doc_string = (f"{metadata['backbone']} {metadata['precision']} embedding model: "
-                        f"{INPUT_NAME} [N, 3, {metadata['image_size']}, {metadata['image_size']}] -> "
-                        f"{OUTPUT_NAME} [N, {metadata['embedding_size']}] (unit vectors)")
+    proto.doc_string = (
+        f"{metadata['backbone']} {metadata['precision']} embedding model: "
+        f"{INPUT_NAME} [N, 3, {metadata['image_size']}, {metadata['image_size']}] -> "
+        f"{OUTPUT_NAME} [N, {metadata['embedding_size']}] (unit vectors)"
+    )
     return proto.SerializeToString()
 
 
 def _check_output(output: Path) -> None:
     """Fail before the (slow) export when ``output`` cannot be written."""
     if output.is_dir():
-        raise IsADirectoryError(errno.EISDIR, f"output {output} is a folder; pass a file name "
-                                "such as model.onnx", str(output))
+        raise IsADirectoryError(
+            errno.EISDIR, f"output {output} is a folder; pass a file name such as model.onnx", str(output)
+        )
     parent = output.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, f"cannot write {output}: {parent} is a file, not "
-                                 "a folder; choose another --output", str(output))
+        raise NotADirectoryError(
+            errno.ENOTDIR,
+            f"cannot write {output}: {parent} is a file, not a folder; choose another --output",
+            str(output),
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, f"cannot write {output}: no write permission in "
-                              f"{parent}; choose another --output", str(output))
+        raise PermissionError(
+            errno.EACCES,
+            f"cannot write {output}: no write permission in {parent}; choose another --output",
+            str(output),
+        )
 
 
-def export_onnx(model: nn.Module, output, *, model_key: str, checkpoint_sha256: str = "",
-                checkpoint_info: dict | None = None, precision: str = "fp32",
-                calibration: list[np.ndarray] | None = None,
-                calibration_info: dict | None = None) -> Path:
+def export_onnx(
+    model: nn.Module,
+    output,
+    *,
+    model_key: str,
+    checkpoint_sha256: str = "",
+    checkpoint_info: dict | None = None,
+    precision: str = "fp32",
+    calibration: list[np.ndarray] | None = None,
+    calibration_info: dict | None = None,
+) -> Path:
     """Write ``model`` (an EmbeddingNet) as a self-describing ONNX file at ``output``, atomically
     (fileio.atomic_write: no half-written file ever exists under that name). ``precision`` int8
     needs ``calibration`` (calibration_set) and records ``calibration_info``. Returns the path.
@@ -301,15 +379,24 @@ def export_onnx(model: nn.Module, output, *, model_key: str, checkpoint_sha256: 
     data = onnx_bytes(model)
     if precision == "int8":
         data = quantize_int8(data, calibration)
-    data = with_metadata(data, build_metadata(
-        model, model_key=model_key, checkpoint_sha256=checkpoint_sha256,
-        checkpoint_info=checkpoint_info, precision=precision, calibration_info=calibration_info))
+    data = with_metadata(
+        data,
+        build_metadata(
+            model,
+            model_key=model_key,
+            checkpoint_sha256=checkpoint_sha256,
+            checkpoint_info=checkpoint_info,
+            precision=precision,
+            calibration_info=calibration_info,
+        ),
+    )
     fileio.atomic_write(output, lambda f: f.write(data))
     return output
 
 
-def export_checkpoint(checkpoint, output, precision: str = "fp32", calibration_root=None,
-                      calibration_images: int = CALIBRATION_IMAGES) -> Path:
+def export_checkpoint(
+    checkpoint, output, precision: str = "fp32", calibration_root=None, calibration_images: int = CALIBRATION_IMAGES
+) -> Path:
     """export_onnx of the network in ``checkpoint``, keyed by the checkpoint's sha256. int8
     calibrates on the training split of ``calibration_root`` (default: the data the checkpoint
     was trained on, with its split settings)."""
@@ -323,28 +410,47 @@ def export_checkpoint(checkpoint, output, precision: str = "fp32", calibration_r
         train_args = info.get("args") or {}
         root = calibration_root or catalogue.default_data_root(train_args)
         calibration, calibration_info = calibration_set(
-            root, int(model.model_args["image_size"]), calibration_images,
-            splits=datasets.split_options(train_args))
-    return export_onnx(model, output, model_key=digest, checkpoint_sha256=digest,
-                       checkpoint_info=info, precision=precision, calibration=calibration,
-                       calibration_info=calibration_info)
+            root, int(model.model_args["image_size"]), calibration_images, splits=datasets.split_options(train_args)
+        )
+    return export_onnx(
+        model,
+        output,
+        model_key=digest,
+        checkpoint_sha256=digest,
+        checkpoint_info=info,
+        precision=precision,
+        calibration=calibration,
+        calibration_info=calibration_info,
+    )
 
 
-def export_zero_shot(backbone: str, weights: str, image_size: int, output,
-                     precision: str = "fp32", calibration_root=None,
-                     calibration_images: int = CALIBRATION_IMAGES) -> Path:
+def export_zero_shot(
+    backbone: str,
+    weights: str,
+    image_size: int,
+    output,
+    precision: str = "fp32",
+    calibration_root=None,
+    calibration_images: int = CALIBRATION_IMAGES,
+) -> Path:
     """export_onnx of models.zero_shot_model(backbone, weights, image_size), keyed by
     models.zero_shot_model_key. int8 calibrates on the training split of ``calibration_root``."""
     output = Path(output)
     _check_output(output)
     if precision == "int8" and calibration_root is None:
-        raise ValueError("an int8 zero-shot export needs calibration images: pass "
-                         "--calibration_root DIR (a catalogue; its training split is used)")
+        raise ValueError(
+            "an int8 zero-shot export needs calibration images: pass "
+            "--calibration_root DIR (a catalogue; its training split is used)"
+        )
     model = models.zero_shot_model(backbone, weights, int(image_size))
-    calibration, calibration_info = (calibration_set(calibration_root, int(image_size),
-                                                     calibration_images)
-                                     if precision == "int8" else (None, None))
-    return export_onnx(model, output, precision=precision, calibration=calibration,
-                       model_key=models.zero_shot_model_key(backbone, str(weights), int(image_size)),
-                       calibration_info=calibration_info)
-
+    calibration, calibration_info = (
+        calibration_set(calibration_root, int(image_size), calibration_images) if precision == "int8" else (None, None)
+    )
+    return export_onnx(
+        model,
+        output,
+        precision=precision,
+        calibration=calibration,
+        model_key=models.zero_shot_model_key(backbone, str(weights), int(image_size)),
+        calibration_info=calibration_info,
+    )

@@ -10,6 +10,7 @@ This module owns those numbers: ``datasets`` builds its transforms here, the ser
 (``search.engine``) takes its resize size, crop offset and mean / std from here, and the ONNX
 example (docs/onnx_example.py) keeps a copy that a test holds equal to them.
 """
+
 from __future__ import annotations
 
 import torchvision.transforms as T
@@ -39,15 +40,17 @@ def build_transform(image_size=224, train=False):
     r = resize_size(image_size)
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if train:
-        return T.Compose([
-            T.Resize((r, r)),
-            T.RandomResizedCrop(image_size, scale=(0.8, 1.0)),
-            T.RandomHorizontalFlip(),
-            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-            T.RandomRotation(15),
-            T.ToTensor(),
-            normalize,
-        ])
+        return T.Compose(
+            [
+                T.Resize((r, r)),
+                T.RandomResizedCrop(image_size, scale=(0.8, 1.0)),
+                T.RandomHorizontalFlip(),
+                T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+                T.RandomRotation(15),
+                T.ToTensor(),
+                normalize,
+            ]
+        )
     return T.Compose([T.Resize((r, r)), T.CenterCrop(image_size), T.ToTensor(), normalize])
 
 
@@ -55,8 +58,7 @@ def draft_size(transform):
     """The decode size ``load_image`` may draft to for ``transform``: the size of a leading
     ``Resize`` (the larger side for a (h, w) size), None when the transform does not start
     with a resize (then the full image is needed)."""
-    first = transform.transforms[0] if isinstance(transform, T.Compose) and transform.transforms \
-        else transform
+    first = transform.transforms[0] if isinstance(transform, T.Compose) and transform.transforms else transform
     if isinstance(first, T.Resize):
         size = first.size
         return int(max(size)) if isinstance(size, (list, tuple)) else int(size)

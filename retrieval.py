@@ -41,8 +41,11 @@ PRODUCT_RECALL_KS = (1, 10, 100, 1000)
 PRODUCT_METRICS = tuple(f"recall@{k}" for k in PRODUCT_RECALL_KS) + ("map@r", "r_precision")
 CATEGORY_KS = (1, 5, 10, 20)
 CATEGORY_MAP_AT = 10
-CATEGORY_METRICS = (tuple(f"recall@{k}" for k in CATEGORY_KS) + tuple(f"precision@{k}" for k in CATEGORY_KS)
-                    + (f"map@{CATEGORY_MAP_AT}",))
+CATEGORY_METRICS = (
+    tuple(f"recall@{k}" for k in CATEGORY_KS)
+    + tuple(f"precision@{k}" for k in CATEGORY_KS)
+    + (f"map@{CATEGORY_MAP_AT}",)
+)
 # candidate buffer per query, in units of K: a full buffer is compacted to its K best,
 # which raises the query's threshold (wider = fewer compactions, staler thresholds)
 _BUFFER_WIDTH = 3
@@ -123,7 +126,7 @@ class _TopKBuffer:
     def compact(self, rows: np.ndarray) -> None:
         block = self.keys[rows]
         block.partition(self.k - 1, axis=1)
-        block[:, self.k:] = KEY_NONE
+        block[:, self.k :] = KEY_NONE
         self.keys[rows] = block
         self.fill[rows] = self.k
         kth = block[:, self.k - 1]
@@ -181,8 +184,7 @@ class _SymmetricPass:
         self.buf = _TopKBuffer(n, k, width=_BUFFER_WIDTH * k)
         self.rel_scores = np.full(structure.rel_idx.shape, -np.inf, dtype=np.float32)
         self.rel_flat = self.rel_scores.reshape(-1)
-        self.cell, self.rel_target, self.bounds = _tile_cells(structure, n, self.cs, self.nb,
-                                                              self.rel_scores.shape[1])
+        self.cell, self.rel_target, self.bounds = _tile_cells(structure, n, self.cs, self.nb, self.rel_scores.shape[1])
         self.staged = []
 
     def scratch(self):
@@ -304,7 +306,7 @@ def _rank_of_best_relevant(x, structure, rows, chunk_size, num_threads):
     h = max(1, min(len(rows), (16 << 20) // (4 * n)))  # rows per block: <= 16 MB of scores
 
     def task(start):
-        rr = rows[start:start + h]
+        rr = rows[start : start + h]
         t = x[rr] @ x.T
         ridx = structure.rel_idx[rr]
         valid = ridx >= 0
@@ -319,7 +321,7 @@ def _rank_of_best_relevant(x, structure, rows, chunk_size, num_threads):
         # an equal score ranks first only from a lower index
         tie_r, tie_c = np.divmod(np.flatnonzero(t == s1[:, None]), n)
         count += np.bincount(tie_r[tie_c < b1[tie_r]], minlength=len(rr))
-        out[start:start + len(rr)] = 1 + count
+        out[start : start + len(rr)] = 1 + count
 
     starts = range(0, len(rows), h)
     threads = min(thread_count(num_threads), len(starts))
@@ -342,7 +344,7 @@ def _product_protocol(x, structure, top_keys, rel_scores, k, chunk_size, num_thr
     rel_keys.sort(axis=1)  # j-th column = j-th relevant item in ranking order
     before = np.zeros(rel_keys.shape, dtype=np.int64)  # other-product items ranked before it
     for j in range(rel_keys.shape[1]):  # loop over <= max R columns, not over queries
-        before[:, j] = np.count_nonzero(top_keys < rel_keys[:, j:j + 1], axis=1)
+        before[:, j] = np.count_nonzero(top_keys < rel_keys[:, j : j + 1], axis=1)
     position = np.arange(1, rel_keys.shape[1] + 1)[None, :] + before
     in_top_r = rel_valid & (position <= R[:, None])
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -373,14 +375,17 @@ def retrieval_details(embeddings, class_ids, super_ids, chunk_size=1024, num_thr
         raise ValueError(f"got {n} embeddings but {len(class_ids)} class ids and {len(super_ids)} super ids")
     if n < 2:
         raise ValueError(f"need at least 2 embeddings to evaluate retrieval, got {n}")
-    if n >= 2 ** 32:
+    if n >= 2**32:
         raise ValueError("more than 2**32 embeddings: the sort keys hold 32-bit indices")
     spread = float(np.max(x.max(axis=0) - x.min(axis=0)))
     if spread < 1e-4:
         warnings.warn(
             f"the {n} embeddings have collapsed (every coordinate varies by < {spread:.1e} across "
             "images): scores differ only by float rounding, so the ranking is decided by ties and "
-            "rounding and the metrics say nothing about the model", RuntimeWarning, stacklevel=2)
+            "rounding and the metrics say nothing about the model",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     structure = _ClassStructure(class_ids)
     max_r = structure.max_r
     # K >= max R: a relevant item j sits at rank j + (other-product items before it); it is in
@@ -470,8 +475,7 @@ def metrics_from_details(details, mask=None):
     cat_relevant = details.get("category_num_relevant", np.ones(len(R), dtype=np.int64))
     why = category_undefined_reason(cat_relevant, details.get("num_categories", 2), mask)
     if why:
-        return {"product": product, "category": undefined(CATEGORY_METRICS, why),
-                "num_queries": int(mask.sum())}
+        return {"product": product, "category": undefined(CATEGORY_METRICS, why), "num_queries": int(mask.sum())}
     rel = details["category_relevant"][mask & (cat_relevant > 0)]
     category = {f"recall@{kk}": mean(rel[:, :kk].any(1)) for kk in CATEGORY_KS}
     category.update({f"precision@{kk}": mean(rel[:, :kk].sum(1) / kk) for kk in CATEGORY_KS})
@@ -496,6 +500,5 @@ def evaluate_embeddings(embeddings, class_ids, super_ids, chunk_size=1024, num_t
     query's recall@K for K up to 1000 comes from the rank of its best relevant item.
     ``num_threads`` defaults to the CPUs this process may use.
     """
-    details = retrieval_details(embeddings, class_ids, super_ids, chunk_size=chunk_size,
-                                num_threads=num_threads)
+    details = retrieval_details(embeddings, class_ids, super_ids, chunk_size=chunk_size, num_threads=num_threads)
     return metrics_from_details(details)

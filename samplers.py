@@ -4,6 +4,7 @@ project's random batches (``random``). ``BATCH_SAMPLERS`` is the table of ``--sa
 With DDP, each of ``num_replicas`` processes takes every ``num_replicas``-th batch of the same
 seeded sequence, starting at its ``rank``.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,12 +45,13 @@ class PKSampler(torch.utils.data.Sampler):
             raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
         # product index 0..C-1 of every image, images per product, first slot of each product
         # in the product-sorted order
-        _, self._product, self._counts = np.unique(self.class_ids, return_inverse=True,
-                                                   return_counts=True)
+        _, self._product, self._counts = np.unique(self.class_ids, return_inverse=True, return_counts=True)
         self._starts = np.cumsum(self._counts) - self._counts
         if len(self._counts) < p:
-            raise ValueError(f"P×K batches need at least p={p} products, the data has "
-                             f"{len(self._counts)}; lower the batch size or images per class")
+            raise ValueError(
+                f"P×K batches need at least p={p} products, the data has "
+                f"{len(self._counts)}; lower the batch size or images per class"
+            )
         self.p, self.k, self.seed = p, k, seed
         self.num_replicas, self.rank = num_replicas, rank
         self.num_batches = max(1, len(self.class_ids) // (p * k) // num_replicas)
@@ -68,14 +70,13 @@ class PKSampler(torch.utils.data.Sampler):
         order = np.lexsort((rng.random(len(self._product)), self._product))
         product = self._product[order]
         rank = np.arange(len(order)) - self._starts[product]
-        keep = rank < self._counts[product] // k * k        # whole chunks of k only
+        keep = rank < self._counts[product] // k * k  # whole chunks of k only
         big_rows = order[keep].reshape(-1, k)
         big_products = product[keep][::k]
         # products with fewer than k images: all of them, then draws with replacement
         small = np.flatnonzero(self._counts < k)
         cnt = self._counts[small][:, None]
-        slot = np.where(np.arange(k)[None, :] < cnt, np.arange(k)[None, :],
-                        rng.integers(0, cnt, size=(len(small), k)))
+        slot = np.where(np.arange(k)[None, :] < cnt, np.arange(k)[None, :], rng.integers(0, cnt, size=(len(small), k)))
         small_rows = order[self._starts[small][:, None] + slot]
         rows = np.concatenate([big_rows, small_rows])
         products = np.concatenate([big_products, small])
@@ -91,7 +92,7 @@ class PKSampler(torch.utils.data.Sampler):
         while len(out) < total:
             batch, taken, i = [], set(), first_free
             while len(batch) < self.p:
-                if i == len(products):   # out of chunks: cut a new round
+                if i == len(products):  # out of chunks: cut a new round
                     new_products, new_rows = self._chunks(rng)
                     products += new_products
                     rows += list(new_rows)
@@ -104,10 +105,10 @@ class PKSampler(torch.utils.data.Sampler):
             while first_free < len(products) and used[first_free]:
                 first_free += 1
             out.append(np.concatenate(batch).tolist())
-        return out[self.rank::self.num_replicas]
+        return out[self.rank :: self.num_replicas]
 
     def __iter__(self):
-        return iter(self.batches()[self.start_batch:])
+        return iter(self.batches()[self.start_batch :])
 
 
 class RandomBatchSampler(torch.utils.data.Sampler):
@@ -140,16 +141,15 @@ class RandomBatchSampler(torch.utils.data.Sampler):
     def batches(self, epoch=None):
         epoch = self.epoch if epoch is None else epoch
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        out = [perm[i:i + self.batch_size].tolist() for i in range(0, self.n, self.batch_size)]
+        out = [perm[i : i + self.batch_size].tolist() for i in range(0, self.n, self.batch_size)]
         if self.drop_last and len(out) > 1 and len(out[-1]) < self.batch_size:
             out.pop()
         total = self.num_batches * self.num_replicas
         out = (out * math.ceil(total / len(out)))[:total]
-        return out[self.rank::self.num_replicas]
+        return out[self.rank :: self.num_replicas]
 
     def __iter__(self):
-        return iter(self.batches()[self.start_batch:])
-
+        return iter(self.batches()[self.start_batch :])
 
 
 def fit_images_per_class(class_ids, batch_size=64, images_per_class=4):
@@ -166,26 +166,33 @@ def fit_images_per_class(class_ids, batch_size=64, images_per_class=4):
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if products < 2:
-        raise ValueError(f"P×K batches need at least 2 products (an anchor needs a negative); the "
-                         f"split has {products}. Add products, or use --sampler random")
+        raise ValueError(
+            f"P×K batches need at least 2 products (an anchor needs a negative); the "
+            f"split has {products}. Add products, or use --sampler random"
+        )
     if batch_size % images_per_class == 0 and batch_size // images_per_class <= products:
         return images_per_class, None
     p = next((p for p in range(min(products, batch_size // 2), 1, -1) if batch_size % p == 0), None)
     if p is None:
-        raise ValueError(f"batch_size={batch_size} has no divisor P in 2..{products} (the split's "
-                         f"products): use an even batch size, e.g. {batch_size + batch_size % 2}")
+        raise ValueError(
+            f"batch_size={batch_size} has no divisor P in 2..{products} (the split's "
+            f"products): use an even batch size, e.g. {batch_size + batch_size % 2}"
+        )
     k = batch_size // p
     if k > most:
-        raise ValueError(f"the split has {products} products and at most {most} images of one, too "
-                         f"few for batches of {batch_size} (P={p} × K={k}); use batch_size <= "
-                         f"{products * most}")
-    return k, (f"the split has {products} products, fewer than the P={batch_size // images_per_class} "
-               f"a batch of {batch_size} needs at K={images_per_class}: batches are P={p} × K={k} "
-               f"(images_per_class raised to {k}, batch size kept)")
+        raise ValueError(
+            f"the split has {products} products and at most {most} images of one, too "
+            f"few for batches of {batch_size} (P={p} × K={k}); use batch_size <= "
+            f"{products * most}"
+        )
+    return k, (
+        f"the split has {products} products, fewer than the P={batch_size // images_per_class} "
+        f"a batch of {batch_size} needs at K={images_per_class}: batches are P={p} × K={k} "
+        f"(images_per_class raised to {k}, batch size kept)"
+    )
 
 
-def build_batch_sampler(name, class_ids, batch_size=64, images_per_class=4, seed=0,
-                        num_replicas=1, rank=0):
+def build_batch_sampler(name, class_ids, batch_size=64, images_per_class=4, seed=0, num_replicas=1, rank=0):
     """``"pk"``: PKSampler with P = batch_size // images_per_class; ``"random"``: the original project's
     RandomBatchSampler. Raises ValueError (with the allowed values) for an unknown name, a
     batch size not divisible by images_per_class, images_per_class outside 2..(most images any
@@ -201,15 +208,21 @@ def build_batch_sampler(name, class_ids, batch_size=64, images_per_class=4, seed
     _, counts = np.unique(class_ids, return_counts=True)
     most = int(counts.max()) if len(counts) else 0
     if not 2 <= images_per_class <= most:
-        raise ValueError(f"images_per_class={images_per_class} is outside the allowed range "
-                         f"2..{most} (2 to give every anchor a positive; {most} is the most "
-                         f"images any product of this split has)")
+        raise ValueError(
+            f"images_per_class={images_per_class} is outside the allowed range "
+            f"2..{most} (2 to give every anchor a positive; {most} is the most "
+            f"images any product of this split has)"
+        )
     if batch_size % images_per_class:
-        raise ValueError(f"batch_size={batch_size} must be divisible by images_per_class="
-                         f"{images_per_class} (each batch is P products × K images); try "
-                         f"{batch_size - batch_size % images_per_class or images_per_class}")
+        raise ValueError(
+            f"batch_size={batch_size} must be divisible by images_per_class="
+            f"{images_per_class} (each batch is P products × K images); try "
+            f"{batch_size - batch_size % images_per_class or images_per_class}"
+        )
     p = batch_size // images_per_class
     if p > len(counts):
-        raise ValueError(f"batch_size={batch_size} needs P={p} products per batch but the split "
-                         f"has {len(counts)}; use batch_size <= {len(counts) * images_per_class}")
+        raise ValueError(
+            f"batch_size={batch_size} needs P={p} products per batch but the split "
+            f"has {len(counts)}; use batch_size <= {len(counts) * images_per_class}"
+        )
     return PKSampler(class_ids, p, images_per_class, seed, num_replicas, rank)

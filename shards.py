@@ -26,8 +26,9 @@ from search import ann, shards, vectordb
 def get_args_parser():
     import inference  # its --runtime flag
 
-    parser = argparse.ArgumentParser("shards.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        "shards.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, help="a checkpoint of train.py")
     parser.add_argument("--data_root", default=None, help="dataset folder; default: the checkpoint's")
     parser.add_argument("--split", default="test", choices=datasets.SPLITS)
@@ -37,8 +38,11 @@ def get_args_parser():
     parser.add_argument("--workers", default=0, type=int, help="DataLoader workers per process")
     parser.add_argument("--device", default="cpu", help="cpu, cuda (each rank takes cuda:LOCAL_RANK) or auto")
     inference.add_runtime_arg(parser)
-    parser.add_argument("--gallery_index", default=None,
-                        help="also save a GalleryIndex here (rank 0), e.g. gallery_test.npz for the demo")
+    parser.add_argument(
+        "--gallery_index",
+        default=None,
+        help="also save a GalleryIndex here (rank 0), e.g. gallery_test.npz for the demo",
+    )
     parser.add_argument("--index_type", default="exact", choices=ann.INDEX_TYPES)
     vectordb.add_backend_args(parser)
     return parser
@@ -52,13 +56,18 @@ def load_gallery(args, device):
     import inference
     import preprocessing
 
-    model = inference.load_embedder(args.checkpoint, runtime=inference.resolve_runtime(args.runtime, device),
-                                    device=device)
+    model = inference.load_embedder(
+        args.checkpoint, runtime=inference.resolve_runtime(args.runtime, device), device=device
+    )
     train_args = model.checkpoint_info.get("args")
     # a run of --dataset synthetic without --data_root stored data_root: null
     data_root = args.data_root or catalogue.default_data_root(train_args)
-    dataset = datasets.SOPDataset(data_root, args.split, transform=preprocessing.build_transform(
-        int(model.model_args["image_size"]), train=False), **datasets.split_options(train_args))
+    dataset = datasets.SOPDataset(
+        data_root,
+        args.split,
+        transform=preprocessing.build_transform(int(model.model_args["image_size"]), train=False),
+        **datasets.split_options(train_args),
+    )
     return model, checkpoints.checkpoint_hash(args.checkpoint), dataset
 
 
@@ -69,19 +78,37 @@ def save_gallery_index(args, model, ckpt_hash, dataset, embeddings):
     from search.index import GalleryIndex
 
     index = GalleryIndex(
-        embeddings=embeddings, paths=list(dataset.rel_paths), class_ids=dataset.class_ids,
-        super_ids=dataset.super_ids, categories=dataset.categories,
-        product_ids=dataset.product_ids, checkpoint_hash=ckpt_hash, index_type=args.index_type,
-        meta={"split": args.split, "data_root": str(dataset.root),
-              "model_args": dict(model.model_args), "checkpoint": str(args.checkpoint)})
+        embeddings=embeddings,
+        paths=list(dataset.rel_paths),
+        class_ids=dataset.class_ids,
+        super_ids=dataset.super_ids,
+        categories=dataset.categories,
+        product_ids=dataset.product_ids,
+        checkpoint_hash=ckpt_hash,
+        index_type=args.index_type,
+        meta={
+            "split": args.split,
+            "data_root": str(dataset.root),
+            "model_args": dict(model.model_args),
+            "checkpoint": str(args.checkpoint),
+        },
+    )
     if args.gallery_index:
         index.save(args.gallery_index)
         print(f"saved gallery index {args.gallery_index} ({args.index_type})", flush=True)
     if args.index_backend == "milvus":
         uri = args.db_uri or vectordb.default_db_path(args.checkpoint)
-        store = vectordb.split_gallery(uri, dataset.root, args.split, ckpt_hash, dict(model.model_args),
-                                       dataset.rel_paths, lambda: index, collection=args.collection,
-                                       index_type=args.index_type)
+        store = vectordb.split_gallery(
+            uri,
+            dataset.root,
+            args.split,
+            ckpt_hash,
+            dict(model.model_args),
+            dataset.rel_paths,
+            lambda: index,
+            collection=args.collection,
+            index_type=args.index_type,
+        )
         print(f"published {len(store)} rows to {uri}, collection {store.name} ({args.index_type})", flush=True)
 
 
@@ -103,8 +130,19 @@ def main(args):
         model, ckpt_hash, dataset = load_gallery(args, device)
         if args.index_backend == "milvus" and rank == 0:  # unreachable: fail now, not after embedding
             vectordb.connect(args.db_uri or vectordb.default_db_path(args.checkpoint))
-        done = shards.embed_shards(model, dataset, args.out, args.shard_size, args.batch_size, device,
-                                   rank, world, ckpt_hash, workers=args.workers, progress=rank == 0)
+        done = shards.embed_shards(
+            model,
+            dataset,
+            args.out,
+            args.shard_size,
+            args.batch_size,
+            device,
+            rank,
+            world,
+            ckpt_hash,
+            workers=args.workers,
+            progress=rank == 0,
+        )
         print(f"rank {rank}: embedded shards {done}", flush=True)
         if world > 1:
             dist.barrier()  # every shard written before rank 0 merges

@@ -52,6 +52,7 @@ This script is the run loop; its library is training/: flags (arguments, recipes
 setup (data, model, optimizer; restoring a checkpoint), loop (one epoch, one validation), runs
 (the run's files: checkpoints, metrics.csv, TensorBoard) and distributed (processes, DDP, seeding).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,10 +74,14 @@ from training import distributed, flags, heldout, loop, matching, runs, setup
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """train.py's command line (train_multiple.py extends it)."""
     parser = argparse.ArgumentParser(
-        "train.py", add_help=add_help, formatter_class=flags.HelpFormatter, usage="%(prog)s [options]",
+        "train.py",
+        add_help=add_help,
+        formatter_class=flags.HelpFormatter,
+        usage="%(prog)s [options]",
         description="Metric learning on a product catalogue (Stanford Online Products, a catalogue.csv "
-                    "or a <category>/<product>/<image> tree). "
-                    "Every --snake_case flag also accepts --kebab-case.")
+        "or a <category>/<product>/<image> tree). "
+        "Every --snake_case flag also accepts --kebab-case.",
+    )
     flags.add_train_args(parser)
     return parser
 
@@ -86,6 +91,7 @@ class Run:
     """What the epochs of one run share: its arguments and files, this process, the data, the
     training state, the network as the ranks step it (distributed.Replicas: DDP on several
     ranks), the head-only warm-up's length in steps, and rank 0's TensorBoard writer."""
+
     args: argparse.Namespace
     paths: runs.RunPaths
     proc: distributed.Process
@@ -98,18 +104,35 @@ class Run:
 
 # ============ one epoch's validation, row, checkpoint and log line ============
 
+
 def run_validation(run: Run, zero_shot: bool = False) -> tuple[dict, np.ndarray]:
     """(``val_*`` metrics with ``val_time``, embeddings) of the network on the validation split;
     ``zero_shot`` adds the backbone alone's product metrics as ``val_zero_shot_*``."""
     state, data, proc = run.state, run.data, run.proc
-    metrics, emb = loop.validate(state.model, state.criterion, data.val_loader, data.val_set,
-                                 data.val_loss_batches, proc.device, amp=proc.amp,
-                                 progress=proc.progress, return_embeddings=True)
+    metrics, emb = loop.validate(
+        state.model,
+        state.criterion,
+        data.val_loader,
+        data.val_set,
+        data.val_loss_batches,
+        proc.device,
+        amp=proc.amp,
+        progress=proc.progress,
+        return_embeddings=True,
+    )
     row = {f"val_{k}": v for k, v in metrics.items() if k != "time"}
     row["val_time"] = metrics["time"]
     if zero_shot:
-        alone = loop.validate(state.model.zero_shot(), None, data.val_loader, data.val_set, [],
-                              proc.device, amp=proc.amp, progress=proc.progress)
+        alone = loop.validate(
+            state.model.zero_shot(),
+            None,
+            data.val_loader,
+            data.val_set,
+            [],
+            proc.device,
+            amp=proc.amp,
+            progress=proc.progress,
+        )
         row.update({f"val_zero_shot_{k}": v for k, v in alone.items() if k in retrieval.PRODUCT_METRICS})
         row["val_time"] += alone["time"]
     return row, emb
@@ -121,16 +144,23 @@ def epoch_line(row: dict, args: argparse.Namespace, best_score: float, is_best: 
     if row.get("train_loss") is not None:
         part = f"train loss {row['train_loss']:.4f}"
         if row.get("train_active_triplets") is not None:  # triplet-style losses only
-            part += (f" (valid {row.get('train_valid_triplets', float('nan')):.1f}, "
-                     f"active {row['train_active_triplets']:.1f} triplets/batch)")
+            part += (
+                f" (valid {row.get('train_valid_triplets', float('nan')):.1f}, "
+                f"active {row['train_active_triplets']:.1f} triplets/batch)"
+            )
         parts.append(part)
     loss = f"val loss {row['val_loss']:.4f} " if "val_loss" in row else "val "
-    best = ("best.pth = last epoch" if args.select_metric == flags.SELECT_LAST
-            else f"best {args.select_metric} {100 * best_score:.2f}%")
+    best = (
+        "best.pth = last epoch"
+        if args.select_metric == flags.SELECT_LAST
+        else f"best {args.select_metric} {100 * best_score:.2f}%"
+    )
     parts.append(f"{loss}R@1 {100 * row['val_recall@1']:.2f}% MAP@R {100 * row['val_map@r']:.2f}% ({best})")
     if "val_zero_shot_map@r" in row:
-        parts.append(f"backbone alone (zero-shot) R@1 {100 * row['val_zero_shot_recall@1']:.2f}% "
-                     f"MAP@R {100 * row['val_zero_shot_map@r']:.2f}%")
+        parts.append(
+            f"backbone alone (zero-shot) R@1 {100 * row['val_zero_shot_recall@1']:.2f}% "
+            f"MAP@R {100 * row['val_zero_shot_map@r']:.2f}%"
+        )
     if row.get("images_per_sec"):
         parts.append(f"{row['images_per_sec']:.1f} img/s, {row['epoch_time']:.1f}s")
     return " | ".join(parts) + (" *" if is_best else "")
@@ -146,15 +176,23 @@ def finish_epoch(run: Run, row: dict) -> None:
     if is_best:
         state.best_score = score
     ckpt = checkpoints.make_checkpoint(
-        state.model, args=args, epoch=row["epoch"], metrics=row, optimizer=state.optimizer,
-        scheduler=state.scheduler, scaler=state.scaler, rng=checkpoints.capture_rng_state(),
-        history=[dict(r) for r in state.history], best_score=float(state.best_score),
+        state.model,
+        args=args,
+        epoch=row["epoch"],
+        metrics=row,
+        optimizer=state.optimizer,
+        scheduler=state.scheduler,
+        scaler=state.scaler,
+        rng=checkpoints.capture_rng_state(),
+        history=[dict(r) for r in state.history],
+        best_score=float(state.best_score),
         select_metric=args.select_metric,
         criterion=state.criterion.state_dict() if list(state.criterion.parameters()) else None,
         # so that a resumed run keeps counting them (the flags live in this process only)
         bad_paths={"train": data.train_set.bad_paths, "val": data.val_set.bad_paths},
         # evaluate.py refuses a test split holding any of these (held out means held out)
-        products=heldout.product_record(data.train_set, data.val_set))
+        products=heldout.product_record(data.train_set, data.val_set),
+    )
     runs.save_checkpoint(ckpt, paths.last)
     if is_best:
         runs.link_best(paths.last, paths.best)
@@ -164,6 +202,7 @@ def finish_epoch(run: Run, row: dict) -> None:
 
 
 # ============ main ============
+
 
 def main(args: argparse.Namespace) -> dict:
     """Train; returns the last epoch's metrics row (as written to metrics.csv)."""
@@ -199,30 +238,52 @@ def _prepare(args: argparse.Namespace, proc: distributed.Process) -> Run:
 
     # ============ resume: read the checkpoint first (it fixes the model's shape) ============
     ckpt, resume_path = setup.read_resume(args, paths, rank)
-    model_args = dict(ckpt["model_args"]) if ckpt is not None else {
-        "backbone": args.backbone, "embedding_size": args.embedding_size, "dropout": args.dropout,
-        "image_size": args.image_size, "head": args.head}
+    model_args = (
+        dict(ckpt["model_args"])
+        if ckpt is not None
+        else {
+            "backbone": args.backbone,
+            "embedding_size": args.embedding_size,
+            "dropout": args.dropout,
+            "image_size": args.image_size,
+            "head": args.head,
+        }
+    )
 
     # ============ preparing data ============
     data = setup.build_data(args, int(model_args["image_size"]), device, rank, world)
 
     # ============ building model, loss, optimizer ============
-    state = setup.build_state(args, model_args, data, device, proc.channels_last, proc.amp,
-                              resume_path=resume_path, rank=rank)
+    state = setup.build_state(
+        args, model_args, data, device, proc.channels_last, proc.amp, resume_path=resume_path, rank=rank
+    )
     if ckpt is not None:
         setup.restore_state(state, ckpt, data, resume_path)
         del ckpt  # the optimizer state is now in place: free the copy
     frozen_steps = loop.warmup_steps(args.warmup_epochs, data.steps)
-    run = Run(args, paths, proc, data, state, distributed.Replicas(state.model, world, device),
-              frozen_steps)
+    run = Run(args, paths, proc, data, state, distributed.Replicas(state.model, world, device), frozen_steps)
     if rank == 0:
-        run.writer = runs.open_logs(args, paths, {
-            **vars(args), "run_name": paths.name, "resolved_device": str(device), "world_size": world,
-            "amp_used": proc.amp, "resumed_from": str(resume_path) if resume_path else None,
-            "git_commit": checkpoints.git_commit(), "model_args": model_args}, state.start_epoch)
-        distributed.rank0_print(rank, f"run {paths.name}: {models.count_parameters(state.model) / 1e6:.2f}M "
-                                  f"parameters, device {device}, amp {proc.amp}; checkpoints "
-                                  f"{paths.checkpoint_dir}, logs {paths.log_dir}")
+        run.writer = runs.open_logs(
+            args,
+            paths,
+            {
+                **vars(args),
+                "run_name": paths.name,
+                "resolved_device": str(device),
+                "world_size": world,
+                "amp_used": proc.amp,
+                "resumed_from": str(resume_path) if resume_path else None,
+                "git_commit": checkpoints.git_commit(),
+                "model_args": model_args,
+            },
+            state.start_epoch,
+        )
+        distributed.rank0_print(
+            rank,
+            f"run {paths.name}: {models.count_parameters(state.model) / 1e6:.2f}M "
+            f"parameters, device {device}, amp {proc.amp}; checkpoints "
+            f"{paths.checkpoint_dir}, logs {paths.log_dir}",
+        )
     return run
 
 
@@ -231,8 +292,15 @@ def _epoch_zero(run: Run) -> np.ndarray | None:
     val_embeddings = None
     if run.proc.rank == 0:
         val_row, val_embeddings = run_validation(run, zero_shot=True)
-        finish_epoch(run, {"epoch": 0, **val_row, "lr": run.state.optimizer.param_groups[0]["lr"],
-                           "bad_images": float(setup.bad_image_count(run.data.train_set, run.data.val_set))})
+        finish_epoch(
+            run,
+            {
+                "epoch": 0,
+                **val_row,
+                "lr": run.state.optimizer.param_groups[0]["lr"],
+                "bad_images": float(setup.bad_image_count(run.data.train_set, run.data.val_set)),
+            },
+        )
     distributed.barrier(run.proc.world)
     run.state.start_epoch = 1
     return val_embeddings
@@ -248,12 +316,24 @@ def _train_epoch(run: Run, epoch: int) -> np.ndarray | None:
     data.loader_gen.manual_seed(distributed.epoch_seed(args.seed, epoch))
     data.train_sampler.set_epoch(epoch)
     lr = state.optimizer.param_groups[0]["lr"]
-    stats = loop.train_one_epoch(state.model, state.criterion, data.train_loader, state.optimizer,
-                                 state.scaler, proc.device, epoch, steps=data.steps, amp=proc.amp,
-                                 channels_last=proc.channels_last, world_size=proc.world,
-                                 progress=proc.progress, frozen_steps=run.frozen_steps,
-                                 freeze_bn=bool(args.freeze_bn), replicas=run.replicas,
-                                 gather_embeddings=bool(args.gather_embeddings))
+    stats = loop.train_one_epoch(
+        state.model,
+        state.criterion,
+        data.train_loader,
+        state.optimizer,
+        state.scaler,
+        proc.device,
+        epoch,
+        steps=data.steps,
+        amp=proc.amp,
+        channels_last=proc.channels_last,
+        world_size=proc.world,
+        progress=proc.progress,
+        frozen_steps=run.frozen_steps,
+        freeze_bn=bool(args.freeze_bn),
+        replicas=run.replicas,
+        gather_embeddings=bool(args.gather_embeddings),
+    )
     score = torch.zeros(1, dtype=torch.float64)
     val_embeddings = None
     if proc.rank == 0:
@@ -266,12 +346,19 @@ def _train_epoch(run: Run, epoch: int) -> np.ndarray | None:
     if epoch * data.steps > run.frozen_steps:
         state.scheduler.step(float(score[0]))
     if proc.rank == 0:
-        finish_epoch(run, {
-            "epoch": epoch, **{f"train_{k}": v for k, v in stats.items()
-                               if k not in ("images", "train_time")},
-            **val_row, "lr": lr, "bad_images": float(setup.bad_image_count(data.train_set, data.val_set)),
-            "images": stats["images"], "images_per_sec": stats["images"] / max(stats["train_time"], 1e-9),
-            "epoch_time": time.perf_counter() - epoch_start})
+        finish_epoch(
+            run,
+            {
+                "epoch": epoch,
+                **{f"train_{k}": v for k, v in stats.items() if k not in ("images", "train_time")},
+                **val_row,
+                "lr": lr,
+                "bad_images": float(setup.bad_image_count(data.train_set, data.val_set)),
+                "images": stats["images"],
+                "images_per_sec": stats["images"] / max(stats["train_time"], 1e-9),
+                "epoch_time": time.perf_counter() - epoch_start,
+            },
+        )
     distributed.barrier(proc.world)
     return val_embeddings
 
@@ -285,11 +372,20 @@ def _fit_match(run: Run) -> None:
     if len(set(run.data.val_set.class_ids)) < 2:
         distributed.rank0_print(0, "no same-product threshold: the validation split has fewer than 2 products")
         return
-    record = matching.fit_checkpoint(run.paths.best, run.data.val_set, run.data.train_set,
-                                     target_fmr=args.target_fmr, device=run.proc.device,
-                                     batch_size=args.val_batch_size, seed=args.seed)
-    distributed.rank0_print(0, f"same-product threshold {record['threshold']:.4f} at FMR {args.target_fmr:g} "
-                               f"(validation, {record['fitted_on']['products']} products) stored in {run.paths.best}")
+    record = matching.fit_checkpoint(
+        run.paths.best,
+        run.data.val_set,
+        run.data.train_set,
+        target_fmr=args.target_fmr,
+        device=run.proc.device,
+        batch_size=args.val_batch_size,
+        seed=args.seed,
+    )
+    distributed.rank0_print(
+        0,
+        f"same-product threshold {record['threshold']:.4f} at FMR {args.target_fmr:g} "
+        f"(validation, {record['fitted_on']['products']} products) stored in {run.paths.best}",
+    )
 
 
 def _finish(run: Run, val_embeddings: np.ndarray | None) -> dict:
@@ -300,12 +396,21 @@ def _finish(run: Run, val_embeddings: np.ndarray | None) -> dict:
         if args.projector_samples > 0:
             if val_embeddings is None:  # resumed after the last epoch had finished
                 _, val_embeddings = run_validation(run)
-            runs.add_projector(run.writer, run.data.val_set, val_embeddings, args.projector_samples,
-                               args.seed, int(final.get("epoch", 0)))
+            runs.add_projector(
+                run.writer,
+                run.data.val_set,
+                val_embeddings,
+                args.projector_samples,
+                args.seed,
+                int(final.get("epoch", 0)),
+            )
         run.writer.close()
         _fit_match(run)
-        best = ("best.pth = the last epoch" if args.select_metric == flags.SELECT_LAST
-                else f"best val {args.select_metric} {100 * state.best_score:.2f}%")
+        best = (
+            "best.pth = the last epoch"
+            if args.select_metric == flags.SELECT_LAST
+            else f"best val {args.select_metric} {100 * state.best_score:.2f}%"
+        )
         distributed.rank0_print(run.proc.rank, f"done: {best}; {run.paths.best}, {run.paths.metrics_csv}")
     distributed.barrier(run.proc.world)
     return final
@@ -320,8 +425,13 @@ def cli(argv: list[str] | None = None) -> int:
         main(args)
     except flags.ArgumentCheckError as e:
         parser.error(str(e))
-    except (distributed.TrainingStopped, backbones.WeightsUnavailableError, checkpoints.CheckpointError,
-            catalogue.DatasetError, FileNotFoundError) as e:
+    except (
+        distributed.TrainingStopped,
+        backbones.WeightsUnavailableError,
+        checkpoints.CheckpointError,
+        catalogue.DatasetError,
+        FileNotFoundError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -33,6 +33,7 @@ with ``--quick``):
 The grid, its runs' states and steps live in training/grid.py; the tee of each child process in
 training/tee.py; the comparison rows and report in training/comparison.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,6 +49,7 @@ from training.grid import QUICK_DATASET, QUICK_DEFAULTS, SEED_BACKBONES
 
 # ============ arguments ============
 
+
 def get_args_parser(add_help: bool = True, train_help: bool = False) -> argparse.ArgumentParser:
     """train.py's parser plus the grid flags. ``train_help``: list train.py's flags in --help
     too (by default they are accepted but not repeated: `python train.py --help` has them)."""
@@ -56,60 +58,104 @@ def get_args_parser(add_help: bool = True, train_help: bool = False) -> argparse
         for action in parent._actions:
             action.help = argparse.SUPPRESS
     parser = argparse.ArgumentParser(
-        "train_multiple.py", add_help=add_help, parents=[parent],
-        formatter_class=flags.HelpFormatter, usage="%(prog)s [options] [any train.py option]",
+        "train_multiple.py",
+        add_help=add_help,
+        parents=[parent],
+        formatter_class=flags.HelpFormatter,
+        usage="%(prog)s [options] [any train.py option]",
         description="Train and evaluate a grid of backbones x losses x samplers with train.py and "
-                    "evaluate.py, then write comparison tables and plots. Every train.py flag "
-                    "(python train.py --help) applies to every run; the grid flags are below.")
+        "evaluate.py, then write comparison tables and plots. Every train.py flag "
+        "(python train.py --help) applies to every run; the grid flags are below.",
+    )
     # None = "not given": then the plural grid flag (or the original project's three backbones) decides.
     parser.set_defaults(backbone=None, loss=None, sampler=None)
 
     group = parser.add_argument_group("comparison grid")
-    group.add_argument(*flags.flag_names("backbones"), nargs="+", default=None, metavar="NAME",
-                       choices=sorted(backbones.BACKBONES),
-                       help=f"backbones to compare ({', '.join(sorted(backbones.BACKBONES))}); default: "
-                            f"--backbone if given, else the original project's {' '.join(SEED_BACKBONES)}")
-    group.add_argument(*flags.flag_names("losses"), nargs="+", default=None, metavar="NAME",
-                       choices=sorted(losses.LOSSES),
-                       help=f"losses to compare ({', '.join(sorted(losses.LOSSES))}); default: --loss, "
-                            "else the recipe's")
-    group.add_argument(*flags.flag_names("samplers"), nargs="+", default=None, metavar="NAME",
-                       choices=list(samplers.BATCH_SAMPLERS),
-                       help="batch samplers to compare (random = the original project's batches, pk = "
-                            "P x K); default: --sampler, else the recipe's")
-    group.add_argument(*flags.flag_names("prefix"), default="cmp",
-                       help="run names are <prefix>_<backbone>_<loss>_<sampler> ('quick' with "
-                            "--quick)")
-    group.add_argument(*flags.flag_names("output"), default=None,
-                       help="folder of comparison.md/.csv, plots and logs; default "
-                            "<log_dir>/comparison (<log_dir>/comparison_quick with --quick)")
+    group.add_argument(
+        *flags.flag_names("backbones"),
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        choices=sorted(backbones.BACKBONES),
+        help=f"backbones to compare ({', '.join(sorted(backbones.BACKBONES))}); default: "
+        f"--backbone if given, else the original project's {' '.join(SEED_BACKBONES)}",
+    )
+    group.add_argument(
+        *flags.flag_names("losses"),
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        choices=sorted(losses.LOSSES),
+        help=f"losses to compare ({', '.join(sorted(losses.LOSSES))}); default: --loss, else the recipe's",
+    )
+    group.add_argument(
+        *flags.flag_names("samplers"),
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        choices=list(samplers.BATCH_SAMPLERS),
+        help="batch samplers to compare (random = the original project's batches, pk = "
+        "P x K); default: --sampler, else the recipe's",
+    )
+    group.add_argument(
+        *flags.flag_names("prefix"),
+        default="cmp",
+        help="run names are <prefix>_<backbone>_<loss>_<sampler> ('quick' with --quick)",
+    )
+    group.add_argument(
+        *flags.flag_names("output"),
+        default=None,
+        help="folder of comparison.md/.csv, plots and logs; default "
+        "<log_dir>/comparison (<log_dir>/comparison_quick with --quick)",
+    )
 
     group = parser.add_argument_group("evaluation and execution")
-    group.add_argument(*flags.flag_names("eval_checkpoint"), default="best", choices=["best", "last"],
-                       help="checkpoint of each run to evaluate on the test split: best (best "
-                            "validation Recall@1, recommended) or last")
-    group.add_argument(*flags.flag_names("eval_batch_size"), default=None, type=int,
-                       help="batch size of the test-split embedding pass; default --val_batch_size")
-    group.add_argument(*flags.flag_names("eval_examples"), default=6, type=int,
-                       help="queries shown in each run's eval/retrieval.png (evaluate.py "
-                            "--num_examples); 0 = no figure")
-    group.add_argument(*flags.flag_names("launcher"), default="subprocess",
-                       choices=["subprocess", "inprocess"],
-                       help="subprocess: each training / evaluation in its own python process "
-                            "(a crash or leak cannot take the others down; recommended for long "
-                            "runs); inprocess: call train.main / evaluate in this process")
-    group.add_argument("--quick", action="store_true",
-                       help="the whole grid on a small synthetic SOP (generated once: "
-                            f"{QUICK_DATASET['num_products']} products at "
-                            f"{QUICK_DATASET['image_size']} px) on CPU in minutes: "
-                            + ", ".join(f"--{k} {v}" for k, v in QUICK_DEFAULTS.items()
-                                        if not isinstance(v, bool))
-                            + ", --no-progress; explicit flags override these")
-    group.add_argument(*flags.flag_names("report_only"), action="store_true",
-                       help="train nothing: rebuild comparison.md/.csv and the plots from the "
-                            "run folders as they are")
-    group.add_argument(*flags.flag_names("dry_run"), action="store_true",
-                       help="print each run's state and the commands that would run, then stop")
+    group.add_argument(
+        *flags.flag_names("eval_checkpoint"),
+        default="best",
+        choices=["best", "last"],
+        help="checkpoint of each run to evaluate on the test split: best (best "
+        "validation Recall@1, recommended) or last",
+    )
+    group.add_argument(
+        *flags.flag_names("eval_batch_size"),
+        default=None,
+        type=int,
+        help="batch size of the test-split embedding pass; default --val_batch_size",
+    )
+    group.add_argument(
+        *flags.flag_names("eval_examples"),
+        default=6,
+        type=int,
+        help="queries shown in each run's eval/retrieval.png (evaluate.py --num_examples); 0 = no figure",
+    )
+    group.add_argument(
+        *flags.flag_names("launcher"),
+        default="subprocess",
+        choices=["subprocess", "inprocess"],
+        help="subprocess: each training / evaluation in its own python process "
+        "(a crash or leak cannot take the others down; recommended for long "
+        "runs); inprocess: call train.main / evaluate in this process",
+    )
+    group.add_argument(
+        "--quick",
+        action="store_true",
+        help="the whole grid on a small synthetic SOP (generated once: "
+        f"{QUICK_DATASET['num_products']} products at "
+        f"{QUICK_DATASET['image_size']} px) on CPU in minutes: "
+        + ", ".join(f"--{k} {v}" for k, v in QUICK_DEFAULTS.items() if not isinstance(v, bool))
+        + ", --no-progress; explicit flags override these",
+    )
+    group.add_argument(
+        *flags.flag_names("report_only"),
+        action="store_true",
+        help="train nothing: rebuild comparison.md/.csv and the plots from the run folders as they are",
+    )
+    group.add_argument(
+        *flags.flag_names("dry_run"),
+        action="store_true",
+        help="print each run's state and the commands that would run, then stop",
+    )
     return parser
 
 
@@ -133,7 +179,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-
 def main(args: argparse.Namespace) -> list[dict]:
     """Run the grid (or only report, with --report_only); returns the comparison rows."""
     return grid.run_grid(args, train_main=train.main)
@@ -149,8 +194,12 @@ def cli(argv: list[str] | None = None) -> int:
         return 1
     failed = [r["run"] for r in rows if r.get("error")]
     if failed:
-        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)} (see the Failures "
-              "section of comparison.md and the logs folder)", file=sys.stderr, flush=True)
+        print(
+            f"error: {len(failed)} run(s) failed: {', '.join(failed)} (see the Failures "
+            "section of comparison.md and the logs folder)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     return 0
 

@@ -16,6 +16,7 @@ top 10, and flat_p50_ms: faiss IndexFlatIP on the same queries in the same run. 
 queries of all indexes are interleaved (a busy neighbour slows them alike). Queries run on one
 thread (faiss OpenMP and BLAS limited to 1); builds use every core (build_threads).
 """
+
 import argparse
 import json
 import os
@@ -35,21 +36,25 @@ BUILD_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("bench_ann.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default=f"{SOP_TEST_SIZE},1000000",
-                        help="comma-separated gallery sizes (synthetic)")
+    parser = argparse.ArgumentParser(
+        "bench_ann.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default=f"{SOP_TEST_SIZE},1000000", help="comma-separated gallery sizes (synthetic)")
     parser.add_argument("--indexes", default="exact,ivf,hnsw", help="comma-separated index types")
     parser.add_argument("--dim", default=128, type=int)
     parser.add_argument("--queries", default=200, type=int, help="timed single queries per index")
     parser.add_argument("--k", default=10, type=int)
-    parser.add_argument("--embeddings", default=None,
-                        help="real embeddings: .npy [N, D] or a gallery index .npz; replaces --sizes")
+    parser.add_argument(
+        "--embeddings", default=None, help="real embeddings: .npy [N, D] or a gallery index .npz; replaces --sizes"
+    )
     parser.add_argument("--seed", default=0, type=int)
-    parser.add_argument("--ef_sweep", default="",
-                        help="comma-separated efSearch values: after the timed rows, the hnsw index is "
-                             "searched again at each (p50 and recall@10 per value, key ef_sweep; the "
-                             "same build, so one slow build answers which efSearch a size needs)")
+    parser.add_argument(
+        "--ef_sweep",
+        default="",
+        help="comma-separated efSearch values: after the timed rows, the hnsw index is "
+        "searched again at each (p50 and recall@10 per value, key ef_sweep; the "
+        "same build, so one slow build answers which efSearch a size needs)",
+    )
     parser.add_argument("--nprobe_sweep", default="", help="the same for ivf's nprobe")
     return parser
 
@@ -92,9 +97,14 @@ def real(path, num_queries, seed):
 
 def make_index(gallery, index_type):
     n = len(gallery)
-    return GalleryIndex(embeddings=gallery, paths=[str(i) for i in range(n)],
-                                  class_ids=np.zeros(n, np.int64), super_ids=np.ones(n, np.int64),
-                                  image_list_hash="bench", index_type=index_type)
+    return GalleryIndex(
+        embeddings=gallery,
+        paths=[str(i) for i in range(n)],
+        class_ids=np.zeros(n, np.int64),
+        super_ids=np.ones(n, np.int64),
+        image_list_hash="bench",
+        index_type=index_type,
+    )
 
 
 def percentiles(times_s):
@@ -115,8 +125,9 @@ def sweep(index, queries, truth, k, name, values):
             found.append(index.search(q, k)[1][0])
             times.append(time.perf_counter() - t0)
         p50, p95 = percentiles(times)
-        out.append({name: v, "p50_ms": p50, "p95_ms": p95,
-                    "recall@10": round(ann.recall_at_k(np.stack(found), truth, k), 4)})
+        out.append(
+            {name: v, "p50_ms": p50, "p95_ms": p95, "recall@10": round(ann.recall_at_k(np.stack(found), truth, k), 4)}
+        )
     return out
 
 
@@ -149,7 +160,7 @@ def run_size(gallery, queries, index_types, k, sweeps=None):
     found = {t: [] for t in indexes}
     for i, q in enumerate(queries):
         names = list(tasks)
-        names = names[i % len(names):] + names[:i % len(names)]
+        names = names[i % len(names) :] + names[: i % len(names)]
         for name in names:
             t0 = time.perf_counter()
             out = tasks[name](q)
@@ -160,14 +171,26 @@ def run_size(gallery, queries, index_types, k, sweeps=None):
     rows = []
     for t, index in indexes.items():
         p50, p95 = percentiles(times[t])
-        rows.append({"n": n, "index": t, "build_s": round(build_s[t], 3), "bytes": nbytes[t],
-                     "p50_ms": p50, "p95_ms": p95,
-                     "recall@10": round(ann.recall_at_k(np.stack(found[t]), truth, k), 4),
-                     "flat_p50_ms": flat_p50, "vs_flat": round(p50 / flat_p50, 3),
-                     "float32_bytes": int(gallery.nbytes), "params": dict(index.ann_params)})
+        rows.append(
+            {
+                "n": n,
+                "index": t,
+                "build_s": round(build_s[t], 3),
+                "bytes": nbytes[t],
+                "p50_ms": p50,
+                "p95_ms": p95,
+                "recall@10": round(ann.recall_at_k(np.stack(found[t]), truth, k), 4),
+                "flat_p50_ms": flat_p50,
+                "vs_flat": round(p50 / flat_p50, 3),
+                "float32_bytes": int(gallery.nbytes),
+                "params": dict(index.ann_params),
+            }
+        )
     for r in rows:  # after the timed rows: a sweep leaves the index at other settings
-        name, values = {"hnsw": ("efSearch", (sweeps or {}).get("hnsw")),
-                        "ivf": ("nprobe", (sweeps or {}).get("ivf"))}.get(r["index"], (None, None))
+        name, values = {
+            "hnsw": ("efSearch", (sweeps or {}).get("hnsw")),
+            "ivf": ("nprobe", (sweeps or {}).get("ivf")),
+        }.get(r["index"], (None, None))
         if values:
             r[f"{name}_sweep"] = sweep(indexes[r["index"]], queries, truth, k, name, values)
             indexes[r["index"]].set_search_params(**{name: r["params"][name]})
@@ -182,12 +205,15 @@ def main(args):
     faiss = ann.require_faiss("bench_ann.py")
     faiss.omp_set_num_threads(1)
     from threadpoolctl import threadpool_limits
+
     threadpool_limits(1)
     index_types = [t for t in args.indexes.split(",") if t]
     for t in index_types:
         ann.check_index_type(t)
-    sweeps = {"hnsw": [int(v) for v in args.ef_sweep.split(",") if v],
-              "ivf": [int(v) for v in args.nprobe_sweep.split(",") if v]}
+    sweeps = {
+        "hnsw": [int(v) for v in args.ef_sweep.split(",") if v],
+        "ivf": [int(v) for v in args.nprobe_sweep.split(",") if v],
+    }
     load_before = os.getloadavg()
     results = []
     if args.embeddings:
@@ -198,12 +224,21 @@ def main(args):
             gallery, queries = synthetic(n, args.dim, args.queries, args.seed)
             results += run_size(gallery, queries, index_types, args.k, sweeps)
             del gallery
-    out = {"results": results, "queries": args.queries, "k": args.k, "query_threads": 1,
-           "build_threads": BUILD_THREADS,
-           "data": args.embeddings or "synthetic clustered unit vectors",
-           "loadavg_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-           "targets": {"exact_vs_flat": 1.0, "ann_recall@10_at_1M": 0.95, "ann_vs_exact_at_1M": 0.1,
-                       "ann_bytes_vs_float32": 1.0}}
+    out = {
+        "results": results,
+        "queries": args.queries,
+        "k": args.k,
+        "query_threads": 1,
+        "build_threads": BUILD_THREADS,
+        "data": args.embeddings or "synthetic clustered unit vectors",
+        "loadavg_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "targets": {
+            "exact_vs_flat": 1.0,
+            "ann_recall@10_at_1M": 0.95,
+            "ann_vs_exact_at_1M": 0.1,
+            "ann_bytes_vs_float32": 1.0,
+        },
+    }
     print(json.dumps(out, indent=1))
     return out
 

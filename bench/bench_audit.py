@@ -22,6 +22,7 @@ Usage (see bench/README.md, "Catalogue audit"):
     python bench/bench_audit.py score --copy /tmp/audit_grozi --audit /tmp/audit_zs/audit.csv
     python bench/bench_audit.py scale --n 60502 --data_root ../shared/realdata/grozi120
 """
+
 import argparse
 import csv
 import io
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataio import catalogue
 
 # ============ plant ============
+
 
 def read_ebay(path):
     """(header line, rows [image_id, class_id, super_class_id, path]) of an Ebay file."""
@@ -90,19 +92,22 @@ def plant(args):
                 (dst / name).write_bytes(duplicate_bytes(dst / row[3]))
                 rows.append(["0", other, row[2], name])
                 used.add(name)
-                planted[kind].append({"path": name, "source": row[3], "product_id": other,
-                                      "source_product_id": row[1]})
+                planted[kind].append({"path": name, "source": row[3], "product_id": other, "source_product_id": row[1]})
             else:
                 planted[kind].append({"path": row[3], "product_id": other, "true_product_id": row[1]})
                 row[1] = other
     for part, (header, rows) in files.items():
         write_ebay(dst / f"Ebay_{part}.txt", header, rows)
     (dst / "planted.json").write_text(json.dumps(planted, indent=1))
-    print(json.dumps({"copy": str(dst), "duplicates": len(planted["duplicates"]),
-                      "mislabelled": len(planted["mislabelled"])}))
+    print(
+        json.dumps(
+            {"copy": str(dst), "duplicates": len(planted["duplicates"]), "mislabelled": len(planted["mislabelled"])}
+        )
+    )
 
 
 # ============ score ============
+
 
 def score(args):
     planted = json.loads((Path(args.copy) / "planted.json").read_text())
@@ -119,32 +124,44 @@ def score(args):
             hits = {frozenset((r["path"], r["other_path"])) for r in rows} & truth
             # the listing is found when the copy is paired with any photo of its source's product
             listing = {d["path"]: d["source_product_id"] for d in planted["duplicates"]}
-            found_listing = {p for r in rows for p, q in ((r["path"], r["other_product_id"]),
-                                                          (r["other_path"], r["product_id"]))
-                             if listing.get(p) == q}
+            found_listing = {
+                p
+                for r in rows
+                for p, q in ((r["path"], r["other_product_id"]), (r["other_path"], r["product_id"]))
+                if listing.get(p) == q
+            }
         else:
             hits = {r["path"] for r in rows} & set(truth)
         on_planted = [r for r in rows if {r["path"], r["other_path"]} & planted_paths]
         other_kind = moved if kind == "duplicate" else dup_paths
         cross = [r for r in rows if {r["path"], r["other_path"]} & set(other_kind)]
         unplanted = [r for r in rows if not {r["path"], r["other_path"]} & planted_paths]
-        out[kind] = {"planted": len(truth), "findings": len(rows), "found": len(hits),
-                     "recall": round(len(hits) / max(1, len(truth)), 3),
-                     "precision": round(len(hits) / max(1, len(rows)), 3),
-                     "precision_planted_only": round(len(hits) / max(1, len(on_planted)), 3),
-                     "other_kind_fault": len(cross),  # a planted fault of the other kind, seen as this one
-                     "precision_any_planted_fault": round(len(on_planted) / max(1, len(rows)), 3),
-                     "unplanted_findings": len(unplanted),
-                     "unplanted_examples": [[r["path"], r["other_path"], r["score"]] for r in unplanted[:8]]}
+        out[kind] = {
+            "planted": len(truth),
+            "findings": len(rows),
+            "found": len(hits),
+            "recall": round(len(hits) / max(1, len(truth)), 3),
+            "precision": round(len(hits) / max(1, len(rows)), 3),
+            "precision_planted_only": round(len(hits) / max(1, len(on_planted)), 3),
+            "other_kind_fault": len(cross),  # a planted fault of the other kind, seen as this one
+            "precision_any_planted_fault": round(len(on_planted) / max(1, len(rows)), 3),
+            "unplanted_findings": len(unplanted),
+            "unplanted_examples": [[r["path"], r["other_path"], r["score"]] for r in unplanted[:8]],
+        }
         if kind == "duplicate":
-            out[kind].update(listings_found=len(found_listing),
-                             recall_listing=round(len(found_listing) / max(1, len(truth)), 3),
-                             precision_listing=round(len(found_listing) / max(1, len(rows)), 3))
+            out[kind].update(
+                listings_found=len(found_listing),
+                recall_listing=round(len(found_listing) / max(1, len(truth)), 3),
+                precision_listing=round(len(found_listing) / max(1, len(rows)), 3),
+            )
         if kind == "mislabelled":
             out[kind]["right_product_named"] = sum(
-                r["other_product_id"] == truth[r["path"]]["true_product_id"] for r in rows if r["path"] in truth)
-    out["missed_duplicates"] = [sorted(p) for p in dup_pairs - {frozenset((r["path"], r["other_path"]))
-                                                                 for r in findings if r["kind"] == "duplicate"}]
+                r["other_product_id"] == truth[r["path"]]["true_product_id"] for r in rows if r["path"] in truth
+            )
+    out["missed_duplicates"] = [
+        sorted(p)
+        for p in dup_pairs - {frozenset((r["path"], r["other_path"])) for r in findings if r["kind"] == "duplicate"}
+    ]
     out["missed_mislabelled"] = sorted(set(moved) - {r["path"] for r in findings if r["kind"] == "mislabelled"})
     text = json.dumps(out, indent=1)
     print(text)
@@ -153,6 +170,7 @@ def score(args):
 
 
 # ============ scale ============
+
 
 def max_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -192,14 +210,19 @@ def embed_throughput(args):
 
     table = catalogue.read_catalogue(args.data_root)
     root = Path(table.root) if hasattr(table, "root") else Path(args.data_root)
-    paths = [root / p for p in table.rel_paths[:args.embed_images]]
+    paths = [root / p for p in table.rel_paths[: args.embed_images]]
     model = models.zero_shot_model(args.backbone, "imagenet", args.image_size)
     gallery.embed_files(model, paths[:16], batch_size=16, workers=0, progress=False)  # warm-up
     t0 = time.perf_counter()
     gallery.embed_files(model, paths, batch_size=64, progress=False)
     seconds = time.perf_counter() - t0
-    return {"backbone": args.backbone, "image_size": args.image_size, "images": len(paths),
-            "seconds": round(seconds, 2), "images_per_s": round(len(paths) / seconds, 2)}
+    return {
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "images": len(paths),
+        "seconds": round(seconds, 2),
+        "images_per_s": round(len(paths) / seconds, 2),
+    }
 
 
 def get_args_parser():

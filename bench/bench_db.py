@@ -26,6 +26,7 @@ one row per backend and index type:
 Backends: ``file``, ``milvus-lite`` (a local database, in this process's Milvus Lite) and, with
 ``--server URI``, ``milvus-server`` (its collection is made for the run and dropped after it).
 """
+
 import argparse
 import json
 import os
@@ -46,15 +47,20 @@ CATEGORIES = 12
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("bench_db.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        "bench_db.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated gallery sizes")
     parser.add_argument("--indexes", default="exact,hnsw", help="Milvus index types (exact = FLAT, ivf, hnsw)")
     parser.add_argument("--queries", default=100, type=int, help="timed single queries per row")
     parser.add_argument("--k", default=10, type=int)
     parser.add_argument("--seed", default=0, type=int)
-    parser.add_argument("--ef_sweep", default="", help="comma-separated efSearch values: extra hnsw rows on the "
-                        "same build (filtered searches scale each as the defaults do)")
+    parser.add_argument(
+        "--ef_sweep",
+        default="",
+        help="comma-separated efSearch values: extra hnsw rows on the "
+        "same build (filtered searches scale each as the defaults do)",
+    )
     parser.add_argument("--server", default=None, help="a Milvus server URI (http://HOST:19530): its rows too")
     parser.add_argument("--workdir", default=None, help="where the files go (default: a temporary folder)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "db.json"))
@@ -90,9 +96,14 @@ def measure(name, search, queries, k, exact_all, exact_cat):
     fp50, fp95, found_cat = timed(search, queries, k, 1)
     recall = np.mean([len(set(a) & set(e)) / k for a, e in zip(found.tolist(), exact_all.tolist())])
     recall_cat = np.mean([len(set(a) & set(e)) / k for a, e in zip(found_cat.tolist(), exact_cat.tolist())])
-    return {"p50_ms": round(p50, 3), "p95_ms": round(p95, 3), "filtered_p50_ms": round(fp50, 3),
-            "filtered_p95_ms": round(fp95, 3), "recall@10": round(float(recall), 4),
-            "filtered_recall@10": round(float(recall_cat), 4)}
+    return {
+        "p50_ms": round(p50, 3),
+        "p95_ms": round(p95, 3),
+        "filtered_p50_ms": round(fp50, 3),
+        "filtered_p95_ms": round(fp95, 3),
+        "recall@10": round(float(recall), 4),
+        "filtered_recall@10": round(float(recall_cat), 4),
+    }
 
 
 def run_size(n, args, work: Path):
@@ -109,8 +120,14 @@ def run_size(n, args, work: Path):
     update_s = time.perf_counter() - t0
     exact_all = np.array([index.search(q, args.k)[1][0] for q in queries])
     exact_cat = np.array([index.search(q, args.k, super_id=1)[1][0] for q in queries])
-    row = {"n": n, "backend": "file", "index": "exact", "insert_per_s": round(n / seconds),
-           "update_per_s": round(len(changed) / update_s), "disk_bytes": path.stat().st_size}
+    row = {
+        "n": n,
+        "backend": "file",
+        "index": "exact",
+        "insert_per_s": round(n / seconds),
+        "update_per_s": round(len(changed) / update_s),
+        "disk_bytes": path.stat().st_size,
+    }
     row.update(measure("file", index.search, queries, args.k, exact_all, exact_cat))
     rows.append(row)
     print(json.dumps(row), flush=True)
@@ -119,17 +136,30 @@ def run_size(n, args, work: Path):
         for index_type in args.indexes.split(","):
             db = server or work / f"gallery_{n}_{index_type}.db"
             t0 = time.perf_counter()
-            store = vectordb.MilvusGallery.open(str(db), work, "bench", MODEL_ARGS, collection=f"g_{n}_{index_type}",
-                                                index_type=index_type, expected_size=n, rebuild=bool(server))
+            store = vectordb.MilvusGallery.open(
+                str(db),
+                work,
+                "bench",
+                MODEL_ARGS,
+                collection=f"g_{n}_{index_type}",
+                index_type=index_type,
+                expected_size=n,
+                rebuild=bool(server),
+            )
             store.publish(index)
             store.adopt()
             seconds = time.perf_counter() - t0
             ready = wait_indexed(store)
             update_s = timed_update(store, emb, changed)
-            base = {"n": n, "backend": backend, "index": vectordb.MILVUS_INDEX[index_type],
-                    "insert_per_s": round(n / seconds), "update_per_s": round(len(changed) / update_s),
-                    "index_ready_s": round(ready + wait_indexed(store), 1),
-                    "disk_bytes": None if server else folder_bytes(db)}
+            base = {
+                "n": n,
+                "backend": backend,
+                "index": vectordb.MILVUS_INDEX[index_type],
+                "insert_per_s": round(n / seconds),
+                "update_per_s": round(len(changed) / update_s),
+                "index_ready_s": round(ready + wait_indexed(store), 1),
+                "disk_bytes": None if server else folder_bytes(db),
+            }
             sweep = [int(e) for e in args.ef_sweep.split(",") if e] if index_type == "hnsw" else []
             for ef in [None] + sweep:
                 if ef is not None:
@@ -158,9 +188,20 @@ def timed_update(store, emb, changed) -> float:
     meta = {p: (store.product_ids[i], store.categories[int(store.super_ids[i]) - 1]) for p, i in zip(paths, changed)}
 
     def write(vectors):
-        store.client.upsert(store.name, [{"path": p, "vector": v.tolist(), "product_id": meta[p][0],
-                                          "category": meta[p][1], "size": 1, "mtime_ns": 1}
-                                         for p, v in zip(paths, vectors)])
+        store.client.upsert(
+            store.name,
+            [
+                {
+                    "path": p,
+                    "vector": v.tolist(),
+                    "product_id": meta[p][0],
+                    "category": meta[p][1],
+                    "size": 1,
+                    "mtime_ns": 1,
+                }
+                for p, v in zip(paths, vectors)
+            ],
+        )
         store.client.flush(store.name)
         store.refresh()
         store.adopt()

@@ -36,19 +36,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("bench_eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("bench_eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num_images", type=int, default=60502, help="SOP test split: 60502")
     p.add_argument("--num_products", type=int, default=11316, help="SOP test split: 11316")
     p.add_argument("--num_categories", type=int, default=12)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--spread", type=float, default=1.2,
-                   help="spread of product centres around their category direction")
-    p.add_argument("--noise", type=float, default=1.3,
-                   help="per-image noise around its product centre (higher = harder)")
-    p.add_argument("--shuffle", action="store_true",
-                   help="random image order instead of SOP's by-category/by-product order")
+    p.add_argument(
+        "--spread", type=float, default=1.2, help="spread of product centres around their category direction"
+    )
+    p.add_argument(
+        "--noise", type=float, default=1.3, help="per-image noise around its product centre (higher = harder)"
+    )
+    p.add_argument(
+        "--shuffle", action="store_true", help="random image order instead of SOP's by-category/by-product order"
+    )
     p.add_argument("--chunk_size", type=int, default=1024)
     p.add_argument("--threads", type=int, default=None, help="default: the CPUs available")
     p.add_argument("--repeats", type=int, default=1, help="timed runs of each method (the minimum is kept)")
@@ -118,24 +120,44 @@ def run_ours(npz, chunk_size, threads, repeats):
     # one more, untimed run under tracemalloc: the peak of the arrays it allocates itself
     tracemalloc.start()
     retrieval.evaluate_embeddings(x, c, s, chunk_size=chunk_size, num_threads=threads)
-    traced_mb = tracemalloc.get_traced_memory()[1] / 2 ** 20
+    traced_mb = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
-    print(json.dumps({"seconds": min(times), "all_seconds": times, "cpu_seconds": min(cpu),
-                      "peak_rss_mb": rss_mb, "peak_traced_mb": traced_mb, "metrics": metrics,
-                      "torch_loaded": "torch" in sys.modules}))
+    print(
+        json.dumps(
+            {
+                "seconds": min(times),
+                "all_seconds": times,
+                "cpu_seconds": min(cpu),
+                "peak_rss_mb": rss_mb,
+                "peak_traced_mb": traced_mb,
+                "metrics": metrics,
+                "torch_loaded": "torch" in sys.modules,
+            }
+        )
+    )
 
 
 def main(args):
     if args._ours:
         return run_ours(args._ours, args.chunk_size, args.threads, args.repeats)
-    x, class_ids, super_ids = make_sop_like(args.num_images, args.num_products, args.num_categories,
-                                            args.dim, args.noise, args.seed, args.shuffle,
-                                            args.spread)
+    x, class_ids, super_ids = make_sop_like(
+        args.num_images,
+        args.num_products,
+        args.num_categories,
+        args.dim,
+        args.noise,
+        args.seed,
+        args.shuffle,
+        args.spread,
+    )
     result = {
-        "num_images": len(x), "num_products": int(len(np.unique(class_ids))),
-        "num_categories": int(len(np.unique(super_ids))), "dim": x.shape[1],
+        "num_images": len(x),
+        "num_products": int(len(np.unique(class_ids))),
+        "num_categories": int(len(np.unique(super_ids))),
+        "dim": x.shape[1],
         "order": "shuffled" if args.shuffle else "by category and product (as Ebay_test.txt)",
-        "cpu": cpu_name(), "cpus_available": len(os.sched_getaffinity(0)),
+        "cpu": cpu_name(),
+        "cpus_available": len(os.sched_getaffinity(0)),
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "load_average_at_start": os.getloadavg()[0],
     }
@@ -143,8 +165,16 @@ def main(args):
         npz = os.path.join(tmp, "emb.npz")
         np.savez(npz, x=x, class_ids=class_ids, super_ids=super_ids)
         # ours first, in its own process: its peak RSS is then ours alone
-        cmd = [sys.executable, os.path.abspath(__file__), "--_ours", npz, "--chunk_size", str(args.chunk_size),
-               "--repeats", str(args.repeats)]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--_ours",
+            npz,
+            "--chunk_size",
+            str(args.chunk_size),
+            "--repeats",
+            str(args.repeats),
+        ]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         stdout = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

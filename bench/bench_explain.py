@@ -24,6 +24,7 @@ p50s, measured in the same loop). Random weights cost what trained ones cost. Th
 synthetic one (its size does not matter: the maps are of K images) or ``--data_root``'s test
 split (real photos: their decoding is part of both paths).
 """
+
 import argparse
 import json
 from pathlib import Path
@@ -131,8 +132,9 @@ def measure_browser(url, queries, k, iters, warm=2):
                 wait_for_element(browsers[mode][0], "#why input[type=checkbox]").click()
         for n in range(iters + warm):
             for mode, gallery, count in modes:
-                s, previous[mode] = page_seconds(browsers[mode][0], queries[n % len(queries)], gallery,
-                                                 count, previous[mode])
+                s, previous[mode] = page_seconds(
+                    browsers[mode][0], queries[n % len(queries)], gallery, count, previous[mode]
+                )
                 if n >= warm:
                     times[mode].append(s)
     finally:
@@ -144,8 +146,9 @@ def measure_browser(url, queries, k, iters, warm=2):
 
 def make_setup(folder, head, a):
     """(data_root, checkpoint) of an untrained ``head`` network; the gallery is --data_root's, if given."""
-    data_root, checkpoint = tiny_demo.make_tiny_demo(folder, num_products=20, image_size=a.image_size,
-                                                     backbone=a.backbone, head=head, run=head)
+    data_root, checkpoint = tiny_demo.make_tiny_demo(
+        folder, num_products=20, image_size=a.image_size, backbone=a.backbone, head=head, run=head
+    )
     return (Path(a.data_root) if a.data_root else data_root), checkpoint
 
 
@@ -162,16 +165,29 @@ def main():
     p.add_argument("--output", default=None, help="also write the JSON here")
     a = p.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench_explain-"))
-    out = {"backbone": a.backbone, "image_size": a.image_size, "k_explained": a.k, "iters": a.iters,
-           "threads": torch.get_num_threads(), "gallery": a.data_root or "synthetic", "server": {}}
+    out = {
+        "backbone": a.backbone,
+        "image_size": a.image_size,
+        "k_explained": a.k,
+        "iters": a.iters,
+        "threads": torch.get_num_threads(),
+        "gallery": a.data_root or "synthetic",
+        "server": {},
+    }
     for head in a.heads:
         data_root, checkpoint = make_setup(folder / head, head, a)
         queries = datasets.SOPDataset(data_root, "test").paths
         for runtime in a.runtimes:
             loaded = search_loading.load_search_model(checkpoint, runtime=runtime, device="cpu")
-            index, _ = search_loading.load_or_build_index(loaded.model, checkpoint, data_root, "test", progress=False,
-                                                         index_path=folder / head / f"index_{runtime}.npz",
-                                                         model_key=loaded.key)
+            index, _ = search_loading.load_or_build_index(
+                loaded.model,
+                checkpoint,
+                data_root,
+                "test",
+                progress=False,
+                index_path=folder / head / f"index_{runtime}.npz",
+                model_key=loaded.key,
+            )
             engine = search_engine.SearchEngine(loaded.model, index, data_root, explain_source=checkpoint)
             engine.warm_up()
             rows = out["server"][f"{runtime}/{head}"] = {}
@@ -187,11 +203,19 @@ def main():
                 webapp.launch_app(demo, index, data_root, port=port, prevent_thread_lock=True, quiet=True)
                 try:
                     out.setdefault("browser", {})[f"{runtime}/{head}"] = measure_browser(
-                        f"http://127.0.0.1:{port}/", queries, a.k, a.iters)
+                        f"http://127.0.0.1:{port}/", queries, a.k, a.iters
+                    )
                 finally:
                     demo.close()
-            print(json.dumps({f"{runtime}/{head}": rows, **({"browser": out["browser"][f"{runtime}/{head}"]}
-                                                            if a.browser else {})}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        f"{runtime}/{head}": rows,
+                        **({"browser": out["browser"][f"{runtime}/{head}"]} if a.browser else {}),
+                    }
+                ),
+                flush=True,
+            )
     text = json.dumps(out, indent=1)
     print(text)
     if a.output:

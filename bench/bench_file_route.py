@@ -11,6 +11,7 @@ folder, and with ``--sidecars`` non-image files (``.xmp``, as photo tools write)
 photo folders after start. ``ratio_p50`` = p50 with sidecars / p50 without (target <= 1.2: the
 route's rule is one set lookup, `search.guard.ServedFiles`).
 """
+
 import argparse
 import http.client
 import json
@@ -30,8 +31,9 @@ from search.tiny_demo import free_port, make_tiny_demo
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("bench_file_route.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        "bench_file_route.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sidecars", type=int, default=50_000, help="non-image files added to the photo folders")
     parser.add_argument("--requests", type=int, default=300, help="GETs per configuration")
     parser.add_argument("--rounds", type=int, default=5, help="alternations of the two configurations")
@@ -88,11 +90,17 @@ def main(args):
             with_sidecars += timed_gets(port, paths, args.requests // args.rounds)
         demo.close()
         p50 = {k: float(np.median(v)) * 1e3 for k, v in (("none", without), ("sidecars", with_sidecars))}
-        out = {"sidecars": args.sidecars, "requests_each": len(without), "gallery_images": len(index),
-               "p50_ms_without": round(p50["none"], 3), "p50_ms_with_sidecars": round(p50["sidecars"], 3),
-               "p90_ms_without": round(float(np.percentile(without, 90)) * 1e3, 3),
-               "p90_ms_with_sidecars": round(float(np.percentile(with_sidecars, 90)) * 1e3, 3),
-               "ratio_p50": round(p50["sidecars"] / p50["none"], 3), "target_ratio": 1.2}
+        out = {
+            "sidecars": args.sidecars,
+            "requests_each": len(without),
+            "gallery_images": len(index),
+            "p50_ms_without": round(p50["none"], 3),
+            "p50_ms_with_sidecars": round(p50["sidecars"], 3),
+            "p90_ms_without": round(float(np.percentile(without, 90)) * 1e3, 3),
+            "p90_ms_with_sidecars": round(float(np.percentile(with_sidecars, 90)) * 1e3, 3),
+            "ratio_p50": round(p50["sidecars"] / p50["none"], 3),
+            "target_ratio": 1.2,
+        }
         out["meets_target"] = out["ratio_p50"] <= out["target_ratio"]
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -18,6 +18,7 @@ and images/s (embedded / seconds). ``incremental_vs_full`` = incremental seconds
 seconds; ``new_share`` = add / images; ``overhead_vs_share`` = their ratio (1.0: the update
 costs exactly its share of new images; more: the fixed cost of scanning, loading and saving).
 """
+
 import argparse
 import datetime
 import json
@@ -42,18 +43,21 @@ MARKER = ".bench_generated.json"  # hidden: the scan skips it (counted as a non-
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("bench_gallery_index.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        "bench_gallery_index.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", default=10_000, type=int, help="images in the gallery")
     parser.add_argument("--add", default=100, type=int, help="images added before the incremental pass")
     parser.add_argument("--backbone", default="efficientnet_lite0", choices=sorted(backbones.BACKBONES))
     parser.add_argument("--image_size", default=224, type=int)
     parser.add_argument("--categories", default=8, type=int, help="first-level folders")
     parser.add_argument("--batch_size", default=64, type=int)
-    parser.add_argument("--workers", default=None, type=int,
-                        help="loader workers (default: loaders.loader_settings for this machine)")
-    parser.add_argument("--workdir", default="/tmp/bench_gallery_index",
-                        help="where the images and the index go (not the repository)")
+    parser.add_argument(
+        "--workers", default=None, type=int, help="loader workers (default: loaders.loader_settings for this machine)"
+    )
+    parser.add_argument(
+        "--workdir", default="/tmp/bench_gallery_index", help="where the images and the index go (not the repository)"
+    )
     parser.add_argument("--output", default=None, help="also write the JSON here (e.g. bench/gallery_index.json)")
     parser.add_argument("--seed", default=0, type=int)
     inference.add_runtime_arg(parser)
@@ -61,6 +65,7 @@ def get_args_parser():
 
 
 # ============ synthetic photos ============
+
 
 def draw_photo(seed: int):
     """A PIL image of random size 300-600 px: a two-colour gradient plus a few shapes."""
@@ -109,13 +114,13 @@ def prepare_gallery(root: Path, images: int, categories: int, seed: int, workers
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
     base = seed * 10_000_000
-    write_photos(root, [f"img_{i:06d}" for i in range(images)], [base + i for i in range(images)],
-                 categories, workers)
+    write_photos(root, [f"img_{i:06d}" for i in range(images)], [base + i for i in range(images)], categories, workers)
     atomic_write_text(marker, json.dumps(settings))
     return time.perf_counter() - t0
 
 
 # ============ the passes ============
+
 
 def machine_info() -> dict:
     import torch
@@ -127,26 +132,41 @@ def machine_info() -> dict:
             model_name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu_count": os.cpu_count(), "cpus_available": cpus, "cpu_model": model_name,
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "nice": os.nice(0) if hasattr(os, "nice") else None}
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_available": cpus,
+        "cpu_model": model_name,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "nice": os.nice(0) if hasattr(os, "nice") else None,
+    }
 
 
 def pass_summary(report: dict) -> dict:
-    keys = ("seconds", "embed_seconds", "embedded", "images_per_s", "added", "changed", "removed",
-            "unchanged", "unreadable", "skipped_non_images", "written")
+    keys = (
+        "seconds",
+        "embed_seconds",
+        "embedded",
+        "images_per_s",
+        "added",
+        "changed",
+        "removed",
+        "unchanged",
+        "unreadable",
+        "skipped_non_images",
+        "written",
+    )
     out = {k: report[k] for k in keys}
-    out["embed_images_per_s"] = round(report["embedded"] / report["embed_seconds"], 2) \
-        if report["embedded"] else 0.0
+    out["embed_images_per_s"] = round(report["embedded"] / report["embed_seconds"], 2) if report["embedded"] else 0.0
     return out
 
 
 def load_model(backbone: str, image_size: int, runtime: str):
     """(zero-shot model on ``runtime``, weights name, note): ImageNet weights, else random ones."""
     try:
-        return inference.load_embedder(zero_shot=(backbone, "imagenet", image_size), runtime=runtime), \
-            "imagenet", None
+        return inference.load_embedder(zero_shot=(backbone, "imagenet", image_size), runtime=runtime), "imagenet", None
     except backbones.WeightsUnavailableError as e:
         note = f"ImageNet weights unavailable ({e}); random weights, same cost per image"
         return inference.load_embedder(zero_shot=(backbone, "none", image_size), runtime=runtime), "none", note
@@ -164,8 +184,15 @@ def main(args) -> dict:
     runtime = inference.resolve_runtime(args.runtime)
     model, weights, note = load_model(args.backbone, args.image_size, runtime)
     key = models.zero_shot_model_key(args.backbone, weights, args.image_size)
-    run = {"model": model, "root": root, "index_path": index_path, "model_key": key,
-           "batch_size": args.batch_size, "workers": args.workers, "progress": sys.stderr.isatty()}
+    run = {
+        "model": model,
+        "root": root,
+        "index_path": index_path,
+        "model_key": key,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "progress": sys.stderr.isatty(),
+    }
 
     t0 = time.perf_counter()
     scan = gallery.scan_gallery(root, exclude=[index_path])
@@ -174,26 +201,41 @@ def main(args) -> dict:
     _, full = gallery.update_gallery_index(force=True, **run)
     index_bytes = index_path.stat().st_size
     base = (args.seed + 1) * 10_000_000  # seeds apart from the base images'
-    write_photos(root, [f"new_{i:06d}" for i in range(args.add)], [base + i for i in range(args.add)],
-                 args.categories, cpus)
+    write_photos(
+        root, [f"new_{i:06d}" for i in range(args.add)], [base + i for i in range(args.add)], args.categories, cpus
+    )
     _, incremental = gallery.update_gallery_index(**run)
     index, no_change = gallery.update_gallery_index(**run)
 
     share = args.add / args.images
     ratio = incremental["seconds"] / full["seconds"]
     return {
-        "images": args.images, "add": args.add, "backbone": args.backbone, "weights": weights,
+        "images": args.images,
+        "add": args.add,
+        "backbone": args.backbone,
+        "weights": weights,
         "runtime": runtime,
-        "weights_note": note, "image_size": args.image_size, "batch_size": args.batch_size,
-        "workers": args.workers, "categories": len(index.categories),
+        "weights_note": note,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "categories": len(index.categories),
         "date": datetime.date.today().isoformat(),
-        "generation_s": round(generation_s, 1), "scan_s": round(scan_s, 3), "scanned_files": len(scan.files),
-        "index_bytes": index_bytes, "index_bytes_after_add": index_path.stat().st_size,
-        "passes": {"full": pass_summary(full), "incremental": pass_summary(incremental),
-                   "no_change": pass_summary(no_change)},
-        "incremental_vs_full": round(ratio, 4), "new_share": round(share, 4),
+        "generation_s": round(generation_s, 1),
+        "scan_s": round(scan_s, 3),
+        "scanned_files": len(scan.files),
+        "index_bytes": index_bytes,
+        "index_bytes_after_add": index_path.stat().st_size,
+        "passes": {
+            "full": pass_summary(full),
+            "incremental": pass_summary(incremental),
+            "no_change": pass_summary(no_change),
+        },
+        "incremental_vs_full": round(ratio, 4),
+        "new_share": round(share, 4),
         "overhead_vs_share": round(ratio / share, 2) if share else None,
-        "machine": machine_info(), "loadavg_start": loadavg_start,
+        "machine": machine_info(),
+        "loadavg_start": loadavg_start,
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
     }
 

@@ -20,6 +20,7 @@ and the several-photo queries of training.matching on the test split, per fusion
 pairs) and the other test products measure it; per target and P: the median test FMR and TMR, and
 the share of draws whose FMR exceeds twice the target.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,9 @@ from training import matching
 def embed_split(model, root, split, train_args, workers):
     """(embeddings, labels) of ``split`` under the eval transform."""
     size = int(model.model_args["image_size"])
-    data = datasets.SOPDataset(root, split, transform=preprocessing.build_transform(size, train=False),
-                               **datasets.split_options(train_args))
+    data = datasets.SOPDataset(
+        root, split, transform=preprocessing.build_transform(size, train=False), **datasets.split_options(train_args)
+    )
     emb = matching.embed_subset(model, data, range(len(data)), workers=workers, progress=False)
     return emb, data.class_ids
 
@@ -53,10 +55,12 @@ def thresholds(val, train, target, seed=0) -> dict:
     _, train_impostor = calibration.pair_scores(*train, seed=seed)
     _, val_impostor = calibration.pair_scores(*val, seed=seed)
     fit = calibration.fit_threshold(val[0], val[1], target_fmr=target, other_embeddings=train[0], seed=seed)
-    return {"train_products": calibration.threshold_at_fmr(train_impostor, target),
-            "val_plain": calibration.threshold_at_fmr(val_impostor, target),
-            "carry_over_point": fit["fitted_on"]["point_threshold"],
-            "calibrated": fit["threshold"]}, fit["fitted_on"]
+    return {
+        "train_products": calibration.threshold_at_fmr(train_impostor, target),
+        "val_plain": calibration.threshold_at_fmr(val_impostor, target),
+        "carry_over_point": fit["fitted_on"]["point_threshold"],
+        "calibrated": fit["threshold"],
+    }, fit["fitted_on"]
 
 
 def subset_study(test, train, target, size, draws, seed=0) -> dict:
@@ -67,17 +71,22 @@ def subset_study(test, train, target, size, draws, seed=0) -> dict:
     for d in range(draws):
         fit = np.isin(labels, rng.choice(np.unique(labels), size, replace=False))
         _, fit_impostor = calibration.pair_scores(emb[fit], labels[fit])
-        record = calibration.fit_threshold(emb[fit], labels[fit], target_fmr=target, other_embeddings=train[0],
-                                           seed=d)
+        record = calibration.fit_threshold(emb[fit], labels[fit], target_fmr=target, other_embeddings=train[0], seed=d)
         genuine, impostor = calibration.pair_scores(emb[~fit], labels[~fit])
-        for name, t in (("val_plain", calibration.threshold_at_fmr(fit_impostor, target)),
-                        ("carry_over_point", record["fitted_on"]["point_threshold"]),
-                        ("calibrated", record["threshold"])):
+        for name, t in (
+            ("val_plain", calibration.threshold_at_fmr(fit_impostor, target)),
+            ("carry_over_point", record["fitted_on"]["point_threshold"]),
+            ("calibrated", record["threshold"]),
+        ):
             found[name].append(calibration.rates(genuine, impostor, t))
-    return {name: {"median_fmr": float(np.median([r["fmr"] for r in rows])),
-                   "median_tmr": float(np.median([r["tmr"] for r in rows])),
-                   "share_fmr_over_2x": float(np.mean([r["fmr"] > 2 * target for r in rows]))}
-            for name, rows in found.items()}
+    return {
+        name: {
+            "median_fmr": float(np.median([r["fmr"] for r in rows])),
+            "median_tmr": float(np.median([r["tmr"] for r in rows])),
+            "share_fmr_over_2x": float(np.mean([r["fmr"] > 2 * target for r in rows])),
+        }
+        for name, rows in found.items()
+    }
 
 
 def cached_splits(model, root, train_args, workers, cache):
@@ -87,8 +96,11 @@ def cached_splits(model, root, train_args, workers, cache):
         return {s: (data[f"{s}_e"], data[f"{s}_l"]) for s in ("val", "train", "test")}
     splits = {s: embed_split(model, root, s, train_args, workers) for s in ("val", "train", "test")}
     if cache:
-        np.savez(cache, **{f"{s}_e": v[0] for s, v in splits.items()},
-                 **{f"{s}_l": np.asarray(v[1]) for s, v in splits.items()})
+        np.savez(
+            cache,
+            **{f"{s}_e": v[0] for s, v in splits.items()},
+            **{f"{s}_l": np.asarray(v[1]) for s, v in splits.items()},
+        )
     return splits
 
 
@@ -109,19 +121,30 @@ def main(argv=None):
     root = args.data_root or train_args["data_root"]
     splits = cached_splits(model, root, train_args, args.workers, args.cache)
     genuine, impostor = calibration.pair_scores(*splits["test"])
-    out = {"checkpoint": str(args.checkpoint), "data_root": str(root),
-           "photos": {s: len(v[1]) for s, v in splits.items()},
-           "products": {s: int(len(set(v[1]))) for s, v in splits.items()},
-           "test_pairs": {"genuine": len(genuine), "impostor": len(impostor)}, "targets": {}}
+    out = {
+        "checkpoint": str(args.checkpoint),
+        "data_root": str(root),
+        "photos": {s: len(v[1]) for s, v in splits.items()},
+        "products": {s: int(len(set(v[1]))) for s, v in splits.items()},
+        "test_pairs": {"genuine": len(genuine), "impostor": len(impostor)},
+        "targets": {},
+    }
     for target in args.targets:
         fits, fitted_on = thresholds(splits["val"], splits["train"], target)
         out["targets"][str(target)] = {
             "fitted_on": fitted_on,
-            **{name: {"threshold": t, **calibration.rates(genuine, impostor, t)} for name, t in fits.items()}}
-    out["subsets"] = {str(target): {str(size): subset_study(splits["test"], splits["train"], target, size, args.draws)
-                                    for size in args.subset_sizes} for target in args.targets}
-    out["query_photos"] = {f: matching.query_photo_metrics(*splits["test"], max_n=args.max_n, fusion=f)
-                           for f in matching.FUSIONS}
+            **{name: {"threshold": t, **calibration.rates(genuine, impostor, t)} for name, t in fits.items()},
+        }
+    out["subsets"] = {
+        str(target): {
+            str(size): subset_study(splits["test"], splits["train"], target, size, args.draws)
+            for size in args.subset_sizes
+        }
+        for target in args.targets
+    }
+    out["query_photos"] = {
+        f: matching.query_photo_metrics(*splits["test"], max_n=args.max_n, fusion=f) for f in matching.FUSIONS
+    }
     out["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out, indent=1))
 

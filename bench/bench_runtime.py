@@ -26,6 +26,7 @@ EfficientNet-Lite family), or ``--checkpoint`` (its backbone and size only). int
 
 The machine is shared: absolute times drift between runs; compare rows of one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,6 +65,7 @@ BATCH = 32
 
 # ============ what to run ============
 
+
 def image_sizes(tokens, backbone: str) -> list[int]:
     """The sizes of ``tokens`` (ints or "native": the resolution the backbone's ImageNet weights
     were trained at) for ``backbone``, duplicates dropped, in order."""
@@ -93,6 +95,7 @@ def state_dict_bytes(model) -> int:
 
 # ============ timing ============
 
+
 def latencies_ms(fn, x, repeats: int, warmup: int = WARMUP) -> np.ndarray:
     """Wall time of ``fn(x)`` in ms for ``repeats`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
@@ -113,17 +116,19 @@ def timing(fn, size: int, repeats: int, channels_last: bool) -> dict:
     with torch.inference_mode():
         single = latencies_ms(fn, one, repeats)
         many = latencies_ms(fn, batch, max(3, repeats // 10), warmup=1)
-    return {"batch1_p50_ms": round(float(np.percentile(single, 50)), 3),
-            "batch1_p95_ms": round(float(np.percentile(single, 95)), 3),
-            "batch32_images_per_s": round(float(BATCH * len(many) / (many.sum() / 1000)), 2)}
+    return {
+        "batch1_p50_ms": round(float(np.percentile(single, 50)), 3),
+        "batch1_p95_ms": round(float(np.percentile(single, 95)), 3),
+        "batch32_images_per_s": round(float(BATCH * len(many) / (many.sum() / 1000)), 2),
+    }
 
 
 # ============ accuracy ============
 
+
 def split_loader(root, size: int):
     dataset = datasets.SOPDataset(root, "test", transform=preprocessing.build_transform(size))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=False,
-                                         **loaders.loader_settings("cpu"))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=False, **loaders.loader_settings("cpu"))
     return dataset, loader
 
 
@@ -142,12 +147,14 @@ def top10_recall(reference: np.ndarray, other: np.ndarray) -> float:
 
 # ============ one configuration ============
 
+
 def calibration_root(args, workdir: Path) -> Path:
     """--data_root, else a small synthetic catalogue (int8 latency does not depend on it)."""
     if args.data_root:
         return Path(args.data_root)
-    return synthetic_sop.ensure_synthetic_sop(workdir / "calibration", num_products=24,
-                                              image_size=256, seed=0, workers=0)
+    return synthetic_sop.ensure_synthetic_sop(
+        workdir / "calibration", num_products=24, image_size=256, seed=0, workers=0
+    )
 
 
 def runtimes(args, model, backbone, size, workdir: Path):
@@ -155,14 +162,24 @@ def runtimes(args, model, backbone, size, workdir: Path):
     yield "torch", "fp32", model.to(memory_format=torch.channels_last), state_dict_bytes(model), {}
     key = f"bench:{backbone}:{size}"
     fp32 = onnx_export.export_onnx(model, workdir / f"{backbone}_{size}.onnx", model_key=key)
-    yield "onnx", "fp32", inference.OnnxEmbedder(fp32, num_threads=args.threads), \
-        fp32.stat().st_size, {}
+    yield "onnx", "fp32", inference.OnnxEmbedder(fp32, num_threads=args.threads), fp32.stat().st_size, {}
     if "int8" in args.precisions:
         batches, info = onnx_export.calibration_set(calibration_root(args, workdir), size)
-        int8 = onnx_export.export_onnx(model, workdir / f"{backbone}_{size}.int8.onnx", model_key=key,
-                                     precision="int8", calibration=batches, calibration_info=info)
-        yield "onnx", "int8", inference.OnnxEmbedder(int8, num_threads=args.threads), \
-            int8.stat().st_size, {"calibration": info}
+        int8 = onnx_export.export_onnx(
+            model,
+            workdir / f"{backbone}_{size}.int8.onnx",
+            model_key=key,
+            precision="int8",
+            calibration=batches,
+            calibration_info=info,
+        )
+        yield (
+            "onnx",
+            "int8",
+            inference.OnnxEmbedder(int8, num_threads=args.threads),
+            int8.stat().st_size,
+            {"calibration": info},
+        )
 
 
 def measure(args, backbone: str, size: int, workdir: Path) -> list[dict]:
@@ -170,9 +187,15 @@ def measure(args, backbone: str, size: int, workdir: Path) -> list[dict]:
     data = split_loader(args.data_root, size) if args.data_root else None
     rows, fp32_embeddings = [], None
     for runtime, precision, embedder, nbytes, note in runtimes(args, model, backbone, size, workdir):
-        row = {"backbone": backbone, "image_size": size, "runtime": runtime,
-               "precision": precision, **timing(embedder, size, args.repeats, runtime == "torch"),
-               "bytes": int(nbytes), **note}
+        row = {
+            "backbone": backbone,
+            "image_size": size,
+            "runtime": runtime,
+            "precision": precision,
+            **timing(embedder, size, args.repeats, runtime == "torch"),
+            "bytes": int(nbytes),
+            **note,
+        }
         if data is not None:
             embeddings, _ = extraction.extract_embeddings(embedder, data[1], progress=False)
             row.update(accuracy(embeddings, data[0]))
@@ -187,22 +210,33 @@ def measure(args, backbone: str, size: int, workdir: Path) -> list[dict]:
 
 # ============ report ============
 
+
 def plot(rows: list[dict], path) -> None:
     """MAP@R (and R@1) against batch-1 latency, one point per row."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     style = {("torch", "fp32"): "o", ("onnx", "fp32"): "s", ("onnx", "int8"): "^"}
     for ax, metric in zip(axes, ("map@r", "r@1")):
         for (runtime, precision), marker in style.items():
             sel = [r for r in rows if (r["runtime"], r["precision"]) == (runtime, precision)]
-            ax.scatter([r["batch1_p50_ms"] for r in sel], [100 * r[metric] for r in sel],
-                       marker=marker, label=f"{runtime} {precision}")
+            ax.scatter(
+                [r["batch1_p50_ms"] for r in sel],
+                [100 * r[metric] for r in sel],
+                marker=marker,
+                label=f"{runtime} {precision}",
+            )
             for r in sel:
-                ax.annotate(f"{r['backbone'].replace('efficientnet_', '')} {r['image_size']}",
-                            (r["batch1_p50_ms"], 100 * r[metric]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
+                ax.annotate(
+                    f"{r['backbone'].replace('efficientnet_', '')} {r['image_size']}",
+                    (r["batch1_p50_ms"], 100 * r[metric]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
         ax.set_xscale("log")  # torch, fp32 and int8 latencies differ by multiples
         ax.set_xlabel("batch-1 latency, median (ms, log scale)")
         ax.set_ylabel(f"test {metric} (%)")
@@ -216,40 +250,66 @@ def plot(rows: list[dict], path) -> None:
 
 def environment(args) -> dict:
     import onnxruntime
-    return {"machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "threads": args.threads, "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
-            "repeats": args.repeats, "weights": None if args.checkpoint else args.weights,
-            "checkpoint": args.checkpoint, "data_root": args.data_root,
-            # other processes on the cores: torch's OpenMP threads slow down by 5-20x when one
-            # of them is descheduled (measured here at load 3 on 2 cores), onnxruntime's far less
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "load_avg": [round(v, 2) for v in os.getloadavg()]}
+
+    return {
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+        "repeats": args.repeats,
+        "weights": None if args.checkpoint else args.weights,
+        "checkpoint": args.checkpoint,
+        "data_root": args.data_root,
+        # other processes on the cores: torch's OpenMP threads slow down by 5-20x when one
+        # of them is descheduled (measured here at load 3 on 2 cores), onnxruntime's far less
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "load_avg": [round(v, 2) for v in os.getloadavg()],
+    }
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("bench_runtime", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbones", nargs="+", default=list(DEFAULT_BACKBONES),
-                   choices=sorted(backbones.BACKBONES), metavar="NAME",
-                   help="backbones to measure (default: %(default)s)")
-    p.add_argument("--image_sizes", nargs="+", default=list(DEFAULT_SIZES), metavar="N|native",
-                   help="input sizes; 'native' = the backbone's ImageNet resolution (default: "
-                        "%(default)s)")
+    p = argparse.ArgumentParser(
+        "bench_runtime", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--backbones",
+        nargs="+",
+        default=list(DEFAULT_BACKBONES),
+        choices=sorted(backbones.BACKBONES),
+        metavar="NAME",
+        help="backbones to measure (default: %(default)s)",
+    )
+    p.add_argument(
+        "--image_sizes",
+        nargs="+",
+        default=list(DEFAULT_SIZES),
+        metavar="N|native",
+        help="input sizes; 'native' = the backbone's ImageNet resolution (default: %(default)s)",
+    )
     p.add_argument("--weights", default="imagenet", help="zero-shot weights: imagenet or none")
-    p.add_argument("--checkpoint", default=None,
-                   help="measure this checkpoint (its backbone and size) instead of zero-shot")
-    p.add_argument("--data_root", default=None,
-                   help="catalogue (any layout) whose test split gives r@1 / map@r and whose "
-                        "training split calibrates int8")
-    p.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"],
-                   help="onnxruntime precisions (torch is always fp32)")
+    p.add_argument(
+        "--checkpoint", default=None, help="measure this checkpoint (its backbone and size) instead of zero-shot"
+    )
+    p.add_argument(
+        "--data_root",
+        default=None,
+        help="catalogue (any layout) whose test split gives r@1 / map@r and whose training split calibrates int8",
+    )
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["fp32", "int8"],
+        choices=["fp32", "int8"],
+        help="onnxruntime precisions (torch is always fp32)",
+    )
     p.add_argument("--repeats", type=int, default=50, help="timed batch-1 calls per row")
-    p.add_argument("--threads", type=int, default=2,
-                   help="intra-op threads of torch and onnxruntime alike (default %(default)s)")
+    p.add_argument(
+        "--threads", type=int, default=2, help="intra-op threads of torch and onnxruntime alike (default %(default)s)"
+    )
     p.add_argument("--output", default=None, help="also write the JSON here")
-    p.add_argument("--plot", default=None, metavar="PNG",
-                   help="accuracy against batch-1 latency (needs --data_root)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="accuracy against batch-1 latency (needs --data_root)")
     return p
 
 
@@ -269,9 +329,11 @@ def main(argv=None) -> dict:
     check_args(parser, args)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench_runtime-") as tmp:
-        rows = [{**row, "threads": args.threads}
-                for backbone, size in configurations(args)
-                for row in measure(args, backbone, size, Path(tmp))]
+        rows = [
+            {**row, "threads": args.threads}
+            for backbone, size in configurations(args)
+            for row in measure(args, backbone, size, Path(tmp))
+        ]
     out = {"environment": environment(args), "rows": rows}
     text = json.dumps(out, indent=1)
     print(text)

@@ -20,6 +20,7 @@ that a busy neighbour slows them alike), all on the engine's worker thread as in
 ≤ 5 ms. Untrained weights (--weights none) time the same as trained ones.
 The query defaults to a synthetic SOP-like JPEG with sides in 480..640 px.
 """
+
 import argparse
 import json
 import os
@@ -46,8 +47,9 @@ SOP_TEST_SIZE = 60_502
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("bench_search.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        "bench_search.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backbone", default="efficientnet_b0", choices=sorted(backbones.BACKBONES))
     parser.add_argument("--image_size", default=224, type=int)
     parser.add_argument("--embedding_size", default=128, type=int)
@@ -79,20 +81,24 @@ def random_index(args) -> GalleryIndex:
     emb = rng.standard_normal((args.gallery_size, args.embedding_size), dtype=np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     return GalleryIndex(
-        embeddings=emb, paths=[f"bicycle_final/{i}.JPG" for i in range(args.gallery_size)],
+        embeddings=emb,
+        paths=[f"bicycle_final/{i}.JPG" for i in range(args.gallery_size)],
         class_ids=np.arange(args.gallery_size) // 5,
         super_ids=rng.integers(1, len(catalogue.SOP_CATEGORIES) + 1, args.gallery_size),
-        checkpoint_hash="bench")
+        checkpoint_hash="bench",
+    )
 
 
 def timed_tasks(args, index: GalleryIndex, query, tmp: Path) -> tuple[dict, SearchEngine]:
     """({name: callable} of the timed tasks, the torch engine): the app's forward, the same
     network in the default layout, the index search, and end to end with torch and with ONNX."""
-    model = models.build_model(args.backbone, embedding_size=args.embedding_size, weights="none",
-                               image_size=args.image_size).eval()
+    model = models.build_model(
+        args.backbone, embedding_size=args.embedding_size, weights="none", image_size=args.image_size
+    ).eval()
     # the default-layout twin of the model, for the reference forward time (26.5 ms on an idle machine of this kind)
-    model_nchw = models.build_model(args.backbone, embedding_size=args.embedding_size,
-                                    weights="none", image_size=args.image_size).eval()
+    model_nchw = models.build_model(
+        args.backbone, embedding_size=args.embedding_size, weights="none", image_size=args.image_size
+    ).eval()
     model_nchw.load_state_dict(model.state_dict())
     engine = SearchEngine(model, index, tmp)  # converts `model` to channels_last
     engine.warm_up()
@@ -100,8 +106,7 @@ def timed_tasks(args, index: GalleryIndex, query, tmp: Path) -> tuple[dict, Sear
     onnx_file = onnx_export.export_onnx(model, tmp / "model.onnx", model_key="bench")
     engine_onnx = SearchEngine(inference.OnnxEmbedder(onnx_file), index, tmp)
     engine_onnx.warm_up()
-    x = engine.prepare(photos.load_image(query, engine.resize)).clone(
-        memory_format=torch.channels_last)
+    x = engine.prepare(photos.load_image(query, engine.resize)).clone(memory_format=torch.channels_last)
     x_nchw = x.contiguous()
     q = engine.embed(photos.load_image(query, engine.resize))
 
@@ -124,8 +129,10 @@ def timed_tasks(args, index: GalleryIndex, query, tmp: Path) -> tuple[dict, Sear
     # torch's OpenMP team and threadpoolctl's BLAS limit belong to the calling thread, so
     # timing the baselines from the main thread would pit two spinning OpenMP teams
     # against each other and leave the search's one-BLAS-thread limit a no-op.
-    tasks = {name: (lambda fn=fn: engine._on_worker(fn)) for name, fn in
-             {"forward": forward, "search": search, "forward_nchw": forward_nchw}.items()}
+    tasks = {
+        name: (lambda fn=fn: engine._on_worker(fn))
+        for name, fn in {"forward": forward, "search": search, "forward_nchw": forward_nchw}.items()
+    }
     tasks["end_to_end"] = end_to_end  # search_file hands itself to the worker
     tasks["end_to_end_onnx"] = lambda: end_to_end(engine_onnx)
     return tasks, engine
@@ -136,7 +143,7 @@ def time_tasks(tasks: dict, warmup: int, iters: int) -> dict[str, list[float]]:
     times = {name: [] for name in tasks}
     for it in range(warmup + iters):
         names = list(tasks)
-        names = names[it % len(names):] + names[:it % len(names)]  # no task always goes first
+        names = names[it % len(names) :] + names[: it % len(names)]  # no task always goes first
         for name in names:
             t0 = time.perf_counter()
             tasks[name]()
@@ -152,8 +159,7 @@ def latency_figures(times: dict[str, list[float]]) -> dict:
         result[f"{name}_p50_ms"], result[f"{name}_p95_ms"] = percentiles(times[name])
     result["end_to_end_vs_forward"] = round(result["end_to_end_p50_ms"] / result["forward_p50_ms"], 3)
     result["onnx_end_to_end_vs_torch"] = round(result["end_to_end_onnx_p50_ms"] / result["end_to_end_p50_ms"], 3)
-    result["end_to_end_vs_forward_nchw"] = round(
-        result["end_to_end_p50_ms"] / result["forward_nchw_p50_ms"], 3)
+    result["end_to_end_vs_forward_nchw"] = round(result["end_to_end_p50_ms"] / result["forward_nchw_p50_ms"], 3)
     return result
 
 
@@ -170,14 +176,22 @@ def main(args):
     probe = engine.search_file(query, args.k)
     with Image.open(query) as im:
         query_size = list(im.size)
-    result.update({
-        "backbone": args.backbone, "image_size": args.image_size, "gallery_size": args.gallery_size,
-        "embedding_size": args.embedding_size, "k": args.k, "iters": args.iters,
-        "torch_threads": torch.get_num_threads(), "query_size": query_size,
-        "query_bytes": os.path.getsize(query), "last_breakdown_ms": probe["timing_ms"],
-        "loadavg_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        "targets": {"search_p50_ms": 5.0, "end_to_end_vs_forward": 1.3, "onnx_end_to_end_vs_torch": 0.5},
-    })
+    result.update(
+        {
+            "backbone": args.backbone,
+            "image_size": args.image_size,
+            "gallery_size": args.gallery_size,
+            "embedding_size": args.embedding_size,
+            "k": args.k,
+            "iters": args.iters,
+            "torch_threads": torch.get_num_threads(),
+            "query_size": query_size,
+            "query_bytes": os.path.getsize(query),
+            "last_breakdown_ms": probe["timing_ms"],
+            "loadavg_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+            "targets": {"search_p50_ms": 5.0, "end_to_end_vs_forward": 1.3, "onnx_end_to_end_vs_torch": 0.5},
+        }
+    )
     print(json.dumps(result, indent=2))
     return result
 

@@ -2,6 +2,7 @@
 accept or refuse (a PNG declaring more pixels than it holds among them), and a headless Chromium
 under selenium. Neither is part of the library: the demo never makes a query file or a browser.
 """
+
 from __future__ import annotations
 
 import io
@@ -18,10 +19,19 @@ from dataio import photos
 # test and bench/bench_explain.py --browser drive
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--disable-extensions", "--window-size=1400,1000"]
-
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--disable-extensions",
+    "--window-size=1400,1000",
+]
 
 
 def png_chunk(kind, data):
@@ -31,8 +41,12 @@ def png_chunk(kind, data):
 def png_declaring(width, height) -> bytes:
     """A ~100-byte PNG whose header declares ``width`` × ``height`` RGB pixels."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
-            + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def write_query_files(folder, source) -> dict:
@@ -79,8 +93,7 @@ def write_query_files(folder, source) -> dict:
     put("upright.jpg", True, lambda p: upright.save(p, quality=95))
     exif = Image.Exif()
     exif[0x0112] = 6
-    put("exif_rotated.jpg", True,
-        lambda p: upright.transpose(Image.Transpose.ROTATE_90).save(p, quality=95, exif=exif))
+    put("exif_rotated.jpg", True, lambda p: upright.transpose(Image.Transpose.ROTATE_90).save(p, quality=95, exif=exif))
 
     put("not_an_image.jpg", False, raw=b"this is a text file, not a photo\n" * 20)
     put("empty.jpg", False, raw=b"")

@@ -63,6 +63,7 @@ The script is the command line; the plan is bench/gpu_check_plan.py, the steps
 bench/gpu_check_steps.py, how a step runs bench/gpu_check_harness.py, and the judging of the
 runs' outputs bench/gpu_check_outputs.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,61 +97,90 @@ MEMORY_METHODS = {"subprocess_steps": SUBPROCESS_MEMORY_METHOD, "in_process_step
 
 # ============ arguments ============
 
+
 def default_workdir() -> Path:
     """<tmp>/gpu_check-<YYYYmmdd-HHMMSS>-<pid>: computed, not created (a dry run creates nothing)."""
     return Path(tempfile.gettempdir()) / f"gpu_check-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("gpu_check", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dry_run", action="store_true",
-                   help="print the plan (steps and exact commands, status 'planned') and exit 0")
-    p.add_argument("--workdir", default=None,
-                   help="folder for every output (data, checkpoints, logs, report.json); "
-                        "default: a new <tmp>/gpu_check-<time>-<pid>")
-    p.add_argument("--steps", default=",".join(STEPS),
-                   help=f"comma-separated subset of {','.join(STEPS)} (synthetic_data is added "
-                        "when a selected step needs the dataset)")
-    p.add_argument("--step_timeout", type=float, default=300.0,
-                   help="seconds one step may take, all its commands together")
-    p.add_argument("--cleanup", action="store_true",
-                   help="remove --workdir at the end when every step passed")
-    p.add_argument("--device", default="cuda",
-                   help="cuda or cuda:N; cpu runs the steps on the CPU to test this script only")
+    p = argparse.ArgumentParser("gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--dry_run", action="store_true", help="print the plan (steps and exact commands, status 'planned') and exit 0"
+    )
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="folder for every output (data, checkpoints, logs, report.json); "
+        "default: a new <tmp>/gpu_check-<time>-<pid>",
+    )
+    p.add_argument(
+        "--steps",
+        default=",".join(STEPS),
+        help=f"comma-separated subset of {','.join(STEPS)} (synthetic_data is added "
+        "when a selected step needs the dataset)",
+    )
+    p.add_argument(
+        "--step_timeout", type=float, default=300.0, help="seconds one step may take, all its commands together"
+    )
+    p.add_argument("--cleanup", action="store_true", help="remove --workdir at the end when every step passed")
+    p.add_argument(
+        "--device", default="cuda", help="cuda or cuda:N; cpu runs the steps on the CPU to test this script only"
+    )
     g = p.add_argument_group("training runs (train.py, evaluate.py, torchrun)")
     g.add_argument("--backbone", default="efficientnet_b0", help="train.py --backbone (and the bench's)")
     g.add_argument("--image_size", type=int, default=224, help="train.py --image_size (and the bench's)")
-    g.add_argument("--num_products", type=int, default=240,
-                   help="products of the synthetic SOP: 240 gives ~600 training images, 9 P x K "
-                        "steps of 64 per epoch, ~700 test images")
-    g.add_argument("--data_image_size", type=int, default=256,
-                   help="side in px of the synthetic JPEGs (the 224 px transform resizes to 256)")
+    g.add_argument(
+        "--num_products",
+        type=int,
+        default=240,
+        help="products of the synthetic SOP: 240 gives ~600 training images, 9 P x K "
+        "steps of 64 per epoch, ~700 test images",
+    )
+    g.add_argument(
+        "--data_image_size",
+        type=int,
+        default=256,
+        help="side in px of the synthetic JPEGs (the 224 px transform resizes to 256)",
+    )
     g.add_argument("--batch_size", type=int, default=64, help="train.py --batch_size (16 products x 4)")
-    g.add_argument("--max_steps_per_epoch", type=int, default=20,
-                   help="train.py --max_steps_per_epoch: bounds each epoch's time")
-    g.add_argument("--nproc_per_node", type=int, default=0,
-                   help="torchrun processes (one GPU each; NCCL is used only when >= 2); 0: the "
-                        "GPUs up to 2, 1 without CUDA")
-    g.add_argument("--embedding_size", type=int, default=128,
-                   help="train.py --embedding_size (the default recipe's PCA head needs at least "
-                        "as many training images)")
+    g.add_argument(
+        "--max_steps_per_epoch", type=int, default=20, help="train.py --max_steps_per_epoch: bounds each epoch's time"
+    )
+    g.add_argument(
+        "--nproc_per_node",
+        type=int,
+        default=0,
+        help="torchrun processes (one GPU each; NCCL is used only when >= 2); 0: the GPUs up to 2, 1 without CUDA",
+    )
+    g.add_argument(
+        "--embedding_size",
+        type=int,
+        default=128,
+        help="train.py --embedding_size (the default recipe's PCA head needs at least as many training images)",
+    )
     g = p.add_argument_group("throughput (bench/bench_throughput.py)")
     g.add_argument("--bench_num_images", type=int, default=2048, help="bench --num_images per part")
     g.add_argument("--bench_batch_size", type=int, default=128, help="bench --batch_size")
     g.add_argument("--bench_repeats", type=int, default=3, help="bench --repeats (medians reported)")
-    g.add_argument("--bench_synthetic_size", default="300-600",
-                   help="bench --synthetic_size: photo sides of its JPEGs, SOP-like by default")
+    g.add_argument(
+        "--bench_synthetic_size",
+        default="300-600",
+        help="bench --synthetic_size: photo sides of its JPEGs, SOP-like by default",
+    )
     g = p.add_argument_group("search (search.engine.SearchEngine)")
-    g.add_argument("--search_queries", type=int, default=20,
-                   help="warm queries timed after the first one (median reported)")
+    g.add_argument(
+        "--search_queries", type=int, default=20, help="warm queries timed after the first one (median reported)"
+    )
     return p
 
 
 # ============ main ============
 
+
 def settings_of(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("dry_run",)}
+
 
 def check_arguments(args) -> None:
     """argparse errors (exit 2) for an unknown step or a step timeout that is not positive."""
@@ -173,8 +203,14 @@ def plan_only(report: dict, plan: list[dict], dry_run: bool, no_cuda: bool) -> d
     else:
         mode, status = "no_cuda", "skipped: no CUDA"
         note = f"{no_cuda_note}: nothing was run; this is the plan a CUDA machine would run"
-    return {**report, "mode": mode, "passed": None, "note": note, "steps": plan_report(plan, status),
-            "peak_gpu_memory_method": MEMORY_METHODS}
+    return {
+        **report,
+        "mode": mode,
+        "passed": None,
+        "note": note,
+        "steps": plan_report(plan, status),
+        "peak_gpu_memory_method": MEMORY_METHODS,
+    }
 
 
 def run_steps(plan: list[dict], ctx: Context) -> list[dict]:
@@ -184,20 +220,28 @@ def run_steps(plan: list[dict], ctx: Context) -> list[dict]:
         say(f"[{i}/{len(plan)}] {s['name']}: {s['what']}")
         r = execute_step(s, ctx)
         results.append(r)
-        say(f"[{i}/{len(plan)}] {s['name']}: {r['status']} ({r['seconds']:.1f} s)"
-            + (f"\n{tail(r['error'], 1500)}" if r["error"] else ""))
+        say(
+            f"[{i}/{len(plan)}] {s['name']}: {r['status']} ({r['seconds']:.1f} s)"
+            + (f"\n{tail(r['error'], 1500)}" if r["error"] else "")
+        )
     return results
 
 
 def run_report(report: dict, results: list[dict], total: float, targets: dict | None) -> dict:
     """The report of a run: pass/fail, time against the budget, every step, peak memory, targets."""
-    return {**report, "mode": "run", "passed": all(r["passed"] for r in results), "total_s": round(total, 1),
-            "time_budget_s": TIME_BUDGET_S, "within_time_budget": total <= TIME_BUDGET_S,
-            "failed_steps": [r["name"] for r in results if not r["passed"]],
-            "steps": results,
-            "peak_gpu_memory_mb": {r["name"]: r["peak_gpu_memory_mb"] for r in results},
-            "peak_gpu_memory_method": MEMORY_METHODS,
-            "targets": targets or {"note": "bench_throughput did not produce figures"}}
+    return {
+        **report,
+        "mode": "run",
+        "passed": all(r["passed"] for r in results),
+        "total_s": round(total, 1),
+        "time_budget_s": TIME_BUDGET_S,
+        "within_time_budget": total <= TIME_BUDGET_S,
+        "failed_steps": [r["name"] for r in results if not r["passed"]],
+        "steps": results,
+        "peak_gpu_memory_mb": {r["name"]: r["peak_gpu_memory_mb"] for r in results},
+        "peak_gpu_memory_method": MEMORY_METHODS,
+        "targets": targets or {"note": "bench_throughput did not produce figures"},
+    }
 
 
 def main(args) -> int:
@@ -209,8 +253,12 @@ def main(args) -> int:
     plan = build_plan(args, workdir)
     wants_cuda = args.device.startswith("cuda")
     cuda = wants_cuda and torch.cuda.is_available()
-    report = {"tool": "bench/gpu_check.py", "workdir": str(workdir), "settings": settings_of(args),
-              "environment": environment_info(args.device)}
+    report = {
+        "tool": "bench/gpu_check.py",
+        "workdir": str(workdir),
+        "settings": settings_of(args),
+        "environment": environment_info(args.device),
+    }
     if args.dry_run or (wants_cuda and not cuda):
         print(json.dumps(json_safe(plan_only(report, plan, args.dry_run, wants_cuda and not cuda)), indent=1))
         return 0
@@ -218,8 +266,10 @@ def main(args) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = Context(args, workdir, cuda)
     if not cuda:
-        report["note"] = (f"device {args.device}: a test of this script on the CPU; AMP checks do not "
-                          "apply and the figures describe no GPU")
+        report["note"] = (
+            f"device {args.device}: a test of this script on the CPU; AMP checks do not "
+            "apply and the figures describe no GPU"
+        )
     say(f"workdir {workdir}; steps {', '.join(s['name'] for s in plan)}")
     start = time.perf_counter()
     results = run_steps(plan, ctx)
@@ -230,8 +280,10 @@ def main(args) -> int:
     print(text)
     if report["passed"] and args.cleanup:
         shutil.rmtree(workdir, ignore_errors=True)
-    say(f"{'all steps passed' if report['passed'] else 'FAILED: ' + ', '.join(report['failed_steps'])} "
-        f"in {total:.0f} s; report {workdir / 'report.json'}")
+    say(
+        f"{'all steps passed' if report['passed'] else 'FAILED: ' + ', '.join(report['failed_steps'])} "
+        f"in {total:.0f} s; report {workdir / 'report.json'}"
+    )
     return 0 if report["passed"] else 1
 
 

@@ -2,6 +2,7 @@
 group with its log, timeout and peak GPU memory, an in-process timeout (SIGALRM), and the
 running record of a step (Step: its commands' results, checks and figures).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +21,8 @@ ERROR_TAIL_CHARS = 3000
 SUBPROCESS_MEMORY_METHOD = (
     "device-wide memory in use (torch.cuda.mem_get_info: total - free) sampled every 0.1 s "
     "while the command ran, peak minus the reading just before it: CUDA contexts + caching "
-    "allocator reserve of the command's processes (other processes on the GPU would count too)")
+    "allocator reserve of the command's processes (other processes on the GPU would count too)"
+)
 IN_PROCESS_MEMORY_METHOD = "torch.cuda.max_memory_allocated in this process over the step (tensors only)"
 
 
@@ -30,13 +32,18 @@ class StepFailed(RuntimeError):
 
 class StepTimeout(StepFailed):
     """The step ran past --step_timeout."""
+
+
 def tail(text: str, chars: int = ERROR_TAIL_CHARS) -> str:
     return text if len(text) <= chars else "..." + text[-chars:]
 
 
 def say(msg: str) -> None:
     print(f"gpu_check: {msg}", file=sys.stderr, flush=True)
+
+
 # ============ environment ============
+
 
 def _nvidia_smi(field: str) -> str | None:
     """One --query-gpu field of the first GPU, or None without nvidia-smi."""
@@ -44,8 +51,9 @@ def _nvidia_smi(field: str) -> str | None:
     if not exe:
         return None
     try:
-        out = subprocess.run([exe, f"--query-gpu={field}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            [exe, f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     lines = out.stdout.strip().splitlines()
@@ -57,22 +65,29 @@ def environment_info(device_arg: str) -> dict:
 
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "hostname": platform.node()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "hostname": platform.node(),
+    }
     if not (torch.cuda.is_available() and device_arg.startswith("cuda")):
         return info
     dev = torch.device(device_arg)
     props = torch.cuda.get_device_properties(dev)
-    info.update({
-        "gpu_name": torch.cuda.get_device_name(dev), "gpu_count": torch.cuda.device_count(),
-        "gpu_memory_gib": round(props.total_memory / 2 ** 30, 1),
-        "compute_capability": f"{props.major}.{props.minor}",
-        "cudnn": torch.backends.cudnn.version(),
-        "driver_version": _nvidia_smi("driver_version") or "unknown (no nvidia-smi)",
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-    })
+    info.update(
+        {
+            "gpu_name": torch.cuda.get_device_name(dev),
+            "gpu_count": torch.cuda.device_count(),
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "compute_capability": f"{props.major}.{props.minor}",
+            "cudnn": torch.backends.cudnn.version(),
+            "driver_version": _nvidia_smi("driver_version") or "unknown (no nvidia-smi)",
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
+    )
     try:
         nccl = torch.cuda.nccl.version()
         info["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
@@ -82,6 +97,7 @@ def environment_info(device_arg: str) -> dict:
 
 
 # ============ running things ============
+
 
 class GpuMemorySampler:
     """Peak device-wide memory in use over a block, minus the reading before it, in MiB
@@ -95,6 +111,7 @@ class GpuMemorySampler:
 
     def _used(self) -> int:
         import torch
+
         free, total = torch.cuda.mem_get_info(torch.device(self.device))
         return total - free
 
@@ -116,7 +133,7 @@ class GpuMemorySampler:
             self._stop.set()
             self._thread.join()
             self._peak = max(self._peak, self._used())
-            self.peak_mb = round((self._peak - self._base) / 2 ** 20, 1)
+            self.peak_mb = round((self._peak - self._base) / 2**20, 1)
         return False
 
 
@@ -129,8 +146,7 @@ def run_command(argv: list[str], log_path: Path, timeout: float, device: str) ->
     start = time.perf_counter()
     timed_out = False
     with open(log_path, "w") as log, GpuMemorySampler(device) as mem:
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -146,9 +162,14 @@ def run_command(argv: list[str], log_path: Path, timeout: float, device: str) ->
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-    return {"rc": rc if rc is not None else proc.returncode, "timed_out": timed_out,
-            "seconds": round(time.perf_counter() - start, 2), "log": str(log_path),
-            "peak_gpu_memory_mb": mem.peak_mb, "output": log_path.read_text(errors="replace")}
+    return {
+        "rc": rc if rc is not None else proc.returncode,
+        "timed_out": timed_out,
+        "seconds": round(time.perf_counter() - start, 2),
+        "log": str(log_path),
+        "peak_gpu_memory_mb": mem.peak_mb,
+        "output": log_path.read_text(errors="replace"),
+    }
 
 
 @contextlib.contextmanager
@@ -193,8 +214,9 @@ class Step:
         cmd = self.command(label)
         timeout = self.time_left()
         if timeout <= 0:
-            raise StepTimeout(f"{label}: not started, the step used up its --step_timeout "
-                              f"({self.ctx.args.step_timeout:.0f} s)")
+            raise StepTimeout(
+                f"{label}: not started, the step used up its --step_timeout ({self.ctx.args.step_timeout:.0f} s)"
+            )
         log = self.ctx.workdir / "logs" / f"{self.name}-{label}.log"
         say(f"  {label}: {command_text(cmd)}")
         result = run_command(cmd["argv"], log, timeout, self.ctx.args.device)
@@ -203,8 +225,10 @@ class Step:
             self.peak_gpu_memory_mb = max(self.peak_gpu_memory_mb or 0.0, result["peak_gpu_memory_mb"])
             self.memory_method = SUBPROCESS_MEMORY_METHOD
         if result["timed_out"]:
-            raise StepTimeout(f"{label}: killed after {timeout:.0f} s (the rest of --step_timeout); "
-                              f"log {log}:\n{tail(result['output'])}")
+            raise StepTimeout(
+                f"{label}: killed after {timeout:.0f} s (the rest of --step_timeout); "
+                f"log {log}:\n{tail(result['output'])}"
+            )
         if result["rc"] != 0:
             raise StepFailed(f"{label}: exit code {result['rc']}; log {log}:\n{tail(result['output'])}")
         return result

@@ -2,6 +2,7 @@
 cell, finite losses, the optimizer steps a GradScaler let through, the issue's throughput targets,
 and the report's strict JSON. Pure functions of rows, dicts and files already written.
 """
+
 from __future__ import annotations
 
 import csv
@@ -93,14 +94,22 @@ def target_report(bench: dict, backbone: str, image_size: int, cuda: bool) -> di
         return {"what": what, "target": f">= {target:g}", "value": value, "met": met}
 
     out = {
-        "extract_images_per_s": one("extract_images_per_s", TARGET_EXTRACT_IMAGES_PER_S,
-                                    "EfficientNet-B0 extraction, 224 px, AMP, JPEG files on disk"),
-        "train_vs_ceiling": one("train_vs_ceiling", TARGET_TRAIN_VS_CEILING,
-                                "training fed by the real loader / training on an in-memory batch"),
+        "extract_images_per_s": one(
+            "extract_images_per_s",
+            TARGET_EXTRACT_IMAGES_PER_S,
+            "EfficientNet-B0 extraction, 224 px, AMP, JPEG files on disk",
+        ),
+        "train_vs_ceiling": one(
+            "train_vs_ceiling",
+            TARGET_TRAIN_VS_CEILING,
+            "training fed by the real loader / training on an in-memory batch",
+        ),
     }
     if not applies:
-        out["note"] = ("targets are defined for efficientnet_b0 at 224 px on CUDA; "
-                       f"this run: {backbone} at {image_size} px, {'CUDA' if cuda else 'no CUDA'}")
+        out["note"] = (
+            "targets are defined for efficientnet_b0 at 224 px on CUDA; "
+            f"this run: {backbone} at {image_size} px, {'CUDA' if cuda else 'no CUDA'}"
+        )
     return out
 
 

@@ -16,6 +16,7 @@ bad_errors_returned, bad_not_refused (must be 0), latency p50/p95 (upload + queu
 as a client sees it), and the server's RSS after warm-up ("start"), at the end and at peak
 (growth must stay within 10%).
 """
+
 import argparse
 import json
 import os
@@ -35,8 +36,9 @@ sys.path.insert(0, str(REPO))
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("load_app.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        "load_app.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", default=20, type=int)
     parser.add_argument("--duration", default=60.0, type=float, help="seconds of load")
     parser.add_argument("--bad_fraction", default=0.3, type=float, help="share of bad uploads")
@@ -73,8 +75,9 @@ class DemoClient:
         """``("ok", ranked)``, ``("error", message)`` (the app refused it), or raises for
         anything else (HTTP failure, timeout, malformed stream)."""
         with open(path, "rb") as f:
-            r = self.http.post(f"{self.url}/gradio_api/upload",
-                               files=[("files", (Path(path).name, f, "application/octet-stream"))])
+            r = self.http.post(
+                f"{self.url}/gradio_api/upload", files=[("files", (Path(path).name, f, "application/octet-stream"))]
+            )
         if r.status_code == 413:  # over --max_upload_mb: refused before it is stored
             return "error", f"HTTP 413: {r.text.strip()[:200]}"
         r.raise_for_status()
@@ -101,8 +104,18 @@ class DemoClient:
 
 
 def start_server(checkpoint, data_root, port, max_upload_mb, log_path):
-    cmd = [sys.executable, str(REPO / "app_stanford.py"), "--checkpoint", str(checkpoint),
-           "--data_root", str(data_root), "--port", str(port), "--max_upload_mb", str(max_upload_mb)]
+    cmd = [
+        sys.executable,
+        str(REPO / "app_stanford.py"),
+        "--checkpoint",
+        str(checkpoint),
+        "--data_root",
+        str(data_root),
+        "--port",
+        str(port),
+        "--max_upload_mb",
+        str(max_upload_mb),
+    ]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
     return proc, log
@@ -195,8 +208,16 @@ def run_load(url, args, good, bad):
                 dt = time.perf_counter() - t0
                 ok = status == "ok" and len(data["results"]) == args.k if not is_bad else status == "error"
                 with lock:
-                    records.append({"bad": is_bad, "name": name, "status": status, "ok": ok,
-                                    "latency": dt, "detail": None if status == "ok" else str(data)[:200]})
+                    records.append(
+                        {
+                            "bad": is_bad,
+                            "name": name,
+                            "status": status,
+                            "ok": ok,
+                            "latency": dt,
+                            "detail": None if status == "ok" else str(data)[:200],
+                        }
+                    )
         finally:
             c.close()
 
@@ -221,15 +242,20 @@ def summary(records, load_s, args):
         return round(float(np.percentile(ms, 50)), 1), round(float(np.percentile(ms, 95)), 1)
 
     return {
-        "clients": args.clients, "duration_s": round(load_s, 1), "requests": len(records),
+        "clients": args.clients,
+        "duration_s": round(load_s, 1),
+        "requests": len(records),
         "requests_per_s": round(len(records) / load_s, 2),
         "good_ok": sum(r["ok"] for r in good_rec),
         "good_failed": sum(not r["ok"] for r in good_rec),
         "bad_errors_returned": sum(r["ok"] for r in bad_rec),
         "bad_not_refused": sum(not r["ok"] for r in bad_rec),
-        "good_latency_p50_ms": pct(good_rec)[0], "good_latency_p95_ms": pct(good_rec)[1],
-        "bad_latency_p50_ms": pct(bad_rec)[0], "bad_latency_p95_ms": pct(bad_rec)[1],
-        "latency_p50_ms": pct(records)[0], "latency_p95_ms": pct(records)[1],
+        "good_latency_p50_ms": pct(good_rec)[0],
+        "good_latency_p95_ms": pct(good_rec)[1],
+        "bad_latency_p50_ms": pct(bad_rec)[0],
+        "bad_latency_p95_ms": pct(bad_rec)[1],
+        "latency_p50_ms": pct(records)[0],
+        "latency_p95_ms": pct(records)[1],
         "bad_upload_messages": sorted({r["detail"] for r in bad_rec if r["ok"]}),
         "failures": sorted({f"{r['name']}: {r['status']}: {r['detail']}" for r in records if not r["ok"]})[:20],
     }
@@ -272,18 +298,21 @@ def main(args):
         log.close()
 
     result = summary(records, load_s, args)
-    result.update({
-        "server_rss_mb_before_warmup": round(rss_before_warmup, 1),
-        "server_rss_mb_start": round(rss_start, 1), "server_rss_mb_end": round(rss_end, 1),
-        "server_rss_mb_peak": round(rss.peak, 1),
-        "server_rss_mb_every_10s": rss.timeline,
-        "rss_growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2),
-        "server_alive_at_end": alive, "query_after_load_ok": final_ok,
-        "server_startup_s": round(startup_s, 1),
-        "model": {"checkpoint": str(checkpoint), "data_root": str(data_root),
-                  "gallery_size": len(gallery)},
-        "loadavg_1min_end": round(os.getloadavg()[0], 2),
-    })
+    result.update(
+        {
+            "server_rss_mb_before_warmup": round(rss_before_warmup, 1),
+            "server_rss_mb_start": round(rss_start, 1),
+            "server_rss_mb_end": round(rss_end, 1),
+            "server_rss_mb_peak": round(rss.peak, 1),
+            "server_rss_mb_every_10s": rss.timeline,
+            "rss_growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2),
+            "server_alive_at_end": alive,
+            "query_after_load_ok": final_ok,
+            "server_startup_s": round(startup_s, 1),
+            "model": {"checkpoint": str(checkpoint), "data_root": str(data_root), "gallery_size": len(gallery)},
+            "loadavg_1min_end": round(os.getloadavg()[0], 2),
+        }
+    )
     print(json.dumps(result, indent=2))
     if not args.checkpoint:
         shutil.rmtree(work, ignore_errors=True)

@@ -16,6 +16,7 @@ the category protocol) of these embeddings of the synthetic test split:
     python bench/synthetic_baselines.py --root data/synthetic_sop
     python bench/synthetic_baselines.py --root data/synthetic_sop --train_epochs 12
 """
+
 import argparse
 import json
 from pathlib import Path
@@ -38,11 +39,14 @@ import samplers
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("synthetic_baselines", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default="data/synthetic_sop",
-                        help="synthetic SOP; generated (ensure_synthetic_sop) if missing; one made with "
-                             "other settings is refused")
+    parser = argparse.ArgumentParser(
+        "synthetic_baselines", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--root",
+        default="data/synthetic_sop",
+        help="synthetic SOP; generated (ensure_synthetic_sop) if missing; one made with other settings is refused",
+    )
     parser.add_argument("--num_products", type=int, default=1200)
     parser.add_argument("--image_size", default="96")
     parser.add_argument("--seed", type=int, default=0)
@@ -57,16 +61,22 @@ def get_args_parser():
 
 
 def summarize(embeddings, dataset, seconds):
-    m = retrieval.evaluate_embeddings(np.ascontiguousarray(embeddings, dtype=np.float32),
-                                      dataset.class_ids, dataset.super_ids)
-    return {"product_recall@1": m["product"]["recall@1"], "product_recall@10": m["product"]["recall@10"],
-            "product_map@r": m["product"]["map@r"], "category_recall@1": m["category"]["recall@1"],
-            "seconds": round(seconds, 1)}
+    m = retrieval.evaluate_embeddings(
+        np.ascontiguousarray(embeddings, dtype=np.float32), dataset.class_ids, dataset.super_ids
+    )
+    return {
+        "product_recall@1": m["product"]["recall@1"],
+        "product_recall@10": m["product"]["recall@10"],
+        "product_map@r": m["product"]["map@r"],
+        "category_recall@1": m["category"]["recall@1"],
+        "seconds": round(seconds, 1),
+    }
 
 
 def pixel_features(paths, side):
-    return np.stack([np.asarray(photos.load_image(p).resize((side, side), Image.BILINEAR),
-                                np.float32).ravel() for p in paths])
+    return np.stack(
+        [np.asarray(photos.load_image(p).resize((side, side), Image.BILINEAR), np.float32).ravel() for p in paths]
+    )
 
 
 @torch.inference_mode()
@@ -78,21 +88,35 @@ def embed(model, dataset, batch_size, workers):
 
 def small_cnn(embedding_size=128):
     """~0.5 M parameters: cheap enough to train from scratch on 2 CPU cores."""
+
     def block(i, o):
         return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
-    return nn.Sequential(*block(3, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2),
-                         *block(64, 128), *block(128, 128), nn.MaxPool2d(2), *block(128, 256),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, embedding_size))
+
+    return nn.Sequential(
+        *block(3, 32),
+        nn.MaxPool2d(2),
+        *block(32, 64),
+        nn.MaxPool2d(2),
+        *block(64, 128),
+        *block(128, 128),
+        nn.MaxPool2d(2),
+        *block(128, 256),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(256, embedding_size),
+    )
 
 
 def train_probe(root, args):
     """Train small_cnn on trainval; returns (model, per-epoch log)."""
     torch.manual_seed(args.seed)
-    train_set = datasets.SOPDataset(root, "trainval",
-                                    transform=preprocessing.build_transform(args.train_size, train=True))
+    train_set = datasets.SOPDataset(
+        root, "trainval", transform=preprocessing.build_transform(args.train_size, train=True)
+    )
     sampler = samplers.PKSampler(train_set.class_ids, p=16, k=4, seed=args.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
-                                         persistent_workers=args.workers > 0)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_sampler=sampler, num_workers=args.workers, persistent_workers=args.workers > 0
+    )
     model = small_cnn()
     criterion = losses.build_loss("multi_similarity")
     optimizer = torch.optim.Adam(model.parameters(), args.lr, weight_decay=1e-5)
@@ -109,8 +133,9 @@ def train_probe(root, args):
             optimizer.step()
             schedule.step()
             total += loss.item()
-        log.append({"epoch": epoch, "loss": round(total / len(sampler), 4),
-                    "seconds": round(time.perf_counter() - t0, 1)})
+        log.append(
+            {"epoch": epoch, "loss": round(total / len(sampler), 4), "seconds": round(time.perf_counter() - t0, 1)}
+        )
         print(json.dumps(log[-1]), file=sys.stderr, flush=True)
     return model, log
 
@@ -121,15 +146,20 @@ def main(args):
     test = datasets.SOPDataset(root, "test")
     cls = test.class_ids
     _, inverse, counts = np.unique(cls, return_inverse=True, return_counts=True)
-    same = counts[inverse]   # images of each query's product, the query included
-    results = {"root": str(root), "num_queries": len(test), "num_products": int(len(np.unique(cls))),
-               "chance_product_recall@1": float(np.mean((same - 1) / (len(cls) - 1)))}
+    same = counts[inverse]  # images of each query's product, the query included
+    results = {
+        "root": str(root),
+        "num_queries": len(test),
+        "num_products": int(len(np.unique(cls))),
+        "chance_product_recall@1": float(np.mean((same - 1) / (len(cls) - 1))),
+    }
 
     t = time.perf_counter()
     results["mean_colour"] = summarize(pixel_features(test.paths, 1), test, time.perf_counter() - t)
     t = time.perf_counter()
-    results[f"raw_pixels_{args.pixels}"] = summarize(pixel_features(test.paths, args.pixels), test,
-                                                     time.perf_counter() - t)
+    results[f"raw_pixels_{args.pixels}"] = summarize(
+        pixel_features(test.paths, args.pixels), test, time.perf_counter() - t
+    )
 
     t = time.perf_counter()
     torch.manual_seed(0)
@@ -137,7 +167,8 @@ def main(args):
     resnet.fc = nn.Identity()
     test_64 = datasets.SOPDataset(root, "test", transform=preprocessing.build_transform(args.resnet_size))
     results[f"resnet18_untrained_{args.resnet_size}px"] = summarize(
-        embed(resnet, test_64, args.batch_size, args.workers), test, time.perf_counter() - t)
+        embed(resnet, test_64, args.batch_size, args.workers), test, time.perf_counter() - t
+    )
 
     if args.train_epochs > 0:
         t = time.perf_counter()

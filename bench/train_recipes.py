@@ -17,6 +17,7 @@ other (noisy: one validation query = 0.31 points) numbers than train.py.
 scale. ``--loss proxy_anchor`` is losses.ProxyAnchorLoss (margin 0.1, alpha 32; proxies at
 ``--proxy_lr_mult`` x lr).
 """
+
 import argparse
 import json
 from pathlib import Path
@@ -40,8 +41,9 @@ import samplers
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("train_recipes", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        "train_recipes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data_root", default="data/synthetic_sop", help="a (synthetic) SOP folder")
     p.add_argument("--model", default="resnet18", help="a backbones.BACKBONES name (random weights) or small_cnn")
     p.add_argument("--loss", default="triplet", help="triplet, multi_similarity or proxy_anchor")
@@ -75,27 +77,35 @@ class _Normalized(torch.nn.Module):
 def build_network(args):
     if args.model == "small_cnn":
         import synthetic_baselines
+
         return _Normalized(synthetic_baselines.small_cnn())
-    return models.build_model(args.model, 128, weights="none", dropout=args.dropout,
-                              image_size=args.image_size)
+    return models.build_model(args.model, 128, weights="none", dropout=args.dropout, image_size=args.image_size)
 
 
 def build_criterion(args, class_ids):
     """(callable(embeddings, labels) -> loss, its parameters)."""
     # losses.build_loss passes margin/mining/classes only to the losses that take them
-    crit = losses.build_loss(args.loss, margin=0.5 if args.loss == "triplet" else None,
-                             mining=args.mining, classes=np.unique(class_ids), embedding_size=128)
+    crit = losses.build_loss(
+        args.loss,
+        margin=0.5 if args.loss == "triplet" else None,
+        mining=args.mining,
+        classes=np.unique(class_ids),
+        embedding_size=128,
+    )
     return (lambda e, y: crit(e, y)[0]), list(crit.parameters())
 
 
 def main(args):
     torch.manual_seed(args.seed)
-    train_set = datasets.SOPDataset(args.data_root, "train", transform=preprocessing.build_transform(
-        args.image_size, train=not args.no_augment))
-    val_set = datasets.SOPDataset(args.data_root, "val",
-                                  transform=preprocessing.build_transform(args.image_size, train=False))
-    sampler = samplers.build_batch_sampler("pk", train_set.class_ids, batch_size=args.batch_size,
-                                           images_per_class=args.images_per_class, seed=args.seed)
+    train_set = datasets.SOPDataset(
+        args.data_root, "train", transform=preprocessing.build_transform(args.image_size, train=not args.no_augment)
+    )
+    val_set = datasets.SOPDataset(
+        args.data_root, "val", transform=preprocessing.build_transform(args.image_size, train=False)
+    )
+    sampler = samplers.build_batch_sampler(
+        "pk", train_set.class_ids, batch_size=args.batch_size, images_per_class=args.images_per_class, seed=args.seed
+    )
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers)
     val_loader = DataLoader(val_set, batch_size=128, num_workers=args.workers)
     model = build_network(args)
@@ -110,12 +120,14 @@ def main(args):
     schedule = None
     if args.schedule == "onecycle":
         schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, [g["lr"] for g in groups], total_steps=args.epochs * len(sampler), pct_start=0.2)
+            optimizer, [g["lr"] for g in groups], total_steps=args.epochs * len(sampler), pct_start=0.2
+        )
 
     def val_recall():
         emb, _ = extraction.extract_embeddings(model, val_loader, progress=False)
-        return round(100 * retrieval.evaluate_embeddings(emb, val_set.class_ids, val_set.super_ids)
-                     ["product"]["recall@1"], 2)
+        return round(
+            100 * retrieval.evaluate_embeddings(emb, val_set.class_ids, val_set.super_ids)["product"]["recall@1"], 2
+        )
 
     recall, train_loss = [val_recall()], []
     start = time.perf_counter()
@@ -133,8 +145,12 @@ def main(args):
             total += loss.item()
         train_loss.append(round(total / len(sampler), 4))
         recall.append(val_recall())
-    out = {**vars(args), "val_recall@1": recall, "train_loss": train_loss,
-           "seconds": round(time.perf_counter() - start, 1)}
+    out = {
+        **vars(args),
+        "val_recall@1": recall,
+        "train_loss": train_loss,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     print(json.dumps(out), flush=True)
     return out
 

@@ -9,6 +9,7 @@ training mean, their PCA projection to ``--dim`` dimensions fitted on the traini
 (models.pca_projection), its whitened version, and a randomly initialised Linear (PyTorch's
 default init, seeded). This is what ``--head_init pca / pca_whiten / random`` give at epoch 0.
 """
+
 import argparse
 import json
 from pathlib import Path
@@ -28,8 +29,9 @@ import retrieval
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("zero_shot_heads", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        "zero_shot_heads", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data_root", required=True, help="a folder in the SOP layout")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--image_size", type=int, default=128)
@@ -40,14 +42,14 @@ def get_args_parser():
 
 def features(model, root, split, image_size):
     ds = datasets.SOPDataset(root, split, transform=preprocessing.build_transform(image_size, train=False))
-    feats, _ = extraction.extract_embeddings(model.backbone, DataLoader(ds, batch_size=64), progress=False,
-                                            normalize=False)
+    feats, _ = extraction.extract_embeddings(
+        model.backbone, DataLoader(ds, batch_size=64), progress=False, normalize=False
+    )
     return feats, ds
 
 
 def product_metrics(emb, ds) -> dict:
-    p = retrieval.evaluate_embeddings(knn.l2_normalize(emb.astype(np.float32)), ds.class_ids,
-                                      ds.super_ids)["product"]
+    p = retrieval.evaluate_embeddings(knn.l2_normalize(emb.astype(np.float32)), ds.class_ids, ds.super_ids)["product"]
     return {"recall@1": round(100 * p["recall@1"], 2), "map@r": round(100 * p["map@r"], 2)}
 
 

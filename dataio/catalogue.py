@@ -23,6 +23,7 @@ then a tree); `read_catalogue` reads one into a `CatalogueTable`, the form every
 Category names come from the data: the ``_final`` folders for SOP (SOP's 12 names), the
 sorted distinct names otherwise.
 """
+
 import csv
 import hashlib
 import io
@@ -39,8 +40,20 @@ logger = logging.getLogger("catalogue")
 
 # ============ constants ============
 
-SOP_CATEGORIES = ["bicycle", "cabinet", "chair", "coffee_maker", "fan", "kettle",
-                  "lamp", "mug", "sofa", "stapler", "table", "toaster"]
+SOP_CATEGORIES = [
+    "bicycle",
+    "cabinet",
+    "chair",
+    "coffee_maker",
+    "fan",
+    "kettle",
+    "lamp",
+    "mug",
+    "sofa",
+    "stapler",
+    "table",
+    "toaster",
+]
 EBAY_HEADER = ["image_id", "class_id", "super_class_id", "path"]
 SOP_DIRNAME = "Stanford_Online_Products"
 CSV_NAME = "catalogue.csv"
@@ -53,10 +66,12 @@ DEFAULT_TEST_FRACTION = 0.5  # SOP's own split is about half of the products
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # --dataset name -> its default folder (the one table; --data_root overrides it)
 DATASET_ROOTS = {"stanford": "data/Stanford_Online_Products", "synthetic": "data/synthetic_sop"}
-DOWNLOAD_HINT = ("python datasets.py download --root data/  (real SOP, about 2.9 GB), "
-                 "python datasets.py synthetic --root data/synthetic_sop  (offline stand-in), or "
-                 "your own photos as <category>/<product>/<image> or a catalogue.csv "
-                 "(README, 'Bring your own photos')")
+DOWNLOAD_HINT = (
+    "python datasets.py download --root data/  (real SOP, about 2.9 GB), "
+    "python datasets.py synthetic --root data/synthetic_sop  (offline stand-in), or "
+    "your own photos as <category>/<product>/<image> or a catalogue.csv "
+    "(README, 'Bring your own photos')"
+)
 
 
 class DatasetError(RuntimeError):
@@ -71,8 +86,10 @@ def default_data_root(train_args: dict | None) -> str:
         return str(train_args["data_root"])
     dataset = train_args.get("dataset") or "stanford"
     if dataset not in DATASET_ROOTS:
-        raise ValueError(f"the checkpoint was trained on dataset {dataset!r}, which has no default "
-                         f"folder (known: {sorted(DATASET_ROOTS)}): pass --data_root")
+        raise ValueError(
+            f"the checkpoint was trained on dataset {dataset!r}, which has no default "
+            f"folder (known: {sorted(DATASET_ROOTS)}): pass --data_root"
+        )
     return DATASET_ROOTS[dataset]
 
 
@@ -99,6 +116,7 @@ def format_paths(paths, limit=5):
 
 # ============ the common form ============
 
+
 class CatalogueTable(NamedTuple):
     """Every image of a catalogue (or one split of it), row order kept.
 
@@ -108,13 +126,14 @@ class CatalogueTable(NamedTuple):
     ``skipped``: files of a folder tree that are not images (or lie outside product folders).
     ``drawn_split``: the test split was drawn (`split_products`), the data holds none.
     """
-    image_ids: np.ndarray   # int64
-    class_ids: np.ndarray   # int64
-    super_ids: np.ndarray   # int64, 1..len(categories)
-    rel_paths: list         # relative to the catalogue root
-    product_ids: list       # str, one per image
-    categories: list        # str, the catalogue's category names
-    is_test: np.ndarray     # bool, one per image
+
+    image_ids: np.ndarray  # int64
+    class_ids: np.ndarray  # int64
+    super_ids: np.ndarray  # int64, 1..len(categories)
+    rel_paths: list  # relative to the catalogue root
+    product_ids: list  # str, one per image
+    categories: list  # str, the catalogue's category names
+    is_test: np.ndarray  # bool, one per image
     layout: str = "sop"
     skipped: tuple = ()
     drawn_split: bool = False
@@ -122,10 +141,14 @@ class CatalogueTable(NamedTuple):
     def take(self, rows):
         """The table of ``rows`` (indices or a boolean mask), categories kept whole."""
         rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, np.int64)
-        return self._replace(image_ids=self.image_ids[rows], class_ids=self.class_ids[rows],
-                             super_ids=self.super_ids[rows], is_test=self.is_test[rows],
-                             rel_paths=[self.rel_paths[i] for i in rows],
-                             product_ids=[self.product_ids[i] for i in rows])
+        return self._replace(
+            image_ids=self.image_ids[rows],
+            class_ids=self.class_ids[rows],
+            super_ids=self.super_ids[rows],
+            is_test=self.is_test[rows],
+            rel_paths=[self.rel_paths[i] for i in rows],
+            product_ids=[self.product_ids[i] for i in rows],
+        )
 
 
 def split_draw(product_id, seed, purpose) -> float:
@@ -133,7 +156,7 @@ def split_draw(product_id, seed, purpose) -> float:
     ``blake2b("<purpose>:<seed>:<product id>")`` (UTF-8) as a big-endian integer over 2**64.
     ``purpose`` ("test", "val") keeps the test and validation draws independent."""
     digest = hashlib.blake2b(f"{purpose}:{seed}:{product_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0 ** 64
+    return int.from_bytes(digest, "big") / 2.0**64
 
 
 def split_products(product_ids, fraction, seed=0, purpose="test"):
@@ -171,8 +194,9 @@ def split_validation(product_ids, val_fraction=0.1, seed=0):
     return split_products(product_ids, val_fraction, seed, purpose="val")
 
 
-def table_from_labels(rel_paths, product_ids, category_names, splits, test_fraction, layout,
-                      skipped=(), source="the catalogue"):
+def table_from_labels(
+    rel_paths, product_ids, category_names, splits, test_fraction, layout, skipped=(), source="the catalogue"
+):
     """The `CatalogueTable` of labelled rows (strings); ``splits`` None → a
     `split_products` draw of ``test_fraction``. Products are numbered 1..P by sorted id and
     categories by sorted name."""
@@ -184,8 +208,9 @@ def table_from_labels(rel_paths, product_ids, category_names, splits, test_fract
         if not 0.0 <= test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
         if test_fraction > 0 and len(products) < 2:
-            raise ValueError(f"{source}: a catalogue needs at least 2 products to split into train "
-                             f"and test, got {len(products)}")
+            raise ValueError(
+                f"{source}: a catalogue needs at least 2 products to split into train and test, got {len(products)}"
+            )
         is_test = split_products(product_ids, test_fraction, TEST_SPLIT_SEED)
     else:
         is_test = np.asarray([s == "test" for s in splits], dtype=bool)
@@ -194,8 +219,14 @@ def table_from_labels(rel_paths, product_ids, category_names, splits, test_fract
         image_ids=np.arange(1, n + 1, dtype=np.int64),
         class_ids=np.asarray([products[p] for p in product_ids], np.int64).reshape(n),
         super_ids=np.asarray([cat_index[c] for c in category_names], np.int64).reshape(n),
-        rel_paths=list(rel_paths), product_ids=product_ids, categories=categories,
-        is_test=is_test, layout=layout, skipped=tuple(skipped), drawn_split=splits is None)
+        rel_paths=list(rel_paths),
+        product_ids=product_ids,
+        categories=categories,
+        is_test=is_test,
+        layout=layout,
+        skipped=tuple(skipped),
+        drawn_split=splits is None,
+    )
 
 
 def _first_duplicate(values):
@@ -210,12 +241,14 @@ def _first_duplicate(values):
 
 # ============ SOP ============
 
+
 class EbayTable(NamedTuple):
     """One parsed ``Ebay_*.txt`` file, row order kept."""
-    image_ids: np.ndarray   # int64
-    class_ids: np.ndarray   # int64, SOP product ids
-    super_ids: np.ndarray   # int64, 1..12 (index into SOP_CATEGORIES + 1)
-    rel_paths: list         # as written in the file, relative to the dataset root
+
+    image_ids: np.ndarray  # int64
+    class_ids: np.ndarray  # int64, SOP product ids
+    super_ids: np.ndarray  # int64, 1..12 (index into SOP_CATEGORIES + 1)
+    rel_paths: list  # as written in the file, relative to the dataset root
 
 
 def read_text(path) -> str:
@@ -226,10 +259,12 @@ def read_text(path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                         f"save the file as UTF-8 (in Excel: 'CSV UTF-8'), or convert it, e.g. "
-                         f"iconv -f cp1252 -t utf-8 OLD > NEW") from None
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            f"save the file as UTF-8 (in Excel: 'CSV UTF-8'), or convert it, e.g. "
+            f"iconv -f cp1252 -t utf-8 OLD > NEW"
+        ) from None
 
 
 def read_ebay_file(path):
@@ -248,24 +283,27 @@ def read_ebay_file(path):
     with io.StringIO(read_text(path)) as f:
         header = f.readline()
         if header.split() != EBAY_HEADER:
-            raise ValueError(f"{path}:1: expected the header '{' '.join(EBAY_HEADER)}', "
-                             f"got {header.strip()!r}")
+            raise ValueError(f"{path}:1: expected the header '{' '.join(EBAY_HEADER)}', got {header.strip()!r}")
         for lineno, line in enumerate(f, start=2):
             fields = line.split()
             if not fields:
                 continue
             if len(fields) != 4:
-                raise ValueError(f"{path}:{lineno}: expected 4 fields "
-                                 f"'image_id class_id super_class_id path', got {line.strip()!r}")
+                raise ValueError(
+                    f"{path}:{lineno}: expected 4 fields 'image_id class_id super_class_id path', got {line.strip()!r}"
+                )
             try:
                 image_id, class_id, super_id = (int(x) for x in fields[:3])
             except ValueError:
-                raise ValueError(f"{path}:{lineno}: image_id, class_id and super_class_id must "
-                                 f"be integers, got {line.strip()!r}") from None
+                raise ValueError(
+                    f"{path}:{lineno}: image_id, class_id and super_class_id must be integers, got {line.strip()!r}"
+                ) from None
             if not 1 <= super_id <= len(SOP_CATEGORIES):
-                raise ValueError(f"{path}:{lineno}: super_class_id {super_id} is outside "
-                                 f"1..{len(SOP_CATEGORIES)} (SOP's categories; for your own, "
-                                 f"use a {CSV_NAME} or a folder tree)")
+                raise ValueError(
+                    f"{path}:{lineno}: super_class_id {super_id} is outside "
+                    f"1..{len(SOP_CATEGORIES)} (SOP's categories; for your own, "
+                    f"use a {CSV_NAME} or a folder tree)"
+                )
             image_ids.append(image_id)
             class_ids.append(class_id)
             super_ids.append(super_id)
@@ -273,8 +311,9 @@ def read_ebay_file(path):
     dup = _first_duplicate(rel_paths)
     if dup:
         raise ValueError(f"{path}: image {dup[0]} is listed more than once")
-    return EbayTable(np.asarray(image_ids, np.int64), np.asarray(class_ids, np.int64),
-                     np.asarray(super_ids, np.int64), rel_paths)
+    return EbayTable(
+        np.asarray(image_ids, np.int64), np.asarray(class_ids, np.int64), np.asarray(super_ids, np.int64), rel_paths
+    )
 
 
 def _find_sop(root):
@@ -296,10 +335,10 @@ def sop_category_names(super_ids, rel_paths):
     folders = {}
     for sid, rel in zip(np.asarray(super_ids).tolist(), rel_paths):
         top = rel.split("/", 1)[0] if "/" in rel else ""
-        folders.setdefault(sid, set()).add(top[:-len("_final")] if top.endswith("_final") else None)
+        folders.setdefault(sid, set()).add(top[: -len("_final")] if top.endswith("_final") else None)
     for sid, found in folders.items():
         (name,) = found if len(found) == 1 else (None,)
-        if name and name not in names[:sid - 1] + names[sid:]:
+        if name and name not in names[: sid - 1] + names[sid:]:
             names[sid - 1] = name
     return names
 
@@ -315,12 +354,16 @@ def read_sop(root, parts=("train", "test")):
         super_ids=np.concatenate([t.super_ids for t, _ in parts]),
         rel_paths=[p for t, _ in parts for p in t.rel_paths],
         product_ids=[str(c) for t, _ in parts for c in t.class_ids.tolist()],
-        categories=sop_category_names(np.concatenate([t.super_ids for t, _ in parts]),
-                                      [p for t, _ in parts for p in t.rel_paths]),
-        is_test=np.concatenate([m for _, m in parts]), layout="sop")
+        categories=sop_category_names(
+            np.concatenate([t.super_ids for t, _ in parts]), [p for t, _ in parts for p in t.rel_paths]
+        ),
+        is_test=np.concatenate([m for _, m in parts]),
+        layout="sop",
+    )
 
 
 # ============ catalogue.csv ============
+
 
 class PathGuard:
     """The one check of catalogue paths, used by every reader: a path from a label file (or a
@@ -344,10 +387,12 @@ class PathGuard:
         return real == self.root or real.startswith(self.root.rstrip(os.sep) + os.sep)
 
     def refuse(self, rel, where, why):
-        raise ValueError(f"{where}: path {rel!r} {why}; catalogue paths must stay inside the data "
-                         f"root {self.root}: relative, without '..', and without symbolic links "
-                         "leading out of it. Copy the photos into the data root, or pass the folder "
-                         "that really holds them as the data root")
+        raise ValueError(
+            f"{where}: path {rel!r} {why}; catalogue paths must stay inside the data "
+            f"root {self.root}: relative, without '..', and without symbolic links "
+            "leading out of it. Copy the photos into the data root, or pass the folder "
+            "that really holds them as the data root"
+        )
 
     def __call__(self, rel, where) -> str:
         # string operations, not PurePosixPath: this runs once per image (120k on SOP)
@@ -375,8 +420,9 @@ def read_csv_catalogue(path, test_fraction=DEFAULT_TEST_FRACTION):
     try:
         rows, lines, has_split = _csv_rows(path, reader)
     except csv.Error as e:  # a NUL byte, an unclosed quote, a field over csv's size limit
-        raise ValueError(f"{path}:{reader.line_num}: not readable as CSV ({e}); check the quoting "
-                         f"and that the file is text") from None
+        raise ValueError(
+            f"{path}:{reader.line_num}: not readable as CSV ({e}); check the quoting and that the file is text"
+        ) from None
     return _csv_table(path, rows, lines, has_split, test_fraction)
 
 
@@ -385,8 +431,10 @@ def _csv_rows(path, reader):
     header = [h.strip() for h in (reader.fieldnames or [])]
     missing = [c for c in CSV_COLUMNS if c not in header]
     if missing:
-        raise ValueError(f"{path}:1: missing column(s) {', '.join(missing)}; the header must be "
-                         f"{','.join(CSV_COLUMNS)}[,split] (got {','.join(header) or 'nothing'})")
+        raise ValueError(
+            f"{path}:1: missing column(s) {', '.join(missing)}; the header must be "
+            f"{','.join(CSV_COLUMNS)}[,split] (got {','.join(header) or 'nothing'})"
+        )
     reader.fieldnames = header
     has_split = "split" in header
     guard = PathGuard(Path(path).parent)
@@ -413,19 +461,25 @@ def _csv_table(path, rows, lines, has_split, test_fraction):
         raise ValueError(f"{path}: no images listed (only a header)")
     dup = _first_duplicate([r["path"] for r in rows])
     if dup:
-        raise ValueError(f"{path}:{lines[dup[2]]}: image {dup[0]} is listed again "
-                         f"(first on line {lines[dup[1]]})")
+        raise ValueError(f"{path}:{lines[dup[2]]}: image {dup[0]} is listed again (first on line {lines[dup[1]]})")
     for key in ("category",) + (("split",) if has_split else ()):
         first = {}
         for r, lineno in zip(rows, lines):
             seen = first.setdefault(r["product_id"], (r[key], lineno))
             if seen[0] != r[key]:
-                raise ValueError(f"{path}:{lineno}: product {r['product_id']!r} has {key} {r[key]!r} "
-                                 f"here but {seen[0]!r} on line {seen[1]}; a product has one {key}")
-    return table_from_labels([r["path"] for r in rows], [r["product_id"] for r in rows],
-                             [r["category"] for r in rows],
-                             [r["split"] for r in rows] if has_split else None, test_fraction, "csv",
-                             source=str(path))
+                raise ValueError(
+                    f"{path}:{lineno}: product {r['product_id']!r} has {key} {r[key]!r} "
+                    f"here but {seen[0]!r} on line {seen[1]}; a product has one {key}"
+                )
+    return table_from_labels(
+        [r["path"] for r in rows],
+        [r["product_id"] for r in rows],
+        [r["category"] for r in rows],
+        [r["split"] for r in rows] if has_split else None,
+        test_fraction,
+        "csv",
+        source=str(path),
+    )
 
 
 def write_csv_catalogue(table, path, write_split=True):
@@ -434,14 +488,17 @@ def write_csv_catalogue(table, path, write_split=True):
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS + (("split",) if write_split else ()))
-    for rel, product, sid, test in zip(table.rel_paths, table.product_ids, table.super_ids.tolist(),
-                                       table.is_test.tolist()):
-        writer.writerow([rel, product, table.categories[sid - 1]]
-                        + (["test" if test else "train"] if write_split else []))
+    for rel, product, sid, test in zip(
+        table.rel_paths, table.product_ids, table.super_ids.tolist(), table.is_test.tolist()
+    ):
+        writer.writerow(
+            [rel, product, table.categories[sid - 1]] + (["test" if test else "train"] if write_split else [])
+        )
     return atomic_write_text(path, buf.getvalue())
 
 
 # ============ folder tree ============
+
 
 def _walk_files(root):
     """Every file under ``root`` as a posix path relative to it, sorted; hidden folders and
@@ -477,23 +534,32 @@ def scan_folder_tree(root, test_fraction=DEFAULT_TEST_FRACTION):
         by_depth.setdefault(f.count("/") + 1, []).append(f)
     skipped += by_depth.pop(1, [])
     if not by_depth:
-        what = (f"{len(files)} files, none an image in a product folder ({', '.join(IMAGE_EXTENSIONS)})"
-                if files else "nothing")
-        raise ValueError(f"{root} holds no catalogue: {what}. Lay the photos out as "
-                         "<category>/<product>/<image> or <product>/<image>, or list them in a "
-                         f"{CSV_NAME}. Or get a dataset with: {DOWNLOAD_HINT}")
+        what = (
+            f"{len(files)} files, none an image in a product folder ({', '.join(IMAGE_EXTENSIONS)})"
+            if files
+            else "nothing"
+        )
+        raise ValueError(
+            f"{root} holds no catalogue: {what}. Lay the photos out as "
+            "<category>/<product>/<image> or <product>/<image>, or list them in a "
+            f"{CSV_NAME}. Or get a dataset with: {DOWNLOAD_HINT}"
+        )
     if len(by_depth) > 1 or max(by_depth) > 3:
         examples = "; ".join(f"{d} levels: {v[0]}" for d, v in sorted(by_depth.items()))
-        raise ValueError(f"{root}: images lie at different depths ({examples}); a catalogue tree is "
-                         "<category>/<product>/<image> or <product>/<image> throughout")
+        raise ValueError(
+            f"{root}: images lie at different depths ({examples}); a catalogue tree is "
+            "<category>/<product>/<image> or <product>/<image> throughout"
+        )
     depth, images = next(iter(by_depth.items()))
     products = [f.rsplit("/", 1)[0] for f in images]
     cats = [f.split("/", 1)[0] if depth == 3 else NO_CATEGORY for f in images]
-    return table_from_labels(images, products, cats, None, test_fraction, "folder",
-                             skipped=sorted(skipped), source=str(root))
+    return table_from_labels(
+        images, products, cats, None, test_fraction, "folder", skipped=sorted(skipped), source=str(root)
+    )
 
 
 # ============ detection and reading ============
+
 
 def detect_layout(root):
     """``(folder, layout)``: the folder holding the catalogue (``root``, or
@@ -532,9 +598,12 @@ def log_skipped(table, root):
     key = (str(root), len(table.skipped), logger.isEnabledFor(logging.DEBUG))
     if table.skipped and key not in _warned:
         _warned.add(key)
-        logger.warning("%s: skipped %d files that are not images in product folders: %s "
-                       "(--verbose lists them all)", root, len(table.skipped),
-                       format_paths(table.skipped, 3))
+        logger.warning(
+            "%s: skipped %d files that are not images in product folders: %s (--verbose lists them all)",
+            root,
+            len(table.skipped),
+            format_paths(table.skipped, 3),
+        )
         for rel in table.skipped:
             logger.debug("skipped %s", rel)
 

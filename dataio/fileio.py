@@ -6,6 +6,7 @@ the same folder (same filesystem, so the rename is atomic), which is flushed and
 cut. Temporary files are named ``.<name>.<pid>.<random>.tmp`` (a killed process can leave one;
 train.py removes those of its checkpoints at start).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -61,8 +62,10 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], object
                 pass
         if not isinstance(e, Exception):
             raise  # KeyboardInterrupt / SystemExit: cleaned up, keep their meaning
-        what = (f"could not write {path}: {type(e).__name__}: {e}. The previous file, if any, is "
-                "unchanged; check free disk space and write permission for that folder")
+        what = (
+            f"could not write {path}: {type(e).__name__}: {e}. The previous file, if any, is "
+            "unchanged; check free disk space and write permission for that folder"
+        )
         if isinstance(e, OSError):
             raise OSError(e.errno, what) if e.errno is not None else OSError(what) from e
         raise RuntimeError(what) from e

@@ -1,5 +1,6 @@
 """Decoding product photos: any PIL mode to RGB, JPEG draft decoding, and the check that every
 file of a dataset decodes (in a process pool for large sets)."""
+
 import multiprocessing
 import os
 
@@ -36,7 +37,7 @@ def _to_rgb(im):
         return Image.alpha_composite(background, rgba).convert("RGB")
     if im.mode.startswith("I") or im.mode == "F":
         im = _grey_to_l(im)
-    return im.convert("RGB")   # L, 1, CMYK, YCbCr, LAB, HSV
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
 # rows of a 16/32-bit image rescaled at a time: a float64 copy of a whole 40-megapixel image
@@ -50,6 +51,7 @@ def _grey_to_l(im):
     strips of `STRIP_PIXELS`, so the extra memory is the L image itself."""
     w, h = im.size
     if im.mode.startswith("I;16"):
+
         def scale(strip):
             return np.divide(strip, 257.0, out=strip)
     else:
@@ -58,11 +60,12 @@ def _grey_to_l(im):
 
         def scale(strip):
             return np.multiply(strip, factor, out=strip)
+
     out = np.empty((h, w), np.uint8)
     rows = max(1, STRIP_PIXELS // max(w, 1))
     for top in range(0, h, rows):
         strip = np.asarray(im.crop((0, top, w, min(h, top + rows))), dtype=np.float64)
-        out[top:top + rows] = np.clip(scale(strip), 0, 255, out=strip)
+        out[top : top + rows] = np.clip(scale(strip), 0, 255, out=strip)
     return Image.fromarray(out)  # uint8 [H, W]: mode L
 
 

@@ -2,6 +2,7 @@
 pre-resized copy, convert a catalogue between layouts. Each publishes a finished folder whole
 (`fileio.publish_dir`). The command line is datasets.py's (``python datasets.py download``,
 ``resize``, ``convert``)."""
+
 import io
 import logging
 import os
@@ -35,12 +36,15 @@ class DownloadError(DatasetError):
 
 # ============ download ============
 
+
 def _offline_message(url, zip_path, root, reason):
-    return (f"Could not download {url} ({reason}). This machine seems to be offline or the "
-            f"server is unreachable. Download the archive by hand (about 2.9 GB) and put it at "
-            f"{zip_path}, then rerun `python datasets.py download --root {root}`: it skips the "
-            f"download and extracts. Without SOP, use the synthetic stand-in: "
-            f"`python datasets.py synthetic --root data/synthetic_sop`.")
+    return (
+        f"Could not download {url} ({reason}). This machine seems to be offline or the "
+        f"server is unreachable. Download the archive by hand (about 2.9 GB) and put it at "
+        f"{zip_path}, then rerun `python datasets.py download --root {root}`: it skips the "
+        f"download and extracts. Without SOP, use the synthetic stand-in: "
+        f"`python datasets.py synthetic --root data/synthetic_sop`."
+    )
 
 
 def _resolve_host(url, timeout):
@@ -55,7 +59,7 @@ def _resolve_host(url, timeout):
         except OSError as e:
             result["error"] = e
 
-    thread = threading.Thread(target=lookup, daemon=True)   # daemon: never blocks exit
+    thread = threading.Thread(target=lookup, daemon=True)  # daemon: never blocks exit
     thread.start()
     thread.join(timeout)
     if "error" in result:
@@ -78,34 +82,46 @@ def _http_download(url, dest, timeout=10.0, progress=True, chunk_size=1 << 20):
         _resolve_host(url, timeout)
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and start:   # the .part already holds the whole file
+        if e.code == 416 and start:  # the .part already holds the whole file
             os.replace(part, dest)
             return dest
         raise DownloadError(_offline_message(url, dest, root, f"HTTP {e.code} {e.reason}")) from e
-    except OSError as e:   # URLError, timeouts, DNS and connection errors
+    except OSError as e:  # URLError, timeouts, DNS and connection errors
         raise DownloadError(_offline_message(url, dest, root, getattr(e, "reason", e))) from e
     with response:
         if start and getattr(response, "status", 200) != 206:
-            start = 0   # the server ignored the Range header: start over
+            start = 0  # the server ignored the Range header: start over
         length = response.headers.get("Content-Length")
         total = start + int(length) if length is not None else None
-        with open(part, "ab" if start else "wb") as f, \
-                tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-                     desc=dest.name, disable=not progress) as bar:
+        with (
+            open(part, "ab" if start else "wb") as f,
+            tqdm(
+                total=total,
+                initial=start,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=dest.name,
+                disable=not progress,
+            ) as bar,
+        ):
             while True:
                 try:
                     buf = response.read(chunk_size)
                 except OSError as e:
-                    raise DownloadError(f"Download of {url} broke off after {f.tell()} bytes ({e}); "
-                                        f"rerun the same command to resume from {part}") from e
+                    raise DownloadError(
+                        f"Download of {url} broke off after {f.tell()} bytes ({e}); "
+                        f"rerun the same command to resume from {part}"
+                    ) from e
                 if not buf:
                     break
                 f.write(buf)
                 bar.update(len(buf))
     size = part.stat().st_size
     if total is not None and size != total:
-        raise DownloadError(f"Download of {url} stopped at {size} of {total} bytes; rerun the same "
-                            f"command to resume from {part}")
+        raise DownloadError(
+            f"Download of {url} stopped at {size} of {total} bytes; rerun the same command to resume from {part}"
+        )
     os.replace(part, dest)
     return dest
 
@@ -143,28 +159,28 @@ def _extract_zip(zip_path, dest_parent, progress=True):
             logger.info("Testing %s (reads the whole archive once)", zip_path)
             bad = zf.testzip()
             if bad is not None:
-                raise DownloadError(f"{zip_path} is damaged (CRC error in {bad}); delete it and "
-                                    f"download it again")
+                raise DownloadError(f"{zip_path} is damaged (CRC error in {bad}); delete it and download it again")
             tmp = make_tmp_dir(Path(dest_parent) / SOP_DIRNAME)
             try:
                 for member in tqdm(zf.infolist(), desc="extract", unit="file", disable=not progress):
-                    zf.extract(member, tmp)   # extract() strips absolute paths and '..'
+                    zf.extract(member, tmp)  # extract() strips absolute paths and '..'
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
     except zipfile.BadZipFile as e:
-        raise DownloadError(f"{zip_path} is not a valid zip archive ({e}); it is probably "
-                            f"incomplete: delete it and download it again") from e
+        raise DownloadError(
+            f"{zip_path} is not a valid zip archive ({e}); it is probably incomplete: delete it and download it again"
+        ) from e
     for candidate in (tmp / SOP_DIRNAME, tmp):
         if (candidate / "Ebay_train.txt").is_file():
             return tmp, candidate
     shutil.rmtree(tmp, ignore_errors=True)
-    raise DownloadError(f"{zip_path} holds no Ebay_train.txt (neither at the top nor under "
-                        f"{SOP_DIRNAME}/); is it the SOP archive?")
+    raise DownloadError(
+        f"{zip_path} holds no Ebay_train.txt (neither at the top nor under {SOP_DIRNAME}/); is it the SOP archive?"
+    )
 
 
-def download_sop(root="data", url=SOP_URL, timeout=10.0, expected=SOP_EXPECTED, progress=True,
-                 keep_zip=True):
+def download_sop(root="data", url=SOP_URL, timeout=10.0, expected=SOP_EXPECTED, progress=True, keep_zip=True):
     """Fetch, test and extract SOP into ``root/Stanford_Online_Products`` and return that path.
 
     Steps: skip everything if the folder is already complete; download
@@ -180,16 +196,18 @@ def download_sop(root="data", url=SOP_URL, timeout=10.0, expected=SOP_EXPECTED, 
     if is_complete(target):
         logger.info("%s is already complete", target)
         return target
-    if (target / "Ebay_train.txt").is_file():   # extracted by hand: check it, then accept it
+    if (target / "Ebay_train.txt").is_file():  # extracted by hand: check it, then accept it
         problems = check_sop_counts(target, expected)
         if problems:
-            raise DatasetError(f"{target} exists but is incomplete: " + "; ".join(problems)
-                               + f". Move it away and rerun to extract {root / SOP_ZIPNAME} again.")
+            raise DatasetError(
+                f"{target} exists but is incomplete: "
+                + "; ".join(problems)
+                + f". Move it away and rerun to extract {root / SOP_ZIPNAME} again."
+            )
         write_marker(target, {"source": "download", "url": url, "checked": "existing folder"})
         return target
     if target.exists() and any(target.iterdir()):
-        raise DatasetError(f"{target} exists but holds no Ebay_train.txt; move it away (or "
-                           f"delete it) and rerun")
+        raise DatasetError(f"{target} exists but holds no Ebay_train.txt; move it away (or delete it) and rerun")
     zip_path = root / SOP_ZIPNAME
     if zip_path.is_file():
         logger.info("Using the archive already at %s", zip_path)
@@ -199,10 +217,15 @@ def download_sop(root="data", url=SOP_URL, timeout=10.0, expected=SOP_EXPECTED, 
     try:
         problems = check_sop_counts(extracted, expected)
         if problems:
-            raise DatasetError(f"The archive {zip_path} does not hold the full SOP dataset: "
-                               + "; ".join(problems) + ". Delete the archive and download it again.")
-        table_rows = {k: len(read_ebay_file(extracted / n).rel_paths)
-                      for k, n in (("train_rows", "Ebay_train.txt"), ("test_rows", "Ebay_test.txt"))}
+            raise DatasetError(
+                f"The archive {zip_path} does not hold the full SOP dataset: "
+                + "; ".join(problems)
+                + ". Delete the archive and download it again."
+            )
+        table_rows = {
+            k: len(read_ebay_file(extracted / n).rel_paths)
+            for k, n in (("train_rows", "Ebay_train.txt"), ("test_rows", "Ebay_test.txt"))
+        }
         write_marker(extracted, {"source": "download", "url": url, **table_rows})
         publish_dir(extracted, target)
     finally:
@@ -213,6 +236,7 @@ def download_sop(root="data", url=SOP_URL, timeout=10.0, expected=SOP_EXPECTED, 
 
 
 # ============ resize ============
+
 
 def _resize_one(job):
     src, dst, size, quality = job
@@ -238,8 +262,9 @@ def resize_dataset(src, dst, size=256, quality=95, workers=None, progress=True):
     ``.complete``, rename). Returns ``dst``."""
     (src, layout), dst = catalogue.detect_layout(src), Path(dst).expanduser()
     if dst.exists() and any(dst.iterdir()) and (read_marker(dst) or {}).get("source") != "resize":
-        raise FileExistsError(f"{dst} exists and is not a resized copy made by datasets.py; "
-                              f"choose another --output or remove it")
+        raise FileExistsError(
+            f"{dst} exists and is not a resized copy made by datasets.py; choose another --output or remove it"
+        )
     if layout == "sop":
         names = [n for n in ("Ebay_train.txt", "Ebay_test.txt", "Ebay_info.txt") if (src / n).is_file()]
         rel = [p for name in names for p in read_ebay_file(src / name).rel_paths]
@@ -263,8 +288,17 @@ def resize_dataset(src, dst, size=256, quality=95, workers=None, progress=True):
             bad = [b for b in tqdm(map(_resize_one, jobs), **bar) if b]
         for path in bad:
             logger.warning("Unreadable image copied unchanged: %s", path)
-        write_marker(tmp, {"source": "resize", "from": str(src), "size": int(size),
-                            "quality": int(quality), "images": len(rel), "unreadable": len(bad)})
+        write_marker(
+            tmp,
+            {
+                "source": "resize",
+                "from": str(src),
+                "size": int(size),
+                "quality": int(quality),
+                "images": len(rel),
+                "unreadable": len(bad),
+            },
+        )
         publish_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -273,6 +307,7 @@ def resize_dataset(src, dst, size=256, quality=95, workers=None, progress=True):
 
 
 # ============ converting between layouts ============
+
 
 def tree_paths(table):
     """Where each image of ``table`` goes in a ``<category>/<product>/<image>`` tree (no
@@ -294,8 +329,9 @@ def tree_paths(table):
     return out
 
 
-def convert_catalogue(root, output, to, from_layout=None, test_fraction=DEFAULT_TEST_FRACTION,
-                      write_split=True, progress=True):
+def convert_catalogue(
+    root, output, to, from_layout=None, test_fraction=DEFAULT_TEST_FRACTION, write_split=True, progress=True
+):
     """Write the catalogue under ``root`` (any layout) in layout ``to``:
 
     * ``csv``: a ``catalogue.csv`` (with the split column unless ``write_split`` is False).
@@ -322,17 +358,20 @@ def convert_catalogue(root, output, to, from_layout=None, test_fraction=DEFAULT_
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"{output} exists and is not empty; choose another --output or remove it")
     if to == "folder" and layout != "folder":
-        logger.warning("a folder tree has no split column: its test split is drawn again "
-                       "(--test_fraction %s); convert to csv to keep the split", test_fraction)
+        logger.warning(
+            "a folder tree has no split column: its test split is drawn again "
+            "(--test_fraction %s); convert to csv to keep the split",
+            test_fraction,
+        )
     dest = tree_paths(table) if to == "folder" else list(table.rel_paths)
     tmp = make_tmp_dir(output)
     try:
-        for rel, new in tqdm(list(zip(table.rel_paths, dest)), desc=f"convert to {to}", unit="img",
-                             disable=not progress):
+        for rel, new in tqdm(
+            list(zip(table.rel_paths, dest)), desc=f"convert to {to}", unit="img", disable=not progress
+        ):
             source, target = src / rel, tmp / new
             if not source.is_file():
-                raise FileNotFoundError(f"{source} is listed in {src} but missing; restore it or "
-                                        "remove its row first")
+                raise FileNotFoundError(f"{source} is listed in {src} but missing; restore it or remove its row first")
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(source, target)
@@ -340,8 +379,7 @@ def convert_catalogue(root, output, to, from_layout=None, test_fraction=DEFAULT_
                 shutil.copy2(source, target)
         if to == "csv":
             catalogue.write_csv_catalogue(table, tmp / catalogue.CSV_NAME, write_split)
-        write_marker(tmp, {"source": "convert", "from": str(src), "from_layout": layout, "to": to,
-                            "images": len(dest)})
+        write_marker(tmp, {"source": "convert", "from": str(src), "from_layout": layout, "to": to, "images": len(dest)})
         publish_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

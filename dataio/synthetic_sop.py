@@ -7,6 +7,7 @@ so colour alone does not identify one), a surface pattern and optional parts. Ea
 is a new view: scale, aspect (viewpoint), mirror, rotation, offset and crop, background,
 shadow, lighting, occlusion, noise and JPEG quality.
 """
+
 import io
 import math
 import os
@@ -26,12 +27,24 @@ SYNTHETIC_VERSION = 2  # bump when the renderer changes: a complete folder of an
 
 
 _COLOURS = {
-    "white": (236, 236, 230), "cream": (232, 218, 186), "beige": (208, 192, 164),
-    "black": (34, 34, 38), "grey": (126, 128, 134), "silver": (188, 192, 200),
-    "red": (188, 40, 42), "orange": (222, 118, 40), "yellow": (228, 196, 58),
-    "green": (58, 138, 70), "teal": (38, 136, 138), "blue": (44, 80, 168),
-    "navy": (32, 42, 92), "purple": (108, 60, 138), "pink": (224, 140, 168),
-    "brown": (116, 78, 48), "tan": (188, 148, 100), "wood": (160, 110, 62),
+    "white": (236, 236, 230),
+    "cream": (232, 218, 186),
+    "beige": (208, 192, 164),
+    "black": (34, 34, 38),
+    "grey": (126, 128, 134),
+    "silver": (188, 192, 200),
+    "red": (188, 40, 42),
+    "orange": (222, 118, 40),
+    "yellow": (228, 196, 58),
+    "green": (58, 138, 70),
+    "teal": (38, 136, 138),
+    "blue": (44, 80, 168),
+    "navy": (32, 42, 92),
+    "purple": (108, 60, 138),
+    "pink": (224, 140, 168),
+    "brown": (116, 78, 48),
+    "tan": (188, 148, 100),
+    "wood": (160, 110, 62),
 }
 _BODY_PALETTES = {
     "bicycle": ["red", "blue", "black", "white", "green", "yellow", "orange", "silver"],
@@ -48,7 +61,7 @@ _BODY_PALETTES = {
     "toaster": ["silver", "black", "red", "white", "cream", "blue"],
 }
 _PATTERNS = ["solid", "solid", "hstripes", "vstripes", "diagonal", "dots", "checker", "bands", "grid"]
-_SIZE_WEIGHTS = np.array([.13, .14, .15, .14, .12, .10, .07, .05, .04, .03, .03])  # 2..12 images
+_SIZE_WEIGHTS = np.array([0.13, 0.14, 0.15, 0.14, 0.12, 0.10, 0.07, 0.05, 0.04, 0.03, 0.03])  # 2..12 images
 
 
 def _jitter(rng, rgb, amount=12):
@@ -61,7 +74,7 @@ def _pattern_texture(rng, size, body, second):
     # 1-D coordinates that broadcast to size×size: no full grids for stripes
     xx = (np.arange(size, dtype=np.float32) / size)[None, :]
     yy = (np.arange(size, dtype=np.float32) / size)[:, None]
-    freq, duty, phase = rng.uniform(4, 12), rng.uniform(.3, .6), rng.uniform(0, 1)
+    freq, duty, phase = rng.uniform(4, 12), rng.uniform(0.3, 0.6), rng.uniform(0, 1)
     if kind == "solid":
         mask = np.zeros((1, 1), dtype=bool)
     elif kind == "hstripes":
@@ -69,21 +82,21 @@ def _pattern_texture(rng, size, body, second):
     elif kind == "vstripes":
         mask = (xx * freq + phase) % 1 < duty
     elif kind == "diagonal":
-        mask = ((xx + rng.choice([-1, 1]) * yy) * freq * .7 + phase) % 1 < duty
+        mask = ((xx + rng.choice([-1, 1]) * yy) * freq * 0.7 + phase) % 1 < duty
     elif kind == "dots":
-        fx, fy = (xx * freq + phase) % 1 - .5, (yy * freq + phase) % 1 - .5
-        mask = fx * fx + fy * fy < (duty * .6) ** 2
+        fx, fy = (xx * freq + phase) % 1 - 0.5, (yy * freq + phase) % 1 - 0.5
+        mask = fx * fx + fy * fy < (duty * 0.6) ** 2
     elif kind == "checker":
-        f = freq * .6
+        f = freq * 0.6
         mask = ((np.floor(xx * f + phase) + np.floor(yy * f + phase)) % 2) == 1
     elif kind == "bands":
-        centres = rng.uniform(.2, .8, int(rng.integers(1, 4)))
-        width = rng.uniform(.03, .08)
+        centres = rng.uniform(0.2, 0.8, int(rng.integers(1, 4)))
+        width = rng.uniform(0.03, 0.08)
         mask = np.zeros_like(yy, dtype=bool)
         for c in centres:
             mask |= np.abs(yy - c) < width
     else:  # grid
-        mask = ((xx * freq + phase) % 1 < duty * .35) | ((yy * freq + phase) % 1 < duty * .35)
+        mask = ((xx * freq + phase) % 1 < duty * 0.35) | ((yy * freq + phase) % 1 < duty * 0.35)
     mask = np.broadcast_to(mask, (size, size))
     arr = np.where(mask[..., None], np.asarray(second, np.uint8), np.asarray(body, np.uint8))
     return Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8), "RGB")
@@ -96,7 +109,8 @@ def _render_product(category, rng, size):
     accent = _jitter(rng, _COLOURS[names[int(rng.integers(len(names)))]])
     second = _jitter(rng, _COLOURS[names[int(rng.integers(len(names)))]])
     roles = {
-        "body": body, "accent": accent,
+        "body": body,
+        "accent": accent,
         "dark": _jitter(rng, [(30, 30, 32), (58, 46, 40), (70, 72, 78)][int(rng.integers(3))], 6),
         "metal": _jitter(rng, [(180, 184, 192), (150, 152, 158), (205, 185, 130)][int(rng.integers(3))], 8),
         "light": _jitter(rng, [(222, 236, 244), (246, 236, 196)][int(rng.integers(2))], 6),
@@ -120,7 +134,7 @@ def _render_product(category, rng, size):
             # Pattern over the whole body layer, then a darker outline so parts stay distinct.
             sprite.paste(texture, (0, 0), body_mask)
             edge = body_mask.filter(ImageFilter.FIND_EDGES)
-            outline = tuple(int(c * .55) for c in body) + (255,)
+            outline = tuple(int(c * 0.55) for c in body) + (255,)
             sprite.paste(Image.new("RGBA", (size, size), outline), (0, 0), edge)
     return sprite
 
@@ -128,45 +142,47 @@ def _render_product(category, rng, size):
 def _background(rng, w, h):
     """A random scene for one photo (independent of the product)."""
     # Product photos are mostly shot on light, plain backgrounds; the rest are scenes.
-    kind = rng.choice(["plain", "gradient", "texture", "room", "clutter"], p=[.45, .15, .1, .18, .12])
+    kind = rng.choice(["plain", "gradient", "texture", "room", "clutter"], p=[0.45, 0.15, 0.1, 0.18, 0.12])
 
     def colour(light=False):
         if light:
             g = rng.uniform(200, 255)
             return np.clip(g + rng.uniform(-12, 12, 3), 0, 255)
         return rng.uniform(0, 255, 3)
+
     if kind in ("plain", "clutter"):
-        arr = np.broadcast_to(colour(rng.random() < .7), (h, w, 3)).astype(np.float32)
-        arr = arr * (1 + rng.uniform(-.08, .08) * np.linspace(-1, 1, h, dtype=np.float32)[:, None, None])
+        arr = np.broadcast_to(colour(rng.random() < 0.7), (h, w, 3)).astype(np.float32)
+        arr = arr * (1 + rng.uniform(-0.08, 0.08) * np.linspace(-1, 1, h, dtype=np.float32)[:, None, None])
     elif kind == "gradient":
         a, b = colour(), colour()
         t = rng.uniform(0, 2 * np.pi)
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        ramp = (xx / w - .5) * np.cos(t) + (yy / h - .5) * np.sin(t) + .5
+        ramp = (xx / w - 0.5) * np.cos(t) + (yy / h - 0.5) * np.sin(t) + 0.5
         arr = a + (b - a) * np.clip(ramp, 0, 1)[..., None]
     elif kind == "texture":
         cells = int(rng.integers(2, 9))
         low = (rng.random((cells, cells, 3)) * 255).astype(np.uint8)
         arr = np.asarray(Image.fromarray(low, "RGB").resize((w, h), Image.BICUBIC), np.float32)
-        arr = arr * rng.uniform(.3, .7) + colour() * rng.uniform(.3, .6)
+        arr = arr * rng.uniform(0.3, 0.7) + colour() * rng.uniform(0.3, 0.6)
     else:  # room: wall above, floor (maybe planks) below
-        horizon = int(h * rng.uniform(.45, .8))
+        horizon = int(h * rng.uniform(0.45, 0.8))
         arr = np.empty((h, w, 3), np.float32)
-        arr[:horizon] = colour(rng.random() < .5)
+        arr[:horizon] = colour(rng.random() < 0.5)
         floor = colour()
         arr[horizon:] = floor
-        if rng.random() < .5:
-            period = max(2, int(w * rng.uniform(.05, .15)))
-            arr[horizon:, ::period] = floor * .7
+        if rng.random() < 0.5:
+            period = max(2, int(w * rng.uniform(0.05, 0.15)))
+            arr[horizon:, ::period] = floor * 0.7
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
     if kind == "clutter":
         draw = ImageDraw.Draw(img)
         for _ in range(int(rng.integers(2, 6))):
             x, y = rng.uniform(0, w), rng.uniform(0, h)
-            rw, rh = rng.uniform(.1, .35) * w, rng.uniform(.1, .35) * h
+            rw, rh = rng.uniform(0.1, 0.35) * w, rng.uniform(0.1, 0.35) * h
             fill = tuple(int(c) for c in colour())
-            (draw.ellipse if rng.random() < .5 else draw.rectangle)(
-                [x - rw / 2, y - rh / 2, x + rw / 2, y + rh / 2], fill=fill)
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(
+                [x - rw / 2, y - rh / 2, x + rw / 2, y + rh / 2], fill=fill
+            )
     return img
 
 
@@ -174,51 +190,55 @@ def _render_view(sprite, rng, w, h):
     """One photo of the product: returns JPEG bytes."""
     img = _background(rng, w, h)
     base = min(w, h)
-    scale = rng.uniform(.6, .98) * base
-    aspect = math.exp(rng.uniform(-.15, .15))           # viewpoint: wider or narrower
+    scale = rng.uniform(0.6, 0.98) * base
+    aspect = math.exp(rng.uniform(-0.15, 0.15))  # viewpoint: wider or narrower
     ow, oh = max(2, int(round(scale * aspect))), max(2, int(round(scale / aspect)))
     obj = sprite.resize((ow, oh), Image.BILINEAR, reducing_gap=2.0)
-    if rng.random() < .5:
+    if rng.random() < 0.5:
         obj = obj.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     # rotate premultiplied, so the transparent border does not bleed black into the edges
     obj = obj.convert("RGBa").rotate(rng.uniform(-25, 25), Image.BILINEAR, expand=True).convert("RGBA")
-    cx = w / 2 + rng.uniform(-.15, .15) * w
-    cy = h / 2 + rng.uniform(-.15, .15) * h
+    cx = w / 2 + rng.uniform(-0.15, 0.15) * w
+    cy = h / 2 + rng.uniform(-0.15, 0.15) * h
     left, top = int(round(cx - obj.width / 2)), int(round(cy - obj.height / 2))
-    if rng.random() < .4:   # soft contact shadow, blurred at quarter resolution (cheap at 600 px)
+    if rng.random() < 0.4:  # soft contact shadow, blurred at quarter resolution (cheap at 600 px)
         q = 4 if base >= 128 else 1
         shadow = Image.new("L", (max(1, w // q), max(1, h // q)), 0)
-        sw = obj.width * rng.uniform(.5, .9)
-        bottom = top + obj.height * .9
-        ImageDraw.Draw(shadow).ellipse([(cx - sw / 2) / q, (bottom - .06 * base) / q,
-                                        (cx + sw / 2) / q, (bottom + .04 * base) / q],
-                                       fill=int(rng.uniform(60, 140)))
-        shadow = shadow.filter(ImageFilter.GaussianBlur(base * .03 / q)).resize((w, h), Image.BILINEAR)
+        sw = obj.width * rng.uniform(0.5, 0.9)
+        bottom = top + obj.height * 0.9
+        ImageDraw.Draw(shadow).ellipse(
+            [(cx - sw / 2) / q, (bottom - 0.06 * base) / q, (cx + sw / 2) / q, (bottom + 0.04 * base) / q],
+            fill=int(rng.uniform(60, 140)),
+        )
+        shadow = shadow.filter(ImageFilter.GaussianBlur(base * 0.03 / q)).resize((w, h), Image.BILINEAR)
         img.paste(Image.new("RGB", (w, h), (0, 0, 0)), (0, 0), shadow)
     img.paste(obj, (left, top), obj)
-    if rng.random() < .3:  # occluder: something in front of the product
+    if rng.random() < 0.3:  # occluder: something in front of the product
         draw = ImageDraw.Draw(img)
-        ow2, oh2 = rng.uniform(.12, .32) * base, rng.uniform(.12, .32) * base
-        ox = cx + rng.uniform(-.5, .5) * obj.width
-        oy = cy + rng.uniform(-.5, .5) * obj.height
+        ow2, oh2 = rng.uniform(0.12, 0.32) * base, rng.uniform(0.12, 0.32) * base
+        ox = cx + rng.uniform(-0.5, 0.5) * obj.width
+        oy = cy + rng.uniform(-0.5, 0.5) * obj.height
         fill = tuple(int(c) for c in rng.uniform(0, 255, 3))
-        (draw.ellipse if rng.random() < .5 else draw.rectangle)(
-            [ox - ow2 / 2, oy - oh2 / 2, ox + ow2 / 2, oy + oh2 / 2], fill=fill)
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(
+            [ox - ow2 / 2, oy - oh2 / 2, ox + ow2 / 2, oy + oh2 / 2], fill=fill
+        )
     # lighting: exposure and white balance, light falling off across the scene, sensor
     # noise, then gamma (a lookup table: cheap at 600 px)
-    gain = (rng.uniform(.75, 1.2) * rng.uniform(.9, 1.1, 3)).astype(np.float32)
+    gain = (rng.uniform(0.75, 1.2) * rng.uniform(0.9, 1.1, 3)).astype(np.float32)
     t = rng.uniform(0, 2 * np.pi)
-    ramp = rng.uniform(0, .4) * (np.linspace(-.5, .5, w, dtype=np.float32)[None, :] * np.float32(np.cos(t))
-                                 + np.linspace(-.5, .5, h, dtype=np.float32)[:, None] * np.float32(np.sin(t)))
+    ramp = rng.uniform(0, 0.4) * (
+        np.linspace(-0.5, 0.5, w, dtype=np.float32)[None, :] * np.float32(np.cos(t))
+        + np.linspace(-0.5, 0.5, h, dtype=np.float32)[:, None] * np.float32(np.sin(t))
+    )
     arr = np.asarray(img, np.float32) * (1 + ramp)[..., None]
     arr *= gain
     sigma = rng.uniform(0, 5)
     arr += rng.standard_normal(arr.shape, dtype=np.float32) * np.float32(sigma)
     np.clip(arr, 0, 255, out=arr)
-    lut = np.round(255 * (np.arange(256) / 255.0) ** rng.uniform(.75, 1.3)).astype(np.uint8)
-    img = Image.fromarray(lut[(arr + .5).astype(np.uint8)], "RGB")
-    if rng.random() < .2:
-        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(.3, 1.0) * base / 96))
+    lut = np.round(255 * (np.arange(256) / 255.0) ** rng.uniform(0.75, 1.3)).astype(np.uint8)
+    img = Image.fromarray(lut[(arr + 0.5).astype(np.uint8)], "RGB")
+    if rng.random() < 0.2:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0) * base / 96))
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=int(rng.integers(55, 96)))
     return buf.getvalue()
@@ -290,8 +310,9 @@ def make_synthetic_sop(root, num_products=1200, image_size=96, seed=0, workers=N
     if num_products < 2:
         raise ValueError(f"num_products must be >= 2 (train and test), got {num_products}")
     if root.exists() and any(root.iterdir()) and (read_marker(root) or {}).get("source") != "synthetic":
-        raise FileExistsError(f"{root} exists and is not a synthetic SOP made by datasets.py; "
-                              f"choose another --root or remove it")
+        raise FileExistsError(
+            f"{root} exists and is not a synthetic SOP made by datasets.py; choose another --root or remove it"
+        )
     plan = _product_plan(num_products, seed)
     workers = default_workers() if workers is None else workers
     tmp = make_tmp_dir(root)
@@ -318,11 +339,21 @@ def make_synthetic_sop(root, num_products=1200, image_size=96, seed=0, workers=N
             counts[split] = len(lines) - 1
             (tmp / name).write_text("\n".join(lines) + "\n")
         (tmp / "Ebay_info.txt").write_text(
-            "\n".join([" ".join(EBAY_HEADER)] + [f"{i} {c} {s} {p}" for i, (c, s, p)
-                                                 in enumerate(info_lines, start=1)]) + "\n")
-        write_marker(tmp, {"source": "synthetic", "version": SYNTHETIC_VERSION,
-                            "num_products": num_products, "image_size": [lo, hi], "seed": seed,
-                            "train_images": counts["train"], "test_images": counts["test"]})
+            "\n".join([" ".join(EBAY_HEADER)] + [f"{i} {c} {s} {p}" for i, (c, s, p) in enumerate(info_lines, start=1)])
+            + "\n"
+        )
+        write_marker(
+            tmp,
+            {
+                "source": "synthetic",
+                "version": SYNTHETIC_VERSION,
+                "num_products": num_products,
+                "image_size": [lo, hi],
+                "seed": seed,
+                "train_images": counts["train"],
+                "test_images": counts["test"],
+            },
+        )
         publish_dir(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -330,8 +361,7 @@ def make_synthetic_sop(root, num_products=1200, image_size=96, seed=0, workers=N
     return root
 
 
-def ensure_synthetic_sop(root, num_products=1200, image_size=96, seed=0, workers=None, progress=False,
-                         replace=False):
+def ensure_synthetic_sop(root, num_products=1200, image_size=96, seed=0, workers=None, progress=False, replace=False):
     """``root`` as a Path, generated by ``make_synthetic_sop`` when absent (or empty).
 
     A complete synthetic SOP already there is returned as is when it was made with the same
@@ -341,8 +371,13 @@ def ensure_synthetic_sop(root, num_products=1200, image_size=96, seed=0, workers
     root = Path(root).expanduser()
     lo, hi = _parse_image_size(image_size)
     marker = read_marker(root) or {}
-    wanted = {"source": "synthetic", "version": SYNTHETIC_VERSION, "num_products": num_products,
-              "image_size": [lo, hi], "seed": seed}
+    wanted = {
+        "source": "synthetic",
+        "version": SYNTHETIC_VERSION,
+        "num_products": num_products,
+        "image_size": [lo, hi],
+        "seed": seed,
+    }
     differs = {k: (marker.get(k), v) for k, v in wanted.items() if marker.get(k) != v}
     if not differs:
         return root
@@ -351,5 +386,6 @@ def ensure_synthetic_sop(root, num_products=1200, image_size=96, seed=0, workers
         raise FileExistsError(
             f"{root} holds a synthetic SOP made with other settings: {detail}. Use it with those "
             f"settings, pass another --root, or regenerate it (`python datasets.py synthetic "
-            f"--root {root} --force` with the settings you want)")
+            f"--root {root} --force` with the settings you want)"
+        )
     return make_synthetic_sop(root, num_products, (lo, hi), seed, workers, progress)

@@ -50,8 +50,10 @@ def require_faiss(what="an approximate index"):
     try:
         import faiss
     except ImportError:
-        raise ImportError(f"{what} needs faiss, which is not installed: {INSTALL_HINT} "
-                          "(or use --index_type exact, which needs nothing)") from None
+        raise ImportError(
+            f"{what} needs faiss, which is not installed: {INSTALL_HINT} "
+            "(or use --index_type exact, which needs nothing)"
+        ) from None
     return faiss
 
 
@@ -67,8 +69,7 @@ def default_params(index_type: str, n: int) -> dict:
     if index_type == "ivf":
         nlist = 2 ** round(math.log2(max(1.0, 2 * math.sqrt(max(n, 1)))))
         nlist = int(max(1, min(nlist, n // 39 or 1)))
-        return {"nlist": nlist, "nprobe": ivf_nprobe(nlist), "train_points_per_cell": 39,
-                "kmeans_iters": 10}
+        return {"nlist": nlist, "nprobe": ivf_nprobe(nlist), "train_points_per_cell": 39, "kmeans_iters": 10}
     if index_type == "hnsw":
         return {"M": HNSW_M, "efConstruction": hnsw_ef_construction(n), "efSearch": hnsw_ef_search(n)}
     return {}
@@ -133,9 +134,10 @@ def build(embeddings: np.ndarray, index_type: str, params: dict, progress=True, 
         index.train(x[: min(n, 1)])  # float16 needs no statistics; faiss wants the call
     else:
         raise ValueError(f"build() makes approximate indexes only, not {index_type!r}")
-    for start in tqdm(range(0, n, _ADD_CHUNK), desc=f"{index_type}: adding", disable=not progress,
-                      unit="chunk", leave=False):
-        index.add(x[start:start + _ADD_CHUNK])
+    for start in tqdm(
+        range(0, n, _ADD_CHUNK), desc=f"{index_type}: adding", disable=not progress, unit="chunk", leave=False
+    ):
+        index.add(x[start : start + _ADD_CHUNK])
     set_search_params(index, index_type, params)
     return index
 

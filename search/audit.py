@@ -18,6 +18,7 @@ Definitions (docs/audit.md has the reasoning; s(i, j) is the cosine similarity o
 Neighbours come from `search.index.GalleryIndex.search` (the serving index: exact, or faiss
 IVF / HNSW with an exact re-rank), the k nearest of each photo, itself left out.
 """
+
 import dataclasses
 import io
 import random
@@ -40,6 +41,7 @@ QUERY_BATCH = 1024  # queries per GalleryIndex.search call: a [1024, N] float32 
 @dataclasses.dataclass
 class Finding:
     """One row of audit.csv (the column definitions are the kinds' in the module docstring)."""
+
     kind: str
     row: int
     other_row: int = -1
@@ -47,6 +49,7 @@ class Finding:
 
 
 # ============ neighbours ============
+
 
 def neighbour_count(product_ids, extra=16) -> int:
     """k for the neighbour lists: the largest product's size plus ``extra``, so that a photo's
@@ -58,8 +61,14 @@ def neighbour_count(product_ids, extra=16) -> int:
 def vector_index(vectors, index_type="exact") -> GalleryIndex:
     """A GalleryIndex over bare vectors (rows are their own ids), for `neighbours`."""
     n = len(vectors)
-    return GalleryIndex(embeddings=vectors, paths=[str(i) for i in range(n)], class_ids=np.arange(n),
-                        super_ids=np.ones(n, np.int64), categories=["all"], index_type=index_type)
+    return GalleryIndex(
+        embeddings=vectors,
+        paths=[str(i) for i in range(n)],
+        class_ids=np.arange(n),
+        super_ids=np.ones(n, np.int64),
+        categories=["all"],
+        index_type=index_type,
+    )
 
 
 def neighbours(vectors, k, index_type="exact", progress=True, index=None):
@@ -75,8 +84,9 @@ def neighbours(vectors, k, index_type="exact", progress=True, index=None):
     k = max(1, min(int(k), n - 1))
     out_s = np.empty((n, k), np.float32)
     out_i = np.empty((n, k), np.int64)
-    for start in tqdm(range(0, n, QUERY_BATCH), desc="neighbours", unit="batch", disable=not progress,
-                      dynamic_ncols=True, leave=False):
+    for start in tqdm(
+        range(0, n, QUERY_BATCH), desc="neighbours", unit="batch", disable=not progress, dynamic_ncols=True, leave=False
+    ):
         rows = np.arange(start, min(start + QUERY_BATCH, n))
         scores, idx = index.search(vectors[rows], k + 1)
         out_s[rows], out_i[rows] = drop_self(scores, idx, rows)
@@ -122,11 +132,11 @@ def other_product_best(product_ids, scores, idx, partner=None):
     first = other.argmax(axis=1)
     found = other[np.arange(len(ids)), first]
     rows = np.arange(len(ids))
-    return (np.where(found, scores[rows, first], -np.inf).astype(np.float32),
-            np.where(found, idx[rows, first], -1))
+    return (np.where(found, scores[rows, first], -np.inf).astype(np.float32), np.where(found, idx[rows, first], -1))
 
 
 # ============ thresholds ============
+
 
 def edited_copy(image: Image.Image, rng: random.Random) -> Image.Image:
     """A copy of ``image`` as a catalogue might hold it twice: a crop keeping 85-100% of each side
@@ -152,8 +162,10 @@ def duplicate_threshold(copy_scores, quantile=DUPLICATE_QUANTILE) -> float:
     copy_scores = np.asarray(copy_scores, dtype=np.float64)
     copy_scores = copy_scores[np.isfinite(copy_scores)]
     if not len(copy_scores):
-        raise ValueError("no edited-copy score to derive the duplicate threshold from: pass "
-                         "--duplicate_threshold, or a catalogue with readable photos")
+        raise ValueError(
+            "no edited-copy score to derive the duplicate threshold from: pass "
+            "--duplicate_threshold, or a catalogue with readable photos"
+        )
     return float(np.quantile(copy_scores, quantile))
 
 
@@ -170,6 +182,7 @@ def margin_threshold(margins, z=OUTLIER_Z) -> float:
 
 
 # ============ findings ============
+
 
 def find_duplicates(product_ids, scores, idx, threshold):
     """Duplicate findings (module docstring), one per unordered pair, highest score first; in

@@ -5,6 +5,7 @@ opens offline, from anywhere, and links to no file of the audited folder).
 The maps are the demo's "Show why" (`search.engine.SearchEngine.explain`): for a finding (i, j),
 photo i's map shows where it matches photo j's embedding and photo j's where it matches i's.
 """
+
 import base64
 import csv
 import html
@@ -27,13 +28,31 @@ def finding_table(findings, rel_paths, product_ids, unreadable, photos_):
     with ``row`` their position in the catalogue ``photos_``)."""
     table = []
     for f in findings:
-        table.append({"kind": f.kind, "path": rel_paths[f.row], "other_path": rel_paths[f.other_row],
-                      "product_id": product_ids[f.row], "other_product_id": product_ids[f.other_row],
-                      "score": f"{f.score:.6f}", "row": f.row, "other_row": f.other_row})
+        table.append(
+            {
+                "kind": f.kind,
+                "path": rel_paths[f.row],
+                "other_path": rel_paths[f.other_row],
+                "product_id": product_ids[f.row],
+                "other_product_id": product_ids[f.other_row],
+                "score": f"{f.score:.6f}",
+                "row": f.row,
+                "other_row": f.other_row,
+            }
+        )
     for f in unreadable:
-        table.append({"kind": "unreadable", "path": photos_.paths[f.row], "other_path": "",
-                      "product_id": photos_.product_ids[f.row], "other_product_id": "", "score": "",
-                      "row": -1, "other_row": -1})
+        table.append(
+            {
+                "kind": "unreadable",
+                "path": photos_.paths[f.row],
+                "other_path": "",
+                "product_id": photos_.product_ids[f.row],
+                "other_product_id": "",
+                "score": "",
+                "row": -1,
+                "other_row": -1,
+            }
+        )
     return table
 
 
@@ -65,26 +84,33 @@ def finding_images(engine, i, j):
 def finding_html(n, entry, images):
     """One finding as an HTML block (texts escaped)."""
     e = {k: html.escape(str(v)) for k, v in entry.items()}
-    caption = (f"<p><b>#{n} {e['kind']}</b> score {e['score']}: <code>{e['path']}</code> (product "
-               f"{e['product_id']}) &harr; <code>{e['other_path']}</code> (product {e['other_product_id']})</p>")
+    caption = (
+        f"<p><b>#{n} {e['kind']}</b> score {e['score']}: <code>{e['path']}</code> (product "
+        f"{e['product_id']}) &harr; <code>{e['other_path']}</code> (product {e['other_product_id']})</p>"
+    )
     if not images:
         return f"<div class=f>{caption}<p><i>{html.escape(entry.get('note', ''))}</i></p></div>"
     titles = ("photo", "where it matches the other", "where the other matches it", "other photo")
-    cells = "".join(f"<figure><img src=\"{data_uri(im)}\"><figcaption>{t}</figcaption></figure>"
-                    for im, t in zip(images, titles))
+    cells = "".join(
+        f'<figure><img src="{data_uri(im)}"><figcaption>{t}</figcaption></figure>' for im, t in zip(images, titles)
+    )
     return f"<div class=f>{caption}<div class=row>{cells}</div></div>"
 
 
-STYLE = ("body{font-family:sans-serif;margin:1em}div.row{display:flex;gap:6px}figure{margin:0}"
-         "img{width:180px;height:180px}figcaption{font-size:11px}div.f{border-bottom:1px solid #ccc;"
-         "padding:6px 0}code{font-size:12px}")
+STYLE = (
+    "body{font-family:sans-serif;margin:1em}div.row{display:flex;gap:6px}figure{margin:0}"
+    "img{width:180px;height:180px}figcaption{font-size:11px}div.f{border-bottom:1px solid #ccc;"
+    "padding:6px 0}code{font-size:12px}"
+)
 
 
 def summary_html(summary, table):
     counts = {k: sum(r["kind"] == k for r in table) for k in ("duplicate", "mislabelled", "unreadable")}
-    lines = [f"<h1>Catalogue audit</h1><p>{html.escape(summary['root'])}: {summary['photos']} photos, "
-             f"{summary['products']} products, model <code>{html.escape(str(summary['model'])[:60])}</code></p>",
-             "<p>" + ", ".join(f"{v} {k}" for k, v in counts.items()) + "</p>"]
+    lines = [
+        f"<h1>Catalogue audit</h1><p>{html.escape(summary['root'])}: {summary['photos']} photos, "
+        f"{summary['products']} products, model <code>{html.escape(str(summary['model'])[:60])}</code></p>",
+        "<p>" + ", ".join(f"{v} {k}" for k, v in counts.items()) + "</p>",
+    ]
     if "message" in summary:
         lines.append(f"<p><b>{html.escape(summary['message'])}</b></p>")
     for key in ("duplicate_threshold", "pixel_threshold", "margin_threshold"):
@@ -110,6 +136,8 @@ def write_html(path, table, summary, loaded, index, root, limit=50, progress=Tru
             except (QueryError, *photos.IMAGE_ERRORS, FileNotFoundError) as e:
                 entry = {**entry, "note": f"images unavailable: {e}"}
         blocks.append(finding_html(shown[entry["kind"]], entry, images))
-    page = (f"<!doctype html><html><head><meta charset=utf-8><title>Catalogue audit</title><style>{STYLE}"
-            f"</style></head><body>{''.join(blocks)}</body></html>")
+    page = (
+        f"<!doctype html><html><head><meta charset=utf-8><title>Catalogue audit</title><style>{STYLE}"
+        f"</style></head><body>{''.join(blocks)}</body></html>"
+    )
     fileio.atomic_write_text(path, page)

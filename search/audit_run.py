@@ -9,6 +9,7 @@ findings (`search.audit`) and the report (`search.audit_report`).
   again resumes, and an audit after a few edits embeds only the changed photos;
 * nothing is written under the catalogue's folder: the output folder may not lie inside it.
 """
+
 import dataclasses
 import json
 import logging
@@ -37,6 +38,7 @@ class AuditError(ValueError):
 class Catalogue:
     """The photos an audit judges: ``root`` (resolved), ``paths`` (relative to it) and
     ``product_ids`` ("" for a photo with no product), in catalogue order."""
+
     root: Path
     paths: list
     product_ids: list
@@ -60,8 +62,10 @@ def check_output(output, root: Path) -> Path:
     """The output folder, resolved; AuditError when it lies inside the audited folder."""
     out = Path(output).expanduser().resolve()
     if inside(out, root):
-        raise AuditError(f"--output {out} lies inside the audited folder {root}; the audit never writes "
-                         "there: pass an output folder outside it")
+        raise AuditError(
+            f"--output {out} lies inside the audited folder {root}; the audit never writes "
+            "there: pass an output folder outside it"
+        )
     return out
 
 
@@ -70,9 +74,17 @@ def embed_catalogue(loaded, photos_, out: Path, batch_size=64, workers=None, ind
     index at ``out / INDEX_NAME`` (resumed / updated when it is there)."""
     device = next(loaded.model.parameters()).device
     return gallery.update_gallery_index(
-        loaded.model, photos_.root, out / INDEX_NAME, loaded.key, batch_size=batch_size, workers=workers,
-        device=device, progress=progress, index_type=index_type,
-        meta={"model_args": dict(loaded.model.model_args), "audit": True})
+        loaded.model,
+        photos_.root,
+        out / INDEX_NAME,
+        loaded.key,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        progress=progress,
+        index_type=index_type,
+        meta={"model_args": dict(loaded.model.model_args), "audit": True},
+    )
 
 
 def edited_copy_scores(model, files, vectors, n=EDITED_COPIES, seed=0, progress=True):
@@ -96,10 +108,13 @@ def edited_copy_scores(model, files, vectors, n=EDITED_COPIES, seed=0, progress=
         kept.append(i)
     if not kept:
         return np.zeros(0, np.float32), np.zeros(0, np.float32)
-    batches = [(torch.stack(tensors[s:s + 32]), torch.zeros(len(tensors[s:s + 32]), dtype=torch.long))
-               for s in range(0, len(tensors), 32)]
-    copies, _ = extraction.extract_embeddings(model, batches, device=next(model.parameters()).device,
-                                             progress=progress, desc="edited copies")
+    batches = [
+        (torch.stack(tensors[s : s + 32]), torch.zeros(len(tensors[s : s + 32]), dtype=torch.long))
+        for s in range(0, len(tensors), 32)
+    ]
+    copies, _ = extraction.extract_embeddings(
+        model, batches, device=next(model.parameters()).device, progress=progress, desc="edited copies"
+    )
     return np.einsum("nd,nd->n", copies, vectors[kept]), np.asarray(pixel, np.float32)
 
 
@@ -141,8 +156,16 @@ def judged_rows(photos_, index, report):
     return np.asarray(rows, np.int64), np.asarray(positions, np.int64), unreadable
 
 
-def find_all(vectors, product_ids, files, copies, index_type="exact", progress=True,
-             duplicate_threshold=None, margin_threshold=None):
+def find_all(
+    vectors,
+    product_ids,
+    files,
+    copies,
+    index_type="exact",
+    progress=True,
+    duplicate_threshold=None,
+    margin_threshold=None,
+):
     """``(findings, info)``: duplicate then mislabelled findings over ``vectors``, their
     ``product_ids`` and image ``files``, with the thresholds derived from ``copies``
     (`edited_copy_scores`) unless given, and the timings in ``info``."""
@@ -156,17 +179,34 @@ def find_all(vectors, product_ids, files, copies, index_type="exact", progress=T
     duplicates = audit.mutual_best(confirm_duplicates(candidates, files, pixel_t, progress))
     t2 = time.perf_counter()
     mislabelled, info = audit.find_mislabelled(vectors, product_ids, scores, idx, margin_threshold, duplicates)
-    info.update(duplicate_threshold=dup_t, pixel_threshold=pixel_t, duplicate_candidates=len(candidates),
-                neighbours_k=k, neighbour_seconds=round(t1 - t0, 3), near_copy_seconds=round(t2 - t1, 3),
-                findings_seconds=round(time.perf_counter() - t1, 3))
+    info.update(
+        duplicate_threshold=dup_t,
+        pixel_threshold=pixel_t,
+        duplicate_candidates=len(candidates),
+        neighbours_k=k,
+        neighbour_seconds=round(t1 - t0, 3),
+        near_copy_seconds=round(t2 - t1, 3),
+        findings_seconds=round(time.perf_counter() - t1, 3),
+    )
     for name, values in zip(("edited_copy_scores", "edited_copy_pixel_scores"), copies):
         info[name] = {"n": int(len(values)), "min": float(np.min(values)), "median": float(np.median(values))}
     return duplicates + mislabelled, info
 
 
-def run_audit(loaded, output, data_root=None, gallery_dir=None, batch_size=64, workers=None,
-              index_type="exact", html_limit=50, duplicate_threshold=None, margin_threshold=None,
-              seed=0, progress=True) -> dict:
+def run_audit(
+    loaded,
+    output,
+    data_root=None,
+    gallery_dir=None,
+    batch_size=64,
+    workers=None,
+    index_type="exact",
+    html_limit=50,
+    duplicate_threshold=None,
+    margin_threshold=None,
+    seed=0,
+    progress=True,
+) -> dict:
     """Audit a catalogue with ``loaded`` (`search.loading.SearchModel`, torch runtime): write
     ``output``/audit.csv, audit.html and summary.json; returns the summary. AuditError for
     arguments it cannot run on (an output folder inside the catalogue, no readable photo)."""
@@ -180,14 +220,23 @@ def run_audit(loaded, output, data_root=None, gallery_dir=None, batch_size=64, w
         raise AuditError(f"cannot embed {photos_.root}: {e}") from e
     rows, positions, unreadable = judged_rows(photos_, index, report)
     product_ids = [photos_.product_ids[p] for p in positions]
-    summary = {"root": str(photos_.root), "model": loaded.key, "photos": len(photos_.paths),
-               "judged": len(rows), "products": len(set(product_ids)), "unreadable": len(unreadable),
-               "unlabelled": sum(not p for p in photos_.product_ids), "embed": report}
+    summary = {
+        "root": str(photos_.root),
+        "model": loaded.key,
+        "photos": len(photos_.paths),
+        "judged": len(rows),
+        "products": len(set(product_ids)),
+        "unreadable": len(unreadable),
+        "unlabelled": sum(not p for p in photos_.product_ids),
+        "embed": report,
+    }
     rel = [index.paths[r] for r in rows]
     findings = [audit.Finding("unreadable", int(p)) for p in unreadable]
     if summary["products"] < 2:
-        summary["message"] = (f"nothing to compare: {summary['products']} product(s) with a readable "
-                              f"photo in {photos_.root}; an audit compares products with each other")
+        summary["message"] = (
+            f"nothing to compare: {summary['products']} product(s) with a readable "
+            f"photo in {photos_.root}; an audit compares products with each other"
+        )
         logger.warning(summary["message"])
         findings_rows = []
     else:
@@ -195,16 +244,18 @@ def run_audit(loaded, output, data_root=None, gallery_dir=None, batch_size=64, w
         files = [photos_.root / p for p in rel]
         copies = edited_copy_scores(loaded.model, files, vectors, seed=seed, progress=progress)
         try:
-            findings_rows, info = find_all(vectors, product_ids, files, copies, index_type, progress,
-                                           duplicate_threshold, margin_threshold)
+            findings_rows, info = find_all(
+                vectors, product_ids, files, copies, index_type, progress, duplicate_threshold, margin_threshold
+            )
         except ValueError as e:  # no edited copy could be made to derive a threshold from
             raise AuditError(str(e)) from e
         summary.update(info)
     table = audit_report.finding_table(findings_rows, rel, product_ids, findings, photos_)
     audit_report.write_csv(out / "audit.csv", table)
     summary["counts"] = {kind: sum(r["kind"] == kind for r in table) for kind in audit.KINDS}
-    audit_report.write_html(out / "audit.html", table, summary, loaded, index, photos_.root,
-                            limit=html_limit, progress=progress)
+    audit_report.write_html(
+        out / "audit.html", table, summary, loaded, index, photos_.root, limit=html_limit, progress=progress
+    )
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["embed"] = {k: v for k, v in report.items() if k not in ("skipped", "unreadable_paths")}
     fileio.atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=float) + "\n")

@@ -7,6 +7,7 @@ similarity maps of its results ("Show why"); the photos the web server may serve
 loaded by `search.loading`; ``app_stanford.py`` is the Gradio UI and command line over it;
 ``bench/bench_search.py`` and ``bench/gpu_check.py`` time it directly.
 """
+
 import concurrent.futures
 import logging
 import os
@@ -62,8 +63,9 @@ class SearchEngine:
     use of the shared input buffer.
     """
 
-    def __init__(self, model, index, data_root, max_pixels=40_000_000, explain_source=None,
-                 results_mode="photos", threshold=None):
+    def __init__(
+        self, model, index, data_root, max_pixels=40_000_000, explain_source=None, results_mode="photos", threshold=None
+    ):
         # channels_last: convolutions run ~15% faster on CPU at batch 1 (and on GPU); the
         # HWC uint8 pixels then land in the input buffer without a transposing copy.
         self.model = model.eval().to(memory_format=torch.channels_last)
@@ -79,8 +81,9 @@ class SearchEngine:
         # (u8 / 255 - mean) / std  ==  u8 * scale + shift
         self._scale = (1.0 / (255.0 * std)).to(self.device)
         self._shift = (-mean / std).to(self.device)
-        self._input = torch.empty(1, 3, self.image_size, self.image_size, device=self.device
-                                  ).contiguous(memory_format=torch.channels_last)
+        self._input = torch.empty(1, 3, self.image_size, self.image_size, device=self.device).contiguous(
+            memory_format=torch.channels_last
+        )
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="search")
         self._worker_thread = self._worker.submit(threading.current_thread).result()
         _own_adoption(index)
@@ -98,7 +101,9 @@ class SearchEngine:
         # the same-product threshold: given, else the model's (checkpoint / ONNX), else the index's
         self.threshold = products.threshold_of(
             threshold if threshold is None else {"threshold": threshold},
-            getattr(model, "checkpoint_info", None), getattr(index, "meta", None))
+            getattr(model, "checkpoint_info", None),
+            getattr(index, "meta", None),
+        )
         self.results_mode = results_mode if any(index.product_ids) else "photos"
 
     def _on_worker(self, fn, *args):
@@ -145,7 +150,7 @@ class SearchEngine:
         if image.mode != "RGB":
             image = image.convert("RGB")
         r, s, c = self.resize, self.image_size, self.crop
-        return np.ascontiguousarray(np.asarray(image.resize((r, r), Image.BILINEAR))[c:c + s, c:c + s])
+        return np.ascontiguousarray(np.asarray(image.resize((r, r), Image.BILINEAR))[c : c + s, c : c + s])
 
     def prepare(self, image):
         """Write the eval transform of ``image`` (RGB PIL, or its `pixels`) into the input buffer;
@@ -196,23 +201,31 @@ class SearchEngine:
         for score, i in zip(scores[0].tolist(), idx[0].tolist()):
             if i < 0 or i == exclude or len(results) == wanted:
                 continue
-            results.append({
-                "rank": len(results) + 1,
-                "index": i,
-                # not "path": gradio_client takes any dict with a "path" for a file to download
-                "catalogue_path": self.index.paths[i],
-                # the data's product id (a string); None in an unlabelled --gallery folder
-                "product_id": self.index.product_ids[i] or None,
-                "category": self.index.categories[int(self.index.super_ids[i]) - 1],
-                "score": round(float(score), 6),
-            })
+            results.append(
+                {
+                    "rank": len(results) + 1,
+                    "index": i,
+                    # not "path": gradio_client takes any dict with a "path" for a file to download
+                    "catalogue_path": self.index.paths[i],
+                    # the data's product id (a string); None in an unlabelled --gallery folder
+                    "product_id": self.index.product_ids[i] or None,
+                    "category": self.index.categories[int(self.index.super_ids[i]) - 1],
+                    "score": round(float(score), 6),
+                }
+            )
         return products.shape_results(results, k, self.results_mode, self.threshold)
 
     def _response(self, results, k, category, timing):
-        return {"k": k, "category": category or CATEGORY_ALL, "gallery_size": len(self.index),
-                "results_mode": self.results_mode, "threshold": self.threshold,
-                "match_found": None if self.threshold is None else any(r["match"] for r in results),
-                "results": results, "timing_ms": {n: round(v, 2) for n, v in timing.items()}}
+        return {
+            "k": k,
+            "category": category or CATEGORY_ALL,
+            "gallery_size": len(self.index),
+            "results_mode": self.results_mode,
+            "threshold": self.threshold,
+            "match_found": None if self.threshold is None else any(r["match"] for r in results),
+            "results": results,
+            "timing_ms": {n: round(v, 2) for n, v in timing.items()},
+        }
 
     def search_image(self, image, k=DEFAULT_K, category=CATEGORY_ALL):
         """Top-``k`` gallery images for a decoded RGB PIL image (see the class docstring)."""
@@ -225,8 +238,9 @@ class SearchEngine:
         t1 = time.perf_counter()
         results = self._ranked(vector, k, super_id)
         t2 = time.perf_counter()
-        return self._response(results, k, category, {
-            "embed": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3})
+        return self._response(
+            results, k, category, {"embed": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3}
+        )
 
     def search_file(self, path, k=DEFAULT_K, category=CATEGORY_ALL):
         """`search_image` of an uploaded file; QueryError (a user-facing reason) when the file
@@ -267,9 +281,16 @@ class SearchEngine:
         centre = np.mean(vectors, axis=0)
         vector = (centre / max(float(np.linalg.norm(centre)), 1e-12)).astype(np.float32)
         t1 = time.perf_counter()
-        out = self._response(self._ranked(vector, k, super_id), k, category, {
-            "embed": (t1 - t0) * 1e3, "search": (time.perf_counter() - t1) * 1e3,
-            "total": (time.perf_counter() - t0) * 1e3})
+        out = self._response(
+            self._ranked(vector, k, super_id),
+            k,
+            category,
+            {
+                "embed": (t1 - t0) * 1e3,
+                "search": (time.perf_counter() - t1) * 1e3,
+                "total": (time.perf_counter() - t0) * 1e3,
+            },
+        )
         out["query_photos"] = len(paths)
         return out
 
@@ -312,8 +333,7 @@ class SearchEngine:
             raise QueryError(f"Gallery image {i} does not exist (the gallery has {len(self.index)}).")
         results = self._ranked(self.index.embeddings[int(i)], k, super_id, exclude=int(i))
         t1 = time.perf_counter()
-        return self._response(results, k, category, {"embed": 0.0, "search": (t1 - t0) * 1e3,
-                                                     "total": (t1 - t0) * 1e3})
+        return self._response(results, k, category, {"embed": 0.0, "search": (t1 - t0) * 1e3, "total": (t1 - t0) * 1e3})
 
     # ---- explanations (explain.similarity_maps)
     def explain_model(self):
@@ -350,12 +370,19 @@ class SearchEngine:
         feature grid when it was the same file (size and mtime) or the same pixels, else from
         one forward pass."""
         last = self._last_query
-        if last is not None and not isinstance(query, Image.Image) and last["file"] is not None \
-                and last["file"] == _file_key(query):
+        if (
+            last is not None
+            and not isinstance(query, Image.Image)
+            and last["file"] is not None
+            and last["file"] == _file_key(query)
+        ):
             pixels, grid = last["pixels"], last["grid"]
         else:
-            image = query if isinstance(query, Image.Image) else load_query_image(
-                query, self.max_pixels, draft_size=self.resize)
+            image = (
+                query
+                if isinstance(query, Image.Image)
+                else load_query_image(query, self.max_pixels, draft_size=self.resize)
+            )
             pixels = self.pixels(image)
             if last is None or not np.array_equal(pixels, last["pixels"]):
                 return pixels, self._projections(self.prepare(pixels).clone())[0]
@@ -364,10 +391,11 @@ class SearchEngine:
 
     def _explain_results(self, query, results, alpha):
         indices = [self._result_row(r) for r in results]
-        query_pixels, p_q = self._query_side(query)                     # p_q: [H, W, D]
-        e_q = p_q.sum((0, 1))                                           # the query's unit embedding
-        vectors = torch.from_numpy(np.stack([np.asarray(self.index.embeddings[i], np.float32)
-                                             for i in indices]))        # [K, D]
+        query_pixels, p_q = self._query_side(query)  # p_q: [H, W, D]
+        e_q = p_q.sum((0, 1))  # the query's unit embedding
+        vectors = torch.from_numpy(
+            np.stack([np.asarray(self.index.embeddings[i], np.float32) for i in indices])
+        )  # [K, D]
         views = [self.pixels(self._gallery_image(i)) for i in indices]
         store = self.explain_store
         stored = [None if store is None else store.get(v) for v in vectors.numpy()]
@@ -380,11 +408,19 @@ class SearchEngine:
         for i, v, p_r, view in zip(indices, vectors, stored, views):
             q_map = torch.einsum("ijd,d->ij", p_q, v).numpy()
             r_map = torch.einsum("ijd,d->ij", torch.as_tensor(p_r), e_q).numpy()
-            out.append({"index": i, "catalogue_path": self.index.paths[i], "score": float(e_q @ v), "exact": exact,
-                        "label": EXACT_LABEL if exact else APPROX_LABEL,
-                        "query_map": q_map.tolist(), "result_map": r_map.tolist(),
-                        "query_overlay": explain.overlay(Image.fromarray(query_pixels), q_map, alpha),
-                        "result_overlay": explain.overlay(Image.fromarray(view), r_map, alpha)})
+            out.append(
+                {
+                    "index": i,
+                    "catalogue_path": self.index.paths[i],
+                    "score": float(e_q @ v),
+                    "exact": exact,
+                    "label": EXACT_LABEL if exact else APPROX_LABEL,
+                    "query_map": q_map.tolist(),
+                    "result_map": r_map.tolist(),
+                    "query_overlay": explain.overlay(Image.fromarray(query_pixels), q_map, alpha),
+                    "result_overlay": explain.overlay(Image.fromarray(view), r_map, alpha),
+                }
+            )
         return out
 
     def _store_projections(self, files):
@@ -407,8 +443,9 @@ class SearchEngine:
         try:
             return photos.load_image(self.abs_paths[i], size=self.resize)
         except photos.IMAGE_ERRORS:
-            raise QueryError(f"{self.index.paths[i]} can no longer be read from the gallery folder; "
-                             "search again.") from None
+            raise QueryError(
+                f"{self.index.paths[i]} can no longer be read from the gallery folder; search again."
+            ) from None
 
     def attach_explain_store(self, path, max_bytes=1 << 30, batch_size=32, progress=True, index=None):
         """Read (and bring up to date) the explanation store at ``path``
@@ -427,23 +464,35 @@ class SearchEngine:
         if path is None or max_bytes <= 0:
             pass
         elif not isinstance(getattr(index, "embeddings", None), np.ndarray):
-            logger.info("No explanation store for a database gallery: \"Show why\" runs the network "
-                        "over the results it explains")
+            logger.info(
+                'No explanation store for a database gallery: "Show why" runs the network over the results it explains'
+            )
         else:
             probe = self._on_worker(lambda: self.prepare(Image.new("RGB", (self.resize, self.resize))).clone())
             grid_shape = tuple(self._projections(probe).shape[1:3])
             size = explain_store.store_bytes(len(index), grid_shape, index.embeddings.shape[1])
             if len(index) and size <= max_bytes:
+
                 def compute(files):
                     return self._store_projections(files)
 
-                store = explain_store.sync_store(path, index.embeddings, [str(self.data_root / p) for p in index.paths],
-                                                 lambda files: self._on_worker(compute, files),
-                                                 grid_shape, batch_size=batch_size, progress=progress)
+                store = explain_store.sync_store(
+                    path,
+                    index.embeddings,
+                    [str(self.data_root / p) for p in index.paths],
+                    lambda files: self._on_worker(compute, files),
+                    grid_shape,
+                    batch_size=batch_size,
+                    progress=progress,
+                )
             else:
-                logger.info("No explanation store for %d images (%.2f GB, limit --explain_store_gb %.2f): \"Show "
-                            "why\" runs the network over the results it explains", len(index), size / 1e9,
-                            max_bytes / 1e9)
+                logger.info(
+                    'No explanation store for %d images (%.2f GB, limit --explain_store_gb %.2f): "Show '
+                    'why" runs the network over the results it explains',
+                    len(index),
+                    size / 1e9,
+                    max_bytes / 1e9,
+                )
         self._on_worker(setattr, self, "explain_store", store)
         return store
 
@@ -494,5 +543,7 @@ def _torch_twin(model, source=None):
         for candidate in sorted(Path(path).parent.glob("*.pth")):
             if checkpoints.checkpoint_hash(candidate) == digest:
                 return models.load_model(candidate)
-    raise QueryError("Explanations need the torch model this ONNX export was made from; it was "
-                     "not found (start the demo with --runtime torch to use them).")
+    raise QueryError(
+        "Explanations need the torch model this ONNX export was made from; it was "
+        "not found (start the demo with --runtime torch to use them)."
+    )

@@ -15,6 +15,7 @@ sums over its locations to the image's unit embedding (checked when it is writte
 float16 keeps 12.5 KB per image for a 7 x 7 grid and 128-d embeddings (SOP's 60,502 test images:
 0.76 GB); a stored result map then sums to the cosine score within ~1e-3 instead of 1e-6.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -101,8 +102,14 @@ def _previous(path: Path, grid_shape, dim):
         logger.warning("Explanation store %s: %s; rebuilding it", path, e)
         return None
     if (store.grid_shape, store.dim) != (tuple(grid_shape), int(dim)):
-        logger.info("Explanation store %s holds %s x %d records, not %s x %d; rebuilding it",
-                    path, store.grid_shape, store.dim, tuple(grid_shape), dim)
+        logger.info(
+            "Explanation store %s holds %s x %d records, not %s x %d; rebuilding it",
+            path,
+            store.grid_shape,
+            store.dim,
+            tuple(grid_shape),
+            dim,
+        )
         return None
     return store
 
@@ -140,7 +147,7 @@ def sync_store(path, vectors, files, compute, grid_shape, batch_size=32, progres
 
         bar = tqdm(total=len(todo), desc="explanation store", unit="img", disable=not progress)
         for start in range(0, len(todo), batch_size):
-            rows = todo[start:start + batch_size]
+            rows = todo[start : start + batch_size]
             proj = np.asarray(compute([files[r] for r in rows]), dtype=np.float32)
             sums = proj.sum((1, 2))
             for n, r in enumerate(rows):
@@ -152,11 +159,17 @@ def sync_store(path, vectors, files, compute, grid_shape, batch_size=32, progres
             bar.update(len(rows))
         bar.close()
     if unreadable:
-        logger.warning("Explanation store: %d gallery images could not be read (corrupt, vanished or not "
-                       "readable) and are skipped", unreadable)
+        logger.warning(
+            "Explanation store: %d gallery images could not be read (corrupt, vanished or not "
+            "readable) and are skipped",
+            unreadable,
+        )
     if len(rejected) > unreadable:
-        logger.warning("Explanation store: %d images no longer match their index embedding (changed "
-                       "since indexing?); their maps are computed when asked", len(rejected) - unreadable)
+        logger.warning(
+            "Explanation store: %d images no longer match their index embedding (changed "
+            "since indexing?); their maps are computed when asked",
+            len(rejected) - unreadable,
+        )
     if rejected:
         table = table[~np.isin(table["key"], np.array(sorted(rejected), dtype=np.uint64))]
     fileio.atomic_write(path, lambda f: np.save(f, table, allow_pickle=False))

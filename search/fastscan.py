@@ -148,8 +148,7 @@ def _compile() -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "fastscan.c", Path(tmp) / "fastscan.so"
         src.write_text(_SOURCE)
-        subprocess.run([compiler, *flags, str(src), "-o", str(out)], check=True, capture_output=True,
-                       timeout=120)
+        subprocess.run([compiler, *flags, str(src), "-o", str(out)], check=True, capture_output=True, timeout=120)
         # atomic: concurrent first uses (demo workers, torchrun ranks) never load a half-written file
         fileio.atomic_write(target, lambda f: f.write(out.read_bytes()))
     return target
@@ -161,12 +160,18 @@ def _load():
             try:
                 lib = ctypes.CDLL(str(_compile()))
                 lib.topk_f16.restype = ctypes.c_int64
-                lib.topk_f16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
-                                         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+                lib.topk_f16.argtypes = [
+                    ctypes.c_void_p,
+                    ctypes.c_int64,
+                    ctypes.c_int,
+                    ctypes.c_void_p,
+                    ctypes.c_int,
+                    ctypes.c_void_p,
+                    ctypes.c_void_p,
+                ]
                 _lib.append(lib)
             except (OSError, subprocess.SubprocessError) as exc:
-                logger.warning("float16 search kernel unavailable (%s); exact search uses the "
-                               "float32 numpy path", exc)
+                logger.warning("float16 search kernel unavailable (%s); exact search uses the float32 numpy path", exc)
                 _lib.append(None)
     return _lib[0]
 

@@ -23,6 +23,7 @@ an image extension, not hidden). Hidden folders (``.git``, ``.thumbnails``) are 
 symlinked folders are not followed (no loops, no second copy of a folder); a symlinked file
 is indexed only when it resolves inside the folder: nothing outside the gallery gets served.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,6 +51,7 @@ GALLERY_META_KEY = "gallery"  # meta entry that makes an index a folder gallery'
 
 
 # ============ scanning the folder ============
+
 
 @dataclasses.dataclass
 class GalleryScan:
@@ -81,11 +83,15 @@ def scan_gallery(root, exclude=()) -> GalleryScan:
     """
     given = Path(root).expanduser()
     if not given.exists():
-        raise FileNotFoundError(errno.ENOENT, f"gallery folder {given} does not exist: pass --gallery "
-                                "a folder of images", str(given))
+        raise FileNotFoundError(
+            errno.ENOENT, f"gallery folder {given} does not exist: pass --gallery a folder of images", str(given)
+        )
     if not given.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, f"gallery {given} is not a folder: pass --gallery "
-                                 "the folder that holds the images", str(given))
+        raise NotADirectoryError(
+            errno.ENOTDIR,
+            f"gallery {given} is not a folder: pass --gallery the folder that holds the images",
+            str(given),
+        )
     root = given.resolve()
     excluded = {Path(p).expanduser().resolve() for p in exclude}
     files, skipped, seen = [], [], 0
@@ -133,9 +139,11 @@ def _no_image_message(root: Path, seen: int, skipped: list) -> str:
         return f"gallery folder {root}: the folder is empty; put images ({extensions}) in it"
     folders = sum(s.endswith("/") for s in skipped)
     also = f" (and {folders} hidden or symlinked folders, not entered)" if folders else ""
-    return (f"gallery folder {root}: no image to index: {seen} files{also}, none an image "
-            f"({extensions}; hidden files and symlinks leading outside the folder do not count), "
-            f"e.g. {', '.join(skipped[:3])}")
+    return (
+        f"gallery folder {root}: no image to index: {seen} files{also}, none an image "
+        f"({extensions}; hidden files and symlinks leading outside the folder do not count), "
+        f"e.g. {', '.join(skipped[:3])}"
+    )
 
 
 # ============ the index contents ============
@@ -169,13 +177,21 @@ def make_gallery_index(embeddings, files, model_key, meta=None, index_type="exac
     paths = [f[0] for f in files]
     categories, super_ids = categories_and_ids(paths)
     return GalleryIndex(
-        embeddings=embeddings, paths=paths, class_ids=np.arange(len(paths), dtype=np.int64),
-        super_ids=super_ids, categories=categories, product_ids=[product_of(p) for p in paths],
-        checkpoint_hash=model_key, meta=dict(meta or {}), index_type=index_type,
-        file_stats=np.array([f[1:] for f in files], dtype=np.int64).reshape(-1, 2))
+        embeddings=embeddings,
+        paths=paths,
+        class_ids=np.arange(len(paths), dtype=np.int64),
+        super_ids=super_ids,
+        categories=categories,
+        product_ids=[product_of(p) for p in paths],
+        checkpoint_hash=model_key,
+        meta=dict(meta or {}),
+        index_type=index_type,
+        file_stats=np.array([f[1:] for f in files], dtype=np.int64).reshape(-1, 2),
+    )
 
 
 # ============ what changed since the last index ============
+
 
 def load_previous(index_path, root: Path, model_key: str):
     """``(index, None)`` when ``index_path`` holds a folder gallery built from ``root`` with
@@ -234,11 +250,18 @@ def plan_update(files, previous=None) -> UpdatePlan:
             changed += rel in rows
             added += rel not in rows
     present = {f[0] for f in files}
-    return UpdatePlan(reuse=reuse, embed=embed, known_bad=known_bad, added=added, changed=changed,
-                      removed=sum(p not in present for p in rows))
+    return UpdatePlan(
+        reuse=reuse,
+        embed=embed,
+        known_bad=known_bad,
+        added=added,
+        changed=changed,
+        removed=sum(p not in present for p in rows),
+    )
 
 
 # ============ embedding ============
+
 
 def embed_files(model, paths, batch_size=64, workers=None, device="cpu", progress=True):
     """Embed image files with ``model`` (an EmbeddingNet; eval transform at its image size).
@@ -254,11 +277,13 @@ def embed_files(model, paths, batch_size=64, workers=None, device="cpu", progres
     size = int(model.model_args["image_size"])
     images = GalleryImages(paths, preprocessing.build_transform(size, train=False), size)
     loader = torch.utils.data.DataLoader(
-        images, batch_size=batch_size, shuffle=False,
+        images,
+        batch_size=batch_size,
+        shuffle=False,
         # one pass: persistent workers would only outlive it
-        **loaders.loader_settings(device, workers=workers, persistent_workers=False))
-    embeddings, ids = extraction.extract_embeddings(model, loader, device=device, progress=progress,
-                                                   desc="gallery")
+        **loaders.loader_settings(device, workers=workers, persistent_workers=False),
+    )
+    embeddings, ids = extraction.extract_embeddings(model, loader, device=device, progress=progress, desc="gallery")
     good = ids >= 0
     return np.ascontiguousarray(embeddings[good]), np.flatnonzero(~good)
 
@@ -269,8 +294,17 @@ def embed_files(model, paths, batch_size=64, workers=None, device="cpu", progres
 CHECKPOINT_EVERY = 256
 
 
-def embed_in_chunks(model, root: Path, files, on_chunk, chunk_size=CHECKPOINT_EVERY, batch_size=64,
-                    workers=None, device="cpu", progress=True) -> None:
+def embed_in_chunks(
+    model,
+    root: Path,
+    files,
+    on_chunk,
+    chunk_size=CHECKPOINT_EVERY,
+    batch_size=64,
+    workers=None,
+    device="cpu",
+    progress=True,
+) -> None:
     """Embed ``files`` (``[(rel, size, mtime_ns)]`` under ``root``) in order, handing each chunk
     of about ``chunk_size`` images to ``on_chunk(good_files, vectors, bad_files)`` as soon as it
     is embedded (the caller checkpoints it: `PartialEmbeddings`, a database upsert).
@@ -280,13 +314,13 @@ def embed_in_chunks(model, root: Path, files, on_chunk, chunk_size=CHECKPOINT_EV
     """
     step = max(1, -(-int(chunk_size) // batch_size)) * batch_size
     for start in range(0, len(files), step):
-        part = files[start:start + step]
-        vectors, failed = embed_files(model, [root / f[0] for f in part], batch_size=batch_size,
-                                      workers=workers, device=device, progress=progress)
+        part = files[start : start + step]
+        vectors, failed = embed_files(
+            model, [root / f[0] for f in part], batch_size=batch_size, workers=workers, device=device, progress=progress
+        )
         failed = set(failed.tolist())
         _warn_unreadable(root, [part[i][0] for i in sorted(failed)])
-        on_chunk([f for i, f in enumerate(part) if i not in failed], vectors,
-                 [part[i] for i in sorted(failed)])
+        on_chunk([f for i, f in enumerate(part) if i not in failed], vectors, [part[i] for i in sorted(failed)])
         logger.info("embedded %d/%d images (checkpointed)", min(start + step, len(files)), len(files))
 
 
@@ -323,9 +357,9 @@ class PartialEmbeddings:
             try:
                 with np.load(chunk, allow_pickle=False) as data:
                     stats, vectors = data["stats"].tolist(), data["vectors"]
-                    for rel, st, vec in zip(data["paths"].tolist(), stats[:len(vectors)], vectors):
+                    for rel, st, vec in zip(data["paths"].tolist(), stats[: len(vectors)], vectors):
                         rows[rel] = (tuple(st), vec)
-                    for rel, st in zip(data["paths"].tolist()[len(vectors):], stats[len(vectors):]):
+                    for rel, st in zip(data["paths"].tolist()[len(vectors) :], stats[len(vectors) :]):
                         rows[rel] = (tuple(st), None)
             except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
                 logger.info("Ignoring the damaged checkpoint %s (%s)", chunk, e)
@@ -339,9 +373,11 @@ class PartialEmbeddings:
         if self._chunks == 0 and not self.folder.exists():
             fileio.atomic_write_text(self.folder / "manifest.json", json.dumps(self.manifest))
         files = list(good) + list(bad)
-        arrays = {"paths": np.array([f[0] for f in files], dtype=np.str_),
-                  "stats": np.array([f[1:] for f in files], dtype=np.int64).reshape(-1, 2),
-                  "vectors": np.asarray(vectors, dtype=np.float32)}
+        arrays = {
+            "paths": np.array([f[0] for f in files], dtype=np.str_),
+            "stats": np.array([f[1:] for f in files], dtype=np.int64).reshape(-1, 2),
+            "vectors": np.asarray(vectors, dtype=np.float32),
+        }
         fileio.atomic_write(self.folder / f"chunk_{self._chunks:06d}.npz", lambda f: np.savez(f, **arrays))
         self._chunks += 1
 
@@ -383,15 +419,29 @@ def _assemble(files, plan: UpdatePlan, previous, new_rows: dict):
 
 def _same_content(previous, kept, meta, index_type) -> bool:
     """True when the new index would equal ``previous`` (then the file is not rewritten)."""
-    return (previous is not None and previous.index_type == index_type
-            and previous.paths == [f[0] for f in kept]
-            and previous.file_stats.tolist() == [list(f[1:]) for f in kept]
-            and previous.meta == json.loads(json.dumps(meta)))
+    return (
+        previous is not None
+        and previous.index_type == index_type
+        and previous.paths == [f[0] for f in kept]
+        and previous.file_stats.tolist() == [list(f[1:]) for f in kept]
+        and previous.meta == json.loads(json.dumps(meta))
+    )
 
 
-def update_gallery_index(model, root, index_path, model_key, batch_size=64, workers=None,
-                         device="cpu", progress=True, index_type="exact", force=False,
-                         meta=None, checkpoint_every=CHECKPOINT_EVERY) -> tuple[GalleryIndex, dict]:
+def update_gallery_index(
+    model,
+    root,
+    index_path,
+    model_key,
+    batch_size=64,
+    workers=None,
+    device="cpu",
+    progress=True,
+    index_type="exact",
+    force=False,
+    meta=None,
+    checkpoint_every=CHECKPOINT_EVERY,
+) -> tuple[GalleryIndex, dict]:
     """Index every image under ``root`` into ``index_path``, reusing what is still valid.
 
     The previous index is reused when it loads, was built for the same resolved ``root`` and
@@ -424,14 +474,28 @@ def update_gallery_index(model, root, index_path, model_key, batch_size=64, work
         logger.info("Rebuilding the gallery index %s from scratch: %s", index_path, why)
     plan = plan_update(scan.files, previous)
     t_embed = time.perf_counter()
-    new_rows, bad, resumed = _embed_planned(model, scan, plan, index_path, model_key, force, checkpoint_every,
-                                            dict(batch_size=batch_size, workers=workers, device=device,
-                                                 progress=progress))
+    new_rows, bad, resumed = _embed_planned(
+        model,
+        scan,
+        plan,
+        index_path,
+        model_key,
+        force,
+        checkpoint_every,
+        dict(batch_size=batch_size, workers=workers, device=device, progress=progress),
+    )
     embed_seconds = time.perf_counter() - t_embed
     embeddings, kept = _assemble(scan.files, plan, previous, new_rows)
-    info = {**(meta or {}), "model_args": dict(model.model_args),
-            GALLERY_META_KEY: {"root": str(scan.root), "model_key": model_key, "num_images": len(kept),
-                               "unreadable": [list(b) for b in bad]}}
+    info = {
+        **(meta or {}),
+        "model_args": dict(model.model_args),
+        GALLERY_META_KEY: {
+            "root": str(scan.root),
+            "model_key": model_key,
+            "num_images": len(kept),
+            "unreadable": [list(b) for b in bad],
+        },
+    }
     written = not _same_content(previous, kept, info, index_type)
     if written:
         index = make_gallery_index(embeddings, kept, model_key, info, index_type)
@@ -442,12 +506,22 @@ def update_gallery_index(model, root, index_path, model_key, batch_size=64, work
     PartialEmbeddings(index_path, scan.root, model_key).clear()
     embedded, seconds = len(new_rows) - resumed, time.perf_counter() - t0
     return index, {
-        "added": plan.added, "changed": plan.changed, "removed": plan.removed, "unchanged": len(plan.reuse),
-        "skipped_non_images": len(scan.skipped), "unreadable": len(bad), "embedded": embedded, "resumed": resumed,
-        "seconds": round(seconds, 3), "embed_seconds": round(embed_seconds, 3),
+        "added": plan.added,
+        "changed": plan.changed,
+        "removed": plan.removed,
+        "unchanged": len(plan.reuse),
+        "skipped_non_images": len(scan.skipped),
+        "unreadable": len(bad),
+        "embedded": embedded,
+        "resumed": resumed,
+        "seconds": round(seconds, 3),
+        "embed_seconds": round(embed_seconds, 3),
         "images_per_s": round(embedded / seconds, 2) if embedded > 0 else 0.0,
-        "rebuild": None if previous is not None else why, "written": written,
-        "skipped": list(scan.skipped), "unreadable_paths": [b[0] for b in bad]}
+        "rebuild": None if previous is not None else why,
+        "written": written,
+        "skipped": list(scan.skipped),
+        "unreadable_paths": [b[0] for b in bad],
+    }
 
 
 def _embed_planned(model, scan, plan, index_path, model_key, force, checkpoint_every, embed_kw):
@@ -471,9 +545,11 @@ def _embed_planned(model, scan, plan, index_path, model_key, force, checkpoint_e
     bad.sort()
     if not plan.reuse and not new_rows:
         partial.clear()
-        raise ValueError(f"gallery folder {scan.root}: none of its {len(scan.files)} images could be "
-                         f"read (e.g. {', '.join(b[0] for b in bad[:3])}); nothing was written to "
-                         f"{index_path}. Check that they are real, complete image files")
+        raise ValueError(
+            f"gallery folder {scan.root}: none of its {len(scan.files)} images could be "
+            f"read (e.g. {', '.join(b[0] for b in bad[:3])}); nothing was written to "
+            f"{index_path}. Check that they are real, complete image files"
+        )
     return new_rows, bad, resumed
 
 
@@ -483,5 +559,10 @@ def _warn_unreadable(root: Path, rels) -> None:
         return
     reasons = [f"{rel} ({photos.check_image(root / rel) or 'unreadable'})" for rel in rels[:10]]
     more = f" ... and {len(rels) - 10} more" if len(rels) > 10 else ""
-    logger.warning("Skipped %d unreadable image(s) in %s: %s%s; they are not retried until they "
-                   "change", len(rels), root, "; ".join(reasons), more)
+    logger.warning(
+        "Skipped %d unreadable image(s) in %s: %s%s; they are not retried until they change",
+        len(rels),
+        root,
+        "; ".join(reasons),
+        more,
+    )

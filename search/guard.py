@@ -10,6 +10,7 @@ file route may serve, and which pages may call the API.
 
 Every refusal carries one fixed message that does not depend on whether the path exists.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -17,11 +18,15 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
-REFUSED_QUERY = ("The query must be a photo sent with this request (an upload or a data URL); "
-                 "server paths and web addresses are not accepted.")
+REFUSED_QUERY = (
+    "The query must be a photo sent with this request (an upload or a data URL); "
+    "server paths and web addresses are not accepted."
+)
 REFUSED_FILE = b"File not allowed."
-REFUSED_ORIGIN = (b"Cross-origin request refused: this demo answers only its own page. "
-                  b"Start it with --allow_origin ORIGIN to let another site call it.")
+REFUSED_ORIGIN = (
+    b"Cross-origin request refused: this demo answers only its own page. "
+    b"Start it with --allow_origin ORIGIN to let another site call it."
+)
 # Gradio's routes that read a file named in the URL (its API prefix, and the deprecated form).
 FILE_ROUTES = ("/gradio_api/file=", "/gradio_api/file/", "/file=", "/file/")
 
@@ -127,14 +132,18 @@ def file_route_target(url_path: str) -> str | None:
     """The file a file-route URL path names (already percent-decoded by the server), else None."""
     for route in FILE_ROUTES:
         if url_path.startswith(route):
-            return url_path[len(route):]
+            return url_path[len(route) :]
     return None
 
 
 async def _refuse(send, body: bytes):
-    await send({"type": "http.response.start", "status": 403,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                            (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 403,
+            "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

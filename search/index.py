@@ -60,8 +60,7 @@ def rerank(q: np.ndarray, emb: np.ndarray, candidates: np.ndarray, k: int):
     keys.sort(axis=1)
     keys = keys[:, :k]
     found = keys != knn.KEY_NONE
-    return (np.where(found, knn.key_score(keys), -np.inf).astype(np.float32),
-            np.where(found, knn.key_index(keys), -1))
+    return (np.where(found, knn.key_score(keys), -np.inf).astype(np.float32), np.where(found, knn.key_index(keys), -1))
 
 
 # candidates fetched per query, beyond k, from the float16 scan / the approximate index:
@@ -122,11 +121,14 @@ class GalleryIndex:
             self.image_list_hash = hash_paths(self.paths)
         if self.categories is None:
             from dataio import catalogue  # SOP's names, for indexes built before categories were stored
+
             self.categories = list(catalogue.SOP_CATEGORIES)
         self.categories = [str(c) for c in self.categories]
         if n and (self.super_ids.min() < 1 or self.super_ids.max() > len(self.categories)):
-            raise ValueError(f"gallery index super ids span {self.super_ids.min()}..{self.super_ids.max()}, "
-                             f"outside 1..{len(self.categories)} (its {len(self.categories)} categories)")
+            raise ValueError(
+                f"gallery index super ids span {self.super_ids.min()}..{self.super_ids.max()}, "
+                f"outside 1..{len(self.categories)} (its {len(self.categories)} categories)"
+            )
         if self.product_ids is None:
             self.product_ids = [str(c) for c in self.class_ids.tolist()]
         self.product_ids = ["" if p is None else str(p) for p in self.product_ids]
@@ -135,8 +137,9 @@ class GalleryIndex:
         if self.file_stats is not None:
             self.file_stats = np.asarray(self.file_stats, dtype=np.int64)
             if self.file_stats.shape != (n, 2):
-                raise ValueError(f"gallery index file_stats must be [{n}, 2] (size, mtime_ns), "
-                                 f"got shape {self.file_stats.shape}")
+                raise ValueError(
+                    f"gallery index file_stats must be [{n}, 2] (size, mtime_ns), got shape {self.file_stats.shape}"
+                )
         if self.kernel not in ("auto", "numpy", "faiss"):
             raise ValueError(f"kernel must be 'auto', 'numpy' or 'faiss', got {self.kernel!r}")
         ann.check_index_type(self.index_type)
@@ -154,14 +157,17 @@ class GalleryIndex:
         """Build the faiss index of ``index_type`` (no-op for "exact" or when built)."""
         if self.index_type == "exact" or self._ann is not None:
             return
-        faiss_index, seconds = ann.timed_build(self.embeddings, self.index_type, self.ann_params,
-                                               progress=progress)
+        faiss_index, seconds = ann.timed_build(self.embeddings, self.index_type, self.ann_params, progress=progress)
         faiss = ann.require_faiss()
         self._ann = faiss_index
         self._ann_record = {
-            "index_type": self.index_type, "params": dict(self.ann_params), "build_s": round(seconds, 3),
-            "faiss_version": faiss.__version__, "ntotal": int(faiss_index.ntotal),
-            "dim": int(self.embeddings.shape[1]), "embeddings_sha256": embeddings_fingerprint(self.embeddings),
+            "index_type": self.index_type,
+            "params": dict(self.ann_params),
+            "build_s": round(seconds, 3),
+            "faiss_version": faiss.__version__,
+            "ntotal": int(faiss_index.ntotal),
+            "dim": int(self.embeddings.shape[1]),
+            "embeddings_sha256": embeddings_fingerprint(self.embeddings),
         }
 
     def set_search_params(self, **params) -> None:
@@ -169,8 +175,10 @@ class GalleryIndex:
         allowed = {"ivf": {"nprobe"}, "hnsw": {"efSearch"}}.get(self.index_type, set())
         unknown = set(params) - allowed
         if unknown:
-            raise ValueError(f"index type {self.index_type!r} takes search parameters "
-                             f"{sorted(allowed) or 'none'}, not {sorted(unknown)}")
+            raise ValueError(
+                f"index type {self.index_type!r} takes search parameters "
+                f"{sorted(allowed) or 'none'}, not {sorted(unknown)}"
+            )
         self.ann_params.update({name: int(v) for name, v in params.items()})
         if self._ann is not None:
             ann.set_search_params(self._ann, self.index_type, self.ann_params)
@@ -180,8 +188,12 @@ class GalleryIndex:
         """Write the index to one ``.npz`` file atomically (see `atomic_write`); an
         approximate index is built first if needed and saved with its build record."""
         meta = dict(self.meta)
-        meta.update(format_version=GALLERY_FORMAT_VERSION, checkpoint_hash=self.checkpoint_hash,
-                    image_list_hash=self.image_list_hash, index_type=self.index_type)
+        meta.update(
+            format_version=GALLERY_FORMAT_VERSION,
+            checkpoint_hash=self.checkpoint_hash,
+            image_list_hash=self.image_list_hash,
+            index_type=self.index_type,
+        )
         arrays = {
             "embeddings": self.embeddings,
             "class_ids": self.class_ids,
@@ -207,35 +219,49 @@ class GalleryIndex:
         An approximate index needs faiss (ImportError naming `pip install faiss-cpu`)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"gallery index {path} does not exist: build it with "
-                                    "`python app_stanford.py --build_index` or evaluate.py --embeddings_cache")
+            raise FileNotFoundError(
+                f"gallery index {path} does not exist: build it with "
+                "`python app_stanford.py --build_index` or evaluate.py --embeddings_cache"
+            )
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 parts = {name: data[name] for name in ("embeddings", "class_ids", "super_ids", "paths")}
                 # absent from files written before free category names: SOP's defaults
-                extra = {name: data[name].tolist() for name in ("categories", "product_ids")
-                         if name in data.files}
+                extra = {name: data[name].tolist() for name in ("categories", "product_ids") if name in data.files}
                 if "file_stats" in data.files:
                     extra["file_stats"] = data["file_stats"]
                 blob = data["ann"] if "ann" in data.files else None
         except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"gallery index {path} is corrupt or not a gallery index ({type(exc).__name__}: "
-                             f"{exc}); delete it and rebuild it") from exc
+            raise ValueError(
+                f"gallery index {path} is corrupt or not a gallery index ({type(exc).__name__}: "
+                f"{exc}); delete it and rebuild it"
+            ) from exc
         version = meta.pop("format_version", None)
         if version != GALLERY_FORMAT_VERSION:
-            raise ValueError(f"gallery index {path} has format version {version}, this code reads "
-                             f"{GALLERY_FORMAT_VERSION}: rebuild it")
+            raise ValueError(
+                f"gallery index {path} has format version {version}, this code reads "
+                f"{GALLERY_FORMAT_VERSION}: rebuild it"
+            )
         index_type = meta.pop("index_type", "exact")  # files from before approximate indexes
         record = meta.pop("ann", None)
         if index_type not in ann.INDEX_TYPES or (index_type != "exact") != (blob is not None and record is not None):
-            raise ValueError(f"gallery index {path} is corrupt: index type {index_type!r} without its "
-                             "approximate index or build record; delete it and rebuild it")
+            raise ValueError(
+                f"gallery index {path} is corrupt: index type {index_type!r} without its "
+                "approximate index or build record; delete it and rebuild it"
+            )
         index = cls(
-            embeddings=parts["embeddings"], paths=parts["paths"].tolist(), class_ids=parts["class_ids"],
-            super_ids=parts["super_ids"], checkpoint_hash=meta.pop("checkpoint_hash", ""),
-            image_list_hash=meta.pop("image_list_hash", ""), meta=meta, kernel=kernel,
-            index_type=index_type, ann_params=(record or {}).get("params"), **extra,
+            embeddings=parts["embeddings"],
+            paths=parts["paths"].tolist(),
+            class_ids=parts["class_ids"],
+            super_ids=parts["super_ids"],
+            checkpoint_hash=meta.pop("checkpoint_hash", ""),
+            image_list_hash=meta.pop("image_list_hash", ""),
+            meta=meta,
+            kernel=kernel,
+            index_type=index_type,
+            ann_params=(record or {}).get("params"),
+            **extra,
         )
         if index.image_list_hash != hash_paths(index.paths):
             raise ValueError(f"gallery index {path} is corrupt: its image list does not match its hash; rebuild it")
@@ -248,13 +274,18 @@ class GalleryIndex:
         """Adopt a saved faiss index after checking that it was built from these vectors."""
         faiss_index = ann.deserialize(blob)
         n, d = self.embeddings.shape
-        if (record.get("index_type") != self.index_type or int(faiss_index.ntotal) != n
-                or int(faiss_index.d) != d or record.get("ntotal") != n
-                or record.get("embeddings_sha256") != embeddings_fingerprint(self.embeddings)):
+        if (
+            record.get("index_type") != self.index_type
+            or int(faiss_index.ntotal) != n
+            or int(faiss_index.d) != d
+            or record.get("ntotal") != n
+            or record.get("embeddings_sha256") != embeddings_fingerprint(self.embeddings)
+        ):
             raise ValueError(
                 f"gallery index {path}: its {self.index_type} index was built from other vectors "
                 f"({faiss_index.ntotal} x {faiss_index.d}, recorded {record.get('ntotal')}; this file holds "
-                f"{n} x {d}) - a foreign or stale approximate index; delete the file and rebuild it")
+                f"{n} x {d}) - a foreign or stale approximate index; delete the file and rebuild it"
+            )
         ann.set_search_params(faiss_index, self.index_type, self.ann_params)
         self._ann, self._ann_record = faiss_index, dict(record)
 
@@ -262,8 +293,7 @@ class GalleryIndex:
         """Why this index cannot serve the given checkpoint / image list / index type (None
         if it can)."""
         if checkpoint_hash is not None and checkpoint_hash != self.checkpoint_hash:
-            return (f"built from checkpoint {self.checkpoint_hash[:12] or '?'}, "
-                    f"not {checkpoint_hash[:12]}")
+            return f"built from checkpoint {self.checkpoint_hash[:12] or '?'}, not {checkpoint_hash[:12]}"
         if paths is not None:
             unreadable = set(self.meta.get(UNREADABLE_KEY) or [])
             if hash_paths([p for p in paths if p not in unreadable]) != self.image_list_hash:
@@ -400,9 +430,20 @@ class GalleryImages:
             return torch.zeros(self.shape), -1
 
 
-def build_gallery_index(model, dataset, batch_size=64, workers=None, device="cpu", amp=None,
-                        checkpoint_hash="", meta=None, progress=True, index_type="exact",
-                        ann_params=None, skip_unreadable=False) -> GalleryIndex:
+def build_gallery_index(
+    model,
+    dataset,
+    batch_size=64,
+    workers=None,
+    device="cpu",
+    amp=None,
+    checkpoint_hash="",
+    meta=None,
+    progress=True,
+    index_type="exact",
+    ann_params=None,
+    skip_unreadable=False,
+) -> GalleryIndex:
     """Embed every image of ``dataset`` (an SOPDataset with an eval transform) into a
     `GalleryIndex`; paths are stored relative to the data root (``dataset.rel_paths``).
     ``workers=None``: loaders.loader_settings for the device and this machine's CPUs.
@@ -419,38 +460,56 @@ def build_gallery_index(model, dataset, batch_size=64, workers=None, device="cpu
 
     images = GalleryImages(dataset.paths, dataset.transform, int(model.model_args["image_size"]))
     loader = torch.utils.data.DataLoader(
-        images if skip_unreadable else dataset, batch_size=batch_size, shuffle=False,
+        images if skip_unreadable else dataset,
+        batch_size=batch_size,
+        shuffle=False,
         # one pass: persistent workers would only outlive it
-        **loaders.loader_settings(device, workers=workers, persistent_workers=False))
+        **loaders.loader_settings(device, workers=workers, persistent_workers=False),
+    )
     t0 = time.perf_counter()
-    embeddings, second = extraction.extract_embeddings(model, loader, device=device, amp=amp,
-                                                      progress=progress, desc="gallery")
+    embeddings, second = extraction.extract_embeddings(
+        model, loader, device=device, amp=amp, progress=progress, desc="gallery"
+    )
     if skip_unreadable:
         rows = second  # the dataset's row, -1 for an unreadable image
     elif np.array_equal(second, np.asarray(dataset.class_ids, dtype=np.int64)):
         rows = np.arange(len(second))
     else:
-        raise RuntimeError("the loader's labels do not match dataset.class_ids: the dataset "
-                           "must return (image, class_id) in index order")
+        raise RuntimeError(
+            "the loader's labels do not match dataset.class_ids: the dataset "
+            "must return (image, class_id) in index order"
+        )
     good = rows >= 0
     if not np.array_equal(rows[good], np.flatnonzero(good)):
         raise RuntimeError("the loader returned the images out of order")
     unreadable = [dataset.rel_paths[i] for i in np.flatnonzero(~good)]
     if unreadable:
-        logger.warning("%d gallery images could not be read and are left out of the index (first: %s); "
-                       "replace them and pass --rebuild_index", len(unreadable), ", ".join(unreadable[:3]))
-    info = {"num_images": int(good.sum()), "extract_s": round(time.perf_counter() - t0, 3),
-            UNREADABLE_KEY: unreadable,
-            # the model's same-product threshold (calibration.match_record), served with the index
-            "match": (getattr(model, "checkpoint_info", None) or {}).get("match")}
+        logger.warning(
+            "%d gallery images could not be read and are left out of the index (first: %s); "
+            "replace them and pass --rebuild_index",
+            len(unreadable),
+            ", ".join(unreadable[:3]),
+        )
+    info = {
+        "num_images": int(good.sum()),
+        "extract_s": round(time.perf_counter() - t0, 3),
+        UNREADABLE_KEY: unreadable,
+        # the model's same-product threshold (calibration.match_record), served with the index
+        "match": (getattr(model, "checkpoint_info", None) or {}).get("match"),
+    }
     info.update(meta or {})
     keep = np.flatnonzero(good)
-    index = GalleryIndex(embeddings=np.ascontiguousarray(embeddings[good]),
-                         paths=[dataset.rel_paths[i] for i in keep],
-                         class_ids=np.asarray(dataset.class_ids, dtype=np.int64)[keep],
-                         super_ids=np.asarray(dataset.super_ids, dtype=np.int64)[keep],
-                         categories=dataset.categories, product_ids=[dataset.product_ids[i] for i in keep],
-                         checkpoint_hash=checkpoint_hash, meta=info, index_type=index_type,
-                         ann_params=ann_params)
+    index = GalleryIndex(
+        embeddings=np.ascontiguousarray(embeddings[good]),
+        paths=[dataset.rel_paths[i] for i in keep],
+        class_ids=np.asarray(dataset.class_ids, dtype=np.int64)[keep],
+        super_ids=np.asarray(dataset.super_ids, dtype=np.int64)[keep],
+        categories=dataset.categories,
+        product_ids=[dataset.product_ids[i] for i in keep],
+        checkpoint_hash=checkpoint_hash,
+        meta=info,
+        index_type=index_type,
+        ann_params=ann_params,
+    )
     index.build_ann(progress=progress)
     return index

@@ -7,6 +7,7 @@ a failure starts afresh; `call_timeout` is the seconds one call may take (``--db
 `quote` / `in_filter` / `key_range` write values as literals of Milvus's boolean expressions
 (tested with any Unicode against Milvus Lite and Milvus Standalone 2.3.5).
 """
+
 from __future__ import annotations
 
 import errno
@@ -23,9 +24,11 @@ _SETTINGS = {"timeout": DEFAULT_TIMEOUT_S}  # this process's --db_timeout (set_c
 # connection is lost. Ping only while a call is in flight.
 GRPC_OPTIONS = {"grpc.keepalive_permit_without_calls": 0, "grpc.keepalive_time_ms": 60000}
 INSTALL_HINT = "pip install pymilvus==3.0.2 milvus-lite==3.2.2"
-SERVER_HINT = ("start one: Milvus Standalone (docker, or pip's milvus package: milvus-server --data DIR), or "
-               "this machine's Milvus Lite as a server: "
-               "python -m milvus_lite server --data-dir gallery.db --port 19530")
+SERVER_HINT = (
+    "start one: Milvus Standalone (docker, or pip's milvus package: milvus-server --data DIR), or "
+    "this machine's Milvus Lite as a server: "
+    "python -m milvus_lite server --data-dir gallery.db --port 19530"
+)
 
 
 class DatabaseError(RuntimeError):
@@ -138,11 +141,13 @@ def check_local_db(path) -> Path:
         raise DatabaseError(
             f"{path} is not a Milvus Lite database (it is a file; a Milvus Lite database is a folder "
             "that Milvus Lite creates). Pass another --db_uri (a new name such as gallery.db), or "
-            "move this file away")
+            "move this file away"
+        )
     if path.is_dir() and any(path.iterdir()) and not (path / "LOCK").exists():
         raise DatabaseError(
             f"{path} is not a Milvus Lite database (a folder without Milvus Lite's LOCK file). Pass "
-            "another --db_uri (a new name such as gallery.db)")
+            "another --db_uri (a new name such as gallery.db)"
+        )
     if path.is_dir() and str(path) not in _OPENED:
         try:
             fd = os.open(path / "LOCK", os.O_RDWR)
@@ -158,7 +163,8 @@ def check_local_db(path) -> Path:
                 f"the Milvus Lite database {path} is open in another process (indexing or serving "
                 "it); Milvus Lite admits one process per database. Wait for that process or stop "
                 "it, or serve the database to several processes: python -m milvus_lite server "
-                f"--data-dir {path} --port 19530, then --db_uri http://127.0.0.1:19530") from None
+                f"--data-dir {path} --port 19530, then --db_uri http://127.0.0.1:19530"
+            ) from None
         finally:
             os.close(fd)
     return path
@@ -183,8 +189,10 @@ def connect(uri, timeout=None):
         try:  # Milvus Lite makes the database, not the folder it lives in (runs/<model>/ on a fresh clone)
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise DatabaseError(f"cannot create the folder of the Milvus Lite database {uri} ({e}); "
-                                "pass a --db_uri in a writable folder") from e
+            raise DatabaseError(
+                f"cannot create the folder of the Milvus Lite database {uri} ({e}); "
+                "pass a --db_uri in a writable folder"
+            ) from e
     with _LOCK:
         try:
             # dedicated: a channel of its own, so that a reconnect after a failure is a fresh one
@@ -193,13 +201,16 @@ def connect(uri, timeout=None):
             client.list_collections(timeout=timeout)
         except MilvusException as e:
             if local:
-                raise DatabaseError(f"cannot open the Milvus Lite database {uri} ({type(e).__name__}: "
-                                    f"{e.message if hasattr(e, 'message') else e}); check that it is one "
-                                    "and that no other process holds it, or pass another --db_uri") from e
+                raise DatabaseError(
+                    f"cannot open the Milvus Lite database {uri} ({type(e).__name__}: "
+                    f"{e.message if hasattr(e, 'message') else e}); check that it is one "
+                    "and that no other process holds it, or pass another --db_uri"
+                ) from e
             raise DatabaseError(
                 f"cannot reach the Milvus server at {uri} within {timeout:g} s ({type(e).__name__}: "
                 f"{getattr(e, 'message', e)}). Check the address (http://HOST:19530) and that the server "
-                f"runs - {SERVER_HINT} - or use a local Milvus Lite database: --db_uri gallery.db") from e
+                f"runs - {SERVER_HINT} - or use a local Milvus Lite database: --db_uri gallery.db"
+            ) from e
         if local:
             _OPENED[uri] = True
     return client

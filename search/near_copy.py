@@ -9,6 +9,7 @@ similarity of photos a and b is the best normalised cross-correlation between on
 and any view of the other (`similarity`), so a copy cropped by up to ~15% at any of those places
 aligns with its original. Brightness and contrast changes cancel in the normalisation.
 """
+
 import numpy as np
 from PIL import Image
 

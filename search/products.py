@@ -9,10 +9,11 @@ Definitions:
   its photos are among the candidates and ``matched_photos`` = how many of those match. A hit without
   a product id (an unlabelled folder) is a row of its own.
 """
+
 from __future__ import annotations
 
 RESULTS_MODES = ("products", "photos")
-CANDIDATES_PER_RESULT = 10   # photo hits searched per product row asked for (products of <= 12 photos)
+CANDIDATES_PER_RESULT = 10  # photo hits searched per product row asked for (products of <= 12 photos)
 MIN_CANDIDATES = 50
 
 
@@ -69,8 +70,10 @@ def verdict(results: list[dict], threshold: float | None) -> str:
         return "No calibrated threshold for this model: results are ranked by similarity only."
     matched = [r for r in results if r.get("match")]
     if not matched:
-        return (f"**No catalogue product matches this photo** (no score reaches the threshold "
-                f"{threshold:.3f}); the nearest are shown below.")
+        return (
+            f"**No catalogue product matches this photo** (no score reaches the threshold "
+            f"{threshold:.3f}); the nearest are shown below."
+        )
     best = matched[0]
     name = f"product #{best['product_id']}" if best.get("product_id") else best["catalogue_path"]
     more = f" ({len(matched) - 1} more above the threshold)" if len(matched) > 1 else ""

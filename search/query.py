@@ -1,6 +1,7 @@
 """A query as the demo takes it: an uploaded file decoded safely into an RGB image, or refused
 with a `QueryError` whose message is for the user (`load_query_image`), and the checks of its
 K (`clamp_k`) and category filter (`category_to_super_id`, `category_choices`)."""
+
 import math
 import os
 
@@ -22,6 +23,7 @@ class QueryError(ValueError):
 
 # ============ query decoding ============
 
+
 def load_query_image(path, max_pixels=40_000_000, draft_size=None):
     """Decode an uploaded file into an upright RGB PIL image, or raise QueryError saying why.
 
@@ -42,27 +44,30 @@ def load_query_image(path, max_pixels=40_000_000, draft_size=None):
         with Image.open(path) as im:  # reads the header only
             fmt, (w, h) = im.format, im.size
     except Image.DecompressionBombError:
-        raise QueryError(f"The image declares too many pixels (more than {max_pixels / 1e6:.0f} "
-                         "megapixels); upload a smaller photo.") from None
+        raise QueryError(
+            f"The image declares too many pixels (more than {max_pixels / 1e6:.0f} megapixels); upload a smaller photo."
+        ) from None
     except Exception:  # UnidentifiedImageError, SyntaxError, struct errors of broken headers
-        raise QueryError("This file is not an image Pillow can read. Upload a JPEG, PNG or WebP "
-                         "photo.") from None
+        raise QueryError("This file is not an image Pillow can read. Upload a JPEG, PNG or WebP photo.") from None
     if fmt not in QUERY_FORMATS:
-        raise QueryError(f"{fmt} files are not accepted; upload a JPEG, PNG, WebP, GIF, BMP or "
-                         "TIFF photo.")
+        raise QueryError(f"{fmt} files are not accepted; upload a JPEG, PNG, WebP, GIF, BMP or TIFF photo.")
     if w < 1 or h < 1:
         raise QueryError(f"The image has no pixels ({w}×{h}).")
     if w * h > max_pixels:
-        raise QueryError(f"The image is {w}×{h} pixels ({w * h / 1e6:.0f} megapixels); the limit "
-                         f"is {max_pixels / 1e6:.0f} megapixels. Upload a smaller photo.")
+        raise QueryError(
+            f"The image is {w}×{h} pixels ({w * h / 1e6:.0f} megapixels); the limit "
+            f"is {max_pixels / 1e6:.0f} megapixels. Upload a smaller photo."
+        )
     try:
         return photos.load_image(path, size=draft_size)
     except Exception as e:  # whatever a broken file makes a Pillow plugin raise is the file's fault
         truncated = "truncated" in str(e).lower() or isinstance(e, (EOFError, SyntaxError))
-        raise QueryError("The image file is truncated or corrupt: it could not be decoded completely. "
-                         "Upload the photo again or use another one." if truncated else
-                         f"The image could not be decoded ({type(e).__name__}). Upload another "
-                         "photo.") from None
+        raise QueryError(
+            "The image file is truncated or corrupt: it could not be decoded completely. "
+            "Upload the photo again or use another one."
+            if truncated
+            else f"The image could not be decoded ({type(e).__name__}). Upload another photo."
+        ) from None
 
 
 def category_choices(index):
@@ -73,7 +78,7 @@ def category_choices(index):
 
 
 def category_to_super_id(category, categories):
-    """"All" / None → None (whole gallery); a name among ``categories`` (the index's) → its
+    """ "All" / None → None (whole gallery); a name among ``categories`` (the index's) → its
     1-based super id; anything else is a QueryError listing the choices."""
     if category in (None, "", CATEGORY_ALL):
         return None

@@ -62,26 +62,46 @@ def check_manifest(out_dir, expected: dict) -> None:
             raise ValueError(
                 f"{path} describes other shards "
                 f"({', '.join(f'{k}: {found.get(k)!r} != {expected.get(k)!r}' for k in diff)}); "
-                "pass another --out folder or delete this one to start over")
+                "pass another --out folder or delete this one to start over"
+            )
         return
     fileio.atomic_write(path, lambda f: f.write(json.dumps(expected, indent=1, sort_keys=True).encode()))
 
 
 def job_manifest(dataset, shard_size, batch_size, checkpoint_hash, normalize=True) -> dict:
-    return {"num_images": len(dataset), "shard_size": int(shard_size), "batch_size": int(batch_size),
-            "checkpoint_hash": checkpoint_hash, "normalize": bool(normalize),
-            "image_list_hash": hash_paths(getattr(dataset, "rel_paths", range(len(dataset))))}
+    return {
+        "num_images": len(dataset),
+        "shard_size": int(shard_size),
+        "batch_size": int(batch_size),
+        "checkpoint_hash": checkpoint_hash,
+        "normalize": bool(normalize),
+        "image_list_hash": hash_paths(getattr(dataset, "rel_paths", range(len(dataset)))),
+    }
 
 
-def embed_shards(model, dataset, out_dir, shard_size=8192, batch_size=64, device="cpu", rank=0,
-                 world_size=1, checkpoint_hash="", workers=0, progress=True, normalize=True) -> list[int]:
+def embed_shards(
+    model,
+    dataset,
+    out_dir,
+    shard_size=8192,
+    batch_size=64,
+    device="cpu",
+    rank=0,
+    world_size=1,
+    checkpoint_hash="",
+    workers=0,
+    progress=True,
+    normalize=True,
+) -> list[int]:
     """Embed this rank's missing shards of ``dataset`` into ``out_dir``; returns the
     shard numbers it embedded (finished shards are skipped, see the module docstring)."""
     import torch
 
     if shard_size % batch_size:
-        raise ValueError(f"shard_size {shard_size} must be a multiple of batch_size {batch_size}, "
-                         "so shards cut the same batches as one process (identical embeddings)")
+        raise ValueError(
+            f"shard_size {shard_size} must be a multiple of batch_size {batch_size}, "
+            "so shards cut the same batches as one process (identical embeddings)"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     expected = job_manifest(dataset, shard_size, batch_size, checkpoint_hash, normalize)
@@ -91,10 +111,15 @@ def embed_shards(model, dataset, out_dir, shard_size=8192, batch_size=64, device
     for i, (start, stop) in enumerate(shard_ranges(len(dataset), shard_size)):
         if i % world_size != rank or read_shard(shard_path(out_dir, i), stop - start) is not None:
             continue
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, stop)),
-                                             batch_size=batch_size, shuffle=False, num_workers=workers)
-        emb, _ = extraction.extract_embeddings(model, loader, device=device, progress=progress,
-                                              desc=f"shard {i} (rank {rank})", normalize=normalize)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, range(start, stop)),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=workers,
+        )
+        emb, _ = extraction.extract_embeddings(
+            model, loader, device=device, progress=progress, desc=f"shard {i} (rank {rank})", normalize=normalize
+        )
         fileio.atomic_write(shard_path(out_dir, i), lambda f, x=emb: np.save(f, x))
         done.append(i)
     return done
@@ -109,15 +134,21 @@ def merge_shards(out_dir, num_images: int, shard_size: int) -> np.ndarray:
     for i, (start, stop) in enumerate(ranges):
         x = read_shard(shard_path(out_dir, i), stop - start)
         if x is None:
-            raise FileNotFoundError(f"shard {shard_path(out_dir, i)} is missing or damaged: rerun the "
-                                    "extraction (finished shards are kept)")
+            raise FileNotFoundError(
+                f"shard {shard_path(out_dir, i)} is missing or damaged: rerun the extraction (finished shards are kept)"
+            )
         shards.append(x)
     dim = shards[0].shape[1]
 
     def write(f):
         np.lib.format.write_array_header_1_0(
-            f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
-                "shape": (num_images, dim)})
+            f,
+            {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                "fortran_order": False,
+                "shape": (num_images, dim),
+            },
+        )
         for x in shards:
             f.write(np.ascontiguousarray(x).tobytes())
 

@@ -40,6 +40,7 @@ reconnects and loads the collection again at its next call, so a database that c
 restarting the demo. A search reads the primary key as the hit's id (what Milvus 2.3 to 2.6
 servers and Milvus Lite all answer).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -118,8 +119,9 @@ def default_params(uri, index_type: str, n: int) -> dict:
         params["efSearch"] *= LITE_HNSW_EF_FACTOR
     if index_type == "ivf" and not is_server_uri(uri):
         share = params["nprobe"] / params["nlist"]
-        params.update(nlist=LITE_IVF_NLIST,
-                      nprobe=max(ann.ivf_nprobe(LITE_IVF_NLIST), math.ceil(share * LITE_IVF_NLIST)))
+        params.update(
+            nlist=LITE_IVF_NLIST, nprobe=max(ann.ivf_nprobe(LITE_IVF_NLIST), math.ceil(share * LITE_IVF_NLIST))
+        )
     return params
 
 
@@ -132,19 +134,33 @@ def default_db_path(checkpoint=None, model_name=None) -> Path:
 def add_backend_args(parser) -> None:
     """``--index_backend``, ``--db_uri``, ``--collection``: the flags of every script that
     writes or serves a gallery (app_stanford.py, shards.py)."""
-    parser.add_argument("--index_backend", default="file", choices=BACKENDS,
-                        help="where the gallery lives: file (a .npz index beside the checkpoint) or milvus "
-                             "(a vector database: Milvus Lite by default, or a server with --db_uri)")
-    parser.add_argument("--db_uri", default=None,
-                        help="with --index_backend milvus: a Milvus Lite database path (default gallery.db "
-                             "beside the checkpoint, runs/<zero-shot model>/ with --zero_shot) or a "
-                             "server, http://HOST:19530 (Milvus Standalone / Distributed)")
-    parser.add_argument("--collection", default=None,
-                        help="with --index_backend milvus: the collection; default one per model and "
-                             "catalogue, gallery_<model>_<folder>")
-    parser.add_argument("--db_timeout", default=DEFAULT_TIMEOUT_S, type=float,
-                        help="with --index_backend milvus: seconds any one database call may take before it "
-                             "fails naming the database (the gallery reconnects at its next call)")
+    parser.add_argument(
+        "--index_backend",
+        default="file",
+        choices=BACKENDS,
+        help="where the gallery lives: file (a .npz index beside the checkpoint) or milvus "
+        "(a vector database: Milvus Lite by default, or a server with --db_uri)",
+    )
+    parser.add_argument(
+        "--db_uri",
+        default=None,
+        help="with --index_backend milvus: a Milvus Lite database path (default gallery.db "
+        "beside the checkpoint, runs/<zero-shot model>/ with --zero_shot) or a "
+        "server, http://HOST:19530 (Milvus Standalone / Distributed)",
+    )
+    parser.add_argument(
+        "--collection",
+        default=None,
+        help="with --index_backend milvus: the collection; default one per model and "
+        "catalogue, gallery_<model>_<folder>",
+    )
+    parser.add_argument(
+        "--db_timeout",
+        default=DEFAULT_TIMEOUT_S,
+        type=float,
+        help="with --index_backend milvus: seconds any one database call may take before it "
+        "fails naming the database (the gallery reconnects at its next call)",
+    )
 
 
 def apply_backend_args(args) -> None:
@@ -155,11 +171,13 @@ def apply_backend_args(args) -> None:
 
 # ============ the collection ============
 
+
 def _schema(client, dim: int):
     from pymilvus import DataType
 
-    schema = client.create_schema(auto_id=False, enable_dynamic_field=False,
-                                  description="product photo gallery (search/vectordb.py)")
+    schema = client.create_schema(
+        auto_id=False, enable_dynamic_field=False, description="product photo gallery (search/vectordb.py)"
+    )
     schema.add_field("path", DataType.VARCHAR, is_primary=True, max_length=MAX_PATH_BYTES)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(dim))
     schema.add_field("product_id", DataType.VARCHAR, max_length=MAX_PATH_BYTES)
@@ -170,11 +188,17 @@ def _schema(client, dim: int):
 
 
 def _index_params(client, index_type: str, params: dict):
-    build = {"ivf": {"nlist": params.get("nlist")},
-             "hnsw": {"M": params.get("M"), "efConstruction": params.get("efConstruction")}}.get(index_type, {})
+    build = {
+        "ivf": {"nlist": params.get("nlist")},
+        "hnsw": {"M": params.get("M"), "efConstruction": params.get("efConstruction")},
+    }.get(index_type, {})
     index_params = client.prepare_index_params()
-    index_params.add_index(field_name="vector", index_type=MILVUS_INDEX[index_type], metric_type="IP",
-                           params={k: int(v) for k, v in build.items() if v is not None})
+    index_params.add_index(
+        field_name="vector",
+        index_type=MILVUS_INDEX[index_type],
+        metric_type="IP",
+        params={k: int(v) for k, v in build.items() if v is not None},
+    )
     return index_params
 
 
@@ -190,11 +214,15 @@ def _make_view(rows) -> _View:
     categories = sorted({r["category"] for r in rows})
     position = {c: i + 1 for i, c in enumerate(categories)}
     super_ids = np.array([position[r["category"]] for r in rows], dtype=np.int64)
-    return _View(paths=paths, product_ids=[r["product_id"] for r in rows], categories=categories,
-                 super_ids=super_ids, row_of={p: i for i, p in enumerate(paths)},
-                 file_stats=np.array([[r["size"], r["mtime_ns"]] for r in rows], dtype=np.int64).reshape(-1, 2),
-                 counts={i + 1: int(n)
-                         for i, n in enumerate(np.bincount(super_ids, minlength=len(categories) + 1)[1:])})
+    return _View(
+        paths=paths,
+        product_ids=[r["product_id"] for r in rows],
+        categories=categories,
+        super_ids=super_ids,
+        row_of={p: i for i, p in enumerate(paths)},
+        file_stats=np.array([[r["size"], r["mtime_ns"]] for r in rows], dtype=np.int64).reshape(-1, 2),
+        counts={i + 1: int(n) for i, n in enumerate(np.bincount(super_ids, minlength=len(categories) + 1)[1:])},
+    )
 
 
 class _RowVectors:
@@ -237,13 +265,26 @@ class MilvusGallery:
         self._pending = None
         self.auto_adopt = True  # search() adopts rows read by update / refresh (False: only adopt() does)
         self._view = self._load_view()
-        self.meta = {"gallery": {"root": str(self.root), "model_key": self.properties.get("model_key")},
-                     "database": {"uri": self.uri, "collection": name}}
+        self.meta = {
+            "gallery": {"root": str(self.root), "model_key": self.properties.get("model_key")},
+            "database": {"uri": self.uri, "collection": name},
+        }
 
     # ---- opening
     @classmethod
-    def open(cls, uri, root, model_key, model_args, collection=None, index_type="exact", ann_params=None,
-             rebuild=False, expected_size=0, timeout=None) -> MilvusGallery:
+    def open(
+        cls,
+        uri,
+        root,
+        model_key,
+        model_args,
+        collection=None,
+        index_type="exact",
+        ann_params=None,
+        rebuild=False,
+        expected_size=0,
+        timeout=None,
+    ) -> MilvusGallery:
         """The collection of ``root`` for this model in the database at ``uri`` (created when
         missing; dropped and recreated with ``rebuild``). DatabaseError when the database cannot
         be reached or the collection was made by another model, for another folder, with other
@@ -255,16 +296,28 @@ class MilvusGallery:
         client = connect(uri, timeout=timeout)
         root = Path(root).expanduser().resolve()
         name = collection or collection_name(model_key, model_args, root)
-        wanted = {"format": FORMAT, "model_key": str(model_key), "backbone": str(model_args.get("backbone")),
-                  "image_size": str(int(model_args.get("image_size", 0))),
-                  "embedding_size": str(int(model_args.get("embedding_size", 128))), "root": str(root)}
+        wanted = {
+            "format": FORMAT,
+            "model_key": str(model_key),
+            "backbone": str(model_args.get("backbone")),
+            "image_size": str(int(model_args.get("image_size", 0))),
+            "embedding_size": str(int(model_args.get("embedding_size", 128))),
+            "root": str(root),
+        }
         try:
             if rebuild and client.has_collection(name, timeout=timeout):
                 logger.info("Dropping collection %s of %s (rebuild)", name, uri)
                 client.drop_collection(name, timeout=timeout)
             if not client.has_collection(name, timeout=timeout):
-                _create(client, uri, name, wanted, index_type,
-                        {**default_params(uri, index_type, expected_size), **(ann_params or {})}, timeout)
+                _create(
+                    client,
+                    uri,
+                    name,
+                    wanted,
+                    index_type,
+                    {**default_params(uri, index_type, expected_size), **(ann_params or {})},
+                    timeout,
+                )
             info = client.describe_collection(name, timeout=timeout)
             props = {k: str(v) for k, v in (info.get("properties") or {}).items()}
             _check_collection(name, uri, props, wanted, index_type)
@@ -272,8 +325,9 @@ class MilvusGallery:
         except Exception as e:
             if isinstance(e, DatabaseError) or not is_milvus_error(e):
                 raise
-            raise DatabaseError(f"Milvus database {uri}, collection {name}: {message(e)} (calls of at most "
-                                f"{timeout:g} s, --db_timeout)") from e
+            raise DatabaseError(
+                f"Milvus database {uri}, collection {name}: {message(e)} (calls of at most {timeout:g} s, --db_timeout)"
+            ) from e
         params = {**json.loads(props.get("ann_params") or "{}"), **(ann_params or {})}
         return cls(client, uri, name, root, props, index_type=index_type, ann_params=params, timeout=timeout)
 
@@ -298,7 +352,8 @@ class MilvusGallery:
         raise DatabaseError(
             f"Milvus database {self.uri}, collection {self.name}: {method} failed within {self.timeout:g} s "
             f"({message(error)}). Check that the database runs ({SERVER_HINT}); the gallery reconnects at "
-            "its next call, and --db_timeout sets the wait") from error
+            "its next call, and --db_timeout sets the wait"
+        ) from error
 
     def _recover(self) -> None:
         """A fresh client, and the collection loaded (a restarted server's come back released).
@@ -310,8 +365,10 @@ class MilvusGallery:
             except Exception as e:
                 if not is_milvus_error(e):
                     raise
-                raise DatabaseError(f"Milvus database {self.uri} answers again but collection {self.name} "
-                                    f"cannot be loaded within {self.timeout:g} s ({message(e)})") from e
+                raise DatabaseError(
+                    f"Milvus database {self.uri} answers again but collection {self.name} "
+                    f"cannot be loaded within {self.timeout:g} s ({message(e)})"
+                ) from e
             # the old client is not closed: another thread may be in a call on it (it fails on its own)
             self.client, self._stale = client, False
             logger.info("Reconnected to %s, collection %s loaded", self.uri, self.name)
@@ -330,8 +387,14 @@ class MilvusGallery:
         rows, ranges = [], [(None, None)]
         while ranges:
             low, high = ranges.pop()
-            page = self._call("query", self.name, filter=key_range(low, high), output_fields=fields, limit=PAGE,
-                              consistency_level=CONSISTENCY)
+            page = self._call(
+                "query",
+                self.name,
+                filter=key_range(low, high),
+                output_fields=fields,
+                limit=PAGE,
+                consistency_level=CONSISTENCY,
+            )
             keys = sorted(r["path"] for r in page)
             if len(page) < PAGE or self._count(key_range(low, keys[-1])) <= len(page):
                 rows.extend(page)
@@ -361,8 +424,9 @@ class MilvusGallery:
         """True when rows read by `update` / `refresh` wait to be searched (`adopt`) and are not
         those searched now."""
         pending, view = self._pending, self._view
-        return pending is not None and (pending.paths != view.paths
-                                        or not np.array_equal(pending.file_stats, view.file_stats))
+        return pending is not None and (
+            pending.paths != view.paths or not np.array_equal(pending.file_stats, view.file_stats)
+        )
 
     def __len__(self):
         return len(self._view.paths)
@@ -376,9 +440,17 @@ class MilvusGallery:
     def vectors(self, paths) -> np.ndarray:
         """float32 [len(paths), D]: the stored vectors of ``paths`` (KeyError for a missing one)."""
         paths = list(paths)
-        got = {r["path"]: r["vector"] for r in self._call(
-            "query", self.name, filter=in_filter("path", paths), output_fields=["path", "vector"], limit=len(paths),
-            consistency_level=CONSISTENCY)}
+        got = {
+            r["path"]: r["vector"]
+            for r in self._call(
+                "query",
+                self.name,
+                filter=in_filter("path", paths),
+                output_fields=["path", "vector"],
+                limit=len(paths),
+                consistency_level=CONSISTENCY,
+            )
+        }
         return np.array([got[p] for p in paths], dtype=np.float32).reshape(len(paths), -1)
 
     def count(self) -> int:
@@ -423,9 +495,17 @@ class MilvusGallery:
         kk, limit = min(k, n), num_candidates(min(k, n), n)
         expr = "" if super_id is None else f"category == {quote(view.categories[int(super_id) - 1])}"
         keep_faiss_search_params()
-        hits = self._call("search", self.name, data=q.tolist(), limit=limit, filter=expr, anns_field="vector",
-                          output_fields=["vector"], consistency_level=SEARCH_CONSISTENCY,
-                          search_params=self._search_params(limit, n / max(len(view.paths), 1)))
+        hits = self._call(
+            "search",
+            self.name,
+            data=q.tolist(),
+            limit=limit,
+            filter=expr,
+            anns_field="vector",
+            output_fields=["vector"],
+            consistency_level=SEARCH_CONSISTENCY,
+            search_params=self._search_params(limit, n / max(len(view.paths), 1)),
+        )
         found = {}  # row -> vector, over every query's candidates
         cand = np.full((len(q), limit), -1, dtype=np.int64)
         for qi, row_hits in enumerate(hits):
@@ -446,16 +526,27 @@ class MilvusGallery:
         return out_s, out_i
 
     # ---- indexing
-    def update(self, model, batch_size=64, workers=None, device="cpu", progress=True, force=False,
-               checkpoint_every=gallery.CHECKPOINT_EVERY) -> dict:
+    def update(
+        self,
+        model,
+        batch_size=64,
+        workers=None,
+        device="cpu",
+        progress=True,
+        force=False,
+        checkpoint_every=gallery.CHECKPOINT_EVERY,
+    ) -> dict:
         """Bring the collection up to date with the folder (module docstring); safe to call
         again and again, e.g. by a folder watcher while searches run. Returns a report with
         `search.gallery.update_gallery_index`'s counts. ValueError when no photo is readable."""
         t0 = time.perf_counter()
         scan = gallery.scan_gallery(self.root)
         now = self._load_view()
-        previous = types.SimpleNamespace(paths=now.paths, file_stats=now.file_stats, meta={
-            gallery.GALLERY_META_KEY: {"unreadable": [[p, *s] for p, s in self._unreadable.items()]}})
+        previous = types.SimpleNamespace(
+            paths=now.paths,
+            file_stats=now.file_stats,
+            meta={gallery.GALLERY_META_KEY: {"unreadable": [[p, *s] for p, s in self._unreadable.items()]}},
+        )
         plan = gallery.plan_update(scan.files, None if force else previous)
         present = set(scan.paths)
         gone = [p for p in now.paths if p not in present]
@@ -464,34 +555,64 @@ class MilvusGallery:
         embedded = [0]
 
         def upsert(good, vectors, failed):
-            rows = [{"path": f[0], "vector": v.tolist(), "product_id": gallery.product_of(f[0]),
-                     "category": gallery.category_of(f[0]), "size": int(f[1]), "mtime_ns": int(f[2])}
-                    for f, v in zip(good, vectors)]
+            rows = [
+                {
+                    "path": f[0],
+                    "vector": v.tolist(),
+                    "product_id": gallery.product_of(f[0]),
+                    "category": gallery.category_of(f[0]),
+                    "size": int(f[1]),
+                    "mtime_ns": int(f[2]),
+                }
+                for f, v in zip(good, vectors)
+            ]
             if rows:
                 self._call("upsert", self.name, rows)
             embedded[0] += len(rows)
             bad.extend(failed)
 
         t_embed = time.perf_counter()
-        gallery.embed_in_chunks(model, scan.root, plan.embed, upsert, chunk_size=checkpoint_every,
-                                batch_size=batch_size, workers=workers, device=device, progress=progress)
+        gallery.embed_in_chunks(
+            model,
+            scan.root,
+            plan.embed,
+            upsert,
+            chunk_size=checkpoint_every,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            progress=progress,
+        )
         embed_seconds = time.perf_counter() - t_embed
         if embedded[0] or gone:
             self._seal()
         self._unreadable = {b[0]: tuple(b[1:]) for b in bad}
         fresh = self._load_view()
         if not fresh.paths:
-            raise ValueError(f"gallery folder {scan.root}: none of its {len(scan.files)} images could be "
-                             f"read (e.g. {', '.join(b[0] for b in sorted(bad)[:3])}); collection {self.name} "
-                             "is empty. Check that they are real, complete image files")
+            raise ValueError(
+                f"gallery folder {scan.root}: none of its {len(scan.files)} images could be "
+                f"read (e.g. {', '.join(b[0] for b in sorted(bad)[:3])}); collection {self.name} "
+                "is empty. Check that they are real, complete image files"
+            )
         self._pending = fresh
         seconds = time.perf_counter() - t0
-        return {"added": plan.added, "changed": plan.changed, "removed": len(gone), "unchanged": len(plan.reuse),
-                "skipped_non_images": len(scan.skipped), "unreadable": len(bad), "embedded": embedded[0],
-                "resumed": 0, "seconds": round(seconds, 3), "embed_seconds": round(embed_seconds, 3),
-                "images_per_s": round(embedded[0] / seconds, 2) if embedded[0] else 0.0,
-                "rebuild": "force=True" if force else None, "written": bool(embedded[0] or gone),
-                "skipped": list(scan.skipped), "unreadable_paths": sorted(b[0] for b in bad)}
+        return {
+            "added": plan.added,
+            "changed": plan.changed,
+            "removed": len(gone),
+            "unchanged": len(plan.reuse),
+            "skipped_non_images": len(scan.skipped),
+            "unreadable": len(bad),
+            "embedded": embedded[0],
+            "resumed": 0,
+            "seconds": round(seconds, 3),
+            "embed_seconds": round(embed_seconds, 3),
+            "images_per_s": round(embedded[0] / seconds, 2) if embedded[0] else 0.0,
+            "rebuild": "force=True" if force else None,
+            "written": bool(embedded[0] or gone),
+            "skipped": list(scan.skipped),
+            "unreadable_paths": sorted(b[0] for b in bad),
+        }
 
     def _seal(self) -> None:
         """Flush the writes of an update: Milvus searches rows still in growing segments by brute
@@ -501,7 +622,7 @@ class MilvusGallery:
 
     def _delete(self, paths) -> None:
         for start in range(0, len(paths), 1000):
-            self._call("delete", self.name, filter=in_filter("path", paths[start:start + 1000]))
+            self._call("delete", self.name, filter=in_filter("path", paths[start : start + 1000]))
 
     def publish(self, index, chunk=4096) -> int:
         """Upsert every row of a `search.index.GalleryIndex` (``shards.py``, a dataset split),
@@ -512,10 +633,21 @@ class MilvusGallery:
         self._delete([p for p in self._load_view().paths if p not in keep])
         for start in range(0, len(index), chunk):
             stop = min(len(index), start + chunk)
-            self._call("upsert", self.name, [
-                {"path": index.paths[i], "vector": np.asarray(index.embeddings[i], np.float32).tolist(),
-                 "product_id": index.product_ids[i], "category": index.categories[int(index.super_ids[i]) - 1],
-                 "size": int(stats[i][0]), "mtime_ns": int(stats[i][1])} for i in range(start, stop)])
+            self._call(
+                "upsert",
+                self.name,
+                [
+                    {
+                        "path": index.paths[i],
+                        "vector": np.asarray(index.embeddings[i], np.float32).tolist(),
+                        "product_id": index.product_ids[i],
+                        "category": index.categories[int(index.super_ids[i]) - 1],
+                        "size": int(stats[i][0]),
+                        "mtime_ns": int(stats[i][1]),
+                    }
+                    for i in range(start, stop)
+                ],
+            )
         self._seal()
         self._pending = self._load_view()
         return len(self._pending.paths)
@@ -524,11 +656,14 @@ class MilvusGallery:
 def _create(client, uri, name, wanted, index_type, params, timeout) -> None:
     """Create the collection; another process creating it at the same moment is no error."""
     try:
-        client.create_collection(name, schema=_schema(client, int(wanted["embedding_size"])),
-                                 index_params=_index_params(client, index_type, params),
-                                 consistency_level=CONSISTENCY, timeout=timeout,
-                                 properties={**wanted, "index_type": index_type,
-                                             "ann_params": json.dumps(params, sort_keys=True)})
+        client.create_collection(
+            name,
+            schema=_schema(client, int(wanted["embedding_size"])),
+            index_params=_index_params(client, index_type, params),
+            consistency_level=CONSISTENCY,
+            timeout=timeout,
+            properties={**wanted, "index_type": index_type, "ann_params": json.dumps(params, sort_keys=True)},
+        )
     except Exception as e:
         if not (is_milvus_error(e) and client.has_collection(name, timeout=timeout)):
             raise
@@ -540,8 +675,10 @@ def _check_collection(name, uri, found: dict, wanted: dict, index_type: str) -> 
     """DatabaseError when collection ``name`` was made by other code, another model, for
     another folder or as another index type."""
     if found.get("format") != FORMAT:
-        raise DatabaseError(f"collection {name} in {uri} was not made by this project's gallery "
-                            "indexing (no gallery format property); pass another --collection, or drop it")
+        raise DatabaseError(
+            f"collection {name} in {uri} was not made by this project's gallery "
+            "indexing (no gallery format property); pass another --collection, or drop it"
+        )
     model_keys = ("model_key", "backbone", "image_size", "embedding_size")
     if any(found.get(k) != wanted[k] for k in model_keys):
         raise DatabaseError(
@@ -549,43 +686,82 @@ def _check_collection(name, uri, found: dict, wanted: dict, index_type: str) -> 
             f"({', '.join(f'{k} {found.get(k)!r}' for k in model_keys)}), "
             f"not this one ({', '.join(f'{k} {wanted[k]!r}' for k in model_keys)}): its vectors cannot be "
             "searched with this model's queries. Pass another --collection (or none: each model gets "
-            "its own), or rebuild it with --rebuild_index")
+            "its own), or rebuild it with --rebuild_index"
+        )
     if found.get("root") != wanted["root"]:
-        raise DatabaseError(f"collection {name} in {uri} holds the gallery of folder {found.get('root')}, "
-                            f"not {wanted['root']}; pass another --collection (or none), or --rebuild_index")
+        raise DatabaseError(
+            f"collection {name} in {uri} holds the gallery of folder {found.get('root')}, "
+            f"not {wanted['root']}; pass another --collection (or none), or --rebuild_index"
+        )
     if found.get("index_type") != index_type:
-        raise DatabaseError(f"collection {name} in {uri} was built with a {found.get('index_type')!r} index, "
-                            f"not {index_type!r}: pass --index_type {found.get('index_type')}, or "
-                            "--rebuild_index to rebuild it as asked")
+        raise DatabaseError(
+            f"collection {name} in {uri} was built with a {found.get('index_type')!r} index, "
+            f"not {index_type!r}: pass --index_type {found.get('index_type')}, or "
+            "--rebuild_index to rebuild it as asked"
+        )
 
 
-def folder_gallery(model, model_key, folder, uri, collection=None, index_type="exact", rebuild=False,
-                   batch_size=64, workers=None, device="cpu", progress=True,
-                   checkpoint_every=gallery.CHECKPOINT_EVERY):
+def folder_gallery(
+    model,
+    model_key,
+    folder,
+    uri,
+    collection=None,
+    index_type="exact",
+    rebuild=False,
+    batch_size=64,
+    workers=None,
+    device="cpu",
+    progress=True,
+    checkpoint_every=gallery.CHECKPOINT_EVERY,
+):
     """``(MilvusGallery, report)``: the collection of ``folder`` for ``model`` in ``uri``,
     opened (`MilvusGallery.open`) and brought up to date (`MilvusGallery.update`)."""
     scan = gallery.scan_gallery(folder)  # a missing / empty folder fails before the database opens
-    store = MilvusGallery.open(uri, scan.root, model_key, dict(model.model_args), collection=collection,
-                               index_type=index_type, rebuild=rebuild, expected_size=len(scan.files))
-    report = store.update(model, batch_size=batch_size, workers=workers, device=device, progress=progress,
-                          checkpoint_every=checkpoint_every)
+    store = MilvusGallery.open(
+        uri,
+        scan.root,
+        model_key,
+        dict(model.model_args),
+        collection=collection,
+        index_type=index_type,
+        rebuild=rebuild,
+        expected_size=len(scan.files),
+    )
+    report = store.update(
+        model,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        progress=progress,
+        checkpoint_every=checkpoint_every,
+    )
     store.refresh()
     store.adopt()
     return store, report
 
 
-def split_gallery(uri, root, split, model_key, model_args, rel_paths, build, collection=None,
-                  index_type="exact", rebuild=False) -> MilvusGallery:
+def split_gallery(
+    uri, root, split, model_key, model_args, rel_paths, build, collection=None, index_type="exact", rebuild=False
+) -> MilvusGallery:
     """The collection of a dataset's ``split`` (``rel_paths``, under ``root``): served as it is
     when it holds exactly those images (e.g. published by ``shards.py``), else filled from
     ``build()`` (a `search.index.GalleryIndex` of the split) with `MilvusGallery.publish`."""
     root = Path(root).expanduser().resolve()
-    store = MilvusGallery.open(uri, root, model_key, model_args, index_type=index_type, rebuild=rebuild,
-                               collection=collection or collection_name(model_key, model_args, root, split),
-                               expected_size=len(rel_paths))
+    store = MilvusGallery.open(
+        uri,
+        root,
+        model_key,
+        model_args,
+        index_type=index_type,
+        rebuild=rebuild,
+        collection=collection or collection_name(model_key, model_args, root, split),
+        expected_size=len(rel_paths),
+    )
     if sorted(store.paths) != sorted(str(p) for p in rel_paths):
-        logger.info("Collection %s holds %d of the split's %d images: filling it", store.name,
-                    len(store), len(rel_paths))
+        logger.info(
+            "Collection %s holds %d of the split's %d images: filling it", store.name, len(store), len(rel_paths)
+        )
         store.publish(build())
     store.refresh()
     store.adopt()

@@ -25,6 +25,7 @@ Delay: a photo copied into the folder is searchable after at most SECONDS (the n
 the time to embed the new photos and rebuild the search structure (exact index: a float16 copy,
 milliseconds; ivf / hnsw: the whole faiss index again, seconds to minutes at a million).
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,8 +55,7 @@ class GalleryWatcher:
     of the last applied index, None before). `stop` ends the thread after its current tick.
     """
 
-    def __init__(self, refresh, apply, interval=DEFAULT_INTERVAL, niceness=WATCH_NICENESS,
-                 name="gallery-watch"):
+    def __init__(self, refresh, apply, interval=DEFAULT_INTERVAL, niceness=WATCH_NICENESS, name="gallery-watch"):
         if not interval > 0:
             raise ValueError(f"the watch interval must be > 0 seconds, got {interval}")
         self.refresh, self.apply = refresh, apply
@@ -81,8 +81,12 @@ class GalleryWatcher:
             except Exception as e:  # keep serving the old index; the next tick retries
                 self.errors += 1
                 self.last_error = f"{type(e).__name__}: {e}"
-                logger.warning("Gallery rescan failed (%s); still serving the previous index, "
-                               "retrying in %.0f s", self.last_error, self.interval, exc_info=True)
+                logger.warning(
+                    "Gallery rescan failed (%s); still serving the previous index, retrying in %.0f s",
+                    self.last_error,
+                    self.interval,
+                    exc_info=True,
+                )
                 return False
             self.updates += 1
             self.last_update = time.time()
@@ -113,8 +117,9 @@ class GalleryWatcher:
             self.check()
 
 
-def folder_refresher(loaded: search_loading.SearchModel, folder, current, index_path=None,
-                     index_type="exact", batch_size=64, workers=0):
+def folder_refresher(
+    loaded: search_loading.SearchModel, folder, current, index_path=None, index_type="exact", batch_size=64, workers=0
+):
     """``refresh()`` for a folder gallery with a file index (see the module docstring).
 
     ``current()``: the index being served (compared with the folder); ``index_path``: the
@@ -129,8 +134,11 @@ def folder_refresher(loaded: search_loading.SearchModel, folder, current, index_
     threaded server at each tick.
     """
     folder = Path(folder).expanduser().resolve()
-    index_path = Path(index_path) if index_path else search_loading.default_gallery_index_path(
-        folder, loaded.checkpoint, loaded.name)
+    index_path = (
+        Path(index_path)
+        if index_path
+        else search_loading.default_gallery_index_path(folder, loaded.checkpoint, loaded.name)
+    )
     device = next(loaded.model.parameters()).device
 
     def refresh():
@@ -139,15 +147,33 @@ def folder_refresher(loaded: search_loading.SearchModel, folder, current, index_
         if not (plan.embed or plan.removed):
             return None
         index, report = gallery.update_gallery_index(
-            loaded.model, folder, index_path, loaded.key, batch_size=batch_size, workers=workers,
-            device=device, progress=False, index_type=index_type,
+            loaded.model,
+            folder,
+            index_path,
+            loaded.key,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            progress=False,
+            index_type=index_type,
             # folder_index's meta: the same folder gives the same index file either way
-            meta={"model_args": dict(loaded.model.model_args),
-                  "checkpoint": str(loaded.checkpoint) if loaded.checkpoint else None})
-        logger.info("Gallery %s rescanned: %d added, %d changed, %d removed, %d unreadable; "
-                    "%d images embedded in %.1f s; now %d images", folder, report["added"],
-                    report["changed"], report["removed"], report["unreadable"], report["embedded"],
-                    report["seconds"], len(index))
+            meta={
+                "model_args": dict(loaded.model.model_args),
+                "checkpoint": str(loaded.checkpoint) if loaded.checkpoint else None,
+            },
+        )
+        logger.info(
+            "Gallery %s rescanned: %d added, %d changed, %d removed, %d unreadable; "
+            "%d images embedded in %.1f s; now %d images",
+            folder,
+            report["added"],
+            report["changed"],
+            report["removed"],
+            report["unreadable"],
+            report["embedded"],
+            report["seconds"],
+            len(index),
+        )
         # also when nothing was written: the file then holds what the folder holds, and the
         # served index (whose plan differed) has to catch up with it, e.g. after a failed apply
         return index
@@ -170,10 +196,15 @@ def database_refresher(store, model, batch_size=64, workers=0):
         report = store.update(model, batch_size=batch_size, workers=workers, device=device, progress=False)
         if not (report["added"] or report["changed"] or report["removed"] or store.differs()):
             return None
-        logger.info("Gallery %s rescanned (database %s): %d added, %d changed, %d removed, %d "
-                    "unreadable", store.root, store.uri, report["added"], report["changed"],
-                    report["removed"], report["unreadable"])
+        logger.info(
+            "Gallery %s rescanned (database %s): %d added, %d changed, %d removed, %d unreadable",
+            store.root,
+            store.uri,
+            report["added"],
+            report["changed"],
+            report["removed"],
+            report["unreadable"],
+        )
         return store
 
     return refresh
-

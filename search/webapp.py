@@ -4,6 +4,7 @@ that hands uploads over undecoded and refuses anything but this request's own up
 launch with the demo's safety settings (`launch_app`: `search.guard` in front of every route,
 an optional login). ``app_stanford.py`` is the command line over it.
 """
+
 import atexit
 import base64
 import binascii
@@ -144,8 +145,9 @@ def _query_files_class():
 
 def _caption(r):
     product = f" · #{r['product_id']}" if r["product_id"] else ""
-    photos = f" · {r['matched_photos']}/{r['photos']} photos match" if r.get("photos") and r.get("match") is not None \
-        else ""
+    photos = (
+        f" · {r['matched_photos']}/{r['photos']} photos match" if r.get("photos") and r.get("match") is not None else ""
+    )
     mark = "✓ match · " if r.get("match") else ""
     return f"{mark}{r['score']:.3f} · {r['category']}{product}{photos}"
 
@@ -184,14 +186,18 @@ def _guarded(fn, *args):
         raise gr.Error(str(e), title="Cannot search with this image", print_exception=False) from None
     except vectordb.DatabaseError as e:  # the database is down or slow: say so, it reconnects by itself
         logger.error("search failed: %s", e)
-        raise gr.Error("The catalogue database is not answering right now; try again in a few seconds.",
-                       title="Database unavailable", print_exception=False) from None
+        raise gr.Error(
+            "The catalogue database is not answering right now; try again in a few seconds.",
+            title="Database unavailable",
+            print_exception=False,
+        ) from None
     except gr.Error:
         raise
     except Exception:
         logger.error("search failed:\n%s", traceback.format_exc())
-        raise gr.Error("The search failed on the server (details are in the server log). "
-                       "Try another photo.", print_exception=False) from None
+        raise gr.Error(
+            "The search failed on the server (details are in the server log). Try another photo.", print_exception=False
+        ) from None
 
 
 def _explain_handlers(engine, search):
@@ -241,8 +247,9 @@ def result_reference(value):
 
     text = "" if value is None else str(value).strip()
     if not text:
-        raise gr.Error("Name the result to explain: its catalogue_path from the search's results.",
-                       print_exception=False)
+        raise gr.Error(
+            "Name the result to explain: its catalogue_path from the search's results.", print_exception=False
+        )
     return int(text) if text.lstrip("-").isdigit() else text
 
 
@@ -253,8 +260,12 @@ def attach_store(engine, max_gb, progress=True, index=None):
     has no index file (a database gallery)."""
     index = engine.index if index is None else index
     path = getattr(index, "path", None)
-    return engine.attach_explain_store(None if path is None else explain_store.store_path(path),
-                                       max_bytes=int(max_gb * 1e9), progress=progress, index=index)
+    return engine.attach_explain_store(
+        None if path is None else explain_store.store_path(path),
+        max_bytes=int(max_gb * 1e9),
+        progress=progress,
+        index=index,
+    )
 
 
 def why_outputs(engine, query, ranked, on, k=WHY_K):
@@ -268,9 +279,11 @@ def why_outputs(engine, query, ranked, on, k=WHY_K):
         return plain, [], False
     explained = engine.explain_results(query, [r["catalogue_path"] for r in results[:k]])
     shown = [(e["result_overlay"], _caption(r) + " · why") for e, r in zip(explained, results)]
-    queries = [(e["query_overlay"], f"query vs #{r['rank']} · {e['score']:.3f}" + ("" if e["exact"] else " (approx.)"))
-               for e, r in zip(explained, results)]
-    return shown + plain[len(shown):], queries, True
+    queries = [
+        (e["query_overlay"], f"query vs #{r['rank']} · {e['score']:.3f}" + ("" if e["exact"] else " (approx.)"))
+        for e, r in zip(explained, results)
+    ]
+    return shown + plain[len(shown) :], queries, True
 
 
 def _api_components(gr):
@@ -278,8 +291,11 @@ def _api_components(gr):
     the /search button: the page searches through its own event, which also draws the maps)."""
     with gr.Row(visible=False):
         explain_index = gr.Textbox(label="result (its catalogue_path)")
-        outputs = [gr.Image(label="query map", type="pil"), gr.Image(label="result map", type="pil"),
-                   gr.JSON(label="explanation")]
+        outputs = [
+            gr.Image(label="query map", type="pil"),
+            gr.Image(label="result map", type="pil"),
+            gr.JSON(label="explanation"),
+        ]
         button = gr.Button("Explain")
         search_button = gr.Button("Search (API)")
         search_photos_button = gr.Button("Search with several photos (API)")
@@ -288,10 +304,17 @@ def _api_components(gr):
 
 def _info_line(margs, index):
     """The model and gallery line under the demo's title."""
-    where = (f" ({index.meta['split']} split)" if index.meta.get("split") else
-             f" (folder {Path(index.meta['gallery']['root']).name})" if index.meta.get("gallery") else "")
-    return (f"{margs['backbone']}, {margs['embedding_size']}-d embeddings at {margs['image_size']} px · "
-            f"gallery: {len(index):,} images{where}")
+    where = (
+        f" ({index.meta['split']} split)"
+        if index.meta.get("split")
+        else f" (folder {Path(index.meta['gallery']['root']).name})"
+        if index.meta.get("gallery")
+        else ""
+    )
+    return (
+        f"{margs['backbone']}, {margs['embedding_size']}-d embeddings at {margs['image_size']} px · "
+        f"gallery: {len(index):,} images{where}"
+    )
 
 
 def _search_handlers(engine):
@@ -309,8 +332,7 @@ def _search_handlers(engine):
         into one query): the k most similar gallery products or images, optionally within one category."""
         photos = [p for p in [image, *(more_photos or [])] if p]
         if not photos:
-            raise gr.Error("Upload, paste or take a photo first.", title="No query image",
-                           print_exception=False)
+            raise gr.Error("Upload, paste or take a photo first.", title="No query image", print_exception=False)
         return outputs_of(_guarded(engine.search_files, photos, k, category))
 
     def search_photos(photos, k=search_query.DEFAULT_K, category=search_query.CATEGORY_ALL):
@@ -323,8 +345,7 @@ def _search_handlers(engine):
             clicked = ranked["results"][evt.index]
             i, path = int(clicked["index"]), clicked["catalogue_path"]
         except (TypeError, KeyError, IndexError, ValueError):
-            raise gr.Error("Run a search first, then click one of its results.",
-                           print_exception=False) from None
+            raise gr.Error("Run a search first, then click one of its results.", print_exception=False) from None
         out = _guarded(engine.search_gallery_item, i, k, category, path)
         out["stored_vector"] = True
         return (engine.result_path(clicked), *outputs_of(out))
@@ -334,20 +355,35 @@ def _search_handlers(engine):
 
 def _query_column(gr, index, max_upload_mb):
     """The left column: query photo, K, category filter, "Show why", Search button, timings."""
-    query = _query_image_class()(label="Query photo", type="filepath", image_mode=None,
-                                 sources=["upload", "clipboard", "webcam"], height=300, elem_id="query")
+    query = _query_image_class()(
+        label="Query photo",
+        type="filepath",
+        image_mode=None,
+        sources=["upload", "clipboard", "webcam"],
+        height=300,
+        elem_id="query",
+    )
     query.max_data_url_bytes = int(max_upload_mb * (1 << 20))
     return types.SimpleNamespace(
         query=query,
-        k=gr.Slider(1, search_query.MAX_K, value=search_query.DEFAULT_K, step=1, label="Results (K)",
-                    elem_id="k"),
-        category=gr.Dropdown(search_query.category_choices(index), value=search_query.CATEGORY_ALL,
-                             label="Category filter", elem_id="category"),
-        more=_query_files_class()(label="More photos of the same item (optional: one query)", file_count="multiple",
-                                  file_types=["image"], height=120, elem_id="more_photos"),
+        k=gr.Slider(1, search_query.MAX_K, value=search_query.DEFAULT_K, step=1, label="Results (K)", elem_id="k"),
+        category=gr.Dropdown(
+            search_query.category_choices(index),
+            value=search_query.CATEGORY_ALL,
+            label="Category filter",
+            elem_id="category",
+        ),
+        more=_query_files_class()(
+            label="More photos of the same item (optional: one query)",
+            file_count="multiple",
+            file_types=["image"],
+            height=120,
+            elem_id="more_photos",
+        ),
         why=gr.Checkbox(False, label=f"Show why (similarity maps of the first {WHY_K} results)", elem_id="why"),
         button=gr.Button("Search", variant="primary", elem_id="search"),
-        timing=gr.Markdown(elem_id="timing"))
+        timing=gr.Markdown(elem_id="timing"),
+    )
 
 
 def _results_column(gr):
@@ -355,16 +391,38 @@ def _results_column(gr):
     and the hidden API-only components."""
     # format: how the "Show why" overlays (PIL images) are served; JPEG encodes a 224 px
     # overlay in ~1.5 ms against ~5 ms for Gradio's default WebP
-    results = gr.Gallery(label="Nearest products (click one to search with it)", columns=4, height=600,
-                         object_fit="contain", format="jpeg", allow_preview=False, elem_id="results")
-    why_query = gr.Gallery(label="The query's side of each match", columns=5, height=220, format="jpeg",
-                           object_fit="contain", allow_preview=False, visible=False, elem_id="why_query")
+    results = gr.Gallery(
+        label="Nearest products (click one to search with it)",
+        columns=4,
+        height=600,
+        object_fit="contain",
+        format="jpeg",
+        allow_preview=False,
+        elem_id="results",
+    )
+    why_query = gr.Gallery(
+        label="The query's side of each match",
+        columns=5,
+        height=220,
+        format="jpeg",
+        object_fit="contain",
+        allow_preview=False,
+        visible=False,
+        elem_id="why_query",
+    )
     with gr.Accordion("Ranked results (JSON)", open=False):
         ranked = gr.JSON(elem_id="ranked")
     explain_result, explain_button, explain_outs, api_search, api_search_photos = _api_components(gr)
-    return types.SimpleNamespace(results=results, why_query=why_query, ranked=ranked, explain_result=explain_result,
-                                 explain_button=explain_button, explain_outs=explain_outs, api_search=api_search,
-                                 api_search_photos=api_search_photos)
+    return types.SimpleNamespace(
+        results=results,
+        why_query=why_query,
+        ranked=ranked,
+        explain_result=explain_result,
+        explain_button=explain_button,
+        explain_outs=explain_outs,
+        api_search=api_search,
+        api_search_photos=api_search_photos,
+    )
 
 
 def _wire(c, r, engine, examples, concurrency_limit):
@@ -376,28 +434,49 @@ def _wire(c, r, engine, examples, concurrency_limit):
     explain, show_why, search_why = _explain_handlers(engine, search)
     outs = [r.results, r.ranked, c.timing]
     common = dict(concurrency_limit=concurrency_limit, concurrency_id="search")
-    why_args = dict(fn=show_why, inputs=[c.why, c.query, r.ranked], outputs=[r.results, r.why_query],
-                    api_visibility="private", **common)
-    page_search = dict(fn=search_why, inputs=[c.query, c.k, c.category, c.why, c.more],
-                       outputs=[*outs, r.why_query],
-                       api_visibility="private", **common)
+    why_args = dict(
+        fn=show_why,
+        inputs=[c.why, c.query, r.ranked],
+        outputs=[r.results, r.why_query],
+        api_visibility="private",
+        **common,
+    )
+    page_search = dict(
+        fn=search_why,
+        inputs=[c.query, c.k, c.category, c.why, c.more],
+        outputs=[*outs, r.why_query],
+        api_visibility="private",
+        **common,
+    )
     r.api_search.click(search, [c.query, c.k, c.category], outs, api_name="search", **common)
     # several photos of one item: their own endpoint, so that /search keeps its three inputs (a raw
     # HTTP call must send every input of an endpoint)
     r.api_search_photos.click(search_photos, [c.more, c.k, c.category], outs, api_name="search_photos", **common)
     c.button.click(**page_search)
     c.query.upload(**page_search)
-    r.results.select(search_result, [r.ranked, c.k, c.category], [c.query, *outs],
-                     api_visibility="private", **common).then(**why_args)
+    r.results.select(
+        search_result, [r.ranked, c.k, c.category], [c.query, *outs], api_visibility="private", **common
+    ).then(**why_args)
     c.why.change(**why_args)
     if examples is not None:
         examples.load_input_event.then(**page_search)
     r.explain_button.click(explain, [c.query, r.explain_result], r.explain_outs, api_name="explain", **common)
 
 
-def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_upload_mb=10,
-              concurrency_limit=1, max_examples=12, explain_source=None, explain_store_gb=1.0,
-              results_mode="products", threshold=None):
+def build_app(
+    model,
+    index,
+    data_root,
+    title=None,
+    max_pixels=40_000_000,
+    max_upload_mb=10,
+    concurrency_limit=1,
+    max_examples=12,
+    explain_source=None,
+    explain_store_gb=1.0,
+    results_mode="products",
+    threshold=None,
+):
     """The demo as a `gr.Blocks` (not launched: see `launch_app`), its engine at ``.engine``.
 
     ``explain_store_gb``: largest explanation store made for "Show why" (`attach_store`).
@@ -412,24 +491,41 @@ def build_app(model, index, data_root, title=None, max_pixels=40_000_000, max_up
     """
     import gradio as gr
 
-    engine = search_engine.SearchEngine(model, index, data_root, max_pixels=max_pixels,
-                                        explain_source=explain_source, results_mode=results_mode,
-                                        threshold=threshold)
+    engine = search_engine.SearchEngine(
+        model,
+        index,
+        data_root,
+        max_pixels=max_pixels,
+        explain_source=explain_source,
+        results_mode=results_mode,
+        threshold=threshold,
+    )
     engine.warm_up()
     attach_store(engine, explain_store_gb)
     title = title or "Visual product search"
     example_files = [[engine.abs_paths[i]] for i in engine.example_indices(max_examples)]
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
-        gr.Markdown(f"# {title}\nUpload, paste or take a photo of a product; the nearest catalogue "
-                    f"photos appear ranked by cosine similarity. Click a result to search with it.  \n"
-                    f"<small>{_info_line(model.model_args, index)}</small>")
+        gr.Markdown(
+            f"# {title}\nUpload, paste or take a photo of a product; the nearest catalogue "
+            f"photos appear ranked by cosine similarity. Click a result to search with it.  \n"
+            f"<small>{_info_line(model.model_args, index)}</small>"
+        )
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
                 c = _query_column(gr, index, max_upload_mb)
             with gr.Column(scale=2):
                 r = _results_column(gr)
-        examples = gr.Examples(examples=example_files, inputs=[c.query], label="Example queries from the gallery",
-                               examples_per_page=max_examples, elem_id="examples") if example_files else None
+        examples = (
+            gr.Examples(
+                examples=example_files,
+                inputs=[c.query],
+                label="Example queries from the gallery",
+                examples_per_page=max_examples,
+                elem_id="examples",
+            )
+            if example_files
+            else None
+        )
         _wire(c, r, engine, examples, concurrency_limit)
     demo.engine = engine  # for tests and benchmarks
     return demo
@@ -439,14 +535,28 @@ def exposure_warning(host, share, auth):
     """The warning for a demo reachable from the network without a login, else None."""
     if auth or (guard.is_loopback(host) and not share):
         return None
-    return (f"The demo is reachable from the network (--host {host}{', --share' if share else ''}) without a "
-            "login: anyone who reaches it can search the catalogue and view its photos. Pass --auth "
-            "USER:PASSWORD or --auth_file FILE.")
+    return (
+        f"The demo is reachable from the network (--host {host}{', --share' if share else ''}) without a "
+        "login: anyone who reaches it can search the catalogue and view its photos. Pass --auth "
+        "USER:PASSWORD or --auth_file FILE."
+    )
 
 
-def launch_app(demo, index, data_root, host="127.0.0.1", port=7860, share=False,
-               max_upload_mb=10, max_queue=64, max_sessions=256, prevent_thread_lock=False,
-               quiet=False, auth=None, allow_origins=()):
+def launch_app(
+    demo,
+    index,
+    data_root,
+    host="127.0.0.1",
+    port=7860,
+    share=False,
+    max_upload_mb=10,
+    max_queue=64,
+    max_sessions=256,
+    prevent_thread_lock=False,
+    quiet=False,
+    auth=None,
+    allow_origins=(),
+):
     """Launch ``demo`` with the demo's safety settings: loopback unless told otherwise, the
     upload size cap, a bounded queue, `search.guard.RequestGuard` in front of every route (the
     file route serves exactly the photos of the index being served, decided per request, and
@@ -466,13 +576,26 @@ def launch_app(demo, index, data_root, host="127.0.0.1", port=7860, share=False,
     if warning:
         logger.warning(warning)
     engine = demo.engine
-    middleware = Middleware(guard.RequestGuard, served=lambda: engine.served, upload_roots=guard.upload_roots,
-                            allow_origins=tuple(allow_origins))
+    middleware = Middleware(
+        guard.RequestGuard,
+        served=lambda: engine.served,
+        upload_roots=guard.upload_roots,
+        allow_origins=tuple(allow_origins),
+    )
     demo.queue(max_size=max_queue)
     return demo.launch(
-        server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
+        server_name=host,
+        server_port=port,
+        share=share,
+        prevent_thread_lock=prevent_thread_lock,
         # Gradio's own check passes the data root; the guard in front decides which of its files
-        allowed_paths=[str(Path(data_root).resolve())], max_file_size=int(max_upload_mb * (1 << 20)),
-        show_error=False, ssr_mode=False, quiet=quiet, footer_links=["api"],
-        state_session_capacity=max_sessions, auth=auth or None, app_kwargs={"middleware": [middleware]},
+        allowed_paths=[str(Path(data_root).resolve())],
+        max_file_size=int(max_upload_mb * (1 << 20)),
+        show_error=False,
+        ssr_mode=False,
+        quiet=quiet,
+        footer_links=["api"],
+        state_session_capacity=max_sessions,
+        auth=auth or None,
+        app_kwargs={"middleware": [middleware]},
     )

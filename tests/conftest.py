@@ -1,4 +1,5 @@
 """Shared pytest fixtures: tiny synthetic SOP datasets generated once per test session."""
+
 from pathlib import Path
 import sys
 
@@ -17,21 +18,24 @@ from dataio import synthetic_sop
 def synthetic_root(tmp_path_factory):
     """A synthetic SOP with 60 products (30 train / 30 test, ~330 images) at 48 px.
     Shared by the whole session: treat it as read-only (copy it before corrupting files)."""
-    return synthetic_sop.make_synthetic_sop(tmp_path_factory.mktemp("sop") / "synthetic_sop",
-                                       num_products=60, image_size=48, seed=0, workers=0)
+    return synthetic_sop.make_synthetic_sop(
+        tmp_path_factory.mktemp("sop") / "synthetic_sop", num_products=60, image_size=48, seed=0, workers=0
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_synthetic_root(tmp_path_factory):
     """An even smaller synthetic SOP: 24 products (2 per category) at 32 px. Read-only."""
-    return synthetic_sop.make_synthetic_sop(tmp_path_factory.mktemp("sop_tiny") / "synthetic_sop",
-                                       num_products=24, image_size=32, seed=1, workers=0)
+    return synthetic_sop.make_synthetic_sop(
+        tmp_path_factory.mktemp("sop_tiny") / "synthetic_sop", num_products=24, image_size=32, seed=1, workers=0
+    )
 
 
 @pytest.fixture
 def synthetic_copy(synthetic_root, tmp_path):
     """A private, writable copy of ``synthetic_root`` for tests that damage files."""
     import shutil
+
     dst = tmp_path / "sop_copy"
     shutil.copytree(synthetic_root, dst)
     return dst
@@ -92,9 +96,16 @@ def tiny(tmp_path_factory):
     assert built
     gallery = datasets.SOPDataset(data_root, "test")
     queries = write_query_files(folder / "queries", gallery.paths[0])
-    return {"folder": folder, "data_root": data_root, "checkpoint": checkpoint, "model": model,
-            "index": index, "gallery": gallery, "queries": queries,
-            "engine": search_engine.SearchEngine(model, index, data_root)}
+    return {
+        "folder": folder,
+        "data_root": data_root,
+        "checkpoint": checkpoint,
+        "model": model,
+        "index": index,
+        "gallery": gallery,
+        "queries": queries,
+        "engine": search_engine.SearchEngine(model, index, data_root),
+    }
 
 
 @pytest.fixture(scope="session")

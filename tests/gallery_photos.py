@@ -1,6 +1,7 @@
 """Fixtures shared by the database gallery tests (tests/test_vectordb.py, tests/test_milvus_server.py):
 folders of tiny photos whose category names hold what broke Milvus expressions, and the model
 key they are indexed under."""
+
 import numpy as np
 from PIL import Image
 

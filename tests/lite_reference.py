@@ -4,15 +4,22 @@ TensorFlow reference (efficientnet_lite_builder.py): MBConv blocks without squee
 ReLU6, TF "SAME" padding, BatchNorm eps 1e-3, stem and head not scaled, first and last stage
 repeats not scaled. backbones.EfficientNetLite (timm) must give the same logits with the same file.
 """
+
 import math
 
 import torch.nn as nn
 import torch.nn.functional as F
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) of Lite0 (= B0 without SE).
-BASE_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
-               (3, 3, 2, 6, 40, 80), (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192),
-               (1, 3, 1, 6, 192, 320))
+BASE_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
 SCALING = {0: (1.0, 1.0), 1: (1.0, 1.1), 2: (1.1, 1.2)}  # (width, depth)
 
 
@@ -27,15 +34,22 @@ def stages(variant):
     out = []
     for i, (r, k, s, e, cin, cout) in enumerate(BASE_STAGES):
         fixed = i in (0, len(BASE_STAGES) - 1)
-        out.append((r if fixed else int(math.ceil(r * depth)), k, s, e,
-                    32 if i == 0 else round_filters(cin, width), round_filters(cout, width)))
+        out.append(
+            (
+                r if fixed else int(math.ceil(r * depth)),
+                k,
+                s,
+                e,
+                32 if i == 0 else round_filters(cin, width),
+                round_filters(cout, width),
+            )
+        )
     return out
 
 
 class SameConv(nn.Conv2d):
     def __init__(self, cin, cout, k, stride=1, groups=1):
-        super().__init__(cin, cout, k, stride, padding=0 if stride > 1 else k // 2, groups=groups,
-                         bias=False)
+        super().__init__(cin, cout, k, stride, padding=0 if stride > 1 else k // 2, groups=groups, bias=False)
 
     def forward(self, x):
         if self.stride[0] > 1:

@@ -1,5 +1,6 @@
 """The reference the tiled metrics engine (retrieval.evaluate_embeddings) is tested against:
 both protocols by their definitions over the full N x N similarity matrix."""
+
 import numpy as np
 
 import retrieval
@@ -51,9 +52,10 @@ def reference_metrics(embeddings, class_ids, super_ids) -> dict:
     relc = np.pad(relc, ((0, 0), (0, top_k - relc.shape[1])))[has_c > 0]  # galleries under 20 images
     category = {f"recall@{k}": float(relc[:, :k].any(1).mean()) for k in retrieval.CATEGORY_KS}
     category.update({f"precision@{k}": float((relc[:, :k].sum(1) / k).mean()) for k in retrieval.CATEGORY_KS})
-    top = relc[:, :retrieval.CATEGORY_MAP_AT]
+    top = relc[:, : retrieval.CATEGORY_MAP_AT]
     hits = top.sum(1)
     p = np.cumsum(top, axis=1) / np.arange(1, retrieval.CATEGORY_MAP_AT + 1)
-    category[f"map@{retrieval.CATEGORY_MAP_AT}"] = float(np.mean(np.where(
-        hits > 0, (p * top).sum(1) / np.maximum(hits, 1), 0.0)))
+    category[f"map@{retrieval.CATEGORY_MAP_AT}"] = float(
+        np.mean(np.where(hits > 0, (p * top).sum(1) / np.maximum(hits, 1), 0.0))
+    )
     return {"product": product, "category": category, "num_queries": n}

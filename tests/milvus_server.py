@@ -8,6 +8,7 @@ child, the ``milvus`` binary, would outlive it): at `stop`, at interpreter exit 
 the object is collected (a finalizer), whatever the test did. `kill` is ``kill -9`` of that group;
 `start` again serves the same data on the same ports.
 """
+
 import atexit
 import os
 from pathlib import Path
@@ -76,8 +77,17 @@ class MilvusStandalone:
         t0 = time.monotonic()
         with open(self.log, "ab") as log:
             # its own session: the group holds the wrapper and the milvus binary it starts
-            cmd = [exe, "--data", str(self.data_dir), "--proxy-port", str(self.proxy_port),
-                   "--etcd-port", str(self.etcd_port), "--extra-config", f"common.session.ttl={SESSION_TTL_S}"]
+            cmd = [
+                exe,
+                "--data",
+                str(self.data_dir),
+                "--proxy-port",
+                str(self.proxy_port),
+                "--etcd-port",
+                str(self.etcd_port),
+                "--extra-config",
+                f"common.session.ttl={SESSION_TTL_S}",
+            ]
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
         self._groups.append(self.proc.pid)
         while time.monotonic() - t0 < timeout:

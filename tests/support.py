@@ -2,6 +2,7 @@
 train.py run and its files, the demo served in this process, the reference computations the
 demo is checked against, and small photo files.
 """
+
 import contextlib
 import csv
 from pathlib import Path
@@ -13,20 +14,61 @@ import torch
 # ============ a tiny train.py run ============
 
 # The original project's training command, verbatim.
-SEED_COMMAND = ("--dataset stanford --backbone efficientnet_b0 --batch_size 64 --epochs 10 "
-                "--lr 0.0001 --margin 0.5 --embedding_size 128").split()
-CHECKPOINT_KEYS = {"model", "model_args", "args", "epoch", "metrics", "optimizer", "scheduler",
-                   "scaler", "rng", "git_commit", "format_version"}
+SEED_COMMAND = (
+    "--dataset stanford --backbone efficientnet_b0 --batch_size 64 --epochs 10 "
+    "--lr 0.0001 --margin 0.5 --embedding_size 128"
+).split()
+CHECKPOINT_KEYS = {
+    "model",
+    "model_args",
+    "args",
+    "epoch",
+    "metrics",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "rng",
+    "git_commit",
+    "format_version",
+}
 
 
 def tiny_argv(root, out, *extra, run="t"):
     """Flags of a tiny CPU run writing under ``out``; ``extra`` flags override (argparse: last wins)."""
-    return ["--dataset", "synthetic", "--data_root", str(root), "--backbone", "resnet18",
-            "--weights", "none", "--image_size", "32", "--batch_size", "16",
-            "--images_per_class", "4", "--epochs", "2", "--max_steps_per_epoch", "2",
-            "--workers", "0", "--projector_samples", "8", "--lr", "1e-3", "--no-progress",
-            "--checkpoint_dir", str(Path(out) / "checkpoints"), "--log_dir", str(Path(out) / "runs"),
-            "--run_name", run, *map(str, extra)]
+    return [
+        "--dataset",
+        "synthetic",
+        "--data_root",
+        str(root),
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "none",
+        "--image_size",
+        "32",
+        "--batch_size",
+        "16",
+        "--images_per_class",
+        "4",
+        "--epochs",
+        "2",
+        "--max_steps_per_epoch",
+        "2",
+        "--workers",
+        "0",
+        "--projector_samples",
+        "8",
+        "--lr",
+        "1e-3",
+        "--no-progress",
+        "--checkpoint_dir",
+        str(Path(out) / "checkpoints"),
+        "--log_dir",
+        str(Path(out) / "runs"),
+        "--run_name",
+        run,
+        *map(str, extra),
+    ]
 
 
 def parse(argv):
@@ -63,6 +105,7 @@ def assert_checkpoint_loads(path):
 
 # ============ the demo ============
 
+
 @contextlib.contextmanager
 def running_demo(data_root, checkpoint, max_upload_mb=10, port=None, **build_kw):
     """The demo as main() builds it, launched on loopback in this process; yields
@@ -77,8 +120,9 @@ def running_demo(data_root, checkpoint, max_upload_mb=10, port=None, **build_kw)
     webapp.use_private_gradio_temp_dir()
     demo = webapp.build_app(model, index, data_root, max_upload_mb=max_upload_mb, **build_kw)
     port = port or free_port()
-    webapp.launch_app(demo, index, data_root, port=port, max_upload_mb=max_upload_mb,
-                            prevent_thread_lock=True, quiet=True)
+    webapp.launch_app(
+        demo, index, data_root, port=port, max_upload_mb=max_upload_mb, prevent_thread_lock=True, quiet=True
+    )
     try:
         yield demo, f"http://127.0.0.1:{port}/"
     finally:
@@ -108,6 +152,7 @@ def raw_get(url, path):
 
 
 # ============ reference computations and files ============
+
 
 def reference_embedding(model, path):
     """The query embedding the slow, obvious way: load_image + build_transform + forward."""

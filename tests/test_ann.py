@@ -2,6 +2,7 @@
 search.index.GalleryIndex: the float16 ordering rule, exhaustive approximate search equals
 exact search, recall@k, persistence with a build record, stale / foreign indexes refused,
 faiss missing."""
+
 import importlib.util
 import sys
 
@@ -25,9 +26,15 @@ def clustered(n, dim, seed=0, spread=0.3):
 def make_index(emb, index_type="exact", seed=0, **kw):
     n = len(emb)
     rng = np.random.default_rng(seed)
-    return GalleryIndex(embeddings=emb, paths=[f"mug_final/{i}_0.JPG" for i in range(n)],
-                        class_ids=np.arange(n) // 4, super_ids=rng.integers(1, 4, n),
-                        checkpoint_hash="ab" * 32, index_type=index_type, **kw)
+    return GalleryIndex(
+        embeddings=emb,
+        paths=[f"mug_final/{i}_0.JPG" for i in range(n)],
+        class_ids=np.arange(n) // 4,
+        super_ids=rng.integers(1, 4, n),
+        checkpoint_hash="ab" * 32,
+        index_type=index_type,
+        **kw,
+    )
 
 
 def float32_top(emb, q, k):
@@ -87,8 +94,9 @@ def test_exact_search_equals_float32_on_float_embeddings():
 
 # ============ approximate indexes ============
 
-needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None,
-                                 reason="faiss is not installed (pip install faiss-cpu)")
+needs_faiss = pytest.mark.skipif(
+    importlib.util.find_spec("faiss") is None, reason="faiss is not installed (pip install faiss-cpu)"
+)
 
 
 @needs_faiss
@@ -112,8 +120,12 @@ def test_approximate_equals_exact_at_exhaustive_settings(index_type):
 
 def test_default_params_follow_the_gallery_size():
     assert ann.default_params("ivf", 60_502)["nlist"] == 512
-    assert ann.default_params("ivf", 1_000_000) == {"nlist": 2048, "nprobe": 85, "train_points_per_cell": 39,
-                                                     "kmeans_iters": 10}
+    assert ann.default_params("ivf", 1_000_000) == {
+        "nlist": 2048,
+        "nprobe": 85,
+        "train_points_per_cell": 39,
+        "kmeans_iters": 10,
+    }
     assert ann.default_params("ivf", 100)["nlist"] == 2  # >= 39 training points per cell
     assert ann.default_params("hnsw", 10)["M"] == 24
     assert ann.default_params("exact", 10) == {}

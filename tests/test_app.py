@@ -5,6 +5,7 @@ discovery, and the gallery index's reuse / rebuild / failed-write rules.
 The demo under test is `search.tiny_demo`'s (also what bench/load_app.py serves);
 its fixtures (tiny, server) are conftest.py's, shared with the browser and explanation tests.
 """
+
 import errno
 import os
 from pathlib import Path
@@ -43,6 +44,7 @@ TOL = 1e-5  # score tolerance between the app's embedding and the reference comp
 
 # ============ reference computations ============
 
+
 def brute_force(index, query, k, super_id=None, exclude=None):
     """(indices, scores) of the top k by cosine score, ties by lower index, as numpy does."""
     scores = index.embeddings @ query
@@ -70,6 +72,7 @@ def assert_same_ranking(results, ref_idx, ref_scores):
 
 # ============ fixtures ============
 
+
 @pytest.fixture(autouse=True, scope="module")
 def cpu_settings():
     """One intra-op thread while these tests run: on a shared or oversubscribed CI machine
@@ -83,6 +86,7 @@ def cpu_settings():
 
 
 # ============ the search itself (no server) ============
+
 
 @pytest.mark.parametrize("category", ["All", "chair", "mug"])
 def test_engine_matches_brute_force(tiny, category):
@@ -156,9 +160,16 @@ def test_exif_rotated_photo_is_searched_upright(tiny):
     np.testing.assert_allclose([r["score"] for r in a], [r["score"] for r in b], atol=2e-2)
 
 
-@pytest.mark.parametrize("name,fragment", [
-    ("not_an_image.jpg", "not an image"), ("empty.jpg", "empty"), ("truncated.jpg", "truncated"),
-    ("bomb.png", "megapixels"), ("big_dims.png", "megapixels")])
+@pytest.mark.parametrize(
+    "name,fragment",
+    [
+        ("not_an_image.jpg", "not an image"),
+        ("empty.jpg", "empty"),
+        ("truncated.jpg", "truncated"),
+        ("bomb.png", "megapixels"),
+        ("big_dims.png", "megapixels"),
+    ],
+)
 def test_bad_files_are_refused_with_a_reason(tiny, name, fragment):
     with pytest.raises(search_query.QueryError, match=fragment):
         tiny["engine"].search_file(tiny["queries"][name][0])
@@ -177,14 +188,19 @@ def test_bad_k_and_category(tiny):
 
 # ============ over the API (gradio_client, loopback server) ============
 
+
 def test_api_returns_k_ranked_results(server, tiny):
     gallery_paths, model, index = tiny["gallery"].paths, tiny["model"], tiny["index"]
-    for path, k, category in [(gallery_paths[3], 5, "All"), (gallery_paths[60], 6, "chair"),
-                              (tiny["queries"]["cmyk.jpg"][0], 3, "All")]:
+    for path, k, category in [
+        (gallery_paths[3], 5, "All"),
+        (gallery_paths[60], 6, "chair"),
+        (tiny["queries"]["cmyk.jpg"][0], 3, "All"),
+    ]:
         gallery, ranked, timing = search(server["client"], path, k, category)
         assert len(gallery) == len(ranked["results"]) == k
-        ref_idx, ref_scores = brute_force(index, reference_embedding(model, path), k,
-                                          search_query.category_to_super_id(category, index.categories))
+        ref_idx, ref_scores = brute_force(
+            index, reference_embedding(model, path), k, search_query.category_to_super_id(category, index.categories)
+        )
         assert_same_ranking(ranked["results"], ref_idx, ref_scores)
         for item, r in zip(gallery, ranked["results"]):
             assert item["caption"] == f"{r['score']:.3f} · {r['category']} · #{r['product_id']}"
@@ -199,8 +215,7 @@ def test_api_returns_k_ranked_results(server, tiny):
 def test_api_category_is_optional(server, tiny):
     from gradio_client import handle_file
 
-    gallery, ranked, _ = server["client"].predict(handle_file(tiny["gallery"].paths[1]), 4,
-                                                  api_name="/search")
+    gallery, ranked, _ = server["client"].predict(handle_file(tiny["gallery"].paths[1]), 4, api_name="/search")
     assert len(gallery) == 4 and ranked["category"] == "All"
 
 
@@ -256,12 +271,17 @@ def test_file_route_serves_only_gallery_images(server, tiny):
     (other_app / "upload.txt").write_text("not for the web\n")
     try:
         refused = [
-            "/etc/passwd", "/etc/hostname", str(secret),
-            str(tiny["checkpoint"]), str(search_loading.default_index_path(tiny["checkpoint"], "test")),
-            str(data_root / "Ebay_test.txt"),                     # inside the root, not an image folder
-            str(link),                                            # symlink out of the image folder
-            f"{image.parent}/../../secret.txt", f"{image.parent}/../../../../../etc/passwd",
-            f"{image.parent}/%2e%2e/%2e%2e/secret.txt", str(REPO / "app_stanford.py"),
+            "/etc/passwd",
+            "/etc/hostname",
+            str(secret),
+            str(tiny["checkpoint"]),
+            str(search_loading.default_index_path(tiny["checkpoint"], "test")),
+            str(data_root / "Ebay_test.txt"),  # inside the root, not an image folder
+            str(link),  # symlink out of the image folder
+            f"{image.parent}/../../secret.txt",
+            f"{image.parent}/../../../../../etc/passwd",
+            f"{image.parent}/%2e%2e/%2e%2e/secret.txt",
+            str(REPO / "app_stanford.py"),
             str(other_app / "upload.txt"),
         ]
         for target in refused:
@@ -322,13 +342,25 @@ def test_raw_api_opens_no_server_path_and_does_not_tell_which_exist(server, tiny
 
     gallery_image = str(tiny["gallery"].paths[0])
     upload_dir = guard.upload_roots()[0]
-    targets = ["/etc/passwd", "/etc/hostname", "/no/such/file.png", gallery_image, str(tiny["checkpoint"]),
-               f"{upload_dir}/../../etc/passwd", f"{upload_dir}/../no/such.png",
-               "https://example.com/q.png", "http://127.0.0.1:1/q.png", "file:///etc/passwd"]
+    targets = [
+        "/etc/passwd",
+        "/etc/hostname",
+        "/no/such/file.png",
+        gallery_image,
+        str(tiny["checkpoint"]),
+        f"{upload_dir}/../../etc/passwd",
+        f"{upload_dir}/../no/such.png",
+        "https://example.com/q.png",
+        "http://127.0.0.1:1/q.png",
+        "file:///etc/passwd",
+    ]
     messages = set()
     for target in targets:
-        for payload in ({"path": target}, {"path": target, "meta": {"_type": "gradio.FileData"}},
-                        {"path": target, "url": target}):
+        for payload in (
+            {"path": target},
+            {"path": target, "meta": {"_type": "gradio.FileData"}},
+            {"path": target, "url": target},
+        ):
             for api, rest in (("search", [3, "All"]), ("explain", [tiny["index"].paths[0]])):
                 status, stream = _raw_call(server["url"], api, [payload, *rest])
                 assert status == 200, (target, status)
@@ -355,8 +387,12 @@ def test_data_url_query_is_searched_and_deleted_like_gradios_own_files(server, t
     status, stream = _raw_call(server["url"], "search", [payload, 3, "All"])
     assert status == 200 and "event: complete" in stream, stream[-500:]
     import hashlib
-    saved = [str(p) for p in Path(guard.upload_roots()[0]).glob("*/query")
-             if hashlib.sha256(p.read_bytes()).hexdigest() == hashlib.sha256(raw).hexdigest()]
+
+    saved = [
+        str(p)
+        for p in Path(guard.upload_roots()[0]).glob("*/query")
+        if hashlib.sha256(p.read_bytes()).hexdigest() == hashlib.sha256(raw).hexdigest()
+    ]
     assert saved, "the data URL was not written to the upload folder"
     demo = server["demo"]
     assert any(saved[0] in files for files in demo.temp_file_sets), "not registered for deletion"
@@ -384,10 +420,16 @@ def test_file_route_serves_exactly_the_served_index_decided_per_request(server, 
         from search.index import GalleryIndex
 
         assert before.paths[0] == image.relative_to(tiny["data_root"]).as_posix()
-        smaller = GalleryIndex(embeddings=before.embeddings[1:], paths=before.paths[1:],
-                               class_ids=before.class_ids[1:], super_ids=before.super_ids[1:],
-                               categories=before.categories, product_ids=before.product_ids[1:],
-                               checkpoint_hash=before.checkpoint_hash, meta=dict(before.meta))
+        smaller = GalleryIndex(
+            embeddings=before.embeddings[1:],
+            paths=before.paths[1:],
+            class_ids=before.class_ids[1:],
+            super_ids=before.super_ids[1:],
+            categories=before.categories,
+            product_ids=before.product_ids[1:],
+            checkpoint_hash=before.checkpoint_hash,
+            meta=dict(before.meta),
+        )
         engine.replace_index(smaller)
         try:
             assert raw_get(url, f"/gradio_api/file={image}")[0] == 403  # no longer in the index
@@ -404,11 +446,13 @@ def test_pages_of_other_origins_cannot_drive_the_api(server, tiny):
     import httpx
 
     data = {"data": [None, 3, "All"]}
-    evil = httpx.post(server["url"] + "gradio_api/call/search", json=data, timeout=30,
-                      headers={"Origin": "https://evil.example"})
+    evil = httpx.post(
+        server["url"] + "gradio_api/call/search", json=data, timeout=30, headers={"Origin": "https://evil.example"}
+    )
     assert evil.status_code == 403 and b"Cross-origin" in evil.content
-    up = httpx.post(server["url"] + "gradio_api/upload", files={"files": ("a.txt", b"x")}, timeout=30,
-                    headers={"Origin": "null"})
+    up = httpx.post(
+        server["url"] + "gradio_api/upload", files={"files": ("a.txt", b"x")}, timeout=30, headers={"Origin": "null"}
+    )
     assert up.status_code == 403
     own = server["url"].rstrip("/")
     same = httpx.post(server["url"] + "gradio_api/call/search", json=data, timeout=30, headers={"Origin": own})
@@ -454,8 +498,7 @@ def test_auth_login_is_required_when_asked_and_exposure_warns(tiny, caplog):
     webapp.use_private_gradio_temp_dir()
     demo = webapp.build_app(model, index, data_root, explain_store_gb=0)
     port = free_port()
-    webapp.launch_app(demo, index, data_root, port=port, prevent_thread_lock=True, quiet=True,
-                            auth=[("ann", "secret")])
+    webapp.launch_app(demo, index, data_root, port=port, prevent_thread_lock=True, quiet=True, auth=[("ann", "secret")])
     url = f"http://127.0.0.1:{port}/"
     try:
         r = httpx.post(url + "gradio_api/call/search", json={"data": [None, 3, "All"]}, timeout=30)
@@ -482,19 +525,21 @@ def test_demo_starts_with_corrupt_vanished_and_unreadable_gallery_photos(tiny, t
     shutil.copytree(tiny["data_root"], root)
     model, checkpoint = tiny["model"], tiny["checkpoint"]
     test_paths = datasets.SOPDataset(root, "test").rel_paths
-    (root / test_paths[0]).write_bytes(b"not an image")          # corrupt before indexing
-    (root / test_paths[1]).unlink()                               # vanished before indexing
-    index, built = search_loading.load_or_build_index(model, checkpoint, root, "test", tmp_path / "g.npz",
-                                                     progress=False)
+    (root / test_paths[0]).write_bytes(b"not an image")  # corrupt before indexing
+    (root / test_paths[1]).unlink()  # vanished before indexing
+    index, built = search_loading.load_or_build_index(
+        model, checkpoint, root, "test", tmp_path / "g.npz", progress=False
+    )
     assert built and len(index) == len(test_paths) - 2
     assert set(index.meta["unreadable"]) == {test_paths[0], test_paths[1]}
-    again, built = search_loading.load_or_build_index(model, checkpoint, root, "test", tmp_path / "g.npz",
-                                                     progress=False)
+    again, built = search_loading.load_or_build_index(
+        model, checkpoint, root, "test", tmp_path / "g.npz", progress=False
+    )
     assert not built and len(again) == len(index)  # reused, not rebuilt at every start
     data = (root / index.paths[0]).read_bytes()
     (root / index.paths[0]).write_bytes(data[: len(data) // 3])  # truncated after indexing
-    (root / index.paths[1]).unlink()                               # vanished after indexing
-    os.chmod(root / index.paths[2], 0)                             # unreadable (unless root)
+    (root / index.paths[1]).unlink()  # vanished after indexing
+    os.chmod(root / index.paths[2], 0)  # unreadable (unless root)
     with caplog.at_level(logging.WARNING, logger="app_stanford"):
         demo = webapp.build_app(model, index, root, explain_store_gb=1)
     store = demo.engine.explain_store
@@ -512,6 +557,7 @@ def test_binds_loopback_by_default(server):
 
 
 # ============ checkpoint discovery and the gallery index ============
+
 
 def test_no_checkpoint_says_how_to_train_one(tmp_path):
     args = app_stanford.get_args_parser().parse_args(["--checkpoint_dir", str(tmp_path / "none")])
@@ -576,8 +622,7 @@ def test_failed_index_write_keeps_the_previous_file(tmp_path, tiny, monkeypatch)
     shutil.copy(tiny["checkpoint"], ckpt)
     index_path = tmp_path / "index.npz"
     model = models.load_model(ckpt)
-    search_loading.load_or_build_index(model, ckpt, tiny["data_root"], index_path=index_path,
-                                     progress=False, workers=0)
+    search_loading.load_or_build_index(model, ckpt, tiny["data_root"], index_path=index_path, progress=False, workers=0)
     before = index_path.read_bytes()
 
     def full_disk(src, dst):
@@ -585,16 +630,28 @@ def test_failed_index_write_keeps_the_previous_file(tmp_path, tiny, monkeypatch)
 
     monkeypatch.setattr(os, "replace", full_disk)
     with pytest.raises(OSError) as err:
-        search_loading.load_or_build_index(model, ckpt, tiny["data_root"], index_path=index_path,
-                                         progress=False, workers=0, force=True)
+        search_loading.load_or_build_index(
+            model, ckpt, tiny["data_root"], index_path=index_path, progress=False, workers=0, force=True
+        )
     assert str(index_path) in str(err.value)
     assert index_path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
     args = app_stanford.get_args_parser().parse_args(
-        ["--checkpoint", str(ckpt), "--runtime", "torch", "--data_root", str(tiny["data_root"]),
-         "--index", str(index_path),
-         "--rebuild_index", "--workers", "0"])
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--runtime",
+            "torch",
+            "--data_root",
+            str(tiny["data_root"]),
+            "--index",
+            str(index_path),
+            "--rebuild_index",
+            "--workers",
+            "0",
+        ]
+    )
     with pytest.raises(SystemExit) as err:
         app_stanford.main(args)
     assert str(index_path) in str(err.value.code) and "--index" in str(err.value.code)

@@ -5,6 +5,7 @@ its reason in the page and the next query still works; clicking a result searche
 Needs Debian's ``chromium`` and ``chromium-driver`` (.ci/run installs them); skipped with
 the reason otherwise. Set APP_SCREENSHOT=path to also save a screenshot of the results.
 """
+
 import os
 import shutil
 import time
@@ -16,10 +17,15 @@ from bench.demo_clients import CHROMEDRIVER, CHROMIUM
 
 TIMEOUT = 30  # s; generous: CI machines are slow and share cores
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread"), pytest.mark.skipif(
-    not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
-    reason=f"headless browser test needs {CHROMIUM} and {CHROMEDRIVER}: "
-           "apt-get install -y chromium chromium-driver (.ci/run does)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.skipif(
+        not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
+        reason=f"headless browser test needs {CHROMIUM} and {CHROMEDRIVER}: "
+        "apt-get install -y chromium chromium-driver (.ci/run does)",
+    ),
+]
 
 
 def start_chromium():
@@ -41,7 +47,8 @@ def rendered_results(driver):
     one script call so that a re-render in between cannot leave stale element handles."""
     return driver.execute_script(
         "return Array.from(document.querySelectorAll('#results img'))"
-        ".filter(im => im.complete && im.naturalWidth > 0).map(im => im.src);")
+        ".filter(im => im.complete && im.naturalWidth > 0).map(im => im.src);"
+    )
 
 
 def click_result(driver, i):
@@ -54,8 +61,7 @@ def click_result(driver, i):
 def browser_demo(tiny, server):
     driver, profile = start_chromium()
     try:
-        yield {"driver": driver, "url": server["url"], "gallery": tiny["gallery"],
-               "queries": tiny["queries"]}
+        yield {"driver": driver, "url": server["url"], "gallery": tiny["gallery"], "queries": tiny["queries"]}
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
@@ -82,8 +88,9 @@ def test_upload_search_results_render(browser_demo):
     assert "Visual product search" in driver.title
 
     upload(driver, browser_demo["gallery"].paths[50])
-    results = wait_for(driver, lambda d: len(rendered_results(d)) == 10 and rendered_results(d),
-                       "10 rendered result images")
+    results = wait_for(
+        driver, lambda d: len(rendered_results(d)) == 10 and rendered_results(d), "10 rendered result images"
+    )
     assert all("/gradio_api/file=" in src for src in results)
     assert "search" in timing_text(driver) and "ms" in timing_text(driver)
     captions = driver.find_element(By.ID, "results").text
@@ -107,14 +114,17 @@ def test_bad_upload_shows_the_reason_then_the_next_query_works(browser_demo):
     driver.get(browser_demo["url"])
     wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#query input[type=file]"), "the page")
     upload(driver, browser_demo["queries"]["not_an_image.jpg"][0])
-    message = wait_for(driver, lambda d: " ".join(
-        e.text for e in d.find_elements(By.CSS_SELECTOR, "[data-testid=toast-text]")).strip(),
-        "the error message")
+    message = wait_for(
+        driver,
+        lambda d: " ".join(e.text for e in d.find_elements(By.CSS_SELECTOR, "[data-testid=toast-text]")).strip(),
+        "the error message",
+    )
     assert "not an image" in message
     assert "Traceback" not in driver.page_source
 
-    driver.find_element(By.CSS_SELECTOR, "#query button[aria-label='Clear']").click() \
-        if driver.find_elements(By.CSS_SELECTOR, "#query button[aria-label='Clear']") else None
+    driver.find_element(By.CSS_SELECTOR, "#query button[aria-label='Clear']").click() if driver.find_elements(
+        By.CSS_SELECTOR, "#query button[aria-label='Clear']"
+    ) else None
     upload(driver, browser_demo["queries"]["rgba.png"][0])
     wait_for(driver, lambda d: len(rendered_results(d)) == 10, "results after the bad upload")
 
@@ -142,8 +152,9 @@ def test_clicking_an_example_searches_with_it(browser_demo):
 
     driver = browser_demo["driver"]
     driver.get(browser_demo["url"])
-    examples = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#examples .gallery-item"),
-                        "the example queries")
+    examples = wait_for(
+        driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#examples .gallery-item"), "the example queries"
+    )
     assert len(examples) == 12  # one per category
     examples[3].click()
     wait_for(driver, lambda d: len(rendered_results(d)) == 10, "results of the example query")
@@ -154,7 +165,8 @@ def rendered_images(driver, gallery_id):
     """``src`` of the loaded images of gallery ``#gallery_id`` (as rendered_results)."""
     return driver.execute_script(
         f"return Array.from(document.querySelectorAll('#{gallery_id} img'))"
-        ".filter(im => im.complete && im.naturalWidth > 0).map(im => im.src);")
+        ".filter(im => im.complete && im.naturalWidth > 0).map(im => im.src);"
+    )
 
 
 def fetch_image(src):
@@ -184,8 +196,11 @@ def test_show_why_draws_the_maps_over_the_first_results(browser_demo, server, tm
     driver.find_element(By.CSS_SELECTOR, "#why input[type=checkbox]").click()
     k = webapp.WHY_K
     wait_for(driver, lambda d: len(rendered_images(d, "why_query")) == k, f"{k} query-side maps")
-    shown = wait_for(driver, lambda d: (len(rendered_results(d)) == 10 and rendered_results(d)[0] != plain[0]
-                                        and rendered_results(d)), "the results redrawn with their maps")
+    shown = wait_for(
+        driver,
+        lambda d: len(rendered_results(d)) == 10 and rendered_results(d)[0] != plain[0] and rendered_results(d),
+        "the results redrawn with their maps",
+    )
     assert shown[k:] == plain[k:]  # results after the first k stay plain photos
     assert driver.find_element(By.ID, "results").text.count("· why") == k
     shot = tmp_path / "show_why.png"
@@ -201,14 +216,17 @@ def test_show_why_draws_the_maps_over_the_first_results(browser_demo, server, tm
         photo = np.asarray(engine.pixels(fetch_image(plain[ranked.index(r)])), np.float32)
         assert drawn.shape == overlay.shape
         assert np.abs(drawn - overlay).mean() < 6  # the same image (served as lossy JPEG)
-        assert np.abs(drawn - photo).mean() > 20   # and visibly not the photo (observed ~50)
+        assert np.abs(drawn - photo).mean() > 20  # and visibly not the photo (observed ~50)
 
     # with the switch on, a new upload draws its results with their maps (search and maps in one event)
     other = browser_demo["gallery"].paths[33]
     upload(driver, other)
     first_maps = rendered_images(driver, "why_query")[0]
-    wait_for(driver, lambda d: (len(rendered_images(d, "why_query")) == k
-                                and rendered_images(d, "why_query")[0] != first_maps), "the new query's maps")
+    wait_for(
+        driver,
+        lambda d: len(rendered_images(d, "why_query")) == k and rendered_images(d, "why_query")[0] != first_maps,
+        "the new query's maps",
+    )
     assert driver.find_element(By.ID, "results").text.count("· why") == k
     upload(driver, query)  # back to the first query: its plain tail of results again
     wait_for(driver, lambda d: rendered_results(d)[k:] == plain[k:], "the first query's results again")
@@ -220,6 +238,7 @@ def test_show_why_draws_the_maps_over_the_first_results(browser_demo, server, tm
 
 
 # ============ screenshot for the README ============
+
 
 def screenshot(url, query, output, k=10, category="All"):
     """Open a running demo at ``url``, search with ``query`` and save a screenshot to ``output``."""
@@ -249,8 +268,7 @@ def screenshot(url, query, output, k=10, category="All"):
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="Screenshot of a running demo's search results "
-                                                 "(docs/demo.png).")
+    parser = argparse.ArgumentParser(description="Screenshot of a running demo's search results (docs/demo.png).")
     parser.add_argument("--url", default="http://127.0.0.1:7860/")
     parser.add_argument("--query", required=True, help="image file to search with")
     parser.add_argument("--output", default="docs/demo.png")

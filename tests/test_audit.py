@@ -5,6 +5,7 @@ flat colour of its own under mild noise), embedded by an untrained network: what
 is the colour, which any network keeps, so a photo filed under the wrong colour and a byte copy
 under another product are the only faults, and the audit must find exactly them.
 """
+
 import csv
 import hashlib
 from pathlib import Path
@@ -30,7 +31,7 @@ def make_tree(root: Path, colours=COLOURS, photos=5, seed=0) -> Path:
         for n in range(photos):
             pixels = np.clip(np.array(colour) + rng.normal(0, 12, (64, 64, 3)), 0, 255)
             x, y = rng.integers(4, 40, 2)
-            pixels[y:y + 16, x:x + 16] = 255 - np.array(colour)
+            pixels[y : y + 16, x : x + 16] = 255 - np.array(colour)
             Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{n}.jpg", quality=92)
     return root
 
@@ -74,6 +75,7 @@ def run(model, out, **kw):
 
 # ============ end to end ============
 
+
 def test_planted_faults_are_found_and_nothing_else(model, faulty_tree, tmp_path):
     before = tree_hash(faulty_tree)
     summary = run(model, tmp_path / "out", gallery_dir=faulty_tree)
@@ -82,8 +84,11 @@ def test_planted_faults_are_found_and_nothing_else(model, faulty_tree, tmp_path)
     found = {(r[0], r[1], r[2]) for r in rows[1:]}
     # the copy is also mislabelled where it was put (its product does not claim it, p3 does); its
     # source is not (its copy, its duplicate partner, does not count as another product's claim)
-    assert {(k, p) for k, p, _ in found} == {("duplicate", "shop/p5/copy.jpg"), ("mislabelled", "shop/p2/moved.jpg"),
-                                             ("mislabelled", "shop/p5/copy.jpg")}
+    assert {(k, p) for k, p, _ in found} == {
+        ("duplicate", "shop/p5/copy.jpg"),
+        ("mislabelled", "shop/p2/moved.jpg"),
+        ("mislabelled", "shop/p5/copy.jpg"),
+    }
     assert ("duplicate", "shop/p5/copy.jpg", "shop/p3/2.jpg") in found
     mis_copy = next(r for r in rows[1:] if r[0] == "mislabelled" and r[1] == "shop/p5/copy.jpg")
     assert mis_copy[4] == "shop/p3" and mis_copy[2] != "shop/p3/2.jpg"  # claimed by p3's other photos
@@ -116,8 +121,18 @@ def test_unreadable_photo_is_counted_and_listed(model, tmp_path):
 def test_one_product_says_there_is_nothing_to_compare(model, tmp_path, capsys):
     root = make_tree(tmp_path / "data", colours=COLOURS[:1])
     args = audit_script.get_args_parser().parse_args(
-        ["--gallery", str(root), "--checkpoint", str(model.checkpoint), "--output", str(tmp_path / "out"),
-         "--no_progress", "--device", "cpu"])
+        [
+            "--gallery",
+            str(root),
+            "--checkpoint",
+            str(model.checkpoint),
+            "--output",
+            str(tmp_path / "out"),
+            "--no_progress",
+            "--device",
+            "cpu",
+        ]
+    )
     assert audit_script.main(args) == 0
     assert "nothing to compare" in capsys.readouterr().out
     assert read_csv(tmp_path / "out" / "audit.csv") == [list(audit_run.audit_report.CSV_COLUMNS)]
@@ -139,6 +154,7 @@ def test_output_inside_the_catalogue_is_refused(model, faulty_tree):
 
 
 # ============ the findings on hand-built vectors ============
+
 
 def unit(rows):
     rows = np.asarray(rows, np.float32)
@@ -174,8 +190,12 @@ def test_mislabelled_is_an_outlier_margin():
 
 def test_mutual_best_keeps_a_copy_with_its_source_only():
     f = audit.Finding
-    pairs = [f("duplicate", 9, 3, 0.99), f("duplicate", 9, 4, 0.98), f("duplicate", 5, 3, 0.97),
-             f("duplicate", 7, 6, 0.9)]
+    pairs = [
+        f("duplicate", 9, 3, 0.99),
+        f("duplicate", 9, 4, 0.98),
+        f("duplicate", 5, 3, 0.97),
+        f("duplicate", 7, 6, 0.9),
+    ]
     assert audit.mutual_best(pairs) == [pairs[0], pairs[3]]
 
 

@@ -1,6 +1,7 @@
 """Smoke test of bench/bench_throughput.py at a tiny size: it runs end to end (real JPEGs,
 DataLoader workers, extract_embeddings, train_one_epoch) and reports every key as a positive
 number. No timing assertion: the benchmark measures the machine, the test only the plumbing."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -15,8 +16,14 @@ import preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "bench_throughput.py"
-RATES = ("forward_images_per_s", "extract_images_per_s", "train_step_images_per_s",
-         "train_loader_images_per_s", "extract_vs_ceiling", "train_vs_ceiling")
+RATES = (
+    "forward_images_per_s",
+    "extract_images_per_s",
+    "train_step_images_per_s",
+    "train_loader_images_per_s",
+    "extract_vs_ceiling",
+    "train_vs_ceiling",
+)
 
 
 pytestmark = pytest.mark.slow  # end to end
@@ -37,14 +44,29 @@ def bench():
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     # 64-96 px photos: drafting to the 73 px resize of a 64 px transform halves the larger ones
-    return synthetic_sop.make_synthetic_sop(tmp_path_factory.mktemp("bench_sop") / "sop", num_products=24,
-                                       image_size="64-96", workers=0)
+    return synthetic_sop.make_synthetic_sop(
+        tmp_path_factory.mktemp("bench_sop") / "sop", num_products=24, image_size="64-96", workers=0
+    )
 
 
 def _args(bench, root, *extra):
     return bench.get_args_parser().parse_args(
-        ["--backbone", "resnet18", "--image_size", "64", "--batch_size", "8", "--num_images", "24",
-         "--data_root", str(root), "--device", "cpu", *extra])
+        [
+            "--backbone",
+            "resnet18",
+            "--image_size",
+            "64",
+            "--batch_size",
+            "8",
+            "--num_images",
+            "24",
+            "--data_root",
+            str(root),
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
 def test_all_parts_in_process_with_one_worker(bench, tiny_root):
@@ -67,11 +89,38 @@ def test_cli_prints_json_no_draft_resized_copy(tmp_path, tiny_root):
     made on the fly, two interleaved repeats with per-run lists."""
     resized = tmp_path / "resized"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--backbone", "resnet18", "--image_size", "64", "--batch_size", "8",
-         "--num_images", "16", "--data_root", str(tiny_root), "--device", "cpu", "--workers", "0",
-         "--no-draft", "--resized_root", str(resized), "--repeats", "2", "--parts", "forward,extract",
-         "--output", str(tmp_path / "out.json")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--backbone",
+            "resnet18",
+            "--image_size",
+            "64",
+            "--batch_size",
+            "8",
+            "--num_images",
+            "16",
+            "--data_root",
+            str(tiny_root),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--no-draft",
+            "--resized_root",
+            str(resized),
+            "--repeats",
+            "2",
+            "--parts",
+            "forward,extract",
+            "--output",
+            str(tmp_path / "out.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out == json.loads((tmp_path / "out.json").read_text())

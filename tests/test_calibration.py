@@ -1,5 +1,6 @@
 """calibration.py: pair scores, the threshold at a target false-match rate (against a brute-force
 reference), the carry-over rule, and the match record's round trips (checkpoint, ONNX, index)."""
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 import numpy as np
@@ -17,14 +18,17 @@ def brute_force_threshold(impostor, target):
 
 
 @settings(max_examples=200, deadline=None)
-@given(scores=st.lists(st.sampled_from([-0.5, 0.0, 0.1, 0.2, 0.2, 0.7, 0.9, 1.0]) | st.floats(-1, 1),
-                       min_size=1, max_size=60),
-       target=st.floats(0.001, 0.999))
+@given(
+    scores=st.lists(
+        st.sampled_from([-0.5, 0.0, 0.1, 0.2, 0.2, 0.7, 0.9, 1.0]) | st.floats(-1, 1), min_size=1, max_size=60
+    ),
+    target=st.floats(0.001, 0.999),
+)
 def test_threshold_matches_brute_force(scores, target):
     t = calibration.threshold_at_fmr(scores, target)
     s = np.asarray(scores)
-    assert (s >= t).mean() <= target                     # holds the target
-    assert t == brute_force_threshold(scores, target)    # and is the smallest that does (FMR maximal)
+    assert (s >= t).mean() <= target  # holds the target
+    assert t == brute_force_threshold(scores, target)  # and is the smallest that does (FMR maximal)
 
 
 def test_threshold_on_random_pairs_is_maximal():
@@ -130,8 +134,9 @@ def test_threshold_travels_from_training_to_onnx_and_index(tiny_sop, tmp_path):
     build_gallery_index(model, test, workers=0, progress=False).save(tmp_path / "g.npz")
     assert GalleryIndex.load(tmp_path / "g.npz").meta["match"] == record
 
-    results = evaluation.evaluate_checkpoint(best, output=tmp_path / "eval", workers=0, progress=False,
-                                             num_examples=0, zero_shot_row=False, runtime="torch")
+    results = evaluation.evaluate_checkpoint(
+        best, output=tmp_path / "eval", workers=0, progress=False, num_examples=0, zero_shot_row=False, runtime="torch"
+    )
     assert results["match"]["threshold"] == record["threshold"]
     assert 0 <= results["match"]["fmr"] <= 1 and (tmp_path / "eval" / "match_curve.png").exists()
 
@@ -141,8 +146,16 @@ def test_query_photos_by_hand():
     photos; the 2-photo mean query of product 0 finds its third photo first."""
     from training import matching
 
-    e = np.array([[1, 0.0], [0.6, 0.8], [0.8, 0.6],      # product 0
-                  [0.7, 0.71], [0, 1], [0.1, 1]])        # product 1 (its first photo near product 0)
+    e = np.array(
+        [
+            [1, 0.0],
+            [0.6, 0.8],
+            [0.8, 0.6],  # product 0
+            [0.7, 0.71],
+            [0, 1],
+            [0.1, 1],
+        ]
+    )  # product 1 (its first photo near product 0)
     labels = np.array([0, 0, 0, 1, 1, 1])
     groups = matching.query_groups(labels, 2, seed=0)
     assert len(groups) == 2 and all(len(g) == 3 for g in groups)
@@ -157,7 +170,7 @@ def test_query_photos_by_hand():
             s = unit @ (centre / np.linalg.norm(centre))
             cand = [i for i in np.argsort(-s, kind="stable") if i not in g[:n]]
             rel = set(g[n:])
-            hits = [c in rel for c in cand[:len(rel)]]
+            hits = [c in rel for c in cand[: len(rel)]]
             maps.append(sum(np.cumsum(hits)[k] / (k + 1) for k in range(len(hits)) if hits[k]) / len(rel))
             r1.append(float(cand[0] in rel))
         assert out[str(n)]["map@r"] == pytest.approx(np.mean(maps))
@@ -182,10 +195,31 @@ def test_evaluate_calibrate_zero_shot_writes_match_json(tiny_sop, tmp_path, monk
     import evaluate
 
     parser = evaluate.get_args_parser()
-    args = parser.parse_args(["--zero_shot", "--backbone", "resnet18", "--weights", "none", "--image_size", "32",
-                              "--data_root", str(tiny_sop), "--calibrate", "--target_fmr", "0.02",
-                              "--query_photos", "2", "--num_examples", "0", "--workers", "0",
-                              "--no-progress", "--output", str(tmp_path / "eval")])
+    args = parser.parse_args(
+        [
+            "--zero_shot",
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "none",
+            "--image_size",
+            "32",
+            "--data_root",
+            str(tiny_sop),
+            "--calibrate",
+            "--target_fmr",
+            "0.02",
+            "--query_photos",
+            "2",
+            "--num_examples",
+            "0",
+            "--workers",
+            "0",
+            "--no-progress",
+            "--output",
+            str(tmp_path / "eval"),
+        ]
+    )
     evaluate.check_args(parser, args)
     evaluate.main(args)
     saved = json.loads((tmp_path / "eval" / "results.json").read_text())

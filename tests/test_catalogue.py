@@ -2,6 +2,7 @@
 detection, parsing, the seeded split, every bad input the README promises a clear error (or a
 counted skip) for, `datasets.py convert`, and the same images giving identical metrics in
 every layout."""
+
 import json
 import logging
 from pathlib import Path
@@ -40,6 +41,7 @@ def tree(folder, spec, seed=0):
 
 # ============ detection and parsing ============
 
+
 def test_detect_layout(tmp_path, tiny_synthetic_root):
     assert catalogue.detect_layout(tiny_synthetic_root) == (Path(tiny_synthetic_root).resolve(), "sop")
     write_csv(tmp_path / "c", "path,product_id,category\n")
@@ -57,13 +59,16 @@ def test_csv_free_names_and_explicit_split(tmp_path):
     root = tmp_path / "shop"
     for i in range(6):
         jpeg(root / "img" / f"{i}.jpg", seed=i)
-    write_csv(root, "path,product_id,category,split,price\n"
-                    "img/0.jpg,SKU-1,Kitchen & Dining,train,3\n"
-                    "img/1.jpg,SKU-1,Kitchen & Dining,train,3\n"
-                    "img/2.jpg,Bürostuhl 7,Office,train,9\n"
-                    "img/3.jpg,Bürostuhl 7,Office,train,9\n"
-                    "img/4.jpg,SKU-9,Office,test,1\n"
-                    "img/5.jpg,SKU-9,Office,test,1\n")
+    write_csv(
+        root,
+        "path,product_id,category,split,price\n"
+        "img/0.jpg,SKU-1,Kitchen & Dining,train,3\n"
+        "img/1.jpg,SKU-1,Kitchen & Dining,train,3\n"
+        "img/2.jpg,Bürostuhl 7,Office,train,9\n"
+        "img/3.jpg,Bürostuhl 7,Office,train,9\n"
+        "img/4.jpg,SKU-9,Office,test,1\n"
+        "img/5.jpg,SKU-9,Office,test,1\n",
+    )
     test = datasets.SOPDataset(root, "test")
     trainval = datasets.SOPDataset(root, "trainval")
     assert test.layout == "csv" and test.categories == ["Kitchen & Dining", "Office"]
@@ -92,8 +97,14 @@ def test_seeded_split_is_product_disjoint_and_order_free(tmp_path):
     assert not set(np.asarray(a.product_ids)[a.is_test]) & set(np.asarray(a.product_ids)[~a.is_test])
     # the same products listed in another order draw the same test products
     rows = np.random.default_rng(0).permutation(len(a.rel_paths))
-    b = catalogue.table_from_labels([a.rel_paths[i] for i in rows], [a.product_ids[i] for i in rows],
-                                    [a.categories[a.super_ids[i] - 1] for i in rows], None, 0.3, "csv")
+    b = catalogue.table_from_labels(
+        [a.rel_paths[i] for i in rows],
+        [a.product_ids[i] for i in rows],
+        [a.categories[a.super_ids[i] - 1] for i in rows],
+        None,
+        0.3,
+        "csv",
+    )
     assert {p for p, t in zip(b.product_ids, b.is_test) if t} == {p for p, t in zip(a.product_ids, a.is_test) if t}
     c = catalogue.scan_folder_tree(root, test_fraction=0.6)
     assert c.is_test.sum() != a.is_test.sum()  # the flag is used
@@ -105,20 +116,31 @@ product_names = st.text(min_size=1, max_size=12)
 
 
 @settings(max_examples=60, deadline=None)
-@given(kept=st.sets(product_names, min_size=0, max_size=40), changed=st.sets(product_names, min_size=1, max_size=20),
-       fraction=st.sampled_from([0.1, 0.3, 0.5, 0.9]), seed=st.integers(0, 3), purpose=st.sampled_from(["test", "val"]))
+@given(
+    kept=st.sets(product_names, min_size=0, max_size=40),
+    changed=st.sets(product_names, min_size=1, max_size=20),
+    fraction=st.sampled_from([0.1, 0.3, 0.5, 0.9]),
+    seed=st.integers(0, 3),
+    purpose=st.sampled_from(["test", "val"]),
+)
 def test_adding_or_removing_products_moves_no_other(kept, changed, fraction, seed, purpose):
     """The catalogue ``kept``, then grown by ``changed`` (or, read backwards, shrunk by it):
     every product of ``kept`` stays on its side. Only the tiny-catalogue guards (an empty or
     full draw) may depend on other products; both draws are checked without them."""
+
     def sides(products):
         ids = sorted(products)
-        mask = (catalogue.split_products(ids, fraction, seed, purpose) if purpose == "test"
-                else catalogue.split_validation(ids, fraction, seed))
+        mask = (
+            catalogue.split_products(ids, fraction, seed, purpose)
+            if purpose == "test"
+            else catalogue.split_validation(ids, fraction, seed)
+        )
         return dict(zip(ids, mask.tolist()))
+
     def guarded(products):  # the raw draw is empty (2+ products) or takes every product
         raw = [catalogue.split_draw(p, seed, purpose) < fraction for p in products]
         return bool(raw) and (all(raw) or (len(raw) >= 2 and not any(raw)))
+
     assume(not guarded(kept) and not guarded(kept | changed))
     before, after = sides(kept), sides(kept | changed)
     assert all(before[p] == after[p] for p in kept)
@@ -126,8 +148,9 @@ def test_adding_or_removing_products_moves_no_other(kept, changed, fraction, see
 
 def test_split_draw_is_the_documented_hash():
     import hashlib
+
     digest = hashlib.blake2b(b"val:7:chair/sku 1", digest_size=8).digest()
-    assert catalogue.split_draw("chair/sku 1", 7, "val") == int.from_bytes(digest, "big") / 2 ** 64
+    assert catalogue.split_draw("chair/sku 1", 7, "val") == int.from_bytes(digest, "big") / 2**64
     # test and validation draws of one product are independent (not one threshold on one number)
     ids = [str(i) for i in range(2000)]
     test = catalogue.split_products(ids, 0.5, 0, "test")
@@ -136,9 +159,9 @@ def test_split_draw_is_the_documented_hash():
 
 
 def test_split_guards_for_tiny_catalogues():
-    assert catalogue.split_products(["a", "b"], 0.001).sum() == 1       # never empty with fraction > 0
+    assert catalogue.split_products(["a", "b"], 0.001).sum() == 1  # never empty with fraction > 0
     assert catalogue.split_products(["a", "b", "c"], 0.999).sum() == 2  # never every product
-    assert not catalogue.split_products(["a", "b", "c"], 0.0).any()     # 0: nothing drawn
+    assert not catalogue.split_products(["a", "b", "c"], 0.0).any()  # 0: nothing drawn
     assert catalogue.split_products([], 0.5).shape == (0,)
 
 
@@ -163,22 +186,32 @@ def test_growing_a_folder_tree_keeps_every_products_split(tmp_path):
 
 # ============ bad input: a clear error naming file and line, or a counted skip ============
 
-@pytest.mark.parametrize("text, match", [
-    ("path,category\na.jpg,x\n", r"catalogue\.csv:1: missing column\(s\) product_id"),
-    ("path,product_id,category\na.jpg,,mugs\n", r"catalogue\.csv:2: empty product_id"),
-    ("path,product_id,category\na.jpg,p,mugs\nb.jpg,p,\n", r"catalogue\.csv:3: empty category"),
-    ("path,product_id,category\n../outside.jpg,p,mugs\n", r"catalogue\.csv:2: path '\.\./outside\.jpg' leaves"),
-    ("path,product_id,category\n/etc/passwd,p,mugs\n", r"catalogue\.csv:2: path '/etc/passwd' leaves"),
-    ("path,product_id,category\nimg/../../x.jpg,p,mugs\n", r"catalogue\.csv:2: path .* leaves"),
-    ("path,product_id,category\na.jpg,p,mugs\nb.jpg,p,mugs\na.jpg,q,mugs\n",
-     r"catalogue\.csv:4: image a\.jpg is listed again \(first on line 2\)"),
-    ("path,product_id,category\na.jpg,p,mugs\nb.jpg,p,lamps\n",
-     r"catalogue\.csv:3: product 'p' has category 'lamps' here but 'mugs' on line 2"),
-    ("path,product_id,category,split\na.jpg,p,mugs,train\nb.jpg,p,mugs,test\n",
-     r"catalogue\.csv:3: product 'p' has split 'test'"),
-    ("path,product_id,category,split\na.jpg,p,mugs,validation\n", r"catalogue\.csv:2: split 'validation'"),
-    ("path,product_id,category\n", r"no images listed"),
-])
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("path,category\na.jpg,x\n", r"catalogue\.csv:1: missing column\(s\) product_id"),
+        ("path,product_id,category\na.jpg,,mugs\n", r"catalogue\.csv:2: empty product_id"),
+        ("path,product_id,category\na.jpg,p,mugs\nb.jpg,p,\n", r"catalogue\.csv:3: empty category"),
+        ("path,product_id,category\n../outside.jpg,p,mugs\n", r"catalogue\.csv:2: path '\.\./outside\.jpg' leaves"),
+        ("path,product_id,category\n/etc/passwd,p,mugs\n", r"catalogue\.csv:2: path '/etc/passwd' leaves"),
+        ("path,product_id,category\nimg/../../x.jpg,p,mugs\n", r"catalogue\.csv:2: path .* leaves"),
+        (
+            "path,product_id,category\na.jpg,p,mugs\nb.jpg,p,mugs\na.jpg,q,mugs\n",
+            r"catalogue\.csv:4: image a\.jpg is listed again \(first on line 2\)",
+        ),
+        (
+            "path,product_id,category\na.jpg,p,mugs\nb.jpg,p,lamps\n",
+            r"catalogue\.csv:3: product 'p' has category 'lamps' here but 'mugs' on line 2",
+        ),
+        (
+            "path,product_id,category,split\na.jpg,p,mugs,train\nb.jpg,p,mugs,test\n",
+            r"catalogue\.csv:3: product 'p' has split 'test'",
+        ),
+        ("path,product_id,category,split\na.jpg,p,mugs,validation\n", r"catalogue\.csv:2: split 'validation'"),
+        ("path,product_id,category\n", r"no images listed"),
+    ],
+)
 def test_malformed_csv_names_file_and_line(tmp_path, text, match):
     write_csv(tmp_path, text)
     with pytest.raises(ValueError, match=match):
@@ -198,8 +231,12 @@ def attack_catalogue(tmp_path, layout, attack):
     for j in range(2):
         for i in range(2):
             jpeg(root / "mug_final" / f"m{j}" / f"{i}.jpg", seed=10 * j + i)
-    bad = {"dotdot": "../outside/p/x.jpg", "absolute": str(outside / "p" / "x.jpg"),
-           "file_link": "mug_final/m1/link.jpg", "folder_link": "linked_final/p/x.jpg"}[attack]
+    bad = {
+        "dotdot": "../outside/p/x.jpg",
+        "absolute": str(outside / "p" / "x.jpg"),
+        "file_link": "mug_final/m1/link.jpg",
+        "folder_link": "linked_final/p/x.jpg",
+    }[attack]
     if attack == "file_link":
         (root / "mug_final" / "m1" / "link.jpg").symlink_to(outside / "p" / "x.jpg")
     if attack == "folder_link":
@@ -218,8 +255,15 @@ def attack_catalogue(tmp_path, layout, attack):
 
 
 # a walked tree names no path of its own: only links can lead out of it
-@pytest.mark.parametrize("layout, attack", [(layout, attack) for layout in ("sop_train", "sop_test", "csv", "folder")
-                                            for attack in ATTACKS if layout != "folder" or "link" in attack])
+@pytest.mark.parametrize(
+    "layout, attack",
+    [
+        (layout, attack)
+        for layout in ("sop_train", "sop_test", "csv", "folder")
+        for attack in ATTACKS
+        if layout != "folder" or "link" in attack
+    ],
+)
 def test_every_reader_refuses_paths_leading_out_of_the_data_root(tmp_path, layout, attack):
     root, where = attack_catalogue(tmp_path, layout, attack)
     split = "test" if layout == "sop_test" else "trainval"
@@ -238,8 +282,9 @@ def test_links_inside_the_data_root_are_allowed(tmp_path):
 def test_csv_not_utf8_names_file_line_and_byte(tmp_path):
     """A catalogue saved as Windows-1252 (Excel's plain "CSV") stops with the file, the line, the
     byte offset and what encoding is expected, not a bare codec error."""
-    (tmp_path / "catalogue.csv").write_bytes("path,product_id,category\na.jpg,p,mugs\nb.jpg,p,caf\u00e9\n"
-                                             .encode("cp1252"))
+    (tmp_path / "catalogue.csv").write_bytes(
+        "path,product_id,category\na.jpg,p,mugs\nb.jpg,p,caf\u00e9\n".encode("cp1252")
+    )
     offset = len(b"path,product_id,category\na.jpg,p,mugs\nb.jpg,p,caf")
     with pytest.raises(ValueError) as e:
         datasets.SOPDataset(tmp_path, "test", check_files=False)
@@ -271,8 +316,11 @@ def test_csv_listed_images_missing_are_counted(tmp_path):
     ds = datasets.SOPDataset(tmp_path, "trainval")
     (tmp_path / ds.rel_paths[0]).unlink()
     (tmp_path / ds.rel_paths[1]).unlink()
-    with pytest.raises(FileNotFoundError, match=r"2 of 4 images listed for split 'trainval' are missing"
-                                                 r".*img/"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"2 of 4 images listed for split 'trainval' are missing"
+        r".*img/",
+    ):
         datasets.SOPDataset(tmp_path, "trainval")
 
 
@@ -301,8 +349,11 @@ def test_tree_skips_non_images_counted_and_listed_with_verbose(tmp_path, caplog)
 
 def test_tree_mixed_depths_and_empty(tmp_path):
     root = tree(tmp_path / "t", {"mugs/m1": 2, "p2": 2})
-    with pytest.raises(ValueError, match=r"images lie at different depths \(2 levels: p2/0\.jpg; "
-                                         r"3 levels: mugs/m1/0\.jpg\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"images lie at different depths \(2 levels: p2/0\.jpg; "
+        r"3 levels: mugs/m1/0\.jpg\)",
+    ):
         datasets.SOPDataset(root, "test")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no catalogue: nothing"):
@@ -324,8 +375,16 @@ def test_single_image_product_kept_never_a_query(tmp_path):
     assert len(ds) == 7 and ds.num_single_image_products == 1
     torch.manual_seed(0)
     model = models.build_model("resnet18", embedding_size=16, weights="none", image_size=32)
-    results = evaluation.evaluate_model(model, ds, model_info={"run": "t"}, write=True, workers=0,
-                                        progress=False, num_examples=0, output=tmp_path / "eval")
+    results = evaluation.evaluate_model(
+        model,
+        ds,
+        model_info={"run": "t"},
+        write=True,
+        workers=0,
+        progress=False,
+        num_examples=0,
+        output=tmp_path / "eval",
+    )
     evaluation.write_results(results, tmp_path / "eval")
     assert "1 products with a single image" in (tmp_path / "eval" / "results.md").read_text()
     assert results["data"]["single_image_products"] == 1
@@ -336,9 +395,11 @@ def test_single_image_product_kept_never_a_query(tmp_path):
 
 # ============ convert ============
 
+
 def test_convert_sop_to_csv_and_folder(tmp_path, tiny_synthetic_root):
-    csv_root = prepare_data.convert_catalogue(tiny_synthetic_root, tmp_path / "csv", "csv", from_layout="sop",
-                                              progress=False)
+    csv_root = prepare_data.convert_catalogue(
+        tiny_synthetic_root, tmp_path / "csv", "csv", from_layout="sop", progress=False
+    )
     assert catalogue.detect_layout(csv_root)[1] == "csv"
     a, b = (datasets.SOPDataset(r, "test") for r in (tiny_synthetic_root, csv_root))
     assert a.rel_paths == b.rel_paths and a.product_ids == b.product_ids
@@ -356,8 +417,11 @@ def test_convert_sop_to_csv_and_folder(tmp_path, tiny_synthetic_root):
 def test_convert_in_place_writes_only_the_csv(tmp_path):
     root = tree(tmp_path / "t", {"mugs/m1": 2, "mugs/m2": 2, "lamps/l1": 2, "lamps/l2": 2})
     before = catalogue.scan_folder_tree(root)
-    rc = datasets.main(datasets.get_args_parser().parse_args(
-        ["convert", "--root", str(root), "--to", "csv", "--output", str(root), "--no-split"]))
+    rc = datasets.main(
+        datasets.get_args_parser().parse_args(
+            ["convert", "--root", str(root), "--to", "csv", "--output", str(root), "--no-split"]
+        )
+    )
     assert rc == 0 and (root / "catalogue.csv").read_text().startswith("path,product_id,category\n")
     after = datasets.SOPDataset(root, "test")  # now read as a CSV, the same split drawn
     assert after.layout == "csv"
@@ -374,8 +438,7 @@ def test_convert_failure_leaves_nothing(tmp_path):
 
 
 def test_stats_on_free_categories(tmp_path):
-    root = tree(tmp_path / "t", {f"{c}/p{j}": 2 + j % 2 for c in ("Gartenmöbel", "Kitchen & Dining")
-                                 for j in range(4)})
+    root = tree(tmp_path / "t", {f"{c}/p{j}": 2 + j % 2 for c in ("Gartenmöbel", "Kitchen & Dining") for j in range(4)})
     rows, sets = datasets.dataset_stats(root, val_fraction=0.25)
     assert rows["total"]["images"] == 20 and rows["total"]["categories"] == 2
     out = data_stats.plot_stats(sets, tmp_path / "stats.png")
@@ -384,9 +447,11 @@ def test_stats_on_free_categories(tmp_path):
 
 # ============ the same images in each layout give identical metrics ============
 
+
 def _metrics(ckpt, root, tmp_path, name):
-    r = evaluation.evaluate_checkpoint(ckpt, data_root=root, output=tmp_path / name, workers=0,
-                                       device="cpu", progress=False, num_examples=0)
+    r = evaluation.evaluate_checkpoint(
+        ckpt, data_root=root, output=tmp_path / name, workers=0, device="cpu", progress=False, num_examples=0
+    )
     return {k: r[k] for k in ("product", "category", "num_queries", "per_category")}, r
 
 
@@ -395,8 +460,9 @@ def test_identical_metrics_in_every_layout(tmp_path, synthetic_root):
     torch.manual_seed(0)
     model = models.build_model("resnet18", embedding_size=32, weights="none", image_size=48)
     ckpt = tmp_path / "ck" / "best.pth"
-    checkpoints.atomic_save(checkpoints.make_checkpoint(model, args={"data_root": str(synthetic_root)}, epoch=1,
-                                              metrics={}), ckpt)
+    checkpoints.atomic_save(
+        checkpoints.make_checkpoint(model, args={"data_root": str(synthetic_root)}, epoch=1, metrics={}), ckpt
+    )
     csv_root = prepare_data.convert_catalogue(synthetic_root, tmp_path / "as_csv", "csv", progress=False)
     sop, _ = _metrics(ckpt, synthetic_root, tmp_path, "sop")
     from_csv, r = _metrics(ckpt, csv_root, tmp_path, "csv")
@@ -404,8 +470,9 @@ def test_identical_metrics_in_every_layout(tmp_path, synthetic_root):
     assert from_csv == sop
     # a tree and a CSV without a split draw the same test products from the same product ids
     folder = prepare_data.convert_catalogue(csv_root, tmp_path / "as_tree", "folder", progress=False)
-    csv_nosplit = prepare_data.convert_catalogue(folder, tmp_path / "tree_csv", "csv", write_split=False,
-                                                 progress=False)
+    csv_nosplit = prepare_data.convert_catalogue(
+        folder, tmp_path / "tree_csv", "csv", write_split=False, progress=False
+    )
     from_tree, r1 = _metrics(ckpt, folder, tmp_path, "tree")
     from_csv2, r2 = _metrics(ckpt, csv_nosplit, tmp_path, "csv2")
     assert r1["data"]["layout"] == "folder" and r2["data"]["layout"] == "csv"
@@ -438,9 +505,11 @@ def test_sop_layout_names_categories_after_their_folders(tmp_path, synthetic_roo
     # SOP itself: the folders are SOP's names
     assert datasets.SOPDataset(synthetic_root, "test").categories == catalogue.SOP_CATEGORIES
     # a folder of groceries in SOP's layout (super_class_id 1 under grocery_final/)
-    (tmp_path / "Ebay_test.txt").write_text("image_id class_id super_class_id path\n"
-                                            "1 1 1 grocery_final/1_0.JPG\n2 1 1 grocery_final/1_1.JPG\n"
-                                            "3 2 3 misc/2_0.JPG\n4 2 3 other/2_1.JPG\n")
+    (tmp_path / "Ebay_test.txt").write_text(
+        "image_id class_id super_class_id path\n"
+        "1 1 1 grocery_final/1_0.JPG\n2 1 1 grocery_final/1_1.JPG\n"
+        "3 2 3 misc/2_0.JPG\n4 2 3 other/2_1.JPG\n"
+    )
     ds = datasets.SOPDataset(tmp_path, "test", check_files=False)
     assert ds.categories[0] == "grocery"
     assert ds.categories[2] == catalogue.SOP_CATEGORIES[2]  # two folders: SOP's name stays
@@ -462,6 +531,9 @@ def test_tree_to_tree_keeps_folder_names_and_run_is_named_after_the_folder(tmp_p
 
 def test_csv_without_test_rows_says_so(tmp_path):
     write_csv(tmp_path, "path,product_id,category,split\na.jpg,p,mugs,train\nb.jpg,p,mugs,train\n")
-    with pytest.raises(catalogue.DatasetError, match=r"split 'test' of .* \(csv\) is empty: no image is in "
-                                                    r"the test split"):
+    with pytest.raises(
+        catalogue.DatasetError,
+        match=r"split 'test' of .* \(csv\) is empty: no image is in "
+        r"the test split",
+    ):
         datasets.SOPDataset(tmp_path, "test", check_files=False)

@@ -9,6 +9,7 @@ gloo group serves DistributedDataParallel, and torch.distributed's collectives a
 recorders that act as an identical second rank would, and note who called them with which
 tensors.
 """
+
 import gc
 import sys
 import weakref
@@ -21,9 +22,12 @@ import torch.distributed as dist
 import train
 from training import distributed
 
-pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
-              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                 reason="torch.distributed with gloo is not available")]
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.skipif(
+        not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+    ),
+]
 
 
 def _as_second_rank(name, args, kwargs):
@@ -37,14 +41,29 @@ def _as_second_rank(name, args, kwargs):
 
 def record_collectives(monkeypatch, calls):
     """Replace torch.distributed's collectives by recorders: (name, calling module, tensors)."""
-    for name in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce",
-                 "reduce_scatter", "all_gather_object", "broadcast_object_list", "barrier"):
+    for name in (
+        "all_reduce",
+        "broadcast",
+        "all_gather",
+        "all_gather_into_tensor",
+        "reduce",
+        "reduce_scatter",
+        "all_gather_object",
+        "broadcast_object_list",
+        "barrier",
+    ):
+
         def recorder(*args, _name=name, **kwargs):
             caller = sys._getframe(1).f_globals.get("__name__", "?")
-            tensors = [t for a in (*args, *kwargs.values())
-                       for t in (a if isinstance(a, (list, tuple)) else [a]) if torch.is_tensor(t)]
+            tensors = [
+                t
+                for a in (*args, *kwargs.values())
+                for t in (a if isinstance(a, (list, tuple)) else [a])
+                if torch.is_tensor(t)
+            ]
             calls.append((_name, caller, tensors))
             _as_second_rank(_name, args, kwargs)
+
         monkeypatch.setattr(dist, name, recorder)
 
 
@@ -58,16 +77,29 @@ def one_process_group(tmp_path):
 
 @pytest.mark.parametrize("loss", ["triplet", "proxy_anchor"])
 def test_every_collective_of_a_run_goes_through_the_owner_on_the_run_device(
-        tiny_sop, tmp_path, monkeypatch, one_process_group, loss):
+    tiny_sop, tmp_path, monkeypatch, one_process_group, loss
+):
     calls = []
     record_collectives(monkeypatch, calls)
     monkeypatch.setattr(distributed, "init_distributed", lambda device_arg: (0, 2, 0))
     devices = []
     process_of = distributed.Process.of
-    monkeypatch.setattr(distributed.Process, "of",
-                        lambda *a: devices.append(process_of(*a)) or devices[-1])
-    argv = tiny_argv(tiny_sop, tmp_path, "--epochs", "1", "--device", "cpu", "--projector_samples", "0",
-                     "--loss", loss, "--gather_embeddings", "--warmup_epochs", "0.5")
+    monkeypatch.setattr(distributed.Process, "of", lambda *a: devices.append(process_of(*a)) or devices[-1])
+    argv = tiny_argv(
+        tiny_sop,
+        tmp_path,
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--projector_samples",
+        "0",
+        "--loss",
+        loss,
+        "--gather_embeddings",
+        "--warmup_epochs",
+        "0.5",
+    )
     train.main(parse(argv))
     assert devices and devices[0].world == 2
     names = {name for name, _, _ in calls}

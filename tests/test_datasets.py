@@ -1,5 +1,6 @@
 """Tests for datasets.py: SOP parsing, splits, transforms, samplers, corrupt images, the
 synthetic generator, download, resize and the command line. CPU only, tiny data."""
+
 import collections
 import hashlib
 import io
@@ -34,29 +35,36 @@ def run_cli(*argv):
 def tree_digest(root):
     """{relative path: sha256} of every file under root."""
     root = Path(root)
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 # ============ parsing and errors for bad input ============
+
 
 def test_read_ebay_file(synthetic_root):
     train = catalogue.read_ebay_file(synthetic_root / "Ebay_train.txt")
     test = catalogue.read_ebay_file(synthetic_root / "Ebay_test.txt")
     assert train.image_ids.tolist() == list(range(1, len(train.image_ids) + 1))
     assert train.class_ids.dtype == np.int64 and train.super_ids.dtype == np.int64
-    assert set(np.unique(train.class_ids)) == set(range(1, 31))      # 60 products: 30 + 30
+    assert set(np.unique(train.class_ids)) == set(range(1, 31))  # 60 products: 30 + 30
     assert set(np.unique(test.class_ids)) == set(range(31, 61))
     for sid, rel in zip(train.super_ids, train.rel_paths):
         assert rel.startswith(catalogue.SOP_CATEGORIES[sid - 1] + "_final/")
 
 
-@pytest.mark.parametrize("lines, match", [
-    (["1 1 1 bicycle_final/a_0.JPG", "2 1 1"], r"Ebay_train\.txt:3: expected 4 fields"),
-    (["1 1 1 bicycle_final/a_0.JPG", "2 x 1 bicycle_final/a_1.JPG"], r"Ebay_train\.txt:3: .*integers"),
-    (["1 1 13 bicycle_final/a_0.JPG"], r"Ebay_train\.txt:2: super_class_id 13"),
-    (["1 1 1 bicycle_final/a_0.JPG", "2 1 1 bicycle_final/a_0.JPG"], r"listed more than once"),
-])
+@pytest.mark.parametrize(
+    "lines, match",
+    [
+        (["1 1 1 bicycle_final/a_0.JPG", "2 1 1"], r"Ebay_train\.txt:3: expected 4 fields"),
+        (["1 1 1 bicycle_final/a_0.JPG", "2 x 1 bicycle_final/a_1.JPG"], r"Ebay_train\.txt:3: .*integers"),
+        (["1 1 13 bicycle_final/a_0.JPG"], r"Ebay_train\.txt:2: super_class_id 13"),
+        (["1 1 1 bicycle_final/a_0.JPG", "2 1 1 bicycle_final/a_0.JPG"], r"listed more than once"),
+    ],
+)
 def test_malformed_line_names_file_and_line(tmp_path, lines, match):
     (tmp_path / "Ebay_train.txt").write_text(HEADER + "\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=match):
@@ -82,8 +90,11 @@ def test_missing_root_names_path_and_command(tmp_path):
 
 def test_missing_ebay_files(tmp_path):
     # an empty folder is no catalogue of any layout: the error says which layouts it could be
-    with pytest.raises(ValueError, match=r"holds no catalogue: nothing.*<category>/<product>/<image>"
-                                         r".*catalogue\.csv.*datasets\.py download"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds no catalogue: nothing.*<category>/<product>/<image>"
+        r".*catalogue\.csv.*datasets\.py download",
+    ):
         datasets.SOPDataset(tmp_path, "train")
     (tmp_path / "Ebay_train.txt").write_text(HEADER)
     with pytest.raises(FileNotFoundError, match=r"Ebay_test\.txt not found.*datasets\.py download"):
@@ -113,6 +124,7 @@ def test_unknown_split(synthetic_root):
 
 # ============ splits ============
 
+
 def test_validation_split_product_disjoint_seeded(synthetic_root):
     trainval = datasets.SOPDataset(synthetic_root, "trainval")
     train = datasets.SOPDataset(synthetic_root, "train")
@@ -123,7 +135,7 @@ def test_validation_split_product_disjoint_seeded(synthetic_root):
     assert not set(train.class_ids) & set(val.class_ids)
     assert not set(trainval.class_ids) & set(test.class_ids)
     drawn = {p for p in set(trainval.product_ids) if catalogue.split_draw(p, 0, "val") < 0.1}
-    assert set(val.product_ids) == drawn and len(drawn) == 2             # the val draw of 30 products
+    assert set(val.product_ids) == drawn and len(drawn) == 2  # the val draw of 30 products
     again = datasets.SOPDataset(synthetic_root, "val")
     other = datasets.SOPDataset(synthetic_root, "val", split_seed=1)
     assert again.paths == val.paths and set(other.class_ids) != set(val.class_ids)
@@ -142,16 +154,24 @@ def test_split_validation_fraction_on_sop_sized_ids():
 
 # ============ images and transforms ============
 
+
 def test_build_transform_matches_spec():
     train = preprocessing.build_transform(224, train=True).transforms
-    assert [type(t) for t in train] == [T.Resize, T.RandomResizedCrop, T.RandomHorizontalFlip,
-                                        T.ColorJitter, T.RandomRotation, T.ToTensor, T.Normalize]
+    assert [type(t) for t in train] == [
+        T.Resize,
+        T.RandomResizedCrop,
+        T.RandomHorizontalFlip,
+        T.ColorJitter,
+        T.RandomRotation,
+        T.ToTensor,
+        T.Normalize,
+    ]
     assert tuple(train[0].size) == (256, 256) and train[1].scale == (0.8, 1.0)
     assert train[3].brightness == (0.8, 1.2) and train[4].degrees == [-15.0, 15.0]
     ev = preprocessing.build_transform(224).transforms
     assert [type(t) for t in ev] == [T.Resize, T.CenterCrop, T.ToTensor, T.Normalize]
     assert tuple(ev[0].size) == (256, 256)
-    assert tuple(preprocessing.build_transform(64).transforms[0].size) == (73, 73)   # round(64*256/224)
+    assert tuple(preprocessing.build_transform(64).transforms[0].size) == (73, 73)  # round(64*256/224)
     img = Image.new("RGB", (90, 50), (200, 10, 10))
     assert preprocessing.build_transform(48)(img).shape == (3, 48, 48)
     assert preprocessing.build_transform(48, train=True)(img).shape == (3, 48, 48)
@@ -168,11 +188,11 @@ def test_load_image_modes_and_exif(tmp_path):
         im = photos.load_image(tmp_path / name)
         assert im.mode == "RGB" and im.size == (20, 10), name
     assert photos.load_image(tmp_path / "rgba.png").getpixel((0, 0)) == (255, 255, 255)  # onto white
-    assert photos.load_image(tmp_path / "i16.png").getpixel((0, 0)) == (255, 255, 255)   # rescaled
+    assert photos.load_image(tmp_path / "i16.png").getpixel((0, 0)) == (255, 255, 255)  # rescaled
     r, g, b = photos.load_image(tmp_path / "cmyk.jpg").getpixel((5, 5))
     assert r > 200 and g < 60 and b < 60
     exif = Image.Exif()
-    exif[0x0112] = 6    # orientation: rotate 90° clockwise to display
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
     Image.new("RGB", (40, 20)).save(tmp_path / "rot.jpg", exif=exif)
     assert photos.load_image(tmp_path / "rot.jpg").size == (20, 40)
 
@@ -181,9 +201,9 @@ def test_load_image_draft_decodes_at_reduced_scale(tmp_path):
     Image.new("RGB", (1200, 800), (10, 200, 30)).save(tmp_path / "big.jpg")
     assert photos.load_image(tmp_path / "big.jpg").size == (1200, 800)
     small = photos.load_image(tmp_path / "big.jpg", size=256)
-    assert small.size == (600, 400)            # min(1200 // 256, 800 // 256) = 3 → 1/2 scale
-    assert min(small.size) >= 256              # never below the resize target
-    assert photos.load_image(tmp_path / "big.jpg", size=100).size == (150, 100)   # 1/8
+    assert small.size == (600, 400)  # min(1200 // 256, 800 // 256) = 3 → 1/2 scale
+    assert min(small.size) >= 256  # never below the resize target
+    assert photos.load_image(tmp_path / "big.jpg", size=100).size == (150, 100)  # 1/8
 
 
 def test_dataset_items_and_draft_size(synthetic_root):
@@ -198,6 +218,7 @@ def test_dataset_items_and_draft_size(synthetic_root):
 
 
 # ============ corrupt images ============
+
 
 def _damage(paths):
     """Zero-byte, truncated and not-an-image files with a .JPG name."""
@@ -223,7 +244,7 @@ def test_corrupt_images_substituted_logged_counted(synthetic_copy, caplog):
     with caplog.at_level(logging.WARNING, logger="datasets"):
         for i in bad:
             img, cls = ds[i]
-            sibling = i + 1                      # next image of the same product (file order)
+            sibling = i + 1  # next image of the same product (file order)
             assert ds.class_ids[sibling] == cls
             expected = photos.load_image(ds.paths[sibling])
             assert np.array_equal(np.asarray(img), np.asarray(expected))
@@ -237,12 +258,12 @@ def test_corrupt_images_substituted_logged_counted(synthetic_copy, caplog):
 
 
 def test_bad_image_count_visible_with_dataloader_workers(synthetic_copy):
-    ds = datasets.SOPDataset(synthetic_copy, "test", transform=preprocessing.build_transform(32),
-                             max_bad_fraction=0.05)
+    ds = datasets.SOPDataset(synthetic_copy, "test", transform=preprocessing.build_transform(32), max_bad_fraction=0.05)
     bad = _first_images_of_distinct_products(ds, 2)
-    _damage([ds.paths[i] for i in bad] + [ds.paths[-1]])   # third one unused
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, list(range(len(ds) - 1))),
-                                         batch_size=32, num_workers=2)
+    _damage([ds.paths[i] for i in bad] + [ds.paths[-1]])  # third one unused
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(ds, list(range(len(ds) - 1))), batch_size=32, num_workers=2
+    )
     labels = torch.cat([y for _, y in loader])
     assert labels.tolist() == ds.class_ids[:-1].tolist()
     assert ds.num_bad_images == 2 and set(ds.bad_paths) == {ds.paths[i] for i in bad}
@@ -250,7 +271,7 @@ def test_bad_image_count_visible_with_dataloader_workers(synthetic_copy):
 
 def test_more_than_one_percent_bad_raises_listing_them(synthetic_copy):
     ds = datasets.SOPDataset(synthetic_copy, "trainval")
-    bad = _first_images_of_distinct_products(ds, 6)    # ~3.5% of ~170 images
+    bad = _first_images_of_distinct_products(ds, 6)  # ~3.5% of ~170 images
     for i in bad:
         Path(ds.paths[i]).write_bytes(b"")
     with pytest.raises(datasets.CorruptImagesError) as err:
@@ -272,6 +293,7 @@ def test_all_images_of_a_product_bad(synthetic_copy):
 
 # ============ samplers ============
 
+
 def _class_ids(sizes):
     return np.repeat(np.arange(1, len(sizes) + 1), sizes)
 
@@ -286,7 +308,7 @@ def test_pk_sampler_batches_are_p_products_by_k_images():
         counts = collections.Counter(class_ids[batch].tolist())
         assert len(batch) == 32 and len(counts) == 8 and set(counts.values()) == {4}
     seen = {i for b in batches for i in b}
-    assert len(seen) > 0.8 * len(class_ids)           # about one pass over the images
+    assert len(seen) > 0.8 * len(class_ids)  # about one pass over the images
 
 
 def test_pk_sampler_small_classes_with_replacement():
@@ -298,7 +320,7 @@ def test_pk_sampler_small_classes_with_replacement():
         for c in counts:
             members = [i for i in batch if class_ids[i] == c]
             if (class_ids == c).sum() < 4:
-                assert len(set(members)) == (class_ids == c).sum()   # all of them, then repeats
+                assert len(set(members)) == (class_ids == c).sum()  # all of them, then repeats
 
 
 def test_pk_sampler_deterministic_per_seed_and_epoch():
@@ -322,7 +344,7 @@ def test_pk_sampler_sharded_across_ranks():
     per_rank = [list(s) for s in shards]
     assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) == len(class_ids) // 16 // 3
     as_tuples = [tuple(b) for rank in per_rank for b in rank]
-    assert len(set(as_tuples)) == len(as_tuples)               # distinct batches on every rank
+    assert len(set(as_tuples)) == len(as_tuples)  # distinct batches on every rank
     with pytest.raises(ValueError, match="rank"):
         samplers.PKSampler(class_ids, 4, 4, num_replicas=2, rank=2)
 
@@ -365,6 +387,7 @@ def test_pk_sampler_in_dataloader(synthetic_root):
 
 # ============ synthetic SOP ============
 
+
 def test_synthetic_layout(synthetic_root):
     names = {p.name for p in synthetic_root.iterdir()}
     assert {"Ebay_train.txt", "Ebay_test.txt", "Ebay_info.txt", ".complete"} <= names
@@ -374,7 +397,7 @@ def test_synthetic_layout(synthetic_root):
     for split, ids in (("trainval", range(1, 31)), ("test", range(31, 61))):
         ds = datasets.SOPDataset(synthetic_root, split)
         assert set(ds.class_ids) == set(ids)
-        assert set(ds.super_ids) == set(range(1, 13))                 # every category in each split
+        assert set(ds.super_ids) == set(range(1, 13))  # every category in each split
         _, per_product = np.unique(ds.class_ids, return_counts=True)
         assert per_product.min() >= 2 and per_product.max() <= 12
         for rel, sid in zip(ds.rel_paths, ds.super_ids):
@@ -398,7 +421,7 @@ def test_synthetic_views_differ_and_sizes_range(tmp_path):
     sizes = {Image.open(p).size for p in ds.paths}
     assert all(40 <= w <= 64 and 40 <= h <= 64 for w, h in sizes) and len(sizes) > 1
     digests = {hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in ds.paths}
-    assert len(digests) == len(ds)                                      # every photo a new view
+    assert len(digests) == len(ds)  # every photo a new view
 
 
 def test_interrupted_generation_never_passes_for_complete(tmp_path, monkeypatch):
@@ -408,14 +431,14 @@ def test_interrupted_generation_never_passes_for_complete(tmp_path, monkeypatch)
     def dying(job):
         calls.append(job)
         if len(calls) == 5:
-            raise KeyboardInterrupt   # as if the user pressed Ctrl-C mid-generation
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-generation
         return real(job)
 
     monkeypatch.setattr(synthetic_sop, "_write_product", dying)
     root = tmp_path / "syn"
     with pytest.raises(KeyboardInterrupt):
         synthetic_sop.make_synthetic_sop(root, num_products=12, image_size=32, workers=0)
-    assert not root.exists() and list(tmp_path.iterdir()) == []          # temp folder removed
+    assert not root.exists() and list(tmp_path.iterdir()) == []  # temp folder removed
     # a SIGKILL leaves the temporary folder behind: it is not at root and not complete
     monkeypatch.setattr(synthetic_sop, "publish_dir", lambda tmp, final: None)
     synthetic_sop.make_synthetic_sop(root, num_products=12, image_size=32, workers=0)
@@ -451,6 +474,7 @@ def test_ensure_synthetic_reuses_and_refuses_foreign_data(tmp_path, monkeypatch)
 
 # ============ download ============
 
+
 def _fake_sop_zip(src, path):
     with zipfile.ZipFile(path, "w") as zf:
         for f in sorted(Path(src).rglob("*")):
@@ -480,7 +504,7 @@ def test_download_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
 
 def test_download_unreachable_server(tmp_path, monkeypatch):
     def refused(request, timeout=None):
-        assert timeout == 10.0                 # the short default
+        assert timeout == 10.0  # the short default
         raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
 
     monkeypatch.setattr(prepare_data.socket, "getaddrinfo", lambda *a, **k: [("addr",)])
@@ -510,14 +534,17 @@ def test_download_extracts_hand_placed_archive_and_checks_counts(tiny_synthetic_
     target = prepare_data.download_sop(tmp_path, expected=expected, progress=False)
     assert target == tmp_path / "Stanford_Online_Products" and fileio.is_complete(target)
     assert len(datasets.SOPDataset(tmp_path, "test")) == len(te)
-    assert prepare_data.download_sop(tmp_path, expected=expected, progress=False) == target   # no-op
+    assert prepare_data.download_sop(tmp_path, expected=expected, progress=False) == target  # no-op
 
 
 def _expected_counts(root):
     tv = catalogue.read_ebay_file(root / "Ebay_train.txt")
     te = catalogue.read_ebay_file(root / "Ebay_test.txt")
-    return {"images": len(tv.rel_paths) + len(te.rel_paths), "train_rows": len(tv.rel_paths),
-            "test_rows": len(te.rel_paths)}
+    return {
+        "images": len(tv.rel_paths) + len(te.rel_paths),
+        "train_rows": len(tv.rel_paths),
+        "test_rows": len(te.rel_paths),
+    }
 
 
 def test_download_broken_off_then_resumed_with_range(tiny_synthetic_root, tmp_path, monkeypatch):
@@ -572,6 +599,7 @@ def test_download_rejects_damaged_archive(tmp_path):
 
 # ============ command line: stats, verify, resize, synthetic ============
 
+
 def test_stats_cli_prints_table_and_saves_figure(synthetic_root, tmp_path, capsys):
     fig = tmp_path / "figs" / "stats.png"
     assert run_cli("stats", "--root", synthetic_root, "--output", fig) == 0
@@ -608,8 +636,7 @@ def test_resize_copy(tiny_synthetic_root, tmp_path):
 
 
 def test_synthetic_cli_and_help(tmp_path, capsys):
-    assert run_cli("synthetic", "--root", tmp_path / "s", "--num_products", 12, "--image_size", 32,
-                   "--workers", 0) == 0
+    assert run_cli("synthetic", "--root", tmp_path / "s", "--num_products", 12, "--image_size", 32, "--workers", 0) == 0
     assert "train +" in capsys.readouterr().out and fileio.is_complete(tmp_path / "s")
     with pytest.raises(SystemExit):
         datasets.get_args_parser().parse_args(["synthetic", "--help"])
@@ -619,7 +646,11 @@ def test_synthetic_cli_and_help(tmp_path, capsys):
 def test_loader_settings_follow_device_and_cpus():
     """The defaults train.py, evaluate.py and the demo use (measured in bench/bench_throughput)."""
     assert loaders.loader_settings("cpu", cpus=2) == {
-        "num_workers": 1, "pin_memory": False, "persistent_workers": False, "prefetch_factor": 2}
+        "num_workers": 1,
+        "pin_memory": False,
+        "persistent_workers": False,
+        "prefetch_factor": 2,
+    }
     assert loaders.loader_settings("cpu", cpus=16)["num_workers"] == 4
     gpu = loaders.loader_settings("cuda", cpus=64)
     assert gpu == {"num_workers": 16, "pin_memory": True, "persistent_workers": True, "prefetch_factor": 4}
@@ -629,11 +660,16 @@ def test_loader_settings_follow_device_and_cpus():
     assert loaders.loader_settings("cpu", cpus=8, pin_memory=True)["pin_memory"] is False  # CPU: no pinning
     # (moved from tests/test_bench_throughput.py, where these settings used to live)
     assert loaders.loader_settings("cuda", cpus=16) == {
-        "num_workers": 16, "pin_memory": True, "persistent_workers": True, "prefetch_factor": 4}
+        "num_workers": 16,
+        "pin_memory": True,
+        "persistent_workers": True,
+        "prefetch_factor": 4,
+    }
     assert loaders.loader_settings("cpu", cpus=2, workers=0) == {"num_workers": 0, "pin_memory": False}
 
 
 # ============ P×K batches on few products ============
+
 
 def test_few_large_products_keep_the_batch_size_and_raise_k():
     """7 products of 500 images: batches of 64 need P=16 at K=4; K is raised to fit instead."""
@@ -647,11 +683,14 @@ def test_few_large_products_keep_the_batch_size_and_raise_k():
     assert samplers.fit_images_per_class(np.repeat(np.arange(30), 5), 64, 4) == (4, None)  # enough
 
 
-@pytest.mark.parametrize("class_ids, batch_size, match", [
-    (np.repeat([3], 50), 64, "at least 2 products"),
-    (np.repeat(np.arange(3), 3), 64, r"too few for batches of 64 .* use batch_size <= 9"),
-    (np.repeat(np.arange(5), 40), 7, "no divisor P in 2..5"),
-])
+@pytest.mark.parametrize(
+    "class_ids, batch_size, match",
+    [
+        (np.repeat([3], 50), 64, "at least 2 products"),
+        (np.repeat(np.arange(3), 3), 64, r"too few for batches of 64 .* use batch_size <= 9"),
+        (np.repeat(np.arange(5), 40), 7, "no divisor P in 2..5"),
+    ],
+)
 def test_a_pk_batch_that_cannot_be_made_says_why(class_ids, batch_size, match):
     with pytest.raises(ValueError, match=match):
         samplers.fit_images_per_class(class_ids, batch_size, 4)

@@ -4,6 +4,7 @@ with gathered embeddings), rank-sharded P x K batches, rank 0 alone validating /
 both ranks hold identical weights before and after every epoch; a run killed mid-way resumes
 under torchrun to the same weights as a run that was never killed; --gather_embeddings gives the
 loss and the step of one process over the ranks' concatenated batches."""
+
 import json
 import os
 from pathlib import Path
@@ -21,23 +22,30 @@ from training import distributed, loop, runs
 
 WORKER = Path(__file__).resolve().parent / "fixtures" / "ddp_worker.py"
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                 reason="torch.distributed with gloo is not available")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+    ),
+]
 
 
 def torchrun(argv, cwd, state_dir, kill_at=None, timeout=300):
     """train.py's command line under torchrun (2 processes), through the fixture that saves each
     rank's state per epoch into ``state_dir``; returns the CompletedProcess."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "DDP_STATE_DIR": str(state_dir)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "DDP_STATE_DIR": str(state_dir),
+    }
     env.pop("DDP_KILL_AT", None)
     if kill_at:
         env["DDP_KILL_AT"] = kill_at
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     # --standalone: a local rendezvous on a free port, so parallel test runs do not collide.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(WORKER), *argv]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), *argv]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -50,9 +58,28 @@ def recipe_argv(root, out, *extra):
     """The default recipe of --weights imagenet (pretrained: PCA-whitened linear head, frozen
     BatchNorm, head-only warm-up) from random weights, tiny: the warm-up ends after the first
     of epoch 1's two steps, so DDP changes phase inside an epoch."""
-    return tiny_argv(root, out, "--recipe", "pretrained", "--weights", "none", "--embedding_size", "16",
-                     "--pca_images", "64", "--warmup_epochs", "0.5", "--epochs", "2", "--device", "cpu",
-                     "--deterministic", "--projector_samples", "0", *extra)
+    return tiny_argv(
+        root,
+        out,
+        "--recipe",
+        "pretrained",
+        "--weights",
+        "none",
+        "--embedding_size",
+        "16",
+        "--pca_images",
+        "64",
+        "--warmup_epochs",
+        "0.5",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+        "--deterministic",
+        "--projector_samples",
+        "0",
+        *extra,
+    )
 
 
 def load_states(state_dir, when, epoch):
@@ -105,20 +132,31 @@ def test_default_recipe_ranks_agree_and_a_killed_run_resumes_to_the_same_weights
     rows_b = read_rows(b / "runs" / "t" / "metrics.csv")
     assert [r["epoch"] for r in rows_b] == ["0", "1", "2"]
     assert_ranks_agree(b / "states", epochs=2)
-    assert_same_state(load_states(a / "states", "after", 2)[0], load_states(b / "states", "after", 2)[0],
-                      "killed and resumed vs never killed")
+    assert_same_state(
+        load_states(a / "states", "after", 2)[0],
+        load_states(b / "states", "after", 2)[0],
+        "killed and resumed vs never killed",
+    )
     for row_a, row_b in zip(rows, rows_b):
-        assert {k: v for k, v in row_a.items() if k not in runs.TIMING_COLUMNS} == \
-               {k: v for k, v in row_b.items() if k not in runs.TIMING_COLUMNS}
+        assert {k: v for k, v in row_a.items() if k not in runs.TIMING_COLUMNS} == {
+            k: v for k, v in row_b.items() if k not in runs.TIMING_COLUMNS
+        }
 
 
 def test_proxy_anchor_with_gathered_embeddings_keeps_ranks_and_proxies_identical(tiny_sop, tmp_path):
-    out = succeeded(torchrun(recipe_argv(tiny_sop, tmp_path, "--loss", "proxy_anchor", "--gather_embeddings"),
-                             tmp_path, tmp_path / "states"))
+    out = succeeded(
+        torchrun(
+            recipe_argv(tiny_sop, tmp_path, "--loss", "proxy_anchor", "--gather_embeddings"),
+            tmp_path,
+            tmp_path / "states",
+        )
+    )
     assert out.count("epoch 2/2 |") == 1
     assert_ranks_agree(tmp_path / "states", epochs=2)
-    before, after = (load_states(tmp_path / "states", when, e)[0]["criterion"]["proxies"]
-                     for when, e in (("before", 1), ("after", 2)))
+    before, after = (
+        load_states(tmp_path / "states", when, e)[0]["criterion"]["proxies"]
+        for when, e in (("before", 1), ("after", 2))
+    )
     assert before.shape[1] == 16 and not torch.equal(before, after)  # the proxies trained
     rows = read_rows(tmp_path / "runs" / "t" / "metrics.csv")
     # gathered: every step's loss sees both ranks' batches of 4 products (a rank alone: 4)
@@ -126,6 +164,7 @@ def test_proxy_anchor_with_gathered_embeddings_keeps_ranks_and_proxies_identical
 
 
 # ============ --gather_embeddings: one process over the concatenated batches ============
+
 
 class TinyNet(torch.nn.Module):
     """An EmbeddingNet's shape (backbone, head, unit outputs) small enough for exact comparisons."""
@@ -152,14 +191,28 @@ def one_step(images, labels, loss_name, world, gather):
     """loop.train_one_epoch for one step with plain SGD at lr 1 (the update is the gradient);
     returns (reported loss, the network's and the loss's parameters after the step)."""
     model = TinyNet()
-    criterion = (losses.build_loss("proxy_anchor", classes=range(7), embedding_size=4) if loss_name == "proxy_anchor"
-                 else losses.build_loss("triplet", mining="batch_all"))
+    criterion = (
+        losses.build_loss("proxy_anchor", classes=range(7), embedding_size=4)
+        if loss_name == "proxy_anchor"
+        else losses.build_loss("triplet", mining="batch_all")
+    )
     params = list(model.parameters()) + list(criterion.parameters())
     optimizer = torch.optim.SGD(params, lr=1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    stats = loop.train_one_epoch(model, criterion, [(images, labels)], optimizer, scaler, torch.device("cpu"), 1,
-                                 steps=1, world_size=world, progress=False, gather_embeddings=gather,
-                                 replicas=distributed.Replicas(model, world, torch.device("cpu")))
+    stats = loop.train_one_epoch(
+        model,
+        criterion,
+        [(images, labels)],
+        optimizer,
+        scaler,
+        torch.device("cpu"),
+        1,
+        steps=1,
+        world_size=world,
+        progress=False,
+        gather_embeddings=gather,
+        replicas=distributed.Replicas(model, world, torch.device("cpu")),
+    )
     return stats["loss"], [p.detach().clone() for p in params]
 
 
@@ -168,8 +221,10 @@ def gather_worker(rank, init_file, out_dir):
     try:
         images, labels = batch()
         mine = slice(8 * rank, 8 * rank + 8)
-        results = {name: {gather: one_step(images[mine], labels[mine], name, 2, gather) for gather in (True, False)}
-                   for name in ("triplet", "proxy_anchor")}
+        results = {
+            name: {gather: one_step(images[mine], labels[mine], name, 2, gather) for gather in (True, False)}
+            for name in ("triplet", "proxy_anchor")
+        }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -195,11 +250,11 @@ def test_ddp_ranks_get_disjoint_batches(tiny_sop):
     (DDP needs equal step counts), each batch 4 products x 4 images."""
     import datasets
     import samplers
+
     class_ids = datasets.SOPDataset(tiny_sop, "train").class_ids
     batches = []
     for rank in range(2):
-        sampler = samplers.build_batch_sampler("pk", class_ids, 16, 4, seed=0, num_replicas=2,
-                                               rank=rank)
+        sampler = samplers.build_batch_sampler("pk", class_ids, 16, 4, seed=0, num_replicas=2, rank=rank)
         sampler.set_epoch(1)
         batches.append(list(sampler))
     assert len(batches[0]) == len(batches[1]) > 0

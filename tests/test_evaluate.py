@@ -2,6 +2,7 @@
 have the retrieval.evaluate_embeddings shape, the embeddings cache is reused only while it is valid; --zero_shot
 evaluates a pretrained backbone alone, and a checkpoint trained from ImageNet weights reports
 its backbone's zero-shot row beside its own."""
+
 import json
 from pathlib import Path
 
@@ -21,15 +22,25 @@ from search.index import GalleryIndex
 from training import evaluation, runs
 
 SPEC_PRODUCT = ["recall@1", "recall@10", "recall@100", "recall@1000", "map@r", "r_precision"]
-SPEC_CATEGORY = ["recall@1", "recall@5", "recall@10", "recall@20", "precision@1", "precision@5",
-                 "precision@10", "precision@20", "map@10"]
+SPEC_CATEGORY = [
+    "recall@1",
+    "recall@5",
+    "recall@10",
+    "recall@20",
+    "precision@1",
+    "precision@5",
+    "precision@10",
+    "precision@20",
+    "map@10",
+]
 
 
 def save_checkpoint(path, data_root, seed=0):
     torch.manual_seed(seed)
     model = models.build_model("resnet18", embedding_size=32, weights="none", image_size=48)
-    ckpt = checkpoints.make_checkpoint(model, args={"dataset": "synthetic", "data_root": str(data_root)},
-                                  epoch=3, metrics={"recall@1": 0.5})
+    ckpt = checkpoints.make_checkpoint(
+        model, args={"dataset": "synthetic", "data_root": str(data_root)}, epoch=3, metrics={"recall@1": 0.5}
+    )
     checkpoints.atomic_save(ckpt, path)
     return path
 
@@ -43,8 +54,21 @@ def test_evaluate_end_to_end_with_cache(synthetic_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # default output: runs/<run>/eval relative to the working dir
     ckpt = save_checkpoint(tmp_path / "checkpoints" / "tiny_run" / "best.pth", synthetic_root)
     cache = tmp_path / "cache" / "emb.npz"
-    argv = ["--checkpoint", str(ckpt), "--workers", "0", "--device", "cpu", "--no_progress",
-            "--embeddings_cache", str(cache), "--num_examples", "3", "--batch_size", "32"]
+    argv = [
+        "--checkpoint",
+        str(ckpt),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no_progress",
+        "--embeddings_cache",
+        str(cache),
+        "--num_examples",
+        "3",
+        "--batch_size",
+        "32",
+    ]
     results = run(argv)
 
     out = tmp_path / "runs" / "tiny_run" / "eval"
@@ -69,9 +93,11 @@ def test_evaluate_end_to_end_with_cache(synthetic_root, tmp_path, monkeypatch):
     assert {k: saved[k] for k in direct} == direct
 
     md = (out / "results.md").read_text()
-    for header in ("| Model | Recall@1 | Recall@5 | Recall@10 | Recall@20 | P@1 | P@5 | P@10 | P@20 | mAP@10 |",
-                   "| Model | Recall@1 | Recall@10 | Recall@100 | Recall@1000 | MAP@R | R-Precision |",
-                   "| Category | Queries |"):
+    for header in (
+        "| Model | Recall@1 | Recall@5 | Recall@10 | Recall@20 | P@1 | P@5 | P@10 | P@20 | mAP@10 |",
+        "| Model | Recall@1 | Recall@10 | Recall@100 | Recall@1000 | MAP@R | R-Precision |",
+        "| Category | Queries |",
+    ):
         assert header in md
     assert (out / "retrieval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert results["output_dir"] == str(Path("runs") / "tiny_run" / "eval")
@@ -84,9 +110,16 @@ def test_evaluate_end_to_end_with_cache(synthetic_root, tmp_path, monkeypatch):
 
     # another checkpoint at the same path: the cache is stale, embeddings are extracted again
     save_checkpoint(ckpt, synthetic_root, seed=1)
-    third = evaluation.evaluate_checkpoint(ckpt, split="test", output=tmp_path / "third", workers=0,
-                                           device="cpu", embed=evaluate.cached_embeddings(cache),
-                                           num_examples=0, progress=False)
+    third = evaluation.evaluate_checkpoint(
+        ckpt,
+        split="test",
+        output=tmp_path / "third",
+        workers=0,
+        device="cpu",
+        embed=evaluate.cached_embeddings(cache),
+        num_examples=0,
+        progress=False,
+    )
     assert third["timing"]["cached"] is False
     assert GalleryIndex.load(cache).checkpoint_hash == checkpoints.checkpoint_hash(ckpt)
     assert json.loads((tmp_path / "third" / "results.json").read_text())["model"]["epoch"] == 3
@@ -114,8 +147,9 @@ def test_evaluate_reports_a_missing_dataset(tmp_path):
     assert "no_data_here" in str(err.value.code)
 
 
-@pytest.mark.parametrize("flags, expected", [([], True), (["--no-progress"], False),
-                                             (["--no_progress"], False), (["--progress"], True)])
+@pytest.mark.parametrize(
+    "flags, expected", [([], True), (["--no-progress"], False), (["--no_progress"], False), (["--progress"], True)]
+)
 def test_progress_flag_spellings(flags, expected):
     """train.py's --progress/--no-progress, and the earlier --no_progress."""
     args = evaluate.get_args_parser().parse_args(["--checkpoint", "c.pth", *flags])
@@ -152,8 +186,7 @@ def test_compile_flag_extracts_with_the_compiled_model(synthetic_root, tmp_path,
             return self._orig_mod(x)
 
     monkeypatch.setattr(torch, "compile", Compiled)
-    base = ["--checkpoint", str(ckpt), "--workers", "0", "--device", "cpu", "--no-progress",
-            "--num_examples", "0"]
+    base = ["--checkpoint", str(ckpt), "--workers", "0", "--device", "cpu", "--no-progress", "--num_examples", "0"]
     plain = run(base + ["--output", str(tmp_path / "plain")])
     assert not seen
     compiled = run(base + ["--output", str(tmp_path / "compiled"), "--compile"])
@@ -163,22 +196,44 @@ def test_compile_flag_extracts_with_the_compiled_model(synthetic_root, tmp_path,
 
 # ============ zero-shot ============
 
+
 def direct_zero_shot(root, size=32):
     """The backbone's L2-normalised pooled features, by hand: the reference for --zero_shot."""
     net = models.build_model("efficientnet_lite0", weights="imagenet").backbone.eval()
     test_set = datasets.SOPDataset(root, "test", transform=preprocessing.build_transform(size, train=False))
     with torch.no_grad():
-        feats = torch.cat([net(torch.stack([test_set[i][0] for i in range(j, min(j + 64, len(test_set)))]))
-                           for j in range(0, len(test_set), 64)])
+        feats = torch.cat(
+            [
+                net(torch.stack([test_set[i][0] for i in range(j, min(j + 64, len(test_set)))]))
+                for j in range(0, len(test_set), 64)
+            ]
+        )
     emb = torch.nn.functional.normalize(feats, dim=1).numpy()
     return retrieval.evaluate_embeddings(emb, test_set.class_ids, test_set.super_ids)
 
 
 def test_zero_shot_cli_equals_the_backbone_features_by_hand(synthetic_root, tmp_path):
     out = tmp_path / "zs"
-    results = run(["--zero_shot", "--backbone", "efficientnet_lite0", "--data_root", str(synthetic_root),
-                   "--image_size", "32", "--workers", "0", "--device", "cpu", "--no-progress",
-                   "--num_examples", "0", "--output", str(out)])
+    results = run(
+        [
+            "--zero_shot",
+            "--backbone",
+            "efficientnet_lite0",
+            "--data_root",
+            str(synthetic_root),
+            "--image_size",
+            "32",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--num_examples",
+            "0",
+            "--output",
+            str(out),
+        ]
+    )
     expected = direct_zero_shot(synthetic_root)
     assert results["product"] == pytest.approx(expected["product"], abs=1e-6)
     assert results["category"] == pytest.approx(expected["category"], abs=1e-6)
@@ -191,13 +246,27 @@ def test_zero_shot_cli_equals_the_backbone_features_by_hand(synthetic_root, tmp_
 
 def test_checkpoint_from_imagenet_weights_reports_its_zero_shot_row(synthetic_root, tmp_path, capsys):
     torch.manual_seed(0)
-    model = models.build_model("efficientnet_lite0", embedding_size=16, weights="imagenet",
-                               image_size=32)
+    model = models.build_model("efficientnet_lite0", embedding_size=16, weights="imagenet", image_size=32)
     ckpt = tmp_path / "checkpoints" / "lite" / "best.pth"
-    checkpoints.atomic_save(checkpoints.make_checkpoint(model, args={"dataset": "synthetic", "weights": "imagenet",
-                                                           "data_root": str(synthetic_root)}), ckpt)
-    base = ["--checkpoint", str(ckpt), "--workers", "0", "--device", "cpu", "--no-progress",
-            "--num_examples", "0", "--output", str(tmp_path / "out")]
+    checkpoints.atomic_save(
+        checkpoints.make_checkpoint(
+            model, args={"dataset": "synthetic", "weights": "imagenet", "data_root": str(synthetic_root)}
+        ),
+        ckpt,
+    )
+    base = [
+        "--checkpoint",
+        str(ckpt),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--num_examples",
+        "0",
+        "--output",
+        str(tmp_path / "out"),
+    ]
     results = run(base)
     expected = direct_zero_shot(synthetic_root)
     assert results["zero_shot"]["product"] == pytest.approx(expected["product"], abs=1e-6)
@@ -209,12 +278,18 @@ def test_checkpoint_from_imagenet_weights_reports_its_zero_shot_row(synthetic_ro
     assert "zero_shot" not in run(base + ["--no-zero_shot_row"])
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "either --checkpoint"),
-    (["--checkpoint", "a.pth", "--zero_shot", "--backbone", "resnet18", "--data_root", "d"], "either --checkpoint"),
-    (["--zero_shot", "--data_root", "d"], "--zero_shot needs --backbone"),
-    (["--zero_shot", "--backbone", "resnet18", "--data_root", "d", "--image_size", "8"], "--image_size must be >= 32"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "either --checkpoint"),
+        (["--checkpoint", "a.pth", "--zero_shot", "--backbone", "resnet18", "--data_root", "d"], "either --checkpoint"),
+        (["--zero_shot", "--data_root", "d"], "--zero_shot needs --backbone"),
+        (
+            ["--zero_shot", "--backbone", "resnet18", "--data_root", "d", "--image_size", "8"],
+            "--image_size must be >= 32",
+        ),
+    ],
+)
 def test_bad_argument_combinations_exit_2(argv, message, capsys):
     parser = evaluate.get_args_parser()
     with pytest.raises(SystemExit) as exc:
@@ -222,8 +297,7 @@ def test_bad_argument_combinations_exit_2(argv, message, capsys):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_zero_shot_row_is_skipped_when_the_imagenet_weights_are_unavailable(synthetic_root, tmp_path,
-                                                                            monkeypatch):
+def test_zero_shot_row_is_skipped_when_the_imagenet_weights_are_unavailable(synthetic_root, tmp_path, monkeypatch):
     """Offline and without cached weights, the checkpoint is still evaluated; only the zero-shot
     row is left out (with a warning)."""
     ckpt = save_checkpoint(tmp_path / "checkpoints" / "r" / "best.pth", synthetic_root)
@@ -233,7 +307,21 @@ def test_zero_shot_row_is_skipped_when_the_imagenet_weights_are_unavailable(synt
 
     def unavailable(*a, **k):
         raise backbones.WeightsUnavailableError("offline")
+
     monkeypatch.setattr(models, "zero_shot_model", unavailable)
-    results = run(["--checkpoint", str(ckpt), "--workers", "0", "--device", "cpu", "--no-progress",
-                   "--num_examples", "0", "--output", str(tmp_path / "out")])
+    results = run(
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--num_examples",
+            "0",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     assert "zero_shot" not in results and 0 <= results["product"]["recall@1"] <= 1

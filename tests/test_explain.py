@@ -1,5 +1,6 @@
 """explain.py: similarity maps sum to the cosine score, have the feature grid's shape, and point
 at the part of the image that matters; overlay draws them over the photo."""
+
 from PIL import Image
 import pytest
 import torch
@@ -98,9 +99,9 @@ def test_linear_map_is_the_papers_decomposition_with_the_bias_spread_uniformly()
     grid, _ = explain.feature_grid(model, query[None])
     e_r = model(result)[0]
     linear = model.head[1]
-    f = grid[0].flatten(1).t()                                   # [HW, C]
+    f = grid[0].flatten(1).t()  # [HW, C]
     g_bar = linear(f.mean(0))
-    expected = (linear(f) @ e_r) / (f.shape[0] * g_bar.norm())   # (W f_ij + b) . e_r / (HW ||g||)
+    expected = (linear(f) @ e_r) / (f.shape[0] * g_bar.norm())  # (W f_ij + b) . e_r / (HW ||g||)
     assert torch.allclose(out["query_map"].flatten(), expected, atol=1e-6)
 
 
@@ -112,8 +113,8 @@ def test_projections_are_the_head_linearised_at_the_pooled_feature(head):
     model = models.build_model("resnet18", weights="none", head=head, embedding_size=32).eval()
     x = random_pair(5)[1]
     grid, embedding = explain.feature_grid(model, x)
-    p = explain.projections(model, grid)[0]                            # [H, W, D]
-    f = grid[0].flatten(1).t()                                         # [HW, C]
+    p = explain.projections(model, grid)[0]  # [H, W, D]
+    f = grid[0].flatten(1).t()  # [HW, C]
     pooled = f.mean(0)
     g = model.head(pooled[None])[0]
     jac = torch.autograd.functional.jacobian(lambda v: model.head(v[None])[0], pooled)  # [D, C]
@@ -162,7 +163,7 @@ def test_many_results_in_one_pass_equal_the_pairwise_maps(head):
 def patch_image(top, left, seed):
     """A 128 px grey image with a 32 px random-texture patch at (top, left), normalised."""
     img = torch.full((3, 128, 128), 0.5)
-    img[:, top:top + 32, left:left + 32] = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    img[:, top : top + 32, left : left + 32] = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(seed))
     return (img - MEAN) / STD
 
 
@@ -174,7 +175,7 @@ def test_self_similarity_map_peaks_at_the_pasted_patch(lite_imagenet, top, left)
     qm = explain.similarity_maps(lite_imagenet, x, x)["query_map"]
     assert qm.shape == (4, 4)
     qi, qj = 2 * (top >= 64), 2 * (left >= 64)
-    quadrants = {(i, j): qm[i:i + 2, j:j + 2].mean() for i in (0, 2) for j in (0, 2)}
+    quadrants = {(i, j): qm[i : i + 2, j : j + 2].mean() for i in (0, 2) for j in (0, 2)}
     patch = quadrants.pop((qi, qj))
     assert all(patch > 3 * other for other in quadrants.values()), (qm, top, left)
     peak_i, peak_j = divmod(int(qm.argmax()), 4)
@@ -182,11 +183,11 @@ def test_self_similarity_map_peaks_at_the_pasted_patch(lite_imagenet, top, left)
 
 
 def test_overlay_is_an_rgb_image_of_the_input_size():
-    image = Image.new("L", (80, 50), 128)                       # not RGB, not square
+    image = Image.new("L", (80, 50), 128)  # not RGB, not square
     heat = torch.tensor([[0.0, 1.0], [0.5, 0.2], [0.1, 0.3]])
     out = explain.overlay(image, heat, alpha=0.5)
     assert out.mode == "RGB" and out.size == (80, 50)
     assert explain.overlay(image, heat, alpha=0.0).tobytes() == image.convert("RGB").tobytes()
     hot = explain.overlay(image, heat, alpha=1.0)
-    assert hot.getpixel((79, 0)) != hot.getpixel((0, 0))       # the map's values show
+    assert hot.getpixel((79, 0)) != hot.getpixel((0, 0))  # the map's values show
     assert explain.overlay(image, torch.ones(2, 2)).size == (80, 50)  # a constant map is fine

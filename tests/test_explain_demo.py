@@ -1,5 +1,6 @@
 """Similarity maps in the demo: SearchEngine.explain / explain_results, the /explain endpoint
 (gradio_client, as the README calls /search) and the "Show why" switch's function."""
+
 import numpy as np
 from PIL import Image
 import pytest
@@ -83,10 +84,16 @@ def test_explain_names_its_result_by_path_in_one_gallery_snapshot(tiny):
     ranked = engine.search_file(path, k=3)
     first, second = ranked["results"][0], ranked["results"][1]
     keep = np.array([i for i in range(len(before)) if i != first["index"]])[::-1]  # gone, the rest reordered
-    changed = GalleryIndex(embeddings=before.embeddings[keep], paths=[before.paths[i] for i in keep],
-                           class_ids=before.class_ids[keep], super_ids=before.super_ids[keep],
-                           categories=before.categories, product_ids=[before.product_ids[i] for i in keep],
-                           checkpoint_hash=before.checkpoint_hash, meta=dict(before.meta))
+    changed = GalleryIndex(
+        embeddings=before.embeddings[keep],
+        paths=[before.paths[i] for i in keep],
+        class_ids=before.class_ids[keep],
+        super_ids=before.super_ids[keep],
+        categories=before.categories,
+        product_ids=[before.product_ids[i] for i in keep],
+        checkpoint_hash=before.checkpoint_hash,
+        meta=dict(before.meta),
+    )
     engine.replace_index(changed)
     try:
         e = engine.explain(path, second["catalogue_path"])
@@ -157,6 +164,7 @@ def test_onnx_runtime_explains_with_the_checkpoint_it_was_exported_from(tiny, tm
     shutil.move(ckpt.with_suffix(".onnx"), alone / "best.onnx")
     ckpt.unlink()
     from inference import OnnxEmbedder
+
     lonely = OnnxEmbedder(alone / "best.onnx")
     engine = search_engine.SearchEngine(lonely, tiny["index"], tiny["data_root"])
     with pytest.raises(search_query.QueryError, match="--runtime torch"):
@@ -165,8 +173,10 @@ def test_onnx_runtime_explains_with_the_checkpoint_it_was_exported_from(tiny, tm
 
 def forbid_forward(monkeypatch):
     """Make any forward pass for a feature grid fail (explain.feature_grid and the onnx export's)."""
+
     def fail(*args, **kwargs):
         raise AssertionError("a forward pass ran")
+
     monkeypatch.setattr(explain, "feature_grid", fail)
     monkeypatch.setattr("inference.OnnxEmbedder.embed_with_features", fail)
 
@@ -179,6 +189,7 @@ def test_show_why_after_a_search_runs_no_forward_with_a_store(tiny, tmp_path, ru
     if runtime == "onnx":
         pytest.importorskip("onnxruntime")
         import shutil
+
         ckpt = tmp_path / "run" / "best.pth"
         ckpt.parent.mkdir()
         shutil.copy(tiny["checkpoint"], ckpt)
@@ -189,7 +200,7 @@ def test_show_why_after_a_search_runs_no_forward_with_a_store(tiny, tmp_path, ru
     engine = search_engine.SearchEngine(model, tiny["index"], tiny["data_root"], explain_source=tiny["checkpoint"])
     path = tiny["gallery"].paths[4]
     ranked = engine.search_file(path, k=7)
-    indices = [r["index"] for r in ranked["results"][:webapp.WHY_K]]
+    indices = [r["index"] for r in ranked["results"][: webapp.WHY_K]]
     live = engine.explain_results(path, indices)  # no store yet: results run the network
     store = engine.attach_explain_store(tmp_path / "gallery.why.npy", progress=False)
     assert len(store) == len(set(explain_store.row_key(v) for v in tiny["index"].embeddings))
@@ -246,7 +257,7 @@ def test_exact_head_store_records_are_the_papers_decomposition(tiny, tmp_path):
     image = Image.open(tiny["gallery"].paths[6]).convert("RGB")
     grid, _ = explain.feature_grid(engine.model, engine.prepare(image).clone())
     linear = engine.model.head[1]
-    f = grid[0].flatten(1).t()                                          # [HW, C]
+    f = grid[0].flatten(1).t()  # [HW, C]
     expected = linear(f) / (f.shape[0] * linear(f.mean(0)).norm())
     got = store.get(engine.index.embeddings[6]).reshape(-1, expected.shape[1])
     assert np.allclose(got, expected.detach().numpy(), atol=1e-3)
@@ -255,11 +266,25 @@ def test_exact_head_store_records_are_the_papers_decomposition(tiny, tmp_path):
 def test_build_index_also_writes_the_explanation_store(tiny, tmp_path):
     """As a user prepares a demo: --build_index writes the store beside the index; 0 GB: none;
     a negative size is an argparse error."""
+
     def main(*extra):
         parser = app_stanford.get_args_parser()
-        args = parser.parse_args(["--checkpoint", str(tiny["checkpoint"]), "--data_root", str(tiny["data_root"]),
-                                  "--build_index", "--workers", "0", "--device", "cpu", "--runtime", "torch",
-                                  *map(str, extra)])
+        args = parser.parse_args(
+            [
+                "--checkpoint",
+                str(tiny["checkpoint"]),
+                "--data_root",
+                str(tiny["data_root"]),
+                "--build_index",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "--runtime",
+                "torch",
+                *map(str, extra),
+            ]
+        )
         app_stanford.check_args(parser, args)
         return app_stanford.main(args)
 

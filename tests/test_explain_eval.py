@@ -1,6 +1,7 @@
 """evaluate.py --explain: retrieval.png with the similarity maps over every image and
 retrieval_worst.png with the queries whose true match ranked lowest; the maps are those of the
 embeddings evaluated."""
+
 import json
 
 import numpy as np
@@ -58,8 +59,21 @@ def test_dataset_explainer_maps_sum_to_the_evaluated_scores(synthetic_root):
 @pytest.mark.parametrize("runtime", ["torch", "onnx"])
 def test_evaluate_explain_draws_maps_and_the_worst_queries(synthetic_root, tmp_path, runtime, monkeypatch):
     ckpt = save_checkpoint(tmp_path / "checkpoints" / "run" / "best.pth", synthetic_root)
-    common = ["--checkpoint", str(ckpt), "--workers", "0", "--device", "cpu", "--no_progress",
-              "--num_examples", "3", "--runtime", runtime, "--seed", "1"]
+    common = [
+        "--checkpoint",
+        str(ckpt),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no_progress",
+        "--num_examples",
+        "3",
+        "--runtime",
+        runtime,
+        "--seed",
+        "1",
+    ]
     plain = evaluate.main(evaluate.get_args_parser().parse_args(common + ["--output", str(tmp_path / "plain")]))
     assert "worst_figure" not in plain and not (tmp_path / "plain" / "retrieval_worst.png").exists()
 
@@ -73,11 +87,13 @@ def test_evaluate_explain_draws_maps_and_the_worst_queries(synthetic_root, tmp_p
             maps = inner(query, results)
             calls.append((query, list(results), [m["score"] for m in maps]))
             return maps
+
         return explainer
 
     monkeypatch.setattr(explain, "dataset_explainer", recording)
-    results = evaluate.main(evaluate.get_args_parser().parse_args(
-        common + ["--explain", "--output", str(tmp_path / "why")]))
+    results = evaluate.main(
+        evaluate.get_args_parser().parse_args(common + ["--explain", "--output", str(tmp_path / "why")])
+    )
     out = tmp_path / "why"
     assert results["figure"] == "retrieval.png" and results["worst_figure"] == "retrieval_worst.png"
     md = (out / "results.md").read_text()
@@ -93,7 +109,7 @@ def test_evaluate_explain_draws_maps_and_the_worst_queries(synthetic_root, tmp_p
     cls = np.asarray(dataset.class_ids)
     for query, res, scores in worst_rows:
         assert cls[res[-1]] == cls[query] and res[-1] != query  # the true match comes last
-        assert scores[-1] <= min(scores[:-1]) + 1e-5            # ranked below the top 4
+        assert scores[-1] <= min(scores[:-1]) + 1e-5  # ranked below the top 4
 
 
 def test_worst_queries_follow_the_retrieval_details(synthetic_root):

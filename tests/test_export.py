@@ -3,6 +3,7 @@ batch, TF-SAME padding frozen at the export size), metadata, retrieval metrics t
 extraction.extract_embeddings unchanged, the command line, refusal of bad inputs without partial
 files, ensure_onnx's reuse and re-export, static int8, load_embedder / default_runtime, and the
 standalone example docs/onnx_example.py (onnxruntime + PIL + numpy) against the repository."""
+
 import json
 import os
 from pathlib import Path
@@ -57,8 +58,7 @@ def save_checkpoint(path, seed=0, data_root=None, backbone="efficientnet_lite0")
     torch.manual_seed(seed)
     model = models.build_model(backbone, embedding_size=16, image_size=SIZE)
     args = {"data_root": str(data_root)} if data_root else {}
-    checkpoints.atomic_save(checkpoints.make_checkpoint(model, args=args, epoch=3, metrics={"map@r": 0.5}),
-                       path)
+    checkpoints.atomic_save(checkpoints.make_checkpoint(model, args=args, epoch=3, metrics={"map@r": 0.5}), path)
     return model.eval()
 
 
@@ -80,6 +80,7 @@ def exported(checkpoint, tmp_path_factory):
 
 # ============ parity ============
 
+
 @pytest.mark.parametrize("backbone", sorted(backbones.BACKBONES))
 def test_fp32_matches_torch_every_backbone_any_batch(backbone, tmp_path):
     torch.manual_seed(0)
@@ -99,6 +100,7 @@ def test_same_padding_frozen_at_export_size(size):
     model = models.build_model("efficientnet_lite0", embedding_size=8, image_size=size).eval()
     frozen = onnx_export.freeze_same_padding(model, size)
     from timm.layers import Conv2dSame
+
     assert any(isinstance(m, Conv2dSame) for m in model.modules())
     assert not any(isinstance(m, Conv2dSame) for m in frozen.modules())
     x = images(2, size)
@@ -107,6 +109,7 @@ def test_same_padding_frozen_at_export_size(size):
 
 def test_exported_graph_has_constant_padding(exported):
     import onnx
+
     ops = {n.op_type for n in onnx.load(str(exported)).graph.node}
     assert "Conv" in ops and "Ceil" not in ops  # no per-call SAME-padding arithmetic
 
@@ -133,6 +136,7 @@ def test_metadata(exported, checkpoint):
     assert embedder.checkpoint_info["metrics"] == {"map@r": 0.5}
     assert embedder.num_parameters == models.count_parameters(model)
     import onnxruntime
+
     session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
     (inp,), (out, features) = session.get_inputs(), session.get_outputs()
     assert (inp.name, inp.type, inp.shape[1:]) == ("images", "tensor(float)", [3, SIZE, SIZE])
@@ -146,17 +150,14 @@ def test_metadata(exported, checkpoint):
     assert torch.allclose(grid, ref_grid, atol=1e-4) and torch.allclose(emb, ref_emb, atol=1e-5)
 
 
-def test_retrieval_metrics_equal_through_extract_embeddings(exported, checkpoint,
-                                                            tiny_synthetic_root):
-    test = datasets.SOPDataset(tiny_synthetic_root, "test",
-                               transform=preprocessing.build_transform(SIZE))
+def test_retrieval_metrics_equal_through_extract_embeddings(exported, checkpoint, tiny_synthetic_root):
+    test = datasets.SOPDataset(tiny_synthetic_root, "test", transform=preprocessing.build_transform(SIZE))
     loader = torch.utils.data.DataLoader(test, batch_size=16)
     results = []
     for model in (models.load_model(checkpoint), inference.OnnxEmbedder(exported)):
         embeddings, labels = extraction.extract_embeddings(model, loader, progress=False)
         assert np.array_equal(labels, test.class_ids)
-        results.append((embeddings, retrieval.evaluate_embeddings(
-            embeddings, test.class_ids, test.super_ids)))
+        results.append((embeddings, retrieval.evaluate_embeddings(embeddings, test.class_ids, test.super_ids)))
     (ref, ref_metrics), (out, out_metrics) = results
     assert np.abs(out - ref).max() < TOL
     assert out_metrics == ref_metrics
@@ -176,11 +177,16 @@ def test_embedder_stands_in_for_the_network(exported):
 
 # ============ command line and bad inputs ============
 
+
 def test_command_line_export(checkpoint, tmp_path):
     out = tmp_path / "cli" / "model.onnx"
-    run = subprocess.run([sys.executable, str(REPO / "export.py"), "--checkpoint", str(checkpoint),
-                          "--output", str(out)], capture_output=True, text=True, cwd=tmp_path,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, str(REPO / "export.py"), "--checkpoint", str(checkpoint), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert f"Wrote {out}" in run.stdout and "max |difference|" in run.stdout
     assert inference.read_metadata(out)["checkpoint_sha256"] == checkpoints.checkpoint_hash(checkpoint)
@@ -188,8 +194,19 @@ def test_command_line_export(checkpoint, tmp_path):
 
 
 def test_zero_shot_export(tmp_path):
-    out = export.main(["--zero_shot", "--backbone", "resnet18", "--weights", "none",
-                       "--image_size", "32", "--output", str(tmp_path / "z.onnx")])
+    out = export.main(
+        [
+            "--zero_shot",
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "none",
+            "--image_size",
+            "32",
+            "--output",
+            str(tmp_path / "z.onnx"),
+        ]
+    )
     meta = inference.read_metadata(out)
     assert meta["model_key"] == models.zero_shot_model_key("resnet18", "none", 32)
     assert (meta["checkpoint_sha256"], meta["head"], meta["embedding_size"]) == ("", "none", "512")
@@ -217,8 +234,7 @@ def test_unwritable_output(checkpoint, tmp_path):
         export.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path)])
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="root writes into read-only folders")
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
 def test_read_only_output_folder(checkpoint, tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()
@@ -246,8 +262,7 @@ def test_write_failure_leaves_no_partial_file(checkpoint, tmp_path, monkeypatch)
             full_disk(data)
 
     real = onnx_export.fileio.atomic_write
-    monkeypatch.setattr(onnx_export.fileio, "atomic_write",
-                        lambda path, fn: real(path, lambda f: fn(Half(f))))
+    monkeypatch.setattr(onnx_export.fileio, "atomic_write", lambda path, fn: real(path, lambda f: fn(Half(f))))
     out = tmp_path / "model.onnx"
     with pytest.raises(OSError, match=re.escape(str(out))):
         onnx_export.export_checkpoint(checkpoint, out)
@@ -271,9 +286,13 @@ def test_corrupt_onnx(exported, tmp_path):
 def test_foreign_onnx_model(tmp_path):
     import onnx
     from onnx import TensorProto, helper
-    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["embeddings"])], "g",
-                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, [1])])
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["images"], ["embeddings"])],
+        "g",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, [1])],
+    )
     path = tmp_path / "other.onnx"
     onnx.save(helper.make_model(graph), str(path))
     with pytest.raises(onnx_export.OnnxModelError, match=re.escape(str(path)) + ".*not an export"):
@@ -283,13 +302,15 @@ def test_foreign_onnx_model(tmp_path):
 def test_onnx_from_another_checkpoint(exported, checkpoint, tmp_path):
     other = tmp_path / "other.pth"
     save_checkpoint(other, seed=1)
-    with pytest.raises(onnx_export.OnnxModelError,
-                       match=re.escape(str(exported)) + ".*another checkpoint.*" + re.escape(str(other))):
+    with pytest.raises(
+        onnx_export.OnnxModelError, match=re.escape(str(exported)) + ".*another checkpoint.*" + re.escape(str(other))
+    ):
         inference.OnnxEmbedder(exported, checkpoint=other)
     inference.OnnxEmbedder(exported, checkpoint=checkpoint)  # its own: accepted
 
 
 # ============ ensure_onnx, load_embedder, runtimes ============
+
 
 def test_ensure_onnx_reuses_then_reexports(checkpoint, tmp_path, monkeypatch):
     ckpt = tmp_path / "best.pth"
@@ -300,8 +321,7 @@ def test_ensure_onnx_reuses_then_reexports(checkpoint, tmp_path, monkeypatch):
 
     real_export = onnx_export.export_checkpoint
     calls = []
-    monkeypatch.setattr(onnx_export, "export_checkpoint",
-                        lambda *a, **k: calls.append(a) or real_export(*a, **k))
+    monkeypatch.setattr(onnx_export, "export_checkpoint", lambda *a, **k: calls.append(a) or real_export(*a, **k))
     assert inference.ensure_onnx(ckpt) == path and not calls  # unchanged checkpoint: reused
     assert (path.stat().st_mtime_ns, path.read_bytes()) == first
 
@@ -361,9 +381,11 @@ def test_pins_match_requirements():
 
 # ============ int8 ============
 
+
 def test_int8_runs_and_stays_close(checkpoint, synthetic_root, tmp_path):
-    out = onnx_export.export_checkpoint(checkpoint, tmp_path / "m.int8.onnx", precision="int8",
-                                      calibration_images=32)  # calibrates on the run's data
+    out = onnx_export.export_checkpoint(
+        checkpoint, tmp_path / "m.int8.onnx", precision="int8", calibration_images=32
+    )  # calibrates on the run's data
     meta = inference.read_metadata(out)
     assert meta["precision"] == "int8"
     calibration = json.loads(meta["calibration"])
@@ -379,14 +401,14 @@ def test_int8_runs_and_stays_close(checkpoint, synthetic_root, tmp_path):
 
 def test_int8_needs_calibration_images(tmp_path):
     with pytest.raises(SystemExit):  # argparse: --zero_shot --int8 without --calibration_root
-        export.main(["--zero_shot", "--backbone", "resnet18", "--int8", "--output",
-                     str(tmp_path / "z.onnx")])
+        export.main(["--zero_shot", "--backbone", "resnet18", "--int8", "--output", str(tmp_path / "z.onnx")])
     with pytest.raises(ValueError, match="calibration"):
         onnx_export.export_zero_shot("resnet18", "none", 32, tmp_path / "z.onnx", precision="int8")
     assert files_in(tmp_path) == []
 
 
 # ============ the standalone example ============
+
 
 def photo(path, size, seed):
     """A JPEG photo of ``size`` px: big enough that JPEG draft decoding applies."""
@@ -405,11 +427,18 @@ def test_standalone_example_matches_repository(tmp_path):
     path = onnx_export.export_zero_shot("efficientnet_lite0", "imagenet", size, tmp_path / "m.onnx")
     photos = [photo(tmp_path / "a.jpg", (320, 240), 0), photo(tmp_path / "b.jpg", (200, 300), 1)]
     # run it as a user would, and check that it never needed torch
-    runner = ("import runpy, sys; sys.argv = sys.argv[1:]; "
-              "runpy.run_path(sys.argv[0], run_name='__main__'); "
-              "assert 'torch' not in sys.modules, 'the example imported torch'")
-    run = subprocess.run([sys.executable, "-c", runner, str(EXAMPLE), str(path), *map(str, photos)],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    runner = (
+        "import runpy, sys; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__'); "
+        "assert 'torch' not in sys.modules, 'the example imported torch'"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", runner, str(EXAMPLE), str(path), *map(str, photos)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     cosine = float(re.search(r"cosine similarity: (\S+)", run.stdout).group(1))
     transform = preprocessing.build_transform(size)
@@ -437,4 +466,4 @@ def test_the_example_crops_as_the_owner_of_the_preprocessing():
         cropped = T.CenterCrop(s)(grid)
         c = preprocessing.crop_offset(s)
         assert eval(expression, {"round": round, "int": int}, {"r": r, "s": s}) == c
-        assert torch.equal(cropped, grid[:, c:c + s, c:c + s]), s
+        assert torch.equal(cropped, grid[:, c : c + s, c : c + s]), s

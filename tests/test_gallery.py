@@ -1,5 +1,6 @@
 """gallery.py: scanning a folder and its incremental index, on tiny images and an untrained
 ResNet-18 at 32 px (what is tested does not depend on the weights)."""
+
 import logging
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ KEY = "sha256-of-a-checkpoint"
 
 
 # ============ helpers ============
+
 
 def write_image(path, seed, fmt=None):
     """A random 40-80 px image (noise plus a coloured block), so each seed embeds differently."""
@@ -94,6 +96,7 @@ def spy_embed(monkeypatch):
 
 # ============ scanning ============
 
+
 def test_scan_lists_images_sorted_and_skips_the_rest(tmp_path):
     root = make_folder(tmp_path / "g")
     (root / "notes.txt").write_text("not a photo")
@@ -139,6 +142,7 @@ def test_symlinks_outside_the_root_are_not_indexed(tmp_path):
 
 
 # ============ building and updating ============
+
 
 def test_from_scratch_build(model, tmp_path):
     root = make_folder(tmp_path / "g")
@@ -266,8 +270,14 @@ def test_foreign_or_damaged_index_or_other_root_rebuilds(model, tmp_path):
     index, report = update(model, root, index_path)
     assert report["embedded"] == 4 and "could not be read" in report["rebuild"]
     # an SOP-style index (no file stats, no gallery record): rebuilt, not trusted
-    GalleryIndex(index.embeddings, index.paths, index.class_ids, index.super_ids,
-                 checkpoint_hash=KEY, categories=index.categories).save(index_path)
+    GalleryIndex(
+        index.embeddings,
+        index.paths,
+        index.class_ids,
+        index.super_ids,
+        checkpoint_hash=KEY,
+        categories=index.categories,
+    ).save(index_path)
     _, report = update(model, root, index_path)
     assert report["embedded"] == 4 and "not a folder-gallery index" in report["rebuild"]
     # the same index file used for a copy of the folder elsewhere
@@ -368,13 +378,16 @@ def test_approximate_index_type_reuses_embeddings(model, tmp_path, spy_embed):
 
 def test_gallery_index_file_stats_shape_is_checked():
     with pytest.raises(ValueError, match=r"file_stats must be \[2, 2\]"):
-        GalleryIndex(np.eye(2, dtype=np.float32), ["a", "b"], [0, 1], [1, 1],
-                     categories=["x"], file_stats=np.zeros((3, 2)))
+        GalleryIndex(
+            np.eye(2, dtype=np.float32), ["a", "b"], [0, 1], [1, 1], categories=["x"], file_stats=np.zeros((3, 2))
+        )
 
 
 def test_zero_shot_model_key():
-    assert models.zero_shot_model_key("efficientnet_lite0", "imagenet", 224) == \
-        "zero_shot:zero_shot_efficientnet_lite0_224px"
+    assert (
+        models.zero_shot_model_key("efficientnet_lite0", "imagenet", 224)
+        == "zero_shot:zero_shot_efficientnet_lite0_224px"
+    )
 
 
 def test_loader_workers_give_the_same_index(model, tmp_path):
@@ -400,6 +413,9 @@ def test_two_level_folder_gives_each_result_its_product(model, tmp_path):
     engine = search_engine.SearchEngine(model, index, root)
     out = engine.search_file(root / "chairs/sku-1/front.jpg", k=3)
     by_path = {r["catalogue_path"]: r["product_id"] for r in out["results"]}
-    assert by_path == {"chairs/sku-1/front.jpg": "chairs/sku-1", "chairs/sku-1/side.jpg": "chairs/sku-1",
-                       "lamps/l 2/a.jpg": "lamps/l 2"}
+    assert by_path == {
+        "chairs/sku-1/front.jpg": "chairs/sku-1",
+        "chairs/sku-1/side.jpg": "chairs/sku-1",
+        "lamps/l 2/a.jpg": "lamps/l 2",
+    }
     assert gallery.product_of("a/b/c/d.jpg") == "" and gallery.product_of("top.jpg") == ""

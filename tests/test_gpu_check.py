@@ -5,6 +5,7 @@ its checkpoint does not load, or one of its checks does not hold, while the othe
 run. Without CUDA a plain run only prints the plan. The helpers that judge training runs'
 outputs (metrics.csv comparison, losses, GradScaler steps, targets) are tested on hand-made
 rows. The GPU run itself needs a CUDA device."""
+
 import importlib.util
 import json
 import math
@@ -20,8 +21,20 @@ from training import runs
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.py"
 # small enough for seconds on a CPU: 12 products of 48 px JPEGs, a resnet18 at 32 px
-TINY = ["--device", "cpu", "--num_products", "12", "--data_image_size", "48", "--backbone", "resnet18",
-        "--image_size", "32", "--search_queries", "2"]
+TINY = [
+    "--device",
+    "cpu",
+    "--num_products",
+    "12",
+    "--data_image_size",
+    "48",
+    "--backbone",
+    "resnet18",
+    "--image_size",
+    "32",
+    "--search_queries",
+    "2",
+]
 
 
 def _load():
@@ -52,6 +65,7 @@ def fake_bench(tmp_path, body):
 
 
 # ============ steps that run on the CPU ============
+
 
 def test_search_step_runs_and_the_report_says_so(tmp_path, capsys):
     work = tmp_path / "work"
@@ -111,9 +125,24 @@ def test_a_check_that_does_not_hold_fails_the_step(tmp_path, capsys, monkeypatch
 def test_default_recipe_ddp_and_export_steps_run_on_the_cpu(tmp_path, capsys):
     """The steps a GPU run adds for the default recipe, DDP (2 gloo processes here, NCCL on 2 GPUs)
     and export/serving, run end to end on the CPU."""
-    rc, report = run_check(capsys, *TINY, "--num_products", "40", "--batch_size", "16", "--max_steps_per_epoch", "2",
-                           "--embedding_size", "16", "--nproc_per_node", "2", "--workdir", tmp_path / "work",
-                           "--steps", "train_default_recipe,torchrun_ddp,export_serving")
+    rc, report = run_check(
+        capsys,
+        *TINY,
+        "--num_products",
+        "40",
+        "--batch_size",
+        "16",
+        "--max_steps_per_epoch",
+        "2",
+        "--embedding_size",
+        "16",
+        "--nproc_per_node",
+        "2",
+        "--workdir",
+        tmp_path / "work",
+        "--steps",
+        "train_default_recipe,torchrun_ddp,export_serving",
+    )
     steps = steps_of(report)
     assert rc == 0, {name: s["error"] for name, s in steps.items()}
     assert list(steps) == ["synthetic_data", "train_default_recipe", "torchrun_ddp", "export_serving"]
@@ -129,10 +158,14 @@ def test_default_recipe_ddp_and_export_steps_run_on_the_cpu(tmp_path, capsys):
 
 # ============ steps that run a command ============
 
+
 def test_command_step_records_its_run_and_figures(tmp_path, capsys, monkeypatch):
     figures = {key: 100.0 for key in gpu_check_steps.BENCH_KEYS}
-    monkeypatch.setattr(gpu_check_plan, "BENCH", fake_bench(
-        tmp_path, f"print('benchmarking')\nopen(output, 'w').write(json.dumps({figures!r}))\n"))
+    monkeypatch.setattr(
+        gpu_check_plan,
+        "BENCH",
+        fake_bench(tmp_path, f"print('benchmarking')\nopen(output, 'w').write(json.dumps({figures!r}))\n"),
+    )
     rc, report = run_check(capsys, *TINY, "--steps", "bench_throughput", "--workdir", tmp_path / "work")
     assert rc == 0
     step = steps_of(report)["bench_throughput"]
@@ -145,15 +178,19 @@ def test_command_step_records_its_run_and_figures(tmp_path, capsys, monkeypatch)
     assert report["targets"]["extract_images_per_s"]["met"] is None  # a CPU run meets no GPU target
 
 
-@pytest.mark.parametrize("body,timeout,reason", [
-    ("print('out of memory')\nsys.exit(3)\n", 60, "exit code 3"),
-    ("open(output, 'w').write(json.dumps({'extract_images_per_s': float('nan')}))\n", 60, "checks failed"),
-    ("time.sleep(60)\n", 1, "killed after"),
-])
+@pytest.mark.parametrize(
+    "body,timeout,reason",
+    [
+        ("print('out of memory')\nsys.exit(3)\n", 60, "exit code 3"),
+        ("open(output, 'w').write(json.dumps({'extract_images_per_s': float('nan')}))\n", 60, "checks failed"),
+        ("time.sleep(60)\n", 1, "killed after"),
+    ],
+)
 def test_command_step_fails_with_its_reason(tmp_path, capsys, monkeypatch, body, timeout, reason):
     monkeypatch.setattr(gpu_check_plan, "BENCH", fake_bench(tmp_path, body))
-    rc, report = run_check(capsys, *TINY, "--steps", "bench_throughput", "--workdir", tmp_path / "work",
-                           "--step_timeout", timeout)
+    rc, report = run_check(
+        capsys, *TINY, "--steps", "bench_throughput", "--workdir", tmp_path / "work", "--step_timeout", timeout
+    )
     assert rc == 1 and report["failed_steps"] == ["bench_throughput"]
     step = steps_of(report)["bench_throughput"]
     assert step["status"] == "failed" and reason in step["error"]
@@ -164,6 +201,7 @@ def test_command_step_fails_with_its_reason(tmp_path, capsys, monkeypatch, body,
 
 
 # ============ the plan ============
+
 
 def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path, capsys):
     work = tmp_path / "work"
@@ -195,10 +233,12 @@ def test_bad_arguments_exit_2(capsys):
 
 def test_selected_steps_adds_the_dataset_when_needed():
     assert gpu_check.selected_steps("bench_throughput") == ["bench_throughput"]
-    assert gpu_check.selected_steps("search_query,torchrun_ddp") == [
-        "synthetic_data", "torchrun_ddp", "search_query"]
+    assert gpu_check.selected_steps("search_query,torchrun_ddp") == ["synthetic_data", "torchrun_ddp", "search_query"]
     assert gpu_check.selected_steps("export_serving,train_default_recipe") == [
-        "synthetic_data", "train_default_recipe", "export_serving"]
+        "synthetic_data",
+        "train_default_recipe",
+        "export_serving",
+    ]
     with pytest.raises(ValueError, match="unknown"):
         gpu_check.selected_steps("gpu")
 
@@ -213,10 +253,10 @@ def test_torchrun_processes_default_to_the_gpus_up_to_two():
 
 # ============ judging training runs' outputs ============
 
+
 def _rows():
     header = ["epoch", "train_loss", "val_loss", "val_recall@1", *runs.TIMING_COLUMNS]
-    cells = [["0", "", "0.61", "0.25", "", "", "1.5"],
-             ["1", "0.5512", "0.58", "0.3", "812.4", "9.1", "1.4"]]
+    cells = [["0", "", "0.61", "0.25", "", "", "1.5"], ["1", "0.5512", "0.58", "0.3", "812.4", "9.1", "1.4"]]
     return [dict(zip(header, row)) for row in cells]
 
 
@@ -235,8 +275,10 @@ def test_metrics_comparison_ignores_only_the_timing_columns():
 
 
 def test_metrics_comparison_reads_metrics_csv_as_training_writes_it(tmp_path):
-    history = [{"epoch": 0, "val_loss": 0.6, "val_time": 1.0},
-               {"epoch": 1, "train_loss": 0.1 + 0.2, "val_loss": 0.5, "val_time": 2.0}]
+    history = [
+        {"epoch": 0, "val_loss": 0.6, "val_time": 1.0},
+        {"epoch": 1, "train_loss": 0.1 + 0.2, "val_loss": 0.5, "val_time": 2.0},
+    ]
     runs.write_metrics_csv(tmp_path / "a.csv", history)
     history[1]["val_time"] = 3.0
     runs.write_metrics_csv(tmp_path / "b.csv", history)
@@ -270,8 +312,7 @@ def test_optimizer_steps_and_scheduled_steps():
     assert gpu_check_outputs.optimizer_steps(state) == 7
     assert gpu_check_outputs.optimizer_steps({"state": {}}) is None
     assert gpu_check_outputs.optimizer_steps(None) is None
-    rows = [{"epoch": "0", "images": ""}, {"epoch": "1", "images": "576.0"},
-            {"epoch": "2", "images": "576.0"}]
+    rows = [{"epoch": "0", "images": ""}, {"epoch": "1", "images": "576.0"}, {"epoch": "2", "images": "576.0"}]
     assert gpu_check_outputs.scheduled_steps(rows, batch_size=64) == 18
     assert gpu_check_outputs.scheduled_steps(rows, batch_size=32, world_size=2) == 18
 

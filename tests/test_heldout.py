@@ -2,6 +2,7 @@
 evaluate.py refuses a test split holding any of them (unless --allow_overlap, then results say
 "held_out": false), a run trained with --test_fraction 0 has no test split to score, and the
 deploy gate (--baseline) exits with code 3 when the new checkpoint is worse."""
+
 import json
 from pathlib import Path
 import shutil
@@ -35,10 +36,36 @@ def shop(tiny_synthetic_root, tmp_path_factory):
 
 def train_epoch_zero(root, out, *extra):
     """checkpoints/<run>/last.pth of a run that only validated (epoch 0), run named ``r``."""
-    argv = ["--data_root", str(root), "--backbone", "resnet18", "--weights", "none", "--image_size", "32",
-            "--batch_size", "8", "--images_per_class", "2", "--epochs", "0", "--workers", "0",
-            "--projector_samples", "0", "--no-progress", "--val_fraction", "0.2", "--run_name", "r",
-            "--checkpoint_dir", str(out / "checkpoints"), "--log_dir", str(out / "runs"), *extra]
+    argv = [
+        "--data_root",
+        str(root),
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "none",
+        "--image_size",
+        "32",
+        "--batch_size",
+        "8",
+        "--images_per_class",
+        "2",
+        "--epochs",
+        "0",
+        "--workers",
+        "0",
+        "--projector_samples",
+        "0",
+        "--no-progress",
+        "--val_fraction",
+        "0.2",
+        "--run_name",
+        "r",
+        "--checkpoint_dir",
+        str(out / "checkpoints"),
+        "--log_dir",
+        str(out / "runs"),
+        *extra,
+    ]
     parser = train.get_args_parser()
     args = parser.parse_args(argv)
     flags.validate_args(args, parser)
@@ -47,9 +74,22 @@ def train_epoch_zero(root, out, *extra):
 
 
 def evaluate_cli(*argv):
-    return evaluate.main(evaluate.get_args_parser().parse_args(
-        [*map(str, argv), "--workers", "0", "--device", "cpu", "--no-progress", "--num_examples", "0",
-         "--runtime", "torch"]))
+    return evaluate.main(
+        evaluate.get_args_parser().parse_args(
+            [
+                *map(str, argv),
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--num_examples",
+                "0",
+                "--runtime",
+                "torch",
+            ]
+        )
+    )
 
 
 def test_checkpoint_records_its_products_and_a_grown_catalogue_stays_held_out(shop, tmp_path):
@@ -81,8 +121,9 @@ def test_overlapping_test_split_is_refused_unless_allowed(shop, tmp_path, capsys
     shared = sorted(test_ids & set(record["train"] + record["val"]))
     assert f"{len(shared)} of the {len(test_ids)} products" in message and shared[0] in message
 
-    results = evaluate_cli("--checkpoint", ckpt, "--test_fraction", "0.9", "--allow_overlap",
-                           "--output", tmp_path / "ev")
+    results = evaluate_cli(
+        "--checkpoint", ckpt, "--test_fraction", "0.9", "--allow_overlap", "--output", tmp_path / "ev"
+    )
     assert results["held_out"] is False and f"{len(shared)} of the" in results["held_out_why"]
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["held_out"] is False
     assert "figures are not held out" in (tmp_path / "ev" / "results.md").read_text()
@@ -134,7 +175,8 @@ def test_test_fraction_0_trains_on_every_product_and_has_no_test_split(shop, tmp
     index, _ = search_loading.dataset_index(loaded, split=None, index_path=tmp_path / "all.npz", workers=0)
     assert index.meta["split"] == "trainval"
     assert len(index) == len(datasets.SOPDataset(shop, "trainval", test_fraction=0.5, check_files=False)) + len(
-        datasets.SOPDataset(shop, "test", test_fraction=0.5, check_files=False))
+        datasets.SOPDataset(shop, "test", test_fraction=0.5, check_files=False)
+    )
 
 
 def test_heldout_check_names_a_few_of_many(shop):
@@ -148,14 +190,20 @@ def test_heldout_check_names_a_few_of_many(shop):
 
 # ============ deploy gate ============
 
+
 def tiny_checkpoint(path, root, seed):
     """A random resnet18 checkpoint 'trained' on the SOP-layout ``root``'s training products."""
     torch.manual_seed(seed)
     model = models.build_model("resnet18", embedding_size=16, weights="none", image_size=32)
     train_ids = sorted(set(datasets.SOPDataset(root, "trainval", check_files=False).product_ids))
-    checkpoints.atomic_save(checkpoints.make_checkpoint(model, args={"dataset": "synthetic", "data_root": str(root),
-                                                           "select_metric": "recall@1"},
-                                              products={"train": train_ids, "val": []}), path)
+    checkpoints.atomic_save(
+        checkpoints.make_checkpoint(
+            model,
+            args={"dataset": "synthetic", "data_root": str(root), "select_metric": "recall@1"},
+            products={"train": train_ids, "val": []},
+        ),
+        path,
+    )
     return path
 
 
@@ -167,10 +215,32 @@ def test_deploy_gate_exits_3_when_the_new_checkpoint_is_worse(tiny_synthetic_roo
     def gate(new, old, tolerance):
         out = tmp_path / f"{new.parent.name}_vs_{old.parent.name}_{tolerance}"
         done = subprocess.run(
-            [sys.executable, str(REPO / "evaluate.py"), "--checkpoint", str(new), "--baseline", str(old),
-             "--tolerance", str(tolerance), "--output", str(out), "--workers", "0", "--device", "cpu",
-             "--no-progress", "--num_examples", "0", "--runtime", "torch"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+            [
+                sys.executable,
+                str(REPO / "evaluate.py"),
+                "--checkpoint",
+                str(new),
+                "--baseline",
+                str(old),
+                "--tolerance",
+                str(tolerance),
+                "--output",
+                str(out),
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--num_examples",
+                "0",
+                "--runtime",
+                "torch",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         return done, json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
 
     done, results, md = gate(a, b, 0)

@@ -1,6 +1,7 @@
 """search/index.py: the gallery index file (round trip, failed writes, corrupt and foreign
 files, staleness) and its search against brute force; files written before search/ existed
 (tests/fixtures/gallery_v1_*.npz, by retrieval.GalleryIndex) still load and search the same."""
+
 import errno
 import importlib.util
 import json
@@ -19,9 +20,15 @@ def make_index(n=500, dim=16, seed=0, **kw):
     rng = np.random.default_rng(seed)
     emb = rng.standard_normal((n, dim)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    return GalleryIndex(embeddings=emb, paths=[f"mug_final/{i}_0.JPG" for i in range(n)],
-                        class_ids=np.arange(n) // 4, super_ids=rng.integers(1, 13, n),
-                        checkpoint_hash="ab" * 32, meta={"split": "test"}, **kw)
+    return GalleryIndex(
+        embeddings=emb,
+        paths=[f"mug_final/{i}_0.JPG" for i in range(n)],
+        class_ids=np.arange(n) // 4,
+        super_ids=rng.integers(1, 13, n),
+        checkpoint_hash="ab" * 32,
+        meta={"split": "test"},
+        **kw,
+    )
 
 
 def test_gallery_index_round_trip_and_search(tmp_path):
@@ -50,8 +57,7 @@ def test_gallery_index_round_trip_and_search(tmp_path):
     assert (i_all[:, -3:] == -1).all() and np.isneginf(s_all[:, -3:]).all()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("faiss") is None,
-                    reason="faiss is not installed (pip install faiss-cpu)")
+@pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="faiss is not installed (pip install faiss-cpu)")
 def test_faiss_kernel_ranks_as_the_exact_scan(tmp_path):
     index = make_index()
     path = index.save(tmp_path / "gallery.npz")
@@ -135,7 +141,7 @@ def test_index_files_of_the_previous_layout_load_and_search_the_same(kind):
     assert index.product_ids[:3] == ["p0", "p0", "p1"] and index.meta == {"split": "test"}
     assert index.stale_reason("ab" * 32, index.paths, kind) is None
     if kind == "exact":
-        assert index.file_stats.shape == (30, 2) and index.file_stats[1].tolist() == [101, 10 ** 9]
+        assert index.file_stats.shape == (30, 2) and index.file_stats[1].tolist() == [101, 10**9]
     queries = np.array(expected["queries"], dtype=np.float32)
     for super_id, want in expected[kind].items():
         scores, idx = index.search(queries, k=5, super_id=None if super_id == "None" else int(super_id))

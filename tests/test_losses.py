@@ -1,4 +1,5 @@
 """losses.py against brute force and against pytorch-metric-learning."""
+
 import itertools
 
 import numpy as np
@@ -19,14 +20,16 @@ MARGINS = [0.05, 0.2, 0.5, 1.0, 2.0]
 
 # ============ brute force reference ============
 
+
 def brute_force_triplets(dist, labels, margin, mining):
     """Enumerate every (a, p, n), then apply the rule of each mode as written in the SPEC.
     Comparisons in float32, as torch does them, so boundaries compare the same way."""
     d = dist.numpy().astype(np.float32)
     y = labels.tolist()
     m = np.float32(margin)
-    every = [(a, p, n) for a, p, n in itertools.product(range(len(y)), repeat=3)
-             if p != a and y[p] == y[a] and y[n] != y[a]]
+    every = [
+        (a, p, n) for a, p, n in itertools.product(range(len(y)), repeat=3) if p != a and y[p] == y[a] and y[n] != y[a]
+    ]
 
     def semihard(a, p, n):
         return d[a, p] < d[a, n] < np.float32(d[a, p] + m)
@@ -81,6 +84,7 @@ def as_list(triplets):
 
 # ============ mining ============
 
+
 def test_distances_are_squared_euclidean():
     emb, _ = random_batch(0)
     assert torch.allclose(pairwise_squared_distances(emb), torch.cdist(emb, emb) ** 2, atol=1e-5)
@@ -128,8 +132,9 @@ def test_semihard_rule_by_hand():
 
 
 @pytest.mark.parametrize("mining", MINING_MODES)
-@pytest.mark.parametrize("labels", [torch.arange(8), torch.zeros(8, dtype=torch.long)],
-                         ids=["all-distinct", "one-class"])
+@pytest.mark.parametrize(
+    "labels", [torch.arange(8), torch.zeros(8, dtype=torch.long)], ids=["all-distinct", "one-class"]
+)
 def test_no_triplet_gives_zero_loss_that_backpropagates(mining, labels):
     emb = F.normalize(torch.randn(8, 16), dim=1).requires_grad_()
     loss, stats = TripletLoss(0.5, mining)(emb, labels)
@@ -149,8 +154,7 @@ def test_loss_value_stats_and_gradient(mining):
     triplets = brute_force_triplets(dist, labels, 0.5, mining)
     assert loss.item() == pytest.approx(reference_loss(dist, triplets, 0.5, mining), rel=1e-5)
     assert stats["valid_triplets"] == len(triplets)
-    assert stats["active_triplets"] == sum(
-        float(dist[a, p]) - float(dist[a, n]) + 0.5 > 0 for a, p, n in triplets)
+    assert stats["active_triplets"] == sum(float(dist[a, p]) - float(dist[a, n]) + 0.5 > 0 for a, p, n in triplets)
     assert stats["mean_d_ap"] == pytest.approx(np.mean([float(dist[a, p]) for a, p, _ in triplets]), rel=1e-5)
     assert stats["mean_d_an"] == pytest.approx(np.mean([float(dist[a, n]) for a, _, n in triplets]), rel=1e-5)
     assert stats["anchors"] == len({a for a, _, _ in brute_force_triplets(dist, labels, 0.5, "batch_all")})
@@ -160,6 +164,7 @@ def test_loss_value_stats_and_gradient(mining):
 
 # ============ against pytorch-metric-learning ============
 
+
 def pml_sq_distance():
     return pml_distances.LpDistance(power=2)  # squared Euclidean on normalised embeddings
 
@@ -168,8 +173,7 @@ def pml_sq_distance():
 def test_batch_all_semihard_matches_pml(margin):
     for seed in range(3):
         emb, labels = random_batch(seed, n=32, classes=8)
-        miner = pml_miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard",
-                                              distance=pml_sq_distance())
+        miner = pml_miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard", distance=pml_sq_distance())
         # Default reducer AvgNonZeroReducer, smooth_loss=False: same reduction as ours.
         loss_fn = pml_losses.TripletMarginLoss(margin=margin, distance=pml_sq_distance())
         mined = miner(emb, labels)
@@ -178,8 +182,9 @@ def test_batch_all_semihard_matches_pml(margin):
         assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
         # pml keeps d_an == d_ap + margin (a zero-loss triplet); random data never hits it.
         assert stats["valid_triplets"] == len(mined[0])
-        assert set(as_list(mine_triplets(pairwise_squared_distances(emb), labels, margin,
-                                         "batch_all_semihard"))) == set(as_list(mined))
+        assert set(
+            as_list(mine_triplets(pairwise_squared_distances(emb), labels, margin, "batch_all_semihard"))
+        ) == set(as_list(mined))
 
 
 @pytest.mark.parametrize("margin", MARGINS)
@@ -194,8 +199,9 @@ def test_batch_all_matches_pml_all_triplets(margin):
 def test_batch_hard_matches_pml(margin):
     emb, labels = random_batch(6, n=32, classes=8)
     miner = pml_miners.BatchHardMiner(distance=pml_sq_distance())
-    loss_fn = pml_losses.TripletMarginLoss(margin=margin, distance=pml_sq_distance(),
-                                           reducer=pml_reducers.MeanReducer())
+    loss_fn = pml_losses.TripletMarginLoss(
+        margin=margin, distance=pml_sq_distance(), reducer=pml_reducers.MeanReducer()
+    )
     expected = loss_fn(emb, labels, miner(emb, labels))
     loss, _ = TripletLoss(margin, "batch_hard")(emb, labels)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
@@ -210,8 +216,7 @@ def test_multi_similarity_matches_pml(seed):
     emb = F.normalize(centers[labels] + 0.8 * torch.randn(32, 16, generator=g), dim=1)
     ref_emb = emb.clone().requires_grad_()
     miner = pml_miners.MultiSimilarityMiner(epsilon=0.1)
-    expected = pml_losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5)(
-        ref_emb, labels, miner(ref_emb, labels))
+    expected = pml_losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5)(ref_emb, labels, miner(ref_emb, labels))
     expected.backward()
     ours_emb = emb.clone().requires_grad_()
     loss, stats = MultiSimilarityLoss()(ours_emb, labels)
@@ -233,6 +238,7 @@ def test_multi_similarity_without_pairs_is_zero_and_backpropagates():
 
 # ============ Proxy-Anchor ============
 
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("margin,alpha", [(0.1, 32.0), (0.3, 16.0)])
 def test_proxy_anchor_matches_pml(seed, margin, alpha):
@@ -243,8 +249,7 @@ def test_proxy_anchor_matches_pml(seed, margin, alpha):
     classes = torch.tensor([3, 7, 10, 42, 99, 100, 512, 1000])
     labels = classes[torch.randint(0, 6, (24,), generator=g)]  # proxies 6 and 7: no positive
     emb = torch.randn(24, 16, generator=g)
-    ours = build_loss("proxy_anchor", margin=margin, alpha=alpha, classes=classes,
-                      embedding_size=16)
+    ours = build_loss("proxy_anchor", margin=margin, alpha=alpha, classes=classes, embedding_size=16)
     ref = pml_losses.ProxyAnchorLoss(len(classes), 16, margin=margin, alpha=alpha)
     with torch.no_grad():
         ref.proxies.copy_(ours.proxies)
@@ -269,6 +274,7 @@ def test_proxy_anchor_refuses_labels_without_a_proxy():
 
 
 # ============ registry and arguments ============
+
 
 def test_build_loss_registry():
     assert set(losses.LOSSES) == {"triplet", "multi_similarity", "proxy_anchor"}

@@ -1,4 +1,5 @@
 """Match or none, and one row per product, in the demo's engine and its /search API."""
+
 import numpy as np
 import pytest
 
@@ -6,15 +7,28 @@ from search import products
 
 
 def hit(rank, product, score, path=None):
-    return {"rank": rank, "index": rank - 1, "catalogue_path": path or f"{product}_{rank}.jpg",
-            "product_id": product, "category": "c", "score": score}
+    return {
+        "rank": rank,
+        "index": rank - 1,
+        "catalogue_path": path or f"{product}_{rank}.jpg",
+        "product_id": product,
+        "category": "c",
+        "score": score,
+    }
 
 
 def test_product_rows_one_per_product_best_photo_and_counts():
-    hits = [hit(1, "a", 0.9), hit(2, "b", 0.8), hit(3, "a", 0.7), hit(4, None, 0.6), hit(5, "b", 0.5),
-            hit(6, None, 0.4), hit(7, "c", 0.3)]
+    hits = [
+        hit(1, "a", 0.9),
+        hit(2, "b", 0.8),
+        hit(3, "a", 0.7),
+        hit(4, None, 0.6),
+        hit(5, "b", 0.5),
+        hit(6, None, 0.4),
+        hit(7, "c", 0.3),
+    ]
     rows = products.shape_results(hits, k=4, mode="products", threshold=0.65)
-    assert [r["product_id"] for r in rows] == ["a", "b", None, None]       # unlabelled hits stay rows
+    assert [r["product_id"] for r in rows] == ["a", "b", None, None]  # unlabelled hits stay rows
     assert [r["rank"] for r in rows] == [1, 2, 3, 4]
     assert rows[0]["catalogue_path"] == "a_1.jpg" and rows[0]["score"] == 0.9  # the best photo
     assert (rows[0]["photos"], rows[0]["matched_photos"]) == (2, 2)
@@ -101,8 +115,11 @@ def test_several_photos_one_query_engine_and_api(tiny):
         client = Client(url, verbose=False)
         _, ranked, _ = client.predict([handle_file(p) for p in paths], 3, "All", api_name="/search_photos")
         _, single, _ = client.predict(handle_file(paths[0]), 3, "All", api_name="/search")
-        for payload in ({"path": "/etc/passwd"}, {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}},
-                        {"path": str(tiny["checkpoint"]), "meta": {"_type": "gradio.FileData"}}):
+        for payload in (
+            {"path": "/etc/passwd"},
+            {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}},
+            {"path": str(tiny["checkpoint"]), "meta": {"_type": "gradio.FileData"}},
+        ):
             with pytest.raises(Exception):  # noqa: B017 (Gradio's own check or the app's: both refuse)
                 client.predict([handle_file(paths[0]), payload], 3, "All", api_name="/search_photos")
     assert ranked["query_photos"] == 3 and "query_photos" not in single

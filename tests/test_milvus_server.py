@@ -5,6 +5,7 @@ doubled, searches answer again within 30 s without a new gallery, the refresher 
 galleries on one collection (one updating, one searching in another process) agree. Skipped
 where the server cannot start. The backend's own suite runs against this server too
 (tests/test_vectordb.py, ``db_uri`` "standalone")."""
+
 import json
 from pathlib import Path
 import subprocess
@@ -37,8 +38,9 @@ def model():
 
 
 def file_index(model, root, tmp_path):
-    index, _ = gallery.update_gallery_index(model, root, tmp_path / "gallery.npz", KEY, batch_size=4, workers=0,
-                                            progress=False)
+    index, _ = gallery.update_gallery_index(
+        model, root, tmp_path / "gallery.npz", KEY, batch_size=4, workers=0, progress=False
+    )
     return index
 
 
@@ -69,14 +71,17 @@ class Searcher(threading.Thread):
         return next((at for at, err in list(self.log) if at > t and err is None), None)
 
 
-def test_kill_9_while_serving_and_updating_then_restart_loses_and_doubles_nothing(
-        model, tmp_path, milvus_standalone):
+def test_kill_9_while_serving_and_updating_then_restart_loses_and_doubles_nothing(model, tmp_path, milvus_standalone):
     server = milvus_standalone
     root = make_folder(tmp_path / "photos", n=16)
     store, _ = vectordb.folder_gallery(model, KEY, root, server.uri, batch_size=4, workers=0, progress=False)
     store.timeout = TIMEOUT_S
-    watcher = watch.GalleryWatcher(watch.database_refresher(store, model, batch_size=4),
-                                   apply=lambda index: index.adopt(), interval=0.5, niceness=0)
+    watcher = watch.GalleryWatcher(
+        watch.database_refresher(store, model, batch_size=4),
+        apply=lambda index: index.adopt(),
+        interval=0.5,
+        niceness=0,
+    )
     searcher = Searcher(store, np.ones(128, np.float32))
     watcher.start()
     searcher.start()
@@ -130,9 +135,23 @@ def test_two_galleries_on_one_collection_one_updating_one_searching_agree(model,
     writer, _ = vectordb.folder_gallery(model, KEY, root, uri, batch_size=4, workers=0, progress=False)
     index = file_index(model, root, tmp_path)
     np.save(tmp_path / "q.npy", index.embeddings[:3])
-    proc = subprocess.Popen([sys.executable, "-c", SEARCHER, uri, str(root), KEY, json.dumps(dict(model.model_args)),
-                             str(tmp_path / "q.npy")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SEARCHER,
+            uri,
+            str(root),
+            KEY,
+            json.dumps(dict(model.model_args)),
+            str(tmp_path / "q.npy"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+    )
     try:
         for step in range(3):
             if step:

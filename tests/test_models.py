@@ -2,6 +2,7 @@
 weights (online errors; the offline EfficientNet-Lite family on timm against a reference
 implementation), checkpoint round trip (also of the hand-written Lite0 layout), refusal of bad
 checkpoints, atomic writes."""
+
 import argparse
 import errno
 import hashlib
@@ -55,9 +56,16 @@ def torch_home(tmp_path, monkeypatch):
 
 # ============ registry and head ============
 
+
 def test_registry_and_unknown_backbone():
-    assert {"efficientnet_b0", "resnet18", "resnet50", "efficientnet_lite0", "efficientnet_lite1",
-            "efficientnet_lite2"} <= set(BACKBONES)
+    assert {
+        "efficientnet_b0",
+        "resnet18",
+        "resnet50",
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+    } <= set(BACKBONES)
     with pytest.raises(ValueError) as err:
         build_model("vgg16")
     for name in BACKBONES:
@@ -85,8 +93,13 @@ def test_head_shape_unit_norm_model_args(backbone):
         out = model(x_small(3))
     assert out.shape == (3, 64) and out.dtype == torch.float32
     assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
-    assert model.model_args == {"backbone": backbone, "embedding_size": 64, "dropout": 0.2,
-                                "image_size": 224, "head": "mlp"}
+    assert model.model_args == {
+        "backbone": backbone,
+        "embedding_size": 64,
+        "dropout": 0.2,
+        "image_size": 224,
+        "head": "mlp",
+    }
     head = model.head
     assert [type(m).__name__ for m in head] == ["Linear", "ReLU", "Dropout", "Linear"]
     assert head[0].in_features == model.feature_dim and head[0].out_features == 512
@@ -102,8 +115,7 @@ def test_linear_and_zero_shot_heads():
     x = x_small(3)
     with torch.no_grad():
         feats = linear.backbone(x)
-        assert torch.allclose(linear.zero_shot()(x), torch.nn.functional.normalize(feats, dim=1),
-                              atol=1e-6)
+        assert torch.allclose(linear.zero_shot()(x), torch.nn.functional.normalize(feats, dim=1), atol=1e-6)
     assert linear.zero_shot().backbone is linear.backbone  # shares the weights being trained
     with pytest.raises(ValueError, match="mlp"):
         build_model("resnet18", head="conv")
@@ -141,12 +153,14 @@ def test_pca_head_init_refuses_what_it_cannot_do():
 
 def test_parameter_counts():
     # the original project's 4,729,084 for EfficientNet-B0 at 128-d: 4,007,548 backbone + 721,536 head.
-    expected = {"efficientnet_b0": (1280, 4_007_548, 4_729_084),
-                "efficientnet_lite0": (1280, 3_371_008, 4_092_544),
-                "efficientnet_lite1": (1280, 4_135_680, 4_857_216),
-                "efficientnet_lite2": (1280, 4_811_072, 5_532_608),
-                "resnet18": (512, 11_176_512, 11_504_832),
-                "resnet50": (2048, 23_508_032, 24_622_784)}
+    expected = {
+        "efficientnet_b0": (1280, 4_007_548, 4_729_084),
+        "efficientnet_lite0": (1280, 3_371_008, 4_092_544),
+        "efficientnet_lite1": (1280, 4_135_680, 4_857_216),
+        "efficientnet_lite2": (1280, 4_811_072, 5_532_608),
+        "resnet18": (512, 11_176_512, 11_504_832),
+        "resnet50": (2048, 23_508_032, 24_622_784),
+    }
     for backbone, (feat, body, total) in expected.items():
         model = build_model(backbone, embedding_size=128)
         assert model.feature_dim == feat
@@ -182,6 +196,7 @@ def test_bad_arguments():
 
 # ============ ImageNet weights ============
 
+
 def test_imagenet_offline_fails_fast_with_actionable_error(torch_home):
     cache_dir, calls = torch_home
     start = time.monotonic()
@@ -198,6 +213,7 @@ def test_imagenet_offline_fails_fast_with_actionable_error(torch_home):
 def test_imagenet_error_when_the_hub_loader_itself_fails(torch_home, monkeypatch):
     def fail(*args, **kwargs):
         raise URLError("network is unreachable")
+
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fail)
     with pytest.raises(WeightsUnavailableError, match="resnet18-f37072fd.pth"):
         build_model("resnet18", weights="imagenet")
@@ -229,11 +245,13 @@ def test_corrupt_cached_imagenet_file_is_reported(torch_home):
 def _grace_hopper():
     from matplotlib import cbook
     from PIL import Image
+
     return Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
 
 
 def _lite_file(backbone):
     import importlib
+
     spec = backbones.LITE_WEIGHTS[backbone]
     return getattr(importlib.import_module(spec.module), spec.locator).get_model_file_path()
 
@@ -250,8 +268,9 @@ def test_efficientnet_lite_imagenet_weights_are_real_and_offline(torch_home, mon
     from lite_reference import ReferenceLite
     from torchvision import transforms as T
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
-                        lambda *a, **k: pytest.fail("the Lite family must not use the network"))
+    monkeypatch.setattr(
+        torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("the Lite family must not use the network")
+    )
     classifier = build_imagenet_classifier(backbone)
     size = BACKBONES[backbone].resolution
     pixels = T.Compose([T.Resize((size, size)), T.ToTensor()])(_grace_hopper())[None]
@@ -285,14 +304,21 @@ def test_checkpoint_of_the_hand_written_lite0_still_loads(tmp_path):
     ``backbone.``: load_model maps them onto timm's and gives the same network."""
     torch.manual_seed(0)
     new = build_model("efficientnet_lite0", embedding_size=16, weights="imagenet").eval()
-    old_state = {f"backbone.{k}": v for k, v in torch.load(_lite_file("efficientnet_lite0"),
-                                                         weights_only=True).items()
-                 if not k.startswith("_fc.")}
+    old_state = {
+        f"backbone.{k}": v
+        for k, v in torch.load(_lite_file("efficientnet_lite0"), weights_only=True).items()
+        if not k.startswith("_fc.")
+    }
     old_state.update({k: v for k, v in new.state_dict().items() if k.startswith("head.")})
     path = tmp_path / "old.pth"
-    atomic_save({"format_version": CHECKPOINT_FORMAT_VERSION, "model": old_state,
-                 "model_args": {"backbone": "efficientnet_lite0", "embedding_size": 16,
-                                "dropout": 0.2, "image_size": 224}}, path)
+    atomic_save(
+        {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "model": old_state,
+            "model_args": {"backbone": "efficientnet_lite0", "embedding_size": 16, "dropout": 0.2, "image_size": 224},
+        },
+        path,
+    )
     loaded = load_model(path)
     assert loaded.model_args["head"] == "mlp"
     with torch.no_grad():
@@ -300,6 +326,7 @@ def test_checkpoint_of_the_hand_written_lite0_still_loads(tmp_path):
 
 
 # ============ checkpoints ============
+
 
 def trained_like(backbone="efficientnet_b0", embedding_size=32):
     torch.manual_seed(0)
@@ -315,12 +342,17 @@ def save_checkpoint(model, path, **fields):
     for p in model.parameters():  # an optimizer state as after a step, without a backward pass
         p.grad = torch.zeros_like(p)
     optimizer.step()
-    args = argparse.Namespace(backbone=model.model_args["backbone"], lr=1e-4,
-                              data=Path("/data/sop"), batch_size=64)
-    ckpt = make_checkpoint(model, args=args, epoch=3,
-                           metrics={"recall@1": np.float64(0.5), "loss": 0.25},
-                           optimizer=optimizer, rng=checkpoints.capture_rng_state(),
-                           history=[{"epoch": 1, "val_recall@1": np.float32(0.25)}], **fields)
+    args = argparse.Namespace(backbone=model.model_args["backbone"], lr=1e-4, data=Path("/data/sop"), batch_size=64)
+    ckpt = make_checkpoint(
+        model,
+        args=args,
+        epoch=3,
+        metrics={"recall@1": np.float64(0.5), "loss": 0.25},
+        optimizer=optimizer,
+        rng=checkpoints.capture_rng_state(),
+        history=[{"epoch": 1, "val_recall@1": np.float32(0.25)}],
+        **fields,
+    )
     atomic_save(ckpt, path)
     return ckpt
 
@@ -352,6 +384,7 @@ def test_checkpoint_round_trip(tmp_path, backbone):
 
 def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     import random
+
     state = checkpoints.capture_rng_state()
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     atomic_save({"rng": state}, tmp_path / "rng.pth")
@@ -402,8 +435,7 @@ def test_other_format_version_and_missing_keys_are_refused(tmp_path, good_checkp
         "no_model_args": ({k: v for k, v in ckpt.items() if k != "model_args"}, "model_args"),
         "not_dict": ([1, 2, 3], "holds a list"),
         "plain_state_dict": (ckpt["model"], "plain state dict.*--weights"),
-        "unknown_backbone": ({**ckpt, "model_args": {**ckpt["model_args"], "backbone": "vit_h"}},
-                             "vit_h.*known"),
+        "unknown_backbone": ({**ckpt, "model_args": {**ckpt["model_args"], "backbone": "vit_h"}}, "vit_h.*known"),
     }
     for name, (obj, pattern) in cases.items():
         path = tmp_path / f"{name}.pth"
@@ -457,8 +489,10 @@ def test_state_dict_of_another_backbone_is_reported(tmp_path, good_checkpoint):
 def test_plain_backbone_state_dict_with_or_without_classifier(tmp_path):
     torch.manual_seed(1)
     reference = torchvision.models.resnet18().state_dict()
-    for name, state in {"full": reference,
-                        "headless": {k: v for k, v in reference.items() if not k.startswith("fc.")}}.items():
+    for name, state in {
+        "full": reference,
+        "headless": {k: v for k, v in reference.items() if not k.startswith("fc.")},
+    }.items():
         path = tmp_path / f"{name}.pth"
         torch.save(state, path)
         backbone = build_model("resnet18", weights=path).backbone.state_dict()
@@ -466,6 +500,7 @@ def test_plain_backbone_state_dict_with_or_without_classifier(tmp_path):
 
 
 # ============ atomic writes ============
+
 
 def _no_tmp_left(folder):
     return not [p for p in Path(folder).iterdir() if p.name.endswith(".tmp")]
@@ -495,12 +530,14 @@ def test_failed_write_leaves_previous_file_intact(tmp_path, monkeypatch, failure
         raise KeyboardInterrupt
 
     if failure == "replace":
-        monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(
-            OSError(errno.EXDEV, "Invalid cross-device link")))
+        monkeypatch.setattr(
+            os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.EXDEV, "Invalid cross-device link"))
+        )
     else:
         monkeypatch.setattr(torch, "save", save_then_fail)
-    expected = {"disk_full": OSError, "writer_error": RuntimeError, "replace": OSError,
-                "interrupt": KeyboardInterrupt}[failure]
+    expected = {"disk_full": OSError, "writer_error": RuntimeError, "replace": OSError, "interrupt": KeyboardInterrupt}[
+        failure
+    ]
     with pytest.raises(expected) as err:
         atomic_save({"epoch": 2, "w": torch.zeros(1000)}, path)
     if failure != "interrupt":

@@ -2,6 +2,7 @@
 category names through train.py → evaluate.py → the demo's category filter over the API, and
 `app_stanford.py --gallery DIR` (checkpoint or --zero_shot) indexing any folder incrementally
 and serving it to gradio_client with its default settings, nothing else of the folder served."""
+
 import contextlib
 import os
 from pathlib import Path
@@ -74,14 +75,47 @@ def test_free_category_names_train_evaluate_demo(tmp_path, tiny_synthetic_root):
     root = free_name_tree(tiny_synthetic_root, tmp_path / "my photos")
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
     # --dataset synthetic on a folder of photos: read as it is, never generated over
-    args = train.get_args_parser().parse_args([
-        "--dataset", "synthetic", "--data_root", str(root), "--backbone", "resnet18", "--weights", "none",
-        "--image_size", "32",
-        "--batch_size", "8", "--images_per_class", "2", "--epochs", "1", "--max_steps_per_epoch", "2",
-        "--workers", "0", "--projector_samples", "4", "--lr", "1e-3", "--no-progress",
-        "--val_fraction", "0.25", "--test_fraction", "0.5", "--recipe", "scratch",
-        "--checkpoint_dir", str(tmp_path / "checkpoints"), "--log_dir", str(tmp_path / "runs"),
-        "--run_name", "own"])
+    args = train.get_args_parser().parse_args(
+        [
+            "--dataset",
+            "synthetic",
+            "--data_root",
+            str(root),
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "none",
+            "--image_size",
+            "32",
+            "--batch_size",
+            "8",
+            "--images_per_class",
+            "2",
+            "--epochs",
+            "1",
+            "--max_steps_per_epoch",
+            "2",
+            "--workers",
+            "0",
+            "--projector_samples",
+            "4",
+            "--lr",
+            "1e-3",
+            "--no-progress",
+            "--val_fraction",
+            "0.25",
+            "--test_fraction",
+            "0.5",
+            "--recipe",
+            "scratch",
+            "--checkpoint_dir",
+            str(tmp_path / "checkpoints"),
+            "--log_dir",
+            str(tmp_path / "runs"),
+            "--run_name",
+            "own",
+        ]
+    )
     flags.validate_args(args, train.get_args_parser())
     train.main(args)
     ckpt = tmp_path / "checkpoints" / "own" / "best.pth"
@@ -89,8 +123,9 @@ def test_free_category_names_train_evaluate_demo(tmp_path, tiny_synthetic_root):
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
 
     # evaluate.py: the checkpoint alone finds the data, its split and the category names
-    results = evaluation.evaluate_checkpoint(ckpt, output=tmp_path / "eval", workers=0, device="cpu",
-                                             progress=False, num_examples=2)
+    results = evaluation.evaluate_checkpoint(
+        ckpt, output=tmp_path / "eval", workers=0, device="cpu", progress=False, num_examples=2
+    )
     assert results["data"]["layout"] == "folder" and results["data"]["root"] == str(root.resolve())
     assert set(results["per_category"]) == set(FREE_NAMES)
     md = (tmp_path / "eval" / "results.md").read_text()
@@ -116,6 +151,7 @@ def test_free_category_names_train_evaluate_demo(tmp_path, tiny_synthetic_root):
             assert r["product_id"].startswith("Gartenmöbel/item ")
             assert Path(item["image"]).read_bytes() == (root / r["catalogue_path"]).read_bytes()
         from gradio_client.exceptions import AppError
+
         with pytest.raises(AppError, match="chair is not in the list of choices"):
             readme_search(client, query, 4, "chair")  # SOP's names mean nothing here
 
@@ -160,8 +196,9 @@ def test_gallery_folder_checkpoint_incremental_and_api(tmp_path):
     index2 = app_main(*common)
     assert len(index2) == 9 and "mugs/new.jpg" in index2.paths and "chairs/0.jpg" not in index2.paths
     kept = [index.paths.index(p) for p in index2.paths if p in index.paths]
-    np.testing.assert_array_equal(index2.embeddings[[index2.paths.index(p) for p in index2.paths
-                                                     if p in index.paths]], index.embeddings[kept])
+    np.testing.assert_array_equal(
+        index2.embeddings[[index2.paths.index(p) for p in index2.paths if p in index.paths]], index.embeddings[kept]
+    )
 
     loaded = models.load_model(ckpt)
     with serving(loaded, index2, root) as (client, url, demo):
@@ -178,8 +215,13 @@ def test_gallery_folder_checkpoint_incremental_and_api(tmp_path):
         # the file route serves the gallery's images and nothing else of the folder
         assert raw_get(url, f"/gradio_api/file={root / 'mugs' / '1.jpg'}")[0] == 200
         assert raw_get(url, f"/gradio_api/file={root / 'loose.png'}")[0] == 200
-        for other in (root / "chairs" / "prices.csv", root / "chairs" / ".env", root / "mugs" / "link.jpg",
-                      outside, path):
+        for other in (
+            root / "chairs" / "prices.csv",
+            root / "chairs" / ".env",
+            root / "mugs" / "link.jpg",
+            outside,
+            path,
+        ):
             status, body = raw_get(url, f"/gradio_api/file={other}")
             assert status in (403, 404), (other, status)
             assert b"secret" not in body and b"TOKEN" not in body
@@ -192,8 +234,20 @@ def test_gallery_zero_shot_and_bad_folders(tmp_path, capsys):
     cwd = os.getcwd()
     os.chdir(monkey_runs)
     try:
-        zs = ["--zero_shot", "--backbone", "resnet18", "--weights", "none", "--image_size", "32",
-              "--build_index", "--workers", "0", "--device", "cpu"]
+        zs = [
+            "--zero_shot",
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "none",
+            "--image_size",
+            "32",
+            "--build_index",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ]
         index = app_main(*zs, "--gallery", root)
         assert len(index) == 9 and index.checkpoint_hash.startswith("zero_shot:zero_shot_resnet18_32px_none")
         assert list((monkey_runs / "runs" / "zero_shot_resnet18_32px_none").glob("gallery_shop_*.npz"))
@@ -206,9 +260,11 @@ def test_gallery_zero_shot_and_bad_folders(tmp_path, capsys):
             app_main(*zs, "--gallery", tmp_path / "docs")
         with pytest.raises(SystemExit, match=r"Cannot index the gallery .*nowhere"):
             app_main(*zs, "--gallery", tmp_path / "nowhere")
-        for bad in (["--zero_shot", "--gallery", str(root)],                       # no backbone
-                    ["--zero_shot", "--backbone", "resnet18"],                      # nothing to search
-                    ["--gallery", str(root), "--data_root", str(root)]):            # both
+        for bad in (
+            ["--zero_shot", "--gallery", str(root)],  # no backbone
+            ["--zero_shot", "--backbone", "resnet18"],  # nothing to search
+            ["--gallery", str(root), "--data_root", str(root)],
+        ):  # both
             with pytest.raises(SystemExit):
                 app_main(*bad)
         assert "--zero_shot needs" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """dataio/photos.py: decoding memory of 16-bit and CMYK photos against the 8-bit RGB photo of
 the same size, measured as the peak resident memory of a fresh process (an upload within the
 pixel cap must not cost several times what its RGB image does)."""
+
 from pathlib import Path
 import subprocess
 import sys

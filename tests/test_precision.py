@@ -1,6 +1,7 @@
 """The CUDA-first switches where the CPU allows them: ``--amp`` on the CPU trains under bfloat16
 autocast (no gradient scaler), ``--channels_last`` on the CPU feeds channels-last images to a
 channels-last network; left out, both are on for CUDA only. Tiny runs as in test_train.py."""
+
 import argparse
 import json
 import math
@@ -16,8 +17,9 @@ from training import distributed
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.mark.parametrize("flag, device, used", [
-    (None, "cuda", True), (None, "cpu", False), (True, "cpu", True), (False, "cuda", False)])
+@pytest.mark.parametrize(
+    "flag, device, used", [(None, "cuda", True), (None, "cpu", False), (True, "cpu", True), (False, "cuda", False)]
+)
 def test_switches_default_to_cuda_and_follow_the_flag(flag, device, used):
     assert distributed.device_switch(flag, torch.device(device)) is used
 
@@ -54,19 +56,22 @@ def watch_training_forwards(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("extra, channels_last, dtype", [
-    (["--amp", "--channels_last"], True, torch.bfloat16),
-    ([], False, torch.float32),
-])
-def test_cpu_training_with_and_without_amp_and_channels_last(tiny_sop, tmp_path, monkeypatch, extra,
-                                                             channels_last, dtype):
+@pytest.mark.parametrize(
+    "extra, channels_last, dtype",
+    [
+        (["--amp", "--channels_last"], True, torch.bfloat16),
+        ([], False, torch.float32),
+    ],
+)
+def test_cpu_training_with_and_without_amp_and_channels_last(
+    tiny_sop, tmp_path, monkeypatch, extra, channels_last, dtype
+):
     seen = watch_training_forwards(monkeypatch)
     start = tmp_path / "start"
     train.main(parse(tiny_argv(tiny_sop, start, "--epochs", "0", "--projector_samples", "0", "--device", "cpu")))
     seen.clear()
     out = tmp_path / "run"
-    train.main(parse(tiny_argv(tiny_sop, out, "--epochs", "1", "--projector_samples", "0", "--device", "cpu",
-                               *extra)))
+    train.main(parse(tiny_argv(tiny_sop, out, "--epochs", "1", "--projector_samples", "0", "--device", "cpu", *extra)))
     assert seen and set(seen) == {(channels_last, dtype)}  # 2 training steps, each as asked
     info = json.loads((out / "runs" / "t" / "args.json").read_text())
     assert info["amp_used"] is (dtype == torch.bfloat16)

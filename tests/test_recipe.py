@@ -5,6 +5,7 @@ epoch-0 zero-shot row of metrics.csv.
 
 Tiny runs as in test_train.py: ResNet18 from random weights at 32 px, 2 steps per epoch.
 """
+
 import numpy as np
 import pytest
 from support import SEED_COMMAND, parse, read_rows, tiny_argv
@@ -34,6 +35,7 @@ def is_bn_stat(key):
 
 # ============ recipes and their flags ============
 
+
 def test_recipes_resolve_and_explicit_flags_win():
     pre = flags.resolve_recipe(parse(["--weights", "imagenet"]))
     assert pre.recipe == "pretrained"
@@ -52,20 +54,22 @@ def train_seed_command():
     return list(SEED_COMMAND)
 
 
-@pytest.mark.parametrize("extra, expected", [
-    (["--warmup_epochs", "-1"], "--warmup_epochs must be a finite number >= 0"),
-    (["--warmup_epochs", "nan"], "--warmup_epochs must be a finite number >= 0"),
-    (["--head_lr_mult", "0"], "--head_lr_mult must be a finite number > 0"),
-    (["--proxy_lr_mult", "-2"], "--proxy_lr_mult must be a finite number > 0"),
-    (["--val_fraction", "1.5"], "--val_fraction must be in (0, 1)"),
-    (["--head_init", "pca", "--pca_images", "10"], "--pca_images must be >= --embedding_size (128)"),
-    (["--head_init", "pca", "--head", "mlp", "--embedding_size", "300"],
-     "needs --embedding_size <= 256"),
-    (["--select_metric", "accuracy"], "invalid choice: 'accuracy'"),
-    (["--head", "conv"], "invalid choice: 'conv'"),
-    (["--head_init", "xavier"], "invalid choice: 'xavier'"),
-    (["--recipe", "fast"], "invalid choice: 'fast'"),
-])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--warmup_epochs", "-1"], "--warmup_epochs must be a finite number >= 0"),
+        (["--warmup_epochs", "nan"], "--warmup_epochs must be a finite number >= 0"),
+        (["--head_lr_mult", "0"], "--head_lr_mult must be a finite number > 0"),
+        (["--proxy_lr_mult", "-2"], "--proxy_lr_mult must be a finite number > 0"),
+        (["--val_fraction", "1.5"], "--val_fraction must be in (0, 1)"),
+        (["--head_init", "pca", "--pca_images", "10"], "--pca_images must be >= --embedding_size (128)"),
+        (["--head_init", "pca", "--head", "mlp", "--embedding_size", "300"], "needs --embedding_size <= 256"),
+        (["--select_metric", "accuracy"], "invalid choice: 'accuracy'"),
+        (["--head", "conv"], "invalid choice: 'conv'"),
+        (["--head_init", "xavier"], "invalid choice: 'xavier'"),
+        (["--recipe", "fast"], "invalid choice: 'fast'"),
+    ],
+)
 def test_bad_recipe_values_exit_2_with_the_allowed_range(tiny_sop, tmp_path, capsys, extra, expected):
     with pytest.raises(SystemExit) as exc:
         train.cli(tiny_argv(tiny_sop, tmp_path, *extra))
@@ -75,8 +79,9 @@ def test_bad_recipe_values_exit_2_with_the_allowed_range(tiny_sop, tmp_path, cap
 
 
 def test_param_groups_carry_the_multipliers():
-    args = flags.resolve_recipe(parse(["--weights", "none", "--lr", "1e-3", "--head_lr_mult", "10",
-                                       "--proxy_lr_mult", "100"]))
+    args = flags.resolve_recipe(
+        parse(["--weights", "none", "--lr", "1e-3", "--head_lr_mult", "10", "--proxy_lr_mult", "100"])
+    )
     model = models.build_model("resnet18", embedding_size=8)
     crit = losses.build_loss("proxy_anchor", classes=[1, 2, 3], embedding_size=8)
     groups = {g["name"]: g for g in setup.param_groups(model, crit, args)}
@@ -89,8 +94,9 @@ def test_param_groups_carry_the_multipliers():
 
 
 def test_adamw_decays_weights_only():
-    args = flags.resolve_recipe(parse(["--weights", "none", "--optimizer", "adamw", "--weight_decay", "0.05",
-                                       "--head", "mlp"]))
+    args = flags.resolve_recipe(
+        parse(["--weights", "none", "--optimizer", "adamw", "--weight_decay", "0.05", "--head", "mlp"])
+    )
     model = models.build_model("resnet18", embedding_size=8, head="mlp")
     crit = losses.build_loss("proxy_anchor", classes=[1, 2, 3], embedding_size=8)
     groups = {g["name"]: g for g in setup.param_groups(model, crit, args)}
@@ -105,14 +111,16 @@ def test_adamw_decays_weights_only():
     assert [groups[g]["weight_decay"] for g in sorted(groups)] == [0.05, 0.0, 0.05, 0.0, 0.0]
     assert groups["loss"]["params"] == [crit.proxies]  # proxies: no decay
     assert groups["head_no_decay"]["lr"] == groups["head"]["lr"] == pytest.approx(args.lr * args.head_lr_mult)
-    optimizer = flags.OPTIMIZERS[args.optimizer](list(groups.values()), lr=args.lr,
-                                                 weight_decay=args.weight_decay)
+    optimizer = flags.OPTIMIZERS[args.optimizer](list(groups.values()), lr=args.lr, weight_decay=args.weight_decay)
     assert isinstance(optimizer, torch.optim.AdamW)
     # decoupled: a step with zero gradients shrinks a decayed weight by lr x wd, nothing else moves
     for p in list(model.parameters()) + [crit.proxies]:
         p.grad = torch.zeros_like(p)
-    conv, bn, proxies = (model.backbone.conv1.weight.detach().clone(), model.backbone.bn1.weight.detach().clone(),
-                         crit.proxies.detach().clone())
+    conv, bn, proxies = (
+        model.backbone.conv1.weight.detach().clone(),
+        model.backbone.bn1.weight.detach().clone(),
+        crit.proxies.detach().clone(),
+    )
     optimizer.step()
     assert torch.allclose(model.backbone.conv1.weight, conv * (1 - args.lr * 0.05))
     assert torch.equal(model.backbone.bn1.weight, bn) and torch.equal(crit.proxies, proxies)
@@ -121,8 +129,10 @@ def test_adamw_decays_weights_only():
 def test_every_real_photos_variant_is_a_valid_train_command():
     import importlib.util
     from pathlib import Path
-    spec = importlib.util.spec_from_file_location("real_photos", Path(train.__file__).parent / "bench"
-                                                  / "real_photos.py")
+
+    spec = importlib.util.spec_from_file_location(
+        "real_photos", Path(train.__file__).parent / "bench" / "real_photos.py"
+    )
     real_photos = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(real_photos)
     assert real_photos.VARIANTS["adamw"][:2] == ["--optimizer", "adamw"]
@@ -149,14 +159,14 @@ def test_warmup_steps_round_fractional_epochs():
 
 # ============ warm-up and frozen BatchNorm, end to end ============
 
+
 @pytest.mark.slow
 def test_warmup_trains_the_head_only_then_the_backbone(tiny_sop, tmp_path):
     start = tmp_path / "start"
     train.main(parse(tiny_argv(tiny_sop, start, "--epochs", "0", "--projector_samples", "0")))
     initial = ckpt(start)
     warm = tmp_path / "warm"
-    train.main(parse(tiny_argv(tiny_sop, warm, "--warmup_epochs", "1", "--epochs", "1",
-                               "--projector_samples", "0")))
+    train.main(parse(tiny_argv(tiny_sop, warm, "--warmup_epochs", "1", "--epochs", "1", "--projector_samples", "0")))
     after = ckpt(warm)
     # backbone untouched (weights and BatchNorm statistics), head trained
     for k, v in backbone_state(initial).items():
@@ -166,13 +176,11 @@ def test_warmup_trains_the_head_only_then_the_backbone(tiny_sop, tmp_path):
     assert float(rows[1]["train_frozen_steps"]) == 2.0
     # half an epoch: 1 of 2 steps frozen in epoch 1, then the backbone trains
     half = tmp_path / "half"
-    train.main(parse(tiny_argv(tiny_sop, half, "--warmup_epochs", "0.5", "--epochs", "2",
-                               "--projector_samples", "0")))
+    train.main(parse(tiny_argv(tiny_sop, half, "--warmup_epochs", "0.5", "--epochs", "2", "--projector_samples", "0")))
     rows = read_rows(half / "runs" / "t" / "metrics.csv")
     assert [float(r["train_frozen_steps"]) for r in rows[1:]] == [1.0, 0.0]
     moved = ckpt(half)
-    assert any(not torch.equal(v, moved["model"][k]) for k, v in backbone_state(initial).items()
-               if not is_bn_stat(k))
+    assert any(not torch.equal(v, moved["model"][k]) for k, v in backbone_state(initial).items() if not is_bn_stat(k))
     # the zero-shot row is that of the initial backbone (the warm run's backbone did not move)
     assert rows[0]["val_zero_shot_map@r"] != "" and rows[0]["val_zero_shot_recall@1"] != ""
 
@@ -183,8 +191,19 @@ def test_freeze_bn_keeps_the_running_statistics(tiny_sop, tmp_path, freeze):
     train.main(parse(tiny_argv(tiny_sop, start, "--epochs", "0", "--projector_samples", "0")))
     initial = backbone_state(ckpt(start))
     out = tmp_path / "run"
-    train.main(parse(tiny_argv(tiny_sop, out, "--epochs", "1", "--projector_samples", "0",
-                               "--freeze_bn" if freeze else "--no-freeze_bn")))
+    train.main(
+        parse(
+            tiny_argv(
+                tiny_sop,
+                out,
+                "--epochs",
+                "1",
+                "--projector_samples",
+                "0",
+                "--freeze_bn" if freeze else "--no-freeze_bn",
+            )
+        )
+    )
     after = ckpt(out)["model"]
     stats = [k for k in initial if k.endswith("running_mean")]
     weights = [k for k in initial if k.endswith("conv1.weight")]
@@ -195,11 +214,29 @@ def test_freeze_bn_keeps_the_running_statistics(tiny_sop, tmp_path, freeze):
 
 # ============ PCA head initialisation ============
 
+
 @pytest.mark.parametrize("head", ["linear", "mlp"])
 def test_pca_head_init_in_train(tiny_sop, tmp_path, head, capsys):
-    train.main(parse(tiny_argv(tiny_sop, tmp_path, "--epochs", "0", "--projector_samples", "0",
-                               "--head", head, "--head_init", "pca", "--embedding_size", "16",
-                               "--dropout", "0")))
+    train.main(
+        parse(
+            tiny_argv(
+                tiny_sop,
+                tmp_path,
+                "--epochs",
+                "0",
+                "--projector_samples",
+                "0",
+                "--head",
+                head,
+                "--head_init",
+                "pca",
+                "--embedding_size",
+                "16",
+                "--dropout",
+                "0",
+            )
+        )
+    )
     assert "head initialised with the PCA of" in capsys.readouterr().out
     state = ckpt(tmp_path)["model"]
     w = state["head.1.weight"] if head == "linear" else state["head.0.weight"][:16]
@@ -210,16 +247,28 @@ def test_pca_head_init_in_train(tiny_sop, tmp_path, head, capsys):
     with torch.no_grad():
         f = model.backbone(x)
         bias = state["head.1.bias"] if head == "linear" else state["head.0.bias"][:16]
-        assert torch.allclose(model(x), torch.nn.functional.normalize(f @ w.T + bias, dim=1),
-                              atol=1e-4)
+        assert torch.allclose(model(x), torch.nn.functional.normalize(f @ w.T + bias, dim=1), atol=1e-4)
 
 
 # ============ Proxy-Anchor, select_metric, zero-shot row ============
 
+
 @pytest.mark.slow
 def test_proxy_anchor_trains_resumes_and_selects_on_map_r(tiny_sop, tmp_path):
-    argv = tiny_argv(tiny_sop, tmp_path, "--loss", "proxy_anchor", "--head", "linear",
-                     "--epochs", "1", "--projector_samples", "0", "--select_metric", "map@r")
+    argv = tiny_argv(
+        tiny_sop,
+        tmp_path,
+        "--loss",
+        "proxy_anchor",
+        "--head",
+        "linear",
+        "--epochs",
+        "1",
+        "--projector_samples",
+        "0",
+        "--select_metric",
+        "map@r",
+    )
     train.main(parse(argv))
     first = ckpt(tmp_path)
     assert first["criterion"]["proxies"].shape == (28, 128)  # one proxy per training product
@@ -239,6 +288,7 @@ def test_zero_shot_row_equals_the_backbone_alone(tiny_sop, tmp_path):
     model = models.load_model(tmp_path / "checkpoints" / "t" / "last.pth")
     import datasets
     import preprocessing
+
     val = datasets.SOPDataset(tiny_sop, "val", transform=preprocessing.build_transform(32, train=False))
     loader = torch.utils.data.DataLoader(val, batch_size=64)
     emb, _ = extraction.extract_embeddings(model.zero_shot(), loader, progress=False)

@@ -3,6 +3,7 @@ optimizer / scheduler state and metrics.csv (timing columns aside) as an uninter
 also after SIGKILLs mid-epoch and during checkpoint writes, none of which leaves a checkpoint
 that fails to load; a checkpoint and a metrics.csv in the format of earlier code load and resume.
 """
+
 import csv
 import io
 import os
@@ -66,8 +67,7 @@ def test_resume_in_process_matches_uninterrupted(tiny_sop, reference, tmp_path):
     assert_same_state(reference / "checkpoints/t/last.pth", tmp_path / "checkpoints/t/last.pth")
     assert model_rows(reference / "runs/t/metrics.csv") == model_rows(tmp_path / "runs/t/metrics.csv")
     # an explicit path (a run folder) resumes too; a finished run just reports its last row
-    again = train.main(parse(tiny_argv(tiny_sop, tmp_path, *CONFIG, "--resume",
-                                       str(tmp_path / "checkpoints/t"))))
+    again = train.main(parse(tiny_argv(tiny_sop, tmp_path, *CONFIG, "--resume", str(tmp_path / "checkpoints/t"))))
     assert again["epoch"] == 3 and again["val_recall@1"] == final["val_recall@1"]
 
 
@@ -75,10 +75,15 @@ class _Run:
     """train.py in a subprocess; stdout lines collected by a thread so we can react to them."""
 
     def __init__(self, argv, cwd):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, str(TRAIN), *argv], cwd=cwd, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, str(TRAIN), *argv],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.lines = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -96,8 +101,7 @@ class _Run:
             if any(line.startswith(prefix) for line in self.lines):
                 return
             if self.proc.poll() is not None:
-                raise AssertionError(f"train.py exited ({self.proc.returncode}) before {prefix!r}:\n"
-                                     + self.output())
+                raise AssertionError(f"train.py exited ({self.proc.returncode}) before {prefix!r}:\n" + self.output())
             time.sleep(0.005)
         raise AssertionError(f"no line {prefix!r} within {timeout}s:\n{self.output()}")
 
@@ -176,31 +180,56 @@ def test_sigkill_mid_epoch_and_during_checkpoint_write_then_resume(tiny_sop, ref
 
 # ============ files of earlier code ============
 
+
 def legacy_checkpoint(path, args, epochs=1):
     """A last.pth as train.py wrote it before training/ existed, built by hand from the keys
     models.py documents (CHECKPOINT_KEYS) plus the ones train.py adds (history, best_score,
     select_metric, criterion, bad_paths); the tiny_argv model (resnet18, mlp head, 32 px)."""
     torch.manual_seed(0)
     model = models.build_model("resnet18", 128, weights="none", dropout=0.2, image_size=32)
-    optimizer = torch.optim.Adam([{"name": "backbone", "params": list(model.backbone.parameters()), "lr": 1e-3},
-                                  {"name": "head", "params": list(model.head.parameters()), "lr": 1e-3}],
-                                 lr=1e-3, weight_decay=1e-5)
+    optimizer = torch.optim.Adam(
+        [
+            {"name": "backbone", "params": list(model.backbone.parameters()), "lr": 1e-3},
+            {"name": "head", "params": list(model.head.parameters()), "lr": 1e-3},
+        ],
+        lr=1e-3,
+        weight_decay=1e-5,
+    )
     model.train()
     for _ in range(2):  # a few real steps: Adam's moments are in the state, as after training
         optimizer.zero_grad()
         model(torch.randn(4, 3, 32, 32)).sum().backward()
         optimizer.step()
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=3)
-    history = [{"epoch": e, "val_recall@1": 0.1 * (e + 1), "val_map@r": 0.05 * (e + 1), "lr": 1e-3,
-                "bad_images": 0.0, **({"train_loss": 0.3} if e else {})} for e in range(epochs + 1)]
-    ckpt = {"format_version": 1, "model": model.state_dict(),
-            "model_args": {"backbone": "resnet18", "embedding_size": 128, "dropout": 0.2,
-                           "image_size": 32, "head": "mlp"},
-            "args": dict(args), "epoch": epochs, "metrics": dict(history[-1]),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": {}, "rng": checkpoints.capture_rng_state(), "git_commit": "3bbb246",
-            "history": history, "best_score": history[-1]["val_map@r"], "select_metric": "map@r",
-            "criterion": None, "bad_paths": {"train": [], "val": []}}
+    history = [
+        {
+            "epoch": e,
+            "val_recall@1": 0.1 * (e + 1),
+            "val_map@r": 0.05 * (e + 1),
+            "lr": 1e-3,
+            "bad_images": 0.0,
+            **({"train_loss": 0.3} if e else {}),
+        }
+        for e in range(epochs + 1)
+    ]
+    ckpt = {
+        "format_version": 1,
+        "model": model.state_dict(),
+        "model_args": {"backbone": "resnet18", "embedding_size": 128, "dropout": 0.2, "image_size": 32, "head": "mlp"},
+        "args": dict(args),
+        "epoch": epochs,
+        "metrics": dict(history[-1]),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": {},
+        "rng": checkpoints.capture_rng_state(),
+        "git_commit": "3bbb246",
+        "history": history,
+        "best_score": history[-1]["val_map@r"],
+        "select_metric": "map@r",
+        "criterion": None,
+        "bad_paths": {"train": [], "val": []},
+    }
     assert set(checkpoints.CHECKPOINT_KEYS) <= set(ckpt)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, path)
@@ -232,8 +261,7 @@ def test_metrics_csv_of_earlier_code_reads_back_exactly(tmp_path):
     cells, an inf, columns of an older run; read back value for value, and written again
     byte for byte."""
     header = ["epoch", "train_loss", "val_recall@1", "lr", "images_per_sec"]
-    rows = [["0", "", "0.30000000000000004", "0.0001", ""],
-            ["1", "0.123456789012345", "1e-17", "5e-05", "inf"]]
+    rows = [["0", "", "0.30000000000000004", "0.0001", ""], ["1", "0.123456789012345", "1e-17", "5e-05", "inf"]]
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(header)
@@ -241,10 +269,16 @@ def test_metrics_csv_of_earlier_code_reads_back_exactly(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_bytes(buf.getvalue().encode())
     back = runs.read_metrics_csv(path)
-    assert back == [{"epoch": 0.0, "train_loss": None, "val_recall@1": 0.30000000000000004, "lr": 1e-4,
-                     "images_per_sec": None},
-                    {"epoch": 1.0, "train_loss": 0.123456789012345, "val_recall@1": 1e-17, "lr": 5e-5,
-                     "images_per_sec": float("inf")}]
+    assert back == [
+        {"epoch": 0.0, "train_loss": None, "val_recall@1": 0.30000000000000004, "lr": 1e-4, "images_per_sec": None},
+        {
+            "epoch": 1.0,
+            "train_loss": 0.123456789012345,
+            "val_recall@1": 1e-17,
+            "lr": 5e-5,
+            "images_per_sec": float("inf"),
+        },
+    ]
     history = [{k: (int(v) if k == "epoch" else v) for k, v in row.items() if v is not None} for row in back]
     runs.write_metrics_csv(tmp_path / "again.csv", history)
     assert (tmp_path / "again.csv").read_bytes() == path.read_bytes()

@@ -1,5 +1,6 @@
 """retrieval.py: every metric on hand-built cases, against a brute-force reference, against
 pytorch-metric-learning and faiss; kNN; embedding extraction; the BLAS thread limit."""
+
 import tracemalloc
 
 from metrics_reference import reference_metrics
@@ -15,8 +16,9 @@ import retrieval
 
 # Unit vectors with entries +-1/2 in 4-d: inner products are exact multiples of 1/4, so every
 # computation path (BLAS tiles, einsum, brute force) gives the same floats and ties are real.
-CHAIN = np.array([[1, 1, 1, 1], [1, 1, 1, -1], [1, 1, -1, -1], [1, -1, -1, -1], [-1, -1, -1, -1]],
-                 dtype=np.float32) / 2  # CHAIN[i] . CHAIN[j] = 1 - |i - j| / 2
+CHAIN = (
+    np.array([[1, 1, 1, 1], [1, 1, 1, -1], [1, 1, -1, -1], [1, -1, -1, -1], [-1, -1, -1, -1]], dtype=np.float32) / 2
+)  # CHAIN[i] . CHAIN[j] = 1 - |i - j| / 2
 
 
 def exact_embeddings(n, dim=64, seed=0):
@@ -69,8 +71,17 @@ def test_spec_shape_and_keys():
     m = retrieval.evaluate_embeddings(x, [0, 0, 1, 0, 1, 0], [1, 1, 1, 1, 2, 1])
     assert list(m) == ["product", "category", "num_queries"]
     assert list(m["product"]) == ["recall@1", "recall@10", "recall@100", "recall@1000", "map@r", "r_precision"]
-    assert list(m["category"]) == ["recall@1", "recall@5", "recall@10", "recall@20", "precision@1",
-                                   "precision@5", "precision@10", "precision@20", "map@10"]
+    assert list(m["category"]) == [
+        "recall@1",
+        "recall@5",
+        "recall@10",
+        "recall@20",
+        "precision@1",
+        "precision@5",
+        "precision@10",
+        "precision@20",
+        "map@10",
+    ]
     assert all(isinstance(v, float) and 0 <= v <= 1 for p in ("product", "category") for v in m[p].values())
 
 
@@ -94,17 +105,33 @@ def test_hand_built_product_and_category_protocols():
     np.testing.assert_array_equal(d["num_relevant"], [3, 3, 1, 3, 1, 3])
     # category protocol (gallery = other products): q0: 2(rel) 4 | q1: 2(rel) 4 | q2: 1 0 3 5 (all rel)
     # q3: 2(.5, rel) and 4(.5) tie -> 2 first | q4: no relevant | q5: 4 then 2(rel)
-    np.testing.assert_array_equal(d["top_other"][:, :4], [[2, 4, -1, -1], [2, 4, -1, -1], [1, 0, 3, 5],
-                                                           [2, 4, -1, -1], [3, 5, 1, 0], [4, 2, -1, -1]])
+    np.testing.assert_array_equal(
+        d["top_other"][:, :4],
+        [[2, 4, -1, -1], [2, 4, -1, -1], [1, 0, 3, 5], [2, 4, -1, -1], [3, 5, 1, 0], [4, 2, -1, -1]],
+    )
     m = retrieval.evaluate_embeddings(x, class_ids, super_ids)
     assert m["num_queries"] == 6
-    want_product = {"recall@1": 2 / 6, "recall@10": 1, "recall@100": 1, "recall@1000": 1,
-                    "map@r": 5 / 18, "r_precision": 7 / 18}
+    want_product = {
+        "recall@1": 2 / 6,
+        "recall@10": 1,
+        "recall@100": 1,
+        "recall@1000": 1,
+        "map@r": 5 / 18,
+        "r_precision": 7 / 18,
+    }
     # q4's category holds no other product: no relevant item, so it is not a query of the
     # category protocol (as a single-image product is not one of the product protocol)
-    want_category = {"recall@1": 4 / 5, "recall@5": 1, "recall@10": 1, "recall@20": 1,
-                     "precision@1": 4 / 5, "precision@5": 8 / 25, "precision@10": 4 / 25,
-                     "precision@20": 2 / 25, "map@10": 0.9}  # q5: P(2) * 1 / 1 relevant = 1/2
+    want_category = {
+        "recall@1": 4 / 5,
+        "recall@5": 1,
+        "recall@10": 1,
+        "recall@20": 1,
+        "precision@1": 4 / 5,
+        "precision@5": 8 / 25,
+        "precision@10": 4 / 25,
+        "precision@20": 2 / 25,
+        "map@10": 0.9,
+    }  # q5: P(2) * 1 / 1 relevant = 1/2
     assert m["product"] == pytest.approx(want_product)
     assert m["category"] == pytest.approx(want_category)
     assert_metrics_equal(m, brute_force(x, class_ids, super_ids))
@@ -116,7 +143,8 @@ def test_an_undefined_protocol_is_none_with_a_reason_not_zero():
     x = CHAIN[[0, 1, 2, 3, 4, 4]]
     every_category_one_product = retrieval.evaluate_embeddings(x, [0, 0, 1, 1, 2, 2], [1, 1, 2, 2, 3, 3])
     assert set(every_category_one_product["category"].values()) - {None} == {
-        "n/a: every category here holds a single product, so no query has a relevant item"}
+        "n/a: every category here holds a single product, so no query has a relevant item"
+    }
     assert every_category_one_product["product"]["recall@1"] is not None
     one_category = retrieval.evaluate_embeddings(x, [0, 0, 1, 1, 2, 2], [1] * 6)
     assert one_category["category"]["why"].startswith("trivial: one category")
@@ -124,9 +152,11 @@ def test_an_undefined_protocol_is_none_with_a_reason_not_zero():
     single_images = retrieval.evaluate_embeddings(x, [0, 1, 2, 3, 4, 5], [1, 1, 1, 2, 2, 2])
     assert single_images["product"]["map@r"] is None and "two images" in single_images["product"]["why"]
     assert single_images["category"]["recall@1"] is not None
-    for m, labels in ((every_category_one_product, ([0, 0, 1, 1, 2, 2], [1, 1, 2, 2, 3, 3])),
-                      (one_category, ([0, 0, 1, 1, 2, 2], [1] * 6)),
-                      (single_images, ([0, 1, 2, 3, 4, 5], [1, 1, 1, 2, 2, 2]))):
+    for m, labels in (
+        (every_category_one_product, ([0, 0, 1, 1, 2, 2], [1, 1, 2, 2, 3, 3])),
+        (one_category, ([0, 0, 1, 1, 2, 2], [1] * 6)),
+        (single_images, ([0, 1, 2, 3, 4, 5], [1, 1, 1, 2, 2, 2])),
+    ):
         assert_metrics_equal(m, brute_force(x, *map(np.array, labels)))
     # a category's row of its own: the same rule over its queries
     d = retrieval.retrieval_details(x, np.array([0, 0, 1, 1, 2, 3]), np.array([1, 1, 1, 1, 2, 2]))
@@ -143,8 +173,9 @@ def test_ties_break_by_lower_index_and_self_is_excluded_by_index():
     # q0: 1(1) 2(1, rel) 3 -> rank 2 | q1: 0 2 3(rel) -> 3 | q2: 0(1, rel) 1 3 -> 1 | q3: 0 1(rel) 2 -> 2
     np.testing.assert_array_equal(d["best_relevant_rank"], [2, 3, 1, 2])
     m = retrieval.evaluate_embeddings(x, class_ids, np.ones(4, int))
-    assert m["product"] == pytest.approx({"recall@1": 0.25, "recall@10": 1.0, "recall@100": 1.0,
-                                          "recall@1000": 1.0, "map@r": 0.25, "r_precision": 0.25})
+    assert m["product"] == pytest.approx(
+        {"recall@1": 0.25, "recall@10": 1.0, "recall@100": 1.0, "recall@1000": 1.0, "map@r": 0.25, "r_precision": 0.25}
+    )
     # one category: every other-product image is relevant, the protocol is trivial (not 100%)
     assert m["category"]["why"].startswith("trivial") and m["category"]["precision@5"] is None
 
@@ -245,9 +276,12 @@ def test_equals_pytorch_metric_learning():
     centres = rng.standard_normal((class_ids.max() + 1, 24)).astype(np.float32)
     x = centres[class_ids] + 1.5 * rng.standard_normal((n, 24)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    calc = AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
-                              k="max_bin_count", device=torch.device("cpu"),
-                              knn_func=CustomKNN(CosineSimilarity()))
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
+        k="max_bin_count",
+        device=torch.device("cpu"),
+        knn_func=CustomKNN(CosineSimilarity()),
+    )
     # query = reference: pml then drops each query's own index from its neighbours
     ref = calc.get_accuracy(torch.from_numpy(x), torch.from_numpy(class_ids))
     ours = retrieval.evaluate_embeddings(x, class_ids, super_ids)["product"]
@@ -299,7 +333,7 @@ def test_bounded_memory_and_input_checks():
     retrieval.evaluate_embeddings(x, class_ids, super_ids, chunk_size=512)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert peak < 64 * 2 ** 20, f"peak {peak / 2 ** 20:.0f} MB"
+    assert peak < 64 * 2**20, f"peak {peak / 2**20:.0f} MB"
     bad = x[:10].copy()
     bad[3, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
@@ -341,8 +375,7 @@ def test_single_thread_blas_blocks_nest_and_restore():
     from threadpoolctl import threadpool_info
 
     def blas_threads():  # numpy's own BLAS (scipy, torch and faiss may bring others)
-        return [i["num_threads"] for i in threadpool_info()
-                if i["user_api"] == "blas" and "numpy" in i["filepath"]]
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas" and "numpy" in i["filepath"]]
 
     before = blas_threads()
     if not before:
@@ -366,8 +399,7 @@ def test_single_thread_blas_restores_across_threads():
     from threadpoolctl import threadpool_info, threadpool_limits
 
     def blas_threads():
-        return [i["num_threads"] for i in threadpool_info()
-                if i["user_api"] == "blas" and "numpy" in i["filepath"]]
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas" and "numpy" in i["filepath"]]
 
     before = blas_threads()
     if not before or max(before) < 2:
@@ -379,11 +411,11 @@ def test_single_thread_blas_restores_across_threads():
         t.start()
         t.join()
 
-    in_thread(first.__enter__)           # a worker thread sets the limit...
+    in_thread(first.__enter__)  # a worker thread sets the limit...
     second.__enter__()
     in_thread(lambda: first.__exit__(None, None, None))
     assert all(n == 1 for n in blas_threads())
-    second.__exit__(None, None, None)    # ...and the main thread, last out, restores it
+    second.__exit__(None, None, None)  # ...and the main thread, last out, restores it
     assert blas_threads() == before
 
     seen = []

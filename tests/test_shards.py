@@ -1,6 +1,7 @@
 """search/shards.py and the shards.py entry script: sharded gallery embedding resumes after a
 kill without redoing finished shards, equals the single-process embedding exactly, splits
 across torchrun processes (gloo), and finds the data of a checkpoint that stored none."""
+
 import os
 from pathlib import Path
 import subprocess
@@ -93,44 +94,71 @@ def test_foreign_shard_folder_and_bad_sizes_are_refused(gallery, tmp_path):
         shards.merge_shards(out, len(dataset), 16)
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                    reason="torch.distributed with gloo is not available")
+@pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+)
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one(gallery, tiny_synthetic_root, tmp_path):
     model, dataset = gallery
     ckpt = tmp_path / "best.pth"
-    checkpoints.atomic_save(checkpoints.make_checkpoint(model, args={"data_root": str(tiny_synthetic_root)},
-                                              epoch=0, metrics={}), ckpt)
+    checkpoints.atomic_save(
+        checkpoints.make_checkpoint(model, args={"data_root": str(tiny_synthetic_root)}, epoch=0, metrics={}), ckpt
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     argv = ["--checkpoint", str(ckpt), "--shard_size", "16", "--batch_size", "8"]
     one = [sys.executable, str(SHARDS), *argv, "--out", str(tmp_path / "one")]
-    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SHARDS),
-           *argv, "--out", str(tmp_path / "two"), "--gallery_index", str(tmp_path / "gallery.npz")]
+    two = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(SHARDS),
+        *argv,
+        "--out",
+        str(tmp_path / "two"),
+        "--gallery_index",
+        str(tmp_path / "gallery.npz"),
+    ]
     for cmd in (one, two):
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "rank 0: embedded shards [0, 2" in proc.stdout and "rank 1: embedded shards [1, 3" in proc.stdout
     merged = np.load(tmp_path / "two" / "embeddings.npy")
     np.testing.assert_array_equal(merged, np.load(tmp_path / "one" / "embeddings.npy"))
-    index, why = load_fresh_index(tmp_path / "gallery.npz", checkpoints.checkpoint_hash(ckpt),
-                                  dataset.rel_paths, index_type="exact")
+    index, why = load_fresh_index(
+        tmp_path / "gallery.npz", checkpoints.checkpoint_hash(ckpt), dataset.rel_paths, index_type="exact"
+    )
     assert why is None
     np.testing.assert_array_equal(index.embeddings, merged)
 
 
-def test_checkpoint_without_data_root_uses_its_datasets_folder(gallery, tiny_synthetic_root, tmp_path,
-                                                                monkeypatch):
+def test_checkpoint_without_data_root_uses_its_datasets_folder(gallery, tiny_synthetic_root, tmp_path, monkeypatch):
     """train.py --dataset synthetic without --data_root stores data_root: null; the gallery is
     then the dataset's default folder (catalogue.DATASET_ROOTS), not a TypeError."""
     model, dataset = gallery
     ckpt = tmp_path / "best.pth"
-    checkpoints.atomic_save(checkpoints.make_checkpoint(model, args={"dataset": "synthetic", "data_root": None},
-                                              epoch=0, metrics={}), ckpt)
+    checkpoints.atomic_save(
+        checkpoints.make_checkpoint(model, args={"dataset": "synthetic", "data_root": None}, epoch=0, metrics={}), ckpt
+    )
     monkeypatch.setitem(catalogue.DATASET_ROOTS, "synthetic", str(tiny_synthetic_root))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     out = tmp_path / "shards"
-    shards_script.main(shards_script.get_args_parser().parse_args(
-        ["--checkpoint", str(ckpt), "--out", str(out), "--shard_size", "16", "--batch_size", "8",
-         "--runtime", "torch"]))  # the reference embeds with torch
+    shards_script.main(
+        shards_script.get_args_parser().parse_args(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(out),
+                "--shard_size",
+                "16",
+                "--batch_size",
+                "8",
+                "--runtime",
+                "torch",
+            ]
+        )
+    )  # the reference embeds with torch
     np.testing.assert_array_equal(np.load(out / shards.MERGED), reference(model, dataset, 8))

@@ -2,6 +2,7 @@
 a validation split too small to select on, protocols that are undefined (category-level labels)
 or trivial (one category), and every entry script on the quick start's checkpoint.
 """
+
 import json
 import os
 from pathlib import Path
@@ -34,11 +35,38 @@ def photos(folder: Path, spec: dict, size=40) -> Path:
 
 
 def tiny_train(root, out, *extra):
-    argv = ["--data_root", str(root), "--backbone", "resnet18", "--weights", "none",
-            "--image_size", "32", "--batch_size", "16", "--images_per_class", "4", "--epochs", "1",
-            "--max_steps_per_epoch", "2", "--workers", "0", "--projector_samples", "0",
-            "--no-progress", "--val_fraction", "0.25", "--checkpoint_dir", str(out / "checkpoints"),
-            "--log_dir", str(out / "runs"), "--run_name", "small", *map(str, extra)]
+    argv = [
+        "--data_root",
+        str(root),
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "none",
+        "--image_size",
+        "32",
+        "--batch_size",
+        "16",
+        "--images_per_class",
+        "4",
+        "--epochs",
+        "1",
+        "--max_steps_per_epoch",
+        "2",
+        "--workers",
+        "0",
+        "--projector_samples",
+        "0",
+        "--no-progress",
+        "--val_fraction",
+        "0.25",
+        "--checkpoint_dir",
+        str(out / "checkpoints"),
+        "--log_dir",
+        str(out / "runs"),
+        "--run_name",
+        "small",
+        *map(str, extra),
+    ]
     parser = train.get_args_parser()
     args = parser.parse_args(argv)
     flags.validate_args(args, parser)
@@ -90,10 +118,15 @@ def evaluate_folder(root, tmp_path):
     torch.manual_seed(0)
     model = models.build_model("resnet18", embedding_size=16, weights="none", image_size=32).eval()
     dataset = evaluation.eval_dataset(root, "test", 32, {"data_root": str(root), "test_fraction": 0.5})
-    results = evaluation.evaluate_model(model, dataset, model_info={"run": "r", "checkpoint": None,
-                                                                    "weights": "none"},
-                                        output=tmp_path / "eval", workers=0, progress=False,
-                                        num_examples=0)
+    results = evaluation.evaluate_model(
+        model,
+        dataset,
+        model_info={"run": "r", "checkpoint": None, "weights": "none"},
+        output=tmp_path / "eval",
+        workers=0,
+        progress=False,
+        num_examples=0,
+    )
     evaluation.write_results(results, tmp_path / "eval")
     saved = json.loads((tmp_path / "eval" / "results.json").read_text())
     return saved, (tmp_path / "eval" / "results.md").read_text()
@@ -123,9 +156,18 @@ def test_a_single_category_is_trivial_not_100(tmp_path):
 
 def test_comparison_tables_say_na_with_the_reason():
     row = {c: None for c in reporting.CSV_COLUMNS}
-    row.update(run="r", backbone="resnet18", loss="triplet", sampler="pk", status="done",
-               **{"product_recall@1": 0.5, "product_map@r": 0.25,
-                                         "category_why": "trivial: one category, so every other product is relevant"})
+    row.update(
+        run="r",
+        backbone="resnet18",
+        loss="triplet",
+        sampler="pk",
+        status="done",
+        **{
+            "product_recall@1": 0.5,
+            "product_map@r": 0.25,
+            "category_why": "trivial: one category, so every other product is relevant",
+        },
+    )
     md = reporting.format_markdown([row])
     category = md.split("## Category protocol")[1]
     assert "| r | trivial | trivial |" in category and "`r`: trivial: one category" in category
@@ -141,15 +183,43 @@ def test_every_entry_script_runs_on_the_quick_start_checkpoint(tiny_synthetic_ro
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
     def run(script, *argv):
-        done = subprocess.run([sys.executable, str(REPO / script), *argv], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, str(REPO / script), *argv],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, f"{script}: {done.stdout[-2000:]}\n{done.stderr[-2000:]}"
         return done.stdout
 
-    run("train.py", "--dataset", "synthetic", "--backbone", "resnet18", "--weights", "none",
-        "--image_size", "32", "--epochs", "1", "--max_steps_per_epoch", "1", "--batch_size", "8",
-        "--images_per_class", "2", "--workers", "0", "--projector_samples", "0", "--no-progress",
-        "--run_name", "quickstart")
+    run(
+        "train.py",
+        "--dataset",
+        "synthetic",
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "none",
+        "--image_size",
+        "32",
+        "--epochs",
+        "1",
+        "--max_steps_per_epoch",
+        "1",
+        "--batch_size",
+        "8",
+        "--images_per_class",
+        "2",
+        "--workers",
+        "0",
+        "--projector_samples",
+        "0",
+        "--no-progress",
+        "--run_name",
+        "quickstart",
+    )
     ckpt = "checkpoints/quickstart/best.pth"
     assert torch.load(tmp_path / ckpt, weights_only=True)["args"]["data_root"] is None
     run("evaluate.py", "--checkpoint", ckpt, "--workers", "0", "--no_progress", "--num_examples", "0")

@@ -5,6 +5,7 @@ failed checkpoint write (previous checkpoint intact), corrupt images counted in 
 Tiny on purpose: 60 synthetic products at 48 px, ResNet18 from random weights at 32 px,
 2 steps per epoch, one thread (2 shared cores: more threads only add contention).
 """
+
 import errno
 import json
 from pathlib import Path
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ============ flags ============
 
+
 def test_seed_command_parses_verbatim():
     args = parse(SEED_COMMAND)
     assert (args.dataset, args.backbone, args.batch_size, args.epochs) == ("stanford", "efficientnet_b0", 64, 10)
@@ -37,36 +39,61 @@ def test_seed_command_parses_verbatim():
     # ImageNet weights: the recommended recipe; --recipe original: the original project's own
     resolved = flags.resolve_recipe(args)
     assert (resolved.recipe, resolved.loss, resolved.sampler) == (
-        "pretrained", flags.RECIPES["pretrained"]["loss"], flags.RECIPES["pretrained"]["sampler"])
+        "pretrained",
+        flags.RECIPES["pretrained"]["loss"],
+        flags.RECIPES["pretrained"]["sampler"],
+    )
     original = flags.resolve_recipe(parse(SEED_COMMAND + ["--recipe", "original"]))
     assert (original.loss, original.sampler, original.head, original.select_metric) == (
-        "triplet", "random", "mlp", "recall@1")
+        "triplet",
+        "random",
+        "mlp",
+        "recall@1",
+    )
 
 
 def test_hyphenated_spellings_and_amp_switch():
-    args = parse(["--batch-size", "32", "--images-per-class", "2", "--embedding-size", "64",
-                  "--weight-decay", "0", "--max-steps-per-epoch", "3", "--run-name", "x", "--no-amp"])
+    args = parse(
+        [
+            "--batch-size",
+            "32",
+            "--images-per-class",
+            "2",
+            "--embedding-size",
+            "64",
+            "--weight-decay",
+            "0",
+            "--max-steps-per-epoch",
+            "3",
+            "--run-name",
+            "x",
+            "--no-amp",
+        ]
+    )
     assert (args.batch_size, args.images_per_class, args.embedding_size) == (32, 2, 64)
     assert (args.weight_decay, args.max_steps_per_epoch, args.run_name, args.amp) == (0.0, 3, "x", False)
 
 
-@pytest.mark.parametrize("extra, expected", [
-    (["--batch_size", "30"], "must be a multiple of --images_per_class (4)"),
-    (["--lr", "0"], "--lr must be a finite number > 0"),
-    (["--lr", "-0.001"], "--lr must be a finite number > 0"),
-    (["--margin", "0"], "--margin must be > 0"),
-    (["--margin", "-1"], "--margin must be > 0"),
-    (["--images_per_class", "1"], "--images_per_class must be >= 2"),
-    (["--backbone", "vgg16"], "invalid choice: 'vgg16'"),
-    (["--loss", "contrastive"], "invalid choice: 'contrastive'"),
-    (["--val_split", "train"], "invalid choice: 'train'"),
-    (["--sampler", "balanced"], "invalid choice: 'balanced'"),
-    (["--resume", "/nonexistent/last.pth"], "no such checkpoint"),
-    (["--epochs", "-1"], "--epochs must be >= 0"),
-    # checked once the data is loaded: the tiny training split's products have 2..12 images
-    (["--images_per_class", "13", "--batch_size", "26"], "outside the allowed range 2..12"),
-    (["--batch_size", "400"], "28 products and at most 12 images of one, too few for batches of 400"),
-])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--batch_size", "30"], "must be a multiple of --images_per_class (4)"),
+        (["--lr", "0"], "--lr must be a finite number > 0"),
+        (["--lr", "-0.001"], "--lr must be a finite number > 0"),
+        (["--margin", "0"], "--margin must be > 0"),
+        (["--margin", "-1"], "--margin must be > 0"),
+        (["--images_per_class", "1"], "--images_per_class must be >= 2"),
+        (["--backbone", "vgg16"], "invalid choice: 'vgg16'"),
+        (["--loss", "contrastive"], "invalid choice: 'contrastive'"),
+        (["--val_split", "train"], "invalid choice: 'train'"),
+        (["--sampler", "balanced"], "invalid choice: 'balanced'"),
+        (["--resume", "/nonexistent/last.pth"], "no such checkpoint"),
+        (["--epochs", "-1"], "--epochs must be >= 0"),
+        # checked once the data is loaded: the tiny training split's products have 2..12 images
+        (["--images_per_class", "13", "--batch_size", "26"], "outside the allowed range 2..12"),
+        (["--batch_size", "400"], "28 products and at most 12 images of one, too few for batches of 400"),
+    ],
+)
 def test_bad_arguments_are_argparse_errors(tiny_sop, tmp_path, capsys, extra, expected):
     with pytest.raises(SystemExit) as exc:
         train.cli(tiny_argv(tiny_sop, tmp_path, *extra))
@@ -78,6 +105,7 @@ def test_bad_arguments_are_argparse_errors(tiny_sop, tmp_path, capsys, extra, ex
 
 # ============ a whole run ============
 
+
 @pytest.mark.slow
 def test_end_to_end_outputs(tiny_sop, tmp_path):
     final = train.main(parse(tiny_argv(tiny_sop, tmp_path)))
@@ -87,8 +115,17 @@ def test_end_to_end_outputs(tiny_sop, tmp_path):
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]
     # epoch 0: validation of the untouched network, no training columns
     assert rows[0]["train_loss"] == "" and rows[0]["val_recall@1"] != ""
-    for col in ("train_loss", "val_loss", "val_recall@1", "train_valid_triplets",
-                "train_active_triplets", "lr", "images_per_sec", "epoch_time", "bad_images"):
+    for col in (
+        "train_loss",
+        "val_loss",
+        "val_recall@1",
+        "train_valid_triplets",
+        "train_active_triplets",
+        "lr",
+        "images_per_sec",
+        "epoch_time",
+        "bad_images",
+    ):
         assert rows[-1][col] != "", col
     # P x K batches of 4 products x 4 images: every anchor has a positive and a negative
     assert float(rows[1]["train_valid_triplets"]) == 16.0
@@ -98,8 +135,13 @@ def test_end_to_end_outputs(tiny_sop, tmp_path):
     last = assert_checkpoint_loads(ckpt_dir / "last.pth")
     best = assert_checkpoint_loads(ckpt_dir / "best.pth")
     assert last["epoch"] == 2 and last["format_version"] == checkpoints.CHECKPOINT_FORMAT_VERSION
-    assert last["model_args"] == {"backbone": "resnet18", "embedding_size": 128, "dropout": 0.2,
-                                  "image_size": 32, "head": "mlp"}
+    assert last["model_args"] == {
+        "backbone": "resnet18",
+        "embedding_size": 128,
+        "dropout": 0.2,
+        "image_size": 32,
+        "head": "mlp",
+    }
     maps = [float(r["val_map@r"]) for r in rows]  # --weights none: the scratch recipe's metric
     assert best["epoch"] == maps.index(max(maps))  # first epoch reaching the best
     assert isinstance(last["rng"]["torch"], torch.Tensor) and last["args"]["lr"] == 1e-3
@@ -120,14 +162,14 @@ def test_end_to_end_outputs(tiny_sop, tmp_path):
 
 
 def test_random_sampler_runs(tiny_sop, tmp_path):
-    train.main(parse(tiny_argv(tiny_sop, tmp_path, "--sampler", "random", "--epochs", "1",
-                               "--projector_samples", "0")))
+    train.main(parse(tiny_argv(tiny_sop, tmp_path, "--sampler", "random", "--epochs", "1", "--projector_samples", "0")))
     rows = read_rows(tmp_path / "runs" / "t" / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["0", "1"]
     assert float(rows[1]["train_valid_triplets"]) <= 16.0
 
 
 # ============ failures: exit code 1, last good checkpoint intact ============
+
 
 class _NaNAfterEpoch0(torch.nn.Module):
     """The real criterion, but the training loss (under autograd) of every batch is NaN."""
@@ -179,14 +221,18 @@ def test_corrupt_images_are_counted(tiny_sop, tmp_path):
     test_set = datasets.SOPDataset(root, "test")  # 154 images: one bad one is < 1%
     good = Path(test_set.paths[5]).read_bytes()
     Path(test_set.paths[5]).write_bytes(b"")
-    train.main(parse(tiny_argv(root, tmp_path, "--val_split", "test", "--epochs", "1",
-                               "--projector_samples", "0")))
+    train.main(parse(tiny_argv(root, tmp_path, "--val_split", "test", "--epochs", "1", "--projector_samples", "0")))
     rows = read_rows(tmp_path / "runs" / "t" / "metrics.csv")
     assert [float(r["bad_images"]) for r in rows] == [1.0, 1.0]
     # The count is the run's, not the process's: a resumed run starts from the checkpoint's
     # list (here the file was repaired meanwhile, so only that list can report it).
     Path(test_set.paths[5]).write_bytes(good)
-    train.main(parse(tiny_argv(root, tmp_path, "--val_split", "test", "--epochs", "2",
-                               "--projector_samples", "0", "--resume", "auto")))
+    train.main(
+        parse(
+            tiny_argv(
+                root, tmp_path, "--val_split", "test", "--epochs", "2", "--projector_samples", "0", "--resume", "auto"
+            )
+        )
+    )
     rows = read_rows(tmp_path / "runs" / "t" / "metrics.csv")
     assert [float(r["bad_images"]) for r in rows] == [1.0, 1.0, 1.0]

@@ -5,6 +5,7 @@ run, a rerun that skips finished runs, and a resume to more epochs.
 
 Tiny on purpose: 40 synthetic products at 48 px, random weights at 32 px, 1 step per epoch.
 """
+
 import argparse
 import json
 import os
@@ -24,23 +25,53 @@ from training import comparison, evaluation, flags, grid, reporting, runs, tee
 
 @pytest.fixture(scope="module")
 def tiny_sop(tmp_path_factory):
-    return synthetic_sop.make_synthetic_sop(tmp_path_factory.mktemp("sop") / "sop", num_products=40,
-                                       image_size=48)
+    return synthetic_sop.make_synthetic_sop(tmp_path_factory.mktemp("sop") / "sop", num_products=40, image_size=48)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_argv(root, out, *extra):
-    return ["--dataset", "synthetic", "--data_root", str(root), "--weights", "none",
-            "--image_size", "32", "--batch_size", "8", "--images_per_class", "4", "--epochs", "1",
-            "--max_steps_per_epoch", "1", "--workers", "0", "--projector_samples", "0",
-            "--lr", "1e-3", "--no-progress", "--val_batch_size", "64",
-            "--checkpoint_dir", str(out / "checkpoints"), "--log_dir", str(out / "runs"),
-            "--prefix", "t", "--eval_examples", "0", *map(str, extra)]
+    return [
+        "--dataset",
+        "synthetic",
+        "--data_root",
+        str(root),
+        "--weights",
+        "none",
+        "--image_size",
+        "32",
+        "--batch_size",
+        "8",
+        "--images_per_class",
+        "4",
+        "--epochs",
+        "1",
+        "--max_steps_per_epoch",
+        "1",
+        "--workers",
+        "0",
+        "--projector_samples",
+        "0",
+        "--lr",
+        "1e-3",
+        "--no-progress",
+        "--val_batch_size",
+        "64",
+        "--checkpoint_dir",
+        str(out / "checkpoints"),
+        "--log_dir",
+        str(out / "runs"),
+        "--prefix",
+        "t",
+        "--eval_examples",
+        "0",
+        *map(str, extra),
+    ]
 
 
 # ============ arguments ============
+
 
 def test_every_train_flag_passes_through_and_none_is_defined_twice():
     ours = tm.get_args_parser()
@@ -48,8 +79,10 @@ def test_every_train_flag_passes_through_and_none_is_defined_twice():
     our_flags = [o for a in ours._actions for o in a.option_strings]
     assert train_flags <= set(our_flags)
     assert len(our_flags) == len(set(our_flags))  # argparse would raise on a clash; be explicit
-    seeds = ("--dataset stanford --backbone efficientnet_b0 --batch_size 64 --epochs 10 "
-             "--lr 0.0001 --margin 0.5 --embedding_size 128").split()
+    seeds = (
+        "--dataset stanford --backbone efficientnet_b0 --batch_size 64 --epochs 10 "
+        "--lr 0.0001 --margin 0.5 --embedding_size 128"
+    ).split()
     args = tm.parse_args(seeds)
     assert [p.backbone for p in grid.build_grid(args)] == ["efficientnet_b0"]
     assert (args.batch_size, args.epochs, args.lr, args.margin) == (64, 10, 1e-4, 0.5)
@@ -60,20 +93,36 @@ def test_default_grid_is_the_original_three_backbones_and_grid_flags_widen_it():
     names = [p.run_name(args.prefix) for p in grid.build_grid(args)]
     loss, sampler = (flags.RECIPES["pretrained"][k] for k in ("loss", "sampler"))  # ImageNet weights
     assert names == [f"cmp_{b}_{loss}_{sampler}" for b in ("efficientnet_b0", "resnet18", "resnet50")]
-    args = tm.parse_args(["--backbones", "resnet18", "resnet50", "--samplers", "random", "pk",
-                          "--losses", "triplet", "multi_similarity", "--prefix", "sw"])
+    args = tm.parse_args(
+        [
+            "--backbones",
+            "resnet18",
+            "resnet50",
+            "--samplers",
+            "random",
+            "pk",
+            "--losses",
+            "triplet",
+            "multi_similarity",
+            "--prefix",
+            "sw",
+        ]
+    )
     points = grid.build_grid(args)
     assert len(points) == 8 and points[0].run_name("sw") == "sw_resnet18_triplet_random"
     assert tm.parse_args(["--sampler", "random"]).sampler == "random"
     assert {p.sampler for p in grid.build_grid(tm.parse_args(["--sampler", "random"]))} == {"random"}
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--backbone", "resnet18", "--backbones", "resnet50"], "either --backbone or --backbones"),
-    (["--run_name", "x"], "use --prefix"),
-    (["--resume", "checkpoints/x/last.pth"], "resume from their own last.pth"),
-    (["--lr", "0"], "--lr must be"),  # train.py's own range check, shared by every run
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--backbone", "resnet18", "--backbones", "resnet50"], "either --backbone or --backbones"),
+        (["--run_name", "x"], "use --prefix"),
+        (["--resume", "checkpoints/x/last.pth"], "resume from their own last.pth"),
+        (["--lr", "0"], "--lr must be"),  # train.py's own range check, shared by every run
+    ],
+)
 def test_bad_arguments_are_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         tm.parse_args(argv)
@@ -90,9 +139,26 @@ def test_quick_defaults_yield_to_explicit_flags():
 
 def test_namespace_to_argv_round_trips_through_train_parser():
     parser = train.get_args_parser()
-    ns = parser.parse_args(["--backbone", "resnet50", "--lr", "0.000123456789", "--no-amp",
-                            "--deterministic", "--max_steps_per_epoch", "7", "--sampler", "random",
-                            "--weight_decay", "0", "--run_name", "a_b", "--resume", "auto"])
+    ns = parser.parse_args(
+        [
+            "--backbone",
+            "resnet50",
+            "--lr",
+            "0.000123456789",
+            "--no-amp",
+            "--deterministic",
+            "--max_steps_per_epoch",
+            "7",
+            "--sampler",
+            "random",
+            "--weight_decay",
+            "0",
+            "--run_name",
+            "a_b",
+            "--resume",
+            "auto",
+        ]
+    )
     argv = grid.namespace_to_argv(parser, ns)
     assert parser.parse_args(argv) == ns
     assert grid.namespace_to_argv(parser, parser.parse_args([])) == []
@@ -100,21 +166,32 @@ def test_namespace_to_argv_round_trips_through_train_parser():
 
 # ============ tables and plots from fake run folders ============
 
+
 def fake_results(seed: float) -> dict:
     product = {k: round(seed + 0.01 * i, 6) for i, k in enumerate(reporting.PRODUCT_KEYS)}
     category = {k: round(seed / 2 + 0.01 * i, 6) for i, k in enumerate(reporting.CATEGORY_KEYS)}
-    return {"product": product, "category": category, "num_queries": 123,
-            "model": {"parameters": 4_700_000 + int(seed * 1000), "checkpoint_sha256": "0" * 64},
-            "timing": {"extract_s": 1.5, "eval_s": 0.25, "cached": True, "device": "cpu"}}
+    return {
+        "product": product,
+        "category": category,
+        "num_queries": 123,
+        "model": {"parameters": 4_700_000 + int(seed * 1000), "checkpoint_sha256": "0" * 64},
+        "timing": {"extract_s": 1.5, "eval_s": 0.25, "cached": True, "device": "cpu"},
+    }
 
 
 def save_fake_checkpoint(path, epoch, args, weights=10):
     """A checkpoint checkpoints.load_checkpoint accepts, with ``weights`` float32 numbers."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format_version": checkpoints.CHECKPOINT_FORMAT_VERSION,
-                "model": {"w": torch.zeros(weights), "n": torch.zeros((), dtype=torch.int64)},
-                "model_args": {"backbone": "resnet18", "embedding_size": 8}, "epoch": epoch,
-                "args": dict(args)}, path)
+    torch.save(
+        {
+            "format_version": checkpoints.CHECKPOINT_FORMAT_VERSION,
+            "model": {"w": torch.zeros(weights), "n": torch.zeros((), dtype=torch.int64)},
+            "model_args": {"backbone": "resnet18", "embedding_size": 8},
+            "epoch": epoch,
+            "args": dict(args),
+        },
+        path,
+    )
 
 
 def make_fake_run(root, name, results, history, weights=10):
@@ -128,16 +205,37 @@ def make_fake_run(root, name, results, history, weights=10):
 
 HISTORY = [
     {"epoch": 0, "val_loss": 0.5, "val_recall@1": 0.1, "lr": 1e-3, "val_time": 2.0},
-    {"epoch": 1, "train_loss": 0.4, "train_valid_triplets": 16.0, "train_active_triplets": 9.0,
-     "val_loss": 0.45, "val_recall@1": 0.3, "lr": 1e-3, "epoch_time": 10.0, "val_time": 2.0},
-    {"epoch": 2, "train_loss": 0.3, "train_valid_triplets": 16.0, "train_active_triplets": 5.0,
-     "val_loss": 0.44, "val_recall@1": 0.3, "lr": 5e-4, "epoch_time": 11.0, "val_time": 2.0},
+    {
+        "epoch": 1,
+        "train_loss": 0.4,
+        "train_valid_triplets": 16.0,
+        "train_active_triplets": 9.0,
+        "val_loss": 0.45,
+        "val_recall@1": 0.3,
+        "lr": 1e-3,
+        "epoch_time": 10.0,
+        "val_time": 2.0,
+    },
+    {
+        "epoch": 2,
+        "train_loss": 0.3,
+        "train_valid_triplets": 16.0,
+        "train_active_triplets": 5.0,
+        "val_loss": 0.44,
+        "val_recall@1": 0.3,
+        "lr": 5e-4,
+        "epoch_time": 11.0,
+        "val_time": 2.0,
+    },
 ]
 
 
 def test_report_values_come_from_the_runs_files(tmp_path):
-    points = [grid.GridPoint("efficientnet_b0", "triplet", "pk"), grid.GridPoint("resnet18", "triplet", "pk"),
-              grid.GridPoint("resnet50", "triplet", "pk")]
+    points = [
+        grid.GridPoint("efficientnet_b0", "triplet", "pk"),
+        grid.GridPoint("resnet18", "triplet", "pk"),
+        grid.GridPoint("resnet50", "triplet", "pk"),
+    ]
     results = [fake_results(0.6), fake_results(0.4)]
     rows, histories = [], {}
     for i, point in enumerate(points):
@@ -189,8 +287,20 @@ def test_best_epoch_is_the_one_best_pth_holds(tmp_path, select_metric, epoch):
 
 
 def test_run_state_decides_skip_resume_evaluate_or_conflict(tmp_path):
-    args = tm.parse_args(["--backbones", "resnet18", "--epochs", "3", "--prefix", "s",
-                          "--checkpoint_dir", str(tmp_path / "c"), "--log_dir", str(tmp_path / "r")])
+    args = tm.parse_args(
+        [
+            "--backbones",
+            "resnet18",
+            "--epochs",
+            "3",
+            "--prefix",
+            "s",
+            "--checkpoint_dir",
+            str(tmp_path / "c"),
+            "--log_dir",
+            str(tmp_path / "r"),
+        ]
+    )
     ns = grid.train_namespace(args, grid.build_grid(args)[0])
     paths = grid.run_paths(ns)
     assert grid.run_state(paths, ns)[0] == "new"
@@ -222,14 +332,14 @@ def test_error_summary_picks_the_error_line():
 
 # ============ end to end ============
 
+
 @pytest.mark.slow
 def test_grid_runs_reports_failures_skips_finished_runs_and_resumes(tiny_sop, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     real_grid = grid.build_grid
     bogus = grid.GridPoint("no_such_net", "triplet", "pk")
     monkeypatch.setattr(grid, "build_grid", lambda args: real_grid(args) + [bogus])
-    argv = tiny_argv(tiny_sop, tmp_path, "--backbones", "resnet18", "efficientnet_b0",
-                     "--launcher", "inprocess")
+    argv = tiny_argv(tiny_sop, tmp_path, "--backbones", "resnet18", "efficientnet_b0", "--launcher", "inprocess")
 
     # ---- first pass: two runs train and evaluate, the bogus one fails, the others still run
     rows = tm.main(tm.parse_args(argv))
@@ -285,14 +395,18 @@ def test_dry_run_prints_commands_and_report_only_trains_nothing(tmp_path, monkey
     assert f"evaluate.py --checkpoint checkpoints/cmp_resnet18_{loss}_random/best.pth" in out
     # one zero-shot evaluation per backbone
     assert "cmp_zero_shot_resnet50_224px: new" in out
-    assert ("evaluate.py --zero_shot --backbone resnet50 --image_size 224 "
-            "--data_root data/Stanford_Online_Products") in out
+    assert (
+        "evaluate.py --zero_shot --backbone resnet50 --image_size 224 --data_root data/Stanford_Online_Products"
+    ) in out
     assert not (tmp_path / "runs").exists() and not (tmp_path / "checkpoints").exists()
     assert tm.cli(argv + ["--report_only"]) == 0
     rows = reporting.read_csv(tmp_path / "runs" / "comparison" / "comparison.csv")
     assert [(r["backbone"], r["loss"], r["status"]) for r in rows] == [
-        ("resnet18", "zero-shot", "not run"), ("resnet18", loss, "not run"),
-        ("resnet50", "zero-shot", "not run"), ("resnet50", loss, "not run")]
+        ("resnet18", "zero-shot", "not run"),
+        ("resnet18", loss, "not run"),
+        ("resnet50", "zero-shot", "not run"),
+        ("resnet50", loss, "not run"),
+    ]
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -301,13 +415,26 @@ def test_zero_shot_row_per_backbone_from_imagenet_weights(tiny_sop, tmp_path, mo
     """--weights imagenet: each backbone gets a zero-shot row (evaluate.py --zero_shot on the
     test split at the grid's image size) before its trained rows; reruns reuse it."""
     monkeypatch.chdir(tmp_path)
-    argv = tiny_argv(tiny_sop, tmp_path, "--backbones", "efficientnet_lite0", "--weights",
-                     "imagenet", "--launcher", "inprocess", "--embedding_size", "16")
+    argv = tiny_argv(
+        tiny_sop,
+        tmp_path,
+        "--backbones",
+        "efficientnet_lite0",
+        "--weights",
+        "imagenet",
+        "--launcher",
+        "inprocess",
+        "--embedding_size",
+        "16",
+    )
     rows = tm.main(tm.parse_args(argv))
     assert [(r["loss"], r["status"]) for r in rows] == [
-        ("zero-shot", "evaluated"), (flags.RECIPES["pretrained"]["loss"], "trained")]
-    direct = evaluation.evaluate_zero_shot("efficientnet_lite0", str(tiny_sop), image_size=32,
-                                           write=False, workers=0, num_examples=0, progress=False)
+        ("zero-shot", "evaluated"),
+        (flags.RECIPES["pretrained"]["loss"], "trained"),
+    ]
+    direct = evaluation.evaluate_zero_shot(
+        "efficientnet_lite0", str(tiny_sop), image_size=32, write=False, workers=0, num_examples=0, progress=False
+    )
     assert rows[0]["product_map@r"] == direct["product"]["map@r"]
     assert rows[0]["run"] == "t_" + models.zero_shot_name("efficientnet_lite0", 32)
     md = (tmp_path / "runs" / "comparison" / "comparison.md").read_text()
@@ -327,8 +454,20 @@ def test_grid_on_a_folder_tree_uses_its_split_for_every_row(tiny_sop, tmp_path, 
 
     monkeypatch.chdir(tmp_path)
     root = prepare_data.convert_catalogue(tiny_sop, tmp_path / "tree", "folder", progress=False)
-    argv = tiny_argv(root, tmp_path, "--backbones", "efficientnet_lite0", "--weights", "imagenet",
-                     "--launcher", "inprocess", "--embedding_size", "16", "--test_fraction", "0.4")
+    argv = tiny_argv(
+        root,
+        tmp_path,
+        "--backbones",
+        "efficientnet_lite0",
+        "--weights",
+        "imagenet",
+        "--launcher",
+        "inprocess",
+        "--embedding_size",
+        "16",
+        "--test_fraction",
+        "0.4",
+    )
     rows = tm.main(tm.parse_args(argv))
     assert [r["status"] for r in rows] == ["evaluated", "trained"]
     test_set = datasets.SOPDataset(root, "test", test_fraction=0.4)

@@ -4,6 +4,7 @@ past one page; names of any Unicode in filters and deletes (hypothesis); timeout
 collection; resumable indexing after a SIGKILL with both backends; the errors that name what is
 wrong. Tiny images, an untrained ResNet-18 at 32 px. The server's crash and restart, and two
 galleries on one collection: tests/test_milvus_server.py."""
+
 import os
 from pathlib import Path
 import re
@@ -33,12 +34,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 # names that broke the filter before: raw newline / CR end a Milvus literal
-BREAKING = ["new\nline", "carriage\rreturn", "tab\there", "\\n", "é日本 😀", "\u2028sep\x85", "\x00nul\x7f",
-            "'single'"]
+BREAKING = ["new\nline", "carriage\rreturn", "tab\there", "\\n", "é日本 😀", "\u2028sep\x85", "\x00nul\x7f", "'single'"]
 MODEL_ARGS = {"backbone": "resnet18", "image_size": IMAGE_SIZE, "embedding_size": 128}
 
 
 # ============ helpers and fixtures ============
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -67,8 +68,21 @@ def milvus_server(tmp_path_factory):
     """Milvus Lite's gRPC server (``python -m milvus_lite server``) on a free 127.0.0.1 port."""
     port = tiny_demo.free_port()
     data = tmp_path_factory.mktemp("milvus_server") / "server.db"
-    proc = start_lite_server([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data),
-                              "--host", "127.0.0.1", "--port", str(port)], port)
+    proc = start_lite_server(
+        [
+            sys.executable,
+            "-m",
+            "milvus_lite",
+            "server",
+            "--data-dir",
+            str(data),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        port,
+    )
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=30)
@@ -86,14 +100,17 @@ def db_uri(request, tmp_path):
 
 
 def file_and_db(model, root, uri, tmp_path, index_type="exact", **kwargs):
-    index, _ = gallery.update_gallery_index(model, root, tmp_path / "gallery.npz", KEY, batch_size=4,
-                                            workers=0, progress=False)
-    store, report = vectordb.folder_gallery(model, KEY, root, uri, index_type=index_type, batch_size=4,
-                                            workers=0, progress=False, **kwargs)
+    index, _ = gallery.update_gallery_index(
+        model, root, tmp_path / "gallery.npz", KEY, batch_size=4, workers=0, progress=False
+    )
+    store, report = vectordb.folder_gallery(
+        model, KEY, root, uri, index_type=index_type, batch_size=4, workers=0, progress=False, **kwargs
+    )
     return index, store, report
 
 
 # ============ the filter: values are literals ============
+
 
 def test_quote_escapes_what_ends_or_escapes_a_literal():
     assert vectordb.quote('A" or category != "') == '"A\\" or category != \\""'
@@ -165,6 +182,7 @@ def test_any_unicode_name_filters_and_deletes_exactly_its_rows(lite_names, names
 
 # ============ same answers as the file index ============
 
+
 def test_exact_index_returns_the_file_index_top_k(model, tmp_path, db_uri, monkeypatch):
     monkeypatch.setattr(vectordb, "PAGE", 7)  # rows read back over several pages, quoted keys
     root = make_folder(tmp_path / "photos")
@@ -199,14 +217,16 @@ def test_ties_break_by_the_lower_row_as_in_the_file_index(tmp_path, db_uri):
 def test_approximate_indexes_recall_against_exact(tmp_path, index_type):
     # after pytorch-metric-learning patched faiss (as the reference tests do): Lite IVF uses faiss
     import pytorch_metric_learning.utils.inference  # noqa: F401
+
     rng = np.random.default_rng(1)  # clustered like embeddings: 400 products of 5 images
     centres = rng.normal(size=(400, 128)).astype(np.float32)
     emb = np.repeat(centres, 5, axis=0) + 0.6 * rng.normal(size=(2000, 128)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     files = sorted((f"c{i % 4}/x/{i:05d}.jpg", 1, 1) for i in range(len(emb)))
     index = gallery.make_gallery_index(emb, files, KEY)
-    store = vectordb.MilvusGallery.open(str(tmp_path / "a.db"), tmp_path, KEY, MODEL_ARGS,
-                                        index_type=index_type, expected_size=len(emb))
+    store = vectordb.MilvusGallery.open(
+        str(tmp_path / "a.db"), tmp_path, KEY, MODEL_ARGS, index_type=index_type, expected_size=len(emb)
+    )
     store.publish(index)
     queries = emb[:50] + 0.1 * rng.normal(size=(50, 128)).astype(np.float32)
     exact = index.search(queries, 10)[1]
@@ -249,6 +269,7 @@ def test_milvus_lite_defaults_differ_from_faiss_only_where_lite_does():
 
 # ============ updates ============
 
+
 def test_update_embeds_only_changes_and_a_search_sees_them(model, tmp_path, db_uri):
     root = make_folder(tmp_path / "photos", n=12)
     index, store, _ = file_and_db(model, root, db_uri, tmp_path)
@@ -259,8 +280,9 @@ def test_update_embeds_only_changes_and_a_search_sees_them(model, tmp_path, db_u
     assert (report["added"], report["removed"], report["embedded"], report["unchanged"]) == (1, 1, 1, 11)
     assert len(store) == before  # the new view is adopted by the next search ...
     store.search(np.ones(128, np.float32), 3)
-    index, _ = gallery.update_gallery_index(model, root, tmp_path / "gallery.npz", KEY, batch_size=4,
-                                            workers=0, progress=False)
+    index, _ = gallery.update_gallery_index(
+        model, root, tmp_path / "gallery.npz", KEY, batch_size=4, workers=0, progress=False
+    )
     assert store.paths == index.paths and store.count() == len(index) == 12  # ... and equals the file index
     assert np.array_equal(store.search(index.embeddings[:4], 5)[1], index.search(index.embeddings[:4], 5)[1])
     again = store.update(model, batch_size=4, workers=0, progress=False)
@@ -272,8 +294,9 @@ def test_engine_searches_the_database_with_a_category_filter(model, tmp_path):
 
     root = make_folder(tmp_path / "photos", n=12)
     loaded = loading.SearchModel(model, None, KEY, "tiny")
-    store, folder = loading.folder_index(loaded, root, backend="milvus", db_uri=str(tmp_path / "g.db"),
-                                        batch_size=4, workers=0)
+    store, folder = loading.folder_index(
+        loaded, root, backend="milvus", db_uri=str(tmp_path / "g.db"), batch_size=4, workers=0
+    )
     eng = engine.SearchEngine(model, store, folder)
     for category in ADVERSARIAL:
         out = eng.search_gallery_item(0, k=10, category=category)
@@ -289,8 +312,9 @@ def test_a_served_query_reads_one_view_while_an_update_waits_for_the_swap(model,
 
     root = make_folder(tmp_path / "photos", n=12)
     loaded = loading.SearchModel(model, None, KEY, "tiny")
-    store, folder = loading.folder_index(loaded, root, backend="milvus", db_uri=str(tmp_path / "g.db"),
-                                        batch_size=4, workers=0)
+    store, folder = loading.folder_index(
+        loaded, root, backend="milvus", db_uri=str(tmp_path / "g.db"), batch_size=4, workers=0
+    )
     eng = engine.SearchEngine(model, store, folder)
     old_paths, old_categories = list(store.paths), list(store.categories)
     write_image(root / "aaa_new_category" / "p" / "x.png", 7)  # sorts first: would shift every category id
@@ -308,6 +332,7 @@ def test_a_served_query_reads_one_view_while_an_update_waits_for_the_swap(model,
 
 # ============ any size, any start ============
 
+
 def test_the_view_holds_every_row_past_one_page(tmp_path, db_uri):
     """20,000 rows (the real page: 16,384), written in shuffled batches as a gallery grows
     (several segments, which Milvus Lite answers in segment order, not key order): every row
@@ -318,9 +343,20 @@ def test_the_view_holds_every_row_past_one_page(tmp_path, db_uri):
     paths = [f"c{i % 7}/p{i // 5}/{i:06d}.jpg" for i in range(n)]
     order = rng.permutation(n)
     for batch in np.array_split(order, 3):
-        store.client.upsert(store.name, [{"path": paths[i], "vector": rng.normal(size=4).tolist(),
-                                          "product_id": "p", "category": "c", "size": 1, "mtime_ns": 1}
-                                         for i in batch.tolist()])
+        store.client.upsert(
+            store.name,
+            [
+                {
+                    "path": paths[i],
+                    "vector": rng.normal(size=4).tolist(),
+                    "product_id": "p",
+                    "category": "c",
+                    "size": 1,
+                    "mtime_ns": 1,
+                }
+                for i in batch.tolist()
+            ],
+        )
         store.client.flush(store.name)
     store.refresh()
     store.adopt()
@@ -369,8 +405,18 @@ def test_a_database_that_goes_away_fails_in_time_naming_it_then_recovers(tmp_pat
     without a new gallery."""
     port = tiny_demo.free_port()
     data = tmp_path / "served.db"
-    cmd = [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data), "--host", "127.0.0.1",
-           "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "milvus_lite",
+        "server",
+        "--data-dir",
+        str(data),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     uri = f"http://127.0.0.1:{port}"
     proc = start_lite_server(cmd, port)
     try:
@@ -399,6 +445,7 @@ def test_a_database_that_goes_away_fails_in_time_naming_it_then_recovers(tmp_pat
 
 
 # ============ bad inputs ============
+
 
 def test_unreachable_server_fails_fast_naming_it():
     port = tiny_demo.free_port()
@@ -436,10 +483,30 @@ def test_collection_of_another_model_or_folder_is_refused(tmp_path):
 
 # ============ a SIGKILL while indexing; two indexers ============
 
+
 def index_command(ckpt, root, backend, *extra):
-    cmd = [sys.executable, str(REPO / "app_stanford.py"), "--checkpoint", str(ckpt), "--gallery", str(root),
-           "--build_index", "--device", "cpu", "--workers", "0", "--batch_size", "8", "--threads", "1",
-           "--checkpoint_every", "32", "--index_backend", backend, *extra]
+    cmd = [
+        sys.executable,
+        str(REPO / "app_stanford.py"),
+        "--checkpoint",
+        str(ckpt),
+        "--gallery",
+        str(root),
+        "--build_index",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--batch_size",
+        "8",
+        "--threads",
+        "1",
+        "--checkpoint_every",
+        "32",
+        "--index_backend",
+        backend,
+        *extra,
+    ]
     return cmd
 
 
@@ -485,8 +552,9 @@ def test_sigkill_during_indexing_then_rerun_converges(tmp_path, backend):
         paths = index.paths
         assert not list(tmp_path.glob(".g.npz.partial"))
     else:
-        store = vectordb.MilvusGallery.open(str(tmp_path / "g.db"), root, checkpoints.checkpoint_hash(ckpt),
-                                            models.load_model(ckpt).model_args)
+        store = vectordb.MilvusGallery.open(
+            str(tmp_path / "g.db"), root, checkpoints.checkpoint_hash(ckpt), models.load_model(ckpt).model_args
+        )
         paths = store.paths
         assert store.count() == n
     assert len(paths) == len(set(paths)) == n
@@ -498,13 +566,15 @@ def test_two_indexers_into_one_server_do_not_double_rows(tmp_path, milvus_server
     root = make_folder(tmp_path / "photos", n=n)
     ckpt = tiny_demo.write_untrained_checkpoint(tmp_path / "ck" / "best.pth", root, image_size=IMAGE_SIZE)
     cmd = index_command(ckpt, root, "milvus", "--db_uri", milvus_server, "--collection", "twice")
-    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO) for _ in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
-    store = vectordb.MilvusGallery.open(milvus_server, root, checkpoints.checkpoint_hash(ckpt),
-                                        models.load_model(ckpt).model_args, collection="twice")
+    store = vectordb.MilvusGallery.open(
+        milvus_server, root, checkpoints.checkpoint_hash(ckpt), models.load_model(ckpt).model_args, collection="twice"
+    )
     assert store.count() == len(store) == len(set(store.paths)) == n
 
 
@@ -514,7 +584,13 @@ def test_second_process_on_a_lite_database_is_refused_saying_why(tmp_path):
     ckpt = tiny_demo.write_untrained_checkpoint(tmp_path / "ck" / "best.pth", root, image_size=IMAGE_SIZE)
     db = tmp_path / "held.db"
     vectordb.connect(str(db))  # this process holds it now
-    out = subprocess.run(index_command(ckpt, root, "milvus", "--db_uri", str(db)), stderr=subprocess.PIPE,
-                         stdout=subprocess.DEVNULL, text=True, cwd=REPO, timeout=300)
+    out = subprocess.run(
+        index_command(ckpt, root, "milvus", "--db_uri", str(db)),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert out.returncode != 0
     assert "open in another process" in out.stderr and "milvus_lite server" in out.stderr

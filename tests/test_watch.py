@@ -5,6 +5,7 @@ succeeds, the new photo is found and the removed one gone within the stated dela
 engine's index swap never mixes two galleries in one answer, a half-written photo is skipped
 and picked up once complete, a failing rescan keeps the old index serving.
 """
+
 from pathlib import Path
 import shutil
 import threading
@@ -51,6 +52,7 @@ def shop(tiny, tmp_path):
 
 # ============ the watcher itself ============
 
+
 def test_watcher_applies_new_indexes_and_survives_errors():
     results = iter([None, RuntimeError("disk gone"), "index-2", None])
     applied = []
@@ -84,6 +86,7 @@ def test_watch_flag_needs_a_gallery(tiny):
 
 
 # ============ the engine's swap ============
+
 
 def test_replace_index_never_mixes_two_galleries(tiny, shop):
     model = models.load_model(tiny["checkpoint"])
@@ -131,13 +134,20 @@ def test_replace_index_never_mixes_two_galleries(tiny, shop):
 
 # ============ rescans: half-written photos, failures ============
 
+
 def test_half_written_photo_is_skipped_then_indexed_and_failures_keep_serving(tiny, shop, tmp_path):
     model = models.load_model(tiny["checkpoint"])
     loaded = search_loading.SearchModel(model, tiny["checkpoint"], "key", "tiny")
     index_path = tmp_path / "index.npz"
-    index, _ = gallery.update_gallery_index(model, shop, index_path, "key", progress=False, workers=0,
-                                            meta={"model_args": dict(model.model_args),
-                                                  "checkpoint": str(tiny["checkpoint"])})
+    index, _ = gallery.update_gallery_index(
+        model,
+        shop,
+        index_path,
+        "key",
+        progress=False,
+        workers=0,
+        meta={"model_args": dict(model.model_args), "checkpoint": str(tiny["checkpoint"])},
+    )
     engine = search_engine.SearchEngine(model, index, shop)
     refresh = watch.folder_refresher(loaded, shop, lambda: engine.index, index_path=index_path)
     w = watch.GalleryWatcher(refresh, engine.replace_index, interval=INTERVAL)
@@ -152,13 +162,14 @@ def test_half_written_photo_is_skipped_then_indexed_and_failures_keep_serving(ti
     assert "new_product/copy.jpg" not in "\n".join(engine.index.paths)
     assert not w.check()  # the same broken file is not retried
     with open(new, "ab") as f:  # the copy finishes: its size changes
-        f.write(data[len(data) // 2:])
+        f.write(data[len(data) // 2 :])
     assert w.check()
     rel = new.relative_to(shop).as_posix()
     assert rel in engine.index.paths
     vec = engine.index.embeddings[engine.index.paths.index(rel)]
-    np.testing.assert_allclose(vec, engine.index.embeddings[engine.index.paths.index(
-        source.relative_to(shop).as_posix())], atol=1e-6)
+    np.testing.assert_allclose(
+        vec, engine.index.embeddings[engine.index.paths.index(source.relative_to(shop).as_posix())], atol=1e-6
+    )
 
     before = engine.index
     for p in photos_of(shop):  # the folder emptied (an unmount): keep serving the last index
@@ -170,14 +181,25 @@ def test_half_written_photo_is_skipped_then_indexed_and_failures_keep_serving(ti
 
 # ============ the demo: a client querying while the folder changes ============
 
+
 def _has(*modules):
     import importlib.util
+
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
-@pytest.mark.parametrize("backend", [
-    "file", pytest.param("milvus", marks=pytest.mark.skipif(not _has("pymilvus", "milvus_lite"),
-                                                            reason="pymilvus / milvus-lite not installed"))])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "file",
+        pytest.param(
+            "milvus",
+            marks=pytest.mark.skipif(
+                not _has("pymilvus", "milvus_lite"), reason="pymilvus / milvus-lite not installed"
+            ),
+        ),
+    ],
+)
 def test_demo_watch_finds_added_photos_and_drops_removed_ones(tiny, shop, tmp_path, monkeypatch, backend):
     from gradio_client import Client, handle_file
 
@@ -199,10 +221,28 @@ def test_demo_watch_finds_added_photos_and_drops_removed_ones(tiny, shop, tmp_pa
     monkeypatch.setattr(app_stanford, "launch_app", launch)
     port = free_port()
     args = app_stanford.get_args_parser().parse_args(
-        ["--checkpoint", str(tiny["checkpoint"]), "--gallery", str(shop), "--watch", str(INTERVAL),
-         "--runtime", "torch", "--workers", "0", "--device", "cpu", "--port", str(port)]
-        + (["--index", str(tmp_path / "index.npz")] if backend == "file" else
-           ["--index_backend", "milvus", "--db_uri", str(tmp_path / "gallery.db")]))
+        [
+            "--checkpoint",
+            str(tiny["checkpoint"]),
+            "--gallery",
+            str(shop),
+            "--watch",
+            str(INTERVAL),
+            "--runtime",
+            "torch",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--port",
+            str(port),
+        ]
+        + (
+            ["--index", str(tmp_path / "index.npz")]
+            if backend == "file"
+            else ["--index_backend", "milvus", "--db_uri", str(tmp_path / "gallery.db")]
+        )
+    )
     demo = app_stanford.main(args)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -231,8 +271,11 @@ def test_demo_watch_finds_added_photos_and_drops_removed_ones(tiny, shop, tmp_pa
         changed_at = time.monotonic()
         while time.monotonic() < changed_at + DELAY and not errors:
             seen = [(n, paths) for ts, n, paths in log if ts > changed_at]
-            if any(n == "added" and added_rel in p for n, p in seen) and \
-                    any(n == "removed" and removed_rel not in p for n, p in seen) and len(seen) >= 6:
+            if (
+                any(n == "added" and added_rel in p for n, p in seen)
+                and any(n == "removed" and removed_rel not in p for n, p in seen)
+                and len(seen) >= 6
+            ):
                 break
             time.sleep(0.1)
         stop.set()

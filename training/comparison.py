@@ -2,6 +2,7 @@
 files (results.json, metrics.csv, the evaluated checkpoint), and the report written from those
 rows (training.reporting's tables and plots).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,7 @@ def training_time(history: list[dict]) -> float | None:
     return total
 
 
-def collect_row(point, paths: RunPaths, status: str = "", error: str = "",
-                eval_checkpoint: str = "best") -> dict:
+def collect_row(point, paths: RunPaths, status: str = "", error: str = "", eval_checkpoint: str = "best") -> dict:
     """One comparison row of ``point`` (a grid point: backbone, loss, sampler), every value read
     from the run's files: results.json (metrics,
     evaluation time, parameters), metrics.csv (training time, best epoch, epochs) and the
@@ -80,8 +80,9 @@ def weights_bytes(state_dict: dict) -> int:
 
 def empty_row(point, name: str, status: str = "", error: str = "") -> dict:
     row = {c: None for c in CSV_COLUMNS}
-    row.update(run=name, backbone=point.backbone, loss=point.loss, sampler=point.sampler,
-               status=status, error=error or "")
+    row.update(
+        run=name, backbone=point.backbone, loss=point.loss, sampler=point.sampler, status=status, error=error or ""
+    )
     return row
 
 
@@ -89,10 +90,12 @@ def eval_time(results: dict) -> float | None:
     """Seconds evaluate.py spent on the split: embedding extraction plus the exact metrics of
     both protocols (the ``*_s`` entries of results.json's ``timing``)."""
     timing = results.get("timing") or {}
-    parts = [float(v) for k, v in timing.items()
-             if k.endswith("_s") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    parts = [
+        float(v)
+        for k, v in timing.items()
+        if k.endswith("_s") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
     return sum(parts) if parts else None
-
 
 
 def safe_row(point, paths: RunPaths, status: str = "", error: str = "", eval_checkpoint: str = "best") -> dict:
@@ -106,22 +109,26 @@ def safe_row(point, paths: RunPaths, status: str = "", error: str = "", eval_che
 
 def histories(labelled: dict[str, RunPaths]) -> dict[str, list[dict]]:
     """{label: metrics.csv rows} of the runs that have a metrics.csv (the training curves)."""
-    return {label: read_metrics_csv(paths.metrics_csv) for label, paths in labelled.items()
-            if paths.metrics_csv.is_file()}
+    return {
+        label: read_metrics_csv(paths.metrics_csv) for label, paths in labelled.items() if paths.metrics_csv.is_file()
+    }
 
 
 def report_notes(args: argparse.Namespace, elapsed: float) -> str:
     """The report's preamble: the command, the data, the shared settings and the time taken."""
     command = getattr(args, "command_line", None)
-    return (f"Command: `python train_multiple.py {shlex.join(command) if command is not None else '(API call)'}`"
-            f"  \nDataset: {args.dataset} ({args.data_root or catalogue.DATASET_ROOTS[args.dataset]}), "
-            f"image size {args.image_size}, epochs {args.epochs}, weights {args.weights}; "
-            f"evaluated checkpoint: {args.eval_checkpoint}.pth. This invocation took "
-            f"{elapsed / 60:.1f} min.")
+    return (
+        f"Command: `python train_multiple.py {shlex.join(command) if command is not None else '(API call)'}`"
+        f"  \nDataset: {args.dataset} ({args.data_root or catalogue.DATASET_ROOTS[args.dataset]}), "
+        f"image size {args.image_size}, epochs {args.epochs}, weights {args.weights}; "
+        f"evaluated checkpoint: {args.eval_checkpoint}.pth. This invocation took "
+        f"{elapsed / 60:.1f} min."
+    )
 
 
-def write_comparison(rows: list[dict], curves: dict[str, list[dict]], output, title: str, notes: str,
-                     elapsed: float) -> dict:
+def write_comparison(
+    rows: list[dict], curves: dict[str, list[dict]], output, title: str, notes: str, elapsed: float
+) -> dict:
     """comparison.md / .csv and the plots under ``output``; prints the summary table. Returns
     write_report's {kind: path}."""
     files = write_report(rows, curves, output, title=title, notes=notes)

@@ -6,6 +6,7 @@ runs on the process's device, the one NCCL accepts), determinism, seeding (every
 randomness follows from (seed, epoch) alone, which makes resumes exact), rank 0's console lines,
 and TrainingStopped, the error that ends a run (exit code 1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,7 @@ def device_switch(flag: bool | None, device: torch.device) -> bool:
 class Process:
     """This process's place in the run: its rank among ``world`` processes, its device, and
     what it uses there (AMP and channels-last: device_switch; progress bars on rank 0 only)."""
+
     rank: int
     world: int
     device: torch.device
@@ -45,9 +47,14 @@ class Process:
     def of(cls, args: argparse.Namespace, rank: int, world: int, local_rank: int) -> Process:
         device = devices.resolve_device(args.device, local_rank)
         # MPS autocast is not exercised by any test here: AMP stays off there.
-        return cls(rank, world, device, amp=device_switch(args.amp, device) and device.type in ("cuda", "cpu"),
-                   channels_last=device_switch(args.channels_last, device),
-                   progress=bool(args.progress) and rank == 0)
+        return cls(
+            rank,
+            world,
+            device,
+            amp=device_switch(args.amp, device) and device.type in ("cuda", "cpu"),
+            channels_last=device_switch(args.channels_last, device),
+            progress=bool(args.progress) and rank == 0,
+        )
 
 
 def process_group_backend(use_cuda: bool) -> str:
@@ -80,6 +87,7 @@ def leave_process_group(world: int) -> None:
 
 # ============ the network as the ranks step it ============
 
+
 class Replicas:
     """The network the optimizer steps, as its forward must be called: the bare model in a
     single process; under DDP a DistributedDataParallel built over the parameters that require
@@ -99,7 +107,8 @@ class Replicas:
         trained = tuple(p.requires_grad for p in self.model.parameters())
         if trained != self._trained:
             self._ddp = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
             self._trained = trained
         return self._ddp
 
@@ -107,6 +116,7 @@ class Replicas:
 # ============ collectives: every one of the run goes through these ============
 # Each moves its tensor to the process's device first: NCCL accepts CUDA tensors only, and on a
 # CPU run the move is a no-op. Results come back on that device.
+
 
 def all_reduce_sum(tensor: torch.Tensor, device: torch.device, world: int) -> torch.Tensor:
     """The element-wise sum over the ranks of ``tensor``, as a new tensor on ``device``."""
@@ -124,8 +134,7 @@ def broadcast(tensor: torch.Tensor, device: torch.device, world: int, src: int =
     return work
 
 
-def average_gradients(params: list[torch.Tensor], device: torch.device, world: int,
-                      scale: float = 1.0) -> None:
+def average_gradients(params: list[torch.Tensor], device: torch.device, world: int, scale: float = 1.0) -> None:
     """Replace the gradients of ``params`` (parameters outside DDP, e.g. a loss's proxies) by
     their mean over the ranks times ``scale``, in one collective. Every rank must pass the same
     parameters, each with a gradient (set_to_none leaves a parameter the loss did not use
@@ -136,7 +145,7 @@ def average_gradients(params: list[torch.Tensor], device: torch.device, world: i
     flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]), device, world) * (scale / world)
     offset = 0
     for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.device, p.dtype)
+        p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.device, p.dtype)
         offset += p.numel()
 
 
@@ -152,7 +161,7 @@ def gather_rows(local: torch.Tensor, device: torch.device, world: int) -> torch.
     counts[dist.get_rank()] = local.shape[0]
     counts = all_reduce_sum(counts, device, world).tolist()
     padded = local.new_zeros((max(counts), *local.shape[1:]))
-    padded[:local.shape[0]] = local.detach()
+    padded[: local.shape[0]] = local.detach()
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     parts = [part[:n] for part, n in zip(parts, counts)]

@@ -41,13 +41,16 @@ def add_zero_shot_args(group, what: str) -> None:
     """--zero_shot (help ``what``), --backbone, --weights, --image_size: the pretrained backbone
     alone, as evaluate.py and the demo take it (`zero_shot_model`)."""
     group.add_argument("--zero_shot", action="store_true", help=what)
-    group.add_argument("--backbone", default=None, choices=sorted(backbones.BACKBONES),
-                       help="backbone for --zero_shot")
-    group.add_argument("--weights", default="imagenet",
-                       help="backbone weights for --zero_shot: imagenet, none, or a PATH to a plain "
-                            "state dict of the ImageNet classifier")
-    group.add_argument("--image_size", type=int, default=224,
-                       help="crop size for --zero_shot (images resized to 256/224 of it first)")
+    group.add_argument("--backbone", default=None, choices=sorted(backbones.BACKBONES), help="backbone for --zero_shot")
+    group.add_argument(
+        "--weights",
+        default="imagenet",
+        help="backbone weights for --zero_shot: imagenet, none, or a PATH to a plain "
+        "state dict of the ImageNet classifier",
+    )
+    group.add_argument(
+        "--image_size", type=int, default=224, help="crop size for --zero_shot (images resized to 256/224 of it first)"
+    )
 
 
 def default_output(checkpoint, args: dict) -> Path:
@@ -69,25 +72,35 @@ def embedding_stats(embeddings: np.ndarray) -> dict:
     e = embeddings.astype(np.float64)
     norms = np.linalg.norm(e, axis=1, keepdims=True)
     unit = e / np.maximum(norms, 1e-12)
-    return {"mean": float(e.mean()), "std": float(e.std()), "norm_mean": float(norms.mean()),
-            "dim_std_mean": float(e.std(axis=0).mean()),
-            "mean_cosine": float(np.square(unit.mean(axis=0)).sum())}
+    return {
+        "mean": float(e.mean()),
+        "std": float(e.std()),
+        "norm_mean": float(norms.mean()),
+        "dim_std_mean": float(e.std(axis=0).mean()),
+        "mean_cosine": float(np.square(unit.mean(axis=0)).sum()),
+    }
 
 
 # ============ embeddings ============
 
 
-def extract_embeddings(model, dataset, *, model_hash="", meta=None, batch_size=64, workers=None,
-                       device="cpu", progress=True):
+def extract_embeddings(
+    model, dataset, *, model_hash="", meta=None, batch_size=64, workers=None, device="cpu", progress=True
+):
     """The default ``embed`` of evaluate_model: every image of ``dataset`` embedded, in order.
     Returns (N x D embeddings, seconds spent, False: not from a cache). An ``embed`` of another
     kind (evaluate.py's embeddings cache) takes the same arguments; ``model_hash`` and ``meta``
     are what a cache records, unused here."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,  # one pass: no persistent workers
-                        **loaders.loader_settings(device, workers=workers, persistent_workers=False))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,  # one pass: no persistent workers
+        **loaders.loader_settings(device, workers=workers, persistent_workers=False),
+    )
     t0 = time.perf_counter()
-    embeddings, labels = extraction.extract_embeddings(model, loader, device=device,
-                                                      progress=progress, desc="embedding")
+    embeddings, labels = extraction.extract_embeddings(
+        model, loader, device=device, progress=progress, desc="embedding"
+    )
     if not np.array_equal(labels, np.asarray(dataset.class_ids)):
         raise RuntimeError("the loader's labels do not match dataset.class_ids")
     return embeddings, time.perf_counter() - t0, False
@@ -109,11 +122,30 @@ def per_category(details, super_ids, categories=None) -> dict:
 # ============ evaluation ============
 
 
-def evaluate_model(model, dataset, *, model_info: dict, output=None, model_hash="", batch_size=64,
-                   workers=None, device="cpu", embed=None, num_examples=6,
-                   chunk_size=1024, seed=0, progress=True, compile=False, write=True,
-                   explain_model=None, num_worst=3, match=None, calibrate=None, query_photos=0,
-                   fusion="mean") -> dict:
+def evaluate_model(
+    model,
+    dataset,
+    *,
+    model_info: dict,
+    output=None,
+    model_hash="",
+    batch_size=64,
+    workers=None,
+    device="cpu",
+    embed=None,
+    num_examples=6,
+    chunk_size=1024,
+    seed=0,
+    progress=True,
+    compile=False,
+    write=True,
+    explain_model=None,
+    num_worst=3,
+    match=None,
+    calibrate=None,
+    query_photos=0,
+    fusion="mean",
+) -> dict:
     """Both protocols' metrics of ``model`` (an EmbeddingNet) on ``dataset``; the results dict
     (retrieval.evaluate_embeddings shape plus ``model`` = ``model_info`` and parameters, ``embedding_stats``,
     ``timing``, ``per_category``, ``data``). ``write``: results.json / results.md /
@@ -125,10 +157,20 @@ def evaluate_model(model, dataset, *, model_info: dict, output=None, model_hash=
     threshold's report and the several-photo queries (matching.results_extras)."""
     model_args = dict(model.model_args)
     embeddings, extract_s, cached = (embed or extract_embeddings)(
-        torch.compile(model) if compile else model, dataset, model_hash=model_hash,
-        batch_size=batch_size, workers=workers, device=device, progress=progress,
-        meta={"split": dataset.split, "data_root": str(dataset.root), "model_args": model_args,
-              "checkpoint": model_info.get("checkpoint")})
+        torch.compile(model) if compile else model,
+        dataset,
+        model_hash=model_hash,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        progress=progress,
+        meta={
+            "split": dataset.split,
+            "data_root": str(dataset.root),
+            "model_args": model_args,
+            "checkpoint": model_info.get("checkpoint"),
+        },
+    )
     class_ids, super_ids = np.asarray(dataset.class_ids), np.asarray(dataset.super_ids)
     t0 = time.perf_counter()
     details = retrieval.retrieval_details(embeddings, class_ids, super_ids, chunk_size=chunk_size)
@@ -136,37 +178,79 @@ def evaluate_model(model, dataset, *, model_info: dict, output=None, model_hash=
     eval_s = time.perf_counter() - t0
     results = {
         **metrics,
-        "model": {**model_info, "backbone": model_args["backbone"],
-                  "embedding_size": int(model_args["embedding_size"]),
-                  "image_size": int(model_args["image_size"]),
-                  "head": model_args.get("head", "mlp"),
-                  # an onnxruntime embedder holds no torch parameters: it carries the count
-                  "parameters": int(getattr(model, "num_parameters", None) or models.count_parameters(model))},
-        "data": {"root": str(dataset.root), "split": dataset.split, "num_images": len(dataset),
-                 "num_products": int(len(np.unique(class_ids))),
-                 "num_categories": int(len(np.unique(super_ids))), "layout": dataset.layout,
-                 # the drawn test split's share (a catalogue without a split), else None
-                 "test_fraction": None if dataset.layout == "sop" else dataset.test_fraction,
-                 "single_image_products": dataset.num_single_image_products},
+        "model": {
+            **model_info,
+            "backbone": model_args["backbone"],
+            "embedding_size": int(model_args["embedding_size"]),
+            "image_size": int(model_args["image_size"]),
+            "head": model_args.get("head", "mlp"),
+            # an onnxruntime embedder holds no torch parameters: it carries the count
+            "parameters": int(getattr(model, "num_parameters", None) or models.count_parameters(model)),
+        },
+        "data": {
+            "root": str(dataset.root),
+            "split": dataset.split,
+            "num_images": len(dataset),
+            "num_products": int(len(np.unique(class_ids))),
+            "num_categories": int(len(np.unique(super_ids))),
+            "layout": dataset.layout,
+            # the drawn test split's share (a catalogue without a split), else None
+            "test_fraction": None if dataset.layout == "sop" else dataset.test_fraction,
+            "single_image_products": dataset.num_single_image_products,
+        },
         "embedding_stats": embedding_stats(embeddings),
-        "timing": {"extract_s": round(extract_s, 3), "eval_s": round(eval_s, 3), "cached": cached,
-                   "device": str(device)},
+        "timing": {
+            "extract_s": round(extract_s, 3),
+            "eval_s": round(eval_s, 3),
+            "cached": cached,
+            "device": str(device),
+        },
         "per_category": per_category(details, super_ids, dataset.categories),
         # the product protocol's queries: images with another image of their product
         "num_product_queries": int((details["num_relevant"] > 0).sum()),
     }
-    results.update(matching.results_extras(
-        embeddings, class_ids, match=match, calibrate=calibrate, query_photos=query_photos, fusion=fusion,
-        fitted_on={"split": dataset.split, "root": str(dataset.root)}, output=output if write else None, seed=seed))
+    results.update(
+        matching.results_extras(
+            embeddings,
+            class_ids,
+            match=match,
+            calibrate=calibrate,
+            query_photos=query_photos,
+            fusion=fusion,
+            fitted_on={"split": dataset.split, "root": str(dataset.root)},
+            output=output if write else None,
+            seed=seed,
+        )
+    )
     if write:
-        results.update(write_figures(Path(output), dataset, embeddings, details["best_relevant_rank"],
-                                     explain_model=explain_model, device=device, num_examples=num_examples,
-                                     num_worst=num_worst, seed=seed))
+        results.update(
+            write_figures(
+                Path(output),
+                dataset,
+                embeddings,
+                details["best_relevant_rank"],
+                explain_model=explain_model,
+                device=device,
+                num_examples=num_examples,
+                num_worst=num_worst,
+                seed=seed,
+            )
+        )
     return results
 
 
-def write_figures(output: Path, dataset, embeddings, best_relevant_rank, *, explain_model, device,
-                  num_examples: int, num_worst: int, seed: int) -> dict:
+def write_figures(
+    output: Path,
+    dataset,
+    embeddings,
+    best_relevant_rank,
+    *,
+    explain_model,
+    device,
+    num_examples: int,
+    num_worst: int,
+    seed: int,
+) -> dict:
     """retrieval.png (``num_examples`` queries; 0: none) and, with ``explain_model``,
     retrieval_worst.png (the ``num_worst`` queries whose true match ranked lowest) in ``output``,
     similarity maps drawn over each image; returns results.json's figure entries and output_dir."""
@@ -174,12 +258,14 @@ def write_figures(output: Path, dataset, embeddings, best_relevant_rank, *, expl
     entries = {}
     explainer = None if explain_model is None else explain.dataset_explainer(explain_model, dataset, device)
     if num_examples > 0:
-        reporting.retrieval_figure(output / "retrieval.png", dataset, embeddings,
-                                   num_examples=num_examples, seed=seed, explainer=explainer)
+        reporting.retrieval_figure(
+            output / "retrieval.png", dataset, embeddings, num_examples=num_examples, seed=seed, explainer=explainer
+        )
         entries["figure"] = "retrieval.png"
     if explainer is not None and num_worst > 0 and len(reporting.worst_queries(best_relevant_rank, num_worst)):
-        reporting.worst_queries_figure(output / "retrieval_worst.png", dataset, embeddings,
-                                       best_relevant_rank, num=num_worst, explainer=explainer)
+        reporting.worst_queries_figure(
+            output / "retrieval_worst.png", dataset, embeddings, best_relevant_rank, num=num_worst, explainer=explainer
+        )
         entries["worst_figure"] = "retrieval_worst.png"
     entries["output_dir"] = str(output)
     return entries
@@ -195,8 +281,12 @@ def write_results(results: dict, output) -> None:
 def eval_dataset(root, split, image_size, train_args=None, test_fraction=None):
     """``split`` of ``root`` with the eval transform and the splits of the run that trained
     on it (datasets.split_options)."""
-    return datasets.SOPDataset(root, split, transform=preprocessing.build_transform(int(image_size), train=False),
-                               **datasets.split_options(train_args, test_fraction))
+    return datasets.SOPDataset(
+        root,
+        split,
+        transform=preprocessing.build_transform(int(image_size), train=False),
+        **datasets.split_options(train_args, test_fraction),
+    )
 
 
 def _torch_model(model, wanted, checkpoint=None, zero_shot=None):
@@ -209,9 +299,20 @@ def _torch_model(model, wanted, checkpoint=None, zero_shot=None):
     return models.load_model(checkpoint) if checkpoint is not None else models.zero_shot_model(*zero_shot)
 
 
-def evaluate_zero_shot(backbone, data_root, weights="imagenet", image_size=224, split="test",
-                       output=None, device=None, write=True, test_fraction=None, runtime=None,
-                       explain=False, **kwargs) -> dict:
+def evaluate_zero_shot(
+    backbone,
+    data_root,
+    weights="imagenet",
+    image_size=224,
+    split="test",
+    output=None,
+    device=None,
+    write=True,
+    test_fraction=None,
+    runtime=None,
+    explain=False,
+    **kwargs,
+) -> dict:
     """evaluate_model of models.zero_shot_model(backbone, weights, image_size) on ``runtime``
     (inference.load_embedder); output default runs/zero_shot_<backbone>_<size>px/eval.
     ``explain``: the figures with similarity maps (evaluate_model's explain_model).
@@ -221,13 +322,27 @@ def evaluate_zero_shot(backbone, data_root, weights="imagenet", image_size=224, 
     model = inference.load_embedder(zero_shot=(backbone, weights, image_size), runtime=runtime, device=device)
     name = models.zero_shot_name(backbone, int(image_size), str(weights))
     output = Path(output) if output else runs.RunPaths.named(name).eval_dir
-    info = {"run": name, "checkpoint": None, "zero_shot": True, "weights": str(weights),
-            "checkpoint_size_mb": None, "epoch": None, "runtime": runtime}
+    info = {
+        "run": name,
+        "checkpoint": None,
+        "zero_shot": True,
+        "weights": str(weights),
+        "checkpoint_size_mb": None,
+        "epoch": None,
+        "runtime": runtime,
+    }
     zero_shot = (backbone, weights, image_size)
-    results = evaluate_model(model, eval_dataset(data_root, split, image_size, test_fraction=test_fraction),
-                             model_info=info, explain_model=_torch_model(model, explain, zero_shot=zero_shot),
-                             output=output, device=device, write=write,
-                             model_hash=models.zero_shot_model_key(backbone, str(weights), int(image_size)), **kwargs)
+    results = evaluate_model(
+        model,
+        eval_dataset(data_root, split, image_size, test_fraction=test_fraction),
+        model_info=info,
+        explain_model=_torch_model(model, explain, zero_shot=zero_shot),
+        output=output,
+        device=device,
+        write=write,
+        model_hash=models.zero_shot_model_key(backbone, str(weights), int(image_size)),
+        **kwargs,
+    )
     results.update(held_out=True, held_out_why=None)  # nothing was trained on any catalogue
     if write and "calibrated" in results:
         results["calibrated"]["stored_in"] = str(output / matching.MATCH_NAME)
@@ -244,9 +359,15 @@ def checkpoint_run(checkpoint, runtime, device) -> dict:
     model = inference.load_embedder(checkpoint, runtime=runtime, device=device)
     info = getattr(model, "checkpoint_info", None) or {}
     ckpt = checkpoints.load_checkpoint(checkpoint)
-    return {"checkpoint": checkpoint, "model": model, "info": info, "args": info.get("args") or {},
-            "record": ckpt.get("products"), "match": ckpt.get("match"),
-            "name": checkpoint.resolve().parent.name}
+    return {
+        "checkpoint": checkpoint,
+        "model": model,
+        "info": info,
+        "args": info.get("args") or {},
+        "record": ckpt.get("products"),
+        "match": ckpt.get("match"),
+        "name": checkpoint.resolve().parent.name,
+    }
 
 
 def score_baseline(baseline, dataset, runtime, common, allow_overlap=False) -> dict:
@@ -254,11 +375,17 @@ def score_baseline(baseline, dataset, runtime, common, allow_overlap=False) -> d
     like the evaluated one: heldout.check)."""
     base = checkpoint_run(baseline, runtime, common["device"])
     status = heldout.check(base["record"], base["args"], dataset, f"baseline {base['name']}", allow_overlap)
-    scored = evaluate_model(base["model"], dataset, model_info={"run": base["name"]}, write=False,
-                            num_examples=0, **common)
-    return {"run": base["name"], "checkpoint": str(baseline), "epoch": base["info"].get("epoch"),
-            "held_out": status["held_out"], "held_out_why": status["why"],
-            **{k: scored[k] for k in ("product", "category", "num_queries")}}
+    scored = evaluate_model(
+        base["model"], dataset, model_info={"run": base["name"]}, write=False, num_examples=0, **common
+    )
+    return {
+        "run": base["name"],
+        "checkpoint": str(baseline),
+        "epoch": base["info"].get("epoch"),
+        "held_out": status["held_out"],
+        "held_out_why": status["why"],
+        **{k: scored[k] for k in ("product", "category", "num_queries")},
+    }
 
 
 def gate_metric(train_args: dict) -> str:
@@ -282,8 +409,9 @@ def zero_shot_metrics(model_args: dict, dataset, runtime: str, device, common: d
     """The checkpoint's backbone with its ImageNet weights, no head, on the same images: product,
     category, num_queries and extract_s; None (with a warning) when the weights are unavailable."""
     try:
-        backbone = inference.load_embedder(zero_shot=(model_args["backbone"], "imagenet", model_args["image_size"]),
-                                           runtime=runtime, device=device)
+        backbone = inference.load_embedder(
+            zero_shot=(model_args["backbone"], "imagenet", model_args["image_size"]), runtime=runtime, device=device
+        )
     except backbones.WeightsUnavailableError as e:
         # the checkpoint's own evaluation stands without it (e.g. offline, weights not cached)
         logger.warning("zero-shot row skipped: %s", e)
@@ -292,11 +420,31 @@ def zero_shot_metrics(model_args: dict, dataset, runtime: str, device, common: d
     return {**{k: zs[k] for k in ("product", "category", "num_queries")}, "extract_s": zs["timing"]["extract_s"]}
 
 
-def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, batch_size=64, workers=None,
-                        device=None, embed=None, num_examples=6, chunk_size=1024, seed=0,
-                        progress=True, compile=False, zero_shot_row=True, test_fraction=None,
-                        runtime=None, explain=False, allow_overlap=False, baseline=None,
-                        tolerance=None, calibrate=None, query_photos=0, fusion="mean") -> dict:
+def evaluate_checkpoint(
+    checkpoint,
+    data_root=None,
+    split="test",
+    output=None,
+    batch_size=64,
+    workers=None,
+    device=None,
+    embed=None,
+    num_examples=6,
+    chunk_size=1024,
+    seed=0,
+    progress=True,
+    compile=False,
+    zero_shot_row=True,
+    test_fraction=None,
+    runtime=None,
+    explain=False,
+    allow_overlap=False,
+    baseline=None,
+    tolerance=None,
+    calibrate=None,
+    query_photos=0,
+    fusion="mean",
+) -> dict:
     """Evaluate ``checkpoint`` on ``split``; write results.json / results.md / retrieval.png to
     ``output`` (default runs/<run>/eval) and return the results dict (evaluate_model).
     ``zero_shot_row`` and a checkpoint trained from ImageNet weights: ``results["zero_shot"]``
@@ -320,18 +468,32 @@ def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, b
     output = Path(output) if output else default_output(checkpoint, train_args)
     dataset = eval_dataset(root, split, model_args["image_size"], train_args, test_fraction)
     status = heldout.check(run["record"], train_args, dataset, run["name"], allow_overlap)
-    common = dict(batch_size=batch_size, workers=workers, device=device, chunk_size=chunk_size,
-                  progress=progress)
+    common = dict(batch_size=batch_size, workers=workers, device=device, chunk_size=chunk_size, progress=progress)
     ckpt_hash = checkpoints.checkpoint_hash(checkpoint)  # once: it reads the whole file
     results = evaluate_model(
-        model, dataset, output=output, model_hash=ckpt_hash,
-        embed=embed, num_examples=num_examples, seed=seed, compile=compile,
+        model,
+        dataset,
+        output=output,
+        model_hash=ckpt_hash,
+        embed=embed,
+        num_examples=num_examples,
+        seed=seed,
+        compile=compile,
         explain_model=_torch_model(model, explain, checkpoint=checkpoint),
-        model_info={"run": run["name"], "checkpoint": str(checkpoint),
-                    "checkpoint_sha256": ckpt_hash,
-                    "checkpoint_size_mb": round(checkpoint.stat().st_size / 2 ** 20, 2),
-                    "epoch": run["info"].get("epoch"), "runtime": runtime},
-        match=run["match"], calibrate=calibrate, query_photos=query_photos, fusion=fusion, **common)
+        model_info={
+            "run": run["name"],
+            "checkpoint": str(checkpoint),
+            "checkpoint_sha256": ckpt_hash,
+            "checkpoint_size_mb": round(checkpoint.stat().st_size / 2**20, 2),
+            "epoch": run["info"].get("epoch"),
+            "runtime": runtime,
+        },
+        match=run["match"],
+        calibrate=calibrate,
+        query_photos=query_photos,
+        fusion=fusion,
+        **common,
+    )
     results.update(held_out=status["held_out"], held_out_why=status["why"])
     matching.store_calibrated(results, checkpoint)
     if zero_shot_row and train_args.get("weights") == "imagenet":
@@ -340,7 +502,8 @@ def evaluate_checkpoint(checkpoint, data_root=None, split="test", output=None, b
             results["zero_shot"] = row
     if baseline is not None:
         results["baseline"] = score_baseline(baseline, dataset, runtime, common, allow_overlap)
-        results["gate"] = deploy_gate(results, gate_metric(train_args),
-                                      DEFAULT_TOLERANCE if tolerance is None else tolerance)
+        results["gate"] = deploy_gate(
+            results, gate_metric(train_args), DEFAULT_TOLERANCE if tolerance is None else tolerance
+        )
     write_results(results, output)
     return results

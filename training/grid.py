@@ -4,6 +4,7 @@ evaluate, done, conflict), the train.py / evaluate.py steps that bring it to don
 process, or in this one), the zero-shot rows of pretrained backbones, and the comparison
 written at the end (training.comparison). train_multiple.py is its command line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,11 +31,19 @@ SEED_BACKBONES = ("efficientnet_b0", "resnet18", "resnet50")
 # epochs keep ResNet50 to a few minutes on 2 cores.
 QUICK_DATASET = {"root": "data/synthetic_quick", "num_products": 360, "image_size": 64}
 QUICK_DEFAULTS = {
-    "dataset": "synthetic", "data_root": QUICK_DATASET["root"], "weights": "none",
-    "image_size": 48, "batch_size": 32, "epochs": 3, "max_steps_per_epoch": 12, "lr": 1e-3,
-    "workers": 1, "projector_samples": 100, "progress": False, "prefix": "quick",
+    "dataset": "synthetic",
+    "data_root": QUICK_DATASET["root"],
+    "weights": "none",
+    "image_size": 48,
+    "batch_size": 32,
+    "epochs": 3,
+    "max_steps_per_epoch": 12,
+    "lr": 1e-3,
+    "workers": 1,
+    "projector_samples": 100,
+    "progress": False,
+    "prefix": "quick",
 }
-
 
 
 def check_args(args: argparse.Namespace) -> list[str]:
@@ -44,22 +53,26 @@ def check_args(args: argparse.Namespace) -> list[str]:
         if getattr(args, single) is not None and getattr(args, plural) is not None:
             errors.append(f"pass either --{single} or --{plural}, not both")
     if args.run_name is not None:
-        errors.append(f"--run_name {args.run_name}: run names come from the grid "
-                      f"(<prefix>_<backbone>_<loss>_<sampler>); use --prefix instead")
+        errors.append(
+            f"--run_name {args.run_name}: run names come from the grid "
+            f"(<prefix>_<backbone>_<loss>_<sampler>); use --prefix instead"
+        )
     if args.resume not in (None, "auto"):
-        errors.append(f"--resume {args.resume}: runs resume from their own last.pth "
-                      "automatically; rerun the same command (no --resume needed)")
+        errors.append(
+            f"--resume {args.resume}: runs resume from their own last.pth "
+            "automatically; rerun the same command (no --resume needed)"
+        )
     if args.eval_examples < 0:
         errors.append(f"--eval_examples must be >= 0 (got {args.eval_examples})")
     if args.eval_batch_size is not None and args.eval_batch_size < 1:
         errors.append(f"--eval_batch_size must be >= 1 (got {args.eval_batch_size})")
     if not args.prefix or any(c in args.prefix for c in "/\\ "):
-        errors.append(f"--prefix {args.prefix!r} must be a non-empty name without slashes or "
-                      "spaces")
+        errors.append(f"--prefix {args.prefix!r} must be a non-empty name without slashes or spaces")
     return errors
 
 
 # ============ the grid ============
+
 
 def train_parser() -> argparse.ArgumentParser:
     """train.py's flags (training.flags.add_train_args) on a parser of their own: what a grid
@@ -106,8 +119,9 @@ def train_namespace(args: argparse.Namespace, point: GridPoint) -> argparse.Name
     return flags.resolve_recipe(ns)
 
 
-def namespace_to_argv(parser: argparse.ArgumentParser, ns: argparse.Namespace,
-                      always: tuple[str, ...] = ()) -> list[str]:
+def namespace_to_argv(
+    parser: argparse.ArgumentParser, ns: argparse.Namespace, always: tuple[str, ...] = ()
+) -> list[str]:
     """Command-line flags that make ``parser`` parse back to ``ns``; flags left at their default
     are omitted unless named in ``always``. Raises ValueError for an argument it cannot spell."""
     argv = []
@@ -125,12 +139,15 @@ def namespace_to_argv(parser: argparse.ArgumentParser, ns: argparse.Namespace,
         elif isinstance(action, argparse._StoreAction) and action.nargs is None and value is not None:
             argv += [long_flags[0], str(value)]  # str(float) round-trips exactly
         else:
-            raise ValueError(f"cannot pass --{action.dest}={value!r} on a command line "
-                             f"({type(action).__name__}); extend namespace_to_argv")
+            raise ValueError(
+                f"cannot pass --{action.dest}={value!r} on a command line "
+                f"({type(action).__name__}); extend namespace_to_argv"
+            )
     return argv
 
 
 # ============ state of a run on disk ============
+
 
 def run_paths(ns: argparse.Namespace) -> RunPaths:
     return RunPaths.of(ns)
@@ -140,8 +157,7 @@ def settings_conflicts(old: dict, new: argparse.Namespace) -> dict:
     """Arguments (other than --epochs and those train.py lets a resumed run change) whose value
     in an existing checkpoint differs from this invocation's: {name: (old, new)}."""
     free = set(flags.RESUME_FREE_ARGS) | {"epochs", "overwrite", "resume"}
-    return {k: (old[k], v) for k, v in sorted(vars(new).items())
-            if k in old and k not in free and old[k] != v}
+    return {k: (old[k], v) for k, v in sorted(vars(new).items()) if k in old and k not in free and old[k] != v}
 
 
 def results_checkpoint_matches(results: dict, checkpoint: Path) -> bool:
@@ -172,11 +188,15 @@ def run_state(paths: RunPaths, ns: argparse.Namespace, eval_checkpoint: str = "b
     conflicts = settings_conflicts(ckpt.get("args") or {}, ns)
     if conflicts:
         diff = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in conflicts.items())
-        return "conflict", (f"{paths.last} was trained with other settings ({diff}); use another "
-                            "--prefix, the original flags, or --overwrite")
+        return "conflict", (
+            f"{paths.last} was trained with other settings ({diff}); use another "
+            "--prefix, the original flags, or --overwrite"
+        )
     if epoch > ns.epochs:
-        return "conflict", (f"{paths.last} is at epoch {epoch} > --epochs {ns.epochs}; pass "
-                            f"--epochs {epoch}, another --prefix, or --overwrite")
+        return "conflict", (
+            f"{paths.last} is at epoch {epoch} > --epochs {ns.epochs}; pass "
+            f"--epochs {epoch}, another --prefix, or --overwrite"
+        )
     if epoch < ns.epochs:
         return "resume", f"at epoch {epoch}/{ns.epochs}"
     checkpoint = paths.checkpoint(eval_checkpoint)
@@ -191,8 +211,8 @@ def run_state(paths: RunPaths, ns: argparse.Namespace, eval_checkpoint: str = "b
     return "done", f"epoch {epoch}/{ns.epochs}, evaluated"
 
 
-
 # ============ running train.py / evaluate.py ============
+
 
 def eval_options(args: argparse.Namespace, ns: argparse.Namespace, paths: RunPaths) -> dict:
     """Keyword arguments of evaluation.evaluate_checkpoint for one run."""
@@ -211,8 +231,16 @@ def eval_options(args: argparse.Namespace, ns: argparse.Namespace, paths: RunPat
 
 def _evaluate_argv(options: dict) -> list[str]:
     """evaluate.py flags shared by both kinds of evaluation (data, output, loader, device)."""
-    argv = ["--data_root", options["data_root"], "--split", options["split"],
-            "--output", options["output"], "--batch_size", str(options["batch_size"])]
+    argv = [
+        "--data_root",
+        options["data_root"],
+        "--split",
+        options["split"],
+        "--output",
+        options["output"],
+        "--batch_size",
+        str(options["batch_size"]),
+    ]
     if options["workers"] is not None:  # None: evaluate.py's own default (loader_settings)
         argv += ["--workers", str(options["workers"])]
     if options["num_examples"] != 6:  # evaluate.py's default
@@ -228,14 +256,15 @@ def _evaluate_argv(options: dict) -> list[str]:
 
 def evaluate_command(options: dict) -> list[str]:
     """The evaluate.py command line of ``eval_options``."""
-    return [sys.executable, str(REPO / "evaluate.py"), "--checkpoint", options["checkpoint"],
-            *_evaluate_argv(options)]
+    return [sys.executable, str(REPO / "evaluate.py"), "--checkpoint", options["checkpoint"], *_evaluate_argv(options)]
 
 
 def train_command(ns: argparse.Namespace) -> list[str]:
-    return [sys.executable, str(REPO / "train.py"),
-            *namespace_to_argv(train_parser(), ns,
-                               always=("backbone", "loss", "sampler", "epochs"))]
+    return [
+        sys.executable,
+        str(REPO / "train.py"),
+        *namespace_to_argv(train_parser(), ns, always=("backbone", "loss", "sampler", "epochs")),
+    ]
 
 
 def launch(launcher: str, cmd: list[str], call, log_path: Path) -> str | None:
@@ -261,11 +290,11 @@ def run_training(ns: argparse.Namespace, launcher: str, log_path: Path, train_ma
 
 def run_evaluation(options: dict, launcher: str, log_path: Path) -> str | None:
     """Evaluate one run's checkpoint on the test split; None on success, else the error."""
-    return launch(launcher, evaluate_command(options), lambda: evaluation.evaluate_checkpoint(**options),
-                  log_path)
+    return launch(launcher, evaluate_command(options), lambda: evaluation.evaluate_checkpoint(**options), log_path)
 
 
 # ============ zero-shot rows: the pretrained backbone before any training ============
+
 
 def zero_shot_paths(args: argparse.Namespace, backbone: str) -> RunPaths:
     """The zero-shot row's run: ``<prefix>_`` + models.zero_shot_name (the one name of a
@@ -277,17 +306,32 @@ def zero_shot_paths(args: argparse.Namespace, backbone: str) -> RunPaths:
 def zero_shot_options(args: argparse.Namespace, backbone: str) -> dict:
     """Keyword arguments of evaluation.evaluate_zero_shot: the backbone's ImageNet features on
     the test split at the grid's image size, written to zero_shot_paths' eval folder."""
-    return {"backbone": backbone, "data_root": str(args.data_root or catalogue.DATASET_ROOTS[args.dataset]),
-            "image_size": int(args.image_size), "split": "test", "test_fraction": args.test_fraction,
-            "output": str(zero_shot_paths(args, backbone).eval_dir),
-            "batch_size": args.eval_batch_size or args.val_batch_size, "workers": args.workers,
-            "device": None if args.device == "auto" else args.device, "progress": args.progress,
-            "num_examples": 0}
+    return {
+        "backbone": backbone,
+        "data_root": str(args.data_root or catalogue.DATASET_ROOTS[args.dataset]),
+        "image_size": int(args.image_size),
+        "split": "test",
+        "test_fraction": args.test_fraction,
+        "output": str(zero_shot_paths(args, backbone).eval_dir),
+        "batch_size": args.eval_batch_size or args.val_batch_size,
+        "workers": args.workers,
+        "device": None if args.device == "auto" else args.device,
+        "progress": args.progress,
+        "num_examples": 0,
+    }
 
 
 def zero_shot_command(options: dict) -> list[str]:
-    return [sys.executable, str(REPO / "evaluate.py"), "--zero_shot", "--backbone",
-            options["backbone"], "--image_size", str(options["image_size"]), *_evaluate_argv(options)]
+    return [
+        sys.executable,
+        str(REPO / "evaluate.py"),
+        "--zero_shot",
+        "--backbone",
+        options["backbone"],
+        "--image_size",
+        str(options["image_size"]),
+        *_evaluate_argv(options),
+    ]
 
 
 def zero_shot_done(options: dict) -> bool:
@@ -300,20 +344,22 @@ def zero_shot_done(options: dict) -> bool:
     except (OSError, ValueError):
         return False
     model, data = results.get("model") or {}, results.get("data") or {}
-    return (model.get("backbone") == options["backbone"]
-            and model.get("image_size") == options["image_size"]
-            and Path(data.get("root", "")).resolve() == catalogue.detect_layout(options["data_root"])[0]
-            and data.get("split") == options["split"]
-            and data.get("test_fraction") in (None, options.get("test_fraction")))
+    return (
+        model.get("backbone") == options["backbone"]
+        and model.get("image_size") == options["image_size"]
+        and Path(data.get("root", "")).resolve() == catalogue.detect_layout(options["data_root"])[0]
+        and data.get("split") == options["split"]
+        and data.get("test_fraction") in (None, options.get("test_fraction"))
+    )
 
 
 def run_zero_shot(options: dict, launcher: str, log_path: Path) -> str | None:
     """Evaluate one backbone zero-shot; None on success, else the error message."""
-    return launch(launcher, zero_shot_command(options), lambda: evaluation.evaluate_zero_shot(**options),
-                  log_path)
+    return launch(launcher, zero_shot_command(options), lambda: evaluation.evaluate_zero_shot(**options), log_path)
 
 
 # ============ main ============
+
 
 def _banner(msg: str) -> None:
     print(f"\n============ {msg} ============", flush=True)
@@ -326,8 +372,9 @@ def _state_or_none(paths: RunPaths, ns: argparse.Namespace, eval_checkpoint: str
         return None
 
 
-def process_run(args: argparse.Namespace, i: int, total: int, ns: argparse.Namespace,
-                logs: Path, train_main) -> tuple[str, str]:
+def process_run(
+    args: argparse.Namespace, i: int, total: int, ns: argparse.Namespace, logs: Path, train_main
+) -> tuple[str, str]:
     """Train and/or evaluate one grid point as its state on disk requires; (status, error) for
     the table. With --dry_run / --report_only only its state (and commands) are printed."""
     paths = run_paths(ns)
@@ -346,9 +393,10 @@ def process_run(args: argparse.Namespace, i: int, total: int, ns: argparse.Names
             print("  $ " + " ".join(train_command(ns)), flush=True)
         if args.dry_run and state in ("new", "resume", "evaluate"):
             print("  $ " + " ".join(evaluate_command(eval_options(args, ns, paths))), flush=True)
-        return ({"done": "done", "new": "not run", "resume": "incomplete",
-                 "evaluate": "not evaluated"}.get(state, state),
-                detail if state in ("conflict", "failed") else "")
+        return (
+            {"done": "done", "new": "not run", "resume": "incomplete", "evaluate": "not evaluated"}.get(state, state),
+            detail if state in ("conflict", "failed") else "",
+        )
     _banner(header)
     if state in ("conflict", "failed"):
         print(f"skipped: {detail}", flush=True)
@@ -390,8 +438,7 @@ def process_zero_shot(args: argparse.Namespace, grid: list[GridPoint], logs: Pat
                 zero_shot[backbone] = ("skipped (done)", "")
                 continue
             _banner(f"{zero_shot_paths(args, backbone).name}: zero-shot evaluation")
-            err = run_zero_shot(options, args.launcher,
-                                logs / f"{zero_shot_paths(args, backbone).name}.eval.log")
+            err = run_zero_shot(options, args.launcher, logs / f"{zero_shot_paths(args, backbone).name}.eval.log")
             zero_shot[backbone] = ("failed (evaluate)", err) if err else ("evaluated", "")
     return zero_shot
 
@@ -403,24 +450,37 @@ def output_folder(args: argparse.Namespace) -> Path:
 
 def ensure_quick_data(args: argparse.Namespace) -> None:
     """--quick's own synthetic SOP (train.py would generate its default, larger one)."""
-    if (args.quick and args.dataset == "synthetic" and not (args.dry_run or args.report_only)
-            and Path(args.data_root or "") == Path(QUICK_DATASET["root"])):
+    if (
+        args.quick
+        and args.dataset == "synthetic"
+        and not (args.dry_run or args.report_only)
+        and Path(args.data_root or "") == Path(QUICK_DATASET["root"])
+    ):
         _banner(f"synthetic SOP for --quick: {args.data_root}")
-        synthetic_sop.ensure_synthetic_sop(args.data_root, num_products=QUICK_DATASET["num_products"],
-                                           image_size=QUICK_DATASET["image_size"],
-                                           replace=True)  # --quick's own folder
+        synthetic_sop.ensure_synthetic_sop(
+            args.data_root,
+            num_products=QUICK_DATASET["num_products"],
+            image_size=QUICK_DATASET["image_size"],
+            replace=True,
+        )  # --quick's own folder
 
 
-def comparison_rows(args: argparse.Namespace, plan: list[tuple[GridPoint, argparse.Namespace]],
-                    statuses: dict, zero_shot: dict) -> tuple[list[dict], dict[str, list[dict]]]:
+def comparison_rows(
+    args: argparse.Namespace, plan: list[tuple[GridPoint, argparse.Namespace]], statuses: dict, zero_shot: dict
+) -> tuple[list[dict], dict[str, list[dict]]]:
     """(table rows: the zero-shot rows, then the runs, backbones in grid order; {label: metrics.csv
     rows} of the trained runs)."""
-    rows = [comparison.safe_row(GridPoint(backbone, ZERO_SHOT, ""), zero_shot_paths(args, backbone),
-                                status, error)
-            for backbone, (status, error) in zero_shot.items()]
+    rows = [
+        comparison.safe_row(GridPoint(backbone, ZERO_SHOT, ""), zero_shot_paths(args, backbone), status, error)
+        for backbone, (status, error) in zero_shot.items()
+    ]
     grid = [point for point, _ in plan]
-    labels = dict(zip([p.run_name(args.prefix) for p in grid], run_labels(
-        [{"backbone": p.backbone, "loss": p.loss, "sampler": p.sampler} for p in grid])))
+    labels = dict(
+        zip(
+            [p.run_name(args.prefix) for p in grid],
+            run_labels([{"backbone": p.backbone, "loss": p.loss, "sampler": p.sampler} for p in grid]),
+        )
+    )
     for point, ns in plan:
         paths = run_paths(ns)
         rows.append(comparison.safe_row(point, paths, *statuses[paths.name], args.eval_checkpoint))
@@ -442,8 +502,9 @@ def run_grid(args: argparse.Namespace, train_main) -> list[dict]:
     grid = build_grid(args)
     plan = [(point, train_namespace(args, point)) for point in grid]
     ensure_quick_data(args)
-    statuses = {ns.run_name: process_run(args, i, len(plan), ns, logs, train_main)
-                for i, (_, ns) in enumerate(plan, start=1)}
+    statuses = {
+        ns.run_name: process_run(args, i, len(plan), ns, logs, train_main) for i, (_, ns) in enumerate(plan, start=1)
+    }
     zero_shot = process_zero_shot(args, grid, logs)
     if args.dry_run:
         return []

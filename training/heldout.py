@@ -12,6 +12,7 @@ Definitions (docs/reference.md, "held_out"):
 * product ids are compared as strings, whatever catalogue they come from: a catalogue whose
   ids merely coincide with the run's (SOP's class numbers, say) counts as overlapping.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,10 @@ class OverlapError(catalogue.DatasetError):
 def product_record(train_set, val_set) -> dict:
     """The checkpoint's ``products`` field: the sorted distinct product ids of the two splits
     (datasets.SOPDataset or anything with ``product_ids``)."""
-    return {"train": np.unique(np.asarray(train_set.product_ids, dtype=str)).tolist(),
-            "val": np.unique(np.asarray(val_set.product_ids, dtype=str)).tolist()}
+    return {
+        "train": np.unique(np.asarray(train_set.product_ids, dtype=str)).tolist(),
+        "val": np.unique(np.asarray(val_set.product_ids, dtype=str)).tolist(),
+    }
 
 
 def overlap(record: dict, product_ids) -> list[str]:
@@ -39,8 +42,7 @@ def overlap(record: dict, product_ids) -> list[str]:
     return sorted(set(map(str, product_ids)) & seen)
 
 
-def check(record: dict | None, train_args: dict | None, dataset, run: str,
-          allow_overlap: bool = False) -> dict:
+def check(record: dict | None, train_args: dict | None, dataset, run: str, allow_overlap: bool = False) -> dict:
     """``{"held_out": True | False | None, "why": str | None}`` for scoring ``run`` (its
     checkpoint's ``products`` record and training args) on ``dataset``. A test split with
     recorded products raises OverlapError naming how many and a few, unless ``allow_overlap``."""
@@ -48,17 +50,23 @@ def check(record: dict | None, train_args: dict | None, dataset, run: str,
     if record is None:
         if train_args.get("val_split") == "test" and dataset.split == "test":
             return {"held_out": False, "why": f"{run} validated on the test split (--val_split test)"}
-        return {"held_out": None, "why": f"{run}'s checkpoint has no record of its training products "
-                                         "(written before the record existed): not verifiable"}
+        return {
+            "held_out": None,
+            "why": f"{run}'s checkpoint has no record of its training products "
+            "(written before the record existed): not verifiable",
+        }
     shared = overlap(record, dataset.product_ids)
     if not shared:
         return {"held_out": True, "why": None}
     total = len(set(map(str, dataset.product_ids)))
-    what = (f"{len(shared)} of the {total} products of the {dataset.split} split of {dataset.root} were "
-            f"trained or validated on by {run} ({catalogue.format_paths(shared, NAMED_PRODUCTS)})")
+    what = (
+        f"{len(shared)} of the {total} products of the {dataset.split} split of {dataset.root} were "
+        f"trained or validated on by {run} ({catalogue.format_paths(shared, NAMED_PRODUCTS)})"
+    )
     if dataset.split == "test" and not allow_overlap:
         raise OverlapError(
             f"{what}, so its figures would not be held out. Evaluate on data the run never saw (its own "
             "test split, another catalogue: --data_root), or pass --allow_overlap to score it anyway "
-            "(results.json then says \"held_out\": false)")
+            '(results.json then says "held_out": false)'
+        )
     return {"held_out": False, "why": what}

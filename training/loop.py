@@ -3,6 +3,7 @@ frozen BatchNorm statistics), the optimizer steps with AMP and DDP, and the vali
 (product and category protocols, plus the training loss on fixed P x K batches), with the
 loss statistics (triplet counts, ...) averaged over batches and ranks.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,6 @@ class NonFiniteLossError(distributed.TrainingStopped):
     """The loss became NaN or infinite; no optimizer step was taken with it."""
 
 
-
 def _accumulate(sums: dict, loss_value: float, stats: dict) -> None:
     """Add one batch to running sums; ``mean_*`` stats (per-triplet means) are weighted by the
     batch's valid_triplets so that their average is over triplets, not batches."""
@@ -37,8 +37,7 @@ def _accumulate(sums: dict, loss_value: float, stats: dict) -> None:
                 continue
             stat = stat.item()
         if isinstance(stat, (int, float)) and not isinstance(stat, bool):
-            sums[key] = sums.get(key, 0.0) + (float(stat) * weight if key.startswith("mean_")
-                                              else float(stat))
+            sums[key] = sums.get(key, 0.0) + (float(stat) * weight if key.startswith("mean_") else float(stat))
 
 
 def _averages(sums: dict, batches: float) -> dict:
@@ -81,9 +80,20 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
-def train_step(forward, criterion: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
-               *, amp: bool, world_size: int, gather_embeddings: bool, where: str) -> tuple[float, dict]:
+def train_step(
+    forward,
+    criterion: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    *,
+    amp: bool,
+    world_size: int,
+    gather_embeddings: bool,
+    where: str,
+) -> tuple[float, dict]:
     """One optimizer step on one batch through ``forward`` (the module of this phase); returns
     (the loss averaged over ranks, the criterion's stats). Raises NonFiniteLossError, naming
     ``where`` (epoch and step), before stepping on a NaN/inf loss."""
@@ -105,7 +115,8 @@ def train_step(forward, criterion: torch.nn.Module, images: torch.Tensor, labels
     if not math.isfinite(value):
         raise NonFiniteLossError(
             f"non-finite loss ({value}) at {where}; no optimizer step was taken with it. Lower --lr, "
-            "try --no-amp, or check the data")
+            "try --no-amp, or check the data"
+        )
     optimizer.zero_grad(set_to_none=True)
     # Gathered, each rank's loss is that of the global batch but reaches only its own
     # images; DDP averages over the ranks, so x world gives the global batch's gradient
@@ -131,13 +142,25 @@ def rank_averages(sums: dict, batches: int, images_seen: int, device: torch.devi
     return out
 
 
-def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoader,
-                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    device: torch.device, epoch: int, *, steps: int, amp: bool = False,
-                    channels_last: bool = False, world_size: int = 1, progress: bool = True,
-                    frozen_steps: int = 0, freeze_bn: bool = False,
-                    replicas: distributed.Replicas | None = None,
-                    gather_embeddings: bool = False) -> dict:
+def train_one_epoch(
+    model: torch.nn.Module,
+    criterion: torch.nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    epoch: int,
+    *,
+    steps: int,
+    amp: bool = False,
+    channels_last: bool = False,
+    world_size: int = 1,
+    progress: bool = True,
+    frozen_steps: int = 0,
+    freeze_bn: bool = False,
+    replicas: distributed.Replicas | None = None,
+    gather_embeddings: bool = False,
+) -> dict:
     """One pass over ``steps`` batches. The first ``frozen_steps`` of the run (counted over
     epochs: epoch e starts at step (e - 1) x steps) train the head alone (set_train_mode).
     ``model`` is the bare network; under DDP ``replicas`` gives the module each step calls.
@@ -154,8 +177,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: 
     batches, images_seen, frozen_here = 0, 0, 0
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch} train", disable=not progress, leave=False,
-               dynamic_ncols=True)
+    bar = tqdm(total=steps, desc=f"epoch {epoch} train", disable=not progress, leave=False, dynamic_ncols=True)
     with bar:
         for step, (images, labels) in enumerate(loader):
             if step >= steps:
@@ -167,16 +189,28 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: 
             frozen_here += int(frozen)
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
-            value, stats = train_step(forward, criterion, images, labels, optimizer, scaler, device, amp=amp,
-                                      world_size=world_size, gather_embeddings=gather_embeddings,
-                                      where=f"epoch {epoch}, step {step + 1}/{steps}")
+            value, stats = train_step(
+                forward,
+                criterion,
+                images,
+                labels,
+                optimizer,
+                scaler,
+                device,
+                amp=amp,
+                world_size=world_size,
+                gather_embeddings=gather_embeddings,
+                where=f"epoch {epoch}, step {step + 1}/{steps}",
+            )
             batches += 1
             images_seen += images.shape[0]
             _accumulate(sums, value, stats)
             bar.update(1)
-            bar.set_postfix(loss=f"{sums['loss'] / batches:.4f}",
-                            valid=f"{sums.get('valid_triplets', 0.0) / batches:.1f}",
-                            active=f"{sums.get('active_triplets', 0.0) / batches:.1f}")
+            bar.set_postfix(
+                loss=f"{sums['loss'] / batches:.4f}",
+                valid=f"{sums.get('valid_triplets', 0.0) / batches:.1f}",
+                active=f"{sums.get('active_triplets', 0.0) / batches:.1f}",
+            )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_time = time.perf_counter() - start
@@ -187,9 +221,18 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader: 
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoader,
-             dataset: datasets.SOPDataset, loss_batches: list[list[int]], device: torch.device,
-             *, amp: bool = False, progress: bool = True, return_embeddings: bool = False):
+def validate(
+    model: torch.nn.Module,
+    criterion: torch.nn.Module,
+    loader: DataLoader,
+    dataset: datasets.SOPDataset,
+    loss_batches: list[list[int]],
+    device: torch.device,
+    *,
+    amp: bool = False,
+    progress: bool = True,
+    return_embeddings: bool = False,
+):
     """Validation metrics of ``model`` on ``dataset`` (eval transforms):
 
     - every retrieval.evaluate_embeddings metric, product protocol as ``recall@1``...,
@@ -205,8 +248,9 @@ def validate(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoa
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    embeddings, labels = extraction.extract_embeddings(model, loader, device=device, amp=amp,
-                                                      progress=progress, desc="validation")
+    embeddings, labels = extraction.extract_embeddings(
+        model, loader, device=device, amp=amp, progress=progress, desc="validation"
+    )
     model.train(was_training)
     labels = np.asarray(labels)
     if not np.array_equal(labels, np.asarray(dataset.class_ids)):
@@ -214,8 +258,7 @@ def validate(model: torch.nn.Module, criterion: torch.nn.Module, loader: DataLoa
     result = retrieval.evaluate_embeddings(embeddings, dataset.class_ids, dataset.super_ids)
     # an undefined protocol (retrieval.undefined: None values) is NaN in metrics.csv
     metrics = {k: np.nan if v is None else float(v) for k, v in result["product"].items() if k != "why"}
-    metrics.update({f"cat_{k}": np.nan if v is None else float(v) for k, v in result["category"].items()
-                    if k != "why"})
+    metrics.update({f"cat_{k}": np.nan if v is None else float(v) for k, v in result["category"].items() if k != "why"})
 
     if criterion is not None and not getattr(criterion, "needs_training_classes", False):
         emb = torch.from_numpy(np.ascontiguousarray(embeddings)).to(device)

@@ -9,6 +9,7 @@ every photo of the split but the query's own. Fusions (`FUSIONS`): ``mean`` scor
 against the unit mean of the query's unit embeddings; ``max`` takes each gallery photo's best
 score over the query photos.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,22 +29,26 @@ import preprocessing
 logger = logging.getLogger("evaluate")
 
 CURVE_NAME = "match_curve.png"
-MATCH_NAME = "match.json"   # evaluate.py --calibrate --zero_shot: the record, in the eval folder
-MAX_OTHER_PHOTOS = 2000     # training photos embedded for the carry-over pairs (a seeded sample beyond)
+MATCH_NAME = "match.json"  # evaluate.py --calibrate --zero_shot: the record, in the eval folder
+MAX_OTHER_PHOTOS = 2000  # training photos embedded for the carry-over pairs (a seeded sample beyond)
 FUSIONS = ("mean", "max")
 
 
 def embed_subset(model, dataset, indices, *, batch_size=64, workers=None, device="cpu", progress=False):
     """Unit embeddings of ``dataset[indices]`` (in that order)."""
-    loader = DataLoader(Subset(dataset, list(map(int, indices))), batch_size=batch_size, shuffle=False,
-                        **loaders.loader_settings(device, workers=workers, persistent_workers=False))
-    embeddings, _ = extraction.extract_embeddings(model, loader, device=device, progress=progress,
-                                                  desc="calibration")
+    loader = DataLoader(
+        Subset(dataset, list(map(int, indices))),
+        batch_size=batch_size,
+        shuffle=False,
+        **loaders.loader_settings(device, workers=workers, persistent_workers=False),
+    )
+    embeddings, _ = extraction.extract_embeddings(model, loader, device=device, progress=progress, desc="calibration")
     return embeddings
 
 
-def fit_on_datasets(model, fit_set, other_set=None, *, target_fmr=calibration.DEFAULT_TARGET_FMR,
-                    fitted_on=None, seed=0, **embed_kwargs) -> dict:
+def fit_on_datasets(
+    model, fit_set, other_set=None, *, target_fmr=calibration.DEFAULT_TARGET_FMR, fitted_on=None, seed=0, **embed_kwargs
+) -> dict:
     """The match record of ``model`` fitted on every photo of ``fit_set`` (held-out products) by
     calibration.fit_threshold; ``other_set`` (the training split) gives the carry-over pairs when
     ``fit_set`` has few products (at most MAX_OTHER_PHOTOS of its photos, seeded). ``fitted_on``
@@ -54,8 +59,7 @@ def fit_on_datasets(model, fit_set, other_set=None, *, target_fmr=calibration.DE
     if other_set is not None and len(np.unique(labels)) < calibration.MIN_PRODUCTS:
         pick = np.random.default_rng(seed).permutation(len(other_set))[:MAX_OTHER_PHOTOS]
         other = embed_subset(model, other_set, np.sort(pick), **embed_kwargs)
-    record = calibration.fit_threshold(embeddings, labels, target_fmr=target_fmr, other_embeddings=other,
-                                       seed=seed)
+    record = calibration.fit_threshold(embeddings, labels, target_fmr=target_fmr, other_embeddings=other, seed=seed)
     record["fitted_on"].update(fitted_on or {})
     return record
 
@@ -67,8 +71,17 @@ def store_match(checkpoint, record: dict) -> None:
     checkpoints.atomic_save(ckpt, checkpoint)
 
 
-def fit_checkpoint(checkpoint, val_set, train_set=None, *, target_fmr=calibration.DEFAULT_TARGET_FMR,
-                   device="cpu", batch_size=64, workers=None, seed=0) -> dict:
+def fit_checkpoint(
+    checkpoint,
+    val_set,
+    train_set=None,
+    *,
+    target_fmr=calibration.DEFAULT_TARGET_FMR,
+    device="cpu",
+    batch_size=64,
+    workers=None,
+    seed=0,
+) -> dict:
     """train.py's end: the checkpoint's network fitted on the validation products (``val_set``),
     with ``train_set``'s photos (under the eval transform) for the carry-over pairs, and stored in
     the checkpoint. Returns the record."""
@@ -77,9 +90,17 @@ def fit_checkpoint(checkpoint, val_set, train_set=None, *, target_fmr=calibratio
     if train_set is not None:
         other = copy.copy(train_set)
         other.transform = preprocessing.build_transform(int(model.model_args["image_size"]), train=False)
-    record = fit_on_datasets(model, val_set, other, target_fmr=target_fmr, seed=seed, device=device,
-                             batch_size=batch_size, workers=workers,
-                             fitted_on={"split": val_set.split, "root": str(val_set.root)})
+    record = fit_on_datasets(
+        model,
+        val_set,
+        other,
+        target_fmr=target_fmr,
+        seed=seed,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        fitted_on={"split": val_set.split, "root": str(val_set.root)},
+    )
     store_match(checkpoint, record)
     return record
 
@@ -96,28 +117,44 @@ def match_report(embeddings, labels, record: dict, *, seed=0) -> tuple[dict, tup
     the FMR / TMR measured here and the pair counts; and (genuine, impostor) scores for the curve."""
     genuine, impostor = calibration.pair_scores(embeddings, labels, seed=seed)
     measured = calibration.rates(genuine, impostor, record["threshold"])
-    report = {"threshold": record["threshold"], "target_fmr": record["target_fmr"], **measured,
-              "genuine_pairs": int(len(genuine)), "impostor_pairs": int(len(impostor)),
-              "fitted_on": record.get("fitted_on", {})}
+    report = {
+        "threshold": record["threshold"],
+        "target_fmr": record["target_fmr"],
+        **measured,
+        "genuine_pairs": int(len(genuine)),
+        "impostor_pairs": int(len(impostor)),
+        "fitted_on": record.get("fitted_on", {}),
+    }
     return report, (genuine, impostor)
 
 
 def match_figure(path, genuine, impostor, report: dict) -> None:
     """The false-match rate (log x) against the true-match rate, with the operating point."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fmr, tmr = calibration.roc_curve(genuine, impostor)
     floor = 0.5 / max(len(impostor), 1)
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     ax.plot(np.maximum(fmr, floor), tmr, lw=1.5, label="test pairs")
     if report.get("fmr") is not None:
-        ax.plot([max(report["fmr"], floor)], [report["tmr"]], "o", color="C3",
-                label=f"threshold {report['threshold']:.3f}: FMR {100 * report['fmr']:.2f}%, "
-                      f"TMR {100 * report['tmr']:.1f}%")
+        ax.plot(
+            [max(report["fmr"], floor)],
+            [report["tmr"]],
+            "o",
+            color="C3",
+            label=f"threshold {report['threshold']:.3f}: FMR {100 * report['fmr']:.2f}%, "
+            f"TMR {100 * report['tmr']:.1f}%",
+        )
     ax.axvline(report["target_fmr"], color="0.6", ls="--", lw=1, label=f"target FMR {100 * report['target_fmr']:g}%")
-    ax.set(xscale="log", xlabel="false-match rate (pairs of different products)",
-           ylabel="true-match rate (pairs of one product)", ylim=(0, 1.01))
+    ax.set(
+        xscale="log",
+        xlabel="false-match rate (pairs of different products)",
+        ylabel="true-match rate (pairs of one product)",
+        ylim=(0, 1.01),
+    )
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -165,16 +202,30 @@ def query_photo_metrics(embeddings, labels, max_n=3, fusion="mean", seed=0) -> d
     groups = query_groups(labels, max_n, seed)
     out = {}
     for n in range(1, max_n + 1):
-        rows = [ranked_metrics(fused_scores(unit, g[:n], fusion), g[n:], np.setdiff1d(everything, g[:n]))
-                for g in groups]
-        out[str(n)] = {"map@r": float(np.mean([m for m, _ in rows])) if rows else None,
-                       "recall@1": float(np.mean([r for _, r in rows])) if rows else None,
-                       "queries": len(rows), "fusion": fusion}
+        rows = [
+            ranked_metrics(fused_scores(unit, g[:n], fusion), g[n:], np.setdiff1d(everything, g[:n])) for g in groups
+        ]
+        out[str(n)] = {
+            "map@r": float(np.mean([m for m, _ in rows])) if rows else None,
+            "recall@1": float(np.mean([r for _, r in rows])) if rows else None,
+            "queries": len(rows),
+            "fusion": fusion,
+        }
     return out
 
 
-def results_extras(embeddings, labels, *, match=None, calibrate=None, query_photos=0, fusion="mean",
-                   fitted_on=None, output=None, seed=0) -> dict:
+def results_extras(
+    embeddings,
+    labels,
+    *,
+    match=None,
+    calibrate=None,
+    query_photos=0,
+    fusion="mean",
+    fitted_on=None,
+    output=None,
+    seed=0,
+) -> dict:
     """What matching adds to an evaluation's results: ``match`` (the record's report here, and its
     curve CURVE_NAME in ``output`` when given), ``calibrated`` (with ``calibrate`` = a target FMR:
     the record fitted on these photos, then also the one reported) and ``query_photos``

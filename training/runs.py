@@ -4,6 +4,7 @@ checkpoint writes (atomic; best.pth a hard link of last.pth), metrics.csv (writt
 with pandas), the TensorBoard scalars and embedding projector, and which checkpoint a run
 resumes from.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,29 @@ class CheckpointWriteError(distributed.TrainingStopped):
     """A checkpoint (or metrics file) could not be written; the previous file is intact."""
 
 
-_COLUMN_ORDER = ("epoch", "train_loss", "train_valid_triplets", "train_active_triplets",
-                 "val_loss", "val_valid_triplets", "val_active_triplets", "val_recall@1",
-                 "val_recall@10", "val_recall@100", "val_recall@1000", "val_map@r",
-                 "val_r_precision", "val_cat_recall@1", "val_zero_shot_recall@1",
-                 "val_zero_shot_map@r", "lr", "train_frozen_steps", "bad_images", "images",
-                 *TIMING_COLUMNS)
+_COLUMN_ORDER = (
+    "epoch",
+    "train_loss",
+    "train_valid_triplets",
+    "train_active_triplets",
+    "val_loss",
+    "val_valid_triplets",
+    "val_active_triplets",
+    "val_recall@1",
+    "val_recall@10",
+    "val_recall@100",
+    "val_recall@1000",
+    "val_map@r",
+    "val_r_precision",
+    "val_cat_recall@1",
+    "val_zero_shot_recall@1",
+    "val_zero_shot_map@r",
+    "lr",
+    "train_frozen_steps",
+    "bad_images",
+    "images",
+    *TIMING_COLUMNS,
+)
 
 
 def _columns(history: list[dict]) -> list[str]:
@@ -74,8 +92,7 @@ def read_metrics_csv(path: str | os.PathLike) -> list[dict]:
         frame = pd.read_csv(path, dtype=float, float_precision="round_trip")
     except pd.errors.EmptyDataError:  # an empty file: no epoch recorded
         return []
-    return [{k: None if math.isnan(v) else v for k, v in row.items()}
-            for row in frame.to_dict("records")]
+    return [{k: None if math.isnan(v) else v for k, v in row.items()} for row in frame.to_dict("records")]
 
 
 def log_tensorboard(writer, row: dict) -> None:
@@ -97,7 +114,8 @@ def save_checkpoint(state: dict, path: Path) -> None:
     except (OSError, RuntimeError) as e:
         raise CheckpointWriteError(
             f"{e}\nTraining stopped; the previous {path.name} (if any) is intact: free space or "
-            "fix permissions, then rerun with --resume auto") from e
+            "fix permissions, then rerun with --resume auto"
+        ) from e
 
 
 def link_best(last: Path, best: Path) -> None:
@@ -114,8 +132,9 @@ def link_best(last: Path, best: Path) -> None:
         save_checkpoint(checkpoints.load_checkpoint(last), best)
 
 
-def add_projector(writer, dataset: datasets.SOPDataset, embeddings: np.ndarray, samples: int,
-                  seed: int, epoch: int, thumb: int = 32) -> None:
+def add_projector(
+    writer, dataset: datasets.SOPDataset, embeddings: np.ndarray, samples: int, seed: int, epoch: int, thumb: int = 32
+) -> None:
     """TensorBoard embedding projector of a seeded sample of validation images: metadata
     (the data's product id and category name) and ``thumb``-pixel thumbnails."""
     n = len(dataset)
@@ -130,11 +149,15 @@ def add_projector(writer, dataset: datasets.SOPDataset, embeddings: np.ndarray, 
         except Exception:  # a bad image gets a grey tile; it was already counted in training
             arr = torch.full((3, thumb, thumb), 128, dtype=torch.uint8)
         thumbs.append(arr.float() / 255)
-    metadata = [[dataset.product_ids[i], dataset.categories[int(dataset.super_ids[i]) - 1]]
-                for i in idx]
-    writer.add_embedding(torch.from_numpy(np.asarray(embeddings)[idx]), metadata=metadata,
-                         label_img=torch.stack(thumbs), global_step=epoch, tag="val_embeddings",
-                         metadata_header=["product_id", "category"])
+    metadata = [[dataset.product_ids[i], dataset.categories[int(dataset.super_ids[i]) - 1]] for i in idx]
+    writer.add_embedding(
+        torch.from_numpy(np.asarray(embeddings)[idx]),
+        metadata=metadata,
+        label_img=torch.stack(thumbs),
+        global_step=epoch,
+        tag="val_embeddings",
+        metadata_header=["product_id", "category"],
+    )
     writer.flush()
 
 
@@ -152,9 +175,11 @@ def best_epoch(history: list[dict], select_metric: str) -> int | None:
     """The epoch best.pth holds after ``history`` (metrics.csv rows): the strictly best
     ``selection_score``, the first of equals (a tie keeps the earlier epoch); None when no row
     has the score."""
-    scored = [(selection_score(r, select_metric), -int(r["epoch"])) for r in history
-              if r.get("epoch") is not None
-              and (select_metric == SELECT_LAST or r.get(f"val_{select_metric}") is not None)]
+    scored = [
+        (selection_score(r, select_metric), -int(r["epoch"]))
+        for r in history
+        if r.get("epoch") is not None and (select_metric == SELECT_LAST or r.get(f"val_{select_metric}") is not None)
+    ]
     return -max(scored)[1] if scored else None
 
 
@@ -196,25 +221,25 @@ RESULTS_NAME = "results.json"
 class RunPaths:
     """Where a run's files live: checkpoints/<run>/{last,best}.pth and runs/<run>/ (metrics.csv,
     eval/results.json)."""
+
     name: str
     checkpoint_dir: Path
     log_dir: Path
 
     @classmethod
-    def named(cls, name: str, checkpoint_dir: str | os.PathLike = CHECKPOINT_DIR,
-              log_dir: str | os.PathLike = LOG_DIR) -> RunPaths:
+    def named(
+        cls, name: str, checkpoint_dir: str | os.PathLike = CHECKPOINT_DIR, log_dir: str | os.PathLike = LOG_DIR
+    ) -> RunPaths:
         """The run ``name`` under ``checkpoint_dir`` and ``log_dir``."""
         return cls(name, Path(checkpoint_dir) / name, Path(log_dir) / name)
 
     @classmethod
     def of(cls, args: argparse.Namespace, name: str | None = None) -> RunPaths:
         """The run of train.py's arguments: ``name``, else --run_name, else default_run_name."""
-        return cls.named(name or args.run_name or default_run_name(args), args.checkpoint_dir,
-                         args.log_dir)
+        return cls.named(name or args.run_name or default_run_name(args), args.checkpoint_dir, args.log_dir)
 
     @classmethod
-    def of_checkpoint(cls, checkpoint: str | os.PathLike, log_dir: str | os.PathLike | None = None
-                      ) -> RunPaths:
+    def of_checkpoint(cls, checkpoint: str | os.PathLike, log_dir: str | os.PathLike | None = None) -> RunPaths:
         """The run a checkpoint belongs to: the name of its folder, its logs under ``log_dir``
         (the run's --log_dir; default runs)."""
         folder = Path(checkpoint).resolve().parent
@@ -248,6 +273,7 @@ def open_logs(args: argparse.Namespace, paths: RunPaths, info: dict, start_epoch
     """rank 0: the TensorBoard writer (events after ``start_epoch`` purged), args.json, and
     the run folders, freed of temporary files a killed write left behind."""
     from torch.utils.tensorboard import SummaryWriter  # imported here: slow, rank 0 only
+
     paths.log_dir.mkdir(parents=True, exist_ok=True)
     # purge_step hides events logged after the checkpoint we start from: those of a killed
     # run's lost epoch, or of an older run this one --overwrite-s (start_epoch 0).

@@ -1,6 +1,7 @@
 """A child process whose output is copied as it comes (a tee): to a log file, to this process's
 own stdout / stderr, and to a tail kept for the error message of a failed run.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,10 @@ def run_command(cmd: list[str], log_path: Path, echo: bool = True) -> tuple[int,
         err_tail: list[str] = []
         lock = threading.Lock()
         sinks = ([log, sys.stdout], [log, sys.stderr]) if echo else ([log], [log])
-        threads = [threading.Thread(target=copy_stream, args=(pipe, pipe_sinks, tail, lock))
-                   for pipe, pipe_sinks, tail in zip((proc.stdout, proc.stderr), sinks, (out_tail, err_tail))]
+        threads = [
+            threading.Thread(target=copy_stream, args=(pipe, pipe_sinks, tail, lock))
+            for pipe, pipe_sinks, tail in zip((proc.stdout, proc.stderr), sinks, (out_tail, err_tail))
+        ]
         for t in threads:
             t.start()
         try:
@@ -62,8 +65,6 @@ def error_summary(text: str, limit: int = 400) -> str:
     lines = [line for line in lines if line]
     if not lines:
         return "no output"
-    errorish = [i for i, line in enumerate(lines)
-                if re.search(r"error|exception|^\w+\.py: ", line, re.IGNORECASE)]
+    errorish = [i for i, line in enumerate(lines) if re.search(r"error|exception|^\w+\.py: ", line, re.IGNORECASE)]
     pick = lines[errorish[-1]] if errorish else lines[-1]
     return pick if len(pick) <= limit else pick[: limit - 3] + "..."
-
