@@ -290,6 +290,49 @@ def _write_product(job):
     return rel
 
 
+def _check_root(root, num_products):
+    """Raise unless ``num_products`` is at least 2 and ``root`` is absent, empty or a synthetic SOP."""
+    if num_products < 2:
+        raise ValueError(f"num_products must be >= 2 (train and test), got {num_products}")
+    if root.exists() and any(root.iterdir()) and (read_marker(root) or {}).get("source") != "synthetic":
+        raise FileExistsError(
+            f"{root} exists and is not a synthetic SOP made by datasets.py; choose another --root or remove it"
+        )
+
+
+def _write_all_products(tmp, plan, seed, sides, workers, progress):
+    """Render every product of ``plan`` into ``tmp``; the relative image paths of each product, in plan order."""
+    for cat in SOP_CATEGORIES:
+        (tmp / f"{cat}_final").mkdir()
+    jobs = [(str(tmp), cid, cat, n, seed, sides) for cid, cat, n, _ in plan]
+    bar = dict(total=len(jobs), desc="synthetic SOP", unit="product", disable=not progress)
+    if workers > 1 and len(jobs) > 4 * workers:
+        with mp_context().Pool(workers) as pool:
+            return list(tqdm(pool.imap(_write_product, jobs, chunksize=8), **bar))
+    return [_write_product(job) for job in tqdm(jobs, **bar)]
+
+
+def _write_image_lists(tmp, plan, rels):
+    """Write ``Ebay_train.txt``, ``Ebay_test.txt`` and ``Ebay_info.txt``; the image count of each split."""
+    info_lines, counts = [], {}
+    for split, name in (("train", "Ebay_train.txt"), ("test", "Ebay_test.txt")):
+        lines = [" ".join(EBAY_HEADER)]
+        for (cid, cat, _, s), rel in zip(plan, rels):
+            if s != split:
+                continue
+            for path in rel:
+                image_id = len(lines)
+                lines.append(f"{image_id} {cid} {SOP_CATEGORIES.index(cat) + 1} {path}")
+                info_lines.append((cid, SOP_CATEGORIES.index(cat) + 1, path))
+        counts[split] = len(lines) - 1
+        (tmp / name).write_text("\n".join(lines) + "\n")
+    (tmp / "Ebay_info.txt").write_text(
+        "\n".join([" ".join(EBAY_HEADER)] + [f"{i} {c} {s} {p}" for i, (c, s, p) in enumerate(info_lines, start=1)])
+        + "\n"
+    )
+    return counts
+
+
 def make_synthetic_sop(root, num_products=1200, image_size=96, seed=0, workers=None, progress=False):
     """Write a synthetic SOP to ``root`` and return ``root`` as a Path.
 
@@ -307,41 +350,13 @@ def make_synthetic_sop(root, num_products=1200, image_size=96, seed=0, workers=N
     """
     root = Path(root).expanduser()
     lo, hi = _parse_image_size(image_size)
-    if num_products < 2:
-        raise ValueError(f"num_products must be >= 2 (train and test), got {num_products}")
-    if root.exists() and any(root.iterdir()) and (read_marker(root) or {}).get("source") != "synthetic":
-        raise FileExistsError(
-            f"{root} exists and is not a synthetic SOP made by datasets.py; choose another --root or remove it"
-        )
+    _check_root(root, num_products)
     plan = _product_plan(num_products, seed)
     workers = default_workers() if workers is None else workers
     tmp = make_tmp_dir(root)
     try:
-        for cat in SOP_CATEGORIES:
-            (tmp / f"{cat}_final").mkdir()
-        jobs = [(str(tmp), cid, cat, n, seed, (lo, hi)) for cid, cat, n, _ in plan]
-        bar = dict(total=len(jobs), desc="synthetic SOP", unit="product", disable=not progress)
-        if workers > 1 and len(jobs) > 4 * workers:
-            with mp_context().Pool(workers) as pool:
-                rels = list(tqdm(pool.imap(_write_product, jobs, chunksize=8), **bar))
-        else:
-            rels = [_write_product(job) for job in tqdm(jobs, **bar)]
-        info_lines, counts = [], {}
-        for split, name in (("train", "Ebay_train.txt"), ("test", "Ebay_test.txt")):
-            lines = [" ".join(EBAY_HEADER)]
-            for (cid, cat, _, s), rel in zip(plan, rels):
-                if s != split:
-                    continue
-                for path in rel:
-                    image_id = len(lines)
-                    lines.append(f"{image_id} {cid} {SOP_CATEGORIES.index(cat) + 1} {path}")
-                    info_lines.append((cid, SOP_CATEGORIES.index(cat) + 1, path))
-            counts[split] = len(lines) - 1
-            (tmp / name).write_text("\n".join(lines) + "\n")
-        (tmp / "Ebay_info.txt").write_text(
-            "\n".join([" ".join(EBAY_HEADER)] + [f"{i} {c} {s} {p}" for i, (c, s, p) in enumerate(info_lines, start=1)])
-            + "\n"
-        )
+        rels = _write_all_products(tmp, plan, seed, (lo, hi), workers, progress)
+        counts = _write_image_lists(tmp, plan, rels)
         write_marker(
             tmp,
             {
