@@ -201,40 +201,57 @@ def knn(
         raise ValueError(f"queries have dimension {q.shape[1]} but the gallery has {g.shape[1]}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if exclude_self and len(q) != len(g):
-        raise ValueError(
-            "exclude_self=True needs the queries to be the gallery itself "
-            f"(got {len(q)} queries and {len(g)} gallery items)"
-        )
-    if exclude_self:
-        self_indices = np.arange(len(q))
-    if self_indices is not None:
-        self_indices = np.asarray(self_indices, dtype=np.int64).reshape(-1)
-        if len(self_indices) != len(q):
-            raise ValueError(f"self_indices has {len(self_indices)} entries for {len(q)} queries")
-    if (query_groups is None) != (gallery_groups is None):
-        raise ValueError("pass both query_groups and gallery_groups, or neither")
-    if query_groups is not None:
-        query_groups = np.asarray(query_groups)
-        gallery_groups = np.asarray(gallery_groups)
-        # same-group pairs are few (a product holds <= 12 images): list them once as
-        # (query, gallery) index pairs instead of comparing every pair of ids
-        pairs_q, pairs_g = _same_group_pairs(query_groups, gallery_groups)
+    self_indices = _query_self_indices(exclude_self, self_indices, len(q), len(g))
+    pairs = _group_exclusions(query_groups, gallery_groups)
     scores = np.empty((len(q), k), dtype=np.float32)
     indices = np.empty((len(q), k), dtype=np.int64)
     chunk_size = max(1, int(chunk_size or (16 << 20) // max(1, len(g))))
     for start in range(0, len(q), chunk_size):
         stop = min(len(q), start + chunk_size)
         block = q[start:stop] @ g.T
-        if self_indices is not None:
-            own = self_indices[start:stop]
-            ok = (own >= 0) & (own < len(g))
-            block[np.flatnonzero(ok), own[ok]] = -np.inf
-        if query_groups is not None:
-            lo, hi = np.searchsorted(pairs_q, [start, stop])
-            block[pairs_q[lo:hi] - start, pairs_g[lo:hi]] = -np.inf
+        _exclude_from_block(block, start, stop, self_indices, pairs)
         scores[start:stop], indices[start:stop] = topk_dense(block, k)
     return scores, indices
+
+
+def _query_self_indices(exclude_self, self_indices, num_queries, num_gallery):
+    """The gallery index each query must not return (int64 [Nq]), or None when no query is in the gallery."""
+    if exclude_self and num_queries != num_gallery:
+        raise ValueError(
+            "exclude_self=True needs the queries to be the gallery itself "
+            f"(got {num_queries} queries and {num_gallery} gallery items)"
+        )
+    if exclude_self:
+        self_indices = np.arange(num_queries)
+    if self_indices is not None:
+        self_indices = np.asarray(self_indices, dtype=np.int64).reshape(-1)
+        if len(self_indices) != num_queries:
+            raise ValueError(f"self_indices has {len(self_indices)} entries for {num_queries} queries")
+    return self_indices
+
+
+def _group_exclusions(query_groups, gallery_groups):
+    """The (query, gallery) index pairs sharing a group, sorted by query index, or None without groups.
+
+    Same-group pairs are few (a product holds <= 12 images), so they are listed once instead
+    of comparing every pair of ids per chunk."""
+    if (query_groups is None) != (gallery_groups is None):
+        raise ValueError("pass both query_groups and gallery_groups, or neither")
+    if query_groups is None:
+        return None
+    return _same_group_pairs(np.asarray(query_groups), np.asarray(gallery_groups))
+
+
+def _exclude_from_block(block, start, stop, self_indices, pairs):
+    """Set to -inf the scores of queries ``start:stop`` against their own gallery item and their group."""
+    if self_indices is not None:
+        own = self_indices[start:stop]
+        ok = (own >= 0) & (own < block.shape[1])
+        block[np.flatnonzero(ok), own[ok]] = -np.inf
+    if pairs is not None:
+        pairs_q, pairs_g = pairs
+        lo, hi = np.searchsorted(pairs_q, [start, stop])
+        block[pairs_q[lo:hi] - start, pairs_g[lo:hi]] = -np.inf
 
 
 def _same_group_pairs(query_groups, gallery_groups):
