@@ -66,6 +66,17 @@ class CorruptImagesError(DatasetError):
 # ============ SOPDataset ============
 
 
+def _split_table(root, split, test_fraction, val_fraction, split_seed):
+    """The catalogue table at ``root`` restricted to the images of ``split``."""
+    table = read_catalogue(root, test_fraction, sop_parts=("test",) if split == "test" else ("train",))
+    log_skipped(table, root)
+    table = table.take(table.is_test if split == "test" else ~table.is_test)
+    if split in ("train", "val"):
+        is_val = split_validation(table.product_ids, val_fraction, split_seed)
+        table = table.take(is_val if split == "val" else ~is_val)
+    return table
+
+
 class SOPDataset(torch.utils.data.Dataset):
     """One split of a catalogue in any layout of catalogue.py: SOP's Ebay files (or the
     synthetic stand-in), a ``catalogue.csv`` or a ``<category>/<product>/<image>`` tree.
@@ -128,61 +139,74 @@ class SOPDataset(torch.utils.data.Dataset):
             else (preprocessing.draft_size(transform) if transform is not None else None)
         )
 
-        table = read_catalogue(self.root, test_fraction, sop_parts=("test",) if split == "test" else ("train",))
-        log_skipped(table, self.root)
-        table = table.take(table.is_test if split == "test" else ~table.is_test)
-        if split in ("train", "val"):
-            is_val = split_validation(table.product_ids, val_fraction, split_seed)
-            table = table.take(is_val if split == "val" else ~is_val)
+        table = _split_table(self.root, split, test_fraction, val_fraction, split_seed)
         self.categories = list(table.categories)
         self.image_ids, self.class_ids, self.super_ids = table.image_ids, table.class_ids, table.super_ids
         self.product_ids = table.product_ids
         self.rel_paths = table.rel_paths
         self.paths = [str(self.root / p) for p in self.rel_paths]
         if not self.paths:
-            if split == "test" and table.drawn_split and test_fraction == 0:
-                raise NoTestSplitError(
-                    f"{self.root} has no held-out test split: test_fraction 0 puts "
-                    "every product in training. Evaluate on another catalogue "
-                    "(--data_root), or use split trainval to serve the whole catalogue"
-                )
-            why = (
-                "no image is in the test split (the CSV's split column says train everywhere?)"
-                if split == "test"
-                else "no image is in the training split"
-                if split == "trainval"
-                else f"val_fraction={val_fraction}"
-            )
-            raise DatasetError(f"split {split!r} of {self.root} ({self.layout}) is empty: {why}")
-        counts = np.unique(self.class_ids, return_counts=True)[1]
-        self.num_single_image_products = int((counts == 1).sum())
-        if self.num_single_image_products:
-            logger.warning(
-                "%s split %s: %d products have a single image; they stay in the gallery "
-                "but are never queries of the product metrics",
-                self.root,
-                split,
-                self.num_single_image_products,
-            )
+            self._raise_empty(table.drawn_split)
+        self.num_single_image_products = self._count_single_image_products()
         if check_files:
-            missing = [p for p in self.paths if not os.path.isfile(p)]
-            if missing:
-                raise FileNotFoundError(
-                    f"{len(missing)} of {len(self.paths)} images listed for split {split!r} are "
-                    f"missing under {self.root}: {format_paths(missing)}. The dataset is "
-                    f"incomplete: restore the files, remove their rows, extract or generate it "
-                    f"again ({DOWNLOAD_HINT})."
-                )
+            self._check_files_exist()
         # uint8 flags in shared memory: DataLoader workers (fork or spawn) write into the
         # same buffer, so the main process can count bad images after an epoch.
         self._bad = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
         self._siblings = None
         if check_images:
-            position = {p: i for i, p in enumerate(self.paths)}
-            for path, reason in scan_bad_images(self.paths, progress=False):
-                logger.warning("Unreadable image %s (%s)", path, reason)
-                self._bad[position[path]] = 1
-            self._check_bad_fraction()
+            self._scan_images()
+
+    def _raise_empty(self, drawn_split):
+        """Raise the error that says why this split holds no image."""
+        split = self.split
+        if split == "test" and drawn_split and self.test_fraction == 0:
+            raise NoTestSplitError(
+                f"{self.root} has no held-out test split: test_fraction 0 puts "
+                "every product in training. Evaluate on another catalogue "
+                "(--data_root), or use split trainval to serve the whole catalogue"
+            )
+        why = (
+            "no image is in the test split (the CSV's split column says train everywhere?)"
+            if split == "test"
+            else "no image is in the training split"
+            if split == "trainval"
+            else f"val_fraction={self.val_fraction}"
+        )
+        raise DatasetError(f"split {split!r} of {self.root} ({self.layout}) is empty: {why}")
+
+    def _count_single_image_products(self):
+        """How many products have a single image in this split (logged as a warning when any)."""
+        counts = np.unique(self.class_ids, return_counts=True)[1]
+        single = int((counts == 1).sum())
+        if single:
+            logger.warning(
+                "%s split %s: %d products have a single image; they stay in the gallery "
+                "but are never queries of the product metrics",
+                self.root,
+                self.split,
+                single,
+            )
+        return single
+
+    def _check_files_exist(self):
+        """Raise FileNotFoundError naming the listed images that are not files."""
+        missing = [p for p in self.paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(self.paths)} images listed for split {self.split!r} are "
+                f"missing under {self.root}: {format_paths(missing)}. The dataset is "
+                f"incomplete: restore the files, remove their rows, extract or generate it "
+                f"again ({DOWNLOAD_HINT})."
+            )
+
+    def _scan_images(self):
+        """Decode every image up front, flag the unreadable ones and check their share."""
+        position = {p: i for i, p in enumerate(self.paths)}
+        for path, reason in scan_bad_images(self.paths, progress=False):
+            logger.warning("Unreadable image %s (%s)", path, reason)
+            self._bad[position[path]] = 1
+        self._check_bad_fraction()
 
     def __len__(self):
         return len(self.paths)
