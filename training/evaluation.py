@@ -155,64 +155,17 @@ def evaluate_model(
     maps (explain.py) over each image, and retrieval_worst.png shows the ``num_worst`` queries whose
     true match ranked lowest. ``match``, ``calibrate``, ``query_photos``, ``fusion``: the same-product
     threshold's report and the several-photo queries (matching.results_extras)."""
-    model_args = dict(model.model_args)
+    loading = dict(model_hash=model_hash, batch_size=batch_size, workers=workers, device=device, progress=progress)
     embeddings, extract_s, cached = (embed or extract_embeddings)(
-        torch.compile(model) if compile else model,
-        dataset,
-        model_hash=model_hash,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        progress=progress,
-        meta={
-            "split": dataset.split,
-            "data_root": str(dataset.root),
-            "model_args": model_args,
-            "checkpoint": model_info.get("checkpoint"),
-        },
+        torch.compile(model) if compile else model, dataset, meta=embedding_meta(model, dataset, model_info), **loading
     )
-    class_ids, super_ids = np.asarray(dataset.class_ids), np.asarray(dataset.super_ids)
-    t0 = time.perf_counter()
-    details = retrieval.retrieval_details(embeddings, class_ids, super_ids, chunk_size=chunk_size)
-    metrics = retrieval.metrics_from_details(details)
-    eval_s = time.perf_counter() - t0
-    results = {
-        **metrics,
-        "model": {
-            **model_info,
-            "backbone": model_args["backbone"],
-            "embedding_size": int(model_args["embedding_size"]),
-            "image_size": int(model_args["image_size"]),
-            "head": model_args.get("head", "mlp"),
-            # an onnxruntime embedder holds no torch parameters: it carries the count
-            "parameters": int(getattr(model, "num_parameters", None) or models.count_parameters(model)),
-        },
-        "data": {
-            "root": str(dataset.root),
-            "split": dataset.split,
-            "num_images": len(dataset),
-            "num_products": int(len(np.unique(class_ids))),
-            "num_categories": int(len(np.unique(super_ids))),
-            "layout": dataset.layout,
-            # the drawn test split's share (a catalogue without a split), else None
-            "test_fraction": None if dataset.layout == "sop" else dataset.test_fraction,
-            "single_image_products": dataset.num_single_image_products,
-        },
-        "embedding_stats": embedding_stats(embeddings),
-        "timing": {
-            "extract_s": round(extract_s, 3),
-            "eval_s": round(eval_s, 3),
-            "cached": cached,
-            "device": str(device),
-        },
-        "per_category": per_category(details, super_ids, dataset.categories),
-        # the product protocol's queries: images with another image of their product
-        "num_product_queries": int((details["num_relevant"] > 0).sum()),
-    }
+    details, metrics, eval_s = score_embeddings(embeddings, dataset, chunk_size)
+    timing = {"extract_s": round(extract_s, 3), "eval_s": round(eval_s, 3), "cached": cached, "device": str(device)}
+    results = results_entries(model, dataset, model_info, embeddings, details, metrics, timing)
     results.update(
         matching.results_extras(
             embeddings,
-            class_ids,
+            np.asarray(dataset.class_ids),
             match=match,
             calibrate=calibrate,
             query_photos=query_photos,
@@ -223,20 +176,74 @@ def evaluate_model(
         )
     )
     if write:
-        results.update(
-            write_figures(
-                Path(output),
-                dataset,
-                embeddings,
-                details["best_relevant_rank"],
-                explain_model=explain_model,
-                device=device,
-                num_examples=num_examples,
-                num_worst=num_worst,
-                seed=seed,
-            )
-        )
+        figures = dict(explain_model=explain_model, device=device, num_worst=num_worst, seed=seed)
+        rank = details["best_relevant_rank"]
+        results.update(write_figures(Path(output), dataset, embeddings, rank, num_examples=num_examples, **figures))
     return results
+
+
+def score_embeddings(embeddings, dataset, chunk_size: int) -> tuple[dict, dict, float]:
+    """Both protocols on ``embeddings`` of ``dataset``: (retrieval.retrieval_details, their
+    metrics, seconds spent)."""
+    t0 = time.perf_counter()
+    class_ids, super_ids = np.asarray(dataset.class_ids), np.asarray(dataset.super_ids)
+    details = retrieval.retrieval_details(embeddings, class_ids, super_ids, chunk_size=chunk_size)
+    metrics = retrieval.metrics_from_details(details)
+    return details, metrics, time.perf_counter() - t0
+
+
+def embedding_meta(model, dataset, model_info: dict) -> dict:
+    """What an embeddings cache records next to the embeddings of ``dataset`` by ``model``."""
+    return {
+        "split": dataset.split,
+        "data_root": str(dataset.root),
+        "model_args": dict(model.model_args),
+        "checkpoint": model_info.get("checkpoint"),
+    }
+
+
+def model_entry(model, model_info: dict) -> dict:
+    """``results["model"]``: ``model_info`` with the model's architecture and parameter count."""
+    model_args = model.model_args
+    return {
+        **model_info,
+        "backbone": model_args["backbone"],
+        "embedding_size": int(model_args["embedding_size"]),
+        "image_size": int(model_args["image_size"]),
+        "head": model_args.get("head", "mlp"),
+        # an onnxruntime embedder holds no torch parameters: it carries the count
+        "parameters": int(getattr(model, "num_parameters", None) or models.count_parameters(model)),
+    }
+
+
+def data_entry(dataset) -> dict:
+    """``results["data"]``: the evaluated split, its sizes and how it was drawn."""
+    return {
+        "root": str(dataset.root),
+        "split": dataset.split,
+        "num_images": len(dataset),
+        "num_products": int(len(np.unique(np.asarray(dataset.class_ids)))),
+        "num_categories": int(len(np.unique(np.asarray(dataset.super_ids)))),
+        "layout": dataset.layout,
+        # the drawn test split's share (a catalogue without a split), else None
+        "test_fraction": None if dataset.layout == "sop" else dataset.test_fraction,
+        "single_image_products": dataset.num_single_image_products,
+    }
+
+
+def results_entries(model, dataset, model_info: dict, embeddings, details: dict, metrics: dict, timing: dict) -> dict:
+    """The results dict before the matching extras and figures: both protocols' ``metrics``,
+    ``model``, ``data``, ``embedding_stats``, ``timing``,
+    ``per_category`` and ``num_product_queries`` (images with another image of their product)."""
+    return {
+        **metrics,
+        "model": model_entry(model, model_info),
+        "data": data_entry(dataset),
+        "embedding_stats": embedding_stats(embeddings),
+        "timing": timing,
+        "per_category": per_category(details, np.asarray(dataset.super_ids), dataset.categories),
+        "num_product_queries": int((details["num_relevant"] > 0).sum()),
+    }
 
 
 def write_figures(
@@ -447,38 +454,73 @@ def evaluate_checkpoint(
 ) -> dict:
     """Evaluate ``checkpoint`` on ``split``; write results.json / results.md / retrieval.png to
     ``output`` (default runs/<run>/eval) and return the results dict (evaluate_model).
-    ``zero_shot_row`` and a checkpoint trained from ImageNet weights: ``results["zero_shot"]``
-    holds its backbone's zero-shot metrics (product, category) on the same images.
     ``compile``: extract the embeddings with ``torch.compile(model)`` (1.5x on a 2-core CPU for
     EfficientNet-B0 at 224 px, after a compilation of tens of seconds; PyTorch only).
     ``runtime``: torch or onnx (inference.load_embedder; default inference.default_runtime).
     ``explain``: the figures with similarity maps (evaluate_model's explain_model).
-    ``held_out`` / ``held_out_why``: heldout.check (OverlapError for a test split holding products
-    the run trained or validated on, unless ``allow_overlap``). ``baseline`` (a checkpoint): also
-    scored on the same images (``results["baseline"]``) and compared (``results["gate"]``,
-    `deploy_gate` with ``tolerance`` points on `gate_metric`). ``results["match"]``: the checkpoint's
-    threshold on this split; ``calibrate`` (a target FMR): refitted on this split and stored in the
-    checkpoint (matching.store_calibrated); ``query_photos``, ``fusion``: matching.results_extras."""
-    device = devices.resolve_device(str(device or "auto"))
-    runtime = "torch" if compile else inference.resolve_runtime(runtime, device)
-    run = checkpoint_run(checkpoint, runtime, device)
-    checkpoint, model, train_args = run["checkpoint"], run["model"], run["args"]
-    model_args = dict(model.model_args)
-    root = data_root or catalogue.default_data_root(train_args)
-    output = Path(output) if output else default_output(checkpoint, train_args)
-    dataset = eval_dataset(root, split, model_args["image_size"], train_args, test_fraction)
-    status = heldout.check(run["record"], train_args, dataset, run["name"], allow_overlap)
-    common = dict(batch_size=batch_size, workers=workers, device=device, chunk_size=chunk_size, progress=progress)
-    ckpt_hash = checkpoints.checkpoint_hash(checkpoint)  # once: it reads the whole file
-    results = evaluate_model(
-        model,
-        dataset,
-        output=output,
-        model_hash=ckpt_hash,
+    ``zero_shot_row`` and a checkpoint trained from ImageNet weights: ``results["zero_shot"]``
+    holds its backbone's zero-shot metrics (product, category) on the same images.
+    ``allow_overlap``: `checkpoint_setup`. ``baseline``, ``tolerance``: `add_baseline`.
+    ``results["match"]``: the checkpoint's threshold on this split; ``calibrate`` (a target FMR):
+    refitted on this split and stored in the checkpoint (matching.store_calibrated);
+    ``query_photos``, ``fusion``: matching.results_extras."""
+    run = checkpoint_setup(checkpoint, data_root, split, output, device, runtime, compile, test_fraction, allow_overlap)
+    common = dict(
+        batch_size=batch_size, workers=workers, device=run["device"], chunk_size=chunk_size, progress=progress
+    )
+    results = score_checkpoint(
+        run,
+        common,
+        explain=explain,
         embed=embed,
         num_examples=num_examples,
         seed=seed,
         compile=compile,
+        calibrate=calibrate,
+        query_photos=query_photos,
+        fusion=fusion,
+    )
+    if zero_shot_row and run["args"].get("weights") == "imagenet":
+        add_zero_shot_row(results, run, common)
+    if baseline is not None:
+        add_baseline(results, run, baseline, common, tolerance, allow_overlap)
+    write_results(results, run["output"])
+    return results
+
+
+def checkpoint_setup(
+    checkpoint, data_root, split, output, device, runtime, compile, test_fraction, allow_overlap
+) -> dict:
+    """checkpoint_run on the resolved ``device`` and ``runtime``, with the ``dataset`` to score it
+    on (``data_root`` default: the run's), its ``output`` folder and its held-out ``status``:
+    heldout.check (OverlapError for a test split holding products the run trained or validated on,
+    unless ``allow_overlap``)."""
+    device = devices.resolve_device(str(device or "auto"))
+    runtime = "torch" if compile else inference.resolve_runtime(runtime, device)
+    run = checkpoint_run(checkpoint, runtime, device)
+    train_args = run["args"]
+    root = data_root or catalogue.default_data_root(train_args)
+    dataset = eval_dataset(root, split, run["model"].model_args["image_size"], train_args, test_fraction)
+    return {
+        **run,
+        "device": device,
+        "runtime": runtime,
+        "dataset": dataset,
+        "output": Path(output) if output else default_output(run["checkpoint"], train_args),
+        "status": heldout.check(run["record"], train_args, dataset, run["name"], allow_overlap),
+    }
+
+
+def score_checkpoint(run: dict, common: dict, *, explain, **options) -> dict:
+    """evaluate_model of the `checkpoint_setup` ``run`` (``options``, ``common``: evaluate_model's),
+    with its held-out status and its threshold; a recalibrated threshold stored in the checkpoint."""
+    checkpoint, model = run["checkpoint"], run["model"]
+    ckpt_hash = checkpoints.checkpoint_hash(checkpoint)  # once: it reads the whole file
+    results = evaluate_model(
+        model,
+        run["dataset"],
+        output=run["output"],
+        model_hash=ckpt_hash,
         explain_model=_torch_model(model, explain, checkpoint=checkpoint),
         model_info={
             "run": run["name"],
@@ -486,24 +528,28 @@ def evaluate_checkpoint(
             "checkpoint_sha256": ckpt_hash,
             "checkpoint_size_mb": round(checkpoint.stat().st_size / 2**20, 2),
             "epoch": run["info"].get("epoch"),
-            "runtime": runtime,
+            "runtime": run["runtime"],
         },
         match=run["match"],
-        calibrate=calibrate,
-        query_photos=query_photos,
-        fusion=fusion,
+        **options,
         **common,
     )
-    results.update(held_out=status["held_out"], held_out_why=status["why"])
+    results.update(held_out=run["status"]["held_out"], held_out_why=run["status"]["why"])
     matching.store_calibrated(results, checkpoint)
-    if zero_shot_row and train_args.get("weights") == "imagenet":
-        row = zero_shot_metrics(model_args, dataset, runtime, device, common)
-        if row is not None:
-            results["zero_shot"] = row
-    if baseline is not None:
-        results["baseline"] = score_baseline(baseline, dataset, runtime, common, allow_overlap)
-        results["gate"] = deploy_gate(
-            results, gate_metric(train_args), DEFAULT_TOLERANCE if tolerance is None else tolerance
-        )
-    write_results(results, output)
     return results
+
+
+def add_zero_shot_row(results: dict, run: dict, common: dict) -> None:
+    """``results["zero_shot"]``: `zero_shot_metrics` of the `checkpoint_setup` ``run``, when available."""
+    row = zero_shot_metrics(run["model"].model_args, run["dataset"], run["runtime"], run["device"], common)
+    if row is not None:
+        results["zero_shot"] = row
+
+
+def add_baseline(results: dict, run: dict, baseline, common: dict, tolerance, allow_overlap) -> None:
+    """``results["baseline"]``: the checkpoint ``baseline`` scored on the same images, and
+    ``results["gate"]``: `deploy_gate` with ``tolerance`` points (default DEFAULT_TOLERANCE) on
+    `gate_metric`."""
+    results["baseline"] = score_baseline(baseline, run["dataset"], run["runtime"], common, allow_overlap)
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    results["gate"] = deploy_gate(results, gate_metric(run["args"]), tolerance)
