@@ -3,9 +3,9 @@ the data command line whose commands call the rooms that own them.
 
 Beside it: the transforms (preprocessing.py), the batch samplers (samplers.py), DataLoader
 settings (loaders.py) and the dataset table and figure (data_stats.py). Below it, in dataio/:
-the layouts and their splits (catalogue.py), photo decoding (photos.py),
-the synthetic stand-in (synthetic_sop.py), download / resize / convert (prepare_data.py) and
-the atomic writers (fileio.py). Nothing in dataio/ imports this module.
+the layouts (catalogue.py), the split draw (splits.py), the path check (path_guard.py), photo
+decoding (photos.py), the synthetic stand-in (synthetic_sop.py), download / resize / convert
+(prepare_data.py) and the atomic writers (fileio.py). Nothing in dataio/ imports this module.
 
 Command line (``python datasets.py <command> --help`` for every flag)::
 
@@ -36,11 +36,11 @@ from dataio.catalogue import (
     format_paths,
     log_skipped,
     read_catalogue,
-    split_validation,
 )
 from dataio.fileio import read_marker
 from dataio.photos import IMAGE_ERRORS, load_image, scan_bad_images
 from dataio.prepare_data import SOP_URL, convert_catalogue, download_sop, resize_dataset
+from dataio.splits import split_validation
 from dataio.synthetic_sop import ensure_synthetic_sop, make_synthetic_sop
 import preprocessing
 

@@ -11,12 +11,13 @@
   folder's path relative to the root (``chair/sku123``), unique by construction.
 
 Without a split (a CSV without the column, a folder tree) the test split is a seeded
-product-disjoint draw (`split_products`, seed `TEST_SPLIT_SEED`): each product is in it when the
-hash of (purpose, seed, its id) falls below ``test_fraction``, so a product's split depends on its
-id alone and adding or removing products moves no other one. ``test_fraction`` 0 draws none.
+product-disjoint draw (`splits.split_products`, seed `TEST_SPLIT_SEED`): each product is in it
+when the hash of (purpose, seed, its id) falls below ``test_fraction``, so a product's split
+depends on its id alone and adding or removing products moves no other one. ``test_fraction`` 0
+draws none.
 
-Paths from a label file or a walk are untrusted: `PathGuard` (the one check, every reader) refuses
-absolute paths, ``..`` and symbolic links that lead out of the data root.
+Paths from a label file or a walk are untrusted: `path_guard.PathGuard` (the one check, every
+reader) refuses absolute paths, ``..`` and symbolic links that lead out of the data root.
 
 `detect_layout` tells the layouts apart from what the folder holds (SOP first, then the CSV,
 then a tree); `read_catalogue` reads one into a `CatalogueTable`, the form every script uses.
@@ -25,7 +26,6 @@ sorted distinct names otherwise.
 """
 
 import csv
-import hashlib
 import io
 import logging
 import os
@@ -35,6 +35,8 @@ from typing import NamedTuple
 import numpy as np
 
 from dataio.fileio import COMPLETE_MARKER, atomic_write_text
+from dataio.path_guard import PathGuard
+from dataio.splits import split_products
 
 logger = logging.getLogger("catalogue")
 
@@ -149,49 +151,6 @@ class CatalogueTable(NamedTuple):
             rel_paths=[self.rel_paths[i] for i in rows],
             product_ids=[self.product_ids[i] for i in rows],
         )
-
-
-def split_draw(product_id, seed, purpose) -> float:
-    """The uniform number in [0, 1) of one product in one draw: the first 8 bytes of
-    ``blake2b("<purpose>:<seed>:<product id>")`` (UTF-8) as a big-endian integer over 2**64.
-    ``purpose`` ("test", "val") keeps the test and validation draws independent."""
-    digest = hashlib.blake2b(f"{purpose}:{seed}:{product_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0**64
-
-
-def split_products(product_ids, fraction, seed=0, purpose="test"):
-    """Boolean mask over ``product_ids`` (one per image, compared as strings): True for the
-    images of the products whose `split_draw` (purpose, seed, id) is below ``fraction``.
-
-    A per-product Bernoulli draw: a product's side depends on its id, the seed and the purpose
-    only, so adding or removing products never moves another. The count is Binomial(P,
-    fraction), not exactly ``round(fraction * P)`` (SOP's 11,318 training products at 0.1:
-    1,132 +- 32). Two guards for tiny catalogues, the only case where other products matter:
-    with ``fraction`` > 0 and at least 2 products, an empty draw takes the product of smallest
-    draw, and a draw of every product leaves out the one of largest draw."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"the fraction of products must be in [0, 1), got {fraction}")
-    # object, not numpy's fixed-width str: that drops trailing NUL characters ("a\x00" == "a")
-    ids = np.array([str(p) for p in product_ids], dtype=object)
-    products, inverse = np.unique(ids, return_inverse=True)
-    draws = np.asarray([split_draw(p, seed, purpose) for p in products.tolist()], dtype=np.float64)
-    drawn = draws < fraction
-    if fraction > 0 and len(products) >= 2 and not drawn.any():
-        drawn[np.argmin(draws)] = True
-    if len(products) and drawn.all():
-        drawn[np.argmax(draws)] = False
-    return drawn[inverse.reshape(-1)] if len(ids) else np.zeros(0, dtype=bool)
-
-
-def split_validation(product_ids, val_fraction=0.1, seed=0):
-    """Boolean mask over ``product_ids``: True for the validation products, the
-    `split_products` draw of ``val_fraction`` with purpose "val" and seed ``seed``, so train and
-    validation share no product and each product's side depends on its id only. Pass the
-    data's product ids (strings), not class ids, which renumber when products are added. On
-    SOP: about 1,132 of 11,318 products, about 6.0k of 59.6k images."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    return split_products(product_ids, val_fraction, seed, purpose="val")
 
 
 def table_from_labels(
@@ -363,49 +322,6 @@ def read_sop(root, parts=("train", "test")):
 
 
 # ============ catalogue.csv ============
-
-
-class PathGuard:
-    """The one check of catalogue paths, used by every reader: a path from a label file (or a
-    walk) must name a file inside the data root ``root``. Calling the guard with ``(rel,
-    where)`` returns ``rel`` as a normalised posix path, or raises ValueError naming ``where``
-    (``file:line``) for an absolute path, a drive letter, a ``..`` part, or a symbolic link
-    (a folder on the way or the file itself) whose target lies outside ``root``. Resolved
-    folders are cached per guard: one guard per read."""
-
-    def __init__(self, root):
-        self.root = os.path.realpath(root)
-        self._real_dirs = {}
-
-    def _real_dir(self, rel_dir):
-        if rel_dir not in self._real_dirs:
-            self._real_dirs[rel_dir] = os.path.realpath(os.path.join(self.root, rel_dir))
-        return self._real_dirs[rel_dir]
-
-    def inside(self, real) -> bool:
-        """True when the resolved path ``real`` is the root or lies under it."""
-        return real == self.root or real.startswith(self.root.rstrip(os.sep) + os.sep)
-
-    def refuse(self, rel, where, why):
-        raise ValueError(
-            f"{where}: path {rel!r} {why}; catalogue paths must stay inside the data "
-            f"root {self.root}: relative, without '..', and without symbolic links "
-            "leading out of it. Copy the photos into the data root, or pass the folder "
-            "that really holds them as the data root"
-        )
-
-    def __call__(self, rel, where) -> str:
-        # string operations, not PurePosixPath: this runs once per image (120k on SOP)
-        text = str(rel).replace("\\", "/")
-        parts = [p for p in text.split("/") if p not in ("", ".")]
-        if text.startswith("/") or (len(text) > 1 and text[1] == ":") or ".." in parts or not parts:
-            self.refuse(rel, where, "leaves the data root (absolute, or climbs out with '..')")
-        real = os.path.join(self._real_dir("/".join(parts[:-1]) or "."), parts[-1])
-        if os.path.islink(real):
-            real = os.path.realpath(real)
-        if not self.inside(real):
-            self.refuse(rel, where, f"leaves the data root through a symbolic link (it resolves to {real})")
-        return "/".join(parts)
 
 
 def read_csv_catalogue(path, test_fraction=DEFAULT_TEST_FRACTION):

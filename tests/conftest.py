@@ -74,7 +74,7 @@ def milvus_standalone(tmp_path_factory):
 def tiny_sop(synthetic_root):
     """The tiny train.py runs' data (tests/support.py's tiny_argv): ``synthetic_root``'s 60
     products at 48 px: train 154 images / 28 products (2-12 images each), val 14 / 2 (the val
-    draw, catalogue.split_validation), test 154 / 30."""
+    draw, splits.split_validation), test 154 / 30."""
     return synthetic_root
 
 

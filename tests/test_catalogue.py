@@ -18,7 +18,7 @@ import torch
 
 import checkpoints
 import data_stats
-from dataio import catalogue, prepare_data
+from dataio import catalogue, prepare_data, splits
 import datasets
 import models
 import preprocessing
@@ -92,7 +92,7 @@ def test_folder_tree_with_and_without_categories(tmp_path):
 def test_seeded_split_is_product_disjoint_and_order_free(tmp_path):
     root = tree(tmp_path / "t", {f"c{j % 3}/p{j:02d}": 2 + j % 3 for j in range(20)})
     a = catalogue.scan_folder_tree(root, test_fraction=0.3)
-    drawn = {p for p in set(a.product_ids) if catalogue.split_draw(p, catalogue.TEST_SPLIT_SEED, "test") < 0.3}
+    drawn = {p for p in set(a.product_ids) if splits.split_draw(p, catalogue.TEST_SPLIT_SEED, "test") < 0.3}
     assert set(np.asarray(a.product_ids)[a.is_test]) == drawn and 0 < len(drawn) < 20
     assert not set(np.asarray(a.product_ids)[a.is_test]) & set(np.asarray(a.product_ids)[~a.is_test])
     # the same products listed in another order draw the same test products
@@ -131,14 +131,14 @@ def test_adding_or_removing_products_moves_no_other(kept, changed, fraction, see
     def sides(products):
         ids = sorted(products)
         mask = (
-            catalogue.split_products(ids, fraction, seed, purpose)
+            splits.split_products(ids, fraction, seed, purpose)
             if purpose == "test"
-            else catalogue.split_validation(ids, fraction, seed)
+            else splits.split_validation(ids, fraction, seed)
         )
         return dict(zip(ids, mask.tolist()))
 
     def guarded(products):  # the raw draw is empty (2+ products) or takes every product
-        raw = [catalogue.split_draw(p, seed, purpose) < fraction for p in products]
+        raw = [splits.split_draw(p, seed, purpose) < fraction for p in products]
         return bool(raw) and (all(raw) or (len(raw) >= 2 and not any(raw)))
 
     assume(not guarded(kept) and not guarded(kept | changed))
@@ -150,25 +150,25 @@ def test_split_draw_is_the_documented_hash():
     import hashlib
 
     digest = hashlib.blake2b(b"val:7:chair/sku 1", digest_size=8).digest()
-    assert catalogue.split_draw("chair/sku 1", 7, "val") == int.from_bytes(digest, "big") / 2**64
+    assert splits.split_draw("chair/sku 1", 7, "val") == int.from_bytes(digest, "big") / 2**64
     # test and validation draws of one product are independent (not one threshold on one number)
     ids = [str(i) for i in range(2000)]
-    test = catalogue.split_products(ids, 0.5, 0, "test")
-    val = catalogue.split_validation(ids, 0.1, 0)
+    test = splits.split_products(ids, 0.5, 0, "test")
+    val = splits.split_validation(ids, 0.1, 0)
     assert 0.05 < val[test].mean() < 0.15 and 0.05 < val[~test].mean() < 0.15
 
 
 def test_split_guards_for_tiny_catalogues():
-    assert catalogue.split_products(["a", "b"], 0.001).sum() == 1  # never empty with fraction > 0
-    assert catalogue.split_products(["a", "b", "c"], 0.999).sum() == 2  # never every product
-    assert not catalogue.split_products(["a", "b", "c"], 0.0).any()  # 0: nothing drawn
-    assert catalogue.split_products([], 0.5).shape == (0,)
+    assert splits.split_products(["a", "b"], 0.001).sum() == 1  # never empty with fraction > 0
+    assert splits.split_products(["a", "b", "c"], 0.999).sum() == 2  # never every product
+    assert not splits.split_products(["a", "b", "c"], 0.0).any()  # 0: nothing drawn
+    assert splits.split_products([], 0.5).shape == (0,)
 
 
 def test_sop_validation_split_is_the_val_draw_of_its_product_ids(synthetic_root):
     trainval = datasets.SOPDataset(synthetic_root, "trainval")
     val = datasets.SOPDataset(synthetic_root, "val")
-    expected = {p for p in set(trainval.product_ids) if catalogue.split_draw(p, 0, "val") < 0.1}
+    expected = {p for p in set(trainval.product_ids) if splits.split_draw(p, 0, "val") < 0.1}
     assert set(val.product_ids) == (expected or set(val.product_ids)) and len(set(val.product_ids)) >= 1
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torchvision.transforms as T
 
-from dataio import catalogue, fileio, photos, prepare_data, synthetic_sop
+from dataio import catalogue, fileio, photos, prepare_data, splits, synthetic_sop
 import datasets
 import loaders
 import preprocessing
@@ -134,7 +134,7 @@ def test_validation_split_product_disjoint_seeded(synthetic_root):
     assert sorted(train.paths + val.paths) == sorted(trainval.paths)
     assert not set(train.class_ids) & set(val.class_ids)
     assert not set(trainval.class_ids) & set(test.class_ids)
-    drawn = {p for p in set(trainval.product_ids) if catalogue.split_draw(p, 0, "val") < 0.1}
+    drawn = {p for p in set(trainval.product_ids) if splits.split_draw(p, 0, "val") < 0.1}
     assert set(val.product_ids) == drawn and len(drawn) == 2  # the val draw of 30 products
     again = datasets.SOPDataset(synthetic_root, "val")
     other = datasets.SOPDataset(synthetic_root, "val", split_seed=1)
@@ -144,12 +144,12 @@ def test_validation_split_product_disjoint_seeded(synthetic_root):
 def test_split_validation_fraction_on_sop_sized_ids():
     rng = np.random.default_rng(0)
     class_ids = np.repeat(np.arange(1, 11319), rng.integers(2, 10, 11318))
-    is_val = catalogue.split_validation(class_ids, 0.1, seed=0)
+    is_val = splits.split_validation(class_ids, 0.1, seed=0)
     # a Bernoulli draw per product: Binomial(11318, 0.1) = 1,132 +- 32 (the original project's 1,132)
     assert abs(len(np.unique(class_ids[is_val])) - 1132) < 4 * 32
     assert not set(class_ids[is_val]) & set(class_ids[~is_val])
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        catalogue.split_validation(class_ids, 1.5)
+        splits.split_validation(class_ids, 1.5)
 
 
 # ============ images and transforms ============
