@@ -469,43 +469,61 @@ def update_gallery_index(
         ann.require_faiss(f"index type {index_type!r}")  # before minutes of embedding
     index_path = Path(index_path)
     scan = scan_gallery(root, exclude=[index_path])
-    previous, why = (None, "force=True") if force else load_previous(index_path, scan.root, model_key)
-    if previous is None and why != "no index yet":
-        logger.info("Rebuilding the gallery index %s from scratch: %s", index_path, why)
+    previous, why = _previous_or_why(index_path, scan.root, model_key, force)
     plan = plan_update(scan.files, previous)
     t_embed = time.perf_counter()
-    new_rows, bad, resumed = _embed_planned(
-        model,
-        scan,
-        plan,
-        index_path,
-        model_key,
-        force,
-        checkpoint_every,
-        dict(batch_size=batch_size, workers=workers, device=device, progress=progress),
-    )
+    embed_kw = dict(batch_size=batch_size, workers=workers, device=device, progress=progress)
+    new_rows, bad, resumed = _embed_planned(model, scan, plan, index_path, model_key, force, checkpoint_every, embed_kw)
     embed_seconds = time.perf_counter() - t_embed
     embeddings, kept = _assemble(scan.files, plan, previous, new_rows)
-    info = {
+    info = _index_meta(meta, model, scan.root, model_key, kept, bad)
+    index, written = _save_if_changed(previous, embeddings, kept, model_key, info, index_type, index_path, progress)
+    PartialEmbeddings(index_path, scan.root, model_key).clear()
+    embedded, seconds = len(new_rows) - resumed, time.perf_counter() - t0
+    rebuild = None if previous is not None else why
+    return index, _update_report(plan, scan, bad, (embedded, resumed), (seconds, embed_seconds), rebuild, written)
+
+
+def _save_if_changed(previous, embeddings, kept, model_key, info, index_type, index_path: Path, progress):
+    """``(index, written)``: a new index of ``kept`` rows saved at ``index_path`` (its ANN index
+    built), or ``previous`` as it is when it already holds the same content."""
+    if _same_content(previous, kept, info, index_type):
+        return previous, False
+    index = make_gallery_index(embeddings, kept, model_key, info, index_type)
+    index.build_ann(progress=progress)
+    index.save(index_path)
+    return index, True
+
+
+def _previous_or_why(index_path: Path, root: Path, model_key, force):
+    """``(previous index, None)`` when the index at ``index_path`` can be updated, else
+    ``(None, why not)`` (``force``, no index yet, or why it does not fit), a rebuild logged."""
+    previous, why = (None, "force=True") if force else load_previous(index_path, root, model_key)
+    if previous is None and why != "no index yet":
+        logger.info("Rebuilding the gallery index %s from scratch: %s", index_path, why)
+    return previous, why
+
+
+def _index_meta(meta, model, root: Path, model_key, kept, bad) -> dict:
+    """A folder index's ``meta``: the caller's entries, the model's arguments and the gallery's
+    own (`GALLERY_META_KEY`: folder, model key, image count, unreadable files)."""
+    return {
         **(meta or {}),
         "model_args": dict(model.model_args),
         GALLERY_META_KEY: {
-            "root": str(scan.root),
+            "root": str(root),
             "model_key": model_key,
             "num_images": len(kept),
             "unreadable": [list(b) for b in bad],
         },
     }
-    written = not _same_content(previous, kept, info, index_type)
-    if written:
-        index = make_gallery_index(embeddings, kept, model_key, info, index_type)
-        index.build_ann(progress=progress)
-        index.save(index_path)
-    else:
-        index = previous
-    PartialEmbeddings(index_path, scan.root, model_key).clear()
-    embedded, seconds = len(new_rows) - resumed, time.perf_counter() - t0
-    return index, {
+
+
+def _update_report(plan, scan, bad, counts, timings, rebuild, written) -> dict:
+    """`update_gallery_index`'s report; ``counts`` is (embedded, resumed), ``timings`` (the
+    call's seconds, the embedding's seconds)."""
+    (embedded, resumed), (seconds, embed_seconds) = counts, timings
+    return {
         "added": plan.added,
         "changed": plan.changed,
         "removed": plan.removed,
@@ -517,7 +535,7 @@ def update_gallery_index(
         "seconds": round(seconds, 3),
         "embed_seconds": round(embed_seconds, 3),
         "images_per_s": round(embedded / seconds, 2) if embedded > 0 else 0.0,
-        "rebuild": None if previous is not None else why,
+        "rebuild": rebuild,
         "written": written,
         "skipped": list(scan.skipped),
         "unreadable_paths": [b[0] for b in bad],
