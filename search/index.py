@@ -454,42 +454,9 @@ def build_gallery_index(
     ann.check_index_type(index_type)
     if index_type != "exact":
         ann.require_faiss(f"index type {index_type!r}")  # before minutes of embedding
-    import torch
-
-    import loaders  # here, not at import time: the demo's search path needs no torchvision
-
-    images = GalleryImages(dataset.paths, dataset.transform, int(model.model_args["image_size"]))
-    loader = torch.utils.data.DataLoader(
-        images if skip_unreadable else dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        # one pass: persistent workers would only outlive it
-        **loaders.loader_settings(device, workers=workers, persistent_workers=False),
-    )
     t0 = time.perf_counter()
-    embeddings, second = extraction.extract_embeddings(
-        model, loader, device=device, amp=amp, progress=progress, desc="gallery"
-    )
-    if skip_unreadable:
-        rows = second  # the dataset's row, -1 for an unreadable image
-    elif np.array_equal(second, np.asarray(dataset.class_ids, dtype=np.int64)):
-        rows = np.arange(len(second))
-    else:
-        raise RuntimeError(
-            "the loader's labels do not match dataset.class_ids: the dataset "
-            "must return (image, class_id) in index order"
-        )
-    good = rows >= 0
-    if not np.array_equal(rows[good], np.flatnonzero(good)):
-        raise RuntimeError("the loader returned the images out of order")
-    unreadable = [dataset.rel_paths[i] for i in np.flatnonzero(~good)]
-    if unreadable:
-        logger.warning(
-            "%d gallery images could not be read and are left out of the index (first: %s); "
-            "replace them and pass --rebuild_index",
-            len(unreadable),
-            ", ".join(unreadable[:3]),
-        )
+    embeddings, rows = _embed_dataset(model, dataset, batch_size, workers, device, amp, progress, skip_unreadable)
+    good, unreadable = _readable_rows(rows, dataset.rel_paths)
     info = {
         "num_images": int(good.sum()),
         "extract_s": round(time.perf_counter() - t0, 3),
@@ -513,3 +480,49 @@ def build_gallery_index(
     )
     index.build_ann(progress=progress)
     return index
+
+
+def _embed_dataset(model, dataset, batch_size, workers, device, amp, progress, skip_unreadable):
+    """``(embeddings, rows)``: every image of ``dataset`` embedded in order, ``rows`` the
+    dataset row of each embedding (-1 for an unreadable image with ``skip_unreadable``; without
+    it, an image that does not decode raises). RuntimeError when the loader's labels are not
+    the dataset's class ids in index order."""
+    import torch
+
+    import loaders  # here, not at import time: the demo's search path needs no torchvision
+
+    images = GalleryImages(dataset.paths, dataset.transform, int(model.model_args["image_size"]))
+    loader = torch.utils.data.DataLoader(
+        images if skip_unreadable else dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        # one pass: persistent workers would only outlive it
+        **loaders.loader_settings(device, workers=workers, persistent_workers=False),
+    )
+    embeddings, second = extraction.extract_embeddings(
+        model, loader, device=device, amp=amp, progress=progress, desc="gallery"
+    )
+    if skip_unreadable:
+        return embeddings, second  # the dataset's row, -1 for an unreadable image
+    if np.array_equal(second, np.asarray(dataset.class_ids, dtype=np.int64)):
+        return embeddings, np.arange(len(second))
+    raise RuntimeError(
+        "the loader's labels do not match dataset.class_ids: the dataset must return (image, class_id) in index order"
+    )
+
+
+def _readable_rows(rows, rel_paths):
+    """``(good, unreadable)``: the mask of the embeddings of readable images and the paths of
+    the unreadable ones (logged). RuntimeError when ``rows`` are out of order."""
+    good = rows >= 0
+    if not np.array_equal(rows[good], np.flatnonzero(good)):
+        raise RuntimeError("the loader returned the images out of order")
+    unreadable = [rel_paths[i] for i in np.flatnonzero(~good)]
+    if unreadable:
+        logger.warning(
+            "%d gallery images could not be read and are left out of the index (first: %s); "
+            "replace them and pass --rebuild_index",
+            len(unreadable),
+            ", ".join(unreadable[:3]),
+        )
+    return good, unreadable
