@@ -142,6 +142,26 @@ def rank_averages(sums: dict, batches: int, images_seen: int, device: torch.devi
     return out
 
 
+def epoch_batches(loader: DataLoader, steps: int, device: torch.device, memory_format: torch.memory_format):
+    """The first ``steps`` batches of ``loader`` as (step, images, labels), moved to ``device``
+    (images in ``memory_format``)."""
+    for step, (images, labels) in enumerate(loader):
+        if step >= steps:
+            break
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        yield step, images, labels.to(device, non_blocking=True)
+
+
+def show_progress(bar: tqdm, sums: dict, batches: int) -> None:
+    """One step more on ``bar``, with the running means of the loss and the triplet counts."""
+    bar.update(1)
+    bar.set_postfix(
+        loss=f"{sums['loss'] / batches:.4f}",
+        valid=f"{sums.get('valid_triplets', 0.0) / batches:.1f}",
+        active=f"{sums.get('active_triplets', 0.0) / batches:.1f}",
+    )
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     criterion: torch.nn.Module,
@@ -176,41 +196,24 @@ def train_one_epoch(
     sums: dict[str, float] = {}
     batches, images_seen, frozen_here = 0, 0, 0
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    step_args = dict(amp=amp, world_size=world_size, gather_embeddings=gather_embeddings)
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=f"epoch {epoch} train", disable=not progress, leave=False, dynamic_ncols=True)
     with bar:
-        for step, (images, labels) in enumerate(loader):
-            if step >= steps:
-                break
+        for step, images, labels in epoch_batches(loader, steps, device, memory_format):
             if frozen != (first_step + step < frozen_steps):
                 frozen = first_step + step < frozen_steps
                 set_train_mode(bare, backbone_frozen=frozen, freeze_bn=freeze_bn)
                 forward = replicas.module()  # DDP over this phase's trained parameters
             frozen_here += int(frozen)
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
-            labels = labels.to(device, non_blocking=True)
+            where = f"epoch {epoch}, step {step + 1}/{steps}"
             value, stats = train_step(
-                forward,
-                criterion,
-                images,
-                labels,
-                optimizer,
-                scaler,
-                device,
-                amp=amp,
-                world_size=world_size,
-                gather_embeddings=gather_embeddings,
-                where=f"epoch {epoch}, step {step + 1}/{steps}",
+                forward, criterion, images, labels, optimizer, scaler, device, where=where, **step_args
             )
             batches += 1
             images_seen += images.shape[0]
             _accumulate(sums, value, stats)
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{sums['loss'] / batches:.4f}",
-                valid=f"{sums.get('valid_triplets', 0.0) / batches:.1f}",
-                active=f"{sums.get('active_triplets', 0.0) / batches:.1f}",
-            )
+            show_progress(bar, sums, batches)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_time = time.perf_counter() - start
