@@ -80,16 +80,7 @@ def load_or_build_index(
     previous file is left intact by `search.index.GalleryIndex.save`).
     """
     index_path = Path(index_path) if index_path else default_index_path(checkpoint, split)
-    image_size = int(model.model_args["image_size"])
-    # check_files=False: a vanished photo is left out of the index (build_gallery_index's
-    # skip_unreadable), not a reason for the demo not to start
-    dataset = datasets.SOPDataset(
-        data_root,
-        split,
-        **(splits or {}),
-        check_files=False,
-        transform=preprocessing.build_transform(image_size, train=False),
-    )
+    dataset = _gallery_dataset(model, data_root, split, splits)
     ckpt_hash = model_key or checkpoints.checkpoint_hash(checkpoint)
     if index_path.exists() and not force:
         index, why = load_fresh_index(index_path, ckpt_hash, dataset.rel_paths, index_type=index_type)
@@ -111,12 +102,7 @@ def load_or_build_index(
         workers=workers,
         checkpoint_hash=ckpt_hash,
         device=next(model.parameters()).device,
-        meta={
-            "split": split,
-            "data_root": str(dataset.root),
-            "model_args": dict(model.model_args),
-            "checkpoint": str(checkpoint) if checkpoint else None,
-        },
+        meta=_split_meta(model, checkpoint, dataset, split),
         progress=progress,
         index_type=index_type,
         skip_unreadable=True,
@@ -124,6 +110,29 @@ def load_or_build_index(
     index.save(index_path)
     logger.info("Saved gallery index %s", index_path)
     return index, True
+
+
+def _gallery_dataset(model, data_root, split, splits) -> datasets.SOPDataset:
+    """``split`` of the dataset under ``data_root`` with the model's eval transform, its files
+    not checked: a vanished photo is left out of the index (`build_gallery_index`'s
+    ``skip_unreadable``), not a reason for the demo not to start."""
+    return datasets.SOPDataset(
+        data_root,
+        split,
+        **(splits or {}),
+        check_files=False,
+        transform=preprocessing.build_transform(int(model.model_args["image_size"]), train=False),
+    )
+
+
+def _split_meta(model, checkpoint, dataset, split) -> dict:
+    """What a split's index records of where it comes from: split, data root, model, checkpoint."""
+    return {
+        "split": split,
+        "data_root": str(dataset.root),
+        "model_args": dict(model.model_args),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+    }
 
 
 def find_checkpoint(checkpoint_dir="checkpoints"):
@@ -246,6 +255,13 @@ def folder_index(
             )
     except (FileNotFoundError, NotADirectoryError, ValueError, vectordb.DatabaseError) as e:
         raise SetupError(f"Cannot index the gallery {folder}: {e}") from e
+    _log_folder_report(folder, index, report, where)
+    return index, Path(folder).expanduser().resolve()
+
+
+def _log_folder_report(folder, index, report: dict, where) -> None:
+    """Log what indexing ``folder`` did (`search.gallery.update_gallery_index`'s ``report``;
+    the skipped files at debug level); ``where``: the index file or collection."""
     logger.info(
         "Gallery %s: %d images (%d added, %d changed, %d removed, %d unchanged, %d embedded, %d "
         "resumed; %d files skipped as not images, %d unreadable) in %.1f s; index %s",
@@ -266,7 +282,6 @@ def folder_index(
         logger.debug("skipped (not an image) %s", rel)
     for rel in report["unreadable_paths"]:
         logger.debug("skipped (unreadable) %s", rel)
-    return index, Path(folder).expanduser().resolve()
 
 
 def dataset_index(
@@ -296,11 +311,7 @@ def dataset_index(
     try:
         data_root = catalogue.detect_layout(data_root or catalogue.default_data_root(train_args))[0]
         split = split or datasets.serving_split(train_args, data_root)
-        index_path = index_path or (
-            default_index_path(loaded.checkpoint, split)
-            if loaded.checkpoint
-            else Path("runs") / loaded.name / f"gallery_{split}_{_path_tag(data_root)}.npz"
-        )
+        index_path = index_path or _split_index_path(loaded, data_root, split)
         splits = datasets.split_options(train_args, test_fraction)
 
         def build():
@@ -319,17 +330,9 @@ def dataset_index(
             )[0]
 
         if backend == "milvus":
-            index = vectordb.split_gallery(
-                db_uri or vectordb.default_db_path(loaded.checkpoint, loaded.name),
-                data_root,
-                split,
-                loaded.key,
-                dict(loaded.model.model_args),
-                datasets.SOPDataset(data_root, split, **splits).rel_paths,
-                build,
-                collection=collection,
-                index_type=index_type,
-                rebuild=rebuild,
+            rel_paths = datasets.SOPDataset(data_root, split, **splits).rel_paths
+            index = _split_collection(
+                loaded, data_root, split, rel_paths, build, db_uri, collection, index_type, rebuild
             )
         else:
             index = build()
@@ -340,3 +343,28 @@ def dataset_index(
             "--gallery DIR to search any folder of photos."
         ) from e
     return index, data_root
+
+
+def _split_index_path(loaded: SearchModel, data_root, split) -> Path:
+    """The default index file of a dataset's ``split``: beside the checkpoint, or under
+    ``runs/<zero-shot name>/`` (one per data root)."""
+    if loaded.checkpoint:
+        return default_index_path(loaded.checkpoint, split)
+    return Path("runs") / loaded.name / f"gallery_{split}_{_path_tag(data_root)}.npz"
+
+
+def _split_collection(loaded: SearchModel, data_root, split, rel_paths, build, db_uri, collection, index_type, rebuild):
+    """The collection of a dataset's ``split`` (`search.vectordb.split_gallery`) in ``db_uri``
+    (default `search.vectordb.default_db_path`), filled from ``build()`` when incomplete."""
+    return vectordb.split_gallery(
+        db_uri or vectordb.default_db_path(loaded.checkpoint, loaded.name),
+        data_root,
+        split,
+        loaded.key,
+        dict(loaded.model.model_args),
+        rel_paths,
+        build,
+        collection=collection,
+        index_type=index_type,
+        rebuild=rebuild,
+    )
