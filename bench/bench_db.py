@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import knn
-from search import gallery, vectordb
+from search import collection, gallery, vectordb
 
 MODEL_ARGS = {"backbone": "synthetic", "image_size": 0, "embedding_size": 128}
 CATEGORIES = 12
@@ -154,7 +154,7 @@ def run_size(n, args, work: Path):
             base = {
                 "n": n,
                 "backend": backend,
-                "index": vectordb.MILVUS_INDEX[index_type],
+                "index": collection.MILVUS_INDEX[index_type],
                 "insert_per_s": round(n / seconds),
                 "update_per_s": round(len(changed) / update_s),
                 "index_ready_s": round(ready + wait_indexed(store), 1),

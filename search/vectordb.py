@@ -5,13 +5,8 @@
 database, no server; pymilvus starts it in-process), or the same code pointed at Milvus
 Standalone / Distributed with ``--db_uri http://HOST:19530``.
 
-One collection per model and catalogue (`collection_name`: the model key - the checkpoint's
-sha256 or the zero-shot key -, the backbone and the image size, plus the catalogue folder);
-its properties record them and are checked whenever it is opened, so a collection built by
-another model is refused with what to do. A row is one photo: ``path`` (the catalogue path
-relative to the folder: the primary key, so an upsert never doubles a row), ``vector`` (the
-unit embedding), ``product_id``, ``category``, ``size`` and ``mtime_ns`` (what
-`search.gallery.plan_update` compares to decide what to embed again).
+One collection per model and catalogue, its rows one photo each (`search.collection`: its
+name, schema, index and the properties checked whenever it is opened).
 
 `MilvusGallery` offers what `search.engine.SearchEngine` reads from a
 `search.index.GalleryIndex` (``search``, ``paths``, ``product_ids``, ``categories``,
@@ -30,9 +25,8 @@ the photos of its last unfinished checkpoint; two processes indexing one folder 
 cannot double a row (primary key), and a second process opening a Milvus Lite database that
 another holds is refused by name (Milvus Lite admits one process per database).
 
-The rows are read back in pages over ranges of the key (`MilvusGallery._rows`: no query answers
-more than `PAGE` rows, nor in key order on Milvus Lite), with "Strong" consistency (every write
-acknowledged before the read is seen); searches ask for "Session" consistency
+The rows are read back in pages over ranges of the key (`search.row_view`), with "Strong"
+consistency (every write acknowledged before the read is seen); searches ask for "Session" consistency
 (`SEARCH_CONSISTENCY`). Every database call is bounded by ``--db_timeout`` seconds (`call_timeout`)
 and fails with a DatabaseError naming the URI; the gallery then
 reconnects and loads the collection again at its next call, so a database that comes back
@@ -43,7 +37,6 @@ servers and Milvus Lite all answer).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -56,6 +49,7 @@ import numpy as np
 
 import knn
 from search import ann, gallery
+from search.collection import CONSISTENCY, collection_name, open_collection, wanted_properties
 from search.index import num_candidates, rerank
 from search.milvus import (
     DEFAULT_TIMEOUT_S,
@@ -66,63 +60,21 @@ from search.milvus import (
     in_filter,
     is_milvus_error,
     is_released,
-    is_server_uri,
     keep_faiss_search_params,
-    key_range,
     message,
     quote,
     set_call_timeout,
 )
+from search.row_view import RowView, count_rows, read_view
 
 logger = logging.getLogger("gallery")
 
 BACKENDS = ("file", "milvus")
-FORMAT = "product-search-gallery/1"  # collection property: a collection made by this code
-# what reads of the rows ask for: the rows as of the call, writes of any process included (a
-# server's default, "Bounded", may answer without rows written a moment before)
-CONSISTENCY = "Strong"
 # what searches ask for: this process's writes seen at once, without Strong's wait for the server's
 # next time tick (Milvus Standalone 2.3.5, 2,000 rows: 201 ms a search "Strong", 1.9 ms "Session");
 # another process's rows are searched once a view has read them (that Strong read waits for them)
 SEARCH_CONSISTENCY = "Session"
-PAGE = 16384  # rows per query when reading the rows back (Milvus's largest query window)
-MAX_PATH_BYTES = 65535  # Milvus VARCHAR limit
-MAX_NAME_BYTES = 4096
-LITE_IVF_NLIST = 128  # milvus-lite 3.2.2
-# Milvus Lite's HNSW needs a wider beam than faiss's for the same recall (bench/db.json, 1M rows:
-# ef 256 -> recall@10 0.852, ef 1024 -> 0.982) and its latency does not move with ef (~1.25 s at
-# every ef from 256 to 2048): its fixed per-query cost dominates.
-LITE_HNSW_EF_FACTOR = 4
 MAX_FILTERED_EF = 4096  # the largest beam a filtered hnsw search is given (Milvus allows up to 32768)
-MILVUS_INDEX = {"exact": "FLAT", "ivf": "IVF_FLAT", "hnsw": "HNSW"}
-
-
-def collection_name(model_key: str, model_args: dict, root, split=None) -> str:
-    """``gallery_<model tag>_<folder tag>``: 16 hex digits of the sha256 of (model key,
-    backbone, image size) and 8 of the catalogue folder's absolute path (and ``split``, for a
-    dataset's split)."""
-    model = json.dumps([model_key, model_args.get("backbone"), int(model_args.get("image_size", 0))])
-    model_tag = hashlib.sha256(model.encode()).hexdigest()[:16]
-    folder = str(Path(root).expanduser().resolve()) + (f"#{split}" if split else "")
-    folder_tag = hashlib.sha256(folder.encode()).hexdigest()[:8]
-    return f"gallery_{model_tag}_{folder_tag}"
-
-
-def default_params(uri, index_type: str, n: int) -> dict:
-    """`search.ann.default_params` for a new collection of about ``n`` rows, except on Milvus
-    Lite: its IVF_FLAT has `LITE_IVF_NLIST` cells whatever nlist it is given (measured: its k-means
-    log and its recall at each nprobe are the same for nlist 16 and 51), so nprobe scans the
-    share of the cells that the defaults for ``n`` would (small galleries scan more of theirs);
-    its HNSW searches with `LITE_HNSW_EF_FACTOR` times the faiss beam."""
-    params = ann.default_params(index_type, max(int(n), 1))
-    if index_type == "hnsw" and not is_server_uri(uri):
-        params["efSearch"] *= LITE_HNSW_EF_FACTOR
-    if index_type == "ivf" and not is_server_uri(uri):
-        share = params["nprobe"] / params["nlist"]
-        params.update(
-            nlist=LITE_IVF_NLIST, nprobe=max(ann.ivf_nprobe(LITE_IVF_NLIST), math.ceil(share * LITE_IVF_NLIST))
-        )
-    return params
 
 
 def default_db_path(checkpoint=None, model_name=None) -> Path:
@@ -169,60 +121,16 @@ def apply_backend_args(args) -> None:
     set_call_timeout(getattr(args, "db_timeout", DEFAULT_TIMEOUT_S))
 
 
-# ============ the collection ============
-
-
-def _schema(client, dim: int):
-    from pymilvus import DataType
-
-    schema = client.create_schema(
-        auto_id=False, enable_dynamic_field=False, description="product photo gallery (search/vectordb.py)"
-    )
-    schema.add_field("path", DataType.VARCHAR, is_primary=True, max_length=MAX_PATH_BYTES)
-    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(dim))
-    schema.add_field("product_id", DataType.VARCHAR, max_length=MAX_PATH_BYTES)
-    schema.add_field("category", DataType.VARCHAR, max_length=MAX_NAME_BYTES)
-    schema.add_field("size", DataType.INT64)
-    schema.add_field("mtime_ns", DataType.INT64)
-    return schema
-
-
-def _index_params(client, index_type: str, params: dict):
-    build = {
-        "ivf": {"nlist": params.get("nlist")},
-        "hnsw": {"M": params.get("M"), "efConstruction": params.get("efConstruction")},
-    }.get(index_type, {})
-    index_params = client.prepare_index_params()
-    index_params.add_index(
-        field_name="vector",
-        index_type=MILVUS_INDEX[index_type],
-        metric_type="IP",
-        params={k: int(v) for k, v in build.items() if v is not None},
-    )
-    return index_params
-
-
-class _View(types.SimpleNamespace):
-    """The rows' metadata, in path order: ``paths``, ``product_ids``, ``categories`` (sorted
-    names), ``super_ids`` (1-based into them), ``file_stats`` [N, 2], ``row_of`` (path -> row),
-    ``counts`` (super id -> rows)."""
-
-
-def _make_view(rows) -> _View:
-    rows = sorted(rows, key=lambda r: r["path"])
-    paths = [r["path"] for r in rows]
-    categories = sorted({r["category"] for r in rows})
-    position = {c: i + 1 for i, c in enumerate(categories)}
-    super_ids = np.array([position[r["category"]] for r in rows], dtype=np.int64)
-    return _View(
-        paths=paths,
-        product_ids=[r["product_id"] for r in rows],
-        categories=categories,
-        super_ids=super_ids,
-        row_of={p: i for i, p in enumerate(paths)},
-        file_stats=np.array([[r["size"], r["mtime_ns"]] for r in rows], dtype=np.int64).reshape(-1, 2),
-        counts={i + 1: int(n) for i, n in enumerate(np.bincount(super_ids, minlength=len(categories) + 1)[1:])},
-    )
+def folder_row(file, vector) -> dict:
+    """The collection row of a folder's photo: ``file`` is its ``(path, size, mtime_ns)``."""
+    return {
+        "path": file[0],
+        "vector": vector.tolist(),
+        "product_id": gallery.product_of(file[0]),
+        "category": gallery.category_of(file[0]),
+        "size": int(file[1]),
+        "mtime_ns": int(file[2]),
+    }
 
 
 class _RowVectors:
@@ -296,38 +204,8 @@ class MilvusGallery:
         client = connect(uri, timeout=timeout)
         root = Path(root).expanduser().resolve()
         name = collection or collection_name(model_key, model_args, root)
-        wanted = {
-            "format": FORMAT,
-            "model_key": str(model_key),
-            "backbone": str(model_args.get("backbone")),
-            "image_size": str(int(model_args.get("image_size", 0))),
-            "embedding_size": str(int(model_args.get("embedding_size", 128))),
-            "root": str(root),
-        }
-        try:
-            if rebuild and client.has_collection(name, timeout=timeout):
-                logger.info("Dropping collection %s of %s (rebuild)", name, uri)
-                client.drop_collection(name, timeout=timeout)
-            if not client.has_collection(name, timeout=timeout):
-                _create(
-                    client,
-                    uri,
-                    name,
-                    wanted,
-                    index_type,
-                    {**default_params(uri, index_type, expected_size), **(ann_params or {})},
-                    timeout,
-                )
-            info = client.describe_collection(name, timeout=timeout)
-            props = {k: str(v) for k, v in (info.get("properties") or {}).items()}
-            _check_collection(name, uri, props, wanted, index_type)
-            client.load_collection(name, timeout=timeout)
-        except Exception as e:
-            if isinstance(e, DatabaseError) or not is_milvus_error(e):
-                raise
-            raise DatabaseError(
-                f"Milvus database {uri}, collection {name}: {message(e)} (calls of at most {timeout:g} s, --db_timeout)"
-            ) from e
+        wanted = wanted_properties(model_key, model_args, root)
+        props = open_collection(client, uri, name, wanted, index_type, ann_params, expected_size, rebuild, timeout)
         params = {**json.loads(props.get("ann_params") or "{}"), **(ann_params or {})}
         return cls(client, uri, name, root, props, index_type=index_type, ann_params=params, timeout=timeout)
 
@@ -374,46 +252,14 @@ class MilvusGallery:
             logger.info("Reconnected to %s, collection %s loaded", self.uri, self.name)
 
     # ---- the rows (metadata mirror)
-    def _load_view(self) -> _View:
-        return _make_view(self._rows(["path", "product_id", "category", "size", "mtime_ns"]))
-
-    def _rows(self, fields) -> list:
-        """Every row's ``fields``, in pages of at most `PAGE` rows over ranges of the key
-        (`key_range`). A query answers at most `PAGE` rows of a range, and not necessarily the
-        first ones (Milvus Lite answers in segment order): a full page is kept only when the
-        range up to its largest key counts no more rows than it holds, else the range is split
-        at the page's median key (each half then holds at least half of the page's rows, so
-        the split ends). pymilvus's query_iterator is not used: it pages with an unescaped key."""
-        rows, ranges = [], [(None, None)]
-        while ranges:
-            low, high = ranges.pop()
-            page = self._call(
-                "query",
-                self.name,
-                filter=key_range(low, high),
-                output_fields=fields,
-                limit=PAGE,
-                consistency_level=CONSISTENCY,
-            )
-            keys = sorted(r["path"] for r in page)
-            if len(page) < PAGE or self._count(key_range(low, keys[-1])) <= len(page):
-                rows.extend(page)
-                if len(page) == PAGE:
-                    ranges.append((keys[-1], high))
-                continue
-            middle = keys[len(keys) // 2 - 1]
-            ranges += [(middle, high), (low, middle)]
-        return rows
-
-    def _count(self, expr: str) -> int:
-        rows = self._call("query", self.name, filter=expr, output_fields=["count(*)"], consistency_level=CONSISTENCY)
-        return int(rows[0]["count(*)"])
+    def _load_view(self) -> RowView:
+        return read_view(self._call, self.name)
 
     def refresh(self) -> None:
         """Re-read the rows (e.g. written by another process); seen by the next search."""
         self._pending = self._load_view()
 
-    def adopt(self) -> _View:
+    def adopt(self) -> RowView:
         """Make the rows read by the last `update` / `refresh` those searched (done by `search`
         itself; call it directly before serving, or on the thread that searches)."""
         if self._pending is not None:
@@ -455,7 +301,7 @@ class MilvusGallery:
 
     def count(self) -> int:
         """Rows in the collection, as the database counts them."""
-        return self._count("")
+        return count_rows(self._call, self.name, "")
 
     # ---- search
     def _search_params(self, limit: int, kept: float = 1.0) -> dict:
@@ -542,59 +388,28 @@ class MilvusGallery:
         t0 = time.perf_counter()
         scan = gallery.scan_gallery(self.root)
         now = self._load_view()
-        previous = types.SimpleNamespace(
-            paths=now.paths,
-            file_stats=now.file_stats,
-            meta={gallery.GALLERY_META_KEY: {"unreadable": [[p, *s] for p, s in self._unreadable.items()]}},
-        )
-        plan = gallery.plan_update(scan.files, None if force else previous)
+        plan = gallery.plan_update(scan.files, None if force else self._previous(now))
         present = set(scan.paths)
         gone = [p for p in now.paths if p not in present]
         self._delete(gone)
         bad = list(plan.known_bad)
-        embedded = [0]
-
-        def upsert(good, vectors, failed):
-            rows = [
-                {
-                    "path": f[0],
-                    "vector": v.tolist(),
-                    "product_id": gallery.product_of(f[0]),
-                    "category": gallery.category_of(f[0]),
-                    "size": int(f[1]),
-                    "mtime_ns": int(f[2]),
-                }
-                for f, v in zip(good, vectors)
-            ]
-            if rows:
-                self._call("upsert", self.name, rows)
-            embedded[0] += len(rows)
-            bad.extend(failed)
-
         t_embed = time.perf_counter()
-        gallery.embed_in_chunks(
+        embedded = self._embed_and_upsert(
             model,
             scan.root,
             plan.embed,
-            upsert,
-            chunk_size=checkpoint_every,
+            bad,
+            checkpoint_every=checkpoint_every,
             batch_size=batch_size,
             workers=workers,
             device=device,
             progress=progress,
         )
         embed_seconds = time.perf_counter() - t_embed
-        if embedded[0] or gone:
+        if embedded or gone:
             self._seal()
         self._unreadable = {b[0]: tuple(b[1:]) for b in bad}
-        fresh = self._load_view()
-        if not fresh.paths:
-            raise ValueError(
-                f"gallery folder {scan.root}: none of its {len(scan.files)} images could be "
-                f"read (e.g. {', '.join(b[0] for b in sorted(bad)[:3])}); collection {self.name} "
-                "is empty. Check that they are real, complete image files"
-            )
-        self._pending = fresh
+        self._pending = self._filled_view(scan, bad)
         seconds = time.perf_counter() - t0
         return {
             "added": plan.added,
@@ -603,16 +418,53 @@ class MilvusGallery:
             "unchanged": len(plan.reuse),
             "skipped_non_images": len(scan.skipped),
             "unreadable": len(bad),
-            "embedded": embedded[0],
+            "embedded": embedded,
             "resumed": 0,
             "seconds": round(seconds, 3),
             "embed_seconds": round(embed_seconds, 3),
-            "images_per_s": round(embedded[0] / seconds, 2) if embedded[0] else 0.0,
+            "images_per_s": round(embedded / seconds, 2) if embedded else 0.0,
             "rebuild": "force=True" if force else None,
-            "written": bool(embedded[0] or gone),
+            "written": bool(embedded or gone),
             "skipped": list(scan.skipped),
             "unreadable_paths": sorted(b[0] for b in bad),
         }
+
+    def _previous(self, view: RowView) -> types.SimpleNamespace:
+        """The rows of ``view`` and the photos unreadable last time, as
+        `search.gallery.plan_update` reads a previous index."""
+        return types.SimpleNamespace(
+            paths=view.paths,
+            file_stats=view.file_stats,
+            meta={gallery.GALLERY_META_KEY: {"unreadable": [[p, *s] for p, s in self._unreadable.items()]}},
+        )
+
+    def _embed_and_upsert(self, model, root, files, bad: list, checkpoint_every, **embed_args) -> int:
+        """Embed ``files`` (``(path, size, mtime_ns)``) under ``root`` in chunks of
+        ``checkpoint_every``, upserting each chunk's rows as soon as it is embedded; the photos
+        that could not be read are appended to ``bad``. Returns the count of rows upserted."""
+        embedded = [0]
+
+        def upsert(good, vectors, failed):
+            rows = [folder_row(f, v) for f, v in zip(good, vectors)]
+            if rows:
+                self._call("upsert", self.name, rows)
+            embedded[0] += len(rows)
+            bad.extend(failed)
+
+        gallery.embed_in_chunks(model, root, files, upsert, chunk_size=checkpoint_every, **embed_args)
+        return embedded[0]
+
+    def _filled_view(self, scan, bad) -> RowView:
+        """The rows read back after an update of ``scan``'s folder; ValueError when none is left
+        (no photo of the folder could be read: ``bad``)."""
+        fresh = self._load_view()
+        if not fresh.paths:
+            raise ValueError(
+                f"gallery folder {scan.root}: none of its {len(scan.files)} images could be "
+                f"read (e.g. {', '.join(b[0] for b in sorted(bad)[:3])}); collection {self.name} "
+                "is empty. Check that they are real, complete image files"
+            )
+        return fresh
 
     def _seal(self) -> None:
         """Flush the writes of an update: Milvus searches rows still in growing segments by brute
@@ -651,54 +503,6 @@ class MilvusGallery:
         self._seal()
         self._pending = self._load_view()
         return len(self._pending.paths)
-
-
-def _create(client, uri, name, wanted, index_type, params, timeout) -> None:
-    """Create the collection; another process creating it at the same moment is no error."""
-    try:
-        client.create_collection(
-            name,
-            schema=_schema(client, int(wanted["embedding_size"])),
-            index_params=_index_params(client, index_type, params),
-            consistency_level=CONSISTENCY,
-            timeout=timeout,
-            properties={**wanted, "index_type": index_type, "ann_params": json.dumps(params, sort_keys=True)},
-        )
-    except Exception as e:
-        if not (is_milvus_error(e) and client.has_collection(name, timeout=timeout)):
-            raise
-        return
-    logger.info("Created collection %s in %s (%s index)", name, uri, MILVUS_INDEX[index_type])
-
-
-def _check_collection(name, uri, found: dict, wanted: dict, index_type: str) -> None:
-    """DatabaseError when collection ``name`` was made by other code, another model, for
-    another folder or as another index type."""
-    if found.get("format") != FORMAT:
-        raise DatabaseError(
-            f"collection {name} in {uri} was not made by this project's gallery "
-            "indexing (no gallery format property); pass another --collection, or drop it"
-        )
-    model_keys = ("model_key", "backbone", "image_size", "embedding_size")
-    if any(found.get(k) != wanted[k] for k in model_keys):
-        raise DatabaseError(
-            f"collection {name} in {uri} was built by another model "
-            f"({', '.join(f'{k} {found.get(k)!r}' for k in model_keys)}), "
-            f"not this one ({', '.join(f'{k} {wanted[k]!r}' for k in model_keys)}): its vectors cannot be "
-            "searched with this model's queries. Pass another --collection (or none: each model gets "
-            "its own), or rebuild it with --rebuild_index"
-        )
-    if found.get("root") != wanted["root"]:
-        raise DatabaseError(
-            f"collection {name} in {uri} holds the gallery of folder {found.get('root')}, "
-            f"not {wanted['root']}; pass another --collection (or none), or --rebuild_index"
-        )
-    if found.get("index_type") != index_type:
-        raise DatabaseError(
-            f"collection {name} in {uri} was built with a {found.get('index_type')!r} index, "
-            f"not {index_type!r}: pass --index_type {found.get('index_type')}, or "
-            "--rebuild_index to rebuild it as asked"
-        )
 
 
 def folder_gallery(

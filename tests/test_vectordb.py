@@ -27,7 +27,7 @@ from gallery_photos import ADVERSARIAL, IMAGE_SIZE, KEY, make_folder, write_imag
 
 import checkpoints
 import models
-from search import ann, gallery, tiny_demo, vectordb
+from search import ann, collection, gallery, milvus, row_view, tiny_demo, vectordb
 from search.index import GalleryIndex
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -117,7 +117,7 @@ def test_quote_escapes_what_ends_or_escapes_a_literal():
     assert vectordb.quote("a\\b") == '"a\\\\b"'
     assert vectordb.quote("a\nb\rc\td") == '"a\\nb\\rc\\td"'
     assert vectordb.quote("é\u2028😀") == '"é\u2028😀"'  # as it is: Lite's parser knows no \\u escape
-    assert vectordb.key_range() == "" and vectordb.key_range(None, 'a"') == 'path <= "a\\""'
+    assert milvus.key_range() == "" and milvus.key_range(None, 'a"') == 'path <= "a\\""'
 
 
 def name_collection(client, name="c"):
@@ -184,7 +184,7 @@ def test_any_unicode_name_filters_and_deletes_exactly_its_rows(lite_names, names
 
 
 def test_exact_index_returns_the_file_index_top_k(model, tmp_path, db_uri, monkeypatch):
-    monkeypatch.setattr(vectordb, "PAGE", 7)  # rows read back over several pages, quoted keys
+    monkeypatch.setattr(row_view, "PAGE", 7)  # rows read back over several pages, quoted keys
     root = make_folder(tmp_path / "photos")
     index, store, report = file_and_db(model, root, db_uri, tmp_path)
     assert report["embedded"] == len(index) == len(store) == store.count() == 30
@@ -259,12 +259,12 @@ def test_filtered_searches_widen_the_beam_by_the_filtered_out_share():
 
 def test_milvus_lite_defaults_differ_from_faiss_only_where_lite_does():
     lite, server = "runs/x/gallery.db", "http://localhost:19530"
-    assert vectordb.default_params(server, "hnsw", 1_000_000) == ann.default_params("hnsw", 1_000_000)
-    assert vectordb.default_params(lite, "hnsw", 1_000_000)["efSearch"] == 256 * vectordb.LITE_HNSW_EF_FACTOR
-    assert vectordb.default_params(server, "ivf", 1_000_000) == ann.default_params("ivf", 1_000_000)
-    lite_ivf = vectordb.default_params(lite, "ivf", 1_000_000)  # faiss: 85 of 2048 cells
-    assert lite_ivf["nlist"] == vectordb.LITE_IVF_NLIST and lite_ivf["nprobe"] == 8  # >= 85/2048 of 128
-    assert vectordb.default_params(lite, "ivf", 2_000)["nprobe"] == 21  # faiss: 8 of 51 cells
+    assert collection.default_params(server, "hnsw", 1_000_000) == ann.default_params("hnsw", 1_000_000)
+    assert collection.default_params(lite, "hnsw", 1_000_000)["efSearch"] == 256 * collection.LITE_HNSW_EF_FACTOR
+    assert collection.default_params(server, "ivf", 1_000_000) == ann.default_params("ivf", 1_000_000)
+    lite_ivf = collection.default_params(lite, "ivf", 1_000_000)  # faiss: 85 of 2048 cells
+    assert lite_ivf["nlist"] == collection.LITE_IVF_NLIST and lite_ivf["nprobe"] == 8  # >= 85/2048 of 128
+    assert collection.default_params(lite, "ivf", 2_000)["nprobe"] == 21  # faiss: 8 of 51 cells
 
 
 # ============ updates ============
@@ -360,7 +360,7 @@ def test_the_view_holds_every_row_past_one_page(tmp_path, db_uri):
         store.client.flush(store.name)
     store.refresh()
     store.adopt()
-    assert vectordb.PAGE == 16384 and len(store) == store.count() == n
+    assert row_view.PAGE == 16384 and len(store) == store.count() == n
     assert store.paths == sorted(paths)
 
 
