@@ -68,7 +68,7 @@ import checkpoints
 from dataio import catalogue
 import models
 import retrieval
-from training import distributed, flags, heldout, loop, matching, runs, setup
+from training import arg_checks, distributed, flags, heldout, loop, matching, runs, setup
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -207,7 +207,7 @@ def finish_epoch(run: Run, row: dict) -> None:
 def main(args: argparse.Namespace) -> dict:
     """Train; returns the last epoch's metrics row (as written to metrics.csv)."""
     args = flags.resolve_recipe(args)
-    errors = flags.check_args(args)
+    errors = arg_checks.check_args(args)
     if errors:
         raise flags.ArgumentCheckError("\n  ".join(errors))
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -420,7 +420,7 @@ def cli(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit code (argparse errors exit 2 themselves)."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    flags.validate_args(args, parser)
+    arg_checks.validate_args(args, parser)
     try:
         main(args)
     except flags.ArgumentCheckError as e:

@@ -44,7 +44,7 @@ from dataio import catalogue
 import losses
 import samplers
 import train  # its public parser (and main, for --launcher inprocess): the one entry script reused
-from training import flags, grid
+from training import arg_checks, flags, grid
 from training.grid import QUICK_DATASET, QUICK_DEFAULTS, SEED_BACKBONES
 
 # ============ arguments ============
@@ -172,7 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # train.py's own range checks, per grid point: a mistake shared by every run stops here
         # (exit 2); one that only some runs have (e.g. a batch size P x K cannot split) is
         # reported as those runs' failure while the others run.
-        per_point = [set(flags.check_args(grid.train_namespace(args, p))) for p in grid.build_grid(args)]
+        per_point = [set(arg_checks.check_args(grid.train_namespace(args, p))) for p in grid.build_grid(args)]
         errors = sorted(set.intersection(*per_point)) if per_point else []
     if errors:
         parser.error("\n  ".join(errors))

@@ -74,11 +74,11 @@ def tiny_argv(root, out, *extra, run="t"):
 def parse(argv):
     """train.py's arguments as its command line checks them (argparse errors exit 2)."""
     import train
-    from training import flags
+    from training import arg_checks
 
     parser = train.get_args_parser()
     args = parser.parse_args(argv)
-    flags.validate_args(args, parser)
+    arg_checks.validate_args(args, parser)
     return args
 
 

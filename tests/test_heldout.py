@@ -19,7 +19,7 @@ import evaluate
 import models
 from search import loading as search_loading
 import train
-from training import flags, heldout
+from training import arg_checks, heldout
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def train_epoch_zero(root, out, *extra):
     ]
     parser = train.get_args_parser()
     args = parser.parse_args(argv)
-    flags.validate_args(args, parser)
+    arg_checks.validate_args(args, parser)
     train.main(args)
     return out / "checkpoints" / "r" / "last.pth"
 

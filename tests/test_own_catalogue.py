@@ -22,7 +22,7 @@ from search import loading as search_loading
 from search import webapp
 from search.tiny_demo import free_port
 import train
-from training import evaluation, flags
+from training import arg_checks, evaluation
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -116,7 +116,7 @@ def test_free_category_names_train_evaluate_demo(tmp_path, tiny_synthetic_root):
             "own",
         ]
     )
-    flags.validate_args(args, train.get_args_parser())
+    arg_checks.validate_args(args, train.get_args_parser())
     train.main(args)
     ckpt = tmp_path / "checkpoints" / "own" / "best.pth"
     assert ckpt.is_file()

@@ -16,7 +16,7 @@ import losses
 import models
 import retrieval
 import train
-from training import flags, loop, setup
+from training import arg_checks, flags, loop, setup
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -138,7 +138,7 @@ def test_every_real_photos_variant_is_a_valid_train_command():
     assert real_photos.VARIANTS["adamw"][:2] == ["--optimizer", "adamw"]
     for name, extra in real_photos.VARIANTS.items():
         args = parse(["--weights", "imagenet", *extra])
-        assert flags.check_args(args) == [], name
+        assert arg_checks.check_args(args) == [], name
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import torch
 
 import models
 import train
-from training import evaluation, flags, reporting, runs, setup
+from training import arg_checks, evaluation, flags, reporting, runs, setup
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -69,7 +69,7 @@ def tiny_train(root, out, *extra):
     ]
     parser = train.get_args_parser()
     args = parser.parse_args(argv)
-    flags.validate_args(args, parser)
+    arg_checks.validate_args(args, parser)
     return train.main(args)
 
 

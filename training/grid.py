@@ -18,7 +18,7 @@ import traceback
 import checkpoints
 from dataio import catalogue, synthetic_sop
 import models
-from training import comparison, evaluation, flags, tee
+from training import arg_checks, comparison, evaluation, flags, tee
 from training.comparison import ZERO_SHOT
 from training.reporting import run_labels
 from training.runs import RESULTS_NAME, RunPaths
@@ -383,7 +383,7 @@ def process_run(
     except Exception as e:  # e.g. a truncated last.pth: say so, go on with the others
         state, detail = "failed", f"{paths.last}: {type(e).__name__}: {e}"
     if state in ("new", "resume"):
-        bad = flags.check_args(ns)
+        bad = arg_checks.check_args(ns)
         if bad:
             state, detail = "failed", "bad arguments for this run: " + "; ".join(bad)
     header = f"[{i}/{total}] {paths.name}: {state}" + (f" ({detail})" if detail else "")
