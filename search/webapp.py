@@ -1,14 +1,10 @@
 """The demo's web page and API (Gradio) over a `search.engine.SearchEngine`: the page's layout
-and events (`build_app`), the public endpoints ``/search`` and ``/explain``, the query component
-that hands uploads over undecoded and refuses anything but this request's own upload, and the
-launch with the demo's safety settings (`launch_app`: `search.guard` in front of every route,
-an optional login). ``app_stanford.py`` is the command line over it.
+and events (`build_app`), the public endpoints ``/search`` and ``/explain`` (the query components:
+`search.query_components`), and the launch with the demo's safety settings (`launch_app`:
+`search.guard` in front of every route, an optional login). ``app_stanford.py`` is the command line over it.
 """
 
 import atexit
-import base64
-import binascii
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -20,6 +16,7 @@ import types
 from search import engine as search_engine
 from search import explain_store, guard, products, vectordb
 from search import query as search_query
+from search.query_components import query_files_class, query_image_class
 
 logger = logging.getLogger("app_stanford")  # the demo's log, whichever module writes to it
 
@@ -41,106 +38,6 @@ def use_private_gradio_temp_dir():
     os.environ["GRADIO_TEMP_DIR"] = path
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return Path(path)
-
-
-def refused():
-    """The error for a query file that is not this request's own upload, or a web address."""
-    import gradio as gr
-
-    return gr.Error(guard.REFUSED_QUERY, title="Cannot search with this image", print_exception=False)
-
-
-class RefuseWebAddresses:
-    """Mixin of a query component: Gradio would download a payload's web address, unbounded,
-    before any handler; refused instead. The browser renders the component with the frontend of
-    the Gradio component it extends (Gradio would take the first base's name: this mixin's)."""
-
-    def get_block_name(self):
-        return next(c for c in type(self).__mro__ if c.__module__.startswith("gradio.")).__name__.lower()
-
-    get_block_class = get_block_name
-
-    async def async_move_resource_to_block_cache(self, url_or_file_path):
-        if url_or_file_path is not None and guard.is_web_address(str(url_or_file_path)):
-            raise refused()
-        return await super().async_move_resource_to_block_cache(url_or_file_path)
-
-    def move_resource_to_block_cache(self, url_or_file_path):
-        if url_or_file_path is not None and guard.is_web_address(str(url_or_file_path)):
-            raise refused()
-        return super().move_resource_to_block_cache(url_or_file_path)
-
-
-def _query_image_class():
-    import gradio as gr
-
-    class QueryImage(RefuseWebAddresses, gr.Image):
-        """gr.Image whose preprocessing hands the uploaded file's path over *undecoded*.
-
-        gr.Image would open the upload itself (type="filepath" still calls PIL.Image.open),
-        so a non-image or a decompression bomb would fail inside Gradio with a blank error.
-        Here every byte is decoded by `search.query.load_query_image`, which refuses with a
-        reason.
-        ``is_template``: the browser renders it with gr.Image's own frontend.
-        """
-
-        is_template = True
-
-        def preprocess(self, payload):
-            if payload is None:
-                return None
-            if payload.url and payload.url.startswith("data:"):  # base64 through the API
-                return self._save_data_url(payload.url)
-            if payload.path is None:
-                raise gr.Error("The upload carries no file; upload the photo again.")
-            # a payload may name any path (without Gradio's "meta" marker Gradio passes it on
-            # unchecked): only files in this process's upload folder are opened
-            if not guard.is_uploaded_file(str(payload.path), guard.upload_roots()):
-                raise refused()
-            return str(payload.path)
-
-        def _save_data_url(self, url):
-            max_bytes = getattr(self, "max_data_url_bytes", 10 << 20)
-            header, _, data = url.partition(",")
-            if len(data) > max_bytes * 4 // 3 + 4:
-                raise gr.Error(f"The image is larger than {max_bytes >> 20} MB.")
-            try:
-                raw = base64.b64decode(data, validate=True) if header.endswith(";base64") else b""
-            except (binascii.Error, ValueError):
-                raise gr.Error("The data URL is not valid base64.") from None
-            folder = Path(self.GRADIO_CACHE) / hashlib.sha256(raw).hexdigest()[:32]
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / "query"
-            path.write_bytes(raw)
-            self.temp_files.add(str(path))  # deleted with Gradio's own files (delete_cache, shutdown)
-            return str(path)
-
-    return QueryImage
-
-
-def _query_files_class():
-    import gradio as gr
-
-    class QueryFiles(RefuseWebAddresses, gr.File):
-        """gr.File (several files) for more photos of the query's item: like QueryImage, every path
-        must be this request's own upload (`search.guard.is_uploaded_file`) and no web address is
-        fetched; the files are handed over undecoded (`search.query.load_query_image` decodes them).
-        ``is_template``: the browser renders it with gr.File's own frontend."""
-
-        is_template = True
-
-        def preprocess(self, payload):
-            if payload is None:
-                return None
-            files = list(payload.root) if hasattr(payload, "root") and isinstance(payload.root, list) else [payload]
-            paths = []
-            for f in files:
-                if f.path is None or not guard.is_uploaded_file(str(f.path), guard.upload_roots()):
-                    raise refused()
-                paths.append(str(f.path))
-            return paths
-
-    return QueryFiles
 
 
 def _caption(r):
@@ -355,7 +252,7 @@ def _search_handlers(engine):
 
 def _query_column(gr, index, max_upload_mb):
     """The left column: query photo, K, category filter, "Show why", Search button, timings."""
-    query = _query_image_class()(
+    query = query_image_class()(
         label="Query photo",
         type="filepath",
         image_mode=None,
@@ -373,7 +270,7 @@ def _query_column(gr, index, max_upload_mb):
             label="Category filter",
             elem_id="category",
         ),
-        more=_query_files_class()(
+        more=query_files_class()(
             label="More photos of the same item (optional: one query)",
             file_count="multiple",
             file_types=["image"],
@@ -503,7 +400,6 @@ def build_app(
     engine.warm_up()
     attach_store(engine, explain_store_gb)
     title = title or "Visual product search"
-    example_files = [[engine.abs_paths[i]] for i in engine.example_indices(max_examples)]
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             f"# {title}\nUpload, paste or take a photo of a product; the nearest catalogue "
@@ -515,20 +411,25 @@ def build_app(
                 c = _query_column(gr, index, max_upload_mb)
             with gr.Column(scale=2):
                 r = _results_column(gr)
-        examples = (
-            gr.Examples(
-                examples=example_files,
-                inputs=[c.query],
-                label="Example queries from the gallery",
-                examples_per_page=max_examples,
-                elem_id="examples",
-            )
-            if example_files
-            else None
-        )
+        examples = _example_queries(gr, engine, c.query, max_examples)
         _wire(c, r, engine, examples, concurrency_limit)
     demo.engine = engine  # for tests and benchmarks
     return demo
+
+
+def _example_queries(gr, engine, query, max_examples):
+    """The gallery photos offered as example queries (``query``'s input; up to ``max_examples``,
+    `SearchEngine.example_indices`), or None for a gallery without any."""
+    example_files = [[engine.abs_paths[i]] for i in engine.example_indices(max_examples)]
+    if not example_files:
+        return None
+    return gr.Examples(
+        examples=example_files,
+        inputs=[query],
+        label="Example queries from the gallery",
+        examples_per_page=max_examples,
+        elem_id="examples",
+    )
 
 
 def exposure_warning(host, share, auth):
