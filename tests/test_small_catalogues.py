@@ -16,7 +16,7 @@ import torch
 
 import models
 import train
-from training import arg_checks, evaluation, flags, reporting, runs, setup
+from training import arg_checks, comparison_report, evaluation, flags, runs, setup
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -155,7 +155,7 @@ def test_a_single_category_is_trivial_not_100(tmp_path):
 
 
 def test_comparison_tables_say_na_with_the_reason():
-    row = {c: None for c in reporting.CSV_COLUMNS}
+    row = {c: None for c in comparison_report.CSV_COLUMNS}
     row.update(
         run="r",
         backbone="resnet18",
@@ -168,7 +168,7 @@ def test_comparison_tables_say_na_with_the_reason():
             "category_why": "trivial: one category, so every other product is relevant",
         },
     )
-    md = reporting.format_markdown([row])
+    md = comparison_report.format_markdown([row])
     category = md.split("## Category protocol")[1]
     assert "| r | trivial | trivial |" in category and "`r`: trivial: one category" in category
     assert "| r | resnet18 | triplet | pk | done | 50.00 | 25.00 | trivial | trivial |" in md

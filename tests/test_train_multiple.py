@@ -20,7 +20,7 @@ import datasets
 import models
 import train
 import train_multiple as tm
-from training import comparison, evaluation, flags, grid, reporting, runs, tee
+from training import comparison, comparison_report, evaluation, flags, grid, reporting, runs, tee
 
 
 @pytest.fixture(scope="module")
@@ -247,9 +247,9 @@ def test_report_values_come_from_the_runs_files(tmp_path):
             paths = runs.RunPaths(name, tmp_path / "checkpoints" / name, tmp_path / "runs" / name)
         status, error = ("trained", "") if i < 2 else ("failed (train)", "ValueError: boom")
         rows.append(comparison.collect_row(point, paths, status, error))
-    files = reporting.write_report(rows, histories, tmp_path / "cmp", notes="fake")
+    files = comparison_report.write_report(rows, histories, tmp_path / "cmp", notes="fake")
 
-    table = reporting.read_csv(files["csv"])
+    table = comparison_report.read_csv(files["csv"])
     assert [r["run"] for r in table] == [p.run_name("f") for p in points]
     for row, res in zip(table, results):
         for k in reporting.PRODUCT_KEYS:
@@ -348,7 +348,7 @@ def test_grid_runs_reports_failures_skips_finished_runs_and_resumes(tiny_sop, tm
     out = tmp_path / "runs" / "comparison"
     for name in ("comparison.md", "comparison.csv", "recall_at_1.png", "training_curves.png"):
         assert (out / name).is_file(), name
-    table = {r["run"]: r for r in reporting.read_csv(out / "comparison.csv")}
+    table = {r["run"]: r for r in comparison_report.read_csv(out / "comparison.csv")}
     for backbone in ("resnet18", "efficientnet_b0"):
         run = f"t_{backbone}_triplet_pk"
         results = json.loads((tmp_path / "runs" / run / "eval" / "results.json").read_text())
@@ -367,14 +367,14 @@ def test_grid_runs_reports_failures_skips_finished_runs_and_resumes(tiny_sop, tm
     rows = tm.main(tm.parse_args(argv))
     assert [r["status"] for r in rows] == ["skipped (done)", "skipped (done)", "failed (train)"]
     assert last.stat().st_mtime_ns == stamp
-    first = reporting.read_csv(out / "comparison.csv")[0]
+    first = comparison_report.read_csv(out / "comparison.csv")[0]
     assert first["product_recall@1"] == table["t_resnet18_triplet_pk"]["product_recall@1"]
 
     # ---- subprocess launcher, one more epoch: resnet18 resumes from its last.pth; the bogus
     # backbone now fails in its child process (train.py's argparse), exit code 1
     argv = tiny_argv(tiny_sop, tmp_path, "--backbones", "resnet18", "--epochs", "2")
     assert tm.cli(argv) == 1
-    row, failed = reporting.read_csv(out / "comparison.csv")
+    row, failed = comparison_report.read_csv(out / "comparison.csv")
     assert row["status"] == "resumed" and row["epochs"] == 2
     assert failed["status"] == "failed (train)" and "invalid choice" in failed["error"]
     history = runs.read_metrics_csv(tmp_path / "runs" / "t_resnet18_triplet_pk" / "metrics.csv")
@@ -400,7 +400,7 @@ def test_dry_run_prints_commands_and_report_only_trains_nothing(tmp_path, monkey
     ) in out
     assert not (tmp_path / "runs").exists() and not (tmp_path / "checkpoints").exists()
     assert tm.cli(argv + ["--report_only"]) == 0
-    rows = reporting.read_csv(tmp_path / "runs" / "comparison" / "comparison.csv")
+    rows = comparison_report.read_csv(tmp_path / "runs" / "comparison" / "comparison.csv")
     assert [(r["backbone"], r["loss"], r["status"]) for r in rows] == [
         ("resnet18", "zero-shot", "not run"),
         ("resnet18", loss, "not run"),

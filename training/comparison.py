@@ -1,6 +1,6 @@
 """The comparison of a grid's runs: one table row per run, every value read from the run's own
 files (results.json, metrics.csv, the evaluated checkpoint), and the report written from those
-rows (training.reporting's tables and plots).
+rows (training.comparison_report's tables and plots).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import checkpoints
 from dataio import catalogue
 import models
 from training import runs
-from training.reporting import CATEGORY_KEYS, CSV_COLUMNS, PRODUCT_KEYS, format_markdown, write_report
+from training.comparison_report import CSV_COLUMNS, format_markdown, write_report
+from training.reporting import CATEGORY_KEYS, PRODUCT_KEYS
 from training.runs import RunPaths, read_metrics_csv
 
 ZERO_SHOT = "zero-shot"  # the loss column of a zero-shot row

@@ -20,7 +20,7 @@ from dataio import catalogue, synthetic_sop
 import models
 from training import arg_checks, comparison, evaluation, flags, tee
 from training.comparison import ZERO_SHOT
-from training.reporting import run_labels
+from training.comparison_report import run_labels
 from training.runs import RESULTS_NAME, RunPaths
 
 REPO = Path(__file__).resolve().parents[1]
