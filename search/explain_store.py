@@ -141,37 +141,52 @@ def sync_store(path, vectors, files, compute, grid_shape, batch_size=32, progres
     for k in unique:
         if k in have:
             table["proj"][slot[k]] = previous.table["proj"][have[k]]
-    rejected, unreadable = set(), 0
-    if todo:
-        from tqdm import tqdm
+    rejected, unreadable = _fill_records(table, slot, keys, todo, vectors, files, compute, batch_size, progress)
+    _warn_left_out(len(rejected), unreadable)
+    if rejected:
+        table = table[~np.isin(table["key"], np.array(sorted(rejected), dtype=np.uint64))]
+    fileio.atomic_write(path, lambda f: np.save(f, table, allow_pickle=False))
+    logger.info("Saved explanation store %s (%d images, %.1f MB)", path, len(table), path.stat().st_size / 1e6)
+    return ExplainStore.load(path)
 
-        bar = tqdm(total=len(todo), desc="explanation store", unit="img", disable=not progress)
-        for start in range(0, len(todo), batch_size):
-            rows = todo[start : start + batch_size]
-            proj = np.asarray(compute([files[r] for r in rows]), dtype=np.float32)
-            sums = proj.sum((1, 2))
-            for n, r in enumerate(rows):
-                if np.abs(sums[n] - vectors[r]).max() <= CONSISTENCY_ATOL:
-                    table["proj"][slot[keys[r]]] = proj[n]
-                else:  # changed or unreadable since it was indexed: no record, its map is computed live
-                    rejected.add(keys[r])
-                    unreadable += int(not np.isfinite(sums[n]).all())
-            bar.update(len(rows))
-        bar.close()
+
+def _fill_records(table, slot, keys, todo, vectors, files, compute, batch_size, progress):
+    """Compute the records of gallery rows ``todo`` (`sync_store`) into ``table`` (row r's at
+    ``slot[keys[r]]``), in batches of ``batch_size``. Returns ``(rejected keys, unreadable count)``:
+    the rows whose projections do not sum to their vector, of which that many did not decode."""
+    rejected, unreadable = set(), 0
+    if not todo:
+        return rejected, unreadable
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc="explanation store", unit="img", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        rows = todo[start : start + batch_size]
+        proj = np.asarray(compute([files[r] for r in rows]), dtype=np.float32)
+        sums = proj.sum((1, 2))
+        for n, r in enumerate(rows):
+            if np.abs(sums[n] - vectors[r]).max() <= CONSISTENCY_ATOL:
+                table["proj"][slot[keys[r]]] = proj[n]
+            else:  # changed or unreadable since it was indexed: no record, its map is computed live
+                rejected.add(keys[r])
+                unreadable += int(not np.isfinite(sums[n]).all())
+        bar.update(len(rows))
+    bar.close()
+    return rejected, unreadable
+
+
+def _warn_left_out(rejected: int, unreadable: int) -> None:
+    """Warn of the ``rejected`` records left out of the store, ``unreadable`` of them for an
+    image that did not decode, the rest for one that no longer matches its embedding."""
     if unreadable:
         logger.warning(
             "Explanation store: %d gallery images could not be read (corrupt, vanished or not "
             "readable) and are skipped",
             unreadable,
         )
-    if len(rejected) > unreadable:
+    if rejected > unreadable:
         logger.warning(
             "Explanation store: %d images no longer match their index embedding (changed "
             "since indexing?); their maps are computed when asked",
-            len(rejected) - unreadable,
+            rejected - unreadable,
         )
-    if rejected:
-        table = table[~np.isin(table["key"], np.array(sorted(rejected), dtype=np.uint64))]
-    fileio.atomic_write(path, lambda f: np.save(f, table, allow_pickle=False))
-    logger.info("Saved explanation store %s (%d images, %.1f MB)", path, len(table), path.stat().st_size / 1e6)
-    return ExplainStore.load(path)
