@@ -162,23 +162,29 @@ def folder_refresher(
                 "checkpoint": str(loaded.checkpoint) if loaded.checkpoint else None,
             },
         )
-        logger.info(
-            "Gallery %s rescanned: %d added, %d changed, %d removed, %d unreadable; "
-            "%d images embedded in %.1f s; now %d images",
-            folder,
-            report["added"],
-            report["changed"],
-            report["removed"],
-            report["unreadable"],
-            report["embedded"],
-            report["seconds"],
-            len(index),
-        )
+        _log_rescan(folder, report, len(index))
         # also when nothing was written: the file then holds what the folder holds, and the
         # served index (whose plan differed) has to catch up with it, e.g. after a failed apply
         return index
 
     return refresh
+
+
+def _log_rescan(folder, report: dict, size: int) -> None:
+    """Log what a rescan of ``folder`` changed (`search.gallery.update_gallery_index`'s
+    ``report``) and the index's ``size`` after it."""
+    logger.info(
+        "Gallery %s rescanned: %d added, %d changed, %d removed, %d unreadable; "
+        "%d images embedded in %.1f s; now %d images",
+        folder,
+        report["added"],
+        report["changed"],
+        report["removed"],
+        report["unreadable"],
+        report["embedded"],
+        report["seconds"],
+        size,
+    )
 
 
 def database_refresher(store, model, batch_size=64, workers=0):
