@@ -193,6 +193,32 @@ def find_all(
     return duplicates + mislabelled, info
 
 
+def _audit_summary(loaded, photos_, rows, product_ids, unreadable, report) -> dict:
+    """The summary's counts of the catalogue: photos, those judged (embedded), products,
+    unreadable and unlabelled photos, and the embedding's ``report``."""
+    return {
+        "root": str(photos_.root),
+        "model": loaded.key,
+        "photos": len(photos_.paths),
+        "judged": len(rows),
+        "products": len(set(product_ids)),
+        "unreadable": len(unreadable),
+        "unlabelled": sum(not p for p in photos_.product_ids),
+        "embed": report,
+    }
+
+
+def _compare_products(loaded, vectors, files, product_ids, index_type, thresholds, seed, progress):
+    """`find_all` over the judged photos (``vectors`` of ``files``), its duplicate threshold derived
+    from edited copies (`edited_copy_scores`) unless ``thresholds`` (duplicate, margin) give it.
+    AuditError when no edited copy could be made to derive a threshold from."""
+    copies = edited_copy_scores(loaded.model, files, vectors, seed=seed, progress=progress)
+    try:
+        return find_all(vectors, product_ids, files, copies, index_type, progress, *thresholds)
+    except ValueError as e:
+        raise AuditError(str(e)) from e
+
+
 def run_audit(
     loaded,
     output,
@@ -220,16 +246,7 @@ def run_audit(
         raise AuditError(f"cannot embed {photos_.root}: {e}") from e
     rows, positions, unreadable = judged_rows(photos_, index, report)
     product_ids = [photos_.product_ids[p] for p in positions]
-    summary = {
-        "root": str(photos_.root),
-        "model": loaded.key,
-        "photos": len(photos_.paths),
-        "judged": len(rows),
-        "products": len(set(product_ids)),
-        "unreadable": len(unreadable),
-        "unlabelled": sum(not p for p in photos_.product_ids),
-        "embed": report,
-    }
+    summary = _audit_summary(loaded, photos_, rows, product_ids, unreadable, report)
     rel = [index.paths[r] for r in rows]
     findings = [audit.Finding("unreadable", int(p)) for p in unreadable]
     if summary["products"] < 2:
@@ -240,15 +257,11 @@ def run_audit(
         logger.warning(summary["message"])
         findings_rows = []
     else:
-        vectors = index.embeddings[rows]
-        files = [photos_.root / p for p in rel]
-        copies = edited_copy_scores(loaded.model, files, vectors, seed=seed, progress=progress)
-        try:
-            findings_rows, info = find_all(
-                vectors, product_ids, files, copies, index_type, progress, duplicate_threshold, margin_threshold
-            )
-        except ValueError as e:  # no edited copy could be made to derive a threshold from
-            raise AuditError(str(e)) from e
+        vectors, files = index.embeddings[rows], [photos_.root / p for p in rel]
+        thresholds = (duplicate_threshold, margin_threshold)
+        findings_rows, info = _compare_products(
+            loaded, vectors, files, product_ids, index_type, thresholds, seed, progress
+        )
         summary.update(info)
     table = audit_report.finding_table(findings_rows, rel, product_ids, findings, photos_)
     audit_report.write_csv(out / "audit.csv", table)
