@@ -320,6 +320,24 @@ def auth_pairs(parser, args):
 
 
 def main(args):
+    """The demo of ``args`` (checked by check_args): the model, the gallery index, then the web
+    app served (returned); with --build_index, the index only (returned), its explanation store
+    filled."""
+    configure_process(args)
+    loaded = load_model(args)
+    index, data_root = load_index(args, loaded)
+    explain_from = loaded.checkpoint or (args.backbone, args.weights, args.image_size)
+    if args.build_index:
+        attach_store(
+            search_engine.SearchEngine(loaded.model, index, data_root, explain_source=explain_from),
+            args.explain_store_gb,
+        )
+        return index
+    return serve(args, loaded, index, data_root, explain_from)
+
+
+def configure_process(args) -> None:
+    """Logging (--verbose: debug) and torch's thread count (--threads)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     catalogue.set_verbose(args.verbose)
     if args.verbose:
@@ -327,9 +345,12 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    # ============ model ============
+
+def load_model(args):
+    """The search model (search.loading.load_search_model): --checkpoint, or --zero_shot's
+    backbone; exits with the reason when it cannot be loaded."""
     try:
-        loaded = search_loading.load_search_model(
+        return search_loading.load_search_model(
             args.checkpoint,
             args.checkpoint_dir,
             args.device,
@@ -341,7 +362,10 @@ def main(args):
     except search_loading.SetupError as e:
         sys.exit(str(e))
 
-    # ============ gallery index ============
+
+def load_index(args, loaded):
+    """(gallery index, its data root) of --gallery's folder or --data_root's split, loaded or
+    built; exits with the reason when it cannot be."""
     options = dict(
         index_path=args.index,
         batch_size=args.batch_size,
@@ -355,26 +379,20 @@ def main(args):
     )
     try:
         if args.gallery:
-            index, data_root = search_loading.folder_index(loaded, args.gallery, **options)
-        else:
-            index, data_root = search_loading.dataset_index(
-                loaded, args.data_root, args.split, test_fraction=args.test_fraction, **options
-            )
+            return search_loading.folder_index(loaded, args.gallery, **options)
+        return search_loading.dataset_index(
+            loaded, args.data_root, args.split, test_fraction=args.test_fraction, **options
+        )
     except search_loading.SetupError as e:
         sys.exit(str(e))
     except ImportError as e:  # --index_type ivf / hnsw without faiss
         sys.exit(f"Cannot build or load the {args.index_type} gallery index: {e}")
     except OSError as e:  # the index could not be written (full disk, permissions)
         sys.exit(f"Gallery index not saved: {e}\nPass --index PATH to write it somewhere else.")
-    explain_from = loaded.checkpoint or (args.backbone, args.weights, args.image_size)
-    if args.build_index:
-        attach_store(
-            search_engine.SearchEngine(loaded.model, index, data_root, explain_source=explain_from),
-            args.explain_store_gb,
-        )
-        return index
 
-    # ============ serving ============
+
+def serve(args, loaded, index, data_root, explain_from):
+    """The web app over ``index`` built and launched (with --watch's rescans); returns it."""
     use_private_gradio_temp_dir()
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (kill, docker stop, systemd) becomes a normal exit: Gradio shuts down and
