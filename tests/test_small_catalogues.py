@@ -12,11 +12,12 @@ import sys
 import numpy as np
 from PIL import Image
 import pytest
+from support import parse, tiny_argv
 import torch
 
 import models
 import train
-from training import arg_checks, comparison_report, evaluation, flags, runs, setup
+from training import comparison_report, evaluation, flags, runs, setup
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -35,42 +36,11 @@ def photos(folder: Path, spec: dict, size=40) -> Path:
 
 
 def tiny_train(root, out, *extra):
-    argv = [
-        "--data_root",
-        str(root),
-        "--backbone",
-        "resnet18",
-        "--weights",
-        "none",
-        "--image_size",
-        "32",
-        "--batch_size",
-        "16",
-        "--images_per_class",
-        "4",
-        "--epochs",
-        "1",
-        "--max_steps_per_epoch",
-        "2",
-        "--workers",
-        "0",
-        "--projector_samples",
-        "0",
-        "--no-progress",
-        "--val_fraction",
-        "0.25",
-        "--checkpoint_dir",
-        str(out / "checkpoints"),
-        "--log_dir",
-        str(out / "runs"),
-        "--run_name",
-        "small",
-        *map(str, extra),
-    ]
-    parser = train.get_args_parser()
-    args = parser.parse_args(argv)
-    arg_checks.validate_args(args, parser)
-    return train.main(args)
+    """One tiny training epoch on ``root`` with a quarter of its training products in validation."""
+    argv = tiny_argv(
+        root, out, "--epochs", "1", "--projector_samples", "0", "--val_fraction", "0.25", *extra, run="small"
+    )
+    return train.main(parse(argv))
 
 
 @pytest.mark.slow
