@@ -19,6 +19,8 @@ JSON; ``onnx_export.METADATA_KEYS``)::
     calibration             int8 only: {"root", "split", "num_images", "seed"} (JSON)
     model_args              the checkpoint's model_args (JSON)
     checkpoint_info         its epoch, metrics, args, git_commit (JSON; {} for zero-shot)
+    match                   the same-product threshold record {"threshold", "target_fmr",
+                            "fitted_on"} (JSON; "" when the checkpoint has none; optional)
     torch_version, opset    what exported it
 
 API (onnxruntime and onnx are imported inside the functions that need them: the rest of the

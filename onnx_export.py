@@ -311,6 +311,8 @@ def build_metadata(
         "calibration": _json(calibration_info) if calibration_info else "",
         "model_args": _json(args),
         "checkpoint_info": _json(checkpoint_info or {}),
+        # optional key (exports of earlier code lack it): the threshold for any ONNX runtime's user
+        "match": _json((checkpoint_info or {}).get("match")) if (checkpoint_info or {}).get("match") else "",
         "torch_version": torch.__version__,
         "opset": str(OPSET),
     }

@@ -108,6 +108,7 @@ def save_gallery_index(args, model, ckpt_hash, dataset, embeddings):
             lambda: index,
             collection=args.collection,
             index_type=args.index_type,
+            match=(getattr(model, "checkpoint_info", None) or {}).get("match"),
         )
         print(f"published {len(store)} rows to {uri}, collection {store.name} ({args.index_type})", flush=True)
 

@@ -11,14 +11,15 @@ split's pairs (products never trained or validated on):
 * ``val_plain``: the plain quantile of the validation products' pairs (no carry-over, no bootstrap);
 * ``carry_over_point``: the plain quantile of the validation pairs plus the carry-over pairs (no bootstrap);
 * ``calibrated``: calibration.fit_threshold as train.py runs it (validation products, carry-over
-  pairs against the training photos when they are few, product bootstrap).
+  pairs against the training photos when they are few, product bootstrap); with ``--confidences``,
+  also ``calibrated_confidence_C`` at other bootstrap confidences C.
 
 and the several-photo queries of training.matching on the test split, per fusion.
 
 ``subsets``: how each fit holds with few fitting products, on the real photos: ``--draws`` times,
 ``P`` test products drawn at random are the fitting set (the training photos give the carry-over
-pairs) and the other test products measure it; per target and P: the median test FMR and TMR, and
-the share of draws whose FMR exceeds twice the target.
+pairs) and the other test products measure it; per target and P: the median test FMR and TMR, the
+share of draws whose FMR exceeds twice the target and the share within 2x of it (either way).
 """
 
 from __future__ import annotations
@@ -50,40 +51,47 @@ def embed_split(model, root, split, train_args, workers):
     return emb, data.class_ids
 
 
-def thresholds(val, train, target, seed=0) -> dict:
-    """The three fits of the module docstring at ``target``."""
+def thresholds(val, train, target, confidences, seed=0) -> dict:
+    """The fits of the module docstring at ``target``: ``calibrated`` at each bootstrap confidence."""
     _, train_impostor = calibration.pair_scores(*train, seed=seed)
     _, val_impostor = calibration.pair_scores(*val, seed=seed)
-    fit = calibration.fit_threshold(val[0], val[1], target_fmr=target, other_embeddings=train[0], seed=seed)
-    return {
-        "train_products": calibration.threshold_at_fmr(train_impostor, target),
-        "val_plain": calibration.threshold_at_fmr(val_impostor, target),
-        "carry_over_point": fit["fitted_on"]["point_threshold"],
-        "calibrated": fit["threshold"],
-    }, fit["fitted_on"]
+    fits = {"train_products": calibration.threshold_at_fmr(train_impostor, target)}
+    fits["val_plain"] = calibration.threshold_at_fmr(val_impostor, target)
+    for c in confidences:
+        fit = calibration.fit_threshold(val[0], val[1], target_fmr=target, other_embeddings=train[0], confidence=c)
+        fits["carry_over_point"] = fit["fitted_on"]["point_threshold"]
+        fits[calibrated_name(c)] = fit["threshold"]
+    return fits, fit["fitted_on"]
 
 
-def subset_study(test, train, target, size, draws, seed=0) -> dict:
+def calibrated_name(confidence) -> str:
+    return "calibrated" if confidence == calibration.CONFIDENCE else f"calibrated_confidence_{confidence:g}"
+
+
+def subset_study(test, train, target, size, draws, confidences, seed=0) -> dict:
     """The ``subsets`` entry of one target and fitting-set ``size`` (module docstring)."""
     rng = np.random.default_rng(seed)
     emb, labels = np.asarray(test[0]), np.asarray(test[1])
-    found = {"val_plain": [], "carry_over_point": [], "calibrated": []}
+    found = {}
     for d in range(draws):
         fit = np.isin(labels, rng.choice(np.unique(labels), size, replace=False))
         _, fit_impostor = calibration.pair_scores(emb[fit], labels[fit])
-        record = calibration.fit_threshold(emb[fit], labels[fit], target_fmr=target, other_embeddings=train[0], seed=d)
         genuine, impostor = calibration.pair_scores(emb[~fit], labels[~fit])
-        for name, t in (
-            ("val_plain", calibration.threshold_at_fmr(fit_impostor, target)),
-            ("carry_over_point", record["fitted_on"]["point_threshold"]),
-            ("calibrated", record["threshold"]),
-        ):
-            found[name].append(calibration.rates(genuine, impostor, t))
+        fits = {"val_plain": calibration.threshold_at_fmr(fit_impostor, target)}
+        for c in confidences:
+            record = calibration.fit_threshold(
+                emb[fit], labels[fit], target_fmr=target, other_embeddings=train[0], confidence=c, seed=d
+            )
+            fits["carry_over_point"] = record["fitted_on"]["point_threshold"]
+            fits[calibrated_name(c)] = record["threshold"]
+        for name, t in fits.items():
+            found.setdefault(name, []).append(calibration.rates(genuine, impostor, t))
     return {
         name: {
             "median_fmr": float(np.median([r["fmr"] for r in rows])),
             "median_tmr": float(np.median([r["tmr"] for r in rows])),
             "share_fmr_over_2x": float(np.mean([r["fmr"] > 2 * target for r in rows])),
+            "share_fmr_within_2x": float(np.mean([target / 2 <= r["fmr"] <= 2 * target for r in rows])),
         }
         for name, rows in found.items()
     }
@@ -114,6 +122,13 @@ def main(argv=None):
     p.add_argument("--subset_sizes", type=int, nargs="*", default=[4, 11])
     p.add_argument("--draws", type=int, default=30)
     p.add_argument("--cache", default=None, help="keep the embeddings here (.npz) and reuse them")
+    p.add_argument(
+        "--confidences",
+        type=float,
+        nargs="+",
+        default=[calibration.CONFIDENCE],
+        help="bootstrap confidences of the calibrated fit to compare (default: train.py's)",
+    )
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     model = models.load_model(args.checkpoint)
@@ -130,14 +145,14 @@ def main(argv=None):
         "targets": {},
     }
     for target in args.targets:
-        fits, fitted_on = thresholds(splits["val"], splits["train"], target)
+        fits, fitted_on = thresholds(splits["val"], splits["train"], target, args.confidences)
         out["targets"][str(target)] = {
             "fitted_on": fitted_on,
             **{name: {"threshold": t, **calibration.rates(genuine, impostor, t)} for name, t in fits.items()},
         }
     out["subsets"] = {
         str(target): {
-            str(size): subset_study(splits["test"], splits["train"], target, size, args.draws)
+            str(size): subset_study(splits["test"], splits["train"], target, size, args.draws, args.confidences)
             for size in args.subset_sizes
         }
         for target in args.targets

@@ -82,7 +82,8 @@ class DemoClient:
             return "error", f"HTTP 413: {r.text.strip()[:200]}"
         r.raise_for_status()
         server_path = r.json()[0]
-        payload = {"data": [{"path": server_path, "meta": {"_type": "gradio.FileData"}}, k, category]}
+        # /search's inputs: image, k, category, more photos of the item (none here)
+        payload = {"data": [{"path": server_path, "meta": {"_type": "gradio.FileData"}}, k, category, None]}
         r = self.http.post(f"{self.url}/gradio_api/call/search", json=payload)
         r.raise_for_status()
         event_id = r.json()["event_id"]

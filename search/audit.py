@@ -11,9 +11,9 @@ Definitions (docs/audit.md has the reasoning; s(i, j) is the cosine similarity o
   max_j s(i, j) over j of q, beats its best match in its own product, o(i) = max s(i, j) over
   the other photos j of p, by a margin m(i) = b(i) - o(i) above the catalogue's own outlier
   bound (`margin_threshold`); score m(i). Photos alone in their product have no o(i) and are
-  not judged. b(i) skips i's duplicate partner (the copy does not make its source mislabelled);
-  the kinds are not exclusive: a photo copied under another product is usually also
-  mislabelled there, its source's product claiming it through the source's other photos.
+  not judged. b(i) skips i's duplicate partner (the copy does not make its source mislabelled),
+  and a photo of a duplicate finding whose best other product is its partner's is not listed
+  again: the duplicate row already names that product and the photo it is a copy of.
 
 Neighbours come from `search.index.GalleryIndex.search` (the serving index: exact, or faiss
 IVF / HNSW with an exact re-rank), the k nearest of each photo, itself left out.
@@ -224,7 +224,10 @@ def find_mislabelled(vectors, product_ids, scores, idx, threshold=None, duplicat
     judged = np.isfinite(own_s) & np.isfinite(other_s)
     margin = np.where(judged, other_s - own_s, np.nan)
     bound = margin_threshold(margin[judged]) if threshold is None else float(threshold)
-    hits = np.flatnonzero(judged & (np.nan_to_num(margin, nan=-np.inf) > bound)).tolist()
+    ids = np.asarray(product_ids, dtype=object).astype(str)
+    # the duplicate row already says so: the photo is the same as one of the product claiming it
+    told = (partner >= 0) & (other_r >= 0) & (ids[np.maximum(other_r, 0)] == ids[np.maximum(partner, 0)])
+    hits = np.flatnonzero(judged & ~told & (np.nan_to_num(margin, nan=-np.inf) > bound)).tolist()
     hits.sort(key=lambda i: (-margin[i], i))
     findings = [Finding("mislabelled", int(i), int(other_r[i]), float(margin[i])) for i in hits]
     return findings, {"margin_threshold": bound, "judged": int(judged.sum())}

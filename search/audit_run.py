@@ -101,7 +101,7 @@ def edited_copy_scores(model, files, vectors, n=EDITED_COPIES, seed=0, progress=
     for i in picks:
         try:
             copy = audit.edited_copy(photos.load_image(files[i]), rng)
-            pixel.append(near_copy.similarity(near_copy.file_signature(files[i]), near_copy.signature(copy)))
+            pixel.append(near_copy.similarity(near_copy.load_grey(files[i]), copy))
         except (*photos.IMAGE_ERRORS, FileNotFoundError):
             continue  # changed since it was embedded: one draw fewer
         tensors.append(transform(copy))
@@ -123,19 +123,19 @@ def confirm_duplicates(candidates, files, threshold, progress=True):
     >= ``threshold``); photos that no longer decode are left out."""
     from tqdm.auto import tqdm
 
-    signatures = {}
+    greys = {}  # a candidate's photos are often another candidate's too
 
-    def sig(row):
-        if row not in signatures:
+    def grey(row):
+        if row not in greys:
             try:
-                signatures[row] = near_copy.file_signature(files[row])
+                greys[row] = near_copy.load_grey(files[row])
             except (*photos.IMAGE_ERRORS, FileNotFoundError):
-                signatures[row] = None
-        return signatures[row]
+                greys[row] = None
+        return greys[row]
 
     kept = []
     for f in tqdm(candidates, desc="near copies", unit="pair", disable=not progress, dynamic_ncols=True, leave=False):
-        a, b = sig(f.row), sig(f.other_row)
+        a, b = grey(f.row), grey(f.other_row)
         if a is not None and b is not None and near_copy.similarity(a, b) >= threshold:
             kept.append(f)
     return kept

@@ -65,9 +65,11 @@ def default_params(uri, index_type: str, n: int) -> dict:
     return params
 
 
-def wanted_properties(model_key, model_args: dict, root: Path) -> dict:
-    """The properties a collection of ``root``'s gallery for this model holds (all strings)."""
-    return {
+def wanted_properties(model_key, model_args: dict, root: Path, match=None) -> dict:
+    """The properties a collection of ``root``'s gallery for this model holds (all strings);
+    ``match``: the model's same-product threshold record (`calibration.match_record`), kept as JSON
+    under "match" so that the gallery carries it as a file index does (not checked on opening)."""
+    props = {
         "format": FORMAT,
         "model_key": str(model_key),
         "backbone": str(model_args.get("backbone")),
@@ -75,6 +77,9 @@ def wanted_properties(model_key, model_args: dict, root: Path) -> dict:
         "embedding_size": str(int(model_args.get("embedding_size", 128))),
         "root": str(root),
     }
+    if match:
+        props["match"] = json.dumps(match, sort_keys=True, default=float)
+    return props
 
 
 def _schema(client, dim: int):

@@ -367,4 +367,5 @@ def _split_collection(loaded: SearchModel, data_root, split, rel_paths, build, d
         collection=collection,
         index_type=index_type,
         rebuild=rebuild,
+        match=(getattr(loaded.model, "checkpoint_info", None) or {}).get("match"),
     )

@@ -1,13 +1,18 @@
 """Near-identity in pixels: is one photo a copy of another, up to crop, resize, re-encoding and
 brightness / contrast?
 
-An embedding places two different photos of look-alike products as close as a photo and its
-re-encoded crop, so the audit confirms each duplicate candidate here. A photo's signature is
-its grey thumbnail (`SIDE` x `SIDE`) whole and cropped to 85%, 90% and 95% of each side at nine
-places (corners, edge middles, centre: 28 views), each normalised to zero mean and unit norm; the
-similarity of photos a and b is the best normalised cross-correlation between one's whole view
-and any view of the other (`similarity`), so a copy cropped by up to ~15% at any of those places
-aligns with its original. Brightness and contrast changes cancel in the normalisation.
+An embedding places two different photos of look-alike products (or two frames of one video) as
+close as a photo and its re-encoded crop, so the audit confirms each duplicate candidate here.
+
+`similarity(a, b)` is the normalised cross-correlation (NCC) of a's whole grey image with the
+best-aligned crop of b, or of b's with a crop of a, whichever is higher (1.0 for identical
+photos; symmetric). The crop is found coarse to fine: the best of the whole image and crops
+keeping 85, 90 and 95% of each side at nine places (corners, edge middles, centre), then each
+edge of that box moved by sub-pixel steps while the NCC rises (`align`). Both sides are compared
+at `SIDE` pixels or at the smaller photo's own size when that is smaller (`compare_side`), so a
+small copy is not judged on detail neither photo has. Brightness and contrast changes cancel in
+the normalisation; what is left of a real copy is re-encoding noise, while two different photos
+(a later frame, the same product held otherwise) differ in structure that alignment cannot undo.
 """
 
 import numpy as np
@@ -15,33 +20,83 @@ from PIL import Image
 
 from dataio import photos
 
-SIDE = 24  # thumbnail side: coarse enough to ignore JPEG noise, fine enough to tell labels apart
-CROPS = (0.85, 0.9, 0.95)
+SIDE = 64  # comparison side: fine enough to tell two frames of one video apart
+CROPS = (0.85, 0.9, 0.95, 1.0)
 PLACES = tuple((x, y) for y in (0.0, 0.5, 1.0) for x in (0.0, 0.5, 1.0))  # corners, edge middles, centre
+STEPS = (2.0, 1.0, 0.5, 0.25)  # edge moves of the fine alignment, in pixels of the cropped photo
+MIN_KEEP = 0.5  # the aligned crop keeps at least half of each side
 
 
-def signature(image: Image.Image) -> np.ndarray:
-    """float32 [28, SIDE * SIDE]: the normalised whole view first, then the 27 crops."""
-    grey = image.convert("L")
-    w, h = grey.size
-    views = [grey]
+def grey(image: Image.Image) -> Image.Image:
+    """The photo as the comparison sees it: 8-bit grey."""
+    return image.convert("L")
+
+
+def load_grey(path, side=SIDE) -> Image.Image:
+    """A photo file as `grey` (a JPEG decoded small, but never below 4 x ``side``)."""
+    return grey(photos.load_image(path, size=4 * side))
+
+
+def compare_side(a: Image.Image, b: Image.Image, side=SIDE) -> int:
+    """The side both photos are compared at: ``side``, or the smallest side of the two when smaller."""
+    return max(1, min(side, *a.size, *b.size))
+
+
+def unit(image: Image.Image) -> np.ndarray:
+    """The pixels as a zero-mean, unit-norm vector (all zeros for a flat image: similar to nothing)."""
+    v = np.asarray(image, np.float32).reshape(-1)
+    v = v - v.mean()
+    return v / max(float(np.linalg.norm(v)), 1e-6)
+
+
+def crop_score(target: np.ndarray, b: Image.Image, box, side: int) -> float:
+    """NCC of ``target`` (a `unit` vector at ``side``) with the ``box`` of ``b`` resized to ``side``."""
+    return float(target @ unit(b.resize((side, side), Image.BILINEAR, box=tuple(box))))
+
+
+def grid_boxes(w: float, h: float):
+    """The coarse crops of a ``w`` x ``h`` photo: `CROPS` of each side at each of `PLACES`."""
     for f in CROPS:
-        cw, ch = max(1, round(w * f)), max(1, round(h * f))
+        cw, ch = w * f, h * f
         for px, py in PLACES:
-            left, top = round((w - cw) * px), round((h - ch) * py)
-            views.append(grey.crop((left, top, left + cw, top + ch)))
-    arr = np.stack([np.asarray(v.resize((SIDE, SIDE), Image.BILINEAR), np.float32).reshape(-1) for v in views])
-    arr -= arr.mean(axis=1, keepdims=True)
-    norm = np.linalg.norm(arr, axis=1, keepdims=True)
-    return arr / np.maximum(norm, 1e-6)  # a flat image: all zeros, similar to nothing
+            left, top = (w - cw) * px, (h - ch) * py
+            yield [left, top, left + cw, top + ch]
 
 
-def file_signature(path) -> np.ndarray:
-    """`signature` of an image file (decoded small: JPEG draft mode)."""
-    return signature(photos.load_image(path, size=4 * SIDE))
+def valid(box, w: float, h: float) -> bool:
+    return (
+        box[0] >= 0
+        and box[1] >= 0
+        and box[2] <= w
+        and box[3] <= h
+        and box[2] - box[0] >= w * MIN_KEEP
+        and box[3] - box[1] >= h * MIN_KEEP
+    )
 
 
-def similarity(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
-    """Best normalised cross-correlation of a's whole view with any view of b, and of b's whole
-    view with any view of a (1.0 for identical photos; symmetric)."""
-    return float(max((sig_b @ sig_a[0]).max(), (sig_a @ sig_b[0]).max()))
+def align(a: Image.Image, b: Image.Image, side: int) -> float:
+    """The best NCC of a's whole image with a crop of b (coarse grid, then edge moves)."""
+    target = unit(a.resize((side, side), Image.BILINEAR))
+    w, h = b.size
+    score, box = max((crop_score(target, b, box, side), box) for box in grid_boxes(w, h))
+    for step in STEPS:
+        moved = True
+        while moved:
+            moved = False
+            for edge in range(4):
+                for delta in (-step, step):
+                    trial = list(box)
+                    trial[edge] += delta
+                    if not valid(trial, w, h):
+                        continue
+                    s = crop_score(target, b, trial, side)
+                    if s > score + 1e-6:
+                        score, box, moved = s, trial, True
+    return score
+
+
+def similarity(a: Image.Image, b: Image.Image, side=SIDE) -> float:
+    """Near-copy similarity of two photos (module docstring): in [-1, 1], 1.0 for identical ones."""
+    a, b = grey(a), grey(b)
+    n = compare_side(a, b, side)
+    return max(align(a, b, n), align(b, a, n))

@@ -176,6 +176,7 @@ class MilvusGallery:
         self.meta = {
             "gallery": {"root": str(self.root), "model_key": self.properties.get("model_key")},
             "database": {"uri": self.uri, "collection": name},
+            "match": json.loads(self.properties["match"]) if self.properties.get("match") else None,
         }
 
     # ---- opening
@@ -192,19 +193,21 @@ class MilvusGallery:
         rebuild=False,
         expected_size=0,
         timeout=None,
+        match=None,
     ) -> MilvusGallery:
         """The collection of ``root`` for this model in the database at ``uri`` (created when
         missing; dropped and recreated with ``rebuild``). DatabaseError when the database cannot
         be reached or the collection was made by another model, for another folder, with other
         dimensions or by other code. ``expected_size``: the catalogue's size, for the IVF / HNSW
         parameters of a new collection (`search.ann.default_params`); ``timeout``: seconds per
-        database call (default `call_timeout`)."""
+        database call (default `call_timeout`); ``match``: the model's same-product threshold
+        record, stored with a new collection (``meta["match"]``)."""
         ann.check_index_type(index_type)
         timeout = call_timeout() if timeout is None else float(timeout)
         client = connect(uri, timeout=timeout)
         root = Path(root).expanduser().resolve()
         name = collection or collection_name(model_key, model_args, root)
-        wanted = wanted_properties(model_key, model_args, root)
+        wanted = wanted_properties(model_key, model_args, root, match)
         props = open_collection(client, uri, name, wanted, index_type, ann_params, expected_size, rebuild, timeout)
         params = {**json.loads(props.get("ann_params") or "{}"), **(ann_params or {})}
         return cls(client, uri, name, root, props, index_type=index_type, ann_params=params, timeout=timeout)
@@ -531,6 +534,7 @@ def folder_gallery(
         index_type=index_type,
         rebuild=rebuild,
         expected_size=len(scan.files),
+        match=(getattr(model, "checkpoint_info", None) or {}).get("match"),
     )
     report = store.update(
         model,
@@ -546,11 +550,22 @@ def folder_gallery(
 
 
 def split_gallery(
-    uri, root, split, model_key, model_args, rel_paths, build, collection=None, index_type="exact", rebuild=False
+    uri,
+    root,
+    split,
+    model_key,
+    model_args,
+    rel_paths,
+    build,
+    collection=None,
+    index_type="exact",
+    rebuild=False,
+    match=None,
 ) -> MilvusGallery:
     """The collection of a dataset's ``split`` (``rel_paths``, under ``root``): served as it is
     when it holds exactly those images (e.g. published by ``shards.py``), else filled from
-    ``build()`` (a `search.index.GalleryIndex` of the split) with `MilvusGallery.publish`."""
+    ``build()`` (a `search.index.GalleryIndex` of the split) with `MilvusGallery.publish`.
+    ``match``: the model's same-product threshold record, kept with a new collection."""
     root = Path(root).expanduser().resolve()
     store = MilvusGallery.open(
         uri,
@@ -561,6 +576,7 @@ def split_gallery(
         rebuild=rebuild,
         collection=collection or collection_name(model_key, model_args, root, split),
         expected_size=len(rel_paths),
+        match=match,
     )
     if sorted(store.paths) != sorted(str(p) for p in rel_paths):
         logger.info(

@@ -195,8 +195,7 @@ def _api_components(gr):
         ]
         button = gr.Button("Explain")
         search_button = gr.Button("Search (API)")
-        search_photos_button = gr.Button("Search with several photos (API)")
-    return explain_index, button, outputs, search_button, search_photos_button
+    return explain_index, button, outputs, search_button
 
 
 def _info_line(margs, index):
@@ -215,9 +214,9 @@ def _info_line(margs, index):
 
 
 def _search_handlers(engine):
-    """(search, search_result, search_photos): the /search endpoint's handler (a photo, K, category,
-    and on the page more photos of the item), the handler of a click on a result (a search with that
-    gallery image's stored embedding), and /search_photos' (several photos of one item, K, category)."""
+    """(search, search_result): the /search endpoint's handler (a photo, K, category and more photos
+    of the same item) and the handler of a click on a result (a search with that gallery image's
+    stored embedding)."""
     import gradio as gr
 
     def outputs_of(out):
@@ -232,11 +231,6 @@ def _search_handlers(engine):
             raise gr.Error("Upload, paste or take a photo first.", title="No query image", print_exception=False)
         return outputs_of(_guarded(engine.search_files, photos, k, category))
 
-    def search_photos(photos, k=search_query.DEFAULT_K, category=search_query.CATEGORY_ALL):
-        """Search the catalogue with several photos of one item as one query (the unit mean of their
-        embeddings): the k most similar gallery products or images, optionally within one category."""
-        return search(None, k, category, photos)
-
     def search_result(evt: gr.SelectData, ranked, k, category):
         try:
             clicked = ranked["results"][evt.index]
@@ -247,7 +241,7 @@ def _search_handlers(engine):
         out["stored_vector"] = True
         return (engine.result_path(clicked), *outputs_of(out))
 
-    return search, search_result, search_photos
+    return search, search_result
 
 
 def _query_column(gr, index, max_upload_mb):
@@ -309,7 +303,7 @@ def _results_column(gr):
     )
     with gr.Accordion("Ranked results (JSON)", open=False):
         ranked = gr.JSON(elem_id="ranked")
-    explain_result, explain_button, explain_outs, api_search, api_search_photos = _api_components(gr)
+    explain_result, explain_button, explain_outs, api_search = _api_components(gr)
     return types.SimpleNamespace(
         results=results,
         why_query=why_query,
@@ -318,7 +312,6 @@ def _results_column(gr):
         explain_button=explain_button,
         explain_outs=explain_outs,
         api_search=api_search,
-        api_search_photos=api_search_photos,
     )
 
 
@@ -327,7 +320,7 @@ def _wire(c, r, engine, examples, concurrency_limit):
     /explain endpoints, and the page's own search (button, upload, example, result click) with
     "Show why" in the same event. All share one concurrency slot: on CPU, one forward pass at a
     time is fastest."""
-    search, search_result, search_photos = _search_handlers(engine)
+    search, search_result = _search_handlers(engine)
     explain, show_why, search_why = _explain_handlers(engine, search)
     outs = [r.results, r.ranked, c.timing]
     common = dict(concurrency_limit=concurrency_limit, concurrency_id="search")
@@ -345,10 +338,7 @@ def _wire(c, r, engine, examples, concurrency_limit):
         api_visibility="private",
         **common,
     )
-    r.api_search.click(search, [c.query, c.k, c.category], outs, api_name="search", **common)
-    # several photos of one item: their own endpoint, so that /search keeps its three inputs (a raw
-    # HTTP call must send every input of an endpoint)
-    r.api_search_photos.click(search_photos, [c.more, c.k, c.category], outs, api_name="search_photos", **common)
+    r.api_search.click(search, [c.query, c.k, c.category, c.more], outs, api_name="search", **common)
     c.button.click(**page_search)
     c.query.upload(**page_search)
     r.results.select(
@@ -379,9 +369,9 @@ def build_app(
     ``explain_store_gb``: largest explanation store made for "Show why" (`attach_store`).
     ``results_mode``, ``threshold``: products (one row each) or photos, and the same-product threshold
     (default the model's or the index's), as `search.engine.SearchEngine` takes them.
-    Events: the public API endpoint ``/search`` (image, k, category → gallery, ranked-results
-    JSON, timing text; on a hidden button), ``/search_photos`` (a list of photos of one item, k,
-    category; the same outputs) and ``/explain`` (image, a result's catalogue path);
+    Events: the public API endpoint ``/search`` (image, k, category, more photos of the same item
+    → gallery, ranked-results JSON, timing text; on a hidden button) and ``/explain`` (image, a
+    result's catalogue path);
     the Search button, a new upload / paste / webcam shot and a click on an example run the same
     search and, with "Show why" on, the maps in the same event; a click on a result searches
     with that gallery image's stored embedding (`_wire`).

@@ -1,6 +1,7 @@
 """Shared pytest fixtures: tiny synthetic SOP datasets generated once per test session."""
 
 from pathlib import Path
+import shutil
 import sys
 
 import pytest
@@ -68,6 +69,7 @@ def milvus_standalone(tmp_path_factory):
         pytest.skip(f"Milvus Standalone cannot start on this machine: {e}")
     yield server
     server.close()
+    shutil.rmtree(server.data_dir, ignore_errors=True)  # ~0.5 GB: its binaries, etcd and storage
 
 
 @pytest.fixture(scope="session")

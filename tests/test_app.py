@@ -248,11 +248,12 @@ def test_upload_size_cap(server, tiny):
     assert len(gallery) == 3
 
 
-def test_public_endpoints_are_search_search_photos_and_explain(server):
+def test_public_endpoints_are_search_and_explain(server):
     info = server["client"].view_api(return_format="dict", print_info=False)
-    assert sorted(info["named_endpoints"]) == ["/explain", "/search", "/search_photos"]
-    params = [p["parameter_name"] for p in info["named_endpoints"]["/search"]["parameters"]]
-    assert params == ["image", "k", "category"]
+    assert sorted(info["named_endpoints"]) == ["/explain", "/search"]
+    params = info["named_endpoints"]["/search"]["parameters"]
+    assert [p["parameter_name"] for p in params] == ["image", "k", "category", "more_photos"]
+    assert [p["parameter_has_default"] for p in params] == [False, True, True, True]
 
 
 def test_file_route_serves_only_gallery_images(server, tiny):
@@ -300,7 +301,7 @@ def test_api_refuses_server_paths_that_were_not_uploaded(server, tiny):
     import httpx
 
     for target in ["/etc/passwd", tiny["gallery"].paths[0], str(tiny["checkpoint"])]:
-        data = [{"path": target, "meta": {"_type": "gradio.FileData"}}, 3, "All"]
+        data = [{"path": target, "meta": {"_type": "gradio.FileData"}}, 3, "All", None]
         r = httpx.post(server["url"] + "gradio_api/call/search", json={"data": data}, timeout=30)
         r.raise_for_status()
         stream = httpx.get(server["url"] + f"gradio_api/call/search/{r.json()['event_id']}", timeout=30)
@@ -445,7 +446,7 @@ def test_file_route_serves_exactly_the_served_index_decided_per_request(server, 
 def test_pages_of_other_origins_cannot_drive_the_api(server, tiny):
     import httpx
 
-    data = {"data": [None, 3, "All"]}
+    data = {"data": [None, 3, "All", None]}
     evil = httpx.post(
         server["url"] + "gradio_api/call/search", json=data, timeout=30, headers={"Origin": "https://evil.example"}
     )
@@ -501,7 +502,7 @@ def test_auth_login_is_required_when_asked_and_exposure_warns(tiny, caplog):
     webapp.launch_app(demo, index, data_root, port=port, prevent_thread_lock=True, quiet=True, auth=[("ann", "secret")])
     url = f"http://127.0.0.1:{port}/"
     try:
-        r = httpx.post(url + "gradio_api/call/search", json={"data": [None, 3, "All"]}, timeout=30)
+        r = httpx.post(url + "gradio_api/call/search", json={"data": [None, 3, "All", None]}, timeout=30)
         assert r.status_code in (401, 403), r.status_code
         image = tiny["gallery"].paths[0]
         assert raw_get(url, f"/gradio_api/file={image}")[0] in (401, 403)

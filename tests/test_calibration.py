@@ -1,6 +1,8 @@
 """calibration.py: pair scores, the threshold at a target false-match rate (against a brute-force
 reference), the carry-over rule, and the match record's round trips (checkpoint, ONNX, index)."""
 
+import json
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 import numpy as np
@@ -116,6 +118,7 @@ def test_threshold_travels_from_training_to_onnx_and_index(tiny_sop, tmp_path):
     import models
     import onnx_export
     import preprocessing
+    from search import vectordb
     from search.index import GalleryIndex, build_gallery_index
     import train
     from training import evaluation
@@ -128,11 +131,17 @@ def test_threshold_travels_from_training_to_onnx_and_index(tiny_sop, tmp_path):
 
     onnx_path = onnx_export.export_checkpoint(best, tmp_path / "best.onnx")
     assert inference.OnnxEmbedder(onnx_path, checkpoint=best).checkpoint_info["match"] == record
+    assert json.loads(inference.read_metadata(onnx_path)["match"]) == record  # for any ONNX runtime
 
     model = models.load_model(best)
     test = datasets.SOPDataset(tiny_sop, "test", transform=preprocessing.build_transform(32, train=False))
-    build_gallery_index(model, test, workers=0, progress=False).save(tmp_path / "g.npz")
+    gallery = build_gallery_index(model, test, workers=0, progress=False)
+    gallery.save(tmp_path / "g.npz")
     assert GalleryIndex.load(tmp_path / "g.npz").meta["match"] == record
+    uri = str(tmp_path / "g.db")  # a database gallery carries it too, read back on opening
+    args = (uri, tiny_sop, "test", "key", dict(model.model_args), test.rel_paths, lambda: gallery)
+    vectordb.split_gallery(*args, match=record)
+    assert vectordb.split_gallery(*args).meta["match"] == record
 
     results = evaluation.evaluate_checkpoint(
         best, output=tmp_path / "eval", workers=0, progress=False, num_examples=0, zero_shot_row=False, runtime="torch"

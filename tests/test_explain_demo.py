@@ -120,7 +120,7 @@ def test_a_result_photo_that_vanished_is_a_clear_error(tiny, tmp_path):
 def test_search_endpoint_unchanged(server):
     info = server["client"].view_api(return_format="dict", print_info=False)
     params = [p["parameter_name"] for p in info["named_endpoints"]["/search"]["parameters"]]
-    assert params == ["image", "k", "category"]
+    assert params == ["image", "k", "category", "more_photos"]
     assert len(info["named_endpoints"]["/search"]["returns"]) == 3
     assert [p["parameter_name"] for p in info["named_endpoints"]["/explain"]["parameters"]] == ["image", "result"]
 

@@ -98,8 +98,8 @@ def test_api_returns_threshold_and_each_match(tiny, tmp_path):
 
 def test_several_photos_one_query_engine_and_api(tiny):
     """Three photos of one item: the engine fuses their unit embeddings (unit mean); /search takes
-    them as a list on /search_photos, /search's single-photo call keeps working, and a listed path that is
-    not this request's upload is refused."""
+    one photo and a list of more (its fourth input, optional: the three-argument call keeps working),
+    and a listed path that is not this request's upload is refused."""
     from gradio_client import Client, handle_file
     from support import running_demo
 
@@ -113,7 +113,9 @@ def test_several_photos_one_query_engine_and_api(tiny):
 
     with running_demo(tiny["data_root"], tiny["checkpoint"], results_mode="photos") as (_, url):
         client = Client(url, verbose=False)
-        _, ranked, _ = client.predict([handle_file(p) for p in paths], 3, "All", api_name="/search_photos")
+        photos = [handle_file(p) for p in paths]
+        _, ranked, _ = client.predict(photos[0], 3, "All", photos[1:], api_name="/search")
+        _, listed, _ = client.predict(None, 3, "All", photos, api_name="/search")  # all in the list
         _, single, _ = client.predict(handle_file(paths[0]), 3, "All", api_name="/search")
         for payload in (
             {"path": "/etc/passwd"},
@@ -121,9 +123,10 @@ def test_several_photos_one_query_engine_and_api(tiny):
             {"path": str(tiny["checkpoint"]), "meta": {"_type": "gradio.FileData"}},
         ):
             with pytest.raises(Exception):  # noqa: B017 (Gradio's own check or the app's: both refuse)
-                client.predict([handle_file(paths[0]), payload], 3, "All", api_name="/search_photos")
-    assert ranked["query_photos"] == 3 and "query_photos" not in single
+                client.predict(handle_file(paths[0]), 3, "All", [payload], api_name="/search")
+    assert ranked["query_photos"] == listed["query_photos"] == 3 and "query_photos" not in single
     assert [r["index"] for r in ranked["results"]] == [r["index"] for r in fused["results"]]
+    assert [r["index"] for r in listed["results"]] == [r["index"] for r in fused["results"]]
 
 
 def test_query_components_render_with_gradios_frontends(server):
