@@ -104,7 +104,8 @@ class SearchEngine:
             getattr(model, "checkpoint_info", None),
             getattr(index, "meta", None),
         )
-        self.results_mode = results_mode if any(index.product_ids) else "photos"
+        self.requested_mode = results_mode
+        self.results_mode = self.mode_for(index)
 
     def _on_worker(self, fn, *args):
         """``fn(*args)`` on the worker thread (directly when already there)."""
@@ -131,11 +132,16 @@ class SearchEngine:
         served = guard.ServedFiles(self.data_root, index.paths)
         if adopt is None and len(index):  # the first search makes its caches (float16 copy / faiss) here
             index.search(np.asarray(index.embeddings[0], dtype=np.float32), 1)
-        self._on_worker(self._install_index, index, abs_paths, served)
+        self._on_worker(self._install_index, index, abs_paths, served, self.mode_for(index))
 
-    def _install_index(self, index, abs_paths, served):
-        self.index, self.abs_paths, self.served = index, abs_paths, served
+    def _install_index(self, index, abs_paths, served, mode):
+        self.index, self.abs_paths, self.served, self.results_mode = index, abs_paths, served, mode
         self._rows_by_path = None
+
+    def mode_for(self, index) -> str:
+        """The results mode served over ``index``: the requested one, or "photos" when no gallery
+        photo has a product id (nothing to group by): decided again whenever the gallery changes."""
+        return self.requested_mode if any(index.product_ids) else "photos"
 
     def result_path(self, result):
         """The image file of a result dict (from its ``catalogue_path``: right whichever

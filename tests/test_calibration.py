@@ -236,3 +236,6 @@ def test_evaluate_calibrate_zero_shot_writes_match_json(tiny_sop, tmp_path, monk
     assert saved["match"]["threshold"] == stored["threshold"] and stored["target_fmr"] == 0.02
     assert saved["match"]["fmr"] <= 0.02 and saved["match"]["fitted_on"]["split"] == "test"
     assert set(saved["query_photos"]) == {"1", "2"} and saved["query_photos"]["1"]["map@r"] is not None
+    report = (tmp_path / "eval" / "results.md").read_text()  # both said in results.md too
+    assert "## Which product, or none" in report and f"threshold {saved['match']['threshold']:.4f}" in report
+    assert "## Several photos a query (mean fusion)" in report and "| 2 |" in report

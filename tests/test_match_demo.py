@@ -81,6 +81,24 @@ def test_engine_product_rows_and_matches(tiny):
     assert photos.search_file(query, k=5)["threshold"] is None  # the untrained checkpoint has none
 
 
+def test_rows_or_photos_is_decided_again_when_the_gallery_changes(tiny):
+    """A gallery without product ids is served as photos; once --watch swaps in one with product
+    ids, the products mode asked for applies (and back)."""
+    import dataclasses
+
+    from search.engine import SearchEngine
+
+    index = tiny["index"]
+    unlabelled = dataclasses.replace(index, product_ids=[None] * len(index))
+    engine = SearchEngine(tiny["model"], unlabelled, tiny["data_root"], results_mode="products")
+    query = tiny["gallery"].paths[3]
+    assert engine.search_file(query, k=3)["results_mode"] == "photos"
+    engine.replace_index(index)
+    assert engine.search_file(query, k=3)["results_mode"] == "products"
+    engine.replace_index(unlabelled)
+    assert engine.search_file(query, k=3)["results_mode"] == "photos"
+
+
 def test_api_returns_threshold_and_each_match(tiny, tmp_path):
     """/search through gradio_client on a loopback demo with a threshold: the JSON says the mode,
     the threshold and each result's match; the page's text says whether anything matched."""

@@ -232,14 +232,57 @@ def embedding_and_figure_lines(results: dict) -> list[str]:
     return lines
 
 
+def match_lines(results: dict) -> list[str]:
+    """results.md's section on the same-product threshold (``results["match"]``) and on queries of
+    several photos (``results["query_photos"]``); none when the results have neither."""
+    lines = []
+    match = results.get("match")
+    if match:
+        fitted = match.get("fitted_on") or {}
+        where = " ".join(
+            [f"the {fitted['split']} split" if "split" in fitted else "", f"({fitted.get('products', '?')} products)"]
+        ).strip()
+        lines += [
+            "",
+            "## Which product, or none",
+            "",
+            f"Same-product threshold {match['threshold']:.4f} (target false-match rate "
+            f"{pct(match['target_fmr'])}%{', fitted on ' + where if where else ''}). On this split's "
+            f"{match['impostor_pairs']:,} pairs of different products, {pct(match['fmr'])}% score at or "
+            f"above it (false matches); of its {match['genuine_pairs']:,} pairs of one product, "
+            f"{pct(match['tmr'])}% do (true matches).",
+            "",
+        ]
+        if match.get("figure"):
+            lines += [f"![false-match rate against true-match rate]({match['figure']})", ""]
+    photos = results.get("query_photos")
+    if photos:
+        frame = pd.DataFrame(
+            [
+                {
+                    "photos a query": str(n),
+                    "queries": str(r["queries"]),
+                    "MAP@R": pct(r["map@r"]),
+                    "R@1": pct(r["recall@1"]),
+                }
+                for n, r in photos.items()
+            ]
+        )
+        fusion = next(iter(photos.values())).get("fusion", "mean")
+        lines += ["", f"## Several photos a query ({fusion} fusion)", "", md_table(frame), ""]
+    return lines
+
+
 def results_markdown(results: dict) -> str:
     """results.md of a results.json: the model and split, whether the figures are held out (and
-    the deploy gate), both protocols' tables, per category, embeddings, timing and figures."""
+    the deploy gate), both protocols' tables, per category, the same-product threshold and
+    several-photo queries, embeddings, timing and figures."""
     return "\n".join(
         [
             *header_lines(results),
             *held_out_lines(results),
             *protocol_lines(compared_models(results), results["per_category"]),
+            *match_lines(results),
             *embedding_and_figure_lines(results),
         ]
     )
