@@ -163,10 +163,43 @@ def score(args):
         for p in dup_pairs - {frozenset((r["path"], r["other_path"])) for r in findings if r["kind"] == "duplicate"}
     ]
     out["missed_mislabelled"] = sorted(set(moved) - {r["path"] for r in findings if r["kind"] == "mislabelled"})
+    out["pixels"] = pixel_separation(Path(args.copy), planted)
+    summary = Path(args.audit).with_name("summary.json")
+    if summary.exists():
+        out["pixels"]["audit_pixel_threshold"] = json.loads(summary.read_text()).get("pixel_threshold")
     text = json.dumps(out, indent=1)
     print(text)
     if args.output:
         Path(args.output).write_text(text + "\n")
+
+
+def pixel_separation(root: Path, planted: dict) -> dict:
+    """How the near-copy similarity (`search.near_copy`) tells the planted copies from the moved
+    photos: each copy against its source, and each moved photo against its old product's most
+    similar photo (in GroZi-120 a nearby frame of the same video)."""
+    from search import near_copy
+
+    products = {}
+    for part in ("train", "test"):
+        for row in read_ebay(root / f"Ebay_{part}.txt")[1]:
+            products.setdefault(row[1], []).append(row[3])
+    grey = {}
+
+    def sim(a, b):
+        for p in (a, b):
+            grey.setdefault(p, near_copy.load_grey(root / p))
+        return near_copy.similarity(grey[a], grey[b])
+
+    copies = [sim(d["path"], d["source"]) for d in planted["duplicates"]]
+    moved = [
+        max(sim(d["path"], p) for p in products[d["true_product_id"]] if p != d["path"]) for d in planted["mislabelled"]
+    ]
+    return {
+        "copy_vs_source_min": round(min(copies), 4),
+        "copy_vs_source_max": round(max(copies), 4),
+        "moved_vs_old_product_max": round(max(moved), 4),
+        "moved_vs_old_product_median": round(float(np.median(moved)), 4),
+    }
 
 
 # ============ scale ============

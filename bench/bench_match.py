@@ -57,11 +57,14 @@ def thresholds(val, train, target, confidences, seed=0) -> dict:
     _, val_impostor = calibration.pair_scores(*val, seed=seed)
     fits = {"train_products": calibration.threshold_at_fmr(train_impostor, target)}
     fits["val_plain"] = calibration.threshold_at_fmr(val_impostor, target)
+    fitted_on = {}
     for c in confidences:
         fit = calibration.fit_threshold(val[0], val[1], target_fmr=target, other_embeddings=train[0], confidence=c)
         fits["carry_over_point"] = fit["fitted_on"]["point_threshold"]
         fits[calibrated_name(c)] = fit["threshold"]
-    return fits, fit["fitted_on"]
+        if not fitted_on or c == calibration.CONFIDENCE:
+            fitted_on = fit["fitted_on"]  # train.py's fit when it is among them
+    return fits, fitted_on
 
 
 def calibrated_name(confidence) -> str:

@@ -28,6 +28,10 @@ logger = logging.getLogger("audit")
 
 INDEX_NAME = "embeddings.npz"  # in the output folder
 EDITED_COPIES = 200  # photos drawn to measure the model's edited-copy scores
+# quantile of the edited copies' coarse pixel scores below which a candidate is not aligned at all:
+# a loose first check (1% of copies would fail it) that spares the alignment most look-alike pairs
+PREFILTER_QUANTILE = 0.01
+CACHED_PHOTOS = 4096  # decoded candidates kept for their other pairs (each well under 1 MB)
 
 
 class AuditError(ValueError):
@@ -88,26 +92,29 @@ def embed_catalogue(loaded, photos_, out: Path, batch_size=64, workers=None, ind
 
 
 def edited_copy_scores(model, files, vectors, n=EDITED_COPIES, seed=0, progress=True):
-    """``(embedding scores, pixel scores)``: for each of up to ``n`` drawn photos (``files``, their
-    index ``vectors``) and an `search.audit.edited_copy` of it, the cosine similarity of their
-    embeddings by ``model`` and their `search.near_copy.similarity`."""
+    """``(embedding scores, pixel scores, coarse pixel scores)``: for each of up to ``n`` drawn photos
+    (``files``, their index ``vectors``) and an `search.audit.edited_copy` of it, the cosine
+    similarity of their embeddings by ``model``, their `search.near_copy.similarity` and
+    `search.near_copy.coarse_similarity`."""
     import torch
 
     rng = random.Random(seed)
     picks = sorted(rng.sample(range(len(files)), min(n, len(files))))
     size = int(model.model_args["image_size"])
     transform = preprocessing.build_transform(size, train=False)
-    tensors, kept, pixel = [], [], []
+    tensors, kept, pixel, coarse = [], [], [], []
     for i in picks:
         try:
             copy = audit.edited_copy(photos.load_image(files[i]), rng)
-            pixel.append(near_copy.similarity(near_copy.load_grey(files[i]), copy))
+            original = near_copy.load_grey(files[i])
         except (*photos.IMAGE_ERRORS, FileNotFoundError):
             continue  # changed since it was embedded: one draw fewer
+        pixel.append(near_copy.similarity(original, copy))
+        coarse.append(near_copy.coarse_similarity(near_copy.signature(original), near_copy.signature(copy)))
         tensors.append(transform(copy))
         kept.append(i)
     if not kept:
-        return np.zeros(0, np.float32), np.zeros(0, np.float32)
+        return np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32)
     batches = [
         (torch.stack(tensors[s : s + 32]), torch.zeros(len(tensors[s : s + 32]), dtype=torch.long))
         for s in range(0, len(tensors), 32)
@@ -115,30 +122,40 @@ def edited_copy_scores(model, files, vectors, n=EDITED_COPIES, seed=0, progress=
     copies, _ = extraction.extract_embeddings(
         model, batches, device=next(model.parameters()).device, progress=progress, desc="edited copies"
     )
-    return np.einsum("nd,nd->n", copies, vectors[kept]), np.asarray(pixel, np.float32)
+    scores = np.einsum("nd,nd->n", copies, vectors[kept])
+    return scores, np.asarray(pixel, np.float32), np.asarray(coarse, np.float32)
 
 
-def confirm_duplicates(candidates, files, threshold, progress=True):
-    """The candidates whose two photos are near copies in pixels (`search.near_copy.similarity`
-    >= ``threshold``); photos that no longer decode are left out."""
+def confirm_duplicates(candidates, files, threshold, coarse_threshold=-1.0, progress=True):
+    """``(kept, aligned)``: the candidates whose two photos are near copies in pixels,
+    `search.near_copy.coarse_similarity` >= ``coarse_threshold`` first (cheap), then
+    `search.near_copy.similarity` >= ``threshold``, and how many pairs were aligned (passed the
+    first check). Photos that no longer decode are left out."""
+    from functools import lru_cache
+
     from tqdm.auto import tqdm
 
-    greys = {}  # a candidate's photos are often another candidate's too
-
+    @lru_cache(maxsize=CACHED_PHOTOS)  # a candidate's photos are often another candidate's too
     def grey(row):
-        if row not in greys:
-            try:
-                greys[row] = near_copy.load_grey(files[row])
-            except (*photos.IMAGE_ERRORS, FileNotFoundError):
-                greys[row] = None
-        return greys[row]
+        try:
+            return near_copy.load_grey(files[row])
+        except (*photos.IMAGE_ERRORS, FileNotFoundError):
+            return None
 
-    kept = []
+    @lru_cache(maxsize=CACHED_PHOTOS)
+    def signature(row):
+        image = grey(row)
+        return None if image is None else near_copy.signature(image)
+
+    kept, aligned = [], 0
     for f in tqdm(candidates, desc="near copies", unit="pair", disable=not progress, dynamic_ncols=True, leave=False):
-        a, b = grey(f.row), grey(f.other_row)
-        if a is not None and b is not None and near_copy.similarity(a, b) >= threshold:
+        a, b = signature(f.row), signature(f.other_row)
+        if a is None or b is None or near_copy.coarse_similarity(a, b) < coarse_threshold:
+            continue
+        aligned += 1
+        if near_copy.similarity(grey(f.row), grey(f.other_row)) >= threshold:
             kept.append(f)
-    return kept
+    return kept, aligned
 
 
 def judged_rows(photos_, index, report):
@@ -175,20 +192,24 @@ def find_all(
     t1 = time.perf_counter()
     dup_t = audit.duplicate_threshold(copies[0]) if duplicate_threshold is None else float(duplicate_threshold)
     pixel_t = audit.duplicate_threshold(copies[1])
+    coarse_t = audit.duplicate_threshold(copies[2], PREFILTER_QUANTILE)
     candidates = audit.find_duplicates(product_ids, scores, idx, dup_t)
-    duplicates = audit.mutual_best(confirm_duplicates(candidates, files, pixel_t, progress))
+    confirmed, aligned = confirm_duplicates(candidates, files, pixel_t, coarse_t, progress)
+    duplicates = audit.mutual_best(confirmed)
     t2 = time.perf_counter()
     mislabelled, info = audit.find_mislabelled(vectors, product_ids, scores, idx, margin_threshold, duplicates)
     info.update(
         duplicate_threshold=dup_t,
         pixel_threshold=pixel_t,
+        coarse_pixel_threshold=coarse_t,
         duplicate_candidates=len(candidates),
+        aligned_pairs=aligned,
         neighbours_k=k,
         neighbour_seconds=round(t1 - t0, 3),
         near_copy_seconds=round(t2 - t1, 3),
         findings_seconds=round(time.perf_counter() - t1, 3),
     )
-    for name, values in zip(("edited_copy_scores", "edited_copy_pixel_scores"), copies):
+    for name, values in zip(("edited_copy_scores", "edited_copy_pixel_scores", "edited_copy_coarse_scores"), copies):
         info[name] = {"n": int(len(values)), "min": float(np.min(values)), "median": float(np.median(values))}
     return duplicates + mislabelled, info
 
