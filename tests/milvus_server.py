@@ -6,7 +6,7 @@ storage, no Docker), on 127.0.0.1.
 client, and stops it with its whole process group (``milvus-server`` is a Python wrapper whose
 child, the ``milvus`` binary, would outlive it): at `stop`, at interpreter exit (atexit) and when
 the object is collected (a finalizer), whatever the test did. `kill` is ``kill -9`` of that group;
-`start` again serves the same data on the same ports.
+`start` again serves the same data on the same ports (it first waits until they can be bound).
 """
 
 import atexit
@@ -30,6 +30,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def bindable(port: int) -> bool:
+    """Whether a listening socket can bind ``port`` now *without* SO_REUSEADDR, as
+    ``milvus-server`` tries it: a killed server's connections keep the port in TIME_WAIT for up to
+    a minute, and ``milvus-server`` then silently serves on the next free port instead."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def executable():
@@ -75,6 +87,10 @@ class MilvusStandalone:
             raise RuntimeError("milvus-server not found: pip install milvus==2.3.5 (a test requirement)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
+        while not (bindable(self.proxy_port) and bindable(self.etcd_port)):  # the same ports, or none
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"ports {self.proxy_port} / {self.etcd_port} still in use after {timeout} s")
+            time.sleep(0.5)
         with open(self.log, "ab") as log:
             # its own session: the group holds the wrapper and the milvus binary it starts
             cmd = [
@@ -114,6 +130,12 @@ class MilvusStandalone:
         except Exception:  # refused, or pymilvus's MilvusException: not yet
             return False
         return True
+
+    def ensure_running(self) -> None:
+        """Start the server again when it does not answer (an earlier test killed it and failed)."""
+        if self.proc is None or self.proc.poll() is not None or not self.answers():
+            self.stop()
+            self.start()
 
     def kill(self) -> None:
         """``kill -9`` the server and its children, as a crash would."""

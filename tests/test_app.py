@@ -362,7 +362,7 @@ def test_raw_api_opens_no_server_path_and_does_not_tell_which_exist(server, tiny
             {"path": target, "meta": {"_type": "gradio.FileData"}},
             {"path": target, "url": target},
         ):
-            for api, rest in (("search", [3, "All"]), ("explain", [tiny["index"].paths[0]])):
+            for api, rest in (("search", [3, "All", None]), ("explain", [tiny["index"].paths[0]])):
                 status, stream = _raw_call(server["url"], api, [payload, *rest])
                 assert status == 200, (target, status)
                 message = _error_message(stream)
@@ -376,6 +376,16 @@ def test_raw_api_opens_no_server_path_and_does_not_tell_which_exist(server, tiny
     # whatever the target, existing or not: nothing to probe the server's files with
     forms = {m[:3] for m in messages}
     assert len(messages) == len(forms), sorted(messages)
+    # the same among /search's more photos of the item (its fourth input, a list): refused (by
+    # Gradio's own checks here), one answer per payload form whether the file exists or not
+    listed = set()
+    for target in ("/etc/passwd", "/no/such/file.png", gallery_image):
+        for payload in ({"path": target}, {"path": target, "meta": {"_type": "gradio.FileData"}}):
+            status, stream = _raw_call(server["url"], "search", [None, 3, "All", [payload]])
+            assert status == 200 and "event: error" in stream and "event: complete" not in stream, stream
+            assert "root:" not in stream and "No such file" not in stream, stream
+            listed.add((tuple(sorted(payload)), (_error_message(stream) or "").replace(target, "<path>")))
+    assert len(listed) == 2, listed
     gallery, _, _ = search(server["client"], tiny["gallery"].paths[0], 3)  # and the server still serves
     assert len(gallery) == 3
 
@@ -385,7 +395,7 @@ def test_data_url_query_is_searched_and_deleted_like_gradios_own_files(server, t
 
     raw = Path(tiny["gallery"].paths[4]).read_bytes()
     payload = {"url": "data:image/jpeg;base64," + base64.b64encode(raw).decode(), "path": None}
-    status, stream = _raw_call(server["url"], "search", [payload, 3, "All"])
+    status, stream = _raw_call(server["url"], "search", [payload, 3, "All", None])
     assert status == 200 and "event: complete" in stream, stream[-500:]
     import hashlib
 

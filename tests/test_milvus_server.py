@@ -130,6 +130,7 @@ for line in sys.stdin:  # one line per round: re-read the rows, search, answer
 def test_two_galleries_on_one_collection_one_updating_one_searching_agree(model, tmp_path, milvus_standalone):
     """An updating gallery in this process and a searching one in another: after each update, the
     searcher's rows and top-5 are those of the updater (and of the file index)."""
+    milvus_standalone.ensure_running()  # whatever the kill -9 test left
     uri = milvus_standalone.uri
     root = make_folder(tmp_path / "photos", n=10)
     writer, _ = vectordb.folder_gallery(model, KEY, root, uri, batch_size=4, workers=0, progress=False)
