@@ -120,13 +120,14 @@ def main(args):
     vectordb.apply_backend_args(args)  # --db_timeout: every database call of this process
 
     import devices
+    from training import distributed
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = devices.resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(distributed.process_group_backend(device.type == "cuda"))  # CPU tensors too
     try:
         model, ckpt_hash, dataset = load_gallery(args, device)
         if args.index_backend == "milvus" and rank == 0:  # unreachable: fail now, not after embedding
