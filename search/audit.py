@@ -10,10 +10,12 @@ Definitions (docs/audit.md has the reasoning; s(i, j) is the cosine similarity o
 * ``mislabelled``: photo i of product p whose best match in another product q, b(i) =
   max_j s(i, j) over j of q, beats its best match in its own product, o(i) = max s(i, j) over
   the other photos j of p, by a margin m(i) = b(i) - o(i) above the catalogue's own outlier
-  bound (`margin_threshold`); score m(i). Photos alone in their product have no o(i) and are
-  not judged. b(i) skips i's duplicate partner (the copy does not make its source mislabelled),
-  and a photo of a duplicate finding whose best other product is its partner's is not listed
-  again: the duplicate row already names that product and the photo it is a copy of.
+  bound (`margin_threshold`), and i is among the nearest neighbours of the photo j that claims it
+  as a genuine match is of its own (`reciprocal_rank` within `reciprocal_bound`); score m(i).
+  Photos alone in their product have no o(i) and are not judged. b(i) skips i's duplicate
+  partner (the copy does not make its source mislabelled), and a photo of a duplicate finding
+  whose best other product is its partner's is not listed again: the duplicate row already names
+  that product and the photo it is a copy of.
 
 Neighbours come from `search.index.GalleryIndex.search` (the serving index: exact, or faiss
 IVF / HNSW with an exact re-rank), the k nearest of each photo, itself left out.
@@ -35,6 +37,10 @@ DUPLICATE_QUANTILE = 0.05
 # modified z-score above which a margin is an outlier (Iglewicz & Hoaglin's 3.5 for the
 # median / MAD z-score): the catalogue's own spread of margins, not a fixed score
 OUTLIER_Z = 3.5
+# quantile of the catalogue's genuine reciprocal ranks (a photo's position in its own best
+# same-product match's neighbour list) that a mislabelled claim may reach: 5% of genuine matches
+# are less mutual than that, as 5% of edited copies fall below the duplicate threshold
+RECIPROCAL_QUANTILE = 0.95
 QUERY_BATCH = 1024  # queries per GalleryIndex.search call: a [1024, N] float32 block at a time
 
 
@@ -210,24 +216,45 @@ def mutual_best(findings):
     return [f for n, f in enumerate(findings) if first[f.row] == n and first[f.other_row] == n]
 
 
+def reciprocal_rank(idx, of) -> np.ndarray:
+    """Per photo i, its position in the neighbour list of photo ``of[i]`` (0: that photo's nearest
+    other photo), ``idx.shape[1]`` when it is not in the list or ``of[i]`` is -1."""
+    n, k = idx.shape
+    rows = np.arange(n)
+    lists = idx[np.maximum(of, 0)]
+    found = (lists == rows[:, None]) & (np.asarray(of) >= 0)[:, None]
+    return np.where(found.any(axis=1), found.argmax(axis=1), k)
+
+
+def reciprocal_bound(genuine_ranks, quantile=RECIPROCAL_QUANTILE) -> float:
+    """The reciprocal-rank bound: the ``quantile`` of the ranks of photos in their own best
+    same-product match's list (`reciprocal_rank`); inf without any (nothing to learn it from)."""
+    ranks = np.asarray(genuine_ranks, dtype=np.float64)
+    return float(np.quantile(ranks, quantile)) if len(ranks) else float("inf")
+
+
 def find_mislabelled(vectors, product_ids, scores, idx, threshold=None, duplicates=()):
     """``(findings, info)``: mislabelled findings (module docstring), largest margin first, and
-    ``info`` = {"margin_threshold", "judged"} (photos with an own product to compare to).
+    ``info`` = {"margin_threshold", "reciprocal_rank_bound", "judged"} (judged: photos with an own
+    product to compare to).
     ``threshold``: the margin bound (default `margin_threshold` of the catalogue's margins).
     ``duplicates``: duplicate findings; a photo's duplicate partner is not what claims it for
     another product (else the source of every copy would be "mislabelled" by its own copy)."""
     partner = np.full(len(idx), -1, np.int64)
     for d in duplicates:
         partner[d.row], partner[d.other_row] = d.other_row, d.row
-    own_s, _ = own_product_best(vectors, product_ids)
+    own_s, own_r = own_product_best(vectors, product_ids)
     other_s, other_r = other_product_best(product_ids, scores, idx, partner)
     judged = np.isfinite(own_s) & np.isfinite(other_s)
     margin = np.where(judged, other_s - own_s, np.nan)
     bound = margin_threshold(margin[judged]) if threshold is None else float(threshold)
+    # the claim must be mutual as a genuine match is: i among the nearest of the photo claiming it
+    rank_bound = reciprocal_bound(reciprocal_rank(idx, own_r)[judged])
+    mutual = reciprocal_rank(idx, other_r) <= rank_bound
     ids = np.asarray(product_ids, dtype=object).astype(str)
     # the duplicate row already says so: the photo is the same as one of the product claiming it
     told = (partner >= 0) & (other_r >= 0) & (ids[np.maximum(other_r, 0)] == ids[np.maximum(partner, 0)])
-    hits = np.flatnonzero(judged & ~told & (np.nan_to_num(margin, nan=-np.inf) > bound)).tolist()
+    hits = np.flatnonzero(judged & ~told & mutual & (np.nan_to_num(margin, nan=-np.inf) > bound)).tolist()
     hits.sort(key=lambda i: (-margin[i], i))
     findings = [Finding("mislabelled", int(i), int(other_r[i]), float(margin[i])) for i in hits]
-    return findings, {"margin_threshold": bound, "judged": int(judged.sum())}
+    return findings, {"margin_threshold": bound, "reciprocal_rank_bound": rank_bound, "judged": int(judged.sum())}

@@ -239,3 +239,32 @@ def test_a_duplicate_is_not_listed_again_as_mislabelled_by_its_sources_product()
     dup = [audit.Finding("duplicate", 60, 7, 1.0)]  # only the first pair found as a duplicate
     found, _ = audit.find_mislabelled(vectors, products, scores, idx, duplicates=dup)
     assert [(f.row, products[f.other_row]) for f in found] == [(61, "3")]
+
+
+def test_reciprocal_rank_by_hand():
+    idx = np.array([[1, 2], [2, 0], [0, 1]])
+    assert audit.reciprocal_rank(idx, np.array([1, 0, -1])).tolist() == [1, 0, 2]  # 2: no one claims it
+    assert audit.reciprocal_bound([0, 0, 1, 3], quantile=0.5) == 0.5 and audit.reciprocal_bound([]) == np.inf
+
+
+def test_a_claim_that_is_not_mutual_is_no_mislabel():
+    """Photo 60 (product "x") is closest to photo 0 of product 0, by a wide margin over its own
+    product, but photo 0 has its own product's photos and others nearer than it: a look-alike of
+    a crowd (a blurred frame near another blurred frame), not a photo of product 0."""
+    rng = np.random.default_rng(0)
+    centres = unit(rng.standard_normal((10, 16)))
+    vectors = unit(np.repeat(centres, 6, axis=0) + 0.05 * rng.standard_normal((60, 16)))
+    products = np.repeat(np.arange(10), 6).astype(str).tolist()
+    lone = unit(vectors[:1] + 0.9 * unit(rng.standard_normal((1, 16))))  # near 0, not among its nearest
+    far = unit(rng.standard_normal((1, 16)))  # its own product's other photo, unlike it
+    vectors = np.vstack([vectors, lone, far])
+    products += ["x", "x"]
+    scores, idx = audit.neighbours(vectors, audit.neighbour_count(products), progress=False)
+    found, info = audit.find_mislabelled(vectors, products, scores, idx, threshold=0.0)
+    claimed_by = idx[60, 0]
+    assert claimed_by < 6 and scores[60, 0] > vectors[60] @ vectors[61]  # product 0 claims it ...
+    assert audit.reciprocal_rank(idx, np.full(62, claimed_by))[60] > info["reciprocal_rank_bound"]  # ... alone
+    assert 60 not in [f.row for f in found]
+    products[7] = "5"  # a photo of product 1 filed under 5: mutual with product 1's photos, still found
+    scores, idx = audit.neighbours(vectors, audit.neighbour_count(products), progress=False)
+    assert 7 in [f.row for f in audit.find_mislabelled(vectors, products, scores, idx, threshold=0.0)[0]]
