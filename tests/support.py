@@ -33,6 +33,10 @@ CHECKPOINT_KEYS = {
 }
 
 
+# evaluate.py on the CPU in a test: no loader workers, no progress bars, no example figures
+QUIET_EVAL = ["--workers", "0", "--device", "cpu", "--no-progress", "--num_examples", "0"]
+
+
 def tiny_argv(root, out, *extra, run="t"):
     """Flags of a tiny CPU run writing under ``out``; ``extra`` flags override (argparse: last wins)."""
     return [

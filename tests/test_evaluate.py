@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import QUIET_EVAL
 import torch
 
 import backbones
@@ -186,7 +187,7 @@ def test_compile_flag_extracts_with_the_compiled_model(synthetic_root, tmp_path,
             return self._orig_mod(x)
 
     monkeypatch.setattr(torch, "compile", Compiled)
-    base = ["--checkpoint", str(ckpt), "--workers", "0", "--device", "cpu", "--no-progress", "--num_examples", "0"]
+    base = ["--checkpoint", str(ckpt), *QUIET_EVAL]
     plain = run(base + ["--output", str(tmp_path / "plain")])
     assert not seen
     compiled = run(base + ["--output", str(tmp_path / "compiled"), "--compile"])
@@ -223,13 +224,7 @@ def test_zero_shot_cli_equals_the_backbone_features_by_hand(synthetic_root, tmp_
             str(synthetic_root),
             "--image_size",
             "32",
-            "--workers",
-            "0",
-            "--device",
-            "cpu",
-            "--no-progress",
-            "--num_examples",
-            "0",
+            *QUIET_EVAL,
             "--output",
             str(out),
         ]
@@ -257,13 +252,7 @@ def test_checkpoint_from_imagenet_weights_reports_its_zero_shot_row(synthetic_ro
     base = [
         "--checkpoint",
         str(ckpt),
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--num_examples",
-        "0",
+        *QUIET_EVAL,
         "--output",
         str(tmp_path / "out"),
     ]
@@ -313,13 +302,7 @@ def test_zero_shot_row_is_skipped_when_the_imagenet_weights_are_unavailable(synt
         [
             "--checkpoint",
             str(ckpt),
-            "--workers",
-            "0",
-            "--device",
-            "cpu",
-            "--no-progress",
-            "--num_examples",
-            "0",
+            *QUIET_EVAL,
             "--output",
             str(tmp_path / "out"),
         ]

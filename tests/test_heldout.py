@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from support import QUIET_EVAL
 import torch
 
 import checkpoints
@@ -78,13 +79,7 @@ def evaluate_cli(*argv):
         evaluate.get_args_parser().parse_args(
             [
                 *map(str, argv),
-                "--workers",
-                "0",
-                "--device",
-                "cpu",
-                "--no-progress",
-                "--num_examples",
-                "0",
+                *QUIET_EVAL,
                 "--runtime",
                 "torch",
             ]
@@ -226,13 +221,7 @@ def test_deploy_gate_exits_3_when_the_new_checkpoint_is_worse(tiny_synthetic_roo
                 str(tolerance),
                 "--output",
                 str(out),
-                "--workers",
-                "0",
-                "--device",
-                "cpu",
-                "--no-progress",
-                "--num_examples",
-                "0",
+                *QUIET_EVAL,
                 "--runtime",
                 "torch",
             ],
