@@ -31,7 +31,7 @@ EDITED_COPIES = 200  # photos drawn to measure the model's edited-copy scores
 # quantile of the edited copies' coarse pixel scores below which a candidate is not aligned at all:
 # a loose first check (1% of copies would fail it) that spares the alignment most look-alike pairs
 PREFILTER_QUANTILE = 0.01
-CACHED_PHOTOS = 4096  # decoded candidates kept for their other pairs (each well under 1 MB)
+CACHED_PHOTOS = 4096  # decoded candidates kept for their other pairs (`near_copy.load_grey`: ~0.1 MB each)
 
 
 class AuditError(ValueError):

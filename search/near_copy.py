@@ -37,8 +37,13 @@ def grey(image: Image.Image) -> Image.Image:
 
 
 def load_grey(path, side=SIDE) -> Image.Image:
-    """A photo file as `grey` (a JPEG decoded small, but never below 4 x ``side``)."""
-    return grey(photos.load_image(path, size=4 * side))
+    """A photo file as `grey`, its smaller side at most 4 x ``side`` (a JPEG decoded small; any
+    other format resized after decoding): what the comparison needs, and a bounded size to cache."""
+    image = grey(photos.load_image(path, size=4 * side))
+    scale = 4 * side / min(image.size)
+    if scale < 1:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+    return image
 
 
 def compare_side(a: Image.Image, b: Image.Image, side=SIDE) -> int:

@@ -268,3 +268,12 @@ def test_a_claim_that_is_not_mutual_is_no_mislabel():
     products[7] = "5"  # a photo of product 1 filed under 5: mutual with product 1's photos, still found
     scores, idx = audit.neighbours(vectors, audit.neighbour_count(products), progress=False)
     assert 7 in [f.row for f in audit.find_mislabelled(vectors, products, scores, idx, threshold=0.0)[0]]
+
+
+def test_near_copy_loads_a_large_photo_bounded_and_still_matches_it(tmp_path):
+    rng = np.random.default_rng(4)
+    photo = Image.fromarray(rng.integers(0, 255, (30, 45, 3), dtype=np.uint8)).resize((1200, 800), Image.BILINEAR)
+    photo.save(tmp_path / "big.png")  # not a JPEG: no reduced decoding, resized after it
+    loaded = near_copy.load_grey(tmp_path / "big.png")
+    assert min(loaded.size) == 4 * near_copy.SIDE and loaded.size[0] > loaded.size[1]
+    assert near_copy.similarity(loaded, photo) > 0.99
